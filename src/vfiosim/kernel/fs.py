@@ -1,0 +1,161 @@
+"""Files, file descriptors and device nodes (the parts of the VFS VFIO uses)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from errno import EACCES, EBADF, EINVAL, EMFILE, ENOTTY
+from typing import TYPE_CHECKING, Callable
+
+from .cred import CAP_DAC_OVERRIDE
+from .errors import KernelBug, fail
+
+if TYPE_CHECKING:
+    from .task import Task
+
+O_ACCMODE = os.O_ACCMODE
+O_CLOEXEC = os.O_CLOEXEC
+NR_OPEN_DEFAULT = 1024          # RLIMIT_NOFILE soft limit of a login shell
+
+
+class File:
+    """An open file description (``struct file``).
+
+    Reference counted like the kernel's: every fd, and every object that
+    pins a file (a VFIO device fd pins its group's file), holds a reference;
+    ``release()`` runs when the last one is dropped.
+    """
+
+    kind = "file"
+    # FMODE_PREAD/FMODE_PWRITE: set for files that support positional I/O.
+    positional = True
+
+    def __init__(self, name: str, f_flags: int = os.O_RDWR) -> None:
+        self.name = name
+        self.f_flags = f_flags
+        self._refs = 1
+        self.released = False
+
+    @property
+    def can_read(self) -> bool:
+        return (self.f_flags & O_ACCMODE) in (os.O_RDONLY, os.O_RDWR)
+
+    @property
+    def can_write(self) -> bool:
+        return (self.f_flags & O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
+
+    def get(self) -> "File":
+        if self._refs <= 0:
+            raise KernelBug(f"get() on released file {self.name}")
+        self._refs += 1
+        return self
+
+    def put(self, current: "Task") -> None:
+        if self._refs <= 0:
+            raise KernelBug(f"put() on released file {self.name}")
+        self._refs -= 1
+        if self._refs == 0:
+            self.released = True
+            self.release(current)
+
+    # -- file operations; the defaults are what the VFS answers for a file
+    #    whose driver does not implement the operation ----------------------
+
+    def release(self, current: "Task") -> None:
+        pass
+
+    def ioctl(self, current: "Task", cmd: int, arg: int) -> int:
+        raise fail(ENOTTY, f"{self.name} has no ioctl {cmd:#x}")
+
+    def read(self, current: "Task", count: int, pos: int) -> bytes:
+        raise fail(EINVAL, f"{self.name} does not support read")
+
+    def write(self, current: "Task", data: bytes, pos: int) -> int:
+        raise fail(EINVAL, f"{self.name} does not support write")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} refs={self._refs}>"
+
+
+class NullFile(File):
+    """What a spawned process has on fds 0-2: /dev/null."""
+
+    kind = "null"
+
+    def read(self, current: "Task", count: int, pos: int) -> bytes:
+        return b""
+
+    def write(self, current: "Task", data: bytes, pos: int) -> int:
+        return len(data)
+
+
+class FdTable:
+    """``struct files_struct``: fd numbers to files, lowest free fd first."""
+
+    def __init__(self, max_fds: int = NR_OPEN_DEFAULT) -> None:
+        self._fds: dict[int, File] = {}
+        self.cloexec: set[int] = set()
+        self.max_fds = max_fds
+
+    def _lowest_free(self) -> int:
+        fd = 0
+        while fd in self._fds:
+            fd += 1
+        if fd >= self.max_fds:
+            raise fail(EMFILE, f"no free file descriptor below {self.max_fds}")
+        return fd
+
+    def check_free(self) -> None:
+        """get_unused_fd_flags() before work that installs a file: EMFILE first."""
+        self._lowest_free()
+
+    def install(self, file: File, cloexec: bool = False) -> int:
+        fd = self._lowest_free()
+        self._fds[fd] = file
+        if cloexec:
+            self.cloexec.add(fd)
+        return fd
+
+    def get(self, fd: int) -> File:
+        try:
+            return self._fds[fd]
+        except (KeyError, TypeError):
+            raise fail(EBADF, f"fd {fd} is not open") from None
+
+    def remove(self, fd: int) -> File:
+        file = self.get(fd)
+        del self._fds[fd]
+        self.cloexec.discard(fd)
+        return file
+
+    def fds(self) -> list[int]:
+        return sorted(self._fds)
+
+    def items(self) -> list[tuple[int, File]]:
+        return sorted(self._fds.items())
+
+
+@dataclass
+class DeviceNode:
+    """A character device node under /dev with its owner and mode."""
+
+    path: str
+    opener: Callable[["Task", int], File]
+    mode: int = 0o600
+    uid: int = 0
+    gid: int = 0
+
+    def check_permission(self, current: "Task", f_flags: int) -> None:
+        """generic_permission(): DAC bits, CAP_DAC_OVERRIDE bypassing them."""
+        want = {os.O_RDONLY: 4, os.O_WRONLY: 2, os.O_RDWR: 6}.get(f_flags & O_ACCMODE, 6)
+        cred = current.cred
+        if cred.euid == self.uid:
+            bits = (self.mode >> 6) & 7
+        elif cred.egid == self.gid or self.gid in cred.groups:
+            bits = (self.mode >> 3) & 7
+        else:
+            bits = self.mode & 7
+        if bits & want == want or cred.capable(CAP_DAC_OVERRIDE):
+            return
+        raise fail(EACCES, f"{self.path} is mode {self.mode:o} owned by {self.uid}:{self.gid}; "
+                           f"uid {cred.euid} may not open it {'for writing' if want & 2 else 'for reading'}")

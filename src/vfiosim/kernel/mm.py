@@ -1,0 +1,473 @@
+"""Memory: simulated physical memory and per-process address spaces.
+
+Physical memory is a set of :class:`MemoryObject` allocations, each a
+contiguous range of host physical addresses backed by one NumPy byte array.
+A process's :class:`MM` maps virtual ranges (:class:`Vma`) onto them.  The
+IOMMU stores host physical addresses, so a device's DMA reaches whatever
+physical page was pinned, even after the process unmapped its virtual range,
+exactly as on real hardware: pinned pages outlive their mapping.
+
+What the kernel checks and observable through the uAPI is modelled: VMA
+protections (EFAULT), population (the shared zero page), pin counts, and the
+``locked_vm``/``pinned_vm`` counters shown as ``VmLck``/``VmPin``.
+"""
+
+from __future__ import annotations
+
+import bisect
+from contextlib import contextmanager
+from dataclasses import dataclass
+from errno import EFAULT, EINVAL, ENOMEM
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+from .cred import CAP_IPC_LOCK
+from .errors import KernelBug, fail
+
+if TYPE_CHECKING:
+    from .task import Task
+
+PROT_NONE = 0
+PROT_READ = 1
+PROT_WRITE = 2
+PROT_EXEC = 4
+_PROT_ALL = PROT_READ | PROT_WRITE | PROT_EXEC
+
+# Where anonymous mmaps start (grows upwards) and where the in-process ioctl
+# argument buffer is mapped while a call runs.  Both are far from 0 so that
+# small integers passed as pointers fault, as NULL-ish pointers do.
+MMAP_BASE = 0x7F00_0000_0000
+ARG_BASE = 0x7FFE_0000_0000
+PHYS_BASE = 0x1_0000_0000
+
+
+class MemoryObject:
+    """A physically contiguous allocation: pages, their data and pin counts."""
+
+    __slots__ = ("phys_base", "length", "data", "page_shift", "compound_shift",
+                 "populated", "pincount", "pins", "users", "pinnable")
+
+    def __init__(self, phys_base: int, data: np.ndarray, page_shift: int,
+                 compound_shift: int, pinnable: bool = True) -> None:
+        self.phys_base = phys_base
+        self.length = int(data.shape[0])
+        self.data = data
+        self.page_shift = page_shift
+        # The size of the (compound) page backing this memory: what
+        # tce_page_is_contained() compares the IOMMU page size against.
+        self.compound_shift = compound_shift
+        npages = (self.length + (1 << page_shift) - 1) >> page_shift
+        self.populated = np.zeros(npages, dtype=np.bool_)
+        self.pincount = np.zeros(npages, dtype=np.int64)
+        self.pins = 0          # total pins, so freeing needs no array scan
+        self.users = 0         # VMAs mapping (part of) this object
+        self.pinnable = pinnable
+
+    def __repr__(self) -> str:
+        return f"<MemoryObject phys={self.phys_base:#x} len={self.length:#x} pins={self.pins}>"
+
+
+class PhysicalMemory:
+    """Host physical address space: allocates objects, resolves addresses."""
+
+    def __init__(self, page_size: int) -> None:
+        self.page_size = page_size
+        self.page_shift = page_size.bit_length() - 1
+        self._bases: list[int] = []
+        self._objs: list[MemoryObject] = []
+        self._next = PHYS_BASE
+
+    def allocate(self, length: int, compound_shift: int | None = None) -> MemoryObject:
+        """Allocate ``length`` bytes (page multiple) of zeroed memory."""
+        shift = compound_shift if compound_shift is not None else self.page_shift
+        align = max(1 << shift, 1 << 21)
+        base = (self._next + align - 1) & ~(align - 1)
+        obj = MemoryObject(base, np.zeros(length, dtype=np.uint8), self.page_shift, shift)
+        # Leave a hole after each allocation: physically adjacent objects
+        # would let a DMA run from one process's memory into another's.
+        self._next = base + length + align
+        self._insert(obj)
+        return obj
+
+    def _insert(self, obj: MemoryObject) -> None:
+        i = bisect.bisect(self._bases, obj.phys_base)
+        self._bases.insert(i, obj.phys_base)
+        self._objs.insert(i, obj)
+
+    def release_if_unused(self, obj: MemoryObject) -> None:
+        if obj.users == 0 and obj.pins == 0:
+            i = bisect.bisect_left(self._bases, obj.phys_base)
+            if i < len(self._objs) and self._objs[i] is obj:
+                del self._bases[i]
+                del self._objs[i]
+
+    def lookup(self, hpa: int) -> tuple[MemoryObject, int] | None:
+        """Return (object, offset) holding physical address ``hpa``."""
+        i = bisect.bisect_right(self._bases, hpa) - 1
+        if i >= 0:
+            obj = self._objs[i]
+            off = hpa - obj.phys_base
+            if off < obj.length:
+                return obj, off
+        return None
+
+    def objects(self) -> list[MemoryObject]:
+        return list(self._objs)
+
+    def pinned_pages(self) -> int:
+        """Total page pins held anywhere (0 when nothing is pinned)."""
+        return sum(o.pins for o in self._objs)
+
+    # -- pin bookkeeping on physical addresses (unpin is by hpa, as the
+    #    kernel's put_page(pfn_to_page(hpa >> PAGE_SHIFT)) is) -------------
+
+    def unpin(self, hpas: np.ndarray | list[int]) -> None:
+        """Drop one pin on the page holding each physical address."""
+        arr = np.asarray(hpas, dtype=np.uint64)
+        if arr.size == 0:
+            return
+        bases = np.asarray(self._bases, dtype=np.uint64)
+        idx = np.searchsorted(bases, arr, side="right").astype(np.int64) - 1
+        for i in np.unique(idx):
+            if i < 0:
+                raise KernelBug(f"unpin of unknown physical address {int(arr[idx == i][0]):#x}")
+            obj = self._objs[int(i)]
+            offs = arr[idx == i] - np.uint64(obj.phys_base)
+            pages = (offs >> np.uint64(obj.page_shift)).astype(np.int64)
+            if pages.size and int(pages.max()) >= obj.pincount.size:
+                raise KernelBug(f"unpin past the end of {obj!r}")
+            np.subtract.at(obj.pincount, pages, 1)
+            if obj.pincount.min(initial=0) < 0:
+                raise KernelBug(f"page pin count below zero in {obj!r}")
+            obj.pins -= int(pages.size)
+            self.release_if_unused(obj)
+
+
+@dataclass
+class Vma:
+    start: int
+    end: int
+    prot: int
+    obj: MemoryObject
+    pgoff: int                 # byte offset of ``start`` inside ``obj``
+    kind: str = "anon"         # "anon" or "arg" (the in-process ioctl buffer)
+    locked: bool = False
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    def readable(self) -> bool:
+        return bool(self.prot & (PROT_READ | PROT_WRITE))
+
+    def writable(self) -> bool:
+        return bool(self.prot & PROT_WRITE)
+
+
+@dataclass
+class PinResult:
+    """Outcome of pinning a run of user pages, one entry per requested page.
+
+    ``hpas`` and ``compound_shifts`` describe the first ``count`` pages,
+    which are pinned.  ``errno`` is why page ``count`` could not be pinned
+    (None when all were).
+    """
+
+    hpas: np.ndarray
+    compound_shifts: np.ndarray
+    count: int
+    errno: int | None
+
+
+class MM:
+    """A process address space (``struct mm_struct``)."""
+
+    def __init__(self, phys: PhysicalMemory) -> None:
+        self.phys = phys
+        self.page_size = phys.page_size
+        self.page_shift = phys.page_shift
+        self._vmas: list[Vma] = []
+        self._starts: list[int] = []
+        self._next = MMAP_BASE
+        self.locked_vm = 0      # pages, mm->locked_vm (VmLck)
+        self.pinned_vm = 0      # pages, mm->pinned_vm (VmPin)
+        self.dead = False
+
+    # -- VMA bookkeeping -----------------------------------------------------
+
+    def vmas(self) -> list[Vma]:
+        return list(self._vmas)
+
+    def find_vma(self, addr: int) -> Vma | None:
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0:
+            vma = self._vmas[i]
+            if addr < vma.end:
+                return vma
+        return None
+
+    def _insert(self, vma: Vma) -> None:
+        i = bisect.bisect(self._starts, vma.start)
+        self._starts.insert(i, vma.start)
+        self._vmas.insert(i, vma)
+        vma.obj.users += 1
+
+    def _remove(self, vma: Vma) -> None:
+        i = self._vmas.index(vma)
+        del self._vmas[i]
+        del self._starts[i]
+        vma.obj.users -= 1
+        self.phys.release_if_unused(vma.obj)
+
+    def _overlapping(self, start: int, end: int) -> list[Vma]:
+        i = max(bisect.bisect_right(self._starts, start) - 1, 0)
+        out = []
+        for vma in self._vmas[i:]:
+            if vma.start >= end:
+                break
+            if vma.end > start:
+                out.append(vma)
+        return out
+
+    def _split(self, start: int, end: int) -> list[Vma]:
+        """Split VMAs so [start, end) is covered by whole VMAs; return them."""
+        result = []
+        for vma in self._overlapping(start, end):
+            pieces = []
+            if vma.start < start:
+                pieces.append((vma.start, start))
+            pieces.append((max(vma.start, start), min(vma.end, end)))
+            if vma.end > end:
+                pieces.append((end, vma.end))
+            if len(pieces) == 1:
+                result.append(vma)
+                continue
+            self._remove_keep_obj(vma)
+            for s, e in pieces:
+                piece = Vma(s, e, vma.prot, vma.obj, vma.pgoff + (s - vma.start), vma.kind, vma.locked)
+                self._insert(piece)
+                if start <= s and e <= end:
+                    result.append(piece)
+        return result
+
+    def _remove_keep_obj(self, vma: Vma) -> None:
+        i = self._vmas.index(vma)
+        del self._vmas[i]
+        del self._starts[i]
+        vma.obj.users -= 1
+
+    # -- mmap(2), munmap(2), mprotect(2) ---------------------------------------
+
+    def _page_align(self, length: int) -> int:
+        return (length + self.page_size - 1) & ~(self.page_size - 1)
+
+    def mmap(self, length: int, prot: int, compound_shift: int | None = None) -> int:
+        """Anonymous private mapping; returns its address (page aligned)."""
+        if length <= 0:
+            raise fail(EINVAL, f"mmap length {length} must be positive")
+        if prot & ~_PROT_ALL:
+            raise fail(EINVAL, f"mmap prot {prot:#x} has unknown bits")
+        length = self._page_align(length)
+        align = 1 << (compound_shift or self.page_shift)
+        length = (length + align - 1) & ~(align - 1)
+        addr = (self._next + align - 1) & ~(align - 1)
+        if addr + length > ARG_BASE:
+            raise fail(ENOMEM, "simulated address space exhausted")
+        obj = self.phys.allocate(length, compound_shift)
+        self._insert(Vma(addr, addr + length, prot, obj, 0))
+        # One unmapped guard page after every mapping, so that running off
+        # the end of a buffer faults instead of landing in the next one.
+        self._next = addr + length + self.page_size
+        return addr
+
+    def _check_range(self, addr: int, length: int, call: str) -> int:
+        if addr & (self.page_size - 1):
+            raise fail(EINVAL, f"{call}: address {addr:#x} is not aligned to the page size {self.page_size:#x}")
+        if length <= 0:
+            raise fail(EINVAL, f"{call}: length {length} must be positive")
+        end = addr + self._page_align(length)
+        if end > 1 << 64:
+            raise fail(EINVAL, f"{call}: range wraps")
+        return end
+
+    def munmap(self, addr: int, length: int) -> None:
+        end = self._check_range(addr, length, "munmap")
+        for vma in self._split(addr, end):
+            if vma.kind != "anon":
+                raise fail(EINVAL, "munmap of the ioctl argument buffer")
+            self._remove(vma)
+
+    def mprotect(self, addr: int, length: int, prot: int) -> None:
+        end = self._check_range(addr, length, "mprotect")
+        if prot & ~_PROT_ALL:
+            raise fail(EINVAL, f"mprotect prot {prot:#x} has unknown bits")
+        # mprotect fails with ENOMEM, changing nothing, if any page is unmapped.
+        cur = addr
+        for vma in self._overlapping(addr, end):
+            if vma.start > cur:
+                break
+            cur = vma.end
+        if cur < end:
+            raise fail(ENOMEM, f"mprotect: {max(cur, addr):#x} is not mapped")
+        for vma in self._split(addr, end):
+            vma.prot = prot
+
+    def teardown(self) -> None:
+        """exit_mmap(): drop every mapping; pinned pages stay until unpinned."""
+        for vma in list(self._vmas):
+            self._remove(vma)
+        self.dead = True
+
+    def mapped_bytes(self) -> int:
+        return sum(v.length for v in self._vmas if v.kind == "anon")
+
+    def resident_bytes(self) -> int:
+        total = 0
+        for v in self._vmas:
+            if v.kind != "anon":
+                continue
+            first = v.pgoff >> self.page_shift
+            n = v.length >> self.page_shift
+            total += int(v.obj.populated[first:first + n].sum()) << self.page_shift
+        return total
+
+    # -- byte access (the process's own loads/stores, and copy_{to,from}_user) --
+
+    def _segments(self, addr: int, n: int, write: bool) -> Iterator[tuple[Vma, int, int]]:
+        """Yield (vma, offset in obj, length) covering [addr, addr+n) or EFAULT."""
+        if addr < 0 or n < 0 or addr + n > 1 << 64:
+            raise fail(EFAULT, f"bad address range {addr:#x}+{n:#x}")
+        cur, end = addr, addr + n
+        while cur < end:
+            vma = self.find_vma(cur)
+            if vma is None:
+                raise fail(EFAULT, f"address {cur:#x} is not mapped")
+            if write and not vma.writable():
+                raise fail(EFAULT, f"address {cur:#x} is not writable")
+            if not write and not vma.readable():
+                raise fail(EFAULT, f"address {cur:#x} is not readable")
+            chunk = min(end, vma.end) - cur
+            yield vma, vma.pgoff + (cur - vma.start), chunk
+            cur += chunk
+
+    def read(self, addr: int, n: int) -> bytes:
+        """Read user memory; EFAULT if any byte is unmapped or unreadable."""
+        if n == 0:
+            return b""
+        segs = list(self._segments(addr, n, write=False))
+        if len(segs) == 1:
+            vma, off, ln = segs[0]
+            return vma.obj.data[off:off + ln].tobytes()
+        return b"".join(v.obj.data[o:o + ln].tobytes() for v, o, ln in segs)
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        """Write user memory; EFAULT (writing nothing) if any byte is not writable."""
+        src = np.frombuffer(data, dtype=np.uint8)
+        if src.size == 0:
+            return
+        segs = list(self._segments(addr, int(src.size), write=True))
+        pos = 0
+        for vma, off, ln in segs:
+            vma.obj.data[off:off + ln] = src[pos:pos + ln]
+            shift = vma.obj.page_shift
+            vma.obj.populated[off >> shift:((off + ln - 1) >> shift) + 1] = True
+            pos += ln
+
+    # -- the ioctl argument buffer of the in-process API -----------------------
+
+    @contextmanager
+    def borrowed(self, buf: bytearray | memoryview | bytes) -> Iterator[int]:
+        """Map a Python buffer at ARG_BASE for the duration of one syscall.
+
+        The kernel then reads and writes it through the same copy_from_user /
+        copy_to_user path as any user pointer: past its end is unmapped
+        (EFAULT), and a read-only ``bytes`` argument cannot be written.
+        """
+        mv = memoryview(buf).cast("B")
+        if mv.nbytes == 0:
+            yield ARG_BASE
+            return
+        arr = np.frombuffer(mv, dtype=np.uint8)
+        prot = PROT_READ if mv.readonly else PROT_READ | PROT_WRITE
+        obj = MemoryObject(0, arr, self.page_shift, self.page_shift, pinnable=False)
+        obj.populated[:] = True
+        vma = Vma(ARG_BASE, ARG_BASE + mv.nbytes, prot, obj, 0, kind="arg")
+        self._insert(vma)
+        try:
+            yield ARG_BASE
+        finally:
+            self._remove_keep_obj(vma)
+
+    # -- pinning (pin_user_pages_fast) -----------------------------------------
+
+    def pin_pages(self, addrs: np.ndarray, write: bool, dry_run: bool = False) -> PinResult:
+        """Pin the page holding each user address, in order, until one fails.
+
+        ``addrs`` must be non-decreasing.  A page is pinned once per address
+        that names it (the kernel takes one reference per call).  Pinning
+        needs a mapped, accessible page: FOLL_WRITE needs a writable VMA and
+        faults the page in; a read pin of a never-populated page of a
+        read-only mapping fails with EFAULT, as the reference traces show on
+        Linux 6.12 (v1 MAP_DMA of untouched PROT_READ memory).  With
+        ``dry_run`` nothing is pinned or populated: the result says how far
+        pinning would get.
+        """
+        n = int(addrs.size)
+        hpas = np.zeros(n, dtype=np.uint64)
+        shifts = np.zeros(n, dtype=np.int64)
+        done = 0
+        err: int | None = None
+        shift = self.page_shift
+        while done < n:
+            addr = int(addrs[done])
+            vma = self.find_vma(addr)
+            if vma is None or not vma.obj.pinnable or not vma.readable() or (write and not vma.writable()):
+                err = EFAULT
+                break
+            stop = done + int(np.searchsorted(addrs[done:], np.uint64(vma.end), side="left"))
+            seg = addrs[done:stop]
+            pages = ((seg - np.uint64(vma.start) + np.uint64(vma.pgoff)) >> np.uint64(shift)).astype(np.int64)
+            obj = vma.obj
+            if not write and not vma.writable():
+                missing = ~obj.populated[pages]
+                if missing.any():
+                    cut = int(np.argmax(missing))
+                    pages = pages[:cut]
+                    stop = done + cut
+                    err = EFAULT
+            if not dry_run:
+                if write:
+                    obj.populated[pages] = True
+                np.add.at(obj.pincount, pages, 1)
+                obj.pins += int(pages.size)
+            hpas[done:stop] = np.uint64(obj.phys_base) + (pages.astype(np.uint64) << np.uint64(shift))
+            shifts[done:stop] = obj.compound_shift
+            done = stop
+            if err is not None:
+                break
+        return PinResult(hpas[:done], shifts[:done], done, err)
+
+
+def account_locked_vm(mm: MM | None, pages: int, inc: bool, current: "Task | None") -> None:
+    """Charge or refund ``pages`` of mm->locked_vm (mm/util.c: account_locked_vm).
+
+    Charging fails with ENOMEM when the new total exceeds the *calling*
+    task's RLIMIT_MEMLOCK (in pages, rounded down), unless the caller has
+    CAP_IPC_LOCK.  Refunds never fail.
+    """
+    if pages == 0 or mm is None:
+        return
+    if inc:
+        assert current is not None
+        if not current.capable(CAP_IPC_LOCK):
+            limit = current.rlimit_memlock_soft() >> mm.page_shift
+            if mm.locked_vm + pages > limit:
+                raise fail(ENOMEM, f"locked memory would be {(mm.locked_vm + pages) << mm.page_shift} bytes, "
+                                   f"over RLIMIT_MEMLOCK {current.rlimit_memlock_soft()} bytes")
+        mm.locked_vm += pages
+    else:
+        if pages > mm.locked_vm:
+            raise KernelBug(f"locked_vm underflow: refunding {pages} of {mm.locked_vm} pages")
+        mm.locked_vm -= pages
+

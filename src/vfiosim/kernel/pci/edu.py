@@ -1,0 +1,188 @@
+"""QEMU's educational PCI device "edu" (1234:11e8), per docs/specs/edu.rst.
+
+BAR0 (1 MiB MMIO) holds the registers:
+
+====== ==== ======================================================
+0x00   RO   identification 0x010000ed (major 1, minor 0)
+0x04   RW   liveness check: reads back the inverse of what was written
+0x08   RW   factorial: write n, read n! once status bit 0 clears
+0x20   RW   status: 0x01 computing (RO), 0x80 raise interrupt after factorial
+0x24   RO   interrupt status
+0x60   WO   interrupt raise (ORed into interrupt status)
+0x64   WO   interrupt acknowledge (bits cleared; INTx drops at zero)
+0x80   RW   DMA source address
+0x88   RW   DMA destination address
+0x90   RW   DMA transfer count
+0x98   RW   DMA command: 0x1 start, 0x2 direction (0: RAM to device,
+            1: device to RAM), 0x4 raise interrupt 0x100 when done
+====== ==== ======================================================
+
+The DMA engine moves data between bus addresses and a 4 KiB buffer that
+DMA commands address as 0x40000..0x40fff (it is not visible through BAR0),
+through the bus master, so through the IOMMU.
+Registers below 0x80 accept only 4-byte accesses, the DMA registers 4 or
+8; other sizes read all-ones and writes are ignored.  Bus addresses are
+masked with ``dma_mask`` (28 bits by default, QEMU's default).
+
+Timing: QEMU computes factorials on a thread and runs a DMA 100 ms of
+virtual time after the command; this model is deterministic and completes
+both at the register write, so status and command read back as done.
+"""
+
+from __future__ import annotations
+
+from .device import DmaError, PciDevice
+
+EDU_VENDOR = 0x1234
+EDU_DEVICE = 0x11E8
+EDU_REVISION = 0x10
+PCI_CLASS_OTHERS = 0xFF00          # base class 0xff, subclass 0, prog-if 0
+EDU_BAR0_SIZE = 1 << 20
+
+FACT_IRQ = 0x00000001
+DMA_IRQ = 0x00000100
+DMA_START = 0x40000
+DMA_SIZE = 4096
+
+STATUS_COMPUTING = 0x01
+STATUS_IRQFACT = 0x80
+
+DMA_RUN = 0x1
+DMA_DIR_TO_RAM = 0x2
+DMA_IRQ_ENABLE = 0x4
+
+IDENT = 0x010000ED
+
+_M32 = 0xFFFFFFFF
+_M64 = (1 << 64) - 1
+
+
+class EduDevice(PciDevice):
+    model = "edu"
+
+    def __init__(self, bdf: str, *, dma_mask: int = (1 << 28) - 1) -> None:
+        super().__init__(bdf, vendor=EDU_VENDOR, device=EDU_DEVICE, class_code=PCI_CLASS_OTHERS,
+                         revision=EDU_REVISION, interrupt_pin=1)
+        self.dma_mask = dma_mask
+        self.add_msi_capability(vectors=1, is_64bit=True)
+        self.add_bar(0, EDU_BAR0_SIZE)
+        self.finish()
+        self.addr4 = 0
+        self.fact = 0
+        self.status = 0
+        self.irq_status = 0
+        self.dma_src = 0
+        self.dma_dst = 0
+        self.dma_cnt = 0
+        self.dma_cmd = 0
+        self.dma_buf = bytearray(DMA_SIZE)
+        self.dma_count = 0          # completed transfers, for introspection
+
+    # -- interrupts ---------------------------------------------------------------
+
+    def raise_irq(self, val: int) -> None:
+        self.irq_status |= val
+        if self.irq_status:
+            if self.msi_enabled():
+                self.msi_notify(0)
+            else:
+                self.set_intx(1)
+
+    def lower_irq(self, val: int) -> None:
+        self.irq_status &= ~val & _M32
+        if not self.irq_status and not self.msi_enabled():
+            self.set_intx(0)
+
+    # -- registers ------------------------------------------------------------------
+
+    @staticmethod
+    def _valid(offset: int, size: int) -> bool:
+        return size == 4 if offset < 0x80 else size in (4, 8)
+
+    def mmio_read(self, bar: int, offset: int, size: int) -> int:
+        ones = (1 << (8 * size)) - 1
+        if bar != 0 or not self._valid(offset, size):
+            return ones
+        value = {
+            0x00: IDENT, 0x04: self.addr4, 0x08: self.fact, 0x20: self.status, 0x24: self.irq_status,
+            0x80: self.dma_src, 0x88: self.dma_dst, 0x90: self.dma_cnt, 0x98: self.dma_cmd,
+        }.get(offset)
+        return ones if value is None else value & ones
+
+    def mmio_write(self, bar: int, offset: int, size: int, value: int) -> None:
+        if bar != 0 or not self._valid(offset, size):
+            return
+        value &= (1 << (8 * size)) - 1
+        if offset == 0x04:
+            self.addr4 = ~value & _M32
+        elif offset == 0x08:
+            if not self.status & STATUS_COMPUTING:
+                self._compute_factorial(value & _M32)
+        elif offset == 0x20:
+            if value & STATUS_IRQFACT:
+                self.status |= STATUS_IRQFACT
+            else:
+                self.status &= ~STATUS_IRQFACT
+        elif offset == 0x60:
+            self.raise_irq(value & _M32)
+        elif offset == 0x64:
+            self.lower_irq(value & _M32)
+        elif offset in (0x80, 0x88, 0x90):
+            if self.dma_cmd & DMA_RUN:
+                return          # registers are locked while a transfer runs
+            attr = {0x80: "dma_src", 0x88: "dma_dst", 0x90: "dma_cnt"}[offset]
+            setattr(self, attr, value)
+        elif offset == 0x98:
+            if not value & DMA_RUN or self.dma_cmd & DMA_RUN:
+                return
+            self.dma_cmd = value
+            self._run_dma()
+
+    def _compute_factorial(self, n: int) -> None:
+        result = 1
+        while n > 0:
+            result = (result * n) & _M32
+            n -= 1
+        self.fact = result
+        if self.status & STATUS_IRQFACT:
+            self.raise_irq(FACT_IRQ)
+
+    # -- the DMA engine ---------------------------------------------------------------
+
+    def _in_buffer(self, start: int, count: int) -> bool:
+        end = start + count
+        return DMA_START <= start and end <= DMA_START + DMA_SIZE and end >= start
+
+    def _run_dma(self) -> None:
+        count = self.dma_cnt
+        to_ram = bool(self.dma_cmd & DMA_DIR_TO_RAM)
+        dev_addr = self.dma_src if to_ram else self.dma_dst
+        if not self._in_buffer(dev_addr, count):
+            # QEMU logs a guest error and goes on to overrun its own buffer;
+            # the model logs and moves nothing instead.
+            self.log(f"edu {self.bdf}: DMA range {dev_addr:#x}+{count:#x} outside the buffer "
+                     f"{DMA_START:#x}+{DMA_SIZE:#x}, transfer dropped")
+        else:
+            buf_off = dev_addr - DMA_START
+            bus_addr = (self.dma_dst if to_ram else self.dma_src)
+            masked = bus_addr & self.dma_mask
+            if masked != bus_addr:
+                self.log(f"edu {self.bdf}: clamping DMA address {bus_addr:#x} to {masked:#x} (dma_mask {self.dma_mask:#x})")
+            try:
+                if to_ram:
+                    self.bus_master.dma_write(masked, self.dma_buf[buf_off:buf_off + count])
+                else:
+                    self.dma_buf[buf_off:buf_off + count] = self.bus_master.dma_read(masked, count)
+                self.dma_count += 1
+            except DmaError as exc:
+                # edu has no error reporting: the transfer just did not happen.
+                self.log(f"edu {self.bdf}: {exc}")
+        self.dma_cmd &= ~DMA_RUN
+        if self.dma_cmd & DMA_IRQ_ENABLE:
+            self.raise_irq(DMA_IRQ)
+
+    def snapshot(self) -> dict[str, int]:
+        """Register values, for topology output and tests."""
+        return {"liveness": self.addr4, "factorial": self.fact, "status": self.status,
+                "irq_status": self.irq_status, "dma_src": self.dma_src, "dma_dst": self.dma_dst,
+                "dma_cnt": self.dma_cnt, "dma_cmd": self.dma_cmd, "dma_count": self.dma_count}

@@ -1,0 +1,92 @@
+"""What every platform provides: PEs that translate device DMA, and EEH."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from ..iommu.dma import DmaFault, read_runs, translate_tces, write_runs
+from ..iommu.table_group import TableGroup
+from ..mm import PhysicalMemory
+from ..pci.device import DmaError, PciDevice
+from .eeh import EehPe
+
+if TYPE_CHECKING:
+    from ..iommu.iommu_group import IommuGroup
+
+
+class Pe:
+    """A Partitionable Endpoint: the unit of DMA translation and isolation.
+
+    Subclasses say how a bus address finds its TCEs (``lookup_tces``) and
+    what a refused DMA does to the PE (``dma_fault``).
+    """
+
+    def __init__(self, name: str, table_group: TableGroup, phys: PhysicalMemory,
+                 log: Callable[[str], None], eeh: EehPe | None) -> None:
+        self.name = name
+        self.table_group = table_group
+        self.phys = phys
+        self.log = log
+        self.eeh = eeh
+        self.devices: list[PciDevice] = []
+        self.iommu_group: "IommuGroup | None" = None
+        self.dma_faults = 0
+
+    def add_device(self, dev: PciDevice) -> None:
+        self.devices.append(dev)
+        dev.bus_master = PeBusMaster(self, dev)
+        dev.mmio_enabled_by_platform = self.mmio_enabled
+
+    def mmio_enabled(self) -> bool:
+        return self.eeh is None or not self.eeh.mmio_stopped
+
+    def dma_enabled(self) -> bool:
+        return self.eeh is None or not self.eeh.dma_stopped
+
+    def lookup_tces(self, iova: int, length: int):
+        """Return (tces, page_shift) for the pages of the range, or a DmaFault."""
+        raise NotImplementedError
+
+    def dma_fault(self, fault: DmaFault, write: bool) -> None:
+        """The IOMMU refused a transfer; platforms decide what that does."""
+        self.dma_faults += 1
+
+    def translate(self, iova: int, length: int, write: bool):
+        found = self.lookup_tces(iova, length)
+        if isinstance(found, DmaFault):
+            return found
+        tces, page_shift = found
+        return translate_tces(tces, page_shift, iova, length, write, self.phys)
+
+    def windows(self) -> list[dict]:
+        """The DMA windows currently programmed in hardware, for topology."""
+        return []
+
+
+class PeBusMaster:
+    """A device's DMA path: bus master enable, PE state, then the IOMMU."""
+
+    def __init__(self, pe: Pe, dev: PciDevice) -> None:
+        self.pe = pe
+        self.dev = dev
+
+    def _runs(self, iova: int, length: int, write: bool):
+        if length < 0 or iova < 0 or iova + length > 1 << 64:
+            raise DmaError(iova, length, write, "bus address range out of bounds")
+        if not self.dev.bus_master_enabled():
+            raise DmaError(iova, length, write, "bus mastering is disabled (PCI_COMMAND_MASTER is clear)")
+        if not self.pe.dma_enabled():
+            raise DmaError(iova, length, write, f"{self.pe.name} is frozen (EEH): DMA is stopped")
+        if length == 0:
+            return []
+        runs = self.pe.translate(iova, length, write)
+        if isinstance(runs, DmaFault):
+            self.pe.dma_fault(runs, write)
+            raise DmaError(iova, length, write, runs.reason)
+        return runs
+
+    def dma_read(self, iova: int, length: int) -> bytes:
+        return read_runs(self._runs(iova, length, False))
+
+    def dma_write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
+        write_runs(self._runs(iova, len(data), True), data)

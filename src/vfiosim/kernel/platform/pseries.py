@@ -1,0 +1,364 @@
+"""pseries (a PAPR guest): TCE tables live in the hypervisor.
+
+The guest kernel never touches a TCE table: it asks the hypervisor with
+hcalls (H_PUT_TCE, H_GET_TCE) naming a window by its LIOBN, and manages
+windows with RTAS calls (ibm,query-pe-dma-window, ibm,create-pe-dma-window,
+ibm,remove-pe-dma-window, ibm,reset-pe-dma-windows).  Two halves:
+
+* :class:`SpaprPhb` is the hypervisor's side, as QEMU's sPAPR PHB implements
+  it (hw/ppc/spapr_iommu.c, spapr_rtas_ddw.c): TCE tables per LIOBN, and the
+  hcall checks, e.g. an IOBA past the window answers H_PARAMETER (-4).
+* :class:`PseriesTableGroup` is the guest kernel's iommu_table_group_ops,
+  per arch/powerpc/platforms/pseries/iommu.c (spapr_tce_get_table_size,
+  spapr_tce_create_table, spapr_tce_set_window, spapr_tce_unset_window,
+  spapr_tce_take_ownership, spapr_tce_release_ownership).
+
+There is no EEH on this machine (as in the reference traces): a DMA the
+IOMMU refuses fails without freezing anything.
+"""
+
+from __future__ import annotations
+
+from errno import EINVAL, ENODEV, EPERM
+from typing import Callable
+
+import numpy as np
+
+from ..errors import fail
+from ..iommu.dma import DmaFault
+from ..iommu.table_group import TableGroup
+from ..iommu.tce import IOMMU_PAGE_SHIFT_4K, IommuTable, TceStorage, XchgResult
+from ..mm import PhysicalMemory
+from .base import Pe
+
+H_SUCCESS = 0
+H_PARAMETER = -4
+
+SPAPR_DMA64_WIN_ADDR = 0x800000000000000      # QEMU's default 64-bit window address (1 << 59)
+
+
+def spapr_liobn(phb_index: int, window: int) -> int:
+    """QEMU's SPAPR_PCI_LIOBN(): one LIOBN per PHB window."""
+    return 0x80000000 | (phb_index << 8) | window
+
+
+def is_power_of_2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+class SpaprTceTable:
+    """The hypervisor's TCE table for one LIOBN (QEMU's SpaprTceTable)."""
+
+    def __init__(self, liobn: int) -> None:
+        self.liobn = liobn
+        self.bus_offset = 0
+        self.page_shift = IOMMU_PAGE_SHIFT_4K
+        self.nb_table = 0
+        self.entries = TceStorage(0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.nb_table > 0
+
+    def enable(self, page_shift: int, bus_offset: int, nb_table: int) -> None:
+        self.page_shift, self.bus_offset, self.nb_table = page_shift, bus_offset, nb_table
+        self.entries = TceStorage(nb_table)
+
+    def disable(self) -> None:
+        self.nb_table = 0
+        self.entries = TceStorage(0)
+
+    def index_of(self, ioba: int) -> int:
+        """Entry index of ``ioba``, as an unsigned offset from the window start."""
+        return ((ioba - self.bus_offset) % (1 << 64)) >> self.page_shift
+
+
+class SpaprPhb:
+    """The hypervisor side of one sPAPR PHB: DMA windows, hcalls and RTAS."""
+
+    def __init__(self, index: int, *, dma32_start: int, dma32_size: int, pgsizes: int, windows_supported: int,
+                 dma64_addr: int, largest_block: int, log: Callable[[str], None]) -> None:
+        self.index = index
+        self.dma32_start = dma32_start
+        self.dma32_size = dma32_size
+        self.pgsizes = pgsizes
+        self.windows_supported = windows_supported
+        self.dma64_addr = dma64_addr
+        self.largest_block = largest_block
+        self.log = log
+        self.tables = [SpaprTceTable(spapr_liobn(index, n)) for n in range(windows_supported)]
+        self.reset_dma()
+
+    def table(self, liobn: int) -> SpaprTceTable | None:
+        for t in self.tables:
+            if t.liobn == liobn:
+                return t
+        return None
+
+    # -- hcalls (hw/ppc/spapr_iommu.c: h_put_tce, h_get_tce) -------------------------
+
+    def h_put_tce_range(self, liobn: int, first_index: int, tces: np.ndarray) -> tuple[int, int, np.ndarray]:
+        """H_GET_TCE then H_PUT_TCE for consecutive entries, as the guest's
+        tce_exchange_pseries() does one by one; returns (done, rc, old)."""
+        t = self.table(liobn)
+        if t is None or not t.enabled:
+            return 0, H_PARAMETER, np.zeros(0, dtype=np.uint64)
+        rel0 = first_index - (t.bus_offset >> t.page_shift)
+        n = int(tces.size)
+        if rel0 < 0:
+            return 0, H_PARAMETER, np.zeros(0, dtype=np.uint64)
+        done = max(0, min(n, t.nb_table - rel0))
+        old = t.entries.xchg_range(rel0, tces[:done]) if done else np.zeros(0, dtype=np.uint64)
+        return done, (H_SUCCESS if done == n else H_PARAMETER), old
+
+    def h_get_tce(self, liobn: int, ioba: int) -> tuple[int, int]:
+        t = self.table(liobn)
+        if t is None or not t.enabled:
+            return H_PARAMETER, 0
+        idx = t.index_of(ioba)
+        if idx >= t.nb_table:
+            return H_PARAMETER, 0
+        return H_SUCCESS, t.entries.get(idx)
+
+    # -- RTAS dynamic DMA windows (hw/ppc/spapr_rtas_ddw.c) ------------------------------
+
+    def active_windows(self) -> int:
+        return sum(1 for t in self.tables if t.enabled)
+
+    def reset_dma(self) -> None:
+        """ibm,reset-pe-dma-windows: every window goes, the default one returns."""
+        for t in self.tables:
+            t.disable()
+        self.tables[0].enable(IOMMU_PAGE_SHIFT_4K, self.dma32_start, self.dma32_size >> IOMMU_PAGE_SHIFT_4K)
+
+    def query(self) -> tuple[int, int, int]:
+        """ibm,query-pe-dma-window: (windows available, largest block, page size mask)."""
+        return self.windows_supported - self.active_windows(), self.largest_block, self.pgsizes
+
+    def create_window(self, page_shift: int, window_shift: int) -> tuple[int, int] | None:
+        """ibm,create-pe-dma-window: returns (liobn, bus address) or None on failure."""
+        if not (self.pgsizes >> page_shift) & 1 or window_shift < page_shift:
+            return None
+        free = [t for t in self.tables if not t.enabled]
+        if not free:
+            return None
+        addr = self.dma32_start if self.active_windows() == 0 else self.dma64_addr
+        t = free[0]
+        t.enable(page_shift, addr, 1 << (window_shift - page_shift))
+        return t.liobn, addr
+
+    def remove_window(self, liobn: int) -> bool:
+        """ibm,remove-pe-dma-window"""
+        t = self.table(liobn)
+        if t is None or not t.enabled:
+            return False
+        t.disable()
+        return True
+
+    def lookup(self, iova: int) -> SpaprTceTable | None:
+        for t in self.tables:
+            if t.enabled and t.bus_offset <= iova < t.bus_offset + (t.nb_table << t.page_shift):
+                return t
+        return None
+
+
+class PseriesTableOps:
+    """iommu_table_lpar_multi_ops: every entry change is an hcall."""
+
+    overrun_corrupts = False        # the hypervisor answers H_PARAMETER instead
+
+    def __init__(self, hv: SpaprPhb) -> None:
+        self.hv = hv
+
+    def _window(self, tbl: IommuTable) -> SpaprTceTable | None:
+        t = self.hv.table(tbl.it_index)
+        return t if t is not None and t.enabled else None
+
+    def used(self, tbl: IommuTable, entry: int, n: int) -> np.ndarray:
+        """Entries past the window end are skipped: their hcalls fail and
+        tce_iommu_clear() ignores the failure."""
+        t = self._window(tbl)
+        if t is None:
+            return np.zeros(0, dtype=np.int64)
+        base = t.bus_offset >> t.page_shift
+        lo = max(entry, tbl.it_offset, base)
+        hi = min(entry + n, tbl.it_offset + tbl.it_size, base + t.nb_table)
+        if hi <= lo:
+            return np.zeros(0, dtype=np.int64)
+        return t.entries.used_indices(lo - base, hi - lo) + base
+
+    def clear(self, tbl: IommuTable, entries: np.ndarray) -> np.ndarray:
+        t = self._window(tbl)
+        assert t is not None
+        return t.entries.clear_indices(entries - (t.bus_offset >> t.page_shift))
+
+    def count_used(self, tbl: IommuTable) -> int:
+        t = self._window(tbl)
+        return 0 if t is None else t.entries.count_used()
+
+    def xchg_range(self, tbl: IommuTable, entry: int, tces: np.ndarray) -> XchgResult:
+        done, rc, old = self.hv.h_put_tce_range(tbl.it_index, entry, tces)
+        return XchgResult(done, rc, old)
+
+    def get(self, tbl: IommuTable, entry: int) -> int:
+        rc, tce = self.hv.h_get_tce(tbl.it_index, entry << tbl.it_page_shift)
+        return tce if rc == H_SUCCESS else 0
+
+
+class PseriesTableGroup(TableGroup):
+    """The guest kernel's view of one PE (a PHB here) and its DMA windows."""
+
+    def __init__(self, hv: SpaprPhb, log: Callable[[str], None]) -> None:
+        windows_available = hv.query()[0]
+        super().__init__(tce32_start=hv.dma32_start, tce32_size=hv.dma32_size,
+                         pgsizes=(1 << IOMMU_PAGE_SHIFT_4K) | hv.pgsizes,
+                         max_dynamic_windows_supported=2 if windows_available else 1, max_levels=1)
+        self.hv = hv
+        self.ops = PseriesTableOps(hv)
+        self.log = log
+        # Device tree state of the PE node: "ibm,dma-window" (the default
+        # window) and the DMA64 property of a dynamic window.
+        self.default_window_prop = True
+        self.ddw: tuple[int, int, int, int] | None = None     # (liobn, addr, page_shift, window_shift)
+        self.tables[0] = self._default_table(hv.dma32_size)
+
+    def _default_table(self, size: int) -> IommuTable:
+        return IommuTable(it_offset=self.hv.dma32_start >> IOMMU_PAGE_SHIFT_4K, it_size=size >> IOMMU_PAGE_SHIFT_4K,
+                          it_page_shift=IOMMU_PAGE_SHIFT_4K, ops=self.ops, index=self.hv.tables[0].liobn)
+
+    def _restore_default_window(self) -> None:
+        """restore_default_dma_window(): RTAS reset, then the saved property back."""
+        self.hv.reset_dma()
+        self.ddw = None
+        self.default_window_prop = True
+
+    def _remove_window(self, liobn: int) -> None:
+        self.hv.remove_window(liobn)
+
+    # -- iommu_table_group_ops -----------------------------------------------------------
+
+    def get_table_size(self, page_shift: int, window_size: int, levels: int) -> int:
+        """spapr_tce_get_table_size(): no multilevel tables; ~0U for levels > 1."""
+        if levels > 1:
+            return 0xFFFFFFFF
+        return window_size >> (page_shift - 3)
+
+    def create_table(self, num: int, page_shift: int, window_size: int, levels: int) -> IommuTable:
+        """spapr_tce_create_table()"""
+        if not is_power_of_2(window_size) or levels > 1:
+            raise fail(EINVAL, f"pseries windows need a power-of-two size and one level "
+                               f"(got size {window_size:#x}, {levels} levels)")
+        window_shift = (window_size - 1).bit_length()
+        if num == 0:
+            default_request = window_size <= self.tce32_size and page_shift == IOMMU_PAGE_SHIFT_4K
+            if not default_request:
+                if self.ddw is not None:
+                    self.log("pci: 64-bit window already present.")
+                    raise fail(EPERM, "a 64-bit DMA window already exists")
+            elif not self.default_window_prop:
+                if self.ddw is not None:
+                    self.log("pci: Attempt to create window#0 when 64-bit window is present. "
+                             "Preventing the attempt as that would destroy the 64-bit window")
+                    raise fail(EPERM, "window 0 cannot be restored while the 64-bit window exists")
+                self._restore_default_window()
+                tbl = self._default_table(1 << window_shift)
+                return self._finish(0, tbl, page_shift, window_size, levels)
+        windows_available, largest_block, _ = self.hv.query()
+        if largest_block < 1 << (window_shift - page_shift):
+            raise fail(EINVAL, f"the hypervisor cannot map {1 << window_shift:#x} bytes with "
+                               f"{1 << page_shift:#x} pages (largest block {largest_block} pages)")
+        created = self.hv.create_window(page_shift, window_shift)
+        if created is None:
+            raise fail(ENODEV, "ibm,create-pe-dma-window failed")
+        liobn, addr = created
+        self.ddw = (liobn, addr, page_shift, window_shift)
+        tbl = IommuTable(it_offset=addr >> page_shift, it_size=1 << (window_shift - page_shift),
+                         it_page_shift=page_shift, ops=self.ops, index=liobn)
+        return self._finish(num, tbl, page_shift, window_size, levels)
+
+    def _finish(self, num: int, tbl: IommuTable, page_shift: int, window_size: int, levels: int) -> IommuTable:
+        tbl.it_userspace = TceStorage(tbl.it_size)
+        tbl.it_allocated_size = self.get_table_size(page_shift, window_size, levels)
+        self.tables[num] = tbl
+        return tbl.get()
+
+    def _is_default_window_table(self, tbl: IommuTable) -> bool:
+        return tbl.bus_size <= self.tce32_size and tbl.it_page_shift == IOMMU_PAGE_SHIFT_4K
+
+    def set_window(self, num: int, tbl: IommuTable) -> None:
+        """spapr_tce_set_window(): only the table this PE created is accepted."""
+        if tbl is not self.tables[num]:
+            raise fail(EPERM, "pseries PEs accept only their own TCE tables (no sharing between groups)")
+        tbl.groups.append(self)
+
+    def unset_window(self, num: int) -> None:
+        """spapr_tce_unset_window(): the window is removed from the hypervisor."""
+        tbl = self.tables[num]
+        if tbl is None:
+            return
+        if num == 0 and self._is_default_window_table(tbl):
+            self.default_window_prop = False
+        else:
+            self.ddw = None
+        self._remove_window(tbl.it_index)
+        if self in tbl.groups:
+            tbl.groups.remove(self)
+        tbl.put()
+        self.tables[num] = None
+
+    def take_ownership(self) -> None:
+        """spapr_tce_take_ownership(): all windows go; the user creates its own."""
+        if self.tables[0] is None and self.max_dynamic_windows_supported != 1:
+            return
+        if self.ddw is not None:
+            self._remove_window(self.ddw[0])
+            self.ddw = None
+            if self.tables[1] is not None:
+                self.tables[1].put()
+                self.tables[1] = None
+        if self.tables[0] is not None:
+            self._remove_window(self.tables[0].it_index)
+            self.default_window_prop = False
+            self.tables[0].put()
+            self.tables[0] = None
+
+    def release_ownership(self) -> None:
+        """spapr_tce_release_ownership(): restore the default window for the kernel."""
+        if self.tables[0] is not None:
+            return
+        self._restore_default_window()
+        self.tables[0] = self._default_table(self.hv.dma32_size)
+
+
+class PseriesPe(Pe):
+    """A PE of the pseries machine: DMA is translated by the hypervisor."""
+
+    def __init__(self, hv: SpaprPhb, phys: PhysicalMemory, log: Callable[[str], None]) -> None:
+        name = f"PHB#{hv.index:x}"
+        super().__init__(name, PseriesTableGroup(hv, log), phys, log, eeh=None)
+        self.hv = hv
+
+    def lookup_tces(self, iova: int, length: int):
+        t = self.hv.lookup(iova)
+        if t is None:
+            return DmaFault(iova, f"bus address {iova:#x} is in no DMA window")
+        end = t.bus_offset + (t.nb_table << t.page_shift)
+        if iova + length > end:
+            return DmaFault(end, f"bus address {end:#x} is past the end of window LIOBN {t.liobn:#x}")
+        first = (iova - t.bus_offset) >> t.page_shift
+        last = (iova + length - 1 - t.bus_offset) >> t.page_shift
+        return t.entries.get_range(first, last - first + 1), t.page_shift
+
+    def dma_fault(self, fault: DmaFault, write: bool) -> None:
+        super().dma_fault(fault, write)
+        what = "write to" if write else "read from"
+        self.log(f"spapr-pci {self.name}: DMA {what} {fault.iova:#x} blocked by the hypervisor IOMMU: "
+                 f"{fault.reason} (no EEH on this machine: nothing is frozen)")
+
+    def windows(self) -> list[dict]:
+        out = []
+        for n, t in enumerate(self.hv.tables):
+            if t.enabled:
+                out.append({"window": n, "liobn": t.liobn, "start": t.bus_offset, "size": t.nb_table << t.page_shift,
+                            "page_size": 1 << t.page_shift, "mapped": t.entries.count_used()})
+        return out

@@ -1,0 +1,67 @@
+"""Simulated processes (``struct task_struct``): credentials, limits, files, mm."""
+
+from __future__ import annotations
+
+import resource
+from errno import EINVAL, EPERM
+
+from .cred import CAP_SETUID, CAP_SYS_RESOURCE, Cred
+from .errors import fail
+from .fs import FdTable
+from .mm import MM
+
+RLIM_INFINITY = resource.RLIM_INFINITY
+
+
+class Task:
+    """One simulated process: an mm, an fd table, credentials and rlimits."""
+
+    def __init__(self, pid: int, comm: str, cred: Cred, mm: MM,
+                 rlimit_memlock: tuple[int, int]) -> None:
+        self.pid = pid
+        self.comm = comm
+        self.cred = cred
+        self.mm = mm
+        self.files = FdTable()
+        self.rlimits: dict[int, tuple[int, int]] = {resource.RLIMIT_MEMLOCK: rlimit_memlock}
+        self.alive = True
+
+    def capable(self, cap: int) -> bool:
+        return self.cred.capable(cap)
+
+    def rlimit(self, resource_id: int) -> tuple[int, int]:
+        return self.rlimits.get(resource_id, (RLIM_INFINITY, RLIM_INFINITY))
+
+    def rlimit_memlock_soft(self) -> int:
+        soft = self.rlimit(resource.RLIMIT_MEMLOCK)[0]
+        return (1 << 64) - 1 if soft == RLIM_INFINITY else soft
+
+    def setrlimit(self, resource_id: int, limits: tuple[int, int]) -> None:
+        """setrlimit(2): soft <= hard; raising hard needs CAP_SYS_RESOURCE."""
+        soft, hard = limits
+
+        def norm(v: int) -> int:
+            return (1 << 64) - 1 if v == RLIM_INFINITY or v < 0 else v
+
+        if norm(soft) > norm(hard):
+            raise fail(EINVAL, f"soft limit {soft} above hard limit {hard}")
+        old_hard = norm(self.rlimit(resource_id)[1])
+        if norm(hard) > old_hard and not self.capable(CAP_SYS_RESOURCE):
+            raise fail(EPERM, f"raising the hard limit from {old_hard} to {hard} needs CAP_SYS_RESOURCE")
+        self.rlimits[resource_id] = (soft, hard)
+
+    def setuid(self, uid: int) -> None:
+        """setuid(2): privileged sets all ids; otherwise only to ruid/suid.
+
+        Leaving euid 0 clears the capability sets, as Linux does without
+        SECBIT_KEEP_CAPS.
+        """
+        c = self.cred
+        if self.capable(CAP_SETUID):
+            c.uid = c.euid = c.suid = uid
+        elif uid in (c.uid, c.suid):
+            c.euid = uid
+        else:
+            raise fail(EPERM, f"uid {c.euid} may not become uid {uid} without CAP_SETUID")
+        if c.euid != 0:
+            c.caps = frozenset()

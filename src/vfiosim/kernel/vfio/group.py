@@ -1,0 +1,201 @@
+"""VFIO groups, ``/dev/vfio/<N>`` (drivers/vfio/group.c; vfio.c in 3.10).
+
+A group file is the user's handle on an IOMMU group: it joins a container,
+and hands out device fds once the container has an IOMMU.  One open file
+per group at a time.  Device fds keep the group file alive (6.x), so the
+group leaves its container only when the group file and all its devices
+are closed.
+
+The 3.10 core (``kernel="3.10"``) differs in how it counts users: device
+fds do not pin the group file but count as container users, a group whose
+container is still set cannot be reopened, and GET_DEVICE_FD checks the
+container before the device name.
+"""
+
+from __future__ import annotations
+
+from errno import EBADFD, EBUSY, EINVAL, ENODEV
+from typing import TYPE_CHECKING
+
+from ...uapi import vfio as uapi
+from ..errors import fail
+from ..fs import File
+from ..uaccess import copy_struct_from_user, copy_struct_to_user, get_user_s32, strndup_user
+from .container import ContainerFile, VfioContainer
+
+if TYPE_CHECKING:
+    from ..iommu.iommu_group import IommuGroup
+    from ..task import Task
+    from .device import VfioDevice
+    from .vfio import Vfio
+
+VFIO_IOMMU = 0          # enum vfio_group_type
+
+
+class VfioGroup:
+    """``struct vfio_group``"""
+
+    def __init__(self, vfio: "Vfio", iommu_group: "IommuGroup") -> None:
+        self.vfio = vfio
+        self.iommu_group = iommu_group
+        self.devices: list["VfioDevice"] = []
+        self.opened_file: "GroupFile | None" = None
+        self.container: VfioContainer | None = None
+        self.container_users = 0
+        self.type = VFIO_IOMMU
+
+    @property
+    def id(self) -> int:
+        return self.iommu_group.id
+
+    def viable(self) -> bool:
+        return not self.iommu_group.host_driver_owned()
+
+    def device_by_name(self, name: str) -> "VfioDevice":
+        for dev in self.devices:
+            if dev.name == name:
+                return dev
+        raise fail(ENODEV, f"VFIO_GROUP_GET_DEVICE_FD: no device {name!r} in group {self.id} "
+                           f"(it has {', '.join(d.name for d in self.devices) or 'none'})")
+
+    # -- container use by devices (vfio_group_use_container / unuse) ---------------
+
+    def use_container(self) -> None:
+        if self.container is None or self.container.iommu_driver is None:
+            raise fail(EINVAL, f"group {self.id}: the container has no IOMMU driver (VFIO_SET_IOMMU first)")
+        self.container_users += 1
+        if not self.vfio.legacy:
+            assert self.opened_file is not None
+            self.opened_file.get()
+
+    def unuse_container(self, current: "Task") -> None:
+        self.container_users -= 1
+        if not self.vfio.legacy:
+            assert self.opened_file is not None
+            self.opened_file.put(current)
+        elif self.container_users == 0:
+            # 3.10: vfio_group_try_dissolve_container() from the device release.
+            self.detach(current)
+
+    def detach(self, current: "Task") -> None:
+        assert self.container is not None
+        self.container.detach_group(self, current)
+
+
+class GroupFile(File):
+    """An open /dev/vfio/<N>."""
+
+    kind = "vfio-group"
+
+    def __init__(self, group: VfioGroup, f_flags: int) -> None:
+        super().__init__(f"/dev/vfio/{group.id}", f_flags)
+        self.group = group
+
+    @staticmethod
+    def open(group: VfioGroup, f_flags: int) -> "GroupFile":
+        """vfio_group_fops_open(): one open file per group."""
+        if group.opened_file is not None:
+            raise fail(EBUSY, f"/dev/vfio/{group.id} is already open (one open file per group)")
+        if group.vfio.legacy and group.container is not None:
+            raise fail(EBUSY, f"/dev/vfio/{group.id}: devices of the previous open still use the container")
+        file = GroupFile(group, f_flags)
+        group.opened_file = file
+        return file
+
+    def release(self, current: "Task") -> None:
+        """vfio_group_fops_release()"""
+        g = self.group
+        if g.vfio.legacy:
+            g.opened_file = None
+            if g.container is not None:
+                g.container_users -= 1
+                if g.container_users == 0:
+                    g.detach(current)
+            return
+        if g.container is not None:
+            g.detach(current)
+        g.opened_file = None
+
+    def ioctl(self, current: "Task", cmd: int, arg: int) -> int:
+        """vfio_group_fops_unl_ioctl()"""
+        if cmd == uapi.VFIO_GROUP_GET_DEVICE_FD:
+            return self._get_device_fd(current, arg)
+        if cmd == uapi.VFIO_GROUP_GET_STATUS:
+            return self._get_status(current, arg)
+        if cmd == uapi.VFIO_GROUP_SET_CONTAINER:
+            return self._set_container(current, arg)
+        if cmd == uapi.VFIO_GROUP_UNSET_CONTAINER:
+            return self._unset_container(current)
+        return super().ioctl(current, cmd, arg)
+
+    # -- VFIO_GROUP_GET_STATUS --------------------------------------------------------
+
+    def _get_status(self, current: "Task", arg: int) -> int:
+        minsz = uapi.offsetofend(uapi.vfio_group_status, "flags")
+        status = copy_struct_from_user(current, arg, uapi.vfio_group_status, minsz)
+        if status.argsz < minsz:
+            raise fail(EINVAL, f"VFIO_GROUP_GET_STATUS: argsz {status.argsz} < {minsz}")
+        g = self.group
+        status.flags = 0
+        if g.vfio.legacy:
+            if g.viable():
+                status.flags |= uapi.VFIO_GROUP_FLAGS_VIABLE
+            if g.container is not None:
+                status.flags |= uapi.VFIO_GROUP_FLAGS_CONTAINER_SET
+        elif g.container is not None:
+            status.flags |= uapi.VFIO_GROUP_FLAGS_CONTAINER_SET | uapi.VFIO_GROUP_FLAGS_VIABLE
+        elif not g.iommu_group.dma_owner_claimed():
+            status.flags |= uapi.VFIO_GROUP_FLAGS_VIABLE
+        copy_struct_to_user(current, arg, status, minsz)
+        return 0
+
+    # -- VFIO_GROUP_SET_CONTAINER / UNSET_CONTAINER -------------------------------------
+
+    def _set_container(self, current: "Task", arg: int) -> int:
+        g = self.group
+        fd = get_user_s32(current, arg)
+        if g.vfio.legacy:
+            # 3.10 vfio_group_set_container()
+            if g.container_users:
+                raise fail(EINVAL, f"group {g.id} is already in a container")
+            if fd < 0:
+                raise fail(EINVAL, f"VFIO_GROUP_SET_CONTAINER: fd {fd} is negative")
+            file = current.files.get(fd)
+            if not isinstance(file, ContainerFile):
+                raise fail(EINVAL, f"VFIO_GROUP_SET_CONTAINER: fd {fd} is a {file.kind}, not a VFIO container")
+        else:
+            file = current.files.get(fd)
+            if g.container is not None:
+                raise fail(EINVAL, f"group {g.id} is already in a container (VFIO_GROUP_UNSET_CONTAINER first)")
+            if not isinstance(file, ContainerFile):
+                raise fail(EBADFD, f"VFIO_GROUP_SET_CONTAINER: fd {fd} is a {file.kind}, not a VFIO container")
+        file.container.attach_group(g, current)
+        return 0
+
+    def _unset_container(self, current: "Task") -> int:
+        g = self.group
+        if g.container is None:
+            raise fail(EINVAL, f"group {g.id} is not in a container")
+        if g.container_users != 1:
+            raise fail(EBUSY, f"group {g.id}: {g.container_users - 1} device(s) still open; close them first")
+        g.detach(current)
+        return 0
+
+    # -- VFIO_GROUP_GET_DEVICE_FD -------------------------------------------------------
+
+    def _get_device_fd(self, current: "Task", arg: int) -> int:
+        from .device import DeviceFile
+        g = self.group
+        name = strndup_user(current, arg, current.mm.page_size)
+        if g.vfio.legacy:
+            # 3.10 checked the container and its IOMMU before the name.
+            if g.container_users == 0 or g.container is None or g.container.iommu_driver is None or not g.viable():
+                raise fail(EINVAL, f"group {g.id}: set a container and its IOMMU before asking for devices")
+            device = g.device_by_name(name)
+        else:
+            device = g.device_by_name(name)
+            current.files.check_free()
+            if g.container is None:
+                raise fail(EINVAL, f"group {g.id} is not in a container (VFIO_GROUP_SET_CONTAINER first)")
+        file = DeviceFile.open(device, g, current)
+        return current.files.install(file, cloexec=True)

@@ -1,0 +1,381 @@
+"""Simulated machines and the processes that run on them.
+
+>>> m = Machine.default()                      # PowerNV POWER9, two edu devices
+>>> p = m.spawn(uid=0, rlimit_memlock=(8 << 20, 8 << 20))
+>>> fd = p.open("/dev/vfio/vfio", os.O_RDWR)
+>>> p.ioctl(fd, uapi.VFIO_GET_API_VERSION)
+0
+
+A :class:`Process` is the in-process transport to the simulated kernel: each
+method is one system call, failing with ``OSError`` and the kernel's errno.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import resource
+import threading
+import traceback
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from .kernel.errors import KernelError
+from .kernel.iommu.iommu_group import IommuGroup
+from .kernel.iommu.spapr_tce import SpaprTceIommuDriver
+from .kernel.iommu.spapr_tce_seed import SeedSpaprTceIommuDriver
+from .kernel.kernel import KERNEL_PROFILES, Kernel, KernelProfile
+from .kernel.mm import PROT_READ, PROT_WRITE
+from .kernel.pci.device import PciDevice
+from .kernel.pci.edu import EduDevice
+from .kernel.platform.base import Pe
+from .kernel.platform.powernv import PnvPe, PnvPhb
+from .kernel.platform.pseries import PseriesPe, SpaprPhb
+from .kernel.task import Task
+from .kernel.vfio.pci import VfioPciDevice
+from .machine_spec import MachineSpec, load_spec_file, load_spec_text
+
+T = TypeVar("T")
+
+PRESETS = {"powernv": "powernv.toml", "pseries": "pseries.toml"}
+PRESET_ALIASES = {"default": "powernv", "powernv9": "powernv"}
+
+# MAX_PAGE_ORDER of ppc64 (arch/powerpc/Kconfig ARCH_FORCE_MAX_ORDER): the
+# largest contiguous allocation is 16 MiB with either page size.
+_MAX_ORDER = {4096: 12, 65536: 8}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+class Machine:
+    """A simulated POWER machine: platform, PCI devices, and a kernel."""
+
+    def __init__(self, spec: MachineSpec, *, page_size: int = 4096, kernel: str = "6.12") -> None:
+        profile = KernelProfile.get(kernel)
+        if profile.legacy and spec.platform == "pseries":
+            raise ValueError("kernel 3.10 has no VFIO on pseries guests: its VFIO_IOMMU_SPAPR_TCE depends on "
+                             "PPC_POWERNV (drivers/vfio/Kconfig); use the powernv machine")
+        self.spec = spec
+        self.name = spec.name
+        self.kernel = Kernel(page_size, profile)
+        self._lock = threading.RLock()
+        self.oopses: list[str] = []
+        self._build()
+
+    # -- constructors ------------------------------------------------------------------------
+
+    @classmethod
+    def default(cls, *, page_size: int = 4096, kernel: str = "6.12") -> "Machine":
+        """The PowerNV POWER9 host of the seed patch's platform."""
+        return cls.preset("powernv", page_size=page_size, kernel=kernel)
+
+    @classmethod
+    def preset(cls, name: str, *, page_size: int = 4096, kernel: str = "6.12") -> "Machine":
+        key = PRESET_ALIASES.get(name, name)
+        if key not in PRESETS:
+            raise ValueError(f"unknown machine preset {name!r}; presets: {', '.join(preset_names())}")
+        text = resources.files("vfiosim.presets").joinpath(PRESETS[key]).read_text()
+        return cls(load_spec_text(text, f"preset {key} ({PRESETS[key]})"), page_size=page_size, kernel=kernel)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], *, page_size: int = 4096, kernel: str = "6.12") -> "Machine":
+        return cls(load_spec_file(str(path)), page_size=page_size, kernel=kernel)
+
+    @classmethod
+    def from_toml(cls, text: str, *, source: str = "<string>", page_size: int = 4096,
+                  kernel: str = "6.12") -> "Machine":
+        return cls(load_spec_text(text, source), page_size=page_size, kernel=kernel)
+
+    @classmethod
+    def load(cls, name_or_path: str, **kwargs: Any) -> "Machine":
+        """A preset name, or the path of a machine file."""
+        if PRESET_ALIASES.get(name_or_path, name_or_path) in PRESETS and not Path(name_or_path).exists():
+            return cls.preset(name_or_path, **kwargs)
+        return cls.from_file(name_or_path, **kwargs)
+
+    # -- building the platform ---------------------------------------------------------------------
+
+    def _build(self) -> None:
+        k = self.kernel
+        spec = self.spec
+        log = k.log.info
+        pes: dict[tuple[int, int], Pe] = {}
+        if spec.platform == "powernv":
+            phbs = {}
+            for ps in spec.phbs:
+                phbs[ps.index] = PnvPhb(ps.index, model=ps.model, m32_pci_base=ps.m32_pci_base,
+                                        pgsizes=ps.tce_page_sizes, page_shift=k.page_shift,
+                                        max_order=ps.max_order if ps.max_order is not None else _MAX_ORDER[k.page_size],
+                                        eeh=ps.eeh)
+            k.eeh_available = any(p.eeh for p in phbs.values()) and not k.profile.legacy
+            for ds in spec.devices:
+                if (ds.phb, ds.pe) not in pes:
+                    pe = PnvPe(phbs[ds.phb], ds.pe, k.phys, log, spec.ram)
+                    if k.profile.legacy:
+                        # 3.10: the PE's 32-bit table of 4 KiB pages, which VFIO reuses.
+                        tbl = pe.table_group.create_table(0, 12, pe.table_group.tce32_size, 1, userspace=False)
+                        pe.table_group.set_window(0, tbl)
+                    else:
+                        pe.setup_default_config()
+                    pes[(ds.phb, ds.pe)] = pe
+            driver = SeedSpaprTceIommuDriver(k) if k.profile.legacy else SpaprTceIommuDriver(k)
+        else:
+            hvs = {}
+            for ps in spec.phbs:
+                hvs[ps.index] = SpaprPhb(ps.index, dma32_start=ps.dma32_start, dma32_size=ps.dma32_size,
+                                         pgsizes=ps.ddw_page_sizes, windows_supported=ps.ddw_windows,
+                                         dma64_addr=ps.dma64_address, largest_block=ps.ddw_largest_block, log=log)
+            for ds in spec.devices:
+                if (ds.phb, ds.pe) not in pes:
+                    pes[(ds.phb, ds.pe)] = PseriesPe(hvs[ds.phb], k.phys, log)
+            driver = SpaprTceIommuDriver(k)
+        k.vfio.iommu_drivers.register(driver)
+        bar_base: dict[int, int] = {}
+        for ds in spec.devices:
+            dev = EduDevice(ds.bdf, dma_mask=ds.dma_mask)
+            dev.driver = ds.driver
+            dev.reset_method = "bus" if ds.behind_bridge else None
+            dev.log = k.log.warn
+            # Firmware places BARs from the bottom of the PHB's 32-bit MMIO window.
+            pe = pes[(ds.phb, ds.pe)]
+            base = bar_base.get(ds.phb, 0x80000000)
+            for index, bar in dev.bars.items():
+                base = (base + bar.size - 1) & ~(bar.size - 1)
+                dev.assign_bar_address(index, base)
+                base += bar.size
+            bar_base[ds.phb] = base
+            pe.add_device(dev)
+            group = k.iommu_groups.get(ds.iommu_group)
+            if group is None:
+                group = k.iommu_groups[ds.iommu_group] = IommuGroup(ds.iommu_group)
+                group.iommudata = pe.table_group
+                group.platform_handoff = not k.profile.legacy
+                pe.table_group.group = group
+                pe.iommu_group = group
+            group.add_device(dev)
+            k.devices[dev.bdf] = dev
+            if pe not in k.pes:
+                k.pes.append(pe)
+            if dev.driver == "vfio-pci":
+                k.vfio.register_device(dev.bdf, group, VfioPciDevice(dev, k.log), mode=ds.group_mode,
+                                       uid=ds.group_uid, gid=ds.group_gid)
+        k.log.info(f"vfiosim: {spec.name} ({spec.platform}), Linux {k.profile.version} profile, "
+                   f"{k.page_size // 1024} KiB pages, {len(spec.devices)} device(s)")
+
+    # -- introspection -------------------------------------------------------------------------------
+
+    @property
+    def page_size(self) -> int:
+        return self.kernel.page_size
+
+    @property
+    def kernel_version(self) -> str:
+        return self.kernel.profile.version
+
+    @property
+    def platform(self) -> str:
+        return self.spec.platform
+
+    def iommu_groups(self) -> dict[int, list[str]]:
+        return {gid: [d.bdf for d in g.devices] for gid, g in sorted(self.kernel.iommu_groups.items())}
+
+    def device(self, bdf: str) -> PciDevice:
+        try:
+            return self.kernel.devices[bdf.lower()]
+        except KeyError:
+            raise KeyError(f"no device {bdf} on {self.name}; devices: {', '.join(self.kernel.devices)}") from None
+
+    def pe_of(self, bdf: str) -> Pe:
+        dev = self.device(bdf)
+        return next(pe for pe in self.kernel.pes if dev in pe.devices)
+
+    def dmesg(self, include_debug: bool = False) -> list[str]:
+        return self.kernel.log.lines(include_debug)
+
+    def pinned_pages(self) -> int:
+        """Page pins held anywhere on the machine (0 when nothing is mapped)."""
+        return self.kernel.phys.pinned_pages()
+
+    def processes(self) -> list[int]:
+        return sorted(self.kernel.tasks)
+
+    # -- processes -----------------------------------------------------------------------------------------
+
+    def spawn(self, uid: int = 0, gid: int = 0, rlimit_memlock: tuple[int, int] = (8 << 20, 8 << 20),
+              name: str = "sim") -> "Process":
+        """A new process (uid 0 holds every capability, as root does)."""
+        with self._lock:
+            return Process(self, self.kernel.spawn(uid, gid, rlimit_memlock, name))
+
+    def _oops(self, call: str, exc: BaseException) -> OSError:
+        text = "".join(traceback.format_exception(exc))
+        self.oopses.append(f"{call}: {text}")
+        self.kernel.log.err(f"vfiosim: internal error during {call}: {exc!r} (this is a vfiosim bug; "
+                            f"machine.oopses has the traceback)")
+        return OSError(errno.EIO, f"vfiosim internal error during {call}: {exc!r}")
+
+    def topology(self) -> dict[str, Any]:
+        """PHBs, PEs, groups, devices and DMA windows, as plain data."""
+        from .topology import describe
+        with self._lock:
+            return describe(self)
+
+    def __repr__(self) -> str:
+        return f"<Machine {self.name} ({self.platform}) kernel {self.kernel_version} page {self.page_size}>"
+
+
+class Process:
+    """A simulated process: each method is one system call into the machine."""
+
+    def __init__(self, machine: Machine, task: Task) -> None:
+        self.machine = machine
+        self.task = task
+
+    @property
+    def pid(self) -> int:
+        return self.task.pid
+
+    @property
+    def mm(self):
+        """The address space (for tests and introspection)."""
+        return self.task.mm
+
+    @property
+    def alive(self) -> bool:
+        return self.task.alive
+
+    def _call(self, call: str, fn: Callable[..., T], *args: Any) -> T:
+        m = self.machine
+        with m._lock:
+            if not self.task.alive:
+                raise ProcessLookupError(errno.ESRCH, f"process {self.pid} has exited")
+            try:
+                return fn(self.task, *args)
+            except KernelError as exc:
+                raise exc.to_oserror(call) from None
+            except Exception as exc:          # a bug in the simulator: never a traceback to the program
+                raise m._oops(call, exc) from None
+
+    # -- files ------------------------------------------------------------------------------------
+
+    def open(self, path: str, flags: int = os.O_RDWR, mode: int = 0) -> int:
+        return self._call(f"open({path})", self.machine.kernel.sys_open, path, flags, mode)
+
+    def close(self, fd: int) -> None:
+        self._call(f"close({fd})", self.machine.kernel.sys_close, fd)
+
+    def dup(self, fd: int) -> int:
+        return self._call(f"dup({fd})", self.machine.kernel.sys_dup, fd)
+
+    def ioctl(self, fd: int, request: int, arg: Any = 0) -> int:
+        """ioctl(2).  ``arg`` is an int (a value, or a pointer into this
+        process's memory) or a writable buffer (bytearray, ctypes structure,
+        memoryview) that the kernel reads and updates in place; bytes are
+        accepted read-only.  The buffer is all the memory the kernel sees:
+        reading past its end is EFAULT.  Returns the ioctl's result."""
+        k = self.machine.kernel
+        name = _ioctl_label(request)
+        if isinstance(arg, int):
+            return self._call(name, k.sys_ioctl, fd, request, arg)
+        if isinstance(arg, ctypes.Structure | ctypes.Union | ctypes.Array):
+            arg = memoryview(arg).cast("B")
+
+        def with_buffer(task: Task) -> int:
+            with task.mm.borrowed(arg) as addr:
+                return k.sys_ioctl(task, fd, request, addr)
+        return self._call(name, with_buffer)
+
+    def pread(self, fd: int, n: int, offset: int) -> bytes:
+        return self._call(f"pread({fd})", self.machine.kernel.sys_pread, fd, n, offset)
+
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+        return self._call(f"pwrite({fd})", self.machine.kernel.sys_pwrite, fd, bytes(data), offset)
+
+    def read(self, fd: int, n: int) -> bytes:
+        return self._call(f"read({fd})", self.machine.kernel.sys_read, fd, n)
+
+    def write(self, fd: int, data: bytes | bytearray | memoryview) -> int:
+        return self._call(f"write({fd})", self.machine.kernel.sys_write, fd, bytes(data))
+
+    def eventfd(self, initval: int = 0, flags: int = 0) -> int:
+        return self._call("eventfd", self.machine.kernel.sys_eventfd, initval, flags)
+
+    # -- memory ------------------------------------------------------------------------------------------
+
+    def mmap(self, length: int, prot: int = PROT_READ | PROT_WRITE, *, page_size: int | None = None) -> int:
+        """Anonymous private memory.  ``page_size`` asks for huge pages (e.g.
+        2 MiB, 16 MiB), which IOMMU pages larger than the base page need."""
+        shift = None
+        if page_size is not None:
+            if page_size & (page_size - 1) or page_size < self.machine.page_size:
+                raise ValueError(f"page_size {page_size} must be a power of two >= {self.machine.page_size}")
+            shift = page_size.bit_length() - 1
+        return self._call("mmap", lambda t: t.mm.mmap(length, prot, shift))
+
+    def munmap(self, addr: int, length: int) -> None:
+        self._call("munmap", lambda t: t.mm.munmap(addr, length))
+
+    def mprotect(self, addr: int, length: int, prot: int) -> None:
+        self._call("mprotect", lambda t: t.mm.mprotect(addr, length, prot))
+
+    def write_memory(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        self._call("write_memory", lambda t: t.mm.write(addr, data))
+
+    def read_memory(self, addr: int, n: int) -> bytes:
+        return self._call("read_memory", lambda t: t.mm.read(addr, n))
+
+    # -- credentials and limits ---------------------------------------------------------------------
+
+    def setrlimit(self, resource_id: int, limits: tuple[int, int]) -> None:
+        self._call("setrlimit", lambda t: t.setrlimit(resource_id, limits))
+
+    def getrlimit(self, resource_id: int) -> tuple[int, int]:
+        return self._call("getrlimit", lambda t: t.rlimit(resource_id))
+
+    def setuid(self, uid: int) -> None:
+        self._call("setuid", lambda t: t.setuid(uid))
+
+    def getuid(self) -> int:
+        return self._call("getuid", lambda t: t.cred.uid)
+
+    def geteuid(self) -> int:
+        return self._call("geteuid", lambda t: t.cred.euid)
+
+    # -- /proc/<pid>/status and exit -----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The fields of /proc/<pid>/status that matter here (sizes in kB)."""
+        def read(t: Task) -> dict[str, Any]:
+            mm = t.mm
+            kb = mm.page_size // 1024
+            c = t.cred
+            return {"Name": t.comm, "Pid": t.pid, "Uid": (c.uid, c.euid, c.suid, c.euid),
+                    "Gid": (c.gid, c.egid, c.gid, c.egid), "VmSize": mm.mapped_bytes() // 1024,
+                    "VmLck": mm.locked_vm * kb, "VmPin": mm.pinned_vm * kb, "VmRSS": mm.resident_bytes() // 1024,
+                    "FDSize": len(t.files.fds())}
+        return self._call("status", read)
+
+    def exit(self) -> None:
+        """do_exit(): unmap everything, close every fd in order; the release
+        paths unpin pages and refund locked memory."""
+        m = self.machine
+        with m._lock:
+            try:
+                m.kernel.exit(self.task)
+            except Exception as exc:
+                raise m._oops("exit", exc) from None
+
+    def __repr__(self) -> str:
+        return f"<Process {self.pid} on {self.machine.name}{'' if self.alive else ' (exited)'}>"
+
+
+def _ioctl_label(request: int) -> str:
+    from .uapi import vfio as uapi
+    return uapi.ioctl_name(request & 0xFFFFFFFF) or f"ioctl({request:#x})"
+
+
+__all__ = ["Machine", "Process", "KERNEL_PROFILES", "preset_names"]
