@@ -36,7 +36,9 @@ from .device import DmaError, PciDevice
 EDU_VENDOR = 0x1234
 EDU_DEVICE = 0x11E8
 EDU_REVISION = 0x10
-PCI_CLASS_OTHERS = 0xFF00          # base class 0xff, subclass 0, prog-if 0
+# QEMU sets class_id PCI_CLASS_OTHERS (0xff) as the 16-bit class field:
+# base class 0x00, subclass 0xff ("Unclassified device [00ff]"), sysfs 0x00ff00.
+PCI_CLASS_OTHERS = 0x00FF00
 EDU_BAR0_SIZE = 1 << 20
 
 FACT_IRQ = 0x00000001
