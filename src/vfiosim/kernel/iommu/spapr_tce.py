@@ -386,7 +386,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         else:
             raise fail(EINVAL, "VFIO_IOMMU_MAP_DMA: flags must include READ and/or WRITE")
         if iommu_tce_put_param_check(tbl, param.iova, param.vaddr):
-            self.log.debug(f"vfiosim: MAP_DMA iova {param.iova:#x} not aligned to {tbl.page_size:#x}: returns 1")
+            self._log_return_1("VFIO_IOMMU_MAP_DMA", param.iova, tbl)
             return 1
         entry = param.iova >> tbl.it_page_shift
         npages = param.size >> tbl.it_page_shift
@@ -463,6 +463,9 @@ class SpaprTceIommuDriver(VfioIommuDriver):
                 mm.phys.unpin(hpas[xr.done:ok])
                 self.log.err(f"iommu_tce: tce_iommu_build failed ioba={entry << tbl.it_page_shift:#x}, "
                              f"tce={int(tces[xr.done]):#x}, ret={xr.rc}")
+                self.log.warn(f"vfiosim: the map ran past the end of the window (Linux checks only its first page); "
+                              f"the hypervisor's H_PARAMETER ({xr.rc}) becomes errno {-xr.rc} "
+                              f"({'EINTR' if xr.rc == -4 else 'unexpected'}) as on Linux 6.12 (docs/deviations.md)")
                 error = fail(-xr.rc, f"VFIO_IOMMU_MAP_DMA: the hypervisor refused TCE {entry + done + xr.done:#x} "
                                      f"(H_PUT_TCE returned {xr.rc}); the range runs past the window end, which "
                                      f"Linux 6.12 does not check, and passes the hcall status through as an errno")
@@ -483,6 +486,11 @@ class SpaprTceIommuDriver(VfioIommuDriver):
     def _build_v2(self, c: TceContainer, tbl: IommuTable, entry: int, vaddr: int, npages: int, direction: int,
                   current: "Task") -> None:
         raise fail(ENOTTY, "sPAPR TCE v2 mapping is not modelled yet")
+
+    def _log_return_1(self, call: str, iova: int, tbl: IommuTable) -> None:
+        self.log.warn(f"vfiosim: {call}: iova {iova:#x} is not aligned to the {tbl.page_size:#x}-byte IOMMU page; "
+                      f"Linux returns 1 (not -EINVAL: iommu_tce_put/clear_param_check ORs two errors into a "
+                      f"boolean) and does nothing (docs/deviations.md)")
 
     def _log_overrun(self, call: str, tbl: IommuTable, entry: int, npages: int) -> None:
         self.log.warn(f"vfiosim: {call} of {npages} pages from bus address {entry << tbl.it_page_shift:#x} runs "
@@ -509,6 +517,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
                                f"IOMMU page size {tbl.page_size:#x}")
         npages = param.size >> tbl.it_page_shift
         if iommu_tce_clear_param_check(tbl, param.iova, 0, npages):
+            self._log_return_1("VFIO_IOMMU_UNMAP_DMA", param.iova, tbl)
             return 1
         entry = param.iova >> tbl.it_page_shift
         room = tbl.it_offset + tbl.it_size - entry
