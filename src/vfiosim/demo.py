@@ -55,8 +55,9 @@ class Step:
         print(f"  {self.n:>2}  {label:<52} {result:<30} VmLck {vmlck:>8} kB", file=self.out)
 
 
-def run_demo(m: Machine, out: TextIO = sys.stdout, transfers: int = 4) -> bool:
+def run_demo(m: Machine, out: TextIO | None = None, transfers: int = 4) -> bool:
     """Run the demo on ``m``; True if every byte made the round trip."""
+    out = out if out is not None else sys.stdout
     if m.platform not in ("powernv", "pseries"):
         raise ValueError(f"the demo needs a POWER machine, not {m.platform}")
     k = m.kernel
@@ -115,13 +116,17 @@ def _flow(m: Machine, p: Process, step: Step, group_id: int, bdf: str, transfers
     # Bus addresses at the start of the window, inside edu's 28-bit DMA mask.
     iova_src = info.dma32_window_start
     iova_dst = iova_src + size
+    # The 3.10 driver maps exactly one 4 KiB IOMMU page per call.
+    chunk = 4096 if m.kernel_version == "3.10" else size
     for vaddr, iova, flags, what in ((src, iova_src, uapi.VFIO_DMA_MAP_FLAG_READ, "READ"),
                                      (dst, iova_dst, uapi.VFIO_DMA_MAP_FLAG_WRITE, "WRITE")):
-        dma_map = uapi.vfio_iommu_type1_dma_map(argsz=ctypes.sizeof(uapi.vfio_iommu_type1_dma_map), flags=flags,
-                                                 vaddr=vaddr, iova=iova, size=size)
-        step(f"ioctl(VFIO_IOMMU_MAP_DMA, iova {iova:#x}, {what})",
-             lambda dm=dma_map: p.ioctl(container, uapi.VFIO_IOMMU_MAP_DMA, dm))
-    step.note("the first MAP_DMA created the 32-bit window's TCE table, charged to locked memory too")
+        for off in range(0, size, chunk):
+            dma_map = uapi.vfio_iommu_type1_dma_map(argsz=ctypes.sizeof(uapi.vfio_iommu_type1_dma_map), flags=flags,
+                                                     vaddr=vaddr + off, iova=iova + off, size=chunk)
+            step(f"ioctl(VFIO_IOMMU_MAP_DMA, iova {iova + off:#x}+{chunk:#x}, {what})",
+                 lambda dm=dma_map: p.ioctl(container, uapi.VFIO_IOMMU_MAP_DMA, dm))
+    if m.kernel_version != "3.10":
+        step.note("the first MAP_DMA created the 32-bit window's TCE table, charged to locked memory too")
 
     device = step(f"ioctl(VFIO_GROUP_GET_DEVICE_FD, \"{bdf}\")",
                   lambda: p.ioctl(group, uapi.VFIO_GROUP_GET_DEVICE_FD, bdf.encode() + b"\0"), lambda fd: f"fd {fd}")

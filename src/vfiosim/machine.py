@@ -356,7 +356,7 @@ class Process:
             return {"Name": t.comm, "Pid": t.pid, "Uid": (c.uid, c.euid, c.suid, c.euid),
                     "Gid": (c.gid, c.egid, c.gid, c.egid), "VmSize": mm.mapped_bytes() // 1024,
                     "VmLck": mm.locked_vm * kb, "VmPin": mm.pinned_vm * kb, "VmRSS": mm.resident_bytes() // 1024,
-                    "FDSize": len(t.files.fds())}
+                    "FDSize": t.files.slots}
         return self._call("status", read)
 
     def exit(self) -> None:

@@ -82,7 +82,7 @@ class _Reader:
             raise MachineFileError(source, path, "a table", table)
         unknown = sorted(set(table) - allowed)
         if unknown:
-            raise MachineFileError(source, f"{path}.{unknown[0]}",
+            raise MachineFileError(source, self.key(unknown[0]),
                                    f"one of the keys {', '.join(sorted(allowed))}", "unknown key")
         self.table = table
 

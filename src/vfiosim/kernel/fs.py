@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from errno import EACCES, EBADF, EINVAL, EMFILE, ENOTTY
+from errno import EACCES, EBADF, EINVAL, EISDIR, EMFILE, ENOTTY
 from typing import TYPE_CHECKING, Callable
 
 from .cred import CAP_DAC_OVERRIDE
@@ -95,7 +95,8 @@ class FdTable:
     def __init__(self, max_fds: int = NR_OPEN_DEFAULT) -> None:
         self._fds: dict[int, File] = {}
         self.cloexec: set[int] = set()
-        self.max_fds = max_fds
+        self.max_fds = max_fds          # RLIMIT_NOFILE
+        self.slots = 64                 # fdt->max_fds: /proc/<pid>/status FDSize
 
     def _lowest_free(self) -> int:
         fd = 0
@@ -111,6 +112,8 @@ class FdTable:
 
     def install(self, file: File, cloexec: bool = False) -> int:
         fd = self._lowest_free()
+        while fd >= self.slots:         # expand_fdtable(): the table grows in powers of two
+            self.slots *= 2
         self._fds[fd] = file
         if cloexec:
             self.cloexec.add(fd)
@@ -133,6 +136,19 @@ class FdTable:
 
     def items(self) -> list[tuple[int, File]]:
         return sorted(self._fds.items())
+
+
+class DirectoryFile(File):
+    """An O_RDONLY open of a directory such as /dev/vfio: good for nothing
+    VFIO cares about, but open(2) succeeds."""
+
+    kind = "directory"
+
+    def read(self, current: "Task", count: int, pos: int) -> bytes:
+        raise fail(EISDIR, f"{self.name} is a directory")
+
+    def write(self, current: "Task", data: bytes, pos: int) -> int:
+        raise fail(EBADF, f"{self.name} is open read-only")
 
 
 @dataclass

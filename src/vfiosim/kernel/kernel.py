@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 import termios
 from dataclasses import dataclass
-from errno import EBADF, EINVAL, EISDIR, ENODEV, ENOENT, ESPIPE
+from errno import EBADF, EINVAL, EISDIR, ENODEV, ENOENT, ENOTDIR, ESPIPE
 from typing import TYPE_CHECKING
 
 from ..uapi import vfio as uapi
 from .cred import Cred
 from .errors import KernelError, fail
 from .eventfd import EFD_CLOEXEC, EFD_NONBLOCK, EFD_SEMAPHORE, EventFd
-from .fs import DeviceNode, File, NullFile
+from .fs import DeviceNode, DirectoryFile, File, NullFile
 from .log import KernelLog
 from .mm import MM, PhysicalMemory
 from .task import Task
@@ -112,10 +112,15 @@ class Kernel:
         norm = os.path.normpath(path) if path else path
         node = self.dev_nodes.get(norm)
         if node is None:
-            if norm in ("/dev", "/dev/vfio") and flags & O_ACCMODE != os.O_RDONLY:
-                raise fail(EISDIR, f"{path} is a directory")
+            if norm in ("/", "/dev", "/dev/vfio"):
+                if flags & O_ACCMODE != os.O_RDONLY:
+                    raise fail(EISDIR, f"{path} is a directory")
+                task.files.check_free()
+                return task.files.install(DirectoryFile(norm, flags), cloexec=bool(flags & os.O_CLOEXEC))
             raise fail(ENOENT, f"{path} does not exist on this machine "
                                f"(VFIO nodes: {', '.join(sorted(self.dev_nodes))})")
+        if flags & os.O_DIRECTORY:
+            raise fail(ENOTDIR, f"{path} is a character device, not a directory")
         task.files.check_free()
         node.check_permission(task, flags)
         file = node.opener(task, flags)

@@ -299,19 +299,22 @@ class MM:
             self._remove(vma)
 
     def mprotect(self, addr: int, length: int, prot: int) -> None:
+        """do_mprotect_pkey(): VMAs are changed in order; a hole stops the walk
+        with ENOMEM, leaving the part before it changed (as Linux does)."""
         end = self._check_range(addr, length, "mprotect")
         if prot & ~_PROT_ALL:
             raise fail(EINVAL, f"mprotect prot {prot:#x} has unknown bits")
-        # mprotect fails with ENOMEM, changing nothing, if any page is unmapped.
         cur = addr
         for vma in self._overlapping(addr, end):
             if vma.start > cur:
                 break
             cur = vma.end
-        if cur < end:
-            raise fail(ENOMEM, f"mprotect: {max(cur, addr):#x} is not mapped")
-        for vma in self._split(addr, end):
-            vma.prot = prot
+        covered = min(cur, end)
+        if covered > addr:
+            for vma in self._split(addr, covered):
+                vma.prot = prot
+        if covered < end:
+            raise fail(ENOMEM, f"mprotect: {covered:#x} is not mapped")
 
     def teardown(self) -> None:
         """exit_mmap(): drop every mapping; pinned pages stay until unpinned."""
