@@ -29,3 +29,11 @@ def test_replay_notices_a_different_kernel():
     result = replay(vfiosim.Machine.default(), trace)
     assert any(m.what == "out.dma32_window_size" for m in result.mismatches)
     assert any(m.what == "VmLck kB" for m in result.mismatches)
+
+
+def test_v2_trace_matches_every_step():
+    trace = load_trace("v2.jsonl")
+    result = replay(vfiosim.Machine.preset("pseries"), trace)
+    print(f"v2 trace: {result.matched}/{result.steps} steps match ({result.skipped} recorded as skipped)")
+    assert result.steps == 218
+    assert not result.mismatches, "\n".join(map(str, result.mismatches))

@@ -17,7 +17,7 @@ docs/deviations.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from errno import EBUSY, EFAULT, EINVAL, ENODEV, ENOSPC, ENOTTY, ENXIO, EPERM
+from errno import EBUSY, EFAULT, EINVAL, ENODEV, ENOENT, ENOMEM, ENOSPC, ENOTTY, ENXIO, EPERM
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,6 +27,8 @@ from ..errors import KernelError, fail
 from ..mm import MM, account_locked_vm
 from ..uaccess import copy_struct_from_user, copy_struct_to_user
 from ..vfio.iommu_driver import VfioIommuDriver
+from .prereg import (MmIommuMem, mm_iommu_get, mm_iommu_lookup, mm_iommu_new, mm_iommu_put,
+                     mm_iommu_ua_to_hpa)
 from .tce import (DMA_BIDIRECTIONAL, DMA_FROM_DEVICE, DMA_TO_DEVICE, IOMMU_PAGE_SHIFT_4K,
                   IOMMU_TABLE_GROUP_MAX_TABLES, TCE_PERM_MASK, IommuTable, direction_to_perm)
 
@@ -53,6 +55,8 @@ class TceContainer:
     # group_list: newest first, as list_add() leaves it; "the first group"
     # (list_first_entry) is therefore the most recently attached one.
     groups: list["IommuGroup"] = field(default_factory=list)
+    # prereg_list: the preregistered regions this container references (v2).
+    prereg: list[MmIommuMem] = field(default_factory=list)
 
 
 def iommu_tce_check_ioba(page_shift: int, offset: int, size: int, ioba: int, npages: int) -> bool:
@@ -109,6 +113,11 @@ class SpaprTceIommuDriver(VfioIommuDriver):
             if tbl is not None:
                 self._free_table(c, tbl)
         c.tables = [None] * IOMMU_TABLE_GROUP_MAX_TABLES
+        for mem in list(c.prereg):
+            try:
+                self._prereg_free(c, mem)
+            except KernelError as exc:
+                self.log.warn(f"WARNING: tce_iommu_release: preregistered region {mem.ua:#x} not freed: {exc}")
         self._disable(c)
         c.mm = None
 
@@ -203,7 +212,146 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         raise fail(ENOTTY, f"{name or hex(cmd)}: {why}")
 
     def _v2_ioctl(self, c: TceContainer, cmd: int, arg: int, current: "Task") -> int:
-        raise fail(ENOTTY, "sPAPR TCE v2 preregistration and dynamic windows are not modelled yet")
+        if cmd == uapi.VFIO_IOMMU_SPAPR_REGISTER_MEMORY:
+            self._mm_set(c, current)
+            param = self._copy_reg(current, arg, "VFIO_IOMMU_SPAPR_REGISTER_MEMORY")
+            self._register_pages(c, param.vaddr, param.size, current)
+            return 0
+        if cmd == uapi.VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY:
+            if c.mm is None:
+                raise fail(EPERM, "nothing was registered through this container yet")
+            param = self._copy_reg(current, arg, "VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY")
+            self._unregister_pages(c, param.vaddr, param.size)
+            return 0
+        if cmd == uapi.VFIO_IOMMU_SPAPR_TCE_CREATE:
+            self._mm_set(c, current)
+            if not c.groups:
+                raise fail(ENXIO, "no group is attached")
+            cls = uapi.vfio_iommu_spapr_tce_create
+            minsz = uapi.offsetofend(cls, "start_addr")
+            create = copy_struct_from_user(current, arg, cls, minsz)
+            if create.argsz < minsz:
+                raise fail(EINVAL, f"VFIO_IOMMU_SPAPR_TCE_CREATE: argsz {create.argsz} < {minsz}")
+            if create.flags:
+                raise fail(EINVAL, f"VFIO_IOMMU_SPAPR_TCE_CREATE: flags {create.flags:#x}: none are supported")
+            self._create_default_window(c, current)
+            create.start_addr = self._create_window(c, create.page_shift, create.window_size, create.levels, current)
+            copy_struct_to_user(current, arg, create, minsz)
+            return 0
+        # VFIO_IOMMU_SPAPR_TCE_REMOVE
+        self._mm_set(c, current)
+        if not c.groups:
+            raise fail(ENXIO, "no group is attached")
+        cls = uapi.vfio_iommu_spapr_tce_remove
+        minsz = uapi.offsetofend(cls, "start_addr")
+        remove = copy_struct_from_user(current, arg, cls, minsz)
+        if remove.argsz < minsz:
+            raise fail(EINVAL, f"VFIO_IOMMU_SPAPR_TCE_REMOVE: argsz {remove.argsz} < {minsz}")
+        if remove.flags:
+            raise fail(EINVAL, f"VFIO_IOMMU_SPAPR_TCE_REMOVE: flags {remove.flags:#x}: none are supported")
+        if c.def_window_pending and not remove.start_addr:
+            # The default window was never created: removing it just cancels it.
+            c.def_window_pending = False
+            return 0
+        self._remove_window(c, remove.start_addr)
+        return 0
+
+    @staticmethod
+    def _copy_reg(current: "Task", arg: int, name: str):
+        cls = uapi.vfio_iommu_spapr_register_memory
+        minsz = uapi.offsetofend(cls, "size")
+        param = copy_struct_from_user(current, arg, cls, minsz)
+        if param.argsz < minsz:
+            raise fail(EINVAL, f"{name}: argsz {param.argsz} < {minsz}")
+        if param.flags:
+            raise fail(EINVAL, f"{name}: flags {param.flags:#x}: none are supported")
+        return param
+
+    # -- preregistration (tce_iommu_register_pages, tce_iommu_unregister_pages) --------------
+
+    def _register_pages(self, c: TceContainer, vaddr: int, size: int, current: "Task") -> None:
+        mm = c.mm
+        assert mm is not None
+        mask = mm.page_size - 1
+        if vaddr & mask or size & mask or vaddr + size > (1 << 64) - 1:
+            raise fail(EINVAL, f"VFIO_IOMMU_SPAPR_REGISTER_MEMORY: vaddr {vaddr:#x} and size {size:#x} must be "
+                               f"multiples of PAGE_SIZE {mm.page_size:#x} and must not wrap")
+        entries = size >> mm.page_shift
+        mem = mm_iommu_get(mm, vaddr, entries)
+        if mem is not None:
+            if any(m is mem for m in c.prereg):
+                mm_iommu_put(mm, mem)
+                raise fail(EBUSY, f"{vaddr:#x}+{size:#x} is already registered through this container")
+        else:
+            try:
+                mem = mm_iommu_new(mm, vaddr, entries, current)
+            except KernelError as exc:
+                if exc.errno == ENOMEM and entries:
+                    raise fail(ENOMEM, f"VFIO_IOMMU_SPAPR_REGISTER_MEMORY: {exc.reason}; raise RLIMIT_MEMLOCK "
+                                       f"(ulimit -l) or run with CAP_IPC_LOCK") from None
+                raise
+        c.prereg.insert(0, mem)
+        c.enabled = True
+
+    def _prereg_free(self, c: TceContainer, mem: MmIommuMem) -> None:
+        """tce_iommu_prereg_free()"""
+        assert c.mm is not None
+        mm_iommu_put(c.mm, mem)
+        c.prereg.remove(mem)
+
+    def _unregister_pages(self, c: TceContainer, vaddr: int, size: int) -> None:
+        """tce_iommu_unregister_pages().
+
+        Upstream drops the container's reference first and only then sees, in
+        the final put, that TCEs still use the region; that EBUSY is ignored
+        and 0 returned.  The region stays registered (and charged) in the mm,
+        forgotten by the container.  Reproduced, with a dmesg line.
+        """
+        mm = c.mm
+        assert mm is not None
+        mask = mm.page_size - 1
+        if vaddr & mask or size & mask:
+            raise fail(EINVAL, f"VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY: vaddr {vaddr:#x} and size {size:#x} must be "
+                               f"multiples of PAGE_SIZE {mm.page_size:#x}")
+        mem = mm_iommu_get(mm, vaddr, size >> mm.page_shift)
+        if mem is None:
+            raise fail(ENOENT, f"{vaddr:#x}+{size:#x} is not registered (unregister needs the exact vaddr and size)")
+        error: KernelError | None = None
+        if not any(m is mem for m in c.prereg):
+            error = fail(ENOENT, f"{vaddr:#x}+{size:#x} was not registered through this container")
+        else:
+            try:
+                self._prereg_free(c, mem)
+            except KernelError as exc:
+                error = exc
+        try:
+            mm_iommu_put(mm, mem)
+        except KernelError as exc:
+            if exc.errno == EBUSY:
+                self.log.warn(f"vfiosim: VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY of {vaddr:#x}+{size:#x} while TCEs "
+                              f"map it: Linux 6.12 returns 0, the region stays registered and charged to locked_vm, "
+                              f"and this container forgets it (docs/deviations.md)")
+        if error is not None:
+            raise error
+
+    # -- windows (tce_iommu_remove_window) ------------------------------------------------------
+
+    def _remove_window(self, c: TceContainer, start_addr: int) -> None:
+        found = None
+        for num, tbl in enumerate(c.tables):
+            if tbl is not None and tbl.contains_entry(start_addr >> tbl.it_page_shift):
+                found = num, tbl
+                break
+        if found is None:
+            raise fail(EINVAL, f"VFIO_IOMMU_SPAPR_TCE_REMOVE: {start_addr:#x} is in no window "
+                               f"({self._windows_text(c) or 'there are none'})")
+        num, tbl = found
+        self._clear(c, tbl, tbl.it_offset, tbl.it_size)
+        for g in c.groups:
+            assert g.iommudata is not None
+            g.iommudata.unset_window(num)
+        self._free_table(c, tbl)
+        c.tables[num] = None
 
     # -- VFIO_IOMMU_SPAPR_TCE_GET_INFO --------------------------------------------------
 
@@ -483,9 +631,104 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         if used.size:
             mm.phys.unpin(used & ~np.uint64(TCE_PERM_MASK))
 
+    def _prereg_translate(self, c: TceContainer, tbl: IommuTable, vaddr: int, first: int, count: int):
+        """tce_iommu_prereg_ua_to_hpa() for IOMMU pages [first, first+count).
+
+        Returns (hpas, compound shifts, regions, ok, errno): the first ``ok``
+        pages translate; ``errno`` is why page ``ok`` does not (EINVAL: not
+        inside one registered region, or the region's pages are smaller than
+        the IOMMU page; EPERM: the backing page is smaller than the IOMMU page).
+        """
+        mm = c.mm
+        assert mm is not None
+        shift = tbl.it_page_shift
+        psize = 1 << shift
+        uas = np.uint64(vaddr) + (np.arange(first, first + count, dtype=np.uint64) << np.uint64(shift))
+        hpas = np.zeros(count, dtype=np.uint64)
+        regions: list[tuple[MmIommuMem, int, int]] = []
+        pos = 0
+        err: int | None = None
+        while pos < count:
+            ua = int(uas[pos])
+            mem = mm_iommu_lookup(mm, ua, psize)
+            if mem is None or mm_iommu_ua_to_hpa(mm, mem, ua, shift) is None:
+                err = EINVAL
+                break
+            end = mem.end(mm.page_shift)
+            n = int(np.searchsorted(uas[pos:] + np.uint64(psize), np.uint64(end), side="right"))
+            seg = uas[pos:pos + n]
+            idx = ((seg - np.uint64(mem.ua)) >> np.uint64(mm.page_shift)).astype(np.int64)
+            hpas[pos:pos + n] = mem.hpas[idx] | (seg & np.uint64(mm.page_size - 1))
+            small = np.flatnonzero(mem.cshifts[idx] < shift)        # tce_page_is_contained()
+            if small.size:
+                n = int(small[0])
+                err = EPERM
+            regions.append((mem, pos, n))
+            pos += n
+            if err is not None:
+                break
+        return hpas[:pos], regions, pos, err
+
     def _build_v2(self, c: TceContainer, tbl: IommuTable, entry: int, vaddr: int, npages: int, direction: int,
                   current: "Task") -> None:
-        raise fail(ENOTTY, "sPAPR TCE v2 mapping is not modelled yet")
+        """tce_iommu_build_v2(): translate through preregistered memory; nothing
+        is pinned here, the regions count their mappings instead."""
+        if npages == 0:
+            return
+        room = tbl.it_offset + tbl.it_size - entry
+        if npages > room:
+            # Whether the loop reaches the end of the window before failing.
+            pos, reached_end = 0, True
+            while pos < room:
+                n = min(BATCH, room - pos)
+                _, _, ok, err = self._prereg_translate(c, tbl, vaddr, pos, n)
+                if err is not None:
+                    reached_end = False
+                    break
+                pos += n
+            if reached_end:
+                self._log_overrun_v2(tbl, entry, npages)
+                raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: {npages} pages from bus address "
+                                   f"{entry << tbl.it_page_shift:#x} run past the end of the window "
+                                   f"{tbl.bus_start:#x}..{tbl.bus_end - 1:#x}")
+        perm = np.uint64(direction_to_perm(direction))
+        shift = np.uint64(tbl.it_page_shift)
+        done = 0
+        error: KernelError | None = None
+        assert tbl.it_userspace is not None
+        while done < npages and error is None:
+            n = min(BATCH, npages - done)
+            hpas, regions, ok, err = self._prereg_translate(c, tbl, vaddr, done, n)
+            if err == EINVAL:
+                error = fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: user page {vaddr + ((done + ok) << int(shift)):#x} is "
+                                     f"not inside one preregistered region backed by pages of at least "
+                                     f"{tbl.page_size:#x} bytes (VFIO_IOMMU_SPAPR_REGISTER_MEMORY it first)")
+            elif err == EPERM:
+                error = fail(EPERM, f"VFIO_IOMMU_MAP_DMA: the page behind user address "
+                                    f"{vaddr + ((done + ok) << int(shift)):#x} is smaller than the IOMMU page")
+            for mem, _, count in regions:
+                mem.mapped += count                      # mm_iommu_mapped_inc()
+            xr = tbl.it_ops.xchg_range(tbl, entry + done, hpas | perm)
+            if xr.done < ok:
+                raise AssertionError("a v2 TCE exchange inside the window failed")
+            old_valid = np.flatnonzero((xr.old & np.uint64(TCE_PERM_MASK)) != 0)
+            if old_valid.size:
+                self._unuse_pages_v2(c, tbl, entry + done + old_valid)
+            uas = np.uint64(vaddr) + (np.arange(done, done + ok, dtype=np.uint64) << shift)
+            tbl.it_userspace.xchg_range(entry + done - tbl.it_offset, uas)
+            done += ok
+        if error is not None:
+            self._clear(c, tbl, entry, done)
+            raise error
+
+    def _log_overrun_v2(self, tbl: IommuTable, entry: int, npages: int) -> None:
+        what = ("writes TCEs past the end of the table (memory corruption)" if getattr(tbl.it_ops, "overrun_corrupts",
+                False) else "gets H_PARAMETER from the hypervisor and then reads past it_userspace in "
+                            "tce_iommu_unuse_page_v2(): a kernel oops")
+        self.log.warn(f"vfiosim: VFIO_IOMMU_MAP_DMA (v2) of {npages} pages from bus address "
+                      f"{entry << tbl.it_page_shift:#x} runs past the end of the window {tbl.bus_start:#x}.."
+                      f"{tbl.bus_end - 1:#x}: Linux 6.12 checks only the first page and {what}; refused with EINVAL, "
+                      f"nothing changed (docs/deviations.md)")
 
     def _log_return_1(self, call: str, iova: int, tbl: IommuTable) -> None:
         self.log.warn(f"vfiosim: {call}: iova {iova:#x} is not aligned to the {tbl.page_size:#x}-byte IOMMU page; "
@@ -543,8 +786,18 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         elif c.mm is not None:
             self._unpin_old(c.mm, old)
 
-    def _unuse_pages_v2(self, c: TceContainer, tbl: IommuTable, idx: np.ndarray) -> None:
-        raise fail(ENOTTY, "sPAPR TCE v2 is not modelled yet")
+    def _unuse_pages_v2(self, c: TceContainer, tbl: IommuTable, entries: np.ndarray) -> None:
+        """tce_iommu_unuse_page_v2(): the region an entry pointed into loses a
+        mapping (found from the userspace address kept in it_userspace)."""
+        assert tbl.it_userspace is not None and c.mm is not None
+        mm = c.mm
+        uas = tbl.it_userspace.clear_indices(entries - tbl.it_offset)
+        psize = tbl.page_size
+        for ua in uas[uas != 0]:
+            mem = mm_iommu_lookup(mm, int(ua), psize)
+            if mem is not None and mm_iommu_ua_to_hpa(mm, mem, int(ua), tbl.it_page_shift) is not None:
+                if mem.mapped > 1:                         # mm_iommu_mapped_dec()
+                    mem.mapped -= 1
 
     # -- VFIO_EEH_PE_OP --------------------------------------------------------------------------
 

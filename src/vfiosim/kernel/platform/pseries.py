@@ -232,8 +232,21 @@ class PseriesTableGroup(TableGroup):
         self.ddw = None
         self.default_window_prop = True
 
-    def _remove_window(self, liobn: int) -> None:
-        self.hv.remove_window(liobn)
+    def _remove_window_prop(self, default: bool) -> None:
+        """remove_dma_window_named(): the property goes; the hypervisor window
+        goes only if the property is as long as a DDW property.
+
+        The default window's "ibm,dma-window" is 5 cells (20 bytes) while
+        struct dynamic_dma_window_prop is 24 bytes (its __be64 is aligned), so
+        for the default window the RTAS remove is never made: the hypervisor
+        keeps it enabled (which is why a later DDW lands at the 64-bit
+        address, as the v2 trace shows).
+        """
+        if default:
+            self.default_window_prop = False
+        elif self.ddw is not None:
+            self.hv.remove_window(self.ddw[0])
+            self.ddw = None
 
     # -- iommu_table_group_ops -----------------------------------------------------------
 
@@ -296,11 +309,7 @@ class PseriesTableGroup(TableGroup):
         tbl = self.tables[num]
         if tbl is None:
             return
-        if num == 0 and self._is_default_window_table(tbl):
-            self.default_window_prop = False
-        else:
-            self.ddw = None
-        self._remove_window(tbl.it_index)
+        self._remove_window_prop(default=num == 0 and self._is_default_window_table(tbl))
         if self in tbl.groups:
             tbl.groups.remove(self)
         tbl.put()
@@ -311,14 +320,15 @@ class PseriesTableGroup(TableGroup):
         if self.tables[0] is None and self.max_dynamic_windows_supported != 1:
             return
         if self.ddw is not None:
-            self._remove_window(self.ddw[0])
-            self.ddw = None
+            self._remove_window_prop(default=False)
             if self.tables[1] is not None:
                 self.tables[1].put()
                 self.tables[1] = None
+            elif self.tables[0] is not None:
+                self.tables[0].put()        # only the DDW was left, in slot 0
+                self.tables[0] = None
         if self.tables[0] is not None:
-            self._remove_window(self.tables[0].it_index)
-            self.default_window_prop = False
+            self._remove_window_prop(default=True)
             self.tables[0].put()
             self.tables[0] = None
 
