@@ -119,6 +119,19 @@ class FdTable:
             self.cloexec.add(fd)
         return fd
 
+    def install_at(self, fd: int, file: File, cloexec: bool = False) -> None:
+        """Install at a given number (the transport keeps the simulated fd
+        table in step with the real process's); an occupant is replaced."""
+        if not 0 <= fd < self.max_fds:
+            raise fail(EBADF, f"fd {fd} is out of range")
+        while fd >= self.slots:
+            self.slots *= 2
+        self._fds[fd] = file
+        if cloexec:
+            self.cloexec.add(fd)
+        else:
+            self.cloexec.discard(fd)
+
     def get(self, fd: int) -> File:
         try:
             return self._fds[fd]

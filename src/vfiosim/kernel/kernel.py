@@ -9,6 +9,7 @@ or a :class:`KernelError` carrying the errno.
 from __future__ import annotations
 
 import os
+import resource
 import termios
 from dataclasses import dataclass
 from errno import EBADF, EINVAL, EISDIR, ENODEV, ENOENT, ENOTDIR, ESPIPE
@@ -26,6 +27,8 @@ from .uaccess import copy_struct_from_user, get_user_s32
 from .vfio.vfio import Vfio
 
 if TYPE_CHECKING:
+    from typing import Any as MMLike
+
     from .iommu.iommu_group import IommuGroup
     from .platform.base import Pe
     from .pci.device import PciDevice
@@ -106,9 +109,30 @@ class Kernel:
             task.mm.locked_vm = 0
         del self.tasks[task.pid]
 
+    def attach(self, pid: int, comm: str, cred: Cred, mm: "MMLike", rlimit_memlock: tuple[int, int]) -> Task:
+        """A task for an outside process (``vfiosim run``): its fd numbers are
+        the real process's, so it starts with an empty table."""
+        task = Task(pid, comm, cred, mm, rlimit_memlock)  # type: ignore[arg-type]
+        self.tasks[pid] = task
+        return task
+
+    def fork(self, parent: Task, child_pid: int, mm: "MMLike") -> Task:
+        """fork(2): the child shares every open file (one more reference each)."""
+        child = Task(child_pid, parent.comm, Cred(**vars(parent.cred)), mm,  # type: ignore[arg-type]
+                     parent.rlimit(resource.RLIMIT_MEMLOCK))
+        for fd, file in parent.files.items():
+            child.files.install_at(fd, file.get(), cloexec=fd in parent.files.cloexec)
+        self.tasks[child_pid] = child
+        return child
+
+    def exec(self, task: Task) -> None:
+        """execve(2): close-on-exec files are closed."""
+        for fd in sorted(task.files.cloexec):
+            task.files.remove(fd).put(task)
+
     # -- files ----------------------------------------------------------------------------------
 
-    def sys_open(self, task: Task, path: str, flags: int, mode: int = 0) -> int:
+    def sys_open(self, task: Task, path: str, flags: int, mode: int = 0, at_fd: int | None = None) -> int:
         norm = os.path.normpath(path) if path else path
         node = self.dev_nodes.get(norm)
         if node is None:
@@ -121,9 +145,13 @@ class Kernel:
                                f"(VFIO nodes: {', '.join(sorted(self.dev_nodes))})")
         if flags & os.O_DIRECTORY:
             raise fail(ENOTDIR, f"{path} is a character device, not a directory")
-        task.files.check_free()
+        if at_fd is None:
+            task.files.check_free()
         node.check_permission(task, flags)
         file = node.opener(task, flags)
+        if at_fd is not None:
+            task.files.install_at(at_fd, file, cloexec=bool(flags & os.O_CLOEXEC))
+            return at_fd
         return task.files.install(file, cloexec=bool(flags & os.O_CLOEXEC))
 
     def sys_close(self, task: Task, fd: int) -> None:
@@ -133,6 +161,36 @@ class Kernel:
         file = task.files.get(fd)
         task.files.check_free()
         return task.files.install(file.get())
+
+    def sys_dup2(self, task: Task, oldfd: int, newfd: int, cloexec: bool = False) -> int:
+        """dup2(2)/dup3(2): ``newfd`` now names the same open file."""
+        file = task.files.get(oldfd)
+        if oldfd == newfd:
+            return newfd
+        try:
+            old = task.files.remove(newfd)
+        except KernelError:
+            old = None
+        task.files.install_at(newfd, file.get(), cloexec=cloexec)
+        if old is not None:
+            old.put(task)
+        return newfd
+
+    def sys_mmap_check(self, task: Task, fd: int, offset: int, length: int, prot: int, shared: bool) -> None:
+        """mmap(2) of a device fd: the driver's checks (vfio_pci_core_mmap)."""
+        file = task.files.get(fd)
+        mmap_check = getattr(file, "mmap_check", None)
+        if mmap_check is None:
+            raise fail(ENODEV, f"fd {fd} ({file.kind}) cannot be mmapped")
+        mmap_check(task, offset, length, prot, shared)
+
+    def sys_mmio(self, task: Task, fd: int, offset: int, size: int, value: int | None = None) -> int:
+        """A load (value None) or store through an mmap of a device region."""
+        file = task.files.get(fd)
+        mmio = getattr(file, "mmio", None)
+        if mmio is None:
+            raise fail(ENODEV, f"fd {fd} ({file.kind}) has no mmapped region")
+        return mmio(task, offset, size, value)
 
     def sys_ioctl(self, task: Task, fd: int, cmd: int, arg: int) -> int:
         """ksys_ioctl(): generic fd ioctls, then the file's own."""

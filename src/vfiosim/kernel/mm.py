@@ -64,6 +64,16 @@ class MemoryObject:
         self.users = 0         # VMAs mapping (part of) this object
         self.pinnable = pinnable
 
+    def read_at(self, off: int, n: int) -> bytes:
+        """What a device reads from this memory (a DMA run)."""
+        return self.data[off:off + n].tobytes()
+
+    def write_at(self, off: int, data: bytes | bytearray | memoryview) -> None:
+        """A device writes this memory (a DMA run); the pages become populated."""
+        n = len(data)
+        self.data[off:off + n] = np.frombuffer(data, dtype=np.uint8)
+        self.populated[off >> self.page_shift:((off + n - 1) >> self.page_shift) + 1] = True
+
     def __repr__(self) -> str:
         return f"<MemoryObject phys={self.phys_base:#x} len={self.length:#x} pins={self.pins}>"
 
@@ -89,6 +99,15 @@ class PhysicalMemory:
         self._next = base + length + align
         self._insert(obj)
         return obj
+
+    def register(self, obj: "MemoryObject", length: int, align: int = 1 << 21) -> int:
+        """Give memory that lives elsewhere (a host process's pages) a range of
+        physical addresses; returns its base."""
+        base = (self._next + align - 1) & ~(align - 1)
+        self._next = base + length + align
+        obj.phys_base = base
+        self._insert(obj)
+        return base
 
     def _insert(self, obj: MemoryObject) -> None:
         i = bisect.bisect(self._bases, obj.phys_base)

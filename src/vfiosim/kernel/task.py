@@ -50,6 +50,12 @@ class Task:
             raise fail(EPERM, f"raising the hard limit from {old_hard} to {hard} needs CAP_SYS_RESOURCE")
         self.rlimits[resource_id] = (soft, hard)
 
+    def set_creds(self, cred: Cred, rlimit_memlock: tuple[int, int]) -> None:
+        """Take credentials and RLIMIT_MEMLOCK from outside (a real process's
+        /proc/<pid>, read by the transport before a call)."""
+        self.cred = cred
+        self.rlimits[resource.RLIMIT_MEMLOCK] = rlimit_memlock
+
     def setuid(self, uid: int) -> None:
         """setuid(2): privileged sets all ids; otherwise only to ruid/suid.
 

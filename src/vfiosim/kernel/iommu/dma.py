@@ -66,14 +66,13 @@ def translate_tces(tces: np.ndarray, page_shift: int, iova: int, length: int, wr
 def read_runs(runs: list[Run]) -> bytes:
     if len(runs) == 1:
         obj, off, ln = runs[0]
-        return obj.data[off:off + ln].tobytes()
-    return b"".join(obj.data[off:off + ln].tobytes() for obj, off, ln in runs)
+        return obj.read_at(off, ln)
+    return b"".join(obj.read_at(off, ln) for obj, off, ln in runs)
 
 
 def write_runs(runs: list[Run], data: bytes | bytearray | memoryview) -> None:
-    src = np.frombuffer(data, dtype=np.uint8)
+    view = memoryview(data).cast("B")
     pos = 0
     for obj, off, ln in runs:
-        obj.data[off:off + ln] = src[pos:pos + ln]
-        obj.populated[off >> obj.page_shift:((off + ln - 1) >> obj.page_shift) + 1] = True
+        obj.write_at(off, view[pos:pos + ln])
         pos += ln

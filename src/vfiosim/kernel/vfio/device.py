@@ -43,6 +43,12 @@ class VfioDeviceOps:
     def device_feature(self, current: "Task", flags: int, arg: int, argsz: int) -> int:
         raise fail(ENOTTY, f"device feature {flags & uapi.VFIO_DEVICE_FEATURE_MASK} is not supported")
 
+    def mmap_check(self, current: "Task", offset: int, length: int, prot: int, shared: bool) -> None:
+        raise fail(EINVAL, "the device cannot be mmapped")
+
+    def mmio(self, current: "Task", offset: int, size: int, value: int | None) -> int:
+        raise fail(EINVAL, "the device has no mmapped region")
+
 
 class VfioDevice:
     """``struct vfio_device``: a device registered with VFIO in a group."""
@@ -128,6 +134,12 @@ class DeviceFile(File):
                      uapi.VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT):
             raise fail(ENOTTY, "the device does not support DMA logging")
         return self.device.ops.device_feature(current, feature.flags, arg + minsz, feature.argsz - minsz)
+
+    def mmap_check(self, current: "Task", offset: int, length: int, prot: int, shared: bool) -> None:
+        self.device.ops.mmap_check(current, offset, length, prot, shared)
+
+    def mmio(self, current: "Task", offset: int, size: int, value: int | None) -> int:
+        return self.device.ops.mmio(current, offset, size, value)
 
     def read(self, current: "Task", count: int, pos: int) -> bytes:
         return self.device.ops.read(current, count, pos)

@@ -232,6 +232,42 @@ class VfioPciDevice(VfioDeviceOps):
             done += n
         return bytes(out) if data is None else count
 
+    # -- mmap of BARs (vfio_pci_core_mmap) -----------------------------------------------------
+
+    def mmap_check(self, current: "Task", offset: int, length: int, prot: int, shared: bool) -> None:
+        index = offset >> VFIO_PCI_OFFSET_SHIFT
+        page = current.mm.page_size
+        if length <= 0:
+            raise fail(EINVAL, "mmap length must be positive")
+        if index >= uapi.VFIO_PCI_NUM_REGIONS + self.num_regions:
+            raise fail(EINVAL, f"region index {index} does not exist")
+        if index >= uapi.VFIO_PCI_ROM_REGION_INDEX:
+            raise fail(EINVAL, f"region {index} (ROM, config or VGA) cannot be mmapped")
+        bar = self.pdev.bars.get(index)
+        if bar is None or not bar.mmap_ok or bar.size < page:
+            raise fail(EINVAL, f"BAR{index} does not support mmap")
+        if not shared:
+            raise fail(EINVAL, "device regions must be mapped MAP_SHARED")
+        phys_len = (bar.size + page - 1) & ~(page - 1)
+        req_start = offset & VFIO_PCI_OFFSET_MASK
+        if req_start + length > phys_len:
+            raise fail(EINVAL, f"{req_start:#x}+{length:#x} runs past BAR{index} ({phys_len:#x} bytes)")
+
+    def mmio(self, current: "Task", offset: int, size: int, value: int | None) -> int:
+        """A CPU load or store through a BAR mapping: straight to the device."""
+        index = offset >> VFIO_PCI_OFFSET_SHIFT
+        off = offset & VFIO_PCI_OFFSET_MASK
+        bar = self.pdev.bars.get(index)
+        if bar is None or off + size > bar.size:
+            raise fail(EFAULT, f"access {off:#x}+{size} outside BAR{index}")
+        if not self.vconfig[PCI_COMMAND] & PCI_COMMAND_MEMORY:
+            # vfio-pci zaps BAR mappings while memory decode is off: SIGBUS.
+            raise fail(EIO, "memory decoding is disabled: the mapping faults")
+        if value is None:
+            return self.pdev.host_mmio_read(index, off, size)
+        self.pdev.host_mmio_write(index, off, size, value)
+        return 0
+
     def read(self, current: "Task", count: int, pos: int) -> bytes:
         return self._rw(pos, count, None)  # type: ignore[return-value]
 

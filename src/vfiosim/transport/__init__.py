@@ -1,0 +1,1 @@
+"""Transports: the edges where real programs and the simulated kernel meet."""
