@@ -959,6 +959,25 @@ def ioctl_name(cmd: int) -> str | None:
     return _IOCTL_NAME_BY_NUMBER.get(cmd)
 
 
+# Which ioctl names each kind of VFIO fd answers to, by prefix.
+_FD_KIND_PREFIXES = {
+    "vfio-container": ("VFIO_GET_API_VERSION", "VFIO_CHECK_EXTENSION", "VFIO_SET_IOMMU", "VFIO_IOMMU_", "VFIO_EEH_"),
+    "vfio-group": ("VFIO_GROUP_",),
+    "vfio-device": ("VFIO_DEVICE_",),
+}
+
+
+def ioctl_name_for(cmd: int, fd_kind: str) -> str | None:
+    """The name ``cmd`` has on an fd of ``fd_kind`` ("vfio-container",
+    "vfio-group", "vfio-device"), e.g. base+12 on a container is
+    "VFIO_IOMMU_GET_INFO/VFIO_IOMMU_SPAPR_TCE_GET_INFO"."""
+    names = [n for n, v in IOCTLS.items() if v == cmd]
+    prefixes = _FD_KIND_PREFIXES.get(fd_kind)
+    if prefixes:
+        names = [n for n in names if n.startswith(prefixes)] or names
+    return "/".join(sorted(names)) or None
+
+
 def _member(cls: type, name: str) -> tuple[int, type] | None:
     # Search _fields_ rather than getattr(): ctypes field descriptors expose
     # offset and size but not the type, which dotted paths need to descend.

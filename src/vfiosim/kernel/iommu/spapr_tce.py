@@ -205,7 +205,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         if cmd in (uapi.VFIO_IOMMU_SPAPR_REGISTER_MEMORY, uapi.VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY,
                    uapi.VFIO_IOMMU_SPAPR_TCE_CREATE, uapi.VFIO_IOMMU_SPAPR_TCE_REMOVE) and c.v2:
             return self._v2_ioctl(c, cmd, arg, current)
-        name = uapi.ioctl_name(cmd)
+        name = uapi.ioctl_name_for(cmd, "vfio-container")
         why = "only for VFIO_SPAPR_TCE_v2_IOMMU containers" if cmd in (
             uapi.VFIO_IOMMU_SPAPR_REGISTER_MEMORY, uapi.VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY,
             uapi.VFIO_IOMMU_SPAPR_TCE_CREATE, uapi.VFIO_IOMMU_SPAPR_TCE_REMOVE) else "unknown to the sPAPR TCE IOMMU"

@@ -126,7 +126,7 @@ class SeedSpaprTceIommuDriver(VfioIommuDriver):
         if cmd == uapi.VFIO_IOMMU_DISABLE:
             self._disable(c, current)
             return 0
-        raise fail(ENOTTY, f"{uapi.ioctl_name(cmd) or hex(cmd)}: unknown to the 3.10 sPAPR TCE driver")
+        raise fail(ENOTTY, f"{uapi.ioctl_name_for(cmd, 'vfio-container') or hex(cmd)}: unknown to the 3.10 sPAPR TCE driver")
 
     def _table(self, c: SeedTceContainer) -> IommuTable:
         if c.tbl is None:

@@ -157,7 +157,7 @@ class ContainerFile(File):
         if cmd == uapi.VFIO_SET_IOMMU:
             return c.set_iommu(arg, current)
         if c.iommu_driver is None:
-            name = uapi.ioctl_name(cmd) or f"{cmd:#x}"
+            name = uapi.ioctl_name_for(cmd, "vfio-container") or f"{cmd:#x}"
             raise fail(EINVAL, f"{name}: the container has no IOMMU driver (VFIO_SET_IOMMU first)")
         return c.iommu_driver.ioctl(c.iommu_data, cmd, arg, current)
 

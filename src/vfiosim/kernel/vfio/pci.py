@@ -304,7 +304,7 @@ class VfioPciDevice(VfioDeviceOps):
             uapi.VFIO_DEVICE_RESET: self._reset_ioctl,
         }.get(cmd)
         if handler is None:
-            raise fail(ENOTTY, f"{uapi.ioctl_name(cmd) or hex(cmd)} is not a vfio-pci device ioctl")
+            raise fail(ENOTTY, f"{uapi.ioctl_name_for(cmd, 'vfio-device') or hex(cmd)} is not a vfio-pci device ioctl")
         return handler(current, arg)
 
     def _get_info(self, current: "Task", arg: int) -> int:
