@@ -25,6 +25,7 @@ import ctypes
 import errno
 import json
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,9 @@ class Replayer:
     def ioctl(self, op: str, args: dict[str, Any]) -> tuple[int, int, dict[str, Any] | None]:
         p, c = self.p, self.container
         self._last_out = None
+        done = self.type1_ioctl(op, args)
+        if done is not None:
+            return done
         if op == "VFIO_GET_API_VERSION":
             return p.ioctl(c, uapi.VFIO_GET_API_VERSION), 0, None
         if op == "VFIO_CHECK_EXTENSION":
@@ -202,6 +206,65 @@ class Replayer:
             return self._struct_call(self.devices[0], uapi.VFIO_DEVICE_GET_IRQ_INFO, s, out)
         raise NotImplementedError(f"replay does not know the op {op!r}")
 
+    # -- Type1 (type1v2-x86.jsonl) ----------------------------------------------------------
+    #
+    # GET_INFO's buffer is 4096 bytes filled with 0xa5 (argsz and flags set),
+    # and its capability chain is decoded into ``caps``.  Dirty bitmaps live in
+    # the program's memory, zeroed before each call; ``data_null`` passes NULL
+    # instead.  ``bitmap_head`` is the bitmap's 64-bit words, ``dirty_pages``
+    # the bits set in them.
+
+    _bitmap_addr: int | None = None
+
+    def type1_ioctl(self, op: str, args: dict[str, Any]) -> tuple[int, int, dict[str, Any] | None] | None:
+        """The Type1 ops and the device reset; None for any other op."""
+        p, c = self.p, self.container
+        if op == "VFIO_IOMMU_GET_INFO":
+            buf = bytearray(b"\xa5" * max(4096, args["argsz"]))
+            struct.pack_into("<II", buf, 0, args["argsz"], args["flags"])
+            return self._buffer_call(c, uapi.VFIO_IOMMU_GET_INFO, buf, lambda: type1_info_fields(buf))
+        if op == "VFIO_IOMMU_DIRTY_PAGES":
+            data = self._bitmap(args)
+            buf = bytearray(struct.pack("<IIQQQQQ", args["argsz"], args["flags"], args.get("iova", 0),
+                                        args.get("size", 0), args.get("pgsize", 0), args.get("bitmap_size", 0), data))
+            if "bitmap_size" not in args:
+                return p.ioctl(c, uapi.VFIO_IOMMU_DIRTY_PAGES, buf), 0, None
+            return self._buffer_call(c, uapi.VFIO_IOMMU_DIRTY_PAGES, buf, lambda: self._bitmap_fields(args))
+        if op == "VFIO_IOMMU_UNMAP_DMA" and "bitmap_size" in args:
+            data = self._bitmap(args)
+            buf = bytearray(struct.pack("<IIQQQQQ", args["argsz"], args["flags"], args["iova"], args["size"],
+                                        args["pgsize"], args["bitmap_size"], data))
+
+            def out() -> dict[str, Any]:
+                argsz, flags, iova, size = struct.unpack_from("<IIQQ", buf)
+                return {"argsz": argsz, "flags": flags, "iova": iova, "size": size, **self._bitmap_fields(args)}
+            return self._buffer_call(c, uapi.VFIO_IOMMU_UNMAP_DMA, buf, out)
+        if op == "VFIO_DEVICE_RESET":
+            return p.ioctl(self.devices[0], uapi.VFIO_DEVICE_RESET), 0, None
+        return None
+
+    def _bitmap(self, args: dict[str, Any]) -> int:
+        """The zeroed bitmap buffer's address (0 for data_null)."""
+        if self._bitmap_addr is None:
+            self._bitmap_addr = self.p.mmap(1 << 20)
+        self.p.write_memory(self._bitmap_addr, bytes(4096))
+        return 0 if args.get("data_null") else self._bitmap_addr
+
+    def _bitmap_fields(self, args: dict[str, Any]) -> dict[str, Any]:
+        assert self._bitmap_addr is not None
+        words = (args.get("bitmap_size", 0) + 7) // 8
+        raw = self.p.read_memory(self._bitmap_addr, 8 * words)
+        values = struct.unpack(f"<{words}Q", raw)
+        return {"dirty_pages": sum(bin(v).count("1") for v in values), "bitmap_head": [hex(v) for v in values]}
+
+    def _buffer_call(self, fd: int | None, cmd: int, buf: bytearray, out) -> tuple[int, int, dict]:
+        try:
+            ret = self.p.ioctl(fd, cmd, buf)
+        except OSError:
+            self._last_out = out()
+            raise
+        return ret, 0, out()
+
     def _struct_call(self, fd: int | None, cmd: int, s: ctypes.Structure, out) -> tuple[int, int, dict]:
         try:
             ret = self.p.ioctl(fd, cmd, s)
@@ -209,6 +272,39 @@ class Replayer:
             self._last_out = out()
             raise
         return ret, 0, out()
+
+
+_TYPE1_CAP_NAMES = {uapi.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE: "IOVA_RANGE",
+                    uapi.VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION: "MIGRATION",
+                    uapi.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL: "DMA_AVAIL"}
+
+
+def type1_info_fields(buf: bytes | bytearray) -> dict[str, Any]:
+    """struct vfio_iommu_type1_info and its capability chain, as the trace records them."""
+    argsz, flags, pgsizes, cap_offset = struct.unpack_from("<IIQI", buf)
+    out: dict[str, Any] = {"argsz": argsz, "flags": flags, "iova_pgsizes": pgsizes, "cap_offset": cap_offset}
+    if not flags & uapi.VFIO_IOMMU_INFO_CAPS or not cap_offset or cap_offset >= len(buf):
+        return out
+    caps = []
+    offset = cap_offset
+    while offset and offset + 8 <= len(buf) and len(caps) < 64:
+        cap_id, version, nxt = struct.unpack_from("<HHI", buf, offset)
+        cap: dict[str, Any] = {"offset": offset, "id": cap_id, "version": version, "next": nxt,
+                               "name": _TYPE1_CAP_NAMES.get(cap_id, str(cap_id))}
+        if cap_id == uapi.VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION:
+            cap["flags"], cap["pgsize_bitmap"], cap["max_dirty_bitmap_size"] = \
+                struct.unpack_from("<I4xQQ", buf, offset + 8)
+        elif cap_id == uapi.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL:
+            cap["avail"] = struct.unpack_from("<I", buf, offset + 8)[0]
+        elif cap_id == uapi.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE:
+            nr = struct.unpack_from("<I", buf, offset + 8)[0]
+            cap["nr_iovas"] = nr
+            cap["ranges"] = [list(struct.unpack_from("<QQ", buf, offset + 16 + 16 * i))
+                             for i in range(min(nr, (len(buf) - offset - 16) // 16))]
+        caps.append(cap)
+        offset = nxt
+    out["caps"] = caps
+    return out
 
 
 def replay(machine: vfiosim.Machine, trace: list[dict[str, Any]]) -> ReplayResult:

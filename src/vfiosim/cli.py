@@ -63,24 +63,109 @@ def cmd_topology(args: argparse.Namespace) -> int:
             page = f"{w['page_size']:#x}-byte pages" if w["page_size"] else "real mode"
             mapped = "" if w["mapped"] is None else f", {w['mapped']} TCEs in use"
             print(f"    {label}: {w['start']:#x}+{w['size']:#x}, {page}{owner}{mapped}")
+    for unit in topo.get("iommu_units", []):
+        _print_vtd_unit(unit)
     print("\nIOMMU groups")
     for g in topo["iommu_groups"]:
         node = g["node"] or "(no VFIO node: bound to host drivers)"
-        print(f"  group {g['id']}: {node}, {'viable' if g['viable'] else 'not viable'}, devices {', '.join(g['devices'])}")
+        domain = ""
+        if "domain" in g:
+            d = g["domain"]
+            domain = {"identity": ", identity domain (host)", "blocked": ", blocking domain (VFIO, no IOMMU set)"}.get(
+                d["type"], f", paging domain #{d['id']}")
+        print(f"  group {g['id']}: {node}, {'viable' if g['viable'] else 'not viable'}{domain}, "
+              f"devices {', '.join(g['devices'])}")
     print("\nPCI devices")
     for d in topo["devices"]:
-        bars = ", ".join(f"BAR{i} {_hex(b['address'])}+{b['size']:#x}" for i, b in d["bars"].items())
+        bars = "".join(f", BAR{i} {_hex(b['address'])}+{b['size']:#x}" for i, b in d["bars"].items())
         print(f"  {d['bdf']} {d['vendor']:04x}:{d['device']:04x} class {d['class']:06x} ({d['model']}), driver "
-              f"{d['driver']}, group {d['iommu_group']}, {bars}, reset {d['reset'] or 'none'}")
+              f"{d['driver'] or 'none'}, group {d['iommu_group']}{bars}, reset {d['reset'] or 'none'}")
     return 0
+
+
+def _sizes(bitmap: int) -> str:
+    names = []
+    for shift in range(64):
+        if bitmap >> shift & 1:
+            size = 1 << shift
+            unit = next((u for u, s in (("G", 30), ("M", 20), ("K", 10)) if size >= 1 << s and not size % (1 << s)), "")
+            names.append(f"{size >> {'G': 30, 'M': 20, 'K': 10}.get(unit, 0)}{unit}")
+    return "|".join(names)
+
+
+def _print_vtd_unit(u: dict[str, Any]) -> None:
+    """An x86 VT-d remapping unit and its domains."""
+    print(f"\nIntel VT-d {u['name']} ({u['model']}{', caching mode' if u['caching_mode'] else ''})")
+    print(f"  {u['address_width']}-bit IOVA (0x0..{(1 << u['address_width']) - 1:#x}), page sizes {_sizes(u['page_sizes'])}, "
+          f"interrupt remapping {'on' if u['interrupt_remapping'] else 'off'}, "
+          f"snoop control {'on' if u['snoop_control'] else 'off'}")
+    for r in u["reserved_regions"]:
+        print(f"  reserved {r['start']:#x}..{r['end']:#x} ({r['type']})")
+    for d in u["domains"]:
+        print(f"  paging domain #{d['id']}: groups {', '.join(map(str, d['groups'])) or '-'}, "
+              f"{d['mapped_bytes']:#x} bytes mapped in {d['extents']} extent(s)")
+    if u["faults"]:
+        print(f"  {u['faults']} DMA fault(s) recorded")
+
+
+# -- vfiosim run / serve / trace show (real programs through the preload shim) ----------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .transport import run as R
+    argv = list(args.program)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        print("vfiosim run: name a program: vfiosim run [--machine NAME|FILE] -- PROGRAM ARGS...", file=sys.stderr)
+        return 2
+    if args.connect:
+        if args.trace:
+            print("vfiosim run: --trace belongs to the daemon: vfiosim serve --trace FILE", file=sys.stderr)
+            return 2
+        return R.run_connected(args.connect, argv)
+    return R.run(_load(args), argv, trace=args.trace)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .transport import run as R
+    return R.serve(_load(args), args.socket, trace=args.trace)
+
+
+def cmd_trace_show(args: argparse.Namespace) -> int:
+    from .transport.trace import show
+    try:
+        return show(args.file, sys.stdout)
+    except BrokenPipeError:
+        return 0
+
+
+def _run_parsers(sub: Any) -> None:
+    run = sub.add_parser("run", help="run an unmodified program with its VFIO calls reaching a simulated machine",
+                         usage="vfiosim run [--machine NAME|FILE] [--trace FILE] [--connect SOCKET] -- PROGRAM ARGS...")
+    _machine_args(run)
+    run.add_argument("--trace", metavar="FILE", help="write every VFIO call as a JSON line to FILE")
+    run.add_argument("--connect", metavar="SOCKET", help="use the machine of a running `vfiosim serve`")
+    run.add_argument("program", nargs=argparse.REMAINDER, help="the program and its arguments, after --")
+    run.set_defaults(func=cmd_run)
+    serve = sub.add_parser("serve", help="serve a simulated machine to programs started with `vfiosim run --connect`")
+    _machine_args(serve)
+    serve.add_argument("--socket", default="vfiosim.sock", help="Unix socket to listen on (default: ./vfiosim.sock)")
+    serve.add_argument("--trace", metavar="FILE", help="write every VFIO call as a JSON line to FILE")
+    serve.set_defaults(func=cmd_serve)
+    trace = sub.add_parser("trace", help="inspect a --trace file")
+    tsub = trace.add_subparsers(dest="trace_command", required=True)
+    show = tsub.add_parser("show", help="print a trace strace-style")
+    show.add_argument("file")
+    show.set_defaults(func=cmd_trace_show)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="vfiosim", description="A simulated Linux VFIO kernel with the POWER sPAPR "
-                                 "TCE IOMMU: run VFIO userspace code without hardware or root.")
+                                 "TCE IOMMU and the x86 Type1 IOMMU: run VFIO userspace code without hardware or root.")
     ap.add_argument("--version", action="version", version=f"vfiosim {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the kernel documentation's sPAPR flow with an edu DMA round trip")
+    demo = sub.add_parser("demo", help="run the kernel documentation's flow (sPAPR on POWER, Type1 on x86) with an edu DMA round trip")
     _machine_args(demo)
     demo.add_argument("--transfers", type=int, default=4, help="edu DMA transfers of 4 KiB (default 4)")
     demo.set_defaults(func=cmd_demo)
@@ -88,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     _machine_args(topo)
     topo.add_argument("--json", action="store_true", help="machine-readable output")
     topo.set_defaults(func=cmd_topology)
+    _run_parsers(sub)
     args = ap.parse_args(argv)
     try:
         return int(args.func(args))

@@ -39,8 +39,8 @@ from .machine_spec import MachineSpec, load_spec_file, load_spec_text
 
 T = TypeVar("T")
 
-PRESETS = {"powernv": "powernv.toml", "pseries": "pseries.toml"}
-PRESET_ALIASES = {"default": "powernv", "powernv9": "powernv"}
+PRESETS = {"powernv": "powernv.toml", "pseries": "pseries.toml", "x86": "x86.toml"}
+PRESET_ALIASES = {"default": "powernv", "powernv9": "powernv", "q35": "x86"}
 
 # MAX_PAGE_ORDER of ppc64 (arch/powerpc/Kconfig ARCH_FORCE_MAX_ORDER): the
 # largest contiguous allocation is 16 MiB with either page size.
@@ -52,18 +52,25 @@ def preset_names() -> list[str]:
 
 
 class Machine:
-    """A simulated POWER machine: platform, PCI devices, and a kernel."""
+    """A simulated machine (POWER or x86): platform, PCI devices, and a kernel."""
 
     def __init__(self, spec: MachineSpec, *, page_size: int = 4096, kernel: str = "6.12") -> None:
         profile = KernelProfile.get(kernel)
         if profile.legacy and spec.platform == "pseries":
             raise ValueError("kernel 3.10 has no VFIO on pseries guests: its VFIO_IOMMU_SPAPR_TCE depends on "
                              "PPC_POWERNV (drivers/vfio/Kconfig); use the powernv machine")
+        if spec.platform == "x86":
+            if profile.legacy:
+                raise ValueError("the 3.10 profile is the sPAPR seed patch on PowerNV; x86 machines run the Linux "
+                                 "6.12 Type1 IOMMU driver (kernel=\"6.12\")")
+            if page_size != 4096:
+                raise ValueError(f"x86 has 4 KiB pages only, not page_size={page_size}")
         self.spec = spec
         self.name = spec.name
         self.kernel = Kernel(page_size, profile)
         self._lock = threading.RLock()
         self.oopses: list[str] = []
+        self.iommu_units: list[Any] = []     # x86: the VT-d units (kernel/platform/x86.py)
         self._build()
 
     # -- constructors ------------------------------------------------------------------------
@@ -100,6 +107,9 @@ class Machine:
     # -- building the platform ---------------------------------------------------------------------
 
     def _build(self) -> None:
+        if self.spec.platform == "x86":
+            self._build_x86()
+            return
         k = self.kernel
         spec = self.spec
         log = k.log.info
@@ -166,6 +176,59 @@ class Machine:
         k.log.info(f"vfiosim: {spec.name} ({spec.platform}), Linux {k.profile.version} profile, "
                    f"{k.page_size // 1024} KiB pages, {len(spec.devices)} device(s)")
 
+    def _build_x86(self) -> None:
+        """An x86 host with one VT-d unit: every device is behind it; only the
+        Type1 IOMMU driver is registered (no sPAPR, no EEH, no no-IOMMU)."""
+        from .kernel.iommu.type1 import Type1IommuDriver
+        from .kernel.platform.x86 import RESV_TYPE_NAMES, IntelIommu, ResvRegion
+        from .machine_spec import HOST_DEVICE_MODELS
+
+        k = self.kernel
+        spec = self.spec
+        assert spec.iommu is not None
+        io = spec.iommu
+        unit = IntelIommu(name="dmar0", model=io.model, aw_bits=io.address_width, pgsize_bitmap=io.page_sizes,
+                          resv_regions=[ResvRegion(r.start, r.size, RESV_TYPE_NAMES[r.type])
+                                        for r in io.reserved_regions],
+                          snoop_control=io.snoop_control, interrupt_remapping=io.interrupt_remapping,
+                          caching_mode=io.caching_mode, phys=k.phys, log_err=k.log.err)
+        self.iommu_units = [unit]
+        k.vfio.iommu_drivers.register(Type1IommuDriver(k, dma_entry_limit=spec.type1.dma_entry_limit,
+                                                       allow_unsafe_interrupts=spec.type1.allow_unsafe_interrupts))
+        k.log.info(f"DMAR: Intel(R) Virtualization Technology for Directed I/O ({io.model}, "
+                   f"{io.address_width}-bit, caching mode {'on' if io.caching_mode else 'off'})")
+        bar_base = 0xFE000000          # SeaBIOS places BARs below the IOAPIC
+        for ds in spec.devices:
+            if ds.model == "edu":
+                dev: PciDevice = EduDevice(ds.bdf, dma_mask=ds.dma_mask)
+            else:
+                vendor, device, class_code, header_type, _ = HOST_DEVICE_MODELS[ds.model]
+                dev = PciDevice(ds.bdf, vendor=vendor, device=device, class_code=class_code,
+                                subsystem_vendor=0x1AF4, subsystem=0x1100, interrupt_pin=0)
+                dev.model = ds.model
+                dev.config.set(0x0E, 1, header_type)
+                dev.finish()
+            dev.driver = ds.driver or None
+            dev.reset_method = "bus" if ds.behind_bridge else None
+            dev.log = k.log.warn
+            for index, bar in dev.bars.items():
+                bar_base = (bar_base + bar.size - 1) & ~(bar.size - 1)
+                dev.assign_bar_address(index, bar_base)
+                bar_base += bar.size
+            group = k.iommu_groups.get(ds.iommu_group)
+            if group is None:
+                group = k.iommu_groups[ds.iommu_group] = IommuGroup(ds.iommu_group)
+                group.domains = unit.add_group(group)
+            group.add_device(dev)
+            assert group.domains is not None
+            unit.add_device(dev, group.domains)
+            k.devices[dev.bdf] = dev
+            if dev.driver == "vfio-pci":
+                k.vfio.register_device(dev.bdf, group, VfioPciDevice(dev, k.log), mode=ds.group_mode,
+                                       uid=ds.group_uid, gid=ds.group_gid)
+        k.log.info(f"vfiosim: {spec.name} ({spec.platform}), Linux {k.profile.version} profile, "
+                   f"{k.page_size // 1024} KiB pages, {len(spec.devices)} device(s)")
+
     # -- introspection -------------------------------------------------------------------------------
 
     @property
@@ -191,6 +254,8 @@ class Machine:
 
     def pe_of(self, bdf: str) -> Pe:
         dev = self.device(bdf)
+        if self.platform == "x86":
+            raise ValueError(f"{self.name} is an x86 machine: it has no PEs (its VT-d units are machine.iommu_units)")
         return next(pe for pe in self.kernel.pes if dev in pe.devices)
 
     def dmesg(self, include_debug: bool = False) -> list[str]:
@@ -278,7 +343,7 @@ class Process:
         accepted read-only.  The buffer is all the memory the kernel sees:
         reading past its end is EFAULT.  Returns the ioctl's result."""
         k = self.machine.kernel
-        name = _ioctl_label(request)
+        name = _ioctl_label(request, self.task, fd)
         if isinstance(arg, int):
             return self._call(name, k.sys_ioctl, fd, request, arg)
         if isinstance(arg, ctypes.Structure | ctypes.Union | ctypes.Array):
@@ -322,11 +387,42 @@ class Process:
     def mprotect(self, addr: int, length: int, prot: int) -> None:
         self._call("mprotect", lambda t: t.mm.mprotect(addr, length, prot))
 
+    def mlock(self, addr: int, length: int) -> None:
+        """mlock(2): lock the pages of [addr, addr+length) (VM_LOCKED), charged
+        to VmLck against RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK."""
+        self._call("mlock", lambda t: t.mm.mlock(addr, length, t))
+
+    def munlock(self, addr: int, length: int) -> None:
+        """munlock(2): unlock them; VmLck goes down by the pages that were locked."""
+        self._call("munlock", lambda t: t.mm.munlock(addr, length))
+
     def write_memory(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         self._call("write_memory", lambda t: t.mm.write(addr, data))
 
     def read_memory(self, addr: int, n: int) -> bytes:
         return self._call("read_memory", lambda t: t.mm.read(addr, n))
+
+    def memory_view(self, addr: int, length: int) -> memoryview:
+        """Zero-copy access to ``[addr, addr + length)`` of this process's
+        memory, as its own loads and stores see it (what a pointer is to a
+        real program; vfiosim.client's DMA buffers are built on it).  The
+        range must lie inside one anonymous mapping (EFAULT otherwise); the
+        view is read-only unless that mapping is writable.  Changes nothing:
+        stores through the view do not count pages as touched (VmRSS), so
+        write the memory once with write_memory() to populate it."""
+        from errno import EFAULT
+
+        from .kernel.errors import fail
+        from .kernel.mm import PROT_WRITE as _W
+
+        def view(t: Task) -> memoryview:
+            vma = t.mm.find_vma(addr)
+            if vma is None or vma.kind != "anon" or length < 0 or addr + length > vma.end or not vma.readable():
+                raise fail(EFAULT, f"{addr:#x}+{length:#x} is not inside one readable anonymous mapping")
+            off = vma.pgoff + (addr - vma.start)
+            mv = memoryview(vma.obj.data).cast("B")[off:off + length]
+            return mv if vma.prot & _W else mv.toreadonly()
+        return self._call("memory_view", view)
 
     # -- credentials and limits ---------------------------------------------------------------------
 
@@ -373,9 +469,13 @@ class Process:
         return f"<Process {self.pid} on {self.machine.name}{'' if self.alive else ' (exited)'}>"
 
 
-def _ioctl_label(request: int) -> str:
+def _ioctl_label(request: int, task: Task, fd: int) -> str:
+    """The ioctl's name as the fd it is made on knows it."""
     from .uapi import vfio as uapi
-    return uapi.ioctl_name(request & 0xFFFFFFFF) or f"ioctl({request:#x})"
+    file = task.files._fds.get(fd) if isinstance(fd, int) else None
+    cmd = request & 0xFFFFFFFF
+    name = uapi.ioctl_name_for(cmd, file.kind) if file is not None else uapi.ioctl_name(cmd)
+    return name or f"ioctl({request:#x})"
 
 
 __all__ = ["Machine", "Process", "KERNEL_PROFILES", "preset_names"]

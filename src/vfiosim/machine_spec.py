@@ -12,8 +12,20 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-PLATFORMS = ("powernv", "pseries")
-DEVICE_MODELS = ("edu",)
+PLATFORMS = ("powernv", "pseries", "x86")
+DEVICE_MODELS = ("edu", "pcie-root-port", "q35-host-bridge", "ich9-lpc", "ich9-ahci", "ich9-smbus")
+
+# Host devices an x86 machine file may list besides edu: (vendor, device,
+# class code, header type, the Linux driver bound by default).  They exist
+# for the topology and the IOMMU groups; vfio-pci does not bind them.
+HOST_DEVICE_MODELS: dict[str, tuple[int, int, int, int, str | None]] = {
+    "q35-host-bridge": (0x8086, 0x29C0, 0x060000, 0, None),          # 82G33/G31/P35/P31 DRAM controller
+    "pcie-root-port": (0x1B36, 0x000C, 0x060400, 1, "pcieport"),      # QEMU PCIe root port
+    "ich9-lpc": (0x8086, 0x2918, 0x060100, 0, "lpc_ich"),             # 82801IB (ICH9) LPC
+    "ich9-ahci": (0x8086, 0x2922, 0x010601, 0, "ahci"),               # 82801IR/IO/IH (ICH9R) SATA AHCI
+    "ich9-smbus": (0x8086, 0x2930, 0x0C0500, 0, "i801_smbus"),        # 82801I (ICH9) SMBus
+}
+RESV_REGION_TYPES = ("direct", "direct-relaxable", "reserved", "msi", "sw-msi")
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}
@@ -63,6 +75,35 @@ class DeviceSpec:
 
 
 @dataclass
+class ResvRegionSpec:
+    start: int
+    size: int
+    type: str = "msi"
+
+
+@dataclass
+class IommuSpec:
+    """x86: the VT-d remapping unit, as QEMU's intel-iommu device sets it up."""
+
+    model: str = "intel-iommu"
+    address_width: int = 39
+    page_sizes: int = (1 << 12) | (1 << 21) | (1 << 30)
+    reserved_regions: list[ResvRegionSpec] = field(
+        default_factory=lambda: [ResvRegionSpec(0xFEE00000, 0x100000, "msi")])
+    snoop_control: bool = False
+    interrupt_remapping: bool = True
+    caching_mode: bool = True
+
+
+@dataclass
+class Type1Spec:
+    """x86: the vfio_iommu_type1 module parameters."""
+
+    dma_entry_limit: int = 0xFFFF
+    allow_unsafe_interrupts: bool = False
+
+
+@dataclass
 class MachineSpec:
     name: str
     platform: str
@@ -71,6 +112,8 @@ class MachineSpec:
     phbs: list[PhbSpec] = field(default_factory=list)
     devices: list[DeviceSpec] = field(default_factory=list)
     source: str = "<machine>"
+    iommu: IommuSpec | None = None
+    type1: Type1Spec = field(default_factory=Type1Spec)
 
 
 class _Reader:
@@ -158,15 +201,60 @@ def parse_size(value: Any, source: str, key: str) -> int:
     raise MachineFileError(source, key, 'a size: an integer or a string like "4K", "2M", "1G"', value)
 
 
+def _parse_x86(data: dict[str, Any], spec: MachineSpec, source: str) -> None:
+    """[iommu] and [vfio_iommu_type1]: the x86 machine's VT-d unit and Type1 parameters."""
+    if "phb" in data:
+        raise MachineFileError(source, "phb", "no [[phb]] tables on platform x86 (its devices sit in PCI domain 0000 "
+                                              "behind the [iommu])", "a [[phb]] table")
+    r = _Reader(source, "iommu", data.get("iommu", {}), {"model", "address_width", "page_sizes", "reserved_regions",
+                                                        "snoop_control", "interrupt_remapping", "caching_mode"})
+    d = IommuSpec()
+    iommu = IommuSpec(model=r.str("model", d.model, choices=("intel-iommu",)),
+                      address_width=r.int("address_width", d.address_width, lo=32, hi=64),
+                      page_sizes=r.page_sizes("page_sizes", d.page_sizes),
+                      snoop_control=r.bool("snoop_control", d.snoop_control),
+                      interrupt_remapping=r.bool("interrupt_remapping", d.interrupt_remapping),
+                      caching_mode=r.bool("caching_mode", d.caching_mode), reserved_regions=[])
+    if not iommu.page_sizes & (1 << 12):
+        raise MachineFileError(source, "iommu.page_sizes", "a list that includes 4K")
+    regions = r.table.get("reserved_regions", None)
+    if regions is None:
+        iommu.reserved_regions = d.reserved_regions
+    elif not isinstance(regions, list):
+        raise MachineFileError(source, "iommu.reserved_regions", "a list of {start, size, type} tables", regions)
+    else:
+        for i, table in enumerate(regions):
+            rr = _Reader(source, f"iommu.reserved_regions[{i}]", table, {"start", "size", "type"})
+            region = ResvRegionSpec(start=rr.int("start"), size=rr.size("size"),
+                                    type=rr.str("type", "reserved", choices=RESV_REGION_TYPES))
+            if not region.size or region.start + region.size > 1 << 64:
+                raise MachineFileError(source, f"iommu.reserved_regions[{i}].size",
+                                       "a non-zero size that ends inside the 64-bit address space", region.size)
+            iommu.reserved_regions.append(region)
+    spec.iommu = iommu
+    t = _Reader(source, "vfio_iommu_type1", data.get("vfio_iommu_type1", {}),
+                {"dma_entry_limit", "allow_unsafe_interrupts"})
+    spec.type1 = Type1Spec(dma_entry_limit=t.int("dma_entry_limit", 0xFFFF, hi=0xFFFFFFFF),
+                           allow_unsafe_interrupts=t.bool("allow_unsafe_interrupts", False))
+
+
 def parse_spec(data: dict[str, Any], source: str) -> MachineSpec:
-    top = _Reader(source, "", data, {"machine", "phb", "device"})
+    top = _Reader(source, "", data, {"machine", "phb", "device", "iommu", "vfio_iommu_type1"})
     if "machine" not in data:
         raise MachineFileError(source, "machine", "a [machine] table")
     m = _Reader(source, "machine", data["machine"], {"name", "description", "platform", "ram"})
     spec = MachineSpec(name=m.str("name"), platform=m.str("platform", choices=PLATFORMS),
                        description=m.str("description", ""), ram=m.size("ram", 4 << 30), source=source)
-    phbs = data.get("phb", [])
-    if not isinstance(phbs, list) or not phbs:
+    x86 = spec.platform == "x86"
+    if x86:
+        _parse_x86(data, spec, source)
+    else:
+        for key in ("iommu", "vfio_iommu_type1"):
+            if key in data:
+                raise MachineFileError(source, key, f"no [{key}] table on platform {spec.platform} "
+                                                    f"(it describes an x86 machine)", f"a [{key}] table")
+    phbs = [] if x86 else data.get("phb", [])
+    if not x86 and (not isinstance(phbs, list) or not phbs):
         raise MachineFileError(source, "phb", "at least one [[phb]] table")
     phb_keys = {"index", "model", "m32_pci_base", "tce_page_sizes", "eeh", "max_order", "dma32_start",
                 "dma32_size", "ddw_page_sizes", "ddw_windows", "dma64_address", "ddw_largest_block"}
@@ -205,11 +293,33 @@ def parse_spec(data: dict[str, Any], source: str) -> MachineSpec:
             domain = parse_bdf(bdf)[0]
         except ValueError as exc:
             raise MachineFileError(source, f"device[{i}].bdf", "a PCI address DDDD:BB:SS.F", bdf) from exc
-        dev = DeviceSpec(bdf=bdf.lower(), model=r.str("model", choices=DEVICE_MODELS), phb=r.int("phb", lo=0, hi=0xFFFF),
+        model = r.str("model", choices=DEVICE_MODELS)
+        if x86:
+            if r.has("phb") or r.has("pe"):
+                raise MachineFileError(source, f"device[{i}].{'phb' if r.has('phb') else 'pe'}",
+                                       "no phb or pe key on platform x86 (devices are grouped by iommu_group only)",
+                                       "a key")
+            if domain != 0:
+                raise MachineFileError(source, f"device[{i}].bdf", "PCI domain 0000 (the only one of an x86 machine)",
+                                       bdf)
+        elif model != "edu":
+            raise MachineFileError(source, f"device[{i}].model", f"edu (host device models are for platform x86)",
+                                   model)
+        default_driver = "vfio-pci" if model == "edu" else HOST_DEVICE_MODELS[model][4] or ""
+        dev = DeviceSpec(bdf=bdf.lower(), model=model, phb=0 if x86 else r.int("phb", lo=0, hi=0xFFFF),
                          iommu_group=r.int("iommu_group", lo=0, hi=0xFFFFF), pe=r.int("pe", 1, lo=0, hi=4095),
-                         behind_bridge=r.bool("behind_bridge", False), driver=r.str("driver", "vfio-pci"),
+                         behind_bridge=r.bool("behind_bridge", False), driver=r.str("driver", default_driver),
                          dma_mask=r.int("dma_mask", (1 << 28) - 1), group_uid=r.int("group_uid", 0, hi=0xFFFFFFFF),
                          group_gid=r.int("group_gid", 0, hi=0xFFFFFFFF), group_mode=r.int("group_mode", 0o600, hi=0o7777))
+        if model != "edu" and dev.driver == "vfio-pci":
+            raise MachineFileError(source, f"device[{i}].driver", f"a host driver: vfio-pci binds only the edu "
+                                                                  f"endpoints here, not a {model}", dev.driver)
+        if x86:
+            for other in spec.devices:
+                if other.bdf == dev.bdf:
+                    raise MachineFileError(source, f"device[{i}].bdf", "an address not used by another device", bdf)
+            spec.devices.append(dev)
+            continue
         if not any(p.index == dev.phb for p in spec.phbs):
             raise MachineFileError(source, f"device[{i}].phb", f"the index of a [[phb]] ({[p.index for p in spec.phbs]})",
                                    dev.phb)

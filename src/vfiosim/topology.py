@@ -41,6 +41,9 @@ def describe(m: "Machine") -> dict[str, Any]:
             "node": f"/dev/vfio/{gid}" if vg is not None else None, "state": owner or "closed",
             "container": vg.container.describe() if vg is not None and vg.container is not None else None,
         })
+        if g.domains is not None:
+            # x86: the IOMMU domain the group's DMA goes through now.
+            groups[-1]["domain"] = {"type": g.domains.domain.kind, "id": g.domains.domain.id}
     devices = []
     for bdf, d in sorted(k.devices.items()):
         devices.append({"bdf": bdf, "model": d.model, "vendor": d.vendor, "device": d.device_id,
@@ -48,7 +51,10 @@ def describe(m: "Machine") -> dict[str, Any]:
                         "iommu_group": d.iommu_group.id if d.iommu_group else None,
                         "bars": {i: {"size": b.size, "address": d.bar_addresses.get(i)} for i, b in d.bars.items()},
                         "reset": d.reset_method})
-    return {"machine": m.name, "description": m.spec.description, "platform": m.platform,
-            "kernel": m.kernel_version, "page_size": m.page_size, "iommu_drivers": k.vfio.iommu_drivers.names(),
-            "eeh": k.eeh_enabled(), "pes": pes, "iommu_groups": groups, "devices": devices,
-            "processes": sorted(k.tasks)}
+    out = {"machine": m.name, "description": m.spec.description, "platform": m.platform,
+           "kernel": m.kernel_version, "page_size": m.page_size, "iommu_drivers": k.vfio.iommu_drivers.names(),
+           "eeh": k.eeh_enabled(), "pes": pes, "iommu_groups": groups, "devices": devices,
+           "processes": sorted(k.tasks)}
+    if m.iommu_units:
+        out["iommu_units"] = [u.describe() for u in m.iommu_units]
+    return out

@@ -97,6 +97,12 @@ class FdTable:
         self.cloexec: set[int] = set()
         self.max_fds = max_fds          # RLIMIT_NOFILE
         self.slots = 64                 # fdt->max_fds: /proc/<pid>/status FDSize
+        # For a task that is a real process (``vfiosim run``): the files the
+        # process has open outside the simulated kernel (its eventfds, pipes,
+        # sockets), looked up by number when the table has none there, so
+        # that fds passed inside ioctl arguments resolve as the kernel's
+        # fdget() would.  Such files are borrowed, never installed.
+        self.foreign: Callable[[int], File | None] | None = None
 
     def _lowest_free(self) -> int:
         fd = 0
@@ -136,10 +142,17 @@ class FdTable:
         try:
             return self._fds[fd]
         except (KeyError, TypeError):
+            if self.foreign is not None and isinstance(fd, int) and fd >= 0:
+                file = self.foreign(fd)
+                if file is not None:
+                    return file
             raise fail(EBADF, f"fd {fd} is not open") from None
 
     def remove(self, fd: int) -> File:
-        file = self.get(fd)
+        try:
+            file = self._fds[fd]
+        except (KeyError, TypeError):
+            raise fail(EBADF, f"fd {fd} is not open") from None
         del self._fds[fd]
         self.cloexec.discard(fd)
         return file

@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 from contextlib import contextmanager
 from dataclasses import dataclass
-from errno import EFAULT, EINVAL, ENOMEM
+from errno import EFAULT, EINVAL, ENOMEM, EPERM
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
@@ -315,6 +315,9 @@ class MM:
         for vma in self._split(addr, end):
             if vma.kind != "anon":
                 raise fail(EINVAL, "munmap of the ioctl argument buffer")
+            if vma.locked:
+                # vms_gather_munmap_vmas(): unmapping VM_LOCKED memory unlocks it.
+                self.locked_vm -= vma.length >> self.page_shift
             self._remove(vma)
 
     def mprotect(self, addr: int, length: int, prot: int) -> None:
@@ -470,6 +473,151 @@ class MM:
                 break
         return PinResult(hpas[:done], shifts[:done], done, err)
 
+    # -- mlock(2), munlock(2) (mm/mlock.c) ---------------------------------------
+
+    def mlock(self, start: int, length: int, current: "Task") -> None:
+        """do_mlock(start, len, VM_LOCKED).
+
+        can_do_mlock() first (EPERM with a zero RLIMIT_MEMLOCK and no
+        CAP_IPC_LOCK), then the limit: the new total of locked_vm, less the
+        part of the range already locked, must fit RLIMIT_MEMLOCK unless the
+        caller has CAP_IPC_LOCK (ENOMEM).  apply_vma_lock_flags() then marks
+        the VMAs VM_LOCKED one by one (EINVAL if start + len wraps, ENOMEM at
+        the first hole, the VMAs before it stay locked) and __mm_populate()
+        faults the pages in; its errors go through
+        __mlock_posix_error_return() (EFAULT becomes ENOMEM: a PROT_NONE VMA
+        is locked but cannot be populated).
+        """
+        soft = current.rlimit_memlock_soft()
+        capable = current.capable(CAP_IPC_LOCK)
+        if soft == 0 and not capable:
+            raise fail(EPERM, "mlock: RLIMIT_MEMLOCK is 0 and the caller lacks CAP_IPC_LOCK (can_do_mlock)")
+        start, length = self._mlock_align(start, length)
+        lock_limit = soft >> self.page_shift
+        locked = (length >> self.page_shift) + self.locked_vm
+        if locked > lock_limit and not capable:
+            locked -= self.count_mlocked_pages(start, length)
+        if locked > lock_limit and not capable:
+            raise fail(ENOMEM, f"mlock: {locked} pages would be locked, over RLIMIT_MEMLOCK "
+                               f"({soft} bytes = {lock_limit} pages)")
+        self._apply_vma_lock_flags(start, length, True, "mlock")
+        self._mm_populate(start, length)
+
+    def munlock(self, start: int, length: int) -> None:
+        """munlock(2): apply_vma_lock_flags(start, len, 0); no limit, no EPERM."""
+        start, length = self._mlock_align(start, length)
+        self._apply_vma_lock_flags(start, length, False, "munlock")
+
+    def _mlock_align(self, start: int, length: int) -> tuple[int, int]:
+        """len = PAGE_ALIGN(len + offset_in_page(start)); start &= PAGE_MASK,
+        in unsigned 64-bit arithmetic (a huge len wraps, as in C)."""
+        mask = (1 << 64) - 1
+        start &= mask
+        length &= mask
+        psz = self.page_size
+        length = ((length + (start & (psz - 1)) + psz - 1) & ~(psz - 1)) & mask
+        return start & ~(psz - 1) & mask, length
+
+    def count_mlocked_pages(self, start: int, length: int) -> int:
+        """count_mm_mlocked_page_nr(): pages of VM_LOCKED VMAs inside the range."""
+        end = min(start + length, (1 << 64) - 1)
+        count = 0
+        for vma in self._overlapping(start, end):
+            if vma.locked:
+                count += min(end, vma.end) - max(start, vma.start)
+        return count >> self.page_shift
+
+    @staticmethod
+    def _lock_exempt(vma: Vma) -> bool:
+        """mlock_fixup() leaves some VMAs alone (no VM_LOCKED, not counted):
+        hugetlb ones (our huge-page mmaps) and special mappings (the ioctl
+        argument buffer of the in-process API)."""
+        return vma.kind != "anon" or vma.obj.compound_shift > vma.obj.page_shift
+
+    def _apply_vma_lock_flags(self, start: int, length: int, lock: bool, call: str) -> None:
+        """apply_vma_lock_flags() + mlock_fixup(): VMA by VMA, in order."""
+        end = start + length
+        if end > (1 << 64) - 1:
+            raise fail(EINVAL, f"{call}: {start:#x} + {length:#x} wraps around the address space")
+        if end == start:
+            return
+        if self.find_vma(start) is None:
+            raise fail(ENOMEM, f"{call}: {start:#x} is not mapped")
+        cur = None
+        for vma in self._overlapping(start, end):
+            if cur is not None and vma.start != cur:
+                raise fail(ENOMEM, f"{call}: {cur:#x} is not mapped")
+            lo, hi = max(start, vma.start), min(end, vma.end)
+            if vma.locked != lock and not self._lock_exempt(vma):
+                for piece in self._split(lo, hi):
+                    piece.locked = lock
+                pages = (hi - lo) >> self.page_shift
+                self.locked_vm += pages if lock else -pages
+            cur = hi
+        if cur is None or cur < end:
+            raise fail(ENOMEM, f"{call}: {cur or start:#x} is not mapped")
+
+    def _mm_populate(self, start: int, length: int) -> None:
+        """__mm_populate(start, len, 0) as mlock() calls it: fault the pages
+        in, VMA by VMA.  A writable private VMA gets its own pages
+        (FOLL_WRITE); a read-only one maps the shared zero page, which is not
+        a page of its own here.  PROT_NONE cannot be populated: EFAULT, which
+        __mlock_posix_error_return() turns into ENOMEM."""
+        end = start + length
+        for vma in self._overlapping(start, end):
+            if not vma.readable():
+                raise fail(ENOMEM, f"mlock: {max(start, vma.start):#x} is PROT_NONE: locked, but its pages "
+                                   f"cannot be faulted in (EFAULT from populate_vma_page_range)")
+            if vma.writable():
+                lo = vma.pgoff + (max(start, vma.start) - vma.start)
+                hi = vma.pgoff + (min(end, vma.end) - vma.start)
+                vma.obj.populated[lo >> vma.obj.page_shift:(hi - 1 >> vma.obj.page_shift) + 1] = True
+
+    def locked_bytes(self) -> int:
+        """Bytes of VM_LOCKED VMAs (what mlock() charged to locked_vm)."""
+        return sum(v.length for v in self._vmas if v.locked)
+
+    # -- long-term pins (pin_user_pages_remote with FOLL_LONGTERM) --------------
+
+    def pin_pages_longterm(self, start: int, npages: int, write: bool) -> PinResult:
+        """Pin ``npages`` consecutive pages from ``start`` (page aligned), as
+        vaddr_get_pfns() does for the Type1 IOMMU driver (drivers/vfio/
+        vfio_iommu_type1.c): pin_user_pages_remote(FOLL_LONGTERM, plus
+        FOLL_WRITE for a device-writable mapping).
+
+        Stops at the first page that cannot be pinned (``errno`` EFAULT):
+        unmapped, PROT_NONE, the ioctl argument buffer, or FOLL_WRITE on a
+        read-only VMA.  A long-term read pin of a never-written page of a
+        private mapping does not pin the shared zero page: GUP unshares it
+        (FAULT_FLAG_UNSHARE, mm/gup.c since Linux 6.2), so the page is
+        populated and charged like any other -- the x86 reference trace maps
+        untouched PROT_READ memory READ-only and VmLck grows by its size.
+        Work is one NumPy slice per VMA, never per page.
+        """
+        shift = self.page_shift
+        hpas = np.empty(npages, dtype=np.uint64)
+        shifts = np.empty(npages, dtype=np.int64)
+        done = 0
+        err: int | None = None
+        addr = start
+        while done < npages:
+            vma = self.find_vma(addr)
+            if vma is None or not vma.obj.pinnable or not vma.readable() or (write and not vma.writable()):
+                err = EFAULT
+                break
+            n = min(npages - done, (vma.end - addr) >> shift)
+            obj = vma.obj
+            first = (vma.pgoff + (addr - vma.start)) >> obj.page_shift
+            obj.populated[first:first + n] = True
+            obj.pincount[first:first + n] += 1
+            obj.pins += n
+            hpas[done:done + n] = np.uint64(obj.phys_base) + (np.arange(first, first + n, dtype=np.uint64)
+                                                              << np.uint64(obj.page_shift))
+            shifts[done:done + n] = obj.compound_shift
+            done += n
+            addr += n << shift
+        return PinResult(hpas[:done], shifts[:done], done, err)
+
 
 def account_locked_vm(mm: MM | None, pages: int, inc: bool, current: "Task | None") -> None:
     """Charge or refund ``pages`` of mm->locked_vm (mm/util.c: account_locked_vm).
@@ -493,3 +641,26 @@ def account_locked_vm(mm: MM | None, pages: int, inc: bool, current: "Task | Non
             raise KernelBug(f"locked_vm underflow: refunding {pages} of {mm.locked_vm} pages")
         mm.locked_vm -= pages
 
+
+def account_locked_vm_task(mm: MM | None, pages: int, inc: bool, task: "Task | None", bypass_rlim: bool) -> None:
+    """__account_locked_vm(mm, pages, inc, task, bypass_rlim) (mm/util.c).
+
+    Unlike :func:`account_locked_vm`, the limit is ``task``'s RLIMIT_MEMLOCK
+    and the capability was decided by the caller beforehand: the Type1 driver
+    records ``capable(CAP_IPC_LOCK)`` and the group leader when a mapping is
+    made (``dma->lock_cap``, ``dma->task``) and charges against those.
+    """
+    if pages == 0 or mm is None:
+        return
+    if inc:
+        if not bypass_rlim:
+            assert task is not None
+            limit = task.rlimit_memlock_soft() >> mm.page_shift
+            if mm.locked_vm + pages > limit:
+                raise fail(ENOMEM, f"locked memory would be {(mm.locked_vm + pages) << mm.page_shift} bytes, "
+                                   f"over RLIMIT_MEMLOCK {task.rlimit_memlock_soft()} bytes")
+        mm.locked_vm += pages
+    else:
+        if pages > mm.locked_vm:
+            raise KernelBug(f"locked_vm underflow: refunding {pages} of {mm.locked_vm} pages")
+        mm.locked_vm -= pages

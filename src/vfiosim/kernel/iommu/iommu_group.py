@@ -15,6 +15,7 @@ from ..errors import fail
 
 if TYPE_CHECKING:
     from ..pci.device import PciDevice
+    from ..platform.x86 import VtdGroup
     from .table_group import TableGroup
 
 
@@ -29,6 +30,9 @@ class IommuGroup:
         # group (a blocking domain, then take_ownership); 3.10 had no such
         # hand-off: the sPAPR driver took the PE's own table itself.
         self.platform_handoff = True
+        # On IOMMU-API platforms (x86 VT-d) the group's domains: default,
+        # blocking and current (kernel/platform/x86.py: VtdGroup); None on POWER.
+        self.domains: "VtdGroup | None" = None
 
     def add_device(self, dev: "PciDevice") -> None:
         self.devices.append(dev)
@@ -46,6 +50,9 @@ class IommuGroup:
         """iommu_group_claim_dma_owner(): EBUSY if anybody else owns it."""
         if self.owner_cnt or self.host_driver_owned():
             raise fail(EBUSY, f"IOMMU group {self.id} is owned by another user or a host driver")
+        if self.domains is not None:
+            # __iommu_take_dma_ownership(): DMA is blocked until a driver attaches a domain.
+            self.domains.take_ownership()
         self.dma_owner = owner
         self.owner_cnt = 1
         if self.iommudata is not None and self.platform_handoff:
@@ -54,6 +61,8 @@ class IommuGroup:
     def release_dma_owner(self) -> None:
         if self.iommudata is not None and self.platform_handoff:
             self.iommudata.release_ownership()
+        if self.domains is not None:
+            self.domains.release_ownership()
         self.dma_owner = None
         self.owner_cnt = 0
 

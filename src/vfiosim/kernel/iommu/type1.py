@@ -1,0 +1,1224 @@
+"""The Type1 IOMMU driver for VFIO (drivers/vfio/vfio_iommu_type1.c, Linux 6.12).
+
+A container with VFIO_TYPE1_IOMMU or VFIO_TYPE1v2_IOMMU keeps a list of
+user mappings (``struct vfio_dma``), each an IOVA range backed by pinned
+user pages, and maps every one into each IOMMU domain of the container.
+Groups share a domain when the IOMMU allows (same ops, same cache
+coherency); otherwise the container gets one more domain and the existing
+mappings are replayed into it.  Pinned pages are charged to the mapping
+process's ``locked_vm`` page by page, against RLIMIT_MEMLOCK unless it had
+CAP_IPC_LOCK when it mapped -- whether or not the page is already mlock'ed
+or pinned by another mapping, as upstream charges them (vfio_lock_acct).
+
+Each method names the upstream function it follows; checks happen in the
+same order, so the same bad input gets the same errno.  Where upstream's
+dirty bitmap keeps stale bits after a shifted copy, the same bits are
+reported (docs/deviations.md).
+
+Per-page work is vectorised: pinning is one NumPy slice per VMA, mappings
+are stored and mapped as physically contiguous runs, unpinning is one
+scatter per memory object, and dirty bitmaps are arrays of 64-bit words.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import struct
+from dataclasses import dataclass, field
+from errno import EACCES, EBUSY, EEXIST, EINVAL, ENODEV, ENOENT, ENOMEM, ENOSPC, ENOTTY, EPERM, ESRCH
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ...uapi import vfio as uapi
+from ..cred import CAP_IPC_LOCK
+from ..errors import KernelBug, KernelError, fail
+from ..mm import PinResult, account_locked_vm_task
+from ..uaccess import copy_from_user, copy_struct_from_user, copy_struct_to_user, copy_to_user
+from ..vfio.iommu_driver import VfioIommuDriver
+
+if TYPE_CHECKING:
+    from ..kernel import Kernel
+    from ..mm import MM
+    from ..platform.x86 import ResvRegion, VtdDomain
+    from ..task import Task
+    from .iommu_group import IommuGroup
+
+U64 = (1 << 64) - 1
+
+# IOMMU_* protection flags (include/linux/iommu.h).
+IOMMU_READ = 1 << 0
+IOMMU_WRITE = 1 << 1
+IOMMU_CACHE = 1 << 2
+IOMMU_RESV_DIRECT_RELAXABLE = 1
+IOMMU_RESV_SW_MSI = 4
+IOMMU_RESV_MSI = 3
+
+# Module parameter default (vfio_iommu_type1.dma_entry_limit = U16_MAX).
+DMA_ENTRY_LIMIT_DEFAULT = 0xFFFF
+
+# DIRTY_BITMAP_BYTES(n) = ALIGN(n, 64) / 8; at most INT_MAX pages per bitmap.
+DIRTY_BITMAP_PAGES_MAX = 0x7FFFFFFF
+
+
+def dirty_bitmap_bytes(npages: int) -> int:
+    return ((npages + 63) & ~63) // 8
+
+
+DIRTY_BITMAP_SIZE_MAX = dirty_bitmap_bytes(DIRTY_BITMAP_PAGES_MAX)
+
+# x86-64 with 4-level paging: access_ok() accepts [ptr, ptr+size) when the
+# sum does not wrap and is at most USER_PTR_MAX = TASK_SIZE_MAX - 1.
+TASK_SIZE_MAX = (1 << 47) - 4096
+USER_PTR_MAX = TASK_SIZE_MAX - 1
+
+# Pages pinned per step of a large map (bounds the temporary arrays).
+BATCH = 1 << 18
+
+
+def _ffs(x: int) -> int:
+    """__ffs(); x86 TZCNT answers 64 for 0 (the C result is undefined)."""
+    x &= U64
+    return (x & -x).bit_length() - 1 if x else 64
+
+
+def _fls(x: int) -> int:
+    """__fls(); for 0 the C result is undefined, answered as 64 like _ffs."""
+    x &= U64
+    return x.bit_length() - 1 if x else 64
+
+
+def _shr(x: int, n: int) -> int:
+    """A 64-bit x86 shift: the count is taken modulo 64."""
+    return (x & U64) >> (n & 63)
+
+
+def access_ok(addr: int, size: int) -> bool:
+    """access_ok() of x86-64: the range must end in user space without wrapping."""
+    total = addr + size
+    return total <= U64 and total <= USER_PTR_MAX
+
+
+# -- the dirty bitmaps: arrays of unsigned long, as lib/bitmap.c sees them ---------------
+
+_ONES = np.uint64(U64)
+
+
+def bitmap_set(words: np.ndarray, start: int, n: int) -> None:
+    """bitmap_set(map, start, nbits)"""
+    if n <= 0:
+        return
+    end = start + n
+    a, b = start >> 6, (end - 1) >> 6
+    lo = np.uint64((U64 << (start & 63)) & U64)
+    hi = np.uint64(U64 >> (63 - ((end - 1) & 63)))
+    if a == b:
+        words[a] |= lo & hi
+    else:
+        words[a] |= lo
+        words[a + 1:b] = _ONES
+        words[b] |= hi
+
+
+def bitmap_clear(words: np.ndarray, start: int, n: int) -> None:
+    """bitmap_clear(map, start, nbits)"""
+    if n <= 0:
+        return
+    end = start + n
+    a, b = start >> 6, (end - 1) >> 6
+    lo = np.uint64((U64 << (start & 63)) & U64)
+    hi = np.uint64(U64 >> (63 - ((end - 1) & 63)))
+    if a == b:
+        words[a] &= ~(lo & hi)
+    else:
+        words[a] &= ~lo
+        words[a + 1:b] = np.uint64(0)
+        words[b] &= ~hi
+
+
+def bitmap_shift_left(words: np.ndarray, shift: int, nbits: int) -> None:
+    """__bitmap_shift_left(dst, src, shift, nbits) in place, for 0 < shift < 64.
+
+    As in lib/bitmap.c the last word is not masked to ``nbits``: bits
+    shifted past the end stay in the word (this is where the stale dirty
+    bits come from, see update_user_bitmap()).
+    """
+    lim = (nbits + 63) >> 6
+    src = words[:lim].copy()
+    rem = np.uint64(shift)
+    out = src << rem
+    if lim > 1:
+        out[1:] |= src[:-1] >> np.uint64(64 - shift)
+    words[:lim] = out
+
+
+# -- state ---------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class VfioDma:
+    """``struct vfio_dma``: one user mapping."""
+
+    iova: int
+    vaddr: int
+    prot: int
+    task: "Task"
+    mm: "MM"
+    lock_cap: bool
+    size: int = 0
+    iommu_mapped: bool = False
+    vaddr_invalid: bool = False
+    locked_vm: int = 0
+    bitmap: np.ndarray | None = None
+    # What is pinned and mapped, as physically contiguous runs: IOVA,
+    # host physical address, pages.  Upstream reads the same back from the
+    # first domain with iommu_iova_to_phys().
+    run_iova: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
+    run_hpa: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
+    run_pages: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def end(self) -> int:
+        return self.iova + self.size
+
+
+@dataclass(eq=False)
+class VfioIommuGroup:
+    """``struct vfio_iommu_group``"""
+
+    iommu_group: "IommuGroup"
+    pinned_page_dirty_scope: bool = False
+
+
+@dataclass(eq=False)
+class VfioDomain:
+    """``struct vfio_domain``: an IOMMU domain and the groups attached to it."""
+
+    domain: "VtdDomain"
+    groups: list[VfioIommuGroup] = field(default_factory=list)
+    enforce_cache_coherency: bool = False
+
+
+@dataclass(eq=False)
+class VfioIommu:
+    """``struct vfio_iommu``: the container's Type1 state."""
+
+    v2: bool
+    nesting: bool
+    dma_avail: int
+    pgsize_bitmap: int
+    domain_list: list[VfioDomain] = field(default_factory=list)     # list_add(): newest first
+    iova_list: list[list[int]] = field(default_factory=list)         # [start, end] (inclusive)
+    dma_starts: list[int] = field(default_factory=list)
+    dmas: list[VfioDma] = field(default_factory=list)
+    vaddr_invalid_count: int = 0
+    num_non_pinned_groups: int = 0
+    dirty_page_tracking: bool = False
+
+
+class Type1IommuDriver(VfioIommuDriver):
+    """vfio_iommu_driver_ops_type1 ("vfio-iommu-type1")."""
+
+    name = "vfio-iommu-type1"
+
+    def __init__(self, kernel: "Kernel", *, dma_entry_limit: int = DMA_ENTRY_LIMIT_DEFAULT,
+                 allow_unsafe_interrupts: bool = False) -> None:
+        self.kernel = kernel
+        self.log = kernel.log
+        self.dma_entry_limit = dma_entry_limit
+        self.allow_unsafe_interrupts = allow_unsafe_interrupts
+
+    @property
+    def page_shift(self) -> int:
+        return self.kernel.page_shift
+
+    @property
+    def page_size(self) -> int:
+        return self.kernel.page_size
+
+    # -- vfio_iommu_driver_ops: open / release ------------------------------------------------
+
+    def open(self, arg: int, current: "Task") -> VfioIommu:
+        """vfio_iommu_type1_open()"""
+        if arg == uapi.VFIO_TYPE1_IOMMU:
+            v2, nesting = False, False
+        elif arg == uapi.VFIO_TYPE1_NESTING_IOMMU:
+            v2, nesting = True, True
+        elif arg == uapi.VFIO_TYPE1v2_IOMMU:
+            v2, nesting = True, False
+        else:
+            raise fail(EINVAL, f"IOMMU type {arg} is not Type1 (1), Type1v2 (3) or Type1 nesting (6)")
+        # pgsize_bitmap starts as PAGE_MASK until a domain narrows it.
+        return VfioIommu(v2=v2, nesting=nesting, dma_avail=self.dma_entry_limit,
+                         pgsize_bitmap=~(self.page_size - 1) & U64)
+
+    def release(self, iommu: VfioIommu, current: "Task") -> None:
+        """vfio_iommu_type1_release(): every mapping, then every domain."""
+        self._unmap_unpin_all(iommu)
+        for d in list(iommu.domain_list):
+            for g in list(d.groups):
+                vtd = g.iommu_group.domains
+                if vtd is not None:
+                    vtd.detach(d.domain)
+                d.groups.remove(g)
+            d.domain.on_dma_write = None
+            d.domain.unit.domain_free(d.domain)
+            iommu.domain_list.remove(d)
+        iommu.iova_list.clear()
+
+    # -- attach / detach ------------------------------------------------------------------------------
+
+    def _find_group(self, iommu: VfioIommu, group: "IommuGroup") -> tuple[VfioDomain, VfioIommuGroup] | None:
+        """vfio_iommu_find_iommu_group()"""
+        for d in iommu.domain_list:
+            for g in d.groups:
+                if g.iommu_group is group:
+                    return d, g
+        return None
+
+    def attach_group(self, iommu: VfioIommu, group: "IommuGroup", current: "Task") -> None:
+        """vfio_iommu_type1_attach_group()"""
+        if iommu.vaddr_invalid_count:
+            raise fail(EBUSY, f"IOMMU group {group.id}: attaching could need pinning, which is not allowed while "
+                              f"{iommu.vaddr_invalid_count} mapping(s) have an invalidated vaddr (VFIO_DMA_MAP_FLAG_VADDR)")
+        if self._find_group(iommu, group) is not None:
+            raise fail(EINVAL, f"IOMMU group {group.id} is already attached to this container")
+        vtd = group.domains
+        if vtd is None:
+            # iommu_paging_domain_alloc() on a device behind no IOMMU.
+            raise fail(ENODEV, f"IOMMU group {group.id} is behind no IOMMU that supports the IOMMU API")
+        unit = vtd.unit
+        domain = unit.domain_alloc_paging()
+        try:
+            if iommu.nesting:
+                # iommu_enable_nesting(): intel_iommu_ops has no enable_nesting op.
+                raise fail(EINVAL, "VFIO_TYPE1_NESTING_IOMMU: the VT-d IOMMU cannot enable nesting "
+                                   "(iommu_enable_nesting: no enable_nesting op)")
+            vtd.attach(domain)
+        except KernelError:
+            unit.domain_free(domain)
+            raise
+        try:
+            iova_copy = self._attach_checks(iommu, group, domain)
+        except KernelError:
+            vtd.detach(domain)
+            unit.domain_free(domain)
+            raise
+        vgroup = VfioIommuGroup(group)
+        enforce = domain.enforce_cache_coherency()
+        # Try to share an existing compatible domain.
+        for d in iommu.domain_list:
+            if d.domain.ops == domain.ops and d.enforce_cache_coherency == enforce:
+                vtd.detach(domain)
+                try:
+                    vtd.attach(d.domain)
+                except KernelError:
+                    try:
+                        vtd.attach(domain)
+                    except KernelError:
+                        unit.domain_free(domain)
+                        raise
+                    continue
+                d.groups.insert(0, vgroup)
+                unit.domain_free(domain)
+                break
+        else:
+            vdomain = VfioDomain(domain, [vgroup], enforce)
+            try:
+                self._replay(iommu, vdomain)
+            except KernelError:
+                vtd.detach(domain)
+                unit.domain_free(domain)
+                raise
+            domain.on_dma_write = lambda iova, length, _i=iommu: self._dma_written(_i, iova, length)
+            iommu.domain_list.insert(0, vdomain)
+            self._update_pgsize_bitmap(iommu)
+        iommu.iova_list = iova_copy
+        # An IOMMU-backed group can dirty memory directly: it demotes the
+        # container's dirty scope to "everything mapped".
+        iommu.num_non_pinned_groups += 1
+
+    def _attach_checks(self, iommu: VfioIommu, group: "IommuGroup", domain: "VtdDomain") -> list[list[int]]:
+        """The part of vfio_iommu_type1_attach_group() between attaching to the
+        new domain and looking for a domain to share; returns the new IOVA list."""
+        vtd = group.domains
+        assert vtd is not None
+        start, end = domain.aperture_start, domain.aperture_end
+        if self._aper_conflict(iommu, start, end):
+            raise fail(EINVAL, f"IOMMU group {group.id}: its aperture {start:#x}..{end:#x} would exclude "
+                               f"existing mappings or the current IOVA ranges")
+        resv = vtd.unit.get_resv_regions(group)
+        if self._resv_conflict(iommu, resv):
+            raise fail(EINVAL, f"IOMMU group {group.id}: an existing mapping overlaps one of its reserved regions")
+        iova_copy = [list(n) for n in iommu.iova_list]
+        self._aper_resize(iova_copy, start, end)
+        self._resv_exclude(iova_copy, resv)
+        if not self.allow_unsafe_interrupts and not vtd.unit.interrupt_remapping:
+            # iommu_group_has_isolated_msi() is false without interrupt remapping.
+            self.log.warn('vfio_iommu_type1_attach_group: No interrupt remapping support.  Use the module param '
+                          '"allow_unsafe_interrupts" to enable VFIO IOMMU support on this platform')
+            raise fail(EPERM, "no interrupt remapping: MSIs are not isolated (vfio_iommu_type1."
+                              "allow_unsafe_interrupts would allow it)")
+        return iova_copy
+
+    def _replay(self, iommu: VfioIommu, vdomain: VfioDomain) -> None:
+        """vfio_iommu_replay(): map every existing mapping into a new domain.
+        Mappings made while the container had a domain are already pinned;
+        their runs are mapped as they are."""
+        done: list[tuple[int, int]] = []
+        try:
+            for dma in iommu.dmas:
+                if not dma.iommu_mapped:
+                    raise KernelBug("a Type1 mapping without a domain (only emulated groups make those)")
+                for iova, hpa, pages in zip(dma.run_iova.tolist(), dma.run_hpa.tolist(), dma.run_pages.tolist()):
+                    vdomain.domain.map(iova, hpa, pages << self.page_shift, dma.prot | IOMMU_CACHE)
+                    done.append((iova, pages << self.page_shift))
+        except KernelError:
+            for iova, size in done:
+                vdomain.domain.unmap(iova, size)
+            raise
+
+    def detach_group(self, iommu: VfioIommu, group: "IommuGroup", current: "Task") -> None:
+        """vfio_iommu_type1_detach_group(): the last group of the last domain
+        takes every mapping with it (unpinned, locked_vm refunded)."""
+        update_dirty_scope = False
+        iova_copy = [list(n) for n in iommu.iova_list]
+        for d in iommu.domain_list:
+            g = next((g for g in d.groups if g.iommu_group is group), None)
+            if g is None:
+                continue
+            vtd = group.domains
+            assert vtd is not None
+            vtd.detach(d.domain)
+            update_dirty_scope = not g.pinned_page_dirty_scope
+            d.groups.remove(g)
+            if not d.groups:
+                if len(iommu.domain_list) == 1:
+                    self._unmap_unpin_all(iommu)
+                else:
+                    for dma in iommu.dmas:
+                        d.domain.unmap(dma.iova, dma.size)
+                d.domain.on_dma_write = None
+                d.domain.unit.domain_free(d.domain)
+                iommu.domain_list.remove(d)
+                self._aper_expand(iommu, iova_copy)
+                self._update_pgsize_bitmap(iommu)
+            break
+        refreshed = self._resv_refresh(iommu, iova_copy)
+        if refreshed is not None:
+            iommu.iova_list = refreshed
+        if update_dirty_scope:
+            iommu.num_non_pinned_groups -= 1
+            if iommu.dirty_page_tracking:
+                # vfio_iommu_populate_bitmap_full()
+                shift = _ffs(iommu.pgsize_bitmap)
+                for dma in iommu.dmas:
+                    if dma.bitmap is not None:
+                        bitmap_set(dma.bitmap, 0, dma.size >> shift)
+
+    # -- IOVA ranges ---------------------------------------------------------------------------------
+
+    def _aper_conflict(self, iommu: VfioIommu, start: int, end: int) -> bool:
+        """vfio_iommu_aper_conflict()"""
+        if not iommu.iova_list:
+            return False
+        first, last = iommu.iova_list[0], iommu.iova_list[-1]
+        if start > last[1] or end < first[0]:
+            return True
+        if start > first[0] and self._find_dma(iommu, first[0], start - first[0]) is not None:
+            return True
+        if end < last[1] and self._find_dma(iommu, end + 1, last[1] - end) is not None:
+            return True
+        return False
+
+    @staticmethod
+    def _aper_resize(iova: list[list[int]], start: int, end: int) -> None:
+        """vfio_iommu_aper_resize(), including its comparisons: a node whose
+        end equals the new start is dropped (``start < node->end``)."""
+        if not iova:
+            iova.append([start, end])
+            return
+        while iova:
+            node = iova[0]
+            if start < node[0]:
+                break
+            if node[0] <= start < node[1]:
+                node[0] = start
+                break
+            del iova[0]
+        kept = []
+        for node in iova:
+            if end > node[1]:
+                kept.append(node)
+            elif node[0] < end <= node[1]:
+                node[1] = end
+                kept.append(node)
+        iova[:] = kept
+
+    def _resv_conflict(self, iommu: VfioIommu, resv: list["ResvRegion"]) -> bool:
+        """vfio_iommu_resv_conflict()"""
+        return any(r.type != IOMMU_RESV_DIRECT_RELAXABLE and self._find_dma(iommu, r.start, r.length) is not None
+                   for r in resv)
+
+    @staticmethod
+    def _resv_exclude(iova: list[list[int]], resv: list["ResvRegion"]) -> None:
+        """vfio_iommu_resv_exclude(): EINVAL if nothing is left."""
+        for r in resv:
+            if r.type == IOMMU_RESV_DIRECT_RELAXABLE:
+                continue
+            start, end = r.start, r.start + r.length - 1
+            out: list[list[int]] = []
+            for n in iova:
+                if start > n[1] or end < n[0]:
+                    out.append(n)
+                    continue
+                if start > n[0]:
+                    out.append([n[0], start - 1])
+                if end < n[1]:
+                    out.append([end + 1, n[1]])
+            iova[:] = out
+        if not iova:
+            raise fail(EINVAL, "the reserved regions leave no usable IOVA range")
+
+    @staticmethod
+    def _aper_expand(iommu: VfioIommu, iova_copy: list[list[int]]) -> None:
+        """vfio_iommu_aper_expand(): the smallest aperture of the remaining domains."""
+        if not iova_copy:
+            return
+        start, end = 0, U64
+        for d in iommu.domain_list:
+            start = max(start, d.domain.aperture_start)
+            end = min(end, d.domain.aperture_end)
+        iova_copy[0][0] = start
+        iova_copy[-1][1] = end
+
+    def _resv_refresh(self, iommu: VfioIommu, iova_copy: list[list[int]]) -> list[list[int]] | None:
+        """vfio_iommu_resv_refresh(): rebuild the list from the remaining
+        groups' reserved regions; None (keep the old list) on failure."""
+        if not iova_copy:
+            return None
+        resv: list["ResvRegion"] = []
+        for d in iommu.domain_list:
+            for g in d.groups:
+                vtd = g.iommu_group.domains
+                if vtd is not None:
+                    resv.extend(vtd.unit.get_resv_regions(g.iommu_group))
+        fresh: list[list[int]] = []
+        self._aper_resize(fresh, iova_copy[0][0], iova_copy[-1][1])
+        try:
+            self._resv_exclude(fresh, resv)
+        except KernelError:
+            return None
+        return fresh
+
+    @staticmethod
+    def _iova_dma_valid(iommu: VfioIommu, start: int, end: int) -> bool:
+        """vfio_iommu_iova_dma_valid(); an empty list allows anything."""
+        return any(start >= n[0] and end <= n[1] for n in iommu.iova_list) or not iommu.iova_list
+
+    def _update_pgsize_bitmap(self, iommu: VfioIommu) -> None:
+        """vfio_update_pgsize_bitmap(): the intersection of the domains' sizes,
+        sizes below PAGE_SIZE replaced by PAGE_SIZE."""
+        bitmap = U64
+        for d in iommu.domain_list:
+            bitmap &= d.domain.pgsize_bitmap
+        page_mask = ~(self.page_size - 1) & U64
+        if bitmap & ~page_mask:
+            bitmap = (bitmap & page_mask) | self.page_size
+        iommu.pgsize_bitmap = bitmap
+
+    # -- the mapping tree ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _find_dma(iommu: VfioIommu, start: int, size: int) -> VfioDma | None:
+        """vfio_find_dma(): a mapping overlapping [start, start+size).  With
+        size 0 it is the mapping that contains ``start`` past its first byte,
+        as the rb-tree walk's comparisons make it."""
+        i = bisect.bisect_left(iommu.dma_starts, start + size) - 1
+        if i >= 0:
+            dma = iommu.dmas[i]
+            if start < dma.end and (size or dma.iova < start):
+                return dma
+        return None
+
+    @staticmethod
+    def _find_dma_first(iommu: VfioIommu, start: int, size: int) -> int | None:
+        """vfio_find_dma_first_node(): index of the lowest mapping ending after
+        ``start``, or None if it begins at or after start + size."""
+        i = bisect.bisect_right(iommu.dma_starts, start) - 1
+        if i < 0 or iommu.dmas[i].end <= start:
+            i += 1
+        if i >= len(iommu.dmas):
+            return None
+        if size and iommu.dmas[i].iova >= start + size:
+            return None
+        return i
+
+    @staticmethod
+    def _link_dma(iommu: VfioIommu, dma: VfioDma) -> None:
+        i = bisect.bisect_left(iommu.dma_starts, dma.iova)
+        iommu.dma_starts.insert(i, dma.iova)
+        iommu.dmas.insert(i, dma)
+
+    @staticmethod
+    def _unlink_dma(iommu: VfioIommu, dma: VfioDma) -> None:
+        i = bisect.bisect_left(iommu.dma_starts, dma.iova)
+        while iommu.dmas[i] is not dma:
+            i += 1
+        del iommu.dma_starts[i]
+        del iommu.dmas[i]
+
+    # -- accounting -----------------------------------------------------------------------------------
+
+    def _lock_acct(self, dma: VfioDma, npage: int, async_: bool) -> int:
+        """vfio_lock_acct(): charge (npage > 0) or refund the mapping's mm.
+
+        ``async_`` callers (unmapping) skip a process that has exited, as
+        mmget_not_zero() fails for it: the refund goes with the dead mm.
+        """
+        if not npage:
+            return 0
+        if async_ and getattr(dma.mm, "dead", False):
+            return -ESRCH
+        account_locked_vm_task(dma.mm, abs(npage), npage > 0, dma.task, dma.lock_cap)
+        dma.locked_vm += npage
+        return 0
+
+    def _change_dma_owner(self, dma: VfioDma, current: "Task") -> None:
+        """vfio_change_dma_owner(): a VADDR update from another process moves
+        the mapping's locked memory to it (charged first, then refunded)."""
+        mm = current.mm
+        if mm is dma.mm:
+            return
+        lock_cap = current.capable(CAP_IPC_LOCK)
+        account_locked_vm_task(mm, dma.locked_vm, True, current, lock_cap)
+        if not getattr(dma.mm, "dead", False):
+            account_locked_vm_task(dma.mm, dma.locked_vm, False, dma.task, dma.lock_cap)
+        dma.task = current
+        dma.mm = mm
+        dma.lock_cap = lock_cap
+
+    # -- ioctl -----------------------------------------------------------------------------------------
+
+    def ioctl(self, iommu: VfioIommu | None, cmd: int, arg: int, current: "Task") -> int:
+        """vfio_iommu_type1_ioctl()"""
+        if cmd == uapi.VFIO_CHECK_EXTENSION:
+            return self._check_extension(iommu, arg)
+        assert iommu is not None
+        if cmd == uapi.VFIO_IOMMU_GET_INFO:
+            return self._get_info(iommu, arg, current)
+        if cmd == uapi.VFIO_IOMMU_MAP_DMA:
+            return self._map_dma(iommu, arg, current)
+        if cmd == uapi.VFIO_IOMMU_UNMAP_DMA:
+            return self._unmap_dma(iommu, arg, current)
+        if cmd == uapi.VFIO_IOMMU_DIRTY_PAGES:
+            return self._dirty_pages(iommu, arg, current)
+        name = uapi.ioctl_name(cmd)
+        raise fail(ENOTTY, f"{name or hex(cmd)}: not a Type1 IOMMU ioctl")
+
+    def _check_extension(self, iommu: VfioIommu | None, arg: int) -> int:
+        """vfio_iommu_type1_check_extension() as of Linux 6.12 (which still
+        answers VFIO_TYPE1_NESTING_IOMMU)."""
+        if arg in (uapi.VFIO_TYPE1_IOMMU, uapi.VFIO_TYPE1v2_IOMMU, uapi.VFIO_TYPE1_NESTING_IOMMU,
+                   uapi.VFIO_UNMAP_ALL):
+            return 1
+        if arg == uapi.VFIO_UPDATE_VADDR:
+            # No emulated (mdev) groups in this model.
+            return 1 if iommu is not None else 0
+        if arg == uapi.VFIO_DMA_CC_IOMMU:
+            if iommu is None:
+                return 0
+            # vfio_domains_have_enforce_cache_coherency()
+            return 0 if any(not d.enforce_cache_coherency for d in iommu.domain_list) else 1
+        return 0
+
+    # -- VFIO_IOMMU_GET_INFO ---------------------------------------------------------------------------
+
+    def _get_info(self, iommu: VfioIommu, arg: int, current: "Task") -> int:
+        """vfio_iommu_type1_get_info(): the capability chain follows the
+        struct when argsz leaves room for it; otherwise argsz is raised to the
+        size needed and cap_offset stays 0."""
+        cls = uapi.vfio_iommu_type1_info
+        minsz = uapi.offsetofend(cls, "iova_pgsizes")
+        info = copy_struct_from_user(current, arg, cls, minsz)
+        if info.argsz < minsz:
+            raise fail(EINVAL, f"VFIO_IOMMU_GET_INFO: argsz {info.argsz} < {minsz}")
+        info_size = ctypes.sizeof(cls)
+        minsz = min(info.argsz, info_size)
+        info.flags = uapi.VFIO_IOMMU_INFO_PGSIZES
+        info.iova_pgsizes = iommu.pgsize_bitmap
+        info.cap_offset = 0
+        caps = bytearray()
+        self._migration_cap(iommu, caps)
+        self._dma_avail_cap(iommu, caps)
+        self._iova_cap(iommu, caps)
+        if caps:
+            info.flags |= uapi.VFIO_IOMMU_INFO_CAPS
+            if info.argsz < info_size + len(caps):
+                info.argsz = info_size + len(caps)
+            else:
+                _cap_shift(caps, info_size)
+                copy_to_user(current, arg + info_size, bytes(caps))
+                info.cap_offset = info_size
+        copy_struct_to_user(current, arg, info, minsz)
+        return 0
+
+    def _migration_cap(self, iommu: VfioIommu, caps: bytearray) -> None:
+        """vfio_iommu_migration_build_caps()"""
+        cap = uapi.vfio_iommu_type1_info_cap_migration()
+        cap.flags = 0
+        cap.pgsize_bitmap = 1 << _ffs(iommu.pgsize_bitmap)
+        cap.max_dirty_bitmap_size = DIRTY_BITMAP_SIZE_MAX
+        _cap_add(caps, bytes(cap), uapi.VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION, 1)
+
+    def _dma_avail_cap(self, iommu: VfioIommu, caps: bytearray) -> None:
+        """vfio_iommu_dma_avail_build_caps()"""
+        cap = uapi.vfio_iommu_type1_info_dma_avail(avail=iommu.dma_avail)
+        _cap_add(caps, bytes(cap), uapi.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL, 1)
+
+    def _iova_cap(self, iommu: VfioIommu, caps: bytearray) -> None:
+        """vfio_iommu_iova_build_caps(): none for an empty list."""
+        if not iommu.iova_list:
+            return
+        head = uapi.vfio_iommu_type1_info_cap_iova_range(nr_iovas=len(iommu.iova_list))
+        body = b"".join(struct.pack("<QQ", s, e) for s, e in iommu.iova_list)
+        _cap_add(caps, bytes(head) + body, uapi.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, 1)
+
+    # -- VFIO_IOMMU_MAP_DMA ----------------------------------------------------------------------------
+
+    def _map_dma(self, iommu: VfioIommu, arg: int, current: "Task") -> int:
+        """vfio_iommu_type1_map_dma()"""
+        cls = uapi.vfio_iommu_type1_dma_map
+        minsz = uapi.offsetofend(cls, "size")
+        m = copy_struct_from_user(current, arg, cls, minsz)
+        mask = uapi.VFIO_DMA_MAP_FLAG_READ | uapi.VFIO_DMA_MAP_FLAG_WRITE | uapi.VFIO_DMA_MAP_FLAG_VADDR
+        if m.argsz < minsz:
+            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: argsz {m.argsz} < {minsz}")
+        if m.flags & ~mask:
+            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: flags {m.flags:#x} has bits other than READ|WRITE|VADDR")
+        return self._do_map(iommu, m.flags, m.vaddr, m.iova, m.size, current)
+
+    def _do_map(self, iommu: VfioIommu, flags: int, vaddr: int, iova: int, size: int, current: "Task") -> int:
+        """vfio_dma_do_map()"""
+        set_vaddr = bool(flags & uapi.VFIO_DMA_MAP_FLAG_VADDR)
+        prot = (IOMMU_WRITE if flags & uapi.VFIO_DMA_MAP_FLAG_WRITE else 0) | \
+            (IOMMU_READ if flags & uapi.VFIO_DMA_MAP_FLAG_READ else 0)
+        if prot and set_vaddr:
+            raise fail(EINVAL, "VFIO_IOMMU_MAP_DMA: VFIO_DMA_MAP_FLAG_VADDR takes no READ/WRITE "
+                               "(it only gives an existing mapping its new vaddr)")
+        if not prot and not set_vaddr:
+            raise fail(EINVAL, "VFIO_IOMMU_MAP_DMA: flags must include READ and/or WRITE")
+        pgsize = 1 << _ffs(iommu.pgsize_bitmap)
+        if not size or (size | iova | vaddr) & (pgsize - 1):
+            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: vaddr {vaddr:#x}, iova {iova:#x} and size {size:#x} must be "
+                               f"non-zero multiples of the smallest IOMMU page size {pgsize:#x}")
+        if iova + size - 1 > U64 or vaddr + size - 1 > U64:
+            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: iova {iova:#x} or vaddr {vaddr:#x} + size {size:#x} wraps")
+        dma = self._find_dma(iommu, iova, size)
+        if set_vaddr:
+            if dma is None:
+                raise fail(ENOENT, f"VFIO_IOMMU_MAP_DMA (VADDR): no mapping at iova {iova:#x}+{size:#x}")
+            if not dma.vaddr_invalid or dma.iova != iova or dma.size != size:
+                raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA (VADDR): the mapping {dma.iova:#x}+{dma.size:#x} "
+                                   + ("still has a valid vaddr (VFIO_DMA_UNMAP_FLAG_VADDR first)"
+                                      if not dma.vaddr_invalid else f"is not exactly {iova:#x}+{size:#x}"))
+            self._change_dma_owner(dma, current)
+            dma.vaddr = vaddr
+            dma.vaddr_invalid = False
+            iommu.vaddr_invalid_count -= 1
+            return 0
+        if dma is not None:
+            raise fail(EEXIST, f"VFIO_IOMMU_MAP_DMA: {iova:#x}+{size:#x} overlaps the mapping "
+                               f"{dma.iova:#x}+{dma.size:#x}")
+        if not iommu.dma_avail:
+            raise fail(ENOSPC, f"VFIO_IOMMU_MAP_DMA: the container has {self.dma_entry_limit} mappings, the "
+                               f"vfio_iommu_type1.dma_entry_limit")
+        if not self._iova_dma_valid(iommu, iova, iova + size - 1):
+            ranges = ", ".join(f"{s:#x}..{e:#x}" for s, e in iommu.iova_list)
+            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: {iova:#x}..{iova + size - 1:#x} is not inside one usable "
+                               f"IOVA range ({ranges}; see VFIO_IOMMU_GET_INFO's IOVA_RANGE capability)")
+        iommu.dma_avail -= 1
+        dma = VfioDma(iova=iova, vaddr=vaddr, prot=prot, task=current, mm=current.mm,
+                      lock_cap=current.capable(CAP_IPC_LOCK))
+        try:
+            self._pin_map_dma(iommu, dma, size, current)
+        except KernelError:
+            iommu.dma_avail += 1
+            raise
+        self._link_dma(iommu, dma)
+        if iommu.dirty_page_tracking:
+            try:
+                self._bitmap_alloc(dma, pgsize)
+            except KernelError:
+                self._remove_dma(iommu, dma)
+                raise
+        return 0
+
+    def _pin(self, mm: "MM", vaddr: int, npages: int, write: bool) -> PinResult:
+        """vaddr_get_pfns(): a long-term pin of consecutive pages."""
+        pin = getattr(mm, "pin_pages_longterm", None)
+        if pin is not None:
+            return pin(vaddr, npages, write)
+        addrs = np.uint64(vaddr) + (np.arange(npages, dtype=np.uint64) << np.uint64(self.page_shift))
+        return mm.pin_pages(addrs, write)
+
+    def _pin_map_dma(self, iommu: VfioIommu, dma: VfioDma, size: int, current: "Task") -> None:
+        """vfio_pin_map_dma() + vfio_pin_pages_remote().
+
+        Pages are pinned in order.  Unless the mapping process had
+        CAP_IPC_LOCK, page k fails with ENOMEM when ``locked_vm + k + 1``
+        exceeds RLIMIT_MEMLOCK -- pages already mlock'ed or pinned by another
+        mapping count again.  A page that cannot be pinned fails with EFAULT
+        if it comes first.  On failure everything this call pinned is
+        unpinned and nothing stays charged; on success the pages are charged
+        (vfio_lock_acct) and mapped into every domain as physically
+        contiguous runs (vfio_iommu_map).
+        """
+        mm = current.mm
+        psz = self.page_size
+        npages = size >> self.page_shift
+        write = bool(dma.prot & IOMMU_WRITE)
+        limit = current.rlimit_memlock_soft() >> self.page_shift
+        limit_at: int | None = None
+        want = npages
+        if not dma.lock_cap:
+            room = max(limit - mm.locked_vm, 0)
+            if room < npages:
+                limit_at, want = room, room + 1
+        chunks: list[np.ndarray] = []
+        pos = 0
+        err: int | None = None
+        while pos < want:
+            res = self._pin(mm, dma.vaddr + pos * psz, min(BATCH, want - pos), write)
+            chunks.append(res.hpas[:res.count])
+            pos += res.count
+            if res.errno is not None:
+                err = res.errno
+                break
+
+        def unpin_all() -> None:
+            for c in chunks:
+                if c.size:
+                    self.kernel.phys.unpin(c)
+
+        if err is not None:
+            unpin_all()
+            raise fail(err, f"VFIO_IOMMU_MAP_DMA: cannot pin user page {dma.vaddr + pos * psz:#x} "
+                            f"({'unmapped, or not writable' if write else 'unmapped or PROT_NONE'}; "
+                            f"vaddr_get_pfns)")
+        if limit_at is not None:
+            unpin_all()
+            self.log.warn(f"vfio_pin_pages_remote: RLIMIT_MEMLOCK ({limit << self.page_shift}) exceeded")
+            raise fail(ENOMEM, f"VFIO_IOMMU_MAP_DMA: pinning {npages} pages would make locked memory "
+                           f"{(mm.locked_vm + npages) << self.page_shift} bytes, over RLIMIT_MEMLOCK "
+                           f"{current.rlimit_memlock_soft()} bytes (mlock'ed pages and pages pinned by other "
+                           f"mappings count again); raise the limit or run with CAP_IPC_LOCK")
+        self._lock_acct(dma, npages, False)
+        run_iova, run_hpa, run_pages = _runs(chunks, dma.iova, psz)
+        self._note_charged_again(mm, dma, size, run_hpa, run_pages)
+        mapped: list[tuple["VtdDomain", int, int]] = []
+        try:
+            for d in iommu.domain_list:
+                for iova, hpa, pages in zip(run_iova.tolist(), run_hpa.tolist(), run_pages.tolist()):
+                    d.domain.map(iova, hpa, pages * psz, dma.prot | IOMMU_CACHE)
+                    mapped.append((d.domain, iova, pages * psz))
+        except KernelError:
+            for dom, iova, length in mapped:
+                dom.unmap(iova, length)
+            unpin_all()
+            self._lock_acct(dma, -npages, True)
+            raise
+        dma.run_iova, dma.run_hpa, dma.run_pages = run_iova, run_hpa, run_pages
+        dma.size = size
+        dma.iommu_mapped = True
+
+    def _note_charged_again(self, mm: "MM", dma: VfioDma, size: int, run_hpa: np.ndarray,
+                            run_pages: np.ndarray) -> None:
+        """Announce pages this mapping charged although locked_vm already
+        counts them: mlock'ed ones, and ones another mapping had pinned.
+        vfio_pin_pages_remote() charges every page it pins (only reserved
+        pages and pages in the mapping's own external pin list are
+        skipped), so Linux counts them twice (docs/deviations.md)."""
+        count_mlocked = getattr(mm, "count_mlocked_pages", None)
+        mlocked = count_mlocked(dma.vaddr, size) if count_mlocked is not None else 0
+        pinned = 0
+        for hpa, pages in zip(run_hpa.tolist(), run_pages.tolist()):
+            found = self.kernel.phys.lookup(hpa)
+            if found is not None:
+                obj, off = found
+                first = off >> obj.page_shift
+                pinned += int(np.count_nonzero(obj.pincount[first:first + pages] > 1))
+        if mlocked or pinned:
+            self.log.info(f"vfiosim: VFIO_IOMMU_MAP_DMA {dma.iova:#x}+{size:#x}: {mlocked} page(s) already "
+                          f"mlock'ed and {pinned} already pinned by another mapping are charged to locked_vm "
+                          f"again, as Linux 6.12 does (vfio_pin_pages_remote; docs/deviations.md)")
+
+    # -- unmapping -------------------------------------------------------------------------------------------
+
+    def _unmap_unpin(self, iommu: VfioIommu, dma: VfioDma, do_accounting: bool) -> int:
+        """vfio_unmap_unpin(): out of every domain, then unpin and refund."""
+        if not dma.size or not iommu.domain_list:
+            return 0
+        for d in iommu.domain_list:
+            d.domain.unmap(dma.iova, dma.size)
+        hpas = _expand(dma.run_hpa, dma.run_pages, self.page_size)
+        if hpas.size:
+            self.kernel.phys.unpin(hpas)
+        unlocked = int(hpas.size)
+        dma.run_iova = np.zeros(0, dtype=np.uint64)
+        dma.run_hpa = np.zeros(0, dtype=np.uint64)
+        dma.run_pages = np.zeros(0, dtype=np.int64)
+        dma.iommu_mapped = False
+        if do_accounting:
+            self._lock_acct(dma, -unlocked, True)
+            return 0
+        return unlocked
+
+    def _remove_dma(self, iommu: VfioIommu, dma: VfioDma) -> None:
+        """vfio_remove_dma()"""
+        self._unmap_unpin(iommu, dma, True)
+        self._unlink_dma(iommu, dma)
+        dma.bitmap = None
+        if dma.vaddr_invalid:
+            iommu.vaddr_invalid_count -= 1
+        iommu.dma_avail += 1
+
+    def _unmap_unpin_all(self, iommu: VfioIommu) -> None:
+        """vfio_iommu_unmap_unpin_all()"""
+        while iommu.dmas:
+            self._remove_dma(iommu, iommu.dmas[0])
+
+    def _unmap_dma(self, iommu: VfioIommu, arg: int, current: "Task") -> int:
+        """vfio_iommu_type1_unmap_dma(): the struct is written back (with the
+        size actually unmapped) only on success."""
+        cls = uapi.vfio_iommu_type1_dma_unmap
+        minsz = uapi.offsetofend(cls, "size")
+        unmap = copy_struct_from_user(current, arg, cls, minsz)
+        mask = (uapi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP | uapi.VFIO_DMA_UNMAP_FLAG_VADDR |
+                uapi.VFIO_DMA_UNMAP_FLAG_ALL)
+        if unmap.argsz < minsz:
+            raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: argsz {unmap.argsz} < {minsz}")
+        if unmap.flags & ~mask:
+            raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: flags {unmap.flags:#x} has unknown bits")
+        get_bitmap = bool(unmap.flags & uapi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP)
+        if get_bitmap and unmap.flags & (uapi.VFIO_DMA_UNMAP_FLAG_ALL | uapi.VFIO_DMA_UNMAP_FLAG_VADDR):
+            raise fail(EINVAL, "VFIO_IOMMU_UNMAP_DMA: GET_DIRTY_BITMAP cannot be combined with ALL or VADDR")
+        bitmap = (0, 0, 0)
+        if get_bitmap:
+            bsz = _VFIO_BITMAP.size
+            if unmap.argsz < minsz + bsz:
+                raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: argsz {unmap.argsz} leaves no room for the "
+                                   f"struct vfio_bitmap ({minsz + bsz} needed)")
+            bitmap = _VFIO_BITMAP.unpack(copy_from_user(current, arg + minsz, bsz))
+            pgsize_b, size_b, data = bitmap
+            if not access_ok(data, size_b):
+                raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: bitmap {data:#x}+{size_b:#x} is not in user space")
+            _verify_bitmap_size(_shr(unmap.size, _ffs(pgsize_b)), size_b, "VFIO_IOMMU_UNMAP_DMA")
+        unmapped = self._do_unmap(iommu, unmap.flags, unmap.iova, unmap.size, bitmap, current)
+        unmap.size = unmapped
+        copy_struct_to_user(current, arg, unmap, minsz)
+        return 0
+
+    def _do_unmap(self, iommu: VfioIommu, flags: int, iova: int, size: int, bitmap: tuple[int, int, int],
+                  current: "Task") -> int:
+        """vfio_dma_do_unmap(); returns the bytes unmapped.
+
+        v1 (VFIO_TYPE1_IOMMU) keeps the old coalescing semantics: a range
+        starting inside a mapping unmaps nothing, one covering a mapping's
+        first byte unmaps all of it.  v2 refuses ranges that bisect a
+        mapping (EINVAL) and returns size 0 only when nothing was mapped.
+        """
+        unmap_all = bool(flags & uapi.VFIO_DMA_UNMAP_FLAG_ALL)
+        invalidate_vaddr = bool(flags & uapi.VFIO_DMA_UNMAP_FLAG_VADDR)
+        pgshift = _ffs(iommu.pgsize_bitmap)
+        pgsize = 1 << pgshift
+        if iova & (pgsize - 1):
+            raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: iova {iova:#x} is not aligned to {pgsize:#x}")
+        if unmap_all:
+            if iova or size:
+                raise fail(EINVAL, "VFIO_IOMMU_UNMAP_DMA: VFIO_DMA_UNMAP_FLAG_ALL needs iova 0 and size 0")
+            size = U64
+        elif not size or size & (pgsize - 1) or iova + size - 1 > U64:
+            raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: size {size:#x} must be a non-zero multiple of {pgsize:#x} "
+                               f"and iova {iova:#x} + size must not wrap")
+        if flags & uapi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP and \
+                (not iommu.dirty_page_tracking or bitmap[0] != pgsize):
+            raise fail(EINVAL, "VFIO_IOMMU_UNMAP_DMA: GET_DIRTY_BITMAP needs dirty tracking started "
+                               f"(VFIO_IOMMU_DIRTY_PAGES) and bitmap pgsize {pgsize:#x}")
+        if iommu.v2 and not unmap_all:
+            dma = self._find_dma(iommu, iova, 1)
+            if dma is not None and dma.iova != iova:
+                raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: iova {iova:#x} is inside the mapping "
+                                   f"{dma.iova:#x}+{dma.size:#x}; Type1v2 unmaps whole mappings only")
+            dma = self._find_dma(iommu, iova + size - 1, 0)
+            if dma is not None and dma.end != iova + size:
+                raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: the range ends inside the mapping "
+                                   f"{dma.iova:#x}+{dma.size:#x}; Type1v2 unmaps whole mappings only")
+        unmapped = 0
+        first = self._find_dma_first(iommu, iova, size)
+        if first is None:
+            return 0
+        end = iova + size
+        if invalidate_vaddr:
+            done: list[VfioDma] = []
+            for dma in iommu.dmas[first:]:
+                if dma.iova >= end or (not iommu.v2 and iova > dma.iova):
+                    break
+                if dma.vaddr_invalid:
+                    for d in done:
+                        d.vaddr_invalid = False
+                        iommu.vaddr_invalid_count -= 1
+                    raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA (VADDR): the vaddr of {dma.iova:#x}+{dma.size:#x} "
+                                       f"is already invalid; nothing was changed")
+                dma.vaddr_invalid = True
+                iommu.vaddr_invalid_count += 1
+                unmapped += dma.size
+                done.append(dma)
+            return unmapped
+        i = first
+        while i < len(iommu.dmas):
+            dma = iommu.dmas[i]
+            if dma.iova >= end or (not iommu.v2 and iova > dma.iova):
+                break
+            if flags & uapi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP:
+                self._update_user_bitmap(bitmap[2], iommu, dma, iova, pgsize, current)
+            unmapped += dma.size
+            self._remove_dma(iommu, dma)
+        return unmapped
+
+    # -- dirty page tracking ---------------------------------------------------------------------------------
+
+    def _bitmap_alloc(self, dma: VfioDma, pgsize: int) -> None:
+        """vfio_dma_bitmap_alloc(): zeroed, one spare word for the shifts."""
+        npages = dma.size // pgsize
+        if npages > DIRTY_BITMAP_PAGES_MAX:
+            raise fail(EINVAL, f"a mapping of {npages} pages is too large for a dirty bitmap "
+                               f"({DIRTY_BITMAP_PAGES_MAX} pages at most)")
+        dma.bitmap = np.zeros(dirty_bitmap_bytes(npages) // 8 + 1, dtype=np.uint64)
+
+    def _dma_written(self, iommu: VfioIommu, iova: int, length: int) -> None:
+        """A device wrote [iova, iova+length) through a domain of this
+        container: while tracking, the pages are marked in their mappings'
+        bitmaps.  (With IOMMU-backed groups attached, which cannot declare a
+        pinned-page dirty scope, every mapped page is reported dirty anyway,
+        as upstream's update_user_bitmap() does.)"""
+        if not iommu.dirty_page_tracking or length <= 0:
+            return
+        shift = _ffs(iommu.pgsize_bitmap)
+        end = iova + length
+        i = self._find_dma_first(iommu, iova, length)
+        while i is not None and i < len(iommu.dmas) and iommu.dmas[i].iova < end:
+            dma = iommu.dmas[i]
+            if dma.bitmap is not None:
+                lo, hi = max(iova, dma.iova), min(end, dma.end)
+                first = (lo - dma.iova) >> shift
+                last = (hi - 1 - dma.iova) >> shift
+                bitmap_set(dma.bitmap, first, last - first + 1)
+            i += 1
+
+    def _update_user_bitmap(self, user: int, iommu: VfioIommu, dma: VfioDma, base_iova: int, pgsize: int,
+                            current: "Task") -> None:
+        """update_user_bitmap(): copy the mapping's bits into the user's bitmap
+        at its offset from ``base_iova``.
+
+        When the offset is not a multiple of 64 pages the words are shifted
+        left in place and ORed with the user's word already there; the bits
+        pushed past the mapping's end stay in its bitmap, and
+        vfio_iova_dirty_bitmap() clears only the mapping's own bits
+        afterwards, so later reports carry them (upstream defect, reproduced:
+        docs/deviations.md).
+        """
+        assert dma.bitmap is not None
+        pgshift = _ffs(pgsize)
+        nbits = dma.size >> pgshift
+        bit_offset = (dma.iova - base_iova) >> pgshift
+        copy_offset = bit_offset // 64
+        shift = bit_offset % 64
+        if iommu.num_non_pinned_groups and dma.iommu_mapped:
+            bitmap_set(dma.bitmap, 0, nbits)
+        if shift:
+            bitmap_shift_left(dma.bitmap, shift, nbits + shift)
+            leftover = struct.unpack("<Q", copy_from_user(current, user + copy_offset * 8, 8))[0]
+            dma.bitmap[0] |= np.uint64(leftover)
+        nbytes = dirty_bitmap_bytes(nbits + shift)
+        words = dma.bitmap[:nbytes // 8]
+        copy_to_user(current, user + copy_offset * 8, words.astype("<u8").tobytes())
+        stale = _bits_from(words, nbits + shift)
+        if stale:
+            self.log.info(f"vfiosim: update_user_bitmap: {stale} bit(s) past the mapping {dma.iova:#x}+{dma.size:#x} "
+                          f"were reported dirty: bits an earlier unaligned copy shifted past its end were never "
+                          f"cleared; Linux 6.12 reports them too (docs/deviations.md)")
+
+    def _iova_dirty_bitmap(self, user: int, iommu: VfioIommu, iova: int, size: int, pgsize: int,
+                           current: "Task") -> None:
+        """vfio_iova_dirty_bitmap(): the range must not bisect a mapping."""
+        dma = self._find_dma(iommu, iova, 1)
+        if dma is not None and dma.iova != iova:
+            raise fail(EINVAL, f"VFIO_IOMMU_DIRTY_PAGES: iova {iova:#x} is inside the mapping "
+                               f"{dma.iova:#x}+{dma.size:#x}; ask for whole mappings")
+        dma = self._find_dma(iommu, iova + size - 1, 0)
+        if dma is not None and dma.end != iova + size:
+            raise fail(EINVAL, f"VFIO_IOMMU_DIRTY_PAGES: the range ends inside the mapping "
+                               f"{dma.iova:#x}+{dma.size:#x}; ask for whole mappings")
+        pgshift = _ffs(pgsize)
+        last = iova + size - 1
+        for dma in list(iommu.dmas):
+            if dma.iova < iova:
+                continue
+            if dma.iova > last:
+                break
+            self._update_user_bitmap(user, iommu, dma, iova, pgsize, current)
+            assert dma.bitmap is not None
+            # Re-populated from the external pins (vfio_dma_populate_bitmap): none here.
+            bitmap_clear(dma.bitmap, 0, dma.size >> pgshift)
+
+    def _dirty_pages(self, iommu: VfioIommu, arg: int, current: "Task") -> int:
+        """vfio_iommu_type1_dirty_pages()"""
+        if not iommu.v2:
+            raise fail(EACCES, "VFIO_IOMMU_DIRTY_PAGES needs a VFIO_TYPE1v2_IOMMU container")
+        cls = uapi.vfio_iommu_type1_dirty_bitmap
+        minsz = uapi.offsetofend(cls, "flags")
+        dirty = copy_struct_from_user(current, arg, cls, minsz)
+        mask = (uapi.VFIO_IOMMU_DIRTY_PAGES_FLAG_START | uapi.VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP |
+                uapi.VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP)
+        if dirty.argsz < minsz or dirty.flags & ~mask:
+            raise fail(EINVAL, f"VFIO_IOMMU_DIRTY_PAGES: argsz {dirty.argsz} < {minsz} or unknown flags "
+                               f"{dirty.flags:#x}")
+        if _ffs(dirty.flags) != _fls(dirty.flags) or not dirty.flags:
+            raise fail(EINVAL, f"VFIO_IOMMU_DIRTY_PAGES: flags {dirty.flags:#x} must be exactly one of "
+                               f"START, STOP, GET_BITMAP")
+        pgsize = 1 << _ffs(iommu.pgsize_bitmap)
+        if dirty.flags & uapi.VFIO_IOMMU_DIRTY_PAGES_FLAG_START:
+            if not iommu.dirty_page_tracking:
+                # vfio_dma_bitmap_alloc_all()
+                done: list[VfioDma] = []
+                try:
+                    for dma in iommu.dmas:
+                        self._bitmap_alloc(dma, pgsize)
+                        done.append(dma)
+                except KernelError:
+                    for dma in done:
+                        dma.bitmap = None
+                    raise
+                iommu.dirty_page_tracking = True
+            return 0
+        if dirty.flags & uapi.VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP:
+            if iommu.dirty_page_tracking:
+                iommu.dirty_page_tracking = False
+                for dma in iommu.dmas:
+                    dma.bitmap = None
+            return 0
+        rcls = uapi.vfio_iommu_type1_dirty_bitmap_get
+        data_size = dirty.argsz - minsz
+        if not data_size or data_size < ctypes.sizeof(rcls):
+            raise fail(EINVAL, f"VFIO_IOMMU_DIRTY_PAGES: argsz {dirty.argsz} leaves no room for the struct "
+                               f"vfio_iommu_type1_dirty_bitmap_get ({minsz + ctypes.sizeof(rcls)} needed)")
+        r_iova, r_size, b_pgsize, b_size, b_data = _DIRTY_GET.unpack(
+            copy_from_user(current, arg + minsz, _DIRTY_GET.size))
+        if r_iova + r_size > U64:
+            raise fail(EINVAL, f"VFIO_IOMMU_DIRTY_PAGES: iova {r_iova:#x} + size {r_size:#x} wraps")
+        if not access_ok(b_data, b_size):
+            raise fail(EINVAL, f"VFIO_IOMMU_DIRTY_PAGES: bitmap {b_data:#x}+{b_size:#x} is not in user space")
+        _verify_bitmap_size(_shr(r_size, _ffs(b_pgsize)), b_size, "VFIO_IOMMU_DIRTY_PAGES")
+        if b_pgsize != pgsize:
+            raise fail(EINVAL, f"VFIO_IOMMU_DIRTY_PAGES: bitmap pgsize {b_pgsize:#x} is not the smallest IOMMU "
+                               f"page size {pgsize:#x}")
+        if r_iova & (pgsize - 1):
+            raise fail(EINVAL, f"VFIO_IOMMU_DIRTY_PAGES: iova {r_iova:#x} is not aligned to {pgsize:#x}")
+        if not r_size or r_size & (pgsize - 1):
+            raise fail(EINVAL, f"VFIO_IOMMU_DIRTY_PAGES: size {r_size:#x} must be a non-zero multiple of "
+                               f"{pgsize:#x}")
+        if not iommu.dirty_page_tracking:
+            raise fail(EINVAL, "VFIO_IOMMU_DIRTY_PAGES: dirty tracking is not started (FLAG_START first)")
+        self._iova_dirty_bitmap(b_data, iommu, r_iova, r_size, pgsize, current)
+        return 0
+
+    # -- introspection --------------------------------------------------------------------------------------------
+
+    def describe(self, iommu: VfioIommu) -> dict[str, Any]:
+        return {
+            "type": "Type1v2" if iommu.v2 else "Type1", "nesting": iommu.nesting,
+            "page_sizes": iommu.pgsize_bitmap, "dma_avail": iommu.dma_avail,
+            "iova_ranges": [list(n) for n in iommu.iova_list],
+            "dirty_tracking": iommu.dirty_page_tracking,
+            "domains": [{"id": d.domain.id, "groups": [g.iommu_group.id for g in d.groups],
+                         "enforce_cache_coherency": d.enforce_cache_coherency} for d in iommu.domain_list],
+            "mappings": [{"iova": d.iova, "size": d.size, "vaddr": d.vaddr, "prot": d.prot,
+                          "vaddr_invalid": d.vaddr_invalid, "locked_pages": d.locked_vm} for d in iommu.dmas],
+        }
+
+
+# -- helpers -----------------------------------------------------------------------------------------------------
+
+# struct vfio_bitmap as a 64-bit program passes it: pgsize, size, data pointer.
+_VFIO_BITMAP = struct.Struct("<QQQ")
+# struct vfio_iommu_type1_dirty_bitmap_get: iova, size, then struct vfio_bitmap.
+_DIRTY_GET = struct.Struct("<QQQQQ")
+
+
+def _bits_from(words: np.ndarray, start: int) -> int:
+    """How many bits at or after ``start`` are set in ``words``."""
+    w = start >> 6
+    if w >= words.size:
+        return 0
+    tail = words[w:].copy()
+    tail[0] &= np.uint64((U64 << (start & 63)) & U64)
+    return int(sum(bin(int(v)).count("1") for v in tail[tail != 0]))
+
+
+def _verify_bitmap_size(npages: int, bitmap_size: int, call: str) -> None:
+    """verify_bitmap_size()"""
+    if not npages or not bitmap_size or bitmap_size > DIRTY_BITMAP_SIZE_MAX or \
+            bitmap_size < dirty_bitmap_bytes(npages):
+        raise fail(EINVAL, f"{call}: a bitmap of {bitmap_size} bytes does not fit {npages} pages "
+                           f"({dirty_bitmap_bytes(npages)} bytes needed, {DIRTY_BITMAP_SIZE_MAX} at most)")
+
+
+def _cap_add(caps: bytearray, cap: bytes, cap_id: int, version: int) -> None:
+    """vfio_info_add_capability() / vfio_info_cap_add(): append a capability
+    (its size aligned to 8) and link it from the end of the chain."""
+    size = (len(cap) + 7) & ~7
+    offset = len(caps)
+    caps += cap.ljust(size, b"\0")
+    struct.pack_into("<HHI", caps, offset, cap_id, version, 0)
+    tmp = 0
+    while True:
+        nxt = struct.unpack_from("<I", caps, tmp + 4)[0]
+        if not nxt:
+            break
+        tmp = nxt
+    struct.pack_into("<I", caps, tmp + 4, offset)
+
+
+def _cap_shift(caps: bytearray, offset: int) -> None:
+    """vfio_info_cap_shift(): make the chain's offsets relative to the struct."""
+    tmp = 0
+    while True:
+        nxt = struct.unpack_from("<I", caps, tmp + 4)[0]
+        if not nxt:
+            break
+        struct.pack_into("<I", caps, tmp + 4, nxt + offset)
+        tmp = nxt
+
+
+def _runs(chunks: list[np.ndarray], iova: int, psz: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Physically contiguous runs of the pinned pages, in IOVA order."""
+    hpas = np.concatenate(chunks) if len(chunks) != 1 else chunks[0]
+    if hpas.size == 0:
+        return (np.zeros(0, dtype=np.uint64),) * 2 + (np.zeros(0, dtype=np.int64),)  # type: ignore[return-value]
+    breaks = np.flatnonzero(hpas[1:] != hpas[:-1] + np.uint64(psz)) + 1
+    starts = np.concatenate(([0], breaks)).astype(np.int64)
+    ends = np.concatenate((breaks, [hpas.size])).astype(np.int64)
+    run_iova = np.uint64(iova) + starts.astype(np.uint64) * np.uint64(psz)
+    return run_iova, hpas[starts], ends - starts
+
+
+def _expand(run_hpa: np.ndarray, run_pages: np.ndarray, psz: int) -> np.ndarray:
+    """Every page's host physical address, from runs (for unpinning)."""
+    total = int(run_pages.sum()) if run_pages.size else 0
+    if not total:
+        return np.zeros(0, dtype=np.uint64)
+    first = np.repeat(np.cumsum(run_pages) - run_pages, run_pages)
+    within = np.arange(total, dtype=np.int64) - first
+    return np.repeat(run_hpa, run_pages) + within.astype(np.uint64) * np.uint64(psz)
