@@ -111,8 +111,20 @@ def _print_vtd_unit(u: dict[str, Any]) -> None:
 # -- vfiosim run / serve / trace show (real programs through the preload shim) ----------------------------
 
 
+def _host_page_size_ok(args: argparse.Namespace, command: str) -> bool:
+    import os
+    host = os.sysconf("SC_PAGE_SIZE")
+    if args.page_size != host:
+        print(f"vfiosim {command}: real programs run with the host's {host}-byte pages; "
+              f"--page-size {args.page_size} is for the in-process API", file=sys.stderr)
+        return False
+    return True
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .transport import run as R
+    if not args.connect and not _host_page_size_ok(args, "run"):
+        return 2
     argv = list(args.program)
     if argv and argv[0] == "--":
         argv = argv[1:]
@@ -129,6 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .transport import run as R
+    if not _host_page_size_ok(args, "serve"):
+        return 2
     return R.serve(_load(args), args.socket, trace=args.trace)
 
 
@@ -160,6 +174,33 @@ def _run_parsers(sub: Any) -> None:
     show.set_defaults(func=cmd_trace_show)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+    if args.plot:
+        bench.require_matplotlib()
+    names = [n for n, _ in bench.suite(args.quick)]
+    for name in args.only or []:
+        if name not in names:
+            print(f"vfiosim bench: no figure {name!r} (figures: {', '.join(names)})", file=sys.stderr)
+            return 2
+    figures = bench.run(quick=args.quick, json_path=args.json, plot_dir=args.plot, only=args.only,
+                        progress=not args.no_progress)
+    if args.json:
+        print(f"wrote {args.json}")
+    return 1 if args.strict and any(f.met is False for f in figures) else 0
+
+
+def _bench_parser(sub: Any) -> None:
+    b = sub.add_parser("bench", help="measure the simulator's cost as ratios against the bare work (see docs/performance.md)")
+    b.add_argument("--quick", action="store_true", help="tiny sizes only: a smoke run of every benchmark in seconds")
+    b.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
+    b.add_argument("--plot", metavar="DIR", help="write PNG charts to DIR (needs the plot extra: matplotlib)")
+    b.add_argument("--only", metavar="NAME", action="append", help="run only this figure (repeatable)")
+    b.add_argument("--strict", action="store_true", help="exit 1 if a goal is not met")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    b.set_defaults(func=cmd_bench)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="vfiosim", description="A simulated Linux VFIO kernel with the POWER sPAPR "
                                  "TCE IOMMU and the x86 Type1 IOMMU: run VFIO userspace code without hardware or root.")
@@ -174,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     topo.add_argument("--json", action="store_true", help="machine-readable output")
     topo.set_defaults(func=cmd_topology)
     _run_parsers(sub)
+    _bench_parser(sub)
     args = ap.parse_args(argv)
     try:
         return int(args.func(args))

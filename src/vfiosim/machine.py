@@ -114,6 +114,7 @@ class Machine:
         spec = self.spec
         log = k.log.info
         pes: dict[tuple[int, int], Pe] = {}
+        pes_seen: set[Pe] = set(k.pes)
         if spec.platform == "powernv":
             phbs = {}
             for ps in spec.phbs:
@@ -168,7 +169,8 @@ class Machine:
                 pe.iommu_group = group
             group.add_device(dev)
             k.devices[dev.bdf] = dev
-            if pe not in k.pes:
+            if pe not in pes_seen:
+                pes_seen.add(pe)
                 k.pes.append(pe)
             if dev.driver == "vfio-pci":
                 k.vfio.register_device(dev.bdf, group, VfioPciDevice(dev, k.log), mode=ds.group_mode,
@@ -313,7 +315,9 @@ class Process:
     def alive(self) -> bool:
         return self.task.alive
 
-    def _call(self, call: str, fn: Callable[..., T], *args: Any) -> T:
+    def _call(self, call: str | Callable[[], str], fn: Callable[..., T], *args: Any) -> T:
+        """Run a syscall; ``call`` names it in errors (a callable is asked
+        only then, keeping the hot path free of formatting)."""
         m = self.machine
         with m._lock:
             if not self.task.alive:
@@ -321,9 +325,9 @@ class Process:
             try:
                 return fn(self.task, *args)
             except KernelError as exc:
-                raise exc.to_oserror(call) from None
+                raise exc.to_oserror(call if isinstance(call, str) else call()) from None
             except Exception as exc:          # a bug in the simulator: never a traceback to the program
-                raise m._oops(call, exc) from None
+                raise m._oops(call if isinstance(call, str) else call(), exc) from None
 
     # -- files ------------------------------------------------------------------------------------
 
@@ -343,7 +347,9 @@ class Process:
         accepted read-only.  The buffer is all the memory the kernel sees:
         reading past its end is EFAULT.  Returns the ioctl's result."""
         k = self.machine.kernel
-        name = _ioctl_label(request, self.task, fd)
+
+        def name() -> str:
+            return _ioctl_label(request, self.task, fd)
         if isinstance(arg, int):
             return self._call(name, k.sys_ioctl, fd, request, arg)
         if isinstance(arg, ctypes.Structure | ctypes.Union | ctypes.Array):

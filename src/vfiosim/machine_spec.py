@@ -286,6 +286,9 @@ def parse_spec(data: dict[str, Any], source: str) -> MachineSpec:
     dev_keys = {"bdf", "model", "phb", "pe", "iommu_group", "behind_bridge", "driver", "dma_mask",
                 "group_uid", "group_gid", "group_mode"}
     from .kernel.pci.device import parse_bdf
+    first_with_bdf: dict[str, int] = {}
+    first_in_group: dict[int, tuple[int, tuple[int, int]]] = {}
+    first_on_pe: dict[tuple[int, int], tuple[int, int]] = {}
     for i, table in enumerate(devices):
         r = _Reader(source, f"device[{i}]", table, dev_keys)
         bdf = r.str("bdf")
@@ -315,9 +318,9 @@ def parse_spec(data: dict[str, Any], source: str) -> MachineSpec:
             raise MachineFileError(source, f"device[{i}].driver", f"a host driver: vfio-pci binds only the edu "
                                                                   f"endpoints here, not a {model}", dev.driver)
         if x86:
-            for other in spec.devices:
-                if other.bdf == dev.bdf:
-                    raise MachineFileError(source, f"device[{i}].bdf", "an address not used by another device", bdf)
+            if dev.bdf in first_with_bdf:
+                raise MachineFileError(source, f"device[{i}].bdf", "an address not used by another device", bdf)
+            first_with_bdf[dev.bdf] = i
             spec.devices.append(dev)
             continue
         if not any(p.index == dev.phb for p in spec.phbs):
@@ -326,17 +329,32 @@ def parse_spec(data: dict[str, Any], source: str) -> MachineSpec:
         if domain != dev.phb:
             raise MachineFileError(source, f"device[{i}].bdf", f"PCI domain {dev.phb:04x} (the domain of phb {dev.phb})",
                                    bdf)
-        for j, other in enumerate(spec.devices):
-            if other.bdf == dev.bdf:
+        # The first earlier device in conflict decides the message (indexes
+        # instead of a scan of all earlier devices: machines can be large).
+        conflicts = []
+        if dev.bdf in first_with_bdf:
+            conflicts.append((first_with_bdf[dev.bdf], 0))
+        j, pe_of_group = first_in_group.get(dev.iommu_group, (-1, None))
+        if pe_of_group is not None and pe_of_group != (dev.phb, dev.pe):
+            conflicts.append((j, 1))
+        j, group_of_pe = first_on_pe.get((dev.phb, dev.pe), (-1, None))
+        if group_of_pe is not None and group_of_pe != dev.iommu_group:
+            conflicts.append((j, 2))
+        if conflicts:
+            j, kind = min(conflicts)
+            other = spec.devices[j]
+            if kind == 0:
                 raise MachineFileError(source, f"device[{i}].bdf", "an address not used by another device", bdf)
-            if other.iommu_group == dev.iommu_group and (other.phb, other.pe) != (dev.phb, dev.pe):
+            if kind == 1:
                 raise MachineFileError(source, f"device[{i}].iommu_group",
                                        f"a group of its own: group {dev.iommu_group} is device[{j}]'s, on another PE",
                                        dev.iommu_group)
-            if (other.phb, other.pe) == (dev.phb, dev.pe) and other.iommu_group != dev.iommu_group:
-                raise MachineFileError(source, f"device[{i}].iommu_group",
-                                       f"group {other.iommu_group}: devices of one PE share one IOMMU group",
-                                       dev.iommu_group)
+            raise MachineFileError(source, f"device[{i}].iommu_group",
+                                   f"group {other.iommu_group}: devices of one PE share one IOMMU group",
+                                   dev.iommu_group)
+        first_with_bdf.setdefault(dev.bdf, i)
+        first_in_group.setdefault(dev.iommu_group, (i, (dev.phb, dev.pe)))
+        first_on_pe.setdefault((dev.phb, dev.pe), (i, dev.iommu_group))
         spec.devices.append(dev)
     del top
     return spec

@@ -24,6 +24,7 @@ import numpy as np
 
 from .cred import CAP_IPC_LOCK
 from .errors import KernelBug, fail
+from .progression import Progression, as_progression
 
 if TYPE_CHECKING:
     from .task import Task
@@ -59,7 +60,7 @@ class MemoryObject:
         self.compound_shift = compound_shift
         npages = (self.length + (1 << page_shift) - 1) >> page_shift
         self.populated = np.zeros(npages, dtype=np.bool_)
-        self.pincount = np.zeros(npages, dtype=np.int64)
+        self.pincount = np.zeros(npages, dtype=np.int32)   # a page refcount is an atomic_t
         self.pins = 0          # total pins, so freeing needs no array scan
         self.users = 0         # VMAs mapping (part of) this object
         self.pinnable = pinnable
@@ -68,10 +69,15 @@ class MemoryObject:
         """What a device reads from this memory (a DMA run)."""
         return self.data[off:off + n].tobytes()
 
-    def write_at(self, off: int, data: bytes | bytearray | memoryview) -> None:
+    def read_into(self, off: int, out: np.ndarray) -> None:
+        """A DMA read straight into a device's buffer (a uint8 array)."""
+        out[:] = self.data[off:off + out.size]
+
+    def write_at(self, off: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
         """A device writes this memory (a DMA run); the pages become populated."""
-        n = len(data)
-        self.data[off:off + n] = np.frombuffer(data, dtype=np.uint8)
+        src = data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
+        n = src.size
+        self.data[off:off + n] = src
         self.populated[off >> self.page_shift:((off + n - 1) >> self.page_shift) + 1] = True
 
     def __repr__(self) -> str:
@@ -141,10 +147,41 @@ class PhysicalMemory:
     # -- pin bookkeeping on physical addresses (unpin is by hpa, as the
     #    kernel's put_page(pfn_to_page(hpa >> PAGE_SHIFT)) is) -------------
 
-    def unpin(self, hpas: np.ndarray | list[int]) -> None:
+    def _unpin_run(self, run: Progression) -> bool:
+        """Unpin consecutive kernel pages of one object with slice operations;
+        False (nothing done) if ``run`` is not that."""
+        if run.size == 0:
+            return True
+        found = self.lookup(run.first)
+        if found is None:
+            return False
+        obj, off = found
+        if run.step != 1 << obj.page_shift or off + (run.size - 1) * run.step >= obj.length:
+            return False
+        p0 = off >> obj.page_shift
+        seg = obj.pincount[p0:p0 + run.size]
+        if seg.min(initial=1) <= 0:
+            raise KernelBug(f"page pin count below zero in {obj!r}")
+        seg -= 1
+        obj.pins -= run.size
+        self.release_if_unused(obj)
+        return True
+
+    def unpin(self, hpas: "np.ndarray | list[int] | Progression") -> None:
         """Drop one pin on the page holding each physical address."""
+        if isinstance(hpas, Progression):
+            if self._unpin_run(hpas):
+                return
+            hpas = np.asarray(hpas)
         arr = np.asarray(hpas, dtype=np.uint64)
         if arr.size == 0:
+            return
+        # The usual case: consecutive pages of one object, in order.
+        if arr.size > 1:
+            run = as_progression(arr, self.page_size)
+            if run is not None and self._unpin_run(run):
+                return
+        elif self._unpin_run(Progression(int(arr[0]), self.page_size, 1)):
             return
         bases = np.asarray(self._bases, dtype=np.uint64)
         idx = np.searchsorted(bases, arr, side="right").astype(np.int64) - 1
@@ -184,19 +221,55 @@ class Vma:
         return bool(self.prot & PROT_WRITE)
 
 
-@dataclass
 class PinResult:
     """Outcome of pinning a run of user pages, one entry per requested page.
 
-    ``hpas`` and ``compound_shifts`` describe the first ``count`` pages,
-    which are pinned.  ``errno`` is why page ``count`` could not be pinned
-    (None when all were).
+    ``hpas`` describe the first ``count`` pages, which are pinned.
+    ``errno`` is why page ``count`` could not be pinned (None when all were).
+    ``compound_shifts`` gives, per pinned page, the size (log2) of the page
+    backing it; it is built on demand from per-mapping runs.
     """
 
-    hpas: np.ndarray
-    compound_shifts: np.ndarray
-    count: int
-    errno: int | None
+    __slots__ = ("_hpas", "_hpa_run", "count", "errno", "_shifts", "_runs")
+
+    def __init__(self, hpas: np.ndarray | Progression, compound_shifts: np.ndarray | None, count: int,
+                 errno: int | None, runs: list[tuple[int, int]] | None = None) -> None:
+        # Consecutive physical pages stay a Progression until an array is asked for.
+        self._hpa_run = hpas if isinstance(hpas, Progression) else None
+        self._hpas = None if isinstance(hpas, Progression) else hpas
+        self.count = count
+        self.errno = errno
+        self._shifts = compound_shifts
+        self._runs = runs or []
+
+    @property
+    def hpas(self) -> np.ndarray:
+        if self._hpas is None:
+            self._hpas = np.asarray(self._hpa_run)
+        return self._hpas
+
+    @hpas.setter
+    def hpas(self, value: np.ndarray) -> None:
+        self._hpas, self._hpa_run = value, None
+
+    def hpa_values(self) -> "np.ndarray | Progression":
+        """The addresses, as a Progression when they are consecutive pages."""
+        return self._hpa_run if self._hpa_run is not None else self.hpas
+
+    @property
+    def compound_shifts(self) -> np.ndarray:
+        if self._shifts is None:
+            if len(self._runs) == 1:
+                self._shifts = np.full(self._runs[0][0], self._runs[0][1], dtype=np.int64)
+            else:
+                self._shifts = np.repeat(np.array([s for _, s in self._runs], dtype=np.int64),
+                                         [n for n, _ in self._runs]).astype(np.int64)
+        return self._shifts
+
+    def min_compound_shift(self) -> int:
+        if self._shifts is None:
+            return min((s for n, s in self._runs if n), default=64)
+        return int(self._shifts.min()) if self._shifts.size else 64
 
 
 class MM:
@@ -425,6 +498,49 @@ class MM:
             self._remove_keep_obj(vma)
 
     # -- pinning (pin_user_pages_fast) -----------------------------------------
+
+    def pin_range(self, addr: int, npages: int, write: bool, dry_run: bool = False, tag: int = 0) -> PinResult:
+        """pin_pages() for the consecutive kernel pages from ``addr``: the same
+        rules, with slice operations instead of per-page ones.  ``tag`` (bits
+        below the page size) is ORed into every returned address."""
+        shift = self.page_shift
+        page = 1 << shift
+        parts: list[tuple[int, int]] = []
+        runs: list[tuple[int, int]] = []
+        done, cur = 0, addr
+        err: int | None = None
+        while done < npages:
+            vma = self.find_vma(cur)
+            if vma is None or not vma.obj.pinnable or not vma.readable() or (write and not vma.writable()):
+                err = EFAULT
+                break
+            obj = vma.obj
+            n = min(npages - done, (vma.end - cur) >> shift)
+            p0 = (vma.pgoff + (cur - vma.start)) >> shift
+            if not write and not vma.writable():
+                populated = obj.populated[p0:p0 + n]
+                if not populated.all():
+                    n = int(np.argmin(populated))
+                    err = EFAULT
+            if not dry_run and n:
+                if write:
+                    obj.populated[p0:p0 + n] = True
+                obj.pincount[p0:p0 + n] += 1
+                obj.pins += n
+            parts.append((obj.phys_base + (p0 << shift), n))
+            runs.append((n, obj.compound_shift))
+            done += n
+            cur += n << shift
+            if err is not None:
+                break
+        hpas: np.ndarray | Progression
+        if len(parts) == 1:
+            base, n = parts[0]
+            hpas = Progression(base | tag, page, n)
+        else:
+            hpas = np.concatenate([np.arange(b | tag, (b | tag) + (n << shift), page, dtype=np.uint64)
+                                   for b, n in parts]) if parts else np.zeros(0, dtype=np.uint64)
+        return PinResult(hpas, None, done, err, runs)
 
     def pin_pages(self, addrs: np.ndarray, write: bool, dry_run: bool = False) -> PinResult:
         """Pin the page holding each user address, in order, until one fails.

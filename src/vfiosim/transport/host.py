@@ -140,7 +140,7 @@ class HostMemoryObject:
         self.page_shift = page_shift
         self.compound_shift = page_shift
         npages = (length + (1 << page_shift) - 1) >> page_shift
-        self.pincount = np.zeros(npages, dtype=np.int64)
+        self.pincount = np.zeros(npages, dtype=np.int32)   # a page refcount is an atomic_t
         self.populated = np.ones(npages, dtype=np.bool_)
         self.pins = 0
         self.users = 0
@@ -149,11 +149,14 @@ class HostMemoryObject:
     def read_at(self, off: int, n: int) -> bytes:
         return self.host.read(self.vaddr + off, n)
 
-    def write_at(self, off: int, data: bytes | bytearray | memoryview) -> None:
+    def read_into(self, off: int, out: np.ndarray) -> None:
+        out[:] = np.frombuffer(self.host.read(self.vaddr + off, out.size), dtype=np.uint8)
+
+    def write_at(self, off: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
         # A device writes whatever the CPU mapping's protection is now (the
         # IOMMU already checked the TCE's permission), so write through
         # /proc/<pid>/mem, which does not honour PROT_WRITE.
-        self.host.device_write(self.vaddr + off, data)
+        self.host.device_write(self.vaddr + off, data.tobytes() if isinstance(data, np.ndarray) else data)
 
     def __repr__(self) -> str:
         return f"<HostMemoryObject pid={self.host.pid} vaddr={self.vaddr:#x} len={self.length:#x} pins={self.pins}>"
@@ -206,7 +209,14 @@ class HostMM:
                 return vma
         return None
 
-    def pin_pages(self, addrs: np.ndarray, write: bool, dry_run: bool = False) -> PinResult:
+    def pin_pages_longterm(self, start: int, npages: int, write: bool) -> PinResult:
+        """As MM.pin_pages_longterm (Type1's FOLL_LONGTERM pin): a read pin of a
+        never-written page of a read-only private mapping unshares the zero
+        page and succeeds, where pin_pages() faults."""
+        addrs = np.uint64(start) + (np.arange(npages, dtype=np.uint64) << np.uint64(self.page_shift))
+        return self.pin_pages(addrs, write, unshare=True)
+
+    def pin_pages(self, addrs: np.ndarray, write: bool, dry_run: bool = False, unshare: bool = False) -> PinResult:
         """As MM.pin_pages, against the process's real mappings."""
         n = int(addrs.size)
         hpas = np.zeros(n, dtype=np.uint64)
@@ -223,7 +233,7 @@ class HostMM:
                 break
             stop = done + int(np.searchsorted(addrs[done:], np.uint64(vma.end), side="left"))
             seg = addrs[done:stop]
-            if not write and not vma.writable():
+            if not write and not vma.writable() and not unshare:
                 missing = ~self.host.present(seg >> np.uint64(self.page_shift), self.page_shift)
                 if missing.any():
                     cut = int(np.argmax(missing))
@@ -240,6 +250,14 @@ class HostMM:
             if err is not None:
                 break
         return PinResult(hpas[:done], shifts[:done], done, err)
+
+    def pin_range(self, addr: int, npages: int, write: bool, dry_run: bool = False, tag: int = 0) -> PinResult:
+        """Consecutive pages: as pin_pages over their addresses."""
+        addrs = np.uint64(addr) + (np.arange(npages, dtype=np.uint64) << np.uint64(self.page_shift))
+        res = self.pin_pages(addrs, write, dry_run)
+        if tag:
+            res.hpas = res.hpas | np.uint64(tag)
+        return res
 
     def teardown(self) -> None:
         self.dead = True

@@ -35,31 +35,55 @@ def translate_tces(tces: np.ndarray, page_shift: int, iova: int, length: int, wr
     ``tces[0]`` is the entry of the page holding ``iova``.
     """
     psize = 1 << page_shift
-    need = TCE_PCI_WRITE if write else TCE_PCI_READ
-    ok = (tces & np.uint64(need)) != 0
-    if not ok.all():
-        bad = int(np.argmin(ok))
-        addr = ((iova >> page_shift) + bad) << page_shift
-        what = "not mapped" if int(tces[bad]) & (TCE_PCI_READ | TCE_PCI_WRITE) == 0 else \
-            f"mapped without {'write' if write else 'read'} permission"
-        return DmaFault(max(addr, iova), f"IOMMU page {addr:#x} is {what}")
-    hpas = tces & ~np.uint64(psize - 1)
+    need = np.uint64(TCE_PCI_WRITE if write else TCE_PCI_READ)
+    n = int(tces.size)
     first_off = iova & (psize - 1)
+    if n == 1:
+        tce = int(tces[0])
+        if not tce & int(need):
+            return _fault(tces, 0, page_shift, iova, write)
+        return _runs(phys, [(tce & ~(psize - 1)) + first_off], [length], iova, length)
+    t0 = int(tces[0])
+    if t0 & int(need) and int(tces[-1]) - t0 == (n - 1) * psize:
+        # The usual case: physically contiguous pages with the same
+        # permissions, i.e. the entries form an arithmetic progression.
+        if (tces == np.arange(t0, t0 + n * psize, psize, dtype=np.uint64)).all():
+            return _runs(phys, [(t0 & ~(psize - 1)) + first_off], [length], iova, length)
+    ok = tces & need
+    if not ok.all():
+        return _fault(tces, int(np.argmin(ok != 0)), page_shift, iova, write)
+    hpas = tces & ~np.uint64(psize - 1)
     # Break the page list where the next page is not physically adjacent.
     breaks = np.flatnonzero(hpas[1:] != hpas[:-1] + np.uint64(psize)) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(hpas)]))
-    runs: list[Run] = []
+    starts = [0] + breaks.tolist()
+    ends = breaks.tolist() + [n]
+    begins, spans = [], []
     remaining = length
-    for s, e in zip(starts.tolist(), ends.tolist()):
-        begin = int(hpas[s]) + (first_off if s == 0 else 0)
-        span = (e - s) * psize - (first_off if s == 0 else 0)
-        span = min(span, remaining)
+    for s, e in zip(starts, ends):
+        head = first_off if s == 0 else 0
+        span = min((e - s) * psize - head, remaining)
+        begins.append(int(hpas[s]) + head)
+        spans.append(span)
+        remaining -= span
+    return _runs(phys, begins, spans, iova, length)
+
+
+def _fault(tces: np.ndarray, bad: int, page_shift: int, iova: int, write: bool) -> DmaFault:
+    addr = ((iova >> page_shift) + bad) << page_shift
+    what = "not mapped" if int(tces[bad]) & (TCE_PCI_READ | TCE_PCI_WRITE) == 0 else \
+        f"mapped without {'write' if write else 'read'} permission"
+    return DmaFault(max(addr, iova), f"IOMMU page {addr:#x} is {what}")
+
+
+def _runs(phys: PhysicalMemory, begins: list[int], spans: list[int], iova: int, length: int) -> list[Run] | DmaFault:
+    runs: list[Run] = []
+    done = 0
+    for begin, span in zip(begins, spans):
         found = phys.lookup(begin)
         if found is None or found[1] + span > found[0].length:
-            return DmaFault(iova + (length - remaining), f"TCE points at {begin:#x}, which is not RAM")
+            return DmaFault(iova + done, f"TCE points at {begin:#x}, which is not RAM")
         runs.append((found[0], found[1], span))
-        remaining -= span
+        done += span
     return runs
 
 
@@ -70,9 +94,21 @@ def read_runs(runs: list[Run]) -> bytes:
     return b"".join(obj.read_at(off, ln) for obj, off, ln in runs)
 
 
-def write_runs(runs: list[Run], data: bytes | bytearray | memoryview) -> None:
-    view = memoryview(data).cast("B")
+def read_runs_into(runs: list[Run], out: np.ndarray) -> None:
+    """Copy the runs into ``out`` (a device's buffer, uint8): one copy, no allocation."""
     pos = 0
     for obj, off, ln in runs:
-        obj.write_at(off, view[pos:pos + ln])
+        obj.read_into(off, out[pos:pos + ln])
+        pos += ln
+
+
+def write_runs(runs: list[Run], data: bytes | bytearray | memoryview | np.ndarray) -> None:
+    src = data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
+    if len(runs) == 1:
+        obj, off, _ = runs[0]
+        obj.write_at(off, src)
+        return
+    pos = 0
+    for obj, off, ln in runs:
+        obj.write_at(off, src[pos:pos + ln])
         pos += ln

@@ -25,8 +25,10 @@ import numpy as np
 from ...uapi import vfio as uapi
 from ..errors import KernelError, fail
 from ..mm import MM, account_locked_vm
+from ..progression import Progression, as_progression
 from ..uaccess import copy_struct_from_user, copy_struct_to_user
 from ..vfio.iommu_driver import VfioIommuDriver
+from . import prereg
 from .prereg import (MmIommuMem, mm_iommu_get, mm_iommu_lookup, mm_iommu_new, mm_iommu_put,
                      mm_iommu_ua_to_hpa)
 from .tce import (DMA_BIDIRECTIONAL, DMA_FROM_DEVICE, DMA_TO_DEVICE, IOMMU_PAGE_SHIFT_4K,
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
     from .table_group import TableGroup
 
 # Pages pinned per step of a bulk map: bounds memory for huge requests.
-BATCH = 1 << 16
+BATCH = 1 << 18
 
 
 @dataclass
@@ -585,32 +587,46 @@ class SpaprTceIommuDriver(VfioIommuDriver):
                 raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: {npages} pages from bus address "
                                    f"{entry << tbl.it_page_shift:#x} run past the end of the window "
                                    f"{tbl.bus_start:#x}..{tbl.bus_end - 1:#x}")
-        perm = np.uint64(direction_to_perm(direction))
+        perm = tbl.it_ops.perm(direction)
         sub_mask = np.uint64(((1 << self.page_shift) - 1) & ~((1 << tbl.it_page_shift) - 1))
+        # When IOMMU pages are kernel pages, the pages pinned are consecutive:
+        # pin them as a range and build the TCEs (hpa | perm) in one pass.
+        consecutive = tbl.it_page_shift == self.page_shift
         done = 0
         error: KernelError | None = None
         while done < npages and error is None:
             n = min(BATCH, npages - done)
-            tces, pages = self._pin_addresses(tbl, vaddr, done, n)
-            res = mm.pin_pages(pages, write)
+            if consecutive:
+                first = vaddr + (done << tbl.it_page_shift)
+                res = mm.pin_range(first, n, write, tag=perm)
+                failed_at = first + (res.count << self.page_shift)
+            else:
+                tces, pages = self._pin_addresses(tbl, vaddr, done, n)
+                res = mm.pin_pages(pages, write)
+                failed_at = int(pages[res.count]) if res.count < n else 0
             ok = res.count
             if res.errno is not None:
-                error = fail(res.errno, f"VFIO_IOMMU_MAP_DMA: cannot pin user page {int(pages[ok]):#x} "
+                error = fail(res.errno, f"VFIO_IOMMU_MAP_DMA: cannot pin user page {failed_at:#x} "
                                         f"({'unmapped, or not writable' if write else 'unmapped, or never populated and read-only'})")
-            bad = np.flatnonzero(res.compound_shifts < tbl.it_page_shift)
-            if bad.size:
+            if res.min_compound_shift() < tbl.it_page_shift:
+                bad = int(np.flatnonzero(res.compound_shifts < tbl.it_page_shift)[0])
                 # Upstream leaks the pin of the failing page here (invisible to
                 # userspace); the model releases it.
-                mm.phys.unpin(res.hpas[int(bad[0]):ok])
-                ok = int(bad[0])
-                error = fail(EPERM, f"VFIO_IOMMU_MAP_DMA: user page {int(pages[ok]):#x} is smaller than the "
-                                    f"{tbl.page_size:#x}-byte IOMMU page (needs huge pages)")
-            hpas = res.hpas[:ok] | (tces[:ok] & sub_mask)
-            xr = tbl.it_ops.xchg_range(tbl, entry + done, hpas | perm)
+                mm.phys.unpin(res.hpas[bad:ok])
+                ok = bad
+                error = fail(EPERM, f"VFIO_IOMMU_MAP_DMA: a user page at {vaddr + (done + ok << tbl.it_page_shift):#x} "
+                                    f"is smaller than the {tbl.page_size:#x}-byte IOMMU page (needs huge pages)")
+            values: np.ndarray | Progression
+            if consecutive:
+                values = res.hpa_values()[:ok]
+            else:
+                values = res.hpas[:ok] | (tces[:ok] & sub_mask) | np.uint64(perm)
+            xr = tbl.it_ops.xchg_range(tbl, entry + done, values)
             if xr.done < ok:
-                mm.phys.unpin(hpas[xr.done:ok])
+                mm.phys.unpin(values[xr.done:ok])
+                addr = vaddr + ((done + xr.done) << tbl.it_page_shift)
                 self.log.err(f"iommu_tce: tce_iommu_build failed ioba={entry << tbl.it_page_shift:#x}, "
-                             f"tce={int(tces[xr.done]):#x}, ret={xr.rc}")
+                             f"tce={addr:#x}, ret={xr.rc}")
                 self.log.warn(f"vfiosim: the map ran past the end of the window (Linux checks only its first page); "
                               f"the hypervisor's H_PARAMETER ({xr.rc}) becomes errno {-xr.rc} "
                               f"({'EINTR' if xr.rc == -4 else 'unexpected'}) as on Linux 6.12 (docs/deviations.md)")
@@ -627,6 +643,17 @@ class SpaprTceIommuDriver(VfioIommuDriver):
 
     def _unpin_old(self, mm: MM, old: np.ndarray) -> None:
         """Entries a map replaced: their pages lose the pin the old TCE held."""
+        if not old.size:
+            return
+        # The usual case: the entries of one earlier map of consecutive pages.
+        first = int(old[0])
+        if first & TCE_PERM_MASK and old.size > 1:
+            step = int(old[1]) - first
+            # (a step with no permission bits: every entry has the first's)
+            run = as_progression(old, step) if step > 0 and not step & TCE_PERM_MASK else None
+            if run is not None:
+                mm.phys.unpin(Progression(first & ~TCE_PERM_MASK, run.step, run.size))
+                return
         used = old[(old & np.uint64(TCE_PERM_MASK)) != 0]
         if used.size:
             mm.phys.unpin(used & ~np.uint64(TCE_PERM_MASK))
@@ -711,10 +738,10 @@ class SpaprTceIommuDriver(VfioIommuDriver):
             xr = tbl.it_ops.xchg_range(tbl, entry + done, hpas | perm)
             if xr.done < ok:
                 raise AssertionError("a v2 TCE exchange inside the window failed")
-            old_valid = np.flatnonzero((xr.old & np.uint64(TCE_PERM_MASK)) != 0)
+            old_valid = xr.old_pos[(xr.old & np.uint64(TCE_PERM_MASK)) != 0]
             if old_valid.size:
                 self._unuse_pages_v2(c, tbl, entry + done + old_valid)
-            uas = np.uint64(vaddr) + (np.arange(done, done + ok, dtype=np.uint64) << shift)
+            uas = Progression(vaddr + (done << int(shift)), 1 << int(shift), ok)
             tbl.it_userspace.xchg_range(entry + done - tbl.it_offset, uas)
             done += ok
         if error is not None:
@@ -777,27 +804,38 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         Entries that are already empty, or that the platform refuses (past
         the end of a pseries window), are skipped as upstream does.
         """
-        idx = tbl.it_ops.used(tbl, entry, pages)
-        if idx.size == 0:
+        # Old entries come back a storage chunk at a time: temporaries stay
+        # small enough for the allocator to recycle instead of faulting in.
+        parts = tbl.it_ops.clear_range(tbl, entry, pages)
+        if not parts:
             return
-        old = tbl.it_ops.clear(tbl, idx)
         if c.v2:
-            self._unuse_pages_v2(c, tbl, idx)
+            assert tbl.it_userspace is not None
+            lo = max(entry, tbl.it_offset) - tbl.it_offset
+            hi = min(entry + pages, tbl.it_offset + tbl.it_size) - tbl.it_offset
+            for uas in tbl.it_userspace.clear_range(lo, hi - lo):
+                self._unuse_uas_v2(c, tbl, uas)
         elif c.mm is not None:
-            self._unpin_old(c.mm, old)
+            for old in parts:
+                self._unpin_old(c.mm, old)
 
     def _unuse_pages_v2(self, c: TceContainer, tbl: IommuTable, entries: np.ndarray) -> None:
-        """tce_iommu_unuse_page_v2(): the region an entry pointed into loses a
-        mapping (found from the userspace address kept in it_userspace)."""
-        assert tbl.it_userspace is not None and c.mm is not None
-        mm = c.mm
+        """tce_iommu_unuse_page_v2() for some entries: drop what it_userspace says they used."""
+        assert tbl.it_userspace is not None
         uas = tbl.it_userspace.clear_indices(entries - tbl.it_offset)
+        self._unuse_uas_v2(c, tbl, uas[uas != 0])
+
+    def _unuse_uas_v2(self, c: TceContainer, tbl: IommuTable, uas: np.ndarray) -> None:
+        """The regions the given userspace addresses were mapped from each lose
+        a mapping (mm_iommu_mapped_dec), found from the address as upstream does."""
+        assert c.mm is not None
+        mm = c.mm
         psize = tbl.page_size
-        for ua in uas[uas != 0]:
-            mem = mm_iommu_lookup(mm, int(ua), psize)
-            if mem is not None and mm_iommu_ua_to_hpa(mm, mem, int(ua), tbl.it_page_shift) is not None:
-                if mem.mapped > 1:                         # mm_iommu_mapped_dec()
-                    mem.mapped -= 1
+        for mem in prereg.regions(mm):
+            inside = int(np.count_nonzero((uas >= np.uint64(mem.ua)) &
+                                          (uas + np.uint64(psize) <= np.uint64(mem.end(mm.page_shift)))))
+            if inside and mem.pageshift >= tbl.it_page_shift:
+                mem.mapped = max(1, mem.mapped - inside)
 
     # -- VFIO_EEH_PE_OP --------------------------------------------------------------------------
 

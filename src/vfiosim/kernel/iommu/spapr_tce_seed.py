@@ -224,7 +224,8 @@ class SeedSpaprTceIommuDriver(VfioIommuDriver):
                          f"tce={tce:#x}, ret={-EBUSY}")
             raise fail(EBUSY, f"VFIO_IOMMU_MAP_DMA: bus address {entry << IOMMU_PAGE_SHIFT:#x} is already mapped "
                               f"(the 3.10 driver does not replace entries; unmap first)")
-        tbl.it_ops.xchg_range(tbl, entry, np.array([hpa | (tce & TCE_PERM_MASK)], dtype=np.uint64))
+        perm = tbl.it_ops.perm(perm_to_direction(tce))
+        tbl.it_ops.xchg_range(tbl, entry, np.array([hpa | perm], dtype=np.uint64))
 
     def _unmap(self, c: SeedTceContainer, arg: int, current: "Task") -> int:
         tbl = self._table(c)
@@ -250,10 +251,10 @@ class SeedSpaprTceIommuDriver(VfioIommuDriver):
 
     def _clear(self, tbl: IommuTable, entry: int, pages: int) -> None:
         """iommu_clear_tces_and_put_pages()"""
-        idx = tbl.it_ops.used(tbl, entry, pages)
-        if idx.size:
-            old = tbl.it_ops.clear(tbl, idx)
-            self.kernel.phys.unpin(old & ~np.uint64(TCE_PERM_MASK))
+        for old in tbl.it_ops.clear_range(tbl, entry, pages):
+            old = old[(old & np.uint64(TCE_PERM_MASK)) != 0]
+            if old.size:
+                self.kernel.phys.unpin(old & ~np.uint64(TCE_PERM_MASK))
 
     def describe(self, c: SeedTceContainer) -> dict[str, Any]:
         tbl = c.tbl

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from ..progression import Progression, U64Values
+
 if TYPE_CHECKING:
     from .table_group import TableGroup
 
@@ -33,6 +35,12 @@ DMA_NONE = 3
 
 IOMMU_PAGE_SHIFT_4K = 12
 IOMMU_TABLE_GROUP_MAX_TABLES = 2
+
+
+_EMPTY_POS = np.zeros(0, dtype=np.int64)
+_EMPTY_U64 = np.zeros(0, dtype=np.uint64)
+_EMPTY_POS.flags.writeable = False
+_EMPTY_U64.flags.writeable = False
 
 
 def direction_to_perm(direction: int) -> int:
@@ -56,12 +64,33 @@ def perm_to_direction(tce: int) -> int:
 class TceStorage:
     """A sparse array of ``size`` 64-bit entries, zero where never written."""
 
-    CHUNK_SHIFT = 12
+    CHUNK_SHIFT = 14          # 16384 entries (128 KiB) per chunk
     CHUNK = 1 << CHUNK_SHIFT
+    # Emptied chunks, zeroed, kept for reuse (shared by all tables): a fresh
+    # chunk costs page faults on first write, a reused one does not.
+    POOL_MAX = 64             # 8 MiB
+    _pool: list[np.ndarray] = []
 
     def __init__(self, size: int) -> None:
         self.size = size
         self._chunks: dict[int, np.ndarray] = {}
+        # Bumped by every change: translation caches (the PHB's TCE cache)
+        # keyed on it can never serve a stale entry.
+        self.generation = 0
+
+    @classmethod
+    def _new_chunk(cls) -> np.ndarray:
+        try:
+            return cls._pool.pop()
+        except IndexError:
+            return np.zeros(cls.CHUNK, dtype=np.uint64)
+
+    def _free_chunk(self, c: int, zeroed: bool) -> None:
+        chunk = self._chunks.pop(c)
+        if len(self._pool) < self.POOL_MAX:
+            if not zeroed:
+                chunk.fill(0)
+            self._pool.append(chunk)
 
     def _spans(self, start: int, n: int):
         """Yield (chunk number, offset in chunk, offset in range, length)."""
@@ -78,6 +107,11 @@ class TceStorage:
         return 0 if chunk is None else int(chunk[index & (self.CHUNK - 1)])
 
     def get_range(self, start: int, n: int) -> np.ndarray:
+        """Entries [start, start+n); read-only use (may be a view of storage)."""
+        c, off = start >> self.CHUNK_SHIFT, start & (self.CHUNK - 1)
+        if off + n <= self.CHUNK:
+            chunk = self._chunks.get(c)
+            return chunk[off:off + n] if chunk is not None else np.zeros(n, dtype=np.uint64)
         out = np.zeros(n, dtype=np.uint64)
         for c, off, pos, ln in self._spans(start, n):
             chunk = self._chunks.get(c)
@@ -85,28 +119,84 @@ class TceStorage:
                 out[pos:pos + ln] = chunk[off:off + ln]
         return out
 
-    def xchg_range(self, start: int, values: np.ndarray) -> np.ndarray:
-        """Store ``values`` at [start, start+len) and return the old entries."""
-        n = int(values.size)
-        old = np.zeros(n, dtype=np.uint64)
-        for c, off, pos, ln in self._spans(start, n):
-            chunk = self._chunks.get(c)
-            new = values[pos:pos + ln]
+    def xchg_range(self, start: int, values: U64Values) -> tuple[np.ndarray, np.ndarray]:
+        """Store ``values`` at [start, start+len); return the entries that held
+        something before: (their offsets from ``start``, their old values)."""
+        n = len(values)
+        self.generation += 1
+        positions: list[np.ndarray] = []
+        olds: list[np.ndarray] = []
+        chunks, size, shift = self._chunks, self.CHUNK, self.CHUNK_SHIFT
+        prog = values if isinstance(values, Progression) else None
+        pos = 0
+        while pos < n:
+            idx = start + pos
+            c, off = idx >> shift, idx & (size - 1)
+            ln = min(size - off, n - pos)
+            if prog is not None:
+                new = None
+                new_any = prog.any_in(pos, ln)
+            else:
+                new = values[pos:pos + ln]
+                new_any = bool(new.any())
+            chunk = chunks.get(c)
             if chunk is None:
-                if not new.any():
+                if not new_any:
+                    pos += ln
                     continue
-                chunk = self._chunks[c] = np.zeros(self.CHUNK, dtype=np.uint64)
-            old[pos:pos + ln] = chunk[off:off + ln]
-            chunk[off:off + ln] = new
-            if not new.any() and not chunk.any():
-                del self._chunks[c]
-        return old
+                chunk = chunks[c] = self._new_chunk()
+                seg = chunk[off:off + ln]
+            else:
+                seg = chunk[off:off + ln]
+                if seg.any():
+                    nz = np.flatnonzero(seg)
+                    positions.append(nz + pos)
+                    olds.append(seg[nz])          # fancy indexing copies
+            if prog is not None:
+                prog.write_to(seg, pos)
+            else:
+                seg[:] = new
+            if not new_any and not chunk.any():
+                self._free_chunk(c, zeroed=True)
+            pos += ln
+        if not positions:
+            return _EMPTY_POS, _EMPTY_U64
+        if len(positions) == 1:
+            return positions[0], olds[0]
+        return np.concatenate(positions), np.concatenate(olds)
+
+    def clear_range(self, start: int, n: int) -> list[np.ndarray]:
+        """Zero [start, start+n); return the non-zero old entries, in order,
+        as one array per storage chunk that held any."""
+        end = start + n
+        first, last = start >> self.CHUNK_SHIFT, (end - 1) >> self.CHUNK_SHIFT
+        if n <= 0 or not self._chunks:
+            return []
+        if last - first + 1 <= len(self._chunks):
+            keys = [c for c in range(first, last + 1) if c in self._chunks]
+        else:
+            keys = sorted(c for c in self._chunks if first <= c <= last)
+        self.generation += 1
+        parts = []
+        for c in keys:
+            chunk = self._chunks[c]
+            base = c << self.CHUNK_SHIFT
+            lo, hi = max(start, base) - base, min(end, base + self.CHUNK) - base
+            seg = chunk[lo:hi]
+            used = int(np.count_nonzero(seg))
+            if used:
+                parts.append(seg.copy() if used == seg.size else seg[seg != 0])
+                seg.fill(0)
+            if (lo == 0 and hi == self.CHUNK) or (used and not chunk.any()):
+                self._free_chunk(c, zeroed=True)
+        return parts
 
     def clear_indices(self, indices: np.ndarray) -> np.ndarray:
         """Zero the given entries; return their old values."""
         old = np.zeros(indices.size, dtype=np.uint64)
         if indices.size == 0:
             return old
+        self.generation += 1
         chunk_ids = indices >> self.CHUNK_SHIFT
         for c in np.unique(chunk_ids):
             sel = chunk_ids == c
@@ -117,7 +207,7 @@ class TceStorage:
             old[sel] = chunk[offs]
             chunk[offs] = 0
             if not chunk.any():
-                del self._chunks[int(c)]
+                self._free_chunk(int(c), zeroed=True)
         return old
 
     def used_indices(self, start: int, n: int) -> np.ndarray:
@@ -140,14 +230,16 @@ class TceStorage:
 
 
 class XchgResult:
-    """What a range exchange did: how many entries changed and their old values."""
+    """What a range exchange did: how many entries changed, and which of them
+    held a TCE before (sparse: a map into an empty range reports nothing)."""
 
-    __slots__ = ("done", "rc", "old")
+    __slots__ = ("done", "rc", "old_pos", "old")
 
-    def __init__(self, done: int, rc: int, old: np.ndarray) -> None:
-        self.done = done      # entries exchanged, in order from the first
-        self.rc = rc          # 0, or the platform's error for entry ``done``
-        self.old = old        # old TCE values of the ``done`` entries
+    def __init__(self, done: int, rc: int, old_pos: np.ndarray = _EMPTY_POS, old: np.ndarray = _EMPTY_U64) -> None:
+        self.done = done        # entries exchanged, in order from the first
+        self.rc = rc            # 0, or the platform's error for entry ``done``
+        self.old_pos = old_pos  # offsets (from the first entry) of entries that were non-zero
+        self.old = old          # their old TCE values
 
 
 class TableOps(Protocol):
@@ -160,12 +252,21 @@ class TableOps(Protocol):
     # table the kernel owns) rather than fail (a table behind a hypervisor).
     overrun_corrupts: bool
 
-    def xchg_range(self, tbl: "IommuTable", entry: int, tces: np.ndarray) -> XchgResult:
+    def xchg_range(self, tbl: "IommuTable", entry: int, tces: U64Values) -> XchgResult:
         """Exchange entries entry.. with ``tces`` in order, stopping at the first failure."""
         ...
 
     def used(self, tbl: "IommuTable", entry: int, n: int) -> np.ndarray:
         """Entries in [entry, entry+n) that exist and hold a mapping."""
+        ...
+
+    def clear_range(self, tbl: "IommuTable", entry: int, n: int) -> list[np.ndarray]:
+        """Empty the entries of [entry, entry+n) the table has (those past its
+        end are skipped); return the old non-zero TCEs in order, in pieces."""
+        ...
+
+    def perm(self, direction: int) -> int:
+        """The TCE permission bits the platform writes for a DMA direction."""
         ...
 
     def clear(self, tbl: "IommuTable", entries: np.ndarray) -> np.ndarray:

@@ -45,6 +45,10 @@ class BusMaster(Protocol):
 
     def dma_read(self, iova: int, length: int) -> bytes: ...
 
+    def dma_read_into(self, iova: int, out: bytearray | memoryview) -> None:
+        """Read len(out) bytes from ``iova`` straight into ``out``."""
+        ...
+
     def dma_write(self, iova: int, data: bytes | bytearray | memoryview) -> None: ...
 
 
@@ -53,6 +57,9 @@ class NoBusMaster:
 
     def dma_read(self, iova: int, length: int) -> bytes:
         raise DmaError(iova, length, False, "device is not attached to a bus")
+
+    def dma_read_into(self, iova: int, out: bytearray | memoryview) -> None:
+        raise DmaError(iova, len(out), False, "device is not attached to a bus")
 
     def dma_write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
         raise DmaError(iova, len(data), True, "device is not attached to a bus")

@@ -174,7 +174,7 @@ class EduDevice(PciDevice):
                 if to_ram:
                     self.bus_master.dma_write(masked, self.dma_buf[buf_off:buf_off + count])
                 else:
-                    self.dma_buf[buf_off:buf_off + count] = self.bus_master.dma_read(masked, count)
+                    self.bus_master.dma_read_into(masked, memoryview(self.dma_buf)[buf_off:buf_off + count])
                 self.dma_count += 1
             except DmaError as exc:
                 # edu has no error reporting: the transfer just did not happen.

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Callable
 
-from ..iommu.dma import DmaFault, read_runs, translate_tces, write_runs
+import numpy as np
+
+from ..iommu.dma import DmaFault, read_runs, read_runs_into, translate_tces, write_runs
 from ..iommu.table_group import TableGroup
 from ..mm import PhysicalMemory
 from ..pci.device import DmaError, PciDevice
@@ -12,6 +15,36 @@ from .eeh import EehPe
 
 if TYPE_CHECKING:
     from ..iommu.iommu_group import IommuGroup
+
+
+class TceCache:
+    """A PHB's cache of recent translations.
+
+    Entries are keyed by the transfer and remember the table storage and its
+    generation; any TCE change bumps the generation, so a stale translation
+    is never served (the model of the hardware cache that tce_kill flushes).
+    """
+
+    SIZE = 16
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, int, bool], tuple[weakref.ref, int, list]] = {}
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def translate(self, storage, iova: int, length: int, write: bool, slow):
+        key = (iova, length, write)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0]() is storage and hit[1] == storage.generation:
+            return hit[2]
+        runs = slow(iova, length, write)
+        if isinstance(runs, list):
+            if len(self._entries) >= self.SIZE:
+                self._entries.pop(next(iter(self._entries)))
+            # A weak reference: a removed window's table is not kept alive here.
+            self._entries[key] = (weakref.ref(storage), storage.generation, runs)
+        return runs
 
 
 class Pe:
@@ -73,7 +106,7 @@ class PeBusMaster:
     def _runs(self, iova: int, length: int, write: bool):
         if length < 0 or iova < 0 or iova + length > 1 << 64:
             raise DmaError(iova, length, write, "bus address range out of bounds")
-        if not self.dev.bus_master_enabled():
+        if not self.dev.config.data[4] & 0x4:             # PCI_COMMAND_MASTER
             raise DmaError(iova, length, write, "bus mastering is disabled (PCI_COMMAND_MASTER is clear)")
         if not self.pe.dma_enabled():
             raise DmaError(iova, length, write, f"{self.pe.name} is frozen (EEH): DMA is stopped")
@@ -87,6 +120,10 @@ class PeBusMaster:
 
     def dma_read(self, iova: int, length: int) -> bytes:
         return read_runs(self._runs(iova, length, False))
+
+    def dma_read_into(self, iova: int, out: bytearray | memoryview | np.ndarray) -> None:
+        dest = out if isinstance(out, np.ndarray) else np.frombuffer(out, dtype=np.uint8)
+        read_runs_into(self._runs(iova, dest.nbytes, False), dest)
 
     def dma_write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
         write_runs(self._runs(iova, len(data), True), data)

@@ -21,9 +21,10 @@ import numpy as np
 from ..errors import KernelBug, fail
 from ..iommu.dma import DmaFault
 from ..iommu.table_group import TableGroup
-from ..iommu.tce import TCE_PCI_READ, TCE_PCI_WRITE, IommuTable, XchgResult
+from ..iommu.tce import TCE_PCI_READ, TCE_PCI_WRITE, IommuTable, XchgResult, direction_to_perm
 from ..mm import PhysicalMemory
-from .base import Pe
+from ..progression import U64Values
+from .base import Pe, TceCache
 from .eeh import EehPe
 
 POWERNV_IOMMU_MAX_LEVELS = 5
@@ -48,17 +49,26 @@ class PnvTableOps:
 
     overrun_corrupts = True
 
-    def xchg_range(self, tbl: IommuTable, entry: int, tces: np.ndarray) -> XchgResult:
-        """pnv_tce_xchg() over a range: a write permission implies read."""
+    def perm(self, direction: int) -> int:
+        """pnv_tce_xchg(): a write permission implies read."""
+        p = direction_to_perm(direction)
+        return p | TCE_PCI_READ if p & TCE_PCI_WRITE else p
+
+    def xchg_range(self, tbl: IommuTable, entry: int, tces: U64Values) -> XchgResult:
+        """pnv_tce_xchg() over a range (permissions already as perm() gives)."""
         idx = entry - tbl.it_offset
-        if idx < 0 or idx + tces.size > tbl.it_size:
+        n = len(tces)
+        if idx < 0 or idx + n > tbl.it_size:
             # The driver checks this before calling: writing here would be
             # the out-of-bounds store the real kernel makes (see deviations).
-            raise KernelBug(f"TCE exchange at {idx}+{tces.size} outside table of {tbl.it_size}")
-        values = tces.copy()
-        values[(values & np.uint64(TCE_PCI_WRITE)) != 0] |= np.uint64(TCE_PCI_READ)
-        old = tbl.entries.xchg_range(idx, values)
-        return XchgResult(int(tces.size), 0, old)
+            raise KernelBug(f"TCE exchange at {idx}+{n} outside table of {tbl.it_size}")
+        pos, old = tbl.entries.xchg_range(idx, tces)
+        return XchgResult(n, 0, pos, old)
+
+    def clear_range(self, tbl: IommuTable, entry: int, n: int) -> list[np.ndarray]:
+        lo = max(entry, tbl.it_offset)
+        hi = min(entry + n, tbl.it_offset + tbl.it_size)
+        return tbl.entries.clear_range(lo - tbl.it_offset, hi - lo) if hi > lo else []
 
     def used(self, tbl: IommuTable, entry: int, n: int) -> np.ndarray:
         lo = max(entry, tbl.it_offset)
@@ -203,6 +213,7 @@ class PnvPe(Pe):
         self.phb = phb
         self.pe_number = pe_number
         self.tve: list[IommuTable | None] = [None, None]
+        self.tce_cache = TceCache()
         self.bypass = False
         self.ram_size = ram_size
         eeh = EehPe(name, log) if phb.eeh else None
@@ -227,6 +238,14 @@ class PnvPe(Pe):
         tbl = self.table_group.create_table(0, phb.page_shift, window_size, levels, userspace=False)
         self.table_group.set_window(0, tbl)
         self.bypass = True
+
+    def translate(self, iova: int, length: int, write: bool):
+        """Translation through the PHB's TCE cache: the last translation is
+        reused while its table is unchanged (any TCE update invalidates it)."""
+        tbl = self.tve[1 if iova & TCE_BYPASS_BASE else 0]
+        if tbl is None:
+            return super().translate(iova, length, write)
+        return self.tce_cache.translate(tbl.entries, iova, length, write, super().translate)
 
     def lookup_tces(self, iova: int, length: int):
         num = 1 if iova & TCE_BYPASS_BASE else 0

@@ -27,9 +27,10 @@ import numpy as np
 from ..errors import fail
 from ..iommu.dma import DmaFault
 from ..iommu.table_group import TableGroup
-from ..iommu.tce import IOMMU_PAGE_SHIFT_4K, IommuTable, TceStorage, XchgResult
+from ..iommu.tce import IOMMU_PAGE_SHIFT_4K, IommuTable, TceStorage, XchgResult, direction_to_perm
 from ..mm import PhysicalMemory
-from .base import Pe
+from ..progression import U64Values
+from .base import Pe, TceCache
 
 H_SUCCESS = 0
 H_PARAMETER = -4
@@ -97,19 +98,21 @@ class SpaprPhb:
 
     # -- hcalls (hw/ppc/spapr_iommu.c: h_put_tce, h_get_tce) -------------------------
 
-    def h_put_tce_range(self, liobn: int, first_index: int, tces: np.ndarray) -> tuple[int, int, np.ndarray]:
+    def h_put_tce_range(self, liobn: int, first_index: int, tces: U64Values) -> XchgResult:
         """H_GET_TCE then H_PUT_TCE for consecutive entries, as the guest's
-        tce_exchange_pseries() does one by one; returns (done, rc, old)."""
+        tce_exchange_pseries() does one by one, stopping at the first refusal."""
         t = self.table(liobn)
         if t is None or not t.enabled:
-            return 0, H_PARAMETER, np.zeros(0, dtype=np.uint64)
+            return XchgResult(0, H_PARAMETER)
         rel0 = first_index - (t.bus_offset >> t.page_shift)
-        n = int(tces.size)
+        n = len(tces)
         if rel0 < 0:
-            return 0, H_PARAMETER, np.zeros(0, dtype=np.uint64)
+            return XchgResult(0, H_PARAMETER)
         done = max(0, min(n, t.nb_table - rel0))
-        old = t.entries.xchg_range(rel0, tces[:done]) if done else np.zeros(0, dtype=np.uint64)
-        return done, (H_SUCCESS if done == n else H_PARAMETER), old
+        if not done:
+            return XchgResult(0, H_PARAMETER if n else H_SUCCESS)
+        pos, old = t.entries.xchg_range(rel0, tces[:done])
+        return XchgResult(done, H_SUCCESS if done == n else H_PARAMETER, pos, old)
 
     def h_get_tce(self, liobn: int, ioba: int) -> tuple[int, int]:
         t = self.table(liobn)
@@ -192,13 +195,25 @@ class PseriesTableOps:
         assert t is not None
         return t.entries.clear_indices(entries - (t.bus_offset >> t.page_shift))
 
+    def clear_range(self, tbl: IommuTable, entry: int, n: int) -> list[np.ndarray]:
+        t = self._window(tbl)
+        if t is None:
+            return []
+        base = t.bus_offset >> t.page_shift
+        lo = max(entry, tbl.it_offset, base)
+        hi = min(entry + n, tbl.it_offset + tbl.it_size, base + t.nb_table)
+        return t.entries.clear_range(lo - base, hi - lo) if hi > lo else []
+
+    def perm(self, direction: int) -> int:
+        """tce_exchange_pseries(): the bits as iommu_direction_to_tce_perm() gives them."""
+        return direction_to_perm(direction)
+
     def count_used(self, tbl: IommuTable) -> int:
         t = self._window(tbl)
         return 0 if t is None else t.entries.count_used()
 
-    def xchg_range(self, tbl: IommuTable, entry: int, tces: np.ndarray) -> XchgResult:
-        done, rc, old = self.hv.h_put_tce_range(tbl.it_index, entry, tces)
-        return XchgResult(done, rc, old)
+    def xchg_range(self, tbl: IommuTable, entry: int, tces: U64Values) -> XchgResult:
+        return self.hv.h_put_tce_range(tbl.it_index, entry, tces)
 
     def get(self, tbl: IommuTable, entry: int) -> int:
         rc, tce = self.hv.h_get_tce(tbl.it_index, entry << tbl.it_page_shift)
@@ -347,6 +362,14 @@ class PseriesPe(Pe):
         name = f"PHB#{hv.index:x}"
         super().__init__(name, PseriesTableGroup(hv, log), phys, log, eeh=None)
         self.hv = hv
+        self.tce_cache = TceCache()
+
+    def translate(self, iova: int, length: int, write: bool):
+        """As on PowerNV, the last translation is reused while its table is unchanged."""
+        t = self.hv.lookup(iova)
+        if t is None:
+            return super().translate(iova, length, write)
+        return self.tce_cache.translate(t.entries, iova, length, write, super().translate)
 
     def lookup_tces(self, iova: int, length: int):
         t = self.hv.lookup(iova)

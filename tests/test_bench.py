@@ -1,0 +1,56 @@
+"""`vfiosim bench`: the quick smoke run of every benchmark (the CI's), its
+table, JSON and charts.  The full suite's figures are for docs/performance.md,
+never asserted here: timings on a shared machine are not test material."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vfiosim import bench
+from vfiosim.cli import main
+
+
+def test_quick_bench_runs_every_figure_and_writes_json_and_charts(tmp_path, capsys):
+    out_json = tmp_path / "bench.json"
+    plots = tmp_path / "plots"
+    assert main(["bench", "--quick", "--no-progress", "--json", str(out_json), "--plot", str(plots)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out_json.read_text())
+    names = [f["name"] for f in data["figures"]]
+    assert len(names) == len(bench.suite(quick=True)) == 10
+    for name in names:
+        assert name in printed
+    for f in data["figures"]:
+        assert f["value"] == f["value"] and f["value"] != float("inf")     # measured, finite
+        assert f["met"] is None                     # quick figures are not judged
+    window = next(f for f in data["figures"] if f["name"].startswith("memory of an empty"))
+    assert window["detail"]["bytes"] < 1 << 20      # the sparse table, even at 1 GiB
+    pngs = sorted(p.name for p in plots.iterdir())
+    assert pngs == ["DMA-scaling.png", "goals.png", "map-unmap-scaling.png"]
+    for p in plots.iterdir():
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_only_selects_figures_and_rejects_unknown_names(capsys):
+    assert main(["bench", "--quick", "--no-progress", "--only", "ioctl"]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert len(table) == 3 and "ioctl" in table[1] and "smoke" in table[2]
+    assert main(["bench", "--only", "nonsense"]) == 2
+    assert "no figure 'nonsense'" in capsys.readouterr().err
+
+
+def test_strict_fails_on_an_unmet_goal(monkeypatch, capsys):
+    unmet = bench.Figure("always short", 0.01, "x", ">= 1", False)
+    monkeypatch.setattr(bench, "suite", lambda quick=False: [("short", lambda: unmet)])
+    assert main(["bench", "--no-progress", "--strict"]) == 1
+    assert main(["bench", "--no-progress"]) == 0
+    assert "NO" in capsys.readouterr().out
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch, tmp_path):
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match=r"vfiosim\[plot\]"):
+        main(["bench", "--quick", "--plot", str(tmp_path)])
