@@ -1,0 +1,1692 @@
+/*
+ * vfiosim_preload.c -- the LD_PRELOAD shim of `vfiosim run`.
+ *
+ * Makes an unmodified program's VFIO system calls reach a simulated machine
+ * served by a vfiosim daemon (src/vfiosim/transport/daemon.py), over a
+ * SOCK_SEQPACKET Unix socket named by $VFIOSIM_SOCKET (protocol.py has the
+ * message layout).  Without that variable the shim does nothing.
+ *
+ *  - open("/dev/vfio/..."): the shim makes a real placeholder fd (a memfd
+ *    named "vfiosim:<kind>") and the daemon installs the simulated file at
+ *    that same number, so fd numbers inside ioctl arguments resolve as they
+ *    would on Linux.  ioctl/read/write/pread/pwrite/close/dup/fcntl/mmap on
+ *    such fds are forwarded; pointers travel as integers and the daemon
+ *    reads and writes the program's memory itself (process_vm_readv/writev).
+ *  - /sys/bus/pci/devices, /sys/kernel/iommu_groups, /dev/vfio and the
+ *    simulated devices' sysfs directories are rewritten to a fake tree
+ *    ($VFIOSIM_ROOT, listed in $VFIOSIM_ROOT/prefixes); everything else is
+ *    passed to libc untouched.
+ *  - /proc/self/status: VmLck and VmPin include what the simulated kernel
+ *    accounts.
+ *  - mmap of a device region: the range is mapped PROT_NONE; a SIGSEGV
+ *    handler decodes the faulting x86-64 MOV, performs the load or store on
+ *    the simulated device (one round trip) and steps over the instruction.
+ *  - fork(): the parent tells the daemon, the child connects anew.
+ *  - set*id/setrlimit/prlimit/capset/prctl: the daemon re-reads the
+ *    process's credentials and limits before the next call.
+ *
+ * If the daemon goes away, every forwarded call fails with EIO.
+ *
+ * Written for x86-64 Linux with glibc.  Depends only on libc.
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/time.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <ucontext.h>
+#include <unistd.h>
+#include <linux/vfio.h>
+
+#define EXPORT __attribute__((visibility("default")))
+
+/* Paths are joined into PATH_MAX buffers with snprintf; a path too long to rewrite
+ * is cut, and the kernel then answers ENOENT/ENAMETOOLONG as it would. */
+#pragma GCC diagnostic ignored "-Wformat-truncation"
+
+/* ---------------------------------------------------------------- protocol */
+
+#define MAGIC_VERSION 0x56460001u
+
+enum {
+    OP_HELLO = 1, OP_OPEN, OP_CLOSE, OP_IOCTL, OP_READ, OP_WRITE, OP_DUP, OP_SETFD,
+    OP_MMAP, OP_MMIO, OP_MUNMAP, OP_STATUS, OP_FORK, OP_INFO,
+};
+#define F_REFRESH_CREDS (1u << 8)
+#define RW_POSITIONAL 1u
+#define MMIO_WRITE 1u
+#define HELLO_FORK 1u
+
+struct vreq {
+    uint32_t op, flags;
+    int32_t fd, fd2;
+    uint64_t a[5];
+    uint32_t len, reserved;
+};
+struct vrep {
+    int64_t ret;
+    int32_t err;
+    uint32_t len;
+};
+_Static_assert(sizeof(struct vreq) == 64, "request header");
+_Static_assert(sizeof(struct vrep) == 16, "reply header");
+
+/* ---------------------------------------------------------------- libc */
+
+static int (*real_open)(const char *, int, ...);
+static int (*real_openat)(int, const char *, int, ...);
+static FILE *(*real_fopen)(const char *, const char *);
+static int (*real_close)(int);
+static int (*real_ioctl)(int, unsigned long, ...);
+static ssize_t (*real_read)(int, void *, size_t);
+static ssize_t (*real_write)(int, const void *, size_t);
+static ssize_t (*real_pread)(int, void *, size_t, off_t);
+static ssize_t (*real_pwrite)(int, const void *, size_t, off_t);
+static int (*real_dup)(int);
+static int (*real_dup2)(int, int);
+static int (*real_dup3)(int, int, int);
+static int (*real_fcntl)(int, int, ...);
+static void *(*real_mmap)(void *, size_t, int, int, int, off_t);
+static int (*real_munmap)(void *, size_t);
+static int (*real_stat)(const char *, struct stat *);
+static int (*real_lstat)(const char *, struct stat *);
+static int (*real_fstat)(int, struct stat *);
+static int (*real_fstatat)(int, const char *, struct stat *, int);
+static int (*real_statx)(int, const char *, int, unsigned int, struct statx *);
+static int (*real_access)(const char *, int);
+static int (*real_faccessat)(int, const char *, int, int);
+static ssize_t (*real_readlink)(const char *, char *, size_t);
+static ssize_t (*real_readlinkat)(int, const char *, char *, size_t);
+static DIR *(*real_opendir)(const char *);
+static char *(*real_realpath)(const char *, char *);
+static pid_t (*real_fork)(void);
+static int (*real_sigaction)(int, const struct sigaction *, struct sigaction *);
+static int (*real_close_range)(unsigned int, unsigned int, int);
+
+static void *sym(const char *name)
+{
+    return dlsym(RTLD_NEXT, name);
+}
+
+static void resolve(void)
+{
+    static volatile int done;
+    if (done)
+        return;
+    real_open = sym("open");
+    real_openat = sym("openat");
+    real_fopen = sym("fopen");
+    real_close = sym("close");
+    real_ioctl = sym("ioctl");
+    real_read = sym("read");
+    real_write = sym("write");
+    real_pread = sym("pread");
+    real_pwrite = sym("pwrite");
+    real_dup = sym("dup");
+    real_dup2 = sym("dup2");
+    real_dup3 = sym("dup3");
+    real_fcntl = sym("fcntl");
+    real_mmap = sym("mmap");
+    real_munmap = sym("munmap");
+    real_stat = sym("stat");
+    real_lstat = sym("lstat");
+    real_fstat = sym("fstat");
+    real_fstatat = sym("fstatat");
+    real_statx = sym("statx");
+    real_access = sym("access");
+    real_faccessat = sym("faccessat");
+    real_readlink = sym("readlink");
+    real_readlinkat = sym("readlinkat");
+    real_opendir = sym("opendir");
+    real_realpath = sym("realpath");
+    real_fork = sym("fork");
+    real_sigaction = sym("sigaction");
+    real_close_range = sym("close_range");
+    done = 1;
+}
+
+/* ---------------------------------------------------------------- state */
+
+#define VFD_MAX 65536
+enum { K_NONE = 0, K_CONTAINER, K_GROUP, K_DEVICE };
+static unsigned char vfd[VFD_MAX];      /* kind of each simulated fd */
+static int vminor[VFD_MAX];             /* group number of group fds */
+
+static int active;                      /* $VFIOSIM_SOCKET is set */
+static int sock_fd = -1;
+static pid_t sock_pid;
+static int dead;                        /* the daemon went away: EIO from now on */
+static volatile int creds_dirty;
+static pthread_mutex_t lk = PTHREAD_MUTEX_INITIALIZER;
+
+static char root[PATH_MAX];
+static size_t root_len;
+#define MAX_PREFIXES 256
+static char *prefixes[MAX_PREFIXES];
+static size_t prefix_len[MAX_PREFIXES];
+static int nprefixes;
+
+static inline int is_vfio(int fd)
+{
+    return fd >= 0 && fd < VFD_MAX && vfd[fd] != K_NONE;
+}
+
+static void set_vfio(int fd, int kind, int minor)
+{
+    if (fd >= 0 && fd < VFD_MAX) {
+        vfd[fd] = (unsigned char)kind;
+        vminor[fd] = minor;
+    }
+}
+
+/* ---------------------------------------------------------------- the connection */
+
+static ssize_t xsend(int s, struct iovec *iov, int n)
+{
+    struct msghdr mh = {0};
+    mh.msg_iov = iov;
+    mh.msg_iovlen = n;
+    ssize_t r;
+    do
+        r = sendmsg(s, &mh, MSG_NOSIGNAL);
+    while (r < 0 && errno == EINTR);
+    return r;
+}
+
+static ssize_t xrecv(int s, struct iovec *iov, int n)
+{
+    struct msghdr mh = {0};
+    mh.msg_iov = iov;
+    mh.msg_iovlen = n;
+    ssize_t r;
+    do
+        r = recvmsg(s, &mh, 0);
+    while (r < 0 && errno == EINTR);
+    return r;
+}
+
+static void lose_connection(void)
+{
+    if (sock_fd >= 0)
+        real_close(sock_fd);
+    sock_fd = -1;
+    dead = 1;
+}
+
+static void load_prefixes(void)
+{
+    char path[PATH_MAX + 16];
+    snprintf(path, sizeof path, "%s/prefixes", root);
+    int fd = real_open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    char buf[32768];
+    ssize_t n = 0, r;
+    while (n < (ssize_t)sizeof buf - 1 && (r = real_read(fd, buf + n, sizeof buf - 1 - n)) > 0)
+        n += r;
+    real_close(fd);
+    buf[n < 0 ? 0 : n] = 0;
+    char *save = NULL;
+    for (char *line = strtok_r(buf, "\n", &save); line && nprefixes < MAX_PREFIXES;
+         line = strtok_r(NULL, "\n", &save)) {
+        prefixes[nprefixes] = strdup(line);
+        prefix_len[nprefixes] = strlen(line);
+        nprefixes++;
+    }
+}
+
+static void set_root(const char *r)
+{
+    if (!r || !*r || root_len)
+        return;
+    snprintf(root, sizeof root, "%s", r);
+    root_len = strlen(root);
+    load_prefixes();
+}
+
+/* Connect and say hello; called with lk held.  0 or -errno. */
+static int do_connect(uint32_t hello_flags)
+{
+    const char *path = getenv("VFIOSIM_SOCKET");
+    if (!path)
+        return -ENOENT;
+    int s = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    if (s < 0)
+        return -errno;
+    struct sockaddr_un sa = {0};
+    sa.sun_family = AF_UNIX;
+    snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
+    if (connect(s, (struct sockaddr *)&sa, sizeof sa) < 0) {
+        int e = errno;
+        real_close(s);
+        return -(e == ENOENT || e == ECONNREFUSED ? EIO : e);
+    }
+    /* Keep the socket out of the way of the program's own fd numbers. */
+    int high = real_fcntl(s, F_DUPFD_CLOEXEC, 900);
+    if (high >= 0) {
+        real_close(s);
+        s = high;
+    }
+    struct timeval tv = {120, 0};
+    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    struct timeval tw = {10, 0};
+    setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tw, sizeof tw);
+    struct vreq rq = {0};
+    rq.op = OP_HELLO;
+    rq.flags = hello_flags;
+    rq.fd = rq.fd2 = -1;
+    rq.a[0] = MAGIC_VERSION;
+    struct iovec iov[1] = {{&rq, sizeof rq}};
+    struct vrep rp;
+    char rootbuf[PATH_MAX];
+    struct iovec riov[2] = {{&rp, sizeof rp}, {rootbuf, sizeof rootbuf - 1}};
+    if (xsend(s, iov, 1) != sizeof rq) {
+        real_close(s);
+        return -EIO;
+    }
+    ssize_t n = xrecv(s, riov, 2);
+    if (n < (ssize_t)sizeof rp || rp.ret < 0) {
+        real_close(s);
+        return -EIO;
+    }
+    rootbuf[n - sizeof rp] = 0;
+    set_root(rootbuf);
+    sock_fd = s;
+    sock_pid = getpid();
+    return 0;
+}
+
+/* One request, one reply.  Returns the reply's ret; on failure -1 with *err set. */
+static int64_t rpc(uint32_t op, uint32_t flags, int fd, int fd2, const uint64_t a[5], const void *payload,
+                   uint32_t plen, void *out, uint32_t outmax, int *err)
+{
+    int64_t ret;
+    pthread_mutex_lock(&lk);
+    if (sock_fd >= 0 && sock_pid != getpid()) {
+        /* A child made without our fork() (clone, posix_spawn): its own connection. */
+        real_close(sock_fd);
+        sock_fd = -1;
+        int r = do_connect(HELLO_FORK);
+        if (r < 0) {
+            dead = 1;
+        }
+    }
+    if (!dead && sock_fd < 0) {
+        int r = do_connect(0);
+        if (r < 0) {
+            dead = (r == -EIO);
+            pthread_mutex_unlock(&lk);
+            *err = -r;
+            return -1;
+        }
+    }
+    if (dead) {
+        pthread_mutex_unlock(&lk);
+        *err = EIO;
+        return -1;
+    }
+    struct vreq rq;
+    rq.op = op;
+    rq.flags = flags;
+    if (creds_dirty) {
+        creds_dirty = 0;
+        rq.flags |= F_REFRESH_CREDS;
+    }
+    rq.fd = fd;
+    rq.fd2 = fd2;
+    for (int i = 0; i < 5; i++)
+        rq.a[i] = a ? a[i] : 0;
+    rq.len = plen;
+    rq.reserved = 0;
+    struct iovec iov[2] = {{&rq, sizeof rq}, {(void *)payload, plen}};
+    struct vrep rp;
+    char sink[64];
+    struct iovec riov[2] = {{&rp, sizeof rp}, {out ? out : sink, out ? outmax : sizeof sink}};
+    ssize_t sent = xsend(sock_fd, iov, plen ? 2 : 1);
+    if (sent < 0 && (errno == EBADF || errno == ENOTSOCK)) {
+        /* The program closed our socket without close() (closefrom, close_range): reconnect. */
+        sock_fd = -1;
+        if (do_connect(0) == 0)
+            sent = xsend(sock_fd, iov, plen ? 2 : 1);
+    }
+    if (sent != (ssize_t)(sizeof rq + plen)) {
+        lose_connection();
+        pthread_mutex_unlock(&lk);
+        *err = EIO;
+        return -1;
+    }
+    ssize_t n = xrecv(sock_fd, riov, 2);
+    if (n < (ssize_t)sizeof rp) {
+        lose_connection();
+        pthread_mutex_unlock(&lk);
+        *err = EIO;
+        return -1;
+    }
+    pthread_mutex_unlock(&lk);
+    ret = rp.ret;
+    if (ret < 0) {
+        *err = rp.err ? rp.err : EIO;
+        return -1;
+    }
+    *err = 0;
+    return ret;
+}
+
+static int64_t call(uint32_t op, uint32_t flags, int fd, int fd2, uint64_t a0, uint64_t a1, uint64_t a2,
+                    uint64_t a3)
+{
+    uint64_t a[5] = {a0, a1, a2, a3, 0};
+    int err;
+    int64_t r = rpc(op, flags, fd, fd2, a, NULL, 0, NULL, 0, &err);
+    if (r < 0)
+        errno = err;
+    return r;
+}
+
+/* ---------------------------------------------------------------- paths */
+
+/* Lexically normalise an absolute path ("//", "/./", "/.."). */
+static int normalize(const char *in, char *out, size_t outsz)
+{
+    size_t o = 0;
+    const char *p = in;
+    if (*p != '/')
+        return -1;
+    while (*p) {
+        while (*p == '/')
+            p++;
+        if (!*p)
+            break;
+        const char *e = strchrnul(p, '/');
+        size_t n = (size_t)(e - p);
+        if (n == 1 && p[0] == '.') {
+            /* skip */
+        } else if (n == 2 && p[0] == '.' && p[1] == '.') {
+            while (o > 0 && out[o - 1] != '/')
+                o--;
+            if (o > 0)
+                o--;
+        } else {
+            if (o + 1 + n + 1 > outsz)
+                return -1;
+            out[o++] = '/';
+            memcpy(out + o, p, n);
+            o += n;
+        }
+        p = e;
+    }
+    if (o == 0)
+        out[o++] = '/';
+    out[o] = 0;
+    return 0;
+}
+
+enum { P_NONE, P_NODE, P_REWRITE, P_STATUS };
+
+static int under(const char *path, const char *prefix, size_t len)
+{
+    return strncmp(path, prefix, len) == 0 && (path[len] == 0 || path[len] == '/');
+}
+
+static int is_status_path(const char *n)
+{
+    char mine[64];
+    const char *rest = NULL;
+    if (strncmp(n, "/proc/self/", 11) == 0)
+        rest = n + 11;
+    else if (strncmp(n, "/proc/thread-self/", 18) == 0)
+        return strcmp(n + 18, "status") == 0;
+    else {
+        int k = snprintf(mine, sizeof mine, "/proc/%d/", (int)getpid());
+        if (strncmp(n, mine, (size_t)k) == 0)
+            rest = n + k;
+    }
+    if (!rest)
+        return 0;
+    if (strcmp(rest, "status") == 0)
+        return 1;
+    if (strncmp(rest, "task/", 5) == 0) {
+        const char *q = rest + 5;
+        while (*q >= '0' && *q <= '9')
+            q++;
+        return q > rest + 5 && strcmp(q, "/status") == 0;
+    }
+    return 0;
+}
+
+/* Classify a path; for P_NODE the normalised path, for P_REWRITE the path in the fake tree. */
+static int classify(int dirfd, const char *path, char *buf, size_t bufsz)
+{
+    if (!active || !path || path[0] != '/')
+        return P_NONE;
+    (void)dirfd;                      /* absolute paths ignore dirfd */
+    if (strncmp(path, "/dev/", 5) != 0 && strncmp(path, "/sys/", 5) != 0 && strncmp(path, "/proc/", 6) != 0 &&
+        strncmp(path, "//", 2) != 0)
+        return P_NONE;
+    char n[PATH_MAX];
+    if (normalize(path, n, sizeof n) < 0)
+        return P_NONE;
+    if (strncmp(n, "/dev/vfio/", 10) == 0 && n[10]) {
+        snprintf(buf, bufsz, "%s", n);
+        return P_NODE;
+    }
+    if (strncmp(n, "/proc/", 6) == 0)
+        return is_status_path(n) && sock_fd >= 0 && !dead ? P_STATUS : P_NONE;
+    for (int i = 0; i < nprefixes; i++) {
+        if (under(n, prefixes[i], prefix_len[i])) {
+            if ((size_t)snprintf(buf, bufsz, "%s%s", root, n) >= bufsz)
+                return P_NONE;
+            return P_REWRITE;
+        }
+    }
+    return P_NONE;
+}
+
+/* ---------------------------------------------------------------- /proc/self/status */
+
+static void put_line(char *out, size_t *o, size_t cap, const char *text)
+{
+    size_t n = strlen(text);
+    if (*o + n < cap) {
+        memcpy(out + *o, text, n);
+        *o += n;
+    }
+}
+
+static int status_open(const char *path, int flags)
+{
+    int fd = real_open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    enum { CAP = 32768 };
+    char *in = malloc(CAP), *out = malloc(CAP + 512);
+    if (!in || !out) {
+        free(in);
+        free(out);
+        real_close(fd);
+        errno = ENOMEM;
+        return -1;
+    }
+    size_t n = 0;
+    ssize_t r;
+    while (n < CAP - 1 && (r = real_read(fd, in + n, CAP - 1 - n)) > 0)
+        n += (size_t)r;
+    real_close(fd);
+    in[n] = 0;
+    uint64_t sim[2] = {0, 0};
+    int err;
+    uint64_t a[5] = {0};
+    if (rpc(OP_STATUS, 0, -1, -1, a, NULL, 0, sim, sizeof sim, &err) < 0) {
+        sim[0] = sim[1] = 0;
+    }
+    size_t o = 0;
+    char *save = NULL;
+    for (char *line = strtok_r(in, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+        char tmp[128];
+        if (strncmp(line, "VmLck:", 6) == 0 || strncmp(line, "VmPin:", 6) == 0) {
+            unsigned long long real_kb = strtoull(line + 6, NULL, 10);
+            unsigned long long v = real_kb + (line[2] == 'L' ? sim[0] : sim[1]);
+            snprintf(tmp, sizeof tmp, "%.6s\t%8llu kB\n", line, v);
+            put_line(out, &o, CAP + 512, tmp);
+        } else {
+            put_line(out, &o, CAP + 512, line);
+            put_line(out, &o, CAP + 512, "\n");
+        }
+    }
+    int m = memfd_create("proc-status", (flags & O_CLOEXEC) ? MFD_CLOEXEC : 0);
+    if (m >= 0) {
+        size_t w = 0;
+        while (w < o && (r = real_write(m, out + w, o - w)) > 0)
+            w += (size_t)r;
+        lseek(m, 0, SEEK_SET);
+    }
+    free(in);
+    free(out);
+    return m;
+}
+
+/* ---------------------------------------------------------------- open and close */
+
+static int vfio_open(const char *path, int flags, mode_t mode)
+{
+    const char *name = path + 10;     /* after "/dev/vfio/" */
+    int kind = strcmp(name, "vfio") == 0 ? K_CONTAINER : K_GROUP;
+    int minor = kind == K_GROUP ? atoi(name) : 0;
+    char label[64];
+    if (kind == K_CONTAINER)
+        snprintf(label, sizeof label, "vfiosim:container");
+    else
+        snprintf(label, sizeof label, "vfiosim:group:%d", minor);
+    int ph = memfd_create(label, (flags & O_CLOEXEC) ? MFD_CLOEXEC : 0);
+    if (ph < 0)
+        return -1;
+    if (ph >= VFD_MAX) {
+        real_close(ph);
+        errno = EMFILE;
+        return -1;
+    }
+    if ((flags & O_ACCMODE) != O_RDWR || (flags & O_NONBLOCK)) {
+        /* Reopen it with the program's access mode, so F_GETFL reports what it asked for. */
+        char self[64];
+        snprintf(self, sizeof self, "/proc/self/fd/%d", ph);
+        int acc = (flags & O_ACCMODE) == O_ACCMODE ? O_RDWR : (flags & O_ACCMODE);
+        int re = real_open(self, acc | (flags & O_NONBLOCK) | O_CLOEXEC);
+        if (re >= 0) {
+            real_dup3(re, ph, flags & O_CLOEXEC);
+            real_close(re);
+        }
+    }
+    uint64_t a[5] = {(uint64_t)(unsigned)flags, mode, 0, 0, 0};
+    int err;
+    int64_t r = rpc(OP_OPEN, 0, ph, -1, a, path, (uint32_t)strlen(path), NULL, 0, &err);
+    if (r < 0) {
+        real_close(ph);
+        errno = err;
+        return -1;
+    }
+    set_vfio(ph, kind, minor);
+    return ph;
+}
+
+static int do_openat(int dirfd, const char *path, int flags, mode_t mode)
+{
+    char buf[PATH_MAX];
+    switch (classify(dirfd, path, buf, sizeof buf)) {
+    case P_NODE:
+        return vfio_open(buf, flags, mode);
+    case P_REWRITE:
+        return real_openat(dirfd, buf, flags, mode);
+    case P_STATUS:
+        return status_open(path, flags);
+    default:
+        return real_openat(dirfd, path, flags, mode);
+    }
+}
+
+#define MODE_ARG(flags, mode)                          \
+    mode_t mode = 0;                                   \
+    if ((flags) & (O_CREAT | __O_TMPFILE)) {           \
+        va_list ap;                                    \
+        va_start(ap, flags);                           \
+        mode = (mode_t)va_arg(ap, int);                \
+        va_end(ap);                                    \
+    }
+
+EXPORT int open(const char *path, int flags, ...)
+{
+    resolve();
+    MODE_ARG(flags, mode);
+    return do_openat(AT_FDCWD, path, flags, mode);
+}
+
+EXPORT int open64(const char *path, int flags, ...)
+{
+    resolve();
+    MODE_ARG(flags, mode);
+    return do_openat(AT_FDCWD, path, flags, mode);
+}
+
+EXPORT int openat(int dirfd, const char *path, int flags, ...)
+{
+    resolve();
+    MODE_ARG(flags, mode);
+    return do_openat(dirfd, path, flags, mode);
+}
+
+EXPORT int openat64(int dirfd, const char *path, int flags, ...)
+{
+    resolve();
+    MODE_ARG(flags, mode);
+    return do_openat(dirfd, path, flags, mode);
+}
+
+EXPORT int __open_2(const char *path, int flags)
+{
+    resolve();
+    return do_openat(AT_FDCWD, path, flags, 0);
+}
+
+EXPORT int __open64_2(const char *path, int flags)
+{
+    resolve();
+    return do_openat(AT_FDCWD, path, flags, 0);
+}
+
+EXPORT int __openat_2(int dirfd, const char *path, int flags)
+{
+    resolve();
+    return do_openat(dirfd, path, flags, 0);
+}
+
+EXPORT int __openat64_2(int dirfd, const char *path, int flags)
+{
+    resolve();
+    return do_openat(dirfd, path, flags, 0);
+}
+
+static FILE *do_fopen(const char *path, const char *mode)
+{
+    char buf[PATH_MAX];
+    switch (classify(AT_FDCWD, path, buf, sizeof buf)) {
+    case P_REWRITE:
+        return real_fopen(buf, mode);
+    case P_STATUS: {
+        int fd = status_open(path, strchr(mode, 'e') ? O_CLOEXEC : 0);
+        if (fd < 0)
+            return NULL;
+        FILE *f = fdopen(fd, "r");
+        if (!f)
+            real_close(fd);
+        return f;
+    }
+    case P_NODE: {
+        int flags = strchr(mode, '+') ? O_RDWR : mode[0] == 'r' ? O_RDONLY : O_WRONLY;
+        int fd = vfio_open(buf, flags | (strchr(mode, 'e') ? O_CLOEXEC : 0), 0);
+        if (fd < 0)
+            return NULL;
+        return fdopen(fd, mode);
+    }
+    default:
+        return real_fopen(path, mode);
+    }
+}
+
+EXPORT FILE *fopen(const char *path, const char *mode)
+{
+    resolve();
+    return do_fopen(path, mode);
+}
+
+EXPORT FILE *fopen64(const char *path, const char *mode)
+{
+    resolve();
+    return do_fopen(path, mode);
+}
+
+static void forget(int fd)
+{
+    if (is_vfio(fd)) {
+        vfd[fd] = K_NONE;
+        int saved = errno;
+        call(OP_CLOSE, 0, fd, -1, 0, 0, 0, 0);
+        errno = saved;
+    }
+}
+
+EXPORT int close(int fd)
+{
+    resolve();
+    if (fd >= 0 && fd == sock_fd && sock_pid == getpid())
+        return 0;                     /* our connection: a close-everything loop must not cut it */
+    forget(fd);
+    return real_close(fd);
+}
+
+EXPORT int close_range(unsigned int first, unsigned int last, int flags)
+{
+    resolve();
+    for (unsigned int fd = first; fd <= last && fd < VFD_MAX; fd++) {
+        if (!is_vfio((int)fd))
+            continue;
+        if (flags & CLOSE_RANGE_CLOEXEC)
+            call(OP_SETFD, 0, (int)fd, -1, 1, 0, 0, 0);
+        else
+            forget((int)fd);
+    }
+    if (!real_close_range) {
+        errno = ENOSYS;
+        return -1;
+    }
+    unsigned int s = (unsigned int)sock_fd;
+    if (sock_fd >= 0 && sock_pid == getpid() && first <= s && s <= last) {
+        /* Keep our connection open. */
+        int r = 0;
+        if (s > first)
+            r = real_close_range(first, s - 1, flags);
+        if (r == 0 && s < last)
+            r = real_close_range(s + 1, last, flags);
+        return r;
+    }
+    return real_close_range(first, last, flags);
+}
+
+/* ---------------------------------------------------------------- dup and fcntl */
+
+/* After a real dup of a simulated fd to `newfd`. */
+static void dup_done(int oldfd, int newfd, int cloexec)
+{
+    if (newfd < 0 || newfd >= VFD_MAX)
+        return;
+    int saved = errno;
+    if (call(OP_DUP, 0, oldfd, newfd, cloexec ? 1 : 0, 0, 0, 0) >= 0)
+        set_vfio(newfd, vfd[oldfd], vminor[oldfd]);
+    errno = saved;
+}
+
+EXPORT int dup(int fd)
+{
+    resolve();
+    int n = real_dup(fd);
+    if (n >= 0 && is_vfio(fd))
+        dup_done(fd, n, 0);
+    return n;
+}
+
+static int do_dup3(int oldfd, int newfd, int flags, int is_dup2)
+{
+    int n = is_dup2 ? real_dup2(oldfd, newfd) : real_dup3(oldfd, newfd, flags);
+    if (n < 0 || oldfd == newfd)
+        return n;
+    if (is_vfio(oldfd)) {
+        if (is_vfio(newfd))
+            vfd[newfd] = K_NONE;      /* the daemon's dup2 replaces it */
+        dup_done(oldfd, newfd, flags & O_CLOEXEC);
+    } else if (is_vfio(newfd)) {
+        forget(newfd);                 /* newfd now names a file of the host */
+    }
+    return n;
+}
+
+EXPORT int dup2(int oldfd, int newfd)
+{
+    resolve();
+    return do_dup3(oldfd, newfd, 0, 1);
+}
+
+EXPORT int dup3(int oldfd, int newfd, int flags)
+{
+    resolve();
+    return do_dup3(oldfd, newfd, flags, 0);
+}
+
+static int do_fcntl(int fd, int cmd, void *arg)
+{
+    int r = real_fcntl(fd, cmd, arg);
+    if (r < 0 || !is_vfio(fd))
+        return r;
+    switch (cmd) {
+    case F_DUPFD:
+    case F_DUPFD_CLOEXEC:
+        dup_done(fd, r, cmd == F_DUPFD_CLOEXEC);
+        break;
+    case F_SETFD: {
+        int saved = errno;
+        call(OP_SETFD, 0, fd, -1, ((long)arg & FD_CLOEXEC) ? 1 : 0, 0, 0, 0);
+        errno = saved;
+        break;
+    }
+    }
+    return r;
+}
+
+EXPORT int fcntl(int fd, int cmd, ...)
+{
+    resolve();
+    va_list ap;
+    va_start(ap, cmd);
+    void *arg = va_arg(ap, void *);
+    va_end(ap);
+    return do_fcntl(fd, cmd, arg);
+}
+
+EXPORT int fcntl64(int fd, int cmd, ...)
+{
+    resolve();
+    va_list ap;
+    va_start(ap, cmd);
+    void *arg = va_arg(ap, void *);
+    va_end(ap);
+    return do_fcntl(fd, cmd, arg);
+}
+
+/* ---------------------------------------------------------------- ioctl, read, write */
+
+EXPORT int ioctl(int fd, unsigned long request, ...)
+{
+    resolve();
+    va_list ap;
+    va_start(ap, request);
+    void *arg = va_arg(ap, void *);
+    va_end(ap);
+    if (!is_vfio(fd))
+        return real_ioctl(fd, request, arg);
+    unsigned int cmd = (unsigned int)request;
+    if (cmd == FIOCLEX || cmd == FIONCLEX || cmd == FIONBIO)
+        real_ioctl(fd, request, arg);
+    int ph = -1;
+    if (cmd == VFIO_GROUP_GET_DEVICE_FD) {
+        ph = memfd_create("vfiosim:device", MFD_CLOEXEC);
+        if (ph < 0)
+            return -1;
+        if (ph >= VFD_MAX) {
+            real_close(ph);
+            errno = EMFILE;
+            return -1;
+        }
+    }
+    int64_t r = call(OP_IOCTL, 0, fd, ph, cmd, (uint64_t)(uintptr_t)arg, 0, 0);
+    if (ph >= 0) {
+        if (r == ph) {
+            set_vfio(ph, K_DEVICE, 0);
+        } else {
+            int saved = errno;
+            real_close(ph);
+            errno = saved;
+        }
+    }
+    return (int)r;
+}
+
+static ssize_t rw(uint32_t op, int fd, const void *buf, size_t count, off_t off, int positional)
+{
+    return (ssize_t)call(op, positional ? RW_POSITIONAL : 0, fd, -1, (uint64_t)(uintptr_t)buf, count,
+                         (uint64_t)off, 0);
+}
+
+EXPORT ssize_t read(int fd, void *buf, size_t count)
+{
+    resolve();
+    if (!is_vfio(fd))
+        return real_read(fd, buf, count);
+    return rw(OP_READ, fd, buf, count, 0, 0);
+}
+
+EXPORT ssize_t write(int fd, const void *buf, size_t count)
+{
+    resolve();
+    if (!is_vfio(fd))
+        return real_write(fd, buf, count);
+    return rw(OP_WRITE, fd, buf, count, 0, 0);
+}
+
+EXPORT ssize_t pread(int fd, void *buf, size_t count, off_t off)
+{
+    resolve();
+    if (!is_vfio(fd))
+        return real_pread(fd, buf, count, off);
+    return rw(OP_READ, fd, buf, count, off, 1);
+}
+
+EXPORT ssize_t pread64(int fd, void *buf, size_t count, off_t off)
+{
+    return pread(fd, buf, count, off);
+}
+
+EXPORT ssize_t pwrite(int fd, const void *buf, size_t count, off_t off)
+{
+    resolve();
+    if (!is_vfio(fd))
+        return real_pwrite(fd, buf, count, off);
+    return rw(OP_WRITE, fd, buf, count, off, 1);
+}
+
+EXPORT ssize_t pwrite64(int fd, const void *buf, size_t count, off_t off)
+{
+    return pwrite(fd, buf, count, off);
+}
+
+/* ---------------------------------------------------------------- stat and friends */
+
+static int node_info(const char *fake, unsigned *maj, unsigned *min, unsigned *mode, unsigned *uid, unsigned *gid)
+{
+    int fd = real_open(fake, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    char b[128];
+    ssize_t n = real_read(fd, b, sizeof b - 1);
+    real_close(fd);
+    if (n <= 0)
+        return -1;
+    b[n] = 0;
+    return sscanf(b, "%u %u %o %u %u", maj, min, mode, uid, gid) == 5 ? 0 : -1;
+}
+
+static void patch_node_stat(const char *fake, struct stat *st)
+{
+    unsigned maj, min, mode, uid, gid;
+    if (node_info(fake, &maj, &min, &mode, &uid, &gid) == 0) {
+        st->st_mode = S_IFCHR | mode;
+        st->st_rdev = makedev(maj, min);
+        st->st_uid = uid;
+        st->st_gid = gid;
+        st->st_size = 0;
+        st->st_blocks = 0;
+    }
+}
+
+static void patch_fd_stat(int fd, struct stat *st)
+{
+    switch (vfd[fd]) {
+    case K_CONTAINER:
+        st->st_mode = S_IFCHR | 0666;
+        st->st_rdev = makedev(10, 196);
+        break;
+    case K_GROUP:
+        st->st_mode = S_IFCHR | 0600;
+        st->st_rdev = makedev(243, vminor[fd]);
+        break;
+    case K_DEVICE:
+        st->st_mode = 0600;            /* an anonymous inode */
+        st->st_rdev = 0;
+        break;
+    }
+    st->st_size = 0;
+}
+
+static int do_fstatat(int dirfd, const char *path, struct stat *st, int flags)
+{
+    char buf[PATH_MAX];
+    if (path && !*path && (flags & AT_EMPTY_PATH)) {
+        int r = real_fstatat(dirfd, path, st, flags);
+        if (r == 0 && is_vfio(dirfd))
+            patch_fd_stat(dirfd, st);
+        return r;
+    }
+    int c = classify(dirfd, path, buf, sizeof buf);
+    if (c == P_NODE) {
+        char fake[PATH_MAX + 16];
+        snprintf(fake, sizeof fake, "%s%s", root, buf);
+        int r = real_fstatat(AT_FDCWD, fake, st, flags);
+        if (r == 0)
+            patch_node_stat(fake, st);
+        return r;
+    }
+    if (c == P_REWRITE)
+        return real_fstatat(AT_FDCWD, buf, st, flags);
+    return real_fstatat(dirfd, path, st, flags);
+}
+
+EXPORT int stat(const char *path, struct stat *st)
+{
+    resolve();
+    return do_fstatat(AT_FDCWD, path, st, 0);
+}
+
+EXPORT int stat64(const char *path, struct stat64 *st)
+{
+    resolve();
+    return do_fstatat(AT_FDCWD, path, (struct stat *)st, 0);
+}
+
+EXPORT int lstat(const char *path, struct stat *st)
+{
+    resolve();
+    return do_fstatat(AT_FDCWD, path, st, AT_SYMLINK_NOFOLLOW);
+}
+
+EXPORT int lstat64(const char *path, struct stat64 *st)
+{
+    resolve();
+    return do_fstatat(AT_FDCWD, path, (struct stat *)st, AT_SYMLINK_NOFOLLOW);
+}
+
+EXPORT int fstatat(int dirfd, const char *path, struct stat *st, int flags)
+{
+    resolve();
+    return do_fstatat(dirfd, path, st, flags);
+}
+
+EXPORT int fstatat64(int dirfd, const char *path, struct stat64 *st, int flags)
+{
+    resolve();
+    return do_fstatat(dirfd, path, (struct stat *)st, flags);
+}
+
+EXPORT int fstat(int fd, struct stat *st)
+{
+    resolve();
+    int r = real_fstat(fd, st);
+    if (r == 0 && is_vfio(fd))
+        patch_fd_stat(fd, st);
+    return r;
+}
+
+EXPORT int fstat64(int fd, struct stat64 *st)
+{
+    return fstat(fd, (struct stat *)st);
+}
+
+/* statx() accepts a NULL path with AT_EMPTY_PATH (Linux 6.11); glibc declares it nonnull. */
+__attribute__((noinline)) static int empty_path(const char *p)
+{
+    return !p || !*p;
+}
+
+/* Programs built against glibc before 2.33 call these (x86-64: ver 1, struct stat as today). */
+EXPORT int __xstat(int ver, const char *path, struct stat *st)
+{
+    (void)ver;
+    resolve();
+    return do_fstatat(AT_FDCWD, path, st, 0);
+}
+
+EXPORT int __xstat64(int ver, const char *path, struct stat64 *st)
+{
+    return __xstat(ver, path, (struct stat *)st);
+}
+
+EXPORT int __lxstat(int ver, const char *path, struct stat *st)
+{
+    (void)ver;
+    resolve();
+    return do_fstatat(AT_FDCWD, path, st, AT_SYMLINK_NOFOLLOW);
+}
+
+EXPORT int __lxstat64(int ver, const char *path, struct stat64 *st)
+{
+    return __lxstat(ver, path, (struct stat *)st);
+}
+
+EXPORT int __fxstat(int ver, int fd, struct stat *st)
+{
+    (void)ver;
+    return fstat(fd, st);
+}
+
+EXPORT int __fxstat64(int ver, int fd, struct stat64 *st)
+{
+    (void)ver;
+    return fstat(fd, (struct stat *)st);
+}
+
+EXPORT int __fxstatat(int ver, int dirfd, const char *path, struct stat *st, int flags)
+{
+    (void)ver;
+    resolve();
+    return do_fstatat(dirfd, path, st, flags);
+}
+
+EXPORT int __fxstatat64(int ver, int dirfd, const char *path, struct stat64 *st, int flags)
+{
+    return __fxstatat(ver, dirfd, path, (struct stat *)st, flags);
+}
+
+EXPORT int statx(int dirfd, const char *path, int flags, unsigned int mask, struct statx *stx)
+{
+    resolve();
+    char buf[PATH_MAX];
+    int c = classify(dirfd, path, buf, sizeof buf);
+    int r;
+    if (c == P_NODE) {
+        char fake[PATH_MAX + 16];
+        snprintf(fake, sizeof fake, "%s%s", root, buf);
+        r = real_statx(AT_FDCWD, fake, flags, mask, stx);
+        unsigned maj, min, mode, uid, gid;
+        if (r == 0 && node_info(fake, &maj, &min, &mode, &uid, &gid) == 0) {
+            stx->stx_mode = (uint16_t)(S_IFCHR | mode);
+            stx->stx_rdev_major = maj;
+            stx->stx_rdev_minor = min;
+            stx->stx_uid = uid;
+            stx->stx_gid = gid;
+            stx->stx_size = 0;
+        }
+        return r;
+    }
+    if (c == P_REWRITE)
+        return real_statx(AT_FDCWD, buf, flags, mask, stx);
+    r = real_statx(dirfd, path, flags, mask, stx);
+    if (r == 0 && (flags & AT_EMPTY_PATH) && is_vfio(dirfd) && empty_path(path)) {
+        struct stat st;
+        memset(&st, 0, sizeof st);
+        patch_fd_stat(dirfd, &st);
+        stx->stx_mode = (uint16_t)st.st_mode;
+        stx->stx_rdev_major = major(st.st_rdev);
+        stx->stx_rdev_minor = minor(st.st_rdev);
+        stx->stx_size = 0;
+    }
+    return r;
+}
+
+static const char *mapped(int dirfd, const char *path, char *buf, size_t bufsz)
+{
+    int c = classify(dirfd, path, buf, bufsz);
+    if (c == P_NODE) {
+        char tmp[PATH_MAX];
+        snprintf(tmp, sizeof tmp, "%s", buf);
+        snprintf(buf, bufsz, "%s%s", root, tmp);
+        return buf;
+    }
+    return c == P_REWRITE ? buf : path;
+}
+
+EXPORT int access(const char *path, int mode)
+{
+    resolve();
+    char buf[PATH_MAX];
+    return real_access(mapped(AT_FDCWD, path, buf, sizeof buf), mode);
+}
+
+EXPORT int faccessat(int dirfd, const char *path, int mode, int flags)
+{
+    resolve();
+    char buf[PATH_MAX];
+    const char *p = mapped(dirfd, path, buf, sizeof buf);
+    return real_faccessat(p == path ? dirfd : AT_FDCWD, p, mode, flags);
+}
+
+EXPORT ssize_t readlink(const char *path, char *out, size_t n)
+{
+    resolve();
+    char buf[PATH_MAX];
+    return real_readlink(mapped(AT_FDCWD, path, buf, sizeof buf), out, n);
+}
+
+EXPORT ssize_t readlinkat(int dirfd, const char *path, char *out, size_t n)
+{
+    resolve();
+    char buf[PATH_MAX];
+    const char *p = mapped(dirfd, path, buf, sizeof buf);
+    return real_readlinkat(p == path ? dirfd : AT_FDCWD, p, out, n);
+}
+
+EXPORT DIR *opendir(const char *path)
+{
+    resolve();
+    char buf[PATH_MAX];
+    return real_opendir(mapped(AT_FDCWD, path, buf, sizeof buf));
+}
+
+static char *do_realpath(const char *path, char *resolved)
+{
+    char buf[PATH_MAX];
+    const char *p = mapped(AT_FDCWD, path, buf, sizeof buf);
+    char *r = real_realpath(p, resolved);
+    if (r && p != path && root_len && strncmp(r, root, root_len) == 0 && r[root_len] == '/')
+        memmove(r, r + root_len, strlen(r + root_len) + 1);
+    return r;
+}
+
+EXPORT char *realpath(const char *path, char *resolved)
+{
+    resolve();
+    return do_realpath(path, resolved);
+}
+
+EXPORT char *canonicalize_file_name(const char *path)
+{
+    resolve();
+    return do_realpath(path, NULL);
+}
+
+/* ---------------------------------------------------------------- mmap of device regions */
+
+struct region {
+    uintptr_t start, end;
+    uint64_t handle;
+};
+#define MAX_REGIONS 64
+static struct region regions[MAX_REGIONS];
+static volatile int nregions;
+static struct sigaction prog_segv;      /* the program's own SIGSEGV disposition */
+static int segv_installed;
+
+static void segv_handler(int sig, siginfo_t *si, void *ucv);
+
+static void install_segv(void)
+{
+    if (segv_installed)
+        return;
+    struct sigaction sa, old;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = segv_handler;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    if (real_sigaction(SIGSEGV, &sa, &old) == 0) {
+        prog_segv = old;
+        segv_installed = 1;
+    }
+}
+
+EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+    resolve();
+    if (!is_vfio(fd))
+        return real_mmap(addr, len, prot, flags, fd, off);
+    long page = sysconf(_SC_PAGESIZE);
+    size_t rlen = (len + (size_t)page - 1) & ~((size_t)page - 1);
+    if (len == 0 || (off & (page - 1))) {
+        errno = EINVAL;
+        return MAP_FAILED;
+    }
+    int shared = (flags & MAP_TYPE) == MAP_SHARED || (flags & MAP_TYPE) == MAP_SHARED_VALIDATE;
+    int64_t h = call(OP_MMAP, 0, fd, -1, (uint64_t)off, rlen, (uint64_t)(unsigned)prot, shared);
+    if (h < 0)
+        return MAP_FAILED;
+    if (nregions >= MAX_REGIONS) {
+        call(OP_MUNMAP, 0, -1, -1, (uint64_t)h, 0, 0, 0);
+        errno = ENOMEM;
+        return MAP_FAILED;
+    }
+    void *p = real_mmap(addr, rlen, PROT_NONE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | (flags & (MAP_FIXED | MAP_FIXED_NOREPLACE)),
+                        -1, 0);
+    if (p == MAP_FAILED) {
+        int saved = errno;
+        call(OP_MUNMAP, 0, -1, -1, (uint64_t)h, 0, 0, 0);
+        errno = saved;
+        return MAP_FAILED;
+    }
+    pthread_mutex_lock(&lk);
+    install_segv();
+    regions[nregions].start = (uintptr_t)p;
+    regions[nregions].end = (uintptr_t)p + rlen;
+    regions[nregions].handle = (uint64_t)h;
+    __atomic_store_n(&nregions, nregions + 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&lk);
+    return p;
+}
+
+EXPORT void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+    return mmap(addr, len, prot, flags, fd, off);
+}
+
+EXPORT int munmap(void *addr, size_t len)
+{
+    resolve();
+    int r = real_munmap(addr, len);
+    if (r < 0 || !nregions)
+        return r;
+    uintptr_t s = (uintptr_t)addr, e = s + len;
+    uint64_t drop[MAX_REGIONS];
+    int ndrop = 0;
+    pthread_mutex_lock(&lk);
+    for (int i = 0; i < nregions;) {
+        struct region *g = &regions[i];
+        if (e <= g->start || s >= g->end) {
+            i++;
+            continue;
+        }
+        if (s <= g->start && e >= g->end) {
+            drop[ndrop++] = g->handle;
+            regions[i] = regions[nregions - 1];
+            nregions--;
+            continue;
+        }
+        if (s <= g->start)
+            g->start = e;             /* the head went */
+        else if (e >= g->end)
+            g->end = s;               /* the tail went */
+        i++;                          /* (a hole in the middle: the region keeps both ends) */
+    }
+    pthread_mutex_unlock(&lk);
+    int saved = errno;
+    for (int i = 0; i < ndrop; i++)
+        call(OP_MUNMAP, 0, -1, -1, drop[i], 0, 0, 0);
+    errno = saved;
+    return r;
+}
+
+/* x86-64 MOV decoding for the loads and stores a driver makes to a BAR. */
+struct insn {
+    int len;                          /* bytes */
+    int store;                        /* 1: store to memory */
+    int size;                         /* memory operand bytes */
+    int dsize;                        /* destination register bytes (loads) */
+    int sext;                         /* sign-extend the loaded value */
+    int reg;                          /* register number 0-15 */
+    int high8;                        /* AH/CH/DH/BH */
+    int has_imm;
+    uint64_t imm;
+};
+
+static const int gregmap[16] = {REG_RAX, REG_RCX, REG_RDX, REG_RBX, REG_RSP, REG_RBP, REG_RSI, REG_RDI,
+                                REG_R8,  REG_R9,  REG_R10, REG_R11, REG_R12, REG_R13, REG_R14, REG_R15};
+
+static int decode(const uint8_t *p, struct insn *in)
+{
+    int i = 0, opsize16 = 0, rex = 0;
+    memset(in, 0, sizeof *in);
+    for (;;) {
+        uint8_t b = p[i];
+        if (b == 0x66) {
+            opsize16 = 1;
+            i++;
+        } else if (b == 0x2e || b == 0x3e || b == 0x26 || b == 0x36 || b == 0x64 || b == 0x65 || b == 0x67) {
+            i++;
+        } else {
+            break;
+        }
+        if (i > 8)
+            return -1;
+    }
+    if ((p[i] & 0xf0) == 0x40)
+        rex = p[i++];
+    int W = rex & 8;
+    int opsz = W ? 8 : opsize16 ? 2 : 4;
+    uint8_t op = p[i++];
+    int imm_bytes = 0;
+    if (op == 0x0f) {
+        op = p[i++];
+        in->store = 0;
+        in->dsize = opsz;
+        switch (op) {
+        case 0xb6: in->size = 1; break;
+        case 0xb7: in->size = 2; break;
+        case 0xbe: in->size = 1; in->sext = 1; break;
+        case 0xbf: in->size = 2; in->sext = 1; break;
+        default: return -1;
+        }
+    } else {
+        switch (op) {
+        case 0x88: in->store = 1; in->size = 1; break;
+        case 0x89: in->store = 1; in->size = opsz; break;
+        case 0x8a: in->size = in->dsize = 1; break;
+        case 0x8b: in->size = in->dsize = opsz; break;
+        case 0x63:
+            if (!W)
+                return -1;
+            in->size = 4; in->dsize = 8; in->sext = 1;
+            break;
+        case 0xc6: in->store = 1; in->size = 1; in->has_imm = 1; imm_bytes = 1; break;
+        case 0xc7: in->store = 1; in->size = opsz; in->has_imm = 1; imm_bytes = opsz == 2 ? 2 : 4; break;
+        default: return -1;
+        }
+    }
+    uint8_t modrm = p[i++];
+    int mod = modrm >> 6, reg = (modrm >> 3) & 7, rm = modrm & 7;
+    if (mod == 3)
+        return -1;
+    if (in->has_imm && reg != 0)
+        return -1;
+    if (rm == 4) {
+        uint8_t sib = p[i++];
+        if (mod == 0 && (sib & 7) == 5)
+            i += 4;
+    } else if (mod == 0 && rm == 5) {
+        i += 4;                       /* RIP-relative */
+    }
+    if (mod == 1)
+        i += 1;
+    else if (mod == 2)
+        i += 4;
+    in->reg = reg | ((rex & 4) ? 8 : 0);
+    in->high8 = (in->size == 1 && !in->has_imm && !rex && reg >= 4 && (op == 0x88 || op == 0x8a));
+    if (in->high8)
+        in->reg = reg - 4;
+    if (imm_bytes) {
+        uint64_t v = 0;
+        memcpy(&v, p + i, (size_t)imm_bytes);
+        if (imm_bytes == 4 && opsz == 8)
+            v = (uint64_t)(int64_t)(int32_t)v;
+        in->imm = v;
+        i += imm_bytes;
+    }
+    in->len = i;
+    return 0;
+}
+
+static uint64_t mask_of(int size)
+{
+    return size == 8 ? ~0ull : (1ull << (8 * size)) - 1;
+}
+
+static void fault_fatal(int sig, const char *why, uintptr_t addr)
+{
+    char msg[160];
+    int n = snprintf(msg, sizeof msg, "vfiosim: device mapping access at %#lx: %s\n", (unsigned long)addr, why);
+    if (n > 0)
+        real_write(2, msg, (size_t)n);
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    real_sigaction(sig, &dfl, NULL);
+    if (sig != SIGSEGV)
+        raise(sig);
+}
+
+static void segv_handler(int sig, siginfo_t *si, void *ucv)
+{
+    int saved_errno = errno;
+    ucontext_t *uc = ucv;
+    uintptr_t addr = (uintptr_t)si->si_addr;
+    struct region *g = NULL;
+    int n = __atomic_load_n(&nregions, __ATOMIC_ACQUIRE);
+    for (int i = 0; i < n; i++) {
+        if (regions[i].start <= addr && addr < regions[i].end) {
+            g = &regions[i];
+            break;
+        }
+    }
+    if (!g) {
+        /* Not ours: the program's handler, or the default action. */
+        if (prog_segv.sa_flags & SA_SIGINFO) {
+            if (prog_segv.sa_sigaction) {
+                prog_segv.sa_sigaction(sig, si, ucv);
+                errno = saved_errno;
+                return;
+            }
+        } else if (prog_segv.sa_handler != SIG_DFL && prog_segv.sa_handler != SIG_IGN) {
+            prog_segv.sa_handler(sig);
+            errno = saved_errno;
+            return;
+        }
+        struct sigaction dfl;
+        memset(&dfl, 0, sizeof dfl);
+        dfl.sa_handler = SIG_DFL;
+        real_sigaction(SIGSEGV, &dfl, NULL);
+        errno = saved_errno;
+        return;                       /* the access faults again, with the default action */
+    }
+    greg_t *gr = uc->uc_mcontext.gregs;
+    struct insn in;
+    if (decode((const uint8_t *)gr[REG_RIP], &in) < 0) {
+        fault_fatal(SIGSEGV, "unsupported instruction (only MOV/MOVZX/MOVSX of 1-8 bytes are emulated)", addr);
+        errno = saved_errno;
+        return;
+    }
+    uint64_t off = addr - g->start;
+    uint64_t a[5] = {g->handle, off, (uint64_t)in.size, 0, 0};
+    int err;
+    if (in.store) {
+        uint64_t v;
+        if (in.has_imm) {
+            v = in.imm;
+        } else {
+            v = (uint64_t)gr[gregmap[in.reg]];
+            if (in.high8)
+                v >>= 8;
+        }
+        a[3] = v & mask_of(in.size);
+        if (rpc(OP_MMIO, MMIO_WRITE, -1, -1, a, NULL, 0, NULL, 0, &err) < 0) {
+            fault_fatal(SIGBUS, strerror(err), addr);
+            errno = saved_errno;
+            return;
+        }
+    } else {
+        uint64_t v = 0;
+        if (rpc(OP_MMIO, 0, -1, -1, a, NULL, 0, &v, sizeof v, &err) < 0) {
+            fault_fatal(SIGBUS, strerror(err), addr);
+            errno = saved_errno;
+            return;
+        }
+        v &= mask_of(in.size);
+        if (in.sext && in.size < 8) {
+            int shift = 64 - 8 * in.size;
+            v = (uint64_t)(((int64_t)(v << shift)) >> shift);
+        }
+        greg_t *dst = &gr[gregmap[in.reg]];
+        uint64_t cur = (uint64_t)*dst;
+        switch (in.dsize) {
+        case 1:
+            if (in.high8)
+                cur = (cur & ~0xff00ull) | ((v & 0xff) << 8);
+            else
+                cur = (cur & ~0xffull) | (v & 0xff);
+            break;
+        case 2:
+            cur = (cur & ~0xffffull) | (v & 0xffff);
+            break;
+        case 4:
+            cur = v & 0xffffffffull;  /* a 32-bit destination zero-extends */
+            break;
+        default:
+            cur = v;
+        }
+        *dst = (greg_t)cur;
+    }
+    gr[REG_RIP] += in.len;
+    errno = saved_errno;
+}
+
+/* The program's own SIGSEGV handler is kept and chained to. */
+EXPORT int sigaction(int sig, const struct sigaction *act, struct sigaction *old)
+{
+    resolve();
+    if (sig != SIGSEGV || !segv_installed)
+        return real_sigaction(sig, act, old);
+    if (old)
+        *old = prog_segv;
+    if (act)
+        prog_segv = *act;
+    return 0;
+}
+
+EXPORT sighandler_t signal(int sig, sighandler_t handler)
+{
+    resolve();
+    struct sigaction sa, old;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = handler;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(sig, &sa, &old) < 0)
+        return SIG_ERR;
+    return old.sa_handler;
+}
+
+/* ---------------------------------------------------------------- processes */
+
+EXPORT pid_t fork(void)
+{
+    resolve();
+    int connected = active && sock_fd >= 0 && !dead;
+    pid_t pid = real_fork();
+    if (pid == 0) {
+        pthread_mutex_init(&lk, NULL);
+        if (connected) {
+            real_close(sock_fd);
+            sock_fd = -1;
+            if (do_connect(HELLO_FORK) < 0)
+                dead = 1;
+        }
+    } else if (pid > 0 && connected) {
+        int saved = errno;
+        call(OP_FORK, 0, -1, -1, (uint64_t)pid, 0, 0, 0);
+        errno = saved;
+    }
+    return pid;
+}
+
+EXPORT pid_t vfork(void)
+{
+    return fork();
+}
+
+#define CREDS_WRAPPER(ret, name, params, args)            \
+    EXPORT ret name params                               \
+    {                                                    \
+        static ret(*real) params;                        \
+        if (!real)                                       \
+            real = sym(#name);                           \
+        ret rv_ = real args;                             \
+        creds_dirty = 1;                                 \
+        return rv_;                                      \
+    }
+
+CREDS_WRAPPER(int, setuid, (uid_t u), (u))
+CREDS_WRAPPER(int, seteuid, (uid_t u), (u))
+CREDS_WRAPPER(int, setreuid, (uid_t r, uid_t e), (r, e))
+CREDS_WRAPPER(int, setresuid, (uid_t r, uid_t e, uid_t s), (r, e, s))
+CREDS_WRAPPER(int, setgid, (gid_t g), (g))
+CREDS_WRAPPER(int, setegid, (gid_t g), (g))
+CREDS_WRAPPER(int, setregid, (gid_t r, gid_t e), (r, e))
+CREDS_WRAPPER(int, setresgid, (gid_t r, gid_t e, gid_t s), (r, e, s))
+CREDS_WRAPPER(int, setgroups, (size_t n, const gid_t *l), (n, l))
+CREDS_WRAPPER(int, setrlimit, (__rlimit_resource_t r, const struct rlimit *l), (r, l))
+CREDS_WRAPPER(int, setrlimit64, (__rlimit_resource_t r, const struct rlimit64 *l), (r, l))
+CREDS_WRAPPER(int, prlimit, (pid_t p, __rlimit_resource_t r, const struct rlimit *n, struct rlimit *o), (p, r, n, o))
+CREDS_WRAPPER(int, prlimit64, (pid_t p, __rlimit_resource_t r, const struct rlimit64 *n, struct rlimit64 *o),
+              (p, r, n, o))
+CREDS_WRAPPER(int, capset, (void *h, const void *d), (h, d))
+
+EXPORT int prctl(int option, ...)
+{
+    static int (*real)(int, ...);
+    if (!real)
+        real = sym("prctl");
+    va_list ap;
+    va_start(ap, option);
+    unsigned long a2 = va_arg(ap, unsigned long), a3 = va_arg(ap, unsigned long);
+    unsigned long a4 = va_arg(ap, unsigned long), a5 = va_arg(ap, unsigned long);
+    va_end(ap);
+    int r = real(option, a2, a3, a4, a5);
+    creds_dirty = 1;
+    return r;
+}
+
+/* ---------------------------------------------------------------- start-up */
+
+__attribute__((constructor)) static void vfiosim_init(void)
+{
+    resolve();
+    const char *s = getenv("VFIOSIM_SOCKET");
+    if (!s || !*s)
+        return;
+    active = 1;
+    set_root(getenv("VFIOSIM_ROOT"));
+    /* After exec: simulated fds that survived it are memfds named vfiosim:*. */
+    DIR *d = real_opendir("/proc/self/fd");
+    int found = 0;
+    if (d) {
+        int dfd = dirfd(d);
+        struct dirent *e;
+        while ((e = readdir(d)) != NULL) {
+            if (e->d_name[0] < '0' || e->d_name[0] > '9')
+                continue;
+            int fd = atoi(e->d_name);
+            if (fd == dfd || fd >= VFD_MAX)
+                continue;
+            char link[256];
+            ssize_t n = real_readlinkat(dfd, e->d_name, link, sizeof link - 1);
+            if (n <= 0)
+                continue;
+            link[n] = 0;
+            if (strncmp(link, "/memfd:vfiosim:", 15) != 0)
+                continue;
+            const char *kind = link + 15;
+            if (strncmp(kind, "container", 9) == 0)
+                set_vfio(fd, K_CONTAINER, 0);
+            else if (strncmp(kind, "group:", 6) == 0)
+                set_vfio(fd, K_GROUP, atoi(kind + 6));
+            else
+                set_vfio(fd, K_DEVICE, 0);
+            found = 1;
+        }
+        closedir(d);
+    }
+    if (found) {
+        pthread_mutex_lock(&lk);
+        if (do_connect(0) < 0)
+            dead = 1;
+        pthread_mutex_unlock(&lk);
+    }
+}

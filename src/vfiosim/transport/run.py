@@ -1,0 +1,120 @@
+"""``vfiosim run`` and ``vfiosim serve``: real programs on a simulated machine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import IO, TYPE_CHECKING, Sequence
+
+from . import protocol as P
+from .daemon import Daemon
+from .sysfs import FakeSysfs
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+
+
+def program_env(sock_path: str, root: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a program runs with: the shim preloaded, the daemon's socket and fake root."""
+    from ..preload import library_path
+    env = dict(os.environ if base is None else base)
+    lib = library_path()
+    pre = env.get("LD_PRELOAD", "")
+    env["LD_PRELOAD"] = lib + (":" + pre if pre else "")
+    env["VFIOSIM_SOCKET"] = sock_path
+    env["VFIOSIM_ROOT"] = root
+    return env
+
+
+def _exit_code(rc: int) -> int:
+    return 128 - rc if rc < 0 else rc
+
+
+def run(machine: "Machine", argv: Sequence[str], *, trace: str | IO[str] | None = None,
+        stderr: IO[str] | None = None) -> int:
+    """Start a daemon for ``machine``, run ``argv`` under the shim, serve until it
+    and every process that holds simulated files have exited.  Returns its exit code."""
+    err = stderr or sys.stderr
+    sysfs = FakeSysfs(machine)
+    sock_path = os.path.join(sysfs.root, "vfiosim.sock")
+    daemon = Daemon(machine, sock_path, trace=trace, sysfs=sysfs,
+                    log=lambda text: print(f"vfiosim: {text}", file=err, flush=True))
+    daemon._own_sysfs = True
+    try:
+        env = program_env(sock_path, sysfs.root)
+        try:
+            proc = subprocess.Popen(list(argv), env=env)
+        except OSError as exc:
+            print(f"vfiosim: cannot run {argv[0]}: {exc.strerror}", file=err)
+            return 127
+        # Ctrl-C goes to the program (same process group); the daemon waits for it.
+        old_int = signal.signal(signal.SIGINT, lambda *_: None)
+        old_term = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+        try:
+            daemon.serve(until=lambda: proc.poll() is not None and not daemon.states)
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
+        rc = proc.wait()
+    finally:
+        daemon.close()
+    if machine.oopses:
+        print(f"vfiosim: {len(machine.oopses)} internal error(s) during the run (a vfiosim bug):", file=err)
+        for text in machine.oopses:
+            print(text, file=err)
+    return _exit_code(rc)
+
+
+def serve(machine: "Machine", sock_path: str, *, trace: str | None = None, out: IO[str] | None = None) -> int:
+    """Serve ``machine`` on ``sock_path`` until SIGINT/SIGTERM."""
+    out = out or sys.stdout
+    daemon = Daemon(machine, sock_path, trace=trace)
+    print(f"vfiosim: serving {machine.name} ({machine.platform}) on {sock_path}; "
+          f"run programs with: vfiosim run --connect {sock_path} -- PROGRAM", file=out, flush=True)
+    stop = lambda *_: daemon.stop()  # noqa: E731
+    old_int = signal.signal(signal.SIGINT, stop)
+    old_term = signal.signal(signal.SIGTERM, stop)
+    try:
+        daemon.serve()
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+        daemon.close()
+    return 0
+
+
+def fetch_root(sock_path: str) -> str:
+    """Ask a running daemon for its fake sysfs root (OP_INFO)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(10)
+    try:
+        s.connect(sock_path)
+        s.sendall(P.pack_request(P.OP_INFO))
+        reply = s.recv(P.REP.size + 4096)
+    finally:
+        s.close()
+    ret, _err, length = P.REP.unpack_from(reply)
+    if ret < 0:
+        raise OSError(_err, os.strerror(_err))
+    return reply[P.REP.size:P.REP.size + length].decode()
+
+
+def run_connected(sock_path: str, argv: Sequence[str], stderr: IO[str] | None = None) -> int:
+    """``vfiosim run --connect SOCKET``: exec the program against a running daemon."""
+    err = stderr or sys.stderr
+    sock_path = os.path.abspath(sock_path)
+    try:
+        root = fetch_root(sock_path)
+    except OSError as exc:
+        print(f"vfiosim: no vfiosim daemon answers on {sock_path}: {exc.strerror or exc}", file=err)
+        return 1
+    env = program_env(sock_path, root)
+    try:
+        os.execvpe(argv[0], list(argv), env)
+    except OSError as exc:
+        print(f"vfiosim: cannot run {argv[0]}: {exc.strerror}", file=err)
+        return 127
+    return 0  # not reached

@@ -1,0 +1,157 @@
+"""The fake /sys and /dev/vfio a program under ``vfiosim run`` sees.
+
+The daemon writes a small tree into a private directory; the preload shim
+rewrites the paths listed in ``<root>/prefixes`` into it (open, stat,
+access, readlink, opendir, realpath).  Files and symlinks are laid out as
+Linux has them, so the usual ways of finding a device work::
+
+    /sys/bus/pci/devices/<bdf> -> ../../../devices/pci<dom>:<bus>/<bdf>
+    /sys/devices/pci<dom>:<bus>/<bdf>/{vendor,device,class,config,resource,...}
+    /sys/devices/.../<bdf>/iommu_group -> ../../../kernel/iommu_groups/<N>
+    /sys/devices/.../<bdf>/driver -> ../../../bus/pci/drivers/vfio-pci
+    /sys/kernel/iommu_groups/<N>/devices/<bdf> -> ../../../../devices/pci<dom>:<bus>/<bdf>
+    /dev/vfio/vfio, /dev/vfio/<N>
+
+The host's own PCI devices stay visible in /sys/bus/pci/devices (as links
+to the real sysfs) unless a simulated device has the same address.
+/dev/vfio entries are regular files holding ``major minor mode uid gid``:
+the shim reports them to stat() as character devices with those values.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+
+VFIO_GROUP_MAJOR = 243          # a dynamic char major, as /proc/devices shows "vfio"
+MISC_MAJOR = 10
+VFIO_MINOR = 196
+
+# IORESOURCE_MEM | IORESOURCE_SIZEALIGN, plus PREFETCH / MEM_64 (include/linux/ioport.h)
+_IORESOURCE_MEM = 0x00000200
+_IORESOURCE_PREFETCH = 0x00002000
+_IORESOURCE_MEM_64 = 0x00100000
+_IORESOURCE_SIZEALIGN = 0x00040000
+
+
+def _write(path: str, text: str | bytes) -> None:
+    mode = "wb" if isinstance(text, bytes) else "w"
+    with open(path, mode) as f:
+        f.write(text)
+
+
+def device_dir(bdf: str) -> str:
+    dom, bus, _ = bdf.split(":")
+    return f"/sys/devices/pci{dom}:{bus}/{bdf}"
+
+
+class FakeSysfs:
+    """The tree for one machine, in a temporary directory (removed by close())."""
+
+    def __init__(self, machine: "Machine", root: str | None = None) -> None:
+        self.machine = machine
+        self.root = root or tempfile.mkdtemp(prefix="vfiosim-root-")
+        self.prefixes: list[str] = []
+        self.build()
+
+    def path(self, p: str) -> str:
+        return self.root + p
+
+    def _mkdir(self, p: str) -> None:
+        os.makedirs(self.path(p), exist_ok=True)
+
+    def _link(self, target: str, p: str) -> None:
+        full = self.path(p)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        if os.path.lexists(full):
+            os.unlink(full)
+        os.symlink(target, full)
+
+    def build(self) -> None:
+        m = self.machine
+        k = m.kernel
+        self._mkdir("/dev/vfio")
+        for path, node in k.dev_nodes.items():
+            if not path.startswith("/dev/vfio/"):
+                continue
+            name = path.rsplit("/", 1)[1]
+            major, minor = (MISC_MAJOR, VFIO_MINOR) if name == "vfio" else (VFIO_GROUP_MAJOR, int(name))
+            _write(self.path(path), f"{major} {minor} {node.mode:o} {node.uid} {node.gid}\n")
+        self._mkdir("/sys/bus/pci/devices")
+        self._mkdir("/sys/bus/pci/drivers/vfio-pci")
+        self._mkdir("/sys/kernel/iommu_groups")
+        sim = set(k.devices)
+        try:
+            host = os.listdir("/sys/bus/pci/devices")
+        except OSError:
+            host = []
+        for bdf in host:
+            if bdf not in sim:
+                self._link(os.path.realpath(f"/sys/bus/pci/devices/{bdf}"), f"/sys/bus/pci/devices/{bdf}")
+        self.prefixes = ["/dev/vfio", "/sys/bus/pci/devices", "/sys/bus/pci/drivers/vfio-pci",
+                         "/sys/kernel/iommu_groups"]
+        for gid, group in sorted(k.iommu_groups.items()):
+            self._mkdir(f"/sys/kernel/iommu_groups/{gid}/devices")
+            _write(self.path(f"/sys/kernel/iommu_groups/{gid}/type"), "DMA\n")
+            _write(self.path(f"/sys/kernel/iommu_groups/{gid}/reserved_regions"), "")
+        for bdf, dev in sorted(k.devices.items()):
+            ddir = device_dir(bdf)
+            self.prefixes.append(ddir)
+            self._mkdir(ddir)
+            rel = os.path.relpath(ddir, "/sys/bus/pci/devices")
+            self._link(rel, f"/sys/bus/pci/devices/{bdf}")
+            cls = dev.class_code
+            files = {
+                "vendor": f"0x{dev.vendor:04x}\n",
+                "device": f"0x{dev.device_id:04x}\n",
+                "class": f"0x{cls:06x}\n",
+                "revision": f"0x{dev.config.read(0x08, 1):02x}\n",
+                "subsystem_vendor": f"0x{dev.config.read(0x2C, 2):04x}\n",
+                "subsystem_device": f"0x{dev.config.read(0x2E, 2):04x}\n",
+                "irq": "0\n",
+                "numa_node": "-1\n",
+                "enable": "1\n" if dev.driver == "vfio-pci" else "0\n",
+                "modalias": (f"pci:v{dev.vendor:08X}d{dev.device_id:08X}sv{dev.config.read(0x2C, 2):08X}"
+                             f"sd{dev.config.read(0x2E, 2):08X}bc{cls >> 16:02X}sc{(cls >> 8) & 0xFF:02X}"
+                             f"i{cls & 0xFF:02X}\n"),
+                "uevent": (f"DRIVER={dev.driver or ''}\nPCI_CLASS={cls:X}\nPCI_ID={dev.vendor:04X}:{dev.device_id:04X}\n"
+                           f"PCI_SUBSYS_ID={dev.config.read(0x2C, 2):04X}:{dev.config.read(0x2E, 2):04X}\n"
+                           f"PCI_SLOT_NAME={bdf}\n"),
+            }
+            for name, text in files.items():
+                _write(self.path(f"{ddir}/{name}"), text)
+            _write(self.path(f"{ddir}/config"), bytes(dev.config.data[:256]))
+            lines = []
+            for i in range(13):
+                bar = dev.bars.get(i) if i < 6 else None
+                addr = dev.bar_addresses.get(i) if i < 6 else None
+                if bar is None or addr is None:
+                    lines.append(f"0x{0:016x} 0x{0:016x} 0x{0:016x}")
+                    continue
+                flags = _IORESOURCE_MEM | _IORESOURCE_SIZEALIGN
+                flags |= _IORESOURCE_PREFETCH if bar.prefetchable else 0
+                flags |= _IORESOURCE_MEM_64 if bar.is_64bit else 0
+                lines.append(f"0x{addr:016x} 0x{addr + bar.size - 1:016x} 0x{flags:016x}")
+            _write(self.path(f"{ddir}/resource"), "\n".join(lines) + "\n")
+            for i, bar in dev.bars.items():
+                _write(self.path(f"{ddir}/resource{i}"), "")
+            self._link("../../../bus/pci", f"{ddir}/subsystem")
+            group = dev.iommu_group
+            if group is not None:
+                self._link(f"../../../kernel/iommu_groups/{group.id}", f"{ddir}/iommu_group")
+                self._link(os.path.relpath(ddir, f"/sys/kernel/iommu_groups/{group.id}/devices"),
+                           f"/sys/kernel/iommu_groups/{group.id}/devices/{bdf}")
+            if dev.driver:
+                self._mkdir(f"/sys/bus/pci/drivers/{dev.driver}")
+                self._link(f"../../../bus/pci/drivers/{dev.driver}", f"{ddir}/driver")
+                self._link(os.path.relpath(ddir, f"/sys/bus/pci/drivers/{dev.driver}"),
+                           f"/sys/bus/pci/drivers/{dev.driver}/{bdf}")
+        _write(self.path("/prefixes"), "".join(p + "\n" for p in self.prefixes))
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -1,0 +1,361 @@
+/*
+ * Probes for tests/test_run.py: small VFIO programs, one per subcommand,
+ * run under `vfiosim run` (or against a test's daemon).  Each prints
+ * "key=value" lines the test checks.  Plain <linux/vfio.h> code.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <fcntl.h>
+#include <linux/vfio.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static long vm(const char *key)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    long v = -1;
+    size_t n = strlen(key);
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, key, n) && line[n] == ':')
+            v = strtol(line + n + 1, NULL, 10);
+    if (f)
+        fclose(f);
+    return v;
+}
+
+static int container, group;
+static int spapr;
+
+static void setup(int group_id, int enable_and_map)
+{
+    char path[64];
+    container = open("/dev/vfio/vfio", O_RDWR);
+    snprintf(path, sizeof path, "/dev/vfio/%d", group_id);
+    group = open(path, O_RDWR);
+    if (container < 0 || group < 0) {
+        printf("setup_errno=%d\n", errno);
+        exit(1);
+    }
+    if (ioctl(group, VFIO_GROUP_SET_CONTAINER, &container)) {
+        printf("set_container_errno=%d\n", errno);
+        exit(1);
+    }
+    spapr = ioctl(container, VFIO_CHECK_EXTENSION, VFIO_SPAPR_TCE_IOMMU) == 1;
+    if (ioctl(container, VFIO_SET_IOMMU, spapr ? VFIO_SPAPR_TCE_IOMMU : VFIO_TYPE1v2_IOMMU)) {
+        printf("set_iommu_errno=%d\n", errno);
+        exit(1);
+    }
+    if (!enable_and_map)
+        return;
+    if (spapr && ioctl(container, VFIO_IOMMU_ENABLE)) {
+        printf("enable_errno=%d\n", errno);
+        exit(1);
+    }
+    void *buf = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    memset(buf, 1, 1 << 20);
+    struct vfio_iommu_type1_dma_map map = {.argsz = sizeof map, .flags = 3, .vaddr = (uintptr_t)buf,
+                                           .iova = 0, .size = 1 << 20};
+    if (ioctl(container, VFIO_IOMMU_MAP_DMA, &map)) {
+        printf("map_errno=%d\n", errno);
+        exit(1);
+    }
+}
+
+static void result(const char *name, long ret)
+{
+    printf("%s=%ld,%d\n", name, ret, ret < 0 ? errno : 0);
+}
+
+static volatile uint32_t *bar0;
+static int device;
+static sigjmp_buf jump;
+static volatile int handled;
+static volatile int *volatile wild = (volatile int *)16;
+
+static void on_segv(int sig)
+{
+    (void)sig;
+    handled++;
+    siglongjmp(jump, 1);
+}
+
+static void open_device(int gid, const char *bdf)
+{
+    setup(gid, 0);
+    device = ioctl(group, VFIO_GROUP_GET_DEVICE_FD, bdf);
+    if (device < 0) {
+        printf("device_errno=%d\n", errno);
+        exit(1);
+    }
+    uint16_t cmd = 0x6;
+    pwrite(device, &cmd, 2, (off_t)VFIO_PCI_CONFIG_REGION_INDEX << 40 | 4);
+    bar0 = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, device, 0);
+    if (bar0 == MAP_FAILED) {
+        printf("mmap_errno=%d\n", errno);
+        exit(1);
+    }
+}
+
+static void *hammer(void *arg)
+{
+    long id = (long)arg, bad = 0;
+    for (int i = 0; i < 300; i++) {
+        uint32_t v = (uint32_t)(id << 16 | i);
+        /* the factorial register is per device: each thread checks its own computations */
+        if (ioctl(container, VFIO_GET_API_VERSION) != VFIO_API_VERSION)
+            bad++;
+        volatile uint8_t b = ((volatile uint8_t *)bar0)[0];   /* a 1-byte load: edu reads all-ones */
+        if (b != 0xff)
+            bad++;
+        uint64_t x = *(volatile uint64_t *)((volatile char *)bar0 + 0x80);   /* 8-byte DMA register */
+        (void)x;
+        (void)v;
+        if (bar0[0] != 0x010000ed)
+            bad++;
+    }
+    return (void *)bad;
+}
+
+int main(int argc, char **argv)
+{
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc < 2)
+        return 2;
+    const char *cmd = argv[1];
+    int gid = argc > 2 ? atoi(argv[2]) : 0;
+
+    if (!strcmp(cmd, "threads")) {
+        /* Several threads: ioctls and BAR loads at once. */
+        open_device(gid, argv[3]);
+        pthread_t t[4];
+        for (long i = 0; i < 4; i++)
+            pthread_create(&t[i], NULL, hammer, (void *)i);
+        long bad = 0;
+        for (int i = 0; i < 4; i++) {
+            void *r;
+            pthread_join(t[i], &r);
+            bad += (long)r;
+        }
+        printf("thread_errors=%ld\n", bad);
+        return 0;
+    }
+    if (!strcmp(cmd, "segv")) {
+        /* The program's own SIGSEGV handler, installed before and after the BAR mmap,
+         * still sees its own faults; BAR access keeps working; pread/pwrite reach BAR0. */
+        signal(SIGSEGV, on_segv);
+        open_device(gid, argv[3]);
+        if (!sigsetjmp(jump, 1))
+            *wild = 1;
+        printf("handled_before=%d\n", handled);
+        struct sigaction sa = {0}, old;
+        sa.sa_handler = on_segv;
+        sigaction(SIGSEGV, &sa, &old);
+        printf("old_is_ours=%d\n", old.sa_handler == on_segv);
+        if (!sigsetjmp(jump, 1))
+            (void)wild[2];
+        printf("handled_after=%d\n", handled);
+        bar0[1] = 0x11111111;
+        printf("liveness=%#x\n", bar0[1]);
+        uint32_t v = 0x0f0f0f0f, r = 0;
+        result("pwrite_bar", pwrite(device, &v, 4, 4));
+        result("pread_bar", pread(device, &r, 4, 4));
+        printf("liveness_pread=%#x\n", r);
+        /* movsx / movzx / byte and word stores */
+        volatile uint8_t *b = (volatile uint8_t *)bar0;
+        int16_t sw = *(volatile int16_t *)(b + 4);        /* movswl */
+        int8_t sb = *(volatile int8_t *)(b + 4);          /* movsbl */
+        printf("signed=%d,%d\n", sw, sb);
+        bar0[2] = 4;                                      /* factorial: 4! */
+        printf("factorial=%u\n", bar0[2]);
+        munmap((void *)bar0, 1 << 20);
+        if (!sigsetjmp(jump, 1))
+            (void)bar0[0];                                /* unmapped now: the program's handler */
+        printf("handled_unmapped=%d\n", handled);
+        return 0;
+    }
+    if (!strcmp(cmd, "hold")) {
+        /* Hold a group with pinned memory, then wait to be killed. */
+        setup(gid, 1);
+        printf("ready VmLck=%ld pid=%d\n", vm("VmLck"), getpid());
+        char c;
+        while (read(0, &c, 1) > 0)
+            ;
+        pause();
+        return 0;
+    }
+    if (!strcmp(cmd, "open")) {
+        char path[64];
+        snprintf(path, sizeof path, "/dev/vfio/%d", gid);
+        int fd = open(path, O_RDWR);
+        result("open_group", fd < 0 ? -1 : 0);
+        printf("VmLck=%ld\n", vm("VmLck"));
+        return 0;
+    }
+    if (!strcmp(cmd, "badinput")) {
+        {
+            /* Before the group has a container: fds that are not containers. */
+            char path[64];
+            int c = open("/dev/vfio/vfio", O_RDWR);
+            snprintf(path, sizeof path, "/dev/vfio/%d", gid);
+            int g = open(path, O_RDWR);
+            int foreign = open("/dev/null", O_RDONLY);
+            result("set_container_foreign", ioctl(g, VFIO_GROUP_SET_CONTAINER, &foreign));
+            int bad = 9999;
+            result("set_container_closed", ioctl(g, VFIO_GROUP_SET_CONTAINER, &bad));
+            result("set_container_group_fd", ioctl(g, VFIO_GROUP_SET_CONTAINER, &g));
+            result("set_container_bad_pointer", ioctl(g, VFIO_GROUP_SET_CONTAINER, (void *)8));
+            close(foreign);
+            close(g);
+            close(c);
+        }
+        setup(gid, 0);
+        struct vfio_iommu_spapr_tce_info info = {.argsz = sizeof info};
+        result("get_info_null", ioctl(container, VFIO_IOMMU_GET_INFO, NULL));
+        result("get_info_wild", ioctl(container, VFIO_IOMMU_GET_INFO, (void *)0x10));
+        info.argsz = 4;
+        result("get_info_argsz4", ioctl(container, VFIO_IOMMU_GET_INFO, &info));
+        int closed = open("/dev/null", O_RDONLY);
+        close(closed);
+        result("ioctl_closed_fd", ioctl(closed, VFIO_GET_API_VERSION));
+        result("unknown_ioctl", ioctl(container, _IO(VFIO_TYPE, VFIO_BASE + 60)));
+        result("get_device_fd_null", ioctl(group, VFIO_GROUP_GET_DEVICE_FD, NULL));
+        result("get_device_fd_nosuch", ioctl(group, VFIO_GROUP_GET_DEVICE_FD, "0000:99:00.0"));
+        char buf[8];
+        result("read_container", read(container, buf, sizeof buf));
+        result("pread_container", pread(container, buf, sizeof buf, 0));
+        struct vfio_iommu_type1_dma_map map = {.argsz = sizeof map, .flags = 3, .vaddr = 0x1000,
+                                               .iova = 0, .size = 1 << 20};
+        if (spapr)
+            ioctl(container, VFIO_IOMMU_ENABLE);
+        result("map_unmapped_vaddr", ioctl(container, VFIO_IOMMU_MAP_DMA, &map));
+        void *ro = mmap(NULL, 1 << 20, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        map.vaddr = (uintptr_t)ro;
+        result("map_readonly_for_write", ioctl(container, VFIO_IOMMU_MAP_DMA, &map));
+        map.argsz = 8;
+        result("map_argsz8", ioctl(container, VFIO_IOMMU_MAP_DMA, &map));
+        result("close_twice_1", close(group));
+        result("close_twice_2", close(group));
+        printf("VmLck=%ld\n", vm("VmLck"));
+        return 0;
+    }
+    if (!strcmp(cmd, "fork")) {
+        /* The container survives fork; the O_CLOEXEC group does not survive exec. */
+        char path[64];
+        container = open("/dev/vfio/vfio", O_RDWR);
+        snprintf(path, sizeof path, "/dev/vfio/%d", gid);
+        group = open(path, O_RDWR | O_CLOEXEC);
+        int keep = dup(container);
+        result("parent_api", ioctl(container, VFIO_GET_API_VERSION));
+        pid_t pid = fork();
+        if (pid == 0) {
+            result("child_api", ioctl(container, VFIO_GET_API_VERSION));
+            struct vfio_group_status st = {.argsz = sizeof st};
+            result("child_group_status", ioctl(group, VFIO_GROUP_GET_STATUS, &st));
+            char fdarg[3][16];
+            snprintf(fdarg[0], 16, "%d", container);
+            snprintf(fdarg[1], 16, "%d", group);
+            snprintf(fdarg[2], 16, "%d", keep);
+            fflush(stdout);
+            execl(argv[0], argv[0], "afterexec", fdarg[0], fdarg[1], fdarg[2], (char *)NULL);
+            _exit(99);
+        }
+        int status;
+        waitpid(pid, &status, 0);
+        printf("child_exit=%d\n", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+        struct vfio_group_status st = {.argsz = sizeof st};
+        result("parent_group_status", ioctl(group, VFIO_GROUP_GET_STATUS, &st));
+        return 0;
+    }
+    if (!strcmp(cmd, "afterexec")) {
+        int c = atoi(argv[2]), g = atoi(argv[3]), k = atoi(argv[4]);
+        result("exec_container_api", ioctl(c, VFIO_GET_API_VERSION));
+        result("exec_dup_api", ioctl(k, VFIO_GET_API_VERSION));
+        struct vfio_group_status st = {.argsz = sizeof st};
+        result("exec_group_status", ioctl(g, VFIO_GROUP_GET_STATUS, &st));
+        struct stat sb;
+        result("exec_fstat_container", fstat(c, &sb));
+        printf("container_is_chr=%d rdev=%u:%u\n", S_ISCHR(sb.st_mode), major(sb.st_rdev), minor(sb.st_rdev));
+        return 0;
+    }
+    if (!strcmp(cmd, "rlimit")) {
+        /* Credentials and RLIMIT_MEMLOCK are the process's own, at each call:
+         * sPAPR v2 charges preregistered memory to locked_vm. */
+        char path0[64];
+        container = open("/dev/vfio/vfio", O_RDWR);
+        snprintf(path0, sizeof path0, "/dev/vfio/%d", gid);
+        group = open(path0, O_RDWR);
+        ioctl(group, VFIO_GROUP_SET_CONTAINER, &container);
+        result("set_iommu_v2", ioctl(container, VFIO_SET_IOMMU, VFIO_SPAPR_TCE_v2_IOMMU));
+        void *buf = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        memset(buf, 1, 1 << 20);
+        struct vfio_iommu_spapr_register_memory reg = {.argsz = sizeof reg, .vaddr = (uintptr_t)buf,
+                                                       .size = 1 << 20};
+        struct rlimit rl;
+        getrlimit(RLIMIT_MEMLOCK, &rl);
+        struct rlimit small = {512 << 10, rl.rlim_max};
+        result("register_as_root", ioctl(container, VFIO_IOMMU_SPAPR_REGISTER_MEMORY, &reg));
+        printf("VmLck=%ld\n", vm("VmLck"));
+        result("unregister", ioctl(container, VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY, &reg));
+        result("setrlimit_small", setrlimit(RLIMIT_MEMLOCK, &small));
+        result("register_root_small_limit", ioctl(container, VFIO_IOMMU_SPAPR_REGISTER_MEMORY, &reg));
+        result("unregister", ioctl(container, VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY, &reg));
+        result("setresuid", setresuid(65534, 65534, 65534));
+        result("register_small_limit", ioctl(container, VFIO_IOMMU_SPAPR_REGISTER_MEMORY, &reg));
+        printf("VmLck=%ld\n", vm("VmLck"));
+        struct rlimit big = {rl.rlim_max, rl.rlim_max};
+        result("setrlimit_raise_soft", setrlimit(RLIMIT_MEMLOCK, &big));
+        result("register_big_limit", ioctl(container, VFIO_IOMMU_SPAPR_REGISTER_MEMORY, &reg));
+        printf("VmLck=%ld\n", vm("VmLck"));
+        char path[64];
+        snprintf(path, sizeof path, "/proc/%d/status", getpid());
+        FILE *f = fopen(path, "r");
+        char line[256];
+        while (f && fgets(line, sizeof line, f))
+            if (!strncmp(line, "VmLck:", 6))
+                printf("pid_status_VmLck=%ld\n", strtol(line + 6, NULL, 10));
+        if (f)
+            fclose(f);
+        return 0;
+    }
+    if (!strcmp(cmd, "eio")) {
+        /* Keep working until the daemon dies, then see EIO. */
+        container = open("/dev/vfio/vfio", O_RDWR);
+        result("api_before", ioctl(container, VFIO_GET_API_VERSION));
+        printf("ready\n");
+        char line[16];
+        if (!fgets(line, sizeof line, stdin))
+            return 1;
+        result("api_after", ioctl(container, VFIO_GET_API_VERSION));
+        result("open_after", open("/dev/vfio/vfio", O_RDWR));
+        result("close_after", close(container));
+        return 0;
+    }
+    if (!strcmp(cmd, "stat")) {
+        struct stat sb;
+        char path[64];
+        snprintf(path, sizeof path, "/dev/vfio/%d", gid);
+        result("stat_group", stat(path, &sb));
+        printf("group_is_chr=%d mode=%o rdev_minor=%u\n", S_ISCHR(sb.st_mode), sb.st_mode & 0777, minor(sb.st_rdev));
+        result("stat_container", stat("/dev/vfio/vfio", &sb));
+        printf("container_is_chr=%d rdev=%u:%u\n", S_ISCHR(sb.st_mode), major(sb.st_rdev), minor(sb.st_rdev));
+        result("access_group", access(path, R_OK | W_OK));
+        result("stat_nosuch", stat("/dev/vfio/77", &sb));
+        return 0;
+    }
+    return 2;
+}
