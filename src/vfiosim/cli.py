@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 from typing import Any
@@ -20,9 +21,33 @@ def _machine_args(ap: argparse.ArgumentParser) -> None:
                     help="kernel behaviour to simulate (default: 6.12; 3.10 is the seed patch)")
     ap.add_argument("--page-size", type=int, default=4096, choices=(4096, 65536),
                     help="the host kernel's PAGE_SIZE (default: 4096)")
+    ap.add_argument("--device-module", metavar="MODULE", action="append", default=[],
+                    help="import MODULE (a dotted name, or a .py file) first: it registers device models "
+                         "with vfiosim.devices.register_model (repeatable)")
+
+
+def _import_device_module(spec: str) -> None:
+    import importlib
+    import importlib.util
+    if spec.endswith(".py") or os.sep in spec:
+        if not os.path.isfile(spec):
+            raise ValueError(f"--device-module {spec}: no such file")
+        name = "vfiosim_user_" + os.path.splitext(os.path.basename(spec))[0]
+        loader_spec = importlib.util.spec_from_file_location(name, spec)
+        assert loader_spec is not None and loader_spec.loader is not None
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[name] = module
+        loader_spec.loader.exec_module(module)
+    else:
+        try:
+            importlib.import_module(spec)
+        except ImportError as exc:
+            raise ValueError(f"--device-module {spec}: {exc}") from exc
 
 
 def _load(args: argparse.Namespace) -> Machine:
+    for spec in args.device_module:
+        _import_device_module(spec)
     return Machine.load(args.machine, page_size=args.page_size, kernel=args.kernel)
 
 
@@ -45,10 +70,14 @@ def cmd_topology(args: argparse.Namespace) -> int:
     print(f"{topo['machine']}: {topo['description']}")
     print(f"platform {topo['platform']}, Linux {topo['kernel']} profile, {topo['page_size'] // 1024} KiB pages, "
           f"EEH {'available' if topo['eeh'] else 'not available'}, IOMMU drivers: {', '.join(topo['iommu_drivers'])}")
+    last_phb = None
     for pe in topo["pes"]:
         phb = pe["phb"]
         extra = f" LIOBNs {', '.join(hex(x) for x in phb['liobns'])}" if "liobns" in phb else ""
-        print(f"\n{phb['model']} PHB#{phb['index']}{extra}")
+        header = f"{phb['model']} PHB#{phb['index']}{extra}"
+        if header != last_phb:              # PEs of one PHB under one heading
+            print(f"\n{header}")
+            last_phb = header
         print(f"  {pe['name']}: IOMMU group {pe['iommu_group']}, devices {', '.join(pe['devices'])}")
         d32 = pe["dma32_window"]
         ddw = pe["ddw"]
@@ -112,7 +141,6 @@ def _print_vtd_unit(u: dict[str, Any]) -> None:
 
 
 def _host_page_size_ok(args: argparse.Namespace, command: str) -> bool:
-    import os
     host = os.sysconf("SC_PAGE_SIZE")
     if args.page_size != host:
         print(f"vfiosim {command}: real programs run with the host's {host}-byte pages; "
@@ -222,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     except (MachineFileError, ValueError) as exc:
         print(f"vfiosim: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:                 # `vfiosim topology | head`
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from .kernel.iommu.spapr_tce_seed import SeedSpaprTceIommuDriver
 from .kernel.kernel import KERNEL_PROFILES, Kernel, KernelProfile
 from .kernel.mm import PROT_READ, PROT_WRITE
 from .kernel.pci.device import PciDevice
-from .kernel.pci.edu import EduDevice
+from .kernel.pci.models import create_device, is_endpoint_model
 from .kernel.platform.base import Pe
 from .kernel.platform.powernv import PnvPe, PnvPhb
 from .kernel.platform.pseries import PseriesPe, SpaprPhb
@@ -147,7 +147,7 @@ class Machine:
         k.vfio.iommu_drivers.register(driver)
         bar_base: dict[int, int] = {}
         for ds in spec.devices:
-            dev = EduDevice(ds.bdf, dma_mask=ds.dma_mask)
+            dev = create_device(ds.model, ds.bdf, dma_mask=ds.dma_mask)
             dev.driver = ds.driver
             dev.reset_method = "bus" if ds.behind_bridge else None
             dev.log = k.log.warn
@@ -201,8 +201,8 @@ class Machine:
                    f"{io.address_width}-bit, caching mode {'on' if io.caching_mode else 'off'})")
         bar_base = 0xFE000000          # SeaBIOS places BARs below the IOAPIC
         for ds in spec.devices:
-            if ds.model == "edu":
-                dev: PciDevice = EduDevice(ds.bdf, dma_mask=ds.dma_mask)
+            if is_endpoint_model(ds.model):
+                dev: PciDevice = create_device(ds.model, ds.bdf, dma_mask=ds.dma_mask)
             else:
                 vendor, device, class_code, header_type, _ = HOST_DEVICE_MODELS[ds.model]
                 dev = PciDevice(ds.bdf, vendor=vendor, device=device, class_code=class_code,

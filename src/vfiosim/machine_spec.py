@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PLATFORMS = ("powernv", "pseries", "x86")
-DEVICE_MODELS = ("edu", "pcie-root-port", "q35-host-bridge", "ich9-lpc", "ich9-ahci", "ich9-smbus")
 
 # Host devices an x86 machine file may list besides edu: (vendor, device,
 # class code, header type, the Linux driver bound by default).  They exist
@@ -286,6 +285,7 @@ def parse_spec(data: dict[str, Any], source: str) -> MachineSpec:
     dev_keys = {"bdf", "model", "phb", "pe", "iommu_group", "behind_bridge", "driver", "dma_mask",
                 "group_uid", "group_gid", "group_mode"}
     from .kernel.pci.device import parse_bdf
+    from .kernel.pci.models import is_endpoint_model, model_names
     first_with_bdf: dict[str, int] = {}
     first_in_group: dict[int, tuple[int, tuple[int, int]]] = {}
     first_on_pe: dict[tuple[int, int], tuple[int, int]] = {}
@@ -296,7 +296,14 @@ def parse_spec(data: dict[str, Any], source: str) -> MachineSpec:
             domain = parse_bdf(bdf)[0]
         except ValueError as exc:
             raise MachineFileError(source, f"device[{i}].bdf", "a PCI address DDDD:BB:SS.F", bdf) from exc
-        model = r.str("model", choices=DEVICE_MODELS)
+        endpoint_models = model_names()
+        model = r.str("model")
+        if model not in endpoint_models and model not in HOST_DEVICE_MODELS:
+            raise MachineFileError(source, f"device[{i}].model",
+                                   f"a device model: {', '.join(endpoint_models)}, one registered with "
+                                   f"vfiosim.devices.register_model (--device-module MODULE on the command line), "
+                                   f"or on x86 a host device ({', '.join(HOST_DEVICE_MODELS)})", model)
+        endpoint = is_endpoint_model(model)
         if x86:
             if r.has("phb") or r.has("pe"):
                 raise MachineFileError(source, f"device[{i}].{'phb' if r.has('phb') else 'pe'}",
@@ -305,18 +312,20 @@ def parse_spec(data: dict[str, Any], source: str) -> MachineSpec:
             if domain != 0:
                 raise MachineFileError(source, f"device[{i}].bdf", "PCI domain 0000 (the only one of an x86 machine)",
                                        bdf)
-        elif model != "edu":
-            raise MachineFileError(source, f"device[{i}].model", f"edu (host device models are for platform x86)",
-                                   model)
-        default_driver = "vfio-pci" if model == "edu" else HOST_DEVICE_MODELS[model][4] or ""
+        elif not endpoint:
+            raise MachineFileError(source, f"device[{i}].model",
+                                   f"an endpoint model ({', '.join(endpoint_models)}; host device models are for "
+                                   f"platform x86)", model)
+        default_driver = "vfio-pci" if endpoint else HOST_DEVICE_MODELS[model][4] or ""
         dev = DeviceSpec(bdf=bdf.lower(), model=model, phb=0 if x86 else r.int("phb", lo=0, hi=0xFFFF),
                          iommu_group=r.int("iommu_group", lo=0, hi=0xFFFFF), pe=r.int("pe", 1, lo=0, hi=4095),
                          behind_bridge=r.bool("behind_bridge", False), driver=r.str("driver", default_driver),
                          dma_mask=r.int("dma_mask", (1 << 28) - 1), group_uid=r.int("group_uid", 0, hi=0xFFFFFFFF),
                          group_gid=r.int("group_gid", 0, hi=0xFFFFFFFF), group_mode=r.int("group_mode", 0o600, hi=0o7777))
-        if model != "edu" and dev.driver == "vfio-pci":
-            raise MachineFileError(source, f"device[{i}].driver", f"a host driver: vfio-pci binds only the edu "
-                                                                  f"endpoints here, not a {model}", dev.driver)
+        if not endpoint and dev.driver == "vfio-pci":
+            raise MachineFileError(source, f"device[{i}].driver", f"a host driver: vfio-pci binds only endpoint "
+                                                                  f"models here ({', '.join(endpoint_models)}), "
+                                                                  f"not a {model}", dev.driver)
         if x86:
             if dev.bdf in first_with_bdf:
                 raise MachineFileError(source, f"device[{i}].bdf", "an address not used by another device", bdf)
