@@ -61,6 +61,17 @@ def _v1_setup(page_size: int = 4096, machine: str = "powernv"):
     return m, p, c, g
 
 
+def _v2_setup():
+    """A PowerNV machine, and a root process with group 0 in a sPAPR v2 container."""
+    m = Machine.preset("powernv")
+    p = m.spawn(uid=0, rlimit_memlock=(1 << 62, 1 << 62))
+    c = p.open("/dev/vfio/vfio")
+    g = p.open("/dev/vfio/0")
+    p.ioctl(g, uapi.VFIO_GROUP_SET_CONTAINER, ctypes.c_int32(c))
+    p.ioctl(c, uapi.VFIO_SET_IOMMU, uapi.VFIO_SPAPR_TCE_v2_IOMMU)
+    return m, p, c
+
+
 def _map(p, c, vaddr: int, iova: int, size: int) -> None:
     p.ioctl(c, uapi.VFIO_IOMMU_MAP_DMA, uapi.vfio_iommu_type1_dma_map(argsz=32, flags=3, vaddr=vaddr, iova=iova,
                                                                        size=size))
@@ -78,12 +89,7 @@ def bench_dma(iommu_page_shift: int, size: int = MiB, repeat: int = 20, cold: bo
     The same transfer repeats, so the PHB's TCE cache serves its translation
     after the first (as hardware's would); ``cold`` empties the cache before
     every transfer, so each one walks the TCE table."""
-    m = Machine.preset("powernv")
-    p = m.spawn(uid=0, rlimit_memlock=(1 << 62, 1 << 62))
-    c = p.open("/dev/vfio/vfio")
-    g = p.open("/dev/vfio/0")
-    p.ioctl(g, uapi.VFIO_GROUP_SET_CONTAINER, ctypes.c_int32(c))
-    p.ioctl(c, uapi.VFIO_SET_IOMMU, uapi.VFIO_SPAPR_TCE_v2_IOMMU)
+    m, p, c = _v2_setup()
     page = 1 << iommu_page_shift
     buf = p.mmap(2 * size, page_size=page if page > m.page_size else None)
     p.write_memory(buf, os.urandom(2 * size))
@@ -195,12 +201,7 @@ def bench_ioctl(repeat: int = 20, number: int = 2000) -> Figure:
 
 def bench_empty_window(window: int = TiB) -> Figure:
     """Python memory for a created-but-empty 1 TiB window of 4 KiB pages (tracemalloc)."""
-    m = Machine.default()
-    p = m.spawn(uid=0, rlimit_memlock=(1 << 62, 1 << 62))
-    c = p.open("/dev/vfio/vfio")
-    g = p.open("/dev/vfio/0")
-    p.ioctl(g, uapi.VFIO_GROUP_SET_CONTAINER, ctypes.c_int32(c))
-    p.ioctl(c, uapi.VFIO_SET_IOMMU, uapi.VFIO_SPAPR_TCE_v2_IOMMU)
+    m, p, c = _v2_setup()
     p.ioctl(c, uapi.VFIO_IOMMU_SPAPR_TCE_REMOVE, uapi.vfio_iommu_spapr_tce_remove(argsz=16, start_addr=0))
     gc.collect()
     tracemalloc.start()
@@ -219,12 +220,7 @@ def bench_scaling(kind: str, exponents: range) -> Figure:
     """Cost vs size: fits log(time) = a + slope*log(n); slope 1 is linear."""
     sizes, times = [], []
     # A v2 container with a 1 TiB window: room for 2^20 pages and more.
-    m = Machine.preset("powernv")
-    p = m.spawn(uid=0, rlimit_memlock=(1 << 62, 1 << 62))
-    c = p.open("/dev/vfio/vfio")
-    g = p.open("/dev/vfio/0")
-    p.ioctl(g, uapi.VFIO_GROUP_SET_CONTAINER, ctypes.c_int32(c))
-    p.ioctl(c, uapi.VFIO_SET_IOMMU, uapi.VFIO_SPAPR_TCE_v2_IOMMU)
+    m, p, c = _v2_setup()
     n_max = 1 << (exponents[-1])
     buf = p.mmap(n_max * 4096)
     if kind == "dma":
