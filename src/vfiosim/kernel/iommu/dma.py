@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..mm import MemoryObject, PhysicalMemory
+from ..progression import as_progression
 from .tce import TCE_PCI_READ, TCE_PCI_WRITE
 
 
@@ -44,11 +45,10 @@ def translate_tces(tces: np.ndarray, page_shift: int, iova: int, length: int, wr
             return _fault(tces, 0, page_shift, iova, write)
         return _runs(phys, [(tce & ~(psize - 1)) + first_off], [length], iova, length)
     t0 = int(tces[0])
-    if t0 & int(need) and int(tces[-1]) - t0 == (n - 1) * psize:
-        # The usual case: physically contiguous pages with the same
-        # permissions, i.e. the entries form an arithmetic progression.
-        if (tces == np.arange(t0, t0 + n * psize, psize, dtype=np.uint64)).all():
-            return _runs(phys, [(t0 & ~(psize - 1)) + first_off], [length], iova, length)
+    # The usual case: physically contiguous pages with the same permissions,
+    # i.e. the entries form an arithmetic progression: one run.
+    if t0 & int(need) and as_progression(tces, psize) is not None:
+        return _runs(phys, [(t0 & ~(psize - 1)) + first_off], [length], iova, length)
     ok = tces & need
     if not ok.all():
         return _fault(tces, int(np.argmin(ok != 0)), page_shift, iova, write)

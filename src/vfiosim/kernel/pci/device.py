@@ -21,6 +21,8 @@ from .config import (PCI_BASE_ADDRESS_0, PCI_BASE_ADDRESS_MEM_PREFETCH, PCI_BASE
                      PCI_VENDOR_ID, ConfigSpace)
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from ..iommu.iommu_group import IommuGroup
 
 
@@ -45,8 +47,9 @@ class BusMaster(Protocol):
 
     def dma_read(self, iova: int, length: int) -> bytes: ...
 
-    def dma_read_into(self, iova: int, out: bytearray | memoryview) -> None:
-        """Read len(out) bytes from ``iova`` straight into ``out``."""
+    def dma_read_into(self, iova: int, out: "bytearray | memoryview | np.ndarray") -> None:
+        """Read len(out) bytes from ``iova`` straight into ``out`` (bytes-like,
+        or a uint8 NumPy array): the bulk path, no allocation."""
         ...
 
     def dma_write(self, iova: int, data: bytes | bytearray | memoryview) -> None: ...
@@ -58,7 +61,7 @@ class NoBusMaster:
     def dma_read(self, iova: int, length: int) -> bytes:
         raise DmaError(iova, length, False, "device is not attached to a bus")
 
-    def dma_read_into(self, iova: int, out: bytearray | memoryview) -> None:
+    def dma_read_into(self, iova: int, out: "bytearray | memoryview | np.ndarray") -> None:
         raise DmaError(iova, len(out), False, "device is not attached to a bus")
 
     def dma_write(self, iova: int, data: bytes | bytearray | memoryview) -> None:

@@ -106,7 +106,7 @@ class PeBusMaster:
     def _runs(self, iova: int, length: int, write: bool):
         if length < 0 or iova < 0 or iova + length > 1 << 64:
             raise DmaError(iova, length, write, "bus address range out of bounds")
-        if not self.dev.config.data[4] & 0x4:             # PCI_COMMAND_MASTER
+        if not self.dev.bus_master_enabled():
             raise DmaError(iova, length, write, "bus mastering is disabled (PCI_COMMAND_MASTER is clear)")
         if not self.pe.dma_enabled():
             raise DmaError(iova, length, write, f"{self.pe.name} is frozen (EEH): DMA is stopped")
