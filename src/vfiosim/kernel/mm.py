@@ -185,10 +185,11 @@ class PhysicalMemory:
             return
         bases = np.asarray(self._bases, dtype=np.uint64)
         idx = np.searchsorted(bases, arr, side="right").astype(np.int64) - 1
-        for i in np.unique(idx):
-            if i < 0:
-                raise KernelBug(f"unpin of unknown physical address {int(arr[idx == i][0]):#x}")
-            obj = self._objs[int(i)]
+        if int(idx.min()) < 0:
+            raise KernelBug(f"unpin of unknown physical address {int(arr[idx < 0][0]):#x}")
+        # Objects are looked up before any is released: releasing one removes
+        # it from _objs and would shift the indices of those after it.
+        for i, obj in [(i, self._objs[int(i)]) for i in np.unique(idx)]:
             offs = arr[idx == i] - np.uint64(obj.phys_base)
             pages = (offs >> np.uint64(obj.page_shift)).astype(np.int64)
             if pages.size and int(pages.max()) >= obj.pincount.size:
