@@ -11,7 +11,15 @@ of the driver code:
 * each process's locked_vm equals the sum of what its containers charge
   (enabled v1 windows, TCE tables, preregistered regions);
 * a group is in at most one container, and its container lists it;
-* after a process exits nothing of it remains: no task, no open group.
+* every TCE points into memory of the process that owns the container
+  (its mm), never into another process's, across fork(), munmap() and exits;
+* after a process exits nothing of it remains: no task, no open group, and
+  once its last container is gone no pin either.
+
+Processes also fork (the child shares the parent's containers and groups but
+not its address space), mmap and munmap memory (also memory that is mapped
+for DMA: the pins outlive the mapping), and lower their RLIMIT_MEMLOCK.
+tests/test_model_type1.py does the same for Type1 on the x86 machine.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import errno
 import os
 
 import numpy as np
-from hypothesis import settings
+from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -67,7 +75,62 @@ class VfioModel(RuleBasedStateMachine):
         p = self.m.spawn(uid=uid, rlimit_memlock=(limit, limit))
         buf = p.mmap(16 * MiB)
         p.write_memory(buf, b"\x5a" * 16 * MiB)
-        self.procs.append({"p": p, "buf": buf, "fds": []})
+        pr = {"p": p, "buf": buf, "fds": [], "maps": [], "objs": set()}
+        self.procs.append(pr)
+        self.note_memory(pr)
+
+    def note_memory(self, pr: dict) -> None:
+        """The physical memory this process's mappings use: its own, for the owner invariant."""
+        pr["objs"].update(v.obj.phys_base for v in pr["p"].mm.vmas() if v.kind == "anon")
+
+    @precondition(lambda self: sum(p["p"].alive for p in self.procs) < 4)
+    @rule(i=st.integers(0, 2))
+    def fork(self, i):
+        """fork(): the child shares every open file, not the memory."""
+        pr = self.proc(i)
+        if not pr:
+            return
+        child = pr["p"].fork()
+        event("forked")
+        c = {"p": child, "buf": pr["buf"], "fds": list(pr["fds"]), "maps": list(pr["maps"]), "objs": set(),
+             "containers": list(pr.get("containers", []))}
+        self.procs.append(c)
+        self.note_memory(c)
+
+    @rule(i=st.integers(0, 2), size=st.sampled_from([64 << 10, 1 * MiB, 4 * MiB]), touch=st.booleans())
+    def mmap(self, i, size, touch):
+        pr = self.proc(i)
+        if not pr:
+            return
+        addr = pr["p"].mmap(size)
+        if touch:
+            pr["p"].write_memory(addr, b"\x33" * size)
+        pr["maps"].append((addr, size))
+        self.note_memory(pr)
+
+    @rule(i=st.integers(0, 2), k=st.integers(0, 5), off=st.integers(0, 255), pages=st.integers(1, 4096))
+    def munmap(self, i, k, off, pages):
+        """munmap(), also of memory that is mapped for DMA: pinned pages stay."""
+        pr = self.proc(i)
+        if not pr:
+            return
+        regions = [(pr["buf"], 16 * MiB)] + pr["maps"]
+        base, size = regions[k % len(regions)]
+        self.call(pr["p"].munmap, base + (off << 12) % size, pages << 12)
+
+    @rule(i=st.integers(0, 2), k=st.integers(0, 5), pages=st.integers(1, 64))
+    def map_other_memory(self, i, k, pages):
+        """MAP_DMA (v1) or REGISTER_MEMORY (v2) of the extra mappings."""
+        pr = self.proc(i)
+        c = self.container(pr, k) if pr else None
+        if c is None or not pr["maps"]:
+            return
+        addr, size = pr["maps"][k % len(pr["maps"])]
+        n = min(pages << 12, size)
+        dm = uapi.vfio_iommu_type1_dma_map(argsz=32, flags=3, vaddr=addr, iova=(k << 20) + (1 << 24), size=n)
+        self.call(pr["p"].ioctl, c, uapi.VFIO_IOMMU_MAP_DMA, dm)
+        r = uapi.vfio_iommu_spapr_register_memory(argsz=24, vaddr=addr, size=n)
+        self.call(pr["p"].ioctl, c, uapi.VFIO_IOMMU_SPAPR_REGISTER_MEMORY, r)
 
     @rule(i=st.integers(0, 2), group=st.sampled_from([0, 1]), v2=st.booleans(), enable=st.booleans())
     def setup(self, i, group, v2, enable):
@@ -298,6 +361,26 @@ class VfioModel(RuleBasedStateMachine):
                     charged += sum(t.it_allocated_size >> page_shift for t in c.tables if t is not None)
             assert p.mm.locked_vm == charged, (p.mm.locked_vm, charged)
             assert p.status()["VmLck"] == charged * (self.m.page_size // 1024)
+
+    @invariant()
+    def tces_point_into_the_owners_memory(self):
+        """No container reaches another process's memory: its TCEs (v1) and
+        preregistered regions (v2) are pages of the process whose mm it holds."""
+        phys = self.m.kernel.phys
+        for c in self.containers():
+            if c.mm is None:
+                continue
+            owner = next(pr for pr in self.procs if pr["p"].mm is c.mm)
+            hpas = []
+            for t in c.tables:
+                if t is not None:
+                    idx = t.it_ops.used(t, t.it_offset, t.it_size)
+                    hpas += [t.it_ops.get(t, int(e)) & ~TCE_PERM_MASK for e in idx[:256]]
+            for mem in prereg.regions(c.mm):
+                hpas += [int(h) for h in mem.hpas[:64]]
+            for hpa in hpas:
+                obj, _ = phys.lookup(hpa)
+                assert obj.phys_base in owner["objs"], f"{hpa:#x} is not memory of pid {owner['p'].pid}"
 
     @invariant()
     def groups_belong_to_one_container(self):

@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     topo.set_defaults(func=cmd_topology)
     _run_parsers(sub)
     _bench_parser(sub)
+    from .fuzz import add_fuzz_parser
+    add_fuzz_parser(sub)
     args = ap.parse_args(argv)
     try:
         return int(args.func(args))

@@ -246,7 +246,8 @@ class Machine:
         return self.spec.platform
 
     def iommu_groups(self) -> dict[int, list[str]]:
-        return {gid: [d.bdf for d in g.devices] for gid, g in sorted(self.kernel.iommu_groups.items())}
+        with self._lock:
+            return {gid: [d.bdf for d in g.devices] for gid, g in sorted(self.kernel.iommu_groups.items())}
 
     def device(self, bdf: str) -> PciDevice:
         try:
@@ -260,15 +261,37 @@ class Machine:
             raise ValueError(f"{self.name} is an x86 machine: it has no PEs (its VT-d units are machine.iommu_units)")
         return next(pe for pe in self.kernel.pes if dev in pe.devices)
 
+    # Like every entry point, these take the machine's lock: another thread's
+    # system call may be changing what they read (the log ring, pin counts).
+
     def dmesg(self, include_debug: bool = False) -> list[str]:
-        return self.kernel.log.lines(include_debug)
+        with self._lock:
+            return self.kernel.log.lines(include_debug)
 
     def pinned_pages(self) -> int:
         """Page pins held anywhere on the machine (0 when nothing is mapped)."""
-        return self.kernel.phys.pinned_pages()
+        with self._lock:
+            return self.kernel.phys.pinned_pages()
 
     def processes(self) -> list[int]:
-        return sorted(self.kernel.tasks)
+        with self._lock:
+            return sorted(self.kernel.tasks)
+
+    # -- fault injection (kernel/faults.py) -----------------------------------------------------------
+
+    @property
+    def faults(self):
+        """The kernel's fault injector: ``fired``, ``counts``, ``fail_nth()``, ``disarm()``."""
+        return self.kernel.faults
+
+    def inject_fault(self, nth: int = 1, sites: str | list[str] | tuple[str, ...] | None = None):
+        """Make the ``nth`` allocation, pin or charge from now on (at a site
+        matching ``sites``: kinds such as ``"pin_user_pages"`` or sites such as
+        ``"kmalloc:mm_iommu_do_alloc"``, see ``vfiosim.kernel.faults.SITES``)
+        fail once, as Linux's /proc/<pid>/fail-nth does.  Returns the injector."""
+        with self._lock:
+            self.kernel.faults.fail_nth(nth, sites)
+            return self.kernel.faults
 
     # -- processes -----------------------------------------------------------------------------------------
 
@@ -460,6 +483,20 @@ class Process:
                     "VmLck": mm.locked_vm * kb, "VmPin": mm.pinned_vm * kb, "VmRSS": mm.resident_bytes() // 1024,
                     "FDSize": t.files.slots}
         return self._call("status", read)
+
+    def fork(self, name: str | None = None) -> "Process":
+        """fork(2): a child process sharing every open file (VFIO containers,
+        groups and devices included) with a copy of this address space (no
+        mlock'ed ranges, nothing charged to its locked memory)."""
+        def do(t: Task) -> Process:
+            k = self.machine.kernel
+            pid = k._next_pid
+            k._next_pid += 1
+            child = k.fork(t, pid, t.mm.fork())
+            if name is not None:
+                child.comm = name
+            return Process(self.machine, child)
+        return self._call("fork", do)
 
     def exit(self) -> None:
         """do_exit(): unmap everything, close every fd in order; the release

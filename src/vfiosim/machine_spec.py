@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PLATFORMS = ("powernv", "pseries", "x86")
+MIN_RAM = 16 << 20
 
 # Host devices an x86 machine file may list besides edu: (vendor, device,
 # class code, header type, the Linux driver bound by default).  They exist
@@ -244,6 +245,10 @@ def parse_spec(data: dict[str, Any], source: str) -> MachineSpec:
     m = _Reader(source, "machine", data["machine"], {"name", "description", "platform", "ram"})
     spec = MachineSpec(name=m.str("name"), platform=m.str("platform", choices=PLATFORMS),
                        description=m.str("description", ""), ram=m.size("ram", 4 << 30), source=source)
+    if spec.ram < MIN_RAM:
+        # The PowerNV host's default DMA window is sized from RAM; below a
+        # few pages there is no window (and no kernel) to build.
+        raise MachineFileError(source, "machine.ram", "a size of at least 16M", data["machine"].get("ram"))
     x86 = spec.platform == "x86"
     if x86:
         _parse_x86(data, spec, source)
@@ -267,17 +272,18 @@ def parse_spec(data: dict[str, Any], source: str) -> MachineSpec:
             max_order=r.int("max_order", lo=0, hi=20) if r.has("max_order") else None,
             dma32_start=r.size("dma32_start", defaults.dma32_start), dma32_size=r.size("dma32_size", defaults.dma32_size),
             ddw_page_sizes=r.page_sizes("ddw_page_sizes", defaults.ddw_page_sizes),
-            ddw_windows=r.int("ddw_windows", defaults.ddw_windows, lo=0, hi=2),
+            ddw_windows=r.int("ddw_windows", defaults.ddw_windows, lo=1, hi=2),
             dma64_address=r.int("dma64_address", defaults.dma64_address),
             ddw_largest_block=r.int("ddw_largest_block", defaults.ddw_largest_block))
         if any(p.index == phb.index for p in spec.phbs):
             raise MachineFileError(source, f"phb[{i}].index", "an index not used by another PHB", phb.index)
         if spec.platform == "powernv" and not phb.tce_page_sizes & (1 << 12):
             raise MachineFileError(source, f"phb[{i}].tce_page_sizes", "a list that includes 4K")
-        if phb.m32_pci_base & (phb.m32_pci_base - 1) or not 0 < phb.m32_pci_base <= 1 << 32:
-            raise MachineFileError(source, f"phb[{i}].m32_pci_base", "a power of two up to 4G", phb.m32_pci_base)
-        if phb.dma32_size & (phb.dma32_size - 1) or not 0 < phb.dma32_size <= 1 << 32:
-            raise MachineFileError(source, f"phb[{i}].dma32_size", "a power of two up to 4G", phb.dma32_size)
+        # (at least one 4 KiB TCE: a smaller DMA32 window has no table to build)
+        if phb.m32_pci_base & (phb.m32_pci_base - 1) or not 1 << 12 <= phb.m32_pci_base <= 1 << 32:
+            raise MachineFileError(source, f"phb[{i}].m32_pci_base", "a power of two from 4K to 4G", phb.m32_pci_base)
+        if phb.dma32_size & (phb.dma32_size - 1) or not 1 << 12 <= phb.dma32_size <= 1 << 32:
+            raise MachineFileError(source, f"phb[{i}].dma32_size", "a power of two from 4K to 4G", phb.dma32_size)
         spec.phbs.append(phb)
     devices = data.get("device", [])
     if not isinstance(devices, list):

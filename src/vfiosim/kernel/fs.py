@@ -103,6 +103,7 @@ class FdTable:
         # that fds passed inside ioctl arguments resolve as the kernel's
         # fdget() would.  Such files are borrowed, never installed.
         self.foreign: Callable[[int], File | None] | None = None
+        self.owner: "Task | None" = None       # the task whose table this is (set by Task)
 
     def _lowest_free(self) -> int:
         fd = 0
@@ -127,16 +128,22 @@ class FdTable:
 
     def install_at(self, fd: int, file: File, cloexec: bool = False) -> None:
         """Install at a given number (the transport keeps the simulated fd
-        table in step with the real process's); an occupant is replaced."""
+        table in step with the real process's).  An occupant is replaced and
+        released as close() would release it: a real process's fd number can
+        be reused behind the simulator's back (a close the shim never saw),
+        and the file it named must not stay open for good."""
         if not 0 <= fd < self.max_fds:
             raise fail(EBADF, f"fd {fd} is out of range")
         while fd >= self.slots:
             self.slots *= 2
+        old = self._fds.get(fd)
         self._fds[fd] = file
         if cloexec:
             self.cloexec.add(fd)
         else:
             self.cloexec.discard(fd)
+        if old is not None:
+            old.put(self.owner)  # type: ignore[arg-type]
 
     def get(self, fd: int) -> File:
         try:

@@ -19,6 +19,7 @@ from ..uapi import vfio as uapi
 from .cred import Cred
 from .errors import KernelError, fail
 from .eventfd import EFD_CLOEXEC, EFD_NONBLOCK, EFD_SEMAPHORE, EventFd
+from .faults import FaultInjector
 from .fs import DeviceNode, DirectoryFile, File, NullFile
 from .log import KernelLog
 from .mm import MM, PhysicalMemory
@@ -68,7 +69,10 @@ class Kernel:
         self.page_shift = page_size.bit_length() - 1
         self.profile = profile
         self.log = KernelLog()
+        self.faults = FaultInjector(self.log.warn)     # fail_nth (kernel/faults.py)
         self.phys = PhysicalMemory(page_size)
+        self.phys.faults = self.faults
+        self.phys.log = self.log.warn
         self.vfio = Vfio(self, legacy=profile.legacy)
         self.dev_nodes: dict[str, DeviceNode] = {"/dev/vfio/vfio": self.vfio.container_node()}
         self.devices: dict[str, "PciDevice"] = {}
@@ -101,6 +105,10 @@ class Kernel:
         task.mm.teardown()
         for fd in task.files.fds():
             task.files.remove(fd).put(task)
+        # The mm goes when nothing holds it: the task's reference is gone, a
+        # container (another process's, after a fork) may hold one (mmgrab).
+        from .iommu import prereg
+        prereg.mmdrop(task.mm, user=True)
         if task.mm.locked_vm:
             # Nothing holds the mm any more: it is freed with whatever is
             # still charged to it (a leak upstream too, invisible from here on).
@@ -145,14 +153,22 @@ class Kernel:
                                f"(VFIO nodes: {', '.join(sorted(self.dev_nodes))})")
         if flags & os.O_DIRECTORY:
             raise fail(ENOTDIR, f"{path} is a character device, not a directory")
+        # do_sys_open(): the fd is allocated before the file is opened, so a
+        # file that cannot be installed is never opened (and never left open).
         if at_fd is None:
             task.files.check_free()
+        elif not 0 <= at_fd < task.files.max_fds:
+            raise fail(EBADF, f"fd {at_fd} is out of range")
         node.check_permission(task, flags)
         file = node.opener(task, flags)
-        if at_fd is not None:
-            task.files.install_at(at_fd, file, cloexec=bool(flags & os.O_CLOEXEC))
-            return at_fd
-        return task.files.install(file, cloexec=bool(flags & os.O_CLOEXEC))
+        try:
+            if at_fd is not None:
+                task.files.install_at(at_fd, file, cloexec=bool(flags & os.O_CLOEXEC))
+                return at_fd
+            return task.files.install(file, cloexec=bool(flags & os.O_CLOEXEC))
+        except KernelError:
+            file.put(task)
+            raise
 
     def sys_close(self, task: Task, fd: int) -> None:
         task.files.remove(fd).put(task)
@@ -163,10 +179,15 @@ class Kernel:
         return task.files.install(file.get())
 
     def sys_dup2(self, task: Task, oldfd: int, newfd: int, cloexec: bool = False) -> int:
-        """dup2(2)/dup3(2): ``newfd`` now names the same open file."""
-        file = task.files.get(oldfd)
+        """dup2(2)/dup3(2): ``newfd`` now names the same open file.  As
+        ksys_dup3(), a ``newfd`` past RLIMIT_NOFILE is EBADF before the file
+        is looked up (and referenced)."""
         if oldfd == newfd:
+            task.files.get(oldfd)
             return newfd
+        if not 0 <= newfd < task.files.max_fds:
+            raise fail(EBADF, f"fd {newfd} is out of range (RLIMIT_NOFILE {task.files.max_fds})")
+        file = task.files.get(oldfd)
         try:
             old = task.files.remove(newfd)
         except KernelError:

@@ -18,7 +18,7 @@ import bisect
 from contextlib import contextmanager
 from dataclasses import dataclass
 from errno import EFAULT, EINVAL, ENOMEM, EPERM
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -93,6 +93,10 @@ class PhysicalMemory:
         self._bases: list[int] = []
         self._objs: list[MemoryObject] = []
         self._next = PHYS_BASE
+        # Set by the kernel: its fault injector (kernel/faults.py) and printk,
+        # for code that reaches the kernel only through an mm.
+        self.faults: Any = None
+        self.log: Callable[[str], None] | None = None
 
     def allocate(self, length: int, compound_shift: int | None = None) -> MemoryObject:
         """Allocate ``length`` bytes (page multiple) of zeroed memory."""
@@ -411,6 +415,28 @@ class MM:
                 vma.prot = prot
         if covered < end:
             raise fail(ENOMEM, f"mprotect: {covered:#x} is not mapped")
+
+    def fork(self) -> "MM":
+        """dup_mmap() for fork(2): the child gets the same mappings at the same
+        addresses, its own copy of their contents (copy-on-write, resolved at
+        once: pages a device may write through a pin stay the parent's, as
+        Linux copies DMA-pinned pages at fork), no mlock (VM_LOCKED is not
+        inherited) and nothing charged to its locked_vm."""
+        child = MM(self.phys)
+        child._next = self._next
+        copies: dict[int, MemoryObject] = {}
+        for vma in self._vmas:
+            if vma.kind != "anon":
+                continue                 # the in-process ioctl argument buffer is not memory of the task
+            obj = copies.get(id(vma.obj))
+            if obj is None:
+                src = vma.obj
+                obj = self.phys.allocate(src.length, src.compound_shift)
+                obj.data[:] = src.data
+                obj.populated[:] = src.populated
+                copies[id(vma.obj)] = obj
+            child._insert(Vma(vma.start, vma.end, vma.prot, obj, vma.pgoff, vma.kind, False))
+        return child
 
     def teardown(self) -> None:
         """exit_mmap(): drop every mapping; pinned pages stay until unpinned."""
@@ -736,17 +762,21 @@ class MM:
         return PinResult(hpas[:done], shifts[:done], done, err)
 
 
-def account_locked_vm(mm: MM | None, pages: int, inc: bool, current: "Task | None") -> None:
+def account_locked_vm(mm: MM | None, pages: int, inc: bool, current: "Task | None", site: str | None = None) -> None:
     """Charge or refund ``pages`` of mm->locked_vm (mm/util.c: account_locked_vm).
 
     Charging fails with ENOMEM when the new total exceeds the *calling*
     task's RLIMIT_MEMLOCK (in pages, rounded down), unless the caller has
-    CAP_IPC_LOCK.  Refunds never fail.
+    CAP_IPC_LOCK.  Refunds never fail.  ``site`` names the caller for fault
+    injection (kernel/faults.py): an injected failure is that ENOMEM.
     """
     if pages == 0 or mm is None:
         return
     if inc:
         assert current is not None
+        faults = mm.phys.faults
+        if site is not None and faults is not None and faults.should_fail(site):
+            raise fail(ENOMEM, f"charging {pages} pages to locked_vm failed (fault injection at {site})")
         if not current.capable(CAP_IPC_LOCK):
             limit = current.rlimit_memlock_soft() >> mm.page_shift
             if mm.locked_vm + pages > limit:
@@ -754,12 +784,23 @@ def account_locked_vm(mm: MM | None, pages: int, inc: bool, current: "Task | Non
                                    f"over RLIMIT_MEMLOCK {current.rlimit_memlock_soft()} bytes")
         mm.locked_vm += pages
     else:
-        if pages > mm.locked_vm:
-            raise KernelBug(f"locked_vm underflow: refunding {pages} of {mm.locked_vm} pages")
-        mm.locked_vm -= pages
+        _refund(mm, pages)
 
 
-def account_locked_vm_task(mm: MM | None, pages: int, inc: bool, task: "Task | None", bypass_rlim: bool) -> None:
+def _refund(mm: MM, pages: int) -> None:
+    if pages > mm.locked_vm:
+        if mm.dead:
+            # exit() dropped what the dead mm still had charged (nobody can
+            # see it any more); a container another process held refunds
+            # its share later, into nothing.
+            mm.locked_vm = 0
+            return
+        raise KernelBug(f"locked_vm underflow: refunding {pages} of {mm.locked_vm} pages")
+    mm.locked_vm -= pages
+
+
+def account_locked_vm_task(mm: MM | None, pages: int, inc: bool, task: "Task | None", bypass_rlim: bool,
+                           site: str | None = None) -> None:
     """__account_locked_vm(mm, pages, inc, task, bypass_rlim) (mm/util.c).
 
     Unlike :func:`account_locked_vm`, the limit is ``task``'s RLIMIT_MEMLOCK
@@ -770,6 +811,9 @@ def account_locked_vm_task(mm: MM | None, pages: int, inc: bool, task: "Task | N
     if pages == 0 or mm is None:
         return
     if inc:
+        faults = mm.phys.faults
+        if site is not None and faults is not None and faults.should_fail(site):
+            raise fail(ENOMEM, f"charging {pages} pages to locked_vm failed (fault injection at {site})")
         if not bypass_rlim:
             assert task is not None
             limit = task.rlimit_memlock_soft() >> mm.page_shift
@@ -778,6 +822,25 @@ def account_locked_vm_task(mm: MM | None, pages: int, inc: bool, task: "Task | N
                                    f"over RLIMIT_MEMLOCK {task.rlimit_memlock_soft()} bytes")
         mm.locked_vm += pages
     else:
-        if pages > mm.locked_vm:
-            raise KernelBug(f"locked_vm underflow: refunding {pages} of {mm.locked_vm} pages")
-        mm.locked_vm -= pages
+        _refund(mm, pages)
+
+
+def pin_with_faults(faults: Any, site: str, phys: PhysicalMemory, res: PinResult) -> PinResult:
+    """A pin_user_pages*() result as fault injection leaves it.
+
+    Each page pinned is one event at ``site`` (kernel/faults.py).  When page
+    ``k`` fails it cannot be faulted in: the call returns the ``k`` pages
+    before it (the pins taken after it are dropped again) and the failure is
+    ENOMEM, what handle_mm_fault()'s VM_FAULT_OOM becomes.  Callers decide,
+    as upstream's do, whether fewer pages is an error.
+    """
+    if faults is None or not res.count:
+        return res
+    ok = faults.take(site, res.count)
+    if ok == res.count:
+        return res
+    vals = res.hpa_values()
+    phys.unpin(vals[ok:res.count])
+    if isinstance(vals, Progression):
+        return PinResult(vals[:ok], None, ok, ENOMEM, [(ok, res.min_compound_shift())] if ok else [])
+    return PinResult(res.hpas[:ok].copy(), res.compound_shifts[:ok].copy(), ok, ENOMEM)

@@ -23,6 +23,7 @@ class Task:
         self.cred = cred
         self.mm = mm
         self.files = FdTable()
+        self.files.owner = self
         self.rlimits: dict[int, tuple[int, int]] = {resource.RLIMIT_MEMLOCK: rlimit_memlock}
         self.alive = True
 

@@ -29,6 +29,60 @@ def program_env(sock_path: str, root: str, base: dict[str, str] | None = None) -
     return env
 
 
+def start_reaper(paths: Sequence[str]) -> int:
+    """Fork a small process that removes ``paths`` (the fake sysfs tree, the
+    socket) once this process is gone, however it goes -- SIGKILL included,
+    when no ``finally`` runs.  It waits for end-of-file on a pipe whose write
+    end only this process holds (close-on-exec: programs never inherit it),
+    in a session of its own so that a Ctrl-C for the program does not reach
+    it.  Returns the write end; closing it (or dying) sets the reaper off.
+    A socket is removed only if it is still the one that was there."""
+    import shutil
+    stamps = {}
+    for path in paths:
+        try:
+            st = os.lstat(path)
+            stamps[path] = (st.st_dev, st.st_ino)
+        except OSError:
+            pass
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                              # the reaper
+        try:
+            os.setsid()
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+                signal.signal(sig, signal.SIG_IGN)
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.closerange(3, r)
+            os.closerange(r + 1, 65536)
+            while True:
+                try:
+                    if not os.read(r, 64):
+                        break
+                except InterruptedError:
+                    continue
+            for path, stamp in stamps.items():
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) != stamp:
+                    continue                                  # somebody else's now
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        pass
+        finally:
+            os._exit(0)
+    os.close(r)
+    return w
+
+
 def _exit_code(rc: int) -> int:
     return 128 - rc if rc < 0 else rc
 
@@ -43,6 +97,7 @@ def run(machine: "Machine", argv: Sequence[str], *, trace: str | IO[str] | None 
     daemon = Daemon(machine, sock_path, trace=trace, sysfs=sysfs,
                     log=lambda text: print(f"vfiosim: {text}", file=err, flush=True))
     daemon._own_sysfs = True
+    reaper = start_reaper([sysfs.root])
     try:
         env = program_env(sock_path, sysfs.root)
         try:
@@ -61,6 +116,7 @@ def run(machine: "Machine", argv: Sequence[str], *, trace: str | IO[str] | None 
         rc = proc.wait()
     finally:
         daemon.close()
+        os.close(reaper)
     if machine.oopses:
         print(f"vfiosim: {len(machine.oopses)} internal error(s) during the run (a vfiosim bug):", file=err)
         for text in machine.oopses:
@@ -72,6 +128,7 @@ def serve(machine: "Machine", sock_path: str, *, trace: str | None = None, out: 
     """Serve ``machine`` on ``sock_path`` until SIGINT/SIGTERM."""
     out = out or sys.stdout
     daemon = Daemon(machine, sock_path, trace=trace)
+    reaper = start_reaper([daemon.root, sock_path])
     print(f"vfiosim: serving {machine.name} ({machine.platform}) on {sock_path}; "
           f"run programs with: vfiosim run --connect {sock_path} -- PROGRAM", file=out, flush=True)
     stop = lambda *_: daemon.stop()  # noqa: E731
@@ -83,6 +140,7 @@ def serve(machine: "Machine", sock_path: str, *, trace: str | None = None, out: 
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
         daemon.close()
+        os.close(reaper)
     return 0
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import KernelError, fail
-from ..mm import MM, account_locked_vm
+from ..mm import MM, account_locked_vm, pin_with_faults
 
 if TYPE_CHECKING:
     from ..task import Task
@@ -60,48 +60,109 @@ def mm_iommu_get(mm: MM, ua: int, entries: int) -> MmIommuMem | None:
     return None
 
 
-def mm_iommu_new(mm: MM, ua: int, entries: int, current: "Task") -> MmIommuMem:
+# pin_user_pages() is called in chunks of this many entries (mm_iommu_do_alloc():
+# (1 << (PAGE_SHIFT + MAX_PAGE_ORDER)) / sizeof(struct vm_area_struct *), with
+# ppc64's MAX_PAGE_ORDER of 12 for 4 KiB pages and 8 for 64 KiB pages).
+_PIN_CHUNK = {12: (1 << (12 + 12)) // 8, 16: (1 << (16 + 8)) // 8}
+
+
+def mm_iommu_new(mm: MM, ua: int, entries: int, current: "Task") -> "MmIommuMem | int":
     """mm_iommu_do_alloc(): charge, pin every page for write, check overlap.
 
     Order matters for the errno: the charge (ENOMEM) comes first, then the
-    allocation of the page array (zero entries: ENOMEM), then pinning
-    (EFAULT), then the overlap check (EINVAL), each failure undoing the
-    previous steps.
+    allocations (zero entries: ENOMEM), then pinning (EFAULT), then the
+    overlap check (EINVAL), each failure undoing the previous steps.
+
+    Pinning goes in chunks; when pin_user_pages() pins only part of a chunk
+    (it stops at a page it cannot pin, and returns how many it pinned before
+    it), upstream keeps that positive count as its return value: everything
+    is undone and the count, not an error, reaches userspace.  That count is
+    returned here as an int (docs/deviations.md).
     """
-    account_locked_vm(mm, entries, True, current)
+    faults = _faults(mm)
+    account_locked_vm(mm, entries, True, current, site="account_locked_vm:mm_iommu_do_alloc")
+    pinned = None
     try:
+        if faults is not None and faults.should_fail("kmalloc:mm_iommu_do_alloc"):
+            raise fail(ENOMEM, "kzalloc of the region descriptor failed (fault injection)")
         if entries == 0:
             # vzalloc(0) returns NULL (and the kernel WARNs).
             raise fail(ENOMEM, "registering 0 bytes: the kernel's allocation of 0 entries fails")
+        if faults is not None and faults.should_fail("kmalloc:mm_iommu_do_alloc.hpas"):
+            raise fail(ENOMEM, f"vzalloc of the region's page array ({entries} entries) failed (fault injection)")
         shift = mm.page_shift
         # Natural alignment of the start and size bounds the IOMMU page size.
         pageshift = _ffs(ua | (entries << shift))
-        addrs = np.uint64(ua) + (np.arange(entries, dtype=np.uint64) << np.uint64(shift))
-        res = mm.pin_pages(addrs, write=True)
-        if res.errno is not None:
-            mm.phys.unpin(res.hpas)
-            raise fail(EFAULT, f"cannot pin page {ua + (res.count << shift):#x} of the region for writing "
-                               f"(unmapped or read-only)")
+        chunk = _PIN_CHUNK.get(shift, entries)
+        parts: list = []
+        done = 0
+        ret = 0
+        while done < entries:
+            n = min(chunk, entries - done)
+            addrs = np.uint64(ua + (done << shift)) + (np.arange(n, dtype=np.uint64) << np.uint64(shift))
+            res = mm.pin_pages(addrs, write=True)
+            res = pin_with_faults(faults, "pin_user_pages:mm_iommu_do_alloc", mm.phys, res)
+            parts.append(res)
+            done += res.count
+            if res.count != n:
+                # pin_user_pages() returns the pages it pinned, or the error
+                # if it pinned none: the page that failed and why.
+                ret = res.count if res.count else -(res.errno or EFAULT)
+                break
+        if done != entries:
+            for r in parts:
+                mm.phys.unpin(r.hpa_values())
+            if ret > 0:
+                _log(mm, f"vfiosim: VFIO_IOMMU_SPAPR_REGISTER_MEMORY {ua:#x}+{entries << shift:#x}: pin_user_pages() "
+                         f"pinned {ret} of {n} pages and stopped at {ua + (done << shift):#x}; mm_iommu_do_alloc() "
+                         f"undoes everything but returns that count, so the ioctl returns {ret} as Linux 6.12 "
+                         f"does (docs/deviations.md)")
+                pinned = ret
+                raise _PositiveReturn()
+            errno = -ret
+            raise fail(errno, f"cannot pin page {ua + (done << shift):#x} of the region for writing "
+                              + ("(unmapped or read-only)" if errno == EFAULT else "(out of memory)"))
+        if len(parts) == 1:
+            hpas, cshifts = parts[0].hpas, parts[0].compound_shifts
+        else:
+            hpas = np.concatenate([r.hpas for r in parts])
+            cshifts = np.concatenate([r.compound_shifts for r in parts])
         # IOMMU pages larger than PAGE_SIZE only over huge (hugetlb) pages:
         # the upstream loop lowers pageshift to PAGE_SHIFT at the first
         # ordinary page, or to the smallest huge page size.
-        huge = res.compound_shifts > shift
+        huge = cshifts > shift
         if not huge[0]:
             pageshift = shift
         elif pageshift > shift:
-            pageshift = min(pageshift, int(res.compound_shifts[huge].min()))
-        mem = MmIommuMem(ua, entries, pageshift, res.hpas.copy(), res.compound_shifts.copy())
+            pageshift = min(pageshift, int(cshifts[huge].min()))
+        mem = MmIommuMem(ua, entries, pageshift, hpas.copy(), cshifts.copy())
         end = ua + (entries << shift)
         for other in _mem_list(mm):
             if other.ua < end and ua < other.end(shift):
                 mm.phys.unpin(mem.hpas)
                 raise fail(EINVAL, f"the region {ua:#x}+{entries << shift:#x} overlaps the registered region "
                                    f"{other.ua:#x}+{other.entries << shift:#x}")
-    except KernelError:
+    except (KernelError, _PositiveReturn):
         account_locked_vm(mm, entries, False, None)
+        if pinned is not None:
+            return pinned
         raise
     _mem_list(mm).insert(0, mem)
     return mem
+
+
+class _PositiveReturn(Exception):
+    """mm_iommu_do_alloc() leaving through free_exit with a positive ret."""
+
+
+def _faults(mm: MM):
+    return getattr(mm.phys, "faults", None)
+
+
+def _log(mm: MM, text: str) -> None:
+    log = getattr(mm.phys, "log", None)
+    if log is not None:
+        log(text)
 
 
 def mm_iommu_put(mm: MM, mem: MmIommuMem) -> None:
@@ -138,6 +199,22 @@ def mm_iommu_ua_to_hpa(mm: MM, mem: MmIommuMem, ua: int, pageshift: int) -> int 
 
 def regions(mm: MM) -> list[MmIommuMem]:
     return list(_mem_list(mm))
+
+
+def mmgrab(mm: MM) -> None:
+    """A container keeps the mm it first saw (tce_iommu_mm_set: mmgrab)."""
+    mm.mm_count = getattr(mm, "mm_count", 0) + 1  # type: ignore[attr-defined]
+
+
+def mmdrop(mm: MM, user: bool = False) -> None:
+    """Drop a reference to ``mm`` (``user``: the task's own, at exit).  Once the
+    task has exited and no container holds the mm it is freed, and
+    mm_iommu_cleanup() unpins the regions still registered in it (those a
+    container forgot, docs/deviations.md 3b)."""
+    if not user:
+        mm.mm_count = getattr(mm, "mm_count", 0) - 1  # type: ignore[attr-defined]
+    if getattr(mm, "mm_count", 0) == 0 and mm.dead:
+        release_all(mm)
 
 
 def release_all(mm: MM) -> None:

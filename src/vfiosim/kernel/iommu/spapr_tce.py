@@ -105,6 +105,8 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         if arg not in (uapi.VFIO_SPAPR_TCE_IOMMU, uapi.VFIO_SPAPR_TCE_v2_IOMMU):
             self.log.err("tce_vfio: Wrong IOMMU type")
             raise fail(EINVAL, f"IOMMU type {arg} is not sPAPR TCE (2) or v2 (7)")
+        if self.kernel.faults.should_fail("kmalloc:tce_iommu_open"):
+            raise fail(ENOMEM, "kzalloc of the container failed (fault injection)")
         return TceContainer(v2=arg == uapi.VFIO_SPAPR_TCE_v2_IOMMU)
 
     def release(self, c: TceContainer, current: "Task") -> None:
@@ -121,7 +123,9 @@ class SpaprTceIommuDriver(VfioIommuDriver):
             except KernelError as exc:
                 self.log.warn(f"WARNING: tce_iommu_release: preregistered region {mem.ua:#x} not freed: {exc}")
         self._disable(c)
-        c.mm = None
+        mm, c.mm = c.mm, None
+        if mm is not None:
+            prereg.mmdrop(mm)
 
     def attach_group(self, c: TceContainer, group: "IommuGroup", current: "Task") -> None:
         """tce_iommu_attach_group()"""
@@ -141,6 +145,8 @@ class SpaprTceIommuDriver(VfioIommuDriver):
             if other.iommudata.ops_identity() != table_group.ops_identity():
                 self.log.warn(f"tce_vfio: Group {group.id} is incompatible with group {other.id}")
                 raise fail(EPERM, f"IOMMU group {group.id} is incompatible with group {other.id}")
+        if self.kernel.faults.should_fail("kmalloc:tce_iommu_attach_group"):
+            raise fail(ENOMEM, "kzalloc of the group's list entry failed (fault injection)")
         error: KernelError | None = None
         try:
             self._take_ownership(c, table_group)
@@ -217,8 +223,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         if cmd == uapi.VFIO_IOMMU_SPAPR_REGISTER_MEMORY:
             self._mm_set(c, current)
             param = self._copy_reg(current, arg, "VFIO_IOMMU_SPAPR_REGISTER_MEMORY")
-            self._register_pages(c, param.vaddr, param.size, current)
-            return 0
+            return self._register_pages(c, param.vaddr, param.size, current)
         if cmd == uapi.VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY:
             if c.mm is None:
                 raise fail(EPERM, "nothing was registered through this container yet")
@@ -271,7 +276,9 @@ class SpaprTceIommuDriver(VfioIommuDriver):
 
     # -- preregistration (tce_iommu_register_pages, tce_iommu_unregister_pages) --------------
 
-    def _register_pages(self, c: TceContainer, vaddr: int, size: int, current: "Task") -> None:
+    def _register_pages(self, c: TceContainer, vaddr: int, size: int, current: "Task") -> int:
+        """tce_iommu_register_pages(); returns what the ioctl returns (0, or the
+        positive count mm_iommu_new() can leave, docs/deviations.md)."""
         mm = c.mm
         assert mm is not None
         mask = mm.page_size - 1
@@ -286,14 +293,21 @@ class SpaprTceIommuDriver(VfioIommuDriver):
                 raise fail(EBUSY, f"{vaddr:#x}+{size:#x} is already registered through this container")
         else:
             try:
-                mem = mm_iommu_new(mm, vaddr, entries, current)
+                new = mm_iommu_new(mm, vaddr, entries, current)
             except KernelError as exc:
-                if exc.errno == ENOMEM and entries:
+                if exc.errno == ENOMEM and entries and "RLIMIT_MEMLOCK" in exc.reason:
                     raise fail(ENOMEM, f"VFIO_IOMMU_SPAPR_REGISTER_MEMORY: {exc.reason}; raise RLIMIT_MEMLOCK "
                                        f"(ulimit -l) or run with CAP_IPC_LOCK") from None
                 raise
+            if isinstance(new, int):
+                return new
+            mem = new
+        if self.kernel.faults.should_fail("kmalloc:tce_iommu_register_pages"):
+            mm_iommu_put(mm, mem)                        # put_exit
+            raise fail(ENOMEM, "kzalloc of the container's region entry failed (fault injection)")
         c.prereg.insert(0, mem)
         c.enabled = True
+        return 0
 
     def _prereg_free(self, c: TceContainer, mem: MmIommuMem) -> None:
         """tce_iommu_prereg_free()"""
@@ -400,6 +414,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
                 raise fail(EPERM, "this container belongs to another process's address space")
             return
         c.mm = current.mm
+        prereg.mmgrab(c.mm)
 
     def _enable(self, c: TceContainer, current: "Task") -> None:
         """tce_iommu_enable(): charge the whole 32-bit window to locked_vm."""
@@ -415,7 +430,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         self._mm_set(c, current)
         locked = tg.tce32_size >> self.page_shift
         try:
-            account_locked_vm(c.mm, locked, True, current)
+            account_locked_vm(c.mm, locked, True, current, site="account_locked_vm:tce_iommu_enable")
         except KernelError as exc:
             raise fail(exc.errno, f"VFIO_IOMMU_ENABLE must lock the whole {tg.tce32_size:#x}-byte DMA window: "
                                   f"{exc.reason}; raise RLIMIT_MEMLOCK (ulimit -l) or run with CAP_IPC_LOCK") from None
@@ -493,7 +508,8 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         if not table_size:
             raise fail(EINVAL, f"the platform refuses a {window_size:#x}-byte window of 2^{page_shift}-byte pages "
                                f"with {levels} levels")
-        account_locked_vm(c.mm, table_size >> self.page_shift, True, current)
+        account_locked_vm(c.mm, table_size >> self.page_shift, True, current,
+                          site="account_locked_vm:tce_iommu_create_table")
         try:
             return tg.create_table(num, page_shift, window_size, levels)
         except KernelError as exc:
@@ -605,17 +621,31 @@ class SpaprTceIommuDriver(VfioIommuDriver):
                 res = mm.pin_pages(pages, write)
                 failed_at = int(pages[res.count]) if res.count < n else 0
             ok = res.count
-            if res.errno is not None:
-                error = fail(res.errno, f"VFIO_IOMMU_MAP_DMA: cannot pin user page {failed_at:#x} "
-                                        f"({'unmapped, or not writable' if write else 'unmapped, or never populated and read-only'})")
+            # Upstream pins page by page (tce_iommu_use_page), checking each
+            # against the IOMMU page size before the next: a page too small
+            # stops the loop before later pins are attempted.
+            bad = None
             if res.min_compound_shift() < tbl.it_page_shift:
                 bad = int(np.flatnonzero(res.compound_shifts < tbl.it_page_shift)[0])
+            tried = ok if bad is None else bad + 1
+            passed = self.kernel.faults.take("pin_user_pages:tce_iommu_use_page", tried)
+            if passed < tried:
+                # An injected failure: pin_user_pages_fast() != 1 is -EFAULT.
+                mm.phys.unpin(res.hpa_values()[passed:ok])
+                ok = passed
+                error = fail(EFAULT, f"VFIO_IOMMU_MAP_DMA: cannot pin user page "
+                                     f"{vaddr + ((done + ok) << tbl.it_page_shift):#x} (fault injection)")
+            elif bad is not None:
                 # Upstream leaks the pin of the failing page here (invisible to
                 # userspace); the model releases it.
                 mm.phys.unpin(res.hpas[bad:ok])
                 ok = bad
                 error = fail(EPERM, f"VFIO_IOMMU_MAP_DMA: a user page at {vaddr + (done + ok << tbl.it_page_shift):#x} "
                                     f"is smaller than the {tbl.page_size:#x}-byte IOMMU page (needs huge pages)")
+            elif res.errno is not None:
+                # tce_iommu_use_page(): any pin failure is -EFAULT.
+                error = fail(EFAULT, f"VFIO_IOMMU_MAP_DMA: cannot pin user page {failed_at:#x} "
+                                     f"({'unmapped, or not writable' if write else 'unmapped, or never populated and read-only'})")
             values: np.ndarray | Progression
             if consecutive:
                 values = res.hpa_values()[:ok]
@@ -733,6 +763,14 @@ class SpaprTceIommuDriver(VfioIommuDriver):
             elif err == EPERM:
                 error = fail(EPERM, f"VFIO_IOMMU_MAP_DMA: the page behind user address "
                                     f"{vaddr + ((done + ok) << int(shift)):#x} is smaller than the IOMMU page")
+            if tbl.it_indirect_levels and hasattr(tbl.it_ops, "missing_levels"):
+                cut = self._alloc_levels_v2(c, tbl, entry + done, vaddr + (done << int(shift)), ok, err, regions)
+                if cut is not None:
+                    ok = cut
+                    hpas = hpas[:cut]
+                    regions = [(mem, pos, min(cnt, cut - pos)) for mem, pos, cnt in regions if pos < cut]
+                    error = fail(ENOMEM, f"VFIO_IOMMU_MAP_DMA: allocating a TCE table level for bus address "
+                                         f"{(entry + done + cut) << int(shift):#x} failed (fault injection)")
             for mem, _, count in regions:
                 mem.mapped += count                      # mm_iommu_mapped_inc()
             xr = tbl.it_ops.xchg_range(tbl, entry + done, hpas | perm)
@@ -747,6 +785,62 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         if error is not None:
             self._clear(c, tbl, entry, done)
             raise error
+
+    def _alloc_levels_v2(self, c: TceContainer, tbl: IommuTable, entry: int, ua: int, ok: int, err: int | None,
+                         regions: list) -> int | None:
+        """The indirect levels tce_iommu_build_v2() allocates for entries
+        [entry, entry+ok) of a multi-level PowerNV table, in its order: for
+        each entry, IOMMU_TABLE_USERSPACE_ENTRY() first (the userspace copy;
+        also for the entry whose translation then fails), the TCE level in
+        the exchange after mm_iommu_mapped_inc().  Returns None, or the entry
+        offset at which an allocation failed (fault injection):
+
+        * the TCE level: the exchange fails with -ENOMEM and
+          tce_iommu_unuse_page_v2() finds no userspace address for that
+          entry, so its mm_iommu_mapped_inc() is never undone: the region
+          keeps one mapping for good (reproduced, docs/deviations.md);
+        * the userspace level: pua is NULL and Linux 6.12 writes through it
+          (*pua = tce), an oops; answered as ENOMEM, nothing changed.
+        """
+        ops: Any = tbl.it_ops            # PnvTableOps: the platform with indirect levels
+        shift = tbl.it_page_shift
+        events = [(o, 0, lv, b) for o, lv, b in ops.missing_levels(tbl, True, entry, ok + (err is not None))]
+        events += [(o, 1, lv, b) for o, lv, b in ops.missing_levels(tbl, False, entry, ok)]
+        events.sort(key=lambda e: (e[0], e[1], -e[2]))
+        faults = self.kernel.faults
+        got: dict[bool, list] = {True: [], False: []}
+        cut = None
+        for o, hw, lv, b in events:
+            user = not hw
+            if faults.should_fail("alloc_pages:pnv_tce.uas" if user else "alloc_pages:pnv_tce"):
+                if user and o == ok:
+                    break            # that entry's translation fails first: pua is never used
+                cut = o
+                bad_ua = ua + (o << shift)
+                self.log.err(f"Failed to allocate a TCE memory, level shift={tbl.it_level_size.bit_length() + 2}")
+                if user:
+                    self.log.warn(f"vfiosim: tce_iommu_build_v2: IOMMU_TABLE_USERSPACE_ENTRY() for bus address "
+                                  f"{(entry + o) << shift:#x} is NULL (a level of the userspace copy could not be "
+                                  f"allocated) and Linux 6.12 writes through it (*pua = tce): a kernel oops; "
+                                  f"refused with ENOMEM, nothing changed (docs/deviations.md)")
+                else:
+                    self.log.err(f"iommu_tce: tce_iommu_build_v2 failed ioba={entry << shift:#x}, "
+                                 f"tce={bad_ua:#x}, ret=-{ENOMEM}")
+                    mem = next((m for m, pos, cnt in regions if pos <= o < pos + cnt), None)
+                    if mem is not None:
+                        mem.mapped += 1      # the failed entry's mm_iommu_mapped_inc(), never undone
+                        self.log.warn(f"vfiosim: tce_iommu_build_v2: the exchange for bus address "
+                                      f"{(entry + o) << shift:#x} failed after mm_iommu_mapped_inc(); "
+                                      f"tce_iommu_unuse_page_v2() finds no userspace address for the entry, so "
+                                      f"the preregistered region {mem.ua:#x}+"
+                                      f"{mem.entries << self.page_shift:#x} keeps one mapping for good: "
+                                      f"UNREGISTER_MEMORY will return 0 and leave it registered, pinned and "
+                                      f"charged until the process exits, as on Linux 6.12 (docs/deviations.md)")
+                break
+            got[user].append((o, lv, b))
+        ops.mark_levels(tbl, True, got[True])
+        ops.mark_levels(tbl, False, got[False])
+        return cut
 
     def _log_overrun_v2(self, tbl: IommuTable, entry: int, npages: int) -> None:
         what = ("writes TCEs past the end of the table (memory corruption)" if getattr(tbl.it_ops, "overrun_corrupts",

@@ -75,6 +75,9 @@ USER_PTR_MAX = TASK_SIZE_MAX - 1
 
 # Pages pinned per step of a large map (bounds the temporary arrays).
 BATCH = 1 << 18
+# Pages one vaddr_get_pfns() call pins at most (VFIO_BATCH_MAX_CAPACITY:
+# a page of struct page pointers).
+VFIO_BATCH_MAX_CAPACITY = 4096 // 8
 
 
 def _ffs(x: int) -> int:
@@ -249,6 +252,8 @@ class Type1IommuDriver(VfioIommuDriver):
             v2, nesting = True, False
         else:
             raise fail(EINVAL, f"IOMMU type {arg} is not Type1 (1), Type1v2 (3) or Type1 nesting (6)")
+        if self.kernel.faults.should_fail("kmalloc:vfio_iommu_type1_open"):
+            raise fail(ENOMEM, "kzalloc of the vfio_iommu failed (fault injection)")
         # pgsize_bitmap starts as PAGE_MASK until a domain narrows it.
         return VfioIommu(v2=v2, nesting=nesting, dma_avail=self.dma_entry_limit,
                          pgsize_bitmap=~(self.page_size - 1) & U64)
@@ -284,6 +289,8 @@ class Type1IommuDriver(VfioIommuDriver):
                               f"{iommu.vaddr_invalid_count} mapping(s) have an invalidated vaddr (VFIO_DMA_MAP_FLAG_VADDR)")
         if self._find_group(iommu, group) is not None:
             raise fail(EINVAL, f"IOMMU group {group.id} is already attached to this container")
+        if self.kernel.faults.should_fail("kmalloc:vfio_iommu_type1_attach_group"):
+            raise fail(ENOMEM, "kzalloc of the vfio_iommu_group failed (fault injection)")
         vtd = group.domains
         if vtd is None:
             # iommu_paging_domain_alloc() on a device behind no IOMMU.
@@ -738,6 +745,8 @@ class Type1IommuDriver(VfioIommuDriver):
             ranges = ", ".join(f"{s:#x}..{e:#x}" for s, e in iommu.iova_list)
             raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: {iova:#x}..{iova + size - 1:#x} is not inside one usable "
                                f"IOVA range ({ranges}; see VFIO_IOMMU_GET_INFO's IOVA_RANGE capability)")
+        if self.kernel.faults.should_fail("kmalloc:vfio_dma_do_map"):
+            raise fail(ENOMEM, "kzalloc of the vfio_dma failed (fault injection)")
         iommu.dma_avail -= 1
         dma = VfioDma(iova=iova, vaddr=vaddr, prot=prot, task=current, mm=current.mm,
                       lock_cap=current.capable(CAP_IPC_LOCK))
@@ -789,8 +798,16 @@ class Type1IommuDriver(VfioIommuDriver):
         chunks: list[np.ndarray] = []
         pos = 0
         err: int | None = None
+        faults = self.kernel.faults
         while pos < want:
             res = self._pin(mm, dma.vaddr + pos * psz, min(BATCH, want - pos), write)
+            passed = faults.take("pin_user_pages:vaddr_get_pfns", res.count)
+            if passed < res.count and (pos + passed) % VFIO_BATCH_MAX_CAPACITY == 0:
+                # The first page of a vaddr_get_pfns() call failed: -ENOMEM.
+                # (A later page only shortens the call; the next call pins
+                # it again, the injected failure spent.)
+                self.kernel.phys.unpin(res.hpas[passed:res.count])
+                res = PinResult(res.hpas[:passed], res.compound_shifts[:passed], passed, ENOMEM)
             chunks.append(res.hpas[:res.count])
             pos += res.count
             if res.errno is not None:
@@ -804,8 +821,9 @@ class Type1IommuDriver(VfioIommuDriver):
 
         if err is not None:
             unpin_all()
-            raise fail(err, f"VFIO_IOMMU_MAP_DMA: cannot pin user page {dma.vaddr + pos * psz:#x} "
-                            f"({'unmapped, or not writable' if write else 'unmapped or PROT_NONE'}; "
+            why = "out of memory (fault injection)" if err == ENOMEM else \
+                "unmapped, or not writable" if write else "unmapped or PROT_NONE"
+            raise fail(err, f"VFIO_IOMMU_MAP_DMA: cannot pin user page {dma.vaddr + pos * psz:#x} ({why}; "
                             f"vaddr_get_pfns)")
         if limit_at is not None:
             unpin_all()
@@ -814,13 +832,20 @@ class Type1IommuDriver(VfioIommuDriver):
                            f"{(mm.locked_vm + npages) << self.page_shift} bytes, over RLIMIT_MEMLOCK "
                            f"{current.rlimit_memlock_soft()} bytes (mlock'ed pages and pages pinned by other "
                            f"mappings count again); raise the limit or run with CAP_IPC_LOCK")
-        self._lock_acct(dma, npages, False)
         run_iova, run_hpa, run_pages = _runs(chunks, dma.iova, psz)
+        # vfio_pin_pages_remote() charges each contiguous run it returns.
+        if faults.take("account_locked_vm:vfio_lock_acct", len(run_pages)) < len(run_pages):
+            unpin_all()
+            raise fail(ENOMEM, "VFIO_IOMMU_MAP_DMA: charging the pinned pages to locked_vm failed (fault injection)")
+        self._lock_acct(dma, npages, False)
         self._note_charged_again(mm, dma, size, run_hpa, run_pages)
         mapped: list[tuple["VtdDomain", int, int]] = []
         try:
             for d in iommu.domain_list:
                 for iova, hpa, pages in zip(run_iova.tolist(), run_hpa.tolist(), run_pages.tolist()):
+                    if faults.should_fail("iommu_map:vfio_iommu_map"):
+                        raise fail(ENOMEM, f"VFIO_IOMMU_MAP_DMA: iommu_map() of {iova:#x}+{pages * psz:#x} could not "
+                                           f"allocate an IO page table page (fault injection)")
                     d.domain.map(iova, hpa, pages * psz, dma.prot | IOMMU_CACHE)
                     mapped.append((d.domain, iova, pages * psz))
         except KernelError:
@@ -995,6 +1020,8 @@ class Type1IommuDriver(VfioIommuDriver):
         if npages > DIRTY_BITMAP_PAGES_MAX:
             raise fail(EINVAL, f"a mapping of {npages} pages is too large for a dirty bitmap "
                                f"({DIRTY_BITMAP_PAGES_MAX} pages at most)")
+        if self.kernel.faults.should_fail("kmalloc:vfio_dma_bitmap_alloc"):
+            raise fail(ENOMEM, "kvzalloc of a dirty bitmap failed (fault injection)")
         dma.bitmap = np.zeros(dirty_bitmap_bytes(npages) // 8 + 1, dtype=np.uint64)
 
     def _dma_written(self, iommu: VfioIommu, iova: int, length: int) -> None:

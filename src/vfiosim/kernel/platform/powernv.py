@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import KernelBug, fail
+from ..faults import OPAL_HARDWARE
 from ..iommu.dma import DmaFault
 from ..iommu.table_group import TableGroup
 from ..iommu.tce import TCE_PCI_READ, TCE_PCI_WRITE, IommuTable, XchgResult, direction_to_perm
@@ -86,6 +87,39 @@ class PnvTableOps:
     def get(self, tbl: IommuTable, entry: int) -> int:
         return tbl.entries.get(entry - tbl.it_offset)
 
+    # -- indirect levels, allocated on first use (pnv_tce(..., alloc=true)) ---------------
+
+    @staticmethod
+    def _levels(tbl: IommuTable, user: bool) -> set[tuple[int, int]]:
+        attr = "_pnv_uas_levels" if user else "_pnv_levels"
+        got = getattr(tbl, attr, None)
+        if got is None:
+            got = set()
+            setattr(tbl, attr, got)
+        return got
+
+    def missing_levels(self, tbl: IommuTable, user: bool, entry: int, n: int) -> list[tuple[int, int, int]]:
+        """The indirect levels pnv_tce() would allocate walking entries
+        [entry, entry+n) in order: (offset of the entry that needs it, level,
+        block), highest level first for each entry.  Empty for one-level tables."""
+        depth = tbl.it_indirect_levels
+        if not depth or n <= 0:
+            return []
+        have = self._levels(tbl, user)
+        shift = tbl.it_level_size.bit_length() - 1
+        idx = entry - tbl.it_offset
+        out = []
+        for level in range(depth, 0, -1):
+            s = shift * level
+            for block in range(idx >> s, ((idx + n - 1) >> s) + 1):
+                if (level, block) not in have:
+                    out.append((max(idx, block << s) - idx, level, block))
+        out.sort(key=lambda e: (e[0], -e[1]))
+        return out
+
+    def mark_levels(self, tbl: IommuTable, user: bool, levels: list[tuple[int, int, int]]) -> None:
+        self._levels(tbl, user).update((lv, b) for _, lv, b in levels)
+
 
 PNV_TABLE_OPS = PnvTableOps()
 
@@ -144,6 +178,9 @@ class PnvTableGroup(TableGroup):
         """pnv_pci_ioda2_create_table(); ``it_allocated_size`` as create_table_userspace sets it."""
         phb = self.pe.phb
         bus_offset = TCE_BYPASS_BASE if num else self.tce32_start
+        faults = self.pe.phys.faults if userspace else None     # VFIO's tables, not the host's own
+        if faults is not None and faults.should_fail("kmalloc:pnv_pci_table_alloc"):
+            raise fail(ENOMEM, "kzalloc of the iommu_table failed (fault injection)")
         # pnv_pci_ioda2_table_alloc_pages()
         if not levels or levels > POWERNV_IOMMU_MAX_LEVELS:
             raise fail(EINVAL, f"{levels} TCE levels: PowerNV supports 1..{POWERNV_IOMMU_MAX_LEVELS}")
@@ -163,6 +200,12 @@ class PnvTableGroup(TableGroup):
         if not phb.alloc_ok(level_shift):
             raise fail(ENOMEM, f"a TCE level of {1 << level_shift:#x} bytes is larger than the largest "
                                f"contiguous allocation ({1 << (phb.page_shift + phb.max_order):#x}); use more levels")
+        if faults is not None:
+            for site in ("alloc_pages:pnv_pci_ioda2_table_alloc_pages", "alloc_pages:pnv_pci_ioda2_table_alloc_pages.uas"):
+                if faults.should_fail(site):
+                    self.pe.log(f"Failed to allocate a TCE memory, level shift={level_shift}")
+                    raise fail(ENOMEM, f"allocating the first TCE level ({1 << level_shift:#x} bytes) failed "
+                                       f"(fault injection)")
         tbl = IommuTable(it_offset=bus_offset >> page_shift, it_size=tce_table_size >> 3, it_page_shift=page_shift,
                          ops=PNV_TABLE_OPS, levels=levels, level_size=1 << (level_shift - 3),
                          allocated_size=self.get_table_size(page_shift, window_size, levels) if userspace else
@@ -174,6 +217,12 @@ class PnvTableGroup(TableGroup):
         """pnv_pci_ioda2_set_window(): program TVE#num through OPAL and link the table."""
         pe = self.pe
         pe.log(f"pci {pe.name}: Setting up window#{num} {tbl.bus_start:#x}..{tbl.bus_end - 1:#x} pg={tbl.page_size:#x}")
+        faults = pe.phys.faults
+        if tbl.it_userspace is not None and faults is not None and faults.should_fail("opal:opal_pci_map_pe_dma_window"):
+            pe.log(f"pci {pe.name}: Failed to configure TCE table, err {OPAL_HARDWARE}")
+            # pnv_pci_ioda2_set_window() returns the OPAL status, which the
+            # driver passes up as an errno: OPAL_HARDWARE (-6) is ENXIO.
+            raise fail(-OPAL_HARDWARE, f"OPAL refused to program TVE#{num} (OPAL_HARDWARE, fault injection)")
         pe.tve[num] = tbl
         tbl.groups.append(self)
         self.tables[num] = tbl.get()

@@ -1,0 +1,151 @@
+"""Fault injection: make the Nth internal allocation, pin or charge fail.
+
+Linux's ``/proc/<pid>/fail-nth`` makes the Nth call to a fault-injection
+point fail once.  :class:`FaultInjector` does the same for the simulated
+kernel: code that allocates, pins or charges asks it at a named *site*, and
+the armed one answers "fail" exactly once, after which the kernel takes the
+error path upstream takes (rolling back, or leaking where upstream leaks).
+
+Sites are named ``kind:function``, the kind saying how the failure looks to
+the caller, the function where upstream makes the call:
+
+================  =====================================================================
+kind              what fails, and what the caller sees
+================  =====================================================================
+pin_user_pages    One page of a pin_user_pages*() call cannot be faulted in (as a
+                  failed page allocation in handle_mm_fault: VM_FAULT_OOM).  The call
+                  returns the pages before it (fewer than asked), or -ENOMEM if it is
+                  the call's first page.  One event per page.
+account_locked_vm account_locked_vm() / __account_locked_vm() fails with -ENOMEM, as if
+                  RLIMIT_MEMLOCK were exceeded.
+kmalloc           kzalloc() / kmalloc() / vzalloc() of a kernel structure returns NULL.
+alloc_pages       alloc_pages_node() of a TCE table level returns NULL (PowerNV).
+iommu_map         iommu_map() cannot allocate an IO page-table page: -ENOMEM (VT-d).
+opal              An OPAL call programming the PHB fails with OPAL_HARDWARE (-6),
+                  which the PowerNV code passes up as the errno (ENXIO).
+================  =====================================================================
+
+``SITES`` lists every site the kernel consults.  Use it from Python::
+
+    m.inject_fault(3, sites="pin_user_pages")     # the 3rd page pinned from now fails
+    m.faults.fired                                 # ["pin_user_pages:tce_iommu_use_page"]
+
+Counting never stops (``counts``), so a test can run an operation once to
+learn how many events of a kind it consults, then walk N over all of them.
+A fired fault is logged in dmesg as Linux's ``FAULT_INJECTION: forcing a
+failure.`` line is.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable, Iterable
+
+KINDS = ("pin_user_pages", "account_locked_vm", "kmalloc", "alloc_pages", "iommu_map", "opal")
+
+# Every site consulted somewhere in the kernel, with the upstream call it stands for.
+SITES: dict[str, str] = {
+    # sPAPR TCE (drivers/vfio/vfio_iommu_spapr_tce.c) and preregistration (iommu_api.c)
+    "kmalloc:tce_iommu_open": "kzalloc(struct tce_container) in VFIO_SET_IOMMU",
+    "kmalloc:tce_iommu_attach_group": "kzalloc(struct tce_iommu_group) when a group joins",
+    "account_locked_vm:tce_iommu_enable": "VFIO_IOMMU_ENABLE charges the 32-bit window",
+    "account_locked_vm:tce_iommu_create_table": "a new TCE table is charged before it is built",
+    "pin_user_pages:tce_iommu_use_page": "v1 MAP_DMA pins each page with pin_user_pages_fast(1)",
+    "kmalloc:tce_iommu_register_pages": "kzalloc(struct tce_iommu_prereg) after mm_iommu_new()",
+    "account_locked_vm:mm_iommu_do_alloc": "REGISTER_MEMORY charges the region",
+    "kmalloc:mm_iommu_do_alloc": "kzalloc(struct mm_iommu_table_group_mem_t)",
+    "kmalloc:mm_iommu_do_alloc.hpas": "vzalloc() of the region's page array",
+    "pin_user_pages:mm_iommu_do_alloc": "pin_user_pages(FOLL_WRITE | FOLL_LONGTERM) of the region",
+    # PowerNV (arch/powerpc/platforms/powernv/pci-ioda.c, pci-ioda-tce.c)
+    "kmalloc:pnv_pci_table_alloc": "kzalloc_node(struct iommu_table)",
+    "alloc_pages:pnv_pci_ioda2_table_alloc_pages": "the first level of a new TCE table",
+    "alloc_pages:pnv_pci_ioda2_table_alloc_pages.uas": "the first level of its userspace copy",
+    "alloc_pages:pnv_tce": "an indirect TCE level allocated on first use (multi-level tables)",
+    "alloc_pages:pnv_tce.uas": "the same level of the userspace copy (v2 MAP_DMA)",
+    "opal:opal_pci_map_pe_dma_window": "programming a TVE in pnv_pci_ioda2_set_window()",
+    # Type1 (drivers/vfio/vfio_iommu_type1.c) on VT-d
+    "kmalloc:vfio_iommu_type1_open": "kzalloc(struct vfio_iommu) in VFIO_SET_IOMMU",
+    "kmalloc:vfio_iommu_type1_attach_group": "kzalloc(struct vfio_iommu_group) when a group joins",
+    "kmalloc:vfio_dma_do_map": "kzalloc(struct vfio_dma) in MAP_DMA",
+    "pin_user_pages:vaddr_get_pfns": "pin_user_pages_remote(FOLL_LONGTERM) of a batch",
+    "account_locked_vm:vfio_lock_acct": "MAP_DMA charges a contiguous run of pinned pages",
+    "iommu_map:vfio_iommu_map": "mapping a contiguous run into a domain",
+    "kmalloc:vfio_dma_bitmap_alloc": "kvzalloc() of a mapping's dirty bitmap (DIRTY_PAGES start)",
+}
+
+OPAL_HARDWARE = -6
+
+
+class FaultInjector:
+    """``fail_nth`` for the simulated kernel (``kernel.faults``, ``machine.faults``)."""
+
+    def __init__(self, log: Callable[[str], None] | None = None) -> None:
+        self._log = log
+        self._left: int | None = None         # events to let pass, plus one (the failing one)
+        self._filter: tuple[str, ...] | None = None
+        self.counts: Counter[str] = Counter()  # events consulted per site, since reset_counts()
+        self.fired: list[str] = []             # sites that failed, in order
+
+    # -- arming ------------------------------------------------------------------------
+
+    def fail_nth(self, n: int, sites: str | Iterable[str] | None = None) -> None:
+        """Arm: the ``n``-th event (1-based, counted from now) at a site matching
+        ``sites`` fails, once.  ``sites`` names kinds (``"pin_user_pages"``) or
+        sites (``"kmalloc:mm_iommu_do_alloc"``); None matches every site."""
+        if n < 1:
+            raise ValueError(f"fail_nth counts from 1, not {n}")
+        names = (sites,) if isinstance(sites, str) else tuple(sites) if sites is not None else None
+        if names is not None:
+            for s in names:
+                if s not in KINDS and s not in SITES:
+                    raise ValueError(f"unknown fault site {s!r}; kinds: {', '.join(KINDS)}; "
+                                     f"sites: vfiosim.kernel.faults.SITES")
+        self._left = n
+        self._filter = names
+
+    def disarm(self) -> None:
+        self._left = None
+        self._filter = None
+
+    @property
+    def armed(self) -> bool:
+        return self._left is not None
+
+    def reset_counts(self) -> None:
+        self.counts.clear()
+
+    def count(self, sites: str | Iterable[str] | None = None) -> int:
+        """Events consulted (since reset_counts()) at sites matching ``sites``."""
+        names = (sites,) if isinstance(sites, str) else tuple(sites) if sites is not None else None
+        return sum(c for s, c in self.counts.items() if self._match(s, names))
+
+    @staticmethod
+    def _match(site: str, names: tuple[str, ...] | None) -> bool:
+        return names is None or site in names or site.split(":", 1)[0] in names
+
+    # -- consulted by the kernel --------------------------------------------------------
+
+    def take(self, site: str, events: int = 1) -> int:
+        """Consult ``events`` consecutive events at ``site``; returns how many
+        pass before the one that fails (``events`` if none does)."""
+        if events <= 0:
+            return 0
+        left = self._left
+        if left is None or not self._match(site, self._filter):
+            self.counts[site] += events
+            return events
+        if left > events:
+            self._left = left - events
+            self.counts[site] += events
+            return events
+        self.counts[site] += left
+        self._left = None
+        self._filter = None
+        self.fired.append(site)
+        if self._log is not None:
+            self._log(f"FAULT_INJECTION: forcing a failure. ({site}: {SITES.get(site, '')})")
+        return left - 1
+
+    def should_fail(self, site: str) -> bool:
+        """One event at ``site``: True if it must fail."""
+        return self.take(site, 1) == 0

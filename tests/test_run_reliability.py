@@ -1,0 +1,183 @@
+"""`vfiosim run` under crashes and hostile users.
+
+* A program SIGKILLed at random points of a VFIO workload (containers,
+  groups, device fds, DMA mappings, an eventfd for INTx, a forked child)
+  leaves nothing behind on the machine: no task, no pin, no locked memory,
+  no open group, no IOMMU domain.
+* SIGKILL of ``vfiosim run`` (or ``serve``) itself: its programs get EIO at
+  their next call instead of hanging, and nothing of it stays on the host:
+  no fake sysfs tree or socket in the temporary directory, nothing in
+  /dev/shm.
+* Permissions are the machine file's: a program that dropped root is
+  refused a root-only group (EACCES) and may open one the file gives it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import vfiosim
+from runutil import C_DIR, ThreadedDaemon, cc
+
+CLI = [sys.executable, "-m", "vfiosim.cli"]
+
+
+@pytest.fixture(scope="module")
+def churn(tmp_path_factory):
+    return cc(C_DIR / "churn.c", tmp_path_factory.mktemp("bin"))
+
+
+def machine_is_clean(m: vfiosim.Machine) -> None:
+    k = m.kernel
+    assert not k.tasks, sorted(k.tasks)
+    assert m.pinned_pages() == 0
+    for g in k.vfio.groups.values():
+        assert g.opened_file is None and g.container is None, g.id
+        assert not g.iommu_group.dma_owner_claimed()
+    assert all(d.kind != "paging" for unit in m.iommu_units for d in unit.domains)
+    assert not m.oopses, m.oopses[0]
+
+
+@pytest.mark.parametrize("platform,iommu,group", [("pseries", "spapr", "0"), ("x86", "type1", "4")])
+def test_a_program_killed_at_random_points_leaves_nothing_behind(churn, tmp_path, platform, iommu, group):
+    m = vfiosim.Machine.preset(platform)
+    bdf = m.iommu_groups()[int(group)][0]
+    d = ThreadedDaemon(m, tmp_path)
+    rng = random.Random(f"{platform}-kill")
+    busiest = 0
+    try:
+        for attempt in range(5):
+            proc = d.popen([str(churn), iommu, group, bdf])
+            rounds = rng.randint(1, 6)
+            # Wait for some rounds, then kill it in the middle of whatever it does.
+            for _ in range(rounds):
+                line = proc.stdout.readline()
+                assert line.startswith("round"), line + proc.stderr.read()
+                busiest = max(busiest, m.pinned_pages())
+            time.sleep(rng.uniform(0, 0.02))
+            proc.kill()
+            proc.wait(10)
+            assert d.wait_idle(), f"attempt {attempt}: the daemon still has tasks"
+            machine_is_clean(m)
+        assert busiest >= 8 * 16, "the workload never had its DMA mappings in place"
+    finally:
+        d.close()
+
+
+def _tmp_state(tmp: Path) -> set[str]:
+    return {p.name for p in tmp.iterdir()}
+
+
+def _shm() -> set[str]:
+    try:
+        return set(os.listdir("/dev/shm"))
+    except OSError:
+        return set()
+
+
+@pytest.mark.parametrize("mode", ["run", "serve"])
+def test_sigkill_of_vfiosim_gives_programs_eio_and_leaves_nothing_on_the_host(tmp_path, mode):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp))
+    shm_before = _shm()
+    program = r"""
+import errno, fcntl, os, sys, time
+c = os.open("/dev/vfio/vfio", os.O_RDWR)
+print("ready", flush=True)
+sys.stdin.readline()
+t0 = time.monotonic()
+try:
+    fcntl.ioctl(c, 0x3B64)                    # VFIO_GET_API_VERSION
+    print("ioctl=ok", flush=True)
+except OSError as e:
+    print(f"ioctl={errno.errorcode[e.errno]} after={time.monotonic() - t0:.1f}", flush=True)
+"""
+    if mode == "run":
+        vfiosim_proc = subprocess.Popen([*CLI, "run", "--", sys.executable, "-c", program], env=env,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        prog_io = vfiosim_proc
+    else:
+        sock = str(tmp_path / "m.sock")
+        vfiosim_proc = subprocess.Popen([*CLI, "serve", "--socket", sock], env=env, stdout=subprocess.PIPE,
+                                        text=True)
+        assert "serving" in vfiosim_proc.stdout.readline()
+        prog_io = subprocess.Popen([*CLI, "run", "--connect", sock, "--", sys.executable, "-c", program], env=env,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert prog_io.stdout.readline() == "ready\n"
+        assert any(name.startswith("vfiosim-root-") for name in _tmp_state(tmp))
+        vfiosim_proc.kill()                                  # SIGKILL: no finally, no atexit
+        vfiosim_proc.wait(10)
+        prog_io.stdin.write("go\n")
+        prog_io.stdin.flush()
+        out = prog_io.stdout.readline()
+        assert out.startswith("ioctl=EIO"), out
+        # The reaper cleans up after the dead daemon.
+        deadline = time.monotonic() + 10
+        while _tmp_state(tmp) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _tmp_state(tmp) == set(), _tmp_state(tmp)
+        if mode == "serve":
+            assert not os.path.exists(tmp_path / "m.sock")
+        assert _shm() - shm_before == set()
+    finally:
+        for p in (vfiosim_proc, prog_io):
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
+
+
+def test_a_normal_end_also_leaves_nothing(tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp))
+    proc = subprocess.run([*CLI, "run", "--", sys.executable, "-c", "import os; os.open('/dev/vfio/vfio', 2)"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    deadline = time.monotonic() + 10
+    while _tmp_state(tmp) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _tmp_state(tmp) == set()
+
+
+DROP_AND_OPEN = r"""
+import errno, os, sys
+c = os.open("/dev/vfio/vfio", os.O_RDWR)        # connects to the daemon while still root
+os.setgroups([])
+os.setresgid(65534, 65534, 65534)
+os.setresuid(65534, 65534, 65534)
+for path in sys.argv[1:]:
+    try:
+        os.close(os.open(path, os.O_RDWR))
+        print(f"{path}=ok")
+    except OSError as e:
+        print(f"{path}={errno.errorcode[e.errno]}")
+"""
+
+
+def test_permissions_of_dev_vfio_are_the_machine_files_under_run(tmp_path):
+    """A program that drops root (as a VMM launched by a privileged helper
+    does): the simulated kernel checks each later open against the node's
+    owner and mode from the machine file, with the program's new credentials."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to start a program that drops to another uid")
+    text = (Path(vfiosim.__file__).parent / "presets" / "pseries.toml").read_text()
+    # Group 1 belongs to uid 65534; group 0 stays root's (mode 0600).
+    marker = 'bdf = "0001:00:00.0"'
+    assert marker in text
+    f = tmp_path / "m.toml"
+    f.write_text(text.replace(marker, marker + "\ngroup_uid = 65534", 1))
+    proc = subprocess.run([*CLI, "run", "--machine", str(f), "--", sys.executable, "-c", DROP_AND_OPEN,
+                           "/dev/vfio/0", "/dev/vfio/1", "/dev/vfio/vfio"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["/dev/vfio/0=EACCES", "/dev/vfio/1=ok", "/dev/vfio/vfio=ok"], proc.stdout
