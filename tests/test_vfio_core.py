@@ -302,8 +302,14 @@ def test_device_info_regions_and_irqs_on_powernv(p):
             p.ioctl(d, uapi.VFIO_DEVICE_GET_REGION_INFO, uapi.vfio_region_info(argsz=32, index=index))
         assert err(e) == "EINVAL"
     assert p.ioctl(d, uapi.VFIO_DEVICE_RESET) == 0
+    # VFIO_IOMMU_MAP_DMA has VFIO_DEVICE_PCI_HOT_RESET's number (VFIO_BASE + 13): on a
+    # device fd it is a hot reset, whose header cannot be read from address 0.
+    assert uapi.VFIO_IOMMU_MAP_DMA == uapi.VFIO_DEVICE_PCI_HOT_RESET
     with pytest.raises(OSError) as e:
         p.ioctl(d, uapi.VFIO_IOMMU_MAP_DMA, 0)
+    assert err(e) == "EFAULT"
+    with pytest.raises(OSError) as e:
+        p.ioctl(d, uapi.VFIO_IOMMU_ENABLE)             # VFIO_BASE + 15: no device ioctl has it
     assert err(e) == "ENOTTY"
 
 

@@ -182,6 +182,18 @@ def cmd_trace_show(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_trace_summary(args: argparse.Namespace) -> int:
+    from .transport.summary import print_summary, summarize_trace
+    try:
+        print_summary(summarize_trace(args.file), sys.stdout)
+    except BrokenPipeError:
+        return 0
+    except OSError as exc:
+        print(f"vfiosim trace summary: {args.file}: {exc.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _run_parsers(sub: Any) -> None:
     run = sub.add_parser("run", help="run an unmodified program with its VFIO calls reaching a simulated machine",
                          usage="vfiosim run [--machine NAME|FILE] [--trace FILE] [--connect SOCKET] -- PROGRAM ARGS...")
@@ -200,6 +212,10 @@ def _run_parsers(sub: Any) -> None:
     show = tsub.add_parser("show", help="print a trace strace-style")
     show.add_argument("file")
     show.set_defaults(func=cmd_trace_show)
+    summary = tsub.add_parser("summary", help="condense a trace: runs of per-page map/unmap and of config or BAR "
+                                              "accesses become one line each, with counts")
+    summary.add_argument("file")
+    summary.set_defaults(func=cmd_trace_summary)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -229,6 +245,44 @@ def _bench_parser(sub: Any) -> None:
     b.set_defaults(func=cmd_bench)
 
 
+def cmd_qemu_demo(args: argparse.Namespace) -> int:
+    from .qemu.demo import report, run_demo
+    from .qemu.image import QemuDemoUnavailable
+    if not _host_page_size_ok(args, "qemu-demo"):
+        return 2
+    log = (lambda text: print(text, file=sys.stderr, flush=True)) if args.verbose else \
+        (lambda text: print(text, file=sys.stderr, flush=True) if text.startswith(("vfiosim", "building", "cached",
+                                                                                  "installing", "adding")) else None)
+    try:
+        result = run_demo(trace=args.trace, workdir=args.workdir, install=not args.no_install,
+                          timeout=args.timeout, log=log, dma_api=args.dma_api, no_mmap=args.no_mmap,
+                          guest_iommu=args.guest_iommu)
+    except QemuDemoUnavailable as exc:
+        print(f"vfiosim qemu-demo: cannot run here: {exc}", file=sys.stderr)
+        return 3
+    report(result, sys.stdout)
+    return 0 if result.ok else 1
+
+
+def _qemu_demo_parser(sub: Any) -> None:
+    q = sub.add_parser("qemu-demo", help="boot an unmodified QEMU pseries guest whose vfio-pci device is vfiosim's "
+                                         "edu, and DMA through the guest's own VFIO (see docs/qemu.md)")
+    q.add_argument("--trace", metavar="FILE", help="where to write vfiosim's trace (default: in the work directory)")
+    q.add_argument("--workdir", metavar="DIR", help="where to keep the console, QEMU's and vfiosim's traces "
+                                                    "(default: ~/.cache/vfiosim/qemu/last-run, replaced by each run)")
+    q.add_argument("--no-install", action="store_true", help="do not apt-get install missing host tools")
+    q.add_argument("--timeout", type=float, default=900.0, help="give up on QEMU after this many seconds (default 900)")
+    q.add_argument("--dma-api", action="store_true",
+                   help="instead of the guest's VFIO test, read a virtio-blk disk on the same PHB: the guest "
+                        "kernel's DMA API batches TCEs with H_PUT_TCE_INDIRECT (docs/qemu.md)")
+    q.add_argument("--no-mmap", action="store_true",
+                   help="QEMU reaches BAR0 with pread/pwrite on the device fd, not through a mapping (x-no-mmap=true)")
+    q.add_argument("--guest-iommu", choices=("auto", "v1", "v2"), default="auto",
+                   help="the sPAPR IOMMU type the guest program uses (default: v2 when the guest offers it)")
+    q.add_argument("-v", "--verbose", action="store_true", help="show every command and QEMU's own messages")
+    q.set_defaults(func=cmd_qemu_demo, page_size=4096)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="vfiosim", description="A simulated Linux VFIO kernel with the POWER sPAPR "
                                  "TCE IOMMU and the x86 Type1 IOMMU: run VFIO userspace code without hardware or root.")
@@ -246,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     _bench_parser(sub)
     from .fuzz import add_fuzz_parser
     add_fuzz_parser(sub)
+    _qemu_demo_parser(sub)
     args = ap.parse_args(argv)
     try:
         return int(args.func(args))

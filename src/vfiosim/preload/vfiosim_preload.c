@@ -943,6 +943,33 @@ EXPORT ssize_t pwrite64(int fd, const void *buf, size_t count, off_t off)
     return pwrite(fd, buf, count, off);
 }
 
+/* _FORTIFY_SOURCE builds call these when the destination's size is known at
+ * compile time but the length is not (QEMU's vfio_pci_read_config() reads `len`
+ * bytes of config space into a uint32_t this way); glibc's own versions make
+ * the system call directly, past the wrappers above, so they are wrapped too. */
+extern void __chk_fail(void) __attribute__((noreturn));
+
+EXPORT ssize_t __read_chk(int fd, void *buf, size_t count, size_t buflen)
+{
+    if (count > buflen)
+        __chk_fail();
+    return read(fd, buf, count);
+}
+
+EXPORT ssize_t __pread_chk(int fd, void *buf, size_t count, off_t off, size_t buflen)
+{
+    if (count > buflen)
+        __chk_fail();
+    return pread(fd, buf, count, off);
+}
+
+EXPORT ssize_t __pread64_chk(int fd, void *buf, size_t count, off_t off, size_t buflen)
+{
+    if (count > buflen)
+        __chk_fail();
+    return pread(fd, buf, count, off);
+}
+
 /* ---------------------------------------------------------------- stat and friends */
 
 static int node_info(const char *fake, unsigned *maj, unsigned *min, unsigned *mode, unsigned *uid, unsigned *gid)
@@ -1218,6 +1245,28 @@ EXPORT char *realpath(const char *path, char *resolved)
 {
     resolve();
     return do_realpath(path, resolved);
+}
+
+EXPORT char *__realpath_chk(const char *path, char *resolved, size_t resolvedlen)
+{
+    if (resolvedlen < PATH_MAX)
+        __chk_fail();
+    resolve();
+    return do_realpath(path, resolved);
+}
+
+EXPORT ssize_t __readlink_chk(const char *path, char *out, size_t n, size_t outlen)
+{
+    if (n > outlen)
+        __chk_fail();
+    return readlink(path, out, n);
+}
+
+EXPORT ssize_t __readlinkat_chk(int dirfd, const char *path, char *out, size_t n, size_t outlen)
+{
+    if (n > outlen)
+        __chk_fail();
+    return readlinkat(dirfd, path, out, n);
 }
 
 EXPORT char *canonicalize_file_name(const char *path)

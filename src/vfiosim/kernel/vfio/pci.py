@@ -11,7 +11,7 @@ registers with VFIO_DEVICE_SET_IRQS; INTx is automasked until unmasked.
 from __future__ import annotations
 
 import ctypes
-from errno import EBADF, EFAULT, EINVAL, EIO, ENODEV, ENOTTY
+from errno import EBADF, EFAULT, EINVAL, EIO, ENODEV, ENOSPC, ENOTTY, EPERM
 from typing import TYPE_CHECKING
 
 from ...uapi import vfio as uapi
@@ -23,7 +23,7 @@ from ..pci.config import (PCI_BASE_ADDRESS_0, PCI_CAP_ID_MSI, PCI_CAPABILITY_LIS
                           PCI_MSI_FLAGS_ENABLE, PCI_MSI_FLAGS_QMASK, PCI_ROM_ADDRESS, PCI_STATUS,
                           PCI_STATUS_CAP_LIST, PCI_VENDOR_ID)
 from ..pci.device import PciDevice
-from ..uaccess import copy_from_user, copy_struct_from_user, copy_struct_to_user
+from ..uaccess import copy_from_user, copy_struct_from_user, copy_struct_to_user, copy_to_user
 from .device import VfioDeviceOps
 
 if TYPE_CHECKING:
@@ -302,6 +302,8 @@ class VfioPciDevice(VfioDeviceOps):
             uapi.VFIO_DEVICE_GET_IRQ_INFO: self._get_irq_info,
             uapi.VFIO_DEVICE_SET_IRQS: self._set_irqs,
             uapi.VFIO_DEVICE_RESET: self._reset_ioctl,
+            uapi.VFIO_DEVICE_GET_PCI_HOT_RESET_INFO: self._get_pci_hot_reset_info,
+            uapi.VFIO_DEVICE_PCI_HOT_RESET: self._pci_hot_reset,
         }.get(cmd)
         if handler is None:
             raise fail(ENOTTY, f"{uapi.ioctl_name_for(cmd, 'vfio-device') or hex(cmd)} is not a vfio-pci device ioctl")
@@ -388,6 +390,86 @@ class VfioPciDevice(VfioDeviceOps):
         if not self.reset_works:
             raise fail(EINVAL, f"{self.pdev.bdf} has no reset method (no FLR or PM reset, and not alone "
                                f"behind a bridge for a bus reset)")
+        self._reset_device()
+        self._config_init()
+        return 0
+
+    # -- bus reset (vfio_pci_ioctl_get_pci_hot_reset_info, vfio_pci_ioctl_pci_hot_reset) ----------------
+
+    def _reset_domain(self) -> list[PciDevice]:
+        """The devices a slot or bus reset of this device would reset, or ENODEV
+        (``pci_probe_reset_slot()`` fails, then ``pci_probe_reset_bus()``).
+
+        The machines have no hotplug slots, so a slot reset is never possible; a
+        bus reset is possible exactly when the machine put the device alone on the
+        bus below a bridge (``behind_bridge``, reset method "bus"), so the device
+        is the only one it resets."""
+        if self.pdev.reset_method != "bus":
+            raise fail(ENODEV, f"{self.pdev.bdf} has neither a slot reset nor a bus reset (it is not alone on "
+                               f"a bus below a bridge)")
+        return [self.pdev]
+
+    def _get_pci_hot_reset_info(self, current: "Task", arg: int) -> int:
+        """vfio_pci_ioctl_get_pci_hot_reset_info(): the devices a hot reset affects, as
+        (group, segment, bus, devfn); ENOSPC with the count when they do not fit."""
+        cls = uapi.vfio_pci_hot_reset_info
+        minsz = uapi.offsetofend(cls, "count")
+        hdr = copy_struct_from_user(current, arg, cls, minsz)
+        if hdr.argsz < minsz:
+            raise fail(EINVAL, f"VFIO_DEVICE_GET_PCI_HOT_RESET_INFO: argsz {hdr.argsz} < {minsz}")
+        hdr.flags = 0
+        devices = self._reset_domain()
+        entry = ctypes.sizeof(uapi.vfio_pci_dependent_device)
+        count = len(devices)
+        if count > (hdr.argsz - ctypes.sizeof(cls)) // entry:
+            hdr.count = count
+            copy_struct_to_user(current, arg, hdr, minsz)
+            raise fail(ENOSPC, f"VFIO_DEVICE_GET_PCI_HOT_RESET_INFO: {count} device(s) do not fit in argsz "
+                               f"{hdr.argsz}; count set to {count}")
+        out = bytearray()
+        for dev in devices:
+            if dev.iommu_group is None:
+                raise fail(EPERM, f"{dev.bdf} is in no IOMMU group: it cannot be reset from userspace")
+            out += bytes(uapi.vfio_pci_dependent_device(group_id=dev.iommu_group.id, segment=dev.domain,
+                                                        bus=dev.bus, devfn=(dev.slot << 3) | dev.function))
+        copy_to_user(current, arg + ctypes.sizeof(cls), bytes(out))
+        hdr.count = count
+        copy_struct_to_user(current, arg, hdr, minsz)
+        return 0
+
+    def _pci_hot_reset(self, current: "Task", arg: int) -> int:
+        """vfio_pci_ioctl_pci_hot_reset() with a group fd array (the group interface;
+        a zero count is for cdev-opened devices, which vfiosim does not have)."""
+        from .group import GroupFile
+        cls = uapi.vfio_pci_hot_reset
+        minsz = uapi.offsetofend(cls, "count")
+        hdr = copy_struct_from_user(current, arg, cls, minsz)
+        if hdr.argsz < minsz or hdr.flags:
+            raise fail(EINVAL, f"VFIO_DEVICE_PCI_HOT_RESET: argsz {hdr.argsz} (need {minsz}) or flags {hdr.flags:#x}")
+        if not hdr.count:
+            raise fail(EINVAL, "VFIO_DEVICE_PCI_HOT_RESET: a device opened through its group needs a group fd array")
+        devices = self._reset_domain()
+        # vfio_pci_ioctl_pci_hot_reset_groups(): one group per affected device at most.
+        if hdr.count > len(devices):
+            raise fail(EINVAL, f"VFIO_DEVICE_PCI_HOT_RESET: {hdr.count} group fds for {len(devices)} device(s)")
+        raw = copy_from_user(current, arg + ctypes.sizeof(cls), 4 * hdr.count)
+        groups = []
+        for i in range(hdr.count):
+            fd = int.from_bytes(raw[4 * i:4 * i + 4], "little", signed=True)
+            try:
+                file = current.files.get(fd)
+            except KernelError:
+                raise fail(EBADF, f"VFIO_DEVICE_PCI_HOT_RESET: group fd {fd} is not open") from None
+            if not isinstance(file, GroupFile):
+                raise fail(EINVAL, f"VFIO_DEVICE_PCI_HOT_RESET: fd {fd} is a {file.kind}, not a VFIO group")
+            groups.append(file.group.iommu_group)
+        # vfio_pci_dev_set_hot_reset(): every opened device of the set must be in one
+        # of the groups given (this device is: its fd is what the ioctl came through).
+        for dev in devices:
+            if dev.iommu_group not in groups:
+                raise fail(EINVAL, f"VFIO_DEVICE_PCI_HOT_RESET: {dev.bdf} (group "
+                                   f"{dev.iommu_group.id if dev.iommu_group else '-'}) is not in the groups given")
+        # pci_reset_bus(): the bus is reset, each device's config space saved and restored.
         self._reset_device()
         self._config_init()
         return 0
