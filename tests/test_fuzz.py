@@ -46,8 +46,26 @@ def test_the_seed_corpus_runs_clean():
         assert fuzz.run_one(target, path.read_bytes()) is None, path
 
 
+@pytest.fixture
+def checkout_corpus(monkeypatch):
+    """The engine's seeds are this checkout's, also when the vfiosim under
+    test is an installed copy (CI runs the suite after `pip install .`)."""
+    monkeypatch.setattr(fuzz, "REPO_FUZZ", FUZZ)
+
+
+def test_an_installed_copy_finds_the_corpus_of_the_checkout_it_runs_in(monkeypatch, tmp_path):
+    monkeypatch.setattr(fuzz, "REPO_FUZZ", tmp_path / "site-packages" / "fuzz")   # no corpus beside it
+    monkeypatch.chdir(FUZZ.parent)
+    assert fuzz.corpus_dirs("ioctl")[0].resolve() == FUZZ / "corpus" / "ioctl"
+    monkeypatch.chdir(tmp_path)                                   # and elsewhere: none, and it says so
+    assert fuzz.corpus_dirs("ioctl") == []
+    out = io.StringIO()
+    fuzz.random_engine("ioctl", runs=1, seed=1, extra_dirs=[], max_len=64, crash_dir=tmp_path, seconds=None, out=out)
+    assert "no seed corpus" in out.getvalue()
+
+
 @pytest.mark.parametrize("target", sorted(fuzz.TARGETS))
-def test_a_short_random_run_finds_nothing(target, tmp_path):
+def test_a_short_random_run_finds_nothing(target, tmp_path, checkout_corpus):
     out = io.StringIO()
     summary = fuzz.random_engine(target, runs=150, seed=7, extra_dirs=[], max_len=1024, crash_dir=tmp_path,
                                  seconds=None, out=out)
@@ -55,7 +73,7 @@ def test_a_short_random_run_finds_nothing(target, tmp_path):
     assert summary["crashes"] == 0, out.getvalue()
 
 
-def test_the_harness_reports_an_escaping_exception(monkeypatch, tmp_path):
+def test_the_harness_reports_an_escaping_exception(monkeypatch, tmp_path, checkout_corpus):
     """A harness that could not fail would prove nothing: an internal error
     planted in the kernel is found and its input saved."""
     from vfiosim.kernel.vfio.container import VfioContainer

@@ -906,9 +906,22 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
 REPO_FUZZ = Path(__file__).resolve().parents[2] / "fuzz"
 
 
+def fuzz_root() -> Path | None:
+    """The repository's fuzz/ directory: beside the source this module was
+    imported from, or else ./fuzz (an installed vfiosim run from a checkout,
+    as CI does after `pip install .`)."""
+    for root in (REPO_FUZZ, Path.cwd() / "fuzz"):
+        if (root / "corpus").is_dir():
+            return root
+    return None
+
+
 def corpus_dirs(target: str) -> list[Path]:
     """The seed corpus and the regression inputs kept in the repository."""
-    return [p for p in (REPO_FUZZ / "corpus" / target, REPO_FUZZ / "regressions" / target) if p.is_dir()]
+    root = fuzz_root()
+    if root is None:
+        return []
+    return [p for p in (root / "corpus" / target, root / "regressions" / target) if p.is_dir()]
 
 
 def load_corpus(dirs: Sequence[Path]) -> list[bytes]:
@@ -975,7 +988,11 @@ def save_crash(target: str, data: bytes, out_dir: Path) -> Path:
 def random_engine(target: str, runs: int, seed: int, extra_dirs: Sequence[Path], max_len: int,
                   crash_dir: Path, seconds: float | None, out: Any) -> dict[str, Any]:
     rng = random.Random(seed)
-    corpus = load_corpus(list(corpus_dirs(target)) + list(extra_dirs)) or [b""]
+    dirs = list(corpus_dirs(target)) + list(extra_dirs)
+    if not dirs:
+        print(f"vfiosim fuzz: {target}: no seed corpus (no fuzz/corpus/ beside the source or in the current "
+              f"directory, no --corpus): starting from empty inputs, which reach far less", file=out, flush=True)
+    corpus = load_corpus(dirs) or [b""]
     crashes: list[str] = []
     t0 = time.monotonic()
     n = 0
