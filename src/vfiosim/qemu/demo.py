@@ -17,7 +17,6 @@ and each hypercall cost.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import re
 import signal
@@ -140,20 +139,12 @@ def run_under_vfiosim(argv: list[str], trace: str, *, timeout: float = TIMEOUT,
                       stderr: IO[str] | None = None) -> tuple[int, "Any"]:
     """Run ``argv`` as ``vfiosim run --trace TRACE`` does, on the PowerNV machine,
     with a time limit.  Returns (exit status, machine)."""
-    from ..transport.daemon import Daemon
-    from ..transport.run import program_env
-    from ..transport.sysfs import FakeSysfs
+    from ..transport.run import private_daemon
 
     err = stderr or sys.stderr
     machine = demo_machine()
-    sysfs = FakeSysfs(machine)
-    sock_path = os.path.join(sysfs.root, "vfiosim.sock")
-    daemon = Daemon(machine, sock_path, trace=trace, sysfs=sysfs,
-                    log=lambda text: print(f"vfiosim: {text}", file=err, flush=True))
-    daemon._own_sysfs = True
     timed_out: list[bool] = []
-    try:
-        env = program_env(sock_path, sysfs.root)
+    with private_daemon(machine, trace, err) as (daemon, env):
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_raise_memlock)
         if on_start is not None:
@@ -180,8 +171,6 @@ def run_under_vfiosim(argv: list[str], trace: str, *, timeout: float = TIMEOUT,
         daemon.serve(until=done)
         rc = proc.wait()
         reader.join(5)
-    finally:
-        daemon.close()
     machine.qemu_output = out_lines          # type: ignore[attr-defined]
     machine.timed_out = bool(timed_out)      # type: ignore[attr-defined]
     return rc, machine

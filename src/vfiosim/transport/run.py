@@ -7,7 +7,8 @@ import signal
 import socket
 import subprocess
 import sys
-from typing import IO, TYPE_CHECKING, Sequence
+from contextlib import contextmanager
+from typing import IO, TYPE_CHECKING, Iterator, Sequence
 
 from . import protocol as P
 from .daemon import Daemon
@@ -87,11 +88,12 @@ def _exit_code(rc: int) -> int:
     return 128 - rc if rc < 0 else rc
 
 
-def run(machine: "Machine", argv: Sequence[str], *, trace: str | IO[str] | None = None,
-        stderr: IO[str] | None = None) -> int:
-    """Start a daemon for ``machine``, run ``argv`` under the shim, serve until it
-    and every process that holds simulated files have exited.  Returns its exit code."""
-    err = stderr or sys.stderr
+@contextmanager
+def private_daemon(machine: "Machine", trace: str | IO[str] | None,
+                   err: IO[str]) -> Iterator[tuple[Daemon, dict[str, str]]]:
+    """A daemon for ``machine`` with its own fake tree and socket, and the
+    environment a program needs to reach it.  The tree and socket go when the
+    block ends, or, through the reaper, when this process dies without ending it."""
     sysfs = FakeSysfs(machine)
     sock_path = os.path.join(sysfs.root, "vfiosim.sock")
     daemon = Daemon(machine, sock_path, trace=trace, sysfs=sysfs,
@@ -99,7 +101,18 @@ def run(machine: "Machine", argv: Sequence[str], *, trace: str | IO[str] | None 
     daemon._own_sysfs = True
     reaper = start_reaper([sysfs.root])
     try:
-        env = program_env(sock_path, sysfs.root)
+        yield daemon, program_env(sock_path, sysfs.root)
+    finally:
+        daemon.close()
+        os.close(reaper)
+
+
+def run(machine: "Machine", argv: Sequence[str], *, trace: str | IO[str] | None = None,
+        stderr: IO[str] | None = None) -> int:
+    """Start a daemon for ``machine``, run ``argv`` under the shim, serve until it
+    and every process that holds simulated files have exited.  Returns its exit code."""
+    err = stderr or sys.stderr
+    with private_daemon(machine, trace, err) as (daemon, env):
         try:
             proc = subprocess.Popen(list(argv), env=env)
         except OSError as exc:
@@ -114,9 +127,6 @@ def run(machine: "Machine", argv: Sequence[str], *, trace: str | IO[str] | None 
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
         rc = proc.wait()
-    finally:
-        daemon.close()
-        os.close(reaper)
     if machine.oopses:
         print(f"vfiosim: {len(machine.oopses)} internal error(s) during the run (a vfiosim bug):", file=err)
         for text in machine.oopses:
