@@ -202,6 +202,29 @@ def test_a_forked_child_cannot_use_its_parents_spapr_container():
     assert m.pinned_pages() == 16 and p.status()["VmLck"] > 0 and child.status()["VmLck"] == 0
 
 
+def test_after_exec_the_spapr_container_refuses_the_new_image():
+    """execve() gives the process a new mm; the container keeps the one it set
+    (mmgrab), so its ioctls are EPERM as for another process.  The old image's
+    pins and charges stay with the container until it is closed."""
+    m = vfiosim.Machine.default()
+    p = m.spawn()
+    c, g = setup_v1(p)
+    ro = p.open("/dev/vfio/vfio", os.O_RDWR | os.O_CLOEXEC)    # closed by exec
+    buf = p.mmap(MiB)
+    p.write_memory(buf, b"x" * MiB)
+    dma_map(p, c, buf, 0, 64 * KiB)
+    p.exec()
+    expect_errno(errno.EBADF, p.ioctl, ro, uapi.VFIO_GET_API_VERSION)
+    expect_errno(errno.EPERM, p.ioctl, c, uapi.VFIO_IOMMU_UNMAP_DMA,
+                 uapi.vfio_iommu_type1_dma_unmap(argsz=24, iova=0, size=64 * KiB))
+    assert p.ioctl(c, uapi.VFIO_CHECK_EXTENSION, uapi.VFIO_SPAPR_TCE_IOMMU) == 1
+    expect_errno(errno.EFAULT, p.read_memory, buf, 1)              # the old memory is gone
+    assert m.pinned_pages() == 16 and p.status()["VmLck"] == 0
+    p.close(c)
+    p.close(g)
+    assert m.pinned_pages() == 0 and not m.oopses
+
+
 def edu_dma(p, dev, src, dst, to_ram):
     """One edu transfer of 64 bytes (its buffer is at 0x40000 on the device side)."""
     enable_bus_master(p, dev)

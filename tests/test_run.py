@@ -587,3 +587,44 @@ int main(void)
     assert proc.returncode == -signal.SIGSEGV
     assert "unsupported instruction" in proc.stderr
     assert daemon.wait_idle()
+
+
+@pytest.mark.parametrize("daemon", ["pseries", "x86"], indirect=True)
+def test_exec_gives_a_new_address_space_that_old_mappings_cannot_reach(bins, daemon):
+    """execve(): the container (no O_CLOEXEC) stays open, the address space is
+    new.  sPAPR: the container keeps the old mm, so the new image's MAP_DMA is
+    EPERM (tce_iommu_ioctl: container->mm != current->mm); Type1 maps into the
+    new mm.  The old image's pinned pages stay mapped at IOVA 0: a device's DMA
+    there must not reach the new image's memory, even at the same address."""
+    m = daemon.machine
+    gid, bdfs = next((g, b) for g, b in m.iommu_groups().items() if f"/dev/vfio/{g}" in m.kernel.dev_nodes)
+    proc = daemon.popen([str(bins["probe"]), "execmap", str(gid)], stdin=subprocess.PIPE)
+    seen = {}
+    for line in proc.stdout:
+        seen.update(fields(line))
+        if "ready" in seen:
+            break
+    assert seen.get("ready") == "1", (seen, proc.stderr.read() if proc.poll() is not None else "")
+    spapr = m.platform != "x86"
+    assert int(seen["VmLck"]) > 0 and seen["exec_VmLck"] == "0"      # the new image has charged nothing
+    assert seen["exec_check_extension"] == ("1,0" if spapr else "0,0")
+    assert seen["exec_same_address"] == "1"
+    dev = m.device(bdfs[0])
+    with m._lock:
+        dev.config.data[4] |= 0x4                                      # bus master
+        if spapr:
+            assert seen["exec_map"] == "-1,1"                          # EPERM
+        else:
+            assert seen["exec_map"] == "0,0"
+            assert int(seen["exec_map_VmLck"]) == 1024                 # 1 MiB charged to the new mm
+            assert dev.bus_master.dma_read(1 << 20, 4) == b"\x22" * 4  # the new mapping reaches new memory
+        dev.bus_master.dma_write(0, b"\xee" * 4096)                    # through the old image's mapping
+        assert dev.bus_master.dma_read(0, 4096) == b"\xee" * 4096      # lands in the orphaned pages
+        assert any("exec()ed with 256 of its pages still pinned" in line for line in m.dmesg())
+    out, err = proc.communicate("go\n", timeout=30)
+    assert proc.returncode == 0, err
+    assert fields(out)["exec_buffer_untouched"] == "1"
+    assert daemon.wait_idle()
+    with m._lock:
+        assert m.pinned_pages() == 0
+    assert not m.oopses

@@ -27,7 +27,7 @@ from .kernel.iommu.iommu_group import IommuGroup
 from .kernel.iommu.spapr_tce import SpaprTceIommuDriver
 from .kernel.iommu.spapr_tce_seed import SeedSpaprTceIommuDriver
 from .kernel.kernel import KERNEL_PROFILES, Kernel, KernelProfile
-from .kernel.mm import PROT_READ, PROT_WRITE
+from .kernel.mm import MM, PROT_READ, PROT_WRITE
 from .kernel.pci.device import PciDevice
 from .kernel.pci.models import create_device, is_endpoint_model
 from .kernel.platform.base import Pe
@@ -497,6 +497,17 @@ class Process:
                 child.comm = name
             return Process(self.machine, child)
         return self._call("fork", do)
+
+    def exec(self, name: str | None = None) -> None:
+        """execve(2) of a new program in this process: a new, empty address
+        space; close-on-exec files are closed, the others stay open.  Memory
+        of the old image that a mapping still pins stays pinned; a sPAPR
+        container the old image used answers EPERM from now on."""
+        def do(t: Task) -> None:
+            self.machine.kernel.exec(t, MM(self.machine.kernel.phys))
+            if name is not None:
+                t.comm = name
+        self._call("exec", do)
 
     def exit(self) -> None:
         """do_exit(): unmap everything, close every fd in order; the release

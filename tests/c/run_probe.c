@@ -40,6 +40,7 @@ static long vm(const char *key)
 
 static int container, group;
 static int spapr;
+static void *dma_buf;             /* what setup() mapped at IOVA 0 */
 
 static void setup(int group_id, int enable_and_map)
 {
@@ -68,6 +69,7 @@ static void setup(int group_id, int enable_and_map)
     }
     void *buf = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     memset(buf, 1, 1 << 20);
+    dma_buf = buf;
     struct vfio_iommu_type1_dma_map map = {.argsz = sizeof map, .flags = 3, .vaddr = (uintptr_t)buf,
                                            .iova = 0, .size = 1 << 20};
     if (ioctl(container, VFIO_IOMMU_MAP_DMA, &map)) {
@@ -290,6 +292,45 @@ int main(int argc, char **argv)
         struct stat sb;
         result("exec_fstat_container", fstat(c, &sb));
         printf("container_is_chr=%d rdev=%u:%u\n", S_ISCHR(sb.st_mode), major(sb.st_rdev), minor(sb.st_rdev));
+        return 0;
+    }
+    if (!strcmp(cmd, "execmap")) {
+        /* A container with a mapping survives exec (no O_CLOEXEC); the new
+         * image has a new address space.  The old buffer is 1 MiB of 0x01 at
+         * IOVA 0. */
+        setup(gid, 1);
+        printf("VmLck=%ld\n", vm("VmLck"));
+        char fdarg[16], addr[32];
+        snprintf(fdarg, 16, "%d", container);
+        snprintf(addr, 32, "%lu", (unsigned long)(uintptr_t)dma_buf);
+        fflush(stdout);
+        execl(argv[0], argv[0], "afterexecmap", fdarg, addr, (char *)NULL);
+        return 99;
+    }
+    if (!strcmp(cmd, "afterexecmap")) {
+        int c = atoi(argv[2]);
+        void *old = (void *)(uintptr_t)strtoul(argv[3], NULL, 10);
+        printf("exec_VmLck=%ld\n", vm("VmLck"));
+        result("exec_check_extension", ioctl(c, VFIO_CHECK_EXTENSION, VFIO_SPAPR_TCE_IOMMU));
+        /* New memory where the old image's DMA buffer was: a device writing
+         * through the old mapping must not reach it. */
+        char *buf = mmap(old, 1 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+                         -1, 0);
+        printf("exec_same_address=%d\n", buf == old);
+        memset(buf, 0x22, 1 << 20);
+        struct vfio_iommu_type1_dma_map map = {.argsz = sizeof map, .flags = 3, .vaddr = (uintptr_t)buf,
+                                               .iova = 1 << 20, .size = 1 << 20};
+        result("exec_map", ioctl(c, VFIO_IOMMU_MAP_DMA, &map));
+        printf("exec_map_VmLck=%ld\n", vm("VmLck"));
+        printf("ready=1\n");
+        fflush(stdout);
+        char line[16];
+        if (!fgets(line, sizeof line, stdin))     /* the test DMAs meanwhile */
+            return 98;
+        int untouched = 1;
+        for (int i = 0; i < 1 << 20; i++)
+            untouched &= buf[i] == 0x22;
+        printf("exec_buffer_untouched=%d\n", untouched);
         return 0;
     }
     if (!strcmp(cmd, "rlimit")) {

@@ -105,17 +105,31 @@ class Kernel:
         task.mm.teardown()
         for fd in task.files.fds():
             task.files.remove(fd).put(task)
-        # The mm goes when nothing holds it: the task's reference is gone, a
-        # container (another process's, after a fork) may hold one (mmgrab).
-        from .iommu import prereg
-        prereg.mmdrop(task.mm, user=True)
-        if task.mm.locked_vm:
-            # Nothing holds the mm any more: it is freed with whatever is
-            # still charged to it (a leak upstream too, invisible from here on).
-            self.log.info(f"vfiosim: pid {task.pid} exited with {task.mm.locked_vm} pages still charged to "
-                          f"locked_vm; they go with its mm")
-            task.mm.locked_vm = 0
+        self._drop_mm(task, task.mm, "exited")
         del self.tasks[task.pid]
+
+    def _drop_mm(self, task: Task, mm: "MMLike", why: str) -> None:
+        """The task's own reference to ``mm`` is gone (exit, exec).  The mm goes
+        when nothing else holds it: a container that set it (mmgrab) may."""
+        from .iommu import prereg
+        prereg.mmdrop(mm, user=True)  # type: ignore[arg-type]
+        if mm.locked_vm:
+            # Nothing can reach the mm any more: it is freed with whatever is
+            # still charged to it (a leak upstream too, invisible from here on).
+            self.log.info(f"vfiosim: pid {task.pid} {why} with {mm.locked_vm} pages still charged to "
+                          f"locked_vm; they go with its mm")
+            mm.locked_vm = 0
+
+    def exec(self, task: Task, mm: "MMLike") -> None:
+        """execve(2): a new address space (exec_mmap), then the close-on-exec
+        files are closed.  The old mm is torn down as at exit; a container
+        that set it keeps it, so its ioctls from the new image fail with
+        EPERM (tce_iommu_ioctl: container->mm != current->mm), as on Linux."""
+        old, task.mm = task.mm, mm
+        old.teardown()
+        for fd in sorted(task.files.cloexec):
+            task.files.remove(fd).put(task)
+        self._drop_mm(task, old, "exec()ed")
 
     def attach(self, pid: int, comm: str, cred: Cred, mm: "MMLike", rlimit_memlock: tuple[int, int]) -> Task:
         """A task for an outside process (``vfiosim run``): its fd numbers are
@@ -132,11 +146,6 @@ class Kernel:
             child.files.install_at(fd, file.get(), cloexec=fd in parent.files.cloexec)
         self.tasks[child_pid] = child
         return child
-
-    def exec(self, task: Task) -> None:
-        """execve(2): close-on-exec files are closed."""
-        for fd in sorted(task.files.cloexec):
-            task.files.remove(fd).put(task)
 
     # -- files ----------------------------------------------------------------------------------
 

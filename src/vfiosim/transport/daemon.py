@@ -526,10 +526,14 @@ class Daemon:
 
     def _do_exec(self, st: TaskState, reconcile: bool) -> None:
         if not st.exec_done:
-            self.kernel.exec(st.task)
-            for handle, (file, _off) in list(st.mappings.items()):
+            # exec_mmap(): the old image's mappings (BARs included) go with its
+            # mm, before the close-on-exec files do.
+            for file, _off in st.mappings.values():
                 file.put(st.task)
             st.mappings.clear()
+            old = st.task.mm
+            self.kernel.exec(st.task, HostMM(st.pid, self.kernel.phys))
+            self._note_orphaned(st, old, "exec()ed")
             st.exec_done = True
             st.task.comm = _comm(st.pid)
         if reconcile:
@@ -587,7 +591,7 @@ class Daemon:
                     file.put(st.task)
                 st.mappings.clear()
                 self.kernel.exit(st.task)
-                self._free_mm(st.task)
+                self._note_orphaned(st, st.task.mm, "exited")
             except Exception as exc:
                 m._oops(f"exit of pid {st.pid}", exc)
             self._close_eventfds(st)
@@ -605,18 +609,15 @@ class Daemon:
             st.tracer.event(st.pid, "exit", why)
         self.exited.append(st.pid)
 
-    def _free_mm(self, task: "Task") -> None:
-        """The mm is freed once nothing holds it (mm_iommu_cleanup): preregistered
-        memory still registered is unpinned, unless a container that another
-        process still holds refers to this mm."""
-        from ..kernel.iommu import prereg
-        mm = task.mm
-        for other in self.kernel.tasks.values():
-            for _n, file in other.files.items():
-                data = getattr(getattr(file, "container", None), "iommu_data", None)
-                if getattr(data, "mm", None) is mm:
-                    return
-        prereg.release_all(mm)  # type: ignore[arg-type]
+    def _note_orphaned(self, st: TaskState, mm: "HostMM", why: str) -> None:
+        """Pages of an image that is gone and that DMA mappings still pin (in a
+        container the new image, or another process, still holds): say what a
+        device sees there."""
+        pages = mm.pinned_pages()
+        if pages:
+            self.kernel.log.warn(f"vfiosim: pid {st.pid} {why} with {pages} of its pages still pinned by DMA "
+                                 f"mappings: Linux keeps those pages; vfiosim can no longer read them, so a "
+                                 f"device reads zeros there and never reaches the pid's new memory")
 
     def _close_eventfds(self, st: TaskState) -> None:
         """Close our duplicates of the task's eventfds unless a device still signals one."""

@@ -49,6 +49,9 @@ class HostProcess:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
+        # Set when the image this stands for is gone (exit, exec): the pid
+        # may now name a new image, or another process.
+        self.gone = False
 
     def read(self, addr: int, n: int) -> bytes:
         """process_vm_readv(); EFAULT unless all ``n`` bytes were read."""
@@ -130,7 +133,7 @@ class HostMemoryObject:
     reach the process at the same offset."""
 
     __slots__ = ("phys_base", "length", "page_shift", "compound_shift", "pincount", "pins", "users",
-                 "pinnable", "host", "vaddr", "populated")
+                 "pinnable", "host", "vaddr", "populated", "orphan")
 
     def __init__(self, host: HostProcess, vaddr: int, length: int, page_shift: int) -> None:
         self.host = host
@@ -145,14 +148,38 @@ class HostMemoryObject:
         self.pins = 0
         self.users = 0
         self.pinnable = True
+        self.orphan: np.ndarray | None = None
+
+    def _orphaned(self) -> np.ndarray | None:
+        """Once the image is gone, pages a pin still holds are private memory:
+        Linux keeps the old pages, whose contents vfiosim can no longer read,
+        so they read as zeros -- and DMA never reaches the pid's new image or
+        a process that reuses the pid."""
+        if not self.host.gone:
+            return None
+        if self.orphan is None:
+            self.orphan = np.zeros(self.length, dtype=np.uint8)
+        return self.orphan
 
     def read_at(self, off: int, n: int) -> bytes:
+        mem = self._orphaned()
+        if mem is not None:
+            return mem[off:off + n].tobytes()
         return self.host.read(self.vaddr + off, n)
 
     def read_into(self, off: int, out: np.ndarray) -> None:
+        mem = self._orphaned()
+        if mem is not None:
+            out[:] = mem[off:off + out.size]
+            return
         out[:] = np.frombuffer(self.host.read(self.vaddr + off, out.size), dtype=np.uint8)
 
     def write_at(self, off: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
+        mem = self._orphaned()
+        if mem is not None:
+            src = data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
+            mem[off:off + src.size] = src
+            return
         # A device writes whatever the CPU mapping's protection is now (the
         # IOMMU already checked the TCE's permission), so write through
         # /proc/<pid>/mem, which does not honour PROT_WRITE.
@@ -260,7 +287,13 @@ class HostMM:
         return res
 
     def teardown(self) -> None:
+        """The image is gone (exit, exec): its pinned memory is orphaned."""
         self.dead = True
+        self.host.gone = True
+
+    def pinned_pages(self) -> int:
+        """Pins held on this image's memory."""
+        return sum(obj.pins for obj in self._objects.values())
 
     def mapped_bytes(self) -> int:
         return sum(e - s for s, e, *_ in self.host.maps())

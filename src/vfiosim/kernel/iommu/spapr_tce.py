@@ -199,7 +199,8 @@ class SpaprTceIommuDriver(VfioIommuDriver):
             return 0
         assert c is not None
         if c.mm is not None and c.mm is not current.mm:
-            raise fail(EPERM, "this container belongs to another process's address space")
+            raise fail(EPERM, "this container belongs to another address space (another process's, or this "
+                              "process's before exec())")
         handler = {
             uapi.VFIO_IOMMU_SPAPR_TCE_GET_INFO: self._get_info,
             uapi.VFIO_IOMMU_MAP_DMA: self._map_dma,
