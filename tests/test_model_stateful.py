@@ -48,6 +48,9 @@ class VfioModel(RuleBasedStateMachine):
         super().__init__()
         self.m = vfiosim.Machine.preset("powernv")
         self.procs: list[dict] = []
+        # Physical memory of each address space (an mm outlives its image's
+        # exec while a container holds it): for the owner invariant.
+        self.mem_of: dict = {}
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -75,13 +78,14 @@ class VfioModel(RuleBasedStateMachine):
         p = self.m.spawn(uid=uid, rlimit_memlock=(limit, limit))
         buf = p.mmap(16 * MiB)
         p.write_memory(buf, b"\x5a" * 16 * MiB)
-        pr = {"p": p, "buf": buf, "fds": [], "maps": [], "objs": set()}
+        pr = {"p": p, "buf": buf, "fds": [], "maps": []}
         self.procs.append(pr)
         self.note_memory(pr)
 
     def note_memory(self, pr: dict) -> None:
         """The physical memory this process's mappings use: its own, for the owner invariant."""
-        pr["objs"].update(v.obj.phys_base for v in pr["p"].mm.vmas() if v.kind == "anon")
+        mm = pr["p"].mm
+        self.mem_of.setdefault(mm, set()).update(v.obj.phys_base for v in mm.vmas() if v.kind == "anon")
 
     @precondition(lambda self: sum(p["p"].alive for p in self.procs) < 4)
     @rule(i=st.integers(0, 2))
@@ -92,10 +96,24 @@ class VfioModel(RuleBasedStateMachine):
             return
         child = pr["p"].fork()
         event("forked")
-        c = {"p": child, "buf": pr["buf"], "fds": list(pr["fds"]), "maps": list(pr["maps"]), "objs": set(),
+        c = {"p": child, "buf": pr["buf"], "fds": list(pr["fds"]), "maps": list(pr["maps"]),
              "containers": list(pr.get("containers", []))}
         self.procs.append(c)
         self.note_memory(c)
+
+    @rule(i=st.integers(0, 2))
+    def exec(self, i):
+        """execve(): a new address space; the files stay open (none is O_CLOEXEC),
+        a sPAPR container keeps the old mm and refuses the new image (EPERM)."""
+        pr = self.proc(i)
+        if not pr:
+            return
+        pr["p"].exec()
+        event("exec")
+        pr["buf"] = pr["p"].mmap(16 * MiB)
+        pr["p"].write_memory(pr["buf"], b"\x5b" * 16 * MiB)
+        pr["maps"] = []
+        self.note_memory(pr)
 
     @rule(i=st.integers(0, 2), size=st.sampled_from([64 << 10, 1 * MiB, 4 * MiB]), touch=st.booleans())
     def mmap(self, i, size, touch):
@@ -341,8 +359,11 @@ class VfioModel(RuleBasedStateMachine):
         for c in self.containers():
             if not c.v2:
                 expected += sum(t.mapped_count() for t in c.tables if t is not None)
-        for pr in self.procs:
-            expected += sum(mem.entries for mem in prereg.regions(pr["p"].mm))
+        # Regions of every address space: the processes' own, and the old ones
+        # containers keep after an exec.
+        mms = {id(mm): mm for mm in [pr["p"].mm for pr in self.procs] + [c.mm for c in self.containers() if c.mm]}
+        for mm in mms.values():
+            expected += sum(mem.entries for mem in prereg.regions(mm))
         # TCEs shared by windows of two PEs are counted once per table.
         assert self.m.pinned_pages() == expected
 
@@ -370,7 +391,7 @@ class VfioModel(RuleBasedStateMachine):
         for c in self.containers():
             if c.mm is None:
                 continue
-            owner = next(pr for pr in self.procs if pr["p"].mm is c.mm)
+            owned = self.mem_of[c.mm]
             hpas = []
             for t in c.tables:
                 if t is not None:
@@ -380,7 +401,7 @@ class VfioModel(RuleBasedStateMachine):
                 hpas += [int(h) for h in mem.hpas[:64]]
             for hpa in hpas:
                 obj, _ = phys.lookup(hpa)
-                assert obj.phys_base in owner["objs"], f"{hpa:#x} is not memory of pid {owner['p'].pid}"
+                assert obj.phys_base in owned, f"{hpa:#x} is not memory of the container's address space"
 
     @invariant()
     def groups_belong_to_one_container(self):

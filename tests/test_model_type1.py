@@ -44,9 +44,11 @@ class Type1Model(RuleBasedStateMachine):
         super().__init__()
         self.m = vfiosim.Machine.preset("x86")
         self.procs: list[dict] = []
-        # container (VfioContainer) -> {"v2": bool, "maps": {iova: (size, owner pid)}}
+        # container (VfioContainer) -> {"v2": bool, "maps": {iova: (size, owner mm)}}: the
+        # address space that mapped it (a process's, or its image's before an exec)
         self.model: dict[int, dict] = {}
         self.conts: dict[int, object] = {}
+        self.mem_of: dict = {}            # mm -> physical memory of its mappings
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -62,7 +64,8 @@ class Type1Model(RuleBasedStateMachine):
         return live[i % len(live)] if live else None
 
     def note_memory(self, pr):
-        pr["objs"].update(v.obj.phys_base for v in pr["p"].mm.vmas() if v.kind == "anon")
+        mm = pr["p"].mm
+        self.mem_of.setdefault(mm, set()).update(v.obj.phys_base for v in mm.vmas() if v.kind == "anon")
 
     def container_of(self, pr, fd):
         try:
@@ -96,7 +99,7 @@ class Type1Model(RuleBasedStateMachine):
         p = self.m.spawn(uid=uid, rlimit_memlock=(limit, limit))
         buf = p.mmap(BUF)
         p.write_memory(buf, b"\x5a" * BUF)
-        pr = {"p": p, "buf": buf, "fds": [], "maps": [], "objs": set(), "containers": []}
+        pr = {"p": p, "buf": buf, "fds": [], "maps": [], "containers": []}
         self.procs.append(pr)
         self.note_memory(pr)
 
@@ -106,7 +109,7 @@ class Type1Model(RuleBasedStateMachine):
         pr = self.proc(i)
         if pr:
             child = pr["p"].fork()
-            c = {"p": child, "buf": pr["buf"], "fds": list(pr["fds"]), "maps": list(pr["maps"]), "objs": set(),
+            c = {"p": child, "buf": pr["buf"], "fds": list(pr["fds"]), "maps": list(pr["maps"]),
                  "containers": list(pr["containers"])}
             self.procs.append(c)
             self.note_memory(c)
@@ -118,6 +121,19 @@ class Type1Model(RuleBasedStateMachine):
             pid = pr["p"].pid
             pr["p"].exit()
             assert pid not in self.m.processes()
+
+    @rule(i=st.integers(0, 3))
+    def exec(self, i):
+        """execve(): a new address space; the files stay open.  Type1 maps the
+        new image's memory; the old image's mappings stay, charged to its mm."""
+        pr = self.proc(i)
+        if pr:
+            pr["p"].exec()
+            event("exec")
+            pr["buf"] = pr["p"].mmap(BUF)
+            pr["p"].write_memory(pr["buf"], b"\x5b" * BUF)
+            pr["maps"] = []
+            self.note_memory(pr)
 
     @rule(i=st.integers(0, 3), limit=st.sampled_from([0, 64 * KiB, 1 * MiB, 8 * MiB]), drop=st.booleans())
     def creds(self, i, limit, drop):
@@ -226,7 +242,7 @@ class Type1Model(RuleBasedStateMachine):
             assert entry is not None and entry["iommu"] is cont.iommu_data
             for old, (osize, _) in entry["maps"].items():
                 assert old + osize <= iova or iova + pages * PAGE <= old, "MAP_DMA over an existing mapping"
-            entry["maps"][iova] = (pages * PAGE, pr["p"].pid)
+            entry["maps"][iova] = (pages * PAGE, pr["p"].mm)
             event("mapped" if pr["p"].pid == self.procs[0]["p"].pid else "mapped by another process")
 
     @precondition(has_containers)
@@ -305,13 +321,12 @@ class Type1Model(RuleBasedStateMachine):
     @invariant()
     def every_extent_is_pinned_memory_of_the_mapping_process(self):
         phys = self.m.kernel.phys
-        by_pid = {pr["p"].pid: pr for pr in self.procs}
         for cont, entry in self.live_model():
             for d in cont.iommu_data.domain_list:
                 for iova, length, hpa, _prot in d.domain.extents():
-                    owner = next(pid for a, (sz, pid) in entry["maps"].items() if a <= iova < a + sz)
+                    owner = next(mm for a, (sz, mm) in entry["maps"].items() if a <= iova < a + sz)
                     obj, off = phys.lookup(hpa)
-                    assert obj.phys_base in by_pid[owner]["objs"], f"{iova:#x} maps another process's memory"
+                    assert obj.phys_base in self.mem_of[owner], f"{iova:#x} maps another address space's memory"
                     first = off >> obj.page_shift
                     assert (obj.pincount[first:first + (length >> 12)] > 0).all()
 
@@ -327,7 +342,7 @@ class Type1Model(RuleBasedStateMachine):
             p = pr["p"]
             if not p.alive:
                 continue
-            mapped = sum(sz for _, e in live for sz, pid in e["maps"].values() if pid == p.pid) // PAGE
+            mapped = sum(sz for _, e in live for sz, mm in e["maps"].values() if mm is p.mm) // PAGE
             mlocked = p.mm.locked_bytes() // PAGE
             assert p.mm.locked_vm == mapped + mlocked, (p.pid, p.mm.locked_vm, mapped, mlocked)
             assert p.status()["VmLck"] == (mapped + mlocked) * 4
