@@ -25,45 +25,27 @@ tests/test_model_type1.py does the same for Type1 on the x86 machine.
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 
 import numpy as np
 from hypothesis import event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import initialize, invariant, precondition, rule
 
 import vfiosim
+from modelbase import ProcessModel
 from vfiosim import uapi
 from vfiosim.kernel.iommu import prereg
-from vfiosim.kernel.iommu.spapr_tce import SpaprTceIommuDriver, TceContainer
+from vfiosim.kernel.iommu.spapr_tce import TceContainer
 from vfiosim.kernel.iommu.tce import TCE_PERM_MASK
 
 MiB = 1 << 20
-ERRNOS = set(errno.errorcode) - {errno.EIO}
 
 
-class VfioModel(RuleBasedStateMachine):
+class VfioModel(ProcessModel):
     def __init__(self) -> None:
         super().__init__()
         self.m = vfiosim.Machine.preset("powernv")
-        self.procs: list[dict] = []
-        # Physical memory of each address space (an mm outlives its image's
-        # exec while a container holds it): for the owner invariant.
-        self.mem_of: dict = {}
-
-    # -- helpers ----------------------------------------------------------------------------------
-
-    def call(self, fn, *args):
-        try:
-            return fn(*args)
-        except OSError as exc:
-            assert exc.errno in ERRNOS, f"unexpected errno {exc.errno}: {exc}"
-            return None
-
-    def proc(self, i: int) -> dict | None:
-        live = [p for p in self.procs if p["p"].alive]
-        return live[i % len(live)] if live else None
 
     # -- rules ----------------------------------------------------------------------------------------
 
@@ -82,10 +64,6 @@ class VfioModel(RuleBasedStateMachine):
         self.procs.append(pr)
         self.note_memory(pr)
 
-    def note_memory(self, pr: dict) -> None:
-        """The physical memory this process's mappings use: its own, for the owner invariant."""
-        mm = pr["p"].mm
-        self.mem_of.setdefault(mm, set()).update(v.obj.phys_base for v in mm.vmas() if v.kind == "anon")
 
     @precondition(lambda self: sum(p["p"].alive for p in self.procs) < 4)
     @rule(i=st.integers(0, 2))
@@ -105,15 +83,7 @@ class VfioModel(RuleBasedStateMachine):
     def exec(self, i):
         """execve(): a new address space; the files stay open (none is O_CLOEXEC),
         a sPAPR container keeps the old mm and refuses the new image (EPERM)."""
-        pr = self.proc(i)
-        if not pr:
-            return
-        pr["p"].exec()
-        event("exec")
-        pr["buf"] = pr["p"].mmap(16 * MiB)
-        pr["p"].write_memory(pr["buf"], b"\x5b" * 16 * MiB)
-        pr["maps"] = []
-        self.note_memory(pr)
+        self.exec_process(i)
 
     @rule(i=st.integers(0, 2), size=st.sampled_from([64 << 10, 1 * MiB, 4 * MiB]), touch=st.booleans())
     def mmap(self, i, size, touch):

@@ -21,51 +21,33 @@ that starts inside the range), and after every step the machine must agree:
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import resource
 
 from hypothesis import event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import initialize, invariant, precondition, rule
 
 import vfiosim
+from modelbase import ProcessModel
 from vfiosim import uapi
 
 KiB, MiB = 1 << 10, 1 << 20
 PAGE = 4096
 BUF = 4 * MiB
 IOVAS = [0x100000 * k for k in range(1, 9)] + [0x100000 + PAGE, 0xFEE00000, 1 << 38]
-ERRNOS = set(errno.errorcode) - {errno.EIO}
 
 
-class Type1Model(RuleBasedStateMachine):
+class Type1Model(ProcessModel):
+    BUF = BUF
+
     def __init__(self) -> None:
         super().__init__()
         self.m = vfiosim.Machine.preset("x86")
-        self.procs: list[dict] = []
         # container (VfioContainer) -> {"v2": bool, "maps": {iova: (size, owner mm)}}: the
         # address space that mapped it (a process's, or its image's before an exec)
         self.model: dict[int, dict] = {}
         self.conts: dict[int, object] = {}
-        self.mem_of: dict = {}            # mm -> physical memory of its mappings
-
-    # -- helpers -------------------------------------------------------------------------------
-
-    def call(self, fn, *args):
-        try:
-            return fn(*args)
-        except OSError as exc:
-            assert exc.errno in ERRNOS, f"unexpected errno {exc.errno}: {exc}"
-            return None
-
-    def proc(self, i):
-        live = [p for p in self.procs if p["p"].alive]
-        return live[i % len(live)] if live else None
-
-    def note_memory(self, pr):
-        mm = pr["p"].mm
-        self.mem_of.setdefault(mm, set()).update(v.obj.phys_base for v in mm.vmas() if v.kind == "anon")
 
     def container_of(self, pr, fd):
         try:
@@ -126,14 +108,7 @@ class Type1Model(RuleBasedStateMachine):
     def exec(self, i):
         """execve(): a new address space; the files stay open.  Type1 maps the
         new image's memory; the old image's mappings stay, charged to its mm."""
-        pr = self.proc(i)
-        if pr:
-            pr["p"].exec()
-            event("exec")
-            pr["buf"] = pr["p"].mmap(BUF)
-            pr["p"].write_memory(pr["buf"], b"\x5b" * BUF)
-            pr["maps"] = []
-            self.note_memory(pr)
+        self.exec_process(i)
 
     @rule(i=st.integers(0, 3), limit=st.sampled_from([0, 64 * KiB, 1 * MiB, 8 * MiB]), drop=st.booleans())
     def creds(self, i, limit, drop):
