@@ -2,7 +2,8 @@
 
 ``snapshot(m)`` collects, from the simulated machine's own structures: every
 TCE (PowerNV tables programmed in the PEs and owned by containers, the
-pseries hypervisor's tables) and every userspace-address cache entry; VT-d
+pseries hypervisor's tables, with the pseries guest kernel's window state)
+and every userspace-address cache entry; VT-d
 domain extents; every page pin; each process's locked_vm and preregistered
 regions (with their use and mapping counts); each group's container and the
 IOMMU driver's view of it.  Two snapshots are equal when nothing a program
@@ -40,8 +41,15 @@ def snapshot(m) -> dict[str, Any]:
         if hasattr(pe, "tve"):
             pes[pe.name] = ("pnv", pe.bypass, tuple(None if t is None else _table(t) for t in pe.tve))
         elif hasattr(pe, "hv"):
+            tg = pe.table_group
+            # (a disabled window keeps its old geometry, which nothing can see)
             pes[pe.name] = ("hv", tuple((t.liobn, t.enabled, t.bus_offset, t.page_shift, t.nb_table,
-                                         _entries(t.entries, t.nb_table)) for t in pe.hv.tables))
+                                         _entries(t.entries, t.nb_table)) if t.enabled else (t.liobn, False)
+                                        for t in pe.hv.tables),
+                            # the guest kernel's tables (with their userspace views), its
+                            # device-tree windows, and whether the PE is on failed_ddw_pdn_list
+                            tuple(None if t is None else _table(t) for t in tg.tables),
+                            tg.default_window_prop, tg.ddw, tg.ddw_failed)
     out["pes"] = pes
     out["vtd"] = [[(d.kind, tuple(d.extents())) for d in unit.domains] for unit in m.iommu_units]
     pins = []

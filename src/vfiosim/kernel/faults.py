@@ -12,17 +12,27 @@ the caller, the function where upstream makes the call:
 ================  =====================================================================
 kind              what fails, and what the caller sees
 ================  =====================================================================
-pin_user_pages    One page of a pin_user_pages*() call cannot be faulted in (as a
-                  failed page allocation in handle_mm_fault: VM_FAULT_OOM).  The call
-                  returns the pages before it (fewer than asked), or -ENOMEM if it is
-                  the call's first page.  One event per page.
+pin_user_pages    One page of a pin_user_pages*() / get_user_pages*() call cannot be
+                  faulted in (as a failed page allocation in handle_mm_fault:
+                  VM_FAULT_OOM).  The call returns the pages before it (fewer than
+                  asked), or -ENOMEM if it is the call's first page.  One event per
+                  page.
 account_locked_vm account_locked_vm() / __account_locked_vm() fails with -ENOMEM, as if
-                  RLIMIT_MEMLOCK were exceeded.
+                  RLIMIT_MEMLOCK were exceeded (the 3.10 seed: its open-coded check).
 kmalloc           kzalloc() / kmalloc() / vzalloc() of a kernel structure returns NULL.
-alloc_pages       alloc_pages_node() of a TCE table level returns NULL (PowerNV).
+alloc_pages       A page of an IOMMU table cannot be allocated: alloc_pages_node() of a
+                  TCE table level (PowerNV), the top page directory of a VT-d domain.
 iommu_map         iommu_map() cannot allocate an IO page-table page: -ENOMEM (VT-d).
 opal              An OPAL call programming the PHB fails with OPAL_HARDWARE (-6),
                   which the PowerNV code passes up as the errno (ENXIO).
+hcall             A pseries hcall (H_GET_TCE/H_PUT_TCE, H_STUFF_TCE) fails with
+                  H_HARDWARE (-1).  Where the guest kernel returns the status
+                  (tce_exchange_pseries) userspace sees it as an errno, EPERM; where it
+                  only prints it (tce_freemulti_pSeriesLP) nothing fails.
+rtas              A pseries RTAS call returns -1 (hardware error).  What the caller
+                  sees is the caller's choice: spapr_tce_create_table() returns
+                  ibm,query-pe-dma-window's status as the errno (EPERM) but ENODEV
+                  for ibm,create-pe-dma-window; a failed reset is only logged.
 ================  =====================================================================
 
 ``SITES`` lists every site the kernel consults.  Use it from Python::
@@ -41,14 +51,16 @@ from __future__ import annotations
 from collections import Counter
 from typing import Callable, Iterable
 
-KINDS = ("pin_user_pages", "account_locked_vm", "kmalloc", "alloc_pages", "iommu_map", "opal")
+KINDS = ("pin_user_pages", "account_locked_vm", "kmalloc", "alloc_pages", "iommu_map", "opal", "hcall", "rtas")
 
 # Every site consulted somewhere in the kernel, with the upstream call it stands for.
 SITES: dict[str, str] = {
     # sPAPR TCE (drivers/vfio/vfio_iommu_spapr_tce.c) and preregistration (iommu_api.c)
+    # (the 3.10 seed's tce_iommu_open and tce_iommu_enable make the same calls)
     "kmalloc:tce_iommu_open": "kzalloc(struct tce_container) in VFIO_SET_IOMMU",
     "kmalloc:tce_iommu_attach_group": "kzalloc(struct tce_iommu_group) when a group joins",
-    "account_locked_vm:tce_iommu_enable": "VFIO_IOMMU_ENABLE charges the 32-bit window",
+    "account_locked_vm:tce_iommu_enable": "VFIO_IOMMU_ENABLE charges the 32-bit window (3.10 seed: its "
+                                          "open-coded RLIMIT_MEMLOCK check)",
     "account_locked_vm:tce_iommu_create_table": "a new TCE table is charged before it is built",
     "pin_user_pages:tce_iommu_use_page": "v1 MAP_DMA pins each page with pin_user_pages_fast(1)",
     "kmalloc:tce_iommu_register_pages": "kzalloc(struct tce_iommu_prereg) after mm_iommu_new()",
@@ -56,6 +68,8 @@ SITES: dict[str, str] = {
     "kmalloc:mm_iommu_do_alloc": "kzalloc(struct mm_iommu_table_group_mem_t)",
     "kmalloc:mm_iommu_do_alloc.hpas": "vzalloc() of the region's page array",
     "pin_user_pages:mm_iommu_do_alloc": "pin_user_pages(FOLL_WRITE | FOLL_LONGTERM) of the region",
+    # The 3.10 seed (kernel="3.10"): arch/powerpc/kernel/iommu.c of 3.10
+    "pin_user_pages:iommu_put_tce_user_mode": "v1 MAP_DMA pins its one page with get_user_pages_fast(1)",
     # PowerNV (arch/powerpc/platforms/powernv/pci-ioda.c, pci-ioda-tce.c)
     "kmalloc:pnv_pci_table_alloc": "kzalloc_node(struct iommu_table)",
     "alloc_pages:pnv_pci_ioda2_table_alloc_pages": "the first level of a new TCE table",
@@ -63,9 +77,25 @@ SITES: dict[str, str] = {
     "alloc_pages:pnv_tce": "an indirect TCE level allocated on first use (multi-level tables)",
     "alloc_pages:pnv_tce.uas": "the same level of the userspace copy (v2 MAP_DMA)",
     "opal:opal_pci_map_pe_dma_window": "programming a TVE in pnv_pci_ioda2_set_window()",
+    # pseries (arch/powerpc/platforms/pseries/iommu.c): spapr_tce_create_table() and the
+    # TCE hcalls of VFIO's tables
+    "kmalloc:iommu_pseries_alloc_table": "kzalloc_node(struct iommu_table) of a new window",
+    "rtas:query_ddw": "ibm,query-pe-dma-window before a dynamic window is created",
+    "rtas:create_ddw": "ibm,create-pe-dma-window",
+    "kmalloc:ddw_property_create": "the new window's device-tree property (3 allocations)",
+    "kmalloc:ddw_list_new_entry": "kzalloc(struct dma_win) for dma_win_list",
+    "rtas:reset_dma_window": "ibm,reset-pe-dma-windows, restoring the default window",
+    "kmalloc:copy_property": "\"ibm,dma-window\" copied back from its saved copy (3 allocations)",
+    "kmalloc:iommu_init_table": "vzalloc_node() of the table's allocation bitmap",
+    "hcall:tce_freemulti_pSeriesLP": "H_STUFF_TCE clearing a new table, 512 entries a call",
+    "kmalloc:pseries_tce_iommu_userspace_view_alloc": "vzalloc() of the table's userspace-address view",
+    "hcall:tce_exchange_pseries": "H_GET_TCE + H_PUT_TCE of one entry in MAP_DMA (v1 and v2)",
     # Type1 (drivers/vfio/vfio_iommu_type1.c) on VT-d
     "kmalloc:vfio_iommu_type1_open": "kzalloc(struct vfio_iommu) in VFIO_SET_IOMMU",
     "kmalloc:vfio_iommu_type1_attach_group": "kzalloc(struct vfio_iommu_group) when a group joins",
+    "kmalloc:vfio_iommu_type1_attach_group.domain": "kzalloc(struct vfio_domain) for the group's new domain",
+    "kmalloc:alloc_domain": "kzalloc(struct dmar_domain): iommu_paging_domain_alloc() on VT-d",
+    "alloc_pages:md_domain_init": "the new VT-d domain's top page directory (pgd)",
     "kmalloc:vfio_dma_do_map": "kzalloc(struct vfio_dma) in MAP_DMA",
     "pin_user_pages:vaddr_get_pfns": "pin_user_pages_remote(FOLL_LONGTERM) of a batch",
     "account_locked_vm:vfio_lock_acct": "MAP_DMA charges a contiguous run of pinned pages",
@@ -74,6 +104,8 @@ SITES: dict[str, str] = {
 }
 
 OPAL_HARDWARE = -6
+H_HARDWARE = -1            # PAPR hcall status (arch/powerpc/include/asm/hvcall.h)
+RTAS_HARDWARE_ERROR = -1  # RTAS status word
 
 
 class FaultInjector:

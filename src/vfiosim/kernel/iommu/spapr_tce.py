@@ -24,6 +24,7 @@ import numpy as np
 
 from ...uapi import vfio as uapi
 from ..errors import KernelError, fail
+from ..faults import H_HARDWARE
 from ..mm import MM, account_locked_vm
 from ..progression import Progression, as_progression
 from ..uaccess import copy_struct_from_user, copy_struct_to_user
@@ -654,16 +655,13 @@ class SpaprTceIommuDriver(VfioIommuDriver):
                 values = res.hpas[:ok] | (tces[:ok] & sub_mask) | np.uint64(perm)
             xr = tbl.it_ops.xchg_range(tbl, entry + done, values)
             if xr.done < ok:
+                # tce_iommu_unuse_page(hpa): the failed entry's new page, and
+                # those this batch pinned past it, lose their pins.
                 mm.phys.unpin(values[xr.done:ok])
                 addr = vaddr + ((done + xr.done) << tbl.it_page_shift)
                 self.log.err(f"iommu_tce: tce_iommu_build failed ioba={entry << tbl.it_page_shift:#x}, "
                              f"tce={addr:#x}, ret={xr.rc}")
-                self.log.warn(f"vfiosim: the map ran past the end of the window (Linux checks only its first page); "
-                              f"the hypervisor's H_PARAMETER ({xr.rc}) becomes errno {-xr.rc} "
-                              f"({'EINTR' if xr.rc == -4 else 'unexpected'}) as on Linux 6.12 (docs/deviations.md)")
-                error = fail(-xr.rc, f"VFIO_IOMMU_MAP_DMA: the hypervisor refused TCE {entry + done + xr.done:#x} "
-                                     f"(H_PUT_TCE returned {xr.rc}); the range runs past the window end, which "
-                                     f"Linux 6.12 does not check, and passes the hcall status through as an errno")
+                error = self._hcall_error(tbl, entry + done + xr.done, xr.rc)
             self._unpin_old(mm, xr.old)
             done += xr.done
             if xr.done < n and error is None:
@@ -671,6 +669,23 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         if error is not None:
             self._clear(c, tbl, entry, done)
             raise error
+
+    def _hcall_error(self, tbl: IommuTable, entry: int, rc: int) -> KernelError:
+        """The hcall status tce_iommu_build(_v2) returns as its errno (pseries):
+        H_PARAMETER (-4) past the end of a window is EINTR; an injected
+        H_HARDWARE (-1) is EPERM (docs/deviations.md 2, 2b)."""
+        if rc == H_HARDWARE:
+            self.log.warn(f"vfiosim: H_PUT_TCE for bus address {entry << tbl.it_page_shift:#x} failed with "
+                          f"H_HARDWARE ({rc}); Linux 6.12 returns the hcall status as the errno: EPERM "
+                          f"(docs/deviations.md)")
+            return fail(-rc, f"VFIO_IOMMU_MAP_DMA: the hypervisor failed TCE {entry:#x} (H_HARDWARE, fault "
+                             f"injection); Linux passes the hcall status through as an errno")
+        self.log.warn(f"vfiosim: the map ran past the end of the window (Linux checks only its first page); "
+                      f"the hypervisor's H_PARAMETER ({rc}) becomes errno {-rc} "
+                      f"({'EINTR' if rc == -4 else 'unexpected'}) as on Linux 6.12 (docs/deviations.md)")
+        return fail(-rc, f"VFIO_IOMMU_MAP_DMA: the hypervisor refused TCE {entry:#x} "
+                         f"(H_PUT_TCE returned {rc}); the range runs past the window end, which "
+                         f"Linux 6.12 does not check, and passes the hcall status through as an errno")
 
     def _unpin_old(self, mm: MM, old: np.ndarray) -> None:
         """Entries a map replaced: their pages lose the pin the old TCE held."""
@@ -753,7 +768,19 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         shift = np.uint64(tbl.it_page_shift)
         done = 0
         error: KernelError | None = None
-        assert tbl.it_userspace is not None
+        if tbl.it_userspace is None:
+            # A pseries table whose userspace view could not be allocated
+            # (spapr_tce_create_table() ignores it): IOMMU_TABLE_USERSPACE_ENTRY()
+            # is NULL and the first entry that translates is written through it.
+            _, _, first_ok, _ = self._prereg_translate(c, tbl, vaddr, 0, 1)
+            if first_ok:
+                self.log.warn(f"vfiosim: tce_iommu_build_v2: the window {tbl.bus_start:#x}..{tbl.bus_end - 1:#x} "
+                              f"has no userspace view (its vzalloc failed and spapr_tce_create_table() ignored "
+                              f"that); Linux 6.12 exchanges the first TCE and then writes through the NULL "
+                              f"IOMMU_TABLE_USERSPACE_ENTRY() (*pua = tce): a kernel oops; refused with ENOMEM, "
+                              f"nothing changed (docs/deviations.md)")
+                raise fail(ENOMEM, "VFIO_IOMMU_MAP_DMA: the window has no userspace-address view (its allocation "
+                                   "failed when the window was created, fault injection); Linux oopses here")
         while done < npages and error is None:
             n = min(BATCH, npages - done)
             hpas, regions, ok, err = self._prereg_translate(c, tbl, vaddr, done, n)
@@ -776,16 +803,64 @@ class SpaprTceIommuDriver(VfioIommuDriver):
                 mem.mapped += count                      # mm_iommu_mapped_inc()
             xr = tbl.it_ops.xchg_range(tbl, entry + done, hpas | perm)
             if xr.done < ok:
-                raise AssertionError("a v2 TCE exchange inside the window failed")
+                if xr.rc != H_HARDWARE:
+                    raise AssertionError("a v2 TCE exchange inside the window failed")
+                error = self._hcall_failed_v2(c, tbl, entry, vaddr, done, xr.done, ok, xr.rc, regions)
+                ok = xr.done
             old_valid = xr.old_pos[(xr.old & np.uint64(TCE_PERM_MASK)) != 0]
             if old_valid.size:
                 self._unuse_pages_v2(c, tbl, entry + done + old_valid)
-            uas = Progression(vaddr + (done << int(shift)), 1 << int(shift), ok)
-            tbl.it_userspace.xchg_range(entry + done - tbl.it_offset, uas)
+            if ok:
+                assert tbl.it_userspace is not None
+                uas = Progression(vaddr + (done << int(shift)), 1 << int(shift), ok)
+                tbl.it_userspace.xchg_range(entry + done - tbl.it_offset, uas)
             done += ok
         if error is not None:
             self._clear(c, tbl, entry, done)
             raise error
+
+    def _hcall_failed_v2(self, c: TceContainer, tbl: IommuTable, first: int, vaddr: int, done: int, k: int, ok: int,
+                         rc: int, regions: list) -> KernelError:
+        """tce_iommu_build_v2() (a map from entry ``first`` and user address
+        ``vaddr``) when the exchange of entry ``first + done + k`` fails
+        (pseries: an hcall).  Upstream incremented that entry's region
+        (mm_iommu_mapped_inc) but not those of the entries after it, which
+        this batch counted already: they are taken back.  Its error path
+        calls tce_iommu_unuse_page_v2() for the failed entry, which finds the
+        region through the entry's userspace address:
+
+        * a fresh entry has none (0): the increment is never undone, so the
+          region keeps one mapping for good, as in 3d (reproduced);
+        * an entry that maps something already has the old address: Linux
+          drops a mapping of the *old* region and zeroes the address while the
+          TCE, which the failed hcall left in place, still maps the old page --
+          the old region can then be unregistered and unpinned under a live
+          TCE.  That part is refused: the entry keeps its address and its
+          region its count (the new region's extra mapping stays)."""
+        for mem, pos, count in regions:
+            lo, hi = max(pos, k + 1), min(pos + count, ok)
+            if hi > lo:
+                mem.mapped -= hi - lo
+        shift = tbl.it_page_shift
+        entry = first + done                     # this batch's first entry
+        bad_ua = vaddr + ((done + k) << shift)
+        self.log.err(f"iommu_tce: tce_iommu_build_v2 failed ioba={first << shift:#x}, tce={bad_ua:#x}, ret={rc}")
+        mem = next((m for m, pos, cnt in regions if pos <= k < pos + cnt), None)
+        assert tbl.it_userspace is not None
+        old_ua = tbl.it_userspace.get(entry + k - tbl.it_offset)
+        if mem is not None:
+            self.log.warn(f"vfiosim: tce_iommu_build_v2: the exchange for bus address {(entry + k) << shift:#x} "
+                          f"failed after mm_iommu_mapped_inc(); tce_iommu_unuse_page_v2() looks the region up "
+                          f"through the entry's userspace address ({old_ua:#x}), not the new one, so the "
+                          f"preregistered region {mem.ua:#x}+{mem.entries << self.page_shift:#x} keeps one mapping "
+                          f"for good: UNREGISTER_MEMORY will return 0 and leave it registered, pinned and charged "
+                          f"until the process exits, as on Linux 6.12 (docs/deviations.md)")
+        if old_ua:
+            self.log.warn(f"vfiosim: tce_iommu_build_v2: Linux 6.12 would also drop a mapping of the region of "
+                          f"{old_ua:#x} and forget that address while the TCE still maps its page (the region could "
+                          f"then be unpinned under a live TCE); not done here: the entry keeps its old mapping "
+                          f"(docs/deviations.md)")
+        return self._hcall_error(tbl, entry + k, rc)
 
     def _alloc_levels_v2(self, c: TceContainer, tbl: IommuTable, entry: int, ua: int, ok: int, err: int | None,
                          regions: list) -> int | None:
@@ -905,7 +980,8 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         if not parts:
             return
         if c.v2:
-            assert tbl.it_userspace is not None
+            if tbl.it_userspace is None:
+                return               # tce_iommu_unuse_page_v2(): no pua, nothing to drop
             lo = max(entry, tbl.it_offset) - tbl.it_offset
             hi = min(entry + pages, tbl.it_offset + tbl.it_size) - tbl.it_offset
             for uas in tbl.it_userspace.clear_range(lo, hi - lo):
@@ -916,7 +992,8 @@ class SpaprTceIommuDriver(VfioIommuDriver):
 
     def _unuse_pages_v2(self, c: TceContainer, tbl: IommuTable, entries: np.ndarray) -> None:
         """tce_iommu_unuse_page_v2() for some entries: drop what it_userspace says they used."""
-        assert tbl.it_userspace is not None
+        if tbl.it_userspace is None:
+            return
         uas = tbl.it_userspace.clear_indices(entries - tbl.it_offset)
         self._unuse_uas_v2(c, tbl, uas[uas != 0])
 

@@ -12,6 +12,13 @@ As in the seed (and unlike the merged 3.10 driver, which took the review's
 advice), detaching a group from an enabled container only logs an error and
 leaves the group attached; when it was the last group the core then
 releases the container, which disables it and detaches the group.
+
+Fault injection (kernel/faults.py) reaches the seed where it allocates or
+charges: the container's kzalloc in tce_iommu_open (ENOMEM), the
+RLIMIT_MEMLOCK check of tce_iommu_enable (ENOMEM, with its warning) and the
+get_user_pages_fast() of iommu_put_tce_user_mode (EFAULT).  Each error path
+of the seed undoes everything before it: the 3.10 PowerNV tce_build
+(pnv_tce_build) cannot fail, and nothing is charged per page.
 """
 
 from __future__ import annotations
@@ -56,9 +63,12 @@ class SeedSpaprTceIommuDriver(VfioIommuDriver):
     # -- ops ------------------------------------------------------------------------------
 
     def open(self, arg: int, current: "Task") -> SeedTceContainer:
+        """tce_iommu_open() of the seed"""
         if arg != uapi.VFIO_SPAPR_TCE_IOMMU:
             self.log.err("tce_vfio: Wrong IOMMU type")
             raise fail(EINVAL, f"IOMMU type {arg} is not VFIO_SPAPR_TCE_IOMMU (2)")
+        if self.kernel.faults.should_fail("kmalloc:tce_iommu_open"):
+            raise fail(ENOMEM, "kzalloc of the container failed (fault injection)")
         return SeedTceContainer()
 
     def release(self, c: SeedTceContainer, current: "Task") -> None:
@@ -148,16 +158,20 @@ class SeedSpaprTceIommuDriver(VfioIommuDriver):
         return 0
 
     def _enable(self, c: SeedTceContainer, current: "Task") -> int:
+        """tce_iommu_enable() of the seed: an open-coded RLIMIT_MEMLOCK check
+        (no account_locked_vm() in 2013); its only error path changes nothing."""
         tbl = self._table(c)
         if c.enabled:
             raise fail(EBUSY, "the container is already enabled")
         mm = current.mm
         npages = (tbl.it_size << IOMMU_PAGE_SHIFT) >> mm.page_shift
         limit = current.rlimit_memlock_soft()
-        if mm.locked_vm + npages > limit >> mm.page_shift and not current.capable(CAP_IPC_LOCK):
+        injected = self.kernel.faults.should_fail("account_locked_vm:tce_iommu_enable")
+        if injected or mm.locked_vm + npages > limit >> mm.page_shift and not current.capable(CAP_IPC_LOCK):
             self.log.warn(f"RLIMIT_MEMLOCK ({limit}) exceeded")
             raise fail(ENOMEM, f"VFIO_IOMMU_ENABLE must lock {npages << mm.page_shift:#x} bytes (the whole window); "
-                               f"RLIMIT_MEMLOCK is {limit:#x} bytes")
+                               + ("the charge failed (fault injection)" if injected
+                                  else f"RLIMIT_MEMLOCK is {limit:#x} bytes"))
         mm.locked_vm += npages
         c.enabled = True
         return 0
@@ -210,11 +224,19 @@ class SeedSpaprTceIommuDriver(VfioIommuDriver):
 
     def _put_tce_user_mode(self, c: SeedTceContainer, tbl: IommuTable, entry: int, tce: int,
                            current: "Task") -> None:
-        """iommu_put_tce_user_mode() + iommu_tce_build() of 3.10."""
+        """iommu_put_tce_user_mode() + iommu_tce_build() of 3.10.
+
+        get_user_pages_fast() of the one page: anything but 1 is -EFAULT, with
+        nothing to undo (the seed's pr_err there is commented out).  The 3.10
+        PowerNV tce_build (pnv_tce_build) cannot fail, so a pinned page is
+        only released again when the entry is busy."""
         mm = current.mm
         direction = perm_to_direction(tce)
         addr = tce & ~((1 << mm.page_shift) - 1)
         res = mm.pin_pages(np.array([addr], dtype=np.uint64), write=direction != DMA_TO_DEVICE)
+        if res.count == 1 and self.kernel.faults.should_fail("pin_user_pages:iommu_put_tce_user_mode"):
+            mm.phys.unpin(res.hpas)
+            raise fail(EFAULT, f"VFIO_IOMMU_MAP_DMA: cannot pin user page {addr:#x} (fault injection)")
         if res.count != 1:
             raise fail(EFAULT, f"VFIO_IOMMU_MAP_DMA: cannot pin user page {addr:#x}")
         hpa = int(res.hpas[0]) | (tce & IOMMU_PAGE_MASK & ((1 << mm.page_shift) - 1))

@@ -291,12 +291,18 @@ class Type1IommuDriver(VfioIommuDriver):
             raise fail(EINVAL, f"IOMMU group {group.id} is already attached to this container")
         if self.kernel.faults.should_fail("kmalloc:vfio_iommu_type1_attach_group"):
             raise fail(ENOMEM, "kzalloc of the vfio_iommu_group failed (fault injection)")
+        # The struct vfio_domain, then its IOMMU domain: every attach makes a
+        # new one first, and frees it below if an existing domain can be
+        # shared.  Either failing frees what was allocated (out_free_domain,
+        # out_free_group) and the attach returns the error.
+        if self.kernel.faults.should_fail("kmalloc:vfio_iommu_type1_attach_group.domain"):
+            raise fail(ENOMEM, "kzalloc of the vfio_domain failed (fault injection)")
         vtd = group.domains
         if vtd is None:
             # iommu_paging_domain_alloc() on a device behind no IOMMU.
             raise fail(ENODEV, f"IOMMU group {group.id} is behind no IOMMU that supports the IOMMU API")
         unit = vtd.unit
-        domain = unit.domain_alloc_paging()
+        domain = unit.domain_alloc_paging()     # ERR_PTR(-ENOMEM) is raised as ENOMEM
         try:
             if iommu.nesting:
                 # iommu_enable_nesting(): intel_iommu_ops has no enable_nesting op.

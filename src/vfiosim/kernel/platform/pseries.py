@@ -15,16 +15,41 @@ ibm,remove-pe-dma-window, ibm,reset-pe-dma-windows).  Two halves:
 
 There is no EEH on this machine (as in the reference traces): a DMA the
 IOMMU refuses fails without freezing anything.
+
+Fault injection (kernel/faults.py) reaches the guest kernel's calls to the
+hypervisor and its allocations on the way to a new window, each failing as
+spapr_tce_create_table() handles it (read from arch/powerpc/platforms/
+pseries/iommu.c as the 6.10 rework left it, "powerpc/iommu: Reimplement the
+iommu_table_group_ops for pSeries"; the stored copy read is a later one,
+with the 6.13 kmemleak fix's ``.free`` op, whose create path is the same):
+
+* a failed kzalloc of the iommu_table returns the -ENODEV that ``ret``
+  already holds, not -ENOMEM;
+* once ibm,query-pe-dma-window, ibm,create-pe-dma-window or an allocation
+  after it fails, the PE goes on ``failed_ddw_pdn_list`` (out_failed) and
+  every later create_table() for it is -ENODEV, also for the default
+  window; nothing takes a PE off that list (docs/deviations.md);
+* query_ddw()'s RTAS status is returned as the errno (-1: EPERM), while a
+  failed create is -ENODEV, after the RTAS remove of what was created;
+* a failed vzalloc of the bitmap in iommu_init_table(), a failed H_STUFF_TCE
+  clearing the new table, and a failed vzalloc of the userspace view are
+  ignored (the last makes a v2 MAP_DMA into the window oops: refused here,
+  docs/deviations.md), as is a failed RTAS reset;
+* copy_property() failing to restore "ibm,dma-window" makes
+  of_parse_dma_window() dereference NULL: refused here with ENOMEM;
+* in MAP_DMA, tce_exchange_pseries() returns the hcall status of a failed
+  H_GET_TCE/H_PUT_TCE (H_HARDWARE -1: EPERM).
 """
 
 from __future__ import annotations
 
-from errno import EINVAL, ENODEV, EPERM
-from typing import Callable
+from errno import EINVAL, ENODEV, ENOMEM, EPERM
+from typing import Any, Callable
 
 import numpy as np
 
 from ..errors import fail
+from ..faults import H_HARDWARE, RTAS_HARDWARE_ERROR
 from ..iommu.dma import DmaFault
 from ..iommu.table_group import TableGroup
 from ..iommu.tce import IOMMU_PAGE_SHIFT_4K, IommuTable, TceStorage, XchgResult, direction_to_perm
@@ -34,6 +59,7 @@ from .base import Pe, TceCache
 
 H_SUCCESS = 0
 H_PARAMETER = -4
+H_STUFF_TCE_MAX = 512          # entries per H_STUFF_TCE in tce_freemulti_pSeriesLP()
 
 SPAPR_DMA64_WIN_ADDR = 0x800000000000000      # QEMU's default 64-bit window address (1 << 59)
 
@@ -114,6 +140,26 @@ class SpaprPhb:
         pos, old = t.entries.xchg_range(rel0, tces[:done])
         return XchgResult(done, H_SUCCESS if done == n else H_PARAMETER, pos, old)
 
+    def accepts(self, liobn: int, first_index: int, n: int) -> int:
+        """How many of ``n`` consecutive entries from ``first_index`` H_PUT_TCE
+        would accept before its first H_PARAMETER."""
+        t = self.table(liobn)
+        if t is None or not t.enabled:
+            return 0
+        rel0 = first_index - (t.bus_offset >> t.page_shift)
+        return 0 if rel0 < 0 else max(0, min(n, t.nb_table - rel0))
+
+    def h_stuff_tce(self, liobn: int, first_index: int, n: int) -> int:
+        """H_STUFF_TCE with a zero TCE: clears ``n`` entries."""
+        t = self.table(liobn)
+        if t is None or not t.enabled:
+            return H_PARAMETER
+        rel0 = first_index - (t.bus_offset >> t.page_shift)
+        if rel0 < 0 or rel0 + n > t.nb_table:
+            return H_PARAMETER
+        t.entries.clear_range(rel0, n)
+        return H_SUCCESS
+
     def h_get_tce(self, liobn: int, ioba: int) -> tuple[int, int]:
         t = self.table(liobn)
         if t is None or not t.enabled:
@@ -170,8 +216,9 @@ class PseriesTableOps:
 
     overrun_corrupts = False        # the hypervisor answers H_PARAMETER instead
 
-    def __init__(self, hv: SpaprPhb) -> None:
+    def __init__(self, hv: SpaprPhb, faults: Any = None) -> None:
         self.hv = hv
+        self.faults = faults
 
     def _window(self, tbl: IommuTable) -> SpaprTceTable | None:
         t = self.hv.table(tbl.it_index)
@@ -213,7 +260,21 @@ class PseriesTableOps:
         return 0 if t is None else t.entries.count_used()
 
     def xchg_range(self, tbl: IommuTable, entry: int, tces: U64Values) -> XchgResult:
-        return self.hv.h_put_tce_range(tbl.it_index, entry, tces)
+        """tce_exchange_pseries() for each entry: H_GET_TCE then H_PUT_TCE.
+        An injected failure of either (hcall:tce_exchange_pseries) stops the
+        run at that entry, unchanged, with H_HARDWARE."""
+        n = len(tces)
+        if self.faults is None or not n:
+            return self.hv.h_put_tce_range(tbl.it_index, entry, tces)
+        # One event per entry tried: those the hypervisor accepts, and the
+        # one it would refuse with H_PARAMETER (the loop stops there).
+        tried = min(n, self.hv.accepts(tbl.it_index, entry, n) + 1)
+        ok = self.faults.take("hcall:tce_exchange_pseries", tried)
+        if ok == tried:
+            return self.hv.h_put_tce_range(tbl.it_index, entry, tces)
+        xr = self.hv.h_put_tce_range(tbl.it_index, entry, tces[:ok])
+        assert xr.rc == H_SUCCESS and xr.done == ok
+        return XchgResult(ok, H_HARDWARE, xr.old_pos, xr.old)
 
     def get(self, tbl: IommuTable, entry: int) -> int:
         rc, tce = self.hv.h_get_tce(tbl.it_index, entry << tbl.it_page_shift)
@@ -223,14 +284,18 @@ class PseriesTableOps:
 class PseriesTableGroup(TableGroup):
     """The guest kernel's view of one PE (a PHB here) and its DMA windows."""
 
-    def __init__(self, hv: SpaprPhb, log: Callable[[str], None]) -> None:
+    def __init__(self, hv: SpaprPhb, log: Callable[[str], None], faults: Any = None) -> None:
         windows_available = hv.query()[0]
         super().__init__(tce32_start=hv.dma32_start, tce32_size=hv.dma32_size,
                          pgsizes=(1 << IOMMU_PAGE_SHIFT_4K) | hv.pgsizes,
                          max_dynamic_windows_supported=2 if windows_available else 1, max_levels=1)
         self.hv = hv
-        self.ops = PseriesTableOps(hv)
+        self.ops = PseriesTableOps(hv, faults)
         self.log = log
+        self.faults = faults
+        # This PE's node is on failed_ddw_pdn_list: a window creation failed
+        # after the query, and spapr_tce_create_table() never tries again.
+        self.ddw_failed = False
         # Device tree state of the PE node: "ibm,dma-window" (the default
         # window) and the DMA64 property of a dynamic window.
         self.default_window_prop = True
@@ -241,9 +306,31 @@ class PseriesTableGroup(TableGroup):
         return IommuTable(it_offset=self.hv.dma32_start >> IOMMU_PAGE_SHIFT_4K, it_size=size >> IOMMU_PAGE_SHIFT_4K,
                           it_page_shift=IOMMU_PAGE_SHIFT_4K, ops=self.ops, index=self.hv.tables[0].liobn)
 
-    def _restore_default_window(self) -> None:
-        """restore_default_dma_window(): RTAS reset, then the saved property back."""
-        self.hv.reset_dma()
+    def _restore_default_window(self, faults: bool = False) -> None:
+        """restore_default_dma_window(): RTAS reset, then the saved property back.
+
+        With ``faults`` (the create_table() path): a failed reset is only
+        logged; copy_property() failing to allocate the property returns
+        quietly, and spapr_tce_create_table() then parses the missing
+        "ibm,dma-window" (of_parse_dma_window(NULL)): a kernel oops, refused
+        here with ENOMEM before anything changed."""
+        reset_failed = faults and self._fails("rtas:reset_dma_window")
+        if faults:
+            for _ in ("property", "name", "value"):
+                if self._fails("kmalloc:copy_property"):
+                    self.log('vfiosim: restore_default_dma_window: copy_property() could not allocate the '
+                             '"ibm,dma-window" property and returned quietly; spapr_tce_create_table() then passes '
+                             'the missing property to of_parse_dma_window(), which dereferences NULL: a kernel oops '
+                             'in Linux 6.12; refused with ENOMEM instead, as a failed create_table(), before the '
+                             'reset (docs/deviations.md)')
+                    raise fail(ENOMEM, 'the default window\'s "ibm,dma-window" property could not be restored '
+                                       '(fault injection); Linux oopses here')
+        if reset_failed:
+            # The hypervisor's windows stay as they are; the default one is
+            # normally still enabled (its RTAS remove is never made, 3c).
+            self.log(f"pci: ibm,reset-pe-dma-windows returned {RTAS_HARDWARE_ERROR}")
+        else:
+            self.hv.reset_dma()
         self.ddw = None
         self.default_window_prop = True
 
@@ -271,12 +358,23 @@ class PseriesTableGroup(TableGroup):
             return 0xFFFFFFFF
         return window_size >> (page_shift - 3)
 
+    def _fails(self, site: str) -> bool:
+        return self.faults is not None and self.faults.should_fail(site)
+
     def create_table(self, num: int, page_shift: int, window_size: int, levels: int) -> IommuTable:
         """spapr_tce_create_table()"""
         if not is_power_of_2(window_size) or levels > 1:
             raise fail(EINVAL, f"pseries windows need a power-of-two size and one level "
                                f"(got size {window_size:#x}, {levels} levels)")
         window_shift = (window_size - 1).bit_length()
+        # ret = -ENODEV from here on, until the query.
+        if self.ddw_failed:
+            self.log(f"pci: {self.node} in failed DDW device list")
+            raise fail(ENODEV, "an earlier dynamic DMA window creation failed for this PE, and Linux never "
+                               "tries again (failed_ddw_pdn_list)")
+        if self._fails("kmalloc:iommu_pseries_alloc_table"):
+            raise fail(ENODEV, "kzalloc_node of the iommu_table failed (fault injection); Linux returns the "
+                               "-ENODEV it had set before the allocation")
         if num == 0:
             default_request = window_size <= self.tce32_size and page_shift == IOMMU_PAGE_SHIFT_4K
             if not default_request:
@@ -288,24 +386,87 @@ class PseriesTableGroup(TableGroup):
                     self.log("pci: Attempt to create window#0 when 64-bit window is present. "
                              "Preventing the attempt as that would destroy the 64-bit window")
                     raise fail(EPERM, "window 0 cannot be restored while the 64-bit window exists")
-                self._restore_default_window()
+                self._restore_default_window(faults=True)
                 tbl = self._default_table(1 << window_shift)
+                self._init_table(tbl)
                 return self._finish(0, tbl, page_shift, window_size, levels)
+        self.log(f"spapr_tce_create_table: Calling query {self.node}")
+        if self._fails("rtas:query_ddw"):
+            self.log(f"pci: ibm,query-pe-dma-windows returned {RTAS_HARDWARE_ERROR}")
+            self._out_failed()
+            raise fail(-RTAS_HARDWARE_ERROR, f"ibm,query-pe-dma-window failed with RTAS status {RTAS_HARDWARE_ERROR} "
+                                             f"(fault injection), which Linux returns as the errno")
         windows_available, largest_block, _ = self.hv.query()
         if largest_block < 1 << (window_shift - page_shift):
             raise fail(EINVAL, f"the hypervisor cannot map {1 << window_shift:#x} bytes with "
                                f"{1 << page_shift:#x} pages (largest block {largest_block} pages)")
-        created = self.hv.create_window(page_shift, window_shift)
+        injected = self._fails("rtas:create_ddw")
+        created = None if injected else self.hv.create_window(page_shift, window_shift)
         if created is None:
-            raise fail(ENODEV, "ibm,create-pe-dma-window failed")
+            self.log(f"pci: ibm,create-pe-dma-window returned {RTAS_HARDWARE_ERROR}")
+            self.log(f"spapr_tce_create_table: Create ddw failed {self.node}")
+            self._out_failed()
+            raise fail(ENODEV, "ibm,create-pe-dma-window failed" + (" (fault injection)" if injected else ""))
         liobn, addr = created
+        # ddw_property_create(): the property, its name, its value; then
+        # of_add_property() and ddw_list_new_entry().  Each failure removes
+        # the window again (out_remove_win) and ends in out_failed.
+        for what in ("property", "name", "value"):
+            if self._fails("kmalloc:ddw_property_create"):
+                return self._undo_ddw(liobn, f"the DMA window {what} could not be allocated")
+        if self._fails("kmalloc:ddw_list_new_entry"):
+            return self._undo_ddw(liobn, "the dma_win list entry could not be allocated")
         self.ddw = (liobn, addr, page_shift, window_shift)
         tbl = IommuTable(it_offset=addr >> page_shift, it_size=1 << (window_shift - page_shift),
                          it_page_shift=page_shift, ops=self.ops, index=liobn)
+        self._init_table(tbl)
         return self._finish(num, tbl, page_shift, window_size, levels)
 
+    @property
+    def node(self) -> str:
+        return f"/pci@{0x800000020000000 + self.hv.index:x}"
+
+    def _out_failed(self) -> None:
+        """out_failed: the PE goes on failed_ddw_pdn_list, unless that
+        kzalloc fails too."""
+        if not self._fails("kmalloc:spapr_tce_create_table"):
+            self.ddw_failed = True
+
+    def _undo_ddw(self, liobn: int, why: str) -> IommuTable:
+        """remove_window: __remove_dma_window() (the RTAS remove), then out_failed."""
+        self.hv.remove_window(liobn)
+        self._out_failed()
+        raise fail(ENODEV, f"{why} (fault injection); the new window was removed again and this PE is now "
+                           f"on failed_ddw_pdn_list")
+
+    def _init_table(self, tbl: IommuTable) -> None:
+        """iommu_init_table(): the allocation bitmap, then iommu_table_clear()
+        -> tce_freemulti_pSeriesLP(): H_STUFF_TCE over the whole window, 512
+        entries a call, stopping at the first failure, which is only printed."""
+        if self._fails("kmalloc:iommu_init_table"):
+            self.log(f"iommu_init_table: Can't allocate {((tbl.it_size + 63) // 64) * 8} bytes")
+            return                   # ignored by spapr_tce_create_table()
+        done = 0
+        while done < tbl.it_size:
+            limit = min(H_STUFF_TCE_MAX, tbl.it_size - done)
+            rc = H_HARDWARE if self._fails("hcall:tce_freemulti_pSeriesLP") else \
+                self.hv.h_stuff_tce(tbl.it_index, tbl.it_offset + done, limit)
+            done += limit
+            if rc != H_SUCCESS:
+                self.log("tce_freemulti_pSeriesLP: plpar_tce_stuff failed")
+                self.log(f"\trc      = {rc}")
+                self.log(f"\tindex   = {tbl.it_index:#x}")
+                self.log(f"\tnpages  = {tbl.it_size:#x}")
+                break
+
     def _finish(self, num: int, tbl: IommuTable, page_shift: int, window_size: int, levels: int) -> IommuTable:
-        tbl.it_userspace = TceStorage(tbl.it_size)
+        """exit: pseries_tce_iommu_userspace_view_alloc(), whose -ENOMEM
+        spapr_tce_create_table() ignores: the table then has no userspace
+        view (a v2 MAP_DMA into it is refused, docs/deviations.md)."""
+        if self._fails("kmalloc:pseries_tce_iommu_userspace_view_alloc"):
+            tbl.it_userspace = None
+        else:
+            tbl.it_userspace = TceStorage(tbl.it_size)
         tbl.it_allocated_size = self.get_table_size(page_shift, window_size, levels)
         self.tables[num] = tbl
         return tbl.get()
@@ -360,7 +521,7 @@ class PseriesPe(Pe):
 
     def __init__(self, hv: SpaprPhb, phys: PhysicalMemory, log: Callable[[str], None]) -> None:
         name = f"PHB#{hv.index:x}"
-        super().__init__(name, PseriesTableGroup(hv, log), phys, log, eeh=None)
+        super().__init__(name, PseriesTableGroup(hv, log, phys.faults), phys, log, eeh=None)
         self.hv = hv
         self.tce_cache = TceCache()
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from errno import EBUSY, EFAULT, EINVAL
+from errno import EBUSY, EFAULT, EINVAL, ENOMEM
 from itertools import count
 from typing import TYPE_CHECKING, Callable
 
@@ -341,7 +341,19 @@ class IntelIommu:
         return ctx
 
     def domain_alloc_paging(self) -> VtdDomain:
-        """iommu_paging_domain_alloc() -> intel_iommu_domain_alloc_paging()."""
+        """iommu_paging_domain_alloc() -> __iommu_domain_alloc() ->
+        intel_iommu_domain_alloc(IOMMU_DOMAIN_UNMANAGED), as in Linux 6.12
+        (intel_iommu_domain_alloc_paging() replaced it in 6.13): alloc_domain()
+        kzallocs the dmar_domain, md_domain_init() allocates its top page
+        directory; either failing returns NULL, which __iommu_domain_alloc()
+        turns into ERR_PTR(-ENOMEM)."""
+        faults = self.phys.faults
+        if faults is not None and faults.should_fail("kmalloc:alloc_domain"):
+            self.log_err("DMAR: Can't allocate dmar_domain")
+            raise fail(ENOMEM, "allocating the VT-d domain (struct dmar_domain) failed (fault injection)")
+        if faults is not None and faults.should_fail("alloc_pages:md_domain_init"):
+            self.log_err("DMAR: Domain initialization failed")
+            raise fail(ENOMEM, "allocating the VT-d domain's page directory failed (fault injection)")
         domain = VtdDomain(self, VtdDomain.PAGING, next(self._ids))
         self.domains.append(domain)
         return domain
