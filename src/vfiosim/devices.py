@@ -1,9 +1,10 @@
 """Write your own PCI device for a simulated machine.
 
 A device model is a :class:`PciDevice` subclass: it declares its identity,
-BARs and capabilities in ``__init__``, answers loads and stores to its BARs
+BARs and capabilities in ``__init__`` (``add_bar``, ``add_msi_capability``,
+``add_msix_capability``), answers loads and stores to its BARs
 (``mmio_read`` / ``mmio_write``), raises interrupts (``set_intx``,
-``msi_notify``) and reaches memory only through ``self.bus_master``, the
+``msi_notify``, ``msix_notify``) and reaches memory only through ``self.bus_master``, the
 :class:`BusMaster` interface that the platform installs: bus addresses in,
 bytes out or in, translated by the IOMMU of the device's PE (POWER) or
 domain (x86).  A transfer the IOMMU refuses raises :class:`DmaError` and
@@ -29,7 +30,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .kernel.pci import models as _models
-from .kernel.pci.device import Bar, BusMaster, DmaError, PciDevice
+from .kernel.pci.device import Bar, BusMaster, DmaError, Msix, PciDevice
 from .kernel.pci.edu import EduDevice
 from .kernel.pci.models import DeviceFactory, model_names, unregister_model
 
@@ -42,5 +43,5 @@ def register_model(name: str, factory: Callable[..., PciDevice], *, replace: boo
     _models.register_model(name, factory, replace=replace, reserved=frozenset(HOST_DEVICE_MODELS))
 
 
-__all__ = ["PciDevice", "BusMaster", "DmaError", "Bar", "EduDevice", "DeviceFactory", "register_model",
+__all__ = ["PciDevice", "BusMaster", "DmaError", "Bar", "Msix", "EduDevice", "DeviceFactory", "register_model",
            "unregister_model", "model_names"]

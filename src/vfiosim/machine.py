@@ -213,6 +213,13 @@ class Machine:
             dev.driver = ds.driver or None
             dev.reset_method = "bus" if ds.behind_bridge else None
             dev.log = k.log.warn
+            # pci_msix_can_alloc_dyn(): x86's MSI parent domains (the vector domain,
+            # x86_vector_msi_parent_ops, and the VT-d remapping domain, dmar_msi_parent_ops)
+            # support X86_VECTOR_MSI_FLAGS_SUPPORTED, which includes MSI_FLAG_PCI_MSIX_ALLOC_DYN
+            # (arch/x86/include/asm/msi.h, since 6.2), with interrupt remapping or without.
+            # POWER's PowerNV and pseries PCI/MSI domains do not set it: those devices keep
+            # the default (False), so vfio-pci reports MSI-X as NORESIZE there.
+            dev.msix_can_alloc_dyn = True
             for index, bar in dev.bars.items():
                 bar_base = (bar_base + bar.size - 1) & ~(bar.size - 1)
                 dev.assign_bar_address(index, bar_base)

@@ -41,6 +41,28 @@ PCI_MSI_FLAGS_QSIZE = 0x0070
 PCI_MSI_FLAGS_64BIT = 0x0080
 PCI_MSI_FLAGS_MASKBIT = 0x0100
 
+# MSI-X (include/uapi/linux/pci_regs.h)
+PCI_CAP_ID_MSIX = 0x11
+PCI_MSIX_FLAGS = 2                  # Message Control
+PCI_MSIX_FLAGS_QSIZE = 0x07FF       # Table Size - 1 (read-only)
+PCI_MSIX_FLAGS_MASKALL = 0x4000     # Function Mask
+PCI_MSIX_FLAGS_ENABLE = 0x8000      # MSI-X Enable
+PCI_MSIX_TABLE = 4                  # Table Offset / Table BIR
+PCI_MSIX_TABLE_BIR = 0x00000007
+PCI_MSIX_TABLE_OFFSET = 0xFFFFFFF8
+PCI_MSIX_PBA = 8                    # PBA Offset / PBA BIR
+PCI_MSIX_PBA_BIR = 0x00000007
+PCI_MSIX_PBA_OFFSET = 0xFFFFFFF8
+PCI_CAP_MSIX_SIZEOF = 12
+PCI_MSIX_ENTRY_SIZE = 16
+PCI_MSIX_ENTRY_LOWER_ADDR = 0x0
+PCI_MSIX_ENTRY_UPPER_ADDR = 0x4
+PCI_MSIX_ENTRY_DATA = 0x8
+PCI_MSIX_ENTRY_VECTOR_CTRL = 0xC
+PCI_MSIX_ENTRY_CTRL_MASKBIT = 0x00000001
+PCI_MSIX_MAX_VECTORS = 2048         # an 11-bit Table Size field
+
+PCI_STD_HEADER_SIZEOF = 64
 PCI_CFG_SPACE_SIZE = 256
 
 
@@ -51,6 +73,7 @@ class ConfigSpace:
         self.size = size
         self.data = bytearray(size)
         self.wmask = bytearray(size)
+        self.cap_lengths: dict[int, int] = {}      # capability offset -> its length in bytes
 
     def read(self, offset: int, size: int) -> int:
         if offset < 0 or offset + size > self.size:
@@ -71,13 +94,30 @@ class ConfigSpace:
         self.wmask[offset:offset + size] = wmask.to_bytes(size, "little")
 
     def add_capability(self, cap_id: int, length: int, at: int | None = None) -> int:
-        """Append a capability to the list; returns its offset."""
+        """Append a capability to the list; returns its offset.
+
+        Without ``at`` it goes after the last capability, DWORD aligned (a
+        capability pointer's low two bits are reserved).  With ``at`` it must
+        be DWORD aligned, inside the standard capability area (0x40..0xff)
+        and overlap no capability already there: a ValueError otherwise."""
         if at is None:
-            at = 0x40
-            cur = self.data[PCI_CAPABILITY_LIST]
-            while cur:
-                at = max(at, cur + 8)
-                cur = self.data[cur + 1]
+            at = PCI_STD_HEADER_SIZEOF
+            for off, n in self.cap_lengths.items():
+                at = max(at, (off + n + 3) & ~3)
+        else:
+            if not isinstance(at, int) or isinstance(at, bool):
+                raise ValueError(f"capability offset {at!r} must be an integer")
+            if at % 4 or at < PCI_STD_HEADER_SIZEOF:
+                raise ValueError(f"capability offset {at:#x} must be DWORD aligned and at least "
+                                 f"{PCI_STD_HEADER_SIZEOF:#x} (after the standard header)")
+            for off, n in self.cap_lengths.items():
+                if at < off + n and off < at + length:
+                    raise ValueError(f"a capability at {at:#x} ({length} bytes) would overlap the capability "
+                                     f"{self.data[off]:#04x} at {off:#x} ({n} bytes)")
+        if at + length > PCI_CFG_SPACE_SIZE:
+            raise ValueError(f"a {length}-byte capability at {at:#x} does not fit in the "
+                             f"{PCI_CFG_SPACE_SIZE}-byte configuration space")
+        self.cap_lengths[at] = length
         self.data[at] = cap_id
         self.data[at + 1] = 0
         # Link it at the end of the chain.

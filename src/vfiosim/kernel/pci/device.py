@@ -10,15 +10,18 @@ for writing your own device models.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from .config import (PCI_BASE_ADDRESS_0, PCI_BASE_ADDRESS_MEM_PREFETCH, PCI_BASE_ADDRESS_MEM_TYPE_64,
-                     PCI_CAP_ID_MSI, PCI_CLASS_DEVICE, PCI_CLASS_PROG, PCI_COMMAND, PCI_COMMAND_INTX_DISABLE,
-                     PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, PCI_DEVICE_ID, PCI_HEADER_TYPE, PCI_INTERRUPT_LINE,
-                     PCI_INTERRUPT_PIN, PCI_MSI_FLAGS, PCI_MSI_FLAGS_64BIT, PCI_MSI_FLAGS_ENABLE,
-                     PCI_REVISION_ID, PCI_STATUS, PCI_STATUS_INTERRUPT, PCI_SUBSYSTEM_ID, PCI_SUBSYSTEM_VENDOR_ID,
-                     PCI_VENDOR_ID, ConfigSpace)
+                     PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX, PCI_CAP_MSIX_SIZEOF, PCI_CLASS_DEVICE, PCI_CLASS_PROG,
+                     PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, PCI_DEVICE_ID,
+                     PCI_HEADER_TYPE, PCI_INTERRUPT_LINE, PCI_INTERRUPT_PIN, PCI_MSI_FLAGS, PCI_MSI_FLAGS_64BIT,
+                     PCI_MSI_FLAGS_ENABLE, PCI_MSIX_ENTRY_CTRL_MASKBIT, PCI_MSIX_ENTRY_DATA,
+                     PCI_MSIX_ENTRY_LOWER_ADDR, PCI_MSIX_ENTRY_SIZE, PCI_MSIX_ENTRY_UPPER_ADDR,
+                     PCI_MSIX_ENTRY_VECTOR_CTRL, PCI_MSIX_FLAGS, PCI_MSIX_FLAGS_ENABLE, PCI_MSIX_FLAGS_MASKALL,
+                     PCI_MSIX_MAX_VECTORS, PCI_MSIX_PBA, PCI_MSIX_TABLE, PCI_REVISION_ID, PCI_STATUS,
+                     PCI_STATUS_INTERRUPT, PCI_SUBSYSTEM_ID, PCI_SUBSYSTEM_VENDOR_ID, PCI_VENDOR_ID, ConfigSpace)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -77,6 +80,64 @@ class Bar:
     mmap_ok: bool = True
 
 
+@dataclass
+class Msix:
+    """An MSI-X capability and the structures it points at.
+
+    The table (16 bytes per vector: message address low/high, data, vector
+    control) and the Pending Bit Array live in memory BARs of the device; the
+    device itself implements them, as hardware does, so they are not part of
+    the model's ``mmio_read``/``mmio_write``."""
+
+    cap: int                 # offset of the capability in config space
+    vectors: int             # Table Size
+    table_bar: int
+    table_offset: int
+    pba_bar: int
+    pba_offset: int
+    table: bytearray = field(default_factory=bytearray)
+    pba: bytearray = field(default_factory=bytearray)
+
+    @property
+    def table_size(self) -> int:
+        return self.vectors * PCI_MSIX_ENTRY_SIZE
+
+    @property
+    def pba_size(self) -> int:
+        """One bit per vector, in QWORDs."""
+        return (self.vectors + 63) // 64 * 8
+
+    def ctrl(self, vector: int) -> int:
+        at = vector * PCI_MSIX_ENTRY_SIZE + PCI_MSIX_ENTRY_VECTOR_CTRL
+        return int.from_bytes(self.table[at:at + 4], "little")
+
+    def message(self, vector: int) -> tuple[int, int]:
+        """(address, data) of a table entry."""
+        at = vector * PCI_MSIX_ENTRY_SIZE
+        lo = int.from_bytes(self.table[at + PCI_MSIX_ENTRY_LOWER_ADDR:at + PCI_MSIX_ENTRY_LOWER_ADDR + 4], "little")
+        hi = int.from_bytes(self.table[at + PCI_MSIX_ENTRY_UPPER_ADDR:at + PCI_MSIX_ENTRY_UPPER_ADDR + 4], "little")
+        data = int.from_bytes(self.table[at + PCI_MSIX_ENTRY_DATA:at + PCI_MSIX_ENTRY_DATA + 4], "little")
+        return (hi << 32) | lo, data
+
+    def pending(self, vector: int) -> bool:
+        return bool(self.pba[vector // 8] >> (vector % 8) & 1)
+
+    def set_pending(self, vector: int, on: bool) -> None:
+        if on:
+            self.pba[vector // 8] |= 1 << (vector % 8)
+        else:
+            self.pba[vector // 8] &= ~(1 << (vector % 8)) & 0xFF
+
+    def reset(self) -> None:
+        """Power-on state: every entry masked (the Mask bit resets to 1),
+        addresses and data zero, nothing pending."""
+        self.table[:] = bytes(self.table_size)
+        for v in range(self.vectors):
+            at = v * PCI_MSIX_ENTRY_SIZE + PCI_MSIX_ENTRY_VECTOR_CTRL
+            self.table[at] = PCI_MSIX_ENTRY_CTRL_MASKBIT
+        self.pba[:] = bytes(self.pba_size)
+
+
 def parse_bdf(bdf: str) -> tuple[int, int, int, int]:
     """"DDDD:BB:SS.F" -> (domain, bus, slot, function)."""
     try:
@@ -113,6 +174,16 @@ class PciDevice:
         # Set by vfio-pci while it has interrupt handlers installed.
         self.on_intx: Callable[[int], None] | None = None
         self.on_msi: Callable[[int], None] | None = None
+        # An MSI-X message the device sends, as (address, data): vfio-pci
+        # finds the host interrupt the message belongs to.
+        self.on_msix: Callable[[int, int], None] | None = None
+        self.msix: Msix | None = None
+        # Set by the platform: whether the device's DMA writes, MSI-X messages
+        # included, reach the host (False while an EEH freeze stops DMA).
+        self.dma_enabled_by_platform: Callable[[], bool] = lambda: True
+        # Set by the platform: whether the host's MSI irq domain can add MSI-X
+        # vectors after MSI-X is enabled (pci_msix_can_alloc_dyn()).
+        self.msix_can_alloc_dyn = False
         self.intx_level = 0
         self.reset_method: str | None = None     # "flr", "pm", "bus" or None
         self.bar_addresses: dict[int, int] = {}
@@ -129,13 +200,15 @@ class PciDevice:
         c.set(PCI_SUBSYSTEM_ID, 2, subsystem)
         c.set(PCI_INTERRUPT_LINE, 1, 0, wmask=0xFF)
         c.set(PCI_INTERRUPT_PIN, 1, interrupt_pin)
-        self._reset_config = None
+        self._reset_config: bytes | None = None
 
     # -- construction helpers for models ---------------------------------------
 
     def add_bar(self, index: int, size: int, *, is_64bit: bool = False, prefetchable: bool = False) -> None:
         if size & (size - 1) or size < 16:
             raise ValueError(f"BAR size {size:#x} must be a power of two >= 16")
+        if self.msix is not None and index in (self.msix.table_bar, self.msix.pba_bar):
+            raise ValueError(f"BAR{index} holds the MSI-X table or PBA: declare BARs before add_msix_capability()")
         self.bars[index] = Bar(index, size, is_64bit, prefetchable)
         flags = (PCI_BASE_ADDRESS_MEM_TYPE_64 if is_64bit else 0) | (PCI_BASE_ADDRESS_MEM_PREFETCH if prefetchable else 0)
         self.config.set(PCI_BASE_ADDRESS_0 + 4 * index, 4, flags, wmask=~(size - 1) & 0xFFFFFFF0)
@@ -168,6 +241,55 @@ class PciDevice:
             self.config.set(at + 8, 2, 0, wmask=0xFFFF)
         return at
 
+    def add_msix_capability(self, vectors: int, *, table_bar: int, table_offset: int, pba_offset: int,
+                            pba_bar: int | None = None, at: int | None = None) -> int:
+        """An MSI-X capability with ``vectors`` table entries (1..2048).
+
+        The table (16 bytes per vector) is at ``table_offset`` in memory BAR
+        ``table_bar``; the Pending Bit Array (one bit per vector, whole QWORDs)
+        at ``pba_offset`` in ``pba_bar`` (default: the table's BAR).  Both BARs
+        must already be declared with :meth:`add_bar`, both offsets must be
+        QWORD (8-byte) aligned, as the low three bits of the Table/PBA Offset
+        registers hold the BIR, each structure must lie inside its BAR, and
+        the two must not overlap.  ``at`` places the capability in config
+        space (default: after the last capability).  Returns its offset.
+
+        The device answers loads and stores to the table and PBA itself, as
+        hardware does: they never reach ``mmio_read``/``mmio_write``.  Raise a
+        vector with :meth:`msix_notify`."""
+        if self.msix is not None:
+            raise ValueError(f"{self.bdf} already has an MSI-X capability (at {self.msix.cap:#x})")
+        if not isinstance(vectors, int) or isinstance(vectors, bool) or not 1 <= vectors <= PCI_MSIX_MAX_VECTORS:
+            raise ValueError(f"MSI-X table size {vectors!r} must be an integer from 1 to {PCI_MSIX_MAX_VECTORS}")
+        pba_bar = table_bar if pba_bar is None else pba_bar
+        table_size = vectors * PCI_MSIX_ENTRY_SIZE
+        pba_size = (vectors + 63) // 64 * 8
+        for what, bar, offset, size in (("table", table_bar, table_offset, table_size),
+                                        ("PBA", pba_bar, pba_offset, pba_size)):
+            if not isinstance(bar, int) or isinstance(bar, bool) or bar not in self.bars:
+                declared = ", ".join(f"BAR{i}" for i in sorted(self.bars)) or "none"
+                raise ValueError(f"MSI-X {what} BIR {bar!r} is not a memory BAR of the device "
+                                 f"(declared: {declared}); call add_bar() first")
+            if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0 or offset % 8:
+                raise ValueError(f"MSI-X {what} offset {offset!r} must be a non-negative multiple of 8 "
+                                 f"(the register's low 3 bits are the BIR)")
+            if offset >= 1 << 32 or offset + size > self.bars[bar].size:
+                raise ValueError(f"MSI-X {what} at {offset:#x}+{size:#x} does not fit in BAR{bar} "
+                                 f"({self.bars[bar].size:#x} bytes)")
+        if table_bar == pba_bar and table_offset < pba_offset + pba_size and pba_offset < table_offset + table_size:
+            raise ValueError(f"MSI-X table ({table_offset:#x}+{table_size:#x}) and PBA ({pba_offset:#x}+"
+                             f"{pba_size:#x}) overlap in BAR{table_bar}")
+        cap = self.config.add_capability(PCI_CAP_ID_MSIX, PCI_CAP_MSIX_SIZEOF, at=at)
+        # Message Control: Table Size read-only, Function Mask and Enable
+        # read-write; Table and PBA Offset/BIR read-only.
+        self.config.set(cap + PCI_MSIX_FLAGS, 2, vectors - 1, wmask=PCI_MSIX_FLAGS_ENABLE | PCI_MSIX_FLAGS_MASKALL)
+        self.config.set(cap + PCI_MSIX_TABLE, 4, table_offset | table_bar)
+        self.config.set(cap + PCI_MSIX_PBA, 4, pba_offset | pba_bar)
+        self.msix = Msix(cap, vectors, table_bar, table_offset, pba_bar, pba_offset,
+                         bytearray(table_size), bytearray(pba_size))
+        self.msix.reset()
+        return cap
+
     def finish(self) -> None:
         """Snapshot config space as reset leaves it."""
         self._reset_config = bytes(self.config.data)
@@ -185,11 +307,24 @@ class PciDevice:
         """A load as it reaches the device from the PHB: all-ones if stopped."""
         if not self.mmio_enabled_by_platform() or not self.memory_decode_enabled():
             return (1 << (8 * size)) - 1
+        m = self.msix
+        if m is not None:
+            if bar == m.table_bar and m.table_offset <= offset < m.table_offset + m.table_size:
+                return self._msix_read(m.table, offset - m.table_offset, size)
+            if bar == m.pba_bar and m.pba_offset <= offset < m.pba_offset + m.pba_size:
+                return self._msix_read(m.pba, offset - m.pba_offset, size)
         return self.mmio_read(bar, offset, size)
 
     def host_mmio_write(self, bar: int, offset: int, size: int, value: int) -> None:
         if not self.mmio_enabled_by_platform() or not self.memory_decode_enabled():
             return
+        m = self.msix
+        if m is not None:
+            if bar == m.table_bar and m.table_offset <= offset < m.table_offset + m.table_size:
+                self.msix_table_write(offset - m.table_offset, size, value)
+                return
+            if bar == m.pba_bar and m.pba_offset <= offset < m.pba_offset + m.pba_size:
+                return                      # the PBA is read-only
         self.mmio_write(bar, offset, size, value)
 
     def memory_decode_enabled(self) -> bool:
@@ -207,6 +342,9 @@ class PciDevice:
         if not self.mmio_enabled_by_platform():
             return
         self.config.write(offset, size, value)
+        m = self.msix
+        if m is not None and offset < m.cap + PCI_MSIX_FLAGS + 2 and m.cap + PCI_MSIX_FLAGS < offset + size:
+            self._msix_unmasked()
 
     def reset(self) -> None:
         """Function-level reset: config space and device state to power-on."""
@@ -215,6 +353,8 @@ class PciDevice:
             for index, addr in self.bar_addresses.items():
                 self.assign_bar_address(index, addr)
         self.intx_level = 0
+        if self.msix is not None:
+            self.msix.reset()
 
     # -- interrupts --------------------------------------------------------------
 
@@ -238,6 +378,112 @@ class PciDevice:
         """msi_notify(): send an MSI message if MSI is enabled."""
         if self.msi_enabled() and self.on_msi is not None:
             self.on_msi(vector)
+
+    # -- MSI-X (PCI Local Bus 3.0 6.8.2; QEMU hw/pci/msix.c) -----------------------------------
+
+    def msix_enabled(self) -> bool:
+        """MSI-X Enable is set in Message Control."""
+        m = self.msix
+        return m is not None and bool(self.config.read(m.cap + PCI_MSIX_FLAGS, 2) & PCI_MSIX_FLAGS_ENABLE)
+
+    def msix_masked(self, vector: int) -> bool:
+        """The vector cannot be sent now: the Function Mask or its own Mask bit is set."""
+        m = self._msix_vector(vector)
+        return bool(self.config.read(m.cap + PCI_MSIX_FLAGS, 2) & PCI_MSIX_FLAGS_MASKALL
+                    or m.ctrl(vector) & PCI_MSIX_ENTRY_CTRL_MASKBIT)
+
+    def msix_pending(self, vector: int) -> bool:
+        """The vector's Pending bit: it was raised while masked."""
+        return self._msix_vector(vector).pending(vector)
+
+    def msix_notify(self, vector: int) -> None:
+        """Raise MSI-X ``vector``.
+
+        While MSI-X is disabled nothing is sent.  While the vector is masked
+        (its Mask bit or the Function Mask) its Pending bit is set instead, and
+        the message goes out when it is unmasked.  Otherwise the device writes
+        the entry's message (address, data), which needs bus mastering: with
+        PCI_COMMAND_MASTER clear, or the PE's DMA stopped by an EEH freeze,
+        the message is lost (as in QEMU, where it goes to a disabled bus-master
+        address space)."""
+        m = self._msix_vector(vector)
+        if not self.config.read(m.cap + PCI_MSIX_FLAGS, 2) & PCI_MSIX_FLAGS_ENABLE:
+            return
+        if self.msix_masked(vector):
+            m.set_pending(vector, True)
+            return
+        self._msix_send(vector)
+
+    def msix_table_write(self, offset: int, size: int, value: int) -> None:
+        """A store to the MSI-X table at ``offset`` from its start: from a
+        BAR access, or from the host's PCI core (which reaches the table even
+        while the user has memory decoding off: vfio_pci_memory_lock_and_enable()).
+        Aligned DWORD or QWORD stores only; others are dropped (the PCI spec
+        leaves them undefined)."""
+        m = self.msix
+        assert m is not None
+        if size not in (4, 8) or offset % size or offset + size > m.table_size:
+            return
+        value &= (1 << (8 * size)) - 1
+        for at in range(offset, offset + size, 4):
+            dword = (value >> (8 * (at - offset))) & 0xFFFFFFFF
+            vector, field_off = divmod(at, PCI_MSIX_ENTRY_SIZE)
+            if field_off == PCI_MSIX_ENTRY_VECTOR_CTRL:
+                was_masked = m.ctrl(vector) & PCI_MSIX_ENTRY_CTRL_MASKBIT
+                dword &= PCI_MSIX_ENTRY_CTRL_MASKBIT        # bits 31:1 reserved
+                m.table[at:at + 4] = dword.to_bytes(4, "little")
+                if was_masked and not dword & PCI_MSIX_ENTRY_CTRL_MASKBIT:
+                    self._msix_unmasked(vector)
+            else:
+                m.table[at:at + 4] = dword.to_bytes(4, "little")
+
+    def msix_host_set_control(self, set_bits: int, clear_bits: int = 0) -> None:
+        """pci_msix_clear_and_set_ctrl(): the host's PCI core writes Message
+        Control (a config write, below any user access control)."""
+        m = self.msix
+        assert m is not None
+        at = m.cap + PCI_MSIX_FLAGS
+        ctrl = (self.config.read(at, 2) & ~clear_bits) | set_bits
+        self.config.write(at, 2, ctrl)
+        self._msix_unmasked()
+
+    def _msix_vector(self, vector: int) -> Msix:
+        m = self.msix
+        if m is None:
+            raise ValueError(f"{self.bdf} has no MSI-X capability (add_msix_capability())")
+        if not isinstance(vector, int) or not 0 <= vector < m.vectors:
+            raise ValueError(f"MSI-X vector {vector!r} out of range: {self.bdf} has {m.vectors}")
+        return m
+
+    @staticmethod
+    def _msix_read(array: bytearray, offset: int, size: int) -> int:
+        """A load from the table or PBA: aligned DWORD or QWORD only, else all-ones."""
+        if size not in (4, 8) or offset % size or offset + size > len(array):
+            return (1 << (8 * size)) - 1
+        return int.from_bytes(array[offset:offset + size], "little")
+
+    def _msix_unmasked(self, vector: int | None = None) -> None:
+        """A vector (or, with None, the whole function) may have become
+        unmasked: send what is pending and now deliverable (msix_handle_mask_update())."""
+        m = self.msix
+        if m is None or not self.msix_enabled():
+            return
+        if self.config.read(m.cap + PCI_MSIX_FLAGS, 2) & PCI_MSIX_FLAGS_MASKALL:
+            return
+        vectors = [vector] if vector is not None else [v for v in range(m.vectors) if m.pba[v // 8]]
+        for v in vectors:
+            if m.pending(v) and not m.ctrl(v) & PCI_MSIX_ENTRY_CTRL_MASKBIT:
+                m.set_pending(v, False)
+                self._msix_send(v)
+
+    def _msix_send(self, vector: int) -> None:
+        """The memory write of the entry's message, if the device may master the bus."""
+        if not self.bus_master_enabled() or not self.dma_enabled_by_platform():
+            return
+        assert self.msix is not None
+        address, data = self.msix.message(vector)
+        if self.on_msix is not None:
+            self.on_msix(address, data)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.bdf} {self.vendor:04x}:{self.device_id:04x}>"

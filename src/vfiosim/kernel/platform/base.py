@@ -69,6 +69,8 @@ class Pe:
         self.devices.append(dev)
         dev.bus_master = PeBusMaster(self, dev)
         dev.mmio_enabled_by_platform = self.mmio_enabled
+        # MSI-X messages are DMA writes to the PHB's MSI window: a frozen PE drops them too.
+        dev.dma_enabled_by_platform = self.dma_enabled
 
     def mmio_enabled(self) -> bool:
         return self.eeh is None or not self.eeh.mmio_stopped
