@@ -360,6 +360,7 @@ def test_region_errors_teach(powernv):
 def test_msi_wait_and_timeout(vfio_machine, vfio_process):
     with client.open_device(EDU) as dev:
         bar = dev.bar(0)
+        dev.enable_bus_master()                                     # an MSI is a memory write
         irq = dev.irq("msi")
         assert irq.info.count == 1 and irq.pending() == 0
         bar.write32(0x20, 0x80)
@@ -389,6 +390,7 @@ def test_msi_wait_and_timeout(vfio_machine, vfio_process):
 def test_wait_async(vfio_machine, vfio_process):
     with client.open_device(EDU) as dev:
         bar = dev.bar(0)
+        dev.enable_bus_master()
         irq = dev.irq()
 
         async def main() -> tuple[int, int, float]:

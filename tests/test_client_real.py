@@ -44,13 +44,13 @@ def test_real_backend_drives_the_edu_device(vfio_machine):
         bar = dev.bar(0)
         bar.write32(0x04, 0x0F0F0F0F)
         assert bar.read32(0x04) == 0xF0F0F0F0 and not bar.uses_mmap          # the mmap was refused: pread
+        dev.enable_bus_master()                                               # MSI and DMA need it
         irq = dev.irq()
         bar.write32(0x20, 0x80)
         bar.write32(0x08, 6)
         assert irq.wait(1.0) == 1 and bar.read32(0x08) == 720
         bar.write32(0x60, 1)
         assert asyncio.run(irq.wait_async(1.0)) == 1
-        dev.enable_bus_master()
         src = dev.container.dma_alloc(4096, max_iova=(1 << 28) - 1)
         dst = dev.container.dma_alloc(4096, max_iova=(1 << 28) - 1)
         src.array()[:] = np.arange(4096) % 251

@@ -124,6 +124,11 @@ def test_msi_and_the_factorial_interrupt(rig):
     assert err(e) == "EINVAL"
     reg_write(p, d, 0x20, 0x80)                          # interrupt when the factorial is done
     reg_write(p, d, 0x08, 5)
+    # An MSI is a memory write: without bus mastering the device cannot send it.
+    assert efd_count(p, efd) == 0 and reg_read(p, d, 0x24) == 0x1 and reg_read(p, d, 0x08) == 120
+    enable_bus_master(p, d)
+    reg_write(p, d, 0x64, 0x1)                           # acknowledge, then compute again
+    reg_write(p, d, 0x08, 5)
     assert efd_count(p, efd) == 1 and reg_read(p, d, 0x24) == 0x1 and reg_read(p, d, 0x08) == 120
     off = uapi.vfio_irq_set(argsz=20, index=1, start=0, count=0,
                             flags=uapi.VFIO_IRQ_SET_DATA_NONE | uapi.VFIO_IRQ_SET_ACTION_TRIGGER)

@@ -375,7 +375,11 @@ class PciDevice:
             self.on_intx(level)
 
     def msi_notify(self, vector: int = 0) -> None:
-        """msi_notify(): send an MSI message if MSI is enabled."""
+        """msi_notify(): send an MSI message if MSI is enabled.  The message is
+        a memory write, so it needs bus mastering and a PE not frozen by EEH
+        (as MSI-X below; QEMU drops it into a disabled bus-master space)."""
+        if not self.bus_master_enabled() or not self.dma_enabled_by_platform():
+            return
         if self.msi_enabled() and self.on_msi is not None:
             self.on_msi(vector)
 
