@@ -39,6 +39,7 @@ import socket
 import struct
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, Callable
 
@@ -145,6 +146,10 @@ class Daemon:
         os.set_blocking(self._wake_r, False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         self.exited: list[int] = []          # pids whose tasks ended, in order (for tests)
+        # Programs' eventfds we hold, and those of them the selector watches
+        # because a virqfd (INTx unmask, VFIO_DEVICE_IOEVENTFD) waits on them.
+        self._host_eventfds: "weakref.WeakSet[HostEventFd]" = weakref.WeakSet()
+        self._watched: dict[int, HostEventFd] = {}
 
     @property
     def root(self) -> str:
@@ -178,9 +183,11 @@ class Daemon:
                         os.read(self._wake_r, 64)
                     except BlockingIOError:
                         pass
+                # "virqfd": handled below, with every other eventfd that has data
             except Exception as exc:               # never let one client take the daemon down
                 self.log(f"internal error: {exc!r}")
                 self.machine.oopses.append(f"daemon: {exc!r}")
+        self._run_virqfds()
         now = time.monotonic()
         for st in list(self.states.values()):
             if st.exec_deadline is not None and now >= st.exec_deadline:
@@ -275,6 +282,9 @@ class Daemon:
         except P.ProtocolError as exc:
             self._drop(conn, f"malformed message: {exc}")
             return
+        # A program that wrote an ioeventfd or unmask eventfd and then makes a call
+        # sees the write's effect, as the kernel acts inside the write.
+        self._run_virqfds()
         reply = self._dispatch(conn, op, flags, fd, fd2, a, payload)
         try:
             conn.sock.sendall(reply)
@@ -575,7 +585,35 @@ class Daemon:
                 self.log(f"cannot take eventfd {n} of pid {st.pid}: {exc}")
                 return ForeignFile(link)
             efd = st.eventfds[key] = HostEventFd(dup)
+            efd.before_close = lambda fd=dup: self._unwatch(fd)
+            self._host_eventfds.add(efd)
         return efd
+
+    def _unwatch(self, fd: int) -> None:
+        if self._watched.pop(fd, None) is not None:
+            try:
+                self.sel.unregister(fd)
+            except (KeyError, ValueError, OSError):
+                pass
+
+    def _run_virqfds(self) -> None:
+        """The kernel's virqfd wake-ups for programs' eventfds: run the handler of
+        each that has been written to, and watch exactly those that have one."""
+        live = {}
+        with self.machine._lock:
+            for efd in list(self._host_eventfds):
+                if efd.fd >= 0 and efd.waiters:
+                    live[efd.fd] = efd
+                    try:
+                        efd.take_signal()
+                    except Exception as exc:       # a handler's bug: an oops, not a dead daemon
+                        self.machine._oops("ioeventfd/virqfd handler", exc)
+        for fd in [fd for fd, efd in self._watched.items() if live.get(fd) is not efd]:
+            self._unwatch(fd)
+        for fd, efd in live.items():
+            if fd not in self._watched:
+                self.sel.register(fd, selectors.EVENT_READ, ("virqfd", efd))
+                self._watched[fd] = efd
 
     def _task_died(self, st: TaskState) -> None:
         self._end_task(st, "exited")
@@ -630,7 +668,7 @@ class Daemon:
                     if trig is not None:
                         referenced.add(id(trig))
         for key, efd in list(st.eventfds.items()):
-            if id(efd) not in referenced:
+            if id(efd) not in referenced and not efd.waiters:       # a virqfd still uses it
                 efd.release(st.task)
                 del st.eventfds[key]
 

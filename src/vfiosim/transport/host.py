@@ -19,10 +19,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import select
 import struct
 from dataclasses import dataclass
 from errno import EFAULT
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -315,6 +316,9 @@ class HostEventFd(EventFd):
     def __init__(self, fd: int) -> None:
         super().__init__()
         self.fd = fd              # our duplicate of the program's eventfd
+        # Called before our duplicate is closed: an epoll watch must go first,
+        # as it lasts while the program keeps the eventfd open.
+        self.before_close: Callable[[], None] | None = None
 
     def signal(self, n: int = 1) -> None:
         self.signals += 1
@@ -322,12 +326,39 @@ class HostEventFd(EventFd):
             os.write(self.fd, n.to_bytes(8, "little"))
         except OSError:
             pass                  # the program closed it: nobody to wake
+        # A virqfd on it wakes when the transport next reads the counter (take_signal).
+
+    def readable(self) -> bool:
+        """The real counter is not zero (poll, nothing read)."""
+        if self.fd < 0:
+            return False
+        return bool(select.select([self.fd], [], [], 0)[0])
+
+    def take_signal(self) -> bool:
+        """What the kernel's wake-up does for a virqfd: read the real counter
+        without blocking (RWF_NOWAIT: the file's O_NONBLOCK is the program's
+        to set), and run the handlers if it was not zero.  The transport calls
+        this, as the program's writes reach the real eventfd, not us."""
+        if self.fd < 0 or not self.waiters:
+            return False
+        try:
+            os.preadv(self.fd, [bytearray(8)], -1, os.RWF_NOWAIT)
+        except OSError:
+            return False          # zero (EAGAIN), or closed
+        for wake in list(self.waiters):
+            wake(self)
+        return True
 
     def release(self, current: "Task") -> None:
+        if self.fd < 0:
+            return
+        if self.before_close is not None:
+            self.before_close()
         try:
             os.close(self.fd)
         except OSError:
             pass
+        self.fd = -1
 
 
 @dataclass

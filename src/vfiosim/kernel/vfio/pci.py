@@ -18,7 +18,7 @@ from __future__ import annotations
 import ctypes
 import struct
 from dataclasses import dataclass
-from errno import EBADF, EFAULT, EINVAL, EIO, ENODEV, ENOSPC, ENOTTY, EPERM, ERANGE
+from errno import EBADF, EEXIST, EFAULT, EINVAL, EIO, ENODEV, ENOSPC, ENOTTY, EPERM, ERANGE
 from typing import TYPE_CHECKING
 
 from ...uapi import vfio as uapi
@@ -36,6 +36,7 @@ from ..pci.config import (PCI_BASE_ADDRESS_0, PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX, P
 from ..pci.device import PciDevice
 from ..uaccess import copy_from_user, copy_struct_from_user, copy_struct_to_user, copy_to_user
 from .device import VfioDeviceOps
+from .virqfd import Virqfd, virqfd_enable
 
 if TYPE_CHECKING:
     from ..task import Task
@@ -44,6 +45,18 @@ VFIO_PCI_OFFSET_SHIFT = 40
 VFIO_PCI_OFFSET_MASK = (1 << VFIO_PCI_OFFSET_SHIFT) - 1
 
 IRQ_NONE = -1
+VFIO_PCI_IOEVENTFD_MAX = 1000           # vfio_pci_priv.h
+
+
+@dataclass
+class IoEventFd:
+    """struct vfio_pci_ioeventfd: when its eventfd is signalled, write
+    ``data`` (``count`` bytes) at ``pos`` of BAR ``bar``."""
+    bar: int
+    pos: int
+    data: int
+    count: int
+    virqfd: Virqfd | None = None
 
 # The MSI message the simulated host composes for the interrupt of MSI-X vector
 # ``v``: the x86 interrupt address window and a per-vector data value.  Real
@@ -111,6 +124,8 @@ class VfioPciDevice(VfioDeviceOps):
         self.irq_type = IRQ_NONE
         self.intx_trigger: EventFd | None = None
         self.intx_masked = False
+        self.intx_unmask: Virqfd | None = None      # ctx->unmask: an eventfd that unmasks INTx
+        self.ioeventfds: list[IoEventFd] = []
         # vdev->ctx (an xarray in 6.12): MSI/MSI-X vector -> its trigger.
         self.msi_ctx: dict[int, EventFd] = {}
         # The host's allocated MSI/MSI-X vectors (pci_irq_vector() > 0) and, for
@@ -156,6 +171,11 @@ class VfioPciDevice(VfioDeviceOps):
 
     def close_device(self, current: "Task") -> None:
         self._disable_irqs()
+        # vfio_pci_core_disable(): the ioeventfds go with the device.
+        for ioeventfd in self.ioeventfds:
+            assert ioeventfd.virqfd is not None
+            ioeventfd.virqfd.disable()
+        self.ioeventfds = []
         self.req_trigger = None
         p = self.pdev
         cmd = p.config.read(PCI_COMMAND, 2) & ~PCI_COMMAND_MASTER
@@ -420,6 +440,7 @@ class VfioPciDevice(VfioDeviceOps):
             uapi.VFIO_DEVICE_RESET: self._reset_ioctl,
             uapi.VFIO_DEVICE_GET_PCI_HOT_RESET_INFO: self._get_pci_hot_reset_info,
             uapi.VFIO_DEVICE_PCI_HOT_RESET: self._pci_hot_reset,
+            uapi.VFIO_DEVICE_IOEVENTFD: self._ioeventfd,
         }.get(cmd)
         if handler is None:
             raise fail(ENOTTY, f"{uapi.ioctl_name_for(cmd, 'vfio-device') or hex(cmd)} is not a vfio-pci device ioctl")
@@ -667,6 +688,55 @@ class VfioPciDevice(VfioDeviceOps):
             raise fail(EINVAL, f"VFIO_DEVICE_SET_IRQS: fd {fd} is a {file.kind}, not an eventfd")
         return file
 
+    # -- VFIO_DEVICE_IOEVENTFD (vfio_pci_ioctl_ioeventfd, vfio_pci_ioeventfd in vfio_pci_rdwr.c) ---
+
+    def _ioeventfd(self, current: "Task", arg: int) -> int:
+        cls = uapi.vfio_device_ioeventfd
+        minsz = uapi.offsetofend(cls, "fd")
+        req = copy_struct_from_user(current, arg, cls, minsz)
+        if req.argsz < minsz:
+            raise fail(EINVAL, f"VFIO_DEVICE_IOEVENTFD: argsz {req.argsz} < {minsz}")
+        if req.flags & ~uapi.VFIO_DEVICE_IOEVENTFD_SIZE_MASK:
+            raise fail(EINVAL, f"VFIO_DEVICE_IOEVENTFD: unknown flags {req.flags:#x}")
+        count = req.flags & uapi.VFIO_DEVICE_IOEVENTFD_SIZE_MASK
+        if bin(count).count("1") != 1 or req.fd < -1:
+            raise fail(EINVAL, f"VFIO_DEVICE_IOEVENTFD: flags must name one write size (got {count:#x}), "
+                               f"fd an eventfd or -1 (got {req.fd})")
+        bar, pos = req.offset >> VFIO_PCI_OFFSET_SHIFT, req.offset & VFIO_PCI_OFFSET_MASK
+        if bar > uapi.VFIO_PCI_BAR5_REGION_INDEX:
+            raise fail(EINVAL, f"VFIO_DEVICE_IOEVENTFD: region {bar} is not a BAR")
+        b = self.pdev.bars.get(bar)
+        if pos + count > (b.size if b is not None else 0):            # pci_resource_len()
+            raise fail(EINVAL, f"VFIO_DEVICE_IOEVENTFD: {count} bytes at {pos:#x} do not fit in BAR{bar}")
+        if bar == self.msix_bar and not (pos + count <= self.msix_offset
+                                         or pos >= self.msix_offset + self.msix_size):
+            raise fail(EINVAL, "VFIO_DEVICE_IOEVENTFD: the write would reach the MSI-X table")
+        if count == 8:
+            raise fail(EINVAL, "VFIO_DEVICE_IOEVENTFD: 8-byte writes are refused (Linux 6.12)")
+        for i, e in enumerate(self.ioeventfds):
+            if (e.pos, e.bar, e.data, e.count) == (pos, bar, req.data, count):
+                if req.fd == -1:
+                    assert e.virqfd is not None
+                    e.virqfd.disable()
+                    del self.ioeventfds[i]
+                    return 0
+                raise fail(EEXIST, f"VFIO_DEVICE_IOEVENTFD: this write (BAR{bar} {pos:#x}, {count} bytes, "
+                                   f"data {req.data:#x}) already has an eventfd")
+        if req.fd < 0:
+            raise fail(ENODEV, "VFIO_DEVICE_IOEVENTFD: fd -1 unregisters, but no such ioeventfd is registered")
+        if len(self.ioeventfds) >= VFIO_PCI_IOEVENTFD_MAX:
+            raise fail(ENOSPC, f"VFIO_DEVICE_IOEVENTFD: {VFIO_PCI_IOEVENTFD_MAX} ioeventfds at most per device")
+        e = IoEventFd(bar, pos, req.data, count)
+        e.virqfd = virqfd_enable(current, req.fd, lambda: self._ioeventfd_write(e), None, "VFIO_DEVICE_IOEVENTFD")
+        self.ioeventfds.append(e)
+        return 0
+
+    def _ioeventfd_write(self, e: IoEventFd) -> None:
+        """vfio_pci_ioeventfd_handler(): the write, dropped while memory decoding is off."""
+        if not self.vconfig[PCI_COMMAND] & PCI_COMMAND_MEMORY:          # __vfio_pci_memory_enabled()
+            return
+        self.pdev.host_mmio_write(e.bar, e.pos, e.count, e.data & ((1 << 8 * e.count) - 1))
+
     @staticmethod
     def _s32(data: bytes, i: int = 0) -> int:
         return int.from_bytes(data[4 * i:4 * i + 4], "little", signed=True)
@@ -682,6 +752,9 @@ class VfioPciDevice(VfioDeviceOps):
             self._intx_handler(1)
 
     def _intx_disable(self) -> None:
+        if self.intx_unmask is not None:           # vfio_intx_disable(): vfio_virqfd_disable(&ctx->unmask)
+            self.intx_unmask.disable()
+            self.intx_unmask = None
         self.pdev.on_intx = None
         self.intx_trigger = None
         self.intx_masked = False
@@ -743,7 +816,8 @@ class VfioPciDevice(VfioDeviceOps):
                 self.intx_masked = True
                 self._set_hw_intx_disable(True)
         elif flags & uapi.VFIO_IRQ_SET_DATA_EVENTFD:
-            raise fail(EINVAL, "masking INTx through an eventfd is not supported")
+            # vfio_pci_set_intx_mask(): "return -ENOTTY; /* XXX implement me */"
+            raise fail(ENOTTY, "VFIO_DEVICE_SET_IRQS: masking INTx through an eventfd is not implemented (Linux neither)")
         return 0
 
     def _intx_unmask(self, current: "Task", index: int, start: int, count: int, flags: int, data: bytes) -> int:
@@ -752,9 +826,15 @@ class VfioPciDevice(VfioDeviceOps):
         if flags & uapi.VFIO_IRQ_SET_DATA_NONE or (flags & uapi.VFIO_IRQ_SET_DATA_BOOL and data[:1] != b"\0"):
             self._intx_unmask_now()
         elif flags & uapi.VFIO_IRQ_SET_DATA_EVENTFD:
+            # vfio_pci_set_intx_unmask(): an eventfd that unmasks when signalled; a
+            # negative fd unregisters it.
             fd = self._s32(data)
             if fd >= 0:
-                self._eventfd(current, fd).waiters.append(lambda _efd: self._intx_unmask_now())
+                self.intx_unmask = virqfd_enable(current, fd, self._intx_unmask_now, self.intx_unmask,
+                                                 "VFIO_DEVICE_SET_IRQS (INTx unmask)")
+            elif self.intx_unmask is not None:
+                self.intx_unmask.disable()
+                self.intx_unmask = None
         return 0
 
     # MSI and MSI-X share vfio_pci_set_msi_trigger() and what it calls.  Below them,
