@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-from errno import EAGAIN, EINVAL
+from errno import EAGAIN, EBADF, EINVAL
 from typing import TYPE_CHECKING, Callable
 
-from .errors import fail
+from .errors import KernelError, fail
 from .fs import File
 
 if TYPE_CHECKING:
@@ -62,3 +62,14 @@ class EventFd(File):
             raise fail(EAGAIN, "the eventfd counter would overflow")
         self.signal(value) if value else None
         return 8
+
+
+def eventfd_ctx_fdget(current: "Task", fd: int, what: str) -> EventFd:
+    """eventfd_ctx_fdget(): ``fd`` must be open (EBADF) and an eventfd (EINVAL)."""
+    try:
+        file = current.files.get(fd)
+    except KernelError:
+        raise fail(EBADF, f"{what}: fd {fd} is not open") from None
+    if not isinstance(file, EventFd):
+        raise fail(EINVAL, f"{what}: fd {fd} is a {file.kind}, not an eventfd")
+    return file

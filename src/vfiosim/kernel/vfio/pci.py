@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from ...uapi import vfio as uapi
 from ..errors import KernelError, fail
-from ..eventfd import EventFd
+from ..eventfd import EventFd, eventfd_ctx_fdget
 from ..pci.config import (PCI_BASE_ADDRESS_0, PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX, PCI_CAPABILITY_LIST, PCI_COMMAND,
                           PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, PCI_DEVICE_ID,
                           PCI_INTERRUPT_LINE, PCI_INTERRUPT_PIN, PCI_MSI_FLAGS, PCI_MSI_FLAGS_64BIT,
@@ -679,14 +679,7 @@ class VfioPciDevice(VfioDeviceOps):
 
     @staticmethod
     def _eventfd(current: "Task", fd: int) -> EventFd:
-        """eventfd_ctx_fdget()"""
-        try:
-            file = current.files.get(fd)
-        except KernelError:
-            raise fail(EBADF, f"VFIO_DEVICE_SET_IRQS: fd {fd} is not open") from None
-        if not isinstance(file, EventFd):
-            raise fail(EINVAL, f"VFIO_DEVICE_SET_IRQS: fd {fd} is a {file.kind}, not an eventfd")
-        return file
+        return eventfd_ctx_fdget(current, fd, "VFIO_DEVICE_SET_IRQS")
 
     # -- VFIO_DEVICE_IOEVENTFD (vfio_pci_ioctl_ioeventfd, vfio_pci_ioeventfd in vfio_pci_rdwr.c) ---
 

@@ -11,11 +11,11 @@ handler once without being read.
 
 from __future__ import annotations
 
-from errno import EBADF, EBUSY, EINVAL
+from errno import EBUSY
 from typing import TYPE_CHECKING, Callable
 
-from ..errors import KernelError, fail
-from ..eventfd import EventFd
+from ..errors import fail
+from ..eventfd import EventFd, eventfd_ctx_fdget
 
 if TYPE_CHECKING:
     from ..task import Task
@@ -47,12 +47,7 @@ def virqfd_enable(current: "Task", fd: int, handler: Callable[[], None], slot: V
                   what: str) -> Virqfd:
     """vfio_virqfd_enable(): ``fd`` must be an open eventfd (EBADF, EINVAL),
     ``slot`` (the pointer upstream fills in) must be empty (EBUSY)."""
-    try:
-        file = current.files.get(fd)
-    except KernelError:
-        raise fail(EBADF, f"{what}: fd {fd} is not open") from None
-    if not isinstance(file, EventFd):
-        raise fail(EINVAL, f"{what}: fd {fd} is a {file.kind}, not an eventfd")
+    file = eventfd_ctx_fdget(current, fd, what)
     if slot is not None:
         raise fail(EBUSY, f"{what}: an eventfd is already registered; unregister it (fd -1) first")
     v = Virqfd(file, handler)
