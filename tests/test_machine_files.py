@@ -484,3 +484,16 @@ def test_unprivileged_group_owner_can_use_the_group_end_to_end(tmp_path):
 def test_bad_group_permission_values(tmp_path, key, value):
     exc, path = load_error(tmp_path, ONE_DEVICE + f"{key} = {value}\n")
     assert_names(exc, path, f"device[0].{key}", "an integer")
+
+
+def test_behind_bridge_is_refused_for_a_device_that_shares_its_bus():
+    """behind_bridge advertises a secondary bus reset as the device's own reset,
+    which Linux uses only for a device alone on its bus (pci_parent_bus_reset)."""
+    dev = '[[device]]\nbdf = "0000:01:00.{fn}"\nmodel = "edu"\nphb = 0\npe = 1\niommu_group = 0\n{extra}'
+    text = ('[machine]\nname = "t"\nplatform = "powernv"\n[[phb]]\nindex = 0\n'
+            + dev.format(fn=0, extra="") + dev.format(fn=1, extra="behind_bridge = true\n"))
+    with pytest.raises(MachineFileError, match=r"device\[1\]\.behind_bridge.*device\[0\] \(0000:01:00.0\)"):
+        vfiosim.Machine.from_toml(text)
+    alone = text.replace('bdf = "0000:01:00.0"', 'bdf = "0000:02:00.0"')
+    m = vfiosim.Machine.from_toml(alone)
+    assert m.device("0000:01:00.1").reset_method == "bus"

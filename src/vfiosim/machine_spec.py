@@ -372,6 +372,18 @@ def parse_spec(data: dict[str, Any], source: str) -> MachineSpec:
         first_on_pe.setdefault((dev.phb, dev.pe), (i, dev.iommu_group))
         spec.devices.append(dev)
     del top
+    # behind_bridge says the device is alone on the bus below its bridge, which
+    # is when Linux can reset it with a secondary bus reset; another device on
+    # that bus would contradict it.
+    on_bus: dict[str, list[int]] = {}
+    for i, dev in enumerate(spec.devices):
+        on_bus.setdefault(dev.bdf[:7], []).append(i)
+    for i, dev in enumerate(spec.devices):
+        others = [j for j in on_bus[dev.bdf[:7]] if j != i]
+        if dev.behind_bridge and others:
+            raise MachineFileError(source, f"device[{i}].behind_bridge",
+                                   f"false: behind_bridge means alone on its bus, and device[{others[0]}] "
+                                   f"({spec.devices[others[0]].bdf}) is on bus {dev.bdf[:7]} too", True)
     return spec
 
 
