@@ -52,3 +52,13 @@ class ProcessModel(RuleBasedStateMachine):
         pr["p"].write_memory(pr["buf"], b"\x5b" * self.BUF)
         pr["maps"] = []
         self.note_memory(pr)
+
+    def exit_process(self, i: int) -> bool:
+        """exit(): the task is gone from the machine at once."""
+        pr = self.proc(i)
+        if not pr:
+            return False
+        pid = pr["p"].pid
+        pr["p"].exit()
+        assert pid not in self.m.processes()
+        return True

@@ -292,11 +292,7 @@ class VfioModel(ProcessModel):
 
     @rule(i=st.integers(0, 2))
     def exit(self, i):
-        pr = self.proc(i)
-        if pr:
-            pid = pr["p"].pid
-            pr["p"].exit()
-            assert pid not in self.m.processes()
+        if self.exit_process(i):
             for g in self.m.kernel.vfio.groups.values():
                 assert g.opened_file is None or g.opened_file._refs > 0
 

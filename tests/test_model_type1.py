@@ -98,11 +98,7 @@ class Type1Model(ProcessModel):
 
     @rule(i=st.integers(0, 3))
     def exit(self, i):
-        pr = self.proc(i)
-        if pr:
-            pid = pr["p"].pid
-            pr["p"].exit()
-            assert pid not in self.m.processes()
+        self.exit_process(i)
 
     @rule(i=st.integers(0, 3))
     def exec(self, i):
