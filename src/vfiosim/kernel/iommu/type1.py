@@ -35,6 +35,7 @@ from ...uapi import vfio as uapi
 from ..cred import CAP_IPC_LOCK
 from ..errors import KernelBug, KernelError, fail
 from ..mm import PinResult, account_locked_vm_task
+from ..vfio.info_cap import info_cap_add, info_cap_shift
 from ..uaccess import copy_from_user, copy_struct_from_user, copy_struct_to_user, copy_to_user
 from ..vfio.iommu_driver import VfioIommuDriver
 
@@ -671,7 +672,7 @@ class Type1IommuDriver(VfioIommuDriver):
             if info.argsz < info_size + len(caps):
                 info.argsz = info_size + len(caps)
             else:
-                _cap_shift(caps, info_size)
+                info_cap_shift(caps, info_size)
                 copy_to_user(current, arg + info_size, bytes(caps))
                 info.cap_offset = info_size
         copy_struct_to_user(current, arg, info, minsz)
@@ -683,12 +684,12 @@ class Type1IommuDriver(VfioIommuDriver):
         cap.flags = 0
         cap.pgsize_bitmap = 1 << _ffs(iommu.pgsize_bitmap)
         cap.max_dirty_bitmap_size = DIRTY_BITMAP_SIZE_MAX
-        _cap_add(caps, bytes(cap), uapi.VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION, 1)
+        info_cap_add(caps, bytes(cap), uapi.VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION, 1)
 
     def _dma_avail_cap(self, iommu: VfioIommu, caps: bytearray) -> None:
         """vfio_iommu_dma_avail_build_caps()"""
         cap = uapi.vfio_iommu_type1_info_dma_avail(avail=iommu.dma_avail)
-        _cap_add(caps, bytes(cap), uapi.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL, 1)
+        info_cap_add(caps, bytes(cap), uapi.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL, 1)
 
     def _iova_cap(self, iommu: VfioIommu, caps: bytearray) -> None:
         """vfio_iommu_iova_build_caps(): none for an empty list."""
@@ -696,7 +697,7 @@ class Type1IommuDriver(VfioIommuDriver):
             return
         head = uapi.vfio_iommu_type1_info_cap_iova_range(nr_iovas=len(iommu.iova_list))
         body = b"".join(struct.pack("<QQ", s, e) for s, e in iommu.iova_list)
-        _cap_add(caps, bytes(head) + body, uapi.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, 1)
+        info_cap_add(caps, bytes(head) + body, uapi.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, 1)
 
     # -- VFIO_IOMMU_MAP_DMA ----------------------------------------------------------------------------
 
@@ -1206,33 +1207,6 @@ def _verify_bitmap_size(npages: int, bitmap_size: int, call: str) -> None:
             bitmap_size < dirty_bitmap_bytes(npages):
         raise fail(EINVAL, f"{call}: a bitmap of {bitmap_size} bytes does not fit {npages} pages "
                            f"({dirty_bitmap_bytes(npages)} bytes needed, {DIRTY_BITMAP_SIZE_MAX} at most)")
-
-
-def _cap_add(caps: bytearray, cap: bytes, cap_id: int, version: int) -> None:
-    """vfio_info_add_capability() / vfio_info_cap_add(): append a capability
-    (its size aligned to 8) and link it from the end of the chain."""
-    size = (len(cap) + 7) & ~7
-    offset = len(caps)
-    caps += cap.ljust(size, b"\0")
-    struct.pack_into("<HHI", caps, offset, cap_id, version, 0)
-    tmp = 0
-    while True:
-        nxt = struct.unpack_from("<I", caps, tmp + 4)[0]
-        if not nxt:
-            break
-        tmp = nxt
-    struct.pack_into("<I", caps, tmp + 4, offset)
-
-
-def _cap_shift(caps: bytearray, offset: int) -> None:
-    """vfio_info_cap_shift(): make the chain's offsets relative to the struct."""
-    tmp = 0
-    while True:
-        nxt = struct.unpack_from("<I", caps, tmp + 4)[0]
-        if not nxt:
-            break
-        struct.pack_into("<I", caps, tmp + 4, nxt + offset)
-        tmp = nxt
 
 
 def _runs(chunks: list[np.ndarray], iova: int, psz: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

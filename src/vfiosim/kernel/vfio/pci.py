@@ -16,7 +16,6 @@ device's MSI-X table as Linux does.
 from __future__ import annotations
 
 import ctypes
-import struct
 from dataclasses import dataclass
 from errno import EBADF, EEXIST, EFAULT, EINVAL, EIO, ENODEV, ENOSPC, ENOTTY, EPERM, ERANGE
 from typing import TYPE_CHECKING
@@ -36,6 +35,7 @@ from ..pci.config import (PCI_BASE_ADDRESS_0, PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX, P
 from ..pci.device import PciDevice
 from ..uaccess import copy_from_user, copy_struct_from_user, copy_struct_to_user, copy_to_user
 from .device import VfioDeviceOps
+from .info_cap import info_cap_add, info_cap_shift
 from .virqfd import Virqfd, virqfd_enable
 
 if TYPE_CHECKING:
@@ -80,32 +80,6 @@ class MsiDesc:
     address: int
     data: int
     ctrl: int
-
-
-def _info_cap_chain(caps: list[bytes]) -> bytearray:
-    """vfio_info_add_capability() for each capability: a chain whose ``next``
-    offsets are relative to the start of the chain (0 ends it)."""
-    buf = bytearray()
-    prev = -1
-    for cap in caps:
-        at = len(buf)
-        buf += cap
-        struct.pack_into("<I", buf, at + 4, 0)
-        if prev >= 0:
-            struct.pack_into("<I", buf, prev + 4, at)
-        prev = at
-    return buf
-
-
-def _info_cap_shift(buf: bytearray, offset: int) -> None:
-    """vfio_info_cap_shift(): add ``offset`` to every non-zero ``next``."""
-    at = 0
-    while True:
-        nxt = struct.unpack_from("<I", buf, at + 4)[0]
-        if not nxt:
-            return
-        struct.pack_into("<I", buf, at + 4, nxt + offset)
-        at = nxt
 
 
 class VfioPciDevice(VfioDeviceOps):
@@ -467,7 +441,7 @@ class VfioPciDevice(VfioDeviceOps):
             raise fail(EINVAL, f"VFIO_DEVICE_GET_REGION_INFO: argsz {info.argsz} < {minsz}")
         index = info.index
         R, W, M = uapi.VFIO_REGION_INFO_FLAG_READ, uapi.VFIO_REGION_INFO_FLAG_WRITE, uapi.VFIO_REGION_INFO_FLAG_MMAP
-        caps: list[bytes] = []
+        chain = bytearray()                       # capabilities of this region
         if index == uapi.VFIO_PCI_CONFIG_REGION_INDEX:
             info.offset, info.size, info.flags = region_offset(index), self.pdev.config.size, R | W
         elif index <= uapi.VFIO_PCI_BAR5_REGION_INDEX:
@@ -477,8 +451,8 @@ class VfioPciDevice(VfioDeviceOps):
             info.flags = 0 if not bar else R | W | (M if bar.mmap_ok and bar.size >= current.mm.page_size else 0)
             if info.flags & M and index == self.msix_bar:
                 # msix_mappable_cap(): the whole BAR, MSI-X table included, may be mmapped.
-                caps.append(bytes(uapi.vfio_info_cap_header(id=uapi.VFIO_REGION_INFO_CAP_MSIX_MAPPABLE,
-                                                            version=1)))
+                info_cap_add(chain, bytes(uapi.vfio_info_cap_header()),
+                             uapi.VFIO_REGION_INFO_CAP_MSIX_MAPPABLE, 1)
         elif index == uapi.VFIO_PCI_ROM_REGION_INDEX:
             info.offset, info.size, info.flags = region_offset(index), 0, 0
         elif index == uapi.VFIO_PCI_VGA_REGION_INDEX:
@@ -486,15 +460,14 @@ class VfioPciDevice(VfioDeviceOps):
         else:
             raise fail(EINVAL, f"region index {index} does not exist "
                                f"({uapi.VFIO_PCI_NUM_REGIONS + self.num_regions} regions)")
-        if caps:
-            chain = _info_cap_chain(caps)
+        if chain:
             info.flags |= uapi.VFIO_REGION_INFO_FLAG_CAPS
             if info.argsz < ctypes.sizeof(cls) + len(chain):
                 # Too small for the capabilities: say how much is needed.
                 info.argsz = ctypes.sizeof(cls) + len(chain)
                 info.cap_offset = 0
             else:
-                _info_cap_shift(chain, ctypes.sizeof(cls))
+                info_cap_shift(chain, ctypes.sizeof(cls))
                 copy_to_user(current, arg + ctypes.sizeof(cls), bytes(chain))
                 info.cap_offset = ctypes.sizeof(cls)
         # Without capabilities cap_offset goes back as the caller passed it
