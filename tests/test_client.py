@@ -556,3 +556,27 @@ def test_client_passes_mypy_strict():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Success: no issues found" in out.stdout
     assert (ROOT / "src/vfiosim/py.typed").exists()
+
+
+def test_ioeventfd_doorbells(vfio_machine, vfio_process):
+    """Device.ioeventfd(): each kick() is a BAR write made by the kernel; close()
+    unregisters it (the kernel then ignores the eventfd), closing the device
+    closes what is left."""
+    with client.open_device(EDU) as dev:
+        bar = dev.bar(0)
+        with dev.ioeventfd(0, 0x04, 0x0F0F0F0F) as door:
+            door.kick()
+            assert bar.read32(0x04) == 0xF0F0F0F0
+            bar.write32(0x04, 0)
+            door.kick()
+            assert bar.read32(0x04) == 0xF0F0F0F0
+        bar.write32(0x04, 0)
+        assert bar.read32(0x04) == 0xFFFFFFFF                       # closed: nothing wrote it
+        with pytest.raises(VfioUsageError):
+            door.kick()
+        with pytest.raises(OSError) as e:                           # the kernel refuses 8 bytes (6.12)
+            dev.ioeventfd(0, 0x04, 1, size=8)
+        assert e.value.errno == errno.EINVAL
+        left = dev.ioeventfd(0, 0x08, 5)
+    assert left.closed
+    assert not vfio_machine.oopses

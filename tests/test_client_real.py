@@ -51,6 +51,9 @@ def test_real_backend_drives_the_edu_device(vfio_machine):
         assert irq.wait(1.0) == 1 and bar.read32(0x08) == 720
         bar.write32(0x60, 1)
         assert asyncio.run(irq.wait_async(1.0)) == 1
+        with dev.ioeventfd(0, 0x04, 0x0F0F0F0F) as door:            # write(2) on the eventfd
+            door.kick()
+            assert bar.read32(0x04) == 0xF0F0F0F0
         src = dev.container.dma_alloc(4096, max_iova=(1 << 28) - 1)
         dst = dev.container.dma_alloc(4096, max_iova=(1 << 28) - 1)
         src.array()[:] = np.arange(4096) % 251

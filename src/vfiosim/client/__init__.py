@@ -31,7 +31,7 @@ from .backend import (BACKEND_ENV, MACHINE_ENV, Backend, HostMemory, HostOs, Rea
 from .caps import (Capability, DmaAvailCap, IovaRangeCap, MigrationCap, MsixMappableCap, RegionTypeCap,
                    SparseMmapCap, parse_caps)
 from .container import AUTO_ORDER, IOMMU_TYPES, Container, DdwInfo, Group, IommuInfo, iommu_name
-from .device import IRQ_KINDS, Device, Irq, IrqInfo, Region
+from .device import IRQ_KINDS, Device, IoEventFd, Irq, IrqInfo, Region
 from .dma import DmaBuffer, DmaMapping
 from .errors import VfioError, VfioUsageError
 from .iova import IovaAllocator, IovaRange
@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 __all__ = [
     "Backend", "SimBackend", "RealBackend", "HostOs", "HostMemory", "get_backend", "use_backend",
     "set_default_backend", "BACKEND_ENV", "MACHINE_ENV",
-    "Container", "Group", "Device", "Region", "Irq", "IrqInfo", "DmaBuffer", "DmaMapping", "IommuInfo", "DdwInfo",
+    "Container", "Group", "Device", "Region", "Irq", "IrqInfo", "IoEventFd", "DmaBuffer", "DmaMapping", "IommuInfo",
+    "DdwInfo",
     "IovaRange", "IovaAllocator", "PciDeviceInfo", "VfioError", "VfioUsageError",
     "Capability", "SparseMmapCap", "RegionTypeCap", "MsixMappableCap", "IovaRangeCap", "MigrationCap", "DmaAvailCap",
     "parse_caps", "IOMMU_TYPES", "AUTO_ORDER", "IRQ_KINDS", "iommu_name",

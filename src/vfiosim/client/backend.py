@@ -91,6 +91,8 @@ class Backend(Protocol):
 
     def read(self, fd: int, n: int) -> bytes: ...
 
+    def write(self, fd: int, data: bytes) -> int: ...
+
     def eventfd(self) -> int:
         """A non-blocking, close-on-exec eventfd with counter 0."""
         ...
@@ -186,6 +188,9 @@ class SimBackend:
 
     def read(self, fd: int, n: int) -> bytes:
         return self.process.read(fd, n)
+
+    def write(self, fd: int, data: bytes) -> int:
+        return self.process.write(fd, data)
 
     def eventfd(self) -> int:
         return self.process.eventfd(0, os.O_NONBLOCK | os.O_CLOEXEC)
@@ -293,6 +298,9 @@ class HostOs:
     def read(self, fd: int, n: int) -> bytes:
         return os.read(fd, n)
 
+    def write(self, fd: int, data: bytes) -> int:
+        return os.write(fd, data)
+
     def eventfd(self, initval: int, flags: int) -> int:
         return os.eventfd(initval, flags)
 
@@ -370,6 +378,9 @@ class RealBackend:
 
     def read(self, fd: int, n: int) -> bytes:
         return self.host.read(fd, n)
+
+    def write(self, fd: int, data: bytes) -> int:
+        return self.host.write(fd, data)
 
     def eventfd(self) -> int:
         return self.host.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)

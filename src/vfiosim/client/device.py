@@ -54,6 +54,7 @@ class Device:
         self.mmap = mmap
         self._regions: dict[int, Region] = {}
         self._irqs: dict[int, list[Irq]] = {}
+        self._ioeventfds: list[IoEventFd] = []
         self._owned_container: "Container | None" = None
         buf = query_with_caps(lambda b: self._ioctl("VFIO_DEVICE_GET_INFO", uapi.VFIO_DEVICE_GET_INFO, b),
                               uapi.vfio_device_info)
@@ -183,6 +184,26 @@ class Device:
         """One interrupt vector of ``kind`` (default MSI), enabled."""
         return self.enable_irqs(kind, 1)[0]
 
+    def ioeventfd(self, bar: int, offset: int, data: int, size: int = 4) -> "IoEventFd":
+        """VFIO_DEVICE_IOEVENTFD: an eventfd whose every :meth:`IoEventFd.kick`
+        makes the kernel write ``data`` (``size`` bytes: 1, 2 or 4) at
+        ``offset`` of BAR ``bar`` -- a doorbell without an ioctl per write."""
+        call = f"ioeventfd(bar={bar}, offset={offset:#x}, data={data:#x}, size={size})"
+        self._check_open(call)
+        if size not in (1, 2, 4, 8):
+            raise VfioUsageError(errno.EINVAL, self.name, call, detail=f"size {size} is not a write width",
+                                 fix="use 1, 2 or 4 (Linux refuses 8-byte ioeventfds)")
+        backend = self.container.backend
+        fd = syscall(self.name, "eventfd()", backend.eventfd)
+        e = IoEventFd(self, (bar << 40) + offset, data, size, fd)
+        try:
+            e._register(fd)
+        except BaseException:
+            backend.close(fd)
+            raise
+        self._ioeventfds.append(e)
+        return e
+
     def _set_irqs(self, index: int, start: int, flags: int, fds: list[int] | None = None, count: int | None = None,
                   ctx: dict[str, object] | None = None) -> None:
         data = b"".join(bytes(ctypes.c_int32(fd)) for fd in fds) if fds is not None else b""
@@ -220,6 +241,11 @@ class Device:
                     irq.close()
                 except BaseException as exc:
                     errors.append(exc)
+        for e in list(self._ioeventfds):
+            try:
+                e.close()
+            except BaseException as exc:
+                errors.append(exc)
         for r in self._regions.values():
             r.close()
         backend = self.container.backend
@@ -451,6 +477,59 @@ class IrqInfo:
     @property
     def automasked(self) -> bool:
         return bool(self.flags & uapi.VFIO_IRQ_INFO_AUTOMASKED)
+
+
+class IoEventFd:
+    """A write the kernel makes into a BAR whenever this eventfd is written
+    (VFIO_DEVICE_IOEVENTFD).  :meth:`close` unregisters it and closes the eventfd;
+    closing the device does both."""
+
+    def __init__(self, device: Device, offset: int, data: int, size: int, fd: int) -> None:
+        self.device = device
+        self.offset = offset                 # device fd offset: region index << 40 | offset
+        self.data = data
+        self.size = size
+        self.fd = fd
+        self.closed = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.device.name}.ioeventfd[BAR{self.offset >> 40}+{self.offset & ((1 << 40) - 1):#x}]"
+
+    def _register(self, fd: int) -> None:
+        s = uapi.vfio_device_ioeventfd(argsz=ctypes.sizeof(uapi.vfio_device_ioeventfd), flags=self.size,
+                                       offset=self.offset, data=self.data, fd=fd)
+        self.device._ioctl("VFIO_DEVICE_IOEVENTFD", uapi.VFIO_DEVICE_IOEVENTFD, bytearray(bytes(s)),
+                           {"offset": self.offset, "size": self.size})
+
+    def kick(self, n: int = 1) -> None:
+        """Write the eventfd: the kernel makes the BAR write."""
+        if self.closed or self.device.closed:
+            raise VfioUsageError(errno.EBADF, self.name, "kick()", detail="the ioeventfd was closed")
+        backend = self.device.container.backend
+        syscall(self.name, "write(eventfd)", lambda: backend.write(self.fd, n.to_bytes(8, sys.byteorder)))
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        backend = self.device.container.backend
+        try:
+            if self in self.device._ioeventfds:
+                self.device._ioeventfds.remove(self)
+            if not self.device.closed:
+                self._register(-1)
+        finally:
+            syscall(self.name, "close(eventfd)", lambda: backend.close(self.fd))
+
+    def __enter__(self) -> "IoEventFd":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{self.name} eventfd {self.fd}{' closed' if self.closed else ''}>"
 
 
 class Irq:

@@ -121,6 +121,10 @@ class SimulatedHost(HostOs):
         self._record("read", fd, n)
         return self.process.read(fd, n)
 
+    def write(self, fd: int, data: bytes) -> int:
+        self._record("write", fd, bytes(data))
+        return self.process.write(fd, data)
+
     def eventfd(self, initval: int, flags: int) -> int:
         self._record("eventfd", initval, flags)
         return self.process.eventfd(initval, flags)
