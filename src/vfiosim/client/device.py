@@ -8,7 +8,7 @@ import errno
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Self
 
 from ..uapi import vfio as uapi
 from ._util import from_buffer, syscall, wrap
@@ -479,7 +479,42 @@ class IrqInfo:
         return bool(self.flags & uapi.VFIO_IRQ_INFO_AUTOMASKED)
 
 
-class IoEventFd:
+class _DeviceEventFd:
+    """An eventfd of the client's tied to a device (an interrupt vector, an
+    ioeventfd): closing it detaches it from the device, then closes it."""
+
+    device: Device
+    fd: int
+    closed: bool
+
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
+
+    def _detach(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        backend = self.device.container.backend
+        try:
+            self._detach()
+        finally:
+            syscall(self.name, "close(eventfd)", lambda: backend.close(self.fd))
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{self.name} eventfd {self.fd}{' closed' if self.closed else ''}>"
+
+
+class IoEventFd(_DeviceEventFd):
     """A write the kernel makes into a BAR whenever this eventfd is written
     (VFIO_DEVICE_IOEVENTFD).  :meth:`close` unregisters it and closes the eventfd;
     closing the device does both."""
@@ -509,30 +544,15 @@ class IoEventFd:
         backend = self.device.container.backend
         syscall(self.name, "write(eventfd)", lambda: backend.write(self.fd, n.to_bytes(8, sys.byteorder)))
 
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        backend = self.device.container.backend
-        try:
-            if self in self.device._ioeventfds:
-                self.device._ioeventfds.remove(self)
-            if not self.device.closed:
-                self._register(-1)
-        finally:
-            syscall(self.name, "close(eventfd)", lambda: backend.close(self.fd))
-
-    def __enter__(self) -> "IoEventFd":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<{self.name} eventfd {self.fd}{' closed' if self.closed else ''}>"
+    def _detach(self) -> None:
+        """Unregister (VFIO_DEVICE_IOEVENTFD with fd -1) unless the device is closed."""
+        if self in self.device._ioeventfds:
+            self.device._ioeventfds.remove(self)
+        if not self.device.closed:
+            self._register(-1)
 
 
-class Irq:
+class Irq(_DeviceEventFd):
     """One interrupt vector signalling an eventfd.
 
     ``wait(timeout)`` returns how many interrupts arrived since the last
@@ -613,22 +633,6 @@ class Irq:
         self.device._set_irqs(self.index, self.vector, uapi.VFIO_IRQ_SET_DATA_NONE | uapi.VFIO_IRQ_SET_ACTION_TRIGGER,
                               count=1)
 
-    def close(self) -> None:
-        """Detach the eventfd from the vector (the last one disables the kind), close it."""
-        if self.closed:
-            return
-        self.closed = True
-        backend = self.device.container.backend
-        try:
-            self.device._irq_closed(self)
-        finally:
-            syscall(self.name, "close(eventfd)", lambda: backend.close(self.fd))
-
-    def __enter__(self) -> "Irq":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<{self.name} eventfd {self.fd}{' closed' if self.closed else ''}>"
+    def _detach(self) -> None:
+        """Detach the eventfd from the vector (the last one disables the kind)."""
+        self.device._irq_closed(self)
