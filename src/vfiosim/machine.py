@@ -16,8 +16,6 @@ import ctypes
 import errno
 import os
 import resource
-import threading
-import traceback
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -68,8 +66,9 @@ class Machine:
         self.spec = spec
         self.name = spec.name
         self.kernel = Kernel(page_size, profile)
-        self._lock = threading.RLock()
-        self.oopses: list[str] = []
+        # The big kernel lock and the internal errors recorded, both the syscall gate's.
+        self._lock = self.kernel.gate.lock
+        self.oopses: list[str] = self.kernel.gate.oopses
         self.iommu_units: list[Any] = []     # x86: the VT-d units (kernel/platform/x86.py)
         self._build()
 
@@ -309,11 +308,7 @@ class Machine:
             return Process(self, self.kernel.spawn(uid, gid, rlimit_memlock, name))
 
     def _oops(self, call: str, exc: BaseException) -> OSError:
-        text = "".join(traceback.format_exception(exc))
-        self.oopses.append(f"{call}: {text}")
-        self.kernel.log.err(f"vfiosim: internal error during {call}: {exc!r} (this is a vfiosim bug; "
-                            f"machine.oopses has the traceback)")
-        return OSError(errno.EIO, f"vfiosim internal error during {call}: {exc!r}")
+        return self.kernel.gate.oops(call, exc).to_oserror()
 
     def topology(self) -> dict[str, Any]:
         """PHBs, PEs, groups, devices and DMA windows, as plain data."""
@@ -348,16 +343,10 @@ class Process:
     def _call(self, call: str | Callable[[], str], fn: Callable[..., T], *args: Any) -> T:
         """Run a syscall; ``call`` names it in errors (a callable is asked
         only then, keeping the hot path free of formatting)."""
-        m = self.machine
-        with m._lock:
-            if not self.task.alive:
-                raise ProcessLookupError(errno.ESRCH, f"process {self.pid} has exited")
-            try:
-                return fn(self.task, *args)
-            except KernelError as exc:
-                raise exc.to_oserror(call if isinstance(call, str) else call()) from None
-            except Exception as exc:          # a bug in the simulator: never a traceback to the program
-                raise m._oops(call if isinstance(call, str) else call(), exc) from None
+        try:
+            return self.machine.kernel.gate.call(self.task, call, fn, *args)
+        except KernelError as exc:
+            raise exc.to_oserror(call if isinstance(call, str) else call()) from None
 
     # -- files ------------------------------------------------------------------------------------
 
@@ -519,12 +508,10 @@ class Process:
     def exit(self) -> None:
         """do_exit(): unmap everything, close every fd in order; the release
         paths unpin pages and refund locked memory."""
-        m = self.machine
-        with m._lock:
-            try:
-                m.kernel.exit(self.task)
-            except Exception as exc:
-                raise m._oops("exit", exc) from None
+        try:
+            self.machine.kernel.gate.run("exit", self.machine.kernel.exit, self.task)
+        except KernelError as exc:
+            raise exc.to_oserror() from None
 
     def __repr__(self) -> str:
         return f"<Process {self.pid} on {self.machine.name}{'' if self.alive else ' (exited)'}>"

@@ -155,6 +155,10 @@ class FdTable:
                     return file
             raise fail(EBADF, f"fd {fd} is not open") from None
 
+    def lookup(self, fd: int) -> File | None:
+        """The file the table itself holds at ``fd`` (never a foreign one)."""
+        return self._fds.get(fd) if isinstance(fd, int) else None
+
     def remove(self, fd: int) -> File:
         try:
             file = self._fds[fd]

@@ -16,6 +16,7 @@ from ..fs import File
 from ..uaccess import copy_struct_from_user
 
 if TYPE_CHECKING:
+    from ..eventfd import EventFd
     from ..task import Task
     from .group import VfioGroup
 
@@ -48,6 +49,11 @@ class VfioDeviceOps:
 
     def mmio(self, current: "Task", offset: int, size: int, value: int | None) -> int:
         raise fail(EINVAL, "the device has no mmapped region")
+
+    def eventfds(self) -> list["EventFd"]:
+        """The eventfds the driver signals (interrupt triggers): a transport
+        keeps its handles on them open while they are here."""
+        return []
 
 
 class VfioDevice:

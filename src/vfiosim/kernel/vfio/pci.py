@@ -118,6 +118,9 @@ class VfioPciDevice(VfioDeviceOps):
         """The eventfds MSI or MSI-X vectors signal (the transport keeps them open)."""
         return list(self.msi_ctx.values())
 
+    def eventfds(self) -> list[EventFd]:
+        return [e for e in (self.intx_trigger, self.req_trigger, *self.msi_ctx.values()) if e is not None]
+
     # -- open / close (vfio_pci_core_enable / _disable) -------------------------------------
 
     def open_device(self, current: "Task") -> None:
