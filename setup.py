@@ -1,7 +1,8 @@
-"""Builds the C preload shim of `vfiosim run` at install time (everything else is in pyproject.toml).
+"""Builds the C parts of `vfiosim run` at install time (everything else is in pyproject.toml).
 
-The shim is an LD_PRELOAD library, not a Python extension: it links only
-against libc, and vfiosim.preload.library_path() finds it at run time.
+The shim is an LD_PRELOAD library and the daemon's helper a ctypes library,
+not Python extensions: they link only against libc, and
+vfiosim.preload.library_path()/daemon_library_path() find them at run time.
 """
 
 from setuptools import Extension, setup
@@ -18,9 +19,18 @@ setup(
         Extension(
             "vfiosim.preload._vfiosim_preload",
             sources=["src/vfiosim/preload/vfiosim_preload.c"],
+            include_dirs=["src/vfiosim/preload"],
+            depends=["src/vfiosim/preload/vfiosim_protocol.h"],
             extra_compile_args=["-O2", "-fvisibility=hidden"],
             libraries=["dl", "pthread"],
-        )
+        ),
+        Extension(
+            "vfiosim.preload._vfiosim_daemon",
+            sources=["src/vfiosim/preload/vfiosim_daemon.c"],
+            include_dirs=["src/vfiosim/preload"],
+            depends=["src/vfiosim/preload/vfiosim_protocol.h"],
+            extra_compile_args=["-O2", "-fvisibility=hidden"],
+        ),
     ],
     cmdclass={"build_ext": BuildShim},
 )

@@ -2,11 +2,24 @@
 
 Under ``vfiosim run`` a simulated task stands for a real process.  Its
 memory is the real process's memory: user pointers passed to ioctls are
-read and written with process_vm_readv/process_vm_writev, pinned pages are
-the process's real pages, and a device's DMA lands in them.  Interrupts
-signal the program's real eventfds.  These classes implement the kernel's
-interfaces (the ``MM`` duck type of kernel/mm.py, a ``File`` for eventfds)
-on top of the host; the kernel itself stays free of real I/O.
+read and written through ``/proc/<pid>/mem``, pinned pages are the
+process's real pages, and a device's DMA lands in them.  Interrupts signal
+the program's real eventfds.  These classes implement the kernel's
+interfaces (the ``MM`` of kernel/mm.py, a ``File`` for eventfds) on top of
+the host; the kernel itself stays free of real I/O.
+
+The files a :class:`HostProcess` reads through are opened once, when the
+process's hello is verified, with the program's own credentials
+(transport/daemon.py): ``/proc/<pid>/mem`` and ``/proc/<pid>/maps`` are
+bound to the address space that was there then, so an image the process
+later exec()s -- a set-uid program, say -- is out of their reach, and the
+``/proc/<pid>`` directory fd is bound to the process, never to a pid that
+another process reuses.
+
+Cost follows what is pinned, not what is mapped: a mapping is looked up per
+address (``PROCMAP_QUERY``, Linux 6.11; /proc/<pid>/maps before that), and
+pins are counted per 1 GiB window of the address space that holds one, so a
+program that reserves terabytes and maps a page costs the daemon a page.
 
 Limitation: a pin does not hold a real page in place.  If the program
 unmaps a buffer that is still DMA-mapped and maps something else there, a
@@ -17,10 +30,9 @@ page).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import errno
 import os
 import select
-import struct
 from dataclasses import dataclass
 from errno import EFAULT
 from typing import TYPE_CHECKING, Callable
@@ -30,111 +42,250 @@ import numpy as np
 from ..kernel.errors import fail
 from ..kernel.eventfd import EventFd
 from ..kernel.mm import PROT_EXEC, PROT_READ, PROT_WRITE, PhysicalMemory, PinResult, Vma
+from ..kernel.progression import Progression
+from . import native
 
 if TYPE_CHECKING:
     from ..kernel.task import Task
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-
-
-class _iovec(ctypes.Structure):
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
-
-
-_libc.process_vm_readv.restype = ctypes.c_ssize_t
-_libc.process_vm_writev.restype = ctypes.c_ssize_t
+WINDOW_SHIFT = 30                   # pins are counted per 1 GiB of address space
+_PROCMAP_PROT = ((native.PROCMAP_READ, PROT_READ), (native.PROCMAP_WRITE, PROT_WRITE),
+                 (native.PROCMAP_EXEC, PROT_EXEC))
 
 
 class HostProcess:
-    """Memory and /proc views of one real process."""
+    """Memory and /proc views of one real process (one exec image of it).
 
-    def __init__(self, pid: int) -> None:
+    Made by :meth:`open` (the daemon calls it acting as the program), or
+    unbound (``HostProcess(pid)``): a fork child the daemon knows of before
+    it said hello, whose memory is out of reach until it does."""
+
+    def __init__(self, pid: int, procdir: int = -1, mem: int = -1, maps: int = -1, pagemap: int = -1) -> None:
         self.pid = pid
+        self.procdir = procdir
+        self.mem = mem
+        self.maps_fd = maps
+        self.pagemap = pagemap
+        self._query = maps >= 0          # PROCMAP_QUERY works (until ENOTTY says otherwise)
         # Set when the image this stands for is gone (exit, exec): the pid
         # may now name a new image, or another process.
         self.gone = False
 
+    @classmethod
+    def open(cls, pid: int) -> "HostProcess":
+        """Open the views of ``pid`` with this thread's credentials: the host
+        kernel refuses ``mem`` unless they may ptrace the process."""
+        fds: list[int] = []
+        try:
+            procdir = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fds.append(procdir)
+            for name, flags in (("mem", os.O_RDWR), ("maps", os.O_RDONLY), ("pagemap", os.O_RDONLY)):
+                fds.append(os.open(name, flags | os.O_CLOEXEC, dir_fd=procdir))
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return cls(pid, *fds)
+
+    @property
+    def bound(self) -> bool:
+        return self.mem >= 0
+
+    def close(self) -> None:
+        for name in ("procdir", "mem", "maps_fd", "pagemap"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+                setattr(self, name, -1)
+
+    # -- copy_from_user / copy_to_user: the CPU's view, protection honoured -------------------
+
     def read(self, addr: int, n: int) -> bytes:
-        """process_vm_readv(); EFAULT unless all ``n`` bytes were read."""
+        """EFAULT unless all ``n`` bytes are mapped readable."""
         if n == 0:
             return b""
+        if not self.bound or self.gone:
+            raise fail(EFAULT, f"the memory of process {self.pid} is out of reach")
         buf = ctypes.create_string_buffer(n)
-        local = _iovec(ctypes.cast(buf, ctypes.c_void_p), n)
-        remote = _iovec(addr, n)
-        got = _libc.process_vm_readv(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-        if got != n:
-            raise fail(EFAULT, f"cannot read {n} bytes at {addr:#x} in process {self.pid}")
+        if self._query:
+            r = native.lib().vd_uread(self.maps_fd, self.mem, addr, n, buf)
+            if r == 0:
+                return buf.raw
+            if r != -errno.ENOTTY:
+                raise fail(EFAULT, f"cannot read {n} bytes at {addr:#x} in process {self.pid}")
+            self._query = False
+        self._check(addr, n, write=False)
+        self._mem_rw(addr, n, buf, write=False)
         return buf.raw
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
-        """process_vm_writev(); honours the mapping's protection (no FOLL_FORCE)."""
+        """EFAULT unless all of it is mapped writable (no FOLL_FORCE)."""
         data = bytes(data)
         n = len(data)
         if n == 0:
             return
-        buf = ctypes.create_string_buffer(data, n)
-        local = _iovec(ctypes.cast(buf, ctypes.c_void_p), n)
-        remote = _iovec(addr, n)
-        got = _libc.process_vm_writev(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-        if got != n:
-            raise fail(EFAULT, f"cannot write {n} bytes at {addr:#x} in process {self.pid}")
+        if not self.bound or self.gone:
+            raise fail(EFAULT, f"the memory of process {self.pid} is out of reach")
+        if self._query:
+            r = native.lib().vd_uwrite(self.maps_fd, self.mem, addr, n, data)
+            if r == 0:
+                return
+            if r != -errno.ENOTTY:
+                raise fail(EFAULT, f"cannot write {n} bytes at {addr:#x} in process {self.pid}")
+            self._query = False
+        self._check(addr, n, write=True)
+        self._mem_rw(addr, n, ctypes.create_string_buffer(data, n), write=True)
 
-    def device_write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
-        """A DMA write: like a device, it ignores the CPU's page protection."""
-        try:
-            fd = os.open(f"/proc/{self.pid}/mem", os.O_WRONLY)
-        except OSError:
-            self.write(addr, data)
-            return
-        try:
-            if os.pwrite(fd, bytes(data), addr) != len(data):
-                raise fail(EFAULT, f"DMA write of {len(data)} bytes at {addr:#x} in process {self.pid} was short")
-        except OSError:
-            raise fail(EFAULT, f"DMA write at {addr:#x} in process {self.pid} failed") from None
-        finally:
-            os.close(fd)
+    def _check(self, addr: int, n: int, write: bool) -> None:
+        """Without PROCMAP_QUERY: the mappings from /proc/<pid>/maps."""
+        end = addr + n
+        for start, stop, prot, _private, _path in self.maps():
+            if stop <= addr or start >= end:
+                continue
+            if start > addr or not (prot & PROT_WRITE if write else prot & (PROT_READ | PROT_WRITE)):
+                break
+            addr = stop
+            if addr >= end:
+                return
+        raise fail(EFAULT, f"cannot {'write' if write else 'read'} {n} bytes at {addr:#x} in process {self.pid}")
+
+    def _mem_rw(self, addr: int, n: int, buf: ctypes.Array, write: bool) -> None:
+        if native.lib().vd_dma(self.mem, addr, n, buf, 1 if write else 0) < 0:
+            raise fail(EFAULT, f"{'write' if write else 'read'} of {n} bytes at {addr:#x} in process {self.pid} failed")
+
+    # -- a device's DMA: the pages, whatever the CPU's protection is now ---------------------------
+
+    def device_read(self, addr: int, n: int) -> bytes:
+        buf = ctypes.create_string_buffer(n)
+        if not self.bound or native.lib().vd_dma(self.mem, addr, n, buf, 0) < 0:
+            raise fail(EFAULT, f"DMA read of {n} bytes at {addr:#x} in process {self.pid} failed")
+        return buf.raw
+
+    def device_read_into(self, addr: int, out: np.ndarray) -> None:
+        if not self.bound or native.lib().vd_dma(self.mem, addr, out.size, out.ctypes.data, 0) < 0:
+            raise fail(EFAULT, f"DMA read of {out.size} bytes at {addr:#x} in process {self.pid} failed")
+
+    def device_write(self, addr: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
+        if isinstance(data, np.ndarray):
+            src = np.ascontiguousarray(data, dtype=np.uint8)
+            ptr, n = src.ctypes.data, src.size
+        else:
+            raw = bytes(data)
+            ptr, n = raw, len(raw)
+        if not self.bound or native.lib().vd_dma(self.mem, addr, n, ptr, 1) < 0:
+            raise fail(EFAULT, f"DMA write of {n} bytes at {addr:#x} in process {self.pid} failed")
+
+    # -- mappings ----------------------------------------------------------------------------------
+
+    def vma(self, addr: int) -> tuple[int, int, int] | None:
+        """(start, end, PROT_*) of the mapping holding ``addr``, or None."""
+        if not self.bound or self.gone:
+            return None
+        if self._query:
+            try:
+                found = native.vma(self.maps_fd, addr)
+            except OSError as exc:
+                if exc.errno != errno.ENOTTY:
+                    return None
+                self._query = False
+            else:
+                if found is None:
+                    return None
+                start, end, flags = found
+                return start, end, sum(prot for bit, prot in _PROCMAP_PROT if flags & bit)
+        for start, end, prot, _private, _path in self.maps():
+            if start <= addr < end:
+                return start, end, prot
+        return None
 
     def maps(self) -> list[tuple[int, int, int, bool, str]]:
-        """(start, end, prot, private anonymous-like, path) of each mapping."""
-        out = []
+        """(start, end, prot, private, path) of each mapping, from the bound maps file."""
+        if self.maps_fd < 0 or self.gone:
+            return []
+        chunks = []
         try:
-            with open(f"/proc/{self.pid}/maps") as f:
-                lines = f.readlines()
+            os.lseek(self.maps_fd, 0, os.SEEK_SET)
+            while True:
+                chunk = os.read(self.maps_fd, 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
         except OSError:
             return []
-        for line in lines:
+        out = []
+        for line in b"".join(chunks).decode(errors="replace").splitlines():
             parts = line.split(maxsplit=5)
+            if len(parts) < 5:
+                continue
             start, end = (int(x, 16) for x in parts[0].split("-"))
             perms = parts[1]
             prot = (PROT_READ if perms[0] == "r" else 0) | (PROT_WRITE if perms[1] == "w" else 0) | \
                 (PROT_EXEC if perms[2] == "x" else 0)
-            path = parts[5].strip() if len(parts) > 5 else ""
-            out.append((start, end, prot, perms[3] == "p", path))
+            out.append((start, end, prot, perms[3] == "p", parts[5].strip() if len(parts) > 5 else ""))
         return out
 
     def present(self, pages: np.ndarray, page_shift: int) -> np.ndarray:
-        """Whether each page (virtual address >> 12 of the host) is populated
-        (present or swapped), from /proc/<pid>/pagemap."""
-        out = np.zeros(pages.size, dtype=np.bool_)
+        """Whether each page (virtual address >> page_shift) is populated
+        (present or swapped), from /proc/<pid>/pagemap: one read per run."""
+        out = np.ones(pages.size, dtype=np.bool_)
+        if self.pagemap < 0 or pages.size == 0:
+            return out
+        host = (pages.astype(np.uint64) << np.uint64(page_shift)) >> np.uint64(12)
         try:
-            with open(f"/proc/{self.pid}/pagemap", "rb") as f:
-                for i, page in enumerate(pages.tolist()):
-                    f.seek((page << page_shift >> 12) * 8)
-                    raw = f.read(8)
-                    if len(raw) == 8:
-                        entry = struct.unpack("<Q", raw)[0]
-                        out[i] = bool(entry >> 62 & 3)
+            i = 0
+            while i < host.size:
+                j = i + 1
+                while j < host.size and host[j] == host[j - 1] + 1 and j - i < 4096:
+                    j += 1
+                raw = os.pread(self.pagemap, 8 * (j - i), int(host[i]) * 8)
+                entries = np.frombuffer(raw.ljust(8 * (j - i), b"\0"), dtype=np.uint64)
+                out[i:j] = (entries >> np.uint64(62)) & np.uint64(3) != 0
+                i = j
         except OSError:
-            out[:] = True
+            pass
         return out
+
+    # -- the process itself, through its /proc directory ------------------------------------------
+
+    def fd_link(self, n: int) -> str:
+        """readlink /proc/<pid>/fd/<n> ('' if there is none)."""
+        if self.procdir < 0:
+            return ""
+        try:
+            return os.readlink(f"fd/{n}", dir_fd=self.procdir)
+        except OSError:
+            return ""
+
+    def fd_numbers(self) -> list[int]:
+        if self.procdir < 0:
+            return []
+        try:
+            fd = os.open("fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.procdir)
+        except OSError:
+            return []
+        try:
+            return sorted(int(n) for n in os.listdir(fd) if n.isdigit())
+        finally:
+            os.close(fd)
+
+    def read_file(self, name: str) -> str:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.procdir)
+        try:
+            return os.read(fd, 1 << 16).decode(errors="replace")
+        finally:
+            os.close(fd)
 
 
 class HostMemoryObject:
-    """Physical memory standing for one real mapping: DMA reads and writes
-    reach the process at the same offset."""
+    """Physical memory standing for one 1 GiB window of a real process's
+    address space: DMA reads and writes reach the process at the same
+    offset.  Pin counts are a lazily touched array: memory follows the pins."""
 
     __slots__ = ("phys_base", "length", "page_shift", "compound_shift", "pincount", "pins", "users",
-                 "pinnable", "host", "vaddr", "populated", "orphan")
+                 "pinnable", "host", "vaddr", "orphan")
 
     def __init__(self, host: HostProcess, vaddr: int, length: int, page_shift: int) -> None:
         self.host = host
@@ -143,9 +294,8 @@ class HostMemoryObject:
         self.length = length
         self.page_shift = page_shift
         self.compound_shift = page_shift
-        npages = (length + (1 << page_shift) - 1) >> page_shift
-        self.pincount = np.zeros(npages, dtype=np.int32)   # a page refcount is an atomic_t
-        self.populated = np.ones(npages, dtype=np.bool_)
+        # calloc'd: the pages of this array are touched only where pins are.
+        self.pincount = np.zeros(length >> page_shift, dtype=np.int32)   # a page refcount is an atomic_t
         self.pins = 0
         self.users = 0
         self.pinnable = True
@@ -166,14 +316,17 @@ class HostMemoryObject:
         mem = self._orphaned()
         if mem is not None:
             return mem[off:off + n].tobytes()
-        return self.host.read(self.vaddr + off, n)
+        return self.host.device_read(self.vaddr + off, n)
 
     def read_into(self, off: int, out: np.ndarray) -> None:
         mem = self._orphaned()
         if mem is not None:
             out[:] = mem[off:off + out.size]
             return
-        out[:] = np.frombuffer(self.host.read(self.vaddr + off, out.size), dtype=np.uint8)
+        if out.flags.c_contiguous and out.dtype == np.uint8:
+            self.host.device_read_into(self.vaddr + off, out)
+        else:
+            out[:] = np.frombuffer(self.host.device_read(self.vaddr + off, out.size), dtype=np.uint8)
 
     def write_at(self, off: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
         mem = self._orphaned()
@@ -182,9 +335,8 @@ class HostMemoryObject:
             mem[off:off + src.size] = src
             return
         # A device writes whatever the CPU mapping's protection is now (the
-        # IOMMU already checked the TCE's permission), so write through
-        # /proc/<pid>/mem, which does not honour PROT_WRITE.
-        self.host.device_write(self.vaddr + off, data.tobytes() if isinstance(data, np.ndarray) else data)
+        # IOMMU already checked the TCE's permission).
+        self.host.device_write(self.vaddr + off, data)
 
     def __repr__(self) -> str:
         return f"<HostMemoryObject pid={self.host.pid} vaddr={self.vaddr:#x} len={self.length:#x} pins={self.pins}>"
@@ -193,15 +345,22 @@ class HostMemoryObject:
 class HostMM:
     """The ``MM`` of a simulated task that is a real process."""
 
-    def __init__(self, pid: int, phys: PhysicalMemory) -> None:
-        self.host = HostProcess(pid)
+    def __init__(self, pid: int, phys: PhysicalMemory, host: HostProcess | None = None) -> None:
+        self.host = host or HostProcess(pid)
         self.phys = phys
         self.page_size = phys.page_size
         self.page_shift = phys.page_shift
         self.locked_vm = 0
         self.pinned_vm = 0
         self.dead = False
-        self._objects: dict[tuple[int, int], HostMemoryObject] = {}
+        self._windows: dict[int, HostMemoryObject] = {}
+
+    def bind(self, host: HostProcess) -> None:
+        """The process said hello: its memory is reachable from now on."""
+        old, self.host = self.host, host
+        for obj in self._windows.values():
+            obj.host = host
+        old.close()
 
     # -- copy_from_user / copy_to_user --------------------------------------------------------
 
@@ -217,25 +376,28 @@ class HostMM:
 
     # -- mappings ---------------------------------------------------------------------------------
 
-    def _object(self, start: int, end: int) -> HostMemoryObject:
-        obj = self._objects.get((start, end))
-        if obj is None or (obj.pins == 0 and obj not in self.phys.objects()):
-            obj = HostMemoryObject(self.host, start, end - start, self.page_shift)
-            self._objects[(start, end)] = obj
+    def _window(self, index: int) -> HostMemoryObject:
+        obj = self._windows.get(index)
+        if obj is None or (obj.pins == 0 and not self._registered(obj)):
+            obj = HostMemoryObject(self.host, index << WINDOW_SHIFT, 1 << WINDOW_SHIFT, self.page_shift)
+            self._windows[index] = obj
         return obj
 
+    def _registered(self, obj: HostMemoryObject) -> bool:
+        found = self.phys.lookup(obj.phys_base) if obj.phys_base else None
+        return found is not None and found[0] is obj
+
     def vmas(self) -> list[Vma]:
-        out = []
-        for start, end, prot, private, path in self.host.maps():
-            obj = self._object(start, end)
-            out.append(Vma(start, end, prot, obj, 0, kind="anon" if private else "shared"))  # type: ignore[arg-type]
-        return out
+        """Every mapping (for /proc-style summaries; the kernel looks up one address at a time)."""
+        return [Vma(start, end, prot, None, 0, kind="anon" if private else "shared")  # type: ignore[arg-type]
+                for start, end, prot, private, _path in self.host.maps()]
 
     def find_vma(self, addr: int) -> Vma | None:
-        for vma in self.vmas():
-            if vma.start <= addr < vma.end:
-                return vma
-        return None
+        found = self.host.vma(addr)
+        if found is None:
+            return None
+        start, end, prot = found
+        return Vma(start, end, prot, None, 0)  # type: ignore[arg-type]
 
     def pin_pages_longterm(self, start: int, npages: int, write: bool) -> PinResult:
         """As MM.pin_pages_longterm (Type1's FOLL_LONGTERM pin): a read pin of a
@@ -245,39 +407,62 @@ class HostMM:
         return self.pin_pages(addrs, write, unshare=True)
 
     def pin_pages(self, addrs: np.ndarray, write: bool, dry_run: bool = False, unshare: bool = False) -> PinResult:
-        """As MM.pin_pages, against the process's real mappings."""
+        """As MM.pin_pages, against the process's real mappings: one lookup
+        per mapping the addresses cross, pins counted in 1 GiB windows."""
         n = int(addrs.size)
-        hpas = np.zeros(n, dtype=np.uint64)
-        shifts = np.full(n, self.page_shift, dtype=np.int64)
-        vmas = self.vmas()
-        starts = np.array([v.start for v in vmas], dtype=np.uint64)
+        shift = np.uint64(self.page_shift)
+        parts: list[np.ndarray | Progression] = []
         done, err = 0, None
         while done < n:
             addr = int(addrs[done])
-            i = int(np.searchsorted(starts, np.uint64(addr), side="right")) - 1
-            vma = vmas[i] if i >= 0 and addr < vmas[i].end else None
-            if vma is None or not vma.readable() or (write and not vma.writable()):
+            vma = self.host.vma(addr)
+            if vma is None or not vma[2] & (PROT_READ | PROT_WRITE) or (write and not vma[2] & PROT_WRITE):
                 err = EFAULT
                 break
-            stop = done + int(np.searchsorted(addrs[done:], np.uint64(vma.end), side="left"))
+            start, end, prot = vma
+            stop = done + int(np.searchsorted(addrs[done:], np.uint64(end), side="left"))
             seg = addrs[done:stop]
-            if not write and not vma.writable() and not unshare:
-                missing = ~self.host.present(seg >> np.uint64(self.page_shift), self.page_shift)
+            if not write and not prot & PROT_WRITE and not unshare:
+                missing = ~self.host.present(seg >> shift, self.page_shift)
                 if missing.any():
                     cut = int(np.argmax(missing))
                     seg, stop, err = seg[:cut], done + cut, EFAULT
-            obj = vma.obj
-            pages = ((seg - np.uint64(vma.start)) >> np.uint64(self.page_shift)).astype(np.int64)
-            if not dry_run and pages.size:
-                if obj.pins == 0 and obj not in self.phys.objects():
-                    self.phys.register(obj, obj.length)  # type: ignore[arg-type]
-                np.add.at(obj.pincount, pages, 1)
-                obj.pins += int(pages.size)
-            hpas[done:stop] = np.uint64(obj.phys_base) + (pages.astype(np.uint64) << np.uint64(self.page_shift))
+            parts.extend(self._pin_segment(seg, dry_run))
             done = stop
             if err is not None:
                 break
-        return PinResult(hpas[:done], shifts[:done], done, err)
+        shifts = np.full(done, self.page_shift, dtype=np.int64)
+        if len(parts) == 1:
+            return PinResult(parts[0], shifts, done, err)
+        hpas = np.concatenate([np.asarray(p) for p in parts]) if parts else np.zeros(0, dtype=np.uint64)
+        return PinResult(hpas, shifts, done, err)
+
+    def _pin_segment(self, seg: np.ndarray, dry_run: bool) -> list[np.ndarray | Progression]:
+        """Pin the pages of ``seg`` (addresses inside one mapping), window by window."""
+        out: list[np.ndarray | Progression] = []
+        i = 0
+        page = 1 << self.page_shift
+        while i < seg.size:
+            index = int(seg[i]) >> WINDOW_SHIFT
+            j = i + int(np.searchsorted(seg[i:], np.uint64((index + 1) << WINDOW_SHIFT), side="left"))
+            obj = self._window(index)
+            pages = ((seg[i:j] - np.uint64(obj.vaddr)) >> np.uint64(self.page_shift)).astype(np.int64)
+            consecutive = pages.size == 1 or (int(pages[-1]) - int(pages[0]) == pages.size - 1
+                                              and bool((np.diff(pages) == 1).all()))
+            if not dry_run and pages.size:
+                if obj.pins == 0 and not self._registered(obj):
+                    self.phys.register(obj, obj.length)  # type: ignore[arg-type]
+                if consecutive:
+                    obj.pincount[int(pages[0]):int(pages[-1]) + 1] += 1
+                else:
+                    np.add.at(obj.pincount, pages, 1)
+                obj.pins += int(pages.size)
+            if consecutive:
+                out.append(Progression(obj.phys_base + (int(pages[0]) << self.page_shift), page, int(pages.size)))
+            else:
+                out.append(np.uint64(obj.phys_base) + (pages.astype(np.uint64) << np.uint64(self.page_shift)))
+            i = j
+        return out
 
     def pin_range(self, addr: int, npages: int, write: bool, dry_run: bool = False, tag: int = 0) -> PinResult:
         """Consecutive pages: as pin_pages over their addresses."""
@@ -291,19 +476,19 @@ class HostMM:
         """The image is gone (exit, exec): its pinned memory is orphaned."""
         self.dead = True
         self.host.gone = True
+        self.host.close()
 
     def pinned_pages(self) -> int:
         """Pins held on this image's memory."""
-        return sum(obj.pins for obj in self._objects.values())
+        return sum(obj.pins for obj in self._windows.values())
 
     def mapped_bytes(self) -> int:
         return sum(e - s for s, e, *_ in self.host.maps())
 
     def resident_bytes(self) -> int:
         try:
-            with open(f"/proc/{self.host.pid}/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
+            return int(self.host.read_file("statm").split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
             return 0
 
 
@@ -316,9 +501,9 @@ class HostEventFd(EventFd):
     def __init__(self, fd: int) -> None:
         super().__init__()
         self.fd = fd              # our duplicate of the program's eventfd
-        # Called before our duplicate is closed: an epoll watch must go first,
-        # as it lasts while the program keeps the eventfd open.
-        self.before_close: Callable[[], None] | None = None
+        # Closes our duplicate instead of release(): an epoll watch on it must
+        # go first, as it lasts while the program keeps the eventfd open.
+        self.closer: Callable[[int], None] | None = None
 
     def signal(self, n: int = 1) -> None:
         self.signals += 1
@@ -352,13 +537,14 @@ class HostEventFd(EventFd):
     def release(self, current: "Task") -> None:
         if self.fd < 0:
             return
-        if self.before_close is not None:
-            self.before_close()
+        fd, self.fd = self.fd, -1
+        if self.closer is not None:
+            self.closer(fd)
+            return
         try:
-            os.close(self.fd)
+            os.close(fd)
         except OSError:
             pass
-        self.fd = -1
 
 
 @dataclass
@@ -375,29 +561,38 @@ class HostCreds:
     memlock: tuple[int, int]
 
 
-def read_host_creds(pid: int) -> HostCreds:
+def parse_host_creds(status: str, limits: str) -> HostCreds:
     """Parse /proc/<pid>/status (Uid, Gid, Groups, CapEff) and /proc/<pid>/limits."""
     uid = gid = (0, 0, 0, 0)
     groups: tuple[int, ...] = ()
     caps = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key == "Uid":
-                uid = tuple(int(x) for x in value.split())  # type: ignore[assignment]
-            elif key == "Gid":
-                gid = tuple(int(x) for x in value.split())  # type: ignore[assignment]
-            elif key == "Groups":
-                groups = tuple(int(x) for x in value.split())
-            elif key == "CapEff":
-                caps = int(value.strip(), 16)
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key == "Uid":
+            uid = tuple(int(x) for x in value.split())  # type: ignore[assignment]
+        elif key == "Gid":
+            gid = tuple(int(x) for x in value.split())  # type: ignore[assignment]
+        elif key == "Groups":
+            groups = tuple(int(x) for x in value.split())
+        elif key == "CapEff":
+            caps = int(value.strip(), 16)
     memlock = (0, 0)
-    with open(f"/proc/{pid}/limits") as f:
-        for line in f:
-            if line.startswith("Max locked memory"):
-                fields = line.split()
-                soft, hard = fields[3], fields[4]
-                inf = (1 << 64) - 1
-                memlock = (inf if soft == "unlimited" else int(soft), inf if hard == "unlimited" else int(hard))
+    for line in limits.splitlines():
+        if line.startswith("Max locked memory"):
+            fields = line.split()
+            soft, hard = fields[3], fields[4]
+            inf = (1 << 64) - 1
+            memlock = (inf if soft == "unlimited" else int(soft), inf if hard == "unlimited" else int(hard))
     return HostCreds(uid[0], uid[1], uid[2], gid[0], gid[1], groups,
                      frozenset(i for i in range(64) if caps >> i & 1), memlock)
+
+
+def read_host_creds(pid: int, host: HostProcess | None = None) -> HostCreds:
+    """The credentials of ``pid`` (through its bound /proc directory if given)."""
+    if host is not None and host.procdir >= 0:
+        return parse_host_creds(host.read_file("status"), host.read_file("limits"))
+    with open(f"/proc/{pid}/status") as f:
+        status = f.read()
+    with open(f"/proc/{pid}/limits") as f:
+        limits = f.read()
+    return parse_host_creds(status, limits)

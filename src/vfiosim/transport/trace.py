@@ -90,6 +90,9 @@ class Tracer:
         if self._own:
             self.f.close()
 
+    def flush(self) -> None:
+        self.f.flush()
+
     def _write(self, rec: dict[str, Any]) -> None:
         rec["seq"] = self.seq
         self.seq += 1
