@@ -309,6 +309,8 @@ class Kernel:
     def sys_ioctl_at(self, task: Task, fd: int, cmd: int, arg: int, newfd: int) -> int:
         """ioctl(2) whose new file (VFIO_GROUP_GET_DEVICE_FD's) goes to ``newfd``,
         the number the real process already holds for it."""
+        if cmd & 0xFFFFFFFF != uapi.VFIO_GROUP_GET_DEVICE_FD:
+            return self.sys_ioctl(task, fd, cmd, arg)              # the only one that makes a file
         before = set(task.files.fds())
         try:
             ret = self.sys_ioctl(task, fd, cmd, arg)

@@ -37,6 +37,63 @@
 
 #define EXPORT __attribute__((visibility("default")))
 
+/* ---------------------------------------------------------------- credentials */
+
+struct pidfd_info {                  /* <linux/pidfd.h>, Linux 6.13 (PIDFD_INFO_SIZE_VER0) */
+    uint64_t mask, cgroupid;
+    uint32_t pid, tgid, ppid, ruid, rgid, euid, egid, suid, sgid, fsuid, fsgid, spare0;
+};
+#define PIDFD_INFO_CREDS (1ull << 1)
+#define PIDFD_GET_INFO _IOWR(0xFF, 11, struct pidfd_info)
+
+struct vd_creds {
+    uint32_t ruid, euid, suid, fsuid, rgid, egid, sgid, fsgid;
+    uint64_t cap_eff, cap_prm, memlock_cur, memlock_max;
+};
+
+struct cap_header {
+    uint32_t version;
+    int pid;
+};
+struct cap_data {
+    uint32_t effective, permitted, inheritable;
+};
+
+/*
+ * The credentials of process `pid` (whose pidfd is `pidfd`), in three system
+ * calls.  0, or -errno: -ESRCH if it is gone, -ENOTTY if the kernel has no
+ * PIDFD_GET_INFO (before 6.13: read /proc/<pid>/status instead).  The pidfd
+ * is asked last: if it still answers, the pid was not reused in between.
+ */
+EXPORT int vd_creds(int pidfd, int pid, struct vd_creds *out)
+{
+    struct cap_header h = {0x20080522, pid}; /* _LINUX_CAPABILITY_VERSION_3 */
+    struct cap_data d[2];
+    if (syscall(SYS_capget, &h, d) < 0)
+        return -errno;
+    out->cap_eff = d[0].effective | (uint64_t)d[1].effective << 32;
+    out->cap_prm = d[0].permitted | (uint64_t)d[1].permitted << 32;
+    struct rlimit rl;
+    if (syscall(SYS_prlimit64, pid, RLIMIT_MEMLOCK, NULL, &rl) < 0)
+        return -errno;
+    out->memlock_cur = rl.rlim_cur;
+    out->memlock_max = rl.rlim_max;
+    struct pidfd_info info;
+    memset(&info, 0, sizeof info);
+    info.mask = PIDFD_INFO_CREDS;
+    if (ioctl(pidfd, PIDFD_GET_INFO, &info) < 0)
+        return errno == EINVAL || errno == ENOTTY ? -ENOTTY : -errno;
+    out->ruid = info.ruid;
+    out->euid = info.euid;
+    out->suid = info.suid;
+    out->fsuid = info.fsuid;
+    out->rgid = info.rgid;
+    out->egid = info.egid;
+    out->sgid = info.sgid;
+    out->fsgid = info.fsgid;
+    return 0;
+}
+
 /* ---------------------------------------------------------------- the channel */
 
 static inline uint32_t load_acq(const uint32_t *p)
@@ -63,25 +120,45 @@ static inline int pending(struct vchan *ch, uint32_t last)
            load_acq(&ch->prog.ring_head) != __atomic_load_n(&ch->daemon.ring_tail, __ATOMIC_RELAXED);
 }
 
+/* How long to spin before sleeping adapts to what spinning bought lately:
+ * a program making calls back to back finds the thread awake; on a busy
+ * machine, where the program is seldom back in time, it sleeps at once. */
+#define SPIN_MIN_NS 2000u
+#define SPIN_MAX_NS 100000u
+
+static void spin_adapt(uint32_t *budget, int paid_off)
+{
+    uint32_t b = *budget;
+    if (paid_off)
+        b = b + b / 2 + 1000 > SPIN_MAX_NS ? SPIN_MAX_NS : b + b / 2 + 1000;
+    else
+        b = b / 2 < SPIN_MIN_NS ? SPIN_MIN_NS : b / 2;
+    *budget = b;
+}
+
 /*
  * Wait until the program has posted a request after `last` (or stores to
- * perform), `*stop` is set, or `timeout_ms` passed.  Spins for `spin_ns`
- * first.  Returns 1 (something to do), 0 (timeout) or -1 (stop).  The
- * request itself is copied out by vd_take_request().
+ * perform), `*stop` is set, or `timeout_ms` passed.  Spins for up to
+ * `*budget` ns first (and adapts it).  Returns 1 (something to do), 0
+ * (timeout) or -1 (stop).  The request itself is copied out by
+ * vd_take_request().
  */
-EXPORT int vd_wait(struct vchan *ch, uint32_t last, const volatile uint32_t *stop, uint64_t spin_ns,
+EXPORT int vd_wait(struct vchan *ch, uint32_t last, const volatile uint32_t *stop, uint32_t *budget,
                    int timeout_ms)
 {
     uint64_t start = now_ns();
     for (unsigned i = 0;; i++) {
         if (*stop)
             return -1;
-        if (pending(ch, last))
+        if (pending(ch, last)) {
+            spin_adapt(budget, 1);
             return 1;
-        if ((i & 63) == 0 && now_ns() - start >= spin_ns)
+        }
+        if ((i & 15) == 15 && now_ns() - start >= *budget)
             break;
         __builtin_ia32_pause();
     }
+    spin_adapt(budget, 0);
     uint64_t end = start + (uint64_t)timeout_ms * 1000000u;
     for (;;) {
         __atomic_store_n(&ch->daemon.daemon_waiting, 1, __ATOMIC_SEQ_CST);
@@ -156,62 +233,62 @@ EXPORT int vd_take_posts(struct vchan *ch, struct vpost *out, int max)
     return (int)n;
 }
 
-/* ---------------------------------------------------------------- credentials */
-
-struct pidfd_info {                  /* <linux/pidfd.h>, Linux 6.13 (PIDFD_INFO_SIZE_VER0) */
-    uint64_t mask, cgroupid;
-    uint32_t pid, tgid, ppid, ruid, rgid, euid, egid, suid, sgid, fsuid, fsgid, spare0;
+/* One connection's serving state, owned by its thread (transport/native.py). */
+struct vd_session {
+    struct vchan *ch;
+    uint32_t stop;                   /* set by another thread to end the wait */
+    uint32_t budget;                 /* ns to spin before sleeping */
+    uint32_t seq;                    /* the last request taken */
+    int32_t pidfd, pid;              /* whose credentials to check before each request (pidfd < 0: none) */
+    uint32_t flags;                  /* out: VD_* */
+    int32_t creds_errno;             /* out, with VD_CREDS_ERROR */
+    uint32_t pad;
+    struct vd_creds creds;           /* the last credentials seen */
+    uint8_t req[sizeof(struct vreq) + VMAX_PAYLOAD];   /* out: the request, copied out of the channel */
 };
-#define PIDFD_INFO_CREDS (1ull << 1)
-#define PIDFD_GET_INFO _IOWR(0xFF, 11, struct pidfd_info)
-
-struct vd_creds {
-    uint32_t ruid, euid, suid, fsuid, rgid, egid, sgid, fsgid;
-    uint64_t cap_eff, cap_prm, memlock_cur, memlock_max;
-};
-
-struct cap_header {
-    uint32_t version;
-    int pid;
-};
-struct cap_data {
-    uint32_t effective, permitted, inheritable;
-};
+#define VD_CREDS_CHANGED 1u
+#define VD_CREDS_ERROR 2u
+#define VD_POSTS 4u
 
 /*
- * The credentials of process `pid` (whose pidfd is `pidfd`), in three system
- * calls.  0, or -errno: -ESRCH if it is gone, -ENOTTY if the kernel has no
- * PIDFD_GET_INFO (before 6.13: read /proc/<pid>/status instead).  The pidfd
- * is asked last: if it still answers, the pid was not reused in between.
+ * Publish the reply to the last request (if `replen`), then wait for the next
+ * one: 1 when a request was copied into s->req (with s->flags saying whether
+ * the program's credentials changed and whether stores were posted before it),
+ * 2 when only posted stores wait, 0 on timeout, -1 when stopped.  One foreign
+ * call per request: the hot path of the daemon.
  */
-EXPORT int vd_creds(int pidfd, int pid, struct vd_creds *out)
+EXPORT int vd_next(struct vd_session *s, const uint8_t *rep, uint32_t replen, int timeout_ms)
 {
-    struct cap_header h = {0x20080522, pid}; /* _LINUX_CAPABILITY_VERSION_3 */
-    struct cap_data d[2];
-    if (syscall(SYS_capget, &h, d) < 0)
-        return -errno;
-    out->cap_eff = d[0].effective | (uint64_t)d[1].effective << 32;
-    out->cap_prm = d[0].permitted | (uint64_t)d[1].permitted << 32;
-    struct rlimit rl;
-    if (syscall(SYS_prlimit64, pid, RLIMIT_MEMLOCK, NULL, &rl) < 0)
-        return -errno;
-    out->memlock_cur = rl.rlim_cur;
-    out->memlock_max = rl.rlim_max;
-    struct pidfd_info info;
-    memset(&info, 0, sizeof info);
-    info.mask = PIDFD_INFO_CREDS;
-    if (ioctl(pidfd, PIDFD_GET_INFO, &info) < 0)
-        return errno == EINVAL || errno == ENOTTY ? -ENOTTY : -errno;
-    out->ruid = info.ruid;
-    out->euid = info.euid;
-    out->suid = info.suid;
-    out->fsuid = info.fsuid;
-    out->rgid = info.rgid;
-    out->egid = info.egid;
-    out->sgid = info.sgid;
-    out->fsgid = info.fsgid;
-    return 0;
+    struct vchan *ch = s->ch;
+    if (replen)
+        vd_reply(ch, s->seq, rep, replen);
+    int r = vd_wait(ch, s->seq, &s->stop, &s->budget, timeout_ms);
+    if (r != 1)
+        return r;
+    uint32_t flags = 0;
+    if (load_acq(&ch->prog.ring_head) != ch->daemon.ring_tail)
+        flags |= VD_POSTS;
+    if (load_acq(&ch->prog.req_seq) == s->seq) {
+        s->flags = flags;
+        return 2;
+    }
+    s->seq = vd_take_request(ch, s->req);
+    if (s->pidfd >= 0) {
+        struct vd_creds c;
+        int e = vd_creds(s->pidfd, s->pid, &c);
+        if (e < 0) {
+            flags |= VD_CREDS_ERROR;
+            s->creds_errno = -e;
+        } else if (memcmp(&c, &s->creds, sizeof c)) {
+            s->creds = c;
+            flags |= VD_CREDS_CHANGED;
+        }
+    }
+    s->flags = flags;
+    return 1;
 }
+
+/* ---------------------------------------------------------------- acting as the program */
 
 /* This thread takes uid/gid (real, effective, saved-for-gid, filesystem) and
  * supplementary groups; the saved uid stays 0 so that vd_as_root() can come

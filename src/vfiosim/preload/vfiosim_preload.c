@@ -49,6 +49,7 @@
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/time.h>
+#include <time.h>
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <sys/un.h>
@@ -393,21 +394,36 @@ static int daemon_gone(void)
     return poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLRDHUP | POLLERR | POLLNVAL));
 }
 
-/* Wait for the reply to request `seq`: spin, then yield, then sleep on the
- * daemon's word, checking now and then that the daemon still lives.  0, or
- * -1 if it is gone. */
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* How long to spin before sleeping adapts to what spinning bought lately:
+ * when the daemon answers within it, spin longer; when it does not (a busy
+ * machine), sleep sooner.  Guarded by lk. */
+#define SPIN_MIN_NS 2000u
+#define SPIN_MAX_NS 100000u
+static uint32_t spin_budget = 20000;
+
+/* Wait for the reply to request `seq`: spin, then sleep on the daemon's word,
+ * checking now and then that the daemon still lives.  0, or -1 if it is gone. */
 static int await_reply(uint32_t seq)
 {
-    for (int i = 0; i < 2000; i++) {
-        if (__atomic_load_n(&chan->daemon.rep_seq, __ATOMIC_ACQUIRE) == seq)
+    uint64_t start = now_ns();
+    for (unsigned i = 0;; i++) {
+        if (__atomic_load_n(&chan->daemon.rep_seq, __ATOMIC_ACQUIRE) == seq) {
+            uint32_t b = spin_budget + spin_budget / 2 + 1000;
+            spin_budget = b > SPIN_MAX_NS ? SPIN_MAX_NS : b;
             return 0;
+        }
+        if ((i & 15) == 15 && now_ns() - start >= spin_budget)
+            break;
         __builtin_ia32_pause();
     }
-    for (int i = 0; i < 100; i++) {
-        if (__atomic_load_n(&chan->daemon.rep_seq, __ATOMIC_ACQUIRE) == seq)
-            return 0;
-        sched_yield();
-    }
+    spin_budget = spin_budget / 2 < SPIN_MIN_NS ? SPIN_MIN_NS : spin_budget / 2;
     for (;;) {
         if (daemon_gone())
             return -1;

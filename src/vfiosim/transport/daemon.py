@@ -139,6 +139,7 @@ class Session:
         self.channel: native.Channel | None = None
         self.state: TaskState | None = None
         self.thread: threading.Thread | None = None
+        # (native.Channel is created once the hello is verified)
         self.lock = threading.Lock()           # the channel's lifetime
         self.ended = False                     # the main thread let go of it
         self.next_slot = 0
@@ -441,6 +442,7 @@ class Daemon:
             channel.close()
             _send(sess.sock, P.pack_reply(-1, exc.errno))
             return False
+        channel.watch_creds(st.pidfd, st.pid, creds)
         with sess.lock:
             sess.channel = channel
         ok = _send(sess.sock, P.pack_reply(0, 0, self.root.encode()), fds=[channel.fd])
@@ -587,56 +589,65 @@ class Daemon:
     def _serve_channel(self, sess: Session) -> None:
         channel = sess.channel
         assert channel is not None
+        reply = b""
         while not self._stopped:
-            r = channel.wait(WAIT_MS)
+            r = channel.next(reply, WAIT_MS)
+            reply = b""
             if r < 0:
                 return
-            if not channel.has_request():
-                if channel.view.prog.ring_head != channel.view.daemon.ring_tail:
-                    with self.gate.lock:
-                        self._flush_posts(sess)
+            if r == 0:
+                if not channel.has_posts():
+                    continue
+                r = 2
+            if r == 2:
+                with self.gate.lock:
+                    self._flush_posts(sess)
                 continue
-            raw = channel.take_request()
-            channel.reply(self.handle(sess, raw))
+            reply = self.handle(sess, channel.request, channel.flags)
 
-    def handle(self, sess: Session, raw: Any) -> bytes:
+    def handle(self, sess: Session, raw: Any, seen: int = 0) -> bytes:
         """One request (a private copy of it) from ``sess``; returns the reply.
-        A malformed request raises ProtocolError: its connection is dropped."""
+        ``seen`` is what the helper noticed before it (native.VD_*).  A
+        malformed request raises ProtocolError: its connection is dropped."""
         op, flags, fd, fd2, a, payload = P.unpack_request(raw)
         if op in (P.OP_HELLO, P.OP_INFO):
             raise P.ProtocolError(f"{P.OP_NAMES[op]} on the channel")
         with self.gate.lock:
-            self._flush_posts(sess)
+            if seen & native.VD_POSTS:
+                self._flush_posts(sess)
             st = sess.state
             if st is None or st.session is not sess or not st.task.alive:
                 return P.pack_reply(-1, errno.EIO)
-            # A program that wrote an ioeventfd or unmask eventfd and then makes a call
-            # sees the write's effect, as the kernel acts inside the write.
-            self._run_virqfds_locked()
-            why = self._check_creds(sess, st, bool(flags & P.F_REFRESH_CREDS) or op in (P.OP_OPEN, P.OP_SETATTR))
-            if why:
-                self._post(lambda: self._end_session(sess, f"it is no longer the process that connected: {why}"))
-                sess.state = None
-                return P.pack_reply(-1, errno.EIO)
+            if self._host_eventfds:
+                # A program that wrote an ioeventfd or unmask eventfd and then makes a
+                # call sees the write's effect, as the kernel acts inside the write.
+                self._run_virqfds_locked()
+            if seen & (native.VD_CREDS_CHANGED | native.VD_CREDS_ERROR) or flags & P.F_REFRESH_CREDS \
+                    or op == P.OP_OPEN or op == P.OP_SETATTR:
+                why = self._check_creds(sess, st, seen)
+                if why:
+                    self._post(lambda: self._end_session(sess, f"it is no longer the process that connected: {why}"))
+                    sess.state = None
+                    return P.pack_reply(-1, errno.EIO)
             task = st.task
             tracer = st.tracer
             rec = tracer.begin(task, op, flags, fd, fd2, a, payload) \
-                if tracer is not None and op not in (P.OP_STATUS, P.OP_FLUSH) else None
-            out = b""
+                if tracer is not None and op != P.OP_STATUS and op != P.OP_FLUSH else None
             try:
-                ret, out = self.gate.call(task, lambda: f"{P.OP_NAMES.get(op, op)} from pid {st.pid}",
-                                          self._call, st, op, flags, fd, fd2, a, payload)
+                ret, out = self.gate.call(task, P.OP_NAMES.get(op, "request"), self._call, st, op, flags, fd, fd2,
+                                          a, payload)
                 err = 0
             except KernelError as exc:
-                ret, err = -1, exc.errno
+                ret, err, out = -1, exc.errno, b""
                 if rec is not None:
                     rec["reason"] = exc.reason
             if rec is not None:
                 if op == P.OP_MMIO and not flags & P.MMIO_WRITE and len(out) == 8:
                     rec["value"] = struct.unpack("<Q", out)[0]
                 tracer.end(rec, task, ret, err)   # type: ignore[union-attr]
-            self._update_live(sess, st)
-        return P.pack_reply(ret, err, out)
+            if st.mappings:
+                self._update_live(sess, st)
+        return P.REP.pack(ret, err, len(out)) + out if out else P.REP.pack(ret, err, 0)
 
     def _call(self, task: "Task", st: TaskState, op: int, flags: int, fd: int, fd2: int, a: tuple[int, ...],
               payload: bytes) -> tuple[int, bytes]:
@@ -732,17 +743,18 @@ class Daemon:
     def _update_live(self, sess: Session, st: TaskState) -> None:
         """Which of the program's mappings may post stores now (decoding on)."""
 
-    def _check_creds(self, sess: Session, st: TaskState, full: bool) -> str:
-        """Re-read the process's credentials (three system calls; /proc when
-        they changed); '' or what makes it another process than the one that
-        connected."""
-        try:
-            c = self._read_creds(st.pidfd, st.pid, st.procdir)
-        except OSError:
-            return ""                   # it is exiting: the pidfd will say so
-        key = c.key()
-        if key == st.creds_key and not full:
-            return ""
+    def _check_creds(self, sess: Session, st: TaskState, seen: int) -> str:
+        """The process's credentials, taken again: '' if it is still the
+        process that connected (its simulated credentials now follow its real
+        ones), or what makes it another."""
+        channel = sess.channel
+        if channel is not None and seen & native.VD_CREDS_CHANGED:
+            c = native.Creds.from_buffer_copy(channel.state.creds)
+        else:
+            try:
+                c = self._read_creds(st.pidfd, st.pid, st.procdir)
+            except OSError:
+                return ""               # it is exiting: its pidfd will say so
         why = sess.bounds.admits(c)
         if why:
             return why

@@ -24,12 +24,14 @@ def lib() -> ctypes.CDLL:
         from ..preload import daemon_library_path
         dll = ctypes.CDLL(daemon_library_path(), use_errno=True)
         vp, u32, u64, i32 = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int
-        dll.vd_wait.argtypes = [vp, u32, vp, u64, i32]
+        dll.vd_wait.argtypes = [vp, u32, vp, vp, i32]
         dll.vd_wait.restype = i32
         dll.vd_take_request.argtypes = [vp, vp]
         dll.vd_take_request.restype = u32
         dll.vd_reply.argtypes = [vp, u32, vp, u32]
         dll.vd_reply.restype = None
+        dll.vd_next.argtypes = [vp, ctypes.c_char_p, u32, i32]
+        dll.vd_next.restype = i32
         dll.vd_wake.argtypes = [vp]
         dll.vd_wake.restype = None
         dll.vd_take_posts.argtypes = [vp, vp, i32]
@@ -56,9 +58,25 @@ def lib() -> ctypes.CDLL:
     return _lib
 
 
-# How long a thread spins for its program's next request before it sleeps:
-# a program making calls back to back finds it awake.
-SPIN_NS = 50_000
+class Creds(ctypes.Structure):
+    _fields_ = [("ruid", ctypes.c_uint32), ("euid", ctypes.c_uint32), ("suid", ctypes.c_uint32),
+                ("fsuid", ctypes.c_uint32), ("rgid", ctypes.c_uint32), ("egid", ctypes.c_uint32),
+                ("sgid", ctypes.c_uint32), ("fsgid", ctypes.c_uint32), ("cap_eff", ctypes.c_uint64),
+                ("cap_prm", ctypes.c_uint64), ("memlock_cur", ctypes.c_uint64), ("memlock_max", ctypes.c_uint64)]
+
+    def key(self) -> bytes:
+        return bytes(self)
+
+
+VD_CREDS_CHANGED, VD_CREDS_ERROR, VD_POSTS = 1, 2, 4
+
+
+class VdSession(ctypes.Structure):
+    """struct vd_session: one connection's serving state, for vd_next()."""
+    _fields_ = [("ch", ctypes.c_void_p), ("stop", ctypes.c_uint32), ("budget", ctypes.c_uint32),
+                ("seq", ctypes.c_uint32), ("pidfd", ctypes.c_int32), ("pid", ctypes.c_int32),
+                ("flags", ctypes.c_uint32), ("creds_errno", ctypes.c_int32), ("pad", ctypes.c_uint32),
+                ("creds", Creds), ("req", ctypes.c_uint8 * (P.REQ.size + P.MAX_PAYLOAD))]
 
 
 class Channel:
@@ -82,31 +100,39 @@ class Channel:
         self.view.magic = P.MAGIC_VERSION
         self.view.size = P.VCHAN_SIZE
         self.addr = ctypes.addressof(self.view)
-        self.stop = ctypes.c_uint32(0)
-        self.seq = 0                       # the last request taken
-        self.request = ctypes.create_string_buffer(P.REQ.size + P.MAX_PAYLOAD)
+        self.state = VdSession()
+        self.state.ch = self.addr
+        self.state.budget = 20_000                # ns to spin before sleeping; adapted by vd_wait
+        self.state.pidfd = -1
+        self._state_ref = ctypes.byref(self.state)
+        self.request = memoryview(self.state.req).cast("B")
         self._posts = (P.vpost * P.VRING)()
         self._lib = lib()
+        self._next = self._lib.vd_next
 
     def close_fd(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
-    def wait(self, timeout_ms: int) -> int:
-        """1: a request (or posted stores) is there; 0: timeout; -1: stopped."""
-        return int(self._lib.vd_wait(self.addr, self.seq, ctypes.addressof(self.stop), SPIN_NS, timeout_ms))
+    def watch_creds(self, pidfd: int, pid: int, current: Creds) -> None:
+        """Check this process's credentials before each request (vd_next sets VD_CREDS_CHANGED)."""
+        self.state.pid = pid
+        self.state.creds = current
+        self.state.pidfd = pidfd
 
-    def has_request(self) -> bool:
-        return self.view.prog.req_seq != self.seq
+    def next(self, reply: bytes, timeout_ms: int) -> int:
+        """Publish ``reply`` (if any) to the last request and wait for the next:
+        1 (a request, in :attr:`request`, with :attr:`flags`), 2 (posted
+        stores only), 0 (timeout), -1 (stopped)."""
+        return int(self._next(self._state_ref, reply, len(reply), timeout_ms))
 
-    def take_request(self) -> memoryview:
-        """Copy the request out of shared memory; returns the private copy."""
-        self.seq = self._lib.vd_take_request(self.addr, self.request)
-        return memoryview(self.request)
+    @property
+    def flags(self) -> int:
+        return self.state.flags
 
-    def reply(self, data: bytes) -> None:
-        self._lib.vd_reply(self.addr, self.seq, data, len(data))
+    def has_posts(self) -> bool:
+        return self.view.prog.ring_head != self.view.daemon.ring_tail
 
     def take_posts(self) -> list[tuple[int, int, int, int]]:
         """The posted stores, oldest first: (handle, offset, size, value)."""
@@ -120,7 +146,7 @@ class Channel:
 
     def wake(self) -> None:
         """Stop the thread serving this channel (from another thread)."""
-        self.stop.value = 1
+        self.state.stop = 1
         self._lib.vd_wake(self.addr)
 
     def close(self) -> None:
@@ -130,16 +156,6 @@ class Channel:
             self.map.close()
         except BufferError:
             pass                           # a view is still alive somewhere: the GC unmaps it
-
-
-class Creds(ctypes.Structure):
-    _fields_ = [("ruid", ctypes.c_uint32), ("euid", ctypes.c_uint32), ("suid", ctypes.c_uint32),
-                ("fsuid", ctypes.c_uint32), ("rgid", ctypes.c_uint32), ("egid", ctypes.c_uint32),
-                ("sgid", ctypes.c_uint32), ("fsgid", ctypes.c_uint32), ("cap_eff", ctypes.c_uint64),
-                ("cap_prm", ctypes.c_uint64), ("memlock_cur", ctypes.c_uint64), ("memlock_max", ctypes.c_uint64)]
-
-    def key(self) -> bytes:
-        return bytes(self)
 
 
 def creds(pidfd: int, pid: int) -> Creds:
