@@ -47,6 +47,7 @@ import errno
 import os
 import queue
 import resource
+import select
 import selectors
 import socket
 import stat
@@ -177,11 +178,19 @@ class Daemon:
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         self._commands: "queue.SimpleQueue[Callable[[], None]]" = queue.SimpleQueue()
+        # Every task's pidfd, in one epoll set: whichever thread next enters the
+        # kernel reaps the processes that exited first, so a parent's call after
+        # its child's exit finds the child's files closed, as on Linux.
+        self._exits = select.epoll()
+        self._by_pidfd: dict[int, TaskState] = {}
+        self.sel.register(self._exits.fileno(), selectors.EVENT_READ, ("exits", None))
         self.exited: list[int] = []          # pids whose tasks ended, in order (for tests)
         # Programs' eventfds we hold, and those of them the selector watches
         # because a virqfd (INTx unmask, VFIO_DEVICE_IOEVENTFD) waits on them.
         self._host_eventfds: "weakref.WeakSet[HostEventFd]" = weakref.WeakSet()
         self._watched: dict[int, HostEventFd] = {}
+        # Handles a task no longer names but a device may still use: closed once none does.
+        self._retired: list[tuple["Task", HostEventFd]] = []
         self._logged: dict[str, tuple[float, int, int]] = {}
         self.max_map_count = _max_map_count()
         _raise_fd_limit()
@@ -213,8 +222,8 @@ class Daemon:
                     self._accept()
                 elif kind == "sock":
                     self._socket_event(obj)
-                elif kind == "pidfd":
-                    self._task_died(obj)
+                elif kind == "exits":
+                    self._reap_exits()
                 elif kind == "wake":
                     try:
                         os.read(self._wake_r, 4096)
@@ -274,6 +283,7 @@ class Daemon:
         for sess in list(self.sessions):
             if sess.thread is not None:
                 sess.thread.join(5)
+        self._exits.close()
         try:
             self.sel.unregister(self.listener)
         except (KeyError, ValueError):
@@ -353,7 +363,9 @@ class Daemon:
         except Exception as exc:
             self._oops(f"connection of pid {sess.peer.pid}", exc)
         finally:
-            with sess.lock:
+            # Others reach the channel under the machine lock (posted stores) or
+            # the session's (a wake-up): it goes under both.
+            with self.gate.lock, sess.lock:
                 if sess.channel is not None:
                     sess.channel.close()
                     sess.channel = None
@@ -391,7 +403,7 @@ class Daemon:
                 if _alive(st.pidfd):
                     st.exec_deadline = time.monotonic() + EXEC_GRACE
                 else:
-                    self._task_died(st)
+                    self._end_task(st, "exited")
 
     def _socket_event(self, sess: Session) -> None:
         """A connection's socket carries nothing after the hello: data is a
@@ -541,7 +553,7 @@ class Daemon:
             else:
                 task = k.attach(pid, _comm(procdir), Cred(), HostMM(pid, k.phys, host), (0, 0))
                 st = self._new_state(pid, task, pidfd, procdir)
-            self._post(lambda: self._watch_task(st))
+            self._watch_task(st)
         st.task.comm = _comm(st.procdir)
         st.session = sess
         sess.state = st
@@ -575,14 +587,17 @@ class Daemon:
             pass
 
     def _watch_task(self, st: TaskState) -> None:
-        if self.states.get(st.pid) is not st:
-            return
-        try:
-            self.sel.register(st.pidfd, selectors.EVENT_READ, ("pidfd", st))
-        except (KeyError, ValueError, OSError):
-            pass
-        if not _alive(st.pidfd):
-            self._task_died(st)
+        """Hear of the task's exit (machine lock held)."""
+        self._by_pidfd[st.pidfd] = st
+        self._exits.register(st.pidfd, select.EPOLLIN)
+
+    def _reap_exits(self) -> None:
+        """End the tasks whose processes have exited (any thread)."""
+        with self.gate.lock:
+            for fd, _events in self._exits.poll(0):
+                st = self._by_pidfd.get(fd)
+                if st is not None:
+                    self._end_task(st, "exited")
 
     # -- serving calls ----------------------------------------------------------------------------------
 
@@ -615,6 +630,8 @@ class Daemon:
         with self.gate.lock:
             if seen & native.VD_POSTS:
                 self._flush_posts(sess)
+            if len(self.states) > 1:
+                self._reap_exits()
             st = sess.state
             if st is None or st.session is not sess or not st.task.alive:
                 return P.pack_reply(-1, errno.EIO)
@@ -808,7 +825,7 @@ class Daemon:
         child = self._new_state(child_pid, task, pidfd, procdir)
         child.creds_key = st.creds_key
         self._copy_mappings(st, child)
-        self._post(lambda: self._watch_task(child))
+        self._watch_task(child)
 
     def _do_exec(self, st: TaskState, host: HostProcess | None, reconcile: bool) -> None:
         if not st.exec_done:
@@ -851,13 +868,13 @@ class Daemon:
         if cached is not None:
             if cached[0] == eid:
                 return cached[1]
-            self._forget_eventfd(st, n)          # that number names another eventfd now
+            self._retire_eventfd(st, n)          # that number names another eventfd now
+        self._sweep_eventfds()
         if len(st.eventfds) >= MAX_EVENTFDS:
             for m in list(st.eventfds):
-                self._forget_eventfd(st, m)
-                if len(st.eventfds) < MAX_EVENTFDS:
-                    break
-            if len(st.eventfds) >= MAX_EVENTFDS:
+                self._retire_eventfd(st, m)
+            self._sweep_eventfds()
+            if len(st.eventfds) + len(self._retired) >= MAX_EVENTFDS:
                 raise fail(errno.EMFILE, f"the daemon holds {MAX_EVENTFDS} eventfds of pid {st.pid} "
                                          f"that devices still use")
         try:
@@ -883,12 +900,21 @@ class Daemon:
         self._host_eventfds.add(efd)
         return efd
 
-    def _forget_eventfd(self, st: TaskState, n: int) -> None:
-        """Close our handle on the eventfd at ``n`` unless a device still uses it."""
-        entry = st.eventfds.get(n)
-        if entry is not None and not self.kernel.eventfd_in_use(entry[1]):
-            del st.eventfds[n]
-            entry[1].release(st.task)
+    def _retire_eventfd(self, st: TaskState, n: int) -> None:
+        """Our handle on the eventfd at ``n`` is no longer the task's: it closes
+        as soon as no device signals or waits on it (a trigger replaced later)."""
+        entry = st.eventfds.pop(n, None)
+        if entry is not None:
+            self._retired.append((st.task, entry[1]))
+
+    def _sweep_eventfds(self) -> None:
+        keep = []
+        for task, efd in self._retired:
+            if self.kernel.eventfd_in_use(efd):
+                keep.append((task, efd))
+            else:
+                efd.release(task)
+        self._retired = keep
 
     def _close_watched(self, fd: int) -> None:
         self._unwatch(fd)
@@ -932,13 +958,12 @@ class Daemon:
                     pass
         return live
 
-    def _task_died(self, st: TaskState) -> None:
-        self._end_task(st, "exited")
-
     def _end_task(self, st: TaskState, why: str) -> None:
-        if self.states.get(st.pid) is not st:
-            return
+        """The process is gone (or the daemon shuts down): release its task
+        (any thread; what belongs to the main loop is posted to it)."""
         with self.gate.lock:
+            if self.states.get(st.pid) is not st:
+                return
             sess = st.session
             if sess is not None:
                 self._flush_posts(sess)        # stores it posted before it died reach the device
@@ -947,19 +972,20 @@ class Daemon:
             except KernelError:
                 pass
             del self.states[st.pid]
-        try:
-            self.sel.unregister(st.pidfd)
-        except (KeyError, ValueError):
-            pass
-        os.close(st.pidfd)
-        os.close(st.procdir)
-        if st.session is not None:
-            sess, st.session = st.session, None
-            sess.state = None
-            self._end_session(sess, None)
-        if st.tracer is not None:
-            st.tracer.event(st.pid, "exit", why)
-        self.exited.append(st.pid)
+            if self._by_pidfd.pop(st.pidfd, None) is not None:
+                try:
+                    self._exits.unregister(st.pidfd)
+                except OSError:
+                    pass
+            os.close(st.pidfd)
+            os.close(st.procdir)
+            st.session = None
+            if sess is not None:
+                sess.state = None
+                self._post(lambda: self._end_session(sess, None))
+            if st.tracer is not None:
+                st.tracer.event(st.pid, "exit", why)
+            self.exited.append(st.pid)
 
     def _exit_task(self, st: TaskState) -> None:
         # exit_mm() before exit_files(): the device mappings go first.
@@ -969,7 +995,8 @@ class Daemon:
         self.kernel.exit(st.task)
         self._note_orphaned(st, st.task.mm, "exited")
         for n in list(st.eventfds):
-            self._forget_eventfd(st, n)
+            self._retire_eventfd(st, n)
+        self._sweep_eventfds()
 
     def _note_orphaned(self, st: TaskState, mm: "HostMM", why: str) -> None:
         """Pages of an image that is gone and that DMA mappings still pin (in a

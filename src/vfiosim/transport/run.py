@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
+import stat
+import struct
 import subprocess
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import IO, TYPE_CHECKING, Iterator, Sequence
 
 from . import protocol as P
@@ -96,9 +99,14 @@ def private_daemon(machine: "Machine", trace: str | IO[str] | None,
     block ends, or, through the reaper, when this process dies without ending it."""
     sysfs = FakeSysfs(machine)
     sock_path = os.path.join(sysfs.root, "vfiosim.sock")
-    daemon = Daemon(machine, sock_path, trace=trace, sysfs=sysfs,
-                    log=lambda text: print(f"vfiosim: {text}", file=err, flush=True))
+    try:
+        daemon = Daemon(machine, sock_path, trace=trace, sysfs=sysfs,
+                        log=lambda text: print(f"vfiosim: {text}", file=err, flush=True))
+    except BaseException:
+        sysfs.close()
+        raise
     daemon._own_sysfs = True
+    os.chmod(sock_path, 0o600)                  # this run's programs only: they are ours
     reaper = start_reaper([sysfs.root])
     try:
         yield daemon, program_env(sock_path, sysfs.root)
@@ -107,12 +115,21 @@ def private_daemon(machine: "Machine", trace: str | IO[str] | None,
         os.close(reaper)
 
 
+def _oserror_text(exc: OSError) -> str:
+    return f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc.strerror or exc)
+
+
 def run(machine: "Machine", argv: Sequence[str], *, trace: str | IO[str] | None = None,
         stderr: IO[str] | None = None) -> int:
     """Start a daemon for ``machine``, run ``argv`` under the shim, serve until it
     and every process that holds simulated files have exited.  Returns its exit code."""
     err = stderr or sys.stderr
-    with private_daemon(machine, trace, err) as (daemon, env):
+    with ExitStack() as stack:
+        try:
+            daemon, env = stack.enter_context(private_daemon(machine, trace, err))
+        except OSError as exc:
+            print(f"vfiosim: {_oserror_text(exc)}", file=err)
+            return 1
         try:
             proc = subprocess.Popen(list(argv), env=env)
         except OSError as exc:
@@ -137,13 +154,17 @@ def run(machine: "Machine", argv: Sequence[str], *, trace: str | IO[str] | None 
 def serve(machine: "Machine", sock_path: str, *, trace: str | None = None, out: IO[str] | None = None) -> int:
     """Serve ``machine`` on ``sock_path`` until SIGINT/SIGTERM."""
     out = out or sys.stdout
-    daemon = Daemon(machine, sock_path, trace=trace)
+    try:
+        daemon = Daemon(machine, sock_path, trace=trace)
+    except OSError as exc:
+        print(f"vfiosim serve: {_oserror_text(exc)}", file=sys.stderr)
+        return 1
     reaper = start_reaper([daemon.root, sock_path])
-    print(f"vfiosim: serving {machine.name} ({machine.platform}) on {sock_path}; "
-          f"run programs with: vfiosim run --connect {sock_path} -- PROGRAM", file=out, flush=True)
     stop = lambda *_: daemon.stop()  # noqa: E731
     old_int = signal.signal(signal.SIGINT, stop)
     old_term = signal.signal(signal.SIGTERM, stop)
+    print(f"vfiosim: serving {machine.name} ({machine.platform}) on {sock_path}; "
+          f"run programs with: vfiosim run --connect {sock_path} -- PROGRAM", file=out, flush=True)
     try:
         daemon.serve()
     finally:
@@ -154,20 +175,42 @@ def serve(machine: "Machine", sock_path: str, *, trace: str | None = None, out: 
     return 0
 
 
+class UntrustedDaemon(Exception):
+    """What answers on the socket is not a daemon this user may trust."""
+
+
 def fetch_root(sock_path: str) -> str:
-    """Ask a running daemon for its fake sysfs root (OP_INFO)."""
+    """Ask a running daemon for its fake sysfs root (OP_INFO), after checking
+    that it runs as root or as this user (SO_PEERCRED) and that the tree it
+    names is its own and writable by nobody else: a daemon of another user
+    on a shared path could otherwise redirect the program's files."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.settimeout(10)
     try:
         s.connect(sock_path)
+        _pid, uid, _gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        if uid not in (0, os.getuid(), os.geteuid()):
+            raise UntrustedDaemon(f"the daemon on {sock_path} runs as uid {uid}, neither root nor you "
+                                  f"(uid {os.geteuid()}): refusing to use it")
         s.sendall(P.pack_request(P.OP_INFO))
         reply = s.recv(P.REP.size + 4096)
     finally:
         s.close()
+    if len(reply) < P.REP.size:
+        raise OSError(errno.EPROTO, "the daemon closed the connection")
     ret, _err, length = P.REP.unpack_from(reply)
     if ret < 0:
         raise OSError(_err, os.strerror(_err))
-    return reply[P.REP.size:P.REP.size + length].decode()
+    root = reply[P.REP.size:P.REP.size + length].decode()
+    for path in (root, os.path.join(root, "prefixes")):
+        try:
+            st = os.lstat(path)
+        except OSError as exc:
+            raise UntrustedDaemon(f"the daemon's tree {path}: {exc.strerror}") from None
+        if st.st_uid not in (0, uid) or st.st_mode & 0o022 or stat.S_ISLNK(st.st_mode):
+            raise UntrustedDaemon(f"the daemon's tree {path} is not the daemon's own (owner uid {st.st_uid}, "
+                                  f"mode {stat.S_IMODE(st.st_mode):o}): refusing to use it")
+    return root
 
 
 def run_connected(sock_path: str, argv: Sequence[str], stderr: IO[str] | None = None) -> int:
@@ -176,6 +219,9 @@ def run_connected(sock_path: str, argv: Sequence[str], stderr: IO[str] | None = 
     sock_path = os.path.abspath(sock_path)
     try:
         root = fetch_root(sock_path)
+    except UntrustedDaemon as exc:
+        print(f"vfiosim: {exc}", file=err)
+        return 1
     except OSError as exc:
         print(f"vfiosim: no vfiosim daemon answers on {sock_path}: {exc.strerror or exc}", file=err)
         return 1

@@ -58,6 +58,9 @@ class FakeSysfs:
         self.root = root or tempfile.mkdtemp(prefix="vfiosim-root-")
         self.prefixes: list[str] = []
         self.build()
+        # Readable by every program the daemon serves, whatever uid it runs as
+        # (or drops to later), as /sys and /dev are; only the daemon writes it.
+        os.chmod(self.root, 0o755)
 
     def path(self, p: str) -> str:
         return self.root + p

@@ -16,9 +16,11 @@ and ``exit`` events.  ``vfiosim trace show FILE`` prints them strace-style.
 from __future__ import annotations
 
 import ctypes
+import errno
 import errno as E
 import json
 import os
+import stat
 import struct
 import time
 from typing import IO, TYPE_CHECKING, Any, Iterable, TextIO
@@ -72,13 +74,36 @@ def _fields(obj: Any) -> dict[str, Any]:
     return out
 
 
+def open_trace_file(path: str) -> IO[str]:
+    """Create ``path`` for writing, never through a symlink and never over
+    anything but a regular file of ours that nothing else links to: a trace
+    path in a shared directory such as /tmp must not let another user point
+    the daemon at a file of their choosing (OSError with the reason)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileExistsError:
+        st = os.lstat(path)
+        why = ("a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file" if not stat.S_ISREG(st.st_mode)
+               else f"owned by uid {st.st_uid}" if st.st_uid != os.geteuid()
+               else "linked from elsewhere (it has several names)" if st.st_nlink != 1 else "")
+        if why:
+            raise OSError(errno.EEXIST, f"refusing to overwrite {path}: it is {why}") from None
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):      # replaced in between
+            os.close(fd)
+            raise OSError(errno.EEXIST, f"refusing to overwrite {path}: it changed while it was opened") from None
+    return os.fdopen(fd, "w", buffering=1 << 16)
+
+
 class Tracer:
     """Writes one JSON line per call to a file (or an open text stream)."""
 
     def __init__(self, target: str | IO[str], platform: str = "") -> None:
         self.platform = platform
         if isinstance(target, str):
-            self.f: IO[str] = open(target, "w", buffering=1)
+            self.f: IO[str] = open_trace_file(target)
             self._own = True
         else:
             self.f = target
@@ -97,7 +122,6 @@ class Tracer:
         rec["seq"] = self.seq
         self.seq += 1
         self.f.write(json.dumps(rec, sort_keys=False) + "\n")
-        self.f.flush()
 
     def event(self, pid: int, kind: str, detail: str = "") -> None:
         self._write({"time": round(time.monotonic() - self.t0, 6), "pid": pid, "call": kind, "detail": detail})
