@@ -366,6 +366,17 @@ class Kernel:
     def munmap_file(self, task: Task, file: File) -> None:
         file.put(task)
 
+    def mmap_posted_writes(self, file: File, offset: int, length: int) -> list[tuple[int, int]]:
+        """Where a store through a mapping of ``file`` may be posted (from the
+        mapping's start), as the device model declares its registers."""
+        ranges = getattr(file, "mmap_posted_writes", None)
+        return ranges(offset, length) if ranges is not None else []
+
+    def mmap_live(self, file: File) -> bool:
+        """Whether a posted store through a mapping of ``file`` reaches the device now."""
+        live = getattr(file, "mmap_live", None)
+        return bool(live()) if live is not None else False
+
     def eventfd_in_use(self, efd: EventFd) -> bool:
         """A device signals ``efd`` (an interrupt trigger) or waits on it (a virqfd)."""
         if efd.waiters:

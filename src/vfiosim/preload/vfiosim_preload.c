@@ -1400,8 +1400,12 @@ EXPORT char *canonicalize_file_name(const char *path)
 /* ---------------------------------------------------------------- mmap of device regions */
 
 struct region {
-    uintptr_t start, end;
+    uintptr_t start, end;             /* what is still mapped */
+    uintptr_t base;                   /* where the mapping began: offsets are from here */
     uint64_t handle;
+    int slot;                         /* the channel's live flag for it, or -1: no posting */
+    int nposted;
+    struct vmap_range posted[VMAP_MAX_POSTED];   /* stores here have no side effect */
 };
 #define MAX_REGIONS 64
 static struct region regions[MAX_REGIONS];
@@ -1438,9 +1442,15 @@ EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off
         return MAP_FAILED;
     }
     int shared = (flags & MAP_TYPE) == MAP_SHARED || (flags & MAP_TYPE) == MAP_SHARED_VALIDATE;
-    int64_t h = call(VOP_MMAP, 0, fd, -1, (uint64_t)off, rlen, (uint64_t)(unsigned)prot, shared);
-    if (h < 0)
+    struct vmap vm;
+    memset(&vm, 0, sizeof vm);
+    uint64_t a[5] = {(uint64_t)off, rlen, (uint64_t)(unsigned)prot, (uint64_t)shared, 0};
+    int err;
+    int64_t h = rpc(VOP_MMAP, 0, fd, -1, a, NULL, 0, &vm, sizeof vm, &err);
+    if (h < 0) {
+        errno = err;
         return MAP_FAILED;
+    }
     if (nregions >= MAX_REGIONS) {
         call(VOP_MUNMAP, 0, -1, -1, (uint64_t)h, 0, 0, 0);
         errno = ENOMEM;
@@ -1457,9 +1467,13 @@ EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off
     }
     pthread_mutex_lock(&lk);
     install_segv();
-    regions[nregions].start = (uintptr_t)p;
-    regions[nregions].end = (uintptr_t)p + rlen;
-    regions[nregions].handle = (uint64_t)h;
+    struct region *g = &regions[nregions];
+    g->start = g->base = (uintptr_t)p;
+    g->end = (uintptr_t)p + rlen;
+    g->handle = (uint64_t)h;
+    g->slot = vm.slot < VLIVE ? (int)vm.slot : -1;
+    g->nposted = vm.nposted <= VMAP_MAX_POSTED ? (int)vm.nposted : 0;
+    memcpy(g->posted, vm.posted, sizeof g->posted);
     __atomic_store_n(&nregions, nregions + 1, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&lk);
     return p;
@@ -1624,6 +1638,41 @@ static void fault_fatal(int sig, const char *why, uintptr_t addr)
         raise(sig);
 }
 
+/* A store without side effects (the device model says so, and decoding is on):
+ * into the channel's ring, performed by the daemon before anything the program
+ * asks for next -- a posted write.  1 if it was posted. */
+static int post_store(const struct region *g, uint64_t off, uint32_t size, uint64_t value)
+{
+    if (g->slot < 0)
+        return 0;
+    int ok = 0;
+    for (int i = 0; i < g->nposted; i++)
+        if (g->posted[i].offset <= off && off + size <= g->posted[i].offset + g->posted[i].length) {
+            ok = 1;
+            break;
+        }
+    if (!ok)
+        return 0;
+    pthread_mutex_lock(&lk);
+    ok = chan && !dead && sock_pid == getpid() && __atomic_load_n(&chan->live[g->slot], __ATOMIC_ACQUIRE);
+    if (ok) {
+        uint32_t head = chan->prog.ring_head;
+        if (head - __atomic_load_n(&chan->daemon.ring_tail, __ATOMIC_ACQUIRE) >= VRING) {
+            ok = 0;                   /* full: this one goes as a call, which performs the others first */
+        } else {
+            struct vpost *e = &chan->ring[head % VRING];
+            e->handle = g->handle;
+            e->offset = off;
+            e->value = value;
+            e->size = size;
+            e->reserved = 0;
+            __atomic_store_n(&chan->prog.ring_head, head + 1, __ATOMIC_RELEASE);
+        }
+    }
+    pthread_mutex_unlock(&lk);
+    return ok;
+}
+
 static void segv_handler(int sig, siginfo_t *si, void *ucv)
 {
     int saved_errno = errno;
@@ -1664,7 +1713,7 @@ static void segv_handler(int sig, siginfo_t *si, void *ucv)
         errno = saved_errno;
         return;
     }
-    uint64_t off = addr - g->start;
+    uint64_t off = addr - g->base;
     uint64_t a[5] = {g->handle, off, (uint64_t)in.size, 0, 0};
     int err;
     if (in.store) {
@@ -1677,6 +1726,11 @@ static void segv_handler(int sig, siginfo_t *si, void *ucv)
                 v >>= 8;
         }
         a[3] = v & mask_of(in.size);
+        if (post_store(g, off, (uint32_t)in.size, a[3])) {
+            gr[REG_RIP] += in.len;
+            errno = saved_errno;
+            return;
+        }
         if (rpc(VOP_MMIO, VMMIO_WRITE, -1, -1, a, NULL, 0, NULL, 0, &err) < 0) {
             fault_fatal(SIGBUS, strerror(err), addr);
             errno = saved_errno;

@@ -719,11 +719,25 @@ class Daemon:
         if len(st.mappings) >= self.max_map_count:
             # do_mmap(): "Too many mappings?"
             raise fail(errno.ENOMEM, f"{len(st.mappings)} device mappings already (vm.max_map_count)")
-        file = self.kernel.sys_mmap(st.task, fd, a[0], a[1], a[2] & 0xFFFFFFFF, bool(a[3]))
+        k = self.kernel
+        file = k.sys_mmap(st.task, fd, a[0], a[1], a[2] & 0xFFFFFFFF, bool(a[3]))
         handle = self._next_handle
         self._next_handle += 1
-        st.mappings[handle] = Mapping(file, a[0], a[1])
-        return handle, b""
+        m = st.mappings[handle] = Mapping(file, a[0], a[1])
+        # Where the program may post its stores: the device model's registers
+        # without side effects, while decoding is on (a flag in the channel).
+        layout = P.vmap(slot=0xFFFFFFFF)
+        sess = st.session
+        posted = k.mmap_posted_writes(file, a[0], a[1])[:P.VMAP_MAX_POSTED]
+        if posted and sess is not None and sess.channel is not None and sess.next_slot < P.VLIVE:
+            m.slot = sess.next_slot
+            sess.next_slot += 1
+            layout.slot = m.slot
+            layout.nposted = len(posted)
+            for i, (off, n) in enumerate(posted):
+                layout.posted[i].offset, layout.posted[i].length = off, n
+            sess.channel.set_live(m.slot, k.mmap_live(file))
+        return handle, bytes(layout)
 
     def _flush_posts(self, sess: Session) -> None:
         """Perform the stores the program posted, in order (machine lock held)."""
@@ -744,6 +758,8 @@ class Daemon:
         tracer = st.tracer
         a = (handle, offset, size, value, 0)
         rec = tracer.begin(task, P.OP_MMIO, P.MMIO_WRITE, -1, -1, a, b"") if tracer is not None else None
+        if rec is not None:
+            rec["posted"] = True
         try:
             if m is None:
                 raise fail(errno.EFAULT, f"no device mapping {handle}")
@@ -759,6 +775,12 @@ class Daemon:
 
     def _update_live(self, sess: Session, st: TaskState) -> None:
         """Which of the program's mappings may post stores now (decoding on)."""
+        channel = sess.channel
+        if channel is None:
+            return
+        for m in st.mappings.values():
+            if m.slot >= 0:
+                channel.set_live(m.slot, self.kernel.mmap_live(m.file))
 
     def _check_creds(self, sess: Session, st: TaskState, seen: int) -> str:
         """The process's credentials, taken again: '' if it is still the

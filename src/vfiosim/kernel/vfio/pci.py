@@ -381,6 +381,19 @@ class VfioPciDevice(VfioDeviceOps):
         self.pdev.host_mmio_write(index, off, size, value)
         return 0
 
+    def mmap_posted_writes(self, offset: int, length: int) -> list[tuple[int, int]]:
+        index = offset >> VFIO_PCI_OFFSET_SHIFT
+        base = offset & VFIO_PCI_OFFSET_MASK
+        out = []
+        for off, n in self.pdev.posted_write_ranges(index):
+            lo, hi = max(off, base), min(off + n, base + length)
+            if lo < hi:
+                out.append((lo - base, hi - lo))
+        return out
+
+    def mmap_live(self) -> bool:
+        return bool(self.vconfig[PCI_COMMAND] & PCI_COMMAND_MEMORY) and self.pdev.mmio_enabled_by_platform()
+
     def read(self, current: "Task", count: int, pos: int) -> bytes:
         return self._rw(pos, count, None)  # type: ignore[return-value]
 
