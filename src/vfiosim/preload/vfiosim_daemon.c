@@ -120,20 +120,23 @@ static inline int pending(struct vchan *ch, uint32_t last)
            load_acq(&ch->prog.ring_head) != __atomic_load_n(&ch->daemon.ring_tail, __ATOMIC_RELAXED);
 }
 
-/* How long to spin before sleeping adapts to what spinning bought lately:
- * a program making calls back to back finds the thread awake; on a busy
- * machine, where the program is seldom back in time, it sleeps at once. */
+/* How long to spin before sleeping: twice what the program took to come back
+ * lately when spinning caught it, halved whenever it did not (on a busy
+ * machine, where the program is seldom back in time, the thread sleeps at
+ * once instead of taking a CPU the program needs). */
 #define SPIN_MIN_NS 2000u
 #define SPIN_MAX_NS 100000u
 
-static void spin_adapt(uint32_t *budget, int paid_off)
+static void spin_caught(uint32_t *budget, uint64_t took_ns)
 {
-    uint32_t b = *budget;
-    if (paid_off)
-        b = b + b / 2 + 1000 > SPIN_MAX_NS ? SPIN_MAX_NS : b + b / 2 + 1000;
-    else
-        b = b / 2 < SPIN_MIN_NS ? SPIN_MIN_NS : b / 2;
-    *budget = b;
+    uint64_t want = 2 * took_ns + SPIN_MIN_NS, b = *budget;
+    b = (7 * b + (want > SPIN_MAX_NS ? SPIN_MAX_NS : want)) / 8;
+    *budget = (uint32_t)(b < SPIN_MIN_NS ? SPIN_MIN_NS : b);
+}
+
+static void spin_missed(uint32_t *budget)
+{
+    *budget = *budget / 2 < SPIN_MIN_NS ? SPIN_MIN_NS : *budget / 2;
 }
 
 /*
@@ -146,19 +149,19 @@ static void spin_adapt(uint32_t *budget, int paid_off)
 EXPORT int vd_wait(struct vchan *ch, uint32_t last, const volatile uint32_t *stop, uint32_t *budget,
                    int timeout_ms)
 {
-    uint64_t start = now_ns();
+    uint64_t start = now_ns(), spin = *budget;
     for (unsigned i = 0;; i++) {
         if (*stop)
             return -1;
         if (pending(ch, last)) {
-            spin_adapt(budget, 1);
+            spin_caught(budget, now_ns() - start);
             return 1;
         }
-        if ((i & 15) == 15 && now_ns() - start >= *budget)
+        if ((i & 15) == 15 && now_ns() - start >= spin)
             break;
         __builtin_ia32_pause();
     }
-    spin_adapt(budget, 0);
+    spin_missed(budget);
     uint64_t end = start + (uint64_t)timeout_ms * 1000000u;
     for (;;) {
         __atomic_store_n(&ch->daemon.daemon_waiting, 1, __ATOMIC_SEQ_CST);
@@ -237,7 +240,7 @@ EXPORT int vd_take_posts(struct vchan *ch, struct vpost *out, int max)
 struct vd_session {
     struct vchan *ch;
     uint32_t stop;                   /* set by another thread to end the wait */
-    uint32_t budget;                 /* ns to spin before sleeping */
+    uint32_t budget;                 /* ns to spin before sleeping (learnt) */
     uint32_t seq;                    /* the last request taken */
     int32_t pidfd, pid;              /* whose credentials to check before each request (pidfd < 0: none) */
     uint32_t flags;                  /* out: VD_* */

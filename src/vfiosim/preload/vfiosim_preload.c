@@ -401,25 +401,33 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* How long to spin before sleeping adapts to what spinning bought lately:
- * when the daemon answers within it, spin longer; when it does not (a busy
- * machine), sleep sooner.  Guarded by lk. */
+/* How long to spin before sleeping: twice what the daemon took to answer
+ * lately when spinning caught the reply, halved whenever it did not (on a
+ * busy machine the program then sleeps at once instead of taking a CPU the
+ * daemon needs).  Guarded by lk. */
 #define SPIN_MIN_NS 2000u
 #define SPIN_MAX_NS 100000u
-static uint32_t spin_budget = 20000;
+static uint64_t spin_budget = 20000;
+
+static void spin_caught(uint64_t took)
+{
+    uint64_t want = 2 * took + SPIN_MIN_NS;
+    spin_budget = (7 * spin_budget + (want > SPIN_MAX_NS ? SPIN_MAX_NS : want)) / 8;
+    if (spin_budget < SPIN_MIN_NS)
+        spin_budget = SPIN_MIN_NS;
+}
 
 /* Wait for the reply to request `seq`: spin, then sleep on the daemon's word,
  * checking now and then that the daemon still lives.  0, or -1 if it is gone. */
 static int await_reply(uint32_t seq)
 {
-    uint64_t start = now_ns();
+    uint64_t start = now_ns(), spin = spin_budget;
     for (unsigned i = 0;; i++) {
         if (__atomic_load_n(&chan->daemon.rep_seq, __ATOMIC_ACQUIRE) == seq) {
-            uint32_t b = spin_budget + spin_budget / 2 + 1000;
-            spin_budget = b > SPIN_MAX_NS ? SPIN_MAX_NS : b;
+            spin_caught(now_ns() - start);
             return 0;
         }
-        if ((i & 15) == 15 && now_ns() - start >= spin_budget)
+        if ((i & 15) == 15 && now_ns() - start >= spin)
             break;
         __builtin_ia32_pause();
     }

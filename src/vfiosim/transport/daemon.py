@@ -649,19 +649,22 @@ class Daemon:
             task = st.task
             tracer = st.tracer
             rec = tracer.begin(task, op, flags, fd, fd2, a, payload) \
-                if tracer is not None and op != P.OP_STATUS and op != P.OP_FLUSH else None
+                if tracer is not None and op != P.OP_STATUS and op != P.OP_FLUSH and op != P.OP_MMIO else None
+            reason = ""
             try:
                 ret, out = self.gate.call(task, P.OP_NAMES.get(op, "request"), self._call, st, op, flags, fd, fd2,
                                           a, payload)
                 err = 0
             except KernelError as exc:
-                ret, err, out = -1, exc.errno, b""
+                ret, err, out, reason = -1, exc.errno, b"", exc.reason
                 if rec is not None:
-                    rec["reason"] = exc.reason
+                    rec["reason"] = reason
             if rec is not None:
-                if op == P.OP_MMIO and not flags & P.MMIO_WRITE and len(out) == 8:
-                    rec["value"] = struct.unpack("<Q", out)[0]
                 tracer.end(rec, task, ret, err)   # type: ignore[union-attr]
+            elif tracer is not None and op == P.OP_MMIO:
+                written = bool(flags & P.MMIO_WRITE)
+                value = a[3] if written else (struct.unpack("<Q", out)[0] if len(out) == 8 else None)
+                tracer.mmio(st.pid, a[0], a[1], a[2], value, written, ret, err, reason)
             if st.mappings:
                 self._update_live(sess, st)
         return P.REP.pack(ret, err, len(out)) + out if out else P.REP.pack(ret, err, 0)
@@ -755,11 +758,7 @@ class Daemon:
     def _posted_store(self, st: TaskState, handle: int, offset: int, size: int, value: int) -> None:
         m = st.mappings.get(handle)
         task = st.task
-        tracer = st.tracer
-        a = (handle, offset, size, value, 0)
-        rec = tracer.begin(task, P.OP_MMIO, P.MMIO_WRITE, -1, -1, a, b"") if tracer is not None else None
-        if rec is not None:
-            rec["posted"] = True
+        reason = ""
         try:
             if m is None:
                 raise fail(errno.EFAULT, f"no device mapping {handle}")
@@ -767,11 +766,9 @@ class Daemon:
             ret, err = 0, 0
         except KernelError as exc:
             # A posted write has no completion: a failed one is dropped, as a bus drops it.
-            ret, err = -1, exc.errno
-            if rec is not None:
-                rec["reason"] = exc.reason
-        if rec is not None and tracer is not None:
-            tracer.end(rec, task, ret, err)
+            ret, err, reason = -1, exc.errno, exc.reason
+        if st.tracer is not None:
+            st.tracer.mmio(st.pid, handle, offset, size, value, True, ret, err, reason, posted=True)
 
     def _update_live(self, sess: Session, st: TaskState) -> None:
         """Which of the program's mappings may post stores now (decoding on)."""

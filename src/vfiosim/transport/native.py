@@ -102,7 +102,7 @@ class Channel:
         self.addr = ctypes.addressof(self.view)
         self.state = VdSession()
         self.state.ch = self.addr
-        self.state.budget = 20_000                # ns to spin before sleeping; adapted by vd_wait
+        self.state.budget = 20_000                # ns to spin before sleeping; vd_wait learns it
         self.state.pidfd = -1
         self._state_ref = ctypes.byref(self.state)
         self.request = memoryview(self.state.req).cast("B")

@@ -123,6 +123,19 @@ class Tracer:
         self.seq += 1
         self.f.write(json.dumps(rec, sort_keys=False) + "\n")
 
+    def mmio(self, pid: int, mapping: int, offset: int, size: int, value: int | None, written: bool,
+             ret: int, err: int, reason: str = "", posted: bool = False) -> None:
+        """One BAR load or store: the commonest record, written without building a dict."""
+        extra = ', "posted": true' if posted else ""
+        if reason:
+            extra += f', "reason": {json.dumps(reason)}'
+        val = f', "value": {value}' if value is not None else ""
+        self.f.write(f'{{"time": {round(time.monotonic() - self.t0, 6)}, "pid": {pid}, "call": "mmio", '
+                     f'"mapping": {mapping}, "offset": {offset}, "size": {size}, '
+                     f'"write": {"true" if written else "false"}{val}{extra}, "ret": {ret}, "errno": {err}, '
+                     f'"err": "{E.errorcode.get(err, "") if err else ""}", "seq": {self.seq}}}\n')
+        self.seq += 1
+
     def event(self, pid: int, kind: str, detail: str = "") -> None:
         self._write({"time": round(time.monotonic() - self.t0, 6), "pid": pid, "call": kind, "detail": detail})
 
