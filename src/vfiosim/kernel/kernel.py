@@ -188,6 +188,18 @@ class Kernel:
             file.put(task)
             raise
 
+    def sys_chown(self, task: Task, path: str, uid: int, gid: int) -> None:
+        self._node(path).chown(task, uid, gid)
+
+    def sys_chmod(self, task: Task, path: str, mode: int) -> None:
+        self._node(path).chmod(task, mode)
+
+    def _node(self, path: str) -> DeviceNode:
+        node = self.dev_nodes.get(os.path.normpath(path) if path else path)
+        if node is None:
+            raise fail(ENOENT, f"{path} does not exist on this machine")
+        return node
+
     def sys_close(self, task: Task, fd: int) -> None:
         task.files.remove(fd).put(task)
 

@@ -1129,16 +1129,21 @@ static void patch_node_stat(const char *fake, struct stat *st)
     }
 }
 
+static int node_of_fd(int fd, char *buf, size_t n);
+
 static void patch_fd_stat(int fd, struct stat *st)
 {
+    char node[64], fake[PATH_MAX + 64];
     switch (vfd[fd]) {
     case K_CONTAINER:
-        st->st_mode = S_IFCHR | 0666;
-        st->st_rdev = makedev(10, 196);
-        break;
     case K_GROUP:
-        st->st_mode = S_IFCHR | 0600;
-        st->st_rdev = makedev(243, vminor[fd]);
+        /* The node's owner and mode, as the daemon's tree has them now (after a chown, say). */
+        st->st_mode = S_IFCHR | (vfd[fd] == K_CONTAINER ? 0666 : 0600);
+        st->st_rdev = vfd[fd] == K_CONTAINER ? makedev(10, 196) : makedev(243, vminor[fd]);
+        if (node_of_fd(fd, node, sizeof node)) {
+            snprintf(fake, sizeof fake, "%s%s", root, node);
+            patch_node_stat(fake, st);
+        }
         break;
     case K_DEVICE:
         st->st_mode = 0600;            /* an anonymous inode */
@@ -1322,6 +1327,111 @@ static const char *mapped(int dirfd, const char *path, char *buf, size_t bufsz)
         return buf;
     }
     return c == P_REWRITE ? buf : path;
+}
+
+/* ---------------------------------------------------------------- chown and chmod of /dev/vfio */
+
+/* The node a simulated fd was opened from (containers and groups), or 0. */
+static int node_of_fd(int fd, char *buf, size_t n)
+{
+    if (!is_vfio(fd) || vfd[fd] == K_DEVICE)
+        return 0;
+    if (vfd[fd] == K_CONTAINER)
+        snprintf(buf, n, "/dev/vfio/vfio");
+    else
+        snprintf(buf, n, "/dev/vfio/%d", vminor[fd]);
+    return 1;
+}
+
+static int setattr(const char *node, uint32_t flags, uid_t uid, gid_t gid, mode_t mode)
+{
+    uint64_t a[5] = {(uint64_t)(int64_t)(int32_t)uid, (uint64_t)(int64_t)(int32_t)gid, mode, 0, 0};
+    int err;
+    if (rpc(VOP_SETATTR, flags, -1, -1, a, node, (uint32_t)strlen(node), NULL, 0, &err) < 0) {
+        errno = err;
+        return -1;
+    }
+    return 0;
+}
+
+static int do_fchownat(int dirfd, const char *path, uid_t uid, gid_t gid, int flags)
+{
+    static int (*real)(int, const char *, uid_t, gid_t, int);
+    if (!real)
+        real = sym("fchownat");
+    char buf[PATH_MAX];
+    if (path && !*path && (flags & AT_EMPTY_PATH) && node_of_fd(dirfd, buf, sizeof buf))
+        return setattr(buf, VSETATTR_OWNER, uid, gid, 0);
+    int c = classify(dirfd, path, buf, sizeof buf);
+    if (c == P_NODE)
+        return setattr(buf, VSETATTR_OWNER, uid, gid, 0);
+    return real(c == P_REWRITE ? AT_FDCWD : dirfd, c == P_REWRITE ? buf : path, uid, gid, flags);
+}
+
+static int do_fchmodat(int dirfd, const char *path, mode_t mode, int flags)
+{
+    static int (*real)(int, const char *, mode_t, int);
+    if (!real)
+        real = sym("fchmodat");
+    char buf[PATH_MAX];
+    int c = classify(dirfd, path, buf, sizeof buf);
+    if (c == P_NODE)
+        return setattr(buf, VSETATTR_MODE, 0, 0, mode);
+    return real(c == P_REWRITE ? AT_FDCWD : dirfd, c == P_REWRITE ? buf : path, mode, flags);
+}
+
+EXPORT int chown(const char *path, uid_t uid, gid_t gid)
+{
+    resolve();
+    return do_fchownat(AT_FDCWD, path, uid, gid, 0);
+}
+
+EXPORT int lchown(const char *path, uid_t uid, gid_t gid)
+{
+    resolve();
+    return do_fchownat(AT_FDCWD, path, uid, gid, AT_SYMLINK_NOFOLLOW);
+}
+
+EXPORT int fchownat(int dirfd, const char *path, uid_t uid, gid_t gid, int flags)
+{
+    resolve();
+    return do_fchownat(dirfd, path, uid, gid, flags);
+}
+
+EXPORT int fchown(int fd, uid_t uid, gid_t gid)
+{
+    static int (*real)(int, uid_t, gid_t);
+    resolve();
+    if (!real)
+        real = sym("fchown");
+    char buf[64];
+    if (node_of_fd(fd, buf, sizeof buf))
+        return setattr(buf, VSETATTR_OWNER, uid, gid, 0);
+    return real(fd, uid, gid);
+}
+
+EXPORT int chmod(const char *path, mode_t mode)
+{
+    resolve();
+    return do_fchmodat(AT_FDCWD, path, mode, 0);
+}
+
+EXPORT int fchmodat(int dirfd, const char *path, mode_t mode, int flags)
+{
+    resolve();
+    return do_fchmodat(dirfd, path, mode, flags);
+}
+
+EXPORT int fchmod(int fd, mode_t mode)
+{
+    static int (*real)(int, mode_t);
+    resolve();
+    if (!real)
+        real = sym("fchmod");
+    char buf[64];
+    if (node_of_fd(fd, buf, sizeof buf))
+        return setattr(buf, VSETATTR_MODE, 0, 0, mode);
+    return real(fd, mode);
 }
 
 EXPORT int access(const char *path, int mode)

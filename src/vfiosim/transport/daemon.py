@@ -716,6 +716,14 @@ class Daemon:
             return 0, b""
         if op == P.OP_FLUSH:
             return 0, b""
+        if op == P.OP_SETATTR:
+            path = payload.decode("utf-8", "surrogateescape")
+            if flags & P.SETATTR_OWNER:
+                k.sys_chown(task, path, _s32(a[0]), _s32(a[1]))
+            if flags & P.SETATTR_MODE:
+                k.sys_chmod(task, path, a[2] & 0o7777)
+            self.sysfs.update_node(os.path.normpath(path))
+            return 0, b""
         raise fail(errno.EINVAL, f"operation {op} after hello")
 
     def _mmap(self, st: TaskState, fd: int, a: tuple[int, ...]) -> tuple[int, bytes]:

@@ -79,12 +79,8 @@ class FakeSysfs:
         m = self.machine
         k = m.kernel
         self._mkdir("/dev/vfio")
-        for path, node in k.dev_nodes.items():
-            if not path.startswith("/dev/vfio/"):
-                continue
-            name = path.rsplit("/", 1)[1]
-            major, minor = (MISC_MAJOR, VFIO_MINOR) if name == "vfio" else (VFIO_GROUP_MAJOR, int(name))
-            _write(self.path(path), f"{major} {minor} {node.mode:o} {node.uid} {node.gid}\n")
+        for path in k.dev_nodes:
+            self.update_node(path)
         self._mkdir("/sys/bus/pci/devices")
         self._mkdir("/sys/bus/pci/drivers/vfio-pci")
         self._mkdir("/sys/kernel/iommu_groups")
@@ -155,6 +151,18 @@ class FakeSysfs:
                 self._link(os.path.relpath(ddir, f"/sys/bus/pci/drivers/{dev.driver}"),
                            f"/sys/bus/pci/drivers/{dev.driver}/{bdf}")
         _write(self.path("/prefixes"), "".join(p + "\n" for p in self.prefixes))
+
+    def update_node(self, path: str) -> None:
+        """(Re)write what stat() reports for a /dev/vfio node: its owner and mode
+        (after a chown or chmod), replaced in one rename."""
+        node = self.machine.kernel.dev_nodes.get(path)
+        if node is None or not path.startswith("/dev/vfio/"):
+            return
+        name = path.rsplit("/", 1)[1]
+        major, minor = (MISC_MAJOR, VFIO_MINOR) if name == "vfio" else (VFIO_GROUP_MAJOR, int(name))
+        tmp = self.path(path) + ".new"
+        _write(tmp, f"{major} {minor} {node.mode:o} {node.uid} {node.gid}\n")
+        os.replace(tmp, self.path(path))
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
