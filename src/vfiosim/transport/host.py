@@ -377,8 +377,11 @@ class HostMM:
     # -- mappings ---------------------------------------------------------------------------------
 
     def _window(self, index: int) -> HostMemoryObject:
+        """The object counting pins in 1 GiB window ``index``.  Once its last pin
+        went, physical memory forgot it; the next pin registers it again (at a
+        new physical address) rather than allocating its counts anew."""
         obj = self._windows.get(index)
-        if obj is None or (obj.pins == 0 and not self._registered(obj)):
+        if obj is None:
             obj = HostMemoryObject(self.host, index << WINDOW_SHIFT, 1 << WINDOW_SHIFT, self.page_shift)
             self._windows[index] = obj
         return obj
@@ -403,8 +406,7 @@ class HostMM:
         """As MM.pin_pages_longterm (Type1's FOLL_LONGTERM pin): a read pin of a
         never-written page of a read-only private mapping unshares the zero
         page and succeeds, where pin_pages() faults."""
-        addrs = np.uint64(start) + (np.arange(npages, dtype=np.uint64) << np.uint64(self.page_shift))
-        return self.pin_pages(addrs, write, unshare=True)
+        return self._pin_run(start, npages, write, False, True, 0)
 
     def pin_pages(self, addrs: np.ndarray, write: bool, dry_run: bool = False, unshare: bool = False) -> PinResult:
         """As MM.pin_pages, against the process's real mappings: one lookup
@@ -466,11 +468,47 @@ class HostMM:
 
     def pin_range(self, addr: int, npages: int, write: bool, dry_run: bool = False, tag: int = 0) -> PinResult:
         """Consecutive pages: as pin_pages over their addresses."""
-        addrs = np.uint64(addr) + (np.arange(npages, dtype=np.uint64) << np.uint64(self.page_shift))
-        res = self.pin_pages(addrs, write, dry_run)
-        if tag:
-            res.hpas = res.hpas | np.uint64(tag)
-        return res
+        return self._pin_run(addr, npages, write, dry_run, False, tag)
+
+    def _pin_run(self, addr: int, npages: int, write: bool, dry_run: bool, unshare: bool, tag: int) -> PinResult:
+        """Pin ``npages`` consecutive pages from ``addr``: one lookup per mapping
+        crossed and one slice per 1 GiB window, in plain integers (a small map
+        pays for no array)."""
+        shift = self.page_shift
+        page = 1 << shift
+        parts: list[Progression] = []
+        done, cur, err = 0, addr, None
+        while done < npages:
+            vma = self.host.vma(cur)
+            if vma is None or not vma[2] & (PROT_READ | PROT_WRITE) or (write and not vma[2] & PROT_WRITE):
+                err = EFAULT
+                break
+            n = min(npages - done, (vma[1] - cur) >> shift)
+            if not write and not vma[2] & PROT_WRITE and not unshare:
+                present = self.host.present(np.arange(cur >> shift, (cur >> shift) + n, dtype=np.uint64), shift)
+                if not present.all():
+                    n, err = int(np.argmin(present)), EFAULT
+            while n > 0:
+                index = cur >> WINDOW_SHIFT
+                obj = self._window(index)
+                k = min(n, (((index + 1) << WINDOW_SHIFT) - cur) >> shift)
+                p0 = (cur - obj.vaddr) >> shift
+                if not dry_run:
+                    if obj.pins == 0 and not self._registered(obj):
+                        self.phys.register(obj, obj.length)  # type: ignore[arg-type]
+                    obj.pincount[p0:p0 + k] += 1
+                    obj.pins += k
+                parts.append(Progression((obj.phys_base + (p0 << shift)) | tag, page, k))
+                cur += k << shift
+                n -= k
+                done += k
+            if err is not None:
+                break
+        runs = [(done, shift)]
+        if len(parts) == 1:
+            return PinResult(parts[0], None, done, err, runs)
+        hpas = np.concatenate([np.asarray(p) for p in parts]) if parts else np.zeros(0, dtype=np.uint64)
+        return PinResult(hpas, None, done, err, runs)
 
     def teardown(self) -> None:
         """The image is gone (exit, exec): its pinned memory is orphaned."""
