@@ -10,6 +10,8 @@
  *   bench_client dma MIB IOMMU GROUP BDF   edu DMA of MIB x 1 MiB in 4 KiB transfers, RAM -> device -> RAM
  *   bench_client stress SECONDS GROUP      Type1v2 4 KiB MAP+UNMAP loop raced by an mlock/munlock thread
  *   bench_client memcpy MIB                memcpy of MIB x 1 MiB
+ *   bench_client trap N                    N x a store that faults, stepped over by a SIGSEGV handler:
+ *                                          the floor of any BAR access emulated by faulting
  *
  * Each prints one number: nanoseconds per operation, MB/s, or (stress) pairs done.
  */
@@ -17,6 +19,8 @@
 #include <fcntl.h>
 #include <linux/vfio.h>
 #include <pthread.h>
+#include <signal.h>
+#include <ucontext.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -113,6 +117,12 @@ static volatile uint8_t *bar0(const char *iommu, const char *group, const char *
         die("mmap BAR0");
     *cfd = c;
     return p;
+}
+
+static void skip_store(int sig, siginfo_t *si, void *ucv)
+{
+    (void)sig, (void)si;
+    ((ucontext_t *)ucv)->uc_mcontext.gregs[REG_RIP] += 3;      /* movl %eax, 4(%rdx): 89 42 04 */
 }
 
 static volatile int stop_stress;
@@ -257,6 +267,20 @@ int main(int argc, char **argv)
         stop_stress = 1;
         pthread_join(th, NULL);
         printf("%ld\n", pairs);
+        return 0;
+    }
+    if (!strcmp(mode, "trap")) {
+        long n = atol(argv[2]);
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = skip_store;
+        sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+        sigaction(SIGSEGV, &sa, NULL);
+        void *page = mmap(NULL, 4096, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        double t = now();
+        for (long i = 0; i < n; i++)
+            __asm__ volatile(".byte 0x89, 0x42, 0x04" : : "a"((uint32_t)i), "d"(page) : "memory");
+        printf("%.1f\n", (now() - t) / n * 1e9);
         return 0;
     }
     if (!strcmp(mode, "memcpy")) {

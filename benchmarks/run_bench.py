@@ -8,6 +8,8 @@ A plain C program (bench_client.c, `<linux/vfio.h>` only) is timed under
   (`VFIO_GET_API_VERSION`), a 4 KiB MAP_DMA + UNMAP_DMA pair (Type1v2 on
   the x86 machine, sPAPR v1 and v2 on pseries), a store to a BAR0 register
   without side effects and a load, all through the BAR mmap;
+* a bare faulting store caught by a SIGSEGV handler, the floor of any BAR
+  access the shim emulates (informational);
 * memcpy for edu DMA of 1 MiB in 4 KiB transfers, RAM -> device -> RAM,
   driven through the BAR mmap;
 * the same program untraced for `--trace`;
@@ -141,6 +143,13 @@ def fig_bar(r: Runner, n: int, sys_ns: float, what: str, machine: tuple[str, str
                   ns / sys_ns <= goal, {f"{what}_ns": ns, "syscall_ns": sys_ns})
 
 
+def fig_trap(r: Runner, n: int, sys_ns: float) -> Figure:
+    """What emulating a BAR access by faulting costs before any work: the floor of the store figure."""
+    ns = r.best(lambda: r.under("pseries", "trap", n))
+    return Figure("run: a bare faulting store stepped over by SIGSEGV vs a syscall", ns / sys_ns, "x syscall",
+                  "(informational)", None, {"trap_ns": ns, "syscall_ns": sys_ns})
+
+
 def fig_dma(r: Runner, mib: int, memcpy: float, machine: tuple[str, str, str, str]) -> Figure:
     platform, iommu, group, bdf = machine
     mbs = r.best(lambda: r.under(platform, "dma", mib, iommu, group, bdf), higher_is_better=True)
@@ -188,6 +197,7 @@ def suite(quick: bool) -> list[tuple[str, Callable[[Runner, dict], Figure]]]:
         ("map-spapr2", with_sys(lambda r, s: fig_map(r, n_pair, s, "pseries", "spapr2", "0"))),
         ("store", with_sys(lambda r, s: fig_bar(r, n_bar, s, "store", X86))),
         ("load", with_sys(lambda r, s: fig_bar(r, n_bar, s, "load", X86))),
+        ("trap", with_sys(lambda r, s: fig_trap(r, n_bar, s))),
         ("dma-x86", with_memcpy(lambda r, m: fig_dma(r, mib, m, X86))),
         ("dma-pseries", with_memcpy(lambda r, m: fig_dma(r, mib, m, PSERIES))),
         ("stress", lambda r, ctx: fig_stress(r, secs)),

@@ -1025,7 +1025,7 @@ class Daemon:
             self._retire_eventfd(st, n)
         self._sweep_eventfds()
 
-    def _note_orphaned(self, st: TaskState, mm: "HostMM", why: str) -> None:
+    def _note_orphaned(self, st: TaskState, mm: Any, why: str) -> None:
         """Pages of an image that is gone and that DMA mappings still pin (in a
         container the new image, or another process, still holds): say what a
         device sees there."""

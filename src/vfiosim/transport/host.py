@@ -169,12 +169,13 @@ class HostProcess:
             raise fail(EFAULT, f"DMA read of {out.size} bytes at {addr:#x} in process {self.pid} failed")
 
     def device_write(self, addr: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
+        ptr: int | bytes
         if isinstance(data, np.ndarray):
             src = np.ascontiguousarray(data, dtype=np.uint8)
             ptr, n = src.ctypes.data, src.size
         else:
-            raw = bytes(data)
-            ptr, n = raw, len(raw)
+            ptr = bytes(data)
+            n = len(ptr)
         if not self.bound or native.lib().vd_dma(self.mem, addr, n, ptr, 1) < 0:
             raise fail(EFAULT, f"DMA write of {n} bytes at {addr:#x} in process {self.pid} failed")
 
