@@ -898,6 +898,13 @@ EXPORT int close_range(unsigned int first, unsigned int last, int flags)
     return real_close_range(first, last, flags);
 }
 
+/* glibc's closefrom() calls close_range() inside libc, past the wrapper above. */
+EXPORT void closefrom(int lowfd)
+{
+    resolve();
+    close_range(lowfd < 0 ? 0 : (unsigned int)lowfd, ~0u, 0);
+}
+
 /* ---------------------------------------------------------------- dup and fcntl */
 
 /* After a real dup of a simulated fd to `newfd`. */

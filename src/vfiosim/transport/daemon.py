@@ -449,9 +449,11 @@ class Daemon:
         try:
             with self.gate.lock:
                 st = self._bind(sess, hello.flags, host, creds)
-        except KernelError as exc:
+        except BaseException as exc:
             host.close()
             channel.close()
+            if not isinstance(exc, KernelError):
+                raise
             _send(sess.sock, P.pack_reply(-1, exc.errno))
             return False
         channel.watch_creds(st.pidfd, st.pid, creds)
@@ -461,7 +463,7 @@ class Daemon:
         channel.close_fd()
         if not ok:
             return False
-        self._post(lambda: self._watch_session(sess, st))
+        self._post(lambda: self._watch_session(sess))
         return True
 
     def _verify(self, sess: Session, hello: Any, scm_pidfd: int) -> None:
@@ -578,7 +580,7 @@ class Daemon:
                     continue
         return out
 
-    def _watch_session(self, sess: Session, st: TaskState) -> None:
+    def _watch_session(self, sess: Session) -> None:
         if sess.ended:
             return
         try:
