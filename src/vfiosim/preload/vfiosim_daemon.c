@@ -113,11 +113,12 @@ static long futex(uint32_t *addr, int op, uint32_t val, const struct timespec *t
     return syscall(SYS_futex, addr, op, val, ts, NULL, 0);
 }
 
-/* Something to do: a new request, or posted stores to perform. */
+/* A new request.  Posted stores alone wake nobody: they are performed, in a
+ * batch, before the next request or when the wait times out, instead of
+ * costing the daemon a Python call while the program goes on posting. */
 static inline int pending(struct vchan *ch, uint32_t last)
 {
-    return load_acq(&ch->prog.req_seq) != last ||
-           load_acq(&ch->prog.ring_head) != __atomic_load_n(&ch->daemon.ring_tail, __ATOMIC_RELAXED);
+    return load_acq(&ch->prog.req_seq) != last;
 }
 
 /* How long to spin before sleeping: twice what the program took to come back
@@ -140,8 +141,8 @@ static void spin_missed(uint32_t *budget)
 }
 
 /*
- * Wait until the program has posted a request after `last` (or stores to
- * perform), `*stop` is set, or `timeout_ms` passed.  Spins for up to
+ * Wait until the program has posted a request after `last`, `*stop` is set,
+ * or `timeout_ms` passed.  Spins for up to
  * `*budget` ns first (and adapts it).  Returns 1 (something to do), 0
  * (timeout) or -1 (stop).  The request itself is copied out by
  * vd_take_request().
@@ -176,7 +177,6 @@ EXPORT int vd_wait(struct vchan *ch, uint32_t last, const volatile uint32_t *sto
         }
         uint64_t left = end - t;
         struct timespec ts = {(time_t)(left / 1000000000u), (long)(left % 1000000000u)};
-        /* Posted stores wake nobody: they are performed at the next request or timeout. */
         futex(&ch->prog.req_seq, FUTEX_WAIT, last, &ts);
         __atomic_store_n(&ch->daemon.daemon_waiting, 0, __ATOMIC_RELAXED);
         if (*stop)
