@@ -50,6 +50,22 @@ def test_trace_show_names_a_file_that_is_not_json_lines(capsys, tmp_path):
     assert rc == 2 and err.startswith(f"vfiosim trace show: {path}: not a vfiosim trace")
 
 
+def test_run_with_a_trace_in_a_missing_directory_says_so_and_leaves_nothing(capsys, private_tmp):
+    rc, _, err = run(capsys, "run", "--trace", "/nonexistent/dir/x.jsonl", "--", "true")
+    assert rc == 1
+    assert err == "vfiosim run: /nonexistent/dir/x.jsonl: No such file or directory\n"
+    assert list(private_tmp.iterdir()) == []               # no fake sysfs tree left
+
+
+@pytest.mark.parametrize("option", ["--trace", "--socket"])
+def test_serve_with_a_path_in_a_missing_directory_says_so_and_leaves_nothing(capsys, private_tmp, option):
+    rc, out, err = run(capsys, "serve", option, "/nonexistent/dir/x", "--socket" if option == "--trace" else "--trace",
+                       str(private_tmp / "ok"))
+    assert rc == 1 and "serving" not in out
+    assert err == "vfiosim serve: /nonexistent/dir/x: No such file or directory\n"
+    assert [p.name for p in private_tmp.iterdir()] in ([], ["ok"])     # a trace opened first may stay, empty
+
+
 def test_json_to_a_missing_directory_fails_before_any_work(capsys, monkeypatch):
     ran = []
     monkeypatch.setattr(bench, "suite", lambda quick=False: [("f", lambda: ran.append(1))])

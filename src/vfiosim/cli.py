@@ -191,6 +191,7 @@ def _host_page_size_ok(args: argparse.Namespace, command: str) -> bool:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .transport import run as R
+    from .transport.elfcheck import preload_obstacle
     if not args.connect and not _host_page_size_ok(args, "run"):
         return 2
     argv = list(args.program)
@@ -200,18 +201,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("vfiosim run: name a program: vfiosim run [--machine NAME|FILE] -- PROGRAM ARGS...", file=sys.stderr)
         return 2
     if args.connect:
-        if args.trace:
-            print("vfiosim run: --trace belongs to the daemon: vfiosim serve --trace FILE", file=sys.stderr)
-            return 2
-        return R.run_connected(args.connect, argv)
-    return R.run(_load(args), argv, trace=args.trace)
+        for given, option in ((args.trace, "--trace FILE"), (args.verbose, "-v")):
+            if given:
+                print(f"vfiosim run: {option.split()[0]} belongs to the daemon: vfiosim serve {option}",
+                      file=sys.stderr)
+                return 2
+    obstacle = preload_obstacle(argv[0])
+    if obstacle:
+        print(f"vfiosim run: warning: {obstacle}", file=sys.stderr, flush=True)
+    if args.connect:
+        return R.run_connected(args.connect, argv, wait=args.wait)
+    return R.run(_load(args), argv, trace=args.trace, verbose=args.verbose)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .transport import run as R
     if not _host_page_size_ok(args, "serve"):
         return 2
-    return R.serve(_load(args), args.socket, trace=args.trace)
+    if args.ready_fd is not None:
+        try:
+            os.fstat(args.ready_fd)
+        except OSError as exc:
+            print(f"vfiosim serve: --ready-fd {args.ready_fd}: {exc.strerror}", file=sys.stderr)
+            return 2
+    return R.serve(_load(args), args.socket, trace=args.trace, ready_fd=args.ready_fd, verbose=args.verbose)
 
 
 def cmd_trace_show(args: argparse.Namespace) -> int:
@@ -238,16 +251,28 @@ def _naming_the_trace(path: str) -> Iterator[None]:
 
 def _run_parsers(sub: Any) -> None:
     run = sub.add_parser("run", help="run an unmodified program with its VFIO calls reaching a simulated machine",
-                         usage="vfiosim run [--machine NAME|FILE] [--trace FILE] [--connect SOCKET] -- PROGRAM ARGS...")
+                         usage="vfiosim run [--machine NAME|FILE] [--trace FILE] [-v] [--connect SOCKET] "
+                               "-- PROGRAM ARGS...")
     _machine_args(run)
     run.add_argument("--trace", metavar="FILE", help="write every VFIO call as a JSON line to FILE")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="print each failing VFIO call with the simulated kernel's reason, and its kernel log "
+                          "(dmesg) lines, on stderr")
     run.add_argument("--connect", metavar="SOCKET", help="use the machine of a running `vfiosim serve`")
+    run.add_argument("--wait", metavar="SECONDS", type=float, default=10.0,
+                     help="with --connect: how long to wait for a daemon that is still starting (default 10)")
     run.add_argument("program", nargs=argparse.REMAINDER, help="the program and its arguments, after --")
     run.set_defaults(func=cmd_run)
     serve = sub.add_parser("serve", help="serve a simulated machine to programs started with `vfiosim run --connect`")
     _machine_args(serve)
     serve.add_argument("--socket", default="vfiosim.sock", help="Unix socket to listen on (default: ./vfiosim.sock)")
     serve.add_argument("--trace", metavar="FILE", help="write every VFIO call as a JSON line to FILE")
+    serve.add_argument("-v", "--verbose", action="store_true",
+                       help="print each failing VFIO call with the simulated kernel's reason, and its kernel log "
+                            "(dmesg) lines, on stderr")
+    serve.add_argument("--ready-fd", metavar="N", type=int,
+                       help="once programs can connect, write the socket's path and a newline to file descriptor N "
+                            "and close it (for scripts and supervisors)")
     serve.set_defaults(func=cmd_serve)
     trace = sub.add_parser("trace", help="inspect a --trace file")
     tsub = trace.add_subparsers(dest="trace_command", required=True)
