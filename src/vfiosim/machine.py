@@ -512,13 +512,14 @@ class Process:
     # -- /proc/<pid>/status and exit -----------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """The fields of /proc/<pid>/status that matter here (sizes in kB)."""
+        """The fields of /proc/<pid>/status that matter here: sizes in kB,
+        ``Uid``/``Gid`` as (real, effective, saved, filesystem), ``Cap*``
+        as Linux prints them (16 hex digits: ``CapEff`` is ``000001ffffffffff``
+        for root on 6.12)."""
         def read(t: Task) -> dict[str, Any]:
             mm = t.mm
             kb = mm.page_size // 1024
-            c = t.cred
-            return {"Name": t.comm, "Pid": t.pid, "Uid": (c.uid, c.euid, c.suid, c.euid),
-                    "Gid": (c.gid, c.egid, c.gid, c.egid), "VmSize": mm.mapped_bytes() // 1024,
+            return {"Name": t.comm, "Pid": t.pid, **t.cred.proc_status(), "VmSize": mm.mapped_bytes() // 1024,
                     "VmLck": mm.locked_vm * kb, "VmPin": mm.pinned_vm * kb, "VmRSS": mm.resident_bytes() // 1024,
                     "FDSize": t.files.slots}
         return self._call("status", read)
