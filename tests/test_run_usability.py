@@ -4,6 +4,7 @@ programs the preload shim cannot reach said so before they run."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from vfiosim import Machine
 from runutil import C_DIR, cc
 from vfiosim.transport.elfcheck import preload_obstacle
+from vfiosim.transport.verbose import FailureReporter
 
 CLI = [sys.executable, "-m", "vfiosim"]
 PROBE_PY = r"""
@@ -131,6 +134,21 @@ def test_verbose_and_trace_together_keep_the_trace_whole(tmp_path):
     assert "EINVAL" in proc.stderr
     shown = vfiosim("trace", "show", str(trace)).stdout
     assert "VFIO_SET_IOMMU, {type=2}) = -1 EINVAL" in shown and "VFIO_SET_IOMMU, {type=2}) = 0" in shown
+
+
+def test_a_stderr_that_fails_never_fails_the_programs_calls():
+    """The report is observed inside the daemon's call: a closed or broken
+    stderr must not turn the program's call into an error."""
+    class Broken(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+    m = Machine.preset("pseries")
+    for err in (Broken(), None):
+        reporter = FailureReporter(m, err)
+        m.kernel.log.err("something happened")
+        reporter({"pid": 1, "call": "open", "path": "/dev/vfio/9", "flags": 2, "ret": -1, "errno": 2,
+                  "err": "ENOENT", "reason": "no such group"})
+        assert reporter.seen == m.kernel.log.seq
 
 
 def test_verbose_belongs_to_the_daemon_with_connect(tmp_path):

@@ -30,7 +30,7 @@ class DiscardedTrace:
 class FailureReporter:
     """A :class:`Tracer` observer printing failing calls and new kernel log lines to ``err``."""
 
-    def __init__(self, machine: "Machine", err: IO[str]) -> None:
+    def __init__(self, machine: "Machine", err: IO[str] | None) -> None:
         self.log = machine.kernel.log
         self.err = err
         self.seen = self.log.seq            # only what happens from now on
@@ -41,12 +41,20 @@ class FailureReporter:
     def __call__(self, rec: dict[str, Any]) -> None:
         self.flush_dmesg()                  # printed during the call, so before its result
         if rec.get("errno"):
-            print(f"vfiosim: {format_record(rec)}", file=self.err, flush=True)
+            self._say(format_record(rec))
 
     def flush_dmesg(self) -> None:
         if self.log.seq == self.seen:
             return
         for r in self.log.since(self.seen):
             if r.level < KERN_DEBUG:
-                print(f"vfiosim: dmesg: {r.text}", file=self.err, flush=True)
+                self._say(f"dmesg: {r.text}")
         self.seen = self.log.seq
+
+    def _say(self, text: str) -> None:
+        if self.err is None:    # started with stderr closed
+            return
+        try:
+            print(f"vfiosim: {text}", file=self.err, flush=True)
+        except (OSError, ValueError):
+            pass                # stderr closed or gone: the program's calls must not fail for it
