@@ -175,11 +175,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_trace_show(args: argparse.Namespace) -> int:
+    from .tracing.format import TraceError
     from .transport.trace import show
     try:
         return show(args.file, sys.stdout)
     except BrokenPipeError:
         return 0
+    except TraceError as exc:           # names the file, and the line when there is one
+        print(f"vfiosim trace show: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_trace_summary(args: argparse.Namespace) -> int:
@@ -190,6 +194,9 @@ def cmd_trace_summary(args: argparse.Namespace) -> int:
         return 0
     except OSError as exc:
         print(f"vfiosim trace summary: {args.file}: {exc.strerror}", file=sys.stderr)
+        return 1
+    except ValueError as exc:            # TraceError: names the file and line
+        print(f"vfiosim trace summary: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -207,15 +214,18 @@ def _run_parsers(sub: Any) -> None:
     serve.add_argument("--socket", default="vfiosim.sock", help="Unix socket to listen on (default: ./vfiosim.sock)")
     serve.add_argument("--trace", metavar="FILE", help="write every VFIO call as a JSON line to FILE")
     serve.set_defaults(func=cmd_serve)
-    trace = sub.add_parser("trace", help="inspect a --trace file")
+    trace = sub.add_parser("trace", help="inspect, convert and compare traces (--trace, vfiosim record, reference)")
     tsub = trace.add_subparsers(dest="trace_command", required=True)
-    show = tsub.add_parser("show", help="print a trace strace-style")
+    show = tsub.add_parser("show", help="print a trace strace-style (any trace: format of record, older --trace "
+                                        "files, the reference traces)")
     show.add_argument("file")
     show.set_defaults(func=cmd_trace_show)
     summary = tsub.add_parser("summary", help="condense a trace: runs of per-page map/unmap and of config or BAR "
                                               "accesses become one line each, with counts")
     summary.add_argument("file")
     summary.set_defaults(func=cmd_trace_summary)
+    from .tracing.cli import add_trace_subcommands
+    add_trace_subcommands(tsub)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -301,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     from .fuzz import add_fuzz_parser
     add_fuzz_parser(sub)
     _qemu_demo_parser(sub)
+    from .tracing.cli import add_parsers as _tracing_parsers
+    _tracing_parsers(sub)
     args = ap.parse_args(argv)
     try:
         return int(args.func(args))
