@@ -86,6 +86,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
         return 0 if r.identical else EXIT_DIVERGED
     out = sys.stdout
     out.write(f"A: {args.a}: {describe_header(ha)}\nB: {args.b}: {describe_header(hb)}\n")
+    if r.skipped_mmio:
+        out.write("(BAR loads and stores through a mapping left out: a recording on a real kernel cannot see them)\n")
     if r.first_by_scenario:
         out.write("\nfirst divergence of each scenario:\n")
         for scen, d in r.first_by_scenario.items():

@@ -174,6 +174,14 @@ class _Memory:
         return addr + recorded - page
 
 
+def _open_in(sim: Any, fd: int) -> bool:
+    try:
+        sim._call("fstat", lambda task: task.files.get(fd))
+    except OSError:
+        return False
+    return True
+
+
 class _Proc:
     """A recorded process and the simulated process standing in for it."""
 
@@ -342,6 +350,28 @@ class Replayer:
             if rec.get("errno"):
                 raise OSError(rec["errno"], "as recorded: the recording's environment refused it")
             return 0, {"now": [cur, mx]}
+        if call == "setuid":
+            # The credentials the recording process had after the call (mirrored, like limits).
+            now = rec.get("now") or {}
+            with self.m._lock:
+                cred = sim.task.cred
+                cred.uid, cred.euid, cred.suid = (int(now.get(k, getattr(cred, k))) for k in ("uid", "euid", "suid"))
+                if now.get("cap_eff"):
+                    caps = int(now["cap_eff"], 16)
+                    cred.caps = frozenset(c for c in ALL_CAPS if caps >> c & 1)
+            if rec.get("errno"):
+                raise OSError(rec["errno"], "as recorded")
+            return 0, {"now": now}
+        if call == "exec":
+            # A new image: a new address space, close-on-exec files closed (Kernel.exec).
+            sim.exec()
+            p.mem = _Memory(sim, [])
+            for fd in [f for f, mine in p.fds.items() if not _open_in(sim, mine)]:
+                del p.fds[fd]
+            p.mappings.clear()
+            return 0, {}
+        if call in ("setfd",):
+            return 0, {}
         raise ReplayError(f"step {rec.get('seq')}: the replay cannot perform a {call!r} record")
 
     def _ppc_flags(self, flags: int) -> int:

@@ -108,11 +108,17 @@ def private_daemon(machine: "Machine", trace: str | IO[str] | None,
 
 
 def run(machine: "Machine", argv: Sequence[str], *, trace: str | IO[str] | None = None,
-        stderr: IO[str] | None = None) -> int:
+        stderr: IO[str] | None = None, env_extra: dict[str, str] | None = None,
+        preload_first: Sequence[str] = ()) -> int:
     """Start a daemon for ``machine``, run ``argv`` under the shim, serve until it
-    and every process that holds simulated files have exited.  Returns its exit code."""
+    and every process that holds simulated files have exited.  Returns its exit code.
+    ``preload_first``: libraries preloaded before the shim (`vfiosim record --simulated`
+    puts its recording shim there, so that it sees the calls the shim serves)."""
     err = stderr or sys.stderr
     with private_daemon(machine, trace, err) as (daemon, env):
+        env.update(env_extra or {})
+        if preload_first:
+            env["LD_PRELOAD"] = ":".join([*preload_first, env["LD_PRELOAD"]])
         try:
             proc = subprocess.Popen(list(argv), env=env)
         except OSError as exc:

@@ -270,7 +270,7 @@ def format_record(rec: dict[str, Any]) -> str:
     pid = rec.get("pid", "?")
     call = rec.get("call", "?")
     head = f"[pid {pid:>6}] "
-    if call in ("exit", "hello") and "ret" not in rec:
+    if call in ("exit", "hello") and "ret" not in rec or call == "exec":
         return head + f"+++ {rec.get('detail') or call} +++"
     if call == "note":
         text = rec.get("detail") or rec.get("case") or "note"
@@ -285,7 +285,8 @@ def format_record(rec: dict[str, Any]) -> str:
             parts.append(_fmt_value("", rec["args"]))
         args = ", ".join(parts)
     elif call in ("read", "write"):
-        args = f"{fdtxt}, {_fmt_value('buf', rec.get('buf', 0))}, {rec.get('count')}"
+        args = f"{fdtxt}, {_fmt_value('buf', rec['buf'])}, {rec.get('count')}" if "buf" in rec else \
+            f"{fdtxt}, {rec.get('count')}"
         if "offset" in rec:
             call = "p" + call
             args += f", {_fmt_value('offset', rec['offset'])}"
@@ -301,7 +302,10 @@ def format_record(rec: dict[str, Any]) -> str:
     elif call == "dup":
         args = f"{fdtxt}, {rec.get('newfd')}"
     elif call == "munmap":
-        args = f"mapping {rec.get('mapping')}"
+        args = f"mapping {rec.get('mapping')}" if "mapping" in rec else \
+            f"{_fmt_value('addr', rec.get('addr', 0))}, {_fmt_value('length', rec.get('length', 0))}"
+    elif call == "setuid":
+        args = f"{rec.get('detail', '')} => {_fmt_value('', rec.get('now') or {})}"
     elif call == "fork":
         args = f"child={rec.get('child')}"
     elif call == "setrlimit":
@@ -313,7 +317,8 @@ def format_record(rec: dict[str, Any]) -> str:
         res = f"-1 {rec.get('err') or rec['errno']} ({os.strerror(rec['errno'])}"
         res += f": {rec['reason']})" if rec.get("reason") else ")"
     else:
-        res = _fmt_value("value", rec.get("value", ret)) if call == "mmio_read" else str(ret)
+        res = _fmt_value("value", rec.get("value", ret)) if call == "mmio_read" else \
+            hex(ret) if call == "mmap" and isinstance(ret, int) and ret > 0xFFFF else str(ret)
     line = f"{head}{call}({args}) = {res}"
     if rec.get("out"):
         line += f"  => {_fmt_value('', rec['out'])}"
