@@ -1,7 +1,7 @@
 """The real-kernel reference traces (``tests/data/reference_traces``) in the format of record.
 
 A reference trace is one JSON object per *step* of the program that recorded it,
-with that program's conventions (its README and ``tests/c/reference_walker.c`` say
+with that program's conventions (its README and ``src/vfiosim/qemu/guest/reference_walker.c`` say
 the same):
 
 * ``buf`` (64 MiB, read/write, filled with 0x5a), ``robuf`` (1 MiB, PROT_READ) and
@@ -46,7 +46,7 @@ def reference_header(meta: dict[str, Any]) -> dict[str, Any]:
     memory[0]["size"] = meta["buf_size"]
     scenario = meta.get("scenario", "")
     return make_header(
-        "reference", "a reference-trace program (tests/c/reference_walker.c walks the same steps)",
+        "reference", "a reference-trace program (src/vfiosim/qemu/guest/reference_walker.c walks the same steps)",
         scenario=scenario,
         system={"kernel": "Linux 6.12 (Debian 6.12.95)", "page_size": meta.get("page_size", 4096),
                 "platform": _PLATFORM.get(scenario, ""),
