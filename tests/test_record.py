@@ -154,3 +154,40 @@ def test_record_names_a_program_and_a_trace_it_cannot_write(bins, tmp_path):
                         str(bins["spapr"])], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0                                       # the program ran as it would have
     assert "cannot open the trace" in r.stderr and "No such file or directory" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def guest_programs(tmp_path_factory):
+    from vfiosim.qemu.record import GUEST_DIR
+    out = tmp_path_factory.mktemp("guestbin")
+    return {"families": cc(GUEST_DIR / "vfio_families.c", out), "walker": cc(GUEST_DIR / "reference_walker.c", out)}
+
+
+@pytest.mark.parametrize("machine, bdf", [("pseries", "0000:00:00.0"), ("x86", "0000:01:00.0")])
+def test_the_device_families_program_recorded_here_replays_step_for_step(guest_programs, tmp_path, machine, bdf):
+    """The scenario the QEMU guests run: ~150 calls, most of them errors, fds that are
+    not eventfds or not open inside SET_IRQS, device mappings, ioeventfds, features."""
+    trace, out = record_simulated(tmp_path, machine, str(guest_programs["families"]), bdf)
+    assert "close_container 0 0" in out
+    with open_trace(trace) as t:
+        recs = list(t)
+        kinds = {r["fds"][k] for r in recs if r.get("fds") for k in r["fds"]}
+    assert {"anon_inode:[eventfd]", "(not open)"} <= kinds
+    with open_trace(trace) as t:
+        r = replay(vfiosim.Machine.preset(machine), t)
+    assert r.steps > 140 and r.matched == r.steps, "\n".join(map(str, r.divergences))
+    assert r.counts == {"kernel": 0, "environment": 0, "machine": 0}
+
+
+def test_the_reference_walker_recorded_here_replays_step_for_step(guest_programs, tmp_path):
+    """An unmapped vaddr keeps its value in the replay when it is unmapped there too
+    (0xfffffffffffff000 + 8 KiB must overflow, not fault), and a dirty bitmap of size 0
+    is not read."""
+    from tracereplay import load_trace
+    from vfiosim.qemu.record import walker_input
+    steps_in = tmp_path / "steps.txt"
+    steps_in.write_text(walker_input(load_trace("type1v2-x86.jsonl")))
+    trace, out = record_simulated(tmp_path, "x86", "sh", "-c", f"{guest_programs['walker']} < {steps_in}")
+    with open_trace(trace) as t:
+        r = replay(vfiosim.Machine.preset("x86"), t)
+    assert r.steps > 220 and r.matched == r.steps, "\n".join(map(str, r.divergences))

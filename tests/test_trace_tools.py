@@ -214,3 +214,25 @@ def test_diff_resynchronises_after_a_call_only_one_side_made(tmp_path):
     assert (r.steps, r.only_a, r.only_b) == (2, 1, 0)
     assert [d.what for d in r.divergences] == ["call", "result"]
     assert r.divergences[0].expected == "ioctl VFIO_IOMMU_ENABLE" and r.divergences[1].expected == "0"
+
+
+def test_config_space_bits_firmware_sets_are_the_machine_not_the_kernel():
+    """A pseries guest's SLOF and an x86 guest's SeaBIOS leave I/O, PARITY and SERR enables,
+    BAR addresses and the interrupt line in config space: labelled, not counted."""
+    from vfiosim.tracing.compare import compare
+    cfg = 7 << 40
+
+    def read(offset: int, data: str) -> dict:
+        return {"seq": 1, "pid": 1, "call": "read", "fd": 5, "offset": cfg + offset, "count": len(data) // 2,
+                "data": data, "ret": len(data) // 2, "errno": 0}
+    (d,) = compare(read(4, "0301"), read(4, "0200"))           # command: IO and SERR set by firmware
+    assert d.label == "machine" and "firmware" in d.why
+    (d,) = compare(read(0x3C, "0a01"), read(0x3C, "0001"))     # interrupt line
+    assert d.label == "machine"
+    (d,) = compare(read(4, "0600"), read(4, "0200"))           # bus master: vfio-pci's own business
+    assert d.label == "kernel"
+    (d,) = compare(read(0, "3412e811"), read(0, "3412e810"))   # device id
+    assert d.label == "kernel"
+    bar = dict(read(0, "010000ed"), offset=0)                  # BAR0: the device model's registers
+    (d,) = compare(bar, dict(bar, data="ed000001"))
+    assert d.label == "machine"

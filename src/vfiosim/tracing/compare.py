@@ -36,8 +36,12 @@ _FD_RESULT = {("open", None), ("dup", None), ("ioctl", "VFIO_GROUP_GET_DEVICE_FD
 #: vfio-pci's region index lives in the top bits of the file offset (VFIO_PCI_OFFSET_SHIFT)
 PCI_OFFSET_SHIFT = 40
 CONFIG_REGION = uapi.VFIO_PCI_CONFIG_REGION_INDEX
-#: config-space bytes firmware and the platform assign: BARs, the ROM BAR, the interrupt line
-_ASSIGNED_CONFIG = [(0x10, 0x28), (0x30, 0x34), (0x3C, 0x3D)]
+#: Config-space bits that firmware and the platform set, per byte offset: the BARs and the
+#: ROM BAR (addresses), the interrupt line (an IRQ number), cache line size and latency
+#: timer, and the command register's I/O, PARITY and SERR enables (SLOF and SeaBIOS set
+#: them; vfio-pci passes them through from the device).
+_FIRMWARE_CONFIG = {0x04: 0x41, 0x05: 0x01, 0x0C: 0xFF, 0x0D: 0xFF, **{o: 0xFF for o in range(0x10, 0x28)},
+                    **{o: 0xFF for o in range(0x30, 0x34)}, 0x3C: 0xFF}
 
 
 @dataclass
@@ -125,9 +129,12 @@ def _is_fd_result(rec: dict[str, Any]) -> bool:
     return (call, rec.get("cmd") if call == "ioctl" else None) in _FD_RESULT
 
 
-def _config_assigned(offset: int, count: int) -> bool:
-    lo = offset & ((1 << PCI_OFFSET_SHIFT) - 1)
-    return any(lo < e and lo + count > s for s, e in _ASSIGNED_CONFIG)
+def _same_but_firmware(offset: int, a: bytes, b: bytes) -> bool:
+    """Whether two config-space reads at ``offset`` differ only in bits firmware set."""
+    base = offset & ((1 << PCI_OFFSET_SHIFT) - 1)
+    if len(a) != len(b):
+        return False
+    return all((x ^ y) & ~_FIRMWARE_CONFIG.get(base + i, 0) & 0xFF == 0 for i, (x, y) in enumerate(zip(a, b)))
 
 
 def compare(a: dict[str, Any], b: dict[str, Any], ctx: Context | None = None) -> list[Divergence]:
@@ -172,7 +179,7 @@ def compare(a: dict[str, Any], b: dict[str, Any], ctx: Context | None = None) ->
             if va != vb:
                 diverge(f"out.{key}", va, vb)
     if call_a in ("read", "mmio") and not ea and "data" in a and "data" in b and a["data"] != b["data"]:
-        label, why = _data_label(a)
+        label, why = _data_label(a, b)
         diverge("data", a["data"], b["data"], label, why)
     if call_a == "mmio" and not a.get("write") and "value" in a and "value" in b and a["value"] != b["value"]:
         diverge("value", a["value"], b["value"], MACHINE, "a load from the device's BAR: the device model's register")
@@ -199,14 +206,14 @@ def _result_label(a: dict[str, Any], b: dict[str, Any], ctx: Context) -> tuple[s
     return KERNEL, ""
 
 
-def _data_label(rec: dict[str, Any]) -> tuple[str, str]:
-    offset = rec.get("offset")
+def _data_label(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, str]:
+    offset = a.get("offset")
     if offset is None:
         return MACHINE, "the device's registers (the device model, not the kernel)"
     region = offset >> PCI_OFFSET_SHIFT
     if region == CONFIG_REGION:
-        if _config_assigned(offset, rec.get("count", 0)):
-            return MACHINE, "config-space BARs and interrupt line: addresses and IRQs the platform assigned"
+        if _same_but_firmware(offset, bytes.fromhex(a["data"]), bytes.fromhex(b["data"])):
+            return MACHINE, "config-space bits firmware set (BAR addresses, interrupt line, I/O, SERR and PARITY enables)"
         return KERNEL, ""
     if region <= uapi.VFIO_PCI_BAR5_REGION_INDEX or region == uapi.VFIO_PCI_ROM_REGION_INDEX:
         return MACHINE, "BAR contents: the device model's registers, not the kernel's answer"

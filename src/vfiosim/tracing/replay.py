@@ -136,6 +136,10 @@ class _Memory:
             return self.named[ref["map"]] + ref.get("offset", 0)
         vma = ref.get("vma")
         if vma is None:                                   # the address was not mapped in the recording
+            # Keep it as it was when it is unmapped here too: its value can matter
+            # (an overflow check of vaddr + size); else an unmapped page of ours.
+            if not self._mapped(recorded, size):
+                return recorded
             page = recorded & ~0xFFF
             if page not in self.holes:
                 length = max(size, 1 << 12) + (1 << 12)
@@ -148,6 +152,11 @@ class _Memory:
         if key not in self.vmas:
             self._map_span(span)
         return self.vmas[key] + ref.get("offset", 0)
+
+    def _mapped(self, addr: int, size: int) -> bool:
+        mm = self.p.mm
+        end = min(addr + max(size, 1), 1 << 64)
+        return any(v.start < end and addr < v.end for v in mm.vmas())
 
     def _map_span(self, span: list[tuple[Any, ...]]) -> None:
         """Mappings for recorded VMAs that lie next to each other (a range that crossed
@@ -282,13 +291,21 @@ class Replayer:
             return p.fds[fd]
         return 100000 + fd
 
-    def _foreign_fd(self, p: _Proc, fd: int) -> int:
-        """An fd the program made outside VFIO (an eventfd): one of ours, made once."""
+    def _foreign_fd(self, p: _Proc, fd: int, what: str | None) -> int:
+        """An fd the program made outside VFIO: an eventfd of ours, made once (``what``:
+        what the recorder saw there, /proc/self/fd's name; None when it did not say)."""
         if fd < 0:
             return fd
-        if fd not in p.fds:
+        if fd in p.fds:
+            return p.fds[fd]
+        if what is None or what == "anon_inode:[eventfd]":
             p.fds[fd] = p.sim.eventfd(0, 0)
             p.kinds[p.fds[fd]] = "eventfd"
+            return p.fds[fd]
+        if what == "(not open)":
+            return 100000 + fd
+        # Some other file (a pipe, /dev/null): a file of ours that is no eventfd either.
+        p.fds[fd] = p.sim.open("/dev/vfio", os.O_RDONLY)
         return p.fds[fd]
 
     def _do(self, p: _Proc, rec: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -446,20 +463,23 @@ class Replayer:
         if name in ioctls.BITMAP_CMDS:
             bm = fields.get("bitmap") if isinstance(fields.get("bitmap"), dict) else None
             recorded_out = rec.get("out") or {}
-            if bm is not None and (bm.get("data") or "bitmap_head" in recorded_out):
-                bitmap_size = min((int(bm.get("size", 0)) + 7) // 8 * 8, _SCRATCH)
+            bitmap_size = min((int(bm.get("size", 0)) + 7) // 8 * 8, _SCRATCH) if bm is not None else 0
+            if bm is not None and (bm.get("data") and bitmap_size or "bitmap_head" in recorded_out):
                 if p.scratch is None:
                     p.scratch = sim.mmap(_SCRATCH)
                 sim.write_memory(p.scratch, bytes(max(bitmap_size, 8)))
                 if bm.get("data"):
                     self._patch(name, buf, "bitmap.data", p.scratch)
         # fds the program made outside VFIO, and VFIO fds inside the argument.
+        seen = rec.get("fds") if isinstance(rec.get("fds"), dict) else None
         if name == "VFIO_DEVICE_SET_IRQS" and fields.get("flags", 0) & uapi.VFIO_IRQ_SET_DATA_EVENTFD:
             base = 20
             for i, efd in enumerate(fields.get("data", [])):
-                struct.pack_into("<i", buf, base + 4 * i, self._foreign_fd(p, efd) if efd >= 0 else efd)
+                what = seen.get(str(efd), "anon_inode:[eventfd]") if seen is not None else None
+                struct.pack_into("<i", buf, base + 4 * i, self._foreign_fd(p, efd, what))
         elif name == "VFIO_DEVICE_IOEVENTFD" and fields.get("fd", -1) >= 0:
-            struct.pack_into("<i", buf, 24, self._foreign_fd(p, fields["fd"]))
+            what = seen.get(str(fields["fd"]), "anon_inode:[eventfd]") if seen is not None else None
+            struct.pack_into("<i", buf, 24, self._foreign_fd(p, fields["fd"], what))
         elif name == "VFIO_DEVICE_PCI_HOT_RESET":
             for i, gfd in enumerate(fields.get("group_fds", [])):
                 struct.pack_into("<i", buf, 12 + 4 * i, self._fd(p, gfd))
@@ -478,7 +498,7 @@ class Replayer:
         args = rec.get("args") if isinstance(rec.get("args"), dict) else ioctls.decode(name, bytes(buf))
         bitmap = None
         if p.scratch is not None and name in ioctls.BITMAP_CMDS and isinstance(sent.get("bitmap"), dict) and \
-                (sent["bitmap"].get("data") or "bitmap_head" in (rec.get("out") or {})):
+                (sent["bitmap"].get("data") and bitmap_size or "bitmap_head" in (rec.get("out") or {})):
             bitmap = p.sim.read_memory(p.scratch, bitmap_size)
         after = ioctls.decode(name, bytes(buf), after=True, bitmap=bitmap)
         # What the replay substituted (its addresses and fds) is not a change the kernel made.
