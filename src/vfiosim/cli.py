@@ -313,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     _qemu_demo_parser(sub)
     from .tracing.cli import add_parsers as _tracing_parsers
     _tracing_parsers(sub)
+    from .qemu.record import add_parsers as _qemu_record_parsers
+    _qemu_record_parsers(sub)
     args = ap.parse_args(argv)
     try:
         return int(args.func(args))

@@ -391,7 +391,7 @@ def _read(path: Path) -> str:
 # -- conformance -----------------------------------------------------------------------------------------------
 
 FAMILY_ORDER = ["container", "group", "IOMMU (sPAPR)", "IOMMU (Type1)", "EEH", "device info", "region access",
-                "interrupts", "reset", "device (other)", "files"]
+                "interrupts", "ioeventfd", "device features", "reset", "device (other)", "files", "process"]
 
 
 @dataclass
@@ -443,3 +443,111 @@ def conformance(traces: dict[str, Iterable[Path]], *, log: Log = lambda text: No
                 labels[k] += v
             divs.extend((path.stem, d) for d in r.divergences)
     return c
+
+
+def report_conformance(c: Conformance, out: Any, *, details: bool = True) -> None:
+    """The table, then every difference: kernel ones (failures) and labelled ones."""
+    out.write(c.table())
+    for platform in sorted(c.cells):
+        labels = c.labels[platform]
+        out.write(f"\n{platform}: {c.totals[platform][0]}/{c.totals[platform][1]} steps match; divergences: kernel "
+                  f"{labels['kernel']}, environment {labels['environment']}, machine {labels['machine']}\n")
+        if not details:
+            continue
+        for scenario, d in c.divergences[platform]:
+            out.write(f"  [{scenario}] {d}\n")
+
+
+def default_traces_dir() -> Path:
+    """The conformance traces of a source checkout (tests/data/conformance)."""
+    return HERE.parent.parent.parent / "tests" / "data" / "conformance"
+
+
+def traces_in(root: Path) -> dict[str, list[Path]]:
+    found = {}
+    for platform in PLATFORMS:
+        paths = sorted((root / platform).glob("*.jsonl"))
+        if paths:
+            found[platform] = paths
+    return found
+
+
+# -- the command line ------------------------------------------------------------------------------------------
+
+
+def cmd_qemu_record(args: Any) -> int:
+    import sys
+    say = (lambda text: print(text, file=sys.stderr, flush=True)) if args.verbose else \
+        (lambda text: print(text, file=sys.stderr, flush=True) if text.startswith(("building", "cached", "installing",
+                                                                                    "pseries", "x86")) else None)
+    platforms = list(PLATFORMS) if args.platform == "all" else [args.platform]
+    out = Path(args.out)
+    work = Path(args.workdir) if args.workdir else cache_dir() / "record-run"
+    recorded: dict[str, list[Path]] = {}
+    status = 0
+    for name in platforms:
+        print(f"vfiosim qemu-record: booting the {name} guest (QEMU, TCG) ...", file=sys.stderr, flush=True)
+        try:
+            run = record_platform(name, out / name, workdir=work, install=not args.no_install, timeout=args.timeout,
+                                  log=say)
+        except QemuDemoUnavailable as exc:
+            print(f"vfiosim qemu-record: {name}: cannot run here: {exc}", file=sys.stderr)
+            return 3
+        verdict = "recorded" if run.ok else "FAILED"
+        print(f"vfiosim qemu-record: {name}: {verdict} in {run.seconds:.0f} s: {run.reason}", file=sys.stderr)
+        for line in run.guest:
+            say(line)
+        if not run.ok:
+            status = 1
+            for line in run.guest[-15:]:
+                print(f"  {line}", file=sys.stderr)
+        recorded[name] = run.traces
+        for t in run.traces:
+            print(f"  {t}", file=sys.stderr)
+    if args.no_replay or not any(recorded.values()):
+        return status
+    c = conformance({k: v for k, v in recorded.items() if v}, log=say)
+    print()
+    report_conformance(c, sys.stdout)
+    return 1 if status or any(c.labels[p]["kernel"] for p in c.labels) else 0
+
+
+def cmd_conformance(args: Any) -> int:
+    import json as _json
+    import sys
+    root = Path(args.traces) if args.traces else default_traces_dir()
+    found = traces_in(root)
+    if not found:
+        print(f"vfiosim conformance: no traces in {root}/<platform>/*.jsonl (vfiosim qemu-record --out {root} "
+              f"records them)", file=sys.stderr)
+        return 2
+    c = conformance(found)
+    if args.json:
+        doc = {"traces": str(root), "cells": c.cells, "totals": c.totals, "labels": c.labels,
+               "divergences": {p: [dict(d.as_json(), trace=s) for s, d in divs] for p, divs in c.divergences.items()}}
+        _json.dump(doc, sys.stdout, indent=1)
+        print()
+    else:
+        report_conformance(c, sys.stdout, details=not args.table_only)
+    return 1 if any(c.labels[p]["kernel"] for p in c.labels) else 0
+
+
+def add_parsers(sub: Any) -> None:
+    q = sub.add_parser("qemu-record", help="record the scenario programs against real Linux VFIO in QEMU guests "
+                                           "(pseries, x86 q35) and replay them (see docs/conformance.md)")
+    q.add_argument("--platform", choices=[*PLATFORMS, "all"], default="all")
+    q.add_argument("--out", default="conformance-traces", metavar="DIR",
+                   help="where the traces go, one directory per platform (default ./conformance-traces; "
+                        "tests/data/conformance holds the project's)")
+    q.add_argument("--workdir", metavar="DIR", help="the guests' consoles (default ~/.cache/vfiosim/qemu/record-run)")
+    q.add_argument("--no-install", action="store_true", help="do not apt-get install missing host tools")
+    q.add_argument("--timeout", type=float, default=1200.0, help="give up on a guest after this many seconds")
+    q.add_argument("--no-replay", action="store_true", help="record only")
+    q.add_argument("-v", "--verbose", action="store_true", help="show every command and the guests' output")
+    q.set_defaults(func=cmd_qemu_record)
+    c = sub.add_parser("conformance", help="replay recorded real-kernel traces (DIR/<platform>/*.jsonl) on the "
+                                           "matching simulated machines: matching steps per ioctl family")
+    c.add_argument("traces", nargs="?", help="default: tests/data/conformance of a source checkout")
+    c.add_argument("--json", action="store_true", help="machine-readable")
+    c.add_argument("--table-only", action="store_true", help="the table and totals, not every difference")
+    c.set_defaults(func=cmd_conformance)

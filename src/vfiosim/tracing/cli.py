@@ -150,6 +150,11 @@ def machine_check(header: dict[str, Any], machine: Any) -> list[str]:
         if w is not None and (w.get("start"), w.get("size")) != (pe["dma32_window"]["start"], pe["dma32_window"]["size"]):
             notes.append(f"group {pe['iommu_group']}: 32-bit DMA window {w.get('start', 0):#x}+{w.get('size', 0):#x} "
                          f"in the trace, {pe['dma32_window']['start']:#x}+{pe['dma32_window']['size']:#x} here")
+    units = [u for u in (header.get("iommu") or {}).get("units") or [] if u.get("address_width")]
+    mine = topo.get("iommu_units") or []
+    if units and mine and units[0]["address_width"] != mine[0]["address_width"]:
+        notes.append(f"the IOMMU's address width is {units[0]['address_width']} bits in the trace, "
+                     f"{mine[0]['address_width']} here")
     return notes
 
 

@@ -101,6 +101,8 @@ def family(rec: dict[str, Any], iommu: str = "") -> str:
         return "files"
     if call in ("read", "write", "mmap", "munmap", "mmio"):
         return "region access"
+    if call in ("setrlimit", "setuid", "fork", "exec"):
+        return "process"
     if call != "ioctl":
         return call
     if cmd in ("VFIO_GET_API_VERSION", "VFIO_CHECK_EXTENSION", "VFIO_SET_IOMMU") or cmd.startswith("VFIO_BASE+"):
@@ -115,6 +117,10 @@ def family(rec: dict[str, Any], iommu: str = "") -> str:
         return "interrupts"
     if cmd in ("VFIO_DEVICE_RESET", "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO", "VFIO_DEVICE_PCI_HOT_RESET"):
         return "reset"
+    if cmd == "VFIO_DEVICE_FEATURE":
+        return "device features"
+    if cmd == "VFIO_DEVICE_IOEVENTFD":
+        return "ioeventfd"
     if cmd.startswith("VFIO_DEVICE_"):
         return "device (other)"
     if "SPAPR" in cmd or iommu == "spapr" and cmd.startswith("VFIO_IOMMU_"):

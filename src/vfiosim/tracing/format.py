@@ -89,6 +89,36 @@ def describe_header(head: dict[str, Any]) -> str:
     return text
 
 
+def decode_header(head: dict[str, Any]) -> dict[str, Any]:
+    """What ``vfiosim record``'s shim wrote raw, decoded (in place): a pseries PHB's
+    ``ibm,dma-window`` (LIOBN, bus address, size: two-cell addresses and sizes, as PAPR
+    has them) with the IOMMU group behind it, and a VT-d unit's address width."""
+    windows = head.get("windows") or []
+    by_domain: dict[int, int] = {}
+    for d in head.get("devices") or []:
+        try:
+            by_domain.setdefault(int(str(d["bdf"]).split(":")[0], 16), d["iommu_group"])
+        except (KeyError, ValueError):
+            pass
+    raw = [w for w in windows if isinstance(w, dict) and "ibm,dma-window" in w]
+    for i, w in enumerate(sorted(raw, key=lambda w: w.get("node", ""))):
+        b = bytes.fromhex(w["ibm,dma-window"])
+        if len(b) >= 20 and "size" not in w:
+            w["liobn"] = int.from_bytes(b[0:4], "big")
+            w["start"] = int.from_bytes(b[4:12], "big")
+            w["size"] = int.from_bytes(b[12:20], "big")
+            domain = w.get("domain", i)           # linux,pci-domain, else the PHBs' order
+            if domain in by_domain:
+                w["iommu_group"] = by_domain[domain]
+    for unit in (head.get("iommu") or {}).get("units") or []:
+        if isinstance(unit, dict) and unit.get("cap") and "address_width" not in unit:
+            try:
+                unit["address_width"] = ((int(unit["cap"], 16) >> 16) & 0x3F) + 1      # MGAW
+            except ValueError:
+                pass
+    return head
+
+
 # -- reading --------------------------------------------------------------------------------------------
 
 
@@ -158,7 +188,7 @@ class Trace:
                 raise TraceError(f"{self.path}:{lineno}: trace format version {version} is newer than this vfiosim "
                                  f"reads (up to {VERSION}): upgrade vfiosim")
             self.kind = "v1"
-            self.header = obj
+            self.header = decode_header(obj)
         elif obj.get("op") == "meta" and "scenario" in obj:
             from .convert import reference_header
             self.kind = "reference"
@@ -212,8 +242,7 @@ def normalize(rec: dict[str, Any]) -> dict[str, Any]:
     """Fill in the decoded fields of a ``raw`` ioctl record (in place)."""
     if rec.get("call") == "ioctl" and "cmd" not in rec and "request" in rec:
         iommu = ioctls.iommu_family(rec.get("iommu_type"))
-        rec["cmd"] = ioctls.ioctl_name(int(rec["request"]), rec.get("fd_kind", ""), iommu) or \
-            f"{int(rec['request']):#x}"
+        rec["cmd"] = ioctls.ioctl_label(int(rec["request"]), rec.get("fd_kind", ""), iommu)
     raw = rec.get("raw")
     if rec.get("call") == "ioctl" and isinstance(raw, dict) and "args" not in rec:
         name = rec.get("cmd", "")

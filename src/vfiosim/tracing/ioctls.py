@@ -118,6 +118,16 @@ def ioctl_name(request: int, fd_kind: str, iommu: str = "") -> str | None:
     return names[0] if names else None
 
 
+def ioctl_label(request: int, fd_kind: str, iommu: str = "") -> str:
+    """What a trace calls a request: its name, ``VFIO_BASE+N`` for a VFIO number with no
+    name there, the number in hex for anything else."""
+    name = ioctl_name(request, fd_kind, iommu)
+    if name:
+        return name
+    off = base_offset(request)
+    return f"VFIO_BASE+{off}" if off is not None else f"{request:#x}"
+
+
 def request_number(name: str) -> int:
     """The host's number for an ioctl name."""
     return uapi.IOCTLS[name]

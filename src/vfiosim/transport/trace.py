@@ -144,7 +144,7 @@ class Tracer:
                 pass
             drv = getattr(getattr(container, "iommu_driver", None), "name", "") or ""
             iommu = "type1" if "type1" in drv or (not drv and self.platform == "x86") else "spapr"
-        name = ioctls.ioctl_name(cmd, rec.get("fd_kind", ""), iommu) or f"{cmd:#x}"
+        name = ioctls.ioctl_label(cmd, rec.get("fd_kind", ""), iommu)
         rec["cmd"] = name
         if name not in ioctls.LAYOUTS:
             rec["request"] = cmd
