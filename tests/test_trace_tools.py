@@ -236,3 +236,40 @@ def test_config_space_bits_firmware_sets_are_the_machine_not_the_kernel():
     bar = dict(read(0, "010000ed"), offset=0)                  # BAR0: the device model's registers
     (d,) = compare(bar, dict(bar, data="ed000001"))
     assert d.label == "machine"
+
+
+class _Generated:
+    """A long trace made on the fly: nothing of it is ever held whole."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.header = {"format": "vfiosim-trace", "version": 1, "source": "kernel",
+                       "system": {"platform": "pseries", "page_size": 4096}}
+        self.size = self.bytes_read = 0
+
+    def __iter__(self):
+        yield {"seq": 0, "pid": 1, "call": "open", "path": "/dev/vfio/vfio", "flags": 2, "ret": 3, "errno": 0}
+        for i in range(1, self.n):
+            yield {"seq": i, "pid": 1, "call": "ioctl", "fd": 3, "fd_kind": "vfio-container",
+                   "cmd": "VFIO_CHECK_EXTENSION", "args": {"extension": 7}, "ret": 1, "errno": 0,
+                   "vmlck_kb": 0, "vmpin_kb": 0}
+
+
+def test_replay_and_diff_keep_memory_flat_however_long_the_trace():
+    """A QEMU boot makes hundreds of thousands of calls: replay and diff hold a step and
+    a few of context, not the trace (Python's own allocations, counted by tracemalloc)."""
+    import tracemalloc
+
+    def peak(fn) -> int:
+        tracemalloc.start()
+        try:
+            fn()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    small = peak(lambda: replay(vfiosim.Machine.preset("pseries"), _Generated(2000)))
+    large = peak(lambda: replay(vfiosim.Machine.preset("pseries"), _Generated(20000)))
+    assert large < small * 1.5 + (256 << 10), (small, large)
+    small = peak(lambda: diff(_Generated(2000), _Generated(2000)))
+    large = peak(lambda: diff(_Generated(20000), _Generated(20000)))
+    assert large < small * 1.5 + (256 << 10), (small, large)

@@ -599,7 +599,8 @@ def replay(machine: Any, trace: Trace, *, keep: int = 1000, context: int = 3,
                                                          "platform": machine.platform,
                                                          "page_size": machine.page_size},
                                                  process=head.get("process"), memory=head.get("memory")))
-    recent: collections.deque[str] = collections.deque(maxlen=context)
+    # The last steps, formatted only when a divergence needs them as its context.
+    recent: collections.deque[tuple[dict[str, Any], dict[str, Any]]] = collections.deque(maxlen=context)
     platform = (head.get("system") or {}).get("platform", "") or machine.platform
     iommu = "spapr" if platform in ("pseries", "powernv") else "type1"
     from ..transport.trace import format_record
@@ -613,10 +614,13 @@ def replay(machine: Any, trace: Trace, *, keep: int = 1000, context: int = 3,
                     writer.write(sim)
                 continue
             step = Step(group[0].get("seq", -1), group)
-            for rec in group:
+            where: list[int] = []                    # the record of the step each divergence is about
+            for k, rec in enumerate(group):
                 sim = r.perform(rec)
                 step.replayed.append(sim)
-                step.divergences.extend(compare(rec, sim, ctx))
+                found = compare(rec, sim, ctx)
+                step.divergences.extend(found)
+                where.extend([k] * len(found))
                 if writer:
                     writer.write(sim)
                 records += 1
@@ -630,19 +634,19 @@ def replay(machine: Any, trace: Trace, *, keep: int = 1000, context: int = 3,
             fc = result.families.setdefault(fam, FamilyCount())
             fc.steps += 1
             fc.matched += 0 if kernel_bad else 1
-            for d in step.divergences:
-                i = next((k for k, rec in enumerate(group) if rec.get("seq") == d.seq), 0)
-                d.step = format_record(group[i])
-                d.other = format_record(step.replayed[i])
+            for d, k in zip(step.divergences, where):
                 result.counts[d.label] += 1
                 scen = d.scenario or head.get("scenario") or ""
-                if d.label == KERNEL and scen not in result.first_by_scenario:
+                first = d.label == KERNEL and scen not in result.first_by_scenario
+                kept = len(result.divergences) < keep
+                if first or kept:
+                    d.step, d.other = format_record(group[k]), format_record(step.replayed[k])
+                if first:
                     result.first_by_scenario[scen] = d
-                if len(result.divergences) < keep:
+                if kept:
                     result.divergences.append(d)
-                    result.contexts.append(list(recent))
-            for rec, sim in zip(group, step.replayed):
-                recent.append(format_record(rec) + f"   [replay: {_result(sim)}]")
+                    result.contexts.append([f"{format_record(a)}   [replay: {_result(b)}]" for a, b in recent])
+            recent.extend(zip(group, step.replayed))
             if on_step:
                 on_step(step)
             if progress and time.monotonic() - last_progress > 2:
