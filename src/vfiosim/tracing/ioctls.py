@@ -107,15 +107,21 @@ def ioctl_name(request: int, fd_kind: str, iommu: str = "") -> str | None:
     off = base_offset(request)
     if off is None:
         return None
-    names = [n for n, o in uapi.IOCTL_BASE_OFFSETS.items() if o == off]
-    prefixes = uapi._FD_KIND_PREFIXES.get(fd_kind)
-    if prefixes:
-        names = [n for n in names if n.startswith(prefixes)] or names
-    if len(names) > 1:
-        spapr = [n for n in names if "SPAPR" in n or n.startswith("VFIO_EEH")]
-        other = [n for n in names if n not in spapr]
-        names = (spapr or names) if iommu == "spapr" else (other or names)
-    return names[0] if names else None
+    key = (off, fd_kind, iommu == "spapr")
+    if key not in _NAME_CACHE:
+        names = [n for n, o in uapi.IOCTL_BASE_OFFSETS.items() if o == off]
+        prefixes = uapi._FD_KIND_PREFIXES.get(fd_kind)
+        if prefixes:
+            names = [n for n in names if n.startswith(prefixes)] or names
+        if len(names) > 1:
+            spapr = [n for n in names if "SPAPR" in n or n.startswith("VFIO_EEH")]
+            other = [n for n in names if n not in spapr]
+            names = (spapr or names) if iommu == "spapr" else (other or names)
+        _NAME_CACHE[key] = names[0] if names else None
+    return _NAME_CACHE[key]
+
+
+_NAME_CACHE: dict[tuple[int, str, bool], str | None] = {}
 
 
 def ioctl_label(request: int, fd_kind: str, iommu: str = "") -> str:
