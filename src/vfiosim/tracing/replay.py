@@ -163,13 +163,10 @@ class _Memory:
         from one into the next), placed next to each other here too."""
         start, end = span[0][0], span[-1][1]
         base = self.p.mmap(end - start)
-        for s, e, perms in span:
-            key = (s, e, perms)
-            if perms.startswith("-") and "hole" in perms or perms == "hole":
-                self.p.munmap(base + s - start, e - s)
-            elif _prot(perms) != _prot("rw"):
+        for s, e, perms in span:                      # the recorder lists them without gaps
+            if _prot(perms) != _prot("rw"):
                 self.p.mprotect(base + s - start, e - s, _prot(perms))
-            self.vmas.setdefault(key, base + s - start)
+            self.vmas.setdefault((s, e, perms), base + s - start)
 
     def _learn(self, recorded: int, size: int) -> int:
         for s, e, addr in self.learned:
@@ -198,8 +195,6 @@ class _Proc:
         self.sim = sim
         self.mem = memory
         self.fds: dict[int, int] = {}
-        self.kinds: dict[int, str] = {}
-        self.iommu: dict[int, str] = {}                    # replay fd -> "type1"/"spapr"
         self.mappings: dict[int, tuple[Any, int]] = {}     # recorded handle or address -> (file, offset)
         self.scratch: int | None = None
 
@@ -300,7 +295,6 @@ class Replayer:
             return p.fds[fd]
         if what is None or what == "anon_inode:[eventfd]":
             p.fds[fd] = p.sim.eventfd(0, 0)
-            p.kinds[p.fds[fd]] = "eventfd"
             return p.fds[fd]
         if what == "(not open)":
             return 100000 + fd
@@ -320,9 +314,7 @@ class Replayer:
             fd = sim.open(rec["path"], flags)
             if rec.get("ret", -1) >= 0:
                 p.fds[rec["ret"]] = fd
-            kind = "vfio-container" if rec["path"] == "/dev/vfio/vfio" else "vfio-group"
-            p.kinds[fd] = kind
-            return fd, {"fd": fd, "fd_kind": kind}
+            return fd, {"fd": fd, "fd_kind": "vfio-container" if rec["path"] == "/dev/vfio/vfio" else "vfio-group"}
         if call == "close":
             fd = self._fd(p, rec.get("fd"))
             sim.close(fd)
@@ -333,8 +325,6 @@ class Replayer:
             new = sim.dup(old)
             if rec.get("ret", -1) >= 0:
                 p.fds[rec["ret"]] = new
-            p.kinds[new] = p.kinds.get(old, "")
-            p.iommu[new] = p.iommu.get(old, "")
             return new, {}
         if call == "ioctl":
             return self._ioctl(p, rec)
@@ -352,7 +342,7 @@ class Replayer:
         if call == "fork":
             child = sim.fork()
             cp = _Proc(child, p.mem.fork(child))
-            cp.fds, cp.kinds, cp.iommu = dict(p.fds), dict(p.kinds), dict(p.iommu)
+            cp.fds = dict(p.fds)
             cp.mappings = dict(p.mappings)
             if rec.get("child") is not None:
                 self.procs[int(rec["child"])] = cp
@@ -409,7 +399,12 @@ class Replayer:
         layout = ioctls.LAYOUTS.get(name)
         extra: dict[str, Any] = {}
         if layout is None:
-            request = int(rec.get("request", 0))
+            if "request" in rec:
+                request = int(rec["request"])
+            elif name.startswith("VFIO_BASE+"):
+                request = _IO(uapi.VFIO_TYPE, uapi.VFIO_BASE + int(name[10:]))
+            else:
+                request = int(name, 16) if name.startswith("0x") else 0      # an older trace's hex name
             off = ioctls.base_offset(request)
             if off is not None:
                 request = _IO(uapi.VFIO_TYPE, uapi.VFIO_BASE + off)      # the host's encoding
@@ -419,10 +414,7 @@ class Replayer:
             return sim.ioctl(fd, request, 0), extra
         if layout.kind == ioctls.VALUE:
             value = args.get(layout.value_field, raw.get("arg", 0))
-            ret = sim.ioctl(fd, request, int(value))
-            if name == "VFIO_SET_IOMMU":
-                p.iommu[fd] = ioctls.iommu_family(int(value))
-            return ret, extra
+            return sim.ioctl(fd, request, int(value)), extra
         if args.get("fault") or raw.get("fault"):
             return sim.ioctl(fd, request, self._bad_pointer(p)), {"args": dict(args)}
         if layout.kind == ioctls.FD_PTR:
@@ -435,7 +427,6 @@ class Replayer:
             ret = sim.ioctl(fd, request, nm.encode() + b"\0")
             if rec.get("ret", -1) >= 0:
                 p.fds[rec["ret"]] = ret
-            p.kinds[ret] = "vfio-device"
             return ret, {"args": {"name": nm}}
         return self._struct_ioctl(p, rec, name, fd, request, args, raw)
 
