@@ -11,7 +11,6 @@ QEMU guests of tests/test_conformance.py record against real kernels.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

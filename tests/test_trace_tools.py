@@ -273,3 +273,34 @@ def test_replay_and_diff_keep_memory_flat_however_long_the_trace():
     small = peak(lambda: diff(_Generated(2000), _Generated(2000)))
     large = peak(lambda: diff(_Generated(20000), _Generated(20000)))
     assert large < small * 1.5 + (256 << 10), (small, large)
+
+
+def test_a_refusal_the_environment_explains_is_labelled_environment(tmp_path, capsys):
+    """Root in a container without CAP_IPC_LOCK and CAP_SYS_RESOURCE cannot raise its
+    RLIMIT_MEMLOCK: its MAP_DMA fails with ENOMEM where an unrestricted root's succeeds.
+    The diff says why and does not count it; the same failure without such a header does."""
+    def trace(path: Path, cap_eff: str, ret: int, err: int, setrlimit_refused: bool = True) -> Path:
+        head = {"format": "vfiosim-trace", "version": 1, "source": "kernel", "system": {"platform": "x86"},
+                "process": {"uid": 0, "cap_eff": cap_eff, "rlimit_memlock": [65536, 65536]}}
+        recs = [{"seq": 0, "pid": 1, "call": "setrlimit", "resource": 8, "cur": -1, "max": -1,
+                 "now": [65536, 65536], "ret": -1 if setrlimit_refused else 0,
+                 "errno": 1 if setrlimit_refused else 0},
+                {"seq": 1, "pid": 1, "call": "ioctl", "fd": 3, "fd_kind": "vfio-container", "cmd": "VFIO_IOMMU_MAP_DMA",
+                 "ret": ret, "errno": err}]
+        path.write_text("\n".join(json.dumps(x) for x in [head, *recs]) + "\n")
+        return path
+    full = "000001ffffffffff"
+    boxed = f"{int(full, 16) & ~(1 << 14) & ~(1 << 24):016x}"
+    a = trace(tmp_path / "container.jsonl", boxed, -1, 12)
+    b = trace(tmp_path / "host.jsonl", full, 0, 0, setrlimit_refused=False)
+    with open_trace(a) as ta, open_trace(b) as tb:
+        r = diff(ta, tb)
+    (d,) = r.divergences
+    assert d.label == "environment" and "without CAP_IPC_LOCK and CAP_SYS_RESOURCE" in d.why
+    assert "could not set RLIMIT_MEMLOCK" in d.why and r.identical
+    assert cli_main(["trace", "diff", str(a), str(b)]) == 0
+    assert "environment: A ran as root without CAP_IPC_LOCK" in capsys.readouterr().out
+    c = trace(tmp_path / "plain.jsonl", full, -1, 12, setrlimit_refused=False)
+    with open_trace(c) as tc, open_trace(b) as tb:
+        (d,) = diff(tc, tb).divergences
+    assert d.label == "kernel"

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .image import (BUSYBOX, Cpio, QemuDemoUnavailable, _can_install, _extract, _norm, _run, cache_dir,
+from .image import (Cpio, QemuDemoUnavailable, _can_install, _extract, _run, cache_dir,
                     fetch_debs, module_bytes, module_load_order, module_name)
 
 HERE = Path(__file__).resolve().parent

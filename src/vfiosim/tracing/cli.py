@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import IO, Any
 
@@ -88,6 +87,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
     out.write(f"A: {args.a}: {describe_header(ha)}\nB: {args.b}: {describe_header(hb)}\n")
     if r.skipped_mmio:
         out.write("(BAR loads and stores through a mapping left out: a recording on a real kernel cannot see them)\n")
+    for note in r.notes:
+        out.write(f"environment: {note}\n")
     if r.first_by_scenario:
         out.write("\nfirst divergence of each scenario:\n")
         for scen, d in r.first_by_scenario.items():
@@ -210,6 +211,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 out.write(f"        (before) {line}\n")
         if sum(r.counts.values()) > len(r.divergences):
             out.write(f"  ... the first {len(r.divergences)} kept (--max N keeps more)\n")
+    for note in r.notes:
+        out.write(f"\nenvironment: the recording {note}; the replay mirrored it\n")
     out.write("\nper family:\n")
     for fam, fc in sorted(r.families.items()):
         out.write(f"  {fam:<16} {fc.matched}/{fc.steps}\n")

@@ -206,10 +206,37 @@ def _call_name(rec: dict[str, Any]) -> str:
 
 
 def _result_label(a: dict[str, Any], b: dict[str, Any], ctx: Context) -> tuple[str, str]:
-    for note in ctx.environment_notes:
-        if a.get("errno") in (E.ENOMEM, E.EPERM) or b.get("errno") in (E.ENOMEM, E.EPERM):
-            return ENVIRONMENT, note
+    """ENOMEM or EPERM on one side only, where a trace's process ran with limits or
+    capabilities its environment imposed, is the environment's doing."""
+    if ctx.environment_notes and (a.get("errno") in (E.ENOMEM, E.EPERM) or b.get("errno") in (E.ENOMEM, E.EPERM)):
+        return ENVIRONMENT, "; ".join(ctx.environment_notes)
     return KERNEL, ""
+
+
+CAP_IPC_LOCK, CAP_SYS_RESOURCE = 14, 24
+
+
+def header_notes(head: dict[str, Any], side: str = "") -> list[str]:
+    """What a trace's header says about an environment that limits its process."""
+    proc = head.get("process") or {}
+    notes = []
+    cap = proc.get("cap_eff")
+    if proc.get("uid") == 0 and isinstance(cap, str) and cap:
+        caps = int(cap, 16)
+        missing = [n for n, bit in (("CAP_IPC_LOCK", CAP_IPC_LOCK), ("CAP_SYS_RESOURCE", CAP_SYS_RESOURCE))
+                   if not caps >> bit & 1]
+        if missing:
+            notes.append(f"{side}ran as root without {' and '.join(missing)} (a container?): locked memory is "
+                         f"checked against RLIMIT_MEMLOCK {proc.get('rlimit_memlock')}, which it cannot raise")
+    return notes
+
+
+def record_note(rec: dict[str, Any], side: str = "") -> str | None:
+    """A context record that shows the environment refusing the process something."""
+    if rec.get("call") == "setrlimit" and rec.get("errno"):
+        return (f"{side}could not set RLIMIT_MEMLOCK to {rec.get('cur')}/{rec.get('max')} "
+                f"({E.errorcode.get(rec['errno'], rec['errno'])}); it stayed {rec.get('now')}")
+    return None
 
 
 def _data_label(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, str]:

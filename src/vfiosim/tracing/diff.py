@@ -15,7 +15,7 @@ import collections
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .compare import KERNEL, LABELS, Context, Divergence, compare
+from .compare import KERNEL, LABELS, Context, Divergence, compare, header_notes, record_note
 from .format import Trace
 from .replay import _steps
 
@@ -32,6 +32,7 @@ class DiffResult:
     divergences: list[Divergence] = field(default_factory=list)
     first_by_scenario: dict[str, Divergence] = field(default_factory=dict)
     skipped_mmio: bool = False        # one recorder cannot see BAR loads/stores: the other's were left out
+    notes: list[str] = field(default_factory=list)      # what limited a process's environment
 
     @property
     def identical(self) -> bool:
@@ -39,7 +40,7 @@ class DiffResult:
 
     def as_json(self) -> dict[str, Any]:
         return {"steps": self.steps, "matched": self.matched, "only_a": self.only_a, "only_b": self.only_b,
-                "skipped_mmio": self.skipped_mmio,
+                "skipped_mmio": self.skipped_mmio, "environment": self.notes,
                 "counts": self.counts, "identical": self.identical,
                 "first_by_scenario": {k: v.as_json() for k, v in self.first_by_scenario.items()},
                 "divergences": [d.as_json() for d in self.divergences]}
@@ -59,8 +60,12 @@ def sees_mmio(header: dict[str, Any]) -> bool:
     return "libvfiosim_record" not in str(header.get("recorder", ""))
 
 
-def _calls(trace: Trace, skip_mmio: bool) -> Iterator[list[dict[str, Any]]]:
+def _calls(trace: Trace, skip_mmio: bool, notes: list[str], side: str) -> Iterator[list[dict[str, Any]]]:
     for step in _steps(trace):
+        for r in step:
+            note = record_note(r, side) if r.get("call") in CONTEXT_CALLS else None
+            if note and note not in notes:
+                notes.append(note)
         step = [r for r in step if r.get("call") not in CONTEXT_CALLS and not (skip_mmio and r.get("call") == "mmio")]
         if step:
             yield step
@@ -74,7 +79,8 @@ def diff(a: Trace, b: Trace, *, keep: int = 1000, lookahead: int = LOOKAHEAD) ->
     r = DiffResult()
     skip_mmio = not (sees_mmio(a.header) and sees_mmio(b.header))
     r.skipped_mmio = skip_mmio
-    ia, ib = _calls(a, skip_mmio), _calls(b, skip_mmio)
+    ctx.environment_notes = header_notes(a.header, "A ") + header_notes(b.header, "B ")
+    ia, ib = _calls(a, skip_mmio, ctx.environment_notes, "A "), _calls(b, skip_mmio, ctx.environment_notes, "B ")
     qa: collections.deque[list[dict[str, Any]]] = collections.deque()
     qb: collections.deque[list[dict[str, Any]]] = collections.deque()
     scen_a = a.header.get("scenario") or ""
@@ -150,6 +156,7 @@ def diff(a: Trace, b: Trace, *, keep: int = 1000, lookahead: int = LOOKAHEAD) ->
                 bad = bad or d.label == KERNEL
         if not bad:
             r.matched += 1
+    r.notes = ctx.environment_notes
     return r
 
 

@@ -39,7 +39,7 @@ from ..kernel.task import RLIM_INFINITY
 from ..uapi import vfio as uapi
 from ..uapi.ioctl import _IO
 from . import ioctls
-from .compare import KERNEL, LABELS, Context, Divergence, compare, family
+from .compare import KERNEL, LABELS, Context, Divergence, compare, family, header_notes, record_note
 from .format import Trace, TraceWriter, make_header
 
 PROT = {"r": 1, "w": 2, "x": 4}
@@ -84,7 +84,7 @@ class ReplayResult:
     first_by_scenario: dict[str, Divergence] = field(default_factory=dict)
     families: dict[str, FamilyCount] = field(default_factory=dict)
     contexts: list[list[str]] = field(default_factory=list)         # the steps before each kept divergence
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)       # what limited the recording's environment
 
     @property
     def kernel_divergences(self) -> int:
@@ -582,6 +582,9 @@ def replay(machine: Any, trace: Trace, *, keep: int = 1000, context: int = 3,
     r = Replayer(machine, head)
     result = ReplayResult()
     ctx = Context(baseline_a=r.baseline, baseline_b=(0, 0))
+    # The replay takes the recording's limits and capabilities over, so what they refused
+    # there is refused here too; the report says what they were.
+    result.notes = header_notes(head)
     writer = None
     if output is not None:
         writer = TraceWriter(output, make_header("simulator", "vfiosim replay", scenario=head.get("scenario"),
@@ -607,6 +610,9 @@ def replay(machine: Any, trace: Trace, *, keep: int = 1000, context: int = 3,
             step = Step(group[0].get("seq", -1), group)
             where: list[int] = []                    # the record of the step each divergence is about
             for k, rec in enumerate(group):
+                note = record_note(rec)
+                if note and note not in result.notes:
+                    result.notes.append(note)
                 sim = r.perform(rec)
                 step.replayed.append(sim)
                 found = compare(rec, sim, ctx)

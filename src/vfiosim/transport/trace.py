@@ -31,7 +31,6 @@ from typing import IO, TYPE_CHECKING, Any, TextIO
 
 from ..tracing import ioctls
 from ..tracing.format import describe_header, make_header, open_trace, simulator_header
-from ..uapi import vfio as uapi
 from . import protocol as P
 
 if TYPE_CHECKING:
