@@ -180,8 +180,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 if not args.verbose:
                     return
                 from ..transport.trace import format_record
+                labels = sorted({d.label for d in step.divergences})
+                mark = "ok" if not labels else "DIFFERS (kernel)" if KERNEL in labels else \
+                    f"ok, but the {' and '.join(labels)} differs"
                 for rec, sim in zip(step.recorded, step.replayed):
-                    mark = "ok" if not step.divergences else "DIFFERS"
                     out.write(f"  {format_record(rec)}\n      replay: {_answer(sim)}  {mark}\n")
 
             progress = None if args.json or args.no_progress or not sys.stderr.isatty() and not args.progress \
@@ -230,6 +232,8 @@ def _answer(rec: dict[str, Any]) -> str:
     if rec.get("out"):
         from ..transport.trace import _fmt_value
         text += f" => {_fmt_value('', rec['out'])}"
+    if rec.get("call") == "read" and rec.get("data"):
+        text += f"  [{rec['data'][:64]}{'...' if len(rec['data']) > 64 else ''}]"
     return text
 
 
