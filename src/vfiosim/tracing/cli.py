@@ -111,20 +111,17 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def choose_machine(header: dict[str, Any], args: argparse.Namespace) -> tuple[Any, str]:
-    """The machine to replay on: --machine, else the preset of the trace's platform."""
+    """The machine to replay on: --machine, else the preset of the trace's platform; the
+    page size the trace's unless --page-size says otherwise."""
     from ..machine import Machine, preset_names
-    kw = {"kernel": args.kernel, "page_size": args.page_size}
+    system = header.get("system") or {}
+    page = args.page_size or (system.get("page_size") if system.get("page_size") in (4096, 65536) else 4096)
+    kw = {"kernel": args.kernel, "page_size": page}
     if args.machine:
         return Machine.load(args.machine, **kw), f"{args.machine} (--machine)"
-    system = header.get("system") or {}
     platform = system.get("platform") or ""
-    page = system.get("page_size")
-    if page and page != args.page_size and page in (4096, 65536):
-        kw["page_size"] = page
     if platform in preset_names():
         return Machine.preset(platform, **kw), f"{platform} (the preset of the trace's platform)"
-    if platform == "x86":
-        return Machine.preset("x86", **kw), "x86 (the preset of the trace's platform)"
     raise ValueError(f"the trace does not say which platform it was recorded on (system.platform is "
                      f"{platform!r}): choose one with --machine {'|'.join(preset_names())}|FILE")
 
@@ -288,8 +285,8 @@ def add_parsers(sub: Any) -> None:
                    help=f"a preset ({', '.join(preset_names())}) or a machine file (default: the preset of the "
                         f"trace's platform)")
     r.add_argument("--kernel", default="6.12", choices=KERNEL_PROFILES, help="kernel behaviour to simulate")
-    r.add_argument("--page-size", type=int, default=4096, choices=(4096, 65536),
-                   help="PAGE_SIZE when the trace does not say (default 4096)")
+    r.add_argument("--page-size", type=int, choices=(4096, 65536),
+                   help="the simulated kernel's PAGE_SIZE (default: the trace's, else 4096)")
     r.add_argument("--device-module", metavar="MODULE", action="append", default=[],
                    help="import MODULE first: it registers device models (repeatable)")
     r.add_argument("--output", metavar="FILE", help="write the simulator's answers as a trace to FILE")
