@@ -142,7 +142,10 @@ class Trace:
         self.size = os.fstat(self._f.fileno()).st_size
         self.bytes_read = 0            # how far iteration has come (for progress)
         self.header: dict[str, Any] = {}
-        self._read_header()
+        try:
+            self._read_header()
+        finally:
+            self._f.close()            # iterating opens the file again
 
     def __enter__(self) -> "Trace":
         return self
@@ -151,7 +154,7 @@ class Trace:
         self.close()
 
     def close(self) -> None:
-        self._f.close()
+        """Nothing stays open between iterations; here for ``with``."""
 
     # -- lines ----------------------------------------------------------------------------------------
 
