@@ -82,6 +82,20 @@ class MsiDesc:
     ctrl: int
 
 
+def _check_feature(flags: int, argsz: int, supported_ops: int, minsz: int) -> int:
+    """vfio_check_feature() (include/linux/vfio.h): 1 to do it, 0 for a probe."""
+    if flags & (uapi.VFIO_DEVICE_FEATURE_GET | uapi.VFIO_DEVICE_FEATURE_SET) & ~supported_ops:
+        raise fail(EINVAL, "VFIO_DEVICE_FEATURE: this feature does not support "
+                           f"{'GET' if flags & uapi.VFIO_DEVICE_FEATURE_GET and not supported_ops & uapi.VFIO_DEVICE_FEATURE_GET else 'SET'}")
+    if flags & uapi.VFIO_DEVICE_FEATURE_PROBE:
+        return 0
+    if not flags & (uapi.VFIO_DEVICE_FEATURE_GET | uapi.VFIO_DEVICE_FEATURE_SET):
+        raise fail(EINVAL, "VFIO_DEVICE_FEATURE: neither GET nor SET without PROBE")
+    if argsz < minsz:
+        raise fail(EINVAL, f"VFIO_DEVICE_FEATURE: argsz {argsz} too small for the feature's {minsz} bytes")
+    return 1
+
+
 class VfioPciDevice(VfioDeviceOps):
     """vfio_pci_core_device for one PCI function."""
 
@@ -107,6 +121,10 @@ class VfioPciDevice(VfioDeviceOps):
         self.msi_irqs: dict[int, MsiDesc | None] = {}
         self.req_trigger: EventFd | None = None
         self.enabled = False
+        # VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY(_WITH_WAKEUP) taken and not yet left
+        # (vdev->pm_runtime_engaged, vdev->pm_wake_eventfd_ctx).
+        self.pm_runtime_engaged = False
+        self.pm_wake_eventfd: EventFd | None = None
         # Set by vfio_pci_core_enable() from the MSI-X capability.
         self.msix_bar = 0xFF
         self.msix_offset = 0
@@ -144,6 +162,7 @@ class VfioPciDevice(VfioDeviceOps):
         self.enabled = True
 
     def close_device(self, current: "Task") -> None:
+        self._pm_exit()                      # vfio_pci_core_disable() leaves low power first
         self._disable_irqs()
         # vfio_pci_core_disable(): the ioeventfds go with the device.
         for ioeventfd in self.ioeventfds:
@@ -401,6 +420,46 @@ class VfioPciDevice(VfioDeviceOps):
         if index == uapi.VFIO_PCI_VGA_REGION_INDEX:
             raise fail(EINVAL, f"{self.pdev.bdf} is not a VGA device")
         raise fail(EINVAL, f"region index {index} does not exist")
+
+    # -- VFIO_DEVICE_FEATURE (vfio_pci_core_ioctl_feature) ------------------------------------------
+
+    def device_feature(self, current: "Task", flags: int, arg: int, argsz: int) -> int:
+        """vfio_pci_core_ioctl_feature(): the low-power features; the VF token only for
+        an SR-IOV PF (none is modelled: ENOTTY, as for any other feature)."""
+        which = flags & uapi.VFIO_DEVICE_FEATURE_MASK
+        if which == uapi.VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY:
+            if _check_feature(flags, argsz, uapi.VFIO_DEVICE_FEATURE_SET, 0) != 1:
+                return 0
+            return self._pm_entry(None)
+        if which == uapi.VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY_WITH_WAKEUP:
+            cls = uapi.vfio_device_low_power_entry_with_wakeup
+            if _check_feature(flags, argsz, uapi.VFIO_DEVICE_FEATURE_SET, ctypes.sizeof(cls)) != 1:
+                return 0
+            entry = cls.from_buffer_copy(copy_from_user(current, arg, ctypes.sizeof(cls)))
+            if entry.wakeup_eventfd < 0:
+                raise fail(EINVAL, f"LOW_POWER_ENTRY_WITH_WAKEUP: wakeup_eventfd {entry.wakeup_eventfd}")
+            return self._pm_entry(eventfd_ctx_fdget(current, entry.wakeup_eventfd, "LOW_POWER_ENTRY_WITH_WAKEUP"))
+        if which == uapi.VFIO_DEVICE_FEATURE_LOW_POWER_EXIT:
+            if _check_feature(flags, argsz, uapi.VFIO_DEVICE_FEATURE_SET, 0) != 1:
+                return 0
+            self._pm_exit()
+            return 0
+        raise fail(ENOTTY, f"device feature {which} is not supported by vfio-pci for {self.pdev.bdf}")
+
+    def _pm_entry(self, wake: EventFd | None) -> int:
+        """vfio_pci_runtime_pm_entry(): once; the device may then suspend (vfiosim keeps it
+        in D0: docs/deviations.md)."""
+        if self.pm_runtime_engaged:
+            raise fail(EINVAL, "the device is already in the low power state")
+        self.pm_runtime_engaged = True
+        self.pm_wake_eventfd = wake
+        self.log.info(f"vfio-pci {self.pdev.bdf}: low power entry (the device stays in D0 in vfiosim)")
+        return 0
+
+    def _pm_exit(self) -> None:
+        """__vfio_pci_runtime_pm_exit()"""
+        self.pm_runtime_engaged = False
+        self.pm_wake_eventfd = None
 
     # -- ioctls ---------------------------------------------------------------------------------------
 
