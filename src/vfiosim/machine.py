@@ -20,14 +20,14 @@ import threading
 import traceback
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, cast
 
 from .kernel.errors import KernelError
 from .kernel.iommu.iommu import IommuGroup, iommu_probe_device
 from .kernel.iommu.spapr_tce import SpaprTceIommuDriver
 from .kernel.iommu.spapr_tce_seed import SeedSpaprTceIommuDriver
 from .kernel.kernel import KERNEL_PROFILES, Kernel, KernelProfile
-from .kernel.mm import MM, PROT_READ, PROT_WRITE
+from .kernel.mm import MM, PROT_READ, PROT_WRITE, MemoryObject
 from .kernel.pci.device import PciDevice
 from .kernel.pci.models import create_device, is_endpoint_model
 from .kernel.iommu.table_group import SpaprTceIommuOps
@@ -339,9 +339,9 @@ class Process:
         return self.task.pid
 
     @property
-    def mm(self):
+    def mm(self) -> MM:
         """The address space (for tests and introspection)."""
-        return self.task.mm
+        return _own_mm(self.task)
 
     @property
     def alive(self) -> bool:
@@ -388,7 +388,7 @@ class Process:
             arg = memoryview(arg).cast("B")
 
         def with_buffer(task: Task) -> int:
-            with task.mm.borrowed(arg) as addr:
+            with _own_mm(task).borrowed(arg) as addr:
                 return k.sys_ioctl(task, fd, request, addr)
         return self._call(name, with_buffer)
 
@@ -417,22 +417,22 @@ class Process:
             if page_size & (page_size - 1) or page_size < self.machine.page_size:
                 raise ValueError(f"page_size {page_size} must be a power of two >= {self.machine.page_size}")
             shift = page_size.bit_length() - 1
-        return self._call("mmap", lambda t: t.mm.mmap(length, prot, shift))
+        return self._call("mmap", lambda t: _own_mm(t).mmap(length, prot, shift))
 
     def munmap(self, addr: int, length: int) -> None:
-        self._call("munmap", lambda t: t.mm.munmap(addr, length))
+        self._call("munmap", lambda t: _own_mm(t).munmap(addr, length))
 
     def mprotect(self, addr: int, length: int, prot: int) -> None:
-        self._call("mprotect", lambda t: t.mm.mprotect(addr, length, prot))
+        self._call("mprotect", lambda t: _own_mm(t).mprotect(addr, length, prot))
 
     def mlock(self, addr: int, length: int) -> None:
         """mlock(2): lock the pages of [addr, addr+length) (VM_LOCKED), charged
         to VmLck against RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK."""
-        self._call("mlock", lambda t: t.mm.mlock(addr, length, t))
+        self._call("mlock", lambda t: _own_mm(t).mlock(addr, length, t))
 
     def munlock(self, addr: int, length: int) -> None:
         """munlock(2): unlock them; VmLck goes down by the pages that were locked."""
-        self._call("munlock", lambda t: t.mm.munlock(addr, length))
+        self._call("munlock", lambda t: _own_mm(t).munlock(addr, length))
 
     def write_memory(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         self._call("write_memory", lambda t: t.mm.write(addr, data))
@@ -458,7 +458,7 @@ class Process:
             if vma is None or vma.kind != "anon" or length < 0 or addr + length > vma.end or not vma.readable():
                 raise fail(EFAULT, f"{addr:#x}+{length:#x} is not inside one readable anonymous mapping")
             off = vma.pgoff + (addr - vma.start)
-            mv = memoryview(vma.obj.data).cast("B")[off:off + length]
+            mv = memoryview(cast(MemoryObject, vma.obj).data).cast("B")[off:off + length]
             return mv if vma.prot & _W else mv.toreadonly()
         return self._call("memory_view", view)
 
@@ -501,7 +501,7 @@ class Process:
             k = self.machine.kernel
             pid = k._next_pid
             k._next_pid += 1
-            child = k.fork(t, pid, t.mm.fork())
+            child = k.fork(t, pid, _own_mm(t).fork())
             if name is not None:
                 child.comm = name
             return Process(self.machine, child)
@@ -530,6 +530,11 @@ class Process:
 
     def __repr__(self) -> str:
         return f"<Process {self.pid} on {self.machine.name}{'' if self.alive else ' (exited)'}>"
+
+
+def _own_mm(task: Task) -> MM:
+    """The address space of a task this API spawned: always simulated memory."""
+    return cast(MM, task.mm)
 
 
 def _ioctl_label(request: int, task: Task, fd: int) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 from .pci.device import DmaError
 
 if TYPE_CHECKING:
-    from .mm import MemoryObject
+    from .mm import PhysicalPages
     from .pci.device import PciDevice
 
 
@@ -34,7 +34,7 @@ class DmaFault:
     reason: str
 
 
-Run = tuple["MemoryObject", int, int]     # (object, byte offset, length)
+Run = tuple["PhysicalPages", int, int]     # (memory, byte offset, length)
 
 
 class DmaTranslator(Protocol):

@@ -22,14 +22,12 @@ from .eventfd import EFD_CLOEXEC, EFD_NONBLOCK, EFD_SEMAPHORE, EventFd
 from .faults import FaultInjector
 from .fs import DeviceNode, DirectoryFile, File, NullFile
 from .log import KernelLog
-from .mm import MM, PhysicalMemory
+from .mm import MM, AddressSpace, PhysicalMemory
 from .task import Task
 from .uaccess import copy_struct_from_user, get_user_s32
 from .vfio.vfio import Vfio
 
 if TYPE_CHECKING:
-    from typing import Any as MMLike
-
     from .iommu.iommu import IommuGroup
     from .platform.pe import Pe
     from .pci.device import PciDevice
@@ -108,11 +106,10 @@ class Kernel:
         self._drop_mm(task, task.mm, "exited")
         del self.tasks[task.pid]
 
-    def _drop_mm(self, task: Task, mm: "MMLike", why: str) -> None:
+    def _drop_mm(self, task: Task, mm: AddressSpace, why: str) -> None:
         """The task's own reference to ``mm`` is gone (exit, exec).  The mm goes
         when nothing else holds it: a container that set it (mmgrab) may."""
-        from .iommu import prereg
-        prereg.mmdrop(mm, user=True)  # type: ignore[arg-type]
+        mm.mmdrop()
         if mm.locked_vm:
             # Nothing can reach the mm any more: it is freed with whatever is
             # still charged to it (a leak upstream too, invisible from here on).
@@ -120,7 +117,7 @@ class Kernel:
                           f"locked_vm; they go with its mm")
             mm.locked_vm = 0
 
-    def exec(self, task: Task, mm: "MMLike") -> None:
+    def exec(self, task: Task, mm: AddressSpace) -> None:
         """execve(2): a new address space (exec_mmap), then the close-on-exec
         files are closed.  The old mm is torn down as at exit; a container
         that set it keeps it, so its ioctls from the new image fail with
@@ -131,17 +128,16 @@ class Kernel:
             task.files.remove(fd).put(task)
         self._drop_mm(task, old, "exec()ed")
 
-    def attach(self, pid: int, comm: str, cred: Cred, mm: "MMLike", rlimit_memlock: tuple[int, int]) -> Task:
+    def attach(self, pid: int, comm: str, cred: Cred, mm: AddressSpace, rlimit_memlock: tuple[int, int]) -> Task:
         """A task for an outside process (``vfiosim run``): its fd numbers are
         the real process's, so it starts with an empty table."""
-        task = Task(pid, comm, cred, mm, rlimit_memlock)  # type: ignore[arg-type]
+        task = Task(pid, comm, cred, mm, rlimit_memlock)
         self.tasks[pid] = task
         return task
 
-    def fork(self, parent: Task, child_pid: int, mm: "MMLike") -> Task:
+    def fork(self, parent: Task, child_pid: int, mm: AddressSpace) -> Task:
         """fork(2): the child shares every open file (one more reference each)."""
-        child = Task(child_pid, parent.comm, Cred(**vars(parent.cred)), mm,  # type: ignore[arg-type]
-                     parent.rlimit(resource.RLIMIT_MEMLOCK))
+        child = Task(child_pid, parent.comm, Cred(**vars(parent.cred)), mm, parent.rlimit(resource.RLIMIT_MEMLOCK))
         for fd, file in parent.files.items():
             child.files.install_at(fd, file.get(), cloexec=fd in parent.files.cloexec)
         self.tasks[child_pid] = child
@@ -208,19 +204,11 @@ class Kernel:
 
     def sys_mmap_check(self, task: Task, fd: int, offset: int, length: int, prot: int, shared: bool) -> None:
         """mmap(2) of a device fd: the driver's checks (vfio_pci_core_mmap)."""
-        file = task.files.get(fd)
-        mmap_check = getattr(file, "mmap_check", None)
-        if mmap_check is None:
-            raise fail(ENODEV, f"fd {fd} ({file.kind}) cannot be mmapped")
-        mmap_check(task, offset, length, prot, shared)
+        task.files.get(fd).mmap_check(task, offset, length, prot, shared)
 
     def sys_mmio(self, task: Task, fd: int, offset: int, size: int, value: int | None = None) -> int:
         """A load (value None) or store through an mmap of a device region."""
-        file = task.files.get(fd)
-        mmio = getattr(file, "mmio", None)
-        if mmio is None:
-            raise fail(ENODEV, f"fd {fd} ({file.kind}) has no mmapped region")
-        return mmio(task, offset, size, value)
+        return task.files.get(fd).mmio(task, offset, size, value)
 
     def sys_ioctl(self, task: Task, fd: int, cmd: int, arg: int) -> int:
         """ksys_ioctl(): generic fd ioctls, then the file's own."""

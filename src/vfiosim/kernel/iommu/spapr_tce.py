@@ -25,7 +25,7 @@ import numpy as np
 from ...uapi import vfio as uapi
 from ..errors import KernelError, fail
 from ..faults import H_HARDWARE
-from ..mm import MM, account_locked_vm
+from ..mm import AddressSpace, account_locked_vm
 from ..progression import Progression, as_progression
 from ..uaccess import copy_struct_from_user, copy_struct_to_user
 from ..vfio.iommu_driver import VfioIommuDriver
@@ -53,7 +53,7 @@ class TceContainer:
     enabled: bool = False
     def_window_pending: bool = False
     locked_pages: int = 0
-    mm: MM | None = None
+    mm: AddressSpace | None = None
     tables: list[IommuTable | None] = field(default_factory=lambda: [None] * IOMMU_TABLE_GROUP_MAX_TABLES)
     # group_list: newest first, as list_add() leaves it; "the first group"
     # (list_first_entry) is therefore the most recently attached one.
@@ -133,7 +133,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         self._disable(c)
         mm, c.mm = c.mm, None
         if mm is not None:
-            prereg.mmdrop(mm)
+            mm.mmdrop()
 
     def attach_group(self, c: TceContainer, group: "IommuGroup", current: "Task") -> None:
         """tce_iommu_attach_group()"""
@@ -420,7 +420,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
                 raise fail(EPERM, "this container belongs to another process's address space")
             return
         c.mm = current.mm
-        prereg.mmgrab(c.mm)
+        c.mm.mmgrab()
 
     def _enable(self, c: TceContainer, current: "Task") -> None:
         """tce_iommu_enable(): charge the whole 32-bit window to locked_vm."""
@@ -598,7 +598,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         assert mm is not None
         write = direction != DMA_TO_DEVICE
         room = tbl.it_offset + tbl.it_size - entry
-        if npages > room and getattr(tbl.it_ops, "overrun_corrupts", False):
+        if npages > room and tbl.it_ops.overrun_corrupts:
             stop = self._first_failure(c, tbl, vaddr, room, write)
             if stop is None:
                 self._log_overrun("VFIO_IOMMU_MAP_DMA", tbl, entry, npages)
@@ -687,7 +687,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
                          f"(H_PUT_TCE returned {rc}); the range runs past the window end, which "
                          f"Linux 6.12 does not check, and passes the hcall status through as an errno")
 
-    def _unpin_old(self, mm: MM, old: np.ndarray) -> None:
+    def _unpin_old(self, mm: AddressSpace, old: np.ndarray) -> None:
         """Entries a map replaced: their pages lose the pin the old TCE held."""
         if not old.size:
             return
@@ -791,7 +791,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
             elif err == EPERM:
                 error = fail(EPERM, f"VFIO_IOMMU_MAP_DMA: the page behind user address "
                                     f"{vaddr + ((done + ok) << int(shift)):#x} is smaller than the IOMMU page")
-            if tbl.it_indirect_levels and hasattr(tbl.it_ops, "missing_levels"):
+            if tbl.it_indirect_levels:
                 cut = self._alloc_levels_v2(c, tbl, entry + done, vaddr + (done << int(shift)), ok, err, regions)
                 if cut is not None:
                     ok = cut
@@ -878,7 +878,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         * the userspace level: pua is NULL and Linux 6.12 writes through it
           (*pua = tce), an oops; answered as ENOMEM, nothing changed.
         """
-        ops: Any = tbl.it_ops            # PnvTableOps: the platform with indirect levels
+        ops = tbl.it_ops
         shift = tbl.it_page_shift
         events = [(o, 0, lv, b) for o, lv, b in ops.missing_levels(tbl, True, entry, ok + (err is not None))]
         events += [(o, 1, lv, b) for o, lv, b in ops.missing_levels(tbl, False, entry, ok)]
@@ -919,8 +919,8 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         return cut
 
     def _log_overrun_v2(self, tbl: IommuTable, entry: int, npages: int) -> None:
-        what = ("writes TCEs past the end of the table (memory corruption)" if getattr(tbl.it_ops, "overrun_corrupts",
-                False) else "gets H_PARAMETER from the hypervisor and then reads past it_userspace in "
+        what = ("writes TCEs past the end of the table (memory corruption)" if tbl.it_ops.overrun_corrupts
+                else "gets H_PARAMETER from the hypervisor and then reads past it_userspace in "
                             "tce_iommu_unuse_page_v2(): a kernel oops")
         self.log.warn(f"vfiosim: VFIO_IOMMU_MAP_DMA (v2) of {npages} pages from bus address "
                       f"{entry << tbl.it_page_shift:#x} runs past the end of the window {tbl.bus_start:#x}.."
@@ -961,7 +961,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
             return 1
         entry = param.iova >> tbl.it_page_shift
         room = tbl.it_offset + tbl.it_size - entry
-        if npages > room and getattr(tbl.it_ops, "overrun_corrupts", False):
+        if npages > room and tbl.it_ops.overrun_corrupts:
             self._log_overrun("VFIO_IOMMU_UNMAP_DMA", tbl, entry, npages)
             raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: the range runs past the end of the window "
                                f"{tbl.bus_start:#x}..{tbl.bus_end - 1:#x}")

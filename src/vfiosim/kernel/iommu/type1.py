@@ -45,7 +45,7 @@ from .iommu import (IOMMU_CACHE, IOMMU_READ, IOMMU_RESV_DIRECT_RELAXABLE, IOMMU_
 
 if TYPE_CHECKING:
     from ..kernel import Kernel
-    from ..mm import MM
+    from ..mm import AddressSpace
     from ..task import Task
 
 U64 = (1 << 64) - 1
@@ -162,7 +162,7 @@ class VfioDma:
     vaddr: int
     prot: int
     task: "Task"
-    mm: "MM"
+    mm: "AddressSpace"
     lock_cap: bool
     size: int = 0
     iommu_mapped: bool = False
@@ -570,7 +570,7 @@ class Type1IommuDriver(VfioIommuDriver):
         """
         if not npage:
             return 0
-        if async_ and getattr(dma.mm, "dead", False):
+        if async_ and dma.mm.dead:
             return -ESRCH
         account_locked_vm_task(dma.mm, abs(npage), npage > 0, dma.task, dma.lock_cap)
         dma.locked_vm += npage
@@ -584,7 +584,7 @@ class Type1IommuDriver(VfioIommuDriver):
             return
         lock_cap = current.capable(CAP_IPC_LOCK)
         account_locked_vm_task(mm, dma.locked_vm, True, current, lock_cap)
-        if not getattr(dma.mm, "dead", False):
+        if not dma.mm.dead:
             account_locked_vm_task(dma.mm, dma.locked_vm, False, dma.task, dma.lock_cap)
         dma.task = current
         dma.mm = mm
@@ -748,13 +748,6 @@ class Type1IommuDriver(VfioIommuDriver):
                 raise
         return 0
 
-    def _pin(self, mm: "MM", vaddr: int, npages: int, write: bool) -> PinResult:
-        """vaddr_get_pfns(): a long-term pin of consecutive pages."""
-        pin = getattr(mm, "pin_pages_longterm", None)
-        if pin is not None:
-            return pin(vaddr, npages, write)
-        addrs = np.uint64(vaddr) + (np.arange(npages, dtype=np.uint64) << np.uint64(self.page_shift))
-        return mm.pin_pages(addrs, write)
 
     def _pin_map_dma(self, iommu: VfioIommu, dma: VfioDma, size: int, current: "Task") -> None:
         """vfio_pin_map_dma() + vfio_pin_pages_remote().
@@ -784,7 +777,8 @@ class Type1IommuDriver(VfioIommuDriver):
         err: int | None = None
         faults = self.kernel.faults
         while pos < want:
-            res = self._pin(mm, dma.vaddr + pos * psz, min(BATCH, want - pos), write)
+            # vaddr_get_pfns(): a long-term pin of consecutive pages.
+            res = mm.pin_pages_longterm(dma.vaddr + pos * psz, min(BATCH, want - pos), write)
             passed = faults.take("pin_user_pages:vaddr_get_pfns", res.count)
             if passed < res.count and (pos + passed) % VFIO_BATCH_MAX_CAPACITY == 0:
                 # The first page of a vaddr_get_pfns() call failed: -ENOMEM.
@@ -842,15 +836,14 @@ class Type1IommuDriver(VfioIommuDriver):
         dma.size = size
         dma.iommu_mapped = True
 
-    def _note_charged_again(self, mm: "MM", dma: VfioDma, size: int, run_hpa: np.ndarray,
+    def _note_charged_again(self, mm: "AddressSpace", dma: VfioDma, size: int, run_hpa: np.ndarray,
                             run_pages: np.ndarray) -> None:
         """Announce pages this mapping charged although locked_vm already
         counts them: mlock'ed ones, and ones another mapping had pinned.
         vfio_pin_pages_remote() charges every page it pins (only reserved
         pages and pages in the mapping's own external pin list are
         skipped), so Linux counts them twice (docs/deviations.md)."""
-        count_mlocked = getattr(mm, "count_mlocked_pages", None)
-        mlocked = count_mlocked(dma.vaddr, size) if count_mlocked is not None else 0
+        mlocked = mm.count_mlocked_pages(dma.vaddr, size)
         pinned = 0
         for hpa, pages in zip(run_hpa.tolist(), run_pages.tolist()):
             found = self.kernel.phys.lookup(hpa)

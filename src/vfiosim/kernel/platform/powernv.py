@@ -22,7 +22,7 @@ from ..errors import KernelBug, fail
 from ..faults import OPAL_HARDWARE
 from ..dma import DmaFault
 from ..iommu.table_group import TableGroup
-from ..iommu.tce import TCE_PCI_READ, TCE_PCI_WRITE, IommuTable, XchgResult, direction_to_perm
+from ..iommu.tce import TCE_PCI_READ, TCE_PCI_WRITE, IommuTable, TableOps, XchgResult, direction_to_perm
 from ..mm import PhysicalMemory
 from ..progression import U64Values
 from .pe import Pe, TceCache, TceLookup, Translation
@@ -45,7 +45,7 @@ def _align(x: int, a: int) -> int:
     return (x + a - 1) & ~(a - 1)
 
 
-class PnvTableOps:
+class PnvTableOps(TableOps):
     """pnv_ioda2_iommu_ops on a table held in host memory."""
 
     overrun_corrupts = True
@@ -91,12 +91,7 @@ class PnvTableOps:
 
     @staticmethod
     def _levels(tbl: IommuTable, user: bool) -> set[tuple[int, int]]:
-        attr = "_pnv_uas_levels" if user else "_pnv_levels"
-        got = getattr(tbl, attr, None)
-        if got is None:
-            got = set()
-            setattr(tbl, attr, got)
-        return got
+        return tbl.userspace_levels_present if user else tbl.levels_present
 
     def missing_levels(self, tbl: IommuTable, user: bool, entry: int, n: int) -> list[tuple[int, int, int]]:
         """The indirect levels pnv_tce() would allocate walking entries
@@ -264,6 +259,10 @@ class PnvTableGroup(TableGroup):
 
 
 class PnvPe(Pe):
+    """A PE of a PowerNV PHB: its TVEs select the tables the host kernel programmed."""
+
+    table_group: PnvTableGroup
+
     def __init__(self, phb: PnvPhb, pe_number: int, phys: PhysicalMemory, log: Callable[[str], None],
                  ram_size: int) -> None:
         name = f"PHB#{phb.index:x}-PE#{pe_number:x}"

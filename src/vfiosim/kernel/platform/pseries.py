@@ -44,7 +44,7 @@ with the 6.13 kmemleak fix's ``.free`` op, whose create path is the same):
 from __future__ import annotations
 
 from errno import EINVAL, ENODEV, ENOMEM, EPERM
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -52,10 +52,13 @@ from ..errors import fail
 from ..faults import H_HARDWARE, RTAS_HARDWARE_ERROR
 from ..dma import DmaFault
 from ..iommu.table_group import TableGroup
-from ..iommu.tce import IOMMU_PAGE_SHIFT_4K, IommuTable, TceStorage, XchgResult, direction_to_perm
+from ..iommu.tce import IOMMU_PAGE_SHIFT_4K, IommuTable, TableOps, TceStorage, XchgResult, direction_to_perm
 from ..mm import PhysicalMemory
 from ..progression import U64Values
 from .pe import Pe, TceCache, TceLookup, Translation
+
+if TYPE_CHECKING:
+    from ..faults import FaultInjector
 
 H_SUCCESS = 0
 H_PARAMETER = -4
@@ -211,12 +214,12 @@ class SpaprPhb:
         return None
 
 
-class PseriesTableOps:
+class PseriesTableOps(TableOps):
     """iommu_table_lpar_multi_ops: every entry change is an hcall."""
 
     overrun_corrupts = False        # the hypervisor answers H_PARAMETER instead
 
-    def __init__(self, hv: SpaprPhb, faults: Any = None) -> None:
+    def __init__(self, hv: SpaprPhb, faults: "FaultInjector | None" = None) -> None:
         self.hv = hv
         self.faults = faults
 
@@ -280,11 +283,18 @@ class PseriesTableOps:
         rc, tce = self.hv.h_get_tce(tbl.it_index, entry << tbl.it_page_shift)
         return tce if rc == H_SUCCESS else 0
 
+    def missing_levels(self, tbl: IommuTable, user: bool, entry: int, n: int) -> list[tuple[int, int, int]]:
+        """The hypervisor's tables have no levels the guest allocates."""
+        return []
+
+    def mark_levels(self, tbl: IommuTable, user: bool, levels: list[tuple[int, int, int]]) -> None:
+        pass
+
 
 class PseriesTableGroup(TableGroup):
     """The guest kernel's view of one PE (a PHB here) and its DMA windows."""
 
-    def __init__(self, hv: SpaprPhb, log: Callable[[str], None], faults: Any = None) -> None:
+    def __init__(self, hv: SpaprPhb, log: Callable[[str], None], faults: "FaultInjector | None" = None) -> None:
         windows_available = hv.query()[0]
         super().__init__(tce32_start=hv.dma32_start, tce32_size=hv.dma32_size,
                          pgsizes=(1 << IOMMU_PAGE_SHIFT_4K) | hv.pgsizes,
@@ -518,6 +528,8 @@ class PseriesTableGroup(TableGroup):
 
 class PseriesPe(Pe):
     """A PE of the pseries machine: DMA is translated by the hypervisor."""
+
+    table_group: PseriesTableGroup
 
     def __init__(self, hv: SpaprPhb, phys: PhysicalMemory, log: Callable[[str], None]) -> None:
         name = f"PHB#{hv.index:x}"
