@@ -23,6 +23,7 @@ from .faults import FaultInjector
 from .fs import DeviceNode, DirectoryFile, File, NullFile
 from .log import KernelLog
 from .mm import MM, AddressSpace, PhysicalMemory
+from .platform.base import Platform
 from .task import Task
 from .uaccess import copy_struct_from_user, get_user_s32
 from .vfio.vfio import Vfio
@@ -75,13 +76,18 @@ class Kernel:
         self.dev_nodes: dict[str, DeviceNode] = {"/dev/vfio/vfio": self.vfio.container_node()}
         self.devices: dict[str, "PciDevice"] = {}
         self.iommu_groups: dict[int, "IommuGroup"] = {}
-        self.pes: list["Pe"] = []
-        self.eeh_available = False
+        # The machine's IOMMU hardware; the platform builder (vfiosim/platforms.py) sets it.
+        self.platform = Platform()
         self.tasks: dict[int, Task] = {}
         self._next_pid = 1000
 
+    @property
+    def pes(self) -> list["Pe"]:
+        """POWER's Partitionable Endpoints (none on other platforms)."""
+        return self.platform.pes
+
     def eeh_enabled(self) -> bool:
-        return self.eeh_available
+        return self.platform.eeh_enabled
 
     # -- processes ----------------------------------------------------------------------
 
@@ -274,8 +280,7 @@ class Kernel:
     # -- EEH (arch/powerpc/kernel/eeh.c, vfio_spapr_ioctl_eeh_pe_op) ---------------------------------
 
     def eeh_pe_op(self, group: "IommuGroup", arg: int, current: Task) -> int:
-        pe = next((p for p in self.pes if p.iommu_group is group), None)
-        eeh = pe.eeh if pe is not None else None
+        eeh = self.platform.eeh_pe(group)
         if eeh is None or not self.eeh_enabled():
             raise fail(ENODEV, f"IOMMU group {group.id} has no EEH PE (EEH is not available on this machine)")
         cls = uapi.vfio_eeh_pe_op

@@ -15,7 +15,7 @@ a time rather than an entry at a time.  The kernel's own table geometry
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -226,6 +226,14 @@ class TceStorage:
     def count_used(self) -> int:
         return int(sum(np.count_nonzero(c) for c in self._chunks.values()))
 
+    def items(self, size: int) -> tuple[tuple[int, int], ...]:
+        """(index, value) of every non-zero entry below ``size``, in order."""
+        idx = self.used_indices(0, size)
+        if not idx.size:
+            return ()
+        vals = self.get_range(0, size)[idx] if size <= 1 << 22 else np.array([self.get(int(i)) for i in idx])
+        return tuple(zip(idx.tolist(), np.asarray(vals, dtype=np.uint64).tolist()))
+
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self._chunks.values())
 
@@ -350,6 +358,12 @@ class IommuTable:
 
     def mapped_count(self) -> int:
         return self.it_ops.count_used(self)
+
+    def state(self) -> tuple[Any, ...]:
+        """Geometry, accounting, entries and userspace addresses, comparable."""
+        uas = self.it_userspace.items(self.it_size) if self.it_userspace is not None else None
+        return (self.bus_start, self.it_size, self.it_page_shift, self.it_indirect_levels, self.it_allocated_size,
+                self.entries.items(self.it_size), uas)
 
     def __repr__(self) -> str:
         return (f"<IommuTable bus={self.bus_start:#x}+{self.bus_size:#x} page={self.page_size:#x} "

@@ -14,7 +14,7 @@ needs, makes the PHB freeze the PE (EEH).
 from __future__ import annotations
 
 from errno import EINVAL, ENOMEM
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -25,7 +25,11 @@ from ..iommu.table_group import TableGroup
 from ..iommu.tce import TCE_PCI_READ, TCE_PCI_WRITE, IommuTable, TableOps, XchgResult, direction_to_perm
 from ..mm import PhysicalMemory
 from ..progression import U64Values
-from .pe import Pe, TceCache, TceLookup, Translation
+from .base import IommuMapping, Platform
+from .pe import Pe, TceCache, TceLookup, Translation, tce_mappings
+
+if TYPE_CHECKING:
+    from ..iommu.iommu import IommuGroup
 from .eeh import EehPe
 
 POWERNV_IOMMU_MAX_LEVELS = 5
@@ -339,4 +343,35 @@ class PnvPe(Pe):
                         self.ram_size else 0, "page_size": None, "levels": 0, "owner": "host kernel (bypass)",
                         "mapped": None})
         return out
+
+    def describe_phb(self) -> dict[str, Any]:
+        return {"index": self.phb.index, "model": self.phb.model}
+
+    def mappings(self, limit: int | None = None) -> Iterator[IommuMapping]:
+        for num, tbl in enumerate(self.tve):
+            if tbl is not None:
+                yield from tce_mappings(f"{self.name} TVE#{num}", tbl.entries, tbl.it_offset, tbl.it_size,
+                                        tbl.it_page_shift, limit)
+
+    def state(self) -> Any:
+        return ("pnv", self.bypass, tuple(None if t is None else t.state() for t in self.tve))
+
+
+class PowerNVPlatform(Platform):
+    """Bare-metal POWER: PHBs in IODA2 mode, their PEs, EEH where the PHBs have it."""
+
+    name = "powernv"
+
+    def __init__(self, phbs: list[PnvPhb], eeh: bool) -> None:
+        super().__init__()
+        self.phbs = phbs
+        self.eeh = eeh
+
+    @property
+    def eeh_enabled(self) -> bool:
+        return self.eeh
+
+    def eeh_pe(self, group: "IommuGroup") -> EehPe | None:
+        pe = next((p for p in self.pes if p.iommu_group is group), None)
+        return pe.eeh if pe is not None else None
 

@@ -44,7 +44,7 @@ with the 6.13 kmemleak fix's ``.free`` op, whose create path is the same):
 from __future__ import annotations
 
 from errno import EINVAL, ENODEV, ENOMEM, EPERM
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -55,7 +55,8 @@ from ..iommu.table_group import TableGroup
 from ..iommu.tce import IOMMU_PAGE_SHIFT_4K, IommuTable, TableOps, TceStorage, XchgResult, direction_to_perm
 from ..mm import PhysicalMemory
 from ..progression import U64Values
-from .pe import Pe, TceCache, TceLookup, Translation
+from .base import IommuMapping, Platform
+from .pe import Pe, TceCache, TceLookup, Translation, tce_mappings
 
 if TYPE_CHECKING:
     from ..faults import FaultInjector
@@ -568,3 +569,33 @@ class PseriesPe(Pe):
                 out.append({"window": n, "liobn": t.liobn, "start": t.bus_offset, "size": t.nb_table << t.page_shift,
                             "page_size": 1 << t.page_shift, "mapped": t.entries.count_used()})
         return out
+
+    def describe_phb(self) -> dict[str, Any]:
+        return {"index": self.hv.index, "model": "sPAPR", "liobns": [t.liobn for t in self.hv.tables]}
+
+    def mappings(self, limit: int | None = None) -> Iterator[IommuMapping]:
+        for t in self.hv.tables:
+            if t.enabled:
+                yield from tce_mappings(f"{self.name} LIOBN {t.liobn:#x}", t.entries, t.bus_offset >> t.page_shift,
+                                        t.nb_table, t.page_shift, limit)
+
+    def state(self) -> Any:
+        tg = self.table_group
+        # The hypervisor's windows (a disabled one keeps its old geometry, which
+        # nothing can see), the guest kernel's tables with their userspace
+        # views, its device-tree windows, and whether the PE is on
+        # failed_ddw_pdn_list.
+        return ("hv", tuple((t.liobn, t.enabled, t.bus_offset, t.page_shift, t.nb_table, t.entries.items(t.nb_table))
+                            if t.enabled else (t.liobn, False) for t in self.hv.tables),
+                tuple(None if t is None else t.state() for t in tg.tables),
+                tg.default_window_prop, tg.ddw, tg.ddw_failed)
+
+
+class PseriesPlatform(Platform):
+    """A PAPR guest: one PE per PHB, tables in the hypervisor, no EEH (as in the reference traces)."""
+
+    name = "pseries"
+
+    def __init__(self, phbs: list[SpaprPhb]) -> None:
+        super().__init__()
+        self.phbs = phbs
