@@ -1016,7 +1016,7 @@ def atheris_engine(target: str, runs: int, seed: int, extra_dirs: Sequence[Path]
     # Everything the targets reach, loaded now, then instrumented for coverage.
     from . import machine, uapi  # noqa: F401
     from .transport import daemon, protocol, trace  # noqa: F401
-    from .kernel.iommu import prereg, spapr_tce, spapr_tce_seed, type1  # noqa: F401
+    from .kernel.iommu import prereg, spapr_tce, spapr_tce_310, type1  # noqa: F401
     from .kernel.platform import powernv, pseries, x86  # noqa: F401
     atheris.instrument_all()
     work.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 from .kernel.iommu.iommu import RESV_TYPE_NAMES, IommuGroup, ResvRegion, iommu_probe_device
 from .kernel.iommu.spapr_tce import SpaprTceIommuDriver
-from .kernel.iommu.spapr_tce_seed import SeedSpaprTceIommuDriver
 from .kernel.iommu.table_group import SpaprTceIommuOps
 from .kernel.iommu.type1 import Type1IommuDriver
 from .kernel.pci.device import PciDevice
@@ -117,7 +116,7 @@ class PowerBuilder(PlatformBuilder):
         super().__init__(spec, kernel)
         self.pes: dict[tuple[int, int], Pe] = {}
         # 3.10 had no IOMMU API on POWER: its PEs are probed by no IOMMU driver.
-        self.spapr_ops = None if kernel.profile.legacy else SpaprTceIommuOps()
+        self.spapr_ops = SpaprTceIommuOps() if kernel.profile.power_iommu_api else None
         self.platform: Platform = Platform()
 
     @abstractmethod
@@ -151,21 +150,20 @@ class PowerNVBuilder(PowerBuilder):
                                       max_order=ps.max_order if ps.max_order is not None else _MAX_ORDER[k.page_size],
                                       eeh=ps.eeh)
                      for ps in self.spec.phbs}
-        # (the seed patch predates VFIO's EEH support)
-        eeh = any(p.eeh for p in self.phbs.values()) and not k.profile.legacy
+        eeh = any(p.eeh for p in self.phbs.values()) and k.profile.vfio_eeh
         self.platform = PowerNVPlatform(list(self.phbs.values()), eeh)
-        k.vfio.iommu_drivers.register(SeedSpaprTceIommuDriver(k) if k.profile.legacy else SpaprTceIommuDriver(k))
+        k.vfio.iommu_drivers.register(k.profile.spapr_driver(k))
         return self.platform
 
     def new_pe(self, ds: DeviceSpec) -> Pe:
         k = self.kernel
         pe = PnvPe(self.phbs[ds.phb], ds.pe, k.phys, k.log.info, self.spec.ram)
-        if k.profile.legacy:
+        if k.profile.pnv_ioda2_default_window:
+            pe.setup_default_config()
+        else:
             # 3.10: the PE's 32-bit table of 4 KiB pages, which VFIO reuses.
             tbl = pe.table_group.create_host_table(0, 12, pe.table_group.tce32_size, 1)
             pe.table_group.set_window(0, tbl)
-        else:
-            pe.setup_default_config()
         return pe
 
 
@@ -174,9 +172,9 @@ class PseriesBuilder(PowerBuilder):
 
     @classmethod
     def check(cls, profile: "KernelProfile", page_size: int) -> None:
-        if profile.legacy:
-            raise ValueError("kernel 3.10 has no VFIO on pseries guests: its VFIO_IOMMU_SPAPR_TCE depends on "
-                             "PPC_POWERNV (drivers/vfio/Kconfig); use the powernv machine")
+        if "pseries" not in profile.platforms:
+            raise ValueError(f"kernel {profile.version} has no VFIO on pseries guests: its VFIO_IOMMU_SPAPR_TCE "
+                             f"depends on PPC_POWERNV (drivers/vfio/Kconfig); use the powernv machine")
 
     def setup(self) -> Platform:
         k = self.kernel
@@ -199,9 +197,9 @@ class X86Builder(PlatformBuilder):
 
     @classmethod
     def check(cls, profile: "KernelProfile", page_size: int) -> None:
-        if profile.legacy:
-            raise ValueError("the 3.10 profile is the sPAPR seed patch on PowerNV; x86 machines run the Linux "
-                             "6.12 Type1 IOMMU driver (kernel=\"6.12\")")
+        if "x86" not in profile.platforms:
+            raise ValueError(f"the {profile.version} profile is the sPAPR TCE driver's first version on PowerNV; "
+                             f"x86 machines run the Linux 6.12 Type1 IOMMU driver (kernel=\"6.12\")")
         if page_size != 4096:
             raise ValueError(f"x86 has 4 KiB pages only, not page_size={page_size}")
 

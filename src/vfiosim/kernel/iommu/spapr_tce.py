@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from errno import EBUSY, EFAULT, EINVAL, ENODEV, ENOENT, ENOMEM, ENOSPC, ENOTTY, ENXIO, EPERM
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -26,6 +26,8 @@ from ...uapi import vfio as uapi
 from ..errors import KernelError, fail
 from ..faults import H_HARDWARE
 from ..mm import AddressSpace, account_locked_vm
+from ..platform.eeh import (EEH_OPT_DISABLE, EEH_OPT_ENABLE, EEH_OPT_THAW_DMA, EEH_OPT_THAW_MMIO,
+                            EEH_RESET_DEACTIVATE, EEH_RESET_FUNDAMENTAL, EEH_RESET_HOT, EehPe)
 from ..progression import Progression, as_progression
 from ..uaccess import copy_struct_from_user, copy_struct_to_user
 from ..vfio.iommu_driver import VfioIommuDriver
@@ -1009,19 +1011,55 @@ class SpaprTceIommuDriver(VfioIommuDriver):
             if inside and mem.pageshift >= tbl.it_page_shift:
                 mem.mapped = max(1, mem.mapped - inside)
 
-    # -- VFIO_EEH_PE_OP --------------------------------------------------------------------------
+    # -- VFIO_EEH_PE_OP ---------------------------------------------------------------------------
 
     def _eeh_pe_op(self, c: TceContainer, arg: int, current: "Task") -> int:
-        """The container loops over its groups (vfio_spapr_ioctl_eeh_pe_op)."""
+        """tce_iommu_ioctl(VFIO_EEH_PE_OP): the op for each group, until one returns non-zero."""
         ret = 0
         for group in list(c.groups):
-            ret = self.kernel.eeh_pe_op(group, arg, current)
+            ret = self._eeh_pe_op_group(group, arg, current)
             if ret:
                 return ret
         return ret
+
+    def _eeh_pe_op_group(self, group: "IommuGroup", arg: int, current: "Task") -> int:
+        """vfio_spapr_ioctl_eeh_pe_op() (in this file since Linux 6.7; vfio_spapr_eeh.c before)."""
+        pe = self.kernel.platform.eeh_pe(group)        # eeh_iommu_group_to_pe()
+        if pe is None or not self.kernel.eeh_enabled():
+            raise fail(ENODEV, f"IOMMU group {group.id} has no EEH PE (EEH is not available on this machine)")
+        cls = uapi.vfio_eeh_pe_op
+        minsz = uapi.offsetofend(cls, "op")
+        op = copy_struct_from_user(current, arg, cls, minsz)
+        if op.argsz < minsz or op.flags:
+            raise fail(EINVAL, f"VFIO_EEH_PE_OP: argsz {op.argsz} < {minsz} or flags {op.flags:#x} != 0")
+        if op.op == uapi.VFIO_EEH_PE_INJECT_ERR:
+            full = uapi.offsetofend(cls, "err.mask")
+            if op.argsz < full:
+                raise fail(EINVAL, f"VFIO_EEH_PE_INJECT_ERR: argsz {op.argsz} < {full}")
+            op = copy_struct_from_user(current, arg, cls, full)
+            return pe.inject_err(op.err.type, op.err.func, op.err.addr, op.err.mask)
+        action = _EEH_PE_OPS.get(op.op)
+        if action is None:
+            raise fail(EINVAL, f"VFIO_EEH_PE_OP: unknown op {op.op}")
+        return action(pe)
 
     def describe(self, c: TceContainer) -> dict[str, Any]:
         return {"v2": c.v2, "enabled": c.enabled, "locked_pages": c.locked_pages,
                 "windows": [None if t is None else {"start": t.bus_start, "size": t.bus_size,
                                                      "page_size": t.page_size, "mapped": t.mapped_count()}
                             for t in c.tables]}
+
+
+# VFIO_EEH_PE_OP's operations on the PE (arch/powerpc/kernel/eeh.c); INJECT_ERR,
+# which reads more of the argument, is handled apart.
+_EEH_PE_OPS: dict[int, Callable[[EehPe], int]] = {
+    uapi.VFIO_EEH_PE_DISABLE: lambda pe: pe.set_option(EEH_OPT_DISABLE),
+    uapi.VFIO_EEH_PE_ENABLE: lambda pe: pe.set_option(EEH_OPT_ENABLE),
+    uapi.VFIO_EEH_PE_UNFREEZE_IO: lambda pe: pe.set_option(EEH_OPT_THAW_MMIO),
+    uapi.VFIO_EEH_PE_UNFREEZE_DMA: lambda pe: pe.set_option(EEH_OPT_THAW_DMA),
+    uapi.VFIO_EEH_PE_GET_STATE: lambda pe: pe.get_state(),
+    uapi.VFIO_EEH_PE_RESET_DEACTIVATE: lambda pe: pe.reset(EEH_RESET_DEACTIVATE),
+    uapi.VFIO_EEH_PE_RESET_HOT: lambda pe: pe.reset(EEH_RESET_HOT),
+    uapi.VFIO_EEH_PE_RESET_FUNDAMENTAL: lambda pe: pe.reset(EEH_RESET_FUNDAMENTAL),
+    uapi.VFIO_EEH_PE_CONFIGURE: lambda pe: pe.configure(),
+}
