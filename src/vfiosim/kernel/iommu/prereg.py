@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..deviations import deviation
 from ..errors import KernelError, fail
 from ..mm import AddressSpace, PinResult, account_locked_vm, pin_with_faults
 
@@ -105,10 +106,8 @@ def mm_iommu_new(mm: AddressSpace, ua: int, entries: int, current: "Task") -> "M
             for r in parts:
                 mm.phys.unpin(r.hpa_values())
             if ret > 0:
-                _log(mm, f"vfiosim: VFIO_IOMMU_SPAPR_REGISTER_MEMORY {ua:#x}+{entries << shift:#x}: pin_user_pages() "
-                         f"pinned {ret} of {n} pages and stopped at {ua + (done << shift):#x}; mm_iommu_do_alloc() "
-                         f"undoes everything but returns that count, so the ioctl returns {ret} as Linux 6.12 "
-                         f"does (docs/deviations.md)")
+                _log(mm, deviation("3e", ua=ua, size=entries << shift, pinned=ret, asked=n,
+                                   stop=ua + (done << shift)))
                 pinned = ret
                 raise _PositiveReturn()
             errno = -ret

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from ...uapi import vfio as uapi
+from ..deviations import deviation
 from ..errors import KernelError, fail
 from ..faults import H_HARDWARE
 from ..mm import AddressSpace, account_locked_vm
@@ -353,9 +354,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
             mm_iommu_put(mm, mem)
         except KernelError as exc:
             if exc.errno == EBUSY:
-                self.log.warn(f"vfiosim: VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY of {vaddr:#x}+{size:#x} while TCEs "
-                              f"map it: Linux 6.12 returns 0, the region stays registered and charged to locked_vm, "
-                              f"and this container forgets it (docs/deviations.md)")
+                self.log.warn(deviation("3b", vaddr=vaddr, size=size))
         if error is not None:
             raise error
 
@@ -518,9 +517,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
             return tg.create_table(num, page_shift, window_size, levels)
         except KernelError as exc:
             if table_size >> self.page_shift:
-                self.log.warn(f"vfiosim: tce_iommu_create_table: the platform failed ({exc}) after "
-                              f"{table_size >> self.page_shift} pages were charged to locked_vm; Linux does not "
-                              f"refund them (leak reproduced, see docs/deviations.md)")
+                self.log.warn(deviation("3", error=exc, pages=table_size >> self.page_shift))
             raise
 
     def _free_table(self, c: TceContainer, tbl: IommuTable) -> None:
@@ -677,14 +674,10 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         H_PARAMETER (-4) past the end of a window is EINTR; an injected
         H_HARDWARE (-1) is EPERM (docs/deviations.md 2, 2b)."""
         if rc == H_HARDWARE:
-            self.log.warn(f"vfiosim: H_PUT_TCE for bus address {entry << tbl.it_page_shift:#x} failed with "
-                          f"H_HARDWARE ({rc}); Linux 6.12 returns the hcall status as the errno: EPERM "
-                          f"(docs/deviations.md)")
+            self.log.warn(deviation("2b", ioba=entry << tbl.it_page_shift, rc=rc))
             return fail(-rc, f"VFIO_IOMMU_MAP_DMA: the hypervisor failed TCE {entry:#x} (H_HARDWARE, fault "
                              f"injection); Linux passes the hcall status through as an errno")
-        self.log.warn(f"vfiosim: the map ran past the end of the window (Linux checks only its first page); "
-                      f"the hypervisor's H_PARAMETER ({rc}) becomes errno {-rc} "
-                      f"({'EINTR' if rc == -4 else 'unexpected'}) as on Linux 6.12 (docs/deviations.md)")
+        self.log.warn(deviation("2", rc=rc, errno=-rc, name="EINTR" if rc == -4 else "unexpected"))
         return fail(-rc, f"VFIO_IOMMU_MAP_DMA: the hypervisor refused TCE {entry:#x} "
                          f"(H_PUT_TCE returned {rc}); the range runs past the window end, which "
                          f"Linux 6.12 does not check, and passes the hcall status through as an errno")
@@ -776,11 +769,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
             # is NULL and the first entry that translates is written through it.
             _, _, first_ok, _ = self._prereg_translate(c, tbl, vaddr, 0, 1)
             if first_ok:
-                self.log.warn(f"vfiosim: tce_iommu_build_v2: the window {tbl.bus_start:#x}..{tbl.bus_end - 1:#x} "
-                              f"has no userspace view (its vzalloc failed and spapr_tce_create_table() ignored "
-                              f"that); Linux 6.12 exchanges the first TCE and then writes through the NULL "
-                              f"IOMMU_TABLE_USERSPACE_ENTRY() (*pua = tce): a kernel oops; refused with ENOMEM, "
-                              f"nothing changed (docs/deviations.md)")
+                self.log.warn(deviation("6d", start=tbl.bus_start, end=tbl.bus_end - 1))
                 raise fail(ENOMEM, "VFIO_IOMMU_MAP_DMA: the window has no userspace-address view (its allocation "
                                    "failed when the window was created, fault injection); Linux oopses here")
         while done < npages and error is None:
@@ -851,17 +840,10 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         assert tbl.it_userspace is not None
         old_ua = tbl.it_userspace.get(entry + k - tbl.it_offset)
         if mem is not None:
-            self.log.warn(f"vfiosim: tce_iommu_build_v2: the exchange for bus address {(entry + k) << shift:#x} "
-                          f"failed after mm_iommu_mapped_inc(); tce_iommu_unuse_page_v2() looks the region up "
-                          f"through the entry's userspace address ({old_ua:#x}), not the new one, so the "
-                          f"preregistered region {mem.ua:#x}+{mem.entries << self.page_shift:#x} keeps one mapping "
-                          f"for good: UNREGISTER_MEMORY will return 0 and leave it registered, pinned and charged "
-                          f"until the process exits, as on Linux 6.12 (docs/deviations.md)")
+            self.log.warn(deviation("3d.hcall", ioba=(entry + k) << shift, old_ua=old_ua, ua=mem.ua,
+                                    size=mem.entries << self.page_shift))
         if old_ua:
-            self.log.warn(f"vfiosim: tce_iommu_build_v2: Linux 6.12 would also drop a mapping of the region of "
-                          f"{old_ua:#x} and forget that address while the TCE still maps its page (the region could "
-                          f"then be unpinned under a live TCE); not done here: the entry keeps its old mapping "
-                          f"(docs/deviations.md)")
+            self.log.warn(deviation("6e", old_ua=old_ua))
         return self._hcall_error(tbl, entry + k, rc)
 
     def _alloc_levels_v2(self, c: TceContainer, tbl: IommuTable, entry: int, ua: int, ok: int, err: int | None,
@@ -897,23 +879,15 @@ class SpaprTceIommuDriver(VfioIommuDriver):
                 bad_ua = ua + (o << shift)
                 self.log.err(f"Failed to allocate a TCE memory, level shift={tbl.it_level_size.bit_length() + 2}")
                 if user:
-                    self.log.warn(f"vfiosim: tce_iommu_build_v2: IOMMU_TABLE_USERSPACE_ENTRY() for bus address "
-                                  f"{(entry + o) << shift:#x} is NULL (a level of the userspace copy could not be "
-                                  f"allocated) and Linux 6.12 writes through it (*pua = tce): a kernel oops; "
-                                  f"refused with ENOMEM, nothing changed (docs/deviations.md)")
+                    self.log.warn(deviation("6c", ioba=(entry + o) << shift))
                 else:
                     self.log.err(f"iommu_tce: tce_iommu_build_v2 failed ioba={entry << shift:#x}, "
                                  f"tce={bad_ua:#x}, ret=-{ENOMEM}")
                     mem = next((m for m, pos, cnt in regions if pos <= o < pos + cnt), None)
                     if mem is not None:
                         mem.mapped += 1      # the failed entry's mm_iommu_mapped_inc(), never undone
-                        self.log.warn(f"vfiosim: tce_iommu_build_v2: the exchange for bus address "
-                                      f"{(entry + o) << shift:#x} failed after mm_iommu_mapped_inc(); "
-                                      f"tce_iommu_unuse_page_v2() finds no userspace address for the entry, so "
-                                      f"the preregistered region {mem.ua:#x}+"
-                                      f"{mem.entries << self.page_shift:#x} keeps one mapping for good: "
-                                      f"UNREGISTER_MEMORY will return 0 and leave it registered, pinned and "
-                                      f"charged until the process exits, as on Linux 6.12 (docs/deviations.md)")
+                        self.log.warn(deviation("3d.level", ioba=(entry + o) << shift, ua=mem.ua,
+                                                size=mem.entries << self.page_shift))
                 break
             got[user].append((o, lv, b))
         ops.mark_levels(tbl, True, got[True])
@@ -924,21 +898,15 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         what = ("writes TCEs past the end of the table (memory corruption)" if tbl.it_ops.overrun_corrupts
                 else "gets H_PARAMETER from the hypervisor and then reads past it_userspace in "
                             "tce_iommu_unuse_page_v2(): a kernel oops")
-        self.log.warn(f"vfiosim: VFIO_IOMMU_MAP_DMA (v2) of {npages} pages from bus address "
-                      f"{entry << tbl.it_page_shift:#x} runs past the end of the window {tbl.bus_start:#x}.."
-                      f"{tbl.bus_end - 1:#x}: Linux 6.12 checks only the first page and {what}; refused with EINVAL, "
-                      f"nothing changed (docs/deviations.md)")
+        self.log.warn(deviation("6b", npages=npages, ioba=entry << tbl.it_page_shift, start=tbl.bus_start,
+                                end=tbl.bus_end - 1, what=what))
 
     def _log_return_1(self, call: str, iova: int, tbl: IommuTable) -> None:
-        self.log.warn(f"vfiosim: {call}: iova {iova:#x} is not aligned to the {tbl.page_size:#x}-byte IOMMU page; "
-                      f"Linux returns 1 (not -EINVAL: iommu_tce_put/clear_param_check ORs two errors into a "
-                      f"boolean) and does nothing (docs/deviations.md)")
+        self.log.warn(deviation("1", call=call, iova=iova, page=tbl.page_size))
 
     def _log_overrun(self, call: str, tbl: IommuTable, entry: int, npages: int) -> None:
-        self.log.warn(f"vfiosim: {call} of {npages} pages from bus address {entry << tbl.it_page_shift:#x} runs "
-                      f"past the end of the window {tbl.bus_start:#x}..{tbl.bus_end - 1:#x}: Linux 6.12 checks only "
-                      f"the first page and would write TCEs past the end of the table (memory corruption on "
-                      f"PowerNV); refused with EINVAL, nothing changed (docs/deviations.md)")
+        self.log.warn(deviation("6", call=call, npages=npages, ioba=entry << tbl.it_page_shift, start=tbl.bus_start,
+                                end=tbl.bus_end - 1))
 
     # -- UNMAP_DMA ------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from ...uapi import vfio as uapi
 from ..cred import CAP_IPC_LOCK
+from ..deviations import deviation
 from ..errors import fail
 from ..uaccess import copy_struct_from_user, copy_struct_to_user
 from ..vfio.iommu_driver import VfioIommuDriver
@@ -95,8 +96,7 @@ class SpaprTce310IommuDriver(VfioIommuDriver):
             self.log.warn(f"tce_vfio: detaching group #{group.id}, expected group is #{expected}")
         elif c.enabled:
             self.log.err(f"tce_vfio: detaching group #{group.id} from enabled container")
-            self.log.warn("vfiosim: the seed patch leaves the group attached here; the review asked for a "
-                          "forced disable, which 3.10 merged")
+            self.log.warn(deviation("4"))
         else:
             c.tbl = None
             c.group = None

@@ -33,6 +33,7 @@ import numpy as np
 
 from ...uapi import vfio as uapi
 from ..cred import CAP_IPC_LOCK
+from ..deviations import deviation
 from ..errors import KernelBug, KernelError, fail
 from ..mm import PinResult, account_locked_vm_task
 from ..vfio.info_cap import info_cap_add, info_cap_shift
@@ -852,9 +853,7 @@ class Type1IommuDriver(VfioIommuDriver):
                 first = off >> obj.page_shift
                 pinned += int(np.count_nonzero(obj.pincount[first:first + pages] > 1))
         if mlocked or pinned:
-            self.log.info(f"vfiosim: VFIO_IOMMU_MAP_DMA {dma.iova:#x}+{size:#x}: {mlocked} page(s) already "
-                          f"mlock'ed and {pinned} already pinned by another mapping are charged to locked_vm "
-                          f"again, as Linux 6.12 does (vfio_pin_pages_remote; docs/deviations.md)")
+            self.log.info(deviation("9", iova=dma.iova, size=size, mlocked=mlocked, pinned=pinned))
 
     # -- unmapping -------------------------------------------------------------------------------------------
 
@@ -1030,9 +1029,7 @@ class Type1IommuDriver(VfioIommuDriver):
         copy_to_user(current, user + copy_offset * 8, words.astype("<u8").tobytes())
         stale = _bits_from(words, nbits + shift)
         if stale:
-            self.log.info(f"vfiosim: update_user_bitmap: {stale} bit(s) past the mapping {dma.iova:#x}+{dma.size:#x} "
-                          f"were reported dirty: bits an earlier unaligned copy shifted past its end were never "
-                          f"cleared; Linux 6.12 reports them too (docs/deviations.md)")
+            self.log.info(deviation("8", stale=stale, iova=dma.iova, size=dma.size))
 
     def _iova_dirty_bitmap(self, user: int, iommu: VfioIommu, iova: int, size: int, pgsize: int,
                            current: "Task") -> None:

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
+from ..deviations import deviation
 from ..errors import fail
 from ..faults import H_HARDWARE, RTAS_HARDWARE_ERROR
 from ..dma import DmaFault
@@ -329,11 +330,7 @@ class PseriesTableGroup(TableGroup):
         if faults:
             for _ in ("property", "name", "value"):
                 if self._fails("kmalloc:copy_property"):
-                    self.log('vfiosim: restore_default_dma_window: copy_property() could not allocate the '
-                             '"ibm,dma-window" property and returned quietly; spapr_tce_create_table() then passes '
-                             'the missing property to of_parse_dma_window(), which dereferences NULL: a kernel oops '
-                             'in Linux 6.12; refused with ENOMEM instead, as a failed create_table(), before the '
-                             'reset (docs/deviations.md)')
+                    self.log(deviation("6f"))
                     raise fail(ENOMEM, 'the default window\'s "ibm,dma-window" property could not be restored '
                                        '(fault injection); Linux oopses here')
         if reset_failed:
