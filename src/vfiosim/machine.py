@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import resource
 import threading
 import traceback
 from importlib import resources

@@ -12,10 +12,9 @@ import os
 import resource
 import termios
 from dataclasses import dataclass
-from errno import EBADF, EINVAL, EISDIR, ENODEV, ENOENT, ENOTDIR, ESPIPE
+from errno import EBADF, EINVAL, EISDIR, ENOENT, ENOTDIR, ESPIPE
 from typing import TYPE_CHECKING, Callable
 
-from ..uapi import vfio as uapi
 from .cred import Cred
 from .errors import KernelError, fail
 from .eventfd import EFD_CLOEXEC, EFD_NONBLOCK, EFD_SEMAPHORE, EventFd

@@ -348,6 +348,12 @@ class PciDevice:
         if m is not None and offset < m.cap + PCI_MSIX_FLAGS + 2 and m.cap + PCI_MSIX_FLAGS < offset + size:
             self._msix_unmasked()
 
+    def host_config_write(self, offset: int, size: int, value: int) -> None:
+        """pci_write_config_*() by the host kernel's PCI core: the value lands
+        in the register as written (Command, MSI Enable), with no user access
+        control in between."""
+        self.config.data[offset:offset + size] = value.to_bytes(size, "little")
+
     def reset(self) -> None:
         """Function-level reset: config space and device state to power-on."""
         if self._reset_config is not None:
