@@ -56,7 +56,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar, cast
+
+C = TypeVar("C")
 
 MASK64 = (1 << 64) - 1
 INTERESTING = (0, 1, 2, 3, 4, 7, 8, 12, 16, 0x7F, 0x80, 0xFF, 0x100, 0xFFF, 0x1000, 0x1001, 0x2000, 0xFFFF,
@@ -102,7 +104,7 @@ class Data:
     def below(self, n: int) -> int:
         return self.u8() % n if n <= 256 else self.u32() % n
 
-    def choice(self, seq: Sequence[Any]) -> Any:
+    def choice(self, seq: Sequence[C]) -> C:
         return seq[self.below(len(seq))]
 
     def flag(self) -> bool:
@@ -573,6 +575,7 @@ FAKE_PID = (1 << 22) + 4242          # above pid_max: no real process has it
 
 def target_protocol(data: bytes) -> None:
     from . import uapi
+    from .kernel.mm import MM
     from .machine import Machine
     from .transport import protocol as P
     from .transport.daemon import Conn, TaskState
@@ -584,9 +587,10 @@ def target_protocol(data: bytes) -> None:
     k = m.kernel
     with m._lock:                 # as the daemon's own task set-up and exit do
         task = k.spawn(d.choice((0, 1000)), 0, d.choice(MEMLOCKS), "fuzz")
-        buf = task.mm.mmap(BUF, 3)
-        task.mm.write(buf, b"\x5a" * BUF)
-        ro = task.mm.mmap(RO, 1)
+        mm = cast(MM, task.mm)            # a task spawned here has simulated memory
+        buf = mm.mmap(BUF, 3)
+        mm.write(buf, b"\x5a" * BUF)
+        ro = mm.mmap(RO, 1)
     st = TaskState(FAKE_PID, task, -1)
     task.files.foreign = lambda n, st=st: daemon._foreign(st, n)
     client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -712,11 +716,11 @@ def _toml_key(k: str) -> str:
     return k if k and all(c.isalnum() or c in "_-" for c in k) else _toml_value(k)
 
 
-def to_toml(data: dict) -> str:
+def to_toml(data: dict[str, Any]) -> str:
     """A small TOML writer: scalars and inline values, tables, arrays of tables."""
     lines: list[str] = []
 
-    def table(d: dict, prefix: str) -> None:
+    def table(d: dict[str, Any], prefix: str) -> None:
         subs: list[tuple[str, Any, Any]] = []
         for k, v in d.items():
             if isinstance(v, dict):
@@ -792,7 +796,7 @@ def _copy(x: Any) -> Any:
     return x
 
 
-_preset_data: dict[str, dict] = {}
+_preset_data: dict[str, dict[str, Any]] = {}
 
 
 def target_machine_file(data: bytes) -> None:
@@ -1009,7 +1013,7 @@ def atheris_engine(target: str, runs: int, seed: int, extra_dirs: Sequence[Path]
                    crash_dir: Path, seconds: float | None, work: Path) -> None:
     """Coverage-guided fuzzing with atheris (libFuzzer); does not return (libFuzzer exits)."""
     try:
-        import atheris
+        import atheris  # type: ignore[import-untyped]
     except ImportError:
         raise SystemExit("vfiosim fuzz: atheris is not installed (pip install 'vfiosim[fuzz]'), "
                          "or use --engine random") from None

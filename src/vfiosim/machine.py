@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar, cast
 
 from .kernel.errors import KernelError
+from .kernel.faults import FaultInjector
 from .kernel.iommu.iommu import IommuOps
 from .kernel.kernel import KERNEL_PROFILES, Kernel, KernelProfile
 from .kernel.mm import MM, PROT_READ, PROT_WRITE, MemoryObject
@@ -142,11 +143,11 @@ class Machine:
     # -- fault injection (kernel/faults.py) -----------------------------------------------------------
 
     @property
-    def faults(self):
+    def faults(self) -> FaultInjector:
         """The kernel's fault injector: ``fired``, ``counts``, ``fail_nth()``, ``disarm()``."""
         return self.kernel.faults
 
-    def inject_fault(self, nth: int = 1, sites: str | list[str] | tuple[str, ...] | None = None):
+    def inject_fault(self, nth: int = 1, sites: str | list[str] | tuple[str, ...] | None = None) -> FaultInjector:
         """Make the ``nth`` allocation, pin or charge from now on (at a site
         matching ``sites``: kinds such as ``"pin_user_pages"`` or sites such as
         ``"kmalloc:mm_iommu_do_alloc"``, see ``vfiosim.kernel.faults.SITES``)
@@ -214,6 +215,10 @@ class Process:
             except Exception as exc:          # a bug in the simulator: never a traceback to the program
                 raise m._oops(call if isinstance(call, str) else call(), exc) from None
 
+    def _in_task(self, call: str, fn: Callable[[Task], T]) -> T:
+        """A syscall written as a function of the task."""
+        return self._call(call, fn)
+
     # -- files ------------------------------------------------------------------------------------
 
     def open(self, path: str, flags: int = os.O_RDWR, mode: int = 0) -> int:
@@ -270,28 +275,28 @@ class Process:
             if page_size & (page_size - 1) or page_size < self.machine.page_size:
                 raise ValueError(f"page_size {page_size} must be a power of two >= {self.machine.page_size}")
             shift = page_size.bit_length() - 1
-        return self._call("mmap", lambda t: _own_mm(t).mmap(length, prot, shift))
+        return self._in_task("mmap", lambda t: _own_mm(t).mmap(length, prot, shift))
 
     def munmap(self, addr: int, length: int) -> None:
-        self._call("munmap", lambda t: _own_mm(t).munmap(addr, length))
+        self._in_task("munmap", lambda t: _own_mm(t).munmap(addr, length))
 
     def mprotect(self, addr: int, length: int, prot: int) -> None:
-        self._call("mprotect", lambda t: _own_mm(t).mprotect(addr, length, prot))
+        self._in_task("mprotect", lambda t: _own_mm(t).mprotect(addr, length, prot))
 
     def mlock(self, addr: int, length: int) -> None:
         """mlock(2): lock the pages of [addr, addr+length) (VM_LOCKED), charged
         to VmLck against RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK."""
-        self._call("mlock", lambda t: _own_mm(t).mlock(addr, length, t))
+        self._in_task("mlock", lambda t: _own_mm(t).mlock(addr, length, t))
 
     def munlock(self, addr: int, length: int) -> None:
         """munlock(2): unlock them; VmLck goes down by the pages that were locked."""
-        self._call("munlock", lambda t: _own_mm(t).munlock(addr, length))
+        self._in_task("munlock", lambda t: _own_mm(t).munlock(addr, length))
 
     def write_memory(self, addr: int, data: bytes | bytearray | memoryview) -> None:
-        self._call("write_memory", lambda t: t.mm.write(addr, data))
+        self._in_task("write_memory", lambda t: t.mm.write(addr, data))
 
     def read_memory(self, addr: int, n: int) -> bytes:
-        return self._call("read_memory", lambda t: t.mm.read(addr, n))
+        return self._in_task("read_memory", lambda t: t.mm.read(addr, n))
 
     def memory_view(self, addr: int, length: int) -> memoryview:
         """Zero-copy access to ``[addr, addr + length)`` of this process's
@@ -311,26 +316,27 @@ class Process:
             if vma is None or vma.kind != "anon" or length < 0 or addr + length > vma.end or not vma.readable():
                 raise fail(EFAULT, f"{addr:#x}+{length:#x} is not inside one readable anonymous mapping")
             off = vma.pgoff + (addr - vma.start)
-            mv = memoryview(cast(MemoryObject, vma.obj).data).cast("B")[off:off + length]
+            data: Any = cast(MemoryObject, vma.obj).data       # (numpy arrays are buffers)
+            mv = memoryview(data).cast("B")[off:off + length]
             return mv if vma.prot & _W else mv.toreadonly()
         return self._call("memory_view", view)
 
     # -- credentials and limits ---------------------------------------------------------------------
 
     def setrlimit(self, resource_id: int, limits: tuple[int, int]) -> None:
-        self._call("setrlimit", lambda t: t.setrlimit(resource_id, limits))
+        self._in_task("setrlimit", lambda t: t.setrlimit(resource_id, limits))
 
     def getrlimit(self, resource_id: int) -> tuple[int, int]:
-        return self._call("getrlimit", lambda t: t.rlimit(resource_id))
+        return self._in_task("getrlimit", lambda t: t.rlimit(resource_id))
 
     def setuid(self, uid: int) -> None:
-        self._call("setuid", lambda t: t.setuid(uid))
+        self._in_task("setuid", lambda t: t.setuid(uid))
 
     def getuid(self) -> int:
-        return self._call("getuid", lambda t: t.cred.uid)
+        return self._in_task("getuid", lambda t: t.cred.uid)
 
     def geteuid(self) -> int:
-        return self._call("geteuid", lambda t: t.cred.euid)
+        return self._in_task("geteuid", lambda t: t.cred.euid)
 
     # -- /proc/<pid>/status and exit -----------------------------------------------------------------
 

@@ -88,7 +88,7 @@ class IommuBusMaster:
         dest = out if isinstance(out, np.ndarray) else np.frombuffer(out, dtype=np.uint8)
         read_runs_into(self._runs(iova, dest.nbytes, False), dest)
 
-    def dma_write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
+    def dma_write(self, iova: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
         write_runs(self._runs(iova, len(data), True), data)
 
 

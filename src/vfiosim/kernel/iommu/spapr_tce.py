@@ -65,6 +65,11 @@ class TceContainer:
     prereg: list[MmIommuMem] = field(default_factory=list)
 
 
+# A preregistered region a run of IOMMU pages translates through: (region,
+# index of the first page, number of pages).
+RegionUse = tuple[MmIommuMem, int, int]
+
+
 def _tg(group: "IommuGroup") -> TableGroup:
     """The table group of a group this driver attached (it checked it had one)."""
     tg = table_group_of(group)
@@ -259,9 +264,8 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         self._mm_set(c, current)
         if not c.groups:
             raise fail(ENXIO, "no group is attached")
-        cls = uapi.vfio_iommu_spapr_tce_remove
-        minsz = uapi.offsetofend(cls, "start_addr")
-        remove = copy_struct_from_user(current, arg, cls, minsz)
+        minsz = uapi.offsetofend(uapi.vfio_iommu_spapr_tce_remove, "start_addr")
+        remove = copy_struct_from_user(current, arg, uapi.vfio_iommu_spapr_tce_remove, minsz)
         if remove.argsz < minsz:
             raise fail(EINVAL, f"VFIO_IOMMU_SPAPR_TCE_REMOVE: argsz {remove.argsz} < {minsz}")
         if remove.flags:
@@ -274,7 +278,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         return 0
 
     @staticmethod
-    def _copy_reg(current: "Task", arg: int, name: str):
+    def _copy_reg(current: "Task", arg: int, name: str) -> uapi.vfio_iommu_spapr_register_memory:
         cls = uapi.vfio_iommu_spapr_register_memory
         minsz = uapi.offsetofend(cls, "size")
         param = copy_struct_from_user(current, arg, cls, minsz)
@@ -699,7 +703,8 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         if used.size:
             mm.phys.unpin(used & ~np.uint64(TCE_PERM_MASK))
 
-    def _prereg_translate(self, c: TceContainer, tbl: IommuTable, vaddr: int, first: int, count: int):
+    def _prereg_translate(self, c: TceContainer, tbl: IommuTable, vaddr: int, first: int,
+                          count: int) -> tuple[np.ndarray, list[RegionUse], int, int | None]:
         """tce_iommu_prereg_ua_to_hpa() for IOMMU pages [first, first+count).
 
         Returns (hpas, compound shifts, regions, ok, errno): the first ``ok``
@@ -811,7 +816,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
             raise error
 
     def _hcall_failed_v2(self, c: TceContainer, tbl: IommuTable, first: int, vaddr: int, done: int, k: int, ok: int,
-                         rc: int, regions: list) -> KernelError:
+                         rc: int, regions: list[RegionUse]) -> KernelError:
         """tce_iommu_build_v2() (a map from entry ``first`` and user address
         ``vaddr``) when the exchange of entry ``first + done + k`` fails
         (pseries: an hcall).  Upstream incremented that entry's region
@@ -828,10 +833,10 @@ class SpaprTceIommuDriver(VfioIommuDriver):
           the old region can then be unregistered and unpinned under a live
           TCE.  That part is refused: the entry keeps its address and its
           region its count (the new region's extra mapping stays)."""
-        for mem, pos, count in regions:
+        for used, pos, count in regions:
             lo, hi = max(pos, k + 1), min(pos + count, ok)
             if hi > lo:
-                mem.mapped -= hi - lo
+                used.mapped -= hi - lo
         shift = tbl.it_page_shift
         entry = first + done                     # this batch's first entry
         bad_ua = vaddr + ((done + k) << shift)
@@ -847,7 +852,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         return self._hcall_error(tbl, entry + k, rc)
 
     def _alloc_levels_v2(self, c: TceContainer, tbl: IommuTable, entry: int, ua: int, ok: int, err: int | None,
-                         regions: list) -> int | None:
+                         regions: list[RegionUse]) -> int | None:
         """The indirect levels tce_iommu_build_v2() allocates for entries
         [entry, entry+ok) of a multi-level PowerNV table, in its order: for
         each entry, IOMMU_TABLE_USERSPACE_ENTRY() first (the userspace copy;
@@ -868,7 +873,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         events += [(o, 1, lv, b) for o, lv, b in ops.missing_levels(tbl, False, entry, ok)]
         events.sort(key=lambda e: (e[0], e[1], -e[2]))
         faults = self.kernel.faults
-        got: dict[bool, list] = {True: [], False: []}
+        got: dict[bool, list[tuple[int, int, int]]] = {True: [], False: []}
         cut = None
         for o, hw, lv, b in events:
             user = not hw

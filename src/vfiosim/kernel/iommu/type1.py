@@ -1160,7 +1160,7 @@ def _runs(chunks: list[np.ndarray], iova: int, psz: int) -> tuple[np.ndarray, np
     """Physically contiguous runs of the pinned pages, in IOVA order."""
     hpas = np.concatenate(chunks) if len(chunks) != 1 else chunks[0]
     if hpas.size == 0:
-        return (np.zeros(0, dtype=np.uint64),) * 2 + (np.zeros(0, dtype=np.int64),)  # type: ignore[return-value]
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
     breaks = np.flatnonzero(hpas[1:] != hpas[:-1] + np.uint64(psz)) + 1
     starts = np.concatenate(([0], breaks)).astype(np.int64)
     ends = np.concatenate((breaks, [hpas.size])).astype(np.int64)
@@ -1175,4 +1175,5 @@ def _expand(run_hpa: np.ndarray, run_pages: np.ndarray, psz: int) -> np.ndarray:
         return np.zeros(0, dtype=np.uint64)
     first = np.repeat(np.cumsum(run_pages) - run_pages, run_pages)
     within = np.arange(total, dtype=np.int64) - first
-    return np.repeat(run_hpa, run_pages) + within.astype(np.uint64) * np.uint64(psz)
+    hpas: np.ndarray = np.repeat(run_hpa, run_pages) + within.astype(np.uint64) * np.uint64(psz)
+    return hpas

@@ -55,7 +55,7 @@ class BusMaster(Protocol):
         or a uint8 NumPy array): the bulk path, no allocation."""
         ...
 
-    def dma_write(self, iova: int, data: bytes | bytearray | memoryview) -> None: ...
+    def dma_write(self, iova: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None: ...
 
 
 class NoBusMaster:
@@ -67,7 +67,7 @@ class NoBusMaster:
     def dma_read_into(self, iova: int, out: "bytearray | memoryview | np.ndarray") -> None:
         raise DmaError(iova, len(out), False, "device is not attached to a bus")
 
-    def dma_write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
+    def dma_write(self, iova: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
         raise DmaError(iova, len(data), True, "device is not attached to a bus")
 
 

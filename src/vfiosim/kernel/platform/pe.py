@@ -143,6 +143,7 @@ class Pe(ABC):
         self.devices: list[PciDevice] = []
         self.iommu_group: "IommuGroup | None" = None
         self.dma_faults = 0
+        self.tce_cache = TceCache()
 
     def add_device(self, dev: PciDevice) -> None:
         self.devices.append(dev)

@@ -26,7 +26,7 @@ from ..iommu.tce import TCE_PCI_READ, TCE_PCI_WRITE, IommuTable, TableOps, XchgR
 from ..mm import PhysicalMemory
 from ..progression import U64Values
 from .base import IommuMapping, Platform
-from .pe import Pe, TceCache, TceLookup, Translation, tce_mappings
+from .pe import Pe, TceLookup, Translation, tce_mappings
 
 if TYPE_CHECKING:
     from ..iommu.iommu import IommuGroup
@@ -273,7 +273,6 @@ class PnvPe(Pe):
         self.phb = phb
         self.pe_number = pe_number
         self.tve: list[IommuTable | None] = [None, None]
-        self.tce_cache = TceCache()
         self.bypass = False
         self.ram_size = ram_size
         eeh = EehPe(name, log) if phb.eeh else None

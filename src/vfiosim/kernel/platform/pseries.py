@@ -57,7 +57,7 @@ from ..iommu.tce import IOMMU_PAGE_SHIFT_4K, IommuTable, TableOps, TceStorage, X
 from ..mm import PhysicalMemory
 from ..progression import U64Values
 from .base import IommuMapping, Platform
-from .pe import Pe, TceCache, TceLookup, Translation, tce_mappings
+from .pe import Pe, TceLookup, Translation, tce_mappings
 
 if TYPE_CHECKING:
     from ..faults import FaultInjector
@@ -533,7 +533,6 @@ class PseriesPe(Pe):
         name = f"PHB#{hv.index:x}"
         super().__init__(name, PseriesTableGroup(hv, log, phys.faults), phys, log, eeh=None)
         self.hv = hv
-        self.tce_cache = TceCache()
 
     def translate(self, iova: int, length: int, write: bool) -> Translation:
         """As on PowerNV, the last translation is reused while its table is unchanged."""

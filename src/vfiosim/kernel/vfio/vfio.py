@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from errno import ENODEV
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import fail
 from ..fs import DeviceNode, File
@@ -58,7 +58,7 @@ class Vfio:
             self.kernel.dev_nodes[path] = DeviceNode(path, self._group_opener(group), mode=mode, uid=uid, gid=gid)
         return VfioDevice(name, group, ops)
 
-    def _group_opener(self, group: VfioGroup):
+    def _group_opener(self, group: VfioGroup) -> Callable[["Task", int], File]:
         def opener(current: "Task", flags: int) -> File:
             if not group.devices:
                 raise fail(ENODEV, f"group {group.id} has no devices any more")
