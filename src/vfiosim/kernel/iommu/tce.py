@@ -323,9 +323,10 @@ class IommuTable:
         self.groups: list["TableGroup"] = []    # it_group_list
         # Indirect levels allocated so far, as (level, block), of the TCE
         # table and of its userspace copy (multi-level PowerNV tables fill
-        # them on first use: pnv_tce(..., alloc=true)).
-        self.levels_present: set[tuple[int, int]] = set()
-        self.userspace_levels_present: set[tuple[int, int]] = set()
+        # them on first use: pnv_tce(..., alloc=true)); None until then, so
+        # a table costs nothing for them.
+        self.levels_present: set[tuple[int, int]] | None = None
+        self.userspace_levels_present: set[tuple[int, int]] | None = None
         self._refs = 1
 
     @property

@@ -95,7 +95,13 @@ class PnvTableOps(TableOps):
 
     @staticmethod
     def _levels(tbl: IommuTable, user: bool) -> set[tuple[int, int]]:
-        return tbl.userspace_levels_present if user else tbl.levels_present
+        if user:
+            if tbl.userspace_levels_present is None:
+                tbl.userspace_levels_present = set()
+            return tbl.userspace_levels_present
+        if tbl.levels_present is None:
+            tbl.levels_present = set()
+        return tbl.levels_present
 
     def missing_levels(self, tbl: IommuTable, user: bool, entry: int, n: int) -> list[tuple[int, int, int]]:
         """The indirect levels pnv_tce() would allocate walking entries
