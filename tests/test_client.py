@@ -331,7 +331,7 @@ def test_regions_typed_access(vfio_machine, vfio_process):
         assert bar.read64(0x80) == 0x1234_5678_9ABC
         bar.write(0x88, (0x42).to_bytes(8, "little"))
         assert bar.read(0x88, 8) == (0x42).to_bytes(8, "little")
-        assert bar.read8(0x00) == 0xFF                               # edu: only 4/8-byte accesses answer
+        assert bar.read8(0x00) == 0                                  # edu: only 4/8-byte accesses answer (QEMU)
         for bad in (lambda: bar.read32(1 << 20), lambda: bar.read64((1 << 20) - 4), lambda: bar.write16(-2, 0),
                     lambda: bar.write8(0, 0x100), lambda: dev.bar(1).read32(0), lambda: dev.bar(6),
                     lambda: dev.region(99)):

@@ -322,35 +322,47 @@ def suite(quick: bool = False) -> list[tuple[str, Callable[[], Figure]]]:
     ]
 
 
-def run(quick: bool = False, out: TextIO | None = None, json_path: str | None = None,
+def run(quick: bool = False, out: TextIO | None = None, json_out: TextIO | None = None,
         plot_dir: str | None = None, only: list[str] | None = None, progress: bool = True) -> list[Figure]:
-    """Run the suite (or the figures named in ``only``), print the table,
-    optionally write JSON and charts; returns the figures."""
+    """Run the suite (or the figures named in ``only``), print the table to
+    ``out``, optionally write JSON to ``json_out`` and charts; returns the
+    figures.  Progress goes to stderr: a bar redrawn in place on a terminal,
+    one line per figure otherwise (no carriage returns in CI logs)."""
     out = out or sys.stdout
     items = [(n, fn) for n, fn in suite(quick) if not only or n in only]
     figures: list[Figure] = []
     t_start = time.perf_counter()
+    tty = sys.stderr.isatty()
     for i, (name, fn) in enumerate(items):
         if progress:
-            bar = "#" * (i * 30 // len(items))
-            print(f"\r[{bar:<30}] {i}/{len(items)} {name:<12} {time.perf_counter() - t_start:5.0f} s",
-                  end="", file=sys.stderr, flush=True)
+            elapsed = time.perf_counter() - t_start
+            if tty:
+                bar = "#" * (i * 30 // len(items))
+                print(f"\r[{bar:<30}] {i}/{len(items)} {name:<12} {elapsed:5.0f} s",
+                      end="", file=sys.stderr, flush=True)
+            else:
+                print(f"vfiosim bench: [{i + 1}/{len(items)}] {name} (after {elapsed:.0f} s)",
+                      file=sys.stderr, flush=True)
         f = fn()
         if quick:
             f.met = None            # tiny sizes: the goals are for the full suite
         figures.append(f)
         gc.collect()
     if progress:
-        print(f"\r[{'#' * 30}] {len(items)}/{len(items)} done in {time.perf_counter() - t_start:.0f} s{' ' * 8}",
-              file=sys.stderr)
+        elapsed = time.perf_counter() - t_start
+        if tty:
+            print(f"\r[{'#' * 30}] {len(items)}/{len(items)} done in {elapsed:.0f} s{' ' * 8}", file=sys.stderr)
+        else:
+            print(f"vfiosim bench: {len(items)} figure(s) done in {elapsed:.0f} s", file=sys.stderr, flush=True)
     print(format_table(figures), file=out)
     if quick:
         print("(--quick: tiny sizes, a smoke run; goals are judged only by the full suite)", file=out)
-    if json_path:
-        with open(json_path, "w") as fh:
-            json.dump({"machine": {"python": sys.version.split()[0], "numpy": np.__version__,
-                                   "cpus": os.cpu_count()},
-                       "figures": [asdict(f) for f in figures]}, fh, indent=2)
+    if json_out is not None:
+        json.dump({"machine": {"python": sys.version.split()[0], "numpy": np.__version__,
+                               "cpus": os.cpu_count()},
+                   "figures": [asdict(f) for f in figures]}, json_out, indent=2)
+        json_out.write("\n")
+        json_out.flush()
     if plot_dir:
         for path in plot(figures, plot_dir):
             print(f"wrote {path}", file=out)

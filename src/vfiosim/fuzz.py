@@ -889,13 +889,17 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
 # =============================================================================================
 
 REPO_FUZZ = Path(__file__).resolve().parents[2] / "fuzz"
+# Where an installed copy keeps them: setup.py copies fuzz/corpus and
+# fuzz/regressions into the package.
+PACKAGED_FUZZ = Path(__file__).resolve().parent / "fuzz_inputs"
 
 
 def fuzz_root() -> Path | None:
-    """The repository's fuzz/ directory: beside the source this module was
-    imported from, or else ./fuzz (an installed vfiosim run from a checkout,
-    as CI does after `pip install .`)."""
-    for root in (REPO_FUZZ, Path.cwd() / "fuzz"):
+    """The directory of the seed corpus and regression inputs: the repository's
+    fuzz/ beside the source this module was imported from, or else ./fuzz (an
+    installed vfiosim run from a checkout, as CI does after `pip install .`),
+    or else the copy installed with the package (a wheel used anywhere)."""
+    for root in (REPO_FUZZ, Path.cwd() / "fuzz", PACKAGED_FUZZ):
         if (root / "corpus").is_dir():
             return root
     return None
@@ -975,8 +979,9 @@ def random_engine(target: str, runs: int, seed: int, extra_dirs: Sequence[Path],
     rng = random.Random(seed)
     dirs = list(corpus_dirs(target)) + list(extra_dirs)
     if not dirs:
-        print(f"vfiosim fuzz: {target}: no seed corpus (no fuzz/corpus/ beside the source or in the current "
-              f"directory, no --corpus): starting from empty inputs, which reach far less", file=out, flush=True)
+        print(f"vfiosim fuzz: {target}: no seed corpus (no fuzz/corpus/ beside the source, in the current "
+              f"directory or installed with vfiosim, no --corpus): starting from empty inputs, which reach far less",
+              file=out, flush=True)
     corpus = load_corpus(dirs) or [b""]
     crashes: list[str] = []
     t0 = time.monotonic()

@@ -37,8 +37,35 @@ T = TypeVar("T")
 PRESETS = {"powernv": "powernv.toml", "pseries": "pseries.toml", "x86": "x86.toml"}
 PRESET_ALIASES = {"default": "powernv", "powernv9": "powernv", "q35": "x86"}
 
+# The environment that chooses the simulated machine where the caller does not:
+# read by the client library's SimBackend, its pytest plugin and the command line.
+MACHINE_ENV = "VFIOSIM_MACHINE"
+KERNEL_ENV = "VFIOSIM_KERNEL"
+PAGE_SIZE_ENV = "VFIOSIM_PAGE_SIZE"
+PAGE_SIZES = (4096, 65536)
+
+
 def preset_names() -> list[str]:
     return sorted(PRESETS)
+
+
+def machine_settings(name: str | None = None, kernel: str | None = None,
+                     page_size: int | None = None) -> tuple[str, str, int]:
+    """The machine (a preset or a file), kernel profile and page size to
+    simulate: each argument given, else ``$VFIOSIM_MACHINE``,
+    ``$VFIOSIM_KERNEL``, ``$VFIOSIM_PAGE_SIZE``, else powernv, 6.12, 4096.
+    A bad value in the environment raises ValueError naming the variable."""
+    env = os.environ
+    if kernel is None and env.get(KERNEL_ENV):
+        kernel = env[KERNEL_ENV]
+        if kernel not in KERNEL_PROFILES:
+            raise ValueError(f"${KERNEL_ENV} is {kernel!r}: not a kernel profile ({', '.join(KERNEL_PROFILES)})")
+    if page_size is None and env.get(PAGE_SIZE_ENV):
+        text = env[PAGE_SIZE_ENV]
+        if not text.isdigit() or int(text) not in PAGE_SIZES:
+            raise ValueError(f"${PAGE_SIZE_ENV} is {text!r}: not a page size ({', '.join(map(str, PAGE_SIZES))})")
+        page_size = int(text)
+    return name or env.get(MACHINE_ENV) or "powernv", kernel or "6.12", page_size or 4096
 
 
 class Machine:
@@ -82,8 +109,13 @@ class Machine:
     @classmethod
     def load(cls, name_or_path: str, **kwargs: Any) -> "Machine":
         """A preset name, or the path of a machine file."""
-        if PRESET_ALIASES.get(name_or_path, name_or_path) in PRESETS and not Path(name_or_path).exists():
+        path = Path(name_or_path)
+        if PRESET_ALIASES.get(name_or_path, name_or_path) in PRESETS and not path.exists():
             return cls.preset(name_or_path, **kwargs)
+        if not path.exists() and path.suffix != ".toml" and os.sep not in name_or_path:
+            # A bare word that is neither: most likely a mistyped preset.
+            raise ValueError(f"unknown machine {name_or_path!r}: no preset and no machine file of that name; "
+                             f"presets: {', '.join(preset_names())}")
         return cls.from_file(name_or_path, **kwargs)
 
     # -- introspection -------------------------------------------------------------------------------
@@ -341,13 +373,14 @@ class Process:
     # -- /proc/<pid>/status and exit -----------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """The fields of /proc/<pid>/status that matter here (sizes in kB)."""
+        """The fields of /proc/<pid>/status that matter here: sizes in kB,
+        ``Uid``/``Gid`` as (real, effective, saved, filesystem), ``Cap*``
+        as Linux prints them (16 hex digits: ``CapEff`` is ``000001ffffffffff``
+        for root on 6.12)."""
         def read(t: Task) -> dict[str, Any]:
             mm = t.mm
             kb = mm.page_size // 1024
-            c = t.cred
-            return {"Name": t.comm, "Pid": t.pid, "Uid": (c.uid, c.euid, c.suid, c.euid),
-                    "Gid": (c.gid, c.egid, c.gid, c.egid), "VmSize": mm.mapped_bytes() // 1024,
+            return {"Name": t.comm, "Pid": t.pid, **t.cred.proc_status(), "VmSize": mm.mapped_bytes() // 1024,
                     "VmLck": mm.locked_vm * kb, "VmPin": mm.pinned_vm * kb, "VmRSS": mm.resident_bytes() // 1024,
                     "FDSize": t.files.slots}
         return self._call("status", read)

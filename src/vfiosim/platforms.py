@@ -15,7 +15,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
-from .kernel.iommu.iommu import RESV_TYPE_NAMES, IommuGroup, ResvRegion, iommu_probe_device
+from .kernel.iommu.iommu import (RESV_TYPE_NAMES, IommuGroup, ResvRegion, iommu_group_set_iommudata,
+                                 iommu_probe_device)
 from .kernel.iommu.spapr_tce import SpaprTceIommuDriver
 from .kernel.iommu.table_group import SpaprTceIommuOps
 from .kernel.iommu.type1 import Type1IommuDriver
@@ -136,7 +137,7 @@ class PowerBuilder(PlatformBuilder):
 
     def init_group(self, group: IommuGroup, ds: DeviceSpec) -> None:
         pe = self.pes[(ds.phb, ds.pe)]
-        group.iommu_data = pe.table_group          # iommu_group_set_iommudata()
+        iommu_group_set_iommudata(group, pe.table_group)
         pe.iommu_group = group
 
 

@@ -65,9 +65,9 @@ class Task:
         """
         c = self.cred
         if self.capable(CAP_SETUID):
-            c.uid = c.euid = c.suid = uid
+            c.uid = c.euid = c.suid = c.fsuid = uid
         elif uid in (c.uid, c.suid):
-            c.euid = uid
+            c.euid = c.fsuid = uid
         else:
             raise fail(EPERM, f"uid {c.euid} may not become uid {uid} without CAP_SETUID")
         if c.euid != 0:

@@ -21,7 +21,7 @@ import json
 import os
 import struct
 import time
-from typing import IO, TYPE_CHECKING, Any, Iterable, TextIO
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterable, TextIO
 
 from ..uapi import vfio as uapi
 from . import protocol as P
@@ -85,6 +85,8 @@ class Tracer:
             self._own = False
         self.seq = 0
         self.t0 = time.monotonic()
+        #: called with each record after it is written (``vfiosim run -v`` prints failures)
+        self.observer: Callable[[dict[str, Any]], None] | None = None
 
     def close(self) -> None:
         if self._own:
@@ -95,6 +97,8 @@ class Tracer:
         self.seq += 1
         self.f.write(json.dumps(rec, sort_keys=False) + "\n")
         self.f.flush()
+        if self.observer is not None:
+            self.observer(rec)
 
     def event(self, pid: int, kind: str, detail: str = "") -> None:
         self._write({"time": round(time.monotonic() - self.t0, 6), "pid": pid, "call": kind, "detail": detail})

@@ -51,12 +51,17 @@ class VfioDeviceOps:
 
 
 class VfioDevice:
-    """``struct vfio_device``: a device registered with VFIO in a group."""
+    """``struct vfio_device``: a device registered with VFIO in a group.
 
-    def __init__(self, name: str, group: "VfioGroup", ops: VfioDeviceOps) -> None:
+    ``index`` is the number vfio_init_device() allocates from vfio's device
+    ida: the ``N`` of sysfs's ``vfio-dev/vfioN`` (and of the cdev
+    ``/dev/vfio/devices/vfioN`` where one is configured)."""
+
+    def __init__(self, name: str, group: "VfioGroup", ops: VfioDeviceOps, index: int = 0) -> None:
         self.name = name
         self.group = group
         self.ops = ops
+        self.index = index
         self.open_count = 0
         group.devices.append(self)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from errno import ENODEV
 from typing import TYPE_CHECKING, Callable
@@ -43,6 +44,7 @@ class Vfio:
         self.rules = rules
         self.iommu_drivers = IommuDriverRegistry()
         self.groups: dict[int, VfioGroup] = {}
+        self._device_indexes = itertools.count()     # vfio.device_ida: devices are never unregistered here
 
     def container_node(self) -> DeviceNode:
         """/dev/vfio/vfio: mode 0666, anybody may open a container."""
@@ -56,7 +58,7 @@ class Vfio:
             group = self.groups[iommu_group.id] = self.rules.group(self, iommu_group)
             path = f"/dev/vfio/{iommu_group.id}"
             self.kernel.dev_nodes[path] = DeviceNode(path, self._group_opener(group), mode=mode, uid=uid, gid=gid)
-        return VfioDevice(name, group, ops)
+        return VfioDevice(name, group, ops, index=next(self._device_indexes))
 
     def _group_opener(self, group: VfioGroup) -> Callable[["Task", int], File]:
         def opener(current: "Task", flags: int) -> File:
