@@ -39,7 +39,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from .image import (Cpio, QemuDemoUnavailable, _can_install, _extract, _run, cache_dir,
                     fetch_debs, module_bytes, module_load_order, module_name)
@@ -225,7 +225,7 @@ def build_record_image(p: GuestPlatform, *, log: Log) -> RecordImage:
     h = hashlib.sha256()
     for part in (str(IMAGE_FORMAT), p.name, debs["kernel"].name, debs["busybox"].name, INIT.read_text(),
                  RECORDER.read_text(), *(_source(src).read_text() for src in sources),
-                 *(s.command for s in scenarios), *((refs / s.walker).read_text() for s in scenarios if s.walker)):
+                 *(s.command for s in scenarios), *((refs / s.walker).read_text() for s in scenarios if s.walker and refs is not None)):
         h.update(part.encode() + b"\0")
     root = cache_dir() / "record-images"
     out = root / f"{p.name}-{h.hexdigest()[:16]}"
@@ -272,9 +272,9 @@ def build_record_image(p: GuestPlatform, *, log: Log) -> RecordImage:
         _run([p.cc, "-shared", "-fPIC", "-O2", "-fvisibility=hidden", "-Wall", "-o", str(shim), str(RECORDER),
               "-ldl", "-lpthread"], log=log)
         cpio.file("lib/libvfiosim_record.so", shim.read_bytes(), 0o755)
-        for src in sources:
-            exe = t / Path(src).stem
-            _run([p.cc, "-O2", "-Wall", "-o", str(exe), str(_source(src))], log=log)
+        for source in sources:
+            exe = t / Path(source).stem
+            _run([p.cc, "-O2", "-Wall", "-o", str(exe), str(_source(source))], log=log)
             cpio.file(f"bin/{exe.name}", exe.read_bytes(), 0o755)
         for s in scenarios:
             if s.walker:
@@ -418,7 +418,7 @@ class Conformance:
         return "\n".join(lines) + "\n"
 
 
-def conformance(traces: dict[str, Iterable[Path]], *, log: Log = lambda text: None) -> Conformance:
+def conformance(traces: Mapping[str, Iterable[Path]], *, log: Log = lambda text: None) -> Conformance:
     """Replay each platform's traces on its preset and count, per ioctl family."""
     from ..machine import Machine
     from ..tracing import open_trace
@@ -477,9 +477,9 @@ def traces_in(root: Path) -> dict[str, list[Path]]:
 
 def cmd_qemu_record(args: Any) -> int:
     import sys
-    say = (lambda text: print(text, file=sys.stderr, flush=True)) if args.verbose else \
-        (lambda text: print(text, file=sys.stderr, flush=True) if text.startswith(("building", "cached", "installing",
-                                                                                    "pseries", "x86")) else None)
+    def say(text: str) -> None:
+        if args.verbose or text.startswith(("building", "cached", "installing", "pseries", "x86")):
+            print(text, file=sys.stderr, flush=True)
     platforms = list(PLATFORMS) if args.platform == "all" else [args.platform]
     out = Path(args.out)
     work = Path(args.workdir) if args.workdir else cache_dir() / "record-run"

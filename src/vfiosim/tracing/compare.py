@@ -81,8 +81,8 @@ def result_text(rec: dict[str, Any]) -> str:
 
 
 def after_state(rec: dict[str, Any]) -> dict[str, Any]:
-    args = rec.get("args") if isinstance(rec.get("args"), dict) else {}
-    return {**args, **(rec.get("out") or {})}
+    args = rec.get("args")
+    return {**(args if isinstance(args, dict) else {}), **(rec.get("out") or {})}
 
 
 @dataclass
@@ -95,8 +95,8 @@ class Context:
 
 def family(rec: dict[str, Any], iommu: str = "") -> str:
     """The ioctl family a record belongs to, for per-family tables."""
-    call = rec.get("call", "")
-    cmd = rec.get("cmd") or ""
+    call = str(rec.get("call", ""))
+    cmd = str(rec.get("cmd") or "")
     if call in ("open", "close", "dup"):
         return "files"
     if call in ("read", "write", "mmap", "munmap", "mmio"):

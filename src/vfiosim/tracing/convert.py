@@ -30,7 +30,7 @@ from ..uapi.ioctl import _IO
 from . import ioctls
 
 #: the recording program's mappings, in the order it made them
-MEMORY = [{"name": "buf", "size": None, "prot": "rw", "fill": 0x5A},
+MEMORY: list[dict[str, Any]] = [{"name": "buf", "size": None, "prot": "rw", "fill": 0x5A},
           {"name": "robuf", "size": 1 << 20, "prot": "r"},
           {"name": "unmapped", "size": 1 << 20, "prot": "none", "unmapped": True}]
 
@@ -115,7 +115,7 @@ class _Converter:
             elif op == "close(group)":
                 fds = [self.groups.pop(args["slot"])]
             else:
-                fds = [self.container]
+                fds = [self.container] if self.container is not None else []
             kind = {"close(device)": "vfio-device", "close(group)": "vfio-group"}.get(op, "vfio-container")
             return [{**base, "call": "close", "fd": fd, "fd_kind": kind, **tail} for fd in fds]
         return [self._ioctl(op, args, step, base, tail)]

@@ -95,7 +95,7 @@ def diff(a: Trace, b: Trace, *, keep: int = 1000, lookahead: int = LOOKAHEAD) ->
         if len(r.divergences) < keep:
             r.divergences.append(d)
 
-    def fill(q: collections.deque, it: Iterator) -> None:
+    def fill(q: collections.deque[Any], it: Iterator[Any]) -> None:
         while len(q) < lookahead:
             nxt = next(it, None)
             if nxt is None:

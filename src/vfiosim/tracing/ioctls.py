@@ -165,7 +165,7 @@ def struct_fields(obj: Any) -> dict[str, Any]:
     return out
 
 
-def _struct(cls: type, raw: bytes) -> dict[str, Any]:
+def _struct(cls: type[ctypes.Structure], raw: bytes) -> dict[str, Any]:
     size = ctypes.sizeof(cls)
     return struct_fields(cls.from_buffer_copy(bytes(raw[:size]).ljust(size, b"\0")))
 
@@ -236,7 +236,7 @@ def type1_info_fields(buf: bytes | bytearray) -> dict[str, Any]:
     out: dict[str, Any] = {"argsz": argsz, "flags": flags, "iova_pgsizes": pgsizes, "cap_offset": cap_offset}
     if not flags & uapi.VFIO_IOMMU_INFO_CAPS or not cap_offset or cap_offset >= len(buf):
         return out
-    caps = []
+    caps: list[dict[str, Any]] = []
     offset = cap_offset
     while offset and offset + 8 <= len(buf) and len(caps) < 64:
         cap_id, version, nxt = struct.unpack_from("<HHI", buf, offset)

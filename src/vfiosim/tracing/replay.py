@@ -133,7 +133,7 @@ class _Memory:
         if "map" in ref:
             if ref["map"] not in self.named:
                 raise ReplayError(f"the trace refers to mapping {ref['map']!r}, which its header does not declare")
-            return self.named[ref["map"]] + ref.get("offset", 0)
+            return int(self.named[ref["map"]] + ref.get("offset", 0))
         vma = ref.get("vma")
         if vma is None:                                   # the address was not mapped in the recording
             # Keep it as it was when it is unmapped here too: its value can matter
@@ -151,7 +151,7 @@ class _Memory:
         key = (span[0][0], span[0][1], span[0][2])
         if key not in self.vmas:
             self._map_span(span)
-        return self.vmas[key] + ref.get("offset", 0)
+        return int(self.vmas[key] + ref.get("offset", 0))
 
     def _mapped(self, addr: int, size: int) -> bool:
         mm = self.p.mm
@@ -177,7 +177,7 @@ class _Memory:
         end = (recorded + length + 0xFFF) & ~0xFFF
         addr = self.p.mmap(end - page)
         self.learned.append((page, end, addr))
-        return addr + recorded - page
+        return int(addr + recorded - page)
 
 
 def _open_in(sim: Any, fd: int) -> bool:
@@ -318,7 +318,7 @@ class Replayer:
         if call == "close":
             fd = self._fd(p, rec.get("fd"))
             sim.close(fd)
-            p.fds.pop(rec.get("fd"), None)
+            p.fds.pop(int(rec.get("fd") or 0) if rec.get("fd") is not None else -1, None)
             return 0, {}
         if call == "dup":
             old = self._fd(p, rec.get("fd"))
@@ -333,7 +333,7 @@ class Replayer:
         if call == "mmap":
             return self._mmap(p, rec)
         if call == "munmap":
-            entry = p.mappings.pop(rec.get("mapping", rec.get("addr")), None)
+            entry = p.mappings.pop(int(rec.get("mapping", rec.get("addr", 0)) or 0), None)
             if entry is not None:                   # the mapping's reference to the device file
                 sim._call("munmap", lambda task: entry[0].put(task))
             return 0, {}
@@ -394,8 +394,9 @@ class Replayer:
         sim = p.sim
         name = rec.get("cmd") or ""
         fd = self._fd(p, rec.get("fd"))
-        args = rec.get("args") if isinstance(rec.get("args"), dict) else {}
-        raw = rec.get("raw") if isinstance(rec.get("raw"), dict) else {}
+        got_args, got_raw = rec.get("args"), rec.get("raw")
+        args: dict[str, Any] = got_args if isinstance(got_args, dict) else {}
+        raw: dict[str, Any] = got_raw if isinstance(got_raw, dict) else {}
         layout = ioctls.LAYOUTS.get(name)
         extra: dict[str, Any] = {}
         if layout is None:
@@ -486,7 +487,8 @@ class Replayer:
                     bitmap_size: int) -> dict[str, Any]:
         """The argument as the recording shows it (its own addresses and fds) and what
         the kernel changed in it here."""
-        args = rec.get("args") if isinstance(rec.get("args"), dict) else ioctls.decode(name, bytes(buf))
+        got = rec.get("args")
+        args: dict[str, Any] = got if isinstance(got, dict) else ioctls.decode(name, bytes(buf))
         bitmap = None
         if p.scratch is not None and name in ioctls.BITMAP_CMDS and isinstance(sent.get("bitmap"), dict) and \
                 (sent["bitmap"].get("data") and bitmap_size or "bitmap_head" in (rec.get("out") or {})):
@@ -541,11 +543,12 @@ class Replayer:
             m.kernel.sys_mmap_check(task, fd, int(rec.get("offset", 0)), int(rec.get("length", 0)), prot, shared)
             return task.files.get(fd).get()
         file = sim._call("mmap", check)
-        p.mappings[rec.get("ret")] = (file, int(rec.get("offset", 0)))
-        return rec.get("ret", 0), {}
+        handle = int(rec.get("ret", 0))
+        p.mappings[handle] = (file, int(rec.get("offset", 0)))
+        return handle, {}
 
     def _mmio(self, p: _Proc, rec: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        entry = p.mappings.get(rec.get("mapping"))
+        entry = p.mappings.get(int(rec.get("mapping", 0) or 0))
         if entry is None:
             raise OSError(E.EFAULT, f"no device mapping {rec.get('mapping')}")
         file, base = entry
