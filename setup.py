@@ -1,17 +1,39 @@
-"""Builds the C parts of `vfiosim run` at install time (everything else is in pyproject.toml).
+"""Install-time steps that pyproject.toml cannot declare (everything else is there):
 
-The shim is an LD_PRELOAD library and the daemon's helper a ctypes library,
-not Python extensions: they link only against libc, and
-vfiosim.preload.library_path()/daemon_library_path() find them at run time.
+* the C parts of `vfiosim run` and `vfiosim record`, built as extensions: the
+  run shim and the daemon's helper library (which share
+  preload/vfiosim_protocol.h) and the recording shim.  They link only against
+  libc and are not Python extensions: vfiosim.preload.library_path(),
+  daemon_library_path() and vfiosim.tracing.record find them at run time;
+* the fuzzers' seed corpus and regression inputs (fuzz/corpus, fuzz/regressions
+  of the repository), copied into the package as vfiosim/fuzz_inputs/ so that
+  `vfiosim fuzz` installed from a wheel starts from them too (vfiosim.fuzz.fuzz_root).
 """
+
+import os
+import shutil
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FUZZ_INPUTS = ("corpus", "regressions")
 
 
 class BuildShim(build_ext):
     def get_export_symbols(self, ext):  # not a Python module: no PyInit_ symbol
         return []
+
+
+class BuildPyWithFuzzInputs(build_py):
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "vfiosim", "fuzz_inputs")
+        for name in FUZZ_INPUTS:
+            source = os.path.join(HERE, "fuzz", name)
+            if os.path.isdir(source):
+                shutil.copytree(source, os.path.join(target, name), dirs_exist_ok=True)
 
 
 setup(
@@ -31,6 +53,13 @@ setup(
             depends=["src/vfiosim/preload/vfiosim_protocol.h"],
             extra_compile_args=["-O2", "-fvisibility=hidden"],
         ),
+        # `vfiosim record`'s pass-through recording shim (vfiosim.tracing.record).
+        Extension(
+            "vfiosim.tracing._vfiosim_record",
+            sources=["src/vfiosim/tracing/vfiosim_record.c"],
+            extra_compile_args=["-O2", "-fvisibility=hidden"],
+            libraries=["dl", "pthread"],
+        ),
     ],
-    cmdclass={"build_ext": BuildShim},
+    cmdclass={"build_ext": BuildShim, "build_py": BuildPyWithFuzzInputs},
 )

@@ -47,7 +47,7 @@ def test_posted_stores_keep_pcie_ordering_and_really_are_posted(probe, tmp_path)
     assert f["round_trip"] == "1"                                     # the command used the posted registers
     assert f["irq_saw_data"] == "1"                                   # the data was there when the irq came
     recs = [json.loads(line) for line in trace.read_text().splitlines()]
-    stores = [r for r in recs if r["call"] == "mmio" and r.get("write")]
+    stores = [r for r in recs if r.get("call") == "mmio" and r.get("write")]      # (the first line is a header)
     posted = {r["offset"] for r in stores if r.get("posted")}
     waited = {r["offset"] for r in stores if not r.get("posted")}
     assert posted == {0x04, 0x80, 0x88, 0x90}, (posted, waited)

@@ -48,7 +48,7 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "vfio_process fixture")
 
 
-def _machine_args(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+def _machine_args(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any], str | None]:
     marker = request.node.get_closest_marker("vfio_machine")
     kwargs: dict[str, Any] = {}
     name: str | None = None
@@ -63,15 +63,25 @@ def _machine_args(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
         else:
             name = str(param)
     if name is None:
-        name = request.config.getoption("--vfio-machine") or os.environ.get(MACHINE_ENV) or "powernv"
-    return name, kwargs
+        name = request.config.getoption("--vfio-machine")
+        if name is not None:
+            return name, kwargs, "--vfio-machine"
+        if os.environ.get(MACHINE_ENV):
+            return os.environ[MACHINE_ENV], kwargs, f"${MACHINE_ENV}"
+        name = "powernv"
+    return name, kwargs, None
 
 
 @pytest.fixture
 def vfio_machine(request: pytest.FixtureRequest) -> Machine:
     """A fresh simulated machine (see the module doc for how it is chosen)."""
-    name, kwargs = _machine_args(request)
-    return Machine.load(name, **kwargs)
+    name, kwargs, source = _machine_args(request)
+    try:
+        return Machine.load(name, **kwargs)
+    except ValueError as exc:
+        if source is not None:                  # say where the name came from
+            exc.args = (f"{source}: {exc}",)
+        raise
 
 
 @pytest.fixture

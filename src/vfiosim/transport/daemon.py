@@ -164,7 +164,14 @@ class Daemon:
         self.listener, self._stamp = bind_listener(sock_path)
         self.sysfs = sysfs or FakeSysfs(machine)
         self._own_sysfs = sysfs is None
-        self.tracer = Tracer(trace, machine.platform) if trace is not None else None
+        try:
+            self.tracer = Tracer(trace, machine.platform, machine=machine) if trace is not None else None
+        except BaseException:
+            self.listener.close()
+            unlink_socket(sock_path, self._stamp)
+            if self._own_sysfs:
+                self.sysfs.close()
+            raise
         self.states: dict[int, TaskState] = {}
         self.sessions: set[Session] = set()
         self._per_uid: dict[int, int] = {}

@@ -5,8 +5,8 @@ memory is the real process's memory: user pointers passed to ioctls are
 read and written through ``/proc/<pid>/mem``, pinned pages are the
 process's real pages, and a device's DMA lands in them.  Interrupts signal
 the program's real eventfds.  These classes implement the kernel's
-interfaces (the ``MM`` of kernel/mm.py, a ``File`` for eventfds) on top of
-the host; the kernel itself stays free of real I/O.
+interfaces (the ``AddressSpace`` of kernel/mm.py, a ``File`` for eventfds)
+on top of the host; the kernel itself stays free of real I/O.
 
 The files a :class:`HostProcess` reads through are opened once, when the
 process's hello is verified, with the program's own credentials
@@ -41,7 +41,7 @@ import numpy as np
 
 from ..kernel.errors import fail
 from ..kernel.eventfd import EventFd
-from ..kernel.mm import PROT_EXEC, PROT_READ, PROT_WRITE, PhysicalMemory, PinResult, Vma
+from ..kernel.mm import PROT_EXEC, PROT_READ, PROT_WRITE, AddressSpace, PhysicalMemory, PinResult, Vma
 from ..kernel.progression import Progression
 from . import native
 
@@ -152,7 +152,7 @@ class HostProcess:
                 return
         raise fail(EFAULT, f"cannot {'write' if write else 'read'} {n} bytes at {addr:#x} in process {self.pid}")
 
-    def _mem_rw(self, addr: int, n: int, buf: ctypes.Array, write: bool) -> None:
+    def _mem_rw(self, addr: int, n: int, buf: "ctypes.Array[ctypes.c_char]", write: bool) -> None:
         if native.lib().vd_dma(self.mem, addr, n, buf, 1 if write else 0) < 0:
             raise fail(EFAULT, f"{'write' if write else 'read'} of {n} bytes at {addr:#x} in process {self.pid} failed")
 
@@ -286,7 +286,7 @@ class HostMemoryObject:
     offset.  Pin counts are a lazily touched array: memory follows the pins."""
 
     __slots__ = ("phys_base", "length", "page_shift", "compound_shift", "pincount", "pins", "users",
-                 "pinnable", "host", "vaddr", "orphan")
+                 "pinnable", "host", "vaddr", "orphan", "populated")
 
     def __init__(self, host: HostProcess, vaddr: int, length: int, page_shift: int) -> None:
         self.host = host
@@ -297,6 +297,9 @@ class HostMemoryObject:
         self.compound_shift = page_shift
         # calloc'd: the pages of this array are touched only where pins are.
         self.pincount = np.zeros(length >> page_shift, dtype=np.int32)   # a page refcount is an atomic_t
+        # Every page counts as populated (a view of one value: no memory): the
+        # host faults pages in, and pagemap says which a read-only pin may take.
+        self.populated = np.broadcast_to(np.True_, (length >> page_shift,))
         self.pins = 0
         self.users = 0
         self.pinnable = True
@@ -343,18 +346,17 @@ class HostMemoryObject:
         return f"<HostMemoryObject pid={self.host.pid} vaddr={self.vaddr:#x} len={self.length:#x} pins={self.pins}>"
 
 
-class HostMM:
-    """The ``MM`` of a simulated task that is a real process."""
+class HostMM(AddressSpace):
+    """The address space of a simulated task that is a real process."""
 
     def __init__(self, pid: int, phys: PhysicalMemory, host: HostProcess | None = None) -> None:
+        super().__init__(phys)
         self.host = host or HostProcess(pid)
-        self.phys = phys
-        self.page_size = phys.page_size
-        self.page_shift = phys.page_shift
-        self.locked_vm = 0
-        self.pinned_vm = 0
-        self.dead = False
         self._windows: dict[int, HostMemoryObject] = {}
+        # What a Vma of this address space names as its memory: nothing pinnable
+        # through it (pins go to the windows).
+        self._unpinned = HostMemoryObject(self.host, 0, 0, self.page_shift)
+        self._unpinned.pinnable = False
 
     def bind(self, host: HostProcess) -> None:
         """The process said hello: its memory is reachable from now on."""
@@ -393,15 +395,17 @@ class HostMM:
 
     def vmas(self) -> list[Vma]:
         """Every mapping (for /proc-style summaries; the kernel looks up one address at a time)."""
-        return [Vma(start, end, prot, None, 0, kind="anon" if private else "shared")  # type: ignore[arg-type]
+        return [Vma(start, end, prot, self._unpinned, 0, kind="anon" if private else "shared")
                 for start, end, prot, private, _path in self.host.maps()]
 
     def find_vma(self, addr: int) -> Vma | None:
+        """The mapping holding ``addr`` (its pages are reached through pin_pages,
+        not through the Vma's object)."""
         found = self.host.vma(addr)
         if found is None:
             return None
         start, end, prot = found
-        return Vma(start, end, prot, None, 0)  # type: ignore[arg-type]
+        return Vma(start, end, prot, self._unpinned, 0)
 
     def pin_pages_longterm(self, start: int, npages: int, write: bool) -> PinResult:
         """As MM.pin_pages_longterm (Type1's FOLL_LONGTERM pin): a read pin of a
@@ -454,7 +458,7 @@ class HostMM:
                                               and bool((np.diff(pages) == 1).all()))
             if not dry_run and pages.size:
                 if obj.pins == 0 and not self._registered(obj):
-                    self.phys.register(obj, obj.length)  # type: ignore[arg-type]
+                    self.phys.register(obj, obj.length)
                 if consecutive:
                     obj.pincount[int(pages[0]):int(pages[-1]) + 1] += 1
                 else:
@@ -496,7 +500,7 @@ class HostMM:
                 p0 = (cur - obj.vaddr) >> shift
                 if not dry_run:
                     if obj.pins == 0 and not self._registered(obj):
-                        self.phys.register(obj, obj.length)  # type: ignore[arg-type]
+                        self.phys.register(obj, obj.length)
                     obj.pincount[p0:p0 + k] += 1
                     obj.pins += k
                 parts.append(Progression((obj.phys_base + (p0 << shift)) | tag, page, k))
@@ -510,6 +514,11 @@ class HostMM:
             return PinResult(parts[0], None, done, err, runs)
         hpas = np.concatenate([np.asarray(p) for p in parts]) if parts else np.zeros(0, dtype=np.uint64)
         return PinResult(hpas, None, done, err, runs)
+
+    def count_mlocked_pages(self, start: int, length: int) -> int:
+        """None that this locked_vm counts: the program's own mlock() is charged
+        to its real VmLck by the host kernel, not here."""
+        return 0
 
     def teardown(self) -> None:
         """The image is gone (exit, exec): its pinned memory is orphaned."""

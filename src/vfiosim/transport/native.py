@@ -129,10 +129,10 @@ class Channel:
 
     @property
     def flags(self) -> int:
-        return self.state.flags
+        return int(self.state.flags)
 
     def has_posts(self) -> bool:
-        return self.view.prog.ring_head != self.view.daemon.ring_tail
+        return bool(self.view.prog.ring_head != self.view.daemon.ring_tail)
 
     def take_posts(self) -> list[tuple[int, int, int, int]]:
         """The posted stores, oldest first: (handle, offset, size, value)."""
@@ -168,7 +168,7 @@ def creds(pidfd: int, pid: int) -> Creds:
     return out
 
 
-def _gid_array(groups: tuple[int, ...]) -> ctypes.Array:
+def _gid_array(groups: tuple[int, ...]) -> "ctypes.Array[ctypes.c_uint32]":
     return (ctypes.c_uint32 * max(len(groups), 1))(*groups)
 
 
@@ -194,14 +194,14 @@ def acting_as(uid: int, gid: int, groups: tuple[int, ...]) -> Iterator[None]:
 
 def kcmp_file(pid1: int, pid2: int, fd1: int, fd2: int) -> int:
     """kcmp(KCMP_FILE): 0 if both fds are the very same open file."""
-    r = lib().vd_kcmp_file(pid1, pid2, fd1, fd2)
+    r = int(lib().vd_kcmp_file(pid1, pid2, fd1, fd2))
     if r < 0:
         raise OSError(-r, os.strerror(-r))
     return r
 
 
 def pidfd_getfd(pidfd: int, fd: int) -> int:
-    r = lib().vd_pidfd_getfd(pidfd, fd)
+    r = int(lib().vd_pidfd_getfd(pidfd, fd))
     if r < 0:
         raise OSError(-r, os.strerror(-r))
     return r

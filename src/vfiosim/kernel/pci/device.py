@@ -3,7 +3,7 @@
 A device model subclasses :class:`PciDevice` and implements ``mmio_read`` /
 ``mmio_write`` for its BARs and ``reset``.  It reaches memory only through
 ``self.bus_master`` (:class:`BusMaster`): the platform behind it translates
-every bus address through the IOMMU of the device's PE, so a device model
+every bus address through the device's IOMMU (kernel/dma.py), so a device model
 cannot touch memory the IOMMU does not allow.  This is the public interface
 for writing your own device models.
 """
@@ -26,7 +26,7 @@ from .config import (PCI_BASE_ADDRESS_0, PCI_BASE_ADDRESS_MEM_PREFETCH, PCI_BASE
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..iommu.iommu_group import IommuGroup
+    from ..iommu.iommu import IommuGroup, IommuOps
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class BusMaster(Protocol):
         or a uint8 NumPy array): the bulk path, no allocation."""
         ...
 
-    def dma_write(self, iova: int, data: bytes | bytearray | memoryview) -> None: ...
+    def dma_write(self, iova: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None: ...
 
 
 class NoBusMaster:
@@ -85,7 +85,7 @@ class NoBusMaster:
     def dma_read_into(self, iova: int, out: "bytearray | memoryview | np.ndarray") -> None:
         raise DmaError(iova, len(out), False, "device is not attached to a bus")
 
-    def dma_write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
+    def dma_write(self, iova: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
         raise DmaError(iova, len(data), True, "device is not attached to a bus")
 
 
@@ -184,6 +184,8 @@ class PciDevice:
         self.config = ConfigSpace()
         self.bars: dict[int, Bar] = {}
         self.iommu_group: "IommuGroup | None" = None
+        # The IOMMU driver that probed the device (dev->iommu), None behind no IOMMU.
+        self.iommu_ops: "IommuOps | None" = None
         self.driver: str | None = "vfio-pci"
         self.bus_master: BusMaster = NoBusMaster()
         # Set by the platform: whether MMIO currently reaches the device
@@ -388,6 +390,12 @@ class PciDevice:
         m = self.msix
         if m is not None and offset < m.cap + PCI_MSIX_FLAGS + 2 and m.cap + PCI_MSIX_FLAGS < offset + size:
             self._msix_unmasked()
+
+    def host_config_write(self, offset: int, size: int, value: int) -> None:
+        """pci_write_config_*() by the host kernel's PCI core: the value lands
+        in the register as written (Command, MSI Enable), with no user access
+        control in between."""
+        self.config.data[offset:offset + size] = value.to_bytes(size, "little")
 
     def reset(self) -> None:
         """Function-level reset: config space and device state to power-on."""
