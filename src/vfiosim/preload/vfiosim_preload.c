@@ -620,6 +620,24 @@ static int classify(int dirfd, const char *path, char *buf, size_t bufsz)
     }
     if (strncmp(n, "/proc/", 6) == 0)
         return is_status_path(n) && sock_fd >= 0 && !dead ? P_STATUS : P_NONE;
+    /* In sysfs '..' follows the links it comes through (/sys/bus/pci/devices/BDF is a
+     * link into /sys/devices): below a rewritten prefix, the path goes into the tree
+     * as it is, and the tree's own links resolve it, as libpci's driver lookup needs. */
+    const char *dotdot = strstr(path, "/..");
+    while (dotdot && dotdot[3] != '/' && dotdot[3] != 0)
+        dotdot = strstr(dotdot + 3, "/..");
+    if (dotdot && strncmp(path, "/sys/", 5) == 0) {
+        char head[PATH_MAX], hn[PATH_MAX];
+        size_t len = (size_t)(dotdot - path);
+        if (len < sizeof head) {
+            memcpy(head, path, len);
+            head[len] = 0;
+            if (normalize(head, hn, sizeof hn) == 0)
+                for (int i = 0; i < nprefixes; i++)
+                    if (under(hn, prefixes[i], prefix_len[i]))
+                        return (size_t)snprintf(buf, bufsz, "%s%s", root, path) >= bufsz ? P_NONE : P_REWRITE;
+        }
+    }
     for (int i = 0; i < nprefixes; i++) {
         if (under(n, prefixes[i], prefix_len[i])) {
             if ((size_t)snprintf(buf, bufsz, "%s%s", root, n) >= bufsz)
