@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
+import re
 import select
 import struct
 from dataclasses import dataclass
-from errno import EFAULT
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -42,6 +43,31 @@ class _iovec(ctypes.Structure):
 
 
 _libc.process_vm_readv.restype = ctypes.c_ssize_t
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+
+
+class _ProcmapQuery(ctypes.Structure):
+    """struct procmap_query (include/uapi/linux/fs.h, Linux 6.11)."""
+    _fields_ = [("size", ctypes.c_uint64), ("query_flags", ctypes.c_uint64), ("query_addr", ctypes.c_uint64),
+                ("vma_start", ctypes.c_uint64), ("vma_end", ctypes.c_uint64), ("vma_flags", ctypes.c_uint64),
+                ("vma_page_size", ctypes.c_uint64), ("vma_offset", ctypes.c_uint64), ("inode", ctypes.c_uint64),
+                ("dev_major", ctypes.c_uint32), ("dev_minor", ctypes.c_uint32), ("vma_name_size", ctypes.c_uint32),
+                ("build_id_size", ctypes.c_uint32), ("vma_name_addr", ctypes.c_uint64),
+                ("build_id_addr", ctypes.c_uint64)]
+
+
+_PROCMAP_QUERY = (3 << 30) | (ctypes.sizeof(_ProcmapQuery) << 16) | (ord("f") << 8) | 17   # _IOWR('f', 17, ...)
+_procmap_query_works = True
+
+
+def _disable_procmap_query() -> None:
+    """An older kernel: read /proc/<pid>/maps instead."""
+    global _procmap_query_works
+    _procmap_query_works = False
+
+
+# start-end perms offset dev inode [path]
+_MAPS_LINE = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \S+ *([^\n]*)$", re.M)
 _libc.process_vm_writev.restype = ctypes.c_ssize_t
 
 
@@ -63,7 +89,7 @@ class HostProcess:
         remote = _iovec(addr, n)
         got = _libc.process_vm_readv(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
         if got != n:
-            raise fail(EFAULT, f"cannot read {n} bytes at {addr:#x} in process {self.pid}")
+            raise fail(errno.EFAULT, f"cannot read {n} bytes at {addr:#x} in process {self.pid}")
         return buf.raw
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
@@ -77,7 +103,7 @@ class HostProcess:
         remote = _iovec(addr, n)
         got = _libc.process_vm_writev(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
         if got != n:
-            raise fail(EFAULT, f"cannot write {n} bytes at {addr:#x} in process {self.pid}")
+            raise fail(errno.EFAULT, f"cannot write {n} bytes at {addr:#x} in process {self.pid}")
 
     def device_write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """A DMA write: like a device, it ignores the CPU's page protection."""
@@ -88,29 +114,60 @@ class HostProcess:
             return
         try:
             if os.pwrite(fd, bytes(data), addr) != len(data):
-                raise fail(EFAULT, f"DMA write of {len(data)} bytes at {addr:#x} in process {self.pid} was short")
+                raise fail(errno.EFAULT, f"DMA write of {len(data)} bytes at {addr:#x} in process {self.pid} was short")
         except OSError:
-            raise fail(EFAULT, f"DMA write at {addr:#x} in process {self.pid} failed") from None
+            raise fail(errno.EFAULT, f"DMA write at {addr:#x} in process {self.pid} failed") from None
         finally:
             os.close(fd)
 
     def maps(self) -> list[tuple[int, int, int, bool, str]]:
         """(start, end, prot, private anonymous-like, path) of each mapping."""
-        out = []
         try:
-            with open(f"/proc/{self.pid}/maps") as f:
-                lines = f.readlines()
+            with open(f"/proc/{self.pid}/maps", "rb") as f:
+                text = f.read()
         except OSError:
             return []
-        for line in lines:
-            parts = line.split(maxsplit=5)
-            start, end = (int(x, 16) for x in parts[0].split("-"))
-            perms = parts[1]
-            prot = (PROT_READ if perms[0] == "r" else 0) | (PROT_WRITE if perms[1] == "w" else 0) | \
-                (PROT_EXEC if perms[2] == "x" else 0)
-            path = parts[5].strip() if len(parts) > 5 else ""
-            out.append((start, end, prot, perms[3] == "p", path))
+        out = []
+        # One regex pass: a program with a thousand mappings (DPDK loads every PMD)
+        # is read once per pin, so the parse matters.
+        for m in _MAPS_LINE.finditer(text):
+            perms = m.group(3)
+            prot = (PROT_READ if perms[0:1] == b"r" else 0) | (PROT_WRITE if perms[1:2] == b"w" else 0) | \
+                (PROT_EXEC if perms[2:3] == b"x" else 0)
+            out.append((int(m.group(1), 16), int(m.group(2), 16), prot, perms[3:4] == b"p",
+                        m.group(4).strip().decode(errors="surrogateescape")))
         return out
+
+    def vma_at(self, addr: int) -> tuple[int, int, int, bool, str] | None:
+        """The mapping covering ``addr``, as an entry of :meth:`maps` (path
+        left empty), or None.  Asks the kernel for that one mapping
+        (PROCMAP_QUERY, Linux 6.11) instead of reading them all: pinning the
+        pages of a program with a thousand mappings one at a time (DPDK without
+        hugepages registers 4 KiB pages one by one) would otherwise parse
+        /proc/<pid>/maps for every page."""
+        if _procmap_query_works:
+            try:
+                fd = os.open(f"/proc/{self.pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return None
+            try:
+                q = _ProcmapQuery(size=ctypes.sizeof(_ProcmapQuery), query_addr=addr)
+                if _libc.ioctl(fd, _PROCMAP_QUERY, ctypes.byref(q)) == 0:
+                    f = q.vma_flags
+                    prot = (PROT_READ if f & 1 else 0) | (PROT_WRITE if f & 2 else 0) | (PROT_EXEC if f & 4 else 0)
+                    return q.vma_start, q.vma_end, prot, not f & 8, ""
+                err = ctypes.get_errno()
+                if err == errno.ENOENT:
+                    return None
+                if err not in (errno.ENOTTY, errno.EINVAL):
+                    return None
+                _disable_procmap_query()
+            finally:
+                os.close(fd)
+        for entry in self.maps():
+            if entry[0] <= addr < entry[1]:
+                return entry
+        return None
 
     def present(self, pages: np.ndarray, page_shift: int) -> np.ndarray:
         """Whether each page (virtual address >> 12 of the host) is populated
@@ -207,12 +264,12 @@ class HostMM:
 
     def read(self, addr: int, n: int) -> bytes:
         if addr < 0 or n < 0 or addr + n > 1 << 64:
-            raise fail(EFAULT, f"bad address range {addr:#x}+{n:#x}")
+            raise fail(errno.EFAULT, f"bad address range {addr:#x}+{n:#x}")
         return self.host.read(addr, n)
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         if addr < 0 or addr + len(data) > 1 << 64:
-            raise fail(EFAULT, f"bad address range {addr:#x}+{len(data):#x}")
+            raise fail(errno.EFAULT, f"bad address range {addr:#x}+{len(data):#x}")
         self.host.write(addr, data)
 
     # -- mappings ---------------------------------------------------------------------------------
@@ -224,17 +281,18 @@ class HostMM:
             self._objects[(start, end)] = obj
         return obj
 
+    def _vma(self, entry: tuple[int, int, int, bool, str]) -> Vma:
+        start, end, prot, private, _path = entry
+        return Vma(start, end, prot, self._object(start, end), 0,  # type: ignore[arg-type]
+                   kind="anon" if private else "shared")
+
     def vmas(self) -> list[Vma]:
-        out = []
-        for start, end, prot, private, path in self.host.maps():
-            obj = self._object(start, end)
-            out.append(Vma(start, end, prot, obj, 0, kind="anon" if private else "shared"))  # type: ignore[arg-type]
-        return out
+        return [self._vma(e) for e in self.host.maps()]
 
     def find_vma(self, addr: int) -> Vma | None:
-        for vma in self.vmas():
-            if vma.start <= addr < vma.end:
-                return vma
+        for e in self.host.maps():
+            if e[0] <= addr < e[1]:
+                return self._vma(e)
         return None
 
     def pin_pages_longterm(self, start: int, npages: int, write: bool) -> PinResult:
@@ -249,15 +307,14 @@ class HostMM:
         n = int(addrs.size)
         hpas = np.zeros(n, dtype=np.uint64)
         shifts = np.full(n, self.page_shift, dtype=np.int64)
-        vmas = self.vmas()
-        starts = np.array([v.start for v in vmas], dtype=np.uint64)
+        # One lookup per mapping the pages are in, not a read of every mapping.
         done, err = 0, None
         while done < n:
             addr = int(addrs[done])
-            i = int(np.searchsorted(starts, np.uint64(addr), side="right")) - 1
-            vma = vmas[i] if i >= 0 and addr < vmas[i].end else None
+            entry = self.host.vma_at(addr)
+            vma = self._vma(entry) if entry is not None else None
             if vma is None or not vma.readable() or (write and not vma.writable()):
-                err = EFAULT
+                err = errno.EFAULT
                 break
             stop = done + int(np.searchsorted(addrs[done:], np.uint64(vma.end), side="left"))
             seg = addrs[done:stop]
@@ -265,7 +322,7 @@ class HostMM:
                 missing = ~self.host.present(seg >> np.uint64(self.page_shift), self.page_shift)
                 if missing.any():
                     cut = int(np.argmax(missing))
-                    seg, stop, err = seg[:cut], done + cut, EFAULT
+                    seg, stop, err = seg[:cut], done + cut, errno.EFAULT
             obj = vma.obj
             pages = ((seg - np.uint64(vma.start)) >> np.uint64(self.page_shift)).astype(np.int64)
             if not dry_run and pages.size:
