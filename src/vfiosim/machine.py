@@ -39,7 +39,8 @@ from .machine_spec import MachineSpec, load_spec_file, load_spec_text
 
 T = TypeVar("T")
 
-PRESETS = {"powernv": "powernv.toml", "pseries": "pseries.toml", "x86": "x86.toml"}
+PRESETS = {"powernv": "powernv.toml", "pseries": "pseries.toml", "x86": "x86.toml",
+           "powernv-virtio": "powernv-virtio.toml", "x86-virtio": "x86-virtio.toml"}
 PRESET_ALIASES = {"default": "powernv", "powernv9": "powernv", "q35": "x86"}
 
 # MAX_PAGE_ORDER of ppc64 (arch/powerpc/Kconfig ARCH_FORCE_MAX_ORDER): the
@@ -179,7 +180,7 @@ class Machine:
         k.vfio.iommu_drivers.register(driver)
         bar_base: dict[int, int] = {}
         for ds in spec.devices:
-            dev = create_device(ds.model, ds.bdf, dma_mask=ds.dma_mask)
+            dev = create_device(ds.model, ds.bdf, dma_mask=ds.dma_mask, options=ds.options)
             dev.driver = ds.driver
             dev.reset_method = "bus" if ds.behind_bridge else None
             dev.log = k.log.warn
@@ -234,7 +235,7 @@ class Machine:
         bar_base = 0xFE000000          # SeaBIOS places BARs below the IOAPIC
         for ds in spec.devices:
             if is_endpoint_model(ds.model):
-                dev: PciDevice = create_device(ds.model, ds.bdf, dma_mask=ds.dma_mask)
+                dev: PciDevice = create_device(ds.model, ds.bdf, dma_mask=ds.dma_mask, options=ds.options)
             else:
                 vendor, device, class_code, header_type, _ = HOST_DEVICE_MODELS[ds.model]
                 dev = PciDevice(ds.bdf, vendor=vendor, device=device, class_code=class_code,
