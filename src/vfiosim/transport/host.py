@@ -44,6 +44,7 @@ class _iovec(ctypes.Structure):
 
 _libc.process_vm_readv.restype = ctypes.c_ssize_t
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_IOV_MAX = 1024
 
 
 class _ProcmapQuery(ctypes.Structure):
@@ -107,18 +108,80 @@ class HostProcess:
 
     def device_write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """A DMA write: like a device, it ignores the CPU's page protection."""
-        try:
-            fd = os.open(f"/proc/{self.pid}/mem", os.O_WRONLY)
-        except OSError:
+        fd = self._mem_fd()
+        if fd < 0:
             self.write(addr, data)
             return
         try:
-            if os.pwrite(fd, bytes(data), addr) != len(data):
+            if os.pwrite(fd, data, addr) != len(data):
                 raise fail(errno.EFAULT, f"DMA write of {len(data)} bytes at {addr:#x} in process {self.pid} was short")
         except OSError:
             raise fail(errno.EFAULT, f"DMA write at {addr:#x} in process {self.pid} failed") from None
-        finally:
+
+    def _mem_fd(self) -> int:
+        """/proc/<pid>/mem, opened once (it stays bound to this process's memory)."""
+        fd = getattr(self, "_mem", None)
+        if fd is None:
+            try:
+                fd = os.open(f"/proc/{self.pid}/mem", os.O_WRONLY | os.O_CLOEXEC)
+            except OSError:
+                fd = -1
+            self._mem = fd
+        return fd
+
+    def close(self) -> None:
+        fd = getattr(self, "_mem", None)
+        if fd is not None and fd >= 0:
             os.close(fd)
+        self._mem = -1
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def readv(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Several ranges in one process_vm_readv (IOV_MAX at a time); EFAULT
+        unless every byte was read."""
+        out: list[bytes] = []
+        for at in range(0, len(ranges), _IOV_MAX):
+            part = ranges[at:at + _IOV_MAX]
+            total = sum(n for _, n in part)
+            buf = ctypes.create_string_buffer(total)
+            n = len(part)
+            local = _iovec(ctypes.cast(buf, ctypes.c_void_p), total)
+            remote = (_iovec * n)(*[_iovec(a, ln) for a, ln in part])
+            got = _libc.process_vm_readv(self.pid, ctypes.byref(local), 1, remote, n, 0)
+            if got != total:
+                raise fail(errno.EFAULT, f"cannot read {total} bytes in {n} ranges from process {self.pid}")
+            raw = buf.raw
+            pos = 0
+            for _a, ln in part:
+                out.append(raw[pos:pos + ln])
+                pos += ln
+        return out
+
+    def device_writev(self, pieces: list[tuple[int, memoryview]]) -> None:
+        """Several DMA writes: one process_vm_writev, then /proc/<pid>/mem for
+        whatever the CPU's page protection refused (a device ignores it)."""
+        for at in range(0, len(pieces), _IOV_MAX):
+            part = pieces[at:at + _IOV_MAX]
+            data = b"".join(part_data for _a, part_data in part)
+            n = len(part)
+            buf = ctypes.create_string_buffer(data, len(data))
+            local = _iovec(ctypes.cast(buf, ctypes.c_void_p), len(data))
+            remote = (_iovec * n)(*[_iovec(a, len(d)) for a, d in part])
+            got = _libc.process_vm_writev(self.pid, ctypes.byref(local), 1, remote, n, 0)
+            if got == len(data):
+                continue
+            done = max(got, 0)
+            for a, d in part:
+                if done >= len(d):
+                    done -= len(d)
+                    continue
+                self.device_write(a + done, d[done:])
+                done = 0
 
     def maps(self) -> list[tuple[int, int, int, bool, str]]:
         """(start, end, prot, private anonymous-like, path) of each mapping."""
@@ -232,6 +295,21 @@ class HostMemoryObject:
             return
         out[:] = np.frombuffer(self.host.read(self.vaddr + off, out.size), dtype=np.uint8)
 
+    def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Several (offset, length) ranges at once: one system call."""
+        mem = self._orphaned()
+        if mem is not None:
+            return [mem[off:off + n].tobytes() for off, n in ranges]
+        return self.host.readv([(self.vaddr + off, n) for off, n in ranges])
+
+    def write_many(self, pieces: list[tuple[int, memoryview]]) -> None:
+        mem = self._orphaned()
+        if mem is not None:
+            for off, data in pieces:
+                mem[off:off + len(data)] = np.frombuffer(data, dtype=np.uint8)
+            return
+        self.host.device_writev([(self.vaddr + off, data) for off, data in pieces])
+
     def write_at(self, off: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
         mem = self._orphaned()
         if mem is not None:
@@ -241,7 +319,7 @@ class HostMemoryObject:
         # A device writes whatever the CPU mapping's protection is now (the
         # IOMMU already checked the TCE's permission), so write through
         # /proc/<pid>/mem, which does not honour PROT_WRITE.
-        self.host.device_write(self.vaddr + off, data.tobytes() if isinstance(data, np.ndarray) else data)
+        self.host.device_write(self.vaddr + off, memoryview(data).cast("B") if isinstance(data, np.ndarray) else data)
 
     def __repr__(self) -> str:
         return f"<HostMemoryObject pid={self.host.pid} vaddr={self.vaddr:#x} len={self.length:#x} pins={self.pins}>"
@@ -348,6 +426,7 @@ class HostMM:
         """The image is gone (exit, exec): its pinned memory is orphaned."""
         self.dead = True
         self.host.gone = True
+        self.host.close()
 
     def pinned_pages(self) -> int:
         """Pins held on this image's memory."""
