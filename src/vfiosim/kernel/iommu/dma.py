@@ -112,3 +112,47 @@ def write_runs(runs: list[Run], data: bytes | bytearray | memoryview | np.ndarra
     for obj, off, ln in runs:
         obj.write_at(off, src[pos:pos + ln])
         pos += ln
+
+
+def read_runs_many(runs_list: list[list[Run]]) -> list[bytes]:
+    """The bytes of each transfer.  Memory objects that can read several
+    ranges at once (``read_many``: a real process's memory, one
+    process_vm_readv) get all their ranges in one call."""
+    flat = [(obj, off, ln) for runs in runs_list for obj, off, ln in runs]
+    by_obj: dict[int, list[int]] = {}
+    for i, (obj, _off, _ln) in enumerate(flat):
+        if hasattr(obj, "read_many"):
+            by_obj.setdefault(id(obj), []).append(i)
+    parts: list[bytes | None] = [None] * len(flat)
+    for idxs in by_obj.values():
+        obj = flat[idxs[0]][0]
+        for i, data in zip(idxs, obj.read_many([(flat[i][1], flat[i][2]) for i in idxs])):
+            parts[i] = data
+    out = []
+    pos = 0
+    for runs in runs_list:
+        chunk = []
+        for obj, off, ln in runs:
+            data = parts[pos]
+            chunk.append(obj.read_at(off, ln) if data is None else data)
+            pos += 1
+        out.append(chunk[0] if len(chunk) == 1 else b"".join(chunk))
+    return out
+
+
+def write_runs_many(runs_list: list[list[Run]], datas: list[bytes | bytearray | memoryview]) -> None:
+    """Write each transfer's data; objects with ``write_many`` get all their
+    ranges in one call."""
+    by_obj: dict[int, tuple[MemoryObject, list[tuple[int, memoryview]]]] = {}
+    for runs, data in zip(runs_list, datas):
+        view = memoryview(data).cast("B")
+        pos = 0
+        for obj, off, ln in runs:
+            part = view[pos:pos + ln]
+            pos += ln
+            if hasattr(obj, "write_many"):
+                by_obj.setdefault(id(obj), (obj, []))[1].append((off, part))
+            else:
+                obj.write_at(off, np.frombuffer(part, dtype=np.uint8))
+    for obj, pieces in by_obj.values():
+        obj.write_many(pieces)  # type: ignore[attr-defined]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from ..iommu.dma import DmaFault, read_runs, read_runs_into, translate_tces, write_runs
+from ..iommu.dma import DmaFault, read_runs, read_runs_into, read_runs_many, translate_tces, write_runs, write_runs_many
 from ..iommu.table_group import TableGroup
 from ..mm import PhysicalMemory
 from ..pci.device import DmaError, PciDevice
@@ -23,17 +23,24 @@ class TceCache:
     Entries are keyed by the transfer and remember the table storage and its
     generation; any TCE change bumps the generation, so a stale translation
     is never served (the model of the hardware cache that tce_kill flushes).
+    Transfers inside one IOMMU page (a NIC's descriptors and frames) are
+    cached by page, as the hardware caches TCEs: many buffers, one entry each.
     """
 
     SIZE = 16
+    PAGES = 4096
 
     def __init__(self) -> None:
         self._entries: dict[tuple[int, int, bool], tuple[weakref.ref, int, list]] = {}
+        self._pages: dict[tuple[int, bool], tuple[weakref.ref, int, object, int]] = {}
 
     def clear(self) -> None:
         self._entries.clear()
+        self._pages.clear()
 
-    def translate(self, storage, iova: int, length: int, write: bool, slow):
+    def translate(self, storage, iova: int, length: int, write: bool, slow, page_shift: int | None = None):
+        if page_shift is not None and length > 0 and (iova ^ (iova + length - 1)) >> page_shift == 0:
+            return self._translate_in_page(storage, iova, length, write, slow, page_shift)
         key = (iova, length, write)
         hit = self._entries.get(key)
         if hit is not None and hit[0]() is storage and hit[1] == storage.generation:
@@ -45,6 +52,22 @@ class TceCache:
             # A weak reference: a removed window's table is not kept alive here.
             self._entries[key] = (weakref.ref(storage), storage.generation, runs)
         return runs
+
+    def _translate_in_page(self, storage, iova: int, length: int, write: bool, slow, page_shift: int):
+        page = iova >> page_shift
+        key = (page, write)
+        hit = self._pages.get(key)
+        if hit is not None and hit[0]() is storage and hit[1] == storage.generation:
+            return [(hit[2], hit[3] + (iova & ((1 << page_shift) - 1)), length)]
+        psize = 1 << page_shift
+        runs = slow(page << page_shift, psize, write)
+        if not isinstance(runs, list) or len(runs) != 1 or runs[0][2] != psize:
+            return slow(iova, length, write)         # the fault (or odd layout) of this very transfer
+        if len(self._pages) >= self.PAGES:
+            self._pages.clear()
+        obj, off, _ = runs[0]
+        self._pages[key] = (weakref.ref(storage), storage.generation, obj, off)
+        return [(obj, off + (iova & (psize - 1)), length)]
 
 
 class Pe:
@@ -129,3 +152,34 @@ class PeBusMaster:
 
     def dma_write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
         write_runs(self._runs(iova, len(data), True), data)
+
+    def _runs_many(self, segments: Sequence[tuple[int, int]], write: bool) -> list:
+        """_runs() for each range, with the device and PE checks done once."""
+        if not segments:
+            return []
+        iova, length = segments[0]
+        if not self.dev.bus_master_enabled() or not self.pe.dma_enabled():
+            self._runs(iova, length, write)                  # raises the DmaError saying why
+        translate = self.pe.translate
+        out = []
+        for iova, length in segments:
+            if length <= 0 or iova < 0 or iova + length > 1 << 64:
+                out.append(self._runs(iova, length, write))
+                continue
+            runs = translate(iova, length, write)
+            if isinstance(runs, DmaFault):
+                self.pe.dma_fault(runs, write)
+                raise DmaError(iova, length, write, runs.reason)
+            out.append(runs)
+        return out
+
+    def dma_read_many(self, segments: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Read several (iova, length) ranges: every one is checked first, then
+        the data moves in as few host operations as the memory allows."""
+        return read_runs_many(self._runs_many(segments, False))
+
+    def dma_write_many(self, segments: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
+        """Write several (iova, data) ranges: every one is checked first (a
+        refusal moves nothing), then the data moves."""
+        write_runs_many(self._runs_many([(iova, len(data)) for iova, data in segments], True),
+                        [d for _, d in segments])

@@ -294,7 +294,7 @@ class PnvPe(Pe):
         tbl = self.tve[1 if iova & TCE_BYPASS_BASE else 0]
         if tbl is None:
             return super().translate(iova, length, write)
-        return self.tce_cache.translate(tbl.entries, iova, length, write, super().translate)
+        return self.tce_cache.translate(tbl.entries, iova, length, write, super().translate, tbl.it_page_shift)
 
     def lookup_tces(self, iova: int, length: int):
         num = 1 if iova & TCE_BYPASS_BASE else 0

@@ -530,7 +530,7 @@ class PseriesPe(Pe):
         t = self.hv.lookup(iova)
         if t is None:
             return super().translate(iova, length, write)
-        return self.tce_cache.translate(t.entries, iova, length, write, super().translate)
+        return self.tce_cache.translate(t.entries, iova, length, write, super().translate, t.page_shift)
 
     def lookup_tces(self, iova: int, length: int):
         t = self.hv.lookup(iova)

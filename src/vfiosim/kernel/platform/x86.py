@@ -37,7 +37,7 @@ from ..errors import KernelBug, fail
 from ..iommu.dma import DmaFault, Run
 from ..mm import PhysicalMemory
 from ..pci.device import PciDevice
-from .base import PeBusMaster
+from .base import PeBusMaster, TceCache
 
 if TYPE_CHECKING:
     from ..iommu.iommu_group import IommuGroup
@@ -131,6 +131,9 @@ class VtdDomain:
         # domain; the Type1 driver records dirty pages with it.
         self.on_dma_write: Callable[[int, int], None] | None = None
         self.freed = False
+        # Bumped by every change of the page table: the IOTLB (TceCache below) serves
+        # a cached page translation only while it is unchanged.
+        self.generation = 0
 
     def __repr__(self) -> str:
         return f"<VtdDomain {self.kind} #{self.id} on {self.unit.name}>"
@@ -166,9 +169,11 @@ class VtdDomain:
             raise KernelBug(f"VT-d PTE for IOVA {iova:#x}+{size:#x} already set in {self!r}")
         self._starts.insert(i, iova)
         self._ext.insert(i, (iova, size, hpa, prot))
+        self.generation += 1
 
     def unmap(self, iova: int, size: int) -> int:
         """intel_iommu_unmap_pages(): clear [iova, iova+size); bytes unmapped."""
+        self.generation += 1
         end = iova + size
         i = max(bisect.bisect_right(self._starts, iova) - 1, 0)
         done = 0
@@ -416,13 +421,19 @@ class VtdContext:
         self.state = state
         self.name = f"{unit.name} {dev.bdf}"
         self.dma_faults = 0
+        self.iotlb = TceCache()          # the same exact, generation-checked cache as a PHB's
 
     def dma_enabled(self) -> bool:
         return True
 
     def translate(self, iova: int, length: int, write: bool) -> list[Run] | VtdFault:
         domain = self.state.domain
-        runs = domain.translate(iova, length, write, self.unit.phys)
+        if domain.kind == VtdDomain.PAGING:
+            # The unit's IOTLB: page translations, valid while the domain's table is unchanged.
+            runs = self.iotlb.translate(domain, iova, length, write,
+                                        lambda i, n, w: domain.translate(i, n, w, self.unit.phys), 12)
+        else:
+            runs = domain.translate(iova, length, write, self.unit.phys)
         if not isinstance(runs, DmaFault) and write and domain.on_dma_write is not None:
             domain.on_dma_write(iova, length)
         return runs
