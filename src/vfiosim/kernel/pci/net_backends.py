@@ -41,6 +41,10 @@ class NetBackend(Protocol):
         the device keeps it queued and offers it again later."""
         ...
 
+    def transmit_many(self, frames: list[bytes]) -> int:
+        """Several frames in order; returns how many it took (the rest wait)."""
+        ...
+
     def pending(self) -> int:
         """Frames waiting to be received by the driver."""
         ...
@@ -83,15 +87,19 @@ class Loopback:
         self.dropped = 0                         # sent while the device could not receive
 
     def transmit(self, frame: bytes) -> bool:
+        return self.transmit_many([frame]) == 1
+
+    def transmit_many(self, frames: list[bytes]) -> int:
         if not self.can_receive():
+            for frame in frames:
+                self._account(frame)
+            self.dropped += len(frames)
+            return len(frames)
+        taken = frames[:max(self.capacity - len(self.queue), 0)]
+        for frame in taken:
             self._account(frame)
-            self.dropped += 1
-            return True
-        if len(self.queue) >= self.capacity:
-            return False
-        self._account(frame)
-        self.queue.append(frame)
-        return True
+        self.queue.extend(taken)
+        return len(taken)
 
     def _account(self, frame: bytes) -> None:
         self.sent += 1
@@ -193,10 +201,14 @@ class Pcap:
         self.received = 0
 
     def transmit(self, frame: bytes) -> bool:
-        self.sent += 1
+        return self.transmit_many([frame]) == 1
+
+    def transmit_many(self, frames: list[bytes]) -> int:
+        self.sent += len(frames)
         if self.writer is not None:
-            self.writer.write(frame)
-        return True
+            for frame in frames:
+                self.writer.write(frame)
+        return len(frames)
 
     def flush(self) -> None:
         if self.writer is not None:

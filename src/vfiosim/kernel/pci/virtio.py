@@ -230,13 +230,21 @@ class SplitQueue:
         # The whole descriptor table in one DMA: the driver made it available
         # to the device (queue_desc, 16 * queue_size bytes).
         table = np.frombuffer(self._read(self.desc, DESC_SIZE * num), dtype=DESC_DTYPE)
-        addrs = table["addr"].tolist()
-        lens = table["len"].tolist()
-        flags = table["flags"].tolist()
-        nexts = table["next"].tolist()
-        chains = []
-        for head in heads:
-            chains.append(self._walk(head, addrs, lens, flags, nexts))
+        chains: list[Chain] = []
+        if max(heads) < num:
+            mine = table[list(heads)]
+            if not (mine["flags"] & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT)).any():
+                # Every chain is one descriptor (a NIC's usual case): no walk.
+                writable = (mine["flags"] & VRING_DESC_F_WRITE).tolist()
+                for head, addr, length, w in zip(heads, mine["addr"].tolist(), mine["len"].tolist(), writable):
+                    chains.append(Chain(head, [], [(addr, length)]) if w else Chain(head, [(addr, length)], []))
+        if not chains:
+            addrs = table["addr"].tolist()
+            lens = table["len"].tolist()
+            flags = table["flags"].tolist()
+            nexts = table["next"].tolist()
+            for head in heads:
+                chains.append(self._walk(head, addrs, lens, flags, nexts))
         self.last_avail = (self.last_avail + n) & 0xFFFF
         self.chains_taken += n
         return chains
@@ -301,21 +309,57 @@ class SplitQueue:
 
     def gather(self, chain: Chain) -> bytes:
         """The device-readable bytes of a chain."""
-        parts = [self._read(addr, n) for addr, n in chain.readable]
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return self.gather_many([chain])[0]
+
+    def gather_many(self, chains: list[Chain]) -> list[bytes]:
+        """The device-readable bytes of each chain, read in one scatter-gather
+        DMA when the bus master can (every range is checked first)."""
+        segs = [seg for c in chains for seg in c.readable]
+        bm = self.dev.bus_master
+        try:
+            many = getattr(bm, "dma_read_many", None)
+            parts = many(segs) if many is not None else [bm.dma_read(a, n) for a, n in segs]
+        except DmaError as exc:
+            raise VirtioError(f"queue {self.index}: {exc}") from None
+        out = []
+        pos = 0
+        for c in chains:
+            k = len(c.readable)
+            out.append(parts[pos] if k == 1 else b"".join(parts[pos:pos + k]))
+            pos += k
+        return out
 
     def scatter(self, chain: Chain, data: bytes | bytearray | memoryview) -> int:
         """Write ``data`` into the chain's device-writable buffers; returns the
         bytes written (less than ``len(data)`` if the buffers are too small)."""
-        view = memoryview(data)
-        done = 0
-        for addr, n in chain.writable:
-            if done >= len(view):
-                break
-            part = view[done:done + n]
-            self._write(addr, part)
-            done += len(part)
-        return done
+        return self.scatter_many([(chain, data)])[0]
+
+    def scatter_many(self, items: list[tuple[Chain, bytes | bytearray | memoryview]]) -> list[int]:
+        """Scatter each data into its chain's writable buffers, in one
+        scatter-gather DMA when the bus master can."""
+        segs: list[tuple[int, memoryview]] = []
+        written = []
+        for chain, data in items:
+            view = memoryview(data)
+            done = 0
+            for addr, n in chain.writable:
+                if done >= len(view):
+                    break
+                part = view[done:done + n]
+                segs.append((addr, part))
+                done += len(part)
+            written.append(done)
+        bm = self.dev.bus_master
+        try:
+            many = getattr(bm, "dma_write_many", None)
+            if many is not None:
+                many(segs)
+            else:
+                for addr, part in segs:
+                    bm.dma_write(addr, part)
+        except DmaError as exc:
+            raise VirtioError(f"queue {self.index}: {exc}") from None
+        return written
 
     # -- the used ring (device area) ---------------------------------------------------------------------
 

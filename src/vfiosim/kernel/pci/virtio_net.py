@@ -29,7 +29,7 @@ from __future__ import annotations
 import struct
 
 from .net_backends import Loopback, NetBackend, backend_from_spec
-from .virtio import (VIRTIO_F_INDIRECT_DESC, SplitQueue, VirtioError, VirtioPciDevice)
+from .virtio import VIRTIO_F_INDIRECT_DESC, Chain, SplitQueue, VirtioError, VirtioPciDevice
 
 VIRTIO_ID_NET = 1
 PCI_CLASS_NETWORK_ETHERNET = 0x020000
@@ -171,22 +171,22 @@ class VirtioNet(VirtioPciDevice):
             chains = q.take(BURST)
             if not chains:
                 return False
-            done: list[tuple[int, int]] = []
             stalled = False
-            for i, chain in enumerate(chains):
+            for chain in chains:
                 if not chain.readable:
                     raise VirtioError("virtio-net header not in first element")
-                data = q.gather(chain)
+            frames = []
+            for data in q.gather_many(chains):
                 if len(data) < VIRTIO_NET_HDR_LEN:
                     raise VirtioError(f"virtio-net header incorrect: {len(data)} bytes")
-                frame = data[VIRTIO_NET_HDR_LEN:]
-                if not self.backend.transmit(frame):
-                    q.unget(len(chains) - i)
-                    stalled = True
-                    break
-                stats["tx_frames"] += 1
-                stats["tx_bytes"] += len(frame)
-                done.append((chain.head, 0))
+                frames.append(data[VIRTIO_NET_HDR_LEN:])
+            taken = self.backend.transmit_many(frames)
+            if taken < len(chains):
+                q.unget(len(chains) - taken)
+                stalled = True
+            stats["tx_frames"] += taken
+            stats["tx_bytes"] += sum(map(len, frames[:taken]))
+            done = [(c.head, 0) for c in chains[:taken]]
             q.publish(done)
             if done:
                 self.notify_queue(q)
@@ -223,6 +223,7 @@ class VirtioNet(VirtioPciDevice):
                 if not chains:
                     return delivered
             done: list[tuple[int, int]] = []
+            writes: list[tuple[Chain, bytes]] = []
             for i, chain in enumerate(chains):
                 if not backend.pending():
                     q.unget(len(chains) - i)
@@ -242,10 +243,11 @@ class VirtioNet(VirtioPciDevice):
                              f"{chain.writable_len()} bytes is too small")
                     q.unget(len(chains) - i)
                     break
-                q.scatter(chain, RX_HEADER + frame)
-                stats["rx_frames"] += 1
-                stats["rx_bytes"] += len(frame)
+                writes.append((chain, RX_HEADER + frame))
                 done.append((chain.head, VIRTIO_NET_HDR_LEN + len(frame)))
+            q.scatter_many(writes)
+            stats["rx_frames"] += len(writes)
+            stats["rx_bytes"] += sum(n for _, n in done) - VIRTIO_NET_HDR_LEN * len(done)
             q.publish(done)
             delivered += len(done)
             if done:
