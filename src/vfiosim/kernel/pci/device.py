@@ -57,6 +57,11 @@ class BusMaster(Protocol):
 
     def dma_write(self, iova: int, data: bytes | bytearray | memoryview) -> None: ...
 
+    # Optional scatter-gather forms (the platforms' bus masters have them; a
+    # device falls back to the single calls when they are missing):
+    # dma_read_many([(iova, length), ...]) -> list[bytes] and
+    # dma_write_many([(iova, data), ...]): every range checked first, then moved.
+
 
 class NoBusMaster:
     """Before a device sits on a platform bus it cannot DMA at all."""
