@@ -361,7 +361,7 @@ def cmd_dpdk_demo(args: argparse.Namespace) -> int:
     log = (lambda text: print(text, file=sys.stderr, flush=True)) if args.verbose else \
         (lambda text: print(text, file=sys.stderr, flush=True) if text.startswith(quiet) else None)
     try:
-        result = run_demo(machine=args.machine, seconds=args.seconds, install=not args.no_install, trace=args.trace,
+        result = run_demo(machine=args.nic_machine, seconds=args.seconds, install=not args.no_install, trace=args.trace,
                           workdir=args.workdir, timeout=args.timeout, log=log, memory_mb=args.memory)
     except DpdkDemoUnavailable as exc:
         print(f"vfiosim dpdk-demo: cannot run here: {exc}", file=sys.stderr)
@@ -373,7 +373,7 @@ def cmd_dpdk_demo(args: argparse.Namespace) -> int:
 def _dpdk_demo_parser(sub: Any) -> None:
     d = sub.add_parser("dpdk-demo", help="run Debian's unmodified dpdk-testpmd on vfiosim's virtio-net NIC: "
                                          "sPAPR TCE v2 on PowerNV, Type1 on x86 (see docs/dpdk.md)")
-    d.add_argument("--machine", default="powernv", metavar="powernv|x86|FILE",
+    d.add_argument("--machine", dest="nic_machine", default="powernv", metavar="powernv|x86|FILE",
                    help="powernv (the preset powernv-virtio), x86 (x86-virtio), or a machine file with a "
                         "virtio-net device (default: powernv)")
     d.add_argument("--seconds", type=float, default=5.0, help="how long to forward and measure (default 5)")
