@@ -1,8 +1,9 @@
 """Install-time steps that pyproject.toml cannot declare (everything else is there):
 
-* the C preload shim of `vfiosim run`, built as an extension.  It is an
-  LD_PRELOAD library, not a Python extension: it links only against libc,
-  and vfiosim.preload.library_path() finds it at run time;
+* the C preload shims of `vfiosim run` and `vfiosim record`, built as
+  extensions.  They are LD_PRELOAD libraries, not Python extensions: they link
+  only against libc, and vfiosim.preload.library_path() (and
+  vfiosim.tracing.record) find them at run time;
 * the fuzzers' seed corpus and regression inputs (fuzz/corpus, fuzz/regressions
   of the repository), copied into the package as vfiosim/fuzz_inputs/ so that
   `vfiosim fuzz` installed from a wheel starts from them too (vfiosim.fuzz.fuzz_root).
@@ -41,7 +42,14 @@ setup(
             sources=["src/vfiosim/preload/vfiosim_preload.c"],
             extra_compile_args=["-O2", "-fvisibility=hidden"],
             libraries=["dl", "pthread"],
-        )
+        ),
+        # `vfiosim record`'s pass-through recording shim (vfiosim.tracing.record).
+        Extension(
+            "vfiosim.tracing._vfiosim_record",
+            sources=["src/vfiosim/tracing/vfiosim_record.c"],
+            extra_compile_args=["-O2", "-fvisibility=hidden"],
+            libraries=["dl", "pthread"],
+        ),
     ],
     cmdclass={"build_ext": BuildShim, "build_py": BuildPyWithFuzzInputs},
 )

@@ -47,7 +47,7 @@ def test_trace_show_names_a_file_that_is_not_json_lines(capsys, tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("these are not JSON lines\n")
     rc, _, err = run(capsys, "trace", "show", str(path))
-    assert rc == 2 and err.startswith(f"vfiosim trace show: {path}: not a vfiosim trace")
+    assert rc == 1 and err.startswith(f"vfiosim trace show: {path}:1: not a trace: the first line is not JSON")
 
 
 def test_run_with_a_trace_in_a_missing_directory_says_so_and_leaves_nothing(capsys, private_tmp):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import functools
 import gc
 import json
 import math
@@ -18,11 +19,11 @@ import sys
 import time
 import tracemalloc
 from dataclasses import asdict, dataclass, field
-from typing import Callable, TextIO
+from typing import Any, Callable, TextIO
 
 import numpy as np
 
-from .machine import Machine
+from .machine import Machine, Process
 from .uapi import vfio as uapi
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -35,7 +36,7 @@ class Figure:
     unit: str
     goal: str = ""
     met: bool | None = None
-    detail: dict = field(default_factory=dict)
+    detail: dict[str, Any] = field(default_factory=dict)
 
 
 def best_of(fn: Callable[[], object], repeat: int, number: int = 1) -> float:
@@ -49,7 +50,7 @@ def best_of(fn: Callable[[], object], repeat: int, number: int = 1) -> float:
     return best
 
 
-def _v1_setup(page_size: int = 4096, machine: str = "powernv"):
+def _v1_setup(page_size: int = 4096, machine: str = "powernv") -> tuple[Machine, Process, int, int]:
     m = Machine.preset(machine, page_size=page_size)
     p = m.spawn(uid=0, rlimit_memlock=(1 << 62, 1 << 62))
     c = p.open("/dev/vfio/vfio")
@@ -61,7 +62,7 @@ def _v1_setup(page_size: int = 4096, machine: str = "powernv"):
     return m, p, c, g
 
 
-def _v2_setup():
+def _v2_setup() -> tuple[Machine, Process, int]:
     """A PowerNV machine, and a root process with group 0 in a sPAPR v2 container."""
     m = Machine.preset("powernv")
     p = m.spawn(uid=0, rlimit_memlock=(1 << 62, 1 << 62))
@@ -72,12 +73,12 @@ def _v2_setup():
     return m, p, c
 
 
-def _map(p, c, vaddr: int, iova: int, size: int) -> None:
+def _map(p: Process, c: int, vaddr: int, iova: int, size: int) -> None:
     p.ioctl(c, uapi.VFIO_IOMMU_MAP_DMA, uapi.vfio_iommu_type1_dma_map(argsz=32, flags=3, vaddr=vaddr, iova=iova,
                                                                        size=size))
 
 
-def _unmap(p, c, iova: int, size: int) -> None:
+def _unmap(p: Process, c: int, iova: int, size: int) -> None:
     p.ioctl(c, uapi.VFIO_IOMMU_UNMAP_DMA, uapi.vfio_iommu_type1_dma_unmap(argsz=24, iova=iova, size=size))
 
 
@@ -117,7 +118,7 @@ def bench_dma(iommu_page_shift: int, size: int = MiB, repeat: int = 20, cold: bo
     def memcpy() -> None:
         np.copyto(dst, src)
         np.copyto(src, dst)
-    cache = dev.bus_master.pe.tce_cache
+    cache = m.pe_of(dev.bdf).tce_cache
 
     def dma_cold() -> None:
         cache.clear()
@@ -253,7 +254,7 @@ def bench_scaling(kind: str, exponents: range) -> Figure:
         for e in exponents:
             n = 1 << e
             view = dest[:n * 4096]
-            times.append(best_of(lambda view=view: dev.bus_master.dma_read_into(base, view), 3))
+            times.append(best_of(functools.partial(dev.bus_master.dma_read_into, base, view), 3))
             sizes.append(n)
         del dest
     # The slope of log(time) against log(pages) over the larger half of the

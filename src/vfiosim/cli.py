@@ -32,6 +32,8 @@ def _machine_from_env(args: argparse.Namespace) -> None:
     """Fill in --machine, --kernel and --page-size as the client library does:
     the option, else the environment, else the default."""
     args.machine_from_env = args.machine is None and bool(os.environ.get(MACHINE_ENV))
+    if getattr(args, "machine_from_trace", False) and args.machine is None and not args.machine_from_env:
+        return              # `vfiosim replay`: the trace's header says which machine and page size
     args.machine, args.kernel, args.page_size = machine_settings(args.machine, args.kernel, args.page_size)
 
 
@@ -228,15 +230,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_trace_show(args: argparse.Namespace) -> int:
+    from .tracing.format import TraceError
     from .transport.trace import show
-    with _naming_the_trace(args.file):
-        return show(args.file, sys.stdout)
+    try:
+        with _naming_the_trace(args.file):
+            return show(args.file, sys.stdout)
+    except TraceError as exc:           # names the file, and the line when there is one
+        print(f"vfiosim trace show: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_trace_summary(args: argparse.Namespace) -> int:
+    from .tracing.format import TraceError
     from .transport.summary import print_summary, summarize_trace
-    with _naming_the_trace(args.file):
-        print_summary(summarize_trace(args.file), sys.stdout)
+    try:
+        with _naming_the_trace(args.file):
+            print_summary(summarize_trace(args.file), sys.stdout)
+    except TraceError as exc:           # names the file and line
+        print(f"vfiosim trace summary: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -274,15 +286,18 @@ def _run_parsers(sub: Any) -> None:
                        help="once programs can connect, write the socket's path and a newline to file descriptor N "
                             "and close it (for scripts and supervisors)")
     serve.set_defaults(func=cmd_serve)
-    trace = sub.add_parser("trace", help="inspect a --trace file")
+    trace = sub.add_parser("trace", help="inspect, convert and compare traces (--trace, vfiosim record, reference)")
     tsub = trace.add_subparsers(dest="trace_command", required=True)
-    show = tsub.add_parser("show", help="print a trace strace-style")
+    show = tsub.add_parser("show", help="print a trace strace-style (any trace: format of record, older --trace "
+                                        "files, the reference traces)")
     show.add_argument("file")
     show.set_defaults(func=cmd_trace_show)
     summary = tsub.add_parser("summary", help="condense a trace: runs of per-page map/unmap and of config or BAR "
                                               "accesses become one line each, with counts")
     summary.add_argument("file")
     summary.set_defaults(func=cmd_trace_summary)
+    from .tracing.cli import add_trace_subcommands
+    add_trace_subcommands(tsub)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -408,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     add_fuzz_parser(sub)
     _qemu_demo_parser(sub)
     _dpdk_demo_parser(sub)
+    from .tracing.cli import add_parsers as _tracing_parsers
+    _tracing_parsers(sub)
+    from .qemu.record import add_parsers as _qemu_record_parsers
+    _qemu_record_parsers(sub)
     args = ap.parse_args(argv)
     command = " ".join(filter(None, ("vfiosim", args.command, getattr(args, "trace_command", None))))
     try:

@@ -56,7 +56,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar, cast
+
+C = TypeVar("C")
 
 MASK64 = (1 << 64) - 1
 INTERESTING = (0, 1, 2, 3, 4, 7, 8, 12, 16, 0x7F, 0x80, 0xFF, 0x100, 0xFFF, 0x1000, 0x1001, 0x2000, 0xFFFF,
@@ -102,7 +104,7 @@ class Data:
     def below(self, n: int) -> int:
         return self.u8() % n if n <= 256 else self.u32() % n
 
-    def choice(self, seq: Sequence[Any]) -> Any:
+    def choice(self, seq: Sequence[C]) -> C:
         return seq[self.below(len(seq))]
 
     def flag(self) -> bool:
@@ -474,7 +476,6 @@ def _templates(uapi: Any) -> dict[int, type]:
 def check_invariants(m: Any) -> None:
     """What holds at every moment: every IOMMU entry points at a pinned page,
     a group is in at most one container, and no internal error happened."""
-    import numpy as np
     k = m.kernel
     if m.oopses:
         raise FuzzFailure("internal error:\n" + m.oopses[0])
@@ -487,26 +488,10 @@ def check_invariants(m: Any) -> None:
         obj, off = found
         return bool(obj.pincount[off >> obj.page_shift] > 0)
 
-    for pe in k.pes:
-        tables = []
-        if hasattr(pe, "tve"):
-            tables = [(t.entries, t.it_size) for t in pe.tve if t is not None and t.it_userspace is not None]
-        elif hasattr(pe, "hv"):
-            tables = [(t.entries, t.nb_table) for t in pe.hv.tables if t.enabled]
-        for storage, size in tables:
-            idx = storage.used_indices(0, size)
-            for i in idx[:4096].tolist():
-                tce = storage.get(i)
-                if not pinned(tce & ~0xFFF):
-                    raise FuzzFailure(f"{pe.name}: TCE #{i} = {tce:#x} points at a page nobody pinned")
-    for unit in m.iommu_units:
-        for dom in unit.domains:
-            if dom.kind != "paging":
-                continue
-            for iova, length, hpa, _prot in dom.extents():
-                for off in range(0, min(length, 64 << 12), 4096):
-                    if not pinned(hpa + off):
-                        raise FuzzFailure(f"VT-d domain {dom.id}: {iova + off:#x} -> {hpa + off:#x} is not pinned")
+    # (the first 4096 pages of each table or domain: tables can be huge)
+    for mp in k.platform.mappings(limit=4096):
+        if not pinned(mp.hpa):
+            raise FuzzFailure(f"{mp.where}: {mp.iova:#x} -> {mp.hpa:#x} points at a page nobody pinned")
     for g in k.vfio.groups.values():
         c = g.container
         if c is not None and g not in c.group_list:
@@ -520,7 +505,6 @@ def check_invariants(m: Any) -> None:
             if g.id in seen:
                 raise FuzzFailure(f"group {g.id} twice")
             seen[g.id] = g.container
-    del np
 
 
 def check_clean(m: Any) -> None:
@@ -537,10 +521,9 @@ def check_clean(m: Any) -> None:
             raise FuzzFailure(f"group {g.id} is still open or in a container after every exit")
         if g.iommu_group.dma_owner_claimed():
             raise FuzzFailure(f"IOMMU group {g.id} still has a DMA owner")
-    for unit in m.iommu_units:
-        paging = [d for d in unit.domains if d.kind == "paging"]
-        if paging:
-            raise FuzzFailure(f"VT-d paging domains remain: {paging}")
+    paging = k.platform.paging_domains()
+    if paging:
+        raise FuzzFailure(f"IOMMU paging domains remain: {paging}")
 
 
 def target_ioctl(data: bytes) -> None:
@@ -592,6 +575,7 @@ FAKE_PID = (1 << 22) + 4242          # above pid_max: no real process has it
 
 def target_protocol(data: bytes) -> None:
     from . import uapi
+    from .kernel.mm import MM
     from .machine import Machine
     from .transport import protocol as P
     from .transport.daemon import Conn, TaskState
@@ -603,9 +587,10 @@ def target_protocol(data: bytes) -> None:
     k = m.kernel
     with m._lock:                 # as the daemon's own task set-up and exit do
         task = k.spawn(d.choice((0, 1000)), 0, d.choice(MEMLOCKS), "fuzz")
-        buf = task.mm.mmap(BUF, 3)
-        task.mm.write(buf, b"\x5a" * BUF)
-        ro = task.mm.mmap(RO, 1)
+        mm = cast(MM, task.mm)            # a task spawned here has simulated memory
+        buf = mm.mmap(BUF, 3)
+        mm.write(buf, b"\x5a" * BUF)
+        ro = mm.mmap(RO, 1)
     st = TaskState(FAKE_PID, task, -1)
     task.files.foreign = lambda n, st=st: daemon._foreign(st, n)
     client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -731,11 +716,11 @@ def _toml_key(k: str) -> str:
     return k if k and all(c.isalnum() or c in "_-" for c in k) else _toml_value(k)
 
 
-def to_toml(data: dict) -> str:
+def to_toml(data: dict[str, Any]) -> str:
     """A small TOML writer: scalars and inline values, tables, arrays of tables."""
     lines: list[str] = []
 
-    def table(d: dict, prefix: str) -> None:
+    def table(d: dict[str, Any], prefix: str) -> None:
         subs: list[tuple[str, Any, Any]] = []
         for k, v in d.items():
             if isinstance(v, dict):
@@ -811,7 +796,7 @@ def _copy(x: Any) -> Any:
     return x
 
 
-_preset_data: dict[str, dict] = {}
+_preset_data: dict[str, dict[str, Any]] = {}
 
 
 def target_machine_file(data: bytes) -> None:
@@ -1033,14 +1018,14 @@ def atheris_engine(target: str, runs: int, seed: int, extra_dirs: Sequence[Path]
                    crash_dir: Path, seconds: float | None, work: Path) -> None:
     """Coverage-guided fuzzing with atheris (libFuzzer); does not return (libFuzzer exits)."""
     try:
-        import atheris
+        import atheris  # type: ignore[import-untyped]
     except ImportError:
         raise SystemExit("vfiosim fuzz: atheris is not installed (pip install 'vfiosim[fuzz]'), "
                          "or use --engine random") from None
     # Everything the targets reach, loaded now, then instrumented for coverage.
     from . import machine, uapi  # noqa: F401
     from .transport import daemon, protocol, trace  # noqa: F401
-    from .kernel.iommu import prereg, spapr_tce, spapr_tce_seed, type1  # noqa: F401
+    from .kernel.iommu import prereg, spapr_tce, spapr_tce_310, type1  # noqa: F401
     from .kernel.platform import powernv, pseries, x86  # noqa: F401
     atheris.instrument_all()
     work.mkdir(parents=True, exist_ok=True)

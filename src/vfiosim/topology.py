@@ -10,26 +10,7 @@ if TYPE_CHECKING:
 
 def describe(m: "Machine") -> dict[str, Any]:
     k = m.kernel
-    pes = []
-    for pe in k.pes:
-        tg = pe.table_group
-        entry: dict[str, Any] = {
-            "name": pe.name,
-            "iommu_group": pe.iommu_group.id if pe.iommu_group else None,
-            "devices": [d.bdf for d in pe.devices],
-            "dma32_window": {"start": tg.tce32_start, "size": tg.tce32_size},
-            "ddw": {"page_sizes": tg.pgsizes, "max_windows": tg.max_dynamic_windows_supported,
-                    "max_levels": tg.max_levels},
-            "windows": pe.windows(),
-            "eeh": None if pe.eeh is None else {"state": pe.eeh.get_state(), "frozen": pe.eeh.frozen,
-                                               "freezes": pe.eeh.freeze_count},
-        }
-        phb = getattr(pe, "phb", None)
-        if phb is not None:
-            entry["phb"] = {"index": phb.index, "model": phb.model}
-        else:
-            entry["phb"] = {"index": pe.hv.index, "model": "sPAPR", "liobns": [t.liobn for t in pe.hv.tables]}
-        pes.append(entry)
+    platform = k.platform.describe()           # its PEs, its IOMMU units
     groups = []
     for gid, g in sorted(k.iommu_groups.items()):
         vg = k.vfio.groups.get(gid)
@@ -40,10 +21,8 @@ def describe(m: "Machine") -> dict[str, Any]:
             "id": gid, "devices": [d.bdf for d in g.devices], "viable": not g.host_driver_owned(),
             "node": f"/dev/vfio/{gid}" if vg is not None else None, "state": owner or "closed",
             "container": vg.container.describe() if vg is not None and vg.container is not None else None,
+            **k.platform.describe_group(g),
         })
-        if g.domains is not None:
-            # x86: the IOMMU domain the group's DMA goes through now.
-            groups[-1]["domain"] = {"type": g.domains.domain.kind, "id": g.domains.domain.id}
     devices = []
     for bdf, d in sorted(k.devices.items()):
         devices.append({"bdf": bdf, "model": d.model, "vendor": d.vendor, "device": d.device_id,
@@ -53,8 +32,7 @@ def describe(m: "Machine") -> dict[str, Any]:
                         "reset": d.reset_method})
     out = {"machine": m.name, "description": m.spec.description, "platform": m.platform,
            "kernel": m.kernel_version, "page_size": m.page_size, "iommu_drivers": k.vfio.iommu_drivers.names(),
-           "eeh": k.eeh_enabled(), "pes": pes, "iommu_groups": groups, "devices": devices,
+           "eeh": k.eeh_enabled(), "pes": platform.pop("pes"), "iommu_groups": groups, "devices": devices,
            "processes": sorted(k.tasks)}
-    if m.iommu_units:
-        out["iommu_units"] = [u.describe() for u in m.iommu_units]
+    out.update(platform)
     return out

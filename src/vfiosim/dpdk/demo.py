@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Sequence
 
+from ..kernel.mm import AddressSpace
 from ..transport.summary import HostConversation, iommu_type_name, summarize_trace
 
 Log = Callable[[str], None]
@@ -320,7 +321,7 @@ def run_testpmd(machine: Any, argv: list[str], script: Sequence[tuple[str, float
                 os.killpg(proc.pid, signal.SIGKILL)
             return proc.poll() is not None and not daemon.states
 
-        mms = []
+        mms: list[AddressSpace] = []
 
         def remember_mms() -> bool:
             mms.extend(st.task.mm for st in daemon.states.values() if st.task.mm not in mms)
@@ -532,8 +533,8 @@ def report(r: DemoResult, out: IO[str]) -> None:
       f"{h.ioctls['VFIO_DEVICE_SET_IRQS']} VFIO_DEVICE_SET_IRQS, {h.ioctls['VFIO_DEVICE_RESET']} VFIO_DEVICE_RESET\n")
     if h.failures:
         p("  calls that failed, as on Linux:\n")
-        for f in h.failures:
-            p(f"    {f}\n")
+        for failure in h.failures:
+            p(f"    {failure}\n")
     p("\nChecks:\n")
     for ok, text in r.checks:
         p(f"  [{'ok' if ok else 'FAIL'}] {text}\n")

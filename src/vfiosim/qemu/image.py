@@ -215,9 +215,10 @@ def system_archives(codename: str, etc_apt: str = "/etc/apt") -> list[tuple[str,
 class GuestApt:
     """apt-get/apt-cache with a private state for the guest architecture."""
 
-    def __init__(self, root: Path, log: Log = _quiet) -> None:
+    def __init__(self, root: Path, log: Log = _quiet, arch: str = GUEST_ARCH) -> None:
         self.root = root
         self.log = log
+        self.arch = arch
         self.sources = root / "sources.list"
 
     def options(self) -> list[str]:
@@ -225,8 +226,8 @@ class GuestApt:
         opts = [f"-oDir::State={r / 'state'}", f"-oDir::Cache={r / 'cache'}",
                 f"-oDir::Etc::SourceList={self.sources}", f"-oDir::Etc::SourceParts={r / 'sources.list.d'}",
                 f"-oDir::Etc::Preferences={r / 'preferences'}", f"-oDir::Etc::PreferencesParts={r / 'preferences.d'}",
-                f"-oDir::State::status={r / 'status'}", f"-oAPT::Architecture={GUEST_ARCH}",
-                f"-oAPT::Architectures::={GUEST_ARCH}", "-oDebug::NoLocking=1", "-oAPT::Get::List-Cleanup=0"]
+                f"-oDir::State::status={r / 'status'}", f"-oAPT::Architecture={self.arch}",
+                f"-oAPT::Architectures::={self.arch}", "-oDebug::NoLocking=1", "-oAPT::Get::List-Cleanup=0"]
         if os.geteuid() == 0:
             opts.append("-oAPT::Sandbox::User=root")       # the cache belongs to the caller
         return opts
@@ -238,10 +239,10 @@ class GuestApt:
         archives = system_archives(codename)
         if not archives:
             raise QemuDemoUnavailable(f"no apt source of the host serves Debian {codename} main: the guest's "
-                                      f"{GUEST_ARCH} packages have nowhere to come from")
+                                      f"{self.arch} packages have nowhere to come from")
         lines = []
         for uri, signed_by in archives:
-            opt = f"arch={GUEST_ARCH}" + (f" signed-by={signed_by}" if signed_by else "")
+            opt = f"arch={self.arch}" + (f" signed-by={signed_by}" if signed_by else "")
             for suite in (codename, f"{codename}-backports"):
                 lines.append(f"deb [{opt}] {uri} {suite} main")
         for d in ("state/lists/partial", "cache/archives/partial", "sources.list.d", "preferences.d"):
@@ -255,7 +256,7 @@ class GuestApt:
     def update(self) -> None:
         proc = self.run("apt-get", "update", "-q", check=False)
         if not any((self.root / "state" / "lists").glob("*_Packages*")):
-            raise QemuDemoUnavailable(f"`apt-get update` for {GUEST_ARCH} fetched no package list "
+            raise QemuDemoUnavailable(f"`apt-get update` for {self.arch} fetched no package list "
                                       f"(no network to the Debian archive?): {proc.stderr.strip()[-600:]}")
 
     def versions(self, pkg: str) -> list[str]:
@@ -267,10 +268,11 @@ def _version_gt(a: str, b: str) -> bool:
     return subprocess.run(["dpkg", "--compare-versions", a, "gt", b]).returncode == 0
 
 
-def fetch_debs(*, log: Log = _quiet) -> dict[str, Path]:
-    """The guest's kernel and busybox .debs, downloaded once into the cache."""
+def fetch_debs(*, log: Log = _quiet, arch: str = GUEST_ARCH, kernel_meta: str = KERNEL_META) -> dict[str, Path]:
+    """The guest's kernel and busybox .debs (for ``arch``: ppc64el by default, or amd64
+    for the x86 guest of `vfiosim qemu-record`), downloaded once into the cache."""
     debs = cache_dir() / "debs"
-    manifest = debs / "manifest.json"
+    manifest = debs / ("manifest.json" if arch == GUEST_ARCH else f"manifest-{arch}.json")
     if manifest.exists():
         try:
             names = json.loads(manifest.read_text())
@@ -282,24 +284,24 @@ def fetch_debs(*, log: Log = _quiet) -> dict[str, Path]:
     for tool in ("apt-get", "apt-cache", "dpkg"):
         if shutil.which(tool) is None:
             raise QemuDemoUnavailable(f"the guest packages are not cached in {debs} and there is no {tool} to fetch them")
-    apt = GuestApt(cache_dir() / "apt", log)
+    apt = GuestApt(cache_dir() / ("apt" if arch == GUEST_ARCH else f"apt-{arch}"), log, arch)
     apt.setup()
     apt.update()
-    versions = apt.versions(KERNEL_META)
+    versions = apt.versions(kernel_meta)
     if not versions:
-        raise QemuDemoUnavailable(f"the Debian archive has no {KERNEL_META} for {GUEST_ARCH}")
+        raise QemuDemoUnavailable(f"the Debian archive has no {kernel_meta} for {arch}")
     newest = versions[0]
     for v in versions[1:]:
         if _version_gt(v, newest):
             newest = v
     kernel_pkg = ""
-    for line in apt.run("apt-cache", "depends", f"{KERNEL_META}={newest}").stdout.splitlines():
+    for line in apt.run("apt-cache", "depends", f"{kernel_meta}={newest}").stdout.splitlines():
         line = line.strip()
         if line.startswith("Depends:") and "linux-image-" in line:
             kernel_pkg = line.split(":", 1)[1].strip().split(":")[0]
             break
     if not kernel_pkg:
-        raise QemuDemoUnavailable(f"{KERNEL_META} {newest} depends on no linux-image package")
+        raise QemuDemoUnavailable(f"{kernel_meta} {newest} depends on no linux-image package")
     debs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=debs) as tmp:
         apt.run("apt-get", "download", "-q", kernel_pkg, BUSYBOX, cwd=Path(tmp))

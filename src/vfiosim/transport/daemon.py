@@ -128,7 +128,7 @@ class Daemon:
         self.sysfs = sysfs or FakeSysfs(machine)
         self._own_sysfs = sysfs is None
         self.log = log or (lambda text: print(f"vfiosim: {text}", file=sys.stderr, flush=True))
-        self.tracer = Tracer(trace, machine.platform) if trace is not None else None
+        self.tracer = Tracer(trace, machine.platform, machine=machine) if trace is not None else None
         self.states: dict[int, TaskState] = {}
         self.sel = selectors.DefaultSelector()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -5,7 +5,7 @@ memory is the real process's memory: user pointers passed to ioctls are
 read and written with process_vm_readv/process_vm_writev, pinned pages are
 the process's real pages, and a device's DMA lands in them.  Interrupts
 signal the program's real eventfds.  These classes implement the kernel's
-interfaces (the ``MM`` duck type of kernel/mm.py, a ``File`` for eventfds)
+interfaces (the ``AddressSpace`` of kernel/mm.py, a ``File`` for eventfds)
 on top of the host; the kernel itself stays free of real I/O.
 
 Limitation: a pin does not hold a real page in place.  If the program
@@ -30,7 +30,7 @@ import numpy as np
 
 from ..kernel.errors import fail
 from ..kernel.eventfd import EventFd
-from ..kernel.mm import PROT_EXEC, PROT_READ, PROT_WRITE, PhysicalMemory, PinResult, Vma
+from ..kernel.mm import PROT_EXEC, PROT_READ, PROT_WRITE, AddressSpace, PhysicalMemory, PinResult, Vma
 
 if TYPE_CHECKING:
     from ..kernel.task import Task
@@ -43,6 +43,7 @@ class _iovec(ctypes.Structure):
 
 
 _libc.process_vm_readv.restype = ctypes.c_ssize_t
+_libc.process_vm_writev.restype = ctypes.c_ssize_t
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _IOV_MAX = 1024
 
@@ -69,7 +70,6 @@ def _disable_procmap_query() -> None:
 
 # start-end perms offset dev inode [path]
 _MAPS_LINE = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \S+ *([^\n]*)$", re.M)
-_libc.process_vm_writev.restype = ctypes.c_ssize_t
 
 
 class HostProcess:
@@ -80,6 +80,8 @@ class HostProcess:
         # Set when the image this stands for is gone (exit, exec): the pid
         # may now name a new image, or another process.
         self.gone = False
+        # /proc/<pid>/mem for DMA writes, opened on first use (-1: cannot be, or closed).
+        self._mem: int | None = None
 
     def read(self, addr: int, n: int) -> bytes:
         """process_vm_readv(); EFAULT unless all ``n`` bytes were read."""
@@ -120,19 +122,16 @@ class HostProcess:
 
     def _mem_fd(self) -> int:
         """/proc/<pid>/mem, opened once (it stays bound to this process's memory)."""
-        fd = getattr(self, "_mem", None)
-        if fd is None:
+        if self._mem is None:
             try:
-                fd = os.open(f"/proc/{self.pid}/mem", os.O_WRONLY | os.O_CLOEXEC)
+                self._mem = os.open(f"/proc/{self.pid}/mem", os.O_WRONLY | os.O_CLOEXEC)
             except OSError:
-                fd = -1
-            self._mem = fd
-        return fd
+                self._mem = -1
+        return self._mem
 
     def close(self) -> None:
-        fd = getattr(self, "_mem", None)
-        if fd is not None and fd >= 0:
-            os.close(fd)
+        if self._mem is not None and self._mem >= 0:
+            os.close(self._mem)
         self._mem = -1
 
     def __del__(self) -> None:
@@ -319,23 +318,18 @@ class HostMemoryObject:
         # A device writes whatever the CPU mapping's protection is now (the
         # IOMMU already checked the TCE's permission), so write through
         # /proc/<pid>/mem, which does not honour PROT_WRITE.
-        self.host.device_write(self.vaddr + off, memoryview(data).cast("B") if isinstance(data, np.ndarray) else data)
+        self.host.device_write(self.vaddr + off, data.data.cast("B") if isinstance(data, np.ndarray) else data)
 
     def __repr__(self) -> str:
         return f"<HostMemoryObject pid={self.host.pid} vaddr={self.vaddr:#x} len={self.length:#x} pins={self.pins}>"
 
 
-class HostMM:
-    """The ``MM`` of a simulated task that is a real process."""
+class HostMM(AddressSpace):
+    """The address space of a simulated task that is a real process."""
 
     def __init__(self, pid: int, phys: PhysicalMemory) -> None:
+        super().__init__(phys)
         self.host = HostProcess(pid)
-        self.phys = phys
-        self.page_size = phys.page_size
-        self.page_shift = phys.page_shift
-        self.locked_vm = 0
-        self.pinned_vm = 0
-        self.dead = False
         self._objects: dict[tuple[int, int], HostMemoryObject] = {}
 
     # -- copy_from_user / copy_to_user --------------------------------------------------------
@@ -361,17 +355,16 @@ class HostMM:
 
     def _vma(self, entry: tuple[int, int, int, bool, str]) -> Vma:
         start, end, prot, private, _path = entry
-        return Vma(start, end, prot, self._object(start, end), 0,  # type: ignore[arg-type]
-                   kind="anon" if private else "shared")
+        return Vma(start, end, prot, self._object(start, end), 0, kind="anon" if private else "shared")
 
     def vmas(self) -> list[Vma]:
         return [self._vma(e) for e in self.host.maps()]
 
     def find_vma(self, addr: int) -> Vma | None:
-        for e in self.host.maps():
-            if e[0] <= addr < e[1]:
-                return self._vma(e)
-        return None
+        # The one mapping (PROCMAP_QUERY), not a parse of them all: the trace
+        # looks up the memory of every MAP_DMA and REGISTER_MEMORY.
+        entry = self.host.vma_at(addr)
+        return self._vma(entry) if entry is not None else None
 
     def pin_pages_longterm(self, start: int, npages: int, write: bool) -> PinResult:
         """As MM.pin_pages_longterm (Type1's FOLL_LONGTERM pin): a read pin of a
@@ -405,7 +398,7 @@ class HostMM:
             pages = ((seg - np.uint64(vma.start)) >> np.uint64(self.page_shift)).astype(np.int64)
             if not dry_run and pages.size:
                 if obj.pins == 0 and obj not in self.phys.objects():
-                    self.phys.register(obj, obj.length)  # type: ignore[arg-type]
+                    self.phys.register(obj, obj.length)
                 np.add.at(obj.pincount, pages, 1)
                 obj.pins += int(pages.size)
             hpas[done:stop] = np.uint64(obj.phys_base) + (pages.astype(np.uint64) << np.uint64(self.page_shift))
@@ -421,6 +414,11 @@ class HostMM:
         if tag:
             res.hpas = res.hpas | np.uint64(tag)
         return res
+
+    def count_mlocked_pages(self, start: int, length: int) -> int:
+        """None that this locked_vm counts: the program's own mlock() is charged
+        to its real VmLck by the host kernel, not here."""
+        return 0
 
     def teardown(self) -> None:
         """The image is gone (exit, exec): its pinned memory is orphaned."""

@@ -139,12 +139,18 @@ def _last_kernel_lines(daemon: Daemon) -> None:
 
 
 def run(machine: "Machine", argv: Sequence[str], *, trace: str | IO[str] | None = None,
-        stderr: IO[str] | None = None, verbose: bool = False) -> int:
+        stderr: IO[str] | None = None, verbose: bool = False, env_extra: dict[str, str] | None = None,
+        preload_first: Sequence[str] = ()) -> int:
     """Start a daemon for ``machine``, run ``argv`` under the shim, serve until it
     and every process that holds simulated files have exited.  Returns its exit code.
-    ``verbose``: print failing calls with the simulated kernel's reason, and its log."""
+    ``verbose``: print failing calls with the simulated kernel's reason, and its log.
+    ``preload_first``: libraries preloaded before the shim (`vfiosim record --simulated`
+    puts its recording shim there, so that it sees the calls the shim serves)."""
     err = stderr or sys.stderr
     with private_daemon(machine, trace, err, verbose) as (daemon, env):
+        env.update(env_extra or {})
+        if preload_first:
+            env["LD_PRELOAD"] = ":".join([*preload_first, env["LD_PRELOAD"]])
         try:
             proc = subprocess.Popen(list(argv), env=env)
         except OSError as exc:

@@ -152,11 +152,11 @@ class FakeSysfs:
             for i, bar in dev.bars.items():
                 _write(self.path(f"{ddir}/resource{i}"), "")
             self._link("../../../bus/pci", f"{ddir}/subsystem")
-            group = dev.iommu_group
-            if group is not None:
-                self._link(f"../../../kernel/iommu_groups/{group.id}", f"{ddir}/iommu_group")
-                self._link(os.path.relpath(ddir, f"/sys/kernel/iommu_groups/{group.id}/devices"),
-                           f"/sys/kernel/iommu_groups/{group.id}/devices/{bdf}")
+            dev_group = dev.iommu_group
+            if dev_group is not None:
+                self._link(f"../../../kernel/iommu_groups/{dev_group.id}", f"{ddir}/iommu_group")
+                self._link(os.path.relpath(ddir, f"/sys/kernel/iommu_groups/{dev_group.id}/devices"),
+                           f"/sys/kernel/iommu_groups/{dev_group.id}/devices/{bdf}")
             if bdf in vfio_index:
                 self._vfio_dev(ddir, vfio_index[bdf])
             if dev.driver:

@@ -3,7 +3,7 @@
 A device model subclasses :class:`PciDevice` and implements ``mmio_read`` /
 ``mmio_write`` for its BARs and ``reset``.  It reaches memory only through
 ``self.bus_master`` (:class:`BusMaster`): the platform behind it translates
-every bus address through the IOMMU of the device's PE, so a device model
+every bus address through the device's IOMMU (kernel/dma.py), so a device model
 cannot touch memory the IOMMU does not allow.  This is the public interface
 for writing your own device models.
 """
@@ -11,7 +11,7 @@ for writing your own device models.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 from .config import (PCI_BASE_ADDRESS_0, PCI_BASE_ADDRESS_MEM_PREFETCH, PCI_BASE_ADDRESS_MEM_TYPE_64,
                      PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX, PCI_CAP_MSIX_SIZEOF, PCI_CLASS_DEVICE, PCI_CLASS_PROG,
@@ -26,7 +26,7 @@ from .config import (PCI_BASE_ADDRESS_0, PCI_BASE_ADDRESS_MEM_PREFETCH, PCI_BASE
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..iommu.iommu_group import IommuGroup
+    from ..iommu.iommu import IommuGroup, IommuOps
 
 
 class DmaError(Exception):
@@ -55,12 +55,17 @@ class BusMaster(Protocol):
         or a uint8 NumPy array): the bulk path, no allocation."""
         ...
 
-    def dma_write(self, iova: int, data: bytes | bytearray | memoryview) -> None: ...
+    def dma_write(self, iova: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None: ...
 
-    # Optional scatter-gather forms (the platforms' bus masters have them; a
-    # device falls back to the single calls when they are missing):
-    # dma_read_many([(iova, length), ...]) -> list[bytes] and
-    # dma_write_many([(iova, data), ...]): every range checked first, then moved.
+    def dma_read_many(self, segments: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Scatter-gather read of several (iova, length) ranges: every range is
+        checked first (a refusal moves nothing), then the data moves."""
+        ...
+
+    def dma_write_many(self, segments: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
+        """Scatter-gather write of several (iova, data) ranges: every range is
+        checked first (a refusal moves nothing), then the data moves."""
+        ...
 
 
 class NoBusMaster:
@@ -72,8 +77,17 @@ class NoBusMaster:
     def dma_read_into(self, iova: int, out: "bytearray | memoryview | np.ndarray") -> None:
         raise DmaError(iova, len(out), False, "device is not attached to a bus")
 
-    def dma_write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
+    def dma_write(self, iova: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
         raise DmaError(iova, len(data), True, "device is not attached to a bus")
+
+    def dma_read_many(self, segments: Sequence[tuple[int, int]]) -> list[bytes]:
+        if not segments:
+            return []
+        raise DmaError(*segments[0], False, "device is not attached to a bus")
+
+    def dma_write_many(self, segments: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
+        if segments:
+            raise DmaError(segments[0][0], len(segments[0][1]), True, "device is not attached to a bus")
 
 
 @dataclass
@@ -171,6 +185,8 @@ class PciDevice:
         self.config = ConfigSpace()
         self.bars: dict[int, Bar] = {}
         self.iommu_group: "IommuGroup | None" = None
+        # The IOMMU driver that probed the device (dev->iommu), None behind no IOMMU.
+        self.iommu_ops: "IommuOps | None" = None
         self.driver: str | None = "vfio-pci"
         self.bus_master: BusMaster = NoBusMaster()
         # Set by the platform: whether MMIO currently reaches the device
@@ -350,6 +366,12 @@ class PciDevice:
         m = self.msix
         if m is not None and offset < m.cap + PCI_MSIX_FLAGS + 2 and m.cap + PCI_MSIX_FLAGS < offset + size:
             self._msix_unmasked()
+
+    def host_config_write(self, offset: int, size: int, value: int) -> None:
+        """pci_write_config_*() by the host kernel's PCI core: the value lands
+        in the register as written (Command, MSI Enable), with no user access
+        control in between."""
+        self.config.data[offset:offset + size] = value.to_bytes(size, "little")
 
     def reset(self) -> None:
         """Function-level reset: config space and device state to power-on."""

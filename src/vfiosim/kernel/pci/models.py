@@ -23,7 +23,7 @@ class DeviceFactory(Protocol):
 
 
 _NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
-BUILTIN = {"edu": EduDevice, "virtio-net": VirtioNet.from_options}
+BUILTIN: dict[str, Callable[..., PciDevice]] = {"edu": EduDevice, "virtio-net": VirtioNet.from_options}
 # A machine file's dma_mask when it gives none: edu drives 28 address bits
 # (QEMU's default); a virtio device drives all 64.
 DEFAULT_DMA_MASK = (1 << 28) - 1
@@ -34,6 +34,8 @@ MODEL_OPTIONS = {"virtio-net": ("backend", "pcap_rx", "pcap_tx", "mac")}
 
 def default_dma_mask(name: str) -> int:
     return _MODEL_DMA_MASK.get(name, DEFAULT_DMA_MASK)
+
+
 _factories: dict[str, Callable[..., PciDevice]] = dict(BUILTIN)
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import collections
 import struct
 import time
-from typing import Protocol
+from typing import Callable, Protocol
 
 PCAP_MAGIC = 0xA1B2C3D4
 PCAP_MAGIC_NS = 0xA1B23C4D
@@ -76,7 +76,7 @@ class Loopback:
     def __init__(self, capacity: int = 256, keep_new: int = 64) -> None:
         self.capacity = capacity
         self.keep_new = keep_new
-        self.can_receive = lambda: True          # set by the device
+        self.can_receive: Callable[[], bool] = lambda: True          # set by the device
         self.queue: collections.deque[bytes] = collections.deque()
         self.in_flight: collections.Counter[bytes] = collections.Counter()
         self.new_frames: list[bytes] = []        # the first ``keep_new`` new frames, for inspection

@@ -30,7 +30,7 @@ has already done its part (an EEH freeze on PowerNV, a DMAR fault on x86).
 from __future__ import annotations
 
 import struct
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -313,12 +313,11 @@ class SplitQueue:
 
     def gather_many(self, chains: list[Chain]) -> list[bytes]:
         """The device-readable bytes of each chain, read in one scatter-gather
-        DMA when the bus master can (every range is checked first)."""
+        DMA (every range is checked first)."""
         segs = [seg for c in chains for seg in c.readable]
         bm = self.dev.bus_master
         try:
-            many = getattr(bm, "dma_read_many", None)
-            parts = many(segs) if many is not None else [bm.dma_read(a, n) for a, n in segs]
+            parts = bm.dma_read_many(segs)
         except DmaError as exc:
             raise VirtioError(f"queue {self.index}: {exc}") from None
         out = []
@@ -334,9 +333,9 @@ class SplitQueue:
         bytes written (less than ``len(data)`` if the buffers are too small)."""
         return self.scatter_many([(chain, data)])[0]
 
-    def scatter_many(self, items: list[tuple[Chain, bytes | bytearray | memoryview]]) -> list[int]:
+    def scatter_many(self, items: Sequence[tuple[Chain, bytes | bytearray | memoryview]]) -> list[int]:
         """Scatter each data into its chain's writable buffers, in one
-        scatter-gather DMA when the bus master can."""
+        scatter-gather DMA."""
         segs: list[tuple[int, memoryview]] = []
         written = []
         for chain, data in items:
@@ -351,12 +350,7 @@ class SplitQueue:
             written.append(done)
         bm = self.dev.bus_master
         try:
-            many = getattr(bm, "dma_write_many", None)
-            if many is not None:
-                many(segs)
-            else:
-                for addr, part in segs:
-                    bm.dma_write(addr, part)
+            bm.dma_write_many(segs)
         except DmaError as exc:
             raise VirtioError(f"queue {self.index}: {exc}") from None
         return written

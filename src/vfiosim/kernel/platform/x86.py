@@ -20,42 +20,32 @@ reports (QEMU: 2M and 1G), the reserved regions are the interrupt
 (IOAPIC/MSI) range (intel_iommu_get_resv_regions), and force-snooping
 (VFIO_DMA_CC_IOMMU) needs snoop control, which QEMU's unit lacks by default.
 
-Devices use :class:`VtdBusMaster`, the same path as POWER's PeBusMaster
-with the device's context entry (:class:`VtdContext`) in the place of the
-PE; data moves run by run (kernel/iommu/dma.py), never page by page.
+The unit implements the IOMMU API (kernel/iommu/iommu.py): :class:`IntelIommu`
+is its ``iommu_ops`` and :class:`VtdDomain` its domains, which is all the
+Type1 driver sees.  A device's DMA goes through its context entry
+(:class:`VtdContext`), its DMA translator as a PE is on POWER; data moves
+run by run (kernel/dma.py), never page by page.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 from dataclasses import dataclass
-from errno import EBUSY, EFAULT, EINVAL, ENOMEM
+from errno import EFAULT, EINVAL, ENOMEM
 from itertools import count
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from ..dma import DmaFault, IommuBusMaster, Run, TranslationCache
 from ..errors import KernelBug, fail
-from ..iommu.dma import DmaFault, Run
+from ..iommu.iommu import (IOMMU_DOMAIN_BLOCKED, IOMMU_DOMAIN_IDENTITY, IOMMU_DOMAIN_PAGING, IOMMU_READ,
+                           IOMMU_WRITE, DirtyRange, IommuDomain, IommuOps, ResvRegion)
 from ..mm import PhysicalMemory
-from ..pci.device import PciDevice
-from .base import PeBusMaster, TceCache
+from .base import IommuMapping, Platform
 
 if TYPE_CHECKING:
-    from ..iommu.iommu_group import IommuGroup
-
-# IOMMU_* protection flags of the IOMMU API (include/linux/iommu.h).
-IOMMU_READ = 1 << 0
-IOMMU_WRITE = 1 << 1
-IOMMU_CACHE = 1 << 2
-
-# enum iommu_resv_type (include/linux/iommu.h).
-IOMMU_RESV_DIRECT = 0
-IOMMU_RESV_DIRECT_RELAXABLE = 1
-IOMMU_RESV_RESERVED = 2
-IOMMU_RESV_MSI = 3
-IOMMU_RESV_SW_MSI = 4
-RESV_TYPE_NAMES = {"direct": IOMMU_RESV_DIRECT, "direct-relaxable": IOMMU_RESV_DIRECT_RELAXABLE,
-                   "reserved": IOMMU_RESV_RESERVED, "msi": IOMMU_RESV_MSI, "sw-msi": IOMMU_RESV_SW_MSI}
-RESV_TYPE_BY_NUMBER = {v: k for k, v in RESV_TYPE_NAMES.items()}
+    from ..iommu.iommu import IommuGroup
+    from ..pci.device import PciDevice
 
 # Fault reasons of second-level translation (dma_remap_fault_reasons[] in
 # drivers/iommu/intel/dmar.c; QEMU's VTD_FR_* codes in hw/i386/intel_iommu.c).
@@ -70,28 +60,6 @@ DMAR_FAULT_REASONS = {
     DMAR_FR_READ: "PTE Read access is not set",
 }
 
-# What the Type1 driver compares to decide whether two domains can be shared
-# (``d->domain->ops == domain->domain->ops``): every VT-d paging domain has
-# intel_iommu_ops' paging ops.
-INTEL_IOMMU_OPS = "intel_iommu_ops"
-
-
-@dataclass(frozen=True)
-class ResvRegion:
-    """``struct iommu_resv_region``: a range no IOVA may use."""
-
-    start: int
-    length: int
-    type: int
-
-    @property
-    def end(self) -> int:
-        return self.start + self.length - 1
-
-    @property
-    def type_name(self) -> str:
-        return RESV_TYPE_BY_NUMBER.get(self.type, str(self.type))
-
 
 @dataclass
 class VtdFault(DmaFault):
@@ -100,7 +68,7 @@ class VtdFault(DmaFault):
     code: int = DMAR_FR_READ
 
 
-class VtdDomain:
+class VtdDomain(IommuDomain):
     """An IOMMU domain on the unit: identity, blocking, or paging.
 
     A paging domain (``struct dmar_domain``) keeps its second-level page
@@ -111,48 +79,50 @@ class VtdDomain:
     per extent it crosses.
     """
 
-    IDENTITY = "identity"
-    BLOCKED = "blocked"
-    PAGING = "paging"
-
-    def __init__(self, unit: "IntelIommu", kind: str, domain_id: int) -> None:
-        self.unit = unit
-        self.kind = kind
-        self.id = domain_id
-        self.ops = INTEL_IOMMU_OPS
+    def __init__(self, unit: "IntelIommu", type: str, domain_id: int) -> None:
         # domain->geometry: the aperture of a paging domain is its address width.
-        self.aperture_start = 0
-        self.aperture_end = (1 << unit.aw_bits) - 1
-        self.pgsize_bitmap = unit.pgsize_bitmap
-        self.groups: list["IommuGroup"] = []
+        super().__init__(unit, type, domain_id=domain_id, pgsize_bitmap=unit.pgsize_bitmap, aperture_start=0,
+                         aperture_end=(1 << unit.aw_bits) - 1)
+        self.unit = unit
         self._starts: list[int] = []
         self._ext: list[tuple[int, int, int, int]] = []     # (iova, length, hpa, prot)
-        # Called with (iova, length) after the device wrote through this
-        # domain; the Type1 driver records dirty pages with it.
-        self.on_dma_write: Callable[[int, int], None] | None = None
-        self.freed = False
-        # Bumped by every change of the page table: the IOTLB (TceCache below) serves
-        # a cached page translation only while it is unchanged.
+        # Second-stage dirty tracking (SSADS): the IOVA pages devices wrote.
+        self.dirty_tracking = False
+        self._dirty: set[int] = set()
+        # Bumped by every change of the page table: a unit's IOTLB (VtdContext.iotlb)
+        # serves a cached translation only while it is unchanged.
         self.generation = 0
 
+    @property
+    def kind(self) -> str:
+        return self.type
+
     def __repr__(self) -> str:
-        return f"<VtdDomain {self.kind} #{self.id} on {self.unit.name}>"
+        return f"<VtdDomain {self.type} #{self.id} on {self.unit.name}>"
 
     # -- iommu_domain_ops ---------------------------------------------------------------
+
+    def attach_dev(self, dev: "PciDevice") -> None:
+        """intel_iommu_attach_device() (and the static identity and blocked
+        domains' attach): the device's context entry now leads here."""
+        ctx = self.unit.contexts.get(dev.bdf)
+        if ctx is None:
+            raise fail(EINVAL, f"domain {self!r}: {dev.bdf} is not behind {self.unit.name}")
+        ctx.domain = self
 
     def enforce_cache_coherency(self) -> bool:
         """intel_iommu_enforce_cache_coherency(): force snooping needs every
         unit the domain's devices sit behind to support snoop control."""
         return self.unit.snoop_control
 
-    def map(self, iova: int, hpa: int, size: int, prot: int) -> None:
+    def map_pages(self, iova: int, paddr: int, size: int, prot: int) -> None:
         """intel_iommu_map(): one physically contiguous range.
 
         Past the domain's address width is EFAULT, as upstream logs "iommu
         width (%d) is not sufficient for the mapped address".
         """
-        if self.kind != self.PAGING:
-            raise KernelBug(f"map into the {self.kind} domain")
+        if self.type != IOMMU_DOMAIN_PAGING:
+            raise KernelBug(f"map into the {self.type} domain")
         if size <= 0:
             return
         if iova + size - 1 > self.aperture_end:
@@ -168,10 +138,10 @@ class VtdDomain:
             # Type1 driver never maps over a mapping.
             raise KernelBug(f"VT-d PTE for IOVA {iova:#x}+{size:#x} already set in {self!r}")
         self._starts.insert(i, iova)
-        self._ext.insert(i, (iova, size, hpa, prot))
+        self._ext.insert(i, (iova, size, paddr, prot))
         self.generation += 1
 
-    def unmap(self, iova: int, size: int) -> int:
+    def unmap_pages(self, iova: int, size: int) -> int:
         """intel_iommu_unmap_pages(): clear [iova, iova+size); bytes unmapped."""
         self.generation += 1
         end = iova + size
@@ -209,6 +179,39 @@ class VtdDomain:
                 return e_hpa + (iova - e_iova)
         return 0
 
+    def free(self) -> None:
+        """intel_iommu_domain_free()"""
+        if self in self.unit.domains:
+            self.unit.domains.remove(self)
+
+    # -- intel_dirty_ops (second-stage A/D bits) --------------------------------------------
+
+    @property
+    def dirty_tracking_supported(self) -> bool:
+        """Only on a unit with second-stage access/dirty support (ECAP.SSADS),
+        which QEMU's intel-iommu does not offer by default."""
+        return self.type == IOMMU_DOMAIN_PAGING and self.unit.dirty_tracking
+
+    def set_dirty_tracking(self, enabled: bool) -> None:
+        """intel_iommu_set_dirty_tracking(): turning it off forgets what was recorded."""
+        self.dirty_tracking = enabled
+        if not enabled:
+            self._dirty.clear()
+
+    def read_and_clear_dirty(self, iova: int, size: int) -> list[DirtyRange]:
+        """intel_iommu_read_and_clear_dirty(): the 4 KiB pages written in
+        [iova, iova+size), as ranges; their dirty bits are cleared."""
+        first, last = iova >> 12, (iova + size - 1) >> 12
+        pages = sorted(p for p in self._dirty if first <= p <= last)
+        self._dirty.difference_update(pages)
+        out: list[DirtyRange] = []
+        for p in pages:
+            if out and out[-1].iova + out[-1].length == p << 12:
+                out[-1] = DirtyRange(out[-1].iova, out[-1].length + 4096)
+            else:
+                out.append(DirtyRange(p << 12, 4096))
+        return out
+
     def mapped_bytes(self) -> int:
         return sum(e[1] for e in self._ext)
 
@@ -218,11 +221,23 @@ class VtdDomain:
     # -- the hardware walk -----------------------------------------------------------------
 
     def translate(self, iova: int, length: int, write: bool, phys: PhysicalMemory) -> list[Run] | VtdFault:
-        """Translate [iova, iova+length) for a device read or write."""
-        if self.kind == self.BLOCKED:
+        """Translate [iova, iova+length) for a device read or write; a write
+        sets the dirty bits of its pages while dirty tracking is on."""
+        runs = self.walk(iova, length, write, phys)
+        if write and self.dirty_tracking and isinstance(runs, list):
+            self.mark_dirty(iova, length)
+        return runs
+
+    def mark_dirty(self, iova: int, length: int) -> None:
+        """The second-stage dirty bits of the pages a device wrote."""
+        self._dirty.update(range(iova >> 12, ((iova + length - 1) >> 12) + 1))
+
+    def walk(self, iova: int, length: int, write: bool, phys: PhysicalMemory) -> list[Run] | VtdFault:
+        """The page walk of [iova, iova+length): the runs of memory, or the fault."""
+        if self.type == IOMMU_DOMAIN_BLOCKED:
             return VtdFault(iova, "the group is in the blocking domain (VFIO owns it, no IOMMU domain attached)",
                             DMAR_FR_CONTEXT_ENTRY_P)
-        if self.kind == self.IDENTITY:
+        if self.type == IOMMU_DOMAIN_IDENTITY:
             found = phys.lookup(iova)
             if found is None or found[1] + length > found[0].length:
                 return VtdFault(iova, f"{iova:#x}+{length:#x} is not RAM (identity domain)",
@@ -262,58 +277,17 @@ class VtdDomain:
         return runs
 
 
-class VtdGroup:
-    """The IOMMU core's view of one group on VT-d: its default domain
-    (identity with ``iommu=pt``), the blocking domain, and the domain it is
-    attached to now (``group->domain``), drivers/iommu/iommu.c."""
+class IntelIommu(IommuOps):
+    """One VT-d remapping unit (DMAR DRHD) with intel_iommu_ops: the domains
+    allocated on it and the context entries of the devices behind it."""
 
-    def __init__(self, unit: "IntelIommu", group: "IommuGroup") -> None:
-        self.unit = unit
-        self.group = group
-        self.default_domain = unit.identity_domain
-        self.blocking_domain = unit.blocking_domain
-        self.domain = self.default_domain
-        self.owned = False
-
-    def take_ownership(self) -> None:
-        """__iommu_take_dma_ownership(): the group moves to the blocking domain."""
-        if self.domain is not self.default_domain:
-            raise fail(EBUSY, f"IOMMU group {self.group.id} is attached to another domain")
-        self.owned = True
-        self._set(self.blocking_domain)
-
-    def release_ownership(self) -> None:
-        """__iommu_release_dma_ownership(): back to the default domain."""
-        self.owned = False
-        self._set(self.default_domain)
-
-    def attach(self, domain: VtdDomain) -> None:
-        """__iommu_attach_group(): only from the default or blocking domain."""
-        if self.domain not in (self.default_domain, self.blocking_domain):
-            raise fail(EBUSY, f"IOMMU group {self.group.id} is already attached to {self.domain!r}")
-        if domain.unit is not self.unit:
-            # dev_iommu_ops(dev) != domain->owner, or a unit the domain cannot
-            # use (prepare_domain_attach_device).
-            raise fail(EINVAL, f"domain {domain!r} belongs to another IOMMU unit")
-        self._set(domain)
-
-    def detach(self, domain: VtdDomain) -> None:
-        """iommu_detach_group() -> __iommu_group_set_core_domain()."""
-        self._set(self.blocking_domain if self.owned else self.default_domain)
-
-    def _set(self, domain: VtdDomain) -> None:
-        if self.group in self.domain.groups:
-            self.domain.groups.remove(self.group)
-        self.domain = domain
-        domain.groups.append(self.group)
-
-
-class IntelIommu:
-    """One VT-d remapping unit (DMAR DRHD) and the domains allocated on it."""
+    name = "intel-iommu"
+    identity_domain: "VtdDomain"
+    blocked_domain: "VtdDomain"
 
     def __init__(self, *, name: str, model: str, aw_bits: int, pgsize_bitmap: int, resv_regions: list[ResvRegion],
                  snoop_control: bool, interrupt_remapping: bool, caching_mode: bool, phys: PhysicalMemory,
-                 log_err: Callable[[str], None]) -> None:
+                 log_err: Callable[[str], None], dirty_tracking: bool = False) -> None:
         self.name = name
         self.model = model
         self.aw_bits = aw_bits
@@ -322,30 +296,29 @@ class IntelIommu:
         self.snoop_control = snoop_control
         self.interrupt_remapping = interrupt_remapping
         self.caching_mode = caching_mode
+        self.dirty_tracking = dirty_tracking
         self.phys = phys
         self.log_err = log_err
         self._ids = count(1)
-        self.identity_domain = VtdDomain(self, VtdDomain.IDENTITY, 0)
-        self.blocking_domain = VtdDomain(self, VtdDomain.BLOCKED, 0)
+        self.identity_domain = VtdDomain(self, IOMMU_DOMAIN_IDENTITY, 0)
+        self.blocked_domain = VtdDomain(self, IOMMU_DOMAIN_BLOCKED, 0)
         self.domains: list[VtdDomain] = []
-        self.groups: dict[int, VtdGroup] = {}
-        self.contexts: list["VtdContext"] = []
+        self.contexts: dict[str, VtdContext] = {}
         self.faults = 0
 
-    def add_group(self, group: "IommuGroup") -> VtdGroup:
-        state = self.groups.get(group.id)
-        if state is None:
-            state = self.groups[group.id] = VtdGroup(self, group)
-            state.domain.groups.append(group)
-        return state
+    # -- intel_iommu_ops ---------------------------------------------------------------------
 
-    def add_device(self, dev: PciDevice, state: VtdGroup) -> "VtdContext":
-        ctx = VtdContext(self, dev, state)
-        self.contexts.append(ctx)
-        dev.bus_master = VtdBusMaster(ctx, dev)
-        return ctx
+    def probe_device(self, dev: "PciDevice") -> None:
+        """intel_iommu_probe_device(): the device's context entry (its requester
+        ID), through which its DMA now goes."""
+        ctx = self.contexts[dev.bdf] = VtdContext(self, dev)
+        dev.bus_master = IommuBusMaster(ctx, dev)
 
-    def domain_alloc_paging(self) -> VtdDomain:
+    def default_domain(self, dev: "PciDevice") -> VtdDomain:
+        """The identity domain: the host runs with iommu=pt."""
+        return self.identity_domain
+
+    def domain_alloc_paging(self, dev: "PciDevice") -> VtdDomain:
         """iommu_paging_domain_alloc() -> __iommu_domain_alloc() ->
         intel_iommu_domain_alloc(IOMMU_DOMAIN_UNMANAGED), as in Linux 6.12
         (intel_iommu_domain_alloc_paging() replaced it in 6.13): alloc_domain()
@@ -359,33 +332,22 @@ class IntelIommu:
         if faults is not None and faults.should_fail("alloc_pages:md_domain_init"):
             self.log_err("DMAR: Domain initialization failed")
             raise fail(ENOMEM, "allocating the VT-d domain's page directory failed (fault injection)")
-        domain = VtdDomain(self, VtdDomain.PAGING, next(self._ids))
+        domain = VtdDomain(self, IOMMU_DOMAIN_PAGING, next(self._ids))
         self.domains.append(domain)
         return domain
 
-    def domain_free(self, domain: VtdDomain) -> None:
-        """iommu_domain_free()"""
-        if domain.groups:
-            raise KernelBug(f"freeing {domain!r} with groups {[g.id for g in domain.groups]} attached")
-        domain.freed = True
-        if domain in self.domains:
-            self.domains.remove(domain)
+    def get_resv_regions(self, dev: "PciDevice") -> list[ResvRegion]:
+        """intel_iommu_get_resv_regions(): every device behind this unit has the
+        interrupt (IOAPIC/MSI) range."""
+        return list(self.resv_regions)
 
-    def get_resv_regions(self, group: "IommuGroup") -> list[ResvRegion]:
-        """iommu_get_group_resv_regions(): the union over the group's devices,
-        sorted, overlapping regions of one type merged.  Every device behind
-        this unit has the interrupt range (intel_iommu_get_resv_regions)."""
-        regions = sorted(self.resv_regions, key=lambda r: (r.start, r.type))
-        out: list[ResvRegion] = []
-        for r in regions:
-            if out and out[-1].type == r.type and r.start <= out[-1].end + 1:
-                last = out[-1]
-                out[-1] = ResvRegion(last.start, max(last.end, r.end) - last.start + 1, r.type)
-            else:
-                out.append(r)
-        return out
+    def isolated_msi(self, dev: "PciDevice") -> bool:
+        """The VT-d interrupt remapping domain isolates MSIs (IRQ_DOMAIN_FLAG_ISOLATED_MSI)."""
+        return self.interrupt_remapping
 
-    def report_fault(self, dev: PciDevice, fault: VtdFault, write: bool) -> None:
+    # -- the hardware ---------------------------------------------------------------------------
+
+    def report_fault(self, dev: "PciDevice", fault: VtdFault, write: bool) -> None:
         """dmar_fault() -> dmar_fault_do_one(): the recorded fault, logged."""
         self.faults += 1
         reason = DMAR_FAULT_REASONS.get(fault.code, "Unknown")
@@ -396,7 +358,7 @@ class IntelIommu:
                      f"[{dev.bus:02x}:{dev.slot:02x}.{dev.function}] fault addr {addr:#x} "
                      f"[fault reason {fault.code:#04x}] {reason}")
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {
             "name": self.name, "model": self.model, "address_width": self.aw_bits,
             "page_sizes": self.pgsize_bitmap, "snoop_control": self.snoop_control,
@@ -409,34 +371,34 @@ class IntelIommu:
 
 
 class VtdContext:
-    """A device's context entry: its requester ID leads to its group's
-    current domain.  It stands where a PE stands for PeBusMaster on POWER
-    (name, dma_enabled, translate, dma_fault)."""
+    """A device's context entry: its requester ID leads to the domain its
+    group is attached to.  The device's DMA translator, as the PE is on POWER."""
 
-    eeh = None
-
-    def __init__(self, unit: IntelIommu, dev: PciDevice, state: VtdGroup) -> None:
+    def __init__(self, unit: IntelIommu, dev: "PciDevice") -> None:
         self.unit = unit
         self.dev = dev
-        self.state = state
+        self.domain: VtdDomain = unit.identity_domain
         self.name = f"{unit.name} {dev.bdf}"
         self.dma_faults = 0
-        self.iotlb = TceCache()          # the same exact, generation-checked cache as a PHB's
+        # The unit's IOTLB as this device uses it: 4 KiB page translations of
+        # the paging domain, valid while the domain's page table is unchanged.
+        self.iotlb = TranslationCache()
 
     def dma_enabled(self) -> bool:
+        """No EEH on x86: nothing ever stops a device's DMA wholesale."""
         return True
 
-    def translate(self, iova: int, length: int, write: bool) -> list[Run] | VtdFault:
-        domain = self.state.domain
-        if domain.kind == VtdDomain.PAGING:
-            # The unit's IOTLB: page translations, valid while the domain's table is unchanged.
-            runs = self.iotlb.translate(domain, iova, length, write,
-                                        lambda i, n, w: domain.translate(i, n, w, self.unit.phys), 12)
-        else:
-            runs = domain.translate(iova, length, write, self.unit.phys)
-        if not isinstance(runs, DmaFault) and write and domain.on_dma_write is not None:
-            domain.on_dma_write(iova, length)
+    def translate(self, iova: int, length: int, write: bool) -> list[Run] | DmaFault:
+        domain = self.domain
+        if domain.type != IOMMU_DOMAIN_PAGING:
+            return domain.translate(iova, length, write, self.unit.phys)
+        runs = self.iotlb.translate(domain, iova, length, write, self._walk, 12)
+        if write and domain.dirty_tracking and isinstance(runs, list):
+            domain.mark_dirty(iova, length)
         return runs
+
+    def _walk(self, iova: int, length: int, write: bool) -> list[Run] | DmaFault:
+        return self.domain.walk(iova, length, write, self.unit.phys)
 
     def dma_fault(self, fault: DmaFault, write: bool) -> None:
         self.dma_faults += 1
@@ -445,13 +407,37 @@ class VtdContext:
         self.unit.report_fault(self.dev, fault, write)
 
 
-class VtdBusMaster(PeBusMaster):
-    """A device's DMA path on x86: bus master enable, then the VT-d context.
+class X86Platform(Platform):
+    """An x86 host: its VT-d units translate every device; no PEs, no EEH."""
 
-    Same checks and run-based copying as POWER's PeBusMaster; a refused
-    transfer raises DmaError and moves nothing, and the unit logs a DMAR
-    fault (no EEH freeze: x86 has none).
-    """
+    name = "x86"
 
-    def __init__(self, ctx: VtdContext, dev: PciDevice) -> None:
-        super().__init__(ctx, dev)  # type: ignore[arg-type]
+    def __init__(self, units: list[IntelIommu]) -> None:
+        super().__init__()
+        self.units = units
+
+    @property
+    def iommu_units(self) -> list[IntelIommu]:
+        return self.units
+
+    def describe(self) -> dict[str, Any]:
+        return {"pes": [], "iommu_units": [u.describe() for u in self.units]}
+
+    def describe_group(self, group: "IommuGroup") -> dict[str, Any]:
+        """The IOMMU domain the group's DMA goes through now."""
+        d = group.domain
+        return {} if d is None else {"domain": {"type": d.type, "id": d.id}}
+
+    def mappings(self, limit: int | None = None) -> Iterator[IommuMapping]:
+        for unit in self.units:
+            for d in unit.domains:
+                where = f"{unit.name} domain {d.id}"
+                pages = (IommuMapping(where, iova + off, hpa + off, 4096)
+                         for iova, length, hpa, _ in d.extents() for off in range(0, length, 4096))
+                yield from itertools.islice(pages, limit)
+
+    def state(self) -> Any:
+        return [[(d.type, tuple(d.extents())) for d in unit.domains] for unit in self.units]
+
+    def paging_domains(self) -> list[IommuDomain]:
+        return [d for unit in self.units for d in unit.domains]

@@ -76,15 +76,9 @@ class DeviceFile(File):
         self.device = device
         self.group = group
 
-    @staticmethod
-    def open(device: VfioDevice, group: "VfioGroup", current: "Task") -> "DeviceFile":
+    @classmethod
+    def open(cls, device: VfioDevice, group: "VfioGroup", current: "Task") -> "DeviceFile":
         """vfio_df_group_open() + vfio_df_open()"""
-        if group.vfio.legacy:
-            # 3.10: every open calls the bus driver's open; each fd is a container user.
-            device.ops.open_device(current)
-            device.open_count += 1
-            group.container_users += 1
-            return DeviceFile(device, group)
         if group.container is None:
             raise fail(EINVAL, f"group {group.id} is not in a container")
         if device.open_count == 0:
@@ -95,17 +89,11 @@ class DeviceFile(File):
                 group.unuse_container(current)
                 raise
         device.open_count += 1
-        return DeviceFile(device, group)
+        return cls(device, group)
 
     def release(self, current: "Task") -> None:
         """vfio_device_fops_release()"""
         dev, group = self.device, self.group
-        if group.vfio.legacy:
-            dev.open_count -= 1
-            if dev.open_count == 0:
-                dev.ops.close_device(current)
-            group.unuse_container(current)
-            return
         if dev.open_count == 1:
             dev.ops.close_device(current)
             dev.open_count = 0
@@ -115,7 +103,7 @@ class DeviceFile(File):
 
     def ioctl(self, current: "Task", cmd: int, arg: int) -> int:
         """vfio_device_fops_unl_ioctl(): features are the core's, the rest the driver's."""
-        if cmd == uapi.VFIO_DEVICE_FEATURE and not self.group.vfio.legacy:
+        if cmd == uapi.VFIO_DEVICE_FEATURE:
             return self._device_feature(current, arg)
         return self.device.ops.ioctl(current, cmd, arg)
 
