@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
+import re
 import select
 import struct
 from dataclasses import dataclass
-from errno import EFAULT
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -43,6 +44,32 @@ class _iovec(ctypes.Structure):
 
 _libc.process_vm_readv.restype = ctypes.c_ssize_t
 _libc.process_vm_writev.restype = ctypes.c_ssize_t
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_IOV_MAX = 1024
+
+
+class _ProcmapQuery(ctypes.Structure):
+    """struct procmap_query (include/uapi/linux/fs.h, Linux 6.11)."""
+    _fields_ = [("size", ctypes.c_uint64), ("query_flags", ctypes.c_uint64), ("query_addr", ctypes.c_uint64),
+                ("vma_start", ctypes.c_uint64), ("vma_end", ctypes.c_uint64), ("vma_flags", ctypes.c_uint64),
+                ("vma_page_size", ctypes.c_uint64), ("vma_offset", ctypes.c_uint64), ("inode", ctypes.c_uint64),
+                ("dev_major", ctypes.c_uint32), ("dev_minor", ctypes.c_uint32), ("vma_name_size", ctypes.c_uint32),
+                ("build_id_size", ctypes.c_uint32), ("vma_name_addr", ctypes.c_uint64),
+                ("build_id_addr", ctypes.c_uint64)]
+
+
+_PROCMAP_QUERY = (3 << 30) | (ctypes.sizeof(_ProcmapQuery) << 16) | (ord("f") << 8) | 17   # _IOWR('f', 17, ...)
+_procmap_query_works = True
+
+
+def _disable_procmap_query() -> None:
+    """An older kernel: read /proc/<pid>/maps instead."""
+    global _procmap_query_works
+    _procmap_query_works = False
+
+
+# start-end perms offset dev inode [path]
+_MAPS_LINE = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \S+ *([^\n]*)$", re.M)
 
 
 class HostProcess:
@@ -53,6 +80,8 @@ class HostProcess:
         # Set when the image this stands for is gone (exit, exec): the pid
         # may now name a new image, or another process.
         self.gone = False
+        # /proc/<pid>/mem for DMA writes, opened on first use (-1: cannot be, or closed).
+        self._mem: int | None = None
 
     def read(self, addr: int, n: int) -> bytes:
         """process_vm_readv(); EFAULT unless all ``n`` bytes were read."""
@@ -63,7 +92,7 @@ class HostProcess:
         remote = _iovec(addr, n)
         got = _libc.process_vm_readv(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
         if got != n:
-            raise fail(EFAULT, f"cannot read {n} bytes at {addr:#x} in process {self.pid}")
+            raise fail(errno.EFAULT, f"cannot read {n} bytes at {addr:#x} in process {self.pid}")
         return buf.raw
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
@@ -77,40 +106,130 @@ class HostProcess:
         remote = _iovec(addr, n)
         got = _libc.process_vm_writev(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
         if got != n:
-            raise fail(EFAULT, f"cannot write {n} bytes at {addr:#x} in process {self.pid}")
+            raise fail(errno.EFAULT, f"cannot write {n} bytes at {addr:#x} in process {self.pid}")
 
     def device_write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """A DMA write: like a device, it ignores the CPU's page protection."""
-        try:
-            fd = os.open(f"/proc/{self.pid}/mem", os.O_WRONLY)
-        except OSError:
+        fd = self._mem_fd()
+        if fd < 0:
             self.write(addr, data)
             return
         try:
-            if os.pwrite(fd, bytes(data), addr) != len(data):
-                raise fail(EFAULT, f"DMA write of {len(data)} bytes at {addr:#x} in process {self.pid} was short")
+            if os.pwrite(fd, data, addr) != len(data):
+                raise fail(errno.EFAULT, f"DMA write of {len(data)} bytes at {addr:#x} in process {self.pid} was short")
         except OSError:
-            raise fail(EFAULT, f"DMA write at {addr:#x} in process {self.pid} failed") from None
-        finally:
-            os.close(fd)
+            raise fail(errno.EFAULT, f"DMA write at {addr:#x} in process {self.pid} failed") from None
+
+    def _mem_fd(self) -> int:
+        """/proc/<pid>/mem, opened once (it stays bound to this process's memory)."""
+        if self._mem is None:
+            try:
+                self._mem = os.open(f"/proc/{self.pid}/mem", os.O_WRONLY | os.O_CLOEXEC)
+            except OSError:
+                self._mem = -1
+        return self._mem
+
+    def close(self) -> None:
+        if self._mem is not None and self._mem >= 0:
+            os.close(self._mem)
+        self._mem = -1
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def readv(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Several ranges in one process_vm_readv (IOV_MAX at a time); EFAULT
+        unless every byte was read."""
+        out: list[bytes] = []
+        for at in range(0, len(ranges), _IOV_MAX):
+            part = ranges[at:at + _IOV_MAX]
+            total = sum(n for _, n in part)
+            buf = ctypes.create_string_buffer(total)
+            n = len(part)
+            local = _iovec(ctypes.cast(buf, ctypes.c_void_p), total)
+            remote = (_iovec * n)(*[_iovec(a, ln) for a, ln in part])
+            got = _libc.process_vm_readv(self.pid, ctypes.byref(local), 1, remote, n, 0)
+            if got != total:
+                raise fail(errno.EFAULT, f"cannot read {total} bytes in {n} ranges from process {self.pid}")
+            raw = buf.raw
+            pos = 0
+            for _a, ln in part:
+                out.append(raw[pos:pos + ln])
+                pos += ln
+        return out
+
+    def device_writev(self, pieces: list[tuple[int, memoryview]]) -> None:
+        """Several DMA writes: one process_vm_writev, then /proc/<pid>/mem for
+        whatever the CPU's page protection refused (a device ignores it)."""
+        for at in range(0, len(pieces), _IOV_MAX):
+            part = pieces[at:at + _IOV_MAX]
+            data = b"".join(part_data for _a, part_data in part)
+            n = len(part)
+            buf = ctypes.create_string_buffer(data, len(data))
+            local = _iovec(ctypes.cast(buf, ctypes.c_void_p), len(data))
+            remote = (_iovec * n)(*[_iovec(a, len(d)) for a, d in part])
+            got = _libc.process_vm_writev(self.pid, ctypes.byref(local), 1, remote, n, 0)
+            if got == len(data):
+                continue
+            done = max(got, 0)
+            for a, d in part:
+                if done >= len(d):
+                    done -= len(d)
+                    continue
+                self.device_write(a + done, d[done:])
+                done = 0
 
     def maps(self) -> list[tuple[int, int, int, bool, str]]:
         """(start, end, prot, private anonymous-like, path) of each mapping."""
-        out = []
         try:
-            with open(f"/proc/{self.pid}/maps") as f:
-                lines = f.readlines()
+            with open(f"/proc/{self.pid}/maps", "rb") as f:
+                text = f.read()
         except OSError:
             return []
-        for line in lines:
-            parts = line.split(maxsplit=5)
-            start, end = (int(x, 16) for x in parts[0].split("-"))
-            perms = parts[1]
-            prot = (PROT_READ if perms[0] == "r" else 0) | (PROT_WRITE if perms[1] == "w" else 0) | \
-                (PROT_EXEC if perms[2] == "x" else 0)
-            path = parts[5].strip() if len(parts) > 5 else ""
-            out.append((start, end, prot, perms[3] == "p", path))
+        out = []
+        # One regex pass: a program with a thousand mappings (DPDK loads every PMD)
+        # is read once per pin, so the parse matters.
+        for m in _MAPS_LINE.finditer(text):
+            perms = m.group(3)
+            prot = (PROT_READ if perms[0:1] == b"r" else 0) | (PROT_WRITE if perms[1:2] == b"w" else 0) | \
+                (PROT_EXEC if perms[2:3] == b"x" else 0)
+            out.append((int(m.group(1), 16), int(m.group(2), 16), prot, perms[3:4] == b"p",
+                        m.group(4).strip().decode(errors="surrogateescape")))
         return out
+
+    def vma_at(self, addr: int) -> tuple[int, int, int, bool, str] | None:
+        """The mapping covering ``addr``, as an entry of :meth:`maps` (path
+        left empty), or None.  Asks the kernel for that one mapping
+        (PROCMAP_QUERY, Linux 6.11) instead of reading them all: pinning the
+        pages of a program with a thousand mappings one at a time (DPDK without
+        hugepages registers 4 KiB pages one by one) would otherwise parse
+        /proc/<pid>/maps for every page."""
+        if _procmap_query_works:
+            try:
+                fd = os.open(f"/proc/{self.pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return None
+            try:
+                q = _ProcmapQuery(size=ctypes.sizeof(_ProcmapQuery), query_addr=addr)
+                if _libc.ioctl(fd, _PROCMAP_QUERY, ctypes.byref(q)) == 0:
+                    f = q.vma_flags
+                    prot = (PROT_READ if f & 1 else 0) | (PROT_WRITE if f & 2 else 0) | (PROT_EXEC if f & 4 else 0)
+                    return q.vma_start, q.vma_end, prot, not f & 8, ""
+                err = ctypes.get_errno()
+                if err == errno.ENOENT:
+                    return None
+                if err not in (errno.ENOTTY, errno.EINVAL):
+                    return None
+                _disable_procmap_query()
+            finally:
+                os.close(fd)
+        for entry in self.maps():
+            if entry[0] <= addr < entry[1]:
+                return entry
+        return None
 
     def present(self, pages: np.ndarray, page_shift: int) -> np.ndarray:
         """Whether each page (virtual address >> 12 of the host) is populated
@@ -175,6 +294,21 @@ class HostMemoryObject:
             return
         out[:] = np.frombuffer(self.host.read(self.vaddr + off, out.size), dtype=np.uint8)
 
+    def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Several (offset, length) ranges at once: one system call."""
+        mem = self._orphaned()
+        if mem is not None:
+            return [mem[off:off + n].tobytes() for off, n in ranges]
+        return self.host.readv([(self.vaddr + off, n) for off, n in ranges])
+
+    def write_many(self, pieces: list[tuple[int, memoryview]]) -> None:
+        mem = self._orphaned()
+        if mem is not None:
+            for off, data in pieces:
+                mem[off:off + len(data)] = np.frombuffer(data, dtype=np.uint8)
+            return
+        self.host.device_writev([(self.vaddr + off, data) for off, data in pieces])
+
     def write_at(self, off: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
         mem = self._orphaned()
         if mem is not None:
@@ -184,7 +318,7 @@ class HostMemoryObject:
         # A device writes whatever the CPU mapping's protection is now (the
         # IOMMU already checked the TCE's permission), so write through
         # /proc/<pid>/mem, which does not honour PROT_WRITE.
-        self.host.device_write(self.vaddr + off, data.tobytes() if isinstance(data, np.ndarray) else data)
+        self.host.device_write(self.vaddr + off, data.data.cast("B") if isinstance(data, np.ndarray) else data)
 
     def __repr__(self) -> str:
         return f"<HostMemoryObject pid={self.host.pid} vaddr={self.vaddr:#x} len={self.length:#x} pins={self.pins}>"
@@ -202,12 +336,12 @@ class HostMM(AddressSpace):
 
     def read(self, addr: int, n: int) -> bytes:
         if addr < 0 or n < 0 or addr + n > 1 << 64:
-            raise fail(EFAULT, f"bad address range {addr:#x}+{n:#x}")
+            raise fail(errno.EFAULT, f"bad address range {addr:#x}+{n:#x}")
         return self.host.read(addr, n)
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         if addr < 0 or addr + len(data) > 1 << 64:
-            raise fail(EFAULT, f"bad address range {addr:#x}+{len(data):#x}")
+            raise fail(errno.EFAULT, f"bad address range {addr:#x}+{len(data):#x}")
         self.host.write(addr, data)
 
     # -- mappings ---------------------------------------------------------------------------------
@@ -219,18 +353,18 @@ class HostMM(AddressSpace):
             self._objects[(start, end)] = obj
         return obj
 
+    def _vma(self, entry: tuple[int, int, int, bool, str]) -> Vma:
+        start, end, prot, private, _path = entry
+        return Vma(start, end, prot, self._object(start, end), 0, kind="anon" if private else "shared")
+
     def vmas(self) -> list[Vma]:
-        out = []
-        for start, end, prot, private, path in self.host.maps():
-            obj = self._object(start, end)
-            out.append(Vma(start, end, prot, obj, 0, kind="anon" if private else "shared"))
-        return out
+        return [self._vma(e) for e in self.host.maps()]
 
     def find_vma(self, addr: int) -> Vma | None:
-        for vma in self.vmas():
-            if vma.start <= addr < vma.end:
-                return vma
-        return None
+        # The one mapping (PROCMAP_QUERY), not a parse of them all: the trace
+        # looks up the memory of every MAP_DMA and REGISTER_MEMORY.
+        entry = self.host.vma_at(addr)
+        return self._vma(entry) if entry is not None else None
 
     def pin_pages_longterm(self, start: int, npages: int, write: bool) -> PinResult:
         """As MM.pin_pages_longterm (Type1's FOLL_LONGTERM pin): a read pin of a
@@ -244,15 +378,14 @@ class HostMM(AddressSpace):
         n = int(addrs.size)
         hpas = np.zeros(n, dtype=np.uint64)
         shifts = np.full(n, self.page_shift, dtype=np.int64)
-        vmas = self.vmas()
-        starts = np.array([v.start for v in vmas], dtype=np.uint64)
+        # One lookup per mapping the pages are in, not a read of every mapping.
         done, err = 0, None
         while done < n:
             addr = int(addrs[done])
-            i = int(np.searchsorted(starts, np.uint64(addr), side="right")) - 1
-            vma = vmas[i] if i >= 0 and addr < vmas[i].end else None
+            entry = self.host.vma_at(addr)
+            vma = self._vma(entry) if entry is not None else None
             if vma is None or not vma.readable() or (write and not vma.writable()):
-                err = EFAULT
+                err = errno.EFAULT
                 break
             stop = done + int(np.searchsorted(addrs[done:], np.uint64(vma.end), side="left"))
             seg = addrs[done:stop]
@@ -260,7 +393,7 @@ class HostMM(AddressSpace):
                 missing = ~self.host.present(seg >> np.uint64(self.page_shift), self.page_shift)
                 if missing.any():
                     cut = int(np.argmax(missing))
-                    seg, stop, err = seg[:cut], done + cut, EFAULT
+                    seg, stop, err = seg[:cut], done + cut, errno.EFAULT
             obj = vma.obj
             pages = ((seg - np.uint64(vma.start)) >> np.uint64(self.page_shift)).astype(np.int64)
             if not dry_run and pages.size:
@@ -291,6 +424,7 @@ class HostMM(AddressSpace):
         """The image is gone (exit, exec): its pinned memory is orphaned."""
         self.dead = True
         self.host.gone = True
+        self.host.close()
 
     def pinned_pages(self) -> int:
         """Pins held on this image's memory."""
