@@ -83,8 +83,18 @@ def assert_names(exc: MachineFileError, path: Path, key: str, *expected: str) ->
 # -- presets -------------------------------------------------------------------------------------------
 
 
-def test_preset_names_are_powernv_pseries_and_x86():
-    assert vfiosim.preset_names() == ["powernv", "pseries", "x86"]
+def test_preset_names_are_powernv_pseries_and_x86_and_the_dpdk_demo_hosts():
+    assert vfiosim.preset_names() == ["powernv", "powernv-virtio", "pseries", "x86", "x86-virtio"]
+
+
+def test_the_dpdk_demo_presets_hold_one_virtio_net_nic_and_the_default_machine_keeps_its_edus():
+    for name, platform, group in (("powernv-virtio", "powernv", 0), ("x86-virtio", "x86", 4)):
+        m = vfiosim.Machine.preset(name)
+        assert m.platform == platform
+        nics = [d for d in m.kernel.devices.values() if d.model == "virtio-net"]
+        assert [(d.bdf, d.iommu_group.id, d.driver) for d in nics] == [("0000:01:00.0", group, "vfio-pci")]
+        assert not [d for d in m.kernel.devices.values() if d.model == "edu"]
+    assert sorted(d.model for d in vfiosim.Machine.default().kernel.devices.values()) == ["edu", "edu"]
 
 
 def test_default_machine_is_the_powernv_preset():

@@ -368,6 +368,42 @@ def _qemu_demo_parser(sub: Any) -> None:
     q.set_defaults(func=cmd_qemu_demo, page_size=4096)
 
 
+def cmd_dpdk_demo(args: argparse.Namespace) -> int:
+    from .dpdk.demo import DpdkDemoUnavailable, report, run_demo
+    for spec in args.device_module:
+        _import_device_module(spec)
+    quiet = ("vfiosim", "installing", "$ ")
+    log = (lambda text: print(text, file=sys.stderr, flush=True)) if args.verbose else \
+        (lambda text: print(text, file=sys.stderr, flush=True) if text.startswith(quiet) else None)
+    try:
+        result = run_demo(machine=args.nic_machine, seconds=args.seconds, install=not args.no_install, trace=args.trace,
+                          workdir=args.workdir, timeout=args.timeout, log=log, memory_mb=args.memory)
+    except DpdkDemoUnavailable as exc:
+        print(f"vfiosim dpdk-demo: cannot run here: {exc}", file=sys.stderr)
+        return 3
+    report(result, sys.stdout)
+    return 0 if result.ok else 1
+
+
+def _dpdk_demo_parser(sub: Any) -> None:
+    d = sub.add_parser("dpdk-demo", help="run Debian's unmodified dpdk-testpmd on vfiosim's virtio-net NIC: "
+                                         "sPAPR TCE v2 on PowerNV, Type1 on x86 (see docs/dpdk.md)")
+    d.add_argument("--machine", dest="nic_machine", default="powernv", metavar="powernv|x86|FILE",
+                   help="powernv (the preset powernv-virtio), x86 (x86-virtio), or a machine file with a "
+                        "virtio-net device (default: powernv)")
+    d.add_argument("--seconds", type=float, default=5.0, help="how long to forward and measure (default 5)")
+    d.add_argument("--memory", type=int, default=64, metavar="MB", help="DPDK's memory, EAL -m (default 64)")
+    d.add_argument("--trace", metavar="FILE", help="where to write vfiosim's trace (default: in the work directory)")
+    d.add_argument("--workdir", metavar="DIR", help="where to keep the trace and testpmd's output "
+                                                    "(default: ~/.cache/vfiosim/dpdk/last-run, replaced by each run)")
+    d.add_argument("--no-install", action="store_true", help="do not apt-get install DPDK when it is missing")
+    d.add_argument("--timeout", type=float, default=300.0, help="give up on testpmd after this many seconds")
+    d.add_argument("--device-module", metavar="MODULE", action="append", default=[],
+                   help="import MODULE first (device models a machine file names)")
+    d.add_argument("-v", "--verbose", action="store_true", help="show testpmd's output and every command")
+    d.set_defaults(func=cmd_dpdk_demo)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="vfiosim", description="A simulated Linux VFIO kernel with the POWER sPAPR "
                                  "TCE IOMMU and the x86 Type1 IOMMU: run VFIO userspace code without hardware or root.")
@@ -386,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     from .fuzz import add_fuzz_parser
     add_fuzz_parser(sub)
     _qemu_demo_parser(sub)
+    _dpdk_demo_parser(sub)
     from .tracing.cli import add_parsers as _tracing_parsers
     _tracing_parsers(sub)
     from .qemu.record import add_parsers as _qemu_record_parsers

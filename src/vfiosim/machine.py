@@ -32,7 +32,8 @@ from .platforms import BUILDERS
 
 T = TypeVar("T")
 
-PRESETS = {"powernv": "powernv.toml", "pseries": "pseries.toml", "x86": "x86.toml"}
+PRESETS = {"powernv": "powernv.toml", "pseries": "pseries.toml", "x86": "x86.toml",
+           "powernv-virtio": "powernv-virtio.toml", "x86-virtio": "x86-virtio.toml"}
 PRESET_ALIASES = {"default": "powernv", "powernv9": "powernv", "q35": "x86"}
 
 # The environment that chooses the simulated machine where the caller does not:

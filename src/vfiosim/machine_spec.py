@@ -8,6 +8,7 @@ error names the file, the key and what was expected.
 from __future__ import annotations
 
 import builtins
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -73,6 +74,7 @@ class DeviceSpec:
     group_uid: int = 0
     group_gid: int = 0
     group_mode: int = 0o600
+    options: dict[str, Any] = field(default_factory=dict)     # the model's own keys (MODEL_OPTIONS)
 
 
 @dataclass
@@ -290,10 +292,10 @@ def parse_spec(data: dict[str, Any], source: str) -> MachineSpec:
     devices = data.get("device", [])
     if not isinstance(devices, list):
         raise MachineFileError(source, "device", "a list of [[device]] tables", devices)
-    dev_keys = {"bdf", "model", "phb", "pe", "iommu_group", "behind_bridge", "driver", "dma_mask",
-                "group_uid", "group_gid", "group_mode"}
     from .kernel.pci.device import parse_bdf
-    from .kernel.pci.models import is_endpoint_model, model_names
+    from .kernel.pci.models import MODEL_OPTIONS, default_dma_mask, is_endpoint_model, model_names
+    dev_keys = {"bdf", "model", "phb", "pe", "iommu_group", "behind_bridge", "driver", "dma_mask",
+                "group_uid", "group_gid", "group_mode"}.union(*MODEL_OPTIONS.values())
     first_with_bdf: dict[str, int] = {}
     first_in_group: dict[int, tuple[int, tuple[int, int]]] = {}
     first_on_pe: dict[tuple[int, int], tuple[int, int]] = {}
@@ -328,8 +330,9 @@ def parse_spec(data: dict[str, Any], source: str) -> MachineSpec:
         dev = DeviceSpec(bdf=bdf.lower(), model=model, phb=0 if x86 else r.int("phb", lo=0, hi=0xFFFF),
                          iommu_group=r.int("iommu_group", lo=0, hi=0xFFFFF), pe=r.int("pe", 1, lo=0, hi=4095),
                          behind_bridge=r.bool("behind_bridge", False), driver=r.str("driver", default_driver),
-                         dma_mask=r.int("dma_mask", (1 << 28) - 1), group_uid=r.int("group_uid", 0, hi=0xFFFFFFFF),
+                         dma_mask=r.int("dma_mask", default_dma_mask(model)), group_uid=r.int("group_uid", 0, hi=0xFFFFFFFF),
                          group_gid=r.int("group_gid", 0, hi=0xFFFFFFFF), group_mode=r.int("group_mode", 0o600, hi=0o7777))
+        dev.options = _model_options(r, i, model, source)
         if not endpoint and dev.driver == "vfio-pci":
             raise MachineFileError(source, f"device[{i}].driver", f"a host driver: vfio-pci binds only endpoint "
                                                                   f"models here ({', '.join(endpoint_models)}), "
@@ -387,6 +390,45 @@ def parse_spec(data: dict[str, Any], source: str) -> MachineSpec:
                                    f"false: behind_bridge means alone on its bus, and device[{others[0]}] "
                                    f"({spec.devices[others[0]].bdf}) is on bus {dev.bdf[:7]} too", True)
     return spec
+
+
+def _model_options(r: _Reader, i: int, model: str, source: str) -> dict[str, Any]:
+    """The keys only some models take (virtio-net's backend and MAC address)."""
+    from .kernel.pci.models import MODEL_OPTIONS
+    own = MODEL_OPTIONS.get(model, ())
+    for name in sorted(set().union(*MODEL_OPTIONS.values())):
+        if r.has(name) and name not in own:
+            takers = ", ".join(m for m, keys in MODEL_OPTIONS.items() if name in keys)
+            raise MachineFileError(source, f"device[{i}].{name}", f"no {name} key for model {model!r} (only {takers} "
+                                   f"takes one)", r.table[name])
+    if model != "virtio-net":
+        return {}
+    from .kernel.pci.net_backends import read_pcap
+    from .kernel.pci.virtio_net import parse_mac
+    out: dict[str, Any] = {}
+    backend = r.str("backend", "loopback", choices=("loopback", "pcap"))
+    out["backend"] = backend
+    base_dir = os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else os.getcwd()
+    for key in ("pcap_rx", "pcap_tx"):
+        if r.has(key):
+            if backend != "pcap":
+                raise MachineFileError(source, f"device[{i}].{key}", 'backend = "pcap" with it', r.table[key])
+            path = r.str(key)
+            out[key] = path if os.path.isabs(path) else os.path.join(base_dir, path)
+    if "pcap_rx" in out:
+        try:
+            read_pcap(out["pcap_rx"])
+        except (OSError, ValueError) as exc:
+            raise MachineFileError(source, f"device[{i}].pcap_rx", "a readable pcap file of Ethernet frames",
+                                   getattr(exc, "strerror", None) or str(exc)) from exc
+    if r.has("mac"):
+        try:
+            parse_mac(r.str("mac"))
+        except ValueError as exc:
+            raise MachineFileError(source, f"device[{i}].mac", 'a unicast MAC address like "52:54:00:12:34:56"',
+                                   r.table["mac"]) from exc
+        out["mac"] = r.str("mac")
+    return out
 
 
 def load_spec_file(path: str) -> MachineSpec:

@@ -98,7 +98,7 @@ class PlatformBuilder(ABC):
     def create_device(ds: DeviceSpec) -> PciDevice:
         """An endpoint model, or one of the host devices an x86 machine file may list."""
         if is_endpoint_model(ds.model):
-            return create_device(ds.model, ds.bdf, dma_mask=ds.dma_mask)
+            return create_device(ds.model, ds.bdf, dma_mask=ds.dma_mask, options=ds.options)
         vendor, device, class_code, header_type, _ = HOST_DEVICE_MODELS[ds.model]
         dev = PciDevice(ds.bdf, vendor=vendor, device=device, class_code=class_code,
                         subsystem_vendor=0x1AF4, subsystem=0x1100, interrupt_pin=0)

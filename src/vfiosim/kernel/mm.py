@@ -29,7 +29,7 @@ from .progression import Progression, as_progression
 
 if TYPE_CHECKING:
     from .faults import FaultInjector
-    from .iommu.prereg import MmIommuMem
+    from .iommu.prereg import MmIommuIndex, MmIommuMem
     from .task import Task
 
 PROT_NONE = 0
@@ -68,6 +68,14 @@ class PhysicalPages(Protocol):
 
     def write_at(self, off: int, data: bytes | bytearray | memoryview | np.ndarray) -> None: ...
 
+    def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """read_at() of several (offset, length) ranges, in as few host operations as it can."""
+        ...
+
+    def write_many(self, pieces: list[tuple[int, memoryview]]) -> None:
+        """write_at() of several (offset, data) pieces, in as few host operations as it can."""
+        ...
+
 
 class MemoryObject:
     """A physically contiguous allocation: pages, their data and pin counts."""
@@ -105,6 +113,14 @@ class MemoryObject:
         n = src.size
         self.data[off:off + n] = src
         self.populated[off >> self.page_shift:((off + n - 1) >> self.page_shift) + 1] = True
+
+    def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        data = self.data
+        return [data[off:off + n].tobytes() for off, n in ranges]
+
+    def write_many(self, pieces: list[tuple[int, memoryview]]) -> None:
+        for off, piece in pieces:
+            self.write_at(off, piece)
 
     def __repr__(self) -> str:
         return f"<MemoryObject phys={self.phys_base:#x} len={self.length:#x} pins={self.pins}>"
@@ -332,6 +348,8 @@ class AddressSpace(ABC):
         self.mm_count = 1
         # mm->context.iommu_group_mem_list: preregistered regions, newest first.
         self.iommu_group_mem_list: list["MmIommuMem"] = []
+        # The same regions sorted by address, for lookups (iommu/prereg.py builds it on first use).
+        self.iommu_group_mem_index: "MmIommuIndex | None" = None
 
     # -- copy_from_user / copy_to_user --------------------------------------------
 
@@ -394,6 +412,7 @@ class AddressSpace(ABC):
         for mem in self.iommu_group_mem_list:
             self.phys.unpin(mem.hpas)
         self.iommu_group_mem_list.clear()
+        self.iommu_group_mem_index = None
 
 
 class MM(AddressSpace):

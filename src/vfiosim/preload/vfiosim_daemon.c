@@ -424,3 +424,17 @@ EXPORT int vd_dma(int mem_fd, uint64_t addr, uint64_t n, void *buf, int write)
 {
     return mem_rw(mem_fd, addr, n, buf, write);
 }
+
+/* Several DMA transfers (a NIC's burst): `n` ranges, their data one after the
+ * other in `buf`. */
+EXPORT int vd_dma_many(int mem_fd, int n, const uint64_t *addrs, const uint64_t *lens, uint8_t *buf, int write)
+{
+    uint64_t at = 0;
+    for (int i = 0; i < n; i++) {
+        int r = mem_rw(mem_fd, addrs[i], lens[i], buf + at, write);
+        if (r < 0)
+            return r;
+        at += lens[i];
+    }
+    return 0;
+}

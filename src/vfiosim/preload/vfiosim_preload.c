@@ -255,7 +255,8 @@ static void say(const char *text)
 static int allowed_prefix(const char *p)
 {
     static const char *const ok[] = {"/dev/vfio", "/sys/bus/pci/devices", "/sys/bus/pci/drivers/",
-                                     "/sys/kernel/iommu_groups", "/sys/devices/pci", "/sys/class/vfio-dev"};
+                                     "/sys/kernel/iommu_groups", "/sys/devices/pci", "/sys/class/vfio-dev",
+                                     "/sys/module/vfio"};
     for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++)
         if (strncmp(p, ok[i], strlen(ok[i])) == 0 && !strstr(p, "/.."))
             return 1;

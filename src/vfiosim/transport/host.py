@@ -168,6 +168,30 @@ class HostProcess:
         if not self.bound or native.lib().vd_dma(self.mem, addr, out.size, out.ctypes.data, 0) < 0:
             raise fail(EFAULT, f"DMA read of {out.size} bytes at {addr:#x} in process {self.pid} failed")
 
+    def readv(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Several DMA reads (a NIC's burst of descriptors and frames) in one
+        foreign call: EFAULT unless every byte was read."""
+        total = sum(n for _a, n in ranges)
+        buf = ctypes.create_string_buffer(total)
+        addrs = (ctypes.c_uint64 * len(ranges))(*[a for a, _n in ranges])
+        lens = (ctypes.c_uint64 * len(ranges))(*[n for _a, n in ranges])
+        if not self.bound or native.lib().vd_dma_many(self.mem, len(ranges), addrs, lens, buf, 0) < 0:
+            raise fail(EFAULT, f"DMA read of {total} bytes in {len(ranges)} ranges in process {self.pid} failed")
+        raw = buf.raw
+        out, pos = [], 0
+        for _a, n in ranges:
+            out.append(raw[pos:pos + n])
+            pos += n
+        return out
+
+    def device_writev(self, pieces: list[tuple[int, memoryview]]) -> None:
+        """Several DMA writes in one foreign call."""
+        data = b"".join(bytes(d) for _a, d in pieces)
+        addrs = (ctypes.c_uint64 * len(pieces))(*[a for a, _d in pieces])
+        lens = (ctypes.c_uint64 * len(pieces))(*[len(d) for _a, d in pieces])
+        if not self.bound or native.lib().vd_dma_many(self.mem, len(pieces), addrs, lens, data, 1) < 0:
+            raise fail(EFAULT, f"DMA write of {len(data)} bytes in {len(pieces)} ranges in process {self.pid} failed")
+
     def device_write(self, addr: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
         ptr: int | bytes
         if isinstance(data, np.ndarray):
@@ -181,8 +205,10 @@ class HostProcess:
 
     # -- mappings ----------------------------------------------------------------------------------
 
-    def vma(self, addr: int) -> tuple[int, int, int] | None:
-        """(start, end, PROT_*) of the mapping holding ``addr``, or None."""
+    def vma_at(self, addr: int) -> tuple[int, int, int, bool, str] | None:
+        """(start, end, PROT_*, private, path) of the mapping holding ``addr``,
+        or None: one PROCMAP_QUERY (Linux 6.11; no path), else a scan of the
+        bound maps file."""
         if not self.bound or self.gone:
             return None
         if self._query:
@@ -196,10 +222,11 @@ class HostProcess:
                 if found is None:
                     return None
                 start, end, flags = found
-                return start, end, sum(prot for bit, prot in _PROCMAP_PROT if flags & bit)
-        for start, end, prot, _private, _path in self.maps():
-            if start <= addr < end:
-                return start, end, prot
+                prot = sum(prot for bit, prot in _PROCMAP_PROT if flags & bit)
+                return start, end, prot, not flags & native.PROCMAP_SHARED, ""
+        for entry in self.maps():
+            if entry[0] <= addr < entry[1]:
+                return entry
         return None
 
     def maps(self) -> list[tuple[int, int, int, bool, str]]:
@@ -332,6 +359,21 @@ class HostMemoryObject:
         else:
             out[:] = np.frombuffer(self.host.device_read(self.vaddr + off, out.size), dtype=np.uint8)
 
+    def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Several (offset, length) ranges at once: one foreign call."""
+        mem = self._orphaned()
+        if mem is not None:
+            return [mem[off:off + n].tobytes() for off, n in ranges]
+        return self.host.readv([(self.vaddr + off, n) for off, n in ranges])
+
+    def write_many(self, pieces: list[tuple[int, memoryview]]) -> None:
+        mem = self._orphaned()
+        if mem is not None:
+            for off, data in pieces:
+                mem[off:off + len(data)] = np.frombuffer(data, dtype=np.uint8)
+            return
+        self.host.device_writev([(self.vaddr + off, data) for off, data in pieces])
+
     def write_at(self, off: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
         mem = self._orphaned()
         if mem is not None:
@@ -401,11 +443,11 @@ class HostMM(AddressSpace):
     def find_vma(self, addr: int) -> Vma | None:
         """The mapping holding ``addr`` (its pages are reached through pin_pages,
         not through the Vma's object)."""
-        found = self.host.vma(addr)
+        found = self.host.vma_at(addr)
         if found is None:
             return None
-        start, end, prot = found
-        return Vma(start, end, prot, self._unpinned, 0)
+        start, end, prot, private, _path = found
+        return Vma(start, end, prot, self._unpinned, 0, kind="anon" if private else "shared")
 
     def pin_pages_longterm(self, start: int, npages: int, write: bool) -> PinResult:
         """As MM.pin_pages_longterm (Type1's FOLL_LONGTERM pin): a read pin of a
@@ -422,11 +464,11 @@ class HostMM(AddressSpace):
         done, err = 0, None
         while done < n:
             addr = int(addrs[done])
-            vma = self.host.vma(addr)
+            vma = self.host.vma_at(addr)
             if vma is None or not vma[2] & (PROT_READ | PROT_WRITE) or (write and not vma[2] & PROT_WRITE):
                 err = EFAULT
                 break
-            start, end, prot = vma
+            start, end, prot, _private, _path = vma
             stop = done + int(np.searchsorted(addrs[done:], np.uint64(end), side="left"))
             seg = addrs[done:stop]
             if not write and not prot & PROT_WRITE and not unshare:
@@ -484,7 +526,7 @@ class HostMM(AddressSpace):
         parts: list[Progression] = []
         done, cur, err = 0, addr, None
         while done < npages:
-            vma = self.host.vma(cur)
+            vma = self.host.vma_at(cur)
             if vma is None or not vma[2] & (PROT_READ | PROT_WRITE) or (write and not vma[2] & PROT_WRITE):
                 err = EFAULT
                 break

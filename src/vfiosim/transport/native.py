@@ -54,6 +54,8 @@ def lib() -> ctypes.CDLL:
         dll.vd_uwrite.restype = i32
         dll.vd_dma.argtypes = [i32, u64, u64, vp, i32]
         dll.vd_dma.restype = i32
+        dll.vd_dma_many.argtypes = [i32, i32, vp, vp, vp, i32]
+        dll.vd_dma_many.restype = i32
         _lib = dll
     return _lib
 

@@ -30,6 +30,26 @@ class HostConversation:
     windows: list[str] = field(default_factory=list)
     registered: list[str] = field(default_factory=list)
     steps: list[str] = field(default_factory=list)
+    # VFIO_IOMMU_SPAPR_REGISTER_MEMORY as [start, size, calls] runs: a program that
+    # registers page by page (DPDK without hugepages) gives one run, not thousands.
+    registered_runs: list[list[int]] = field(default_factory=list)
+    iommu_type: int | None = None      # the type VFIO_SET_IOMMU accepted
+    map_bytes: int = 0                 # bytes mapped by successful VFIO_IOMMU_MAP_DMA
+    removed_windows: list[str] = field(default_factory=list)
+    default_window: tuple[int, int] | None = None   # (start, size) VFIO_IOMMU_SPAPR_TCE_GET_INFO reported
+
+    def registered_bytes(self) -> int:
+        return sum(size for _start, size, _n in self.registered_runs)
+
+
+def iommu_type_name(t: int | None) -> str:
+    """VFIO_SET_IOMMU's argument as <linux/vfio.h> names it."""
+    from ..uapi import vfio as uapi
+    for name in ("VFIO_TYPE1_IOMMU", "VFIO_SPAPR_TCE_IOMMU", "VFIO_TYPE1v2_IOMMU", "VFIO_TYPE1_NESTING_IOMMU",
+                 "VFIO_SPAPR_TCE_v2_IOMMU", "VFIO_NOIOMMU_IOMMU"):
+        if getattr(uapi, name, None) == t:
+            return name
+    return "none" if t is None else f"type {t}"
 
 
 def _step(rec: dict[str, Any]) -> str:
@@ -108,6 +128,17 @@ def summarize_trace(path: str, page_size: int = 4096) -> HostConversation:
                 a = rec.get("args") or {}
                 if rec.get("errno"):
                     h.failures.append(_step(rec))
+                ok = not rec.get("errno")
+                if cmd == "VFIO_SET_IOMMU" and ok:
+                    h.iommu_type = a.get("arg", a.get("type"))
+                if cmd == "VFIO_IOMMU_MAP_DMA" and ok:
+                    h.map_bytes += a.get("size", 0)
+                if cmd == "VFIO_IOMMU_SPAPR_TCE_GET_INFO" and ok and h.default_window is None:
+                    o = rec.get("out") or {}
+                    h.default_window = (o.get("dma32_window_start", a.get("dma32_window_start", 0)),
+                                        o.get("dma32_window_size", a.get("dma32_window_size", 0)))
+                if cmd == "VFIO_IOMMU_SPAPR_TCE_REMOVE" and ok:
+                    h.removed_windows.append(f"{a.get('start_addr', 0):#x}")
                 if cmd in ("VFIO_IOMMU_MAP_DMA", "VFIO_IOMMU_UNMAP_DMA") and a.get("size") == page_size:
                     if cmd == "VFIO_IOMMU_MAP_DMA":
                         h.page_maps += 1
@@ -122,7 +153,13 @@ def summarize_trace(path: str, page_size: int = 4096) -> HostConversation:
                         h.windows.append(f"{o.get('start_addr', a.get('start_addr', 0)):#x}+{a.get('window_size', 0):#x} "
                                          f"({1 << a.get('page_shift', 12)}-byte pages, {a.get('levels')} levels)")
                     if cmd == "VFIO_IOMMU_SPAPR_REGISTER_MEMORY" and not rec.get("errno"):
-                        h.registered.append(f"{a.get('vaddr', 0):#x}+{a.get('size', 0):#x}")
+                        start, size = a.get("vaddr", 0), a.get("size", 0)
+                        last = h.registered_runs[-1] if h.registered_runs else None
+                        if last is not None and last[0] + last[1] == start:
+                            last[1] += size
+                            last[2] += 1
+                        else:
+                            h.registered_runs.append([start, size, 1])
                     key = (cmd, json.dumps(a, sort_keys=True), str(rec.get("ret")))
             elif call in ("read", "write", "pread", "pwrite"):
                 off = rec.get("offset", 0) or 0
@@ -145,6 +182,8 @@ def summarize_trace(path: str, page_size: int = 4096) -> HostConversation:
             run_n += 1
             run_last = rec
     flush()
+    h.registered = [f"{start:#x}+{size:#x}" + (f" ({n} registrations of {size // n:#x})" if n > 1 else "")
+                    for start, size, n in h.registered_runs]
     return h
 
 
@@ -158,6 +197,9 @@ def print_summary(h: HostConversation, out: IO[str]) -> None:
               f"  {h.mmio:9d}  BAR loads/stores (mmio)\n")
     out.write(f"  MAP_DMA/UNMAP_DMA of one page: {h.page_maps} maps, {h.page_unmaps} unmaps; "
               f"larger UNMAP_DMA: {h.window_unmaps}\n")
+    if h.iommu_type is not None:
+        out.write(f"  IOMMU type: {iommu_type_name(h.iommu_type)}; MAP_DMA: {h.ioctls['VFIO_IOMMU_MAP_DMA']} calls, "
+                  f"{h.map_bytes:#x} bytes\n")
     if h.windows:
         out.write(f"  DMA windows created: {'; '.join(h.windows)}\n")
     if h.registered:

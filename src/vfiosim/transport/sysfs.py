@@ -163,6 +163,7 @@ class FakeSysfs:
                 self._link(f"../../../bus/pci/drivers/{dev.driver}", f"{ddir}/driver")
                 self._link(os.path.relpath(ddir, f"/sys/bus/pci/drivers/{dev.driver}"),
                            f"/sys/bus/pci/drivers/{dev.driver}/{bdf}")
+        self._modules()
         _write(self.path("/prefixes"), "".join(p + "\n" for p in self.prefixes))
 
     def update_node(self, path: str) -> None:
@@ -188,6 +189,30 @@ class FakeSysfs:
         self._link(os.path.relpath("/sys/class/vfio-dev", vdir), f"{vdir}/subsystem")
         self._link(f"../../../{os.path.basename(ddir)}", f"{vdir}/device")      # as kernfs writes it
         self._link(os.path.relpath(vdir, "/sys/class/vfio-dev"), f"/sys/class/vfio-dev/vfio{index}")
+
+    def _modules(self) -> None:
+        """/sys/module/<name> of the VFIO modules the machine's kernel has loaded:
+        DPDK's EAL checks them (rte_eal_check_module("vfio"), "vfio_pci") before it
+        uses VFIO at all, and reads vfio's enable_unsafe_noiommu_mode."""
+        m = self.machine
+        params: dict[str, dict[str, str]] = {
+            "vfio": {"enable_unsafe_noiommu_mode": "N"},
+            "vfio_pci": {"ids": "", "nointxmask": "N", "disable_idle_d3": "N", "enable_sriov": "N",
+                         "disable_denylist": "N"},
+            "vfio_pci_core": {},
+        }
+        if m.platform == "x86":
+            t1 = m.spec.type1
+            params["vfio_iommu_type1"] = {"allow_unsafe_interrupts": "Y" if t1.allow_unsafe_interrupts else "N",
+                                          "disable_hugepages": "N", "dma_entry_limit": str(t1.dma_entry_limit)}
+        else:
+            params["vfio_iommu_spapr_tce"] = {}
+        for name, values in params.items():
+            self._mkdir(f"/sys/module/{name}/parameters")
+            _write(self.path(f"/sys/module/{name}/initstate"), "live\n")
+            for key, value in values.items():
+                _write(self.path(f"/sys/module/{name}/parameters/{key}"), value + "\n")
+            self.prefixes.append(f"/sys/module/{name}")
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

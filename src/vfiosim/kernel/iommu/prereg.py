@@ -12,6 +12,7 @@ through the region that contains it.
 
 from __future__ import annotations
 
+import bisect
 from errno import EFAULT, EINVAL, EBUSY, ENOENT, ENOMEM
 from typing import TYPE_CHECKING
 
@@ -44,12 +45,59 @@ class MmIommuMem:
         return f"<MmIommuMem ua={self.ua:#x} entries={self.entries} used={self.used} mapped={self.mapped - 1}>"
 
 
+class MmIommuIndex:
+    """The registered regions sorted by address.  Upstream walks
+    ``iommu_group_mem_list`` for every lookup; regions never overlap
+    (mm_iommu_do_alloc() refuses it), so a binary search finds what the walk
+    finds, and a process that registers thousands of pages one by one (DPDK
+    without hugepages) stays linear.  Kept beside the list on the mm
+    (``AddressSpace.iommu_group_mem_index``), created on first use."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.mems: list[MmIommuMem] = []
+
+    def add(self, mem: MmIommuMem) -> None:
+        i = bisect.bisect_left(self.starts, mem.ua)
+        self.starts.insert(i, mem.ua)
+        self.mems.insert(i, mem)
+
+    def remove(self, mem: MmIommuMem) -> None:
+        i = bisect.bisect_left(self.starts, mem.ua)
+        while self.mems[i] is not mem:
+            i += 1
+        del self.starts[i]
+        del self.mems[i]
+
+    def at(self, ua: int) -> MmIommuMem | None:
+        """The region starting at or below ``ua`` closest to it."""
+        i = bisect.bisect_right(self.starts, ua) - 1
+        return self.mems[i] if i >= 0 else None
+
+    def overlapping(self, ua: int, end: int, page_shift: int) -> list[MmIommuMem]:
+        i = bisect.bisect_left(self.starts, end) - 1
+        out: list[MmIommuMem] = []
+        while i >= 0 and self.mems[i].end(page_shift) > ua:
+            out.append(self.mems[i])
+            i -= 1
+        return out
+
+
+def _index(mm: AddressSpace) -> MmIommuIndex:
+    idx = mm.iommu_group_mem_index
+    if idx is None:
+        idx = mm.iommu_group_mem_index = MmIommuIndex()
+        for mem in mm.iommu_group_mem_list:
+            idx.add(mem)
+    return idx
+
+
 def mm_iommu_get(mm: AddressSpace, ua: int, entries: int) -> MmIommuMem | None:
     """The region registered with exactly (ua, entries); takes a reference."""
-    for mem in mm.iommu_group_mem_list:
-        if mem.ua == ua and mem.entries == entries:
-            mem.used += 1
-            return mem
+    mem = _index(mm).at(ua)
+    if mem is not None and mem.ua == ua and mem.entries == entries:
+        mem.used += 1
+        return mem
     return None
 
 
@@ -128,17 +176,21 @@ def mm_iommu_new(mm: AddressSpace, ua: int, entries: int, current: "Task") -> "M
             pageshift = min(pageshift, int(cshifts[huge].min()))
         mem = MmIommuMem(ua, entries, pageshift, hpas.copy(), cshifts.copy())
         end = ua + (entries << shift)
-        for other in mm.iommu_group_mem_list:
-            if other.ua < end and ua < other.end(shift):
-                mm.phys.unpin(mem.hpas)
-                raise fail(EINVAL, f"the region {ua:#x}+{entries << shift:#x} overlaps the registered region "
-                                   f"{other.ua:#x}+{other.entries << shift:#x}")
+        overlapping = _index(mm).overlapping(ua, end, shift)
+        if overlapping:
+            # The list walk meets the newest one first.
+            order = {id(m): n for n, m in enumerate(mm.iommu_group_mem_list)}
+            other = min(overlapping, key=lambda m: order[id(m)])
+            mm.phys.unpin(mem.hpas)
+            raise fail(EINVAL, f"the region {ua:#x}+{entries << shift:#x} overlaps the registered region "
+                               f"{other.ua:#x}+{other.entries << shift:#x}")
     except (KernelError, _PositiveReturn):
         account_locked_vm(mm, entries, False, None)
         if pinned is not None:
             return pinned
         raise
     mm.iommu_group_mem_list.insert(0, mem)    # list_add_rcu(): newest first
+    _index(mm).add(mem)
     return mem
 
 
@@ -163,15 +215,16 @@ def mm_iommu_put(mm: AddressSpace, mem: MmIommuMem) -> None:
         raise fail(EBUSY, f"{mem.mapped - 1} TCE(s) still map the region")
     mem.mapped = 0
     mm.iommu_group_mem_list.remove(mem)
+    _index(mm).remove(mem)
     mm.phys.unpin(mem.hpas)
     account_locked_vm(mm, mem.entries, False, None)
 
 
 def mm_iommu_lookup(mm: AddressSpace, ua: int, size: int) -> MmIommuMem | None:
     """The region containing [ua, ua+size)."""
-    for mem in mm.iommu_group_mem_list:
-        if mem.ua <= ua and ua + size <= mem.end(mm.page_shift):
-            return mem
+    mem = _index(mm).at(ua)
+    if mem is not None and ua + size <= mem.end(mm.page_shift):
+        return mem
     return None
 
 

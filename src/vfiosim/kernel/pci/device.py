@@ -11,7 +11,7 @@ for writing your own device models.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 from .config import (PCI_BASE_ADDRESS_0, PCI_BASE_ADDRESS_MEM_PREFETCH, PCI_BASE_ADDRESS_MEM_TYPE_64,
                      PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX, PCI_CAP_MSIX_SIZEOF, PCI_CLASS_DEVICE, PCI_CLASS_PROG,
@@ -75,6 +75,16 @@ class BusMaster(Protocol):
 
     def dma_write(self, iova: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None: ...
 
+    def dma_read_many(self, segments: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Scatter-gather read of several (iova, length) ranges: every range is
+        checked first (a refusal moves nothing), then the data moves."""
+        ...
+
+    def dma_write_many(self, segments: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
+        """Scatter-gather write of several (iova, data) ranges: every range is
+        checked first (a refusal moves nothing), then the data moves."""
+        ...
+
 
 class NoBusMaster:
     """Before a device sits on a platform bus it cannot DMA at all."""
@@ -87,6 +97,15 @@ class NoBusMaster:
 
     def dma_write(self, iova: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
         raise DmaError(iova, len(data), True, "device is not attached to a bus")
+
+    def dma_read_many(self, segments: Sequence[tuple[int, int]]) -> list[bytes]:
+        if not segments:
+            return []
+        raise DmaError(*segments[0], False, "device is not attached to a bus")
+
+    def dma_write_many(self, segments: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
+        if segments:
+            raise DmaError(segments[0][0], len(segments[0][1]), True, "device is not attached to a bus")
 
 
 @dataclass

@@ -12,6 +12,7 @@ from typing import Callable, Protocol
 
 from .device import PciDevice, parse_bdf
 from .edu import EduDevice
+from .virtio_net import VirtioNet
 
 
 class DeviceFactory(Protocol):
@@ -22,7 +23,19 @@ class DeviceFactory(Protocol):
 
 
 _NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
-BUILTIN = {"edu": EduDevice}
+BUILTIN: dict[str, Callable[..., PciDevice]] = {"edu": EduDevice, "virtio-net": VirtioNet.from_options}
+# A machine file's dma_mask when it gives none: edu drives 28 address bits
+# (QEMU's default); a virtio device drives all 64.
+DEFAULT_DMA_MASK = (1 << 28) - 1
+_MODEL_DMA_MASK = {"virtio-net": (1 << 64) - 1}
+# Machine-file keys a built-in model takes besides the common ones.
+MODEL_OPTIONS = {"virtio-net": ("backend", "pcap_rx", "pcap_tx", "mac")}
+
+
+def default_dma_mask(name: str) -> int:
+    return _MODEL_DMA_MASK.get(name, DEFAULT_DMA_MASK)
+
+
 _factories: dict[str, Callable[..., PciDevice]] = dict(BUILTIN)
 
 
@@ -58,10 +71,11 @@ def is_endpoint_model(name: str) -> bool:
     return name in _factories
 
 
-def create_device(name: str, bdf: str, *, dma_mask: int) -> PciDevice:
+def create_device(name: str, bdf: str, *, dma_mask: int, options: dict[str, object] | None = None) -> PciDevice:
     """Build a device; a factory that returns something else is an error
-    naming the model, not a failure deep inside the machine."""
-    dev = _factories[name](bdf, dma_mask=dma_mask)
+    naming the model, not a failure deep inside the machine.  ``options`` are
+    the model's own machine-file keys (MODEL_OPTIONS)."""
+    dev = _factories[name](bdf, dma_mask=dma_mask, **(options or {}))
     if not isinstance(dev, PciDevice):
         raise TypeError(f"device model {name!r} returned {type(dev).__name__}, not a vfiosim.devices.PciDevice")
     if parse_bdf(dev.bdf) != parse_bdf(bdf):

@@ -12,13 +12,12 @@ an EEH freeze).
 
 from __future__ import annotations
 
-import weakref
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from ..dma import DmaFault, IommuBusMaster, Run
+from ..dma import DmaFault, IommuBusMaster, Run, Translation, TranslationCache
 from ..iommu.table_group import TableGroup
 from ..iommu.tce import TCE_PCI_READ, TCE_PCI_WRITE, TceStorage
 from ..mm import PhysicalMemory
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
     from ..iommu.iommu import IommuGroup
 
 TceLookup = tuple[np.ndarray, int]      # the TCEs of the pages a range covers, and their page shift
-Translation = list[Run] | DmaFault
 
 
 def translate_tces(tces: np.ndarray, page_shift: int, iova: int, length: int, write: bool,
@@ -93,37 +91,6 @@ def _runs(phys: PhysicalMemory, begins: list[int], spans: list[int], iova: int, 
     return runs
 
 
-class TceCache:
-    """A PHB's cache of recent translations.
-
-    Entries are keyed by the transfer and remember the table storage and its
-    generation; any TCE change bumps the generation, so a stale translation
-    is never served (the model of the hardware cache that tce_kill flushes).
-    """
-
-    SIZE = 16
-
-    def __init__(self) -> None:
-        self._entries: dict[tuple[int, int, bool], tuple[weakref.ref[TceStorage], int, list[Run]]] = {}
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def translate(self, storage: TceStorage, iova: int, length: int, write: bool,
-                  slow: Callable[[int, int, bool], Translation]) -> Translation:
-        key = (iova, length, write)
-        hit = self._entries.get(key)
-        if hit is not None and hit[0]() is storage and hit[1] == storage.generation:
-            return hit[2]
-        runs = slow(iova, length, write)
-        if isinstance(runs, list):
-            if len(self._entries) >= self.SIZE:
-                self._entries.pop(next(iter(self._entries)))
-            # A weak reference: a removed window's table is not kept alive here.
-            self._entries[key] = (weakref.ref(storage), storage.generation, runs)
-        return runs
-
-
 class Pe(ABC):
     """A Partitionable Endpoint: the unit of DMA translation and isolation,
     and its devices' DMA translator (kernel/dma.py).
@@ -143,7 +110,7 @@ class Pe(ABC):
         self.devices: list[PciDevice] = []
         self.iommu_group: "IommuGroup | None" = None
         self.dma_faults = 0
-        self.tce_cache = TceCache()
+        self.tce_cache = TranslationCache()      # the PHB's TCE cache
 
     def add_device(self, dev: PciDevice) -> None:
         self.devices.append(dev)

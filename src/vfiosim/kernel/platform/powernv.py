@@ -20,13 +20,13 @@ import numpy as np
 
 from ..errors import KernelBug, fail
 from ..faults import OPAL_HARDWARE
-from ..dma import DmaFault
+from ..dma import DmaFault, Translation
 from ..iommu.table_group import TableGroup
 from ..iommu.tce import TCE_PCI_READ, TCE_PCI_WRITE, IommuTable, TableOps, XchgResult, direction_to_perm
 from ..mm import PhysicalMemory
 from ..progression import U64Values
 from .base import IommuMapping, Platform
-from .pe import Pe, TceLookup, Translation, tce_mappings
+from .pe import Pe, TceLookup, tce_mappings
 
 if TYPE_CHECKING:
     from ..iommu.iommu import IommuGroup
@@ -310,7 +310,7 @@ class PnvPe(Pe):
         tbl = self.tve[1 if iova & TCE_BYPASS_BASE else 0]
         if tbl is None:
             return super().translate(iova, length, write)
-        return self.tce_cache.translate(tbl.entries, iova, length, write, super().translate)
+        return self.tce_cache.translate(tbl.entries, iova, length, write, super().translate, tbl.it_page_shift)
 
     def lookup_tces(self, iova: int, length: int) -> TceLookup | DmaFault:
         num = 1 if iova & TCE_BYPASS_BASE else 0

@@ -51,13 +51,13 @@ import numpy as np
 from ..deviations import deviation
 from ..errors import fail
 from ..faults import H_HARDWARE, RTAS_HARDWARE_ERROR
-from ..dma import DmaFault
+from ..dma import DmaFault, Translation
 from ..iommu.table_group import TableGroup
 from ..iommu.tce import IOMMU_PAGE_SHIFT_4K, IommuTable, TableOps, TceStorage, XchgResult, direction_to_perm
 from ..mm import PhysicalMemory
 from ..progression import U64Values
 from .base import IommuMapping, Platform
-from .pe import Pe, TceLookup, Translation, tce_mappings
+from .pe import Pe, TceLookup, tce_mappings
 
 if TYPE_CHECKING:
     from ..faults import FaultInjector
@@ -539,7 +539,7 @@ class PseriesPe(Pe):
         t = self.hv.lookup(iova)
         if t is None:
             return super().translate(iova, length, write)
-        return self.tce_cache.translate(t.entries, iova, length, write, super().translate)
+        return self.tce_cache.translate(t.entries, iova, length, write, super().translate, t.page_shift)
 
     def lookup_tces(self, iova: int, length: int) -> TceLookup | DmaFault:
         t = self.hv.lookup(iova)

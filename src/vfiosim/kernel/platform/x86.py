@@ -36,7 +36,7 @@ from errno import EFAULT, EINVAL, ENOMEM
 from itertools import count
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from ..dma import DmaFault, IommuBusMaster, Run
+from ..dma import DmaFault, IommuBusMaster, Run, TranslationCache
 from ..errors import KernelBug, fail
 from ..iommu.iommu import (IOMMU_DOMAIN_BLOCKED, IOMMU_DOMAIN_IDENTITY, IOMMU_DOMAIN_PAGING, IOMMU_READ,
                            IOMMU_WRITE, DirtyRange, IommuDomain, IommuOps, ResvRegion)
@@ -89,6 +89,9 @@ class VtdDomain(IommuDomain):
         # Second-stage dirty tracking (SSADS): the IOVA pages devices wrote.
         self.dirty_tracking = False
         self._dirty: set[int] = set()
+        # Bumped by every change of the page table: a unit's IOTLB (VtdContext.iotlb)
+        # serves a cached translation only while it is unchanged.
+        self.generation = 0
 
     @property
     def kind(self) -> str:
@@ -136,9 +139,11 @@ class VtdDomain(IommuDomain):
             raise KernelBug(f"VT-d PTE for IOVA {iova:#x}+{size:#x} already set in {self!r}")
         self._starts.insert(i, iova)
         self._ext.insert(i, (iova, size, paddr, prot))
+        self.generation += 1
 
     def unmap_pages(self, iova: int, size: int) -> int:
         """intel_iommu_unmap_pages(): clear [iova, iova+size); bytes unmapped."""
+        self.generation += 1
         end = iova + size
         i = max(bisect.bisect_right(self._starts, iova) - 1, 0)
         done = 0
@@ -216,7 +221,19 @@ class VtdDomain(IommuDomain):
     # -- the hardware walk -----------------------------------------------------------------
 
     def translate(self, iova: int, length: int, write: bool, phys: PhysicalMemory) -> list[Run] | VtdFault:
-        """Translate [iova, iova+length) for a device read or write."""
+        """Translate [iova, iova+length) for a device read or write; a write
+        sets the dirty bits of its pages while dirty tracking is on."""
+        runs = self.walk(iova, length, write, phys)
+        if write and self.dirty_tracking and isinstance(runs, list):
+            self.mark_dirty(iova, length)
+        return runs
+
+    def mark_dirty(self, iova: int, length: int) -> None:
+        """The second-stage dirty bits of the pages a device wrote."""
+        self._dirty.update(range(iova >> 12, ((iova + length - 1) >> 12) + 1))
+
+    def walk(self, iova: int, length: int, write: bool, phys: PhysicalMemory) -> list[Run] | VtdFault:
+        """The page walk of [iova, iova+length): the runs of memory, or the fault."""
         if self.type == IOMMU_DOMAIN_BLOCKED:
             return VtdFault(iova, "the group is in the blocking domain (VFIO owns it, no IOMMU domain attached)",
                             DMAR_FR_CONTEXT_ENTRY_P)
@@ -257,8 +274,6 @@ class VtdDomain(IommuDomain):
                 runs.append((found[0], found[1], chunk))
             pos += chunk
             i += 1
-        if write and self.dirty_tracking:
-            self._dirty.update(range(iova >> 12, ((end - 1) >> 12) + 1))
         return runs
 
 
@@ -365,13 +380,25 @@ class VtdContext:
         self.domain: VtdDomain = unit.identity_domain
         self.name = f"{unit.name} {dev.bdf}"
         self.dma_faults = 0
+        # The unit's IOTLB as this device uses it: 4 KiB page translations of
+        # the paging domain, valid while the domain's page table is unchanged.
+        self.iotlb = TranslationCache()
 
     def dma_enabled(self) -> bool:
         """No EEH on x86: nothing ever stops a device's DMA wholesale."""
         return True
 
     def translate(self, iova: int, length: int, write: bool) -> list[Run] | DmaFault:
-        return self.domain.translate(iova, length, write, self.unit.phys)
+        domain = self.domain
+        if domain.type != IOMMU_DOMAIN_PAGING:
+            return domain.translate(iova, length, write, self.unit.phys)
+        runs = self.iotlb.translate(domain, iova, length, write, self._walk, 12)
+        if write and domain.dirty_tracking and isinstance(runs, list):
+            domain.mark_dirty(iova, length)
+        return runs
+
+    def _walk(self, iova: int, length: int, write: bool) -> list[Run] | DmaFault:
+        return self.domain.walk(iova, length, write, self.unit.phys)
 
     def dma_fault(self, fault: DmaFault, write: bool) -> None:
         self.dma_faults += 1

@@ -3,7 +3,8 @@
 Config space is partly virtualized: IDs, BARs, the capability chain and MSI
 are kept by vfio-pci (``vconfig``, with per-byte masks of virtualized and
 writable bits); the rest reaches the device; the MSI-X capability reads from
-the device and ignores writes.
+the device and ignores writes; vendor-specific capabilities (virtio's) are
+raw: reads and writes reach the device.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from errno import EFAULT
 from typing import TYPE_CHECKING
 
 from ...errors import fail
-from ...pci.config import (PCI_BASE_ADDRESS_0, PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX, PCI_CAPABILITY_LIST, PCI_COMMAND,
+from ...pci.config import (PCI_BASE_ADDRESS_0, PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX, PCI_CAP_ID_VNDR, PCI_CAPABILITY_LIST,
+                           PCI_COMMAND,
                            PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_MEMORY, PCI_DEVICE_ID, PCI_INTERRUPT_LINE,
                            PCI_INTERRUPT_PIN, PCI_MSI_FLAGS, PCI_MSI_FLAGS_64BIT, PCI_MSI_FLAGS_ENABLE,
                            PCI_ROM_ADDRESS, PCI_STATUS, PCI_STATUS_CAP_LIST, PCI_VENDOR_ID)
@@ -75,6 +77,17 @@ def vfio_config_init(vdev: "VfioPciDevice") -> None:
         # pointer from vconfig, and every write is dropped.  So userspace sees the
         # Enable and Function Mask bits the host's PCI core programmed.
         perm(msix, 2, ALL, 0)
+    # Vendor-specific capabilities (virtio's): vfio_pci_init_perm_bits() gives
+    # PCI_CAP_ID_VNDR vfio_raw_config_write, so every write reaches the device, and
+    # the default vfio_direct_config_read (ID and next pointer from vconfig).
+    cap, seen = p.config.data[PCI_CAPABILITY_LIST] & ~3, 0
+    while cap and seen < 48:
+        if p.config.data[cap] == PCI_CAP_ID_VNDR:
+            length = max(p.config.data[cap + 2], 3)
+            perm(cap, 2, ALL, 0)
+            for off in range(cap + 2, min(cap + length, len(vdev.vwrite))):
+                vdev.vwrite[off] = 0xFF
+        cap, seen = p.config.data[cap + 1] & ~3, seen + 1
     # BARs: sizes come from the device; unimplemented BARs read 0.
     for bar in range(6):
         reg = PCI_BASE_ADDRESS_0 + 4 * bar
