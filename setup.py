@@ -1,9 +1,10 @@
 """Install-time steps that pyproject.toml cannot declare (everything else is there):
 
-* the C preload shims of `vfiosim run` and `vfiosim record`, built as
-  extensions.  They are LD_PRELOAD libraries, not Python extensions: they link
-  only against libc, and vfiosim.preload.library_path() (and
-  vfiosim.tracing.record) find them at run time;
+* the C parts of `vfiosim run` and `vfiosim record`, built as extensions: the
+  run shim and the daemon's helper library (which share
+  preload/vfiosim_protocol.h) and the recording shim.  They link only against
+  libc and are not Python extensions: vfiosim.preload.library_path(),
+  daemon_library_path() and vfiosim.tracing.record find them at run time;
 * the fuzzers' seed corpus and regression inputs (fuzz/corpus, fuzz/regressions
   of the repository), copied into the package as vfiosim/fuzz_inputs/ so that
   `vfiosim fuzz` installed from a wheel starts from them too (vfiosim.fuzz.fuzz_root).
@@ -40,8 +41,17 @@ setup(
         Extension(
             "vfiosim.preload._vfiosim_preload",
             sources=["src/vfiosim/preload/vfiosim_preload.c"],
+            include_dirs=["src/vfiosim/preload"],
+            depends=["src/vfiosim/preload/vfiosim_protocol.h"],
             extra_compile_args=["-O2", "-fvisibility=hidden"],
             libraries=["dl", "pthread"],
+        ),
+        Extension(
+            "vfiosim.preload._vfiosim_daemon",
+            sources=["src/vfiosim/preload/vfiosim_daemon.c"],
+            include_dirs=["src/vfiosim/preload"],
+            depends=["src/vfiosim/preload/vfiosim_protocol.h"],
+            extra_compile_args=["-O2", "-fvisibility=hidden"],
         ),
         # `vfiosim record`'s pass-through recording shim (vfiosim.tracing.record).
         Extension(

@@ -72,13 +72,14 @@ def test_page_cache_never_serves_a_stale_translation(rig):
 
 
 def test_host_process_reads_and_writes_many_ranges_of_a_real_process():
-    """readv: one process_vm_readv; device_writev: process_vm_writev, and
-    /proc/<pid>/mem for a page the CPU may not write (a device ignores the
-    CPU's protection), where the host kernel lets /proc/<pid>/mem override it
+    """readv and device_writev: every range in one foreign call, through the
+    process's /proc/<pid>/mem (bound to its address space, as the daemon opens
+    it), so a page the CPU may not write is written (a device ignores the CPU's
+    protection) where the host kernel lets /proc/<pid>/mem override it
     (proc_mem.force_override); where it does not, the write fails with EFAULT
     as device_write() does."""
     from vfiosim.kernel.errors import KernelError
-    hp = HostProcess(os.getpid())
+    hp = HostProcess.open(os.getpid())
     rw = mmap.mmap(-1, 8192)
     ro = mmap.mmap(-1, 4096)
     ro.write(b"\x00" * 4096)

@@ -181,3 +181,56 @@ def test_permissions_of_dev_vfio_are_the_machine_files_under_run(tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["/dev/vfio/0=EACCES", "/dev/vfio/1=ok", "/dev/vfio/vfio=ok"], proc.stdout
+
+
+CHOWN_THEN_DROP = r"""
+import errno, json, os, stat, sys
+out = {}
+os.chown("/dev/vfio/1", 65534, 65534)                 # as QEMU -runas and libvirt do before dropping root
+os.chmod("/dev/vfio/1", 0o660)
+st = os.stat("/dev/vfio/1")
+out["owner"] = [st.st_uid, st.st_gid, oct(stat.S_IMODE(st.st_mode)), stat.S_ISCHR(st.st_mode)]
+c = os.open("/dev/vfio/vfio", os.O_RDWR)             # connects while still root
+os.setgroups([])
+os.setresgid(65534, 65534, 65534)
+os.setresuid(65534, 65534, 65534)
+def attempt(fn, *args):
+    try:
+        r = fn(*args)
+        return "ok" if r is None or isinstance(r, int) else r
+    except OSError as e:
+        return errno.errorcode[e.errno]
+out["tree"] = len(os.listdir("/sys/bus/pci/devices")) > 0 and open("/sys/bus/pci/devices/0001:00:00.0/vendor").read().strip()
+out["groups"] = sorted(os.listdir("/sys/kernel/iommu_groups"))
+g = os.open("/dev/vfio/1", os.O_RDWR)
+fst = os.fstat(g)
+out["fstat"] = [fst.st_uid, oct(stat.S_IMODE(fst.st_mode))]
+out["open0"] = attempt(os.open, "/dev/vfio/0", os.O_RDWR)
+out["chown0"] = attempt(os.chown, "/dev/vfio/0", 65534, -1)
+out["chmod1"] = attempt(os.chmod, "/dev/vfio/1", 0o600)
+out["fchmod1"] = attempt(os.fchmod, g, 0o640)
+out["chown1_to_root"] = attempt(os.chown, "/dev/vfio/1", 0, -1)
+out["mode1"] = oct(stat.S_IMODE(os.stat("/dev/vfio/1").st_mode))
+print(json.dumps(out))
+"""
+
+
+def test_chown_and_chmod_of_dev_vfio_nodes_work_as_on_linux_and_the_tree_stays_readable(tmp_path):
+    """A privileged launcher chowns a group node to the user it then drops to
+    (QEMU's -runas, libvirt): the simulated kernel enforces the new owner, the
+    node shows it, and the fake sysfs tree stays readable after the drop."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to start a program that drops to another uid")
+    proc = subprocess.run([*CLI, "run", "--machine", "pseries", "--", sys.executable, "-c", CHOWN_THEN_DROP],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    import json
+    out = json.loads(proc.stdout)
+    assert out["owner"] == [65534, 65534, "0o660", True]
+    assert out["tree"] == "0x1234" and out["groups"] == ["0", "1"]
+    assert out["fstat"] == [65534, "0o660"]
+    assert out["open0"] == "EACCES"                  # root's group, mode 0600
+    assert out["chown0"] == "EPERM"                  # only CAP_CHOWN gives a node away
+    assert out["chmod1"] == "ok" and out["fchmod1"] == "ok"     # the owner may chmod
+    assert out["chown1_to_root"] == "EPERM"
+    assert out["mode1"] == "0o640"

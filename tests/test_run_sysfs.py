@@ -86,11 +86,6 @@ print(json.dumps(out))
 
 
 @pytest.mark.skipif(LSPCI is None, reason="lspci (Debian: pciutils) is not installed; .ci/run installs it as root")
-@pytest.mark.xfail(strict=True, reason=(
-    "the preload shim resolves '..' in a path lexically before rewriting it into the fake tree, so libpci's "
-    "'/sys/bus/pci/devices/BDF/' + '../../../bus/pci/drivers/vfio-pci' becomes /sys/bus/bus/... and its realpath() "
-    "fails; the fix belongs in vfiosim_preload.c classify() (the transport branch): resolve '..' below a prefix "
-    "inside the fake tree, as test_links_resolve_in_the_tree_as_in_sysfs shows the tree allows"))
 @pytest.mark.parametrize("machine,bdf,group", [("powernv", "0000:01:00.0", "0"), ("pseries", "0001:00:00.0", "1")])
 def test_lspci_shows_vfio_pci_and_the_iommu_group(tmp_path, machine, bdf, group):
     d = ThreadedDaemon(vfiosim.Machine.preset(machine), tmp_path)

@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .kernel.pci import models as _models
-from .kernel.pci.device import Bar, BusMaster, DmaError, Msix, PciDevice
+from .kernel.pci.device import Bar, BusMaster, DmaError, Msix, PciDevice, Register
 from .kernel.pci.edu import EduDevice
 from .kernel.pci.models import DeviceFactory, model_names, unregister_model
 from .kernel.pci.net_backends import Loopback, NetBackend, Pcap
@@ -46,5 +46,6 @@ def register_model(name: str, factory: Callable[..., PciDevice], *, replace: boo
     _models.register_model(name, factory, replace=replace, reserved=frozenset(HOST_DEVICE_MODELS))
 
 
-__all__ = ["PciDevice", "BusMaster", "DmaError", "Bar", "Msix", "EduDevice", "VirtioPciDevice", "VirtioNet",
-           "NetBackend", "Loopback", "Pcap", "DeviceFactory", "register_model", "unregister_model", "model_names"]
+__all__ = ["PciDevice", "Register", "BusMaster", "DmaError", "Bar", "Msix", "EduDevice", "VirtioPciDevice",
+           "VirtioNet", "NetBackend", "Loopback", "Pcap", "DeviceFactory", "register_model", "unregister_model",
+           "model_names"]

@@ -19,11 +19,12 @@ Three targets, each a function of one ``bytes`` input:
     pinned page) and no internal error (``machine.oopses``).
 
 ``protocol``
-    The ``vfiosim run`` daemon's message handling (transport/daemon.py,
+    The ``vfiosim run`` daemon's request handling (transport/daemon.py,
     protocol.py): messages decoded from the input -- well-formed requests
-    of every operation with arbitrary fields, and raw bytes -- are sent on a
-    socket pair to ``Daemon._readable``, as a program's shim would.  Every
-    reply must be well formed; a malformed message may only drop its
+    of every operation with arbitrary fields, and raw bytes -- are handed to
+    ``Daemon.handle`` as the daemon's helper copies them out of a
+    connection's shared-memory channel.  Every reply must be well formed; a
+    malformed message may only drop its
     connection; the daemon must not raise; the task's exit must leave
     nothing behind.
 
@@ -50,7 +51,6 @@ import math
 import os
 import random
 import resource
-import socket
 import struct
 import sys
 import tempfile
@@ -578,12 +578,13 @@ def target_protocol(data: bytes) -> None:
     from .kernel.mm import MM
     from .machine import Machine
     from .transport import protocol as P
-    from .transport.daemon import Conn, TaskState
+    from .transport.daemon import Session, TaskState
+    from .transport.peer import Peer
     d = Data(data)
     daemon = _get_daemon()
     plat, ps, kern = d.choice((("powernv", 4096, "6.12"), ("pseries", 4096, "6.12"), ("x86", 4096, "6.12")))
     m = Machine.preset(plat, page_size=ps, kernel=kern)
-    daemon.machine, daemon.kernel = m, m.kernel
+    daemon.machine, daemon.kernel, daemon.gate = m, m.kernel, m.kernel.gate
     k = m.kernel
     with m._lock:                 # as the daemon's own task set-up and exit do
         task = k.spawn(d.choice((0, 1000)), 0, d.choice(MEMLOCKS), "fuzz")
@@ -591,14 +592,13 @@ def target_protocol(data: bytes) -> None:
         buf = mm.mmap(BUF, 3)
         mm.write(buf, b"\x5a" * BUF)
         ro = mm.mmap(RO, 1)
-    st = TaskState(FAKE_PID, task, -1)
+    # A task with no real process behind it: no pidfd, no /proc directory.
+    st = TaskState(FAKE_PID, task, -1, -1)
     task.files.foreign = lambda n, st=st: daemon._foreign(st, n)
-    client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    server.settimeout(5.0)
-    conn = Conn(server, FAKE_PID, 0)
+    sess = Session(None, Peer(FAKE_PID, 0, 0, -1))  # type: ignore[arg-type]
     if d.u8() % 8:
-        conn.state = st
-        st.conn = conn
+        sess.state = st
+        st.session = sess
     paths = sorted(k.dev_nodes) + ["/dev/vfio/99", "/dev/vfio", "/dev/null", "/sys/bus/pci", ""]
     cmds = sorted(set(uapi.IOCTLS.values()))
     ops = sorted(P.OP_NAMES)
@@ -633,22 +633,14 @@ def target_protocol(data: bytes) -> None:
                 msg = P.pack_request(op & 0xFFFFFFFF, flags & 0xFFFFFFFF, _s32(fd), _s32(fd2), tuple(a), payload)
                 if d.u8() % 32 == 0:
                     msg = msg[:-1] if msg else msg
-            if conn.sock.fileno() < 0:
-                break
+            # What the daemon's helper copies out of the channel: a fixed-size request buffer.
+            raw = msg.ljust(P.REQ.size + P.MAX_PAYLOAD, b"\0")[:P.REQ.size + P.MAX_PAYLOAD]
             try:
-                client.send(msg)
-            except OSError:
-                break
-            daemon._readable(conn)
+                reply = daemon.handle(sess, raw)
+            except P.ProtocolError:
+                break                                        # dropped: a malformed message
             if m.oopses:
                 raise FuzzFailure("internal error in the daemon:\n" + m.oopses[0])
-            if conn.sock.fileno() < 0:
-                break                                        # dropped: a malformed message
-            client.settimeout(0)
-            try:
-                reply = client.recv(P.REP.size + P.MAX_PAYLOAD + 64)
-            except BlockingIOError:
-                raise FuzzFailure(f"no reply to a well-formed request {msg[:64].hex()}") from None
             if len(reply) < P.REP.size:
                 raise FuzzFailure(f"short reply {reply!r}")
             ret, err, length = P.REP.unpack_from(reply)
@@ -658,19 +650,13 @@ def target_protocol(data: bytes) -> None:
                 raise FuzzFailure(f"reply ret={ret} errno={err}")
             check_invariants(m)
     finally:
-        try:
-            daemon.sel.unregister(server)
-        except (KeyError, ValueError):
-            pass
-        server.close()
-        client.close()
         with m._lock:
             m.faults.disarm()
-            for file, _off in st.mappings.values():
-                file.put(task)
+            for mapping in st.mappings.values():
+                k.munmap_file(task, mapping.file)
             st.mappings.clear()
             k.exit(task)
-            for efd in st.eventfds.values():
+            for _eid, efd in st.eventfds.values():
                 efd.release(task)
     check_clean(m)
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import threading
-import traceback
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar, cast
@@ -79,8 +77,9 @@ class Machine:
         self.spec = spec
         self.name = spec.name
         self.kernel = Kernel(page_size, profile)
-        self._lock = threading.RLock()
-        self.oopses: list[str] = []
+        # The big kernel lock and the internal errors recorded, both the syscall gate's.
+        self._lock = self.kernel.gate.lock
+        self.oopses: list[str] = self.kernel.gate.oopses
         builder(spec, self.kernel).build()
 
     # -- constructors ------------------------------------------------------------------------
@@ -197,13 +196,6 @@ class Machine:
         with self._lock:
             return Process(self, self.kernel.spawn(uid, gid, rlimit_memlock, name))
 
-    def _oops(self, call: str, exc: BaseException) -> OSError:
-        text = "".join(traceback.format_exception(exc))
-        self.oopses.append(f"{call}: {text}")
-        self.kernel.log.err(f"vfiosim: internal error during {call}: {exc!r} (this is a vfiosim bug; "
-                            f"machine.oopses has the traceback)")
-        return OSError(errno.EIO, f"vfiosim internal error during {call}: {exc!r}")
-
     def topology(self) -> dict[str, Any]:
         """PHBs, PEs, groups, devices and DMA windows, as plain data."""
         from .topology import describe
@@ -237,16 +229,10 @@ class Process:
     def _call(self, call: str | Callable[[], str], fn: Callable[..., T], *args: Any) -> T:
         """Run a syscall; ``call`` names it in errors (a callable is asked
         only then, keeping the hot path free of formatting)."""
-        m = self.machine
-        with m._lock:
-            if not self.task.alive:
-                raise ProcessLookupError(errno.ESRCH, f"process {self.pid} has exited")
-            try:
-                return fn(self.task, *args)
-            except KernelError as exc:
-                raise exc.to_oserror(call if isinstance(call, str) else call()) from None
-            except Exception as exc:          # a bug in the simulator: never a traceback to the program
-                raise m._oops(call if isinstance(call, str) else call(), exc) from None
+        try:
+            return self.machine.kernel.gate.call(self.task, call, fn, *args)
+        except KernelError as exc:
+            raise exc.to_oserror(call if isinstance(call, str) else call()) from None
 
     def _in_task(self, call: str, fn: Callable[[Task], T]) -> T:
         """A syscall written as a function of the task."""
@@ -414,12 +400,10 @@ class Process:
     def exit(self) -> None:
         """do_exit(): unmap everything, close every fd in order; the release
         paths unpin pages and refund locked memory."""
-        m = self.machine
-        with m._lock:
-            try:
-                m.kernel.exit(self.task)
-            except Exception as exc:
-                raise m._oops("exit", exc) from None
+        try:
+            self.machine.kernel.gate.run("exit", self.machine.kernel.exit, self.task)
+        except KernelError as exc:
+            raise exc.to_oserror() from None
 
     def __repr__(self) -> str:
         return f"<Process {self.pid} on {self.machine.name}{'' if self.alive else ' (exited)'}>"

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 CAP_CHOWN = 0
 CAP_DAC_OVERRIDE = 1
 CAP_DAC_READ_SEARCH = 2
+CAP_FOWNER = 3
+CAP_FSETID = 4
 CAP_SETGID = 6
 CAP_SETUID = 7
 CAP_IPC_LOCK = 14

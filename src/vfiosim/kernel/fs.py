@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from errno import EACCES, EBADF, EINVAL, EISDIR, EMFILE, ENODEV, ENOTTY
+from errno import EACCES, EBADF, EINVAL, EISDIR, EMFILE, ENODEV, ENOTTY, EPERM
 from typing import TYPE_CHECKING, Callable
 
-from .cred import CAP_DAC_OVERRIDE
+from .cred import CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_FSETID
 from .errors import KernelBug, fail
 
 if TYPE_CHECKING:
@@ -163,6 +163,10 @@ class FdTable:
                     return file
             raise fail(EBADF, f"fd {fd} is not open") from None
 
+    def lookup(self, fd: int) -> File | None:
+        """The file the table itself holds at ``fd`` (never a foreign one)."""
+        return self._fds.get(fd) if isinstance(fd, int) else None
+
     def remove(self, fd: int) -> File:
         try:
             file = self._fds[fd]
@@ -216,3 +220,27 @@ class DeviceNode:
             return
         raise fail(EACCES, f"{self.path} is mode {self.mode:o} owned by {self.uid}:{self.gid}; "
                            f"uid {cred.euid} may not open it {'for writing' if want & 2 else 'for reading'}")
+
+    def chown(self, current: "Task", uid: int, gid: int) -> None:
+        """chown(2) (chown_common, setattr_prepare): -1 keeps an id.  A new owner
+        needs CAP_CHOWN; the owner may give the node to a group it is in."""
+        cred = current.cred
+        uid = self.uid if uid in (-1, 0xFFFFFFFF) else uid
+        gid = self.gid if gid in (-1, 0xFFFFFFFF) else gid
+        if uid != self.uid and not cred.capable(CAP_CHOWN):
+            raise fail(EPERM, f"{self.path}: giving it to uid {uid} needs CAP_CHOWN")
+        if gid != self.gid and not cred.capable(CAP_CHOWN) and \
+                not (cred.euid == self.uid and (gid == cred.egid or gid in cred.groups)):
+            raise fail(EPERM, f"{self.path}: uid {cred.euid} may not give it to group {gid}")
+        self.uid, self.gid = uid, gid
+
+    def chmod(self, current: "Task", mode: int) -> None:
+        """chmod(2): the owner, or CAP_FOWNER; without CAP_FSETID a non-member
+        of the node's group loses S_ISGID (setattr_prepare)."""
+        cred = current.cred
+        if cred.euid != self.uid and not cred.capable(CAP_FOWNER):
+            raise fail(EPERM, f"{self.path} is owned by uid {self.uid}: uid {cred.euid} may not chmod it")
+        mode &= 0o7777
+        if mode & 0o2000 and not (cred.egid == self.gid or self.gid in cred.groups) and not cred.capable(CAP_FSETID):
+            mode &= ~0o2000
+        self.mode = mode

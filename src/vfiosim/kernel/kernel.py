@@ -12,9 +12,10 @@ import os
 import resource
 import termios
 from dataclasses import dataclass
-from errno import EBADF, EINVAL, EISDIR, ENOENT, ENOTDIR, ESPIPE
+from errno import EBADF, EINVAL, EIO, EISDIR, ENODEV, ENOENT, ENOTDIR, ESPIPE
 from typing import TYPE_CHECKING, Callable
 
+from ..uapi import vfio as uapi
 from .cred import Cred
 from .errors import KernelError, fail
 from .eventfd import EFD_CLOEXEC, EFD_NONBLOCK, EFD_SEMAPHORE, EventFd
@@ -22,6 +23,7 @@ from .faults import FaultInjector
 from .fs import DeviceNode, DirectoryFile, File, NullFile
 from .log import KernelLog
 from .mm import MM, AddressSpace, PhysicalMemory
+from .syscall import SyscallGate
 from .platform.base import Platform
 from .task import Task
 from .uaccess import get_user_s32
@@ -88,6 +90,7 @@ class Kernel:
         self.page_shift = page_size.bit_length() - 1
         self.profile = profile
         self.log = KernelLog()
+        self.gate = SyscallGate(self.log)              # the machine's lock; transports enter through it
         self.faults = FaultInjector(self.log.warn)     # fail_nth (kernel/faults.py)
         self.phys = PhysicalMemory(page_size)
         self.phys.faults = self.faults
@@ -161,11 +164,18 @@ class Kernel:
         self.tasks[pid] = task
         return task
 
-    def fork(self, parent: Task, child_pid: int, mm: AddressSpace) -> Task:
-        """fork(2): the child shares every open file (one more reference each)."""
+    def fork(self, parent: Task, child_pid: int, mm: AddressSpace, inherit: dict[int, int] | None = None) -> Task:
+        """fork(2): the child shares every open file (one more reference each).
+        ``inherit`` (child fd -> parent fd) limits it to those files, at those
+        numbers, none close-on-exec: what a transport proved a child created
+        outside its view (posix_spawn, clone) really holds."""
         child = Task(child_pid, parent.comm, Cred(**vars(parent.cred)), mm, parent.rlimit(resource.RLIMIT_MEMLOCK))
-        for fd, file in parent.files.items():
-            child.files.install_at(fd, file.get(), cloexec=fd in parent.files.cloexec)
+        if inherit is None:
+            for fd, file in parent.files.items():
+                child.files.install_at(fd, file.get(), cloexec=fd in parent.files.cloexec)
+        else:
+            for cfd, pfd in sorted(inherit.items()):
+                child.files.install_at(cfd, parent.files.get(pfd).get())
         self.tasks[child_pid] = child
         return child
 
@@ -200,6 +210,18 @@ class Kernel:
         except KernelError:
             file.put(task)
             raise
+
+    def sys_chown(self, task: Task, path: str, uid: int, gid: int) -> None:
+        self._node(path).chown(task, uid, gid)
+
+    def sys_chmod(self, task: Task, path: str, mode: int) -> None:
+        self._node(path).chmod(task, mode)
+
+    def _node(self, path: str) -> DeviceNode:
+        node = self.dev_nodes.get(os.path.normpath(path) if path else path)
+        if node is None:
+            raise fail(ENOENT, f"{path} does not exist on this machine")
+        return node
 
     def sys_close(self, task: Task, fd: int) -> None:
         task.files.remove(fd).put(task)
@@ -296,3 +318,95 @@ class Kernel:
         if flags & EFD_NONBLOCK:
             efd.f_flags |= os.O_NONBLOCK
         return task.files.install(efd, cloexec=bool(flags & EFD_CLOEXEC))
+
+    # -- for transports that serve real processes (vfiosim run) -----------------------------------
+    # The program's fd numbers are the real process's: the transport tells the
+    # kernel which number a new file gets, and a program's own files (pipes,
+    # eventfds) are the host's, never the simulated table's.
+
+    def sys_fcntl_setfd(self, task: Task, fd: int, cloexec: bool) -> None:
+        """fcntl(F_SETFD) of a simulated file (the host already did the real one)."""
+        if task.files.lookup(fd) is None:
+            raise fail(EBADF, f"fd {fd} is not a VFIO file")
+        if cloexec:
+            task.files.cloexec.add(fd)
+        else:
+            task.files.cloexec.discard(fd)
+
+    def sys_ioctl_at(self, task: Task, fd: int, cmd: int, arg: int, newfd: int) -> int:
+        """ioctl(2) whose new file (VFIO_GROUP_GET_DEVICE_FD's) goes to ``newfd``,
+        the number the real process already holds for it."""
+        if cmd & 0xFFFFFFFF != uapi.VFIO_GROUP_GET_DEVICE_FD:
+            return self.sys_ioctl(task, fd, cmd, arg)              # the only one that makes a file
+        before = set(task.files.fds())
+        try:
+            ret = self.sys_ioctl(task, fd, cmd, arg)
+        finally:
+            new = [n for n in task.files.fds() if n not in before]
+        if not new:
+            return ret
+        # The kernel installed it at the lowest free number of the simulated table.
+        moved = None
+        for n in new:
+            cloexec = n in task.files.cloexec
+            file = task.files.remove(n)
+            if n == ret and newfd >= 0 and moved is None:
+                task.files.install_at(newfd, file, cloexec=cloexec)
+                moved = newfd
+            else:
+                file.put(task)
+        if moved is None:
+            raise fail(EIO, "the ioctl returned a new fd but the program has no fd for it")
+        return moved
+
+    def sys_read_user(self, task: Task, fd: int, buf: int, count: int, offset: int | None) -> int:
+        """read(2)/pread(2) into the task's memory at ``buf``."""
+        data = self.sys_read(task, fd, count) if offset is None else self.sys_pread(task, fd, count, offset)
+        if data:
+            task.mm.write(buf, data)
+        return len(data)
+
+    def sys_write_user(self, task: Task, fd: int, buf: int, count: int, offset: int | None) -> int:
+        """write(2)/pwrite(2) from the task's memory at ``buf``: EBADF before EFAULT, as vfs_write()."""
+        file = task.files.get(fd)
+        if not file.can_write:
+            raise fail(EBADF, f"fd {fd} was not opened for writing")
+        data = task.mm.read(buf, count)
+        return self.sys_write(task, fd, data) if offset is None else self.sys_pwrite(task, fd, data, offset)
+
+    def sys_mmap(self, task: Task, fd: int, offset: int, length: int, prot: int, shared: bool) -> File:
+        """mmap(2) of a device fd: the driver's checks; returns the mapping's
+        reference on the file (vm_file), dropped by :meth:`munmap_file`."""
+        self.sys_mmap_check(task, fd, offset, length, prot, shared)
+        return task.files.get(fd).get()
+
+    def mmap_access(self, task: Task, file: File, offset: int, size: int, value: int | None) -> int:
+        """A load (``value`` None) or store of ``size`` bytes at ``offset`` of a
+        mapping of ``file`` (offset in the file's mmap space)."""
+        if size not in (1, 2, 4, 8):
+            raise fail(EINVAL, f"MMIO access of {size} bytes")
+        mmio = getattr(file, "mmio", None)
+        if mmio is None:
+            raise fail(ENODEV, f"{file.kind} has no mapped region")
+        return int(mmio(task, offset, size, value))
+
+    def munmap_file(self, task: Task, file: File) -> None:
+        file.put(task)
+
+    def mmap_posted_writes(self, file: File, offset: int, length: int) -> list[tuple[int, int]]:
+        """Where a store through a mapping of ``file`` may be posted (from the
+        mapping's start), as the device model declares its registers."""
+        ranges = getattr(file, "mmap_posted_writes", None)
+        return ranges(offset, length) if ranges is not None else []
+
+    def mmap_live(self, file: File) -> bool:
+        """Whether a posted store through a mapping of ``file`` reaches the device now."""
+        live = getattr(file, "mmap_live", None)
+        return bool(live()) if live is not None else False
+
+    def eventfd_in_use(self, efd: EventFd) -> bool:
+        """A device signals ``efd`` (an interrupt trigger) or waits on it (a virqfd)."""
+        if efd.waiters:
+            return True
+        return any(e is efd for group in self.vfio.groups.values() for vdev in group.devices
+                   for e in vdev.ops.eventfds())

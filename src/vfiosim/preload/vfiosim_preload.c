@@ -49,12 +49,16 @@
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/time.h>
+#include <time.h>
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <sys/un.h>
 #include <ucontext.h>
 #include <unistd.h>
+#include <linux/futex.h>
 #include <linux/vfio.h>
+#include <poll.h>
+#include <sys/syscall.h>
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -64,30 +68,11 @@
 
 /* ---------------------------------------------------------------- protocol */
 
-#define MAGIC_VERSION 0x56460001u
+#include "vfiosim_protocol.h"
 
-enum {
-    OP_HELLO = 1, OP_OPEN, OP_CLOSE, OP_IOCTL, OP_READ, OP_WRITE, OP_DUP, OP_SETFD,
-    OP_MMAP, OP_MMIO, OP_MUNMAP, OP_STATUS, OP_FORK, OP_INFO,
-};
-#define F_REFRESH_CREDS (1u << 8)
-#define RW_POSITIONAL 1u
-#define MMIO_WRITE 1u
-#define HELLO_FORK 1u
-
-struct vreq {
-    uint32_t op, flags;
-    int32_t fd, fd2;
-    uint64_t a[5];
-    uint32_t len, reserved;
-};
-struct vrep {
-    int64_t ret;
-    int32_t err;
-    uint32_t len;
-};
 _Static_assert(sizeof(struct vreq) == 64, "request header");
 _Static_assert(sizeof(struct vrep) == 16, "reply header");
+_Static_assert(sizeof(struct vchan) <= VCHAN_SIZE, "channel");
 
 /* ---------------------------------------------------------------- libc */
 
@@ -199,28 +184,55 @@ static void set_vfio(int fd, int kind, int minor)
 
 /* ---------------------------------------------------------------- the connection */
 
-static ssize_t xsend(int s, struct iovec *iov, int n)
+static struct vchan *chan;              /* the shared-memory channel the hello reply gave us */
+
+static ssize_t xsend(int s, struct msghdr *mh)
 {
-    struct msghdr mh = {0};
-    mh.msg_iov = iov;
-    mh.msg_iovlen = n;
     ssize_t r;
     do
-        r = sendmsg(s, &mh, MSG_NOSIGNAL);
+        r = sendmsg(s, mh, MSG_NOSIGNAL);
     while (r < 0 && errno == EINTR);
     return r;
 }
 
-static ssize_t xrecv(int s, struct iovec *iov, int n)
+static ssize_t xrecv(int s, struct msghdr *mh)
 {
-    struct msghdr mh = {0};
-    mh.msg_iov = iov;
-    mh.msg_iovlen = n;
     ssize_t r;
     do
-        r = recvmsg(s, &mh, 0);
+        r = recvmsg(s, mh, MSG_CMSG_CLOEXEC);
     while (r < 0 && errno == EINTR);
     return r;
+}
+
+/* A file descriptor the daemon sends on the socket (SCM_RIGHTS), with its message. */
+static int recv_fd(int s, void *buf, size_t len, ssize_t *got)
+{
+    union {
+        char b[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } u;
+    struct iovec iov = {buf, len};
+    struct msghdr mh = {0};
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = u.b;
+    mh.msg_controllen = sizeof u.b;
+    *got = xrecv(s, &mh);
+    if (*got < 0)
+        return -1;
+    int fd = -1;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS && c->cmsg_len == CMSG_LEN(sizeof(int)))
+            memcpy(&fd, CMSG_DATA(c), sizeof fd);
+    return fd;
+}
+
+static void drop_channel(void)
+{
+    if (chan) {
+        real_munmap(chan, VCHAN_SIZE);
+        chan = NULL;
+    }
 }
 
 static void lose_connection(void)
@@ -228,14 +240,34 @@ static void lose_connection(void)
     if (sock_fd >= 0)
         real_close(sock_fd);
     sock_fd = -1;
+    drop_channel();
     dead = 1;
+}
+
+static void say(const char *text)
+{
+    static int said;
+    if (!said++)
+        real_write(2, text, strlen(text));
+}
+
+/* Only these paths may be rewritten into the daemon's tree, whatever its prefixes file says. */
+static int allowed_prefix(const char *p)
+{
+    static const char *const ok[] = {"/dev/vfio", "/sys/bus/pci/devices", "/sys/bus/pci/drivers/",
+                                     "/sys/kernel/iommu_groups", "/sys/devices/pci", "/sys/class/vfio-dev",
+                                     "/sys/module/vfio"};
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++)
+        if (strncmp(p, ok[i], strlen(ok[i])) == 0 && !strstr(p, "/.."))
+            return 1;
+    return 0;
 }
 
 static void load_prefixes(void)
 {
     char path[PATH_MAX + 16];
     snprintf(path, sizeof path, "%s/prefixes", root);
-    int fd = real_open(path, O_RDONLY | O_CLOEXEC);
+    int fd = real_open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
     if (fd < 0)
         return;
     char buf[32768];
@@ -247,6 +279,8 @@ static void load_prefixes(void)
     char *save = NULL;
     for (char *line = strtok_r(buf, "\n", &save); line && nprefixes < MAX_PREFIXES;
          line = strtok_r(NULL, "\n", &save)) {
+        if (!allowed_prefix(line))
+            continue;
         prefixes[nprefixes] = strdup(line);
         prefix_len[nprefixes] = strlen(line);
         nprefixes++;
@@ -262,7 +296,7 @@ static void set_root(const char *r)
     load_prefixes();
 }
 
-/* Connect and say hello; called with lk held.  0 or -errno. */
+/* Connect, check who answers, say hello and map the channel; called with lk held.  0 or -errno. */
 static int do_connect(uint32_t hello_flags)
 {
     const char *path = getenv("VFIOSIM_SOCKET");
@@ -279,111 +313,208 @@ static int do_connect(uint32_t hello_flags)
         real_close(s);
         return -(e == ENOENT || e == ECONNREFUSED ? EIO : e);
     }
+    /* A daemon of another (non-root) user could serve us a tree of its choosing. */
+    struct ucred peer;
+    socklen_t plen = sizeof peer;
+    if (getsockopt(s, SOL_SOCKET, SO_PEERCRED, &peer, &plen) < 0 ||
+        (peer.uid != 0 && peer.uid != getuid() && peer.uid != geteuid())) {
+        say("vfiosim: the daemon on $VFIOSIM_SOCKET runs as another user: not using it\n");
+        real_close(s);
+        return -EACCES;
+    }
     /* Keep the socket out of the way of the program's own fd numbers. */
     int high = real_fcntl(s, F_DUPFD_CLOEXEC, 900);
     if (high >= 0) {
         real_close(s);
         s = high;
     }
-    struct timeval tv = {120, 0};
+    struct timeval tv = {30, 0};
     setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     struct timeval tw = {10, 0};
     setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tw, sizeof tw);
     struct vreq rq = {0};
-    rq.op = OP_HELLO;
+    rq.op = VOP_HELLO;
     rq.flags = hello_flags;
     rq.fd = rq.fd2 = -1;
-    rq.a[0] = MAGIC_VERSION;
-    struct iovec iov[1] = {{&rq, sizeof rq}};
-    struct vrep rp;
-    char rootbuf[PATH_MAX];
-    struct iovec riov[2] = {{&rp, sizeof rp}, {rootbuf, sizeof rootbuf - 1}};
-    if (xsend(s, iov, 1) != sizeof rq) {
+    rq.a[0] = VFIOSIM_MAGIC_VERSION;
+    /* The kernel vouches for these: the daemon knows the hello is ours. */
+    union {
+        char b[CMSG_SPACE(sizeof(struct ucred))];
+        struct cmsghdr align;
+    } u;
+    memset(&u, 0, sizeof u);
+    struct iovec iov = {&rq, sizeof rq};
+    struct msghdr mh = {0};
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = u.b;
+    mh.msg_controllen = sizeof u.b;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_CREDENTIALS;
+    c->cmsg_len = CMSG_LEN(sizeof(struct ucred));
+    struct ucred me = {getpid(), getuid(), getgid()};
+    memcpy(CMSG_DATA(c), &me, sizeof me);
+    if (xsend(s, &mh) != sizeof rq) {
         real_close(s);
         return -EIO;
     }
-    ssize_t n = xrecv(s, riov, 2);
-    if (n < (ssize_t)sizeof rp || rp.ret < 0) {
+    struct {
+        struct vrep rp;
+        char root[PATH_MAX];
+    } reply;
+    ssize_t n;
+    int cfd = recv_fd(s, &reply, sizeof reply - 1, &n);
+    if (n < (ssize_t)sizeof reply.rp || reply.rp.ret < 0 || cfd < 0) {
+        if (cfd >= 0)
+            real_close(cfd);
+        real_close(s);
+        return n >= (ssize_t)sizeof reply.rp && reply.rp.err ? -reply.rp.err : -EIO;
+    }
+    struct vchan *ch = real_mmap(NULL, VCHAN_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, cfd, 0);
+    real_close(cfd);
+    if (ch == MAP_FAILED || ch->magic != VFIOSIM_MAGIC_VERSION) {
+        if (ch != MAP_FAILED)
+            real_munmap(ch, VCHAN_SIZE);
         real_close(s);
         return -EIO;
     }
-    rootbuf[n - sizeof rp] = 0;
-    set_root(rootbuf);
+    ((char *)&reply)[n] = 0;
+    set_root(reply.root);
+    drop_channel();
+    chan = ch;
     sock_fd = s;
     sock_pid = getpid();
     return 0;
+}
+
+/* The daemon closed its end of the socket: it is gone. */
+static int daemon_gone(void)
+{
+    struct pollfd p = {sock_fd, POLLRDHUP, 0};
+    return poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLRDHUP | POLLERR | POLLNVAL));
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* How long to spin before sleeping: twice what the daemon took to answer
+ * lately when spinning caught the reply, halved whenever it did not (on a
+ * busy machine the program then sleeps at once instead of taking a CPU the
+ * daemon needs).  Guarded by lk. */
+#define SPIN_MIN_NS 2000u
+#define SPIN_MAX_NS 100000u
+static uint64_t spin_budget = 20000;
+
+static void spin_caught(uint64_t took)
+{
+    uint64_t want = 2 * took + SPIN_MIN_NS;
+    spin_budget = (7 * spin_budget + (want > SPIN_MAX_NS ? SPIN_MAX_NS : want)) / 8;
+    if (spin_budget < SPIN_MIN_NS)
+        spin_budget = SPIN_MIN_NS;
+}
+
+/* Wait for the reply to request `seq`: spin, then sleep on the daemon's word,
+ * checking now and then that the daemon still lives.  0, or -1 if it is gone. */
+static int await_reply(uint32_t seq)
+{
+    uint64_t start = now_ns(), spin = spin_budget;
+    for (unsigned i = 0;; i++) {
+        if (__atomic_load_n(&chan->daemon.rep_seq, __ATOMIC_ACQUIRE) == seq) {
+            spin_caught(now_ns() - start);
+            return 0;
+        }
+        if ((i & 15) == 15 && now_ns() - start >= spin)
+            break;
+        __builtin_ia32_pause();
+    }
+    spin_budget = spin_budget / 2 < SPIN_MIN_NS ? SPIN_MIN_NS : spin_budget / 2;
+    for (;;) {
+        if (daemon_gone())
+            return -1;
+        __atomic_store_n(&chan->prog.prog_waiting, 1, __ATOMIC_SEQ_CST);
+        uint32_t cur = __atomic_load_n(&chan->daemon.rep_seq, __ATOMIC_SEQ_CST);
+        if (cur != seq) {
+            struct timespec ts = {0, 100 * 1000 * 1000};
+            syscall(SYS_futex, &chan->daemon.rep_seq, FUTEX_WAIT, cur, &ts, NULL, 0);
+        }
+        __atomic_store_n(&chan->prog.prog_waiting, 0, __ATOMIC_RELAXED);
+        if (__atomic_load_n(&chan->daemon.rep_seq, __ATOMIC_ACQUIRE) == seq)
+            return 0;
+    }
+}
+
+/* Make sure we have a connection of our own; called with lk held.  0 or errno. */
+static int connected(void)
+{
+    if (sock_fd >= 0 && sock_pid != getpid()) {
+        /* A child made without our fork() (clone, posix_spawn): the channel is the parent's. */
+        real_close(sock_fd);
+        sock_fd = -1;
+        drop_channel();               /* our view of the parent's channel: never write to it */
+        if (do_connect(VHELLO_FORK) < 0)
+            dead = 1;
+    }
+    if (!dead && sock_fd < 0) {
+        int r = do_connect(0);
+        if (r < 0) {
+            dead = (r == -EIO);
+            return -r;
+        }
+    }
+    return dead ? EIO : 0;
 }
 
 /* One request, one reply.  Returns the reply's ret; on failure -1 with *err set. */
 static int64_t rpc(uint32_t op, uint32_t flags, int fd, int fd2, const uint64_t a[5], const void *payload,
                    uint32_t plen, void *out, uint32_t outmax, int *err)
 {
-    int64_t ret;
     pthread_mutex_lock(&lk);
-    if (sock_fd >= 0 && sock_pid != getpid()) {
-        /* A child made without our fork() (clone, posix_spawn): its own connection. */
-        real_close(sock_fd);
-        sock_fd = -1;
-        int r = do_connect(HELLO_FORK);
-        if (r < 0) {
-            dead = 1;
-        }
-    }
-    if (!dead && sock_fd < 0) {
-        int r = do_connect(0);
-        if (r < 0) {
-            dead = (r == -EIO);
-            pthread_mutex_unlock(&lk);
-            *err = -r;
-            return -1;
-        }
-    }
-    if (dead) {
+    int e = connected();
+    if (e) {
         pthread_mutex_unlock(&lk);
-        *err = EIO;
+        *err = e;
         return -1;
     }
-    struct vreq rq;
-    rq.op = op;
-    rq.flags = flags;
+    if (plen > VMAX_PAYLOAD)
+        plen = VMAX_PAYLOAD;
+    struct vreq *rq = &chan->req;
+    rq->op = op;
+    rq->flags = flags;
     if (creds_dirty) {
         creds_dirty = 0;
-        rq.flags |= F_REFRESH_CREDS;
+        rq->flags |= VF_REFRESH_CREDS;
     }
-    rq.fd = fd;
-    rq.fd2 = fd2;
+    rq->fd = fd;
+    rq->fd2 = fd2;
     for (int i = 0; i < 5; i++)
-        rq.a[i] = a ? a[i] : 0;
-    rq.len = plen;
-    rq.reserved = 0;
-    struct iovec iov[2] = {{&rq, sizeof rq}, {(void *)payload, plen}};
-    struct vrep rp;
-    char sink[64];
-    struct iovec riov[2] = {{&rp, sizeof rp}, {out ? out : sink, out ? outmax : sizeof sink}};
-    ssize_t sent = xsend(sock_fd, iov, plen ? 2 : 1);
-    if (sent < 0 && (errno == EBADF || errno == ENOTSOCK)) {
-        /* The program closed our socket without close() (closefrom, close_range): reconnect. */
-        sock_fd = -1;
-        if (do_connect(0) == 0)
-            sent = xsend(sock_fd, iov, plen ? 2 : 1);
-    }
-    if (sent != (ssize_t)(sizeof rq + plen)) {
+        rq->a[i] = a ? a[i] : 0;
+    rq->len = plen;
+    rq->reserved = 0;
+    if (plen)
+        memcpy(chan->req_payload, payload, plen);
+    uint32_t seq = chan->prog.req_seq + 1;
+    __atomic_store_n(&chan->prog.req_seq, seq, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&chan->daemon.daemon_waiting, __ATOMIC_SEQ_CST))
+        syscall(SYS_futex, &chan->prog.req_seq, FUTEX_WAKE, 1, NULL, NULL, 0);
+    if (await_reply(seq) < 0) {
         lose_connection();
         pthread_mutex_unlock(&lk);
         *err = EIO;
         return -1;
     }
-    ssize_t n = xrecv(sock_fd, riov, 2);
-    if (n < (ssize_t)sizeof rp) {
-        lose_connection();
-        pthread_mutex_unlock(&lk);
-        *err = EIO;
-        return -1;
-    }
+    int64_t ret = chan->rep.ret;
+    int32_t rerr = chan->rep.err;
+    uint32_t len = chan->rep.len;
+    if (out && outmax)
+        memcpy(out, chan->rep_payload, len < outmax ? len : outmax);
     pthread_mutex_unlock(&lk);
-    ret = rp.ret;
     if (ret < 0) {
-        *err = rp.err ? rp.err : EIO;
+        *err = rerr ? rerr : EIO;
         return -1;
     }
     *err = 0;
@@ -490,6 +621,24 @@ static int classify(int dirfd, const char *path, char *buf, size_t bufsz)
     }
     if (strncmp(n, "/proc/", 6) == 0)
         return is_status_path(n) && sock_fd >= 0 && !dead ? P_STATUS : P_NONE;
+    /* In sysfs '..' follows the links it comes through (/sys/bus/pci/devices/BDF is a
+     * link into /sys/devices): below a rewritten prefix, the path goes into the tree
+     * as it is, and the tree's own links resolve it, as libpci's driver lookup needs. */
+    const char *dotdot = strstr(path, "/..");
+    while (dotdot && dotdot[3] != '/' && dotdot[3] != 0)
+        dotdot = strstr(dotdot + 3, "/..");
+    if (dotdot && strncmp(path, "/sys/", 5) == 0) {
+        char head[PATH_MAX], hn[PATH_MAX];
+        size_t len = (size_t)(dotdot - path);
+        if (len < sizeof head) {
+            memcpy(head, path, len);
+            head[len] = 0;
+            if (normalize(head, hn, sizeof hn) == 0)
+                for (int i = 0; i < nprefixes; i++)
+                    if (under(hn, prefixes[i], prefix_len[i]))
+                        return (size_t)snprintf(buf, bufsz, "%s%s", root, path) >= bufsz ? P_NONE : P_REWRITE;
+        }
+    }
     for (int i = 0; i < nprefixes; i++) {
         if (under(n, prefixes[i], prefix_len[i])) {
             if ((size_t)snprintf(buf, bufsz, "%s%s", root, n) >= bufsz)
@@ -534,7 +683,7 @@ static int status_open(const char *path, int flags)
     uint64_t sim[2] = {0, 0};
     int err;
     uint64_t a[5] = {0};
-    if (rpc(OP_STATUS, 0, -1, -1, a, NULL, 0, sim, sizeof sim, &err) < 0) {
+    if (rpc(VOP_STATUS, 0, -1, -1, a, NULL, 0, sim, sizeof sim, &err) < 0) {
         sim[0] = sim[1] = 0;
     }
     size_t o = 0;
@@ -596,7 +745,7 @@ static int vfio_open(const char *path, int flags, mode_t mode)
     }
     uint64_t a[5] = {(uint64_t)(unsigned)flags, mode, 0, 0, 0};
     int err;
-    int64_t r = rpc(OP_OPEN, 0, ph, -1, a, path, (uint32_t)strlen(path), NULL, 0, &err);
+    int64_t r = rpc(VOP_OPEN, 0, ph, -1, a, path, (uint32_t)strlen(path), NULL, 0, &err);
     if (r < 0) {
         real_close(ph);
         errno = err;
@@ -726,7 +875,7 @@ static void forget(int fd)
     if (is_vfio(fd)) {
         vfd[fd] = K_NONE;
         int saved = errno;
-        call(OP_CLOSE, 0, fd, -1, 0, 0, 0, 0);
+        call(VOP_CLOSE, 0, fd, -1, 0, 0, 0, 0);
         errno = saved;
     }
 }
@@ -747,7 +896,7 @@ EXPORT int close_range(unsigned int first, unsigned int last, int flags)
         if (!is_vfio((int)fd))
             continue;
         if (flags & CLOSE_RANGE_CLOEXEC)
-            call(OP_SETFD, 0, (int)fd, -1, 1, 0, 0, 0);
+            call(VOP_SETFD, 0, (int)fd, -1, 1, 0, 0, 0);
         else
             forget((int)fd);
     }
@@ -768,6 +917,13 @@ EXPORT int close_range(unsigned int first, unsigned int last, int flags)
     return real_close_range(first, last, flags);
 }
 
+/* glibc's closefrom() calls close_range() inside libc, past the wrapper above. */
+EXPORT void closefrom(int lowfd)
+{
+    resolve();
+    close_range(lowfd < 0 ? 0 : (unsigned int)lowfd, ~0u, 0);
+}
+
 /* ---------------------------------------------------------------- dup and fcntl */
 
 /* After a real dup of a simulated fd to `newfd`. */
@@ -776,7 +932,7 @@ static void dup_done(int oldfd, int newfd, int cloexec)
     if (newfd < 0 || newfd >= VFD_MAX)
         return;
     int saved = errno;
-    if (call(OP_DUP, 0, oldfd, newfd, cloexec ? 1 : 0, 0, 0, 0) >= 0)
+    if (call(VOP_DUP, 0, oldfd, newfd, cloexec ? 1 : 0, 0, 0, 0) >= 0)
         set_vfio(newfd, vfd[oldfd], vminor[oldfd]);
     errno = saved;
 }
@@ -829,7 +985,7 @@ static int do_fcntl(int fd, int cmd, void *arg)
         break;
     case F_SETFD: {
         int saved = errno;
-        call(OP_SETFD, 0, fd, -1, ((long)arg & FD_CLOEXEC) ? 1 : 0, 0, 0, 0);
+        call(VOP_SETFD, 0, fd, -1, ((long)arg & FD_CLOEXEC) ? 1 : 0, 0, 0, 0);
         errno = saved;
         break;
     }
@@ -882,7 +1038,7 @@ EXPORT int ioctl(int fd, unsigned long request, ...)
             return -1;
         }
     }
-    int64_t r = call(OP_IOCTL, 0, fd, ph, cmd, (uint64_t)(uintptr_t)arg, 0, 0);
+    int64_t r = call(VOP_IOCTL, 0, fd, ph, cmd, (uint64_t)(uintptr_t)arg, 0, 0);
     if (ph >= 0) {
         if (r == ph) {
             set_vfio(ph, K_DEVICE, 0);
@@ -897,7 +1053,7 @@ EXPORT int ioctl(int fd, unsigned long request, ...)
 
 static ssize_t rw(uint32_t op, int fd, const void *buf, size_t count, off_t off, int positional)
 {
-    return (ssize_t)call(op, positional ? RW_POSITIONAL : 0, fd, -1, (uint64_t)(uintptr_t)buf, count,
+    return (ssize_t)call(op, positional ? VRW_POSITIONAL : 0, fd, -1, (uint64_t)(uintptr_t)buf, count,
                          (uint64_t)off, 0);
 }
 
@@ -906,7 +1062,7 @@ EXPORT ssize_t read(int fd, void *buf, size_t count)
     resolve();
     if (!is_vfio(fd))
         return real_read(fd, buf, count);
-    return rw(OP_READ, fd, buf, count, 0, 0);
+    return rw(VOP_READ, fd, buf, count, 0, 0);
 }
 
 EXPORT ssize_t write(int fd, const void *buf, size_t count)
@@ -914,7 +1070,7 @@ EXPORT ssize_t write(int fd, const void *buf, size_t count)
     resolve();
     if (!is_vfio(fd))
         return real_write(fd, buf, count);
-    return rw(OP_WRITE, fd, buf, count, 0, 0);
+    return rw(VOP_WRITE, fd, buf, count, 0, 0);
 }
 
 EXPORT ssize_t pread(int fd, void *buf, size_t count, off_t off)
@@ -922,7 +1078,7 @@ EXPORT ssize_t pread(int fd, void *buf, size_t count, off_t off)
     resolve();
     if (!is_vfio(fd))
         return real_pread(fd, buf, count, off);
-    return rw(OP_READ, fd, buf, count, off, 1);
+    return rw(VOP_READ, fd, buf, count, off, 1);
 }
 
 EXPORT ssize_t pread64(int fd, void *buf, size_t count, off_t off)
@@ -935,7 +1091,7 @@ EXPORT ssize_t pwrite(int fd, const void *buf, size_t count, off_t off)
     resolve();
     if (!is_vfio(fd))
         return real_pwrite(fd, buf, count, off);
-    return rw(OP_WRITE, fd, buf, count, off, 1);
+    return rw(VOP_WRITE, fd, buf, count, off, 1);
 }
 
 EXPORT ssize_t pwrite64(int fd, const void *buf, size_t count, off_t off)
@@ -999,16 +1155,21 @@ static void patch_node_stat(const char *fake, struct stat *st)
     }
 }
 
+static int node_of_fd(int fd, char *buf, size_t n);
+
 static void patch_fd_stat(int fd, struct stat *st)
 {
+    char node[64], fake[PATH_MAX + 64];
     switch (vfd[fd]) {
     case K_CONTAINER:
-        st->st_mode = S_IFCHR | 0666;
-        st->st_rdev = makedev(10, 196);
-        break;
     case K_GROUP:
-        st->st_mode = S_IFCHR | 0600;
-        st->st_rdev = makedev(243, vminor[fd]);
+        /* The node's owner and mode, as the daemon's tree has them now (after a chown, say). */
+        st->st_mode = S_IFCHR | (vfd[fd] == K_CONTAINER ? 0666 : 0600);
+        st->st_rdev = vfd[fd] == K_CONTAINER ? makedev(10, 196) : makedev(243, vminor[fd]);
+        if (node_of_fd(fd, node, sizeof node)) {
+            snprintf(fake, sizeof fake, "%s%s", root, node);
+            patch_node_stat(fake, st);
+        }
         break;
     case K_DEVICE:
         st->st_mode = 0600;            /* an anonymous inode */
@@ -1194,6 +1355,111 @@ static const char *mapped(int dirfd, const char *path, char *buf, size_t bufsz)
     return c == P_REWRITE ? buf : path;
 }
 
+/* ---------------------------------------------------------------- chown and chmod of /dev/vfio */
+
+/* The node a simulated fd was opened from (containers and groups), or 0. */
+static int node_of_fd(int fd, char *buf, size_t n)
+{
+    if (!is_vfio(fd) || vfd[fd] == K_DEVICE)
+        return 0;
+    if (vfd[fd] == K_CONTAINER)
+        snprintf(buf, n, "/dev/vfio/vfio");
+    else
+        snprintf(buf, n, "/dev/vfio/%d", vminor[fd]);
+    return 1;
+}
+
+static int setattr(const char *node, uint32_t flags, uid_t uid, gid_t gid, mode_t mode)
+{
+    uint64_t a[5] = {(uint64_t)(int64_t)(int32_t)uid, (uint64_t)(int64_t)(int32_t)gid, mode, 0, 0};
+    int err;
+    if (rpc(VOP_SETATTR, flags, -1, -1, a, node, (uint32_t)strlen(node), NULL, 0, &err) < 0) {
+        errno = err;
+        return -1;
+    }
+    return 0;
+}
+
+static int do_fchownat(int dirfd, const char *path, uid_t uid, gid_t gid, int flags)
+{
+    static int (*real)(int, const char *, uid_t, gid_t, int);
+    if (!real)
+        real = sym("fchownat");
+    char buf[PATH_MAX];
+    if (path && !*path && (flags & AT_EMPTY_PATH) && node_of_fd(dirfd, buf, sizeof buf))
+        return setattr(buf, VSETATTR_OWNER, uid, gid, 0);
+    int c = classify(dirfd, path, buf, sizeof buf);
+    if (c == P_NODE)
+        return setattr(buf, VSETATTR_OWNER, uid, gid, 0);
+    return real(c == P_REWRITE ? AT_FDCWD : dirfd, c == P_REWRITE ? buf : path, uid, gid, flags);
+}
+
+static int do_fchmodat(int dirfd, const char *path, mode_t mode, int flags)
+{
+    static int (*real)(int, const char *, mode_t, int);
+    if (!real)
+        real = sym("fchmodat");
+    char buf[PATH_MAX];
+    int c = classify(dirfd, path, buf, sizeof buf);
+    if (c == P_NODE)
+        return setattr(buf, VSETATTR_MODE, 0, 0, mode);
+    return real(c == P_REWRITE ? AT_FDCWD : dirfd, c == P_REWRITE ? buf : path, mode, flags);
+}
+
+EXPORT int chown(const char *path, uid_t uid, gid_t gid)
+{
+    resolve();
+    return do_fchownat(AT_FDCWD, path, uid, gid, 0);
+}
+
+EXPORT int lchown(const char *path, uid_t uid, gid_t gid)
+{
+    resolve();
+    return do_fchownat(AT_FDCWD, path, uid, gid, AT_SYMLINK_NOFOLLOW);
+}
+
+EXPORT int fchownat(int dirfd, const char *path, uid_t uid, gid_t gid, int flags)
+{
+    resolve();
+    return do_fchownat(dirfd, path, uid, gid, flags);
+}
+
+EXPORT int fchown(int fd, uid_t uid, gid_t gid)
+{
+    static int (*real)(int, uid_t, gid_t);
+    resolve();
+    if (!real)
+        real = sym("fchown");
+    char buf[64];
+    if (node_of_fd(fd, buf, sizeof buf))
+        return setattr(buf, VSETATTR_OWNER, uid, gid, 0);
+    return real(fd, uid, gid);
+}
+
+EXPORT int chmod(const char *path, mode_t mode)
+{
+    resolve();
+    return do_fchmodat(AT_FDCWD, path, mode, 0);
+}
+
+EXPORT int fchmodat(int dirfd, const char *path, mode_t mode, int flags)
+{
+    resolve();
+    return do_fchmodat(dirfd, path, mode, flags);
+}
+
+EXPORT int fchmod(int fd, mode_t mode)
+{
+    static int (*real)(int, mode_t);
+    resolve();
+    if (!real)
+        real = sym("fchmod");
+    char buf[64];
+    if (node_of_fd(fd, buf, sizeof buf))
+        return setattr(buf, VSETATTR_MODE, 0, 0, mode);
+    return real(fd, mode);
+}
+
 EXPORT int access(const char *path, int mode)
 {
     resolve();
@@ -1278,8 +1544,12 @@ EXPORT char *canonicalize_file_name(const char *path)
 /* ---------------------------------------------------------------- mmap of device regions */
 
 struct region {
-    uintptr_t start, end;
+    uintptr_t start, end;             /* what is still mapped */
+    uintptr_t base;                   /* where the mapping began: offsets are from here */
     uint64_t handle;
+    int slot;                         /* the channel's live flag for it, or -1: no posting */
+    int nposted;
+    struct vmap_range posted[VMAP_MAX_POSTED];   /* stores here have no side effect */
 };
 #define MAX_REGIONS 64
 static struct region regions[MAX_REGIONS];
@@ -1316,11 +1586,17 @@ EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off
         return MAP_FAILED;
     }
     int shared = (flags & MAP_TYPE) == MAP_SHARED || (flags & MAP_TYPE) == MAP_SHARED_VALIDATE;
-    int64_t h = call(OP_MMAP, 0, fd, -1, (uint64_t)off, rlen, (uint64_t)(unsigned)prot, shared);
-    if (h < 0)
+    struct vmap vm;
+    memset(&vm, 0, sizeof vm);
+    uint64_t a[5] = {(uint64_t)off, rlen, (uint64_t)(unsigned)prot, (uint64_t)shared, 0};
+    int err;
+    int64_t h = rpc(VOP_MMAP, 0, fd, -1, a, NULL, 0, &vm, sizeof vm, &err);
+    if (h < 0) {
+        errno = err;
         return MAP_FAILED;
+    }
     if (nregions >= MAX_REGIONS) {
-        call(OP_MUNMAP, 0, -1, -1, (uint64_t)h, 0, 0, 0);
+        call(VOP_MUNMAP, 0, -1, -1, (uint64_t)h, 0, 0, 0);
         errno = ENOMEM;
         return MAP_FAILED;
     }
@@ -1329,15 +1605,19 @@ EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off
                         -1, 0);
     if (p == MAP_FAILED) {
         int saved = errno;
-        call(OP_MUNMAP, 0, -1, -1, (uint64_t)h, 0, 0, 0);
+        call(VOP_MUNMAP, 0, -1, -1, (uint64_t)h, 0, 0, 0);
         errno = saved;
         return MAP_FAILED;
     }
     pthread_mutex_lock(&lk);
     install_segv();
-    regions[nregions].start = (uintptr_t)p;
-    regions[nregions].end = (uintptr_t)p + rlen;
-    regions[nregions].handle = (uint64_t)h;
+    struct region *g = &regions[nregions];
+    g->start = g->base = (uintptr_t)p;
+    g->end = (uintptr_t)p + rlen;
+    g->handle = (uint64_t)h;
+    g->slot = vm.slot < VLIVE ? (int)vm.slot : -1;
+    g->nposted = vm.nposted <= VMAP_MAX_POSTED ? (int)vm.nposted : 0;
+    memcpy(g->posted, vm.posted, sizeof g->posted);
     __atomic_store_n(&nregions, nregions + 1, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&lk);
     return p;
@@ -1379,7 +1659,7 @@ EXPORT int munmap(void *addr, size_t len)
     pthread_mutex_unlock(&lk);
     int saved = errno;
     for (int i = 0; i < ndrop; i++)
-        call(OP_MUNMAP, 0, -1, -1, drop[i], 0, 0, 0);
+        call(VOP_MUNMAP, 0, -1, -1, drop[i], 0, 0, 0);
     errno = saved;
     return r;
 }
@@ -1502,6 +1782,44 @@ static void fault_fatal(int sig, const char *why, uintptr_t addr)
         raise(sig);
 }
 
+/* A store without side effects (the device model says so, and decoding is on):
+ * into the channel's ring, performed by the daemon before anything the program
+ * asks for next -- a posted write.  1 if it was posted. */
+static int post_store(const struct region *g, uint64_t off, uint32_t size, uint64_t value)
+{
+    if (g->slot < 0)
+        return 0;
+    int ok = 0;
+    for (int i = 0; i < g->nposted; i++)
+        if (g->posted[i].offset <= off && off + size <= g->posted[i].offset + g->posted[i].length) {
+            ok = 1;
+            break;
+        }
+    if (!ok)
+        return 0;
+    pthread_mutex_lock(&lk);
+    /* (No getpid() here, a system call on every store: a child made with a raw
+     * clone() that stores before any other VFIO call posts into its parent's
+     * ring, on the same device mapping.) */
+    ok = chan && !dead && __atomic_load_n(&chan->live[g->slot], __ATOMIC_ACQUIRE);
+    if (ok) {
+        uint32_t head = chan->prog.ring_head;
+        if (head - __atomic_load_n(&chan->daemon.ring_tail, __ATOMIC_ACQUIRE) >= VRING) {
+            ok = 0;                   /* full: this one goes as a call, which performs the others first */
+        } else {
+            struct vpost *e = &chan->ring[head % VRING];
+            e->handle = g->handle;
+            e->offset = off;
+            e->value = value;
+            e->size = size;
+            e->reserved = 0;
+            __atomic_store_n(&chan->prog.ring_head, head + 1, __ATOMIC_RELEASE);
+        }
+    }
+    pthread_mutex_unlock(&lk);
+    return ok;
+}
+
 static void segv_handler(int sig, siginfo_t *si, void *ucv)
 {
     int saved_errno = errno;
@@ -1542,7 +1860,7 @@ static void segv_handler(int sig, siginfo_t *si, void *ucv)
         errno = saved_errno;
         return;
     }
-    uint64_t off = addr - g->start;
+    uint64_t off = addr - g->base;
     uint64_t a[5] = {g->handle, off, (uint64_t)in.size, 0, 0};
     int err;
     if (in.store) {
@@ -1555,14 +1873,19 @@ static void segv_handler(int sig, siginfo_t *si, void *ucv)
                 v >>= 8;
         }
         a[3] = v & mask_of(in.size);
-        if (rpc(OP_MMIO, MMIO_WRITE, -1, -1, a, NULL, 0, NULL, 0, &err) < 0) {
+        if (post_store(g, off, (uint32_t)in.size, a[3])) {
+            gr[REG_RIP] += in.len;
+            errno = saved_errno;
+            return;
+        }
+        if (rpc(VOP_MMIO, VMMIO_WRITE, -1, -1, a, NULL, 0, NULL, 0, &err) < 0) {
             fault_fatal(SIGBUS, strerror(err), addr);
             errno = saved_errno;
             return;
         }
     } else {
         uint64_t v = 0;
-        if (rpc(OP_MMIO, 0, -1, -1, a, NULL, 0, &v, sizeof v, &err) < 0) {
+        if (rpc(VOP_MMIO, 0, -1, -1, a, NULL, 0, &v, sizeof v, &err) < 0) {
             fault_fatal(SIGBUS, strerror(err), addr);
             errno = saved_errno;
             return;
@@ -1627,19 +1950,20 @@ EXPORT sighandler_t signal(int sig, sighandler_t handler)
 EXPORT pid_t fork(void)
 {
     resolve();
-    int connected = active && sock_fd >= 0 && !dead;
+    int was_connected = active && sock_fd >= 0 && !dead;
     pid_t pid = real_fork();
     if (pid == 0) {
         pthread_mutex_init(&lk, NULL);
-        if (connected) {
+        if (was_connected) {
             real_close(sock_fd);
             sock_fd = -1;
-            if (do_connect(HELLO_FORK) < 0)
+            drop_channel();           /* our view of the parent's channel */
+            if (do_connect(VHELLO_FORK) < 0)
                 dead = 1;
         }
-    } else if (pid > 0 && connected) {
+    } else if (pid > 0 && was_connected) {
         int saved = errno;
-        call(OP_FORK, 0, -1, -1, (uint64_t)pid, 0, 0, 0);
+        call(VOP_FORK, 0, -1, -1, (uint64_t)pid, 0, 0, 0);
         errno = saved;
     }
     return pid;

@@ -1,18 +1,33 @@
 """The vfiosim daemon: one simulated machine serving real processes.
 
 ``vfiosim run`` and ``vfiosim serve`` start one.  Programs reach it through
-the preload shim (src/vfiosim/preload/vfiosim_preload.c) over a Unix
-socket, one connection per process (protocol.py).  Each real process is one
-simulated task (``Kernel.attach`` with a :class:`HostMM`), whose fd numbers
-are the process's own: the shim opens a real placeholder fd (a memfd named
+the preload shim (src/vfiosim/preload/vfiosim_preload.c), one connection per
+process (protocol.py).  Each real process is one simulated task
+(``Kernel.attach`` with a :class:`HostMM`), whose fd numbers are the
+process's own: the shim opens a real placeholder fd (a memfd named
 ``vfiosim:...``) and the daemon installs the simulated file at that number.
+
+It is a privileged service: it reads and writes other processes' memory
+for them, so it acts with the rights of whoever connected and no more
+(docs/reliability.md has the threat model):
+
+* a connection belongs to the process that connected, proven by the kernel
+  (peer.py); the daemon opens that process's memory with that process's
+  credentials, bound to the address space it had then;
+* its credentials are checked before every call; if its ids leave what it
+  connected with (a set-uid exec), the connection ends;
+* a thread per connection serves it through a shared-memory channel (a
+  request and a reply, futex wake-ups), so a client that stalls stalls only
+  itself; connections per uid, eventfd handles per task and mappings per
+  task are bounded, and running out of file descriptors makes the daemon
+  back off, not spin.
 
 Life cycle of a task:
 
-* first connection (``OP_HELLO``): attached with the process's credentials
-  (from /proc) and a pidfd; if its parent is a task and the process holds
-  ``vfiosim:`` memfds, it was spawned without our fork() (posix_spawn,
-  clone): it gets its parent's files, then exec() semantics.
+* first connection (``OP_HELLO``): attached with the process's credentials;
+  if its parent is a task, it was made by fork() or spawned (posix_spawn,
+  clone): it gets the files of its parent it provably holds -- the very same
+  open files, compared with kcmp() -- never what a memfd's name claims.
 * ``OP_FORK`` from the parent right after fork(): ``Kernel.fork``.
 * connection closed while the process lives: it exec()ed.  The new image's
   shim says hello again (``Kernel.exec`` and a reconciliation with
@@ -21,23 +36,24 @@ Life cycle of a task:
 * the pidfd polls readable: the process exited or was killed:
   ``Kernel.exit`` releases its groups, pins and locked memory.
 
-The loop is single-threaded; every request runs under the machine's lock,
-so the in-process API can be used on the same machine from other threads
-(tests do).  A malformed message is logged and its connection dropped; a bug
-in the simulator becomes EIO for that call (and an entry in
-``machine.oopses``), never a dead daemon.
+Every call enters the kernel through its syscall gate (kernel/syscall.py):
+the machine's lock, an errno for a kernel error, an oops (EIO) for a bug.
+A malformed message is logged and its connection dropped.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import json
 import os
+import queue
+import resource
+import select
 import selectors
 import socket
+import stat
 import struct
 import sys
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -46,8 +62,10 @@ from typing import IO, TYPE_CHECKING, Any, Callable
 from ..kernel.cred import Cred
 from ..kernel.errors import KernelError, fail
 from ..kernel.fs import File
+from . import native
 from . import protocol as P
-from .host import HostEventFd, HostMM, read_host_creds
+from .host import HostEventFd, HostMM, HostProcess, parse_host_creds
+from .peer import Bounds, Peer, Refused, creds_from_status, peer_of, receive_hello, same_process
 from .sysfs import FakeSysfs
 from .trace import Tracer
 
@@ -55,35 +73,24 @@ if TYPE_CHECKING:
     from ..kernel.task import Task
     from ..machine import Machine
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_SYS_pidfd_getfd = 438
 MAX_RW = 16 << 20                      # bytes moved by one read/write request
 EXEC_GRACE = 0.5                       # seconds between a lost connection and exec() semantics
+HELLO_TIMEOUT = 5.0                    # seconds a new connection has to say hello
+WAIT_MS = 50                           # a serving thread's sleep: posted stores wait at most this long
+MAX_CONNECTIONS_PER_UID = 64
+MAX_CONNECTIONS = 1024
+MAX_EVENTFDS = 256                     # a task's eventfds the daemon holds handles on
+DEFAULT_MAX_MAP_COUNT = 65530          # vm.max_map_count's default
+PID_MAX_LIMIT = 1 << 22                # include/linux/threads.h on 64-bit
+LOG_BURST = 10                         # log lines a second per kind of message
 
 
-def pidfd_getfd(pidfd: int, fd: int) -> int:
-    ret = _libc.syscall(_SYS_pidfd_getfd, pidfd, fd, 0)
-    if ret < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-    return ret
-
-
-def _proc_ppid(pid: int) -> int:
+def _max_map_count() -> int:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return -1
-    return int(stat.rsplit(")", 1)[1].split()[1])
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return DEFAULT_MAX_MAP_COUNT
 
 
 class ForeignFile(File):
@@ -97,24 +104,51 @@ class ForeignFile(File):
 
 
 @dataclass
+class Mapping:
+    """A BAR mapping of a device file in a process (the mapping's vm_file reference)."""
+
+    file: File
+    offset: int                        # in the file's mmap space
+    length: int
+    slot: int = -1                     # its posted-store flag in the channel, or -1
+
+
+@dataclass
 class TaskState:
     pid: int
     task: "Task"
     pidfd: int
-    conn: "Conn | None" = None
-    mappings: dict[int, tuple[File, int]] = field(default_factory=dict)
-    eventfds: dict[tuple[int, str], HostEventFd] = field(default_factory=dict)
+    procdir: int                       # /proc/<pid>, bound to the process (not to a pid number)
+    session: "Session | None" = None
+    mappings: dict[int, Mapping] = field(default_factory=dict)
+    eventfds: dict[int, tuple[str, HostEventFd]] = field(default_factory=dict)   # by fd number
     exec_deadline: float | None = None
     exec_done: bool = False
     tracer: Tracer | None = None
+    creds_key: bytes = b""
+    acting: tuple[int, int] | None = None      # (uid, gid) the daemon takes to act for it; None: no switch
 
 
-@dataclass
-class Conn:
-    sock: socket.socket
-    pid: int
-    uid: int
-    state: TaskState | None = None
+class Session:
+    """One connection: its socket, the process at the other end, the
+    channel its calls travel through, and the thread serving it."""
+
+    def __init__(self, sock: socket.socket, peer: Peer) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.bounds = Bounds(frozenset(), frozenset(), 0)
+        self.channel: native.Channel | None = None
+        self.state: TaskState | None = None
+        self.thread: threading.Thread | None = None
+        # (native.Channel is created once the hello is verified)
+        self.lock = threading.Lock()           # the channel's lifetime
+        self.ended = False                     # the main thread let go of it
+        self.next_slot = 0
+
+    def stop(self) -> None:
+        with self.lock:
+            if self.channel is not None:
+                self.channel.wake()
 
 
 class Daemon:
@@ -124,38 +158,55 @@ class Daemon:
                  log: Callable[[str], None] | None = None, sysfs: FakeSysfs | None = None) -> None:
         self.machine = machine
         self.kernel = machine.kernel
+        self.gate = machine.kernel.gate
         self.sock_path = sock_path
+        self.log = log or (lambda text: print(f"vfiosim: {text}", file=sys.stderr, flush=True))
+        self.listener, self._stamp = bind_listener(sock_path)
         self.sysfs = sysfs or FakeSysfs(machine)
         self._own_sysfs = sysfs is None
-        self.log = log or (lambda text: print(f"vfiosim: {text}", file=sys.stderr, flush=True))
-        self.tracer = Tracer(trace, machine.platform, machine=machine) if trace is not None else None
-        self.states: dict[int, TaskState] = {}
-        self.sel = selectors.DefaultSelector()
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            os.unlink(sock_path)
-        except FileNotFoundError:
-            pass
-        self.listener.bind(sock_path)
-        self.listener.listen(64)
-        self.listener.setblocking(False)
+            self.tracer = Tracer(trace, machine.platform, machine=machine) if trace is not None else None
+        except BaseException:
+            self.listener.close()
+            unlink_socket(sock_path, self._stamp)
+            if self._own_sysfs:
+                self.sysfs.close()
+            raise
+        self.states: dict[int, TaskState] = {}
+        self.sessions: set[Session] = set()
+        self._per_uid: dict[int, int] = {}
+        self.sel = selectors.DefaultSelector()
         self.sel.register(self.listener, selectors.EVENT_READ, ("listen", None))
+        self._listening = True
+        self._accept_again = 0.0               # EMFILE back-off: when to listen again
+        self._backoff = 0.05
         self._next_handle = 1
         self._stopped = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        self._commands: "queue.SimpleQueue[Callable[[], None]]" = queue.SimpleQueue()
+        # Every task's pidfd, in one epoll set: whichever thread next enters the
+        # kernel reaps the processes that exited first, so a parent's call after
+        # its child's exit finds the child's files closed, as on Linux.
+        self._exits = select.epoll()
+        self._by_pidfd: dict[int, TaskState] = {}
+        self.sel.register(self._exits.fileno(), selectors.EVENT_READ, ("exits", None))
         self.exited: list[int] = []          # pids whose tasks ended, in order (for tests)
         # Programs' eventfds we hold, and those of them the selector watches
         # because a virqfd (INTx unmask, VFIO_DEVICE_IOEVENTFD) waits on them.
         self._host_eventfds: "weakref.WeakSet[HostEventFd]" = weakref.WeakSet()
         self._watched: dict[int, HostEventFd] = {}
+        # Handles a task no longer names but a device may still use: closed once none does.
+        self._retired: list[tuple["Task", HostEventFd]] = []
+        self._logged: dict[str, tuple[float, int, int]] = {}
+        self.max_map_count = _max_map_count()
+        _raise_fd_limit()
 
     @property
     def root(self) -> str:
         return self.sysfs.root
 
-    # -- the loop ----------------------------------------------------------------------------------
+    # -- the main loop: connections, process exits, eventfd wake-ups -----------------------------------
 
     def serve(self, until: Callable[[], bool] | None = None, poll: float = 0.2) -> None:
         """Serve until stop() is called or ``until()`` returns True."""
@@ -165,41 +216,63 @@ class Daemon:
             self.step(poll)
 
     def step(self, timeout: float) -> None:
-        deadline = min((s.exec_deadline for s in self.states.values() if s.exec_deadline is not None),
-                       default=None)
-        if deadline is not None:
-            timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+        now = time.monotonic()
+        deadlines = [s.exec_deadline for s in list(self.states.values()) if s.exec_deadline is not None]
+        if not self._listening:
+            deadlines.append(self._accept_again)
+        if deadlines:
+            timeout = max(0.0, min(timeout, min(deadlines) - now))
         for key, _ in self.sel.select(timeout):
             kind, obj = key.data
             try:
                 if kind == "listen":
                     self._accept()
-                elif kind == "conn":
-                    self._readable(obj)
-                elif kind == "pidfd":
-                    self._task_died(obj)
+                elif kind == "sock":
+                    self._socket_event(obj)
+                elif kind == "exits":
+                    self._reap_exits()
                 elif kind == "wake":
                     try:
-                        os.read(self._wake_r, 64)
+                        os.read(self._wake_r, 4096)
                     except BlockingIOError:
                         pass
                 # "virqfd": handled below, with every other eventfd that has data
             except Exception as exc:               # never let one client take the daemon down
-                self.log(f"internal error: {exc!r}")
-                self.machine.oopses.append(f"daemon: {exc!r}")
+                self._oops("daemon main loop", exc)
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                command()
+            except Exception as exc:
+                self._oops("daemon command", exc)
         self._run_virqfds()
         now = time.monotonic()
+        if not self._listening and now >= self._accept_again:
+            self.sel.register(self.listener, selectors.EVENT_READ, ("listen", None))
+            self._listening = True
         for st in list(self.states.values()):
             if st.exec_deadline is not None and now >= st.exec_deadline:
                 st.exec_deadline = None
                 # The connection went and the process lives: it exec()ed a program that
                 # did not say hello (yet).  Close-on-exec files go; the rest is what
                 # the real process still holds.
-                with self.machine._lock:
-                    try:
-                        self._do_exec(st, reconcile=True)
-                    except Exception as exc:
-                        self.machine._oops(f"exec of pid {st.pid}", exc)
+                try:
+                    self.gate.run(lambda: f"exec of pid {st.pid}", self._do_exec, st, None, True)
+                except KernelError:
+                    pass
+        if self.tracer is not None:
+            self.tracer.flush()
+
+    def _post(self, command: Callable[[], None]) -> None:
+        """Run ``command`` in the main loop (which owns the selector)."""
+        self._commands.put(command)
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
 
     def stop(self) -> None:
         self._stopped = True
@@ -210,17 +283,20 @@ class Daemon:
 
     def close(self) -> None:
         """Release every task (as if each process exited) and the socket."""
+        for sess in list(self.sessions):
+            self._end_session(sess, None)
         for st in list(self.states.values()):
             self._end_task(st, "daemon shut down")
+        for sess in list(self.sessions):
+            if sess.thread is not None:
+                sess.thread.join(5)
+        self._exits.close()
         try:
             self.sel.unregister(self.listener)
         except (KeyError, ValueError):
             pass
         self.listener.close()
-        try:
-            os.unlink(self.sock_path)
-        except OSError:
-            pass
+        unlink_socket(self.sock_path, self._stamp)
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
         self.sel.close()
@@ -229,6 +305,23 @@ class Daemon:
         if self._own_sysfs:
             self.sysfs.close()
 
+    def _log_limited(self, key: str, text: str) -> None:
+        """At most LOG_BURST lines a second per kind of message; the next line
+        that gets through counts the ones held back."""
+        now = time.monotonic()
+        start, lines, held = self._logged.get(key, (now, 0, 0))
+        if now - start >= 1.0:
+            start, lines = now, 0
+        if lines < LOG_BURST:
+            self.log(text + (f" ({held} more like it not shown)" if held else ""))
+            self._logged[key] = (start, lines + 1, 0)
+        else:
+            self._logged[key] = (start, lines, held + 1)
+
+    def _oops(self, what: str, exc: BaseException) -> None:
+        self.gate.oops(what, exc)
+        self._log_limited("internal", f"internal error during {what}: {exc!r}")
+
     # -- connections ----------------------------------------------------------------------------------
 
     def _accept(self) -> None:
@@ -236,114 +329,358 @@ class Daemon:
             sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, _gid = struct.unpack("3i", cred)
-        sock.setblocking(True)
-        sock.settimeout(5.0)                   # a reply that cannot be sent within 5 s drops the client
-        conn = Conn(sock, pid, uid)
-        self.sel.register(sock, selectors.EVENT_READ, ("conn", conn))
-
-    def _drop(self, conn: Conn, why: str | None = None) -> None:
-        if why:
-            self.log(f"dropping the connection of pid {conn.pid}: {why}")
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # Out of descriptors: stop listening for a while instead of spinning.
+                self.sel.unregister(self.listener)
+                self._listening = False
+                self._accept_again = time.monotonic() + self._backoff
+                self._backoff = min(self._backoff * 2, 1.0)
+                self._log_limited("accept", f"cannot accept connections: {exc.strerror}; waiting")
+                return
+            raise
+        self._backoff = 0.05
         try:
-            self.sel.unregister(conn.sock)
+            peer = peer_of(sock)
+        except OSError:
+            sock.close()
+            return
+        count = self._per_uid.get(peer.uid, 0)
+        if count >= MAX_CONNECTIONS_PER_UID or len(self.sessions) >= MAX_CONNECTIONS:
+            self._log_limited(f"limit{peer.uid}", f"refusing a connection of uid {peer.uid} (pid {peer.pid}): "
+                                                   f"{count} connections of that uid already "
+                                                   f"(at most {MAX_CONNECTIONS_PER_UID} per uid)")
+            peer.close()
+            sock.close()
+            return
+        self._per_uid[peer.uid] = count + 1
+        sess = Session(sock, peer)
+        self.sessions.add(sess)
+        sess.thread = threading.Thread(target=self._session_main, args=(sess,), daemon=True,
+                                       name=f"vfiosim-pid{peer.pid}")
+        sess.thread.start()
+
+    def _session_main(self, sess: Session) -> None:
+        """The thread serving one connection: the hello, then every call."""
+        try:
+            if self._hello(sess):
+                self._serve_channel(sess)
+        except P.ProtocolError as exc:
+            self._log_limited("malformed", f"dropping the connection of pid {sess.peer.pid}: malformed message: {exc}")
+        except Exception as exc:
+            self._oops(f"connection of pid {sess.peer.pid}", exc)
+        finally:
+            # Others reach the channel under the machine lock (posted stores) or
+            # the session's (a wake-up): it goes under both.
+            with self.gate.lock, sess.lock:
+                if sess.channel is not None:
+                    sess.channel.close()
+                    sess.channel = None
+            self._post(lambda: self._end_session(sess, None))
+
+    def _end_session(self, sess: Session, why: str | None) -> None:
+        """Let go of a connection (main loop only): its socket goes; if its
+        process lives on, it exec()ed (or handed its channel on)."""
+        if sess.ended:
+            return
+        sess.ended = True
+        if why:
+            self.log(f"dropping the connection of pid {sess.peer.pid}: {why}")
+        sess.stop()
+        try:
+            self.sel.unregister(sess.sock)
         except (KeyError, ValueError):
             pass
-        conn.sock.close()
-        st = conn.state
-        if st is not None and st.conn is conn:
-            st.conn = None
-            if st.pid in self.states:
-                if self._pid_alive(st):
+        try:
+            sess.sock.shutdown(socket.SHUT_RDWR)     # wakes a thread still waiting for the hello
+        except OSError:
+            pass
+        sess.sock.close()
+        sess.peer.close()
+        self.sessions.discard(sess)
+        n = self._per_uid.get(sess.peer.uid, 1) - 1
+        if n > 0:
+            self._per_uid[sess.peer.uid] = n
+        else:
+            self._per_uid.pop(sess.peer.uid, None)
+        st = sess.state
+        if st is not None and st.session is sess:
+            st.session = None
+            if self.states.get(st.pid) is st:
+                if _alive(st.pidfd):
                     st.exec_deadline = time.monotonic() + EXEC_GRACE
                 else:
-                    self._task_died(st)
+                    self._end_task(st, "exited")
 
-    @staticmethod
-    def _pid_alive(st: TaskState) -> bool:
-        import select
-        p = select.poll()
-        p.register(st.pidfd, select.POLLIN)
-        return not p.poll(0)
-
-    def _readable(self, conn: Conn) -> None:
+    def _socket_event(self, sess: Session) -> None:
+        """A connection's socket carries nothing after the hello: data is a
+        protocol error, end-of-file the process's exec() or exit."""
         try:
-            msg = conn.sock.recv(P.REQ.size + P.MAX_PAYLOAD + 1)
+            data = sess.sock.recv(64, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
         except OSError:
-            msg = b""
-        if not msg:
-            self._drop(conn)
-            return
+            data = b""
+        self._end_session(sess, "malformed message: data on the socket after the hello" if data else None)
+
+    # -- the hello ---------------------------------------------------------------------------------------
+
+    def _hello(self, sess: Session) -> bool:
+        """Verify who connected, bind its task and hand over the channel."""
         try:
-            op, flags, fd, fd2, a, payload = P.unpack_request(msg)
-            if conn.state is None and op not in (P.OP_HELLO, P.OP_INFO):
-                raise P.ProtocolError(f"{P.OP_NAMES[op]} before hello")
-        except P.ProtocolError as exc:
-            self._drop(conn, f"malformed message: {exc}")
-            return
-        # A program that wrote an ioeventfd or unmask eventfd and then makes a call
-        # sees the write's effect, as the kernel acts inside the write.
-        self._run_virqfds()
-        reply = self._dispatch(conn, op, flags, fd, fd2, a, payload)
+            hello, scm_pidfd = receive_hello(sess.sock, HELLO_TIMEOUT)
+        except Refused as exc:
+            if exc.errno == errno.EPROTO:
+                raise P.ProtocolError(str(exc).removeprefix("malformed message: ")) from None
+            self._log_limited("refused", f"refusing the connection of pid {sess.peer.pid}: {exc}")
+            return False
+        if hello.op == P.OP_INFO:
+            if scm_pidfd >= 0:
+                os.close(scm_pidfd)
+            _send(sess.sock, P.pack_reply(0, 0, self.root.encode()))
+            return False
         try:
-            conn.sock.sendall(reply)
+            if hello.magic != P.MAGIC_VERSION:
+                raise Refused(errno.EPROTO, f"protocol version {hello.magic:#x}, not {P.MAGIC_VERSION:#x} "
+                                            f"(a shim of another vfiosim?)")
+            self._verify(sess, hello, scm_pidfd)
+            host, creds = self._open_process(sess)
+        except Refused as exc:
+            self._log_limited("refused", f"refusing the connection of pid {sess.peer.pid}: {exc}")
+            _send(sess.sock, P.pack_reply(-1, exc.errno))
+            return False
+        finally:
+            if scm_pidfd >= 0:
+                os.close(scm_pidfd)
+        channel = native.Channel()
+        try:
+            with self.gate.lock:
+                st = self._bind(sess, hello.flags, host, creds)
+        except BaseException as exc:
+            host.close()
+            channel.close()
+            if not isinstance(exc, KernelError):
+                raise
+            _send(sess.sock, P.pack_reply(-1, exc.errno))
+            return False
+        channel.watch_creds(st.pidfd, st.pid, creds)
+        with sess.lock:
+            sess.channel = channel
+        ok = _send(sess.sock, P.pack_reply(0, 0, self.root.encode()), fds=[channel.fd])
+        channel.close_fd()
+        if not ok:
+            return False
+        self._post(lambda: self._watch_session(sess))
+        return True
+
+    def _verify(self, sess: Session, hello: Any, scm_pidfd: int) -> None:
+        peer = sess.peer
+        if hello.pid != peer.pid:
+            raise Refused(errno.EPERM, f"the hello came from pid {hello.pid}, not from pid {peer.pid} that connected")
+        if peer.pidfd < 0 or not _alive(peer.pidfd):
+            raise Refused(errno.ESRCH, "the process that connected is gone")
+        if scm_pidfd >= 0 and not same_process(scm_pidfd, peer.pidfd):
+            raise Refused(errno.EPERM, "the hello came from another process than the one that connected")
+        if os.geteuid() != 0 and (peer.uid != os.geteuid() or hello.uid != os.geteuid()):
+            raise Refused(errno.EACCES, f"this daemon runs as uid {os.geteuid()} and cannot act for uid {peer.uid}")
+        sess.bounds = Bounds(frozenset({peer.uid, hello.uid}), frozenset({peer.gid, hello.gid}), 0)
+
+    def _read_creds(self, pidfd: int, pid: int, procdir: int = -1) -> native.Creds:
+        try:
+            return native.creds(pidfd, pid)
         except OSError as exc:
-            self._drop(conn, f"cannot reply: {exc}")
+            if exc.errno not in (errno.ENOTTY, errno.EPERM, errno.EACCES):
+                raise
+        path = f"/proc/{pid}" if procdir < 0 else None
+        if path is not None:
+            with open(f"{path}/status") as f, open(f"{path}/limits") as g:
+                return creds_from_status(f.read(), g.read())
+        return creds_from_status(_read_at(procdir, "status"), _read_at(procdir, "limits"))
 
-    # -- requests ---------------------------------------------------------------------------------------
+    def _open_process(self, sess: Session) -> tuple[HostProcess, native.Creds]:
+        """Open the process's memory and /proc views with its own credentials,
+        so the host kernel refuses what the process itself may not reach (a
+        set-uid image is not dumpable); make sure nothing changed meanwhile."""
+        peer = sess.peer
+        try:
+            before = self._read_creds(peer.pidfd, peer.pid)
+        except OSError:
+            raise Refused(errno.ESRCH, "the process that connected is gone") from None
+        sess.bounds.caps = before.cap_prm | before.cap_eff
+        why = sess.bounds.admits(before)
+        if why:
+            raise Refused(errno.EPERM, f"the process changed since it connected: {why}")
+        acting = _acting_ids(before)
+        try:
+            if acting is None:
+                host = HostProcess.open(peer.pid)
+            else:
+                with native.acting_as(acting[0], acting[1], ()):
+                    host = HostProcess.open(peer.pid)
+        except OSError as exc:
+            raise Refused(errno.EACCES, f"its memory is out of reach for uid {before.euid} ({exc.strerror}): "
+                                        f"a set-uid or otherwise privileged image?") from None
+        try:
+            after = self._read_creds(peer.pidfd, peer.pid, host.procdir)
+        except OSError:
+            host.close()
+            raise Refused(errno.ESRCH, "the process that connected is gone") from None
+        if after.key() != before.key() or not _alive(peer.pidfd):
+            host.close()
+            raise Refused(errno.EPERM, "the process changed while its hello was checked")
+        return host, after
 
-    def _dispatch(self, conn: Conn, op: int, flags: int, fd: int, fd2: int, a: tuple[int, ...],
-                  payload: bytes) -> bytes:
-        m = self.machine
-        if op == P.OP_INFO:
-            return P.pack_reply(0, 0, self.root.encode())
-        if op == P.OP_HELLO:
-            if conn.state is not None or a[0] != P.MAGIC_VERSION:
-                return P.pack_reply(-1, errno.EPROTO)
-            with m._lock:
+    def _bind(self, sess: Session, flags: int, host: HostProcess, creds: native.Creds) -> TaskState:
+        """The task of the process that said hello (under the machine lock)."""
+        pid = sess.peer.pid
+        k = self.kernel
+        st = self.states.get(pid)
+        if st is not None:
+            old = st.session
+            if old is not None and old is not sess:
+                old.state = None                    # the old image's connection: it answers EIO now
+                self._post(lambda: self._end_session(old, None))
+            st.exec_deadline = None
+            if not flags & P.HELLO_FORK or st.task.mm.host.bound:   # type: ignore[attr-defined]
+                self._do_exec(st, host, True)          # a new image in a known process: exec()
+            else:
+                st.task.mm.bind(host)                  # type: ignore[attr-defined]   # a fork child's own hello
+                self._reconcile(st)
+        else:
+            ppid = _ppid(host.procdir)
+            parent = self.states.get(ppid)
+            procdir = os.dup(host.procdir)
+            pidfd, sess.peer.pidfd = sess.peer.pidfd, -1
+            if parent is not None:
+                # Made without our fork() wrapper (posix_spawn, clone), or before the
+                # parent's OP_FORK arrived: it shares the parent's files it provably holds.
+                inherit = self._prove_inherited(parent, pid, host)
+                task = k.fork(parent.task, pid, HostMM(pid, k.phys, host), inherit)
+                st = self._new_state(pid, task, pidfd, procdir)
+                if flags & P.HELLO_FORK:
+                    self._copy_mappings(parent, st)
+            else:
+                task = k.attach(pid, _comm(procdir), Cred(), HostMM(pid, k.phys, host), (0, 0))
+                st = self._new_state(pid, task, pidfd, procdir)
+            self._watch_task(st)
+        st.task.comm = _comm(st.procdir)
+        st.session = sess
+        sess.state = st
+        self._set_creds(st, creds)
+        return st
+
+    def _prove_inherited(self, parent: TaskState, child_pid: int, host: HostProcess) -> dict[int, int]:
+        """The child's fds that are the very open files of the parent's simulated
+        ones (kcmp(KCMP_FILE)): child fd -> parent fd.  A memfd merely named
+        ``vfiosim:...`` proves nothing."""
+        out: dict[int, int] = {}
+        pfds = parent.task.files.fds()
+        for n in host.fd_numbers():
+            if not host.fd_link(n).startswith("/memfd:vfiosim:"):
+                continue
+            for p in sorted(pfds, key=lambda x: x != n):           # the same number first
                 try:
-                    self._hello(conn, flags)
-                except KernelError as exc:
-                    return P.pack_reply(-1, exc.errno)
-                except OSError as exc:               # the process went away while we looked at it
-                    return P.pack_reply(-1, exc.errno or errno.ESRCH)
-                except Exception as exc:
-                    m._oops("hello", exc)
-                    return P.pack_reply(-1, errno.EIO)
-            return P.pack_reply(0, 0, self.root.encode())
-        st = conn.state
-        assert st is not None
-        task = st.task
-        tracer = st.tracer
-        with m._lock:
-            if not task.alive:
+                    if native.kcmp_file(parent.pid, child_pid, p, n) == 0:
+                        out[n] = p
+                        break
+                except OSError:
+                    continue
+        return out
+
+    def _watch_session(self, sess: Session) -> None:
+        if sess.ended:
+            return
+        try:
+            self.sel.register(sess.sock, selectors.EVENT_READ, ("sock", sess))
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def _watch_task(self, st: TaskState) -> None:
+        """Hear of the task's exit (machine lock held)."""
+        self._by_pidfd[st.pidfd] = st
+        self._exits.register(st.pidfd, select.EPOLLIN)
+
+    def _reap_exits(self) -> None:
+        """End the tasks whose processes have exited (any thread)."""
+        with self.gate.lock:
+            for fd, _events in self._exits.poll(0):
+                st = self._by_pidfd.get(fd)
+                if st is not None:
+                    self._end_task(st, "exited")
+
+    # -- serving calls ----------------------------------------------------------------------------------
+
+    def _serve_channel(self, sess: Session) -> None:
+        channel = sess.channel
+        assert channel is not None
+        reply = b""
+        while not self._stopped:
+            r = channel.next(reply, WAIT_MS)
+            reply = b""
+            if r < 0:
+                return
+            if r == 0:
+                if not channel.has_posts():
+                    continue
+                r = 2
+            if r == 2:
+                with self.gate.lock:
+                    self._flush_posts(sess)
+                continue
+            reply = self.handle(sess, channel.request, channel.flags)
+
+    def handle(self, sess: Session, raw: Any, seen: int = 0) -> bytes:
+        """One request (a private copy of it) from ``sess``; returns the reply.
+        ``seen`` is what the helper noticed before it (native.VD_*).  A
+        malformed request raises ProtocolError: its connection is dropped."""
+        op, flags, fd, fd2, a, payload = P.unpack_request(raw)
+        if op in (P.OP_HELLO, P.OP_INFO):
+            raise P.ProtocolError(f"{P.OP_NAMES[op]} on the channel")
+        with self.gate.lock:
+            if seen & native.VD_POSTS:
+                self._flush_posts(sess)
+            if len(self.states) > 1:
+                self._reap_exits()
+            st = sess.state
+            if st is None or st.session is not sess or not st.task.alive:
                 return P.pack_reply(-1, errno.EIO)
+            if self._host_eventfds:
+                # A program that wrote an ioeventfd or unmask eventfd and then makes a
+                # call sees the write's effect, as the kernel acts inside the write.
+                self._run_virqfds_locked()
+            if seen & (native.VD_CREDS_CHANGED | native.VD_CREDS_ERROR) or flags & P.F_REFRESH_CREDS \
+                    or op == P.OP_OPEN or op == P.OP_SETATTR:
+                why = self._check_creds(sess, st, seen)
+                if why:
+                    self._post(lambda: self._end_session(sess, f"it is no longer the process that connected: {why}"))
+                    sess.state = None
+                    return P.pack_reply(-1, errno.EIO)
+            task = st.task
+            tracer = st.tracer
             rec = tracer.begin(task, op, flags, fd, fd2, a, payload) \
-                if tracer is not None and op != P.OP_STATUS else None
-            out = b""
+                if tracer is not None and op != P.OP_STATUS and op != P.OP_FLUSH and op != P.OP_MMIO else None
+            reason = ""
             try:
-                if flags & P.F_REFRESH_CREDS:
-                    self._refresh_creds(st)
-                ret, out = self._call(st, op, flags, fd, fd2, a, payload)
+                ret, out = self.gate.call(task, P.OP_NAMES.get(op, "request"), self._call, st, op, flags, fd, fd2,
+                                          a, payload)
                 err = 0
             except KernelError as exc:
-                ret, err = -1, exc.errno
+                ret, err, out, reason = -1, exc.errno, b"", exc.reason
                 if rec is not None:
-                    rec["reason"] = exc.reason
-            except Exception as exc:
-                m._oops(f"{P.OP_NAMES.get(op, op)} from pid {st.pid}", exc)
-                ret, err = -1, errno.EIO
+                    rec["reason"] = reason
             if rec is not None:
-                if op == P.OP_MMIO and not flags & P.MMIO_WRITE and len(out) == 8:
-                    rec["value"] = struct.unpack("<Q", out)[0]
-                tracer.end(rec, task, ret, err)
-        return P.pack_reply(ret, err, out)
+                tracer.end(rec, task, ret, err)   # type: ignore[union-attr]
+            elif tracer is not None and op == P.OP_MMIO:
+                written = bool(flags & P.MMIO_WRITE)
+                value = a[3] if written else (struct.unpack("<Q", out)[0] if len(out) == 8 else None)
+                tracer.mmio(st.pid, a[0], a[1], a[2], value, written, ret, err, reason)
+            if st.mappings:
+                self._update_live(sess, st)
+        return P.REP.pack(ret, err, len(out)) + out if out else P.REP.pack(ret, err, 0)
 
-    def _call(self, st: TaskState, op: int, flags: int, fd: int, fd2: int, a: tuple[int, ...],
+    def _call(self, task: "Task", st: TaskState, op: int, flags: int, fd: int, fd2: int, a: tuple[int, ...],
               payload: bytes) -> tuple[int, bytes]:
         k = self.kernel
-        task = st.task
         if op == P.OP_OPEN:
             path = payload.decode("utf-8", "surrogateescape")
             return k.sys_open(task, path, _s32(a[0]), a[1] & 0xFFFF, at_fd=fd), b""
@@ -351,66 +688,33 @@ class Daemon:
             k.sys_close(task, fd)
             return 0, b""
         if op == P.OP_IOCTL:
-            return self._ioctl(st, fd, fd2, a[0] & 0xFFFFFFFF, a[1]), b""
+            return k.sys_ioctl_at(task, fd, a[0] & 0xFFFFFFFF, a[1], fd2), b""
         if op == P.OP_READ:
-            count = min(a[1], MAX_RW)
-            if flags & P.RW_POSITIONAL:
-                data = k.sys_pread(task, fd, count, _s64(a[2]))
-            else:
-                data = k.sys_read(task, fd, count)
-            if data:
-                task.mm.write(a[0], data)
-            return len(data), b""
+            return k.sys_read_user(task, fd, a[0], min(a[1], MAX_RW),
+                                   _s64(a[2]) if flags & P.RW_POSITIONAL else None), b""
         if op == P.OP_WRITE:
-            count = min(a[1], MAX_RW)
-            file = task.files.get(fd)                  # EBADF before EFAULT, as vfs_write()
-            if not file.can_write:
-                raise fail(errno.EBADF, f"fd {fd} was not opened for writing")
-            data = task.mm.read(a[0], count)
-            if flags & P.RW_POSITIONAL:
-                return k.sys_pwrite(task, fd, data, _s64(a[2])), b""
-            return k.sys_write(task, fd, data), b""
+            return k.sys_write_user(task, fd, a[0], min(a[1], MAX_RW),
+                                    _s64(a[2]) if flags & P.RW_POSITIONAL else None), b""
         if op == P.OP_DUP:
             if fd2 < 0:
                 raise fail(errno.EBADF, f"bad new fd {fd2}")
-            file = task.files.get(fd)
-            if fd == fd2:
-                return fd2, b""
-            k.sys_dup2(task, fd, fd2, cloexec=bool(a[0]))
-            del file
-            return fd2, b""
+            return k.sys_dup2(task, fd, fd2, cloexec=bool(a[0])), b""
         if op == P.OP_SETFD:
-            task.files.get(fd)
-            if a[0]:
-                task.files.cloexec.add(fd)
-            else:
-                task.files.cloexec.discard(fd)
+            k.sys_fcntl_setfd(task, fd, bool(a[0]))
             return 0, b""
         if op == P.OP_MMAP:
-            k.sys_mmap_check(task, fd, a[0], a[1], a[2] & 0xFFFFFFFF, bool(a[3]))
-            file = task.files.get(fd).get()
-            handle = self._next_handle
-            self._next_handle += 1
-            st.mappings[handle] = (file, a[0])
-            return handle, b""
+            return self._mmap(st, fd, a)
         if op == P.OP_MMIO:
-            entry = st.mappings.get(a[0])
-            if entry is None:
+            m = st.mappings.get(a[0])
+            if m is None:
                 raise fail(errno.EFAULT, f"no device mapping {a[0]}")
-            file, base = entry
-            size = a[2]
-            if size not in (1, 2, 4, 8):
-                raise fail(errno.EINVAL, f"MMIO access of {size} bytes")
             value = a[3] if flags & P.MMIO_WRITE else None
-            mmio = getattr(file, "mmio", None)
-            if mmio is None:
-                raise fail(errno.ENODEV, f"{file.kind} has no mapped region")
-            ret = mmio(task, base + a[1], size, value)
+            ret = k.mmap_access(task, m.file, m.offset + a[1], a[2], value)
             return 0, struct.pack("<Q", ret & 0xFFFFFFFFFFFFFFFF)
         if op == P.OP_MUNMAP:
-            entry = st.mappings.pop(a[0], None)
-            if entry is not None:
-                entry[0].put(task)
+            m = st.mappings.pop(a[0], None)
+            if m is not None:
+                k.munmap_file(task, m.file)
             return 0, b""
         if op == P.OP_STATUS:
             mm = task.mm
@@ -419,175 +723,240 @@ class Daemon:
         if op == P.OP_FORK:
             self._fork(st, a[0])
             return 0, b""
+        if op == P.OP_FLUSH:
+            return 0, b""
+        if op == P.OP_SETATTR:
+            path = payload.decode("utf-8", "surrogateescape")
+            if flags & P.SETATTR_OWNER:
+                k.sys_chown(task, path, _s32(a[0]), _s32(a[1]))
+            if flags & P.SETATTR_MODE:
+                k.sys_chmod(task, path, a[2] & 0o7777)
+            self.sysfs.update_node(os.path.normpath(path))
+            return 0, b""
         raise fail(errno.EINVAL, f"operation {op} after hello")
 
-    def _ioctl(self, st: TaskState, fd: int, placeholder: int, cmd: int, arg: int) -> int:
-        task = st.task
+    def _mmap(self, st: TaskState, fd: int, a: tuple[int, ...]) -> tuple[int, bytes]:
+        if len(st.mappings) >= self.max_map_count:
+            # do_mmap(): "Too many mappings?"
+            raise fail(errno.ENOMEM, f"{len(st.mappings)} device mappings already (vm.max_map_count)")
         k = self.kernel
-        before = set(task.files.fds())
+        file = k.sys_mmap(st.task, fd, a[0], a[1], a[2] & 0xFFFFFFFF, bool(a[3]))
+        handle = self._next_handle
+        self._next_handle += 1
+        m = st.mappings[handle] = Mapping(file, a[0], a[1])
+        # Where the program may post its stores: the device model's registers
+        # without side effects, while decoding is on (a flag in the channel).
+        layout = P.vmap(slot=0xFFFFFFFF)
+        sess = st.session
+        posted = k.mmap_posted_writes(file, a[0], a[1])[:P.VMAP_MAX_POSTED]
+        if posted and sess is not None and sess.channel is not None and sess.next_slot < P.VLIVE:
+            m.slot = sess.next_slot
+            sess.next_slot += 1
+            layout.slot = m.slot
+            layout.nposted = len(posted)
+            for i, (off, n) in enumerate(posted):
+                layout.posted[i].offset, layout.posted[i].length = off, n
+            sess.channel.set_live(m.slot, k.mmap_live(file))
+        return handle, bytes(layout)
+
+    def _flush_posts(self, sess: Session) -> None:
+        """Perform the stores the program posted, in order (machine lock held)."""
+        channel, st = sess.channel, sess.state
+        if channel is None or st is None:
+            return
         try:
-            ret = k.sys_ioctl(task, fd, cmd, arg)
-        finally:
-            new = [n for n in task.files.fds() if n not in before]
-        if not new:
-            return ret
-        # The kernel installed a file (VFIO_GROUP_GET_DEVICE_FD) at the lowest
-        # number free in the simulated table: move it to the real placeholder.
-        moved = None
-        for n in new:
-            cloexec = n in task.files.cloexec
-            file = task.files.remove(n)
-            if n == ret and placeholder >= 0 and moved is None:
-                task.files.install_at(placeholder, file, cloexec=cloexec)
-                moved = placeholder
-            else:
-                file.put(task)
-        if moved is None:
-            raise fail(errno.EIO, "the ioctl returned a new fd but the program has no fd for it")
-        return moved
+            posts = channel.take_posts()
+        except P.ProtocolError as exc:
+            self._post(lambda: self._end_session(sess, f"malformed message: {exc}"))
+            return
+        if len(posts) > 1:
+            posts = _coalesce(posts)
+        for handle, offset, size, value in posts:
+            self._posted_store(st, handle, offset, size, value)
+
+    def _posted_store(self, st: TaskState, handle: int, offset: int, size: int, value: int) -> None:
+        m = st.mappings.get(handle)
+        task = st.task
+        reason = ""
+        try:
+            if m is None:
+                raise fail(errno.EFAULT, f"no device mapping {handle}")
+            self.gate.call(task, "posted store", self.kernel.mmap_access, m.file, m.offset + offset, size, value)
+            ret, err = 0, 0
+        except KernelError as exc:
+            # A posted write has no completion: a failed one is dropped, as a bus drops it.
+            ret, err, reason = -1, exc.errno, exc.reason
+        if st.tracer is not None:
+            st.tracer.mmio(st.pid, handle, offset, size, value, True, ret, err, reason, posted=True)
+
+    def _update_live(self, sess: Session, st: TaskState) -> None:
+        """Which of the program's mappings may post stores now (decoding on)."""
+        channel = sess.channel
+        if channel is None:
+            return
+        for m in st.mappings.values():
+            if m.slot >= 0:
+                channel.set_live(m.slot, self.kernel.mmap_live(m.file))
+
+    def _check_creds(self, sess: Session, st: TaskState, seen: int) -> str:
+        """The process's credentials, taken again: '' if it is still the
+        process that connected (its simulated credentials now follow its real
+        ones), or what makes it another."""
+        channel = sess.channel
+        if channel is not None and seen & native.VD_CREDS_CHANGED:
+            c = native.Creds.from_buffer_copy(channel.state.creds)
+        else:
+            try:
+                c = self._read_creds(st.pidfd, st.pid, st.procdir)
+            except OSError:
+                return ""               # it is exiting: its pidfd will say so
+        why = sess.bounds.admits(c)
+        if why:
+            return why
+        self._set_creds(st, c)
+        return ""
+
+    def _set_creds(self, st: TaskState, c: native.Creds) -> None:
+        try:
+            full = parse_host_creds(_read_at(st.procdir, "status"), _read_at(st.procdir, "limits"))
+        except OSError:
+            return
+        st.task.set_creds(Cred(full.uid, full.euid, full.suid, full.gid, full.egid, full.groups, full.caps),
+                          full.memlock)
+        st.creds_key = c.key()
+        st.acting = _acting_ids(c)
 
     # -- tasks ----------------------------------------------------------------------------------------------
 
-    def _new_state(self, pid: int, task: "Task") -> TaskState:
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            self.kernel.exit(task)             # drops the references a fork took
-            raise fail(errno.ESRCH, f"process {pid} is gone") from None
-        st = TaskState(pid, task, pidfd, tracer=self.tracer)
+    def _new_state(self, pid: int, task: "Task", pidfd: int, procdir: int) -> TaskState:
+        st = TaskState(pid, task, pidfd, procdir, tracer=self.tracer)
         task.files.foreign = lambda n, st=st: self._foreign(st, n)
         self.states[pid] = st
-        self.sel.register(pidfd, selectors.EVENT_READ, ("pidfd", st))
         return st
 
-    def _creds(self, pid: int) -> tuple[Cred, tuple[int, int]]:
-        c = read_host_creds(pid)
-        return Cred(c.uid, c.euid, c.suid, c.gid, c.egid, c.groups, c.caps), c.memlock
-
-    def _refresh_creds(self, st: TaskState) -> None:
-        try:
-            cred, memlock = self._creds(st.pid)
-        except OSError:
-            return
-        st.task.set_creds(cred, memlock)
-
-    def _hello(self, conn: Conn, flags: int) -> None:
-        pid = conn.pid
-        st = self.states.get(pid)
-        if st is not None:
-            if st.conn is not None and st.conn is not conn:
-                self._drop(st.conn)            # the old image's connection (exec)
-                st = self.states.get(pid)
-        if st is not None:
-            st.exec_deadline = None
-            if not flags & P.HELLO_FORK:
-                # A new image in a known process: exec().
-                self._do_exec(st, reconcile=True)
-            st.conn = conn
-            conn.state = st
-            self._refresh_creds(st)
-            return
-        cred, memlock = self._creds(pid)
-        ppid = _proc_ppid(pid)
-        parent = self.states.get(ppid)
-        k = self.kernel
-        if parent is not None:
-            # Created without our fork() wrapper (posix_spawn, clone) or before
-            # the parent's OP_FORK arrived: it shares the parent's files.
-            task = k.fork(parent.task, pid, HostMM(pid, k.phys))
-            task.comm = _comm(pid)
-            st = self._new_state(pid, task)
-            self._copy_mappings(parent, st)
-            if not flags & P.HELLO_FORK:
-                self._do_exec(st, reconcile=True)
-            else:
-                self._reconcile(st)
-        else:
-            task = k.attach(pid, _comm(pid), cred, HostMM(pid, k.phys), memlock)
-            st = self._new_state(pid, task)
-        st.task.set_creds(cred, memlock)
-        st.conn = conn
-        conn.state = st
-
     def _copy_mappings(self, parent: TaskState, child: TaskState) -> None:
-        for handle, (file, off) in parent.mappings.items():
-            child.mappings[handle] = (file.get(), off)
+        for handle, m in parent.mappings.items():
+            child.mappings[handle] = Mapping(m.file.get(), m.offset, m.length)
 
     def _fork(self, st: TaskState, child_pid: int) -> None:
+        """OP_FORK: the parent's fork() made ``child_pid``; it shares every file."""
         if child_pid in self.states:
             return                              # the child said hello first
-        if _proc_ppid(child_pid) != st.pid:
-            raise fail(errno.ESRCH, f"pid {child_pid} is not a child of {st.pid}")
+        if not 0 < child_pid <= PID_MAX_LIMIT:
+            raise fail(errno.ESRCH, f"there is no pid {child_pid}")
         k = self.kernel
         try:
-            os.close(os.pidfd_open(child_pid))
+            pidfd = os.pidfd_open(child_pid)
         except OSError:
             return                              # it is gone already: nothing to give it
-        task = k.fork(st.task, child_pid, HostMM(child_pid, k.phys))
         try:
-            cred, memlock = self._creds(child_pid)
-            task.set_creds(cred, memlock)
+            procdir = os.open(f"/proc/{child_pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
-            pass
-        child = self._new_state(child_pid, task)
+            os.close(pidfd)
+            return
+        if _ppid(procdir) != st.pid or not _alive(pidfd):
+            os.close(pidfd)
+            os.close(procdir)
+            raise fail(errno.ESRCH, f"pid {child_pid} is not a child of {st.pid}")
+        # Its memory is out of reach until it says hello itself.
+        task = k.fork(st.task, child_pid, HostMM(child_pid, k.phys))
+        child = self._new_state(child_pid, task, pidfd, procdir)
+        child.creds_key = st.creds_key
         self._copy_mappings(st, child)
-        if not self._pid_alive(child):
-            self._task_died(child)
+        self._watch_task(child)
 
-    def _do_exec(self, st: TaskState, reconcile: bool) -> None:
+    def _do_exec(self, st: TaskState, host: HostProcess | None, reconcile: bool) -> None:
         if not st.exec_done:
             # exec_mmap(): the old image's mappings (BARs included) go with its
             # mm, before the close-on-exec files do.
-            for file, _off in st.mappings.values():
-                file.put(st.task)
+            for m in st.mappings.values():
+                self.kernel.munmap_file(st.task, m.file)
             st.mappings.clear()
             old = st.task.mm
-            self.kernel.exec(st.task, HostMM(st.pid, self.kernel.phys))
+            self.kernel.exec(st.task, HostMM(st.pid, self.kernel.phys, host))
             self._note_orphaned(st, old, "exec()ed")
             st.exec_done = True
-            st.task.comm = _comm(st.pid)
+            st.task.comm = _comm(st.procdir)
+        elif host is not None:
+            st.task.mm.bind(host)          # type: ignore[attr-defined]
         if reconcile:
             self._reconcile(st)
             st.exec_done = False
 
     def _reconcile(self, st: TaskState) -> None:
         """Drop simulated files whose fd the real process no longer holds."""
-        task = st.task
-        for n in task.files.fds():
-            try:
-                link = os.readlink(f"/proc/{st.pid}/fd/{n}")
-            except OSError:
-                link = ""
-            if not link.startswith("/memfd:vfiosim:"):
-                task.files.remove(n).put(task)
+        for n in st.task.files.fds():
+            if not _fd_link(st.procdir, n).startswith("/memfd:vfiosim:"):
+                self.kernel.sys_close(st.task, n)
 
     def _foreign(self, st: TaskState, n: int) -> File | None:
-        try:
-            link = os.readlink(f"/proc/{st.pid}/fd/{n}")
-        except OSError:
+        link = _fd_link(st.procdir, n)
+        if not link:
             return None
         if link != "anon_inode:[eventfd]":
             return ForeignFile(link)
         eid = ""
         try:
-            with open(f"/proc/{st.pid}/fdinfo/{n}") as f:
-                for line in f:
-                    if line.startswith("eventfd-id:"):
-                        eid = line.split(":", 1)[1].strip()
+            for line in _read_at(st.procdir, f"fdinfo/{n}").splitlines():
+                if line.startswith("eventfd-id:"):
+                    eid = line.split(":", 1)[1].strip()
         except OSError:
             return None
-        key = (n, eid)
-        efd = st.eventfds.get(key)
-        if efd is None:
-            try:
-                dup = pidfd_getfd(st.pidfd, n)
-            except OSError as exc:
-                self.log(f"cannot take eventfd {n} of pid {st.pid}: {exc}")
-                return ForeignFile(link)
-            efd = st.eventfds[key] = HostEventFd(dup)
-            efd.before_close = lambda fd=dup: self._unwatch(fd)
-            self._host_eventfds.add(efd)
+        cached = st.eventfds.get(n)
+        if cached is not None:
+            if cached[0] == eid:
+                return cached[1]
+            self._retire_eventfd(st, n)          # that number names another eventfd now
+        self._sweep_eventfds()
+        if len(st.eventfds) >= MAX_EVENTFDS:
+            for m in list(st.eventfds):
+                self._retire_eventfd(st, m)
+            self._sweep_eventfds()
+            if len(st.eventfds) + len(self._retired) >= MAX_EVENTFDS:
+                raise fail(errno.EMFILE, f"the daemon holds {MAX_EVENTFDS} eventfds of pid {st.pid} "
+                                         f"that devices still use")
+        try:
+            if st.acting is None:
+                dup = native.pidfd_getfd(st.pidfd, n)
+            else:
+                with native.acting_as(st.acting[0], st.acting[1], ()):
+                    dup = native.pidfd_getfd(st.pidfd, n)
+        except OSError as exc:
+            self._log_limited("getfd", f"cannot take eventfd {n} of pid {st.pid}: {exc}")
+            return ForeignFile(link)
+        try:
+            same = os.readlink(f"/proc/self/fd/{dup}") == "anon_inode:[eventfd]"
+        except OSError:
+            same = False
+        if not same:
+            os.close(dup)                       # it changed under us
+            return ForeignFile(link)
+        efd = HostEventFd(dup)
+        # The main loop closes it, after it stops watching it (it owns the selector).
+        efd.closer = lambda fd: self._post(lambda: self._close_watched(fd))
+        st.eventfds[n] = (eid, efd)
+        self._host_eventfds.add(efd)
         return efd
+
+    def _retire_eventfd(self, st: TaskState, n: int) -> None:
+        """Our handle on the eventfd at ``n`` is no longer the task's: it closes
+        as soon as no device signals or waits on it (a trigger replaced later)."""
+        entry = st.eventfds.pop(n, None)
+        if entry is not None:
+            self._retired.append((st.task, entry[1]))
+
+    def _sweep_eventfds(self) -> None:
+        keep = []
+        for task, efd in self._retired:
+            if self.kernel.eventfd_in_use(efd):
+                keep.append((task, efd))
+            else:
+                efd.release(task)
+        self._retired = keep
+
+    def _close_watched(self, fd: int) -> None:
+        self._unwatch(fd)
+        os.close(fd)
 
     def _unwatch(self, fd: int) -> None:
         if self._watched.pop(fd, None) is not None:
@@ -597,57 +966,77 @@ class Daemon:
                 pass
 
     def _run_virqfds(self) -> None:
-        """The kernel's virqfd wake-ups for programs' eventfds: run the handler of
-        each that has been written to, and watch exactly those that have one."""
-        live = {}
-        with self.machine._lock:
-            for efd in list(self._host_eventfds):
-                if efd.fd >= 0 and efd.waiters:
-                    live[efd.fd] = efd
-                    try:
-                        efd.take_signal()
-                    except Exception as exc:       # a handler's bug: an oops, not a dead daemon
-                        self.machine._oops("ioeventfd/virqfd handler", exc)
+        """The kernel's virqfd wake-ups for programs' eventfds (main loop):
+        run the handler of each that has been written to, and watch exactly
+        those that have one."""
+        with self.gate.lock:
+            # Stores posted before the eventfd was written reach the device first.
+            for sess in list(self.sessions):
+                if sess.state is not None and sess.channel is not None:
+                    self._flush_posts(sess)
+            live = self._run_virqfds_locked()
         for fd in [fd for fd, efd in self._watched.items() if live.get(fd) is not efd]:
             self._unwatch(fd)
         for fd, efd in live.items():
             if fd not in self._watched:
-                self.sel.register(fd, selectors.EVENT_READ, ("virqfd", efd))
-                self._watched[fd] = efd
+                try:
+                    self.sel.register(fd, selectors.EVENT_READ, ("virqfd", efd))
+                    self._watched[fd] = efd
+                except (KeyError, ValueError, OSError):
+                    pass
 
-    def _task_died(self, st: TaskState) -> None:
-        self._end_task(st, "exited")
+    def _run_virqfds_locked(self) -> dict[int, HostEventFd]:
+        live = {}
+        for efd in list(self._host_eventfds):
+            if efd.fd >= 0 and efd.waiters:
+                live[efd.fd] = efd
+                try:
+                    self.gate.run("ioeventfd/virqfd handler", efd.take_signal)
+                except KernelError:
+                    pass
+        return live
 
     def _end_task(self, st: TaskState, why: str) -> None:
-        if self.states.get(st.pid) is not st:
-            return
-        m = self.machine
-        with m._lock:
+        """The process is gone (or the daemon shuts down): release its task
+        (any thread; what belongs to the main loop is posted to it)."""
+        with self.gate.lock:
+            if self.states.get(st.pid) is not st:
+                return
+            sess = st.session
+            if sess is not None:
+                self._flush_posts(sess)        # stores it posted before it died reach the device
             try:
-                # exit_mm() before exit_files(): the device mappings go first.
-                for file, _off in st.mappings.values():
-                    file.put(st.task)
-                st.mappings.clear()
-                self.kernel.exit(st.task)
-                self._note_orphaned(st, st.task.mm, "exited")
-            except Exception as exc:
-                m._oops(f"exit of pid {st.pid}", exc)
-            self._close_eventfds(st)
-        del self.states[st.pid]
-        try:
-            self.sel.unregister(st.pidfd)
-        except (KeyError, ValueError):
-            pass
-        os.close(st.pidfd)
-        if st.conn is not None:
-            conn, st.conn = st.conn, None
-            conn.state = None
-            self._drop(conn)
-        if st.tracer is not None:
-            st.tracer.event(st.pid, "exit", why)
-        self.exited.append(st.pid)
+                self.gate.run(f"exit of pid {st.pid}", self._exit_task, st)
+            except KernelError:
+                pass
+            del self.states[st.pid]
+            if self._by_pidfd.pop(st.pidfd, None) is not None:
+                try:
+                    self._exits.unregister(st.pidfd)
+                except OSError:
+                    pass
+            os.close(st.pidfd)
+            os.close(st.procdir)
+            st.session = None
+            if sess is not None:
+                sess.state = None
+                self._post(lambda: self._end_session(sess, None))
+            if st.tracer is not None:
+                st.tracer.event(st.pid, "exit", why)
+            self.exited.append(st.pid)
 
-    def _note_orphaned(self, st: TaskState, mm: "HostMM", why: str) -> None:
+    def _exit_task(self, st: TaskState) -> None:
+        # exit_mm() before exit_files(): the device mappings go first.
+        for m in st.mappings.values():
+            self.kernel.munmap_file(st.task, m.file)
+        st.mappings.clear()
+        self.kernel.exit(st.task)
+        self._note_orphaned(st, st.task.mm, "exited")
+        for n in list(st.eventfds):
+            self._retire_eventfd(st, n)
+        self._sweep_eventfds()
+
+    def _note_orphaned(self, st: TaskState, mm: Any, why: str) -> None:
         """Pages of an image that is gone and that DMA mappings still pin (in a
         container the new image, or another process, still holds): say what a
         device sees there."""
@@ -657,25 +1046,147 @@ class Daemon:
                                  f"mappings: Linux keeps those pages; vfiosim can no longer read them, so a "
                                  f"device reads zeros there and never reaches the pid's new memory")
 
-    def _close_eventfds(self, st: TaskState) -> None:
-        """Close our duplicates of the task's eventfds unless a device still signals one."""
-        referenced = set()
-        for group in getattr(self.kernel.vfio, "groups", {}).values():
-            for vdev in getattr(group, "devices", []):
-                ops = getattr(vdev, "ops", None)
-                for trig in [getattr(ops, "intx_trigger", None), getattr(ops, "req_trigger", None),
-                             *getattr(ops, "msi_triggers", [])]:
-                    if trig is not None:
-                        referenced.add(id(trig))
-        for key, efd in list(st.eventfds.items()):
-            if id(efd) not in referenced and not efd.waiters:       # a virqfd still uses it
-                efd.release(st.task)
-                del st.eventfds[key]
-
     # -- introspection for tests ---------------------------------------------------------------------------
 
     def pids(self) -> list[int]:
         return sorted(self.states)
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+
+
+def _coalesce(posts: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """Of stores to the same bytes, keep the last, in order.  Every byte ends
+    with the value of the last store to it either way, and a store without
+    side effects shows nothing until the next load or side-effecting store,
+    which comes after the whole batch: nobody can tell the difference, and a
+    driver filling a register in a loop costs the device one store."""
+    seen: set[tuple[int, int, int]] = set()
+    kept = []
+    for post in reversed(posts):
+        key = post[:3]
+        if key not in seen:
+            seen.add(key)
+            kept.append(post)
+    kept.reverse()
+    return kept
+
+
+def bind_listener(path: str) -> tuple[socket.socket, tuple[int, int]]:
+    """A listening socket at ``path``.  Only a stale socket of ours is
+    replaced: anything else there -- a file, a directory, a live daemon's
+    socket, another user's socket -- is refused with a message."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a symlink" if stat.S_ISLNK(st.st_mode) \
+                else "a regular file" if stat.S_ISREG(st.st_mode) else "not a socket"
+            raise OSError(errno.EEXIST, f"{path} exists and is {kind}: refusing to replace it")
+        if st.st_uid != os.geteuid():
+            raise OSError(errno.EEXIST, f"{path} is a socket of uid {st.st_uid}: refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            probe.settimeout(1)
+            probe.connect(path)
+        except OSError as exc:
+            if exc.errno != errno.ECONNREFUSED:
+                raise OSError(errno.EEXIST, f"{path}: cannot tell whether a daemon still serves there "
+                                            f"({exc.strerror})") from None
+            os.unlink(path)                       # stale: nobody listens any more
+        else:
+            raise OSError(errno.EADDRINUSE, f"a vfiosim daemon already serves on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        st = os.lstat(path)
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, (st.st_dev, st.st_ino)
+
+
+def unlink_socket(path: str, stamp: tuple[int, int] | None) -> None:
+    """Remove our socket file, and nothing that replaced it."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if stamp is None or (st.st_dev, st.st_ino) == stamp:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _send(sock: socket.socket, data: bytes, fds: list[int] | None = None) -> bool:
+    """Send without ever blocking on the client."""
+    try:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
+        sock.sendmsg([data], anc, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        return True
+    except OSError:
+        return False
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def _alive(pidfd: int) -> bool:
+    import select
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    return not p.poll(0)
+
+
+def _acting_ids(c: native.Creds) -> tuple[int, int] | None:
+    """The (uid, gid) a root daemon takes to act for a process, or None when it
+    acts as itself: the daemon is not root (it serves its own uid only) or the
+    process can be root (a uid of it is 0)."""
+    if os.geteuid() != 0 or 0 in (c.ruid, c.euid, c.suid):
+        return None
+    return c.euid, c.egid
+
+
+def _read_at(dirfd: int, name: str) -> str:
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        return os.read(fd, 1 << 16).decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+def _fd_link(procdir: int, n: int) -> str:
+    try:
+        return os.readlink(f"fd/{n}", dir_fd=procdir)
+    except OSError:
+        return ""
+
+
+def _ppid(procdir: int) -> int:
+    try:
+        return int(_read_at(procdir, "stat").rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _comm(procdir: int) -> str:
+    try:
+        return _read_at(procdir, "comm").strip()
+    except OSError:
+        return "?"
 
 
 def _s32(v: int) -> int:

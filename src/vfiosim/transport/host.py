@@ -2,11 +2,24 @@
 
 Under ``vfiosim run`` a simulated task stands for a real process.  Its
 memory is the real process's memory: user pointers passed to ioctls are
-read and written with process_vm_readv/process_vm_writev, pinned pages are
-the process's real pages, and a device's DMA lands in them.  Interrupts
-signal the program's real eventfds.  These classes implement the kernel's
+read and written through ``/proc/<pid>/mem``, pinned pages are the
+process's real pages, and a device's DMA lands in them.  Interrupts signal
+the program's real eventfds.  These classes implement the kernel's
 interfaces (the ``AddressSpace`` of kernel/mm.py, a ``File`` for eventfds)
 on top of the host; the kernel itself stays free of real I/O.
+
+The files a :class:`HostProcess` reads through are opened once, when the
+process's hello is verified, with the program's own credentials
+(transport/daemon.py): ``/proc/<pid>/mem`` and ``/proc/<pid>/maps`` are
+bound to the address space that was there then, so an image the process
+later exec()s -- a set-uid program, say -- is out of their reach, and the
+``/proc/<pid>`` directory fd is bound to the process, never to a pid that
+another process reuses.
+
+Cost follows what is pinned, not what is mapped: a mapping is looked up per
+address (``PROCMAP_QUERY``, Linux 6.11; /proc/<pid>/maps before that), and
+pins are counted per 1 GiB window of the address space that holds one, so a
+program that reserves terabytes and maps a page costs the daemon a page.
 
 Limitation: a pin does not hold a real page in place.  If the program
 unmaps a buffer that is still DMA-mapped and maps something else there, a
@@ -17,13 +30,11 @@ page).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
-import re
 import select
-import struct
 from dataclasses import dataclass
+from errno import EFAULT
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -31,229 +42,278 @@ import numpy as np
 from ..kernel.errors import fail
 from ..kernel.eventfd import EventFd
 from ..kernel.mm import PROT_EXEC, PROT_READ, PROT_WRITE, AddressSpace, PhysicalMemory, PinResult, Vma
+from ..kernel.progression import Progression
+from . import native
 
 if TYPE_CHECKING:
     from ..kernel.task import Task
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-
-
-class _iovec(ctypes.Structure):
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
-
-
-_libc.process_vm_readv.restype = ctypes.c_ssize_t
-_libc.process_vm_writev.restype = ctypes.c_ssize_t
-_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
-_IOV_MAX = 1024
-
-
-class _ProcmapQuery(ctypes.Structure):
-    """struct procmap_query (include/uapi/linux/fs.h, Linux 6.11)."""
-    _fields_ = [("size", ctypes.c_uint64), ("query_flags", ctypes.c_uint64), ("query_addr", ctypes.c_uint64),
-                ("vma_start", ctypes.c_uint64), ("vma_end", ctypes.c_uint64), ("vma_flags", ctypes.c_uint64),
-                ("vma_page_size", ctypes.c_uint64), ("vma_offset", ctypes.c_uint64), ("inode", ctypes.c_uint64),
-                ("dev_major", ctypes.c_uint32), ("dev_minor", ctypes.c_uint32), ("vma_name_size", ctypes.c_uint32),
-                ("build_id_size", ctypes.c_uint32), ("vma_name_addr", ctypes.c_uint64),
-                ("build_id_addr", ctypes.c_uint64)]
-
-
-_PROCMAP_QUERY = (3 << 30) | (ctypes.sizeof(_ProcmapQuery) << 16) | (ord("f") << 8) | 17   # _IOWR('f', 17, ...)
-_procmap_query_works = True
-
-
-def _disable_procmap_query() -> None:
-    """An older kernel: read /proc/<pid>/maps instead."""
-    global _procmap_query_works
-    _procmap_query_works = False
-
-
-# start-end perms offset dev inode [path]
-_MAPS_LINE = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \S+ *([^\n]*)$", re.M)
+WINDOW_SHIFT = 30                   # pins are counted per 1 GiB of address space
+_PROCMAP_PROT = ((native.PROCMAP_READ, PROT_READ), (native.PROCMAP_WRITE, PROT_WRITE),
+                 (native.PROCMAP_EXEC, PROT_EXEC))
 
 
 class HostProcess:
-    """Memory and /proc views of one real process."""
+    """Memory and /proc views of one real process (one exec image of it).
 
-    def __init__(self, pid: int) -> None:
+    Made by :meth:`open` (the daemon calls it acting as the program), or
+    unbound (``HostProcess(pid)``): a fork child the daemon knows of before
+    it said hello, whose memory is out of reach until it does."""
+
+    def __init__(self, pid: int, procdir: int = -1, mem: int = -1, maps: int = -1, pagemap: int = -1) -> None:
         self.pid = pid
+        self.procdir = procdir
+        self.mem = mem
+        self.maps_fd = maps
+        self.pagemap = pagemap
+        self._query = maps >= 0          # PROCMAP_QUERY works (until ENOTTY says otherwise)
         # Set when the image this stands for is gone (exit, exec): the pid
         # may now name a new image, or another process.
         self.gone = False
-        # /proc/<pid>/mem for DMA writes, opened on first use (-1: cannot be, or closed).
-        self._mem: int | None = None
+
+    @classmethod
+    def open(cls, pid: int) -> "HostProcess":
+        """Open the views of ``pid`` with this thread's credentials: the host
+        kernel refuses ``mem`` unless they may ptrace the process."""
+        fds: list[int] = []
+        try:
+            procdir = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fds.append(procdir)
+            for name, flags in (("mem", os.O_RDWR), ("maps", os.O_RDONLY), ("pagemap", os.O_RDONLY)):
+                fds.append(os.open(name, flags | os.O_CLOEXEC, dir_fd=procdir))
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return cls(pid, *fds)
+
+    @property
+    def bound(self) -> bool:
+        return self.mem >= 0
+
+    def close(self) -> None:
+        for name in ("procdir", "mem", "maps_fd", "pagemap"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+                setattr(self, name, -1)
+
+    # -- copy_from_user / copy_to_user: the CPU's view, protection honoured -------------------
 
     def read(self, addr: int, n: int) -> bytes:
-        """process_vm_readv(); EFAULT unless all ``n`` bytes were read."""
+        """EFAULT unless all ``n`` bytes are mapped readable."""
         if n == 0:
             return b""
+        if not self.bound or self.gone:
+            raise fail(EFAULT, f"the memory of process {self.pid} is out of reach")
         buf = ctypes.create_string_buffer(n)
-        local = _iovec(ctypes.cast(buf, ctypes.c_void_p), n)
-        remote = _iovec(addr, n)
-        got = _libc.process_vm_readv(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-        if got != n:
-            raise fail(errno.EFAULT, f"cannot read {n} bytes at {addr:#x} in process {self.pid}")
+        if self._query:
+            r = native.lib().vd_uread(self.maps_fd, self.mem, addr, n, buf)
+            if r == 0:
+                return buf.raw
+            if r != -errno.ENOTTY:
+                raise fail(EFAULT, f"cannot read {n} bytes at {addr:#x} in process {self.pid}")
+            self._query = False
+        self._check(addr, n, write=False)
+        self._mem_rw(addr, n, buf, write=False)
         return buf.raw
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
-        """process_vm_writev(); honours the mapping's protection (no FOLL_FORCE)."""
+        """EFAULT unless all of it is mapped writable (no FOLL_FORCE)."""
         data = bytes(data)
         n = len(data)
         if n == 0:
             return
-        buf = ctypes.create_string_buffer(data, n)
-        local = _iovec(ctypes.cast(buf, ctypes.c_void_p), n)
-        remote = _iovec(addr, n)
-        got = _libc.process_vm_writev(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-        if got != n:
-            raise fail(errno.EFAULT, f"cannot write {n} bytes at {addr:#x} in process {self.pid}")
+        if not self.bound or self.gone:
+            raise fail(EFAULT, f"the memory of process {self.pid} is out of reach")
+        if self._query:
+            r = native.lib().vd_uwrite(self.maps_fd, self.mem, addr, n, data)
+            if r == 0:
+                return
+            if r != -errno.ENOTTY:
+                raise fail(EFAULT, f"cannot write {n} bytes at {addr:#x} in process {self.pid}")
+            self._query = False
+        self._check(addr, n, write=True)
+        self._mem_rw(addr, n, ctypes.create_string_buffer(data, n), write=True)
 
-    def device_write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
-        """A DMA write: like a device, it ignores the CPU's page protection."""
-        fd = self._mem_fd()
-        if fd < 0:
-            self.write(addr, data)
-            return
-        try:
-            if os.pwrite(fd, data, addr) != len(data):
-                raise fail(errno.EFAULT, f"DMA write of {len(data)} bytes at {addr:#x} in process {self.pid} was short")
-        except OSError:
-            raise fail(errno.EFAULT, f"DMA write at {addr:#x} in process {self.pid} failed") from None
+    def _check(self, addr: int, n: int, write: bool) -> None:
+        """Without PROCMAP_QUERY: the mappings from /proc/<pid>/maps."""
+        end = addr + n
+        for start, stop, prot, _private, _path in self.maps():
+            if stop <= addr or start >= end:
+                continue
+            if start > addr or not (prot & PROT_WRITE if write else prot & (PROT_READ | PROT_WRITE)):
+                break
+            addr = stop
+            if addr >= end:
+                return
+        raise fail(EFAULT, f"cannot {'write' if write else 'read'} {n} bytes at {addr:#x} in process {self.pid}")
 
-    def _mem_fd(self) -> int:
-        """/proc/<pid>/mem, opened once (it stays bound to this process's memory)."""
-        if self._mem is None:
-            try:
-                self._mem = os.open(f"/proc/{self.pid}/mem", os.O_WRONLY | os.O_CLOEXEC)
-            except OSError:
-                self._mem = -1
-        return self._mem
+    def _mem_rw(self, addr: int, n: int, buf: "ctypes.Array[ctypes.c_char]", write: bool) -> None:
+        if native.lib().vd_dma(self.mem, addr, n, buf, 1 if write else 0) < 0:
+            raise fail(EFAULT, f"{'write' if write else 'read'} of {n} bytes at {addr:#x} in process {self.pid} failed")
 
-    def close(self) -> None:
-        if self._mem is not None and self._mem >= 0:
-            os.close(self._mem)
-        self._mem = -1
+    # -- a device's DMA: the pages, whatever the CPU's protection is now ---------------------------
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+    def device_read(self, addr: int, n: int) -> bytes:
+        buf = ctypes.create_string_buffer(n)
+        if not self.bound or native.lib().vd_dma(self.mem, addr, n, buf, 0) < 0:
+            raise fail(EFAULT, f"DMA read of {n} bytes at {addr:#x} in process {self.pid} failed")
+        return buf.raw
+
+    def device_read_into(self, addr: int, out: np.ndarray) -> None:
+        if not self.bound or native.lib().vd_dma(self.mem, addr, out.size, out.ctypes.data, 0) < 0:
+            raise fail(EFAULT, f"DMA read of {out.size} bytes at {addr:#x} in process {self.pid} failed")
 
     def readv(self, ranges: list[tuple[int, int]]) -> list[bytes]:
-        """Several ranges in one process_vm_readv (IOV_MAX at a time); EFAULT
-        unless every byte was read."""
-        out: list[bytes] = []
-        for at in range(0, len(ranges), _IOV_MAX):
-            part = ranges[at:at + _IOV_MAX]
-            total = sum(n for _, n in part)
-            buf = ctypes.create_string_buffer(total)
-            n = len(part)
-            local = _iovec(ctypes.cast(buf, ctypes.c_void_p), total)
-            remote = (_iovec * n)(*[_iovec(a, ln) for a, ln in part])
-            got = _libc.process_vm_readv(self.pid, ctypes.byref(local), 1, remote, n, 0)
-            if got != total:
-                raise fail(errno.EFAULT, f"cannot read {total} bytes in {n} ranges from process {self.pid}")
-            raw = buf.raw
-            pos = 0
-            for _a, ln in part:
-                out.append(raw[pos:pos + ln])
-                pos += ln
+        """Several DMA reads (a NIC's burst of descriptors and frames) in one
+        foreign call: EFAULT unless every byte was read."""
+        total = sum(n for _a, n in ranges)
+        buf = ctypes.create_string_buffer(total)
+        addrs = (ctypes.c_uint64 * len(ranges))(*[a for a, _n in ranges])
+        lens = (ctypes.c_uint64 * len(ranges))(*[n for _a, n in ranges])
+        if not self.bound or native.lib().vd_dma_many(self.mem, len(ranges), addrs, lens, buf, 0) < 0:
+            raise fail(EFAULT, f"DMA read of {total} bytes in {len(ranges)} ranges in process {self.pid} failed")
+        raw = buf.raw
+        out, pos = [], 0
+        for _a, n in ranges:
+            out.append(raw[pos:pos + n])
+            pos += n
         return out
 
     def device_writev(self, pieces: list[tuple[int, memoryview]]) -> None:
-        """Several DMA writes: one process_vm_writev, then /proc/<pid>/mem for
-        whatever the CPU's page protection refused (a device ignores it)."""
-        for at in range(0, len(pieces), _IOV_MAX):
-            part = pieces[at:at + _IOV_MAX]
-            data = b"".join(part_data for _a, part_data in part)
-            n = len(part)
-            buf = ctypes.create_string_buffer(data, len(data))
-            local = _iovec(ctypes.cast(buf, ctypes.c_void_p), len(data))
-            remote = (_iovec * n)(*[_iovec(a, len(d)) for a, d in part])
-            got = _libc.process_vm_writev(self.pid, ctypes.byref(local), 1, remote, n, 0)
-            if got == len(data):
-                continue
-            done = max(got, 0)
-            for a, d in part:
-                if done >= len(d):
-                    done -= len(d)
-                    continue
-                self.device_write(a + done, d[done:])
-                done = 0
+        """Several DMA writes in one foreign call."""
+        data = b"".join(bytes(d) for _a, d in pieces)
+        addrs = (ctypes.c_uint64 * len(pieces))(*[a for a, _d in pieces])
+        lens = (ctypes.c_uint64 * len(pieces))(*[len(d) for _a, d in pieces])
+        if not self.bound or native.lib().vd_dma_many(self.mem, len(pieces), addrs, lens, data, 1) < 0:
+            raise fail(EFAULT, f"DMA write of {len(data)} bytes in {len(pieces)} ranges in process {self.pid} failed")
 
-    def maps(self) -> list[tuple[int, int, int, bool, str]]:
-        """(start, end, prot, private anonymous-like, path) of each mapping."""
-        try:
-            with open(f"/proc/{self.pid}/maps", "rb") as f:
-                text = f.read()
-        except OSError:
-            return []
-        out = []
-        # One regex pass: a program with a thousand mappings (DPDK loads every PMD)
-        # is read once per pin, so the parse matters.
-        for m in _MAPS_LINE.finditer(text):
-            perms = m.group(3)
-            prot = (PROT_READ if perms[0:1] == b"r" else 0) | (PROT_WRITE if perms[1:2] == b"w" else 0) | \
-                (PROT_EXEC if perms[2:3] == b"x" else 0)
-            out.append((int(m.group(1), 16), int(m.group(2), 16), prot, perms[3:4] == b"p",
-                        m.group(4).strip().decode(errors="surrogateescape")))
-        return out
+    def device_write(self, addr: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
+        ptr: int | bytes
+        if isinstance(data, np.ndarray):
+            src = np.ascontiguousarray(data, dtype=np.uint8)
+            ptr, n = src.ctypes.data, src.size
+        else:
+            ptr = bytes(data)
+            n = len(ptr)
+        if not self.bound or native.lib().vd_dma(self.mem, addr, n, ptr, 1) < 0:
+            raise fail(EFAULT, f"DMA write of {n} bytes at {addr:#x} in process {self.pid} failed")
+
+    # -- mappings ----------------------------------------------------------------------------------
 
     def vma_at(self, addr: int) -> tuple[int, int, int, bool, str] | None:
-        """The mapping covering ``addr``, as an entry of :meth:`maps` (path
-        left empty), or None.  Asks the kernel for that one mapping
-        (PROCMAP_QUERY, Linux 6.11) instead of reading them all: pinning the
-        pages of a program with a thousand mappings one at a time (DPDK without
-        hugepages registers 4 KiB pages one by one) would otherwise parse
-        /proc/<pid>/maps for every page."""
-        if _procmap_query_works:
+        """(start, end, PROT_*, private, path) of the mapping holding ``addr``,
+        or None: one PROCMAP_QUERY (Linux 6.11; no path), else a scan of the
+        bound maps file."""
+        if not self.bound or self.gone:
+            return None
+        if self._query:
             try:
-                fd = os.open(f"/proc/{self.pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                return None
-            try:
-                q = _ProcmapQuery(size=ctypes.sizeof(_ProcmapQuery), query_addr=addr)
-                if _libc.ioctl(fd, _PROCMAP_QUERY, ctypes.byref(q)) == 0:
-                    f = q.vma_flags
-                    prot = (PROT_READ if f & 1 else 0) | (PROT_WRITE if f & 2 else 0) | (PROT_EXEC if f & 4 else 0)
-                    return q.vma_start, q.vma_end, prot, not f & 8, ""
-                err = ctypes.get_errno()
-                if err == errno.ENOENT:
+                found = native.vma(self.maps_fd, addr)
+            except OSError as exc:
+                if exc.errno != errno.ENOTTY:
                     return None
-                if err not in (errno.ENOTTY, errno.EINVAL):
+                self._query = False
+            else:
+                if found is None:
                     return None
-                _disable_procmap_query()
-            finally:
-                os.close(fd)
+                start, end, flags = found
+                prot = sum(prot for bit, prot in _PROCMAP_PROT if flags & bit)
+                return start, end, prot, not flags & native.PROCMAP_SHARED, ""
         for entry in self.maps():
             if entry[0] <= addr < entry[1]:
                 return entry
         return None
 
-    def present(self, pages: np.ndarray, page_shift: int) -> np.ndarray:
-        """Whether each page (virtual address >> 12 of the host) is populated
-        (present or swapped), from /proc/<pid>/pagemap."""
-        out = np.zeros(pages.size, dtype=np.bool_)
+    def maps(self) -> list[tuple[int, int, int, bool, str]]:
+        """(start, end, prot, private, path) of each mapping, from the bound maps file."""
+        if self.maps_fd < 0 or self.gone:
+            return []
+        chunks = []
         try:
-            with open(f"/proc/{self.pid}/pagemap", "rb") as f:
-                for i, page in enumerate(pages.tolist()):
-                    f.seek((page << page_shift >> 12) * 8)
-                    raw = f.read(8)
-                    if len(raw) == 8:
-                        entry = struct.unpack("<Q", raw)[0]
-                        out[i] = bool(entry >> 62 & 3)
+            os.lseek(self.maps_fd, 0, os.SEEK_SET)
+            while True:
+                chunk = os.read(self.maps_fd, 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
         except OSError:
-            out[:] = True
+            return []
+        out = []
+        for line in b"".join(chunks).decode(errors="replace").splitlines():
+            parts = line.split(maxsplit=5)
+            if len(parts) < 5:
+                continue
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            perms = parts[1]
+            prot = (PROT_READ if perms[0] == "r" else 0) | (PROT_WRITE if perms[1] == "w" else 0) | \
+                (PROT_EXEC if perms[2] == "x" else 0)
+            out.append((start, end, prot, perms[3] == "p", parts[5].strip() if len(parts) > 5 else ""))
         return out
+
+    def present(self, pages: np.ndarray, page_shift: int) -> np.ndarray:
+        """Whether each page (virtual address >> page_shift) is populated
+        (present or swapped), from /proc/<pid>/pagemap: one read per run."""
+        out = np.ones(pages.size, dtype=np.bool_)
+        if self.pagemap < 0 or pages.size == 0:
+            return out
+        host = (pages.astype(np.uint64) << np.uint64(page_shift)) >> np.uint64(12)
+        try:
+            i = 0
+            while i < host.size:
+                j = i + 1
+                while j < host.size and host[j] == host[j - 1] + 1 and j - i < 4096:
+                    j += 1
+                raw = os.pread(self.pagemap, 8 * (j - i), int(host[i]) * 8)
+                entries = np.frombuffer(raw.ljust(8 * (j - i), b"\0"), dtype=np.uint64)
+                out[i:j] = (entries >> np.uint64(62)) & np.uint64(3) != 0
+                i = j
+        except OSError:
+            pass
+        return out
+
+    # -- the process itself, through its /proc directory ------------------------------------------
+
+    def fd_link(self, n: int) -> str:
+        """readlink /proc/<pid>/fd/<n> ('' if there is none)."""
+        if self.procdir < 0:
+            return ""
+        try:
+            return os.readlink(f"fd/{n}", dir_fd=self.procdir)
+        except OSError:
+            return ""
+
+    def fd_numbers(self) -> list[int]:
+        if self.procdir < 0:
+            return []
+        try:
+            fd = os.open("fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.procdir)
+        except OSError:
+            return []
+        try:
+            return sorted(int(n) for n in os.listdir(fd) if n.isdigit())
+        finally:
+            os.close(fd)
+
+    def read_file(self, name: str) -> str:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.procdir)
+        try:
+            return os.read(fd, 1 << 16).decode(errors="replace")
+        finally:
+            os.close(fd)
 
 
 class HostMemoryObject:
-    """Physical memory standing for one real mapping: DMA reads and writes
-    reach the process at the same offset."""
+    """Physical memory standing for one 1 GiB window of a real process's
+    address space: DMA reads and writes reach the process at the same
+    offset.  Pin counts are a lazily touched array: memory follows the pins."""
 
     __slots__ = ("phys_base", "length", "page_shift", "compound_shift", "pincount", "pins", "users",
-                 "pinnable", "host", "vaddr", "populated", "orphan")
+                 "pinnable", "host", "vaddr", "orphan", "populated")
 
     def __init__(self, host: HostProcess, vaddr: int, length: int, page_shift: int) -> None:
         self.host = host
@@ -262,9 +322,11 @@ class HostMemoryObject:
         self.length = length
         self.page_shift = page_shift
         self.compound_shift = page_shift
-        npages = (length + (1 << page_shift) - 1) >> page_shift
-        self.pincount = np.zeros(npages, dtype=np.int32)   # a page refcount is an atomic_t
-        self.populated = np.ones(npages, dtype=np.bool_)
+        # calloc'd: the pages of this array are touched only where pins are.
+        self.pincount = np.zeros(length >> page_shift, dtype=np.int32)   # a page refcount is an atomic_t
+        # Every page counts as populated (a view of one value: no memory): the
+        # host faults pages in, and pagemap says which a read-only pin may take.
+        self.populated = np.broadcast_to(np.True_, (length >> page_shift,))
         self.pins = 0
         self.users = 0
         self.pinnable = True
@@ -285,17 +347,20 @@ class HostMemoryObject:
         mem = self._orphaned()
         if mem is not None:
             return mem[off:off + n].tobytes()
-        return self.host.read(self.vaddr + off, n)
+        return self.host.device_read(self.vaddr + off, n)
 
     def read_into(self, off: int, out: np.ndarray) -> None:
         mem = self._orphaned()
         if mem is not None:
             out[:] = mem[off:off + out.size]
             return
-        out[:] = np.frombuffer(self.host.read(self.vaddr + off, out.size), dtype=np.uint8)
+        if out.flags.c_contiguous and out.dtype == np.uint8:
+            self.host.device_read_into(self.vaddr + off, out)
+        else:
+            out[:] = np.frombuffer(self.host.device_read(self.vaddr + off, out.size), dtype=np.uint8)
 
     def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
-        """Several (offset, length) ranges at once: one system call."""
+        """Several (offset, length) ranges at once: one foreign call."""
         mem = self._orphaned()
         if mem is not None:
             return [mem[off:off + n].tobytes() for off, n in ranges]
@@ -316,9 +381,8 @@ class HostMemoryObject:
             mem[off:off + src.size] = src
             return
         # A device writes whatever the CPU mapping's protection is now (the
-        # IOMMU already checked the TCE's permission), so write through
-        # /proc/<pid>/mem, which does not honour PROT_WRITE.
-        self.host.device_write(self.vaddr + off, data.data.cast("B") if isinstance(data, np.ndarray) else data)
+        # IOMMU already checked the TCE's permission).
+        self.host.device_write(self.vaddr + off, data)
 
     def __repr__(self) -> str:
         return f"<HostMemoryObject pid={self.host.pid} vaddr={self.vaddr:#x} len={self.length:#x} pins={self.pins}>"
@@ -327,93 +391,171 @@ class HostMemoryObject:
 class HostMM(AddressSpace):
     """The address space of a simulated task that is a real process."""
 
-    def __init__(self, pid: int, phys: PhysicalMemory) -> None:
+    def __init__(self, pid: int, phys: PhysicalMemory, host: HostProcess | None = None) -> None:
         super().__init__(phys)
-        self.host = HostProcess(pid)
-        self._objects: dict[tuple[int, int], HostMemoryObject] = {}
+        self.host = host or HostProcess(pid)
+        self._windows: dict[int, HostMemoryObject] = {}
+        # What a Vma of this address space names as its memory: nothing pinnable
+        # through it (pins go to the windows).
+        self._unpinned = HostMemoryObject(self.host, 0, 0, self.page_shift)
+        self._unpinned.pinnable = False
+
+    def bind(self, host: HostProcess) -> None:
+        """The process said hello: its memory is reachable from now on."""
+        old, self.host = self.host, host
+        for obj in self._windows.values():
+            obj.host = host
+        old.close()
 
     # -- copy_from_user / copy_to_user --------------------------------------------------------
 
     def read(self, addr: int, n: int) -> bytes:
         if addr < 0 or n < 0 or addr + n > 1 << 64:
-            raise fail(errno.EFAULT, f"bad address range {addr:#x}+{n:#x}")
+            raise fail(EFAULT, f"bad address range {addr:#x}+{n:#x}")
         return self.host.read(addr, n)
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         if addr < 0 or addr + len(data) > 1 << 64:
-            raise fail(errno.EFAULT, f"bad address range {addr:#x}+{len(data):#x}")
+            raise fail(EFAULT, f"bad address range {addr:#x}+{len(data):#x}")
         self.host.write(addr, data)
 
     # -- mappings ---------------------------------------------------------------------------------
 
-    def _object(self, start: int, end: int) -> HostMemoryObject:
-        obj = self._objects.get((start, end))
-        if obj is None or (obj.pins == 0 and obj not in self.phys.objects()):
-            obj = HostMemoryObject(self.host, start, end - start, self.page_shift)
-            self._objects[(start, end)] = obj
+    def _window(self, index: int) -> HostMemoryObject:
+        """The object counting pins in 1 GiB window ``index``.  Once its last pin
+        went, physical memory forgot it; the next pin registers it again (at a
+        new physical address) rather than allocating its counts anew."""
+        obj = self._windows.get(index)
+        if obj is None:
+            obj = HostMemoryObject(self.host, index << WINDOW_SHIFT, 1 << WINDOW_SHIFT, self.page_shift)
+            self._windows[index] = obj
         return obj
 
-    def _vma(self, entry: tuple[int, int, int, bool, str]) -> Vma:
-        start, end, prot, private, _path = entry
-        return Vma(start, end, prot, self._object(start, end), 0, kind="anon" if private else "shared")
+    def _registered(self, obj: HostMemoryObject) -> bool:
+        found = self.phys.lookup(obj.phys_base) if obj.phys_base else None
+        return found is not None and found[0] is obj
 
     def vmas(self) -> list[Vma]:
-        return [self._vma(e) for e in self.host.maps()]
+        """Every mapping (for /proc-style summaries; the kernel looks up one address at a time)."""
+        return [Vma(start, end, prot, self._unpinned, 0, kind="anon" if private else "shared")
+                for start, end, prot, private, _path in self.host.maps()]
 
     def find_vma(self, addr: int) -> Vma | None:
-        # The one mapping (PROCMAP_QUERY), not a parse of them all: the trace
-        # looks up the memory of every MAP_DMA and REGISTER_MEMORY.
-        entry = self.host.vma_at(addr)
-        return self._vma(entry) if entry is not None else None
+        """The mapping holding ``addr`` (its pages are reached through pin_pages,
+        not through the Vma's object)."""
+        found = self.host.vma_at(addr)
+        if found is None:
+            return None
+        start, end, prot, private, _path = found
+        return Vma(start, end, prot, self._unpinned, 0, kind="anon" if private else "shared")
 
     def pin_pages_longterm(self, start: int, npages: int, write: bool) -> PinResult:
         """As MM.pin_pages_longterm (Type1's FOLL_LONGTERM pin): a read pin of a
         never-written page of a read-only private mapping unshares the zero
         page and succeeds, where pin_pages() faults."""
-        addrs = np.uint64(start) + (np.arange(npages, dtype=np.uint64) << np.uint64(self.page_shift))
-        return self.pin_pages(addrs, write, unshare=True)
+        return self._pin_run(start, npages, write, False, True, 0)
 
     def pin_pages(self, addrs: np.ndarray, write: bool, dry_run: bool = False, unshare: bool = False) -> PinResult:
-        """As MM.pin_pages, against the process's real mappings."""
+        """As MM.pin_pages, against the process's real mappings: one lookup
+        per mapping the addresses cross, pins counted in 1 GiB windows."""
         n = int(addrs.size)
-        hpas = np.zeros(n, dtype=np.uint64)
-        shifts = np.full(n, self.page_shift, dtype=np.int64)
-        # One lookup per mapping the pages are in, not a read of every mapping.
+        shift = np.uint64(self.page_shift)
+        parts: list[np.ndarray | Progression] = []
         done, err = 0, None
         while done < n:
             addr = int(addrs[done])
-            entry = self.host.vma_at(addr)
-            vma = self._vma(entry) if entry is not None else None
-            if vma is None or not vma.readable() or (write and not vma.writable()):
-                err = errno.EFAULT
+            vma = self.host.vma_at(addr)
+            if vma is None or not vma[2] & (PROT_READ | PROT_WRITE) or (write and not vma[2] & PROT_WRITE):
+                err = EFAULT
                 break
-            stop = done + int(np.searchsorted(addrs[done:], np.uint64(vma.end), side="left"))
+            start, end, prot, _private, _path = vma
+            stop = done + int(np.searchsorted(addrs[done:], np.uint64(end), side="left"))
             seg = addrs[done:stop]
-            if not write and not vma.writable() and not unshare:
-                missing = ~self.host.present(seg >> np.uint64(self.page_shift), self.page_shift)
+            if not write and not prot & PROT_WRITE and not unshare:
+                missing = ~self.host.present(seg >> shift, self.page_shift)
                 if missing.any():
                     cut = int(np.argmax(missing))
-                    seg, stop, err = seg[:cut], done + cut, errno.EFAULT
-            obj = vma.obj
-            pages = ((seg - np.uint64(vma.start)) >> np.uint64(self.page_shift)).astype(np.int64)
-            if not dry_run and pages.size:
-                if obj.pins == 0 and obj not in self.phys.objects():
-                    self.phys.register(obj, obj.length)
-                np.add.at(obj.pincount, pages, 1)
-                obj.pins += int(pages.size)
-            hpas[done:stop] = np.uint64(obj.phys_base) + (pages.astype(np.uint64) << np.uint64(self.page_shift))
+                    seg, stop, err = seg[:cut], done + cut, EFAULT
+            parts.extend(self._pin_segment(seg, dry_run))
             done = stop
             if err is not None:
                 break
-        return PinResult(hpas[:done], shifts[:done], done, err)
+        shifts = np.full(done, self.page_shift, dtype=np.int64)
+        if len(parts) == 1:
+            return PinResult(parts[0], shifts, done, err)
+        hpas = np.concatenate([np.asarray(p) for p in parts]) if parts else np.zeros(0, dtype=np.uint64)
+        return PinResult(hpas, shifts, done, err)
+
+    def _pin_segment(self, seg: np.ndarray, dry_run: bool) -> list[np.ndarray | Progression]:
+        """Pin the pages of ``seg`` (addresses inside one mapping), window by window."""
+        out: list[np.ndarray | Progression] = []
+        i = 0
+        page = 1 << self.page_shift
+        while i < seg.size:
+            index = int(seg[i]) >> WINDOW_SHIFT
+            j = i + int(np.searchsorted(seg[i:], np.uint64((index + 1) << WINDOW_SHIFT), side="left"))
+            obj = self._window(index)
+            pages = ((seg[i:j] - np.uint64(obj.vaddr)) >> np.uint64(self.page_shift)).astype(np.int64)
+            consecutive = pages.size == 1 or (int(pages[-1]) - int(pages[0]) == pages.size - 1
+                                              and bool((np.diff(pages) == 1).all()))
+            if not dry_run and pages.size:
+                if obj.pins == 0 and not self._registered(obj):
+                    self.phys.register(obj, obj.length)
+                if consecutive:
+                    obj.pincount[int(pages[0]):int(pages[-1]) + 1] += 1
+                else:
+                    np.add.at(obj.pincount, pages, 1)
+                obj.pins += int(pages.size)
+            if consecutive:
+                out.append(Progression(obj.phys_base + (int(pages[0]) << self.page_shift), page, int(pages.size)))
+            else:
+                out.append(np.uint64(obj.phys_base) + (pages.astype(np.uint64) << np.uint64(self.page_shift)))
+            i = j
+        return out
 
     def pin_range(self, addr: int, npages: int, write: bool, dry_run: bool = False, tag: int = 0) -> PinResult:
         """Consecutive pages: as pin_pages over their addresses."""
-        addrs = np.uint64(addr) + (np.arange(npages, dtype=np.uint64) << np.uint64(self.page_shift))
-        res = self.pin_pages(addrs, write, dry_run)
-        if tag:
-            res.hpas = res.hpas | np.uint64(tag)
-        return res
+        return self._pin_run(addr, npages, write, dry_run, False, tag)
+
+    def _pin_run(self, addr: int, npages: int, write: bool, dry_run: bool, unshare: bool, tag: int) -> PinResult:
+        """Pin ``npages`` consecutive pages from ``addr``: one lookup per mapping
+        crossed and one slice per 1 GiB window, in plain integers (a small map
+        pays for no array)."""
+        shift = self.page_shift
+        page = 1 << shift
+        parts: list[Progression] = []
+        done, cur, err = 0, addr, None
+        while done < npages:
+            vma = self.host.vma_at(cur)
+            if vma is None or not vma[2] & (PROT_READ | PROT_WRITE) or (write and not vma[2] & PROT_WRITE):
+                err = EFAULT
+                break
+            n = min(npages - done, (vma[1] - cur) >> shift)
+            if not write and not vma[2] & PROT_WRITE and not unshare:
+                present = self.host.present(np.arange(cur >> shift, (cur >> shift) + n, dtype=np.uint64), shift)
+                if not present.all():
+                    n, err = int(np.argmin(present)), EFAULT
+            while n > 0:
+                index = cur >> WINDOW_SHIFT
+                obj = self._window(index)
+                k = min(n, (((index + 1) << WINDOW_SHIFT) - cur) >> shift)
+                p0 = (cur - obj.vaddr) >> shift
+                if not dry_run:
+                    if obj.pins == 0 and not self._registered(obj):
+                        self.phys.register(obj, obj.length)
+                    obj.pincount[p0:p0 + k] += 1
+                    obj.pins += k
+                parts.append(Progression((obj.phys_base + (p0 << shift)) | tag, page, k))
+                cur += k << shift
+                n -= k
+                done += k
+            if err is not None:
+                break
+        runs = [(done, shift)]
+        if len(parts) == 1:
+            return PinResult(parts[0], None, done, err, runs)
+        hpas = np.concatenate([np.asarray(p) for p in parts]) if parts else np.zeros(0, dtype=np.uint64)
+        return PinResult(hpas, None, done, err, runs)
 
     def count_mlocked_pages(self, start: int, length: int) -> int:
         """None that this locked_vm counts: the program's own mlock() is charged
@@ -428,16 +570,15 @@ class HostMM(AddressSpace):
 
     def pinned_pages(self) -> int:
         """Pins held on this image's memory."""
-        return sum(obj.pins for obj in self._objects.values())
+        return sum(obj.pins for obj in self._windows.values())
 
     def mapped_bytes(self) -> int:
         return sum(e - s for s, e, *_ in self.host.maps())
 
     def resident_bytes(self) -> int:
         try:
-            with open(f"/proc/{self.host.pid}/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
+            return int(self.host.read_file("statm").split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
             return 0
 
 
@@ -450,9 +591,9 @@ class HostEventFd(EventFd):
     def __init__(self, fd: int) -> None:
         super().__init__()
         self.fd = fd              # our duplicate of the program's eventfd
-        # Called before our duplicate is closed: an epoll watch must go first,
-        # as it lasts while the program keeps the eventfd open.
-        self.before_close: Callable[[], None] | None = None
+        # Closes our duplicate instead of release(): an epoll watch on it must
+        # go first, as it lasts while the program keeps the eventfd open.
+        self.closer: Callable[[int], None] | None = None
 
     def signal(self, n: int = 1) -> None:
         self.signals += 1
@@ -486,13 +627,14 @@ class HostEventFd(EventFd):
     def release(self, current: "Task") -> None:
         if self.fd < 0:
             return
-        if self.before_close is not None:
-            self.before_close()
+        fd, self.fd = self.fd, -1
+        if self.closer is not None:
+            self.closer(fd)
+            return
         try:
-            os.close(self.fd)
+            os.close(fd)
         except OSError:
             pass
-        self.fd = -1
 
 
 @dataclass
@@ -509,29 +651,38 @@ class HostCreds:
     memlock: tuple[int, int]
 
 
-def read_host_creds(pid: int) -> HostCreds:
+def parse_host_creds(status: str, limits: str) -> HostCreds:
     """Parse /proc/<pid>/status (Uid, Gid, Groups, CapEff) and /proc/<pid>/limits."""
     uid = gid = (0, 0, 0, 0)
     groups: tuple[int, ...] = ()
     caps = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key == "Uid":
-                uid = tuple(int(x) for x in value.split())  # type: ignore[assignment]
-            elif key == "Gid":
-                gid = tuple(int(x) for x in value.split())  # type: ignore[assignment]
-            elif key == "Groups":
-                groups = tuple(int(x) for x in value.split())
-            elif key == "CapEff":
-                caps = int(value.strip(), 16)
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key == "Uid":
+            uid = tuple(int(x) for x in value.split())  # type: ignore[assignment]
+        elif key == "Gid":
+            gid = tuple(int(x) for x in value.split())  # type: ignore[assignment]
+        elif key == "Groups":
+            groups = tuple(int(x) for x in value.split())
+        elif key == "CapEff":
+            caps = int(value.strip(), 16)
     memlock = (0, 0)
-    with open(f"/proc/{pid}/limits") as f:
-        for line in f:
-            if line.startswith("Max locked memory"):
-                fields = line.split()
-                soft, hard = fields[3], fields[4]
-                inf = (1 << 64) - 1
-                memlock = (inf if soft == "unlimited" else int(soft), inf if hard == "unlimited" else int(hard))
+    for line in limits.splitlines():
+        if line.startswith("Max locked memory"):
+            fields = line.split()
+            soft, hard = fields[3], fields[4]
+            inf = (1 << 64) - 1
+            memlock = (inf if soft == "unlimited" else int(soft), inf if hard == "unlimited" else int(hard))
     return HostCreds(uid[0], uid[1], uid[2], gid[0], gid[1], groups,
                      frozenset(i for i in range(64) if caps >> i & 1), memlock)
+
+
+def read_host_creds(pid: int, host: HostProcess | None = None) -> HostCreds:
+    """The credentials of ``pid`` (through its bound /proc directory if given)."""
+    if host is not None and host.procdir >= 0:
+        return parse_host_creds(host.read_file("status"), host.read_file("limits"))
+    with open(f"/proc/{pid}/status") as f:
+        status = f.read()
+    with open(f"/proc/{pid}/limits") as f:
+        limits = f.read()
+    return parse_host_creds(status, limits)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
+import stat
+import struct
 import subprocess
 import sys
 import time
@@ -109,6 +112,8 @@ def _new_daemon(machine: "Machine", sock_path: str | None, trace: str | IO[str] 
             exc.filename = sock_path                # bind() says what failed but not where
         raise
     daemon._own_sysfs = True
+    if sock_path is None:
+        os.chmod(daemon.sock_path, 0o600)       # a private daemon's: only this user's programs
     if reporter is not None and daemon.tracer is not None:
         reporter.attach(daemon.tracer)
     return daemon
@@ -180,6 +185,10 @@ def serve(machine: "Machine", sock_path: str, *, trace: str | None = None, out: 
     out = out or sys.stdout
     daemon = _new_daemon(machine, sock_path, trace, verbose, sys.stderr)
     reaper = start_reaper([daemon.root, sock_path])
+    # Handlers first: a SIGTERM sent as soon as we say we serve must stop us cleanly.
+    stop = lambda *_: daemon.stop()  # noqa: E731
+    old_int = signal.signal(signal.SIGINT, stop)
+    old_term = signal.signal(signal.SIGTERM, stop)
     print(f"vfiosim: serving {machine.name} ({machine.platform}) on {sock_path}; "
           f"run programs with: vfiosim run --connect {sock_path} -- PROGRAM", file=out, flush=True)
     if ready_fd is not None:
@@ -189,9 +198,6 @@ def serve(machine: "Machine", sock_path: str, *, trace: str | None = None, out: 
             pass                # whoever waited went away: serve anyway
         finally:
             os.close(ready_fd)
-    stop = lambda *_: daemon.stop()  # noqa: E731
-    old_int = signal.signal(signal.SIGINT, stop)
-    old_term = signal.signal(signal.SIGTERM, stop)
     try:
         daemon.serve()
     finally:
@@ -203,20 +209,42 @@ def serve(machine: "Machine", sock_path: str, *, trace: str | None = None, out: 
     return 0
 
 
+class UntrustedDaemon(Exception):
+    """What answers on the socket is not a daemon this user may trust."""
+
+
 def fetch_root(sock_path: str) -> str:
-    """Ask a running daemon for its fake sysfs root (OP_INFO)."""
+    """Ask a running daemon for its fake sysfs root (OP_INFO), after checking
+    that it runs as root or as this user (SO_PEERCRED) and that the tree it
+    names is its own and writable by nobody else: a daemon of another user
+    on a shared path could otherwise redirect the program's files."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.settimeout(10)
     try:
         s.connect(sock_path)
+        _pid, uid, _gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        if uid not in (0, os.getuid(), os.geteuid()):
+            raise UntrustedDaemon(f"the daemon on {sock_path} runs as uid {uid}, neither root nor you "
+                                  f"(uid {os.geteuid()}): refusing to use it")
         s.sendall(P.pack_request(P.OP_INFO))
         reply = s.recv(P.REP.size + 4096)
     finally:
         s.close()
+    if len(reply) < P.REP.size:
+        raise OSError(errno.EPROTO, "the daemon closed the connection")
     ret, _err, length = P.REP.unpack_from(reply)
     if ret < 0:
         raise OSError(_err, os.strerror(_err))
-    return reply[P.REP.size:P.REP.size + length].decode()
+    root = reply[P.REP.size:P.REP.size + length].decode()
+    for path in (root, os.path.join(root, "prefixes")):
+        try:
+            st = os.lstat(path)
+        except OSError as exc:
+            raise UntrustedDaemon(f"the daemon's tree {path}: {exc.strerror}") from None
+        if st.st_uid not in (0, uid) or st.st_mode & 0o022 or stat.S_ISLNK(st.st_mode):
+            raise UntrustedDaemon(f"the daemon's tree {path} is not the daemon's own (owner uid {st.st_uid}, "
+                                  f"mode {stat.S_IMODE(st.st_mode):o}): refusing to use it")
+    return root
 
 
 def wait_for_daemon(sock_path: str, wait: float) -> str:
@@ -240,6 +268,9 @@ def run_connected(sock_path: str, argv: Sequence[str], stderr: IO[str] | None = 
     sock_path = os.path.abspath(sock_path)
     try:
         root = wait_for_daemon(sock_path, wait)
+    except UntrustedDaemon as exc:
+        print(f"vfiosim: {exc}", file=err)
+        return 1
     except OSError as exc:
         waited = f" after waiting {wait:g} s" if isinstance(exc, (FileNotFoundError, ConnectionRefusedError)) else ""
         print(f"vfiosim: no vfiosim daemon answers on {sock_path}{waited}: {exc.strerror or exc}; "

@@ -67,6 +67,9 @@ class FakeSysfs:
         self.root = root or tempfile.mkdtemp(prefix="vfiosim-root-")
         self.prefixes: list[str] = []
         self.build()
+        # Readable by every program the daemon serves, whatever uid it runs as
+        # (or drops to later), as /sys and /dev are; only the daemon writes it.
+        os.chmod(self.root, 0o755)
 
     def path(self, p: str) -> str:
         return self.root + p
@@ -85,12 +88,8 @@ class FakeSysfs:
         m = self.machine
         k = m.kernel
         self._mkdir("/dev/vfio")
-        for path, node in k.dev_nodes.items():
-            if not path.startswith("/dev/vfio/"):
-                continue
-            name = path.rsplit("/", 1)[1]
-            major, minor = (MISC_MAJOR, VFIO_MINOR) if name == "vfio" else (VFIO_GROUP_MAJOR, int(name))
-            _write(self.path(path), f"{major} {minor} {node.mode:o} {node.uid} {node.gid}\n")
+        for path in k.dev_nodes:
+            self.update_node(path)
         self._mkdir("/sys/bus/pci/devices")
         self._mkdir("/sys/bus/pci/drivers/vfio-pci")
         self._mkdir("/sys/kernel/iommu_groups")
@@ -166,6 +165,18 @@ class FakeSysfs:
                            f"/sys/bus/pci/drivers/{dev.driver}/{bdf}")
         self._modules()
         _write(self.path("/prefixes"), "".join(p + "\n" for p in self.prefixes))
+
+    def update_node(self, path: str) -> None:
+        """(Re)write what stat() reports for a /dev/vfio node: its owner and mode
+        (after a chown or chmod), replaced in one rename."""
+        node = self.machine.kernel.dev_nodes.get(path)
+        if node is None or not path.startswith("/dev/vfio/"):
+            return
+        name = path.rsplit("/", 1)[1]
+        major, minor = (MISC_MAJOR, VFIO_MINOR) if name == "vfio" else (VFIO_GROUP_MAJOR, int(name))
+        tmp = self.path(path) + ".new"
+        _write(tmp, f"{major} {minor} {node.mode:o} {node.uid} {node.gid}\n")
+        os.replace(tmp, self.path(path))
 
     def _vfio_dev(self, ddir: str, index: int) -> None:
         """``<ddir>/vfio-dev/vfio<index>`` and its /sys/class/vfio-dev link (see the module doc)."""

@@ -22,9 +22,11 @@ munmap, fork, and ``exit`` events.  docs/trace-format.md is the schema;
 from __future__ import annotations
 
 import ctypes
+import errno
 import errno as E
 import json
 import os
+import stat
 import struct
 import time
 from typing import IO, TYPE_CHECKING, Any, Callable, TextIO
@@ -50,6 +52,29 @@ def _perms(prot: int, shared: bool = False) -> str:
         ("s" if shared else "p")
 
 
+def open_trace_file(path: str) -> IO[str]:
+    """Create ``path`` for writing, never through a symlink and never over
+    anything but a regular file of ours that nothing else links to: a trace
+    path in a shared directory such as /tmp must not let another user point
+    the daemon at a file of their choosing (OSError with the reason)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileExistsError:
+        st = os.lstat(path)
+        why = ("a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file" if not stat.S_ISREG(st.st_mode)
+               else f"owned by uid {st.st_uid}" if st.st_uid != os.geteuid()
+               else "linked from elsewhere (it has several names)" if st.st_nlink != 1 else "")
+        if why:
+            raise OSError(errno.EEXIST, f"refusing to overwrite {path}: it is {why}") from None
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):      # replaced in between
+            os.close(fd)
+            raise OSError(errno.EEXIST, f"refusing to overwrite {path}: it changed while it was opened") from None
+    return os.fdopen(fd, "w", buffering=1 << 16)
+
+
 class Tracer:
     """Writes one JSON line per call to a file (or an open text stream), after a header.
 
@@ -59,7 +84,7 @@ class Tracer:
     def __init__(self, target: str | IO[str], platform: str = "", machine: Any = None) -> None:
         self.platform = platform
         if isinstance(target, str):
-            self.f: IO[str] = open(target, "w", buffering=1)
+            self.f: IO[str] = open_trace_file(target)
             self._own = True
         else:
             self.f = target
@@ -79,13 +104,40 @@ class Tracer:
         if self._own:
             self.f.close()
 
+    def flush(self) -> None:
+        """The daemon's main loop flushes now and then (and close() at the end):
+        a write per record would cost more than some calls do."""
+        self.f.flush()
+
     def _write(self, rec: dict[str, Any]) -> None:
         rec["seq"] = self.seq
         self.seq += 1
         self.f.write(json.dumps(rec, sort_keys=False) + "\n")
-        self.f.flush()
         if self.observer is not None:
             self.observer(rec)
+
+    def mmio(self, pid: int, mapping: int, offset: int, size: int, value: int | None, written: bool,
+             ret: int, err: int, reason: str = "", posted: bool = False) -> None:
+        """One BAR load or store: the commonest record, written without building a dict."""
+        if self.observer is not None and err:
+            rec: dict[str, Any] = {"time": round(time.monotonic() - self.t0, 6), "pid": pid, "call": "mmio",
+                                   "mapping": mapping, "offset": offset, "size": size, "write": written}
+            if value is not None:
+                rec["value"] = value
+            if posted:
+                rec["posted"] = True
+            rec.update(ret=ret, errno=err, err=E.errorcode.get(err, ""), reason=reason)
+            self._write(rec)
+            return
+        extra = ', "posted": true' if posted else ""
+        if reason:
+            extra += f', "reason": {json.dumps(reason)}'
+        val = f', "value": {value}' if value is not None else ""
+        self.f.write(f'{{"time": {round(time.monotonic() - self.t0, 6)}, "pid": {pid}, "call": "mmio", '
+                     f'"mapping": {mapping}, "offset": {offset}, "size": {size}, '
+                     f'"write": {"true" if written else "false"}{val}{extra}, "ret": {ret}, "errno": {err}, '
+                     f'"err": "{E.errorcode.get(err, "") if err else ""}", "seq": {self.seq}}}\n')
+        self.seq += 1
 
     def event(self, pid: int, kind: str, detail: str = "") -> None:
         self._write({"time": round(time.monotonic() - self.t0, 6), "pid": pid, "call": kind, "detail": detail})

@@ -29,6 +29,24 @@ if TYPE_CHECKING:
     from ..iommu.iommu import IommuGroup, IommuOps
 
 
+@dataclass(frozen=True)
+class Register:
+    """A register of a BAR, as its device model declares it.
+
+    ``write_effect``: a store does more than keep a value that later loads
+    read back -- it starts work (a DMA), raises, acknowledges or unmasks an
+    interrupt.  A store without one may be *posted*, as a PCIe write is: a
+    transport may perform it later, provided that per device a later load or
+    side-effecting store observes every earlier store, in order.
+    ``read_effect``: a load changes the device (read-to-clear, a FIFO pop), so
+    it must happen exactly once.  Undeclared bytes count as both."""
+
+    offset: int
+    size: int
+    write_effect: bool = True
+    read_effect: bool = False
+
+
 class DmaError(Exception):
     """A DMA the IOMMU refused; nothing was transferred."""
 
@@ -209,6 +227,7 @@ class PciDevice:
         self.reset_method: str | None = None     # "flr", "pm", "bus" or None
         self.bar_addresses: dict[int, int] = {}
         self.log: Callable[[str], None] = lambda text: None
+        self.registers: dict[int, list[Register]] = {}     # per BAR, what declare_registers() said
         c = self.config
         c.set(PCI_VENDOR_ID, 2, vendor)
         c.set(PCI_DEVICE_ID, 2, device)
@@ -235,6 +254,30 @@ class PciDevice:
         self.config.set(PCI_BASE_ADDRESS_0 + 4 * index, 4, flags, wmask=~(size - 1) & 0xFFFFFFF0)
         if is_64bit:
             self.config.set(PCI_BASE_ADDRESS_0 + 4 * (index + 1), 4, 0, wmask=0xFFFFFFFF)
+
+    def declare_registers(self, bar: int, *registers: Register) -> None:
+        """Say which registers of ``bar`` have side effects on a load or a store
+        (:class:`Register`).  A model that declares nothing has every access go
+        to it at once, in order: always right, and the slowest."""
+        if bar not in self.bars:
+            raise ValueError(f"{self.bdf} has no BAR{bar}: add_bar() first")
+        for r in registers:
+            if r.offset < 0 or r.size <= 0 or r.offset + r.size > self.bars[bar].size:
+                raise ValueError(f"register {r.offset:#x}+{r.size} is outside BAR{bar}")
+        self.registers.setdefault(bar, []).extend(registers)
+
+    def posted_write_ranges(self, bar: int) -> list[tuple[int, int]]:
+        """(offset, length) of the parts of ``bar`` whose stores have no side
+        effect: the declared registers, and in the MSI-X table the message
+        address and data of each vector (a store to its control word may
+        unmask it and send what is pending)."""
+        out = [(r.offset, r.size) for r in self.registers.get(bar, ()) if not r.write_effect]
+        m = self.msix
+        if m is not None and bar == m.table_bar:
+            out += [(m.table_offset + v * PCI_MSIX_ENTRY_SIZE, PCI_MSIX_ENTRY_VECTOR_CTRL) for v in range(m.vectors)]
+        if m is not None and bar == m.pba_bar:
+            out.append((m.pba_offset, m.pba_size))          # read-only: a store is dropped
+        return sorted(out)
 
     def assign_bar_address(self, index: int, addr: int) -> None:
         """Firmware/host BAR assignment (a bus address in the PHB's window)."""

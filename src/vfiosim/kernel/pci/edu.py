@@ -37,7 +37,7 @@ both at the register write, so status and command read back as done.
 
 from __future__ import annotations
 
-from .device import DmaError, PciDevice
+from .device import DmaError, PciDevice, Register
 
 EDU_VENDOR = 0x1234
 EDU_DEVICE = 0x11E8
@@ -74,6 +74,14 @@ class EduDevice(PciDevice):
         self.dma_mask = dma_mask
         self.add_msi_capability(vectors=1, is_64bit=True)
         self.add_bar(0, EDU_BAR0_SIZE)
+        # Stores that only keep a value (or are ignored) may be posted; the
+        # factorial (an interrupt when status asks for one), interrupt raise and
+        # acknowledge, and the DMA command act at once.  No load has an effect.
+        self.declare_registers(
+            0, Register(0x00, 4, write_effect=False), Register(0x04, 4, write_effect=False), Register(0x08, 4),
+            Register(0x20, 4, write_effect=False), Register(0x24, 4, write_effect=False), Register(0x60, 4),
+            Register(0x64, 4), Register(0x80, 8, write_effect=False), Register(0x88, 8, write_effect=False),
+            Register(0x90, 8, write_effect=False), Register(0x98, 8))
         self.finish()
         self.addr4 = 0
         self.fact = 0

@@ -16,6 +16,7 @@ from ..fs import File
 from ..uaccess import copy_struct_from_user
 
 if TYPE_CHECKING:
+    from ..eventfd import EventFd
     from ..task import Task
     from .group import VfioGroup
 
@@ -48,6 +49,20 @@ class VfioDeviceOps:
 
     def mmio(self, current: "Task", offset: int, size: int, value: int | None) -> int:
         raise fail(EINVAL, "the device has no mmapped region")
+
+    def mmap_posted_writes(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """(offset, length), from the start of a mapping at ``offset``, of what
+        a CPU may store to without waiting for the device (posted writes)."""
+        return []
+
+    def mmap_live(self) -> bool:
+        """Stores through a mapping reach the device now (decoding is on)."""
+        return False
+
+    def eventfds(self) -> list["EventFd"]:
+        """The eventfds the driver signals (interrupt triggers): a transport
+        keeps its handles on them open while they are here."""
+        return []
 
 
 class VfioDevice:
@@ -133,6 +148,12 @@ class DeviceFile(File):
 
     def mmio(self, current: "Task", offset: int, size: int, value: int | None) -> int:
         return self.device.ops.mmio(current, offset, size, value)
+
+    def mmap_posted_writes(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return self.device.ops.mmap_posted_writes(offset, length)
+
+    def mmap_live(self) -> bool:
+        return self.device.ops.mmap_live()
 
     def read(self, current: "Task", count: int, pos: int) -> bytes:
         return self.device.ops.read(current, count, pos)

@@ -90,6 +90,9 @@ class VfioPciDevice(VfioDeviceOps):
         """The eventfds MSI or MSI-X vectors signal (the transport keeps them open)."""
         return list(self.msi_ctx.values())
 
+    def eventfds(self) -> list[EventFd]:
+        return [e for e in (self.intx_trigger, self.req_trigger, *self.msi_ctx.values()) if e is not None]
+
     def open_device(self, current: "Task") -> None:
         p = self.pdev
         # pci_clear_master(), pci_enable_device(), then a reset when possible.
@@ -170,6 +173,19 @@ class VfioPciDevice(VfioDeviceOps):
             return self.pdev.host_mmio_read(index, off, size)
         self.pdev.host_mmio_write(index, off, size, value)
         return 0
+
+    def mmap_posted_writes(self, offset: int, length: int) -> list[tuple[int, int]]:
+        index = offset >> VFIO_PCI_OFFSET_SHIFT
+        base = offset & VFIO_PCI_OFFSET_MASK
+        out = []
+        for off, n in self.pdev.posted_write_ranges(index):
+            lo, hi = max(off, base), min(off + n, base + length)
+            if lo < hi:
+                out.append((lo - base, hi - lo))
+        return out
+
+    def mmap_live(self) -> bool:
+        return vfio_pci_memory_enabled(self) and self.pdev.mmio_enabled_by_platform()
 
     def read(self, current: "Task", count: int, pos: int) -> bytes:
         return self._rw(pos, count, None)  # type: ignore[return-value]

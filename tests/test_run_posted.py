@@ -1,0 +1,151 @@
+"""Posted stores: a store to a register without side effects does not wait for the device.
+
+Device models declare their registers (``PciDevice.declare_registers``);
+under `vfiosim run` a store the model says has no side effect goes into the
+connection's ring and the program goes on; the daemon performs it before
+anything the program asks for next.  What PCIe promises of posted writes
+holds: a load after stores sees them, a side-effecting store runs after the
+stores before it, an interrupt from a DMA arrives after the data is in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+import vfiosim
+from runutil import C_DIR, ThreadedDaemon, cc
+from vfiosim.kernel.pci.device import PciDevice, Register
+from vfiosim.kernel.pci.edu import EduDevice
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    return cc(C_DIR / "posted_probe.c", tmp_path_factory.mktemp("posted"), "-pthread")
+
+
+def fields(text: str) -> dict[str, str]:
+    return dict(w.split("=", 1) for line in text.splitlines() for w in line.split() if "=" in w)
+
+
+def test_posted_stores_keep_pcie_ordering_and_really_are_posted(probe, tmp_path):
+    m = vfiosim.Machine.preset("x86")
+    bdf = m.iommu_groups()[4][0]
+    trace = tmp_path / "t.jsonl"
+    d = ThreadedDaemon(m, tmp_path, trace=str(trace))
+    try:
+        proc = d.run([str(probe), "4", bdf])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert d.wait_idle()
+    finally:
+        d.close()
+    f = fields(proc.stdout)
+    assert f["liveness"] == hex(~0x12345678 & 0xFFFFFFFF)            # a load sees the store before it
+    assert f["dma_regs"] == "0x4444,0x2222,0x3333"                    # ... every one, the last one winning
+    assert f["round_trip"] == "1"                                     # the command used the posted registers
+    assert f["irq_saw_data"] == "1"                                   # the data was there when the irq came
+    recs = [json.loads(line) for line in trace.read_text().splitlines()]
+    stores = [r for r in recs if r.get("call") == "mmio" and r.get("write")]      # (the first line is a header)
+    posted = {r["offset"] for r in stores if r.get("posted")}
+    waited = {r["offset"] for r in stores if not r.get("posted")}
+    assert posted == {0x04, 0x80, 0x88, 0x90}, (posted, waited)
+    assert waited == {0x98}
+    # In the order the program made them: each command after the three stores before it.
+    order = [r["offset"] for r in stores]
+    assert order[-8:] == [0x80, 0x88, 0x90, 0x98] * 2
+    assert all(r["errno"] == 0 for r in stores)
+
+
+def test_stores_are_not_posted_while_memory_decoding_is_off(tmp_path):
+    """With decoding off a store through the mapping faults (SIGBUS), as
+    vfio-pci's zapped mapping would: the daemon tells the program not to post."""
+    src = tmp_path / "off.c"
+    src.write_text(r"""
+#include <fcntl.h>
+#include <linux/vfio.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+int main(int argc, char **argv)
+{
+    int c = open("/dev/vfio/vfio", O_RDWR), g = open("/dev/vfio/4", O_RDWR);
+    ioctl(g, VFIO_GROUP_SET_CONTAINER, &c);
+    ioctl(c, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU);
+    int d = ioctl(g, VFIO_GROUP_GET_DEVICE_FD, argv[1]);
+    volatile uint32_t *bar = mmap(0, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, d, 0);
+    bar[1] = 1;                                   /* decoding on (vfio-pci's open enabled it) */
+    printf("on=%#x\n", bar[1]);
+    fflush(stdout);
+    uint16_t cmd = 0;
+    pwrite(d, &cmd, 2, ((off_t)VFIO_PCI_CONFIG_REGION_INDEX << 40) + 4);
+    bar[1] = 2;                                   /* posted it would be silently lost */
+    printf("not reached\n");
+    return 0;
+}
+""")
+    exe = cc(src, tmp_path)
+    m = vfiosim.Machine.preset("x86")
+    d = ThreadedDaemon(m, tmp_path)
+    try:
+        proc = d.run([str(exe), m.iommu_groups()[4][0]])
+        assert d.wait_idle()
+    finally:
+        d.close()
+    assert proc.stdout.splitlines() == [f"on={~1 & 0xFFFFFFFF:#x}"], proc.stdout + proc.stderr
+    assert proc.returncode == -7, proc.returncode                           # SIGBUS
+
+
+def test_device_models_declare_which_stores_may_be_posted():
+    edu = EduDevice("0000:01:00.0")
+    ranges = edu.posted_write_ranges(0)
+    assert (0x04, 4) in ranges and (0x80, 8) in ranges and (0x90, 8) in ranges
+    assert not any(off <= 0x98 < off + n for off, n in ranges)           # the DMA command acts
+    assert not any(off <= 0x60 < off + n or off <= 0x64 < off + n for off, n in ranges)
+    assert not any(off <= 0x08 < off + n for off, n in ranges)           # factorial may interrupt
+    assert edu.posted_write_ranges(1) == []
+    # A model that declares nothing posts nothing; the MSI-X table's address and
+    # data words may be posted, never a vector's control word (an unmask sends
+    # what is pending).
+    dev = PciDevice("0000:02:00.0", vendor=0x1B36, device=0xF3, class_code=0)
+    dev.add_bar(0, 0x4000)
+    dev.add_msix_capability(4, table_bar=0, table_offset=0x2000, pba_offset=0x3000)
+    dev.finish()
+    ranges = dev.posted_write_ranges(0)
+    assert (0x2000, 12) in ranges and (0x2030, 12) in ranges and (0x3000, 8) in ranges
+    assert not any(off <= 0x200C < off + n for off, n in ranges)
+    assert not any(off < 0x2000 for off, n in ranges)
+    with pytest.raises(ValueError):
+        dev.declare_registers(0, Register(0x3FFE, 4))
+    with pytest.raises(ValueError):
+        dev.declare_registers(3, Register(0, 4))
+
+
+def test_vfio_pci_gives_the_posted_ranges_of_a_mapping_and_whether_it_decodes():
+    m = vfiosim.Machine.preset("x86")
+    p = m.spawn()
+    from vfioutil import open_device
+    c = p.open("/dev/vfio/vfio")
+    g = p.open("/dev/vfio/4")
+    import ctypes
+
+    from vfiosim import uapi
+    p.ioctl(g, uapi.VFIO_GROUP_SET_CONTAINER, ctypes.c_int32(c))
+    p.ioctl(c, uapi.VFIO_SET_IOMMU, uapi.VFIO_TYPE1v2_IOMMU)
+    dev = open_device(p, g, m.iommu_groups()[4][0])
+    k = m.kernel
+    file = p.task.files.get(dev)
+    assert (0x80, 8) in k.mmap_posted_writes(file, 0, 1 << 20)
+    # A mapping of the BAR's second page has nothing of edu's registers in it.
+    assert k.mmap_posted_writes(file, 4096, 4096) == []
+    # A mapping starting at 0x1000 is clipped and shifted; one at 0 of 0x84 bytes clips 0x80.
+    assert (0x80, 4) in k.mmap_posted_writes(file, 0, 0x84)
+    assert k.mmap_live(file)
+    cfg = uapi.VFIO_PCI_CONFIG_REGION_INDEX << 40
+    p.pwrite(dev, b"\0\0", cfg + 4)
+    assert not k.mmap_live(file)
+    assert not k.mmap_live(p.task.files.get(c))                          # not a device: never
+    p.exit()
