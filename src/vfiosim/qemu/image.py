@@ -213,11 +213,13 @@ def system_archives(codename: str, etc_apt: str = "/etc/apt") -> list[tuple[str,
 
 
 class GuestApt:
-    """apt-get/apt-cache with a private state for the guest architecture."""
+    """apt-get/apt-cache with a private state for one architecture (the guest's,
+    ppc64el, unless told otherwise): no root, nothing of the host's apt changed."""
 
-    def __init__(self, root: Path, log: Log = _quiet) -> None:
+    def __init__(self, root: Path, log: Log = _quiet, arch: str = GUEST_ARCH) -> None:
         self.root = root
         self.log = log
+        self.arch = arch
         self.sources = root / "sources.list"
 
     def options(self) -> list[str]:
@@ -225,8 +227,8 @@ class GuestApt:
         opts = [f"-oDir::State={r / 'state'}", f"-oDir::Cache={r / 'cache'}",
                 f"-oDir::Etc::SourceList={self.sources}", f"-oDir::Etc::SourceParts={r / 'sources.list.d'}",
                 f"-oDir::Etc::Preferences={r / 'preferences'}", f"-oDir::Etc::PreferencesParts={r / 'preferences.d'}",
-                f"-oDir::State::status={r / 'status'}", f"-oAPT::Architecture={GUEST_ARCH}",
-                f"-oAPT::Architectures::={GUEST_ARCH}", "-oDebug::NoLocking=1", "-oAPT::Get::List-Cleanup=0"]
+                f"-oDir::State::status={r / 'status'}", f"-oAPT::Architecture={self.arch}",
+                f"-oAPT::Architectures::={self.arch}", "-oDebug::NoLocking=1", "-oAPT::Get::List-Cleanup=0"]
         if os.geteuid() == 0:
             opts.append("-oAPT::Sandbox::User=root")       # the cache belongs to the caller
         return opts
@@ -238,10 +240,10 @@ class GuestApt:
         archives = system_archives(codename)
         if not archives:
             raise QemuDemoUnavailable(f"no apt source of the host serves Debian {codename} main: the guest's "
-                                      f"{GUEST_ARCH} packages have nowhere to come from")
+                                      f"{self.arch} packages have nowhere to come from")
         lines = []
         for uri, signed_by in archives:
-            opt = f"arch={GUEST_ARCH}" + (f" signed-by={signed_by}" if signed_by else "")
+            opt = f"arch={self.arch}" + (f" signed-by={signed_by}" if signed_by else "")
             for suite in (codename, f"{codename}-backports"):
                 lines.append(f"deb [{opt}] {uri} {suite} main")
         for d in ("state/lists/partial", "cache/archives/partial", "sources.list.d", "preferences.d"):
@@ -255,7 +257,7 @@ class GuestApt:
     def update(self) -> None:
         proc = self.run("apt-get", "update", "-q", check=False)
         if not any((self.root / "state" / "lists").glob("*_Packages*")):
-            raise QemuDemoUnavailable(f"`apt-get update` for {GUEST_ARCH} fetched no package list "
+            raise QemuDemoUnavailable(f"`apt-get update` for {self.arch} fetched no package list "
                                       f"(no network to the Debian archive?): {proc.stderr.strip()[-600:]}")
 
     def versions(self, pkg: str) -> list[str]:
