@@ -8,7 +8,7 @@ PE's windows from the host kernel to the user (take_ownership).
 
 from __future__ import annotations
 
-from errno import EBUSY
+from errno import EBUSY, EPERM
 from typing import TYPE_CHECKING
 
 from ..errors import fail
@@ -57,6 +57,24 @@ class IommuGroup:
         self.owner_cnt = 1
         if self.iommudata is not None and self.platform_handoff:
             self.iommudata.take_ownership()
+
+    def claim_device_dma_owner(self, owner: object) -> None:
+        """iommu_device_claim_dma_owner(): per device, as iommufd binds them.
+        Devices of one group may share an owner (owner_cnt counts them); any
+        other owner, or a host driver using the default domain, is EPERM."""
+        if self.owner_cnt or self.host_driver_owned():
+            if self.host_driver_owned() or self.dma_owner is not owner:
+                raise fail(EPERM, f"IOMMU group {self.id} is owned by another user or a host driver")
+            self.owner_cnt += 1
+            return
+        self.claim_dma_owner(owner)
+
+    def release_device_dma_owner(self) -> None:
+        """iommu_device_release_dma_owner()"""
+        if self.owner_cnt > 1:
+            self.owner_cnt -= 1
+            return
+        self.release_dma_owner()
 
     def release_dma_owner(self) -> None:
         if self.iommudata is not None and self.platform_handoff:

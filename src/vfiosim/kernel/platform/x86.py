@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from errno import EBUSY, EFAULT, EINVAL, ENOMEM
+from errno import EBUSY, EFAULT, EINVAL, ENOMEM, EOPNOTSUPP
 from itertools import count
 from typing import TYPE_CHECKING, Callable
 
@@ -126,11 +126,22 @@ class VtdDomain:
         self.pgsize_bitmap = unit.pgsize_bitmap
         self.groups: list["IommuGroup"] = []
         self._starts: list[int] = []
-        self._ext: list[tuple[int, int, int, int]] = []     # (iova, length, hpa, prot)
+        # (iova, length, hpa, prot, leaf): leaf caps the size of the PTEs the
+        # extent is made of (0: the largest the alignment allows, as
+        # intel_iommu_map_pages() picks them; iommufd's batch_iommu_map_small()
+        # maps one PAGE_SIZE at a time).
+        self._ext: list[tuple[int, int, int, int, int]] = []
         # Called with (iova, length) after the device wrote through this
         # domain; the Type1 driver records dirty pages with it.
         self.on_dma_write: Callable[[int, int], None] | None = None
         self.freed = False
+        # Second-stage A/D bits (ecap SSADS, scalable mode): a domain allocated
+        # with IOMMU_HWPT_ALLOC_DIRTY_TRACKING has intel_dirty_ops; while
+        # tracking is on, a DMA write sets the D bit of every leaf PTE it
+        # touches.  D bits are kept per 4 KiB as [start, end) intervals.
+        self.dirty_ops = False
+        self.dirty_tracking = False
+        self._dirty: list[tuple[int, int]] = []
 
     def __repr__(self) -> str:
         return f"<VtdDomain {self.kind} #{self.id} on {self.unit.name}>"
@@ -142,7 +153,7 @@ class VtdDomain:
         unit the domain's devices sit behind to support snoop control."""
         return self.unit.snoop_control
 
-    def map(self, iova: int, hpa: int, size: int, prot: int) -> None:
+    def map(self, iova: int, hpa: int, size: int, prot: int, leaf: int = 0) -> None:
         """intel_iommu_map(): one physically contiguous range.
 
         Past the domain's address width is EFAULT, as upstream logs "iommu
@@ -165,7 +176,7 @@ class VtdDomain:
             # Type1 driver never maps over a mapping.
             raise KernelBug(f"VT-d PTE for IOVA {iova:#x}+{size:#x} already set in {self!r}")
         self._starts.insert(i, iova)
-        self._ext.insert(i, (iova, size, hpa, prot))
+        self._ext.insert(i, (iova, size, hpa, prot, leaf))
 
     def unmap(self, iova: int, size: int) -> int:
         """intel_iommu_unmap_pages(): clear [iova, iova+size); bytes unmapped."""
@@ -173,7 +184,7 @@ class VtdDomain:
         i = max(bisect.bisect_right(self._starts, iova) - 1, 0)
         done = 0
         while i < len(self._ext):
-            e_iova, e_len, e_hpa, e_prot = self._ext[i]
+            e_iova, e_len, e_hpa, e_prot, e_leaf = self._ext[i]
             e_end = e_iova + e_len
             if e_iova >= end:
                 break
@@ -184,9 +195,9 @@ class VtdDomain:
             done += hi - lo
             pieces = []
             if e_iova < lo:
-                pieces.append((e_iova, lo - e_iova, e_hpa, e_prot))
+                pieces.append((e_iova, lo - e_iova, e_hpa, e_prot, e_leaf))
             if hi < e_end:
-                pieces.append((hi, e_end - hi, e_hpa + (hi - e_iova), e_prot))
+                pieces.append((hi, e_end - hi, e_hpa + (hi - e_iova), e_prot, e_leaf))
             del self._ext[i]
             del self._starts[i]
             for piece in reversed(pieces):
@@ -199,7 +210,7 @@ class VtdDomain:
         """intel_iommu_iova_to_phys(): 0 when nothing is mapped there."""
         i = bisect.bisect_right(self._starts, iova) - 1
         if i >= 0:
-            e_iova, e_len, e_hpa, _ = self._ext[i]
+            e_iova, e_len, e_hpa = self._ext[i][:3]
             if iova < e_iova + e_len:
                 return e_hpa + (iova - e_iova)
         return 0
@@ -208,7 +219,103 @@ class VtdDomain:
         return sum(e[1] for e in self._ext)
 
     def extents(self) -> list[tuple[int, int, int, int]]:
-        return list(self._ext)
+        """(iova, length, hpa, prot) of each mapped range."""
+        return [e[:4] for e in self._ext]
+
+    # -- second-stage dirty tracking (intel_dirty_ops) -----------------------------------------
+
+    def _leaf(self, iova: int) -> tuple[int, int] | None:
+        """The leaf PTE that maps ``iova``: (its first IOVA, its size), or None.
+
+        __domain_mapping() picks, at each position, the largest page size the
+        unit supports to which both the IOVA and the physical address are
+        aligned and that fits in what is left of the iommu_map() call."""
+        i = bisect.bisect_right(self._starts, iova) - 1
+        if i < 0:
+            return None
+        e_iova, e_len, e_hpa, _prot, e_leaf = self._ext[i]
+        end = e_iova + e_len
+        if iova >= end:
+            return None
+        sizes = [sz for sz in (1 << 30, 1 << 21) if self.pgsize_bitmap & sz and (not e_leaf or sz <= e_leaf)]
+        delta = e_hpa - e_iova
+        pos = e_iova
+        while True:
+            size = next((sz for sz in sizes if not (pos | (pos + delta)) & (sz - 1) and end - pos >= sz), 0x1000)
+            if pos + size > iova:
+                return pos, size
+            if size != 0x1000:
+                pos += size
+                continue
+            # A run of 4 KiB PTEs lasts until the next boundary where a super
+            # page could start: jump there, or to the page of iova.
+            nxt = min([(pos + sz) & ~(sz - 1) for sz in sizes if not delta & (sz - 1)] + [end])
+            pos = max(min(nxt, iova & ~0xFFF), pos + 0x1000)
+
+    def set_dirty_tracking(self, enable: bool) -> None:
+        """intel_iommu_set_dirty_tracking(): the PASID entries' SSADE bit."""
+        self.dirty_tracking = enable
+
+    def mark_dirty(self, iova: int, length: int) -> None:
+        """The unit sets D in each leaf PTE a DMA write went through (tracking on)."""
+        if not self.dirty_tracking or length <= 0:
+            return
+        start, end = iova & ~0xFFF, (iova + length + 0xFFF) & ~0xFFF
+        out, placed = [], False
+        for s, e in self._dirty:
+            if e < start or s > end:
+                if s > end and not placed:
+                    out.append((start, end))
+                    placed = True
+                out.append((s, e))
+            else:
+                start, end = min(s, start), max(e, end)
+        if not placed:
+            out.append((start, end))
+        out.sort()
+        self._dirty = out
+
+    def _dirty_in(self, start: int, end: int) -> bool:
+        return any(s < end and e > start for s, e in self._dirty)
+
+    def _clear_dirty(self, start: int, end: int) -> None:
+        out = []
+        for s, e in self._dirty:
+            if e <= start or s >= end:
+                out.append((s, e))
+                continue
+            if s < start:
+                out.append((s, start))
+            if e > end:
+                out.append((end, e))
+        self._dirty = out
+
+    def read_and_clear_dirty(self, iova: int, size: int, no_clear: bool,
+                             record: Callable[[int, int], None] | None) -> None:
+        """intel_iommu_read_and_clear_dirty(): walk the leaf PTEs from ``iova``
+        in steps of each one's size (from ``iova`` itself, so a walk that
+        starts inside a super page records it from there), recording and
+        (unless ``no_clear``) clearing the dirty ones.  EINVAL when tracking
+        is off and a bitmap is wanted; without one (``record`` None) it only
+        clears, as iopt_set_dirty_tracking() does before enabling."""
+        if not self.dirty_tracking and record is not None:
+            raise fail(EINVAL, "the domain is not tracking dirty pages")
+        end = iova + size - 1
+        while True:
+            leaf = self._leaf(iova)
+            if leaf is None:
+                nxt = bisect.bisect_right(self._starts, iova)
+                pgsize = 0x1000 if nxt >= len(self._starts) else max(self._starts[nxt] - iova, 0x1000)
+            else:
+                first, pgsize = leaf
+                if self._dirty_in(first, first + pgsize):
+                    if not no_clear:
+                        self._clear_dirty(first, first + pgsize)
+                    if record is not None:
+                        record(iova, pgsize)
+            iova += pgsize
+            if iova >= end or iova >= 1 << 64:
+                break
 
     # -- the hardware walk -----------------------------------------------------------------
 
@@ -237,7 +344,7 @@ class VtdDomain:
             if i < 0 or i >= len(self._ext) or not (self._ext[i][0] <= pos < self._ext[i][0] + self._ext[i][1]):
                 page = pos & ~0xFFF
                 return VtdFault(pos, f"IOVA page {page:#x} is not mapped", code)
-            e_iova, e_len, e_hpa, e_prot = self._ext[i]
+            e_iova, e_len, e_hpa, e_prot = self._ext[i][:4]
             if not e_prot & need:
                 page = pos & ~0xFFF
                 return VtdFault(pos, f"IOVA page {page:#x} is mapped without {'write' if write else 'read'} "
@@ -292,6 +399,13 @@ class VtdGroup:
             raise fail(EINVAL, f"domain {domain!r} belongs to another IOMMU unit")
         self._set(domain)
 
+    def replace(self, domain: VtdDomain) -> None:
+        """iommu_replace_group_handle() -> __iommu_group_set_domain(): from the
+        current domain straight to the next (iommufd's attach replacement)."""
+        if domain.unit is not self.unit:
+            raise fail(EINVAL, f"domain {domain!r} belongs to another IOMMU unit")
+        self._set(domain)
+
     def detach(self, domain: VtdDomain) -> None:
         """iommu_detach_group() -> __iommu_group_set_core_domain()."""
         self._set(self.blocking_domain if self.owned else self.default_domain)
@@ -308,7 +422,7 @@ class IntelIommu:
 
     def __init__(self, *, name: str, model: str, aw_bits: int, pgsize_bitmap: int, resv_regions: list[ResvRegion],
                  snoop_control: bool, interrupt_remapping: bool, caching_mode: bool, phys: PhysicalMemory,
-                 log_err: Callable[[str], None]) -> None:
+                 log_err: Callable[[str], None], dirty_tracking: bool = False) -> None:
         self.name = name
         self.model = model
         self.aw_bits = aw_bits
@@ -317,6 +431,10 @@ class IntelIommu:
         self.snoop_control = snoop_control
         self.interrupt_remapping = interrupt_remapping
         self.caching_mode = caching_mode
+        # Scalable mode with second-stage A/D bits (ecap SMTS + SLADS), and a
+        # kernel booted with intel_iommu=sm_on: ssads_supported(), hence
+        # IOMMU_CAP_DIRTY_TRACKING.  QEMU 7.2's intel-iommu has neither.
+        self.dirty_tracking = dirty_tracking
         self.phys = phys
         self.log_err = log_err
         self._ids = count(1)
@@ -326,6 +444,43 @@ class IntelIommu:
         self.groups: dict[int, VtdGroup] = {}
         self.contexts: list["VtdContext"] = []
         self.faults = 0
+
+    # -- the capability registers (what IOMMU_GET_HW_INFO reports) ---------------------------
+
+    @property
+    def cap_reg(self) -> int:
+        """CAP_REG as QEMU 7.2's vtd_init() builds it (hw/i386/intel_iommu.c):
+        FRO at 0x220, one fault register, 16-bit domain ids, MAMV 18, page
+        selective invalidation, the second-level super pages, SAGAW for
+        39/48 bits, MGAW, DMA draining (dma-drain=on) and caching mode."""
+        cap = (0x220 << 20) | 6 | (18 << 48) | (1 << 39) | (((self.aw_bits - 1) & 0x3F) << 16) | (3 << 54)
+        if self.pgsize_bitmap & (1 << 21):
+            cap |= 1 << 34
+        if self.pgsize_bitmap & (1 << 30):
+            cap |= 1 << 35
+        if self.aw_bits >= 39:
+            cap |= 0x2 << 8
+        if self.aw_bits >= 48:
+            cap |= 0x4 << 8
+        if self.caching_mode:
+            cap |= 1 << 7
+        return cap
+
+    @property
+    def ecap_reg(self) -> int:
+        """ECAP_REG: queued invalidation, the IOTLB register offset (0xf0), pass-
+        through; interrupt remapping with EIM (QEMU enables EIM when KVM's
+        split irqchip is in use, which intremap requires) and MHMV; snoop
+        control; for dirty tracking, scalable mode (SMTS, SRS, SLTS) with
+        second-level A/D bits (SLADS)."""
+        ecap = (1 << 1) | (0xF0 << 4) | (1 << 6)
+        if self.interrupt_remapping:
+            ecap |= (1 << 3) | (1 << 4) | (15 << 20)
+        if self.snoop_control:
+            ecap |= 1 << 7
+        if self.dirty_tracking:
+            ecap |= (1 << 43) | (1 << 31) | (1 << 46) | (1 << 45)
+        return ecap
 
     def add_group(self, group: "IommuGroup") -> VtdGroup:
         state = self.groups.get(group.id)
@@ -355,6 +510,25 @@ class IntelIommu:
             self.log_err("DMAR: Domain initialization failed")
             raise fail(ENOMEM, "allocating the VT-d domain's page directory failed (fault injection)")
         domain = VtdDomain(self, VtdDomain.PAGING, next(self._ids))
+        self.domains.append(domain)
+        return domain
+
+    def domain_alloc_user(self, *, nest_parent: bool, dirty_tracking: bool) -> VtdDomain:
+        """intel_iommu_domain_alloc_user() without a parent or user data (what
+        iommufd's IOMMU_HWPT_ALLOC and auto domains ask for): EOPNOTSUPP for a
+        nesting parent without nesting support and for dirty tracking without
+        SSADS, else paging_domain_alloc(dev, first_stage=false) -- the same
+        geometry and page sizes as a Type1 domain -- with intel_dirty_ops when
+        dirty tracking was asked for."""
+        if nest_parent:
+            raise fail(EOPNOTSUPP, f"{self.name} cannot nest translation (no scalable-mode nesting, ecap NEST)")
+        if dirty_tracking and not self.dirty_tracking:
+            raise fail(EOPNOTSUPP, f"{self.name} has no second-stage dirty bits (ecap SLADS in scalable mode)")
+        faults = self.phys.faults
+        if faults is not None and faults.should_fail("kmalloc:paging_domain_alloc"):
+            raise fail(ENOMEM, "kzalloc of the dmar_domain failed (fault injection)")
+        domain = VtdDomain(self, VtdDomain.PAGING, next(self._ids))
+        domain.dirty_ops = dirty_tracking
         self.domains.append(domain)
         return domain
 
@@ -396,6 +570,7 @@ class IntelIommu:
             "name": self.name, "model": self.model, "address_width": self.aw_bits,
             "page_sizes": self.pgsize_bitmap, "snoop_control": self.snoop_control,
             "interrupt_remapping": self.interrupt_remapping, "caching_mode": self.caching_mode,
+            "dirty_tracking": self.dirty_tracking,
             "reserved_regions": [{"start": r.start, "end": r.end, "type": r.type_name} for r in self.resv_regions],
             "domains": [{"id": d.id, "groups": [g.id for g in d.groups], "mapped_bytes": d.mapped_bytes(),
                          "extents": len(d.extents())} for d in self.domains],
@@ -423,8 +598,11 @@ class VtdContext:
     def translate(self, iova: int, length: int, write: bool) -> list[Run] | VtdFault:
         domain = self.state.domain
         runs = domain.translate(iova, length, write, self.unit.phys)
-        if not isinstance(runs, DmaFault) and write and domain.on_dma_write is not None:
-            domain.on_dma_write(iova, length)
+        if not isinstance(runs, DmaFault) and write:
+            if domain.on_dma_write is not None:
+                domain.on_dma_write(iova, length)
+            if domain.dirty_tracking:
+                domain.mark_dirty(iova, length)
         return runs
 
     def dma_fault(self, fault: DmaFault, write: bool) -> None:
