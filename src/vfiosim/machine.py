@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from .kernel.config import KernelConfig
 from .kernel.errors import KernelError
 from .kernel.iommu.iommu_group import IommuGroup
 from .kernel.iommu.spapr_tce import SpaprTceIommuDriver
@@ -51,10 +52,29 @@ def preset_names() -> list[str]:
     return sorted(PRESETS)
 
 
+#: shorthands for kernel_config: what a distribution kernel with iommufd builds
+#: (IOMMUFD with the VFIO device cdev; groups and containers kept).
+KERNEL_CONFIG_ALIASES = {"iommufd": ("IOMMUFD", "VFIO_DEVICE_CDEV"),
+                         "iommufd-compat": ("IOMMUFD", "VFIO_DEVICE_CDEV", "IOMMUFD_VFIO_CONTAINER")}
+
+
+def _config_items(kernel_config: "list[str] | tuple[str, ...] | str | None") -> list[str]:
+    """kernel_config as a list: a list of options, a comma-separated string
+    of them, or one of KERNEL_CONFIG_ALIASES ("iommufd")."""
+    if kernel_config is None:
+        return []
+    if isinstance(kernel_config, str):
+        if kernel_config in KERNEL_CONFIG_ALIASES:
+            return list(KERNEL_CONFIG_ALIASES[kernel_config])
+        return [i.strip() for i in kernel_config.split(",") if i.strip()]
+    return list(kernel_config)
+
+
 class Machine:
     """A simulated machine (POWER or x86): platform, PCI devices, and a kernel."""
 
-    def __init__(self, spec: MachineSpec, *, page_size: int = 4096, kernel: str = "6.12") -> None:
+    def __init__(self, spec: MachineSpec, *, page_size: int = 4096, kernel: str = "6.12",
+                 kernel_config: "list[str] | tuple[str, ...] | str | None" = None) -> None:
         profile = KernelProfile.get(kernel)
         if profile.legacy and spec.platform == "pseries":
             raise ValueError("kernel 3.10 has no VFIO on pseries guests: its VFIO_IOMMU_SPAPR_TCE depends on "
@@ -67,7 +87,10 @@ class Machine:
                 raise ValueError(f"x86 has 4 KiB pages only, not page_size={page_size}")
         self.spec = spec
         self.name = spec.name
-        self.kernel = Kernel(page_size, profile)
+        config = KernelConfig.parse([*spec.kernel_config, *_config_items(kernel_config)], platform=spec.platform,
+                                    legacy=profile.legacy)
+        self.kernel = Kernel(page_size, profile, config)
+        self.kernel.iommufd_allow_unsafe_interrupts = spec.iommufd_allow_unsafe_interrupts
         self._lock = threading.RLock()
         self.oopses: list[str] = []
         self.iommu_units: list[Any] = []     # x86: the VT-d units (kernel/platform/x86.py)
@@ -76,26 +99,34 @@ class Machine:
     # -- constructors ------------------------------------------------------------------------
 
     @classmethod
-    def default(cls, *, page_size: int = 4096, kernel: str = "6.12") -> "Machine":
+    def default(cls, *, page_size: int = 4096, kernel: str = "6.12",
+                kernel_config: "list[str] | tuple[str, ...] | str | None" = None) -> "Machine":
         """The PowerNV POWER9 host of the seed patch's platform."""
-        return cls.preset("powernv", page_size=page_size, kernel=kernel)
+        return cls.preset("powernv", page_size=page_size, kernel=kernel, kernel_config=kernel_config)
 
     @classmethod
-    def preset(cls, name: str, *, page_size: int = 4096, kernel: str = "6.12") -> "Machine":
+    def preset(cls, name: str, *, page_size: int = 4096, kernel: str = "6.12",
+               kernel_config: "list[str] | tuple[str, ...] | str | None" = None) -> "Machine":
+        """A preset machine.  ``kernel_config`` lists kernel options that differ
+        from Debian's build, e.g. ``["IOMMUFD", "VFIO_DEVICE_CDEV"]``
+        (kernel/config.py, docs/iommufd.md); ``"iommufd"`` is short for that
+        pair."""
         key = PRESET_ALIASES.get(name, name)
         if key not in PRESETS:
             raise ValueError(f"unknown machine preset {name!r}; presets: {', '.join(preset_names())}")
         text = resources.files("vfiosim.presets").joinpath(PRESETS[key]).read_text()
-        return cls(load_spec_text(text, f"preset {key} ({PRESETS[key]})"), page_size=page_size, kernel=kernel)
+        return cls(load_spec_text(text, f"preset {key} ({PRESETS[key]})"), page_size=page_size, kernel=kernel,
+                   kernel_config=kernel_config)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str], *, page_size: int = 4096, kernel: str = "6.12") -> "Machine":
-        return cls(load_spec_file(str(path)), page_size=page_size, kernel=kernel)
+    def from_file(cls, path: str | os.PathLike[str], *, page_size: int = 4096, kernel: str = "6.12",
+                  kernel_config: "list[str] | tuple[str, ...] | str | None" = None) -> "Machine":
+        return cls(load_spec_file(str(path)), page_size=page_size, kernel=kernel, kernel_config=kernel_config)
 
     @classmethod
     def from_toml(cls, text: str, *, source: str = "<string>", page_size: int = 4096,
-                  kernel: str = "6.12") -> "Machine":
-        return cls(load_spec_text(text, source), page_size=page_size, kernel=kernel)
+                  kernel: str = "6.12", kernel_config: "list[str] | tuple[str, ...] | str | None" = None) -> "Machine":
+        return cls(load_spec_text(text, source), page_size=page_size, kernel=kernel, kernel_config=kernel_config)
 
     @classmethod
     def load(cls, name_or_path: str, **kwargs: Any) -> "Machine":
@@ -144,7 +175,8 @@ class Machine:
                 if (ds.phb, ds.pe) not in pes:
                     pes[(ds.phb, ds.pe)] = PseriesPe(hvs[ds.phb], k.phys, log)
             driver = SpaprTceIommuDriver(k)
-        k.vfio.iommu_drivers.register(driver)
+        if k.config.vfio_container:             # VFIO_IOMMU_SPAPR_TCE depends on VFIO_CONTAINER
+            k.vfio.iommu_drivers.register(driver)
         bar_base: dict[int, int] = {}
         for ds in spec.devices:
             dev = create_device(ds.model, ds.bdf, dma_mask=ds.dma_mask)
@@ -193,10 +225,13 @@ class Machine:
                           resv_regions=[ResvRegion(r.start, r.size, RESV_TYPE_NAMES[r.type])
                                         for r in io.reserved_regions],
                           snoop_control=io.snoop_control, interrupt_remapping=io.interrupt_remapping,
-                          caching_mode=io.caching_mode, phys=k.phys, log_err=k.log.err)
+                          caching_mode=io.caching_mode, phys=k.phys, log_err=k.log.err,
+                          dirty_tracking=io.dirty_tracking)
         self.iommu_units = [unit]
-        k.vfio.iommu_drivers.register(Type1IommuDriver(k, dma_entry_limit=spec.type1.dma_entry_limit,
-                                                       allow_unsafe_interrupts=spec.type1.allow_unsafe_interrupts))
+        if k.config.vfio_container:             # VFIO_IOMMU_TYPE1 is selected by VFIO_CONTAINER
+            k.vfio.iommu_drivers.register(Type1IommuDriver(
+                k, dma_entry_limit=spec.type1.dma_entry_limit,
+                allow_unsafe_interrupts=spec.type1.allow_unsafe_interrupts))
         k.log.info(f"DMAR: Intel(R) Virtualization Technology for Directed I/O ({io.model}, "
                    f"{io.address_width}-bit, caching mode {'on' if io.caching_mode else 'off'})")
         bar_base = 0xFE000000          # SeaBIOS places BARs below the IOAPIC
@@ -532,10 +567,14 @@ class Process:
 
 def _ioctl_label(request: int, task: Task, fd: int) -> str:
     """The ioctl's name as the fd it is made on knows it."""
-    from .uapi import vfio as uapi
+    from .uapi import iommufd, vfio as uapi
     file = task.files._fds.get(fd) if isinstance(fd, int) else None
     cmd = request & 0xFFFFFFFF
-    name = uapi.ioctl_name_for(cmd, file.kind) if file is not None else uapi.ioctl_name(cmd)
+    if file is not None and file.kind == "iommufd":
+        name = iommufd.ioctl_name(cmd) or uapi.ioctl_name_for(cmd, "vfio-container")
+    else:
+        name = uapi.ioctl_name_for(cmd, file.kind) if file is not None else uapi.ioctl_name(cmd) or \
+            iommufd.ioctl_name(cmd)
     return name or f"ioctl({request:#x})"
 
 

@@ -16,6 +16,7 @@ from errno import EBADF, EINVAL, EISDIR, ENODEV, ENOENT, ENOTDIR, ESPIPE
 from typing import TYPE_CHECKING
 
 from ..uapi import vfio as uapi
+from .config import DEBIAN, KernelConfig
 from .cred import Cred
 from .errors import KernelError, fail
 from .eventfd import EFD_CLOEXEC, EFD_NONBLOCK, EFD_SEMAPHORE, EventFd
@@ -25,6 +26,7 @@ from .log import KernelLog
 from .mm import MM, PhysicalMemory
 from .task import Task
 from .uaccess import copy_struct_from_user, get_user_s32
+from .user import UserTable
 from .vfio.vfio import Vfio
 
 if TYPE_CHECKING:
@@ -62,7 +64,7 @@ KERNEL_PROFILES = ("6.12", "3.10")
 class Kernel:
     """One simulated machine's kernel."""
 
-    def __init__(self, page_size: int, profile: KernelProfile) -> None:
+    def __init__(self, page_size: int, profile: KernelProfile, config: KernelConfig = DEBIAN) -> None:
         if page_size not in (4096, 65536):
             raise ValueError(f"page_size must be 4096 or 65536, not {page_size}")
         self.page_size = page_size
@@ -73,8 +75,20 @@ class Kernel:
         self.phys = PhysicalMemory(page_size)
         self.phys.faults = self.faults
         self.phys.log = self.log.warn
+        self.config = config
+        self.users = UserTable()
+        # iommufd's module parameter allow_unsafe_interrupts; pr_info_once state.
+        self.iommufd_allow_unsafe_interrupts = False
+        self.iommufd_compat_announced = False
         self.vfio = Vfio(self, legacy=profile.legacy)
-        self.dev_nodes: dict[str, DeviceNode] = {"/dev/vfio/vfio": self.vfio.container_node()}
+        self.dev_nodes: dict[str, DeviceNode] = {}
+        if config.vfio_container:
+            self.dev_nodes["/dev/vfio/vfio"] = self.vfio.container_node()
+        if config.iommufd:
+            from .iommufd import iommu_node, vfio_container_node
+            self.dev_nodes["/dev/iommu"] = iommu_node(self)
+            if config.iommufd_vfio_container:
+                self.dev_nodes["/dev/vfio/vfio"] = vfio_container_node(self)
         self.devices: dict[str, "PciDevice"] = {}
         self.iommu_groups: dict[int, "IommuGroup"] = {}
         self.pes: list["Pe"] = []
@@ -153,7 +167,7 @@ class Kernel:
         norm = os.path.normpath(path) if path else path
         node = self.dev_nodes.get(norm)
         if node is None:
-            if norm in ("/", "/dev", "/dev/vfio"):
+            if norm in ("/", "/dev", "/dev/vfio") or (norm == "/dev/vfio/devices" and self.config.vfio_device_cdev):
                 if flags & O_ACCMODE != os.O_RDONLY:
                     raise fail(EISDIR, f"{path} is a directory")
                 task.files.check_free()

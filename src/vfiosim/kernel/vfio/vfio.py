@@ -29,6 +29,8 @@ class Vfio:
         self.legacy = legacy
         self.iommu_drivers = IommuDriverRegistry()
         self.groups: dict[int, VfioGroup] = {}
+        # vfio.device_ida: vfio<N>, in the order devices register.
+        self.devices: list[VfioDevice] = []
 
     def container_node(self) -> DeviceNode:
         """/dev/vfio/vfio: mode 0666, anybody may open a container."""
@@ -36,13 +38,26 @@ class Vfio:
 
     def register_device(self, name: str, iommu_group: "IommuGroup", ops: VfioDeviceOps,
                         mode: int = 0o600, uid: int = 0, gid: int = 0) -> VfioDevice:
-        """vfio_register_group_dev(): the group and its /dev/vfio/<N> node appear."""
+        """vfio_register_group_dev(): the group and its /dev/vfio/<N> node
+        appear (CONFIG_VFIO_GROUP), and the device's cdev
+        /dev/vfio/devices/vfio<index> (CONFIG_VFIO_DEVICE_CDEV); both get the
+        machine file's owner and mode."""
+        config = self.kernel.config
         group = self.groups.get(iommu_group.id)
         if group is None:
             group = self.groups[iommu_group.id] = VfioGroup(self, iommu_group)
-            path = f"/dev/vfio/{iommu_group.id}"
-            self.kernel.dev_nodes[path] = DeviceNode(path, self._group_opener(group), mode=mode, uid=uid, gid=gid)
-        return VfioDevice(name, group, ops)
+            if config.vfio_group:
+                path = f"/dev/vfio/{iommu_group.id}"
+                self.kernel.dev_nodes[path] = DeviceNode(path, self._group_opener(group), mode=mode, uid=uid,
+                                                         gid=gid)
+        device = VfioDevice(name, group, ops, index=len(self.devices))
+        self.devices.append(device)
+        if config.vfio_device_cdev:
+            from .device_cdev import vfio_device_fops_cdev_open
+            path = f"/dev/vfio/devices/{device.cdev_name}"
+            self.kernel.dev_nodes[path] = DeviceNode(path, lambda current, flags, d=device:
+                                                     vfio_device_fops_cdev_open(d), mode=mode, uid=uid, gid=gid)
+        return device
 
     def _group_opener(self, group: VfioGroup):
         def opener(current: "Task", flags: int) -> File:
