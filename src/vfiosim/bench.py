@@ -117,7 +117,7 @@ def bench_dma(iommu_page_shift: int, size: int = MiB, repeat: int = 20, cold: bo
     def memcpy() -> None:
         np.copyto(dst, src)
         np.copyto(src, dst)
-    cache = dev.bus_master.pe.tce_cache
+    cache = m.pe_of(dev.bdf).tce_cache
 
     def dma_cold() -> None:
         cache.clear()

@@ -24,14 +24,15 @@ from typing import Any, Callable, TypeVar
 
 from .kernel.config import KernelConfig
 from .kernel.errors import KernelError
-from .kernel.iommu.iommu_group import IommuGroup
+from .kernel.iommu.iommu import IommuGroup, iommu_probe_device
 from .kernel.iommu.spapr_tce import SpaprTceIommuDriver
 from .kernel.iommu.spapr_tce_seed import SeedSpaprTceIommuDriver
 from .kernel.kernel import KERNEL_PROFILES, Kernel, KernelProfile
 from .kernel.mm import MM, PROT_READ, PROT_WRITE
 from .kernel.pci.device import PciDevice
 from .kernel.pci.models import create_device, is_endpoint_model
-from .kernel.platform.base import Pe
+from .kernel.iommu.table_group import SpaprTceIommuOps
+from .kernel.platform.pe import Pe
 from .kernel.platform.powernv import PnvPe, PnvPhb
 from .kernel.platform.pseries import PseriesPe, SpaprPhb
 from .kernel.task import Task
@@ -159,7 +160,7 @@ class Machine:
                     pe = PnvPe(phbs[ds.phb], ds.pe, k.phys, log, spec.ram)
                     if k.profile.legacy:
                         # 3.10: the PE's 32-bit table of 4 KiB pages, which VFIO reuses.
-                        tbl = pe.table_group.create_table(0, 12, pe.table_group.tce32_size, 1, userspace=False)
+                        tbl = pe.table_group.create_host_table(0, 12, pe.table_group.tce32_size, 1)
                         pe.table_group.set_window(0, tbl)
                     else:
                         pe.setup_default_config()
@@ -177,6 +178,8 @@ class Machine:
             driver = SpaprTceIommuDriver(k)
         if k.config.vfio_container:             # VFIO_IOMMU_SPAPR_TCE depends on VFIO_CONTAINER
             k.vfio.iommu_drivers.register(driver)
+        # 3.10 had no IOMMU API on POWER: its PEs are probed by no IOMMU driver.
+        spapr_ops = None if k.profile.legacy else SpaprTceIommuOps()
         bar_base: dict[int, int] = {}
         for ds in spec.devices:
             dev = create_device(ds.model, ds.bdf, dma_mask=ds.dma_mask)
@@ -192,12 +195,12 @@ class Machine:
                 base += bar.size
             bar_base[ds.phb] = base
             pe.add_device(dev)
+            if spapr_ops is not None:
+                iommu_probe_device(dev, spapr_ops)
             group = k.iommu_groups.get(ds.iommu_group)
             if group is None:
                 group = k.iommu_groups[ds.iommu_group] = IommuGroup(ds.iommu_group)
-                group.iommudata = pe.table_group
-                group.platform_handoff = not k.profile.legacy
-                pe.table_group.group = group
+                group.iommu_data = pe.table_group
                 pe.iommu_group = group
             group.add_device(dev)
             k.devices[dev.bdf] = dev
@@ -214,7 +217,8 @@ class Machine:
         """An x86 host with one VT-d unit: every device is behind it; only the
         Type1 IOMMU driver is registered (no sPAPR, no EEH, no no-IOMMU)."""
         from .kernel.iommu.type1 import Type1IommuDriver
-        from .kernel.platform.x86 import RESV_TYPE_NAMES, IntelIommu, ResvRegion
+        from .kernel.iommu.iommu import RESV_TYPE_NAMES, ResvRegion
+        from .kernel.platform.x86 import IntelIommu
         from .machine_spec import HOST_DEVICE_MODELS
 
         k = self.kernel
@@ -259,13 +263,11 @@ class Machine:
                 bar_base = (bar_base + bar.size - 1) & ~(bar.size - 1)
                 dev.assign_bar_address(index, bar_base)
                 bar_base += bar.size
+            iommu_probe_device(dev, unit)
             group = k.iommu_groups.get(ds.iommu_group)
             if group is None:
                 group = k.iommu_groups[ds.iommu_group] = IommuGroup(ds.iommu_group)
-                group.domains = unit.add_group(group)
             group.add_device(dev)
-            assert group.domains is not None
-            unit.add_device(dev, group.domains)
             k.devices[dev.bdf] = dev
             if dev.driver == "vfio-pci":
                 k.vfio.register_device(dev.bdf, group, VfioPciDevice(dev, k.log), mode=ds.group_mode,

@@ -41,9 +41,9 @@ def describe(m: "Machine") -> dict[str, Any]:
             "node": f"/dev/vfio/{gid}" if vg is not None else None, "state": owner or "closed",
             "container": vg.container.describe() if vg is not None and vg.container is not None else None,
         })
-        if g.domains is not None:
+        if g.domain is not None and g.domain.owner in m.iommu_units:
             # x86: the IOMMU domain the group's DMA goes through now.
-            groups[-1]["domain"] = {"type": g.domains.domain.kind, "id": g.domains.domain.id}
+            groups[-1]["domain"] = {"type": g.domain.type, "id": g.domain.id}
     devices = []
     for bdf, d in sorted(k.devices.items()):
         devices.append({"bdf": bdf, "model": d.model, "vendor": d.vendor, "device": d.device_id,

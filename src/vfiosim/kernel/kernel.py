@@ -32,8 +32,8 @@ from .vfio.vfio import Vfio
 if TYPE_CHECKING:
     from typing import Any as MMLike
 
-    from .iommu.iommu_group import IommuGroup
-    from .platform.base import Pe
+    from .iommu.iommu import IommuGroup
+    from .platform.pe import Pe
     from .pci.device import PciDevice
 
 O_ACCMODE = os.O_ACCMODE

@@ -32,14 +32,14 @@ from ..vfio.iommu_driver import VfioIommuDriver
 from . import prereg
 from .prereg import (MmIommuMem, mm_iommu_get, mm_iommu_lookup, mm_iommu_new, mm_iommu_put,
                      mm_iommu_ua_to_hpa)
+from .table_group import TableGroup, table_group_of
 from .tce import (DMA_BIDIRECTIONAL, DMA_FROM_DEVICE, DMA_TO_DEVICE, IOMMU_PAGE_SHIFT_4K,
                   IOMMU_TABLE_GROUP_MAX_TABLES, TCE_PERM_MASK, IommuTable, direction_to_perm)
 
 if TYPE_CHECKING:
     from ..kernel import Kernel
     from ..task import Task
-    from .iommu_group import IommuGroup
-    from .table_group import TableGroup
+    from .iommu import IommuGroup
 
 # Pages pinned per step of a bulk map: bounds memory for huge requests.
 BATCH = 1 << 18
@@ -60,6 +60,13 @@ class TceContainer:
     groups: list["IommuGroup"] = field(default_factory=list)
     # prereg_list: the preregistered regions this container references (v2).
     prereg: list[MmIommuMem] = field(default_factory=list)
+
+
+def _tg(group: "IommuGroup") -> TableGroup:
+    """The table group of a group this driver attached (it checked it had one)."""
+    tg = table_group_of(group)
+    assert tg is not None, f"IOMMU group {group.id} lost its table group"
+    return tg
 
 
 def iommu_tce_check_ioba(page_shift: int, offset: int, size: int, ioba: int, npages: int) -> bool:
@@ -130,7 +137,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
 
     def attach_group(self, c: TceContainer, group: "IommuGroup", current: "Task") -> None:
         """tce_iommu_attach_group()"""
-        table_group = group.iommudata
+        table_group = table_group_of(group)
         if table_group is None:
             raise fail(ENODEV, f"IOMMU group {group.id} has no TCE table group")
         if c.v2 and table_group.max_dynamic_windows_supported == 0:
@@ -142,8 +149,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
             if other is group:
                 self.log.warn(f"tce_vfio: Group {group.id} is already attached")
                 raise fail(EBUSY, f"IOMMU group {group.id} is already attached")
-            assert other.iommudata is not None
-            if other.iommudata.ops_identity() != table_group.ops_identity():
+            if _tg(other).ops_identity() != table_group.ops_identity():
                 self.log.warn(f"tce_vfio: Group {group.id} is incompatible with group {other.id}")
                 raise fail(EPERM, f"IOMMU group {group.id} is incompatible with group {other.id}")
         if self.kernel.faults.should_fail("kmalloc:tce_iommu_attach_group"):
@@ -166,10 +172,9 @@ class SpaprTceIommuDriver(VfioIommuDriver):
             self.log.warn(f"tce_vfio: detaching unattached group #{group.id}")
             return
         c.groups.remove(group)
-        assert group.iommudata is not None
-        self._release_ownership(c, group.iommudata)
+        self._release_ownership(c, _tg(group))
 
-    def _take_ownership(self, c: TceContainer, table_group: "TableGroup") -> None:
+    def _take_ownership(self, c: TceContainer, table_group: TableGroup) -> None:
         """tce_iommu_take_ownership(): program every container window into the PE."""
         for num, tbl in enumerate(c.tables):
             if tbl is None:
@@ -181,7 +186,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
                     table_group.unset_window(i)
                 raise
 
-    def _release_ownership(self, c: TceContainer, table_group: "TableGroup") -> None:
+    def _release_ownership(self, c: TceContainer, table_group: TableGroup) -> None:
         """tce_iommu_release_ownership()"""
         for num, tbl in enumerate(c.tables):
             if tbl is not None:
@@ -366,17 +371,16 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         num, tbl = found
         self._clear(c, tbl, tbl.it_offset, tbl.it_size)
         for g in c.groups:
-            assert g.iommudata is not None
-            g.iommudata.unset_window(num)
+            _tg(g).unset_window(num)
         self._free_table(c, tbl)
         c.tables[num] = None
 
     # -- VFIO_IOMMU_SPAPR_TCE_GET_INFO --------------------------------------------------
 
     def _get_info(self, c: TceContainer, arg: int, current: "Task") -> int:
-        if not c.groups or c.groups[0].iommudata is None:
+        tg = table_group_of(c.groups[0]) if c.groups else None
+        if tg is None:
             raise fail(ENXIO, "no group is attached")
-        tg = c.groups[0].iommudata
         cls = uapi.vfio_iommu_spapr_tce_info
         minsz = uapi.offsetofend(cls, "dma32_window_size")
         info = copy_struct_from_user(current, arg, cls, minsz)
@@ -424,7 +428,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
             raise fail(EBUSY, "the container is already enabled")
         if not c.groups:
             raise fail(ENODEV, "no group is attached")
-        tg = c.groups[0].iommudata
+        tg = table_group_of(c.groups[0])
         if tg is None:
             raise fail(ENODEV, "the group has no TCE table group")
         if not tg.tce32_size:
@@ -465,9 +469,9 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         """tce_iommu_create_default_window(): the lazily created 32-bit window."""
         if not c.def_window_pending:
             return
-        if not c.groups or c.groups[0].iommudata is None:
+        tg = table_group_of(c.groups[0]) if c.groups else None
+        if tg is None:
             raise fail(ENODEV, "no group is attached")
-        tg = c.groups[0].iommudata
         self._create_window(c, IOMMU_PAGE_SHIFT_4K, tg.tce32_size, 1, current)
         c.def_window_pending = False
 
@@ -478,28 +482,24 @@ class SpaprTceIommuDriver(VfioIommuDriver):
             num = c.tables.index(None)
         except ValueError:
             raise fail(ENOSPC, f"the container already has {IOMMU_TABLE_GROUP_MAX_TABLES} windows") from None
-        tg = c.groups[0].iommudata if c.groups else None
+        tg = table_group_of(c.groups[0]) if c.groups else None
         if tg is None:
             raise fail(EFAULT, "no table group")
         if page_shift >= 64 or not (tg.pgsizes >> page_shift) & 1:
             raise fail(EINVAL, f"IOMMU page size 2^{page_shift} is not in the PE's page sizes {tg.pgsizes:#x}")
         tbl = self._create_table(c, tg, num, page_shift, window_size, levels, current)
-        done: list["TableGroup"] = []
         try:
             for g in c.groups:
-                assert g.iommudata is not None
-                g.iommudata.set_window(num, tbl)
-                done.append(g.iommudata)
+                _tg(g).set_window(num, tbl)
         except KernelError:
             for g in c.groups:
-                assert g.iommudata is not None
-                g.iommudata.unset_window(num)
+                _tg(g).unset_window(num)
             self._free_table(c, tbl)
             raise
         c.tables[num] = tbl
         return tbl.bus_start
 
-    def _create_table(self, c: TceContainer, tg: "TableGroup", num: int, page_shift: int, window_size: int,
+    def _create_table(self, c: TceContainer, tg: TableGroup, num: int, page_shift: int, window_size: int,
                       levels: int, current: "Task") -> IommuTable:
         """tce_iommu_create_table(): account, then let the platform build it.
 

@@ -34,12 +34,13 @@ from ..cred import CAP_IPC_LOCK
 from ..errors import fail
 from ..uaccess import copy_struct_from_user, copy_struct_to_user
 from ..vfio.iommu_driver import VfioIommuDriver
+from .table_group import table_group_of
 from .tce import DMA_TO_DEVICE, TCE_PCI_READ, TCE_PCI_WRITE, TCE_PERM_MASK, IommuTable, perm_to_direction
 
 if TYPE_CHECKING:
     from ..kernel import Kernel
     from ..task import Task
-    from .iommu_group import IommuGroup
+    from .iommu import IommuGroup
 
 IOMMU_PAGE_SHIFT = 12
 IOMMU_PAGE_SIZE = 1 << IOMMU_PAGE_SHIFT
@@ -103,7 +104,7 @@ class SeedSpaprTceIommuDriver(VfioIommuDriver):
 
     @staticmethod
     def _group_table(group: "IommuGroup") -> IommuTable:
-        tg = group.iommudata
+        tg = table_group_of(group)
         tbl = tg.tables[0] if tg is not None else None
         if tbl is None:
             raise AssertionError(f"BUG_ON(!tbl): IOMMU group {group.id} has no table")

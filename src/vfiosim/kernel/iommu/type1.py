@@ -26,7 +26,7 @@ import bisect
 import ctypes
 import struct
 from dataclasses import dataclass, field
-from errno import EACCES, EBUSY, EEXIST, EINVAL, ENODEV, ENOENT, ENOMEM, ENOSPC, ENOTTY, EPERM, ESRCH
+from errno import EACCES, EBUSY, EEXIST, EINVAL, ENOENT, ENOMEM, ENOSPC, ENOTTY, EPERM, ESRCH
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -38,23 +38,17 @@ from ..mm import PinResult, account_locked_vm_task
 from ..vfio.info_cap import info_cap_add, info_cap_shift
 from ..uaccess import copy_from_user, copy_struct_from_user, copy_struct_to_user, copy_to_user
 from ..vfio.iommu_driver import VfioIommuDriver
+from .iommu import (IOMMU_CACHE, IOMMU_READ, IOMMU_RESV_DIRECT_RELAXABLE, IOMMU_WRITE, IommuDomain, IommuGroup,
+                    ResvRegion, iommu_attach_group, iommu_detach_group, iommu_domain_free,
+                    iommu_get_group_resv_regions, iommu_group_has_isolated_msi, iommu_group_paging_domain_alloc,
+                    iommu_map, iommu_unmap)
 
 if TYPE_CHECKING:
     from ..kernel import Kernel
     from ..mm import MM
-    from ..platform.x86 import ResvRegion, VtdDomain
     from ..task import Task
-    from .iommu_group import IommuGroup
 
 U64 = (1 << 64) - 1
-
-# IOMMU_* protection flags (include/linux/iommu.h).
-IOMMU_READ = 1 << 0
-IOMMU_WRITE = 1 << 1
-IOMMU_CACHE = 1 << 2
-IOMMU_RESV_DIRECT_RELAXABLE = 1
-IOMMU_RESV_SW_MSI = 4
-IOMMU_RESV_MSI = 3
 
 # Module parameter default (vfio_iommu_type1.dma_entry_limit = U16_MAX).
 DMA_ENTRY_LIMIT_DEFAULT = 0xFFFF
@@ -191,7 +185,7 @@ class VfioDma:
 class VfioIommuGroup:
     """``struct vfio_iommu_group``"""
 
-    iommu_group: "IommuGroup"
+    iommu_group: IommuGroup
     pinned_page_dirty_scope: bool = False
 
 
@@ -199,7 +193,7 @@ class VfioIommuGroup:
 class VfioDomain:
     """``struct vfio_domain``: an IOMMU domain and the groups attached to it."""
 
-    domain: "VtdDomain"
+    domain: IommuDomain
     groups: list[VfioIommuGroup] = field(default_factory=list)
     enforce_cache_coherency: bool = False
 
@@ -264,18 +258,15 @@ class Type1IommuDriver(VfioIommuDriver):
         self._unmap_unpin_all(iommu)
         for d in list(iommu.domain_list):
             for g in list(d.groups):
-                vtd = g.iommu_group.domains
-                if vtd is not None:
-                    vtd.detach(d.domain)
+                iommu_detach_group(d.domain, g.iommu_group)
                 d.groups.remove(g)
-            d.domain.on_dma_write = None
-            d.domain.unit.domain_free(d.domain)
+            iommu_domain_free(d.domain)
             iommu.domain_list.remove(d)
         iommu.iova_list.clear()
 
     # -- attach / detach ------------------------------------------------------------------------------
 
-    def _find_group(self, iommu: VfioIommu, group: "IommuGroup") -> tuple[VfioDomain, VfioIommuGroup] | None:
+    def _find_group(self, iommu: VfioIommu, group: IommuGroup) -> tuple[VfioDomain, VfioIommuGroup] | None:
         """vfio_iommu_find_iommu_group()"""
         for d in iommu.domain_list:
             for g in d.groups:
@@ -283,7 +274,7 @@ class Type1IommuDriver(VfioIommuDriver):
                     return d, g
         return None
 
-    def attach_group(self, iommu: VfioIommu, group: "IommuGroup", current: "Task") -> None:
+    def attach_group(self, iommu: VfioIommu, group: IommuGroup, current: "Task") -> None:
         """vfio_iommu_type1_attach_group()"""
         if iommu.vaddr_invalid_count:
             raise fail(EBUSY, f"IOMMU group {group.id}: attaching could need pinning, which is not allowed while "
@@ -298,54 +289,47 @@ class Type1IommuDriver(VfioIommuDriver):
         # out_free_group) and the attach returns the error.
         if self.kernel.faults.should_fail("kmalloc:vfio_iommu_type1_attach_group.domain"):
             raise fail(ENOMEM, "kzalloc of the vfio_domain failed (fault injection)")
-        vtd = group.domains
-        if vtd is None:
-            # iommu_paging_domain_alloc() on a device behind no IOMMU.
-            raise fail(ENODEV, f"IOMMU group {group.id} is behind no IOMMU that supports the IOMMU API")
-        unit = vtd.unit
-        domain = unit.domain_alloc_paging()     # ERR_PTR(-ENOMEM) is raised as ENOMEM
+        # iommu_paging_domain_alloc(): ENODEV behind no IOMMU, ERR_PTR(-ENOMEM) raised as ENOMEM.
+        domain = iommu_group_paging_domain_alloc(group)
         try:
             if iommu.nesting:
-                # iommu_enable_nesting(): intel_iommu_ops has no enable_nesting op.
-                raise fail(EINVAL, "VFIO_TYPE1_NESTING_IOMMU: the VT-d IOMMU cannot enable nesting "
-                                   "(iommu_enable_nesting: no enable_nesting op)")
-            vtd.attach(domain)
+                domain.enable_nesting()         # iommu_enable_nesting()
+            iommu_attach_group(domain, group)
         except KernelError:
-            unit.domain_free(domain)
+            iommu_domain_free(domain)
             raise
         try:
             iova_copy = self._attach_checks(iommu, group, domain)
         except KernelError:
-            vtd.detach(domain)
-            unit.domain_free(domain)
+            iommu_detach_group(domain, group)
+            iommu_domain_free(domain)
             raise
         vgroup = VfioIommuGroup(group)
         enforce = domain.enforce_cache_coherency()
         # Try to share an existing compatible domain.
         for d in iommu.domain_list:
             if d.domain.ops == domain.ops and d.enforce_cache_coherency == enforce:
-                vtd.detach(domain)
+                iommu_detach_group(domain, group)
                 try:
-                    vtd.attach(d.domain)
+                    iommu_attach_group(d.domain, group)
                 except KernelError:
                     try:
-                        vtd.attach(domain)
+                        iommu_attach_group(domain, group)
                     except KernelError:
-                        unit.domain_free(domain)
+                        iommu_domain_free(domain)
                         raise
                     continue
                 d.groups.insert(0, vgroup)
-                unit.domain_free(domain)
+                iommu_domain_free(domain)
                 break
         else:
             vdomain = VfioDomain(domain, [vgroup], enforce)
             try:
                 self._replay(iommu, vdomain)
             except KernelError:
-                vtd.detach(domain)
-                unit.domain_free(domain)
+                iommu_detach_group(domain, group)
+                iommu_domain_free(domain)
                 raise
-            domain.on_dma_write = lambda iova, length, _i=iommu: self._dma_written(_i, iova, length)
             iommu.domain_list.insert(0, vdomain)
             self._update_pgsize_bitmap(iommu)
         iommu.iova_list = iova_copy
@@ -353,23 +337,21 @@ class Type1IommuDriver(VfioIommuDriver):
         # container's dirty scope to "everything mapped".
         iommu.num_non_pinned_groups += 1
 
-    def _attach_checks(self, iommu: VfioIommu, group: "IommuGroup", domain: "VtdDomain") -> list[list[int]]:
+    def _attach_checks(self, iommu: VfioIommu, group: IommuGroup, domain: IommuDomain) -> list[list[int]]:
         """The part of vfio_iommu_type1_attach_group() between attaching to the
         new domain and looking for a domain to share; returns the new IOVA list."""
-        vtd = group.domains
-        assert vtd is not None
         start, end = domain.aperture_start, domain.aperture_end
         if self._aper_conflict(iommu, start, end):
             raise fail(EINVAL, f"IOMMU group {group.id}: its aperture {start:#x}..{end:#x} would exclude "
                                f"existing mappings or the current IOVA ranges")
-        resv = vtd.unit.get_resv_regions(group)
+        resv = iommu_get_group_resv_regions(group)
         if self._resv_conflict(iommu, resv):
             raise fail(EINVAL, f"IOMMU group {group.id}: an existing mapping overlaps one of its reserved regions")
         iova_copy = [list(n) for n in iommu.iova_list]
         self._aper_resize(iova_copy, start, end)
         self._resv_exclude(iova_copy, resv)
-        if not self.allow_unsafe_interrupts and not vtd.unit.interrupt_remapping:
-            # iommu_group_has_isolated_msi() is false without interrupt remapping.
+        if not self.allow_unsafe_interrupts and not iommu_group_has_isolated_msi(group):
+            # False without interrupt remapping.
             self.log.warn('vfio_iommu_type1_attach_group: No interrupt remapping support.  Use the module param '
                           '"allow_unsafe_interrupts" to enable VFIO IOMMU support on this platform')
             raise fail(EPERM, "no interrupt remapping: MSIs are not isolated (vfio_iommu_type1."
@@ -386,14 +368,14 @@ class Type1IommuDriver(VfioIommuDriver):
                 if not dma.iommu_mapped:
                     raise KernelBug("a Type1 mapping without a domain (only emulated groups make those)")
                 for iova, hpa, pages in zip(dma.run_iova.tolist(), dma.run_hpa.tolist(), dma.run_pages.tolist()):
-                    vdomain.domain.map(iova, hpa, pages << self.page_shift, dma.prot | IOMMU_CACHE)
+                    iommu_map(vdomain.domain, iova, hpa, pages << self.page_shift, dma.prot | IOMMU_CACHE)
                     done.append((iova, pages << self.page_shift))
         except KernelError:
             for iova, size in done:
-                vdomain.domain.unmap(iova, size)
+                iommu_unmap(vdomain.domain, iova, size)
             raise
 
-    def detach_group(self, iommu: VfioIommu, group: "IommuGroup", current: "Task") -> None:
+    def detach_group(self, iommu: VfioIommu, group: IommuGroup, current: "Task") -> None:
         """vfio_iommu_type1_detach_group(): the last group of the last domain
         takes every mapping with it (unpinned, locked_vm refunded)."""
         update_dirty_scope = False
@@ -402,9 +384,7 @@ class Type1IommuDriver(VfioIommuDriver):
             g = next((g for g in d.groups if g.iommu_group is group), None)
             if g is None:
                 continue
-            vtd = group.domains
-            assert vtd is not None
-            vtd.detach(d.domain)
+            iommu_detach_group(d.domain, group)
             update_dirty_scope = not g.pinned_page_dirty_scope
             d.groups.remove(g)
             if not d.groups:
@@ -412,9 +392,8 @@ class Type1IommuDriver(VfioIommuDriver):
                     self._unmap_unpin_all(iommu)
                 else:
                     for dma in iommu.dmas:
-                        d.domain.unmap(dma.iova, dma.size)
-                d.domain.on_dma_write = None
-                d.domain.unit.domain_free(d.domain)
+                        iommu_unmap(d.domain, dma.iova, dma.size)
+                iommu_domain_free(d.domain)
                 iommu.domain_list.remove(d)
                 self._aper_expand(iommu, iova_copy)
                 self._update_pgsize_bitmap(iommu)
@@ -470,13 +449,13 @@ class Type1IommuDriver(VfioIommuDriver):
                 kept.append(node)
         iova[:] = kept
 
-    def _resv_conflict(self, iommu: VfioIommu, resv: list["ResvRegion"]) -> bool:
+    def _resv_conflict(self, iommu: VfioIommu, resv: list[ResvRegion]) -> bool:
         """vfio_iommu_resv_conflict()"""
         return any(r.type != IOMMU_RESV_DIRECT_RELAXABLE and self._find_dma(iommu, r.start, r.length) is not None
                    for r in resv)
 
     @staticmethod
-    def _resv_exclude(iova: list[list[int]], resv: list["ResvRegion"]) -> None:
+    def _resv_exclude(iova: list[list[int]], resv: list[ResvRegion]) -> None:
         """vfio_iommu_resv_exclude(): EINVAL if nothing is left."""
         for r in resv:
             if r.type == IOMMU_RESV_DIRECT_RELAXABLE:
@@ -512,12 +491,10 @@ class Type1IommuDriver(VfioIommuDriver):
         groups' reserved regions; None (keep the old list) on failure."""
         if not iova_copy:
             return None
-        resv: list["ResvRegion"] = []
+        resv: list[ResvRegion] = []
         for d in iommu.domain_list:
             for g in d.groups:
-                vtd = g.iommu_group.domains
-                if vtd is not None:
-                    resv.extend(vtd.unit.get_resv_regions(g.iommu_group))
+                resv.extend(iommu_get_group_resv_regions(g.iommu_group))
         fresh: list[list[int]] = []
         self._aper_resize(fresh, iova_copy[0][0], iova_copy[-1][1])
         try:
@@ -846,18 +823,18 @@ class Type1IommuDriver(VfioIommuDriver):
             raise fail(ENOMEM, "VFIO_IOMMU_MAP_DMA: charging the pinned pages to locked_vm failed (fault injection)")
         self._lock_acct(dma, npages, False)
         self._note_charged_again(mm, dma, size, run_hpa, run_pages)
-        mapped: list[tuple["VtdDomain", int, int]] = []
+        mapped: list[tuple[IommuDomain, int, int]] = []
         try:
             for d in iommu.domain_list:
                 for iova, hpa, pages in zip(run_iova.tolist(), run_hpa.tolist(), run_pages.tolist()):
                     if faults.should_fail("iommu_map:vfio_iommu_map"):
                         raise fail(ENOMEM, f"VFIO_IOMMU_MAP_DMA: iommu_map() of {iova:#x}+{pages * psz:#x} could not "
                                            f"allocate an IO page table page (fault injection)")
-                    d.domain.map(iova, hpa, pages * psz, dma.prot | IOMMU_CACHE)
+                    iommu_map(d.domain, iova, hpa, pages * psz, dma.prot | IOMMU_CACHE)
                     mapped.append((d.domain, iova, pages * psz))
         except KernelError:
             for dom, iova, length in mapped:
-                dom.unmap(iova, length)
+                iommu_unmap(dom, iova, length)
             unpin_all()
             self._lock_acct(dma, -npages, True)
             raise
@@ -893,7 +870,7 @@ class Type1IommuDriver(VfioIommuDriver):
         if not dma.size or not iommu.domain_list:
             return 0
         for d in iommu.domain_list:
-            d.domain.unmap(dma.iova, dma.size)
+            iommu_unmap(d.domain, dma.iova, dma.size)
         hpas = _expand(dma.run_hpa, dma.run_pages, self.page_size)
         if hpas.size:
             self.kernel.phys.unpin(hpas)
@@ -1030,26 +1007,6 @@ class Type1IommuDriver(VfioIommuDriver):
         if self.kernel.faults.should_fail("kmalloc:vfio_dma_bitmap_alloc"):
             raise fail(ENOMEM, "kvzalloc of a dirty bitmap failed (fault injection)")
         dma.bitmap = np.zeros(dirty_bitmap_bytes(npages) // 8 + 1, dtype=np.uint64)
-
-    def _dma_written(self, iommu: VfioIommu, iova: int, length: int) -> None:
-        """A device wrote [iova, iova+length) through a domain of this
-        container: while tracking, the pages are marked in their mappings'
-        bitmaps.  (With IOMMU-backed groups attached, which cannot declare a
-        pinned-page dirty scope, every mapped page is reported dirty anyway,
-        as upstream's update_user_bitmap() does.)"""
-        if not iommu.dirty_page_tracking or length <= 0:
-            return
-        shift = _ffs(iommu.pgsize_bitmap)
-        end = iova + length
-        i = self._find_dma_first(iommu, iova, length)
-        while i is not None and i < len(iommu.dmas) and iommu.dmas[i].iova < end:
-            dma = iommu.dmas[i]
-            if dma.bitmap is not None:
-                lo, hi = max(iova, dma.iova), min(end, dma.end)
-                first = (lo - dma.iova) >> shift
-                last = (hi - 1 - dma.iova) >> shift
-                bitmap_set(dma.bitmap, first, last - first + 1)
-            i += 1
 
     def _update_user_bitmap(self, user: int, iommu: VfioIommu, dma: VfioDma, base_iova: int, pgsize: int,
                             current: "Task") -> None:

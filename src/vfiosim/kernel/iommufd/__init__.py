@@ -10,7 +10,6 @@ hw_pagetable.py        HWPTs (IOMMU domains), dirty tracking, the fault queue
 device.py              bound devices, attach/replace/detach, IOMMU_GET_HW_INFO
 vfio_compat.py         the VFIO Type1 container ioctls on an iommufd
 dirty_bitmap.py        IOMMU_HWPT_GET_DIRTY_BITMAP's user bitmap (iova_bitmap.c)
-iommu_api.py           the IOMMU API as iommufd calls it (adapter, see its doc)
 =====================  =============================================================
 """
 

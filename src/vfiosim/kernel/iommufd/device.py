@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any, Callable
 from ...uapi import iommufd as iu
 from ..errors import KernelBug, KernelError, fail
 from ..uaccess import clear_user, copy_to_user
-from . import iommu_api
+from ..iommu.iommu import (IOMMU_CAP_CACHE_COHERENCY, IOMMU_CAP_DIRTY_TRACKING, IOMMU_CAP_ENFORCE_CACHE_COHERENCY,
+                           dev_iommu_ops, device_iommu_capable, iommu_attach_group, iommu_detach_group,
+                           iommu_group_has_isolated_msi, iommu_replace_group)
 from .hw_pagetable import HwptPaging, hwpt_paging_alloc
 from .main import IOMMUFD_OBJ_ANY, IOMMUFD_OBJ_DEVICE, IOMMUFD_OBJ_IOAS, IommufdCtx, IommufdObject, Ucmd
 
@@ -100,11 +102,11 @@ def get_device(ictx: IommufdCtx, oid: int) -> IommufdDevice:
 
 def iommufd_device_bind(ictx: IommufdCtx, dev: "PciDevice", current: "Task") -> IommufdDevice:
     """iommufd_device_bind(): the device's DMA ownership to the context."""
-    if not iommu_api.device_iommu_capable(dev, iommu_api.IOMMU_CAP_CACHE_COHERENCY):
+    if not device_iommu_capable(dev, IOMMU_CAP_CACHE_COHERENCY):
         raise fail(EINVAL, f"{dev.bdf}: its IOMMU cannot do cache-coherent DMA")
     igroup = get_group(ictx, dev)
     try:
-        if not iommu_api.iommu_group_has_isolated_msi(igroup.group):
+        if not iommu_group_has_isolated_msi(igroup.group):
             if not ictx.kernel.iommufd_allow_unsafe_interrupts:
                 raise fail(EPERM, f"{dev.bdf}: MSIs are not isolated (no interrupt remapping on this platform); "
                                   f"the iommufd module parameter allow_unsafe_interrupts would allow binding")
@@ -113,7 +115,7 @@ def iommufd_device_bind(ictx: IommufdCtx, dev: "PciDevice", current: "Task") -> 
                                  f"remapping are enabled. Use the \"allow_unsafe_interrupts\" module parameter to "
                                  f"override")
         assert dev.iommu_group is not None
-        dev.iommu_group.claim_device_dma_owner(ictx)
+        dev.iommu_group.claim_device_dma_owner(ictx)      # iommu_device_claim_dma_owner()
         try:
             idev = IommufdDevice(ictx, dev, igroup)
             ictx.object_alloc(idev)
@@ -124,7 +126,7 @@ def iommufd_device_bind(ictx: IommufdCtx, dev: "PciDevice", current: "Task") -> 
         igroup.put()
         raise
     ictx.file.get()                 # iommufd_ctx_get()
-    idev.enforce_cache_coherency = iommu_api.device_iommu_capable(dev, iommu_api.IOMMU_CAP_ENFORCE_CACHE_COHERENCY)
+    idev.enforce_cache_coherency = device_iommu_capable(dev, IOMMU_CAP_ENFORCE_CACHE_COHERENCY)
     idev.users += 1                 # the calling driver is a user until unbind
     ictx.finalize(idev)
     return idev
@@ -173,7 +175,7 @@ def hw_pagetable_attach(hwpt: HwptPaging, idev: IommufdDevice) -> None:
     _attach_reserved_iova(idev, hwpt)
     if not igroup.device_list:
         try:
-            iommu_api.attach_group(hwpt.domain, igroup.group)
+            iommu_attach_group(hwpt.domain, igroup.group)
         except KernelError:
             hwpt.ioas.iopt.remove_reserved_iova(idev.dev)
             raise
@@ -189,7 +191,7 @@ def hw_pagetable_detach(idev: IommufdDevice) -> HwptPaging:
     assert hwpt is not None
     igroup.device_list.remove(idev)
     if not igroup.device_list:
-        iommu_api.detach_group(hwpt.domain, igroup.group)
+        iommu_detach_group(hwpt.domain, igroup.group)
         igroup.hwpt = None
     hwpt.ioas.iopt.remove_reserved_iova(idev.dev)
     return hwpt
@@ -231,7 +233,7 @@ def _do_replace(idev: IommufdDevice, hwpt: HwptPaging) -> HwptPaging | None:
             raise
     _setup_msi(igroup, hwpt)
     try:
-        iommu_api.replace_group(igroup.group, hwpt.domain)
+        iommu_replace_group(igroup.group, hwpt.domain)
     except KernelError:
         for cur in igroup.device_list:
             iopt.remove_reserved_iova(cur.dev)
@@ -335,7 +337,8 @@ def iommufd_get_hw_info(ucmd: Ucmd) -> int:
         raise fail(EOPNOTSUPP, "IOMMU_GET_HW_INFO: flags and __reserved must be 0")
     idev = get_device(ucmd.ictx, cmd.dev_id)
     try:
-        info = iommu_api.hw_info(idev.dev)
+        ops = dev_iommu_ops(idev.dev)
+        info = ops.hw_info(idev.dev) if ops is not None else None
         if info is None:
             data, cmd.out_data_type = b"", iu.IOMMU_HW_INFO_TYPE_NONE
         else:
@@ -346,7 +349,7 @@ def iommufd_get_hw_info(ucmd: Ucmd) -> int:
             clear_user(ucmd.current, cmd.data_uptr + copy_len, cmd.data_len - copy_len)
         cmd.data_len = len(data)
         cmd.out_capabilities = 0
-        if iommu_api.device_iommu_capable(idev.dev, iommu_api.IOMMU_CAP_DIRTY_TRACKING):
+        if device_iommu_capable(idev.dev, IOMMU_CAP_DIRTY_TRACKING):
             cmd.out_capabilities |= iu.IOMMU_HW_CAP_DIRTY_TRACKING
         # No simulated device has PASID enabled (dev->iommu->max_pasids 0).
         cmd.out_max_pasid_log2 = 0

@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any
 from ...uapi import iommufd as iu
 from ..errors import KernelError, fail
 from ..fs import File
-from . import iommu_api
+from ..iommu.iommu import (IOMMU_CAP_DIRTY_TRACKING, IommuDomain, dev_iommu_ops, device_iommu_capable,
+                           iommu_domain_free, iommu_paging_domain_alloc, iommu_read_and_clear_dirty,
+                           iommu_set_dirty_tracking)
 from .main import (IOMMUFD_OBJ_ANY, IOMMUFD_OBJ_FAULT, IOMMUFD_OBJ_HWPT_NESTED, IOMMUFD_OBJ_HWPT_PAGING,
                    IOMMUFD_OBJ_IOAS, IommufdCtx, IommufdObject, Ucmd, iommufd_ctx_put)
 
@@ -41,7 +43,7 @@ class HwptPaging(IommufdObject):
     def __init__(self, ictx: IommufdCtx, ioas: "Ioas") -> None:
         super().__init__(ictx)
         self.ioas = ioas
-        self.domain: Any = None
+        self.domain: IommuDomain | None = None
         self.auto_domain = False
         self.enforce_cache_coherency = False
         self.msi_cookie = False
@@ -55,7 +57,7 @@ class HwptPaging(IommufdObject):
             self.in_hwpt_list = False
             self.ioas.iopt.remove_domain(self.domain)
         if self.domain is not None:
-            iommu_api.domain_free(self.domain)
+            iommu_domain_free(self.domain)
             self.domain = None
         self.ioas.users -= 1
 
@@ -65,8 +67,8 @@ class HwptPaging(IommufdObject):
         out.update({"ioas": self.ioas.id, "auto": self.auto_domain, "nest_parent": self.nest_parent,
                     "enforce_cache_coherency": self.enforce_cache_coherency,
                     "domain": d.id if d is not None else None,
-                    "dirty_tracking": bool(d is not None and d.dirty_tracking),
-                    "dirty_capable": bool(d is not None and d.dirty_ops),
+                    "dirty_tracking": bool(getattr(d, "dirty_tracking", False)),
+                    "dirty_capable": bool(d is not None and d.dirty_tracking_supported),
                     "mapped_bytes": d.mapped_bytes() if d is not None else 0})
         return out
 
@@ -75,7 +77,8 @@ def _enforce_cc(hwpt: HwptPaging) -> None:
     """iommufd_hwpt_paging_enforce_cc()"""
     if hwpt.enforce_cache_coherency:
         return
-    hwpt.enforce_cache_coherency = iommu_api.enforce_cache_coherency(hwpt.domain)
+    assert hwpt.domain is not None
+    hwpt.enforce_cache_coherency = hwpt.domain.enforce_cache_coherency()
     if not hwpt.enforce_cache_coherency:
         raise fail(EINVAL, "the domain cannot enforce cache coherency (no snoop control)")
 
@@ -86,15 +89,15 @@ def hwpt_paging_alloc(ictx: IommufdCtx, ioas: "Ioas", idev: "IommufdDevice", fla
     with the IOAS (pinning what no other domain pinned yet)."""
     from .device import hw_pagetable_attach, hw_pagetable_detach
     dev = idev.dev
-    has_alloc_user = dev.iommu_group is not None and dev.iommu_group.domains is not None
+    ops = dev_iommu_ops(dev)
+    assert ops is not None
     valid = iu.IOMMU_HWPT_ALLOC_NEST_PARENT | iu.IOMMU_HWPT_ALLOC_DIRTY_TRACKING
-    if (flags or user_data) and not has_alloc_user:
-        raise fail(EOPNOTSUPP, f"{dev.bdf}: {iommu_api.owner_name(dev)} has no domain_alloc_user: no HWPT flags "
-                               f"or driver data")
+    if (flags or user_data) and not ops.has_domain_alloc_user:
+        raise fail(EOPNOTSUPP, f"{dev.bdf}: {ops.name} has no domain_alloc_user: no HWPT flags or driver data")
     if flags & ~valid:
         raise fail(EOPNOTSUPP, f"flags {flags:#x} have bits a paging HWPT does not know")
     if flags & iu.IOMMU_HWPT_ALLOC_DIRTY_TRACKING and \
-            not iommu_api.device_iommu_capable(dev, iommu_api.IOMMU_CAP_DIRTY_TRACKING):
+            not device_iommu_capable(dev, IOMMU_CAP_DIRTY_TRACKING):
         raise fail(EOPNOTSUPP, f"{dev.bdf}: its IOMMU cannot track dirty pages (IOMMU_HW_CAP_DIRTY_TRACKING is "
                                f"not in IOMMU_GET_HW_INFO's out_capabilities)")
     hwpt = HwptPaging(ictx, ioas)
@@ -105,8 +108,12 @@ def hwpt_paging_alloc(ictx: IommufdCtx, ioas: "Ioas", idev: "IommufdDevice", fla
         if user_data:
             # intel_iommu_domain_alloc_user(): no user data for a paging domain.
             raise fail(EOPNOTSUPP, "a paging HWPT takes no driver data (data_type must be IOMMU_HWPT_DATA_NONE)")
-        hwpt.domain = iommu_api.domain_alloc_user(
-            dev, nest_parent=hwpt.nest_parent, dirty_tracking=bool(flags & iu.IOMMU_HWPT_ALLOC_DIRTY_TRACKING))
+        if ops.has_domain_alloc_user:
+            hwpt.domain = ops.domain_alloc_user(dev, nest_parent=hwpt.nest_parent,
+                                                dirty_tracking=bool(flags & iu.IOMMU_HWPT_ALLOC_DIRTY_TRACKING))
+        else:
+            # POWER: spapr_tce_iommu_ops allocates no paging domain (EOPNOTSUPP).
+            hwpt.domain = iommu_paging_domain_alloc(dev)
         if idev.enforce_cache_coherency:
             try:
                 _enforce_cc(hwpt)
@@ -175,8 +182,8 @@ def _hwpt_nested_alloc(parent: HwptPaging, idev: "IommufdDevice", flags: int, da
     """iommufd_hwpt_nested_alloc(): a stage-1 HWPT needs a nesting parent,
     which only an IOMMU with nesting can allocate -- none here."""
     dev = idev.dev
-    has_alloc_user = dev.iommu_group is not None and dev.iommu_group.domains is not None
-    if flags & ~iu.IOMMU_HWPT_FAULT_ID_VALID or not data_len or not has_alloc_user:
+    ops = dev_iommu_ops(dev)
+    if flags & ~iu.IOMMU_HWPT_FAULT_ID_VALID or not data_len or ops is None or not ops.has_domain_alloc_user:
         raise fail(EOPNOTSUPP, "a nested HWPT takes only IOMMU_HWPT_FAULT_ID_VALID and needs driver data")
     if parent.auto_domain or not parent.nest_parent:
         raise fail(EINVAL, f"HWPT {parent.id} is not a nesting parent (IOMMU_HWPT_ALLOC_NEST_PARENT)")
@@ -199,13 +206,15 @@ def iommufd_hwpt_set_dirty_tracking(ucmd: Ucmd) -> int:
     try:
         enable = bool(cmd.flags & iu.IOMMU_HWPT_DIRTY_TRACKING_ENABLE)
         domain = hwpt.domain
-        if not domain.dirty_ops:
+        assert domain is not None
+        if not domain.dirty_tracking_supported:
             raise fail(EOPNOTSUPP, f"HWPT {hwpt.id} was not allocated with IOMMU_HWPT_ALLOC_DIRTY_TRACKING")
         if enable:
+            # iopt_clear_dirty_data(): a clean snapshot to start from.
             for area in hwpt.ioas.iopt.areas():
                 if area.pages is not None:
-                    domain.read_and_clear_dirty(area.start, area.length, False, None)
-        domain.set_dirty_tracking(enable)
+                    iommu_read_and_clear_dirty(domain, area.start, area.length, 0, bitmap=False)
+        iommu_set_dirty_tracking(domain, enable)
     finally:
         ucmd.ictx.put_object(hwpt)
     return 0
@@ -244,15 +253,16 @@ def iommufd_hwpt_get_dirty_bitmap(ucmd: Ucmd) -> int:
         iopt = hwpt.ioas.iopt
         check_iova_range(iopt.iova_alignment, cmd)
         domain = hwpt.domain
-        if not domain.dirty_ops:
+        assert domain is not None
+        if not domain.dirty_tracking_supported:
             raise fail(EOPNOTSUPP, f"HWPT {hwpt.id} was not allocated with IOMMU_HWPT_ALLOC_DIRTY_TRACKING")
         bitmap = IovaBitmap(ucmd.current, cmd.iova, cmd.length, cmd.page_size, cmd.data)
-        no_clear = bool(cmd.flags & iu.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR)
         last = cmd.iova + cmd.length - 1
         walk, done = iopt.contig_areas(cmd.iova, last)
         for area, cur in walk:
             stop = min(last, area.last)
-            domain.read_and_clear_dirty(cur, stop - cur + 1, no_clear, bitmap.set)
+            for r in iommu_read_and_clear_dirty(domain, cur, stop - cur + 1, cmd.flags):
+                bitmap.set(r.iova, r.length)
         if not done:
             raise fail(EINVAL, f"IOMMU_HWPT_GET_DIRTY_BITMAP: {cmd.iova:#x}+{cmd.length:#x} is not mapped without "
                                f"a gap")

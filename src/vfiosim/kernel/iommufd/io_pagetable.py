@@ -23,11 +23,14 @@ from errno import EADDRINUSE, EBUSY, EEXIST, EINVAL, ENOENT, ENOMEM, ENOSPC, EOV
 from typing import TYPE_CHECKING, Any
 
 from ..errors import KernelBug, KernelError, fail
-from . import iommu_api, pages as P
+from ..iommu.iommu import (IOMMU_RESV_DIRECT_RELAXABLE, IOMMU_RESV_MSI, IOMMU_RESV_SW_MSI, IOMMU_WRITE,
+                           IommuDomain, iommu_get_resv_regions, iommu_unmap)
+from . import pages as P
 from .spans import holes, merge, overlaps, used
 
 if TYPE_CHECKING:
     from ..kernel import Kernel
+    from ..pci.device import PciDevice
     from ..task import Task
     from .pages import IoptPages
 
@@ -98,7 +101,7 @@ class IoPagetable:
         self._areas: list[IoptArea] = []
         self.allowed: list[tuple[int, int]] = []
         self.reserved: list[tuple[int, int, object]] = []
-        self.domains: list[Any] = []
+        self.domains: list[IommuDomain] = []
         self.disable_large_pages = False
         # iopt's start as software tables with no alignment restriction.
         self.iova_alignment = 1
@@ -216,7 +219,7 @@ class IoPagetable:
     def _insert_area(self, area: IoptArea, pages: "IoptPages", iova: int, start_byte: int, length: int,
                      iommu_prot: int) -> None:
         """iopt_insert_area(): inserted with no pages (being set up)."""
-        if iommu_prot & iommu_api.IOMMU_WRITE and not pages.writable:
+        if iommu_prot & IOMMU_WRITE and not pages.writable:
             raise fail(EPERM, "a writable mapping of pages first mapped read-only (IOMMU_IOAS_COPY cannot add "
                               "write access)")
         psz = self.page_size
@@ -291,7 +294,7 @@ class IoPagetable:
     def map_user_pages(self, account_mode: int, uptr: int, length: int, iommu_prot: int, flags: int, iova: int,
                        current: "Task") -> int:
         """iopt_map_user_pages()"""
-        pages = P.alloc_pages(self.kernel, current, uptr, length, bool(iommu_prot & iommu_api.IOMMU_WRITE))
+        pages = P.alloc_pages(self.kernel, current, uptr, length, bool(iommu_prot & IOMMU_WRITE))
         if account_mode == P.IOPT_PAGES_ACCOUNT_MM and pages.account_mode == P.IOPT_PAGES_ACCOUNT_USER:
             pages.account_mode = P.IOPT_PAGES_ACCOUNT_MM
         elm = PagesElm(pages, uptr - pages.uptr, length)
@@ -388,14 +391,13 @@ class IoPagetable:
         """The holes of the reserved ranges: what IOMMU_IOAS_IOVA_RANGES reports."""
         return holes(merge((s, e) for s, e, _ in self.reserved), 0, ULONG_MAX)
 
-    def enforce_dev_resv_regions(self, dev, owner: object) -> int | None:  # type: ignore[no-untyped-def]
+    def enforce_dev_resv_regions(self, dev: "PciDevice", owner: object) -> int | None:
         """iopt_table_enforce_dev_resv_regions(): reserve the device's regions
         (all but direct-relaxable ones); returns the SW MSI start, if any."""
-        from ..platform.x86 import IOMMU_RESV_DIRECT_RELAXABLE, IOMMU_RESV_MSI, IOMMU_RESV_SW_MSI
         sw_msi = None
         num_hw_msi = num_sw_msi = 0
         try:
-            for r in iommu_api.get_resv_regions(dev):
+            for r in iommu_get_resv_regions(dev):
                 if r.type == IOMMU_RESV_DIRECT_RELAXABLE:
                     continue
                 if r.type == IOMMU_RESV_MSI:
@@ -423,7 +425,7 @@ class IoPagetable:
                 raise fail(EADDRINUSE, f"the mapping {area.start:#x}..{area.last:#x} is not aligned to "
                                        f"{new_alignment:#x}, the page size the new domain needs")
 
-    def add_domain(self, domain, current: "Task") -> None:  # type: ignore[no-untyped-def]
+    def add_domain(self, domain: IommuDomain, current: "Task") -> None:
         """iopt_table_add_domain(): reserve what lies outside the aperture, then
         map every area into the domain (pinning what no domain held yet)."""
         if any(d is domain for d in self.domains):
@@ -445,7 +447,7 @@ class IoPagetable:
         self.iova_alignment = new_alignment
         self.domains.append(domain)
 
-    def _fill_domain(self, domain, current: "Task") -> None:  # type: ignore[no-untyped-def]
+    def _fill_domain(self, domain: IommuDomain, current: "Task") -> None:
         """iopt_fill_domain(): all areas or none."""
         first_domain = not self.domains
         done: list[IoptArea] = []
@@ -467,10 +469,10 @@ class IoPagetable:
                     area.storage_domain = None
                     P.area_unfill_domain(area, pages, domain)
                 else:
-                    iommu_api.iommu_unmap(domain, area.start, area.length)
+                    iommu_unmap(domain, area.start, area.length)
             raise
 
-    def remove_domain(self, domain) -> None:  # type: ignore[no-untyped-def]
+    def remove_domain(self, domain: IommuDomain) -> None:
         """iopt_table_remove_domain(): the tail entry moves into the removed
         one's index; every area is unmapped from it, and unpinned if it was
         the last domain."""
@@ -482,7 +484,7 @@ class IoPagetable:
         self.remove_reserved_iova(domain)
         self._calculate_iova_alignment()
 
-    def _unfill_domain(self, domain) -> None:  # type: ignore[no-untyped-def]
+    def _unfill_domain(self, domain: IommuDomain) -> None:
         """iopt_unfill_domain()"""
         if self.domains:
             storage = self.domains[0]
@@ -491,7 +493,7 @@ class IoPagetable:
                     continue
                 if area.storage_domain is domain:
                     area.storage_domain = storage
-                iommu_api.iommu_unmap(domain, area.start, area.length)
+                iommu_unmap(domain, area.start, area.length)
             return
         for area in self._areas:
             pages = area.pages

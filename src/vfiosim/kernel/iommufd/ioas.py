@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ...uapi import iommufd as iu
 from ..errors import KernelError, fail
 from ..uaccess import copy_from_user, copy_to_user
-from . import iommu_api
+from ..iommu.iommu import IOMMU_CACHE, IOMMU_READ, IOMMU_WRITE
 from .io_pagetable import IOPT_ALLOC_IOVA, ULONG_MAX, IoPagetable, free_pages_list
 from .main import IOMMUFD_OBJ_IOAS, IommufdCtx, IommufdObject, Ucmd
 from .spans import overlaps
@@ -139,11 +139,11 @@ def iommufd_ioas_allow_iovas(ucmd: Ucmd) -> int:
 
 def conv_iommu_prot(map_flags: int) -> int:
     """conv_iommu_prot(): IOMMU_CACHE always (iommufd requires coherent DMA)."""
-    prot = iommu_api.IOMMU_CACHE
+    prot = IOMMU_CACHE
     if map_flags & iu.IOMMU_IOAS_MAP_WRITEABLE:
-        prot |= iommu_api.IOMMU_WRITE
+        prot |= IOMMU_WRITE
     if map_flags & iu.IOMMU_IOAS_MAP_READABLE:
-        prot |= iommu_api.IOMMU_READ
+        prot |= IOMMU_READ
     return prot
 
 

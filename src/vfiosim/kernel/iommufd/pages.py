@@ -37,10 +37,11 @@ import numpy as np
 from ..cred import CAP_IPC_LOCK
 from ..errors import KernelBug, KernelError, fail
 from ..mm import PinResult, account_locked_vm_task
-from . import iommu_api
+from ..iommu.iommu import iommu_map, iommu_unmap
 from .spans import holes, merge
 
 if TYPE_CHECKING:
+    from ..iommu.iommu import IommuDomain
     from ..kernel import Kernel
     from ..task import Task
     from ..user import UserStruct
@@ -300,13 +301,13 @@ def _runs(first: int, hpas: np.ndarray, psz: int) -> list[tuple[int, int, int]]:
 # -- areas and domains (iopt_area_fill_domain(s), iopt_area_unfill_domain(s)) -----------------------------------
 
 
-def _map_area(area: "IoptArea", runs: list[tuple[int, int, int]], domain) -> None:  # type: ignore[no-untyped-def]
-    """batch_to_domain(): each contiguous run with one iommu_map() (one PAGE_SIZE
-    at a time, batch_iommu_map_small(), while large pages are disabled)."""
+def _map_area(area: "IoptArea", runs: list[tuple[int, int, int]], domain: "IommuDomain") -> None:
+    """batch_to_domain(): each contiguous run with one iommu_map(), or one
+    PAGE_SIZE at a time (batch_iommu_map_small()) while large pages are
+    disabled, so that every IOPTE can be unmapped on its own."""
     iopt = area.iopt
     assert iopt is not None
     psz = iopt.page_size
-    small = psz if iopt.disable_large_pages else 0
     faults = iopt.kernel.faults
     done = []
     try:
@@ -317,11 +318,15 @@ def _map_area(area: "IoptArea", runs: list[tuple[int, int, int]], domain) -> Non
             if faults.should_fail("iommu_map:batch_to_domain"):
                 raise fail(ENOMEM, f"iommu_map() of IOVA {iova:#x}+{end - iova:#x} could not allocate an IO page "
                                    f"table page (fault injection)")
-            iommu_api.iommu_map(domain, iova, hpa + offset, end - iova, area.iommu_prot, small)
+            if iopt.disable_large_pages:
+                for page in range(iova, end, psz):
+                    iommu_map(domain, page, hpa + offset + (page - iova), min(psz, end - page), area.iommu_prot)
+            else:
+                iommu_map(domain, iova, hpa + offset, end - iova, area.iommu_prot)
             done.append((iova, end - iova))
     except KernelError:
         for iova, size in done:
-            iommu_api.iommu_unmap(domain, iova, size)
+            iommu_unmap(domain, iova, size)
         raise
 
 
@@ -342,14 +347,14 @@ def area_fill_domains(area: "IoptArea", pages: IoptPages, current: "Task") -> No
         pages.update_pinned()
     except KernelError:
         for domain in mapped:
-            iommu_api.iommu_unmap(domain, area.start, area.length)
+            iommu_unmap(domain, area.start, area.length)
         pages.unpin(new)
         raise
     area.storage_domain = iopt.domains[0]
     pages.domain_areas.append(area)
 
 
-def area_fill_domain(area: "IoptArea", domain, current: "Task") -> None:  # type: ignore[no-untyped-def]
+def area_fill_domain(area: "IoptArea", domain: "IommuDomain", current: "Task") -> None:
     """iopt_area_fill_domain(): an existing area into a new domain."""
     pages = area.pages
     assert pages is not None
@@ -359,17 +364,17 @@ def area_fill_domain(area: "IoptArea", domain, current: "Task") -> None:  # type
         try:
             pages.update_pinned()
         except KernelError:
-            iommu_api.iommu_unmap(domain, area.start, area.length)
+            iommu_unmap(domain, area.start, area.length)
             raise
     except KernelError:
         pages.unpin(new)
         raise
 
 
-def area_unfill_domain(area: "IoptArea", pages: IoptPages, domain) -> None:  # type: ignore[no-untyped-def]
+def area_unfill_domain(area: "IoptArea", pages: IoptPages, domain: "IommuDomain") -> None:
     """iopt_area_unfill_domain(): unmap the area from ``domain`` and unpin
     what nothing else holds (the area is already out of domains_itree)."""
-    iommu_api.iommu_unmap(domain, area.start, area.length)
+    iommu_unmap(domain, area.start, area.length)
     pages.unpin_uncovered(area.pages_first, area.pages_last)
     pages.update_unpinned()
 
@@ -382,7 +387,7 @@ def area_unfill_domains(area: "IoptArea", pages: IoptPages) -> None:
         return
     for domain in iopt.domains:
         if domain is not area.storage_domain:
-            iommu_api.iommu_unmap(domain, area.start, area.length)
+            iommu_unmap(domain, area.start, area.length)
     pages.domain_areas.remove(area)
     storage, area.storage_domain = area.storage_domain, None
     area_unfill_domain(area, pages, storage)

@@ -33,7 +33,7 @@ from ...uapi import iommufd as iu
 from ...uapi import vfio as uapi
 from ..errors import KernelError, fail
 from ..uaccess import copy_struct_from_user, copy_struct_to_user, copy_to_user
-from . import iommu_api
+from ..iommu.iommu import IOMMU_CACHE, IOMMU_READ, IOMMU_WRITE
 from .io_pagetable import ULONG_MAX
 from .ioas import Ioas, get_ioas, ioas_alloc
 from .main import IommufdCtx, Ucmd
@@ -108,11 +108,11 @@ def _map_dma(ictx: IommufdCtx, current: "Task", arg: int) -> int:
     if m.argsz < minsz or m.flags & ~supported:
         raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: argsz {m.argsz} < {minsz}, or flags {m.flags:#x} has bits other "
                            f"than READ|WRITE (iommufd has no VFIO_DMA_MAP_FLAG_VADDR)")
-    prot = iommu_api.IOMMU_CACHE
+    prot = IOMMU_CACHE
     if m.flags & uapi.VFIO_DMA_MAP_FLAG_READ:
-        prot |= iommu_api.IOMMU_READ
+        prot |= IOMMU_READ
     if m.flags & uapi.VFIO_DMA_MAP_FLAG_WRITE:
-        prot |= iommu_api.IOMMU_WRITE
+        prot |= IOMMU_WRITE
     ioas = get_compat_ioas(ictx)
     try:
         ioas.iopt.map_user_pages(ictx.account_mode, m.vaddr, m.size, prot, 0, m.iova, current)

@@ -3,7 +3,7 @@
 A device model subclasses :class:`PciDevice` and implements ``mmio_read`` /
 ``mmio_write`` for its BARs and ``reset``.  It reaches memory only through
 ``self.bus_master`` (:class:`BusMaster`): the platform behind it translates
-every bus address through the IOMMU of the device's PE, so a device model
+every bus address through the device's IOMMU (kernel/dma.py), so a device model
 cannot touch memory the IOMMU does not allow.  This is the public interface
 for writing your own device models.
 """
@@ -26,7 +26,7 @@ from .config import (PCI_BASE_ADDRESS_0, PCI_BASE_ADDRESS_MEM_PREFETCH, PCI_BASE
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..iommu.iommu_group import IommuGroup
+    from ..iommu.iommu import IommuGroup, IommuOps
 
 
 class DmaError(Exception):
@@ -166,6 +166,8 @@ class PciDevice:
         self.config = ConfigSpace()
         self.bars: dict[int, Bar] = {}
         self.iommu_group: "IommuGroup | None" = None
+        # The IOMMU driver that probed the device (dev->iommu), None behind no IOMMU.
+        self.iommu_ops: "IommuOps | None" = None
         self.driver: str | None = "vfio-pci"
         self.bus_master: BusMaster = NoBusMaster()
         # Set by the platform: whether MMIO currently reaches the device

@@ -14,18 +14,18 @@ needs, makes the PHB freeze the PE (EEH).
 from __future__ import annotations
 
 from errno import EINVAL, ENOMEM
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from ..errors import KernelBug, fail
 from ..faults import OPAL_HARDWARE
-from ..iommu.dma import DmaFault
+from ..dma import DmaFault
 from ..iommu.table_group import TableGroup
 from ..iommu.tce import TCE_PCI_READ, TCE_PCI_WRITE, IommuTable, XchgResult, direction_to_perm
 from ..mm import PhysicalMemory
 from ..progression import U64Values
-from .base import Pe, TceCache
+from .pe import Pe, TceCache, TceLookup, Translation
 from .eeh import EehPe
 
 POWERNV_IOMMU_MAX_LEVELS = 5
@@ -173,8 +173,16 @@ class PnvTableGroup(TableGroup):
             tce_table_size = max(tce_table_size, direct_table_size)
         return total + total        # one for the HW table, one for the userspace copy
 
-    def create_table(self, num: int, page_shift: int, window_size: int, levels: int,
-                     userspace: bool = True) -> IommuTable:
+    def create_table(self, num: int, page_shift: int, window_size: int, levels: int) -> IommuTable:
+        """pnv_pci_ioda2_create_table_userspace(): a table with its userspace copy."""
+        return self._create_table(num, page_shift, window_size, levels, userspace=True)
+
+    def create_host_table(self, num: int, page_shift: int, window_size: int, levels: int) -> IommuTable:
+        """The host kernel's own table (no userspace copy, no fault injection)."""
+        return self._create_table(num, page_shift, window_size, levels, userspace=False)
+
+    def _create_table(self, num: int, page_shift: int, window_size: int, levels: int,
+                      userspace: bool) -> IommuTable:
         """pnv_pci_ioda2_create_table(); ``it_allocated_size`` as create_table_userspace sets it."""
         phb = self.pe.phb
         bus_offset = TCE_BYPASS_BASE if num else self.tce32_start
@@ -284,11 +292,11 @@ class PnvPe(Pe):
         tcelevel_order = ilog2(maxblock >> 3)
         levels = tces_order // tcelevel_order + (1 if tces_order % tcelevel_order else 0)
         levels = max(levels, POWERNV_IOMMU_DEFAULT_LEVELS)
-        tbl = self.table_group.create_table(0, phb.page_shift, window_size, levels, userspace=False)
+        tbl = self.table_group.create_host_table(0, phb.page_shift, window_size, levels)
         self.table_group.set_window(0, tbl)
         self.bypass = True
 
-    def translate(self, iova: int, length: int, write: bool):
+    def translate(self, iova: int, length: int, write: bool) -> Translation:
         """Translation through the PHB's TCE cache: the last translation is
         reused while its table is unchanged (any TCE update invalidates it)."""
         tbl = self.tve[1 if iova & TCE_BYPASS_BASE else 0]
@@ -296,7 +304,7 @@ class PnvPe(Pe):
             return super().translate(iova, length, write)
         return self.tce_cache.translate(tbl.entries, iova, length, write, super().translate)
 
-    def lookup_tces(self, iova: int, length: int):
+    def lookup_tces(self, iova: int, length: int) -> TceLookup | DmaFault:
         num = 1 if iova & TCE_BYPASS_BASE else 0
         tbl = self.tve[num]
         if tbl is None:
@@ -320,7 +328,7 @@ class PnvPe(Pe):
         else:
             self.log(f"pci {self.name}: DMA {what} {fault.iova:#x} refused: {fault.reason}")
 
-    def windows(self) -> list[dict]:
+    def windows(self) -> list[dict[str, Any]]:
         out = []
         for num, tbl in enumerate(self.tve):
             if tbl is not None:

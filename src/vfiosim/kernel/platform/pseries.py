@@ -50,12 +50,12 @@ import numpy as np
 
 from ..errors import fail
 from ..faults import H_HARDWARE, RTAS_HARDWARE_ERROR
-from ..iommu.dma import DmaFault
+from ..dma import DmaFault
 from ..iommu.table_group import TableGroup
 from ..iommu.tce import IOMMU_PAGE_SHIFT_4K, IommuTable, TceStorage, XchgResult, direction_to_perm
 from ..mm import PhysicalMemory
 from ..progression import U64Values
-from .base import Pe, TceCache
+from .pe import Pe, TceCache, TceLookup, Translation
 
 H_SUCCESS = 0
 H_PARAMETER = -4
@@ -525,14 +525,14 @@ class PseriesPe(Pe):
         self.hv = hv
         self.tce_cache = TceCache()
 
-    def translate(self, iova: int, length: int, write: bool):
+    def translate(self, iova: int, length: int, write: bool) -> Translation:
         """As on PowerNV, the last translation is reused while its table is unchanged."""
         t = self.hv.lookup(iova)
         if t is None:
             return super().translate(iova, length, write)
         return self.tce_cache.translate(t.entries, iova, length, write, super().translate)
 
-    def lookup_tces(self, iova: int, length: int):
+    def lookup_tces(self, iova: int, length: int) -> TceLookup | DmaFault:
         t = self.hv.lookup(iova)
         if t is None:
             return DmaFault(iova, f"bus address {iova:#x} is in no DMA window")
@@ -549,7 +549,7 @@ class PseriesPe(Pe):
         self.log(f"spapr-pci {self.name}: DMA {what} {fault.iova:#x} blocked by the hypervisor IOMMU: "
                  f"{fault.reason} (no EEH on this machine: nothing is frozen)")
 
-    def windows(self) -> list[dict]:
+    def windows(self) -> list[dict[str, Any]]:
         out = []
         for n, t in enumerate(self.hv.tables):
             if t.enabled:

@@ -20,42 +20,31 @@ reports (QEMU: 2M and 1G), the reserved regions are the interrupt
 (IOAPIC/MSI) range (intel_iommu_get_resv_regions), and force-snooping
 (VFIO_DMA_CC_IOMMU) needs snoop control, which QEMU's unit lacks by default.
 
-Devices use :class:`VtdBusMaster`, the same path as POWER's PeBusMaster
-with the device's context entry (:class:`VtdContext`) in the place of the
-PE; data moves run by run (kernel/iommu/dma.py), never page by page.
+The unit implements the IOMMU API (kernel/iommu/iommu.py): :class:`IntelIommu`
+is its ``iommu_ops`` and :class:`VtdDomain` its domains, which is all the
+Type1 driver sees.  A device's DMA goes through its context entry
+(:class:`VtdContext`), its DMA translator as a PE is on POWER; data moves
+run by run (kernel/dma.py), never page by page.
 """
 
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from errno import EBUSY, EFAULT, EINVAL, ENOMEM, EOPNOTSUPP
+from errno import EFAULT, EINVAL, ENOMEM, EOPNOTSUPP
 from itertools import count
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+from ..dma import DmaFault, IommuBusMaster, Run
 from ..errors import KernelBug, fail
-from ..iommu.dma import DmaFault, Run
+from ..iommu.iommu import (IOMMU_CAP_CACHE_COHERENCY, IOMMU_CAP_DEFERRED_FLUSH, IOMMU_CAP_DIRTY_TRACKING,
+                           IOMMU_CAP_ENFORCE_CACHE_COHERENCY, IOMMU_DIRTY_NO_CLEAR, IOMMU_DOMAIN_BLOCKED,
+                           IOMMU_DOMAIN_IDENTITY, IOMMU_DOMAIN_PAGING, IOMMU_READ, IOMMU_WRITE, DirtyRange,
+                           IommuDomain, IommuOps, ResvRegion)
 from ..mm import PhysicalMemory
-from ..pci.device import PciDevice
-from .base import PeBusMaster
 
 if TYPE_CHECKING:
-    from ..iommu.iommu_group import IommuGroup
-
-# IOMMU_* protection flags of the IOMMU API (include/linux/iommu.h).
-IOMMU_READ = 1 << 0
-IOMMU_WRITE = 1 << 1
-IOMMU_CACHE = 1 << 2
-
-# enum iommu_resv_type (include/linux/iommu.h).
-IOMMU_RESV_DIRECT = 0
-IOMMU_RESV_DIRECT_RELAXABLE = 1
-IOMMU_RESV_RESERVED = 2
-IOMMU_RESV_MSI = 3
-IOMMU_RESV_SW_MSI = 4
-RESV_TYPE_NAMES = {"direct": IOMMU_RESV_DIRECT, "direct-relaxable": IOMMU_RESV_DIRECT_RELAXABLE,
-                   "reserved": IOMMU_RESV_RESERVED, "msi": IOMMU_RESV_MSI, "sw-msi": IOMMU_RESV_SW_MSI}
-RESV_TYPE_BY_NUMBER = {v: k for k, v in RESV_TYPE_NAMES.items()}
+    from ..pci.device import PciDevice
 
 # Fault reasons of second-level translation (dma_remap_fault_reasons[] in
 # drivers/iommu/intel/dmar.c; QEMU's VTD_FR_* codes in hw/i386/intel_iommu.c).
@@ -70,28 +59,6 @@ DMAR_FAULT_REASONS = {
     DMAR_FR_READ: "PTE Read access is not set",
 }
 
-# What the Type1 driver compares to decide whether two domains can be shared
-# (``d->domain->ops == domain->domain->ops``): every VT-d paging domain has
-# intel_iommu_ops' paging ops.
-INTEL_IOMMU_OPS = "intel_iommu_ops"
-
-
-@dataclass(frozen=True)
-class ResvRegion:
-    """``struct iommu_resv_region``: a range no IOVA may use."""
-
-    start: int
-    length: int
-    type: int
-
-    @property
-    def end(self) -> int:
-        return self.start + self.length - 1
-
-    @property
-    def type_name(self) -> str:
-        return RESV_TYPE_BY_NUMBER.get(self.type, str(self.type))
-
 
 @dataclass
 class VtdFault(DmaFault):
@@ -100,7 +67,7 @@ class VtdFault(DmaFault):
     code: int = DMAR_FR_READ
 
 
-class VtdDomain:
+class VtdDomain(IommuDomain):
     """An IOMMU domain on the unit: identity, blocking, or paging.
 
     A paging domain (``struct dmar_domain``) keeps its second-level page
@@ -111,56 +78,52 @@ class VtdDomain:
     per extent it crosses.
     """
 
-    IDENTITY = "identity"
-    BLOCKED = "blocked"
-    PAGING = "paging"
-
-    def __init__(self, unit: "IntelIommu", kind: str, domain_id: int) -> None:
-        self.unit = unit
-        self.kind = kind
-        self.id = domain_id
-        self.ops = INTEL_IOMMU_OPS
+    def __init__(self, unit: "IntelIommu", type: str, domain_id: int) -> None:
         # domain->geometry: the aperture of a paging domain is its address width.
-        self.aperture_start = 0
-        self.aperture_end = (1 << unit.aw_bits) - 1
-        self.pgsize_bitmap = unit.pgsize_bitmap
-        self.groups: list["IommuGroup"] = []
+        super().__init__(unit, type, domain_id=domain_id, pgsize_bitmap=unit.pgsize_bitmap, aperture_start=0,
+                         aperture_end=(1 << unit.aw_bits) - 1)
+        self.unit = unit
         self._starts: list[int] = []
-        # (iova, length, hpa, prot, leaf): leaf caps the size of the PTEs the
-        # extent is made of (0: the largest the alignment allows, as
-        # intel_iommu_map_pages() picks them; iommufd's batch_iommu_map_small()
-        # maps one PAGE_SIZE at a time).
-        self._ext: list[tuple[int, int, int, int, int]] = []
-        # Called with (iova, length) after the device wrote through this
-        # domain; the Type1 driver records dirty pages with it.
-        self.on_dma_write: Callable[[int, int], None] | None = None
-        self.freed = False
-        # Second-stage A/D bits (ecap SSADS, scalable mode): a domain allocated
-        # with IOMMU_HWPT_ALLOC_DIRTY_TRACKING has intel_dirty_ops; while
-        # tracking is on, a DMA write sets the D bit of every leaf PTE it
-        # touches.  D bits are kept per 4 KiB as [start, end) intervals.
+        self._ext: list[tuple[int, int, int, int]] = []     # (iova, length, hpa, prot)
+        # Second-stage A/D bits (ecap SSADS, scalable mode): only a domain
+        # allocated for dirty tracking has intel_dirty_ops
+        # (intel_iommu_domain_alloc_user(IOMMU_HWPT_ALLOC_DIRTY_TRACKING));
+        # while tracking is on, a DMA write sets the D bit of every leaf PTE
+        # it touches.  D bits are kept per 4 KiB, as [start, end) intervals.
         self.dirty_ops = False
         self.dirty_tracking = False
         self._dirty: list[tuple[int, int]] = []
 
+    @property
+    def kind(self) -> str:
+        return self.type
+
     def __repr__(self) -> str:
-        return f"<VtdDomain {self.kind} #{self.id} on {self.unit.name}>"
+        return f"<VtdDomain {self.type} #{self.id} on {self.unit.name}>"
 
     # -- iommu_domain_ops ---------------------------------------------------------------
+
+    def attach_dev(self, dev: "PciDevice") -> None:
+        """intel_iommu_attach_device() (and the static identity and blocked
+        domains' attach): the device's context entry now leads here."""
+        ctx = self.unit.contexts.get(dev.bdf)
+        if ctx is None:
+            raise fail(EINVAL, f"domain {self!r}: {dev.bdf} is not behind {self.unit.name}")
+        ctx.domain = self
 
     def enforce_cache_coherency(self) -> bool:
         """intel_iommu_enforce_cache_coherency(): force snooping needs every
         unit the domain's devices sit behind to support snoop control."""
         return self.unit.snoop_control
 
-    def map(self, iova: int, hpa: int, size: int, prot: int, leaf: int = 0) -> None:
+    def map_pages(self, iova: int, paddr: int, size: int, prot: int) -> None:
         """intel_iommu_map(): one physically contiguous range.
 
         Past the domain's address width is EFAULT, as upstream logs "iommu
         width (%d) is not sufficient for the mapped address".
         """
-        if self.kind != self.PAGING:
-            raise KernelBug(f"map into the {self.kind} domain")
+        if self.type != IOMMU_DOMAIN_PAGING:
+            raise KernelBug(f"map into the {self.type} domain")
         if size <= 0:
             return
         if iova + size - 1 > self.aperture_end:
@@ -176,15 +139,15 @@ class VtdDomain:
             # Type1 driver never maps over a mapping.
             raise KernelBug(f"VT-d PTE for IOVA {iova:#x}+{size:#x} already set in {self!r}")
         self._starts.insert(i, iova)
-        self._ext.insert(i, (iova, size, hpa, prot, leaf))
+        self._ext.insert(i, (iova, size, paddr, prot))
 
-    def unmap(self, iova: int, size: int) -> int:
+    def unmap_pages(self, iova: int, size: int) -> int:
         """intel_iommu_unmap_pages(): clear [iova, iova+size); bytes unmapped."""
         end = iova + size
         i = max(bisect.bisect_right(self._starts, iova) - 1, 0)
         done = 0
         while i < len(self._ext):
-            e_iova, e_len, e_hpa, e_prot, e_leaf = self._ext[i]
+            e_iova, e_len, e_hpa, e_prot = self._ext[i]
             e_end = e_iova + e_len
             if e_iova >= end:
                 break
@@ -195,9 +158,9 @@ class VtdDomain:
             done += hi - lo
             pieces = []
             if e_iova < lo:
-                pieces.append((e_iova, lo - e_iova, e_hpa, e_prot, e_leaf))
+                pieces.append((e_iova, lo - e_iova, e_hpa, e_prot))
             if hi < e_end:
-                pieces.append((hi, e_end - hi, e_hpa + (hi - e_iova), e_prot, e_leaf))
+                pieces.append((hi, e_end - hi, e_hpa + (hi - e_iova), e_prot))
             del self._ext[i]
             del self._starts[i]
             for piece in reversed(pieces):
@@ -210,34 +173,44 @@ class VtdDomain:
         """intel_iommu_iova_to_phys(): 0 when nothing is mapped there."""
         i = bisect.bisect_right(self._starts, iova) - 1
         if i >= 0:
-            e_iova, e_len, e_hpa = self._ext[i][:3]
+            e_iova, e_len, e_hpa, _ = self._ext[i]
             if iova < e_iova + e_len:
                 return e_hpa + (iova - e_iova)
         return 0
 
-    def mapped_bytes(self) -> int:
-        return sum(e[1] for e in self._ext)
+    def free(self) -> None:
+        """intel_iommu_domain_free()"""
+        if self in self.unit.domains:
+            self.unit.domains.remove(self)
 
-    def extents(self) -> list[tuple[int, int, int, int]]:
-        """(iova, length, hpa, prot) of each mapped range."""
-        return [e[:4] for e in self._ext]
+    # -- intel_dirty_ops (second-stage A/D bits) --------------------------------------------
 
-    # -- second-stage dirty tracking (intel_dirty_ops) -----------------------------------------
+    @property
+    def dirty_tracking_supported(self) -> bool:
+        """domain->dirty_ops: set only for a domain allocated for dirty
+        tracking, on a unit with second-stage A/D bits."""
+        return self.dirty_ops
+
+    def set_dirty_tracking(self, enabled: bool) -> None:
+        """intel_iommu_set_dirty_tracking(): the PASID entries' SSADE bit.
+        The D bits already set stay (iommufd clears them before enabling)."""
+        self.dirty_tracking = enabled
 
     def _leaf(self, iova: int) -> tuple[int, int] | None:
         """The leaf PTE that maps ``iova``: (its first IOVA, its size), or None.
 
         __domain_mapping() picks, at each position, the largest page size the
         unit supports to which both the IOVA and the physical address are
-        aligned and that fits in what is left of the iommu_map() call."""
+        aligned and that fits in what is left of the iommu_map() call (an
+        extent here)."""
         i = bisect.bisect_right(self._starts, iova) - 1
         if i < 0:
             return None
-        e_iova, e_len, e_hpa, _prot, e_leaf = self._ext[i]
+        e_iova, e_len, e_hpa, _prot = self._ext[i]
         end = e_iova + e_len
         if iova >= end:
             return None
-        sizes = [sz for sz in (1 << 30, 1 << 21) if self.pgsize_bitmap & sz and (not e_leaf or sz <= e_leaf)]
+        sizes = [sz for sz in (1 << 30, 1 << 21) if self.pgsize_bitmap & sz]
         delta = e_hpa - e_iova
         pos = e_iova
         while True:
@@ -252,28 +225,16 @@ class VtdDomain:
             nxt = min([(pos + sz) & ~(sz - 1) for sz in sizes if not delta & (sz - 1)] + [end])
             pos = max(min(nxt, iova & ~0xFFF), pos + 0x1000)
 
-    def set_dirty_tracking(self, enable: bool) -> None:
-        """intel_iommu_set_dirty_tracking(): the PASID entries' SSADE bit."""
-        self.dirty_tracking = enable
-
-    def mark_dirty(self, iova: int, length: int) -> None:
-        """The unit sets D in each leaf PTE a DMA write went through (tracking on)."""
-        if not self.dirty_tracking or length <= 0:
-            return
+    def _mark_dirty(self, iova: int, length: int) -> None:
         start, end = iova & ~0xFFF, (iova + length + 0xFFF) & ~0xFFF
-        out, placed = [], False
+        out = []
         for s, e in self._dirty:
             if e < start or s > end:
-                if s > end and not placed:
-                    out.append((start, end))
-                    placed = True
                 out.append((s, e))
             else:
                 start, end = min(s, start), max(e, end)
-        if not placed:
-            out.append((start, end))
-        out.sort()
-        self._dirty = out
+        out.append((start, end))
+        self._dirty = sorted(out)
 
     def _dirty_in(self, start: int, end: int) -> bool:
         return any(s < end and e > start for s, e in self._dirty)
@@ -290,16 +251,17 @@ class VtdDomain:
                 out.append((end, e))
         self._dirty = out
 
-    def read_and_clear_dirty(self, iova: int, size: int, no_clear: bool,
-                             record: Callable[[int, int], None] | None) -> None:
+    def read_and_clear_dirty(self, iova: int, size: int, flags: int = 0, bitmap: bool = True) -> list[DirtyRange]:
         """intel_iommu_read_and_clear_dirty(): walk the leaf PTEs from ``iova``
-        in steps of each one's size (from ``iova`` itself, so a walk that
-        starts inside a super page records it from there), recording and
-        (unless ``no_clear``) clearing the dirty ones.  EINVAL when tracking
-        is off and a bitmap is wanted; without one (``record`` None) it only
-        clears, as iopt_set_dirty_tracking() does before enabling."""
-        if not self.dirty_tracking and record is not None:
-            raise fail(EINVAL, "the domain is not tracking dirty pages")
+        in steps of each one's size -- from ``iova`` itself, so a walk that
+        starts inside a super page records it from there -- and record each
+        dirty one as (the walk's IOVA, the PTE's size), clearing its D bit
+        unless IOMMU_DIRTY_NO_CLEAR.  EINVAL while tracking is off, unless
+        there is no bitmap (``bitmap`` False: iommufd clearing the D bits
+        before it enables tracking)."""
+        if not self.dirty_tracking and bitmap:
+            raise fail(EINVAL, f"{self!r} is not tracking dirty pages")
+        out: list[DirtyRange] = []
         end = iova + size - 1
         while True:
             leaf = self._leaf(iova)
@@ -309,22 +271,28 @@ class VtdDomain:
             else:
                 first, pgsize = leaf
                 if self._dirty_in(first, first + pgsize):
-                    if not no_clear:
+                    if not flags & IOMMU_DIRTY_NO_CLEAR:
                         self._clear_dirty(first, first + pgsize)
-                    if record is not None:
-                        record(iova, pgsize)
+                    if bitmap:
+                        out.append(DirtyRange(iova, pgsize))
             iova += pgsize
             if iova >= end or iova >= 1 << 64:
-                break
+                return out
+
+    def mapped_bytes(self) -> int:
+        return sum(e[1] for e in self._ext)
+
+    def extents(self) -> list[tuple[int, int, int, int]]:
+        return list(self._ext)
 
     # -- the hardware walk -----------------------------------------------------------------
 
     def translate(self, iova: int, length: int, write: bool, phys: PhysicalMemory) -> list[Run] | VtdFault:
         """Translate [iova, iova+length) for a device read or write."""
-        if self.kind == self.BLOCKED:
+        if self.type == IOMMU_DOMAIN_BLOCKED:
             return VtdFault(iova, "the group is in the blocking domain (VFIO owns it, no IOMMU domain attached)",
                             DMAR_FR_CONTEXT_ENTRY_P)
-        if self.kind == self.IDENTITY:
+        if self.type == IOMMU_DOMAIN_IDENTITY:
             found = phys.lookup(iova)
             if found is None or found[1] + length > found[0].length:
                 return VtdFault(iova, f"{iova:#x}+{length:#x} is not RAM (identity domain)",
@@ -344,7 +312,7 @@ class VtdDomain:
             if i < 0 or i >= len(self._ext) or not (self._ext[i][0] <= pos < self._ext[i][0] + self._ext[i][1]):
                 page = pos & ~0xFFF
                 return VtdFault(pos, f"IOVA page {page:#x} is not mapped", code)
-            e_iova, e_len, e_hpa, e_prot = self._ext[i][:4]
+            e_iova, e_len, e_hpa, e_prot = self._ext[i]
             if not e_prot & need:
                 page = pos & ~0xFFF
                 return VtdFault(pos, f"IOVA page {page:#x} is mapped without {'write' if write else 'read'} "
@@ -361,64 +329,18 @@ class VtdDomain:
                 runs.append((found[0], found[1], chunk))
             pos += chunk
             i += 1
+        if write and self.dirty_tracking:
+            self._mark_dirty(iova, length)
         return runs
 
 
-class VtdGroup:
-    """The IOMMU core's view of one group on VT-d: its default domain
-    (identity with ``iommu=pt``), the blocking domain, and the domain it is
-    attached to now (``group->domain``), drivers/iommu/iommu.c."""
+class IntelIommu(IommuOps):
+    """One VT-d remapping unit (DMAR DRHD) with intel_iommu_ops: the domains
+    allocated on it and the context entries of the devices behind it."""
 
-    def __init__(self, unit: "IntelIommu", group: "IommuGroup") -> None:
-        self.unit = unit
-        self.group = group
-        self.default_domain = unit.identity_domain
-        self.blocking_domain = unit.blocking_domain
-        self.domain = self.default_domain
-        self.owned = False
-
-    def take_ownership(self) -> None:
-        """__iommu_take_dma_ownership(): the group moves to the blocking domain."""
-        if self.domain is not self.default_domain:
-            raise fail(EBUSY, f"IOMMU group {self.group.id} is attached to another domain")
-        self.owned = True
-        self._set(self.blocking_domain)
-
-    def release_ownership(self) -> None:
-        """__iommu_release_dma_ownership(): back to the default domain."""
-        self.owned = False
-        self._set(self.default_domain)
-
-    def attach(self, domain: VtdDomain) -> None:
-        """__iommu_attach_group(): only from the default or blocking domain."""
-        if self.domain not in (self.default_domain, self.blocking_domain):
-            raise fail(EBUSY, f"IOMMU group {self.group.id} is already attached to {self.domain!r}")
-        if domain.unit is not self.unit:
-            # dev_iommu_ops(dev) != domain->owner, or a unit the domain cannot
-            # use (prepare_domain_attach_device).
-            raise fail(EINVAL, f"domain {domain!r} belongs to another IOMMU unit")
-        self._set(domain)
-
-    def replace(self, domain: VtdDomain) -> None:
-        """iommu_replace_group_handle() -> __iommu_group_set_domain(): from the
-        current domain straight to the next (iommufd's attach replacement)."""
-        if domain.unit is not self.unit:
-            raise fail(EINVAL, f"domain {domain!r} belongs to another IOMMU unit")
-        self._set(domain)
-
-    def detach(self, domain: VtdDomain) -> None:
-        """iommu_detach_group() -> __iommu_group_set_core_domain()."""
-        self._set(self.blocking_domain if self.owned else self.default_domain)
-
-    def _set(self, domain: VtdDomain) -> None:
-        if self.group in self.domain.groups:
-            self.domain.groups.remove(self.group)
-        self.domain = domain
-        domain.groups.append(self.group)
-
-
-class IntelIommu:
-    """One VT-d remapping unit (DMAR DRHD) and the domains allocated on it."""
+    name = "intel-iommu"
+    identity_domain: "VtdDomain"
+    blocked_domain: "VtdDomain"
 
     def __init__(self, *, name: str, model: str, aw_bits: int, pgsize_bitmap: int, resv_regions: list[ResvRegion],
                  snoop_control: bool, interrupt_remapping: bool, caching_mode: bool, phys: PhysicalMemory,
@@ -431,19 +353,84 @@ class IntelIommu:
         self.snoop_control = snoop_control
         self.interrupt_remapping = interrupt_remapping
         self.caching_mode = caching_mode
-        # Scalable mode with second-stage A/D bits (ecap SMTS + SLADS), and a
-        # kernel booted with intel_iommu=sm_on: ssads_supported(), hence
-        # IOMMU_CAP_DIRTY_TRACKING.  QEMU 7.2's intel-iommu has neither.
         self.dirty_tracking = dirty_tracking
         self.phys = phys
         self.log_err = log_err
         self._ids = count(1)
-        self.identity_domain = VtdDomain(self, VtdDomain.IDENTITY, 0)
-        self.blocking_domain = VtdDomain(self, VtdDomain.BLOCKED, 0)
+        self.identity_domain = VtdDomain(self, IOMMU_DOMAIN_IDENTITY, 0)
+        self.blocked_domain = VtdDomain(self, IOMMU_DOMAIN_BLOCKED, 0)
         self.domains: list[VtdDomain] = []
-        self.groups: dict[int, VtdGroup] = {}
-        self.contexts: list["VtdContext"] = []
+        self.contexts: dict[str, VtdContext] = {}
         self.faults = 0
+
+    # -- intel_iommu_ops ---------------------------------------------------------------------
+
+    def probe_device(self, dev: "PciDevice") -> None:
+        """intel_iommu_probe_device(): the device's context entry (its requester
+        ID), through which its DMA now goes."""
+        ctx = self.contexts[dev.bdf] = VtdContext(self, dev)
+        dev.bus_master = IommuBusMaster(ctx, dev)
+
+    def default_domain(self, dev: "PciDevice") -> VtdDomain:
+        """The identity domain: the host runs with iommu=pt."""
+        return self.identity_domain
+
+    def domain_alloc_paging(self, dev: "PciDevice") -> VtdDomain:
+        """iommu_paging_domain_alloc() -> __iommu_domain_alloc() ->
+        intel_iommu_domain_alloc(IOMMU_DOMAIN_UNMANAGED), as in Linux 6.12
+        (intel_iommu_domain_alloc_paging() replaced it in 6.13): alloc_domain()
+        kzallocs the dmar_domain, md_domain_init() allocates its top page
+        directory; either failing returns NULL, which __iommu_domain_alloc()
+        turns into ERR_PTR(-ENOMEM)."""
+        faults = self.phys.faults
+        if faults is not None and faults.should_fail("kmalloc:alloc_domain"):
+            self.log_err("DMAR: Can't allocate dmar_domain")
+            raise fail(ENOMEM, "allocating the VT-d domain (struct dmar_domain) failed (fault injection)")
+        if faults is not None and faults.should_fail("alloc_pages:md_domain_init"):
+            self.log_err("DMAR: Domain initialization failed")
+            raise fail(ENOMEM, "allocating the VT-d domain's page directory failed (fault injection)")
+        domain = VtdDomain(self, IOMMU_DOMAIN_PAGING, next(self._ids))
+        self.domains.append(domain)
+        return domain
+
+    def domain_alloc_user(self, dev: "PciDevice", *, nest_parent: bool, dirty_tracking: bool) -> VtdDomain:
+        """intel_iommu_domain_alloc_user() without a parent or user data (what
+        iommufd's IOMMU_HWPT_ALLOC and automatic domains ask for):
+        EOPNOTSUPP for a nesting parent without nesting (ecap NEST in
+        scalable mode; QEMU 7.2 has none) and for dirty tracking without
+        SSADS, else paging_domain_alloc(dev, first_stage=false) -- the same
+        geometry and page sizes as a Type1 domain -- with intel_dirty_ops
+        when dirty tracking was asked for."""
+        if nest_parent:
+            raise fail(EOPNOTSUPP, f"{self.name} cannot nest translation (no scalable-mode nesting, ecap NEST)")
+        if dirty_tracking and not self.dirty_tracking:
+            raise fail(EOPNOTSUPP, f"{self.name} has no second-stage dirty bits (ecap SLADS in scalable mode)")
+        faults = self.phys.faults
+        if faults is not None and faults.should_fail("kmalloc:paging_domain_alloc"):
+            raise fail(ENOMEM, "kzalloc of the dmar_domain failed (fault injection)")
+        domain = VtdDomain(self, IOMMU_DOMAIN_PAGING, next(self._ids))
+        domain.dirty_ops = dirty_tracking
+        self.domains.append(domain)
+        return domain
+
+    has_domain_alloc_user = True
+
+    def capable(self, dev: "PciDevice", cap: int) -> bool:
+        """intel_iommu_capable()"""
+        if cap in (IOMMU_CAP_CACHE_COHERENCY, IOMMU_CAP_DEFERRED_FLUSH):
+            return True
+        if cap == IOMMU_CAP_ENFORCE_CACHE_COHERENCY:
+            return self.snoop_control
+        if cap == IOMMU_CAP_DIRTY_TRACKING:
+            return self.dirty_tracking
+        return False
+
+    def hw_info(self, dev: "PciDevice") -> tuple[bytes, int] | None:
+        """intel_iommu_hw_info(): struct iommu_hw_info_vtd."""
+        from ...uapi import iommufd as iu
+        vtd = iu.iommu_hw_info_vtd(flags=iu.IOMMU_HW_INFO_VTD_ERRATA_772415_SPR17, cap_reg=self.cap_reg,
+                                   ecap_reg=self.ecap_reg)
+        return bytes(vtd), iu.IOMMU_HW_INFO_TYPE_INTEL_VTD
 
     # -- the capability registers (what IOMMU_GET_HW_INFO reports) ---------------------------
 
@@ -482,79 +469,18 @@ class IntelIommu:
             ecap |= (1 << 43) | (1 << 31) | (1 << 46) | (1 << 45)
         return ecap
 
-    def add_group(self, group: "IommuGroup") -> VtdGroup:
-        state = self.groups.get(group.id)
-        if state is None:
-            state = self.groups[group.id] = VtdGroup(self, group)
-            state.domain.groups.append(group)
-        return state
+    def get_resv_regions(self, dev: "PciDevice") -> list[ResvRegion]:
+        """intel_iommu_get_resv_regions(): every device behind this unit has the
+        interrupt (IOAPIC/MSI) range."""
+        return list(self.resv_regions)
 
-    def add_device(self, dev: PciDevice, state: VtdGroup) -> "VtdContext":
-        ctx = VtdContext(self, dev, state)
-        self.contexts.append(ctx)
-        dev.bus_master = VtdBusMaster(ctx, dev)
-        return ctx
+    def isolated_msi(self, dev: "PciDevice") -> bool:
+        """The VT-d interrupt remapping domain isolates MSIs (IRQ_DOMAIN_FLAG_ISOLATED_MSI)."""
+        return self.interrupt_remapping
 
-    def domain_alloc_paging(self) -> VtdDomain:
-        """iommu_paging_domain_alloc() -> __iommu_domain_alloc() ->
-        intel_iommu_domain_alloc(IOMMU_DOMAIN_UNMANAGED), as in Linux 6.12
-        (intel_iommu_domain_alloc_paging() replaced it in 6.13): alloc_domain()
-        kzallocs the dmar_domain, md_domain_init() allocates its top page
-        directory; either failing returns NULL, which __iommu_domain_alloc()
-        turns into ERR_PTR(-ENOMEM)."""
-        faults = self.phys.faults
-        if faults is not None and faults.should_fail("kmalloc:alloc_domain"):
-            self.log_err("DMAR: Can't allocate dmar_domain")
-            raise fail(ENOMEM, "allocating the VT-d domain (struct dmar_domain) failed (fault injection)")
-        if faults is not None and faults.should_fail("alloc_pages:md_domain_init"):
-            self.log_err("DMAR: Domain initialization failed")
-            raise fail(ENOMEM, "allocating the VT-d domain's page directory failed (fault injection)")
-        domain = VtdDomain(self, VtdDomain.PAGING, next(self._ids))
-        self.domains.append(domain)
-        return domain
+    # -- the hardware ---------------------------------------------------------------------------
 
-    def domain_alloc_user(self, *, nest_parent: bool, dirty_tracking: bool) -> VtdDomain:
-        """intel_iommu_domain_alloc_user() without a parent or user data (what
-        iommufd's IOMMU_HWPT_ALLOC and auto domains ask for): EOPNOTSUPP for a
-        nesting parent without nesting support and for dirty tracking without
-        SSADS, else paging_domain_alloc(dev, first_stage=false) -- the same
-        geometry and page sizes as a Type1 domain -- with intel_dirty_ops when
-        dirty tracking was asked for."""
-        if nest_parent:
-            raise fail(EOPNOTSUPP, f"{self.name} cannot nest translation (no scalable-mode nesting, ecap NEST)")
-        if dirty_tracking and not self.dirty_tracking:
-            raise fail(EOPNOTSUPP, f"{self.name} has no second-stage dirty bits (ecap SLADS in scalable mode)")
-        faults = self.phys.faults
-        if faults is not None and faults.should_fail("kmalloc:paging_domain_alloc"):
-            raise fail(ENOMEM, "kzalloc of the dmar_domain failed (fault injection)")
-        domain = VtdDomain(self, VtdDomain.PAGING, next(self._ids))
-        domain.dirty_ops = dirty_tracking
-        self.domains.append(domain)
-        return domain
-
-    def domain_free(self, domain: VtdDomain) -> None:
-        """iommu_domain_free()"""
-        if domain.groups:
-            raise KernelBug(f"freeing {domain!r} with groups {[g.id for g in domain.groups]} attached")
-        domain.freed = True
-        if domain in self.domains:
-            self.domains.remove(domain)
-
-    def get_resv_regions(self, group: "IommuGroup") -> list[ResvRegion]:
-        """iommu_get_group_resv_regions(): the union over the group's devices,
-        sorted, overlapping regions of one type merged.  Every device behind
-        this unit has the interrupt range (intel_iommu_get_resv_regions)."""
-        regions = sorted(self.resv_regions, key=lambda r: (r.start, r.type))
-        out: list[ResvRegion] = []
-        for r in regions:
-            if out and out[-1].type == r.type and r.start <= out[-1].end + 1:
-                last = out[-1]
-                out[-1] = ResvRegion(last.start, max(last.end, r.end) - last.start + 1, r.type)
-            else:
-                out.append(r)
-        return out
-
-    def report_fault(self, dev: PciDevice, fault: VtdFault, write: bool) -> None:
+    def report_fault(self, dev: "PciDevice", fault: VtdFault, write: bool) -> None:
         """dmar_fault() -> dmar_fault_do_one(): the recorded fault, logged."""
         self.faults += 1
         reason = DMAR_FAULT_REASONS.get(fault.code, "Unknown")
@@ -565,7 +491,7 @@ class IntelIommu:
                      f"[{dev.bus:02x}:{dev.slot:02x}.{dev.function}] fault addr {addr:#x} "
                      f"[fault reason {fault.code:#04x}] {reason}")
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {
             "name": self.name, "model": self.model, "address_width": self.aw_bits,
             "page_sizes": self.pgsize_bitmap, "snoop_control": self.snoop_control,
@@ -579,46 +505,25 @@ class IntelIommu:
 
 
 class VtdContext:
-    """A device's context entry: its requester ID leads to its group's
-    current domain.  It stands where a PE stands for PeBusMaster on POWER
-    (name, dma_enabled, translate, dma_fault)."""
+    """A device's context entry: its requester ID leads to the domain its
+    group is attached to.  The device's DMA translator, as the PE is on POWER."""
 
-    eeh = None
-
-    def __init__(self, unit: IntelIommu, dev: PciDevice, state: VtdGroup) -> None:
+    def __init__(self, unit: IntelIommu, dev: "PciDevice") -> None:
         self.unit = unit
         self.dev = dev
-        self.state = state
+        self.domain: VtdDomain = unit.identity_domain
         self.name = f"{unit.name} {dev.bdf}"
         self.dma_faults = 0
 
     def dma_enabled(self) -> bool:
+        """No EEH on x86: nothing ever stops a device's DMA wholesale."""
         return True
 
-    def translate(self, iova: int, length: int, write: bool) -> list[Run] | VtdFault:
-        domain = self.state.domain
-        runs = domain.translate(iova, length, write, self.unit.phys)
-        if not isinstance(runs, DmaFault) and write:
-            if domain.on_dma_write is not None:
-                domain.on_dma_write(iova, length)
-            if domain.dirty_tracking:
-                domain.mark_dirty(iova, length)
-        return runs
+    def translate(self, iova: int, length: int, write: bool) -> list[Run] | DmaFault:
+        return self.domain.translate(iova, length, write, self.unit.phys)
 
     def dma_fault(self, fault: DmaFault, write: bool) -> None:
         self.dma_faults += 1
         if not isinstance(fault, VtdFault):
             fault = VtdFault(fault.iova, fault.reason, DMAR_FR_WRITE if write else DMAR_FR_READ)
         self.unit.report_fault(self.dev, fault, write)
-
-
-class VtdBusMaster(PeBusMaster):
-    """A device's DMA path on x86: bus master enable, then the VT-d context.
-
-    Same checks and run-based copying as POWER's PeBusMaster; a refused
-    transfer raises DmaError and moves nothing, and the unit logs a DMAR
-    fault (no EEH freeze: x86 has none).
-    """
-
-    def __init__(self, ctx: VtdContext, dev: PciDevice) -> None:
-        super().__init__(ctx, dev)  # type: ignore[arg-type]

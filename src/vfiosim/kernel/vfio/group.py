@@ -31,7 +31,7 @@ from ..uaccess import copy_struct_from_user, copy_struct_to_user, get_user_s32, 
 from .container import ContainerFile, VfioContainer
 
 if TYPE_CHECKING:
-    from ..iommu.iommu_group import IommuGroup
+    from ..iommu.iommu import IommuGroup
     from ..iommufd.main import IommufdCtx
     from ..task import Task
     from .device import VfioDevice

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..iommu.iommu_group import IommuGroup
+    from ..iommu.iommu import IommuGroup
     from ..task import Task
 
 

@@ -13,7 +13,7 @@ from .group import GroupFile, VfioGroup
 from .iommu_driver import IommuDriverRegistry
 
 if TYPE_CHECKING:
-    from ..iommu.iommu_group import IommuGroup
+    from ..iommu.iommu import IommuGroup
     from ..kernel import Kernel
     from ..task import Task
 

@@ -1,0 +1,176 @@
+"""Partitionable Endpoints: POWER's unit of DMA translation and isolation.
+
+A PE translates its devices' DMA through the TCEs of the window the bus
+address falls in.  The IOMMU hardware checks every IOMMU page a transfer
+touches: the entry must be valid and carry the permission the direction
+needs (TCE_PCI_READ for the device reading memory, TCE_PCI_WRITE for it
+writing).  Pages that are physically contiguous are merged into runs, and
+each run is copied in one NumPy operation, so a transfer costs one step per
+run, not per page.  A refused DMA is the platform's to handle (PowerNV:
+an EEH freeze).
+"""
+
+from __future__ import annotations
+
+import weakref
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from ..dma import DmaFault, IommuBusMaster, Run
+from ..iommu.table_group import TableGroup
+from ..iommu.tce import TCE_PCI_READ, TCE_PCI_WRITE, TceStorage
+from ..mm import PhysicalMemory
+from ..pci.device import PciDevice
+from ..progression import as_progression
+from .eeh import EehPe
+
+if TYPE_CHECKING:
+    from ..iommu.iommu import IommuGroup
+
+TceLookup = tuple[np.ndarray, int]      # the TCEs of the pages a range covers, and their page shift
+Translation = list[Run] | DmaFault
+
+
+def translate_tces(tces: np.ndarray, page_shift: int, iova: int, length: int, write: bool,
+                   phys: PhysicalMemory) -> Translation:
+    """Translate [iova, iova+length) given the TCEs of the pages it covers.
+
+    ``tces[0]`` is the entry of the page holding ``iova``.
+    """
+    psize = 1 << page_shift
+    need = np.uint64(TCE_PCI_WRITE if write else TCE_PCI_READ)
+    n = int(tces.size)
+    first_off = iova & (psize - 1)
+    if n == 1:
+        tce = int(tces[0])
+        if not tce & int(need):
+            return _fault(tces, 0, page_shift, iova, write)
+        return _runs(phys, [(tce & ~(psize - 1)) + first_off], [length], iova, length)
+    t0 = int(tces[0])
+    # The usual case: physically contiguous pages with the same permissions,
+    # i.e. the entries form an arithmetic progression: one run.
+    if t0 & int(need) and as_progression(tces, psize) is not None:
+        return _runs(phys, [(t0 & ~(psize - 1)) + first_off], [length], iova, length)
+    ok = tces & need
+    if not ok.all():
+        return _fault(tces, int(np.argmin(ok != 0)), page_shift, iova, write)
+    hpas = tces & ~np.uint64(psize - 1)
+    # Break the page list where the next page is not physically adjacent.
+    breaks = np.flatnonzero(hpas[1:] != hpas[:-1] + np.uint64(psize)) + 1
+    starts = [0] + breaks.tolist()
+    ends = breaks.tolist() + [n]
+    begins: list[int] = []
+    spans: list[int] = []
+    remaining = length
+    for s, e in zip(starts, ends):
+        head = first_off if s == 0 else 0
+        span = min((e - s) * psize - head, remaining)
+        begins.append(int(hpas[s]) + head)
+        spans.append(span)
+        remaining -= span
+    return _runs(phys, begins, spans, iova, length)
+
+
+def _fault(tces: np.ndarray, bad: int, page_shift: int, iova: int, write: bool) -> DmaFault:
+    addr = ((iova >> page_shift) + bad) << page_shift
+    what = "not mapped" if int(tces[bad]) & (TCE_PCI_READ | TCE_PCI_WRITE) == 0 else \
+        f"mapped without {'write' if write else 'read'} permission"
+    return DmaFault(max(addr, iova), f"IOMMU page {addr:#x} is {what}")
+
+
+def _runs(phys: PhysicalMemory, begins: list[int], spans: list[int], iova: int, length: int) -> Translation:
+    runs: list[Run] = []
+    done = 0
+    for begin, span in zip(begins, spans):
+        found = phys.lookup(begin)
+        if found is None or found[1] + span > found[0].length:
+            return DmaFault(iova + done, f"TCE points at {begin:#x}, which is not RAM")
+        runs.append((found[0], found[1], span))
+        done += span
+    return runs
+
+
+class TceCache:
+    """A PHB's cache of recent translations.
+
+    Entries are keyed by the transfer and remember the table storage and its
+    generation; any TCE change bumps the generation, so a stale translation
+    is never served (the model of the hardware cache that tce_kill flushes).
+    """
+
+    SIZE = 16
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, int, bool], tuple[weakref.ref[TceStorage], int, list[Run]]] = {}
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def translate(self, storage: TceStorage, iova: int, length: int, write: bool,
+                  slow: Callable[[int, int, bool], Translation]) -> Translation:
+        key = (iova, length, write)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0]() is storage and hit[1] == storage.generation:
+            return hit[2]
+        runs = slow(iova, length, write)
+        if isinstance(runs, list):
+            if len(self._entries) >= self.SIZE:
+                self._entries.pop(next(iter(self._entries)))
+            # A weak reference: a removed window's table is not kept alive here.
+            self._entries[key] = (weakref.ref(storage), storage.generation, runs)
+        return runs
+
+
+class Pe(ABC):
+    """A Partitionable Endpoint: the unit of DMA translation and isolation,
+    and its devices' DMA translator (kernel/dma.py).
+
+    Subclasses say how a bus address finds its TCEs (``lookup_tces``), what a
+    refused DMA does to the PE (``dma_fault``) and which windows hardware
+    has programmed (``windows``).
+    """
+
+    def __init__(self, name: str, table_group: TableGroup, phys: PhysicalMemory,
+                 log: Callable[[str], None], eeh: EehPe | None) -> None:
+        self.name = name
+        self.table_group = table_group
+        self.phys = phys
+        self.log = log
+        self.eeh = eeh
+        self.devices: list[PciDevice] = []
+        self.iommu_group: "IommuGroup | None" = None
+        self.dma_faults = 0
+
+    def add_device(self, dev: PciDevice) -> None:
+        self.devices.append(dev)
+        dev.bus_master = IommuBusMaster(self, dev)
+        dev.mmio_enabled_by_platform = self.mmio_enabled
+        # MSI-X messages are DMA writes to the PHB's MSI window: a frozen PE drops them too.
+        dev.dma_enabled_by_platform = self.dma_enabled
+
+    def mmio_enabled(self) -> bool:
+        return self.eeh is None or not self.eeh.mmio_stopped
+
+    def dma_enabled(self) -> bool:
+        return self.eeh is None or not self.eeh.dma_stopped
+
+    @abstractmethod
+    def lookup_tces(self, iova: int, length: int) -> TceLookup | DmaFault:
+        """Return (tces, page_shift) for the pages of the range, or a DmaFault."""
+
+    def dma_fault(self, fault: DmaFault, write: bool) -> None:
+        """The IOMMU refused a transfer; platforms decide what that does."""
+        self.dma_faults += 1
+
+    def translate(self, iova: int, length: int, write: bool) -> Translation:
+        found = self.lookup_tces(iova, length)
+        if isinstance(found, DmaFault):
+            return found
+        tces, page_shift = found
+        return translate_tces(tces, page_shift, iova, length, write, self.phys)
+
+    @abstractmethod
+    def windows(self) -> list[dict[str, Any]]:
+        """The DMA windows currently programmed in hardware, for topology."""
