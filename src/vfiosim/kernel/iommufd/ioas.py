@@ -49,7 +49,7 @@ class Ioas(IommufdObject):
             "iova_ranges": iopt.iova_ranges(), "allowed": list(iopt.allowed),
             "hwpts": [h.id for h in self.hwpt_list],
             "areas": [{"iova": a.start, "length": a.length, "prot": a.iommu_prot,
-                       "user_va": a.pages.uptr + a.start_byte(a.start) - a.pages_first * iopt.page_size
+                       "user_va": a.pages.uptr + a.start_byte(a.start)
                        if a.pages is not None else None,
                        "pinned": a.storage_domain is not None} for a in iopt.areas()],
         })

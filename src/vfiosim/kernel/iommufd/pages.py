@@ -49,6 +49,11 @@ if TYPE_CHECKING:
 
 U64 = (1 << 64) - 1
 
+# pfn_reader_user_pin(): the upages array temp_kmalloc() gives it is at most
+# TEMP_MEMORY_LIMIT (64 KiB) of struct page pointers, the most one
+# pin_user_pages_fast() call pins.
+UPAGES_MAX = 65536 // 8
+
 IOPT_PAGES_ACCOUNT_NONE = 0
 IOPT_PAGES_ACCOUNT_USER = 1
 IOPT_PAGES_ACCOUNT_MM = 2
@@ -132,7 +137,8 @@ class IoptPages:
     def pin(self, first: int, last: int, current: "Task") -> list[tuple[int, int, int]]:
         """Pin the pages of [first, last] that are not pinned yet; returns the
         new runs (for the caller's unwind).  A page that cannot be pinned
-        fails the whole call: EFAULT, nothing new left pinned."""
+        fails the whole call (EFAULT, or ENOMEM when it cannot be faulted
+        in), nothing new left pinned."""
         mm = self.source_mm
         if mm is not current.mm and getattr(mm, "dead", False):
             raise fail(EFAULT, "the process that mapped these pages has exited (mmget_not_zero failed)")
@@ -141,20 +147,31 @@ class IoptPages:
         faults = self.kernel.faults
         try:
             for lo, hi in holes(merge(self._pinned_spans()), first, last):
-                want = hi - lo + 1
-                res = _pin(mm, self.uptr + lo * psz, want, self.writable)
-                passed = faults.take("pin_user_pages:pfn_reader_user_pin", res.count)
-                if passed < res.count:
-                    self.kernel.phys.unpin(res.hpas[passed:res.count])
-                    res = PinResult(res.hpas[:passed], res.compound_shifts[:passed], passed, ENOMEM)
-                new += _runs(lo, res.hpas[:res.count], psz)
-                if res.count < want:
-                    what = "cannot be faulted in" if res.errno == ENOMEM else \
-                        "is not mapped, or is PROT_NONE" + (" or read-only (the mapping is writable)"
-                                                            if self.writable else "")
-                    addr = self.uptr + (lo + res.count) * psz
-                    raise fail(res.errno or EFAULT, f"user page {addr:#x} {what}: pin_user_pages(FOLL_LONGTERM) "
-                                                    f"failed")
+                # One pin_user_pages_fast() call per upages array (temp_kmalloc()
+                # caps it at TEMP_MEMORY_LIMIT): a short pin is no error, the next
+                # call starts at the first page not pinned; a call that pins
+                # nothing fails the reader with its errno.
+                while lo <= hi:
+                    want = min(hi - lo + 1, UPAGES_MAX)
+                    res = _pin(mm, self.uptr + lo * psz, want, self.writable)
+                    passed = faults.take("pin_user_pages:pfn_reader_user_pin", res.count)
+                    if passed < res.count:
+                        self.kernel.phys.unpin(res.hpas[passed:res.count])
+                        res = PinResult(res.hpas[:passed], res.compound_shifts[:passed], passed, ENOMEM)
+                    for run in _runs(lo, res.hpas[:res.count], psz):
+                        # batch_from_pages() merges contiguous pfns across calls
+                        if new and new[-1][0] + new[-1][1] == run[0] and new[-1][2] + new[-1][1] * psz == run[2]:
+                            new[-1] = (new[-1][0], new[-1][1] + run[1], new[-1][2])
+                        else:
+                            new.append(run)
+                    if res.count == 0:
+                        what = "cannot be faulted in" if res.errno == ENOMEM else \
+                            "is not mapped, or is PROT_NONE" + (" or read-only (the mapping is writable)"
+                                                                if self.writable else "")
+                        addr = self.uptr + lo * psz
+                        raise fail(res.errno or EFAULT, f"user page {addr:#x} {what}: pin_user_pages(FOLL_LONGTERM) "
+                                                        f"failed")
+                    lo += res.count
         except KernelError:
             self._release(new)
             raise
