@@ -293,6 +293,18 @@ class Machine:
         with self._lock:
             return {gid: [d.bdf for d in g.devices] for gid, g in sorted(self.kernel.iommu_groups.items())}
 
+    def vfio_dev(self, bdf: str) -> str | None:
+        """The VFIO device name of ``bdf`` (``vfio0``): sysfs's
+        /sys/bus/pci/devices/BDF/vfio-dev/vfioN, which Linux 6.1+ creates for
+        every VFIO device whatever its configuration, and the name of its cdev
+        /dev/vfio/devices/vfioN where CONFIG_VFIO_DEVICE_CDEV made one.  None
+        when VFIO does not have the device, or on the 3.10 kernel."""
+        vfio = self.kernel.vfio
+        if vfio.legacy:
+            return None
+        with self._lock:
+            return next((d.cdev_name for d in vfio.devices if d.name == bdf.lower()), None)
+
     def device(self, bdf: str) -> PciDevice:
         try:
             return self.kernel.devices[bdf.lower()]
@@ -316,6 +328,13 @@ class Machine:
         """Page pins held anywhere on the machine (0 when nothing is mapped)."""
         with self._lock:
             return self.kernel.phys.pinned_pages()
+
+    def user_locked_vm(self, uid: int) -> int:
+        """Bytes charged to user ``uid``'s locked memory (``user->locked_vm``):
+        iommufd's default accounting adds every process of the uid there, and
+        nothing in /proc shows it."""
+        with self._lock:
+            return self.kernel.users.locked_vm(uid) * self.page_size
 
     def processes(self) -> list[int]:
         with self._lock:
