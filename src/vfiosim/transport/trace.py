@@ -7,7 +7,11 @@ One object per call, written when the call returns::
      "out": {...fields the kernel changed...}, "ret": 0, "errno": 0, "err": "", "reason": "..."}
 
 ``args`` are the ioctl's struct fields as the program passed them (read from
-its memory before the call), ``out`` the fields the kernel changed.  Other
+its memory before the call), ``out`` the fields the kernel changed.  The
+iommufd ioctls of /dev/iommu (``fd_kind`` "iommufd", also /dev/vfio/vfio when
+iommufd serves it) are decoded the same way, from their ``size``-first
+structs; so are the cdev's VFIO_DEVICE_BIND_IOMMUFD, ATTACH/DETACH_IOMMUFD_PT
+and VFIO_DEVICE_PCI_HOT_RESET (with its group fds, or none: the devid form).  Other
 calls: open (path, flags), close, read/pread/write/pwrite (count, offset),
 dup, mmap (offset, length, prot), mmio (offset, size, value), munmap, fork,
 and ``exit`` events.  ``vfiosim trace show FILE`` prints them strace-style.
@@ -23,6 +27,7 @@ import struct
 import time
 from typing import IO, TYPE_CHECKING, Any, Iterable, TextIO
 
+from ..uapi import iommufd as iu
 from ..uapi import vfio as uapi
 from . import protocol as P
 
@@ -48,7 +53,15 @@ _STRUCTS: dict[str, type] = {
     "VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY": uapi.vfio_iommu_spapr_register_memory,
     "VFIO_IOMMU_SPAPR_TCE_CREATE": uapi.vfio_iommu_spapr_tce_create,
     "VFIO_IOMMU_SPAPR_TCE_REMOVE": uapi.vfio_iommu_spapr_tce_remove,
+    "VFIO_DEVICE_BIND_IOMMUFD": uapi.vfio_device_bind_iommufd,
+    "VFIO_DEVICE_ATTACH_IOMMUFD_PT": uapi.vfio_device_attach_iommufd_pt,
+    "VFIO_DEVICE_DETACH_IOMMUFD_PT": uapi.vfio_device_detach_iommufd_pt,
+    "VFIO_DEVICE_PCI_HOT_RESET": uapi.vfio_pci_hot_reset,
 }
+# /dev/iommu: struct iommu_<name> of IOMMU_<NAME>, but for two
+_STRUCTS.update({name: iu.STRUCTS[name.lower()] for name in iu.IOCTLS if name.lower() in iu.STRUCTS})
+_STRUCTS["IOMMU_GET_HW_INFO"] = iu.iommu_hw_info
+_STRUCTS["IOMMU_FAULT_QUEUE_ALLOC"] = iu.iommu_fault_alloc
 _NO_ARG = {"VFIO_GET_API_VERSION", "VFIO_IOMMU_ENABLE", "VFIO_IOMMU_DISABLE", "VFIO_GROUP_UNSET_CONTAINER",
            "VFIO_DEVICE_RESET"}
 _VALUE_ARG = {"VFIO_CHECK_EXTENSION": "extension", "VFIO_SET_IOMMU": "type"}
@@ -136,7 +149,13 @@ class Tracer:
         return rec
 
     def _ioctl_args(self, task: "Task", rec: dict[str, Any], cmd: int, arg: int) -> None:
-        name = uapi.ioctl_name_for(cmd, rec.get("fd_kind", "")) or f"{cmd:#x}"
+        if rec.get("fd_kind") == "iommufd":
+            # iommufd's own numbers, else the VFIO container's (its Type1 emulation)
+            name = iu.ioctl_name(cmd) or uapi.ioctl_name_for(cmd, "vfio-container") or f"{cmd:#x}"
+            if "/" in name:
+                name = next((n for n in name.split("/") if "SPAPR" not in n), name)
+        else:
+            name = uapi.ioctl_name_for(cmd, rec.get("fd_kind", "")) or f"{cmd:#x}"
         if "/" in name:
             parts = name.split("/")
             spapr = [n for n in parts if "SPAPR" in n]
@@ -167,6 +186,14 @@ class Tracer:
                         s["data"] = list(struct.unpack(f"<{s['count']}i", raw))
                     except Exception:
                         s["data"] = "<fault>"
+            elif name == "VFIO_DEVICE_PCI_HOT_RESET" and isinstance(rec["args"], dict):
+                s = rec["args"]
+                if 0 < s.get("count", 0) <= 64:
+                    try:
+                        raw = task.mm.read(arg + ctypes.sizeof(uapi.vfio_pci_hot_reset), 4 * s["count"])
+                        s["group_fds"] = list(struct.unpack(f"<{s['count']}i", raw))
+                    except Exception:
+                        s["group_fds"] = "<fault>"
         elif arg and name not in _NO_ARG:
             rec["args"] = {"arg": arg}
 
@@ -231,7 +258,8 @@ def _fmt_value(key: str, v: Any) -> str:
         return "[" + ", ".join(_fmt_value(key, x) for x in v) + "]"
     if isinstance(v, int) and not isinstance(v, bool) and v > 0:
         if key in ("vaddr", "iova", "offset", "start_addr", "buf", "dma32_window_start", "flags", "ptr", "value",
-                   "mask", "addr", "arg", "iova_pgsizes", "pgsizes"):
+                   "mask", "addr", "arg", "iova_pgsizes", "pgsizes", "user_va", "dst_iova", "src_iova",
+                   "allowed_iovas", "data_uptr", "out_iova_alignment", "page_size", "out_capabilities"):
             return hex(v)
         if key in ("size", "window_size", "dma32_window_size", "length") and v > 9:
             return hex(v)
