@@ -11,6 +11,7 @@ Linux has them, so the usual ways of finding a device work::
     /sys/devices/.../<bdf>/driver -> ../../../bus/pci/drivers/vfio-pci
     /sys/kernel/iommu_groups/<N>/devices/<bdf> -> ../../../../devices/pci<dom>:<bus>/<bdf>
     /dev/vfio/vfio, /dev/vfio/<N>
+    /dev/iommu, /dev/vfio/devices/vfio<N>      (kernels with IOMMUFD, VFIO_DEVICE_CDEV)
 
 The host's own PCI devices stay visible in /sys/bus/pci/devices (as links
 to the real sysfs) unless a simulated device has the same address.
@@ -31,6 +32,10 @@ if TYPE_CHECKING:
 VFIO_GROUP_MAJOR = 243          # a dynamic char major, as /proc/devices shows "vfio"
 MISC_MAJOR = 10
 VFIO_MINOR = 196
+# /dev/iommu is a misc device with a dynamic minor, /dev/vfio/devices/vfioN the
+# "vfio-dev" region's dynamic major; the preload shim uses the same numbers.
+IOMMUFD_MISC_MINOR = 123
+VFIO_CDEV_MAJOR = 511
 
 # IORESOURCE_MEM | IORESOURCE_SIZEALIGN, plus PREFETCH / MEM_64 (include/linux/ioport.h)
 _IORESOURCE_MEM = 0x00000200
@@ -76,11 +81,18 @@ class FakeSysfs:
         m = self.machine
         k = m.kernel
         self._mkdir("/dev/vfio")
+        if k.config.vfio_device_cdev:
+            self._mkdir("/dev/vfio/devices")
         for path, node in k.dev_nodes.items():
-            if not path.startswith("/dev/vfio/"):
+            if path == "/dev/iommu":
+                major, minor = MISC_MAJOR, IOMMUFD_MISC_MINOR
+            elif path.startswith("/dev/vfio/devices/vfio"):
+                major, minor = VFIO_CDEV_MAJOR, int(path[len("/dev/vfio/devices/vfio"):])
+            elif path.startswith("/dev/vfio/"):
+                name = path.rsplit("/", 1)[1]
+                major, minor = (MISC_MAJOR, VFIO_MINOR) if name == "vfio" else (VFIO_GROUP_MAJOR, int(name))
+            else:
                 continue
-            name = path.rsplit("/", 1)[1]
-            major, minor = (MISC_MAJOR, VFIO_MINOR) if name == "vfio" else (VFIO_GROUP_MAJOR, int(name))
             _write(self.path(path), f"{major} {minor} {node.mode:o} {node.uid} {node.gid}\n")
         self._mkdir("/sys/bus/pci/devices")
         self._mkdir("/sys/bus/pci/drivers/vfio-pci")
