@@ -6,7 +6,8 @@ joins it with VFIO_GROUP_SET_CONTAINER, which creates the context's
 them, /dev/iommu too (the container ioctls' numbers are below 0x80).
 
 The emulation differs from VFIO's Type1 driver in ways a program can see
-(Documentation/userspace-api/iommufd.rst lists them; the code decides):
+(upstream names the gaps in iommufd_vfio_check_extension() and the Kconfig
+help of IOMMUFD_VFIO_CONTAINER; the code decides; docs/iommufd.md):
 
 * VFIO_SET_IOMMU takes Type1 and Type1v2 only, needs a group (ENODEV), and
   for Type1 disables huge pages in the IOAS so any range can be unmapped;
