@@ -64,10 +64,9 @@ def describe(m: "Machine") -> dict[str, Any]:
             ictx = getattr(f, "ictx", None)
             if ictx is None:
                 continue
-            entry = contexts.get(id(ictx))
-            if entry is None:
-                entry = contexts[id(ictx)] = {"path": f.name, "fds": [], **ictx.describe()}
-            entry["fds"].append({"pid": pid, "fd": fd})
+            if id(ictx) not in contexts:
+                contexts[id(ictx)] = {"path": f.name, "fds": [], **ictx.describe()}
+            contexts[id(ictx)]["fds"].append({"pid": pid, "fd": fd})
     out = {"machine": m.name, "description": m.spec.description, "platform": m.platform,
            "kernel": m.kernel_version, "page_size": m.page_size, "iommu_drivers": k.vfio.iommu_drivers.names(),
            "kernel_config": k.config.symbols(), "dev_nodes": sorted(k.dev_nodes),

@@ -216,7 +216,7 @@ class Tracer:
         return {"name": raw.split(b"\0", 1)[0].decode("utf-8", "replace")}
 
     @staticmethod
-    def _read_struct(task: "Task", cls: type, arg: int) -> Any:
+    def _read_struct(task: "Task", cls: Any, arg: int) -> Any:
         size = ctypes.sizeof(cls)
         try:
             argsz = struct.unpack("<I", task.mm.read(arg, 4))[0]

@@ -26,7 +26,7 @@ from .hw_pagetable import HwptPaging, hwpt_paging_alloc
 from .main import IOMMUFD_OBJ_ANY, IOMMUFD_OBJ_DEVICE, IOMMUFD_OBJ_IOAS, IommufdCtx, IommufdObject, Ucmd
 
 if TYPE_CHECKING:
-    from ..iommu.iommu_group import IommuGroup
+    from ..iommu.iommu import IommuGroup
     from ..pci.device import PciDevice
     from ..task import Task
     from .ioas import Ioas
@@ -85,6 +85,8 @@ class IommufdDevice(IommufdObject):
         assert self.dev.iommu_group is not None
         self.dev.iommu_group.release_device_dma_owner()
         self.igroup.put()
+        # Only iommufd_device_unbind() destroys a device (it holds the context's file).
+        assert self.unbind_task is not None
         iommufd_ctx_put(self.ictx, self.unbind_task)
 
     def describe(self) -> dict[str, Any]:
@@ -175,6 +177,7 @@ def hw_pagetable_attach(hwpt: HwptPaging, idev: IommufdDevice) -> None:
     _attach_reserved_iova(idev, hwpt)
     if not igroup.device_list:
         try:
+            assert hwpt.domain is not None
             iommu_attach_group(hwpt.domain, igroup.group)
         except KernelError:
             hwpt.ioas.iopt.remove_reserved_iova(idev.dev)
@@ -191,6 +194,7 @@ def hw_pagetable_detach(idev: IommufdDevice) -> HwptPaging:
     assert hwpt is not None
     igroup.device_list.remove(idev)
     if not igroup.device_list:
+        assert hwpt.domain is not None
         iommu_detach_group(hwpt.domain, igroup.group)
         igroup.hwpt = None
     hwpt.ioas.iopt.remove_reserved_iova(idev.dev)
@@ -233,6 +237,7 @@ def _do_replace(idev: IommufdDevice, hwpt: HwptPaging) -> HwptPaging | None:
             raise
     _setup_msi(igroup, hwpt)
     try:
+        assert hwpt.domain is not None
         iommu_replace_group(igroup.group, hwpt.domain)
     except KernelError:
         for cur in igroup.device_list:

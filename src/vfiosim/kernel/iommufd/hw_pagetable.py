@@ -55,6 +55,7 @@ class HwptPaging(IommufdObject):
         if self.in_hwpt_list:
             self.ioas.hwpt_list.remove(self)
             self.in_hwpt_list = False
+            assert self.domain is not None
             self.ioas.iopt.remove_domain(self.domain)
         if self.domain is not None:
             iommu_domain_free(self.domain)

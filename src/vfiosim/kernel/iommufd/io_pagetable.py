@@ -313,7 +313,7 @@ class IoPagetable:
         if last > ULONG_MAX:
             raise fail(EOVERFLOW, f"IOVA {iova:#x} + length {length:#x} wraps")
         walk, done = self.contig_areas(iova, last)
-        elms = []
+        elms: list[PagesElm] = []
         for area, cur in walk:
             if self.kernel.faults.should_fail("kmalloc:iopt_get_pages"):
                 free_pages_list(elms)

@@ -152,11 +152,13 @@ class IommufdCtx:
         if obj.users != 1:
             raise fail(EBUSY, f"the {obj.type_name} {oid} is in use ({obj.users - 1} reference(s) besides the "
                               f"table's: {self._users_of(obj)})")
-        obj.users = 0
+        assert obj is not None
+        target: IommufdObject = obj
+        target.users = 0
         del self.objects[oid]
-        if self.vfio_ioas is obj:
+        if self.vfio_ioas is target:
             self.vfio_ioas = None
-        obj.destroy()
+        target.destroy()
 
     def destroy_user(self, obj: IommufdObject) -> None:
         """iommufd_object_destroy_user(): a kernel user (the VFIO driver) that

@@ -257,7 +257,7 @@ class IoptPages:
                 raise fail(ENOMEM, "charging mm->locked_vm failed (fault injection)")
             # __account_locked_vm(mm, npages, inc, source_task, false): the
             # capability was decided when the pages were created (NONE mode).
-            account_locked_vm_task(self.source_mm, npages, inc, self.source_task, False)  # type: ignore[arg-type]
+            account_locked_vm_task(self.source_mm, npages, inc, self.source_task, False)
         self.last_npinned = self.npinned
         mm = self.source_mm
         mm.pinned_vm += npages if inc else -npages

@@ -262,7 +262,7 @@ def _fill_cap_iova(ioas: Ioas, current: "Task", cur: int | None, avail: int) -> 
         head.nr_iovas += 1
     if cur is not None and avail >= hsize + rsize * head.nr_iovas:
         copy_to_user(current, cur, bytes(head))
-    return hsize + rsize * head.nr_iovas
+    return int(hsize + rsize * head.nr_iovas)
 
 
 def iommufd_vfio_ioctl(ictx: IommufdCtx, current: "Task", cmd: int, arg: int) -> int:
