@@ -15,7 +15,7 @@ import struct
 
 import pytest
 
-from iommufdutil import (FIXED, KiB, MiB, RW, U64_MAX, allow_iovas, attach, bind, cdev_setup, destroy, ioas_alloc,
+from iommufdutil import (KiB, MiB, RW, U64_MAX, allow_iovas, attach, bind, cdev_setup, destroy, ioas_alloc,
                          ioas_copy, ioas_map, ioas_unmap, iova_ranges, machine, option)
 from vfiosim.uapi import iommufd as iu
 from vfiosim.uapi.ioctl import _IO

@@ -31,7 +31,6 @@ after every step the machine must agree:
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import resource

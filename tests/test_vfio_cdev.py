@@ -14,7 +14,7 @@ import pytest
 
 import vfiosim
 from iommufdutil import (KiB, MiB, attach, bind, cdev_setup, destroy, detach, hwpt_alloc, ioas_alloc, ioas_map,
-                         ioas_unmap, iova_ranges, machine, option)
+                         ioas_unmap, iova_ranges, machine)
 from vfioutil import CONFIG, edu_dma, enable_bus_master, open_device
 from vfiosim.uapi import iommufd as iu
 from vfiosim.uapi import vfio as uapi
