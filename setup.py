@@ -1,16 +1,38 @@
-"""Builds the C preload shim of `vfiosim run` at install time (everything else is in pyproject.toml).
+"""Install-time steps that pyproject.toml cannot declare (everything else is there):
 
-The shim is an LD_PRELOAD library, not a Python extension: it links only
-against libc, and vfiosim.preload.library_path() finds it at run time.
+* the C preload shims of `vfiosim run` and `vfiosim record`, built as
+  extensions.  They are LD_PRELOAD libraries, not Python extensions: they link
+  only against libc, and vfiosim.preload.library_path() (and
+  vfiosim.tracing.record) find them at run time;
+* the fuzzers' seed corpus and regression inputs (fuzz/corpus, fuzz/regressions
+  of the repository), copied into the package as vfiosim/fuzz_inputs/ so that
+  `vfiosim fuzz` installed from a wheel starts from them too (vfiosim.fuzz.fuzz_root).
 """
+
+import os
+import shutil
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FUZZ_INPUTS = ("corpus", "regressions")
 
 
 class BuildShim(build_ext):
     def get_export_symbols(self, ext):  # not a Python module: no PyInit_ symbol
         return []
+
+
+class BuildPyWithFuzzInputs(build_py):
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "vfiosim", "fuzz_inputs")
+        for name in FUZZ_INPUTS:
+            source = os.path.join(HERE, "fuzz", name)
+            if os.path.isdir(source):
+                shutil.copytree(source, os.path.join(target, name), dirs_exist_ok=True)
 
 
 setup(
@@ -20,7 +42,14 @@ setup(
             sources=["src/vfiosim/preload/vfiosim_preload.c"],
             extra_compile_args=["-O2", "-fvisibility=hidden"],
             libraries=["dl", "pthread"],
-        )
+        ),
+        # `vfiosim record`'s pass-through recording shim (vfiosim.tracing.record).
+        Extension(
+            "vfiosim.tracing._vfiosim_record",
+            sources=["src/vfiosim/tracing/vfiosim_record.c"],
+            extra_compile_args=["-O2", "-fvisibility=hidden"],
+            libraries=["dl", "pthread"],
+        ),
     ],
-    cmdclass={"build_ext": BuildShim},
+    cmdclass={"build_ext": BuildShim, "build_py": BuildPyWithFuzzInputs},
 )

@@ -6,7 +6,7 @@
  * A plain VFIO program: it knows nothing of vfiosim.  On a POWER host with an
  * edu device bound to vfio-pci it runs as it is; anywhere else:
  *
- *     vfiosim run -- ./spapr_edu_dma [BDF]
+ *     vfiosim run -- ./spapr_edu_dma [BDF [BYTES]]
  *
  * Build: cc -O2 -Wall -o spapr_edu_dma spapr_edu_dma.c
  * Exit status 0 when every byte made the round trip.
@@ -37,7 +37,12 @@
 #define DMA_RUN 1
 #define DMA_TO_RAM 2
 #define DMA_IRQ 4
-#define CHUNK 4096
+#define CHUNK_MAX 4096                  /* edu's DMA buffer */
+
+/* Bytes per DMA (argument 2; default 4096).  QEMU's emulated edu before 8.2.1 refuses a
+ * DMA that ends exactly at the end of its buffer ("edu: fix DMA range upper bound
+ * check"), so against it (in a QEMU guest) move less, e.g. 2048. */
+static unsigned chunk = CHUNK_MAX;
 
 static void die(const char *what)
 {
@@ -104,6 +109,27 @@ static long vmlck_kb(void)
     return v;
 }
 
+/* A PCI device's registers are little-endian.  QEMU's emulated edu is not: it is
+ * DEVICE_NATIVE_ENDIAN, big-endian on a ppc64 target, so in a pseries guest every
+ * access is byte-swapped.  The identification register (0x010000ed) tells. */
+static int swapped;
+
+static uint32_t rd32(volatile uint32_t *bar, unsigned off)
+{
+    uint32_t v = bar[off / 4];
+    return swapped ? __builtin_bswap32(v) : v;
+}
+
+static void wr32(volatile uint32_t *bar, unsigned off, uint32_t v)
+{
+    bar[off / 4] = swapped ? __builtin_bswap32(v) : v;
+}
+
+static void wr64(volatile uint32_t *bar, unsigned off, uint64_t v)
+{
+    *(volatile uint64_t *)((volatile char *)bar + off) = swapped ? __builtin_bswap64(v) : v;
+}
+
 static void wait_irq(int efd, volatile uint32_t *bar)
 {
     struct pollfd p = {.fd = efd, .events = POLLIN};
@@ -112,16 +138,16 @@ static void wait_irq(int efd, volatile uint32_t *bar)
     uint64_t count;
     if (read(efd, &count, sizeof count) != sizeof count)
         die("read eventfd");
-    uint32_t status = bar[EDU_IRQ_STATUS / 4];
-    bar[EDU_IRQ_ACK / 4] = status;          /* acknowledge */
+    uint32_t status = rd32(bar, EDU_IRQ_STATUS);
+    wr32(bar, EDU_IRQ_ACK, status);         /* acknowledge */
 }
 
 static void dma(volatile uint32_t *bar, int efd, uint64_t src, uint64_t dst, uint32_t cmd)
 {
-    *(volatile uint64_t *)((volatile char *)bar + EDU_DMA_SRC) = src;
-    *(volatile uint64_t *)((volatile char *)bar + EDU_DMA_DST) = dst;
-    *(volatile uint64_t *)((volatile char *)bar + EDU_DMA_CNT) = CHUNK;
-    *(volatile uint64_t *)((volatile char *)bar + EDU_DMA_CMD) = cmd | DMA_RUN | DMA_IRQ;
+    wr64(bar, EDU_DMA_SRC, src);
+    wr64(bar, EDU_DMA_DST, dst);
+    wr64(bar, EDU_DMA_CNT, chunk);
+    wr64(bar, EDU_DMA_CMD, cmd | DMA_RUN | DMA_IRQ);
     wait_irq(efd, bar);
 }
 
@@ -133,7 +159,13 @@ int main(int argc, char **argv)
     struct vfio_iommu_spapr_tce_info spapr_iommu_info = {.argsz = sizeof(spapr_iommu_info)};
     struct vfio_iommu_type1_dma_map dma_map = {.argsz = sizeof(dma_map)};
 
-    if (argc > 1)
+    if (argc > 2)
+        chunk = (unsigned)strtoul(argv[2], NULL, 0);
+    if (!chunk || chunk > CHUNK_MAX) {
+        fprintf(stderr, "%s: BYTES must be 1..%d\n", argv[0], CHUNK_MAX);
+        return 1;
+    }
+    if (argc > 1 && argv[1][0])
         snprintf(bdf, sizeof bdf, "%s", argv[1]);
     else if (find_edu(bdf, sizeof bdf) < 0) {
         fprintf(stderr, "spapr_edu_dma: no edu device bound to vfio-pci\n");
@@ -214,7 +246,8 @@ int main(int argc, char **argv)
     volatile uint32_t *bar = mmap(NULL, reg.size, PROT_READ | PROT_WRITE, MAP_SHARED, device, (off_t)reg.offset);
     if (bar == MAP_FAILED)
         die("mmap BAR0");
-    printf("edu identification %#x\n", bar[0]);
+    swapped = bar[0] == __builtin_bswap32(0x010000edu);
+    printf("edu identification %#x%s\n", rd32(bar, 0), swapped ? " (big-endian registers: QEMU's own edu)" : "");
 
     /* Bus mastering on, through config space */
     struct vfio_region_info cfg = {.argsz = sizeof(cfg), .index = VFIO_PCI_CONFIG_REGION_INDEX};
@@ -241,13 +274,13 @@ int main(int argc, char **argv)
         die("VFIO_DEVICE_SET_IRQS");
 
     /* RAM -> device -> RAM, 4 KiB at a time (edu's buffer), through the TCE table */
-    for (int i = 0; i < CHUNK; i++)
+    for (unsigned i = 0; i < chunk; i++)
         buf[i] = (uint8_t)(i * 7 + 3);
-    memset(buf + CHUNK, 0, CHUNK);
+    memset(buf + CHUNK_MAX, 0, chunk);
     dma(bar, efd, dma_map.iova, EDU_BUFFER, 0);
-    dma(bar, efd, EDU_BUFFER, dma_map.iova + CHUNK, DMA_TO_RAM);
-    int ok = memcmp(buf, buf + CHUNK, CHUNK) == 0;
-    printf("DMA round trip of %d bytes: %s\n", CHUNK, ok ? "verified" : "MISMATCH");
+    dma(bar, efd, EDU_BUFFER, dma_map.iova + CHUNK_MAX, DMA_TO_RAM);
+    int ok = memcmp(buf, buf + CHUNK_MAX, chunk) == 0;
+    printf("DMA round trip of %u bytes: %s\n", chunk, ok ? "verified" : "MISMATCH");
 
     /* Reset (when the device can be reset), tear down */
     struct vfio_device_info info = {.argsz = sizeof(info)};

@@ -21,6 +21,20 @@ def _recording_init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
     _machines.append(self)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The guest recordings (marker qemu_record, about two minutes) run only when asked
+    for by name: `python3 -m pytest -m qemu_record` (docs/conformance.md).  Every run
+    replays the traces they recorded (tests/test_conformance.py)."""
+    if "qemu_record" in (config.getoption("markexpr", "") or ""):
+        return
+    keep, drop = [], []
+    for item in items:
+        (drop if item.get_closest_marker("qemu_record") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(autouse=True)
 def no_internal_errors():
     """A simulated program must never hit a vfiosim bug (machine.oopses)."""

@@ -305,15 +305,29 @@ def test_kernel_3_10_on_pseries_exits_2_naming_kconfig(capsys):
     assert "Kconfig" in err
 
 
-def test_command_runs_as_a_program():
-    """The console script if installed, else `python -m vfiosim.cli` from src."""
+def _installed_command() -> list[str] | None:
+    """The console script of the vfiosim under test: beside this Python (a
+    virtual environment's bin/, on PATH or not), else on PATH."""
+    beside = Path(sys.executable).parent / "vfiosim"
+    if beside.exists():
+        return [str(beside)]
     exe = shutil.which("vfiosim")
+    return [exe] if exe is not None else None
+
+
+def _src_env() -> dict[str, str]:
     env = dict(os.environ)
-    if exe is not None:
-        cmd = [exe]
-    else:
-        cmd = [sys.executable, "-m", "vfiosim.cli"]
-        env["PYTHONPATH"] = os.pathsep.join([str(SRC)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+@pytest.mark.parametrize("how", ["script", "python -m vfiosim"])
+def test_command_runs_as_a_program(how):
+    """The console script if installed (else `python -m vfiosim` from src), and `python -m vfiosim`."""
+    env = _src_env()
+    cmd = _installed_command() if how == "script" else None
+    if cmd is None:
+        cmd = [sys.executable, "-m", "vfiosim"]
     topo = subprocess.run(cmd + ["topology", "--json", "--machine", "pseries"], env=env, capture_output=True,
                           text=True, timeout=120)
     assert topo.returncode == 0, topo.stderr
@@ -326,3 +340,4 @@ def test_command_runs_as_a_program():
                          text=True, timeout=120)
     assert bad.returncode == 2
     assert "/nonexistent.toml" in bad.stderr
+    assert "Traceback" not in bad.stderr

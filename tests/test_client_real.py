@@ -134,6 +134,9 @@ def test_real_backend_errors_carry_the_kernels_errno():
     assert backend.locked_bytes() == 0
 
 
+@pytest.mark.skipif(os.path.exists("/dev/vfio/vfio"),
+                    reason="this host has VFIO (/dev/vfio/vfio): the real backend opens a container here; the test is "
+                           "for hosts without it")
 def test_wrong_backend_on_this_host_says_so():
     """This host has no /dev/vfio: the real backend's first open fails and says what to do."""
     with pytest.raises(VfioError) as e:
@@ -213,6 +216,38 @@ def test_sysfs_is_read_from_files_and_links(tmp_path):
     assert found == [client.PciDeviceInfo("0000:00:1f.2", 0x8086, 0x2922, 0x010601, None, None),
                      client.PciDeviceInfo("0000:01:00.0", 0x1234, 0x11E8, 0x00FF00, 7, "vfio-pci")]
     assert client.select_devices(found, ids="8086:*") == found[:1] and not found[0].vfio_ready
+
+
+class _UnreadableSysfs(client.HostOs):
+    """sysfs as a process sees it after dropping privileges where it is restricted."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def listdir(self, path: str) -> list[str]:
+        if self.where == "listing":
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return ["0000:01:00.0"]
+
+    def read_text(self, path: str) -> str:
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+
+@pytest.mark.parametrize("where", ["listing", "device files"])
+def test_unreadable_sysfs_is_a_vfio_error_with_cause_and_fix(where):
+    with pytest.raises(client.VfioError) as e:
+        client.pci_devices(client.RealBackend(_UnreadableSysfs(where)))
+    assert isinstance(e.value, OSError) and e.value.errno == errno.EACCES
+    text = str(e.value)
+    assert text.startswith("sysfs: pci_devices() failed with EACCES (Permission denied)")
+    assert "/sys/bus/pci/devices" in text and "is not readable by this process" in text
+    assert "fix: list the devices before dropping privileges" in text
+
+
+def test_a_missing_sysfs_is_a_vfio_error_that_says_so(tmp_path):
+    with pytest.raises(client.VfioError) as e:
+        client.RealBackend(sysfs_root=str(tmp_path)).pci_devices()
+    assert e.value.errno == errno.ENOENT and f"sysfs is not mounted at {tmp_path}" in str(e.value)
 
 
 def test_caps_chain_decoding_and_guards():

@@ -24,7 +24,7 @@ from vfioutil import BAR0, CONFIG, dma_map, dma_unmap, enable_bus_master, open_d
 
 KiB, MiB = 1 << 10, 1 << 20
 ENTRY_POINTS = [name for name in vars(Kernel) if name.startswith("sys_")] + ["spawn", "exit", "fork", "attach",
-                                                                               "exec", "eeh_pe_op"]
+                                                                               "exec"]
 
 
 @pytest.fixture

@@ -347,9 +347,9 @@ PSERIES_IGNORED = ("rtas:reset_dma_window", "kmalloc:iommu_init_table", "hcall:t
 
 def pseries_pe_state(snap: dict, ctx: Ctx, change: Callable[[list], None]) -> None:
     pe = ctx.m.pe_of(ctx.m.iommu_groups()[0][0])
-    state = list(snap["pes"][pe.name])
+    state = list(snap["platform"][pe.name])
     change(state)
-    snap["pes"][pe.name] = tuple(state)
+    snap["platform"][pe.name] = tuple(state)
 
 
 def pseries_create_leaks(table_bytes: int):

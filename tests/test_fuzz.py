@@ -12,6 +12,8 @@ import ctypes
 import errno
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,7 @@ def checkout_corpus(monkeypatch):
 
 def test_an_installed_copy_finds_the_corpus_of_the_checkout_it_runs_in(monkeypatch, tmp_path):
     monkeypatch.setattr(fuzz, "REPO_FUZZ", tmp_path / "site-packages" / "fuzz")   # no corpus beside it
+    monkeypatch.setattr(fuzz, "PACKAGED_FUZZ", tmp_path / "site-packages" / "vfiosim" / "fuzz_inputs")  # nor in it
     monkeypatch.chdir(FUZZ.parent)
     assert fuzz.corpus_dirs("ioctl")[0].resolve() == FUZZ / "corpus" / "ioctl"
     monkeypatch.chdir(tmp_path)                                   # and elsewhere: none, and it says so
@@ -62,6 +65,21 @@ def test_an_installed_copy_finds_the_corpus_of_the_checkout_it_runs_in(monkeypat
     out = io.StringIO()
     fuzz.random_engine("ioctl", runs=1, seed=1, extra_dirs=[], max_len=64, crash_dir=tmp_path, seconds=None, out=out)
     assert "no seed corpus" in out.getvalue()
+
+
+def test_an_installed_copy_elsewhere_uses_the_inputs_installed_with_it(monkeypatch, tmp_path):
+    """A wheel carries the corpus and regressions (setup.py copies them into vfiosim/fuzz_inputs)."""
+    build = tmp_path / "build"
+    subprocess.run([sys.executable, str(FUZZ.parent / "setup.py"), "-q", "build_py", "--build-lib", str(build)],
+                   cwd=FUZZ.parent, check=True, capture_output=True)
+    packaged = build / "vfiosim" / "fuzz_inputs"
+    for kind in ("corpus", "regressions"):
+        inside = sorted(p.relative_to(packaged / kind) for p in (packaged / kind).rglob("*") if p.is_file())
+        assert inside == sorted(p.relative_to(FUZZ / kind) for p in (FUZZ / kind).rglob("*") if p.is_file())
+    monkeypatch.setattr(fuzz, "REPO_FUZZ", tmp_path / "site-packages" / "fuzz")
+    monkeypatch.setattr(fuzz, "PACKAGED_FUZZ", packaged)
+    monkeypatch.chdir(tmp_path)
+    assert fuzz.corpus_dirs("protocol") == [packaged / "corpus" / "protocol", packaged / "regressions" / "protocol"]
 
 
 @pytest.mark.parametrize("target", sorted(fuzz.TARGETS))

@@ -113,7 +113,7 @@ def test_argument_checks(setup):
 
 def test_an_unwritable_bitmap_loses_the_bits_silently(setup):
     """iova_bitmap_set() cannot pin the bitmap, drops the bits and the ioctl
-    succeeds (Linux 6.12; docs/deviations.md 10)."""
+    succeeds (Linux 6.12; docs/deviations.md 11)."""
     m, p, fd, hwpt, dfd, ioas, devid = setup
     set_tracking(p, fd, hwpt, True)
     edu_dma(p, dfd, 0x40000, 0x100000, 8, to_ram=True)

@@ -497,3 +497,15 @@ def test_behind_bridge_is_refused_for_a_device_that_shares_its_bus():
     alone = text.replace('bdf = "0000:01:00.0"', 'bdf = "0000:02:00.0"')
     m = vfiosim.Machine.from_toml(alone)
     assert m.device("0000:01:00.1").reset_method == "bus"
+
+
+@pytest.mark.parametrize("platform", ["powernv", "pseries"])
+def test_an_empty_driver_is_no_driver_on_power_too(platform):
+    """docs/machine-files.md: driver = "" is no driver.  The group is viable
+    (no host driver owns its DMA) but has no /dev/vfio node, as on x86."""
+    m = vfiosim.Machine.from_toml(TWO_PHBS.format(platform=platform).replace(
+        'iommu_group = 1\n', 'iommu_group = 1\ndriver = ""\n'))
+    assert m.device("0001:01:00.0").driver is None
+    topo = {g["id"]: g for g in m.topology()["iommu_groups"]}
+    assert topo[1]["viable"] is True and topo[1]["node"] is None
+    assert topo[0]["node"] == "/dev/vfio/0"

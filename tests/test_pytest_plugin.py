@@ -58,6 +58,17 @@ def test_option_and_environment_choose_the_machine(pytester, monkeypatch):
     pytester.runpytest(*PLUGIN).assert_outcomes(passed=1)
 
 
+def test_a_mistyped_machine_is_named_with_where_it_came_from_and_the_presets(pytester, monkeypatch):
+    pytester.makepyfile("def test_it(vfio_machine):\n    pass\n")
+    monkeypatch.setenv("VFIOSIM_MACHINE", "powrenv")
+    result = pytester.runpytest(*PLUGIN)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*$VFIOSIM_MACHINE: unknown machine 'powrenv'*presets: powernv, pseries, x86*"])
+    result = pytester.runpytest(*PLUGIN, "--vfio-machine", "pseriess")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*--vfio-machine: unknown machine 'pseriess'*presets: powernv, pseries, x86*"])
+
+
 def test_process_is_the_default_backend_and_exits(pytester):
     pytester.makepyfile("""
         import pytest

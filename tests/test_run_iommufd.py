@@ -64,6 +64,17 @@ def test_the_iommufd_c_example_runs_unmodified_through_the_cdev(bins, tmp_path):
     assert "<iommufd>, IOMMU_IOAS_MAP, {size=0x28, flags=0x7, ioas_id=2" in show
 
 
+def test_the_example_finds_its_cdev_in_sysfs(bins):
+    """No arguments: the first edu bound to vfio-pci, its cdev from the fake
+    sysfs's vfio-dev/vfioN, as on Linux."""
+    proc = vfiosim_run("--machine", "x86", "--kernel-config", "iommufd", "--", iommufd_bin(bins))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    first = proc.stdout.splitlines()[0]
+    assert first in ("device 0000:01:00.0, cdev /dev/vfio/devices/vfio0",
+                     "device 0000:02:00.0, cdev /dev/vfio/devices/vfio1")
+    assert "DMA round trip of 4096 bytes: verified" in proc.stdout
+
+
 def test_debians_kernel_has_no_dev_iommu_and_no_cdev_whatever_the_host_has(bins):
     proc = vfiosim_run("--machine", "x86", "--", iommufd_bin(bins), "0000:01:00.0", "/dev/vfio/devices/vfio0")
     assert proc.returncode == 1

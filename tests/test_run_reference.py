@@ -1,6 +1,6 @@
 """A C program walks the real-kernel reference traces under `vfiosim run`.
 
-tests/c/reference_walker.c performs each step of tests/data/reference_traces
+src/vfiosim/qemu/guest/reference_walker.c performs each step of tests/data/reference_traces
 as the recording program did, through the preload shim, and prints the
 return value, errno, struct fields and its own VmLck/VmPin from
 /proc/self/status.  Every answer must be the one Linux gave.
@@ -15,34 +15,9 @@ from typing import Any
 import pytest
 
 import vfiosim
-from runutil import C_DIR, ThreadedDaemon, cc
+from runutil import ThreadedDaemon, cc
 from tracereplay import load_trace, type1_info_fields
-
-
-def walker_input(trace: list[dict[str, Any]]) -> str:
-    meta = trace[0]
-    lines = [f"0 meta buf_size={meta['buf_size']} memlock_cur={meta['rlimit_memlock_cur']} "
-             f"memlock_max={meta['rlimit_memlock_max']} bdf={meta['bdf']}"]
-    for step in trace[1:]:
-        if "seq" not in step:
-            continue
-        op = step["op"]
-        if step.get("skipped"):
-            op = "skip"
-        elif op in ("note", "meta"):
-            op = "note"
-        kv = []
-        args = step.get("args") or {}
-        for key, value in args.items():
-            if key.endswith("_sym"):
-                continue
-            if key == "vaddr" and "vaddr_sym" in args:
-                value = "@" + args["vaddr_sym"]
-            kv.append(f"{key}={value}")
-        if "vaddr_sym" in args and "vaddr" not in args:
-            kv.append("vaddr=@" + args["vaddr_sym"])
-        lines.append(f"{step['seq']} {op} {' '.join(kv)}".rstrip())
-    return "\n".join(lines) + "\n"
+from vfiosim.qemu.record import GUEST_DIR, walker_input
 
 
 def compare(trace: list[dict[str, Any]], output: str) -> tuple[int, list[str]]:
@@ -94,7 +69,7 @@ def compare(trace: list[dict[str, Any]], output: str) -> tuple[int, list[str]]:
 
 @pytest.fixture(scope="module")
 def walker(tmp_path_factory):
-    return cc(C_DIR / "reference_walker.c", tmp_path_factory.mktemp("walker"))
+    return cc(GUEST_DIR / "reference_walker.c", tmp_path_factory.mktemp("walker"))
 
 
 @pytest.mark.parametrize("name, machine, steps", [("v1.jsonl", "pseries", 157), ("v2.jsonl", "pseries", 218),

@@ -365,6 +365,53 @@ def test_device_feature_probe(p):
     assert err(e) == "EINVAL"
 
 
+def _feature(p, d, flags, payload=b""):
+    hdr = uapi.vfio_device_feature(argsz=ctypes.sizeof(uapi.vfio_device_feature) + len(payload), flags=flags)
+    return p.ioctl(d, uapi.VFIO_DEVICE_FEATURE, bytearray(bytes(hdr) + payload))
+
+
+def test_low_power_features_check_their_flags_as_vfio_pci_does(p):
+    """vfio_pci_core_ioctl_feature() of 6.12: the three low-power features are SET-only
+    (vfio_check_feature: GET is EINVAL, PROBE answers 0), entry twice is EINVAL, exit
+    always 0; the VF token (feature 0) is ENOTTY for a device that is no SR-IOV PF.
+    A pseries guest's Linux 6.12 answered these (tests/data/conformance, families)."""
+    c, g = setup_v1(p)
+    d = open_device(p, g, BDF)
+    F = uapi
+    for feat in (F.VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY, F.VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY_WITH_WAKEUP,
+                 F.VFIO_DEVICE_FEATURE_LOW_POWER_EXIT):
+        assert _feature(p, d, F.VFIO_DEVICE_FEATURE_PROBE | F.VFIO_DEVICE_FEATURE_SET | feat) == 0
+        for flags in (F.VFIO_DEVICE_FEATURE_PROBE | F.VFIO_DEVICE_FEATURE_SET | F.VFIO_DEVICE_FEATURE_GET,
+                      F.VFIO_DEVICE_FEATURE_GET):
+            with pytest.raises(OSError) as e:
+                _feature(p, d, flags | feat)
+            assert err(e) == "EINVAL"
+    with pytest.raises(OSError) as e:
+        _feature(p, d, F.VFIO_DEVICE_FEATURE_PROBE | F.VFIO_DEVICE_FEATURE_SET | F.VFIO_DEVICE_FEATURE_PCI_VF_TOKEN)
+    assert err(e) == "ENOTTY"
+    set_ = F.VFIO_DEVICE_FEATURE_SET
+    assert _feature(p, d, set_ | F.VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY) == 0
+    with pytest.raises(OSError) as e:
+        _feature(p, d, set_ | F.VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY)
+    assert err(e) == "EINVAL" and "already" in str(e.value)
+    assert _feature(p, d, set_ | F.VFIO_DEVICE_FEATURE_LOW_POWER_EXIT) == 0
+    assert _feature(p, d, set_ | F.VFIO_DEVICE_FEATURE_LOW_POWER_EXIT) == 0
+    # With a wakeup eventfd: the argument must be there, and be an eventfd.
+    wake = F.VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY_WITH_WAKEUP
+    with pytest.raises(OSError) as e:
+        _feature(p, d, set_ | wake)                                    # argsz too small
+    assert err(e) == "EINVAL"
+    for fd, expected in ((-1, "EINVAL"), (c, "EINVAL"), (999, "EBADF")):
+        with pytest.raises(OSError) as e:
+            _feature(p, d, set_ | wake, bytes(F.vfio_device_low_power_entry_with_wakeup(wakeup_eventfd=fd)))
+        assert err(e) == expected
+    efd = p.eventfd()
+    assert _feature(p, d, set_ | wake, bytes(F.vfio_device_low_power_entry_with_wakeup(wakeup_eventfd=efd))) == 0
+    p.close(d)                                 # the close leaves low power (vfio_pci_core_disable)
+    d = open_device(p, g, BDF)
+    assert _feature(p, d, set_ | F.VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY) == 0
+
+
 def test_exit_closes_everything_and_frees_the_group(powernv):
     a = powernv.spawn()
     c, g = setup_v1(a)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import functools
 import gc
 import json
 import math
@@ -18,11 +19,11 @@ import sys
 import time
 import tracemalloc
 from dataclasses import asdict, dataclass, field
-from typing import Callable, TextIO
+from typing import Any, Callable, TextIO
 
 import numpy as np
 
-from .machine import Machine
+from .machine import Machine, Process
 from .uapi import vfio as uapi
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -35,7 +36,7 @@ class Figure:
     unit: str
     goal: str = ""
     met: bool | None = None
-    detail: dict = field(default_factory=dict)
+    detail: dict[str, Any] = field(default_factory=dict)
 
 
 def best_of(fn: Callable[[], object], repeat: int, number: int = 1) -> float:
@@ -49,7 +50,7 @@ def best_of(fn: Callable[[], object], repeat: int, number: int = 1) -> float:
     return best
 
 
-def _v1_setup(page_size: int = 4096, machine: str = "powernv"):
+def _v1_setup(page_size: int = 4096, machine: str = "powernv") -> tuple[Machine, Process, int, int]:
     m = Machine.preset(machine, page_size=page_size)
     p = m.spawn(uid=0, rlimit_memlock=(1 << 62, 1 << 62))
     c = p.open("/dev/vfio/vfio")
@@ -61,7 +62,7 @@ def _v1_setup(page_size: int = 4096, machine: str = "powernv"):
     return m, p, c, g
 
 
-def _v2_setup():
+def _v2_setup() -> tuple[Machine, Process, int]:
     """A PowerNV machine, and a root process with group 0 in a sPAPR v2 container."""
     m = Machine.preset("powernv")
     p = m.spawn(uid=0, rlimit_memlock=(1 << 62, 1 << 62))
@@ -72,12 +73,12 @@ def _v2_setup():
     return m, p, c
 
 
-def _map(p, c, vaddr: int, iova: int, size: int) -> None:
+def _map(p: Process, c: int, vaddr: int, iova: int, size: int) -> None:
     p.ioctl(c, uapi.VFIO_IOMMU_MAP_DMA, uapi.vfio_iommu_type1_dma_map(argsz=32, flags=3, vaddr=vaddr, iova=iova,
                                                                        size=size))
 
 
-def _unmap(p, c, iova: int, size: int) -> None:
+def _unmap(p: Process, c: int, iova: int, size: int) -> None:
     p.ioctl(c, uapi.VFIO_IOMMU_UNMAP_DMA, uapi.vfio_iommu_type1_dma_unmap(argsz=24, iova=iova, size=size))
 
 
@@ -253,7 +254,7 @@ def bench_scaling(kind: str, exponents: range) -> Figure:
         for e in exponents:
             n = 1 << e
             view = dest[:n * 4096]
-            times.append(best_of(lambda view=view: dev.bus_master.dma_read_into(base, view), 3))
+            times.append(best_of(functools.partial(dev.bus_master.dma_read_into, base, view), 3))
             sizes.append(n)
         del dest
     # The slope of log(time) against log(pages) over the larger half of the
@@ -321,35 +322,47 @@ def suite(quick: bool = False) -> list[tuple[str, Callable[[], Figure]]]:
     ]
 
 
-def run(quick: bool = False, out: TextIO | None = None, json_path: str | None = None,
+def run(quick: bool = False, out: TextIO | None = None, json_out: TextIO | None = None,
         plot_dir: str | None = None, only: list[str] | None = None, progress: bool = True) -> list[Figure]:
-    """Run the suite (or the figures named in ``only``), print the table,
-    optionally write JSON and charts; returns the figures."""
+    """Run the suite (or the figures named in ``only``), print the table to
+    ``out``, optionally write JSON to ``json_out`` and charts; returns the
+    figures.  Progress goes to stderr: a bar redrawn in place on a terminal,
+    one line per figure otherwise (no carriage returns in CI logs)."""
     out = out or sys.stdout
     items = [(n, fn) for n, fn in suite(quick) if not only or n in only]
     figures: list[Figure] = []
     t_start = time.perf_counter()
+    tty = sys.stderr.isatty()
     for i, (name, fn) in enumerate(items):
         if progress:
-            bar = "#" * (i * 30 // len(items))
-            print(f"\r[{bar:<30}] {i}/{len(items)} {name:<12} {time.perf_counter() - t_start:5.0f} s",
-                  end="", file=sys.stderr, flush=True)
+            elapsed = time.perf_counter() - t_start
+            if tty:
+                bar = "#" * (i * 30 // len(items))
+                print(f"\r[{bar:<30}] {i}/{len(items)} {name:<12} {elapsed:5.0f} s",
+                      end="", file=sys.stderr, flush=True)
+            else:
+                print(f"vfiosim bench: [{i + 1}/{len(items)}] {name} (after {elapsed:.0f} s)",
+                      file=sys.stderr, flush=True)
         f = fn()
         if quick:
             f.met = None            # tiny sizes: the goals are for the full suite
         figures.append(f)
         gc.collect()
     if progress:
-        print(f"\r[{'#' * 30}] {len(items)}/{len(items)} done in {time.perf_counter() - t_start:.0f} s{' ' * 8}",
-              file=sys.stderr)
+        elapsed = time.perf_counter() - t_start
+        if tty:
+            print(f"\r[{'#' * 30}] {len(items)}/{len(items)} done in {elapsed:.0f} s{' ' * 8}", file=sys.stderr)
+        else:
+            print(f"vfiosim bench: {len(items)} figure(s) done in {elapsed:.0f} s", file=sys.stderr, flush=True)
     print(format_table(figures), file=out)
     if quick:
         print("(--quick: tiny sizes, a smoke run; goals are judged only by the full suite)", file=out)
-    if json_path:
-        with open(json_path, "w") as fh:
-            json.dump({"machine": {"python": sys.version.split()[0], "numpy": np.__version__,
-                                   "cpus": os.cpu_count()},
-                       "figures": [asdict(f) for f in figures]}, fh, indent=2)
+    if json_out is not None:
+        json.dump({"machine": {"python": sys.version.split()[0], "numpy": np.__version__,
+                               "cpus": os.cpu_count()},
+                   "figures": [asdict(f) for f in figures]}, json_out, indent=2)
+        json_out.write("\n")
+        json_out.flush()
     if plot_dir:
         for path in plot(figures, plot_dir):
             print(f"wrote {path}", file=out)

@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import sys
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator, TextIO
 
 from . import __version__
 from .kernel.kernel import KERNEL_PROFILES
-from .machine import Machine, preset_names
+from .machine import KERNEL_ENV, MACHINE_ENV, PAGE_SIZE_ENV, PAGE_SIZES, Machine, machine_settings, preset_names
 from .machine_spec import MachineFileError
 
 
 def _machine_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--machine", default="powernv", metavar="NAME|FILE",
-                    help=f"a preset ({', '.join(preset_names())}) or a machine file (default: powernv)")
-    ap.add_argument("--kernel", default="6.12", choices=KERNEL_PROFILES,
-                    help="kernel behaviour to simulate (default: 6.12; 3.10 is the seed patch)")
-    ap.add_argument("--page-size", type=int, default=4096, choices=(4096, 65536),
-                    help="the host kernel's PAGE_SIZE (default: 4096)")
+    ap.add_argument("--machine", metavar="NAME|FILE",
+                    help=f"a preset ({', '.join(preset_names())}) or a machine file "
+                         f"(default: ${MACHINE_ENV}, else powernv)")
+    ap.add_argument("--kernel", choices=KERNEL_PROFILES,
+                    help=f"kernel behaviour to simulate (default: ${KERNEL_ENV}, else 6.12; 3.10 is the seed patch)")
+    ap.add_argument("--page-size", type=int, choices=PAGE_SIZES,
+                    help=f"the host kernel's PAGE_SIZE (default: ${PAGE_SIZE_ENV}, else 4096)")
     ap.add_argument("--kernel-config", metavar="OPTIONS", default=None,
                     help="kernel options that differ from Debian's 6.12 build (which has no iommufd): 'iommufd' "
                          "(IOMMUFD, VFIO_DEVICE_CDEV), 'iommufd-compat' (and IOMMUFD_VFIO_CONTAINER), or a "
@@ -29,6 +31,15 @@ def _machine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device-module", metavar="MODULE", action="append", default=[],
                     help="import MODULE (a dotted name, or a .py file) first: it registers device models "
                          "with vfiosim.devices.register_model (repeatable)")
+
+
+def _machine_from_env(args: argparse.Namespace) -> None:
+    """Fill in --machine, --kernel and --page-size as the client library does:
+    the option, else the environment, else the default."""
+    args.machine_from_env = args.machine is None and bool(os.environ.get(MACHINE_ENV))
+    if getattr(args, "machine_from_trace", False) and args.machine is None and not args.machine_from_env:
+        return              # `vfiosim replay`: the trace's header says which machine and page size
+    args.machine, args.kernel, args.page_size = machine_settings(args.machine, args.kernel, args.page_size)
 
 
 def _import_device_module(spec: str) -> None:
@@ -53,8 +64,33 @@ def _import_device_module(spec: str) -> None:
 def _load(args: argparse.Namespace) -> Machine:
     for spec in args.device_module:
         _import_device_module(spec)
-    return Machine.load(args.machine, page_size=args.page_size, kernel=args.kernel,
-                        kernel_config=getattr(args, "kernel_config", None))
+    try:
+        return Machine.load(args.machine, page_size=args.page_size, kernel=args.kernel,
+                            kernel_config=getattr(args, "kernel_config", None))
+    except ValueError as exc:
+        if args.machine_from_env:               # say where the name came from
+            exc.args = (f"${MACHINE_ENV}: {exc}",)
+        raise
+
+
+def _json_option(ap: argparse.ArgumentParser, what: str) -> None:
+    """``--json [FILE]``, the same for every command: JSON to FILE; to standard
+    output (instead of the text) with ``-`` or no FILE."""
+    ap.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                    help=f"write {what} as JSON to FILE; with no FILE or '-', to standard output instead of the text")
+
+
+@contextmanager
+def _json_target(target: str | None) -> Iterator[TextIO | None]:
+    """The stream ``--json`` names (opened before any work, so that a bad
+    path fails at once), or None without ``--json``."""
+    if target is None:
+        yield None
+    elif target == "-":
+        yield sys.stdout
+    else:
+        with open(target, "w") as f:
+            yield f
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -67,12 +103,19 @@ def _hex(v: Any) -> str:
 
 
 def cmd_topology(args: argparse.Namespace) -> int:
-    m = _load(args)
-    topo = m.topology()
-    if args.json:
-        json.dump(topo, sys.stdout, indent=2)
-        print()
-        return 0
+    with _json_target(args.json) as json_out:
+        m = _load(args)
+        topo = m.topology()
+        if json_out is not None:
+            json.dump(topo, json_out, indent=2)
+            print(file=json_out)
+            if json_out is sys.stdout:
+                return 0
+    _print_topology(topo)
+    return 0
+
+
+def _print_topology(topo: dict[str, Any]) -> None:
     print(f"{topo['machine']}: {topo['description']}")
     print(f"platform {topo['platform']}, Linux {topo['kernel']} profile, {topo['page_size'] // 1024} KiB pages, "
           f"EEH {'available' if topo['eeh'] else 'not available'}, IOMMU drivers: "
@@ -125,7 +168,6 @@ def cmd_topology(args: argparse.Namespace) -> int:
         bars = "".join(f", BAR{i} {_hex(b['address'])}+{b['size']:#x}" for i, b in d["bars"].items())
         print(f"  {d['bdf']} {d['vendor']:04x}:{d['device']:04x} class {d['class']:06x} ({d['model']}), driver "
               f"{d['driver'] or 'none'}, group {d['iommu_group']}{bars}, reset {d['reset'] or 'none'}")
-    return 0
 
 
 def _print_iommufd(topo: dict[str, Any]) -> None:
@@ -182,6 +224,7 @@ def _host_page_size_ok(args: argparse.Namespace, command: str) -> bool:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .transport import run as R
+    from .transport.elfcheck import preload_obstacle
     if not args.connect and not _host_page_size_ok(args, "run"):
         return 2
     argv = list(args.program)
@@ -191,62 +234,101 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("vfiosim run: name a program: vfiosim run [--machine NAME|FILE] -- PROGRAM ARGS...", file=sys.stderr)
         return 2
     if args.connect:
-        if args.trace:
-            print("vfiosim run: --trace belongs to the daemon: vfiosim serve --trace FILE", file=sys.stderr)
-            return 2
-        return R.run_connected(args.connect, argv)
-    return R.run(_load(args), argv, trace=args.trace)
+        for given, option in ((args.trace, "--trace FILE"), (args.verbose, "-v")):
+            if given:
+                print(f"vfiosim run: {option.split()[0]} belongs to the daemon: vfiosim serve {option}",
+                      file=sys.stderr)
+                return 2
+    obstacle = preload_obstacle(argv[0])
+    if obstacle:
+        print(f"vfiosim run: warning: {obstacle}", file=sys.stderr, flush=True)
+    if args.connect:
+        return R.run_connected(args.connect, argv, wait=args.wait)
+    return R.run(_load(args), argv, trace=args.trace, verbose=args.verbose)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .transport import run as R
     if not _host_page_size_ok(args, "serve"):
         return 2
-    return R.serve(_load(args), args.socket, trace=args.trace)
+    if args.ready_fd is not None:
+        try:
+            os.fstat(args.ready_fd)
+        except OSError as exc:
+            print(f"vfiosim serve: --ready-fd {args.ready_fd}: {exc.strerror}", file=sys.stderr)
+            return 2
+    return R.serve(_load(args), args.socket, trace=args.trace, ready_fd=args.ready_fd, verbose=args.verbose)
 
 
 def cmd_trace_show(args: argparse.Namespace) -> int:
+    from .tracing.format import TraceError
     from .transport.trace import show
     try:
-        return show(args.file, sys.stdout)
-    except BrokenPipeError:
-        return 0
+        with _naming_the_trace(args.file):
+            return show(args.file, sys.stdout)
+    except TraceError as exc:           # names the file, and the line when there is one
+        print(f"vfiosim trace show: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_trace_summary(args: argparse.Namespace) -> int:
+    from .tracing.format import TraceError
     from .transport.summary import print_summary, summarize_trace
     try:
-        print_summary(summarize_trace(args.file), sys.stdout)
-    except BrokenPipeError:
-        return 0
-    except OSError as exc:
-        print(f"vfiosim trace summary: {args.file}: {exc.strerror}", file=sys.stderr)
+        with _naming_the_trace(args.file):
+            print_summary(summarize_trace(args.file), sys.stdout)
+    except TraceError as exc:           # names the file and line
+        print(f"vfiosim trace summary: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
+@contextmanager
+def _naming_the_trace(path: str) -> Iterator[None]:
+    """A file that is not JSON lines: say which file."""
+    try:
+        yield
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not a vfiosim trace (JSON lines): {exc}") from None
+
+
 def _run_parsers(sub: Any) -> None:
     run = sub.add_parser("run", help="run an unmodified program with its VFIO calls reaching a simulated machine",
-                         usage="vfiosim run [--machine NAME|FILE] [--trace FILE] [--connect SOCKET] -- PROGRAM ARGS...")
+                         usage="vfiosim run [--machine NAME|FILE] [--trace FILE] [-v] [--connect SOCKET] "
+                               "-- PROGRAM ARGS...")
     _machine_args(run)
     run.add_argument("--trace", metavar="FILE", help="write every VFIO call as a JSON line to FILE")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="print each failing VFIO call with the simulated kernel's reason, and its kernel log "
+                          "(dmesg) lines, on stderr")
     run.add_argument("--connect", metavar="SOCKET", help="use the machine of a running `vfiosim serve`")
+    run.add_argument("--wait", metavar="SECONDS", type=float, default=10.0,
+                     help="with --connect: how long to wait for a daemon that is still starting (default 10)")
     run.add_argument("program", nargs=argparse.REMAINDER, help="the program and its arguments, after --")
     run.set_defaults(func=cmd_run)
     serve = sub.add_parser("serve", help="serve a simulated machine to programs started with `vfiosim run --connect`")
     _machine_args(serve)
     serve.add_argument("--socket", default="vfiosim.sock", help="Unix socket to listen on (default: ./vfiosim.sock)")
     serve.add_argument("--trace", metavar="FILE", help="write every VFIO call as a JSON line to FILE")
+    serve.add_argument("-v", "--verbose", action="store_true",
+                       help="print each failing VFIO call with the simulated kernel's reason, and its kernel log "
+                            "(dmesg) lines, on stderr")
+    serve.add_argument("--ready-fd", metavar="N", type=int,
+                       help="once programs can connect, write the socket's path and a newline to file descriptor N "
+                            "and close it (for scripts and supervisors)")
     serve.set_defaults(func=cmd_serve)
-    trace = sub.add_parser("trace", help="inspect a --trace file")
+    trace = sub.add_parser("trace", help="inspect, convert and compare traces (--trace, vfiosim record, reference)")
     tsub = trace.add_subparsers(dest="trace_command", required=True)
-    show = tsub.add_parser("show", help="print a trace strace-style")
+    show = tsub.add_parser("show", help="print a trace strace-style (any trace: format of record, older --trace "
+                                        "files, the reference traces)")
     show.add_argument("file")
     show.set_defaults(func=cmd_trace_show)
     summary = tsub.add_parser("summary", help="condense a trace: runs of per-page map/unmap and of config or BAR "
                                               "accesses become one line each, with counts")
     summary.add_argument("file")
     summary.set_defaults(func=cmd_trace_summary)
+    from .tracing.cli import add_trace_subcommands
+    add_trace_subcommands(tsub)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -258,9 +340,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if name not in names:
             print(f"vfiosim bench: no figure {name!r} (figures: {', '.join(names)})", file=sys.stderr)
             return 2
-    figures = bench.run(quick=args.quick, json_path=args.json, plot_dir=args.plot, only=args.only,
-                        progress=not args.no_progress)
-    if args.json:
+    with _json_target(args.json) as json_out:
+        # JSON on standard output: the table goes to stderr, out of the way of a parser.
+        table = sys.stderr if json_out is sys.stdout else sys.stdout
+        figures = bench.run(quick=args.quick, out=table, json_out=json_out, plot_dir=args.plot, only=args.only,
+                            progress=not args.no_progress)
+    if args.json not in (None, "-"):
         print(f"wrote {args.json}")
     return 1 if args.strict and any(f.met is False for f in figures) else 0
 
@@ -268,11 +353,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bench_parser(sub: Any) -> None:
     b = sub.add_parser("bench", help="measure the simulator's cost as ratios against the bare work (see docs/performance.md)")
     b.add_argument("--quick", action="store_true", help="tiny sizes only: a smoke run of every benchmark in seconds")
-    b.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
+    _json_option(b, "the figures")
     b.add_argument("--plot", metavar="DIR", help="write PNG charts to DIR (needs the plot extra: matplotlib)")
     b.add_argument("--only", metavar="NAME", action="append", help="run only this figure (repeatable)")
     b.add_argument("--strict", action="store_true", help="exit 1 if a goal is not met")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    b.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     b.set_defaults(func=cmd_bench)
 
 
@@ -325,25 +410,39 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=cmd_demo)
     topo = sub.add_parser("topology", help="list PHBs, PEs, IOMMU groups, devices and DMA windows")
     _machine_args(topo)
-    topo.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(topo, "the topology")
     topo.set_defaults(func=cmd_topology)
     _run_parsers(sub)
     _bench_parser(sub)
     from .fuzz import add_fuzz_parser
     add_fuzz_parser(sub)
     _qemu_demo_parser(sub)
+    from .tracing.cli import add_parsers as _tracing_parsers
+    _tracing_parsers(sub)
+    from .qemu.record import add_parsers as _qemu_record_parsers
+    _qemu_record_parsers(sub)
     args = ap.parse_args(argv)
+    command = " ".join(filter(None, ("vfiosim", args.command, getattr(args, "trace_command", None))))
     try:
+        if hasattr(args, "machine"):
+            _machine_from_env(args)
         return int(args.func(args))
-    except (MachineFileError, ValueError) as exc:
-        print(f"vfiosim: {exc}", file=sys.stderr)
-        return 2
     except BrokenPipeError:                 # `vfiosim topology | head`
         try:
             sys.stdout = open(os.devnull, "w")
         except OSError:
             pass
         return 0
+    except (MachineFileError, ValueError) as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:                  # a file that cannot be read or written: say which and why
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{command}: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

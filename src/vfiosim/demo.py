@@ -13,9 +13,10 @@ table.  Every system call is printed with its result and the process's VmLck.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
-from typing import Callable, TextIO
+from typing import Callable, TextIO, TypeVar
 
 from .kernel.pci import edu as E
 from .machine import Machine, Process
@@ -25,6 +26,9 @@ CONFIG = uapi.VFIO_PCI_CONFIG_REGION_INDEX << 40
 BAR0 = uapi.VFIO_PCI_BAR0_REGION_INDEX << 40
 PCI_COMMAND = 0x04
 PCI_COMMAND_MASTER = 0x4
+
+
+T = TypeVar("T")
 
 
 class DemoFailed(Exception):
@@ -39,7 +43,7 @@ class Step:
         self.out = out
         self.n = 0
 
-    def __call__(self, label: str, fn: Callable[[], object], show: Callable[[object], str] | None = None) -> object:
+    def __call__(self, label: str, fn: Callable[[], T], show: Callable[[T], str] | None = None) -> T:
         self.n += 1
         try:
             result = fn()
@@ -133,7 +137,7 @@ def _flow(m: Machine, p: Process, step: Step, group_id: int, bdf: str, transfers
             dma_map = uapi.vfio_iommu_type1_dma_map(argsz=ctypes.sizeof(uapi.vfio_iommu_type1_dma_map), flags=flags,
                                                      vaddr=vaddr + off, iova=iova + off, size=chunk)
             step(f"ioctl(VFIO_IOMMU_MAP_DMA, iova {iova + off:#x}+{chunk:#x}, {what})",
-                 lambda dm=dma_map: p.ioctl(container, uapi.VFIO_IOMMU_MAP_DMA, dm))
+                 functools.partial(p.ioctl, container, uapi.VFIO_IOMMU_MAP_DMA, dma_map))
     if m.kernel_version != "3.10":
         step.note("the first MAP_DMA created the 32-bit window's TCE table, charged to locked memory too")
 
@@ -146,7 +150,7 @@ def _flow(m: Machine, p: Process, step: Step, group_id: int, bdf: str, transfers
     step("ioctl(VFIO_DEVICE_GET_REGION_INFO, BAR0)", lambda: p.ioctl(device, uapi.VFIO_DEVICE_GET_REGION_INFO, rinfo),
          lambda _: f"{rinfo.size:#x} bytes at {rinfo.offset:#x}")
     ids = step("pread(config, 4, 0)", lambda: int.from_bytes(p.pread(device, 4, CONFIG), "little"),
-               lambda v: f"vendor {v & 0xFFFF:04x} device {v >> 16:04x}")  # type: ignore[operator]
+               lambda v: f"vendor {v & 0xFFFF:04x} device {v >> 16:04x}")
     if ids != E.EDU_VENDOR | (E.EDU_DEVICE << 16):
         raise DemoFailed(f"{bdf} is not an edu device")
     cmd = int.from_bytes(p.pread(device, 2, CONFIG + PCI_COMMAND), "little")
@@ -167,7 +171,7 @@ def _flow(m: Machine, p: Process, step: Step, group_id: int, bdf: str, transfers
     irq = uapi.vfio_irq_set(argsz=ctypes.sizeof(uapi.vfio_irq_set) + 4, count=1,
                             flags=uapi.VFIO_IRQ_SET_DATA_EVENTFD | uapi.VFIO_IRQ_SET_ACTION_TRIGGER,
                             index=uapi.VFIO_PCI_MSI_IRQ_INDEX)
-    buf = bytearray(bytes(irq) + int(efd).to_bytes(4, "little", signed=True))  # type: ignore[arg-type]
+    buf = bytearray(bytes(irq) + int(efd).to_bytes(4, "little", signed=True))
     step("ioctl(VFIO_DEVICE_SET_IRQS, MSI -> eventfd)", lambda: p.ioctl(device, uapi.VFIO_DEVICE_SET_IRQS, buf))
 
     step.note(f"edu DMA: {transfers} x {E.DMA_SIZE} bytes, memory -> device buffer -> memory, through the TCEs")
@@ -183,7 +187,7 @@ def _flow(m: Machine, p: Process, step: Step, group_id: int, bdf: str, transfers
         step(f"edu DMA #{i}: device -> iova {iova_dst + off:#x}",
              lambda: reg_write(0x98, E.DMA_RUN | E.DMA_DIR_TO_RAM | E.DMA_IRQ_ENABLE, 8))
         reg_write(0x64, reg_read(0x24))       # acknowledge
-    step("read(eventfd): interrupts delivered", lambda: int.from_bytes(p.read(efd, 8), "little"))  # type: ignore[arg-type]
+    step("read(eventfd): interrupts delivered", lambda: int.from_bytes(p.read(efd, 8), "little"))
     data = p.read_memory(dst, transfers * E.DMA_SIZE)
     ok = data == pattern[:transfers * E.DMA_SIZE]
     step.note(f"verify: {'the destination buffer equals the source' if ok else 'MISMATCH'}")
@@ -216,7 +220,7 @@ def _device_round_trip(m: Machine, p: Process, step: Step, group: int, bdf: str,
     step("ioctl(VFIO_DEVICE_GET_REGION_INFO, BAR0)", lambda: p.ioctl(device, uapi.VFIO_DEVICE_GET_REGION_INFO, rinfo),
          lambda _: f"{rinfo.size:#x} bytes at {rinfo.offset:#x}")
     ids = _int(step("pread(config, 4, 0)", lambda: int.from_bytes(p.pread(device, 4, CONFIG), "little"),
-               lambda v: f"vendor {v & 0xFFFF:04x} device {v >> 16:04x}"))  # type: ignore[operator]
+               lambda v: f"vendor {v & 0xFFFF:04x} device {v >> 16:04x}"))
     if ids != E.EDU_VENDOR | (E.EDU_DEVICE << 16):
         raise DemoFailed(f"{bdf} is not an edu device")
     cmd = int.from_bytes(p.pread(device, 2, CONFIG + PCI_COMMAND), "little")

@@ -61,7 +61,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar, cast
+
+C = TypeVar("C")
 
 MASK64 = (1 << 64) - 1
 INTERESTING = (0, 1, 2, 3, 4, 7, 8, 12, 16, 0x7F, 0x80, 0xFF, 0x100, 0xFFF, 0x1000, 0x1001, 0x2000, 0xFFFF,
@@ -107,7 +109,7 @@ class Data:
     def below(self, n: int) -> int:
         return self.u8() % n if n <= 256 else self.u32() % n
 
-    def choice(self, seq: Sequence[Any]) -> Any:
+    def choice(self, seq: Sequence[C]) -> C:
         return seq[self.below(len(seq))]
 
     def flag(self) -> bool:
@@ -610,7 +612,6 @@ def _templates(uapi: Any) -> dict[int, type]:
 def check_invariants(m: Any) -> None:
     """What holds at every moment: every IOMMU entry points at a pinned page,
     a group is in at most one container, and no internal error happened."""
-    import numpy as np
     k = m.kernel
     if m.oopses:
         raise FuzzFailure("internal error:\n" + m.oopses[0])
@@ -623,26 +624,10 @@ def check_invariants(m: Any) -> None:
         obj, off = found
         return bool(obj.pincount[off >> obj.page_shift] > 0)
 
-    for pe in k.pes:
-        tables = []
-        if hasattr(pe, "tve"):
-            tables = [(t.entries, t.it_size) for t in pe.tve if t is not None and t.it_userspace is not None]
-        elif hasattr(pe, "hv"):
-            tables = [(t.entries, t.nb_table) for t in pe.hv.tables if t.enabled]
-        for storage, size in tables:
-            idx = storage.used_indices(0, size)
-            for i in idx[:4096].tolist():
-                tce = storage.get(i)
-                if not pinned(tce & ~0xFFF):
-                    raise FuzzFailure(f"{pe.name}: TCE #{i} = {tce:#x} points at a page nobody pinned")
-    for unit in m.iommu_units:
-        for dom in unit.domains:
-            if dom.kind != "paging":
-                continue
-            for iova, length, hpa, _prot in dom.extents():
-                for off in range(0, min(length, 64 << 12), 4096):
-                    if not pinned(hpa + off):
-                        raise FuzzFailure(f"VT-d domain {dom.id}: {iova + off:#x} -> {hpa + off:#x} is not pinned")
+    # (the first 4096 pages of each table or domain: tables can be huge)
+    for mp in k.platform.mappings(limit=4096):
+        if not pinned(mp.hpa):
+            raise FuzzFailure(f"{mp.where}: {mp.iova:#x} -> {mp.hpa:#x} points at a page nobody pinned")
     for g in k.vfio.groups.values():
         c = g.container
         if c is not None and g not in c.group_list:
@@ -656,7 +641,6 @@ def check_invariants(m: Any) -> None:
             if g.id in seen:
                 raise FuzzFailure(f"group {g.id} twice")
             seen[g.id] = g.container
-    del np
 
 
 def check_clean(m: Any) -> None:
@@ -678,10 +662,9 @@ def check_clean(m: Any) -> None:
     for user in k.users.all():
         if user.locked_vm:
             raise FuzzFailure(f"user {user.uid} still has {user.locked_vm} pages of locked memory charged")
-    for unit in m.iommu_units:
-        paging = [d for d in unit.domains if d.kind == "paging"]
-        if paging:
-            raise FuzzFailure(f"VT-d paging domains remain: {paging}")
+    paging = k.platform.paging_domains()
+    if paging:
+        raise FuzzFailure(f"IOMMU paging domains remain: {paging}")
 
 
 def target_ioctl(data: bytes) -> None:
@@ -733,6 +716,7 @@ FAKE_PID = (1 << 22) + 4242          # above pid_max: no real process has it
 
 def target_protocol(data: bytes) -> None:
     from . import uapi
+    from .kernel.mm import MM
     from .machine import Machine
     from .transport import protocol as P
     from .transport.daemon import Conn, TaskState
@@ -744,9 +728,10 @@ def target_protocol(data: bytes) -> None:
     k = m.kernel
     with m._lock:                 # as the daemon's own task set-up and exit do
         task = k.spawn(d.choice((0, 1000)), 0, d.choice(MEMLOCKS), "fuzz")
-        buf = task.mm.mmap(BUF, 3)
-        task.mm.write(buf, b"\x5a" * BUF)
-        ro = task.mm.mmap(RO, 1)
+        mm = cast(MM, task.mm)            # a task spawned here has simulated memory
+        buf = mm.mmap(BUF, 3)
+        mm.write(buf, b"\x5a" * BUF)
+        ro = mm.mmap(RO, 1)
     st = TaskState(FAKE_PID, task, -1)
     task.files.foreign = lambda n, st=st: daemon._foreign(st, n)
     client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -874,11 +859,11 @@ def _toml_key(k: str) -> str:
     return k if k and all(c.isalnum() or c in "_-" for c in k) else _toml_value(k)
 
 
-def to_toml(data: dict) -> str:
+def to_toml(data: dict[str, Any]) -> str:
     """A small TOML writer: scalars and inline values, tables, arrays of tables."""
     lines: list[str] = []
 
-    def table(d: dict, prefix: str) -> None:
+    def table(d: dict[str, Any], prefix: str) -> None:
         subs: list[tuple[str, Any, Any]] = []
         for k, v in d.items():
             if isinstance(v, dict):
@@ -954,7 +939,7 @@ def _copy(x: Any) -> Any:
     return x
 
 
-_preset_data: dict[str, dict] = {}
+_preset_data: dict[str, dict[str, Any]] = {}
 
 
 def target_machine_file(data: bytes) -> None:
@@ -1078,13 +1063,17 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
 # =============================================================================================
 
 REPO_FUZZ = Path(__file__).resolve().parents[2] / "fuzz"
+# Where an installed copy keeps them: setup.py copies fuzz/corpus and
+# fuzz/regressions into the package.
+PACKAGED_FUZZ = Path(__file__).resolve().parent / "fuzz_inputs"
 
 
 def fuzz_root() -> Path | None:
-    """The repository's fuzz/ directory: beside the source this module was
-    imported from, or else ./fuzz (an installed vfiosim run from a checkout,
-    as CI does after `pip install .`)."""
-    for root in (REPO_FUZZ, Path.cwd() / "fuzz"):
+    """The directory of the seed corpus and regression inputs: the repository's
+    fuzz/ beside the source this module was imported from, or else ./fuzz (an
+    installed vfiosim run from a checkout, as CI does after `pip install .`),
+    or else the copy installed with the package (a wheel used anywhere)."""
+    for root in (REPO_FUZZ, Path.cwd() / "fuzz", PACKAGED_FUZZ):
         if (root / "corpus").is_dir():
             return root
     return None
@@ -1164,8 +1153,9 @@ def random_engine(target: str, runs: int, seed: int, extra_dirs: Sequence[Path],
     rng = random.Random(seed)
     dirs = list(corpus_dirs(target)) + list(extra_dirs)
     if not dirs:
-        print(f"vfiosim fuzz: {target}: no seed corpus (no fuzz/corpus/ beside the source or in the current "
-              f"directory, no --corpus): starting from empty inputs, which reach far less", file=out, flush=True)
+        print(f"vfiosim fuzz: {target}: no seed corpus (no fuzz/corpus/ beside the source, in the current "
+              f"directory or installed with vfiosim, no --corpus): starting from empty inputs, which reach far less",
+              file=out, flush=True)
     corpus = load_corpus(dirs) or [b""]
     crashes: list[str] = []
     t0 = time.monotonic()
@@ -1202,14 +1192,14 @@ def atheris_engine(target: str, runs: int, seed: int, extra_dirs: Sequence[Path]
                    crash_dir: Path, seconds: float | None, work: Path) -> None:
     """Coverage-guided fuzzing with atheris (libFuzzer); does not return (libFuzzer exits)."""
     try:
-        import atheris
+        import atheris  # type: ignore[import-untyped]
     except ImportError:
         raise SystemExit("vfiosim fuzz: atheris is not installed (pip install 'vfiosim[fuzz]'), "
                          "or use --engine random") from None
     # Everything the targets reach, loaded now, then instrumented for coverage.
     from . import machine, uapi  # noqa: F401
     from .transport import daemon, protocol, trace  # noqa: F401
-    from .kernel.iommu import prereg, spapr_tce, spapr_tce_seed, type1  # noqa: F401
+    from .kernel.iommu import prereg, spapr_tce, spapr_tce_310, type1  # noqa: F401
     from .kernel.iommufd import device, hw_pagetable, io_pagetable, ioas, main, pages, vfio_compat  # noqa: F401
     from .kernel.vfio import device_cdev, iommufd  # noqa: F401
     from .kernel.platform import powernv, pseries, x86  # noqa: F401

@@ -15,49 +15,64 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import resource
 import threading
 import traceback
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar, cast
 
 from .kernel.config import KernelConfig
 from .kernel.errors import KernelError
-from .kernel.iommu.iommu import IommuGroup, iommu_probe_device
-from .kernel.iommu.spapr_tce import SpaprTceIommuDriver
-from .kernel.iommu.spapr_tce_seed import SeedSpaprTceIommuDriver
+from .kernel.faults import FaultInjector
+from .kernel.iommu.iommu import IommuOps
 from .kernel.kernel import KERNEL_PROFILES, Kernel, KernelProfile
-from .kernel.mm import MM, PROT_READ, PROT_WRITE
+from .kernel.mm import MM, PROT_READ, PROT_WRITE, MemoryObject
 from .kernel.pci.device import PciDevice
-from .kernel.pci.models import create_device, is_endpoint_model
-from .kernel.iommu.table_group import SpaprTceIommuOps
 from .kernel.platform.pe import Pe
-from .kernel.platform.powernv import PnvPe, PnvPhb
-from .kernel.platform.pseries import PseriesPe, SpaprPhb
 from .kernel.task import Task
-from .kernel.vfio.pci import VfioPciDevice
 from .machine_spec import MachineSpec, load_spec_file, load_spec_text
+from .platforms import BUILDERS
 
 T = TypeVar("T")
 
 PRESETS = {"powernv": "powernv.toml", "pseries": "pseries.toml", "x86": "x86.toml"}
 PRESET_ALIASES = {"default": "powernv", "powernv9": "powernv", "q35": "x86"}
 
-# MAX_PAGE_ORDER of ppc64 (arch/powerpc/Kconfig ARCH_FORCE_MAX_ORDER): the
-# largest contiguous allocation is 16 MiB with either page size.
-_MAX_ORDER = {4096: 12, 65536: 8}
+# The environment that chooses the simulated machine where the caller does not:
+# read by the client library's SimBackend, its pytest plugin and the command line.
+MACHINE_ENV = "VFIOSIM_MACHINE"
+KERNEL_ENV = "VFIOSIM_KERNEL"
+PAGE_SIZE_ENV = "VFIOSIM_PAGE_SIZE"
+PAGE_SIZES = (4096, 65536)
 
 
 def preset_names() -> list[str]:
     return sorted(PRESETS)
 
 
+def machine_settings(name: str | None = None, kernel: str | None = None,
+                     page_size: int | None = None) -> tuple[str, str, int]:
+    """The machine (a preset or a file), kernel profile and page size to
+    simulate: each argument given, else ``$VFIOSIM_MACHINE``,
+    ``$VFIOSIM_KERNEL``, ``$VFIOSIM_PAGE_SIZE``, else powernv, 6.12, 4096.
+    A bad value in the environment raises ValueError naming the variable."""
+    env = os.environ
+    if kernel is None and env.get(KERNEL_ENV):
+        kernel = env[KERNEL_ENV]
+        if kernel not in KERNEL_PROFILES:
+            raise ValueError(f"${KERNEL_ENV} is {kernel!r}: not a kernel profile ({', '.join(KERNEL_PROFILES)})")
+    if page_size is None and env.get(PAGE_SIZE_ENV):
+        text = env[PAGE_SIZE_ENV]
+        if not text.isdigit() or int(text) not in PAGE_SIZES:
+            raise ValueError(f"${PAGE_SIZE_ENV} is {text!r}: not a page size ({', '.join(map(str, PAGE_SIZES))})")
+        page_size = int(text)
+    return name or env.get(MACHINE_ENV) or "powernv", kernel or "6.12", page_size or 4096
+
+
 #: shorthands for kernel_config: what a distribution kernel with iommufd builds
 #: (IOMMUFD with the VFIO device cdev; groups and containers kept).
 KERNEL_CONFIG_ALIASES = {"iommufd": ("IOMMUFD", "VFIO_DEVICE_CDEV"),
                          "iommufd-compat": ("IOMMUFD", "VFIO_DEVICE_CDEV", "IOMMUFD_VFIO_CONTAINER")}
-
 
 def _config_items(kernel_config: "list[str] | tuple[str, ...] | str | None") -> list[str]:
     """kernel_config as a list: a list of options, a comma-separated string
@@ -77,25 +92,17 @@ class Machine:
     def __init__(self, spec: MachineSpec, *, page_size: int = 4096, kernel: str = "6.12",
                  kernel_config: "list[str] | tuple[str, ...] | str | None" = None) -> None:
         profile = KernelProfile.get(kernel)
-        if profile.legacy and spec.platform == "pseries":
-            raise ValueError("kernel 3.10 has no VFIO on pseries guests: its VFIO_IOMMU_SPAPR_TCE depends on "
-                             "PPC_POWERNV (drivers/vfio/Kconfig); use the powernv machine")
-        if spec.platform == "x86":
-            if profile.legacy:
-                raise ValueError("the 3.10 profile is the sPAPR seed patch on PowerNV; x86 machines run the Linux "
-                                 "6.12 Type1 IOMMU driver (kernel=\"6.12\")")
-            if page_size != 4096:
-                raise ValueError(f"x86 has 4 KiB pages only, not page_size={page_size}")
+        builder = BUILDERS[spec.platform]
+        builder.check(profile, page_size)
         self.spec = spec
         self.name = spec.name
         config = KernelConfig.parse([*spec.kernel_config, *_config_items(kernel_config)], platform=spec.platform,
-                                    legacy=profile.legacy)
+                                    legacy=not profile.iommufd)
         self.kernel = Kernel(page_size, profile, config)
         self.kernel.iommufd_allow_unsafe_interrupts = spec.iommufd_allow_unsafe_interrupts
         self._lock = threading.RLock()
         self.oopses: list[str] = []
-        self.iommu_units: list[Any] = []     # x86: the VT-d units (kernel/platform/x86.py)
-        self._build()
+        builder(spec, self.kernel).build()
 
     # -- constructors ------------------------------------------------------------------------
 
@@ -132,148 +139,14 @@ class Machine:
     @classmethod
     def load(cls, name_or_path: str, **kwargs: Any) -> "Machine":
         """A preset name, or the path of a machine file."""
-        if PRESET_ALIASES.get(name_or_path, name_or_path) in PRESETS and not Path(name_or_path).exists():
+        path = Path(name_or_path)
+        if PRESET_ALIASES.get(name_or_path, name_or_path) in PRESETS and not path.exists():
             return cls.preset(name_or_path, **kwargs)
+        if not path.exists() and path.suffix != ".toml" and os.sep not in name_or_path:
+            # A bare word that is neither: most likely a mistyped preset.
+            raise ValueError(f"unknown machine {name_or_path!r}: no preset and no machine file of that name; "
+                             f"presets: {', '.join(preset_names())}")
         return cls.from_file(name_or_path, **kwargs)
-
-    # -- building the platform ---------------------------------------------------------------------
-
-    def _build(self) -> None:
-        if self.spec.platform == "x86":
-            self._build_x86()
-            return
-        k = self.kernel
-        spec = self.spec
-        log = k.log.info
-        pes: dict[tuple[int, int], Pe] = {}
-        pes_seen: set[Pe] = set(k.pes)
-        if spec.platform == "powernv":
-            phbs = {}
-            for ps in spec.phbs:
-                phbs[ps.index] = PnvPhb(ps.index, model=ps.model, m32_pci_base=ps.m32_pci_base,
-                                        pgsizes=ps.tce_page_sizes, page_shift=k.page_shift,
-                                        max_order=ps.max_order if ps.max_order is not None else _MAX_ORDER[k.page_size],
-                                        eeh=ps.eeh)
-            k.eeh_available = any(p.eeh for p in phbs.values()) and not k.profile.legacy
-            for ds in spec.devices:
-                if (ds.phb, ds.pe) not in pes:
-                    pe = PnvPe(phbs[ds.phb], ds.pe, k.phys, log, spec.ram)
-                    if k.profile.legacy:
-                        # 3.10: the PE's 32-bit table of 4 KiB pages, which VFIO reuses.
-                        tbl = pe.table_group.create_host_table(0, 12, pe.table_group.tce32_size, 1)
-                        pe.table_group.set_window(0, tbl)
-                    else:
-                        pe.setup_default_config()
-                    pes[(ds.phb, ds.pe)] = pe
-            driver = SeedSpaprTceIommuDriver(k) if k.profile.legacy else SpaprTceIommuDriver(k)
-        else:
-            hvs = {}
-            for ps in spec.phbs:
-                hvs[ps.index] = SpaprPhb(ps.index, dma32_start=ps.dma32_start, dma32_size=ps.dma32_size,
-                                         pgsizes=ps.ddw_page_sizes, windows_supported=ps.ddw_windows,
-                                         dma64_addr=ps.dma64_address, largest_block=ps.ddw_largest_block, log=log)
-            for ds in spec.devices:
-                if (ds.phb, ds.pe) not in pes:
-                    pes[(ds.phb, ds.pe)] = PseriesPe(hvs[ds.phb], k.phys, log)
-            driver = SpaprTceIommuDriver(k)
-        if k.config.vfio_container:             # VFIO_IOMMU_SPAPR_TCE depends on VFIO_CONTAINER
-            k.vfio.iommu_drivers.register(driver)
-        # 3.10 had no IOMMU API on POWER: its PEs are probed by no IOMMU driver.
-        spapr_ops = None if k.profile.legacy else SpaprTceIommuOps()
-        bar_base: dict[int, int] = {}
-        for ds in spec.devices:
-            dev = create_device(ds.model, ds.bdf, dma_mask=ds.dma_mask)
-            dev.driver = ds.driver
-            dev.reset_method = "bus" if ds.behind_bridge else None
-            dev.log = k.log.warn
-            # Firmware places BARs from the bottom of the PHB's 32-bit MMIO window.
-            pe = pes[(ds.phb, ds.pe)]
-            base = bar_base.get(ds.phb, 0x80000000)
-            for index, bar in dev.bars.items():
-                base = (base + bar.size - 1) & ~(bar.size - 1)
-                dev.assign_bar_address(index, base)
-                base += bar.size
-            bar_base[ds.phb] = base
-            pe.add_device(dev)
-            if spapr_ops is not None:
-                iommu_probe_device(dev, spapr_ops)
-            group = k.iommu_groups.get(ds.iommu_group)
-            if group is None:
-                group = k.iommu_groups[ds.iommu_group] = IommuGroup(ds.iommu_group)
-                group.iommu_data = pe.table_group
-                pe.iommu_group = group
-            group.add_device(dev)
-            k.devices[dev.bdf] = dev
-            if pe not in pes_seen:
-                pes_seen.add(pe)
-                k.pes.append(pe)
-            if dev.driver == "vfio-pci":
-                k.vfio.register_device(dev.bdf, group, VfioPciDevice(dev, k.log), mode=ds.group_mode,
-                                       uid=ds.group_uid, gid=ds.group_gid)
-        k.log.info(f"vfiosim: {spec.name} ({spec.platform}), Linux {k.profile.version} profile, "
-                   f"{k.page_size // 1024} KiB pages, {len(spec.devices)} device(s)")
-
-    def _build_x86(self) -> None:
-        """An x86 host with one VT-d unit: every device is behind it; only the
-        Type1 IOMMU driver is registered (no sPAPR, no EEH, no no-IOMMU)."""
-        from .kernel.iommu.type1 import Type1IommuDriver
-        from .kernel.iommu.iommu import RESV_TYPE_NAMES, ResvRegion
-        from .kernel.platform.x86 import IntelIommu
-        from .machine_spec import HOST_DEVICE_MODELS
-
-        k = self.kernel
-        spec = self.spec
-        assert spec.iommu is not None
-        io = spec.iommu
-        unit = IntelIommu(name="dmar0", model=io.model, aw_bits=io.address_width, pgsize_bitmap=io.page_sizes,
-                          resv_regions=[ResvRegion(r.start, r.size, RESV_TYPE_NAMES[r.type])
-                                        for r in io.reserved_regions],
-                          snoop_control=io.snoop_control, interrupt_remapping=io.interrupt_remapping,
-                          caching_mode=io.caching_mode, phys=k.phys, log_err=k.log.err,
-                          dirty_tracking=io.dirty_tracking)
-        self.iommu_units = [unit]
-        if k.config.vfio_container:             # VFIO_IOMMU_TYPE1 is selected by VFIO_CONTAINER
-            k.vfio.iommu_drivers.register(Type1IommuDriver(
-                k, dma_entry_limit=spec.type1.dma_entry_limit,
-                allow_unsafe_interrupts=spec.type1.allow_unsafe_interrupts))
-        k.log.info(f"DMAR: Intel(R) Virtualization Technology for Directed I/O ({io.model}, "
-                   f"{io.address_width}-bit, caching mode {'on' if io.caching_mode else 'off'})")
-        bar_base = 0xFE000000          # SeaBIOS places BARs below the IOAPIC
-        for ds in spec.devices:
-            if is_endpoint_model(ds.model):
-                dev: PciDevice = create_device(ds.model, ds.bdf, dma_mask=ds.dma_mask)
-            else:
-                vendor, device, class_code, header_type, _ = HOST_DEVICE_MODELS[ds.model]
-                dev = PciDevice(ds.bdf, vendor=vendor, device=device, class_code=class_code,
-                                subsystem_vendor=0x1AF4, subsystem=0x1100, interrupt_pin=0)
-                dev.model = ds.model
-                dev.config.set(0x0E, 1, header_type)
-                dev.finish()
-            dev.driver = ds.driver or None
-            dev.reset_method = "bus" if ds.behind_bridge else None
-            dev.log = k.log.warn
-            # pci_msix_can_alloc_dyn(): x86's MSI parent domains (the vector domain,
-            # x86_vector_msi_parent_ops, and the VT-d remapping domain, dmar_msi_parent_ops)
-            # support X86_VECTOR_MSI_FLAGS_SUPPORTED, which includes MSI_FLAG_PCI_MSIX_ALLOC_DYN
-            # (arch/x86/include/asm/msi.h, since 6.2), with interrupt remapping or without.
-            # POWER's PowerNV and pseries PCI/MSI domains do not set it: those devices keep
-            # the default (False), so vfio-pci reports MSI-X as NORESIZE there.
-            dev.msix_can_alloc_dyn = True
-            for index, bar in dev.bars.items():
-                bar_base = (bar_base + bar.size - 1) & ~(bar.size - 1)
-                dev.assign_bar_address(index, bar_base)
-                bar_base += bar.size
-            iommu_probe_device(dev, unit)
-            group = k.iommu_groups.get(ds.iommu_group)
-            if group is None:
-                group = k.iommu_groups[ds.iommu_group] = IommuGroup(ds.iommu_group)
-            group.add_device(dev)
-            k.devices[dev.bdf] = dev
-            if dev.driver == "vfio-pci":
-                k.vfio.register_device(dev.bdf, group, VfioPciDevice(dev, k.log), mode=ds.group_mode,
-                                       uid=ds.group_uid, gid=ds.group_gid)
-        k.log.info(f"vfiosim: {spec.name} ({spec.platform}), Linux {k.profile.version} profile, "
-                   f"{k.page_size // 1024} KiB pages, {len(spec.devices)} device(s)")
 
     # -- introspection -------------------------------------------------------------------------------
 
@@ -300,7 +173,7 @@ class Machine:
         /dev/vfio/devices/vfioN where CONFIG_VFIO_DEVICE_CDEV made one.  None
         when VFIO does not have the device, or on the 3.10 kernel."""
         vfio = self.kernel.vfio
-        if vfio.legacy:
+        if not self.kernel.profile.iommufd:
             return None
         with self._lock:
             return next((d.cdev_name for d in vfio.devices if d.name == bdf.lower()), None)
@@ -311,11 +184,19 @@ class Machine:
         except KeyError:
             raise KeyError(f"no device {bdf} on {self.name}; devices: {', '.join(self.kernel.devices)}") from None
 
+    @property
+    def iommu_units(self) -> Sequence[IommuOps]:
+        """The IOMMU units that implement the IOMMU API (x86: the VT-d units)."""
+        return self.kernel.platform.iommu_units
+
     def pe_of(self, bdf: str) -> Pe:
+        """The POWER PE a device sits in."""
         dev = self.device(bdf)
-        if self.platform == "x86":
-            raise ValueError(f"{self.name} is an x86 machine: it has no PEs (its VT-d units are machine.iommu_units)")
-        return next(pe for pe in self.kernel.pes if dev in pe.devices)
+        pe = next((pe for pe in self.kernel.pes if dev in pe.devices), None)
+        if pe is None:
+            raise ValueError(f"{self.name} is an {self.platform} machine: it has no PEs (its IOMMU units are "
+                             f"machine.iommu_units)")
+        return pe
 
     # Like every entry point, these take the machine's lock: another thread's
     # system call may be changing what they read (the log ring, pin counts).
@@ -343,11 +224,11 @@ class Machine:
     # -- fault injection (kernel/faults.py) -----------------------------------------------------------
 
     @property
-    def faults(self):
+    def faults(self) -> FaultInjector:
         """The kernel's fault injector: ``fired``, ``counts``, ``fail_nth()``, ``disarm()``."""
         return self.kernel.faults
 
-    def inject_fault(self, nth: int = 1, sites: str | list[str] | tuple[str, ...] | None = None):
+    def inject_fault(self, nth: int = 1, sites: str | list[str] | tuple[str, ...] | None = None) -> FaultInjector:
         """Make the ``nth`` allocation, pin or charge from now on (at a site
         matching ``sites``: kinds such as ``"pin_user_pages"`` or sites such as
         ``"kmalloc:mm_iommu_do_alloc"``, see ``vfiosim.kernel.faults.SITES``)
@@ -393,9 +274,9 @@ class Process:
         return self.task.pid
 
     @property
-    def mm(self):
+    def mm(self) -> MM:
         """The address space (for tests and introspection)."""
-        return self.task.mm
+        return _own_mm(self.task)
 
     @property
     def alive(self) -> bool:
@@ -414,6 +295,10 @@ class Process:
                 raise exc.to_oserror(call if isinstance(call, str) else call()) from None
             except Exception as exc:          # a bug in the simulator: never a traceback to the program
                 raise m._oops(call if isinstance(call, str) else call(), exc) from None
+
+    def _in_task(self, call: str, fn: Callable[[Task], T]) -> T:
+        """A syscall written as a function of the task."""
+        return self._call(call, fn)
 
     # -- files ------------------------------------------------------------------------------------
 
@@ -442,7 +327,7 @@ class Process:
             arg = memoryview(arg).cast("B")
 
         def with_buffer(task: Task) -> int:
-            with task.mm.borrowed(arg) as addr:
+            with _own_mm(task).borrowed(arg) as addr:
                 return k.sys_ioctl(task, fd, request, addr)
         return self._call(name, with_buffer)
 
@@ -471,28 +356,28 @@ class Process:
             if page_size & (page_size - 1) or page_size < self.machine.page_size:
                 raise ValueError(f"page_size {page_size} must be a power of two >= {self.machine.page_size}")
             shift = page_size.bit_length() - 1
-        return self._call("mmap", lambda t: t.mm.mmap(length, prot, shift))
+        return self._in_task("mmap", lambda t: _own_mm(t).mmap(length, prot, shift))
 
     def munmap(self, addr: int, length: int) -> None:
-        self._call("munmap", lambda t: t.mm.munmap(addr, length))
+        self._in_task("munmap", lambda t: _own_mm(t).munmap(addr, length))
 
     def mprotect(self, addr: int, length: int, prot: int) -> None:
-        self._call("mprotect", lambda t: t.mm.mprotect(addr, length, prot))
+        self._in_task("mprotect", lambda t: _own_mm(t).mprotect(addr, length, prot))
 
     def mlock(self, addr: int, length: int) -> None:
         """mlock(2): lock the pages of [addr, addr+length) (VM_LOCKED), charged
         to VmLck against RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK."""
-        self._call("mlock", lambda t: t.mm.mlock(addr, length, t))
+        self._in_task("mlock", lambda t: _own_mm(t).mlock(addr, length, t))
 
     def munlock(self, addr: int, length: int) -> None:
         """munlock(2): unlock them; VmLck goes down by the pages that were locked."""
-        self._call("munlock", lambda t: t.mm.munlock(addr, length))
+        self._in_task("munlock", lambda t: _own_mm(t).munlock(addr, length))
 
     def write_memory(self, addr: int, data: bytes | bytearray | memoryview) -> None:
-        self._call("write_memory", lambda t: t.mm.write(addr, data))
+        self._in_task("write_memory", lambda t: t.mm.write(addr, data))
 
     def read_memory(self, addr: int, n: int) -> bytes:
-        return self._call("read_memory", lambda t: t.mm.read(addr, n))
+        return self._in_task("read_memory", lambda t: t.mm.read(addr, n))
 
     def memory_view(self, addr: int, length: int) -> memoryview:
         """Zero-copy access to ``[addr, addr + length)`` of this process's
@@ -512,37 +397,39 @@ class Process:
             if vma is None or vma.kind != "anon" or length < 0 or addr + length > vma.end or not vma.readable():
                 raise fail(EFAULT, f"{addr:#x}+{length:#x} is not inside one readable anonymous mapping")
             off = vma.pgoff + (addr - vma.start)
-            mv = memoryview(vma.obj.data).cast("B")[off:off + length]
+            data: Any = cast(MemoryObject, vma.obj).data       # (numpy arrays are buffers)
+            mv = memoryview(data).cast("B")[off:off + length]
             return mv if vma.prot & _W else mv.toreadonly()
         return self._call("memory_view", view)
 
     # -- credentials and limits ---------------------------------------------------------------------
 
     def setrlimit(self, resource_id: int, limits: tuple[int, int]) -> None:
-        self._call("setrlimit", lambda t: t.setrlimit(resource_id, limits))
+        self._in_task("setrlimit", lambda t: t.setrlimit(resource_id, limits))
 
     def getrlimit(self, resource_id: int) -> tuple[int, int]:
-        return self._call("getrlimit", lambda t: t.rlimit(resource_id))
+        return self._in_task("getrlimit", lambda t: t.rlimit(resource_id))
 
     def setuid(self, uid: int) -> None:
-        self._call("setuid", lambda t: t.setuid(uid))
+        self._in_task("setuid", lambda t: t.setuid(uid))
 
     def getuid(self) -> int:
-        return self._call("getuid", lambda t: t.cred.uid)
+        return self._in_task("getuid", lambda t: t.cred.uid)
 
     def geteuid(self) -> int:
-        return self._call("geteuid", lambda t: t.cred.euid)
+        return self._in_task("geteuid", lambda t: t.cred.euid)
 
     # -- /proc/<pid>/status and exit -----------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """The fields of /proc/<pid>/status that matter here (sizes in kB)."""
+        """The fields of /proc/<pid>/status that matter here: sizes in kB,
+        ``Uid``/``Gid`` as (real, effective, saved, filesystem), ``Cap*``
+        as Linux prints them (16 hex digits: ``CapEff`` is ``000001ffffffffff``
+        for root on 6.12)."""
         def read(t: Task) -> dict[str, Any]:
             mm = t.mm
             kb = mm.page_size // 1024
-            c = t.cred
-            return {"Name": t.comm, "Pid": t.pid, "Uid": (c.uid, c.euid, c.suid, c.euid),
-                    "Gid": (c.gid, c.egid, c.gid, c.egid), "VmSize": mm.mapped_bytes() // 1024,
+            return {"Name": t.comm, "Pid": t.pid, **t.cred.proc_status(), "VmSize": mm.mapped_bytes() // 1024,
                     "VmLck": mm.locked_vm * kb, "VmPin": mm.pinned_vm * kb, "VmRSS": mm.resident_bytes() // 1024,
                     "FDSize": t.files.slots}
         return self._call("status", read)
@@ -555,7 +442,7 @@ class Process:
             k = self.machine.kernel
             pid = k._next_pid
             k._next_pid += 1
-            child = k.fork(t, pid, t.mm.fork())
+            child = k.fork(t, pid, _own_mm(t).fork())
             if name is not None:
                 child.comm = name
             return Process(self.machine, child)
@@ -584,6 +471,11 @@ class Process:
 
     def __repr__(self) -> str:
         return f"<Process {self.pid} on {self.machine.name}{'' if self.alive else ' (exited)'}>"
+
+
+def _own_mm(task: Task) -> MM:
+    """The address space of a task this API spawned: always simulated memory."""
+    return cast(MM, task.mm)
 
 
 def _ioctl_label(request: int, task: Task, fd: int) -> str:

@@ -7,6 +7,7 @@ error names the file, the key and what was expected.
 
 from __future__ import annotations
 
+import builtins
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -152,7 +153,8 @@ class _Reader:
             raise MachineFileError(self.source, self.key(name), f"one of {', '.join(choices)}", value)
         return value
 
-    def int(self, name: str, default: int | None = None, lo: int = 0, hi: int = (1 << 64) - 1) -> int:
+    # (below ``def str``, ``str`` names that method: annotations say builtins.str)
+    def int(self, name: builtins.str, default: int | None = None, lo: int = 0, hi: int = (1 << 64) - 1) -> int:
         if name not in self.table:
             if default is None:
                 raise MachineFileError(self.source, self.key(name), "an integer (this key is required)")
@@ -164,20 +166,20 @@ class _Reader:
             raise MachineFileError(self.source, self.key(name), f"an integer in {lo}..{hi:#x}", value)
         return value
 
-    def bool(self, name: str, default: bool) -> bool:
+    def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
         value = self.table.get(name, default)
         if not isinstance(value, bool):
             raise MachineFileError(self.source, self.key(name), "true or false", value)
         return value
 
-    def size(self, name: str, default: int | None = None) -> int:
+    def size(self, name: builtins.str, default: builtins.int | None = None) -> builtins.int:
         if name not in self.table:
             if default is None:
                 raise MachineFileError(self.source, self.key(name), "a size (this key is required)")
             return default
         return parse_size(self.table[name], self.source, self.key(name))
 
-    def page_sizes(self, name: str, default: int) -> int:
+    def page_sizes(self, name: builtins.str, default: builtins.int) -> builtins.int:
         if name not in self.table:
             return default
         value = self.table[name]

@@ -145,10 +145,12 @@ def _iommu_mode(request: pytest.FixtureRequest) -> IommuMode | None:
     return mode
 
 
-def _machine_args(request: pytest.FixtureRequest, mode: IommuMode | None = None) -> tuple[str, dict[str, Any]]:
+def _machine_args(request: pytest.FixtureRequest,
+                  mode: IommuMode | None = None) -> tuple[str, dict[str, Any], str | None]:
     marker = request.node.get_closest_marker("vfio_machine")
     kwargs: dict[str, Any] = {}
     name: str | None = None
+    source: str | None = None
     if marker is not None:
         name = marker.args[0] if marker.args else marker.kwargs.get("name")
         kwargs = {k: v for k, v in marker.kwargs.items() if k != "name"}
@@ -162,14 +164,18 @@ def _machine_args(request: pytest.FixtureRequest, mode: IommuMode | None = None)
     if name is None:
         if mode is not None:
             name = "x86"
+        elif request.config.getoption("--vfio-machine") is not None:
+            name, source = request.config.getoption("--vfio-machine"), "--vfio-machine"
+        elif os.environ.get(MACHINE_ENV):
+            name, source = os.environ[MACHINE_ENV], f"${MACHINE_ENV}"
         else:
-            name = request.config.getoption("--vfio-machine") or os.environ.get(MACHINE_ENV) or "powernv"
+            name = "powernv"
     if mode is not None and mode.kernel_config:
         extra = kwargs.get("kernel_config") or []
         if isinstance(extra, str):
             extra = [i for i in extra.split(",") if i.strip()]
         kwargs["kernel_config"] = [*mode.kernel_config, *extra]
-    return name, kwargs
+    return name, kwargs, source
 
 
 @pytest.fixture
@@ -188,13 +194,17 @@ def vfio_iommu_mode(request: pytest.FixtureRequest) -> IommuMode:
 def vfio_machine(request: pytest.FixtureRequest) -> Machine:
     """A fresh simulated machine (see the module doc for how it is chosen)."""
     mode = _iommu_mode(request)
-    name, kwargs = _machine_args(request, mode)
+    name, kwargs, source = _machine_args(request, mode)
     try:
         m = Machine.load(name, **kwargs)
     except KernelConfigError as exc:
         if mode is None:
             raise
         pytest.skip(f"IOMMU mode {mode.name} needs an x86 machine: {exc}")
+    except ValueError as exc:
+        if source is not None:                  # say where the name came from
+            exc.args = (f"{source}: {exc}",)
+        raise
     if mode is not None and m.platform != "x86":
         pytest.skip(f"IOMMU mode {mode.name} needs an x86 machine; {name} is {m.platform}")
     return m

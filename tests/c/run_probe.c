@@ -121,8 +121,8 @@ static void *hammer(void *arg)
         /* the factorial register is per device: each thread checks its own computations */
         if (ioctl(container, VFIO_GET_API_VERSION) != VFIO_API_VERSION)
             bad++;
-        volatile uint8_t b = ((volatile uint8_t *)bar0)[0];   /* a 1-byte load: edu reads all-ones */
-        if (b != 0xff)
+        volatile uint8_t b = ((volatile uint8_t *)bar0)[0];   /* a 1-byte load: edu (QEMU) reads 0 */
+        if (b != 0)
             bad++;
         uint64_t x = *(volatile uint64_t *)((volatile char *)bar0 + 0x80);   /* 8-byte DMA register */
         (void)x;
@@ -179,9 +179,10 @@ int main(int argc, char **argv)
         printf("liveness_pread=%#x\n", r);
         /* movsx / movzx / byte and word stores */
         volatile uint8_t *b = (volatile uint8_t *)bar0;
-        int16_t sw = *(volatile int16_t *)(b + 4);        /* movswl */
+        int16_t sw = *(volatile int16_t *)(b + 4);        /* movswl: edu (QEMU) reads sub-word loads as 0 */
         int8_t sb = *(volatile int8_t *)(b + 4);          /* movsbl */
-        printf("signed=%d,%d\n", sw, sb);
+        int64_t sl = *(volatile int32_t *)(b + 4);        /* movslq of 0xf0f0f0f0: sign-extended */
+        printf("signed=%d,%d,%lld\n", sw, sb, (long long)sl);
         bar0[2] = 4;                                      /* factorial: 4! */
         printf("factorial=%u\n", bar0[2]);
         munmap((void *)bar0, 1 << 20);

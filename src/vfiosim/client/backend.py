@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Union, runtime_checkable
 
+from ..machine import KERNEL_ENV, MACHINE_ENV, PAGE_SIZE_ENV, machine_settings  # noqa: F401  (re-exported)
 from .errors import VfioUsageError
 from .sysfs import PciDeviceInfo, read_sysfs_devices
 
@@ -44,9 +45,6 @@ __all__ = ["Backend", "SimBackend", "RealBackend", "HostOs", "HostMemory", "get_
            "set_default_backend", "BACKEND_ENV", "MACHINE_ENV"]
 
 BACKEND_ENV = "VFIOSIM_BACKEND"
-MACHINE_ENV = "VFIOSIM_MACHINE"
-KERNEL_ENV = "VFIOSIM_KERNEL"
-PAGE_SIZE_ENV = "VFIOSIM_PAGE_SIZE"
 
 # Linux's MAP_HUGETLB and MAP_HUGE_SHIFT (<linux/mman.h>); Python's mmap module
 # does not export them.
@@ -162,10 +160,13 @@ class SimBackend:
             if isinstance(target, Machine):
                 machine = target
             else:
-                name = target or os.environ.get(MACHINE_ENV) or "powernv"
-                kernel = kernel or os.environ.get(KERNEL_ENV) or "6.12"
-                page_size = page_size or int(os.environ.get(PAGE_SIZE_ENV) or 4096)
-                machine = Machine.load(name, kernel=kernel, page_size=page_size)
+                name, kernel, page_size = machine_settings(target, kernel, page_size)
+                try:
+                    machine = Machine.load(name, kernel=kernel, page_size=page_size)
+                except ValueError as exc:
+                    if target is None and os.environ.get(MACHINE_ENV):     # say where the name came from
+                        exc.args = (f"${MACHINE_ENV}: {exc}",)
+                    raise
             self.process = machine.spawn(uid=uid, rlimit_memlock=rlimit_memlock, name="vfio-client")
         self.machine: Machine = self.process.machine
         self.page_size = self.machine.page_size

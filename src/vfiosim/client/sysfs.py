@@ -9,9 +9,13 @@ and filters them with :func:`select_devices`.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable
+
+from .errors import VfioError
 
 __all__ = ["PciDeviceInfo", "select_devices", "parse_ids", "normalize_bdf", "read_sysfs_devices"]
 
@@ -88,17 +92,29 @@ def select_devices(devices: Iterable[PciDeviceInfo], *, bdf: str | None = None, 
 
 def read_sysfs_devices(root: str, listdir: Callable[[str], list[str]], read_text: Callable[[str], str],
                        readlink: Callable[[str], str]) -> list[PciDeviceInfo]:
-    """Read ``<root>/bus/pci/devices`` through the given file functions."""
+    """Read ``<root>/bus/pci/devices`` through the given file functions.
+
+    A listing that cannot be read, or a device whose files this process may
+    not read, raises :class:`VfioError` with the cause and the fix (a bare
+    PermissionError said neither); a device that went away is skipped."""
     base = f"{root.rstrip('/')}/bus/pci/devices"
+    try:
+        names = listdir(base)
+    except OSError as exc:
+        raise _unreadable(exc, base) from None
     out = []
-    for name in sorted(listdir(base)):
+    for name in sorted(names):
         path = f"{base}/{name}"
         try:
             vendor = int(read_text(f"{path}/vendor").strip(), 16)
             device = int(read_text(f"{path}/device").strip(), 16)
             class_code = int(read_text(f"{path}/class").strip(), 16)
-        except (OSError, ValueError):
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise _unreadable(exc, exc.filename or f"{path}/vendor") from None
             continue            # a function that went away, or not a PCI function directory
+        except ValueError:
+            continue
         out.append(PciDeviceInfo(bdf=normalize_bdf(name), vendor=vendor, device=device, class_code=class_code,
                                  iommu_group=_link_number(readlink, f"{path}/iommu_group"),
                                  driver=_link_name(readlink, f"{path}/driver"),
@@ -129,3 +145,19 @@ def _link_number(readlink: Callable[[str], str], path: str) -> int | None:
         return int(name) if name is not None else None
     except ValueError:
         return None
+
+
+def _unreadable(exc: OSError, path: str) -> VfioError:
+    number = exc.errno or errno.EIO
+    if number in (errno.EACCES, errno.EPERM):
+        cause = (f"{path} is not readable by this process (uid {os.geteuid()}): sysfs is restricted here (a "
+                 f"container or a hardened mount), or, under `vfiosim run`, the program changed its uid and the "
+                 f"fake sysfs tree is not its own")
+        fix = ("list the devices before dropping privileges, or run as a user who may read /sys/bus/pci (under "
+               "`vfiosim run`, start it as the program's final user)")
+    elif number == errno.ENOENT:
+        cause = f"{path} does not exist: sysfs is not mounted at {path.rsplit('/bus/', 1)[0]}, or there is no PCI bus"
+        fix = "mount sysfs (`mount -t sysfs sysfs /sys`), or pass the right sysfs_root to RealBackend"
+    else:
+        cause, fix = f"{path} cannot be read", None
+    return VfioError(number, "sysfs", "pci_devices()", cause=cause, fix=fix)

@@ -22,7 +22,7 @@ import numpy as np
 from .pci.device import DmaError
 
 if TYPE_CHECKING:
-    from .mm import MemoryObject
+    from .mm import PhysicalPages
     from .pci.device import PciDevice
 
 
@@ -34,7 +34,7 @@ class DmaFault:
     reason: str
 
 
-Run = tuple["MemoryObject", int, int]     # (object, byte offset, length)
+Run = tuple["PhysicalPages", int, int]     # (memory, byte offset, length)
 
 
 class DmaTranslator(Protocol):
@@ -88,7 +88,7 @@ class IommuBusMaster:
         dest = out if isinstance(out, np.ndarray) else np.frombuffer(out, dtype=np.uint8)
         read_runs_into(self._runs(iova, dest.nbytes, False), dest)
 
-    def dma_write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
+    def dma_write(self, iova: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
         write_runs(self._runs(iova, len(data), True), data)
 
 

@@ -18,7 +18,7 @@ pin_user_pages    One page of a pin_user_pages*() / get_user_pages*() call canno
                   asked), or -ENOMEM if it is the call's first page.  One event per
                   page.
 account_locked_vm account_locked_vm() / __account_locked_vm() fails with -ENOMEM, as if
-                  RLIMIT_MEMLOCK were exceeded (the 3.10 seed: its open-coded check).
+                  RLIMIT_MEMLOCK were exceeded (the 3.10 profile: its open-coded check).
 kmalloc           kzalloc() / kmalloc() / vzalloc() of a kernel structure returns NULL.
 alloc_pages       A page of an IOMMU table cannot be allocated: alloc_pages_node() of a
                   TCE table level (PowerNV), the top page directory of a VT-d domain.
@@ -56,10 +56,10 @@ KINDS = ("pin_user_pages", "account_locked_vm", "kmalloc", "alloc_pages", "iommu
 # Every site consulted somewhere in the kernel, with the upstream call it stands for.
 SITES: dict[str, str] = {
     # sPAPR TCE (drivers/vfio/vfio_iommu_spapr_tce.c) and preregistration (iommu_api.c)
-    # (the 3.10 seed's tce_iommu_open and tce_iommu_enable make the same calls)
+    # (the 3.10 profile's tce_iommu_open and tce_iommu_enable make the same calls)
     "kmalloc:tce_iommu_open": "kzalloc(struct tce_container) in VFIO_SET_IOMMU",
     "kmalloc:tce_iommu_attach_group": "kzalloc(struct tce_iommu_group) when a group joins",
-    "account_locked_vm:tce_iommu_enable": "VFIO_IOMMU_ENABLE charges the 32-bit window (3.10 seed: its "
+    "account_locked_vm:tce_iommu_enable": "VFIO_IOMMU_ENABLE charges the 32-bit window (3.10 profile: its "
                                           "open-coded RLIMIT_MEMLOCK check)",
     "account_locked_vm:tce_iommu_create_table": "a new TCE table is charged before it is built",
     "pin_user_pages:tce_iommu_use_page": "v1 MAP_DMA pins each page with pin_user_pages_fast(1)",
@@ -68,7 +68,7 @@ SITES: dict[str, str] = {
     "kmalloc:mm_iommu_do_alloc": "kzalloc(struct mm_iommu_table_group_mem_t)",
     "kmalloc:mm_iommu_do_alloc.hpas": "vzalloc() of the region's page array",
     "pin_user_pages:mm_iommu_do_alloc": "pin_user_pages(FOLL_WRITE | FOLL_LONGTERM) of the region",
-    # The 3.10 seed (kernel="3.10"): arch/powerpc/kernel/iommu.c of 3.10
+    # The 3.10 profile (kernel="3.10"): arch/powerpc/kernel/iommu.c of 3.10
     "pin_user_pages:iommu_put_tce_user_mode": "v1 MAP_DMA pins its one page with get_user_pages_fast(1)",
     # PowerNV (arch/powerpc/platforms/powernv/pci-ioda.c, pci-ioda-tce.c)
     "kmalloc:pnv_pci_table_alloc": "kzalloc_node(struct iommu_table)",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from errno import EACCES, EBADF, EINVAL, EISDIR, EMFILE, ENOTTY
+from errno import EACCES, EBADF, EINVAL, EISDIR, EMFILE, ENODEV, ENOTTY
 from typing import TYPE_CHECKING, Callable
 
 from .cred import CAP_DAC_OVERRIDE
@@ -72,6 +72,14 @@ class File:
 
     def write(self, current: "Task", data: bytes, pos: int) -> int:
         raise fail(EINVAL, f"{self.name} does not support write")
+
+    def mmap_check(self, current: "Task", offset: int, length: int, prot: int, shared: bool) -> None:
+        """The driver's checks for mmap(2) of this file (no ->mmap: ENODEV)."""
+        raise fail(ENODEV, f"{self.name} ({self.kind}) cannot be mmapped")
+
+    def mmio(self, current: "Task", offset: int, size: int, value: int | None) -> int:
+        """A CPU load (value None) or store through an mmap of this file."""
+        raise fail(ENODEV, f"{self.name} ({self.kind}) has no mmapped region")
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} refs={self._refs}>"

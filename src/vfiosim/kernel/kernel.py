@@ -12,10 +12,9 @@ import os
 import resource
 import termios
 from dataclasses import dataclass
-from errno import EBADF, EINVAL, EISDIR, ENODEV, ENOENT, ENOTDIR, ESPIPE
-from typing import TYPE_CHECKING
+from errno import EBADF, EINVAL, EISDIR, ENOENT, ENOTDIR, ESPIPE
+from typing import TYPE_CHECKING, Callable
 
-from ..uapi import vfio as uapi
 from .config import DEBIAN, KernelConfig
 from .cred import Cred
 from .errors import KernelError, fail
@@ -23,15 +22,17 @@ from .eventfd import EFD_CLOEXEC, EFD_NONBLOCK, EFD_SEMAPHORE, EventFd
 from .faults import FaultInjector
 from .fs import DeviceNode, DirectoryFile, File, NullFile
 from .log import KernelLog
-from .mm import MM, PhysicalMemory
+from .mm import MM, AddressSpace, PhysicalMemory
+from .platform.base import Platform
 from .task import Task
-from .uaccess import copy_struct_from_user, get_user_s32
+from .uaccess import get_user_s32
 from .user import UserTable
-from .vfio.vfio import Vfio
+from .iommu.spapr_tce import SpaprTceIommuDriver
+from .iommu.spapr_tce_310 import SpaprTce310IommuDriver
+from .vfio.iommu_driver import VfioIommuDriver
+from .vfio.vfio import VFIO_CORE_3_10, VFIO_CORE_6_12, Vfio, VfioCoreRules
 
 if TYPE_CHECKING:
-    from typing import Any as MMLike
-
     from .iommu.iommu import IommuGroup
     from .platform.pe import Pe
     from .pci.device import PciDevice
@@ -41,24 +42,45 @@ O_ACCMODE = os.O_ACCMODE
 
 @dataclass(frozen=True)
 class KernelProfile:
-    """Which kernel's behaviour to simulate."""
+    """Which kernel's behaviour to simulate: the facts where kernels differ,
+    each asked for by name (no version tests scattered through the code)."""
 
     version: str
-
-    @property
-    def legacy(self) -> bool:
-        return self.version == "3.10"
+    vfio: VfioCoreRules                                   # the VFIO core's groups and device fds
+    spapr_driver: Callable[["Kernel"], VfioIommuDriver]   # the sPAPR TCE IOMMU driver
+    # Platforms whose kernel has VFIO: 3.10's VFIO_IOMMU_SPAPR_TCE depends on
+    # PPC_POWERNV (drivers/vfio/Kconfig), and the profile is about POWER.
+    platforms: tuple[str, ...]
+    # POWER PEs take part in the IOMMU API (spapr_tce_iommu_ops, Linux 6.x):
+    # claiming a group hands the PE to the user through its blocking domain.
+    power_iommu_api: bool
+    # The PowerNV host's DMA setup is pnv_pci_ioda2_setup_default_config()
+    # (a multi-level window and the 64-bit bypass); 3.10's was one 32-bit
+    # table of 4 KiB pages, which its sPAPR driver took over.
+    pnv_ioda2_default_window: bool
+    # VFIO_EEH and VFIO_EEH_PE_OP exist.
+    vfio_eeh: bool
+    # CONFIG_IOMMUFD and CONFIG_VFIO_DEVICE_CDEV exist (Linux 6.2 and 6.6), and
+    # so do sysfs's vfio-dev/vfioN (6.1): the kernel configuration may ask for them.
+    iommufd: bool
 
     @staticmethod
     def get(version: str) -> "KernelProfile":
         if version not in KERNEL_PROFILES:
             raise ValueError(f"unknown kernel {version!r}: choose one of {', '.join(KERNEL_PROFILES)}")
-        return KernelProfile(version)
+        return _PROFILES[version]
 
 
 # "6.12": upstream as of Linux 6.12 (the default).  "3.10": the VFIO core of
-# 3.10 with the sPAPR driver as the seed patch posted it.
-KERNEL_PROFILES = ("6.12", "3.10")
+# 3.10 with the sPAPR driver as the 2013 patch that introduced it posted it
+# ("vfio powerpc: implement IOMMU driver for VFIO").
+_PROFILES = {
+    "6.12": KernelProfile("6.12", VFIO_CORE_6_12, SpaprTceIommuDriver, platforms=("powernv", "pseries", "x86"),
+                          power_iommu_api=True, pnv_ioda2_default_window=True, vfio_eeh=True, iommufd=True),
+    "3.10": KernelProfile("3.10", VFIO_CORE_3_10, SpaprTce310IommuDriver, platforms=("powernv",),
+                          power_iommu_api=False, pnv_ioda2_default_window=False, vfio_eeh=False, iommufd=False),
+}
+KERNEL_PROFILES = tuple(_PROFILES)
 
 
 class Kernel:
@@ -80,7 +102,7 @@ class Kernel:
         # iommufd's module parameter allow_unsafe_interrupts; pr_info_once state.
         self.iommufd_allow_unsafe_interrupts = False
         self.iommufd_compat_announced = False
-        self.vfio = Vfio(self, legacy=profile.legacy)
+        self.vfio = Vfio(self, profile.vfio)
         self.dev_nodes: dict[str, DeviceNode] = {}
         if config.vfio_container:
             self.dev_nodes["/dev/vfio/vfio"] = self.vfio.container_node()
@@ -91,13 +113,18 @@ class Kernel:
                 self.dev_nodes["/dev/vfio/vfio"] = vfio_container_node(self)
         self.devices: dict[str, "PciDevice"] = {}
         self.iommu_groups: dict[int, "IommuGroup"] = {}
-        self.pes: list["Pe"] = []
-        self.eeh_available = False
+        # The machine's IOMMU hardware; the platform builder (vfiosim/platforms.py) sets it.
+        self.platform = Platform()
         self.tasks: dict[int, Task] = {}
         self._next_pid = 1000
 
+    @property
+    def pes(self) -> list["Pe"]:
+        """POWER's Partitionable Endpoints (none on other platforms)."""
+        return self.platform.pes
+
     def eeh_enabled(self) -> bool:
-        return self.eeh_available
+        return self.platform.eeh_enabled
 
     # -- processes ----------------------------------------------------------------------
 
@@ -122,11 +149,10 @@ class Kernel:
         self._drop_mm(task, task.mm, "exited")
         del self.tasks[task.pid]
 
-    def _drop_mm(self, task: Task, mm: "MMLike", why: str) -> None:
+    def _drop_mm(self, task: Task, mm: AddressSpace, why: str) -> None:
         """The task's own reference to ``mm`` is gone (exit, exec).  The mm goes
         when nothing else holds it: a container that set it (mmgrab) may."""
-        from .iommu import prereg
-        prereg.mmdrop(mm, user=True)  # type: ignore[arg-type]
+        mm.mmdrop()
         if mm.locked_vm:
             # Nothing can reach the mm any more: it is freed with whatever is
             # still charged to it (a leak upstream too, invisible from here on).
@@ -134,7 +160,7 @@ class Kernel:
                           f"locked_vm; they go with its mm")
             mm.locked_vm = 0
 
-    def exec(self, task: Task, mm: "MMLike") -> None:
+    def exec(self, task: Task, mm: AddressSpace) -> None:
         """execve(2): a new address space (exec_mmap), then the close-on-exec
         files are closed.  The old mm is torn down as at exit; a container
         that set it keeps it, so its ioctls from the new image fail with
@@ -145,17 +171,16 @@ class Kernel:
             task.files.remove(fd).put(task)
         self._drop_mm(task, old, "exec()ed")
 
-    def attach(self, pid: int, comm: str, cred: Cred, mm: "MMLike", rlimit_memlock: tuple[int, int]) -> Task:
+    def attach(self, pid: int, comm: str, cred: Cred, mm: AddressSpace, rlimit_memlock: tuple[int, int]) -> Task:
         """A task for an outside process (``vfiosim run``): its fd numbers are
         the real process's, so it starts with an empty table."""
-        task = Task(pid, comm, cred, mm, rlimit_memlock)  # type: ignore[arg-type]
+        task = Task(pid, comm, cred, mm, rlimit_memlock)
         self.tasks[pid] = task
         return task
 
-    def fork(self, parent: Task, child_pid: int, mm: "MMLike") -> Task:
+    def fork(self, parent: Task, child_pid: int, mm: AddressSpace) -> Task:
         """fork(2): the child shares every open file (one more reference each)."""
-        child = Task(child_pid, parent.comm, Cred(**vars(parent.cred)), mm,  # type: ignore[arg-type]
-                     parent.rlimit(resource.RLIMIT_MEMLOCK))
+        child = Task(child_pid, parent.comm, Cred(**vars(parent.cred)), mm, parent.rlimit(resource.RLIMIT_MEMLOCK))
         for fd, file in parent.files.items():
             child.files.install_at(fd, file.get(), cloexec=fd in parent.files.cloexec)
         self.tasks[child_pid] = child
@@ -222,19 +247,11 @@ class Kernel:
 
     def sys_mmap_check(self, task: Task, fd: int, offset: int, length: int, prot: int, shared: bool) -> None:
         """mmap(2) of a device fd: the driver's checks (vfio_pci_core_mmap)."""
-        file = task.files.get(fd)
-        mmap_check = getattr(file, "mmap_check", None)
-        if mmap_check is None:
-            raise fail(ENODEV, f"fd {fd} ({file.kind}) cannot be mmapped")
-        mmap_check(task, offset, length, prot, shared)
+        task.files.get(fd).mmap_check(task, offset, length, prot, shared)
 
     def sys_mmio(self, task: Task, fd: int, offset: int, size: int, value: int | None = None) -> int:
         """A load (value None) or store through an mmap of a device region."""
-        file = task.files.get(fd)
-        mmio = getattr(file, "mmio", None)
-        if mmio is None:
-            raise fail(ENODEV, f"fd {fd} ({file.kind}) has no mmapped region")
-        return mmio(task, offset, size, value)
+        return task.files.get(fd).mmio(task, offset, size, value)
 
     def sys_ioctl(self, task: Task, fd: int, cmd: int, arg: int) -> int:
         """ksys_ioctl(): generic fd ioctls, then the file's own."""
@@ -296,46 +313,3 @@ class Kernel:
         if flags & EFD_NONBLOCK:
             efd.f_flags |= os.O_NONBLOCK
         return task.files.install(efd, cloexec=bool(flags & EFD_CLOEXEC))
-
-    # -- EEH (arch/powerpc/kernel/eeh.c, vfio_spapr_ioctl_eeh_pe_op) ---------------------------------
-
-    def eeh_pe_op(self, group: "IommuGroup", arg: int, current: Task) -> int:
-        pe = next((p for p in self.pes if p.iommu_group is group), None)
-        eeh = pe.eeh if pe is not None else None
-        if eeh is None or not self.eeh_enabled():
-            raise fail(ENODEV, f"IOMMU group {group.id} has no EEH PE (EEH is not available on this machine)")
-        cls = uapi.vfio_eeh_pe_op
-        minsz = uapi.offsetofend(cls, "op")
-        op = copy_struct_from_user(current, arg, cls, minsz)
-        if op.argsz < minsz or op.flags:
-            raise fail(EINVAL, f"VFIO_EEH_PE_OP: argsz {op.argsz} < {minsz} or flags {op.flags:#x} != 0")
-        from .platform import eeh as E
-        which = op.op
-        if which == uapi.VFIO_EEH_PE_DISABLE:
-            return eeh.set_option(E.EEH_OPT_DISABLE)
-        if which == uapi.VFIO_EEH_PE_ENABLE:
-            return eeh.set_option(E.EEH_OPT_ENABLE)
-        if which == uapi.VFIO_EEH_PE_UNFREEZE_IO:
-            return eeh.set_option(E.EEH_OPT_THAW_MMIO)
-        if which == uapi.VFIO_EEH_PE_UNFREEZE_DMA:
-            return eeh.set_option(E.EEH_OPT_THAW_DMA)
-        if which == uapi.VFIO_EEH_PE_GET_STATE:
-            return eeh.get_state()
-        if which == uapi.VFIO_EEH_PE_RESET_DEACTIVATE:
-            return eeh.reset(E.EEH_RESET_DEACTIVATE)
-        if which == uapi.VFIO_EEH_PE_RESET_HOT:
-            return eeh.reset(E.EEH_RESET_HOT)
-        if which == uapi.VFIO_EEH_PE_RESET_FUNDAMENTAL:
-            return eeh.reset(E.EEH_RESET_FUNDAMENTAL)
-        if which == uapi.VFIO_EEH_PE_CONFIGURE:
-            return eeh.configure()
-        if which == uapi.VFIO_EEH_PE_INJECT_ERR:
-            full = uapi.offsetofend(cls, "err.mask")
-            if op.argsz < full:
-                raise fail(EINVAL, f"VFIO_EEH_PE_INJECT_ERR: argsz {op.argsz} < {full}")
-            op = copy_struct_from_user(current, arg, cls, full)
-            return eeh.inject_err(op.err.type, op.err.func, op.err.addr, op.err.mask)
-        raise fail(EINVAL, f"VFIO_EEH_PE_OP: unknown op {which}")
-
-
-

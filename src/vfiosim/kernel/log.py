@@ -54,5 +54,20 @@ class KernelLog:
     def records(self) -> list[LogRecord]:
         return list(self._records)
 
+    @property
+    def seq(self) -> int:
+        """The number of the latest record (0 before the first)."""
+        return self._seq
+
+    def since(self, seq: int) -> list[LogRecord]:
+        """The records after number ``seq`` that the ring still holds, oldest first."""
+        out = []
+        for r in reversed(self._records):
+            if r.seq <= seq:
+                break
+            out.append(r)
+        out.reverse()
+        return out
+
     def clear(self) -> None:
         self._records.clear()

@@ -15,10 +15,11 @@ protections (EFAULT), population (the shared zero page), pin counts, and the
 from __future__ import annotations
 
 import bisect
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
 from errno import EFAULT, EINVAL, ENOMEM, EPERM
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, cast
 
 import numpy as np
 
@@ -27,6 +28,8 @@ from .errors import KernelBug, fail
 from .progression import Progression, as_progression
 
 if TYPE_CHECKING:
+    from .faults import FaultInjector
+    from .iommu.prereg import MmIommuMem
     from .task import Task
 
 PROT_NONE = 0
@@ -41,6 +44,29 @@ _PROT_ALL = PROT_READ | PROT_WRITE | PROT_EXEC
 MMAP_BASE = 0x7F00_0000_0000
 ARG_BASE = 0x7FFE_0000_0000
 PHYS_BASE = 0x1_0000_0000
+
+
+class PhysicalPages(Protocol):
+    """A physically contiguous range of host memory, as the kernel sees it:
+    its pages' pin counts and population, and what a device's DMA reads and
+    writes there.  A :class:`MemoryObject` holds its own bytes; under
+    ``vfiosim run`` a real process's pages stand in (transport/host.py)."""
+
+    phys_base: int
+    length: int
+    page_shift: int
+    compound_shift: int
+    populated: np.ndarray
+    pincount: np.ndarray
+    pins: int
+    users: int
+    pinnable: bool
+
+    def read_at(self, off: int, n: int) -> bytes: ...
+
+    def read_into(self, off: int, out: np.ndarray) -> None: ...
+
+    def write_at(self, off: int, data: bytes | bytearray | memoryview | np.ndarray) -> None: ...
 
 
 class MemoryObject:
@@ -91,11 +117,11 @@ class PhysicalMemory:
         self.page_size = page_size
         self.page_shift = page_size.bit_length() - 1
         self._bases: list[int] = []
-        self._objs: list[MemoryObject] = []
+        self._objs: list[PhysicalPages] = []
         self._next = PHYS_BASE
         # Set by the kernel: its fault injector (kernel/faults.py) and printk,
         # for code that reaches the kernel only through an mm.
-        self.faults: Any = None
+        self.faults: "FaultInjector | None" = None
         self.log: Callable[[str], None] | None = None
 
     def allocate(self, length: int, compound_shift: int | None = None) -> MemoryObject:
@@ -110,7 +136,7 @@ class PhysicalMemory:
         self._insert(obj)
         return obj
 
-    def register(self, obj: "MemoryObject", length: int, align: int = 1 << 21) -> int:
+    def register(self, obj: PhysicalPages, length: int, align: int = 1 << 21) -> int:
         """Give memory that lives elsewhere (a host process's pages) a range of
         physical addresses; returns its base."""
         base = (self._next + align - 1) & ~(align - 1)
@@ -119,19 +145,19 @@ class PhysicalMemory:
         self._insert(obj)
         return base
 
-    def _insert(self, obj: MemoryObject) -> None:
+    def _insert(self, obj: PhysicalPages) -> None:
         i = bisect.bisect(self._bases, obj.phys_base)
         self._bases.insert(i, obj.phys_base)
         self._objs.insert(i, obj)
 
-    def release_if_unused(self, obj: MemoryObject) -> None:
+    def release_if_unused(self, obj: PhysicalPages) -> None:
         if obj.users == 0 and obj.pins == 0:
             i = bisect.bisect_left(self._bases, obj.phys_base)
             if i < len(self._objs) and self._objs[i] is obj:
                 del self._bases[i]
                 del self._objs[i]
 
-    def lookup(self, hpa: int) -> tuple[MemoryObject, int] | None:
+    def lookup(self, hpa: int) -> tuple[PhysicalPages, int] | None:
         """Return (object, offset) holding physical address ``hpa``."""
         i = bisect.bisect_right(self._bases, hpa) - 1
         if i >= 0:
@@ -141,7 +167,7 @@ class PhysicalMemory:
                 return obj, off
         return None
 
-    def objects(self) -> list[MemoryObject]:
+    def objects(self) -> list[PhysicalPages]:
         return list(self._objs)
 
     def pinned_pages(self) -> int:
@@ -210,7 +236,7 @@ class Vma:
     start: int
     end: int
     prot: int
-    obj: MemoryObject
+    obj: PhysicalPages
     pgoff: int                 # byte offset of ``start`` inside ``obj``
     kind: str = "anon"         # "anon" or "arg" (the in-process ioctl buffer)
     locked: bool = False
@@ -277,19 +303,107 @@ class PinResult:
         return int(self._shifts.min()) if self._shifts.size else 64
 
 
-class MM:
-    """A process address space (``struct mm_struct``)."""
+def _data(vma: Vma) -> np.ndarray:
+    """The bytes behind a VMA of an :class:`MM`, whose memory is always a MemoryObject."""
+    return cast(MemoryObject, vma.obj).data
+
+
+class AddressSpace(ABC):
+    """``struct mm_struct``: what the kernel needs of a process's memory.
+
+    The simulated process's own memory (:class:`MM`) and a real process's
+    (``vfiosim run``: transport/host.py's ``HostMM``) both implement it.  The
+    fields are the kernel's: ``locked_vm``/``pinned_vm`` (VmLck/VmPin), the
+    reference count of those who hold the mm without being its task
+    (``mm_count``: a container's mmgrab()), and powerpc's list of memory
+    preregistered for sPAPR TCE v2 (``mm->context.iommu_group_mem_list``).
+    """
 
     def __init__(self, phys: PhysicalMemory) -> None:
         self.phys = phys
         self.page_size = phys.page_size
         self.page_shift = phys.page_shift
+        self.locked_vm = 0      # pages, mm->locked_vm (VmLck)
+        self.pinned_vm = 0      # pages, mm->pinned_vm (VmPin)
+        # exit_mmap() ran (exit, exec): nothing maps the memory any more, but
+        # pins may hold pages and a container may hold the mm.
+        self.dead = False
+        # mm->mm_count: 1 for the task that runs in it, +1 per mmgrab().
+        self.mm_count = 1
+        # mm->context.iommu_group_mem_list: preregistered regions, newest first.
+        self.iommu_group_mem_list: list["MmIommuMem"] = []
+
+    # -- copy_from_user / copy_to_user --------------------------------------------
+
+    @abstractmethod
+    def read(self, addr: int, n: int) -> bytes:
+        """EFAULT if any byte is unmapped or unreadable."""
+
+    @abstractmethod
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        """EFAULT (writing nothing) if any byte is not writable."""
+
+    @abstractmethod
+    def find_vma(self, addr: int) -> Vma | None: ...
+
+    # -- pinning (mm/gup.c) ------------------------------------------------------------
+
+    @abstractmethod
+    def pin_pages(self, addrs: np.ndarray, write: bool, dry_run: bool = False) -> "PinResult":
+        """pin_user_pages() of the page holding each address, in order, until one fails."""
+
+    @abstractmethod
+    def pin_range(self, addr: int, npages: int, write: bool, dry_run: bool = False, tag: int = 0) -> "PinResult":
+        """pin_pages() of consecutive kernel pages; ``tag`` is ORed into each address."""
+
+    @abstractmethod
+    def pin_pages_longterm(self, start: int, npages: int, write: bool) -> "PinResult":
+        """pin_user_pages_remote(FOLL_LONGTERM) of consecutive pages (Type1)."""
+
+    @abstractmethod
+    def count_mlocked_pages(self, start: int, length: int) -> int:
+        """count_mm_mlocked_page_nr(): pages of VM_LOCKED VMAs in the range."""
+
+    # -- lifetime and /proc ----------------------------------------------------------------
+
+    @abstractmethod
+    def teardown(self) -> None:
+        """exit_mmap(): every mapping goes; pinned pages stay until unpinned."""
+
+    @abstractmethod
+    def mapped_bytes(self) -> int: ...
+
+    @abstractmethod
+    def resident_bytes(self) -> int: ...
+
+    def mmgrab(self) -> None:
+        """Keep the mm (not its mappings) after its task lets go of it."""
+        self.mm_count += 1
+
+    def mmdrop(self) -> None:
+        """Drop a reference: the task's own at exit or exec, or a holder's.  The
+        last one frees the mm: __mmdrop() -> destroy_context()."""
+        self.mm_count -= 1
+        if self.mm_count == 0:
+            self.destroy_context()
+
+    def destroy_context(self) -> None:
+        """The architecture's mm state goes.  On powerpc that is
+        mm_iommu_cleanup(): regions still preregistered (those a container
+        forgot, docs/deviations.md 3b) are unpinned."""
+        for mem in self.iommu_group_mem_list:
+            self.phys.unpin(mem.hpas)
+        self.iommu_group_mem_list.clear()
+
+
+class MM(AddressSpace):
+    """A simulated process's address space: its VMAs and the memory behind them."""
+
+    def __init__(self, phys: PhysicalMemory) -> None:
+        super().__init__(phys)
         self._vmas: list[Vma] = []
         self._starts: list[int] = []
         self._next = MMAP_BASE
-        self.locked_vm = 0      # pages, mm->locked_vm (VmLck)
-        self.pinned_vm = 0      # pages, mm->pinned_vm (VmPin)
-        self.dead = False
 
     # -- VMA bookkeeping -----------------------------------------------------
 
@@ -432,7 +546,7 @@ class MM:
             if obj is None:
                 src = vma.obj
                 obj = self.phys.allocate(src.length, src.compound_shift)
-                obj.data[:] = src.data
+                obj.data[:] = _data(vma)
                 obj.populated[:] = src.populated
                 copies[id(vma.obj)] = obj
             child._insert(Vma(vma.start, vma.end, vma.prot, obj, vma.pgoff, vma.kind, False))
@@ -483,8 +597,8 @@ class MM:
         segs = list(self._segments(addr, n, write=False))
         if len(segs) == 1:
             vma, off, ln = segs[0]
-            return vma.obj.data[off:off + ln].tobytes()
-        return b"".join(v.obj.data[o:o + ln].tobytes() for v, o, ln in segs)
+            return _data(vma)[off:off + ln].tobytes()
+        return b"".join(_data(v)[o:o + ln].tobytes() for v, o, ln in segs)
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """Write user memory; EFAULT (writing nothing) if any byte is not writable."""
@@ -494,7 +608,7 @@ class MM:
         segs = list(self._segments(addr, int(src.size), write=True))
         pos = 0
         for vma, off, ln in segs:
-            vma.obj.data[off:off + ln] = src[pos:pos + ln]
+            _data(vma)[off:off + ln] = src[pos:pos + ln]
             shift = vma.obj.page_shift
             vma.obj.populated[off >> shift:((off + ln - 1) >> shift) + 1] = True
             pos += ln
@@ -762,7 +876,8 @@ class MM:
         return PinResult(hpas[:done], shifts[:done], done, err)
 
 
-def account_locked_vm(mm: MM | None, pages: int, inc: bool, current: "Task | None", site: str | None = None) -> None:
+def account_locked_vm(mm: AddressSpace | None, pages: int, inc: bool, current: "Task | None",
+                      site: str | None = None) -> None:
     """Charge or refund ``pages`` of mm->locked_vm (mm/util.c: account_locked_vm).
 
     Charging fails with ENOMEM when the new total exceeds the *calling*
@@ -787,7 +902,7 @@ def account_locked_vm(mm: MM | None, pages: int, inc: bool, current: "Task | Non
         _refund(mm, pages)
 
 
-def _refund(mm: MM, pages: int) -> None:
+def _refund(mm: AddressSpace, pages: int) -> None:
     if pages > mm.locked_vm:
         if mm.dead:
             # exit() dropped what the dead mm still had charged (nobody can
@@ -799,7 +914,7 @@ def _refund(mm: MM, pages: int) -> None:
     mm.locked_vm -= pages
 
 
-def account_locked_vm_task(mm: MM | None, pages: int, inc: bool, task: "Task | None", bypass_rlim: bool,
+def account_locked_vm_task(mm: AddressSpace | None, pages: int, inc: bool, task: "Task | None", bypass_rlim: bool,
                            site: str | None = None) -> None:
     """__account_locked_vm(mm, pages, inc, task, bypass_rlim) (mm/util.c).
 
@@ -825,7 +940,7 @@ def account_locked_vm_task(mm: MM | None, pages: int, inc: bool, task: "Task | N
         _refund(mm, pages)
 
 
-def pin_with_faults(faults: Any, site: str, phys: PhysicalMemory, res: PinResult) -> PinResult:
+def pin_with_faults(faults: "FaultInjector | None", site: str, phys: PhysicalMemory, res: PinResult) -> PinResult:
     """A pin_user_pages*() result as fault injection leaves it.
 
     Each page pinned is one event at ``site`` (kernel/faults.py).  When page

@@ -77,7 +77,7 @@ class Progression:
             first = (self.first + (start + pos) * self.step) & ((1 << 64) - 1)
             np.add(ramp[:seg.size], np.uint64(first), out=seg)
 
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    def __array__(self, dtype: "np.typing.DTypeLike | None" = None, copy: bool | None = None) -> np.ndarray:
         out = np.empty(self.size, dtype=np.uint64)
         if self.size:
             self.write_to(out)

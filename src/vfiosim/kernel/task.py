@@ -8,7 +8,7 @@ from errno import EINVAL, EPERM
 from .cred import CAP_SETUID, CAP_SYS_RESOURCE, Cred
 from .errors import fail
 from .fs import FdTable
-from .mm import MM
+from .mm import AddressSpace
 
 RLIM_INFINITY = resource.RLIM_INFINITY
 
@@ -16,7 +16,7 @@ RLIM_INFINITY = resource.RLIM_INFINITY
 class Task:
     """One simulated process: an mm, an fd table, credentials and rlimits."""
 
-    def __init__(self, pid: int, comm: str, cred: Cred, mm: MM,
+    def __init__(self, pid: int, comm: str, cred: Cred, mm: AddressSpace,
                  rlimit_memlock: tuple[int, int]) -> None:
         self.pid = pid
         self.comm = comm
@@ -65,9 +65,9 @@ class Task:
         """
         c = self.cred
         if self.capable(CAP_SETUID):
-            c.uid = c.euid = c.suid = uid
+            c.uid = c.euid = c.suid = c.fsuid = uid
         elif uid in (c.uid, c.suid):
-            c.euid = uid
+            c.euid = c.fsuid = uid
         else:
             raise fail(EPERM, f"uid {c.euid} may not become uid {uid} without CAP_SETUID")
         if c.euid != 0:

@@ -171,8 +171,8 @@ def run_under_vfiosim(argv: list[str], trace: str, *, timeout: float = TIMEOUT,
         daemon.serve(until=done)
         rc = proc.wait()
         reader.join(5)
-    machine.qemu_output = out_lines          # type: ignore[attr-defined]
-    machine.timed_out = bool(timed_out)      # type: ignore[attr-defined]
+    machine.qemu_output = out_lines
+    machine.timed_out = bool(timed_out)
     return rc, machine
 
 

@@ -269,10 +269,11 @@ def _version_gt(a: str, b: str) -> bool:
     return subprocess.run(["dpkg", "--compare-versions", a, "gt", b]).returncode == 0
 
 
-def fetch_debs(*, log: Log = _quiet) -> dict[str, Path]:
-    """The guest's kernel and busybox .debs, downloaded once into the cache."""
+def fetch_debs(*, log: Log = _quiet, arch: str = GUEST_ARCH, kernel_meta: str = KERNEL_META) -> dict[str, Path]:
+    """The guest's kernel and busybox .debs (for ``arch``: ppc64el by default, or amd64
+    for the x86 guest of `vfiosim qemu-record`), downloaded once into the cache."""
     debs = cache_dir() / "debs"
-    manifest = debs / "manifest.json"
+    manifest = debs / ("manifest.json" if arch == GUEST_ARCH else f"manifest-{arch}.json")
     if manifest.exists():
         try:
             names = json.loads(manifest.read_text())
@@ -284,24 +285,24 @@ def fetch_debs(*, log: Log = _quiet) -> dict[str, Path]:
     for tool in ("apt-get", "apt-cache", "dpkg"):
         if shutil.which(tool) is None:
             raise QemuDemoUnavailable(f"the guest packages are not cached in {debs} and there is no {tool} to fetch them")
-    apt = GuestApt(cache_dir() / "apt", log)
+    apt = GuestApt(cache_dir() / ("apt" if arch == GUEST_ARCH else f"apt-{arch}"), log, arch)
     apt.setup()
     apt.update()
-    versions = apt.versions(KERNEL_META)
+    versions = apt.versions(kernel_meta)
     if not versions:
-        raise QemuDemoUnavailable(f"the Debian archive has no {KERNEL_META} for {GUEST_ARCH}")
+        raise QemuDemoUnavailable(f"the Debian archive has no {kernel_meta} for {arch}")
     newest = versions[0]
     for v in versions[1:]:
         if _version_gt(v, newest):
             newest = v
     kernel_pkg = ""
-    for line in apt.run("apt-cache", "depends", f"{KERNEL_META}={newest}").stdout.splitlines():
+    for line in apt.run("apt-cache", "depends", f"{kernel_meta}={newest}").stdout.splitlines():
         line = line.strip()
         if line.startswith("Depends:") and "linux-image-" in line:
             kernel_pkg = line.split(":", 1)[1].strip().split(":")[0]
             break
     if not kernel_pkg:
-        raise QemuDemoUnavailable(f"{KERNEL_META} {newest} depends on no linux-image package")
+        raise QemuDemoUnavailable(f"{kernel_meta} {newest} depends on no linux-image package")
     debs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=debs) as tmp:
         apt.run("apt-get", "download", "-q", kernel_pkg, BUSYBOX, cwd=Path(tmp))

@@ -66,7 +66,7 @@ def pidfd_getfd(pidfd: int, fd: int) -> int:
     if ret < 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
-    return ret
+    return int(ret)
 
 
 def _proc_ppid(pid: int) -> int:
@@ -128,7 +128,7 @@ class Daemon:
         self.sysfs = sysfs or FakeSysfs(machine)
         self._own_sysfs = sysfs is None
         self.log = log or (lambda text: print(f"vfiosim: {text}", file=sys.stderr, flush=True))
-        self.tracer = Tracer(trace, machine.platform) if trace is not None else None
+        self.tracer = Tracer(trace, machine.platform, machine=machine) if trace is not None else None
         self.states: dict[int, TaskState] = {}
         self.sel = selectors.DefaultSelector()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -335,6 +335,7 @@ class Daemon:
                 m._oops(f"{P.OP_NAMES.get(op, op)} from pid {st.pid}", exc)
                 ret, err = -1, errno.EIO
             if rec is not None:
+                assert tracer is not None
                 if op == P.OP_MMIO and not flags & P.MMIO_WRITE and len(out) == 8:
                     rec["value"] = struct.unpack("<Q", out)[0]
                 tracer.end(rec, task, ret, err)
@@ -647,11 +648,11 @@ class Daemon:
             st.tracer.event(st.pid, "exit", why)
         self.exited.append(st.pid)
 
-    def _note_orphaned(self, st: TaskState, mm: "HostMM", why: str) -> None:
+    def _note_orphaned(self, st: TaskState, mm: object, why: str) -> None:
         """Pages of an image that is gone and that DMA mappings still pin (in a
         container the new image, or another process, still holds): say what a
         device sees there."""
-        pages = mm.pinned_pages()
+        pages = mm.pinned_pages() if isinstance(mm, HostMM) else 0
         if pages:
             self.kernel.log.warn(f"vfiosim: pid {st.pid} {why} with {pages} of its pages still pinned by DMA "
                                  f"mappings: Linux keeps those pages; vfiosim can no longer read them, so a "

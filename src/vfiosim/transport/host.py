@@ -5,7 +5,7 @@ memory is the real process's memory: user pointers passed to ioctls are
 read and written with process_vm_readv/process_vm_writev, pinned pages are
 the process's real pages, and a device's DMA lands in them.  Interrupts
 signal the program's real eventfds.  These classes implement the kernel's
-interfaces (the ``MM`` duck type of kernel/mm.py, a ``File`` for eventfds)
+interfaces (the ``AddressSpace`` of kernel/mm.py, a ``File`` for eventfds)
 on top of the host; the kernel itself stays free of real I/O.
 
 Limitation: a pin does not hold a real page in place.  If the program
@@ -29,7 +29,7 @@ import numpy as np
 
 from ..kernel.errors import fail
 from ..kernel.eventfd import EventFd
-from ..kernel.mm import PROT_EXEC, PROT_READ, PROT_WRITE, PhysicalMemory, PinResult, Vma
+from ..kernel.mm import PROT_EXEC, PROT_READ, PROT_WRITE, AddressSpace, PhysicalMemory, PinResult, Vma
 
 if TYPE_CHECKING:
     from ..kernel.task import Task
@@ -190,17 +190,12 @@ class HostMemoryObject:
         return f"<HostMemoryObject pid={self.host.pid} vaddr={self.vaddr:#x} len={self.length:#x} pins={self.pins}>"
 
 
-class HostMM:
-    """The ``MM`` of a simulated task that is a real process."""
+class HostMM(AddressSpace):
+    """The address space of a simulated task that is a real process."""
 
     def __init__(self, pid: int, phys: PhysicalMemory) -> None:
+        super().__init__(phys)
         self.host = HostProcess(pid)
-        self.phys = phys
-        self.page_size = phys.page_size
-        self.page_shift = phys.page_shift
-        self.locked_vm = 0
-        self.pinned_vm = 0
-        self.dead = False
         self._objects: dict[tuple[int, int], HostMemoryObject] = {}
 
     # -- copy_from_user / copy_to_user --------------------------------------------------------
@@ -228,7 +223,7 @@ class HostMM:
         out = []
         for start, end, prot, private, path in self.host.maps():
             obj = self._object(start, end)
-            out.append(Vma(start, end, prot, obj, 0, kind="anon" if private else "shared"))  # type: ignore[arg-type]
+            out.append(Vma(start, end, prot, obj, 0, kind="anon" if private else "shared"))
         return out
 
     def find_vma(self, addr: int) -> Vma | None:
@@ -270,7 +265,7 @@ class HostMM:
             pages = ((seg - np.uint64(vma.start)) >> np.uint64(self.page_shift)).astype(np.int64)
             if not dry_run and pages.size:
                 if obj.pins == 0 and obj not in self.phys.objects():
-                    self.phys.register(obj, obj.length)  # type: ignore[arg-type]
+                    self.phys.register(obj, obj.length)
                 np.add.at(obj.pincount, pages, 1)
                 obj.pins += int(pages.size)
             hpas[done:stop] = np.uint64(obj.phys_base) + (pages.astype(np.uint64) << np.uint64(self.page_shift))
@@ -286,6 +281,11 @@ class HostMM:
         if tag:
             res.hpas = res.hpas | np.uint64(tag)
         return res
+
+    def count_mlocked_pages(self, start: int, length: int) -> int:
+        """None that this locked_vm counts: the program's own mlock() is charged
+        to its real VmLck by the host kernel, not here."""
+        return 0
 
     def teardown(self) -> None:
         """The image is gone (exit, exec): its pinned memory is orphaned."""

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from ..tracing.format import open_trace
+
 
 @dataclass
 class HostConversation:
@@ -96,12 +98,8 @@ def summarize_trace(path: str, page_size: int = 4096) -> HostConversation:
         run_key = None
         run_n = 0
 
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
+    with open_trace(path) as trace:
+        for rec in trace:
             call = rec.get("call")
             key: tuple[str, ...]
             if call == "ioctl":

@@ -10,8 +10,17 @@ Linux has them, so the usual ways of finding a device work::
     /sys/devices/.../<bdf>/iommu_group -> ../../../kernel/iommu_groups/<N>
     /sys/devices/.../<bdf>/driver -> ../../../bus/pci/drivers/vfio-pci
     /sys/kernel/iommu_groups/<N>/devices/<bdf> -> ../../../../devices/pci<dom>:<bus>/<bdf>
+    /sys/devices/.../<bdf>/vfio-dev/vfio<M>/{uevent,subsystem,device,power/}
+    /sys/class/vfio-dev/vfio<M> -> ../../devices/pci<dom>:<bus>/<bdf>/vfio-dev/vfio<M>
     /dev/vfio/vfio, /dev/vfio/<N>
     /dev/iommu, /dev/vfio/devices/vfio<N>      (kernels with IOMMUFD, VFIO_DEVICE_CDEV)
+
+``vfio-dev/vfio<M>`` is the struct device vfio_main.c registers for every
+VFIO device (__vfio_register_dev(): "vfio%d" of the vfio-dev class, parent
+the PCI device), present whether or not the kernel has the device cdev.  The
+tree is that of a kernel without it (CONFIG_VFIO_DEVICE_CDEV=n, as vfiosim
+offers no /dev/vfio/devices/): no ``dev`` file and an empty ``uevent``,
+as device_add() leaves them for a device with no dev_t.
 
 The host's own PCI devices stay visible in /sys/bus/pci/devices (as links
 to the real sysfs) unless a simulated device has the same address.
@@ -105,8 +114,10 @@ class FakeSysfs:
         for bdf in host:
             if bdf not in sim:
                 self._link(os.path.realpath(f"/sys/bus/pci/devices/{bdf}"), f"/sys/bus/pci/devices/{bdf}")
+        self._mkdir("/sys/class/vfio-dev")
         self.prefixes = ["/dev/vfio", "/sys/bus/pci/devices", "/sys/bus/pci/drivers/vfio-pci",
-                         "/sys/kernel/iommu_groups"]
+                         "/sys/kernel/iommu_groups", "/sys/class/vfio-dev"]
+        vfio_index = {d.name: d.index for g in k.vfio.groups.values() for d in g.devices}
         for gid, group in sorted(k.iommu_groups.items()):
             self._mkdir(f"/sys/kernel/iommu_groups/{gid}/devices")
             _write(self.path(f"/sys/kernel/iommu_groups/{gid}/type"), "DMA\n")
@@ -153,17 +164,31 @@ class FakeSysfs:
             for i, bar in dev.bars.items():
                 _write(self.path(f"{ddir}/resource{i}"), "")
             self._link("../../../bus/pci", f"{ddir}/subsystem")
-            group = dev.iommu_group
-            if group is not None:
-                self._link(f"../../../kernel/iommu_groups/{group.id}", f"{ddir}/iommu_group")
-                self._link(os.path.relpath(ddir, f"/sys/kernel/iommu_groups/{group.id}/devices"),
-                           f"/sys/kernel/iommu_groups/{group.id}/devices/{bdf}")
+            dev_group = dev.iommu_group
+            if dev_group is not None:
+                self._link(f"../../../kernel/iommu_groups/{dev_group.id}", f"{ddir}/iommu_group")
+                self._link(os.path.relpath(ddir, f"/sys/kernel/iommu_groups/{dev_group.id}/devices"),
+                           f"/sys/kernel/iommu_groups/{dev_group.id}/devices/{bdf}")
+            if bdf in vfio_index:
+                self._vfio_dev(ddir, vfio_index[bdf])
             if dev.driver:
                 self._mkdir(f"/sys/bus/pci/drivers/{dev.driver}")
                 self._link(f"../../../bus/pci/drivers/{dev.driver}", f"{ddir}/driver")
                 self._link(os.path.relpath(ddir, f"/sys/bus/pci/drivers/{dev.driver}"),
                            f"/sys/bus/pci/drivers/{dev.driver}/{bdf}")
         _write(self.path("/prefixes"), "".join(p + "\n" for p in self.prefixes))
+
+    def _vfio_dev(self, ddir: str, index: int) -> None:
+        """``<ddir>/vfio-dev/vfio<index>`` and its /sys/class/vfio-dev link (see the module doc)."""
+        vdir = f"{ddir}/vfio-dev/vfio{index}"
+        self._mkdir(f"{vdir}/power")
+        _write(self.path(f"{vdir}/uevent"), "")
+        for name, text in (("control", "auto\n"), ("runtime_status", "unsupported\n"),
+                           ("runtime_active_time", "0\n"), ("runtime_suspended_time", "0\n")):
+            _write(self.path(f"{vdir}/power/{name}"), text)
+        self._link(os.path.relpath("/sys/class/vfio-dev", vdir), f"{vdir}/subsystem")
+        self._link(f"../../../{os.path.basename(ddir)}", f"{vdir}/device")      # as kernfs writes it
+        self._link(os.path.relpath(vdir, "/sys/class/vfio-dev"), f"/sys/class/vfio-dev/vfio{index}")
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

@@ -1,20 +1,26 @@
-"""``--trace FILE``: every VFIO call of the programs, as JSON lines.
+"""``--trace FILE``: every VFIO call of the programs, in the trace format of record.
 
-One object per call, written when the call returns::
+The file starts with a header describing the simulated machine, then one object
+per call, written when the call returns::
 
+    {"format": "vfiosim-trace", "version": 1, "source": "simulator", "system": {...}, ...}
     {"seq": 7, "time": 0.0123, "pid": 4242, "call": "ioctl", "fd": 5, "fd_kind": "vfio-container",
      "cmd": "VFIO_IOMMU_MAP_DMA", "args": {"argsz": 32, "flags": 3, "vaddr": ..., ...},
-     "out": {...fields the kernel changed...}, "ret": 0, "errno": 0, "err": "", "reason": "..."}
+     "mem": {"vaddr": {"vma": [start, end, "rw-p"], "offset": 4096}},
+     "out": {...fields the kernel changed...}, "ret": 0, "errno": 0, "err": "", "reason": "...",
+     "vmlck_kb": 1024, "vmpin_kb": 0}
 
 ``args`` are the ioctl's struct fields as the program passed them (read from
-its memory before the call), ``out`` the fields the kernel changed.  The
-iommufd ioctls of /dev/iommu (``fd_kind`` "iommufd", also /dev/vfio/vfio when
-iommufd serves it) are decoded the same way, from their ``size``-first
-structs; so are the cdev's VFIO_DEVICE_BIND_IOMMUFD, ATTACH/DETACH_IOMMUFD_PT
-and VFIO_DEVICE_PCI_HOT_RESET (with its group fds, or none: the devid form).  Other
-calls: open (path, flags), close, read/pread/write/pwrite (count, offset),
-dup, mmap (offset, length, prot), mmio (offset, size, value), munmap, fork,
-and ``exit`` events.  ``vfiosim trace show FILE`` prints them strace-style.
+its memory before the call), ``out`` the fields the kernel changed, ``mem`` the
+mapping a user address lies in (so that a replay can match buffers by mapping).
+The iommufd ioctls of /dev/iommu (``fd_kind`` "iommufd", also /dev/vfio/vfio
+when iommufd serves it, whose VFIO numbers are then the Type1 container's)
+are decoded the same way, from their ``size``-first structs; so are the
+cdev's VFIO_DEVICE_BIND_IOMMUFD and ATTACH/DETACH_IOMMUFD_PT.
+Other calls: open (path, flags), close, read/pread/write/pwrite (count, offset,
+the bytes), dup, mmap (offset, length, prot), mmio (offset, size, value),
+munmap, fork, and ``exit`` events.  docs/trace-format.md is the schema;
+``vfiosim trace show FILE`` prints a trace strace-style.
 """
 
 from __future__ import annotations
@@ -25,70 +31,36 @@ import json
 import os
 import struct
 import time
-from typing import IO, TYPE_CHECKING, Any, Iterable, TextIO
+from typing import IO, TYPE_CHECKING, Any, Callable, TextIO
 
-from ..uapi import iommufd as iu
-from ..uapi import vfio as uapi
+from ..tracing import ioctls
+from ..tracing.format import describe_header, make_header, open_trace, simulator_header
 from . import protocol as P
 
 if TYPE_CHECKING:
     from ..kernel.task import Task
 
-_STRUCTS: dict[str, type] = {
-    "VFIO_GROUP_GET_STATUS": uapi.vfio_group_status,
-    "VFIO_DEVICE_GET_INFO": uapi.vfio_device_info,
-    "VFIO_DEVICE_GET_REGION_INFO": uapi.vfio_region_info,
-    "VFIO_DEVICE_GET_IRQ_INFO": uapi.vfio_irq_info,
-    "VFIO_DEVICE_SET_IRQS": uapi.vfio_irq_set,
-    "VFIO_DEVICE_IOEVENTFD": uapi.vfio_device_ioeventfd,
-    "VFIO_DEVICE_FEATURE": uapi.vfio_device_feature,
-    "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO": uapi.vfio_pci_hot_reset_info,
-    "VFIO_IOMMU_GET_INFO": uapi.vfio_iommu_type1_info,
-    "VFIO_IOMMU_MAP_DMA": uapi.vfio_iommu_type1_dma_map,
-    "VFIO_IOMMU_UNMAP_DMA": uapi.vfio_iommu_type1_dma_unmap,
-    "VFIO_IOMMU_DIRTY_PAGES": uapi.vfio_iommu_type1_dirty_bitmap,
-    "VFIO_IOMMU_SPAPR_TCE_GET_INFO": uapi.vfio_iommu_spapr_tce_info,
-    "VFIO_EEH_PE_OP": uapi.vfio_eeh_pe_op,
-    "VFIO_IOMMU_SPAPR_REGISTER_MEMORY": uapi.vfio_iommu_spapr_register_memory,
-    "VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY": uapi.vfio_iommu_spapr_register_memory,
-    "VFIO_IOMMU_SPAPR_TCE_CREATE": uapi.vfio_iommu_spapr_tce_create,
-    "VFIO_IOMMU_SPAPR_TCE_REMOVE": uapi.vfio_iommu_spapr_tce_remove,
-    "VFIO_DEVICE_BIND_IOMMUFD": uapi.vfio_device_bind_iommufd,
-    "VFIO_DEVICE_ATTACH_IOMMUFD_PT": uapi.vfio_device_attach_iommufd_pt,
-    "VFIO_DEVICE_DETACH_IOMMUFD_PT": uapi.vfio_device_detach_iommufd_pt,
-    "VFIO_DEVICE_PCI_HOT_RESET": uapi.vfio_pci_hot_reset,
-}
-# /dev/iommu: struct iommu_<name> of IOMMU_<NAME>, but for two
-_STRUCTS.update({name: iu.STRUCTS[name.lower()] for name in iu.IOCTLS if name.lower() in iu.STRUCTS})
-_STRUCTS["IOMMU_GET_HW_INFO"] = iu.iommu_hw_info
-_STRUCTS["IOMMU_FAULT_QUEUE_ALLOC"] = iu.iommu_fault_alloc
-_NO_ARG = {"VFIO_GET_API_VERSION", "VFIO_IOMMU_ENABLE", "VFIO_IOMMU_DISABLE", "VFIO_GROUP_UNSET_CONTAINER",
-           "VFIO_DEVICE_RESET"}
-_VALUE_ARG = {"VFIO_CHECK_EXTENSION": "extension", "VFIO_SET_IOMMU": "type"}
+# The ioctls whose argument is a struct (vfiosim.fuzz builds its templates from them).
+_STRUCTS: dict[str, type] = {name: layout.struct for name, layout in ioctls.LAYOUTS.items()
+                             if layout.kind == ioctls.STRUCT and layout.struct is not None}
+_NO_ARG = {name for name, layout in ioctls.LAYOUTS.items() if layout.kind == ioctls.NONE}
+_VALUE_ARG = {name: layout.value_field for name, layout in ioctls.LAYOUTS.items() if layout.kind == ioctls.VALUE}
+#: read/write payloads kept in a trace (config space and BAR accesses are a few bytes)
+MAX_DATA = 4096
 
 
-def _fields(obj: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, ftype, *_ in obj._fields_:
-        if name.startswith("_") and name not in getattr(obj, "_anonymous_", ()):
-            continue
-        value = getattr(obj, name)
-        if name in getattr(obj, "_anonymous_", ()):
-            out.update(_fields(value))
-        elif isinstance(value, (ctypes.Structure, ctypes.Union)):
-            out[name] = _fields(value)
-        elif isinstance(value, ctypes.Array):
-            if len(value):
-                out[name] = list(value)
-        else:
-            out[name] = value
-    return out
+def _perms(prot: int, shared: bool = False) -> str:
+    return ("r" if prot & 1 else "-") + ("w" if prot & 2 else "-") + ("x" if prot & 4 else "-") + \
+        ("s" if shared else "p")
 
 
 class Tracer:
-    """Writes one JSON line per call to a file (or an open text stream)."""
+    """Writes one JSON line per call to a file (or an open text stream), after a header.
 
-    def __init__(self, target: str | IO[str], platform: str = "") -> None:
+    The daemon calls ``begin`` before a call and ``end`` after it; ``event`` for
+    things that are not calls (a process exiting)."""
+
+    def __init__(self, target: str | IO[str], platform: str = "", machine: Any = None) -> None:
         self.platform = platform
         if isinstance(target, str):
             self.f: IO[str] = open(target, "w", buffering=1)
@@ -98,6 +70,14 @@ class Tracer:
             self._own = False
         self.seq = 0
         self.t0 = time.monotonic()
+        #: called with each record after it is written (``vfiosim run -v`` prints failures)
+        self.observer: Callable[[dict[str, Any]], None] | None = None
+        if machine is not None:
+            header = simulator_header(machine, "vfiosim run --trace")
+        else:
+            header = make_header("simulator", "vfiosim run --trace", system={"platform": platform})
+        self.f.write(json.dumps(header) + "\n")
+        self.f.flush()
 
     def close(self) -> None:
         if self._own:
@@ -108,6 +88,8 @@ class Tracer:
         self.seq += 1
         self.f.write(json.dumps(rec, sort_keys=False) + "\n")
         self.f.flush()
+        if self.observer is not None:
+            self.observer(rec)
 
     def event(self, pid: int, kind: str, detail: str = "") -> None:
         self._write({"time": round(time.monotonic() - self.t0, 6), "pid": pid, "call": kind, "detail": detail})
@@ -134,8 +116,10 @@ class Tracer:
             rec["buf"], rec["count"] = a[0], a[1]
             if flags & P.RW_POSITIONAL:
                 rec["offset"] = a[2]
+            if op == P.OP_WRITE:
+                self._data(task, rec, a[0], a[1])
         elif op == P.OP_MMAP:
-            rec.update(offset=a[0], length=a[1], prot=a[2])
+            rec.update(offset=a[0], length=a[1], prot=a[2], shared=bool(a[3]))
         elif op == P.OP_MMIO:
             rec.update(mapping=a[0], offset=a[1], size=a[2], write=bool(flags & P.MMIO_WRITE))
             if flags & P.MMIO_WRITE:
@@ -148,27 +132,31 @@ class Tracer:
             rec["newfd"] = fd2
         return rec
 
+    @staticmethod
+    def _data(task: "Task", rec: dict[str, Any], buf: int, count: int) -> None:
+        try:
+            rec["data"] = task.mm.read(buf, min(count, MAX_DATA)).hex()
+        except Exception:
+            return
+        if count > MAX_DATA:
+            rec["data_truncated"] = True
+
     def _ioctl_args(self, task: "Task", rec: dict[str, Any], cmd: int, arg: int) -> None:
+        iommu = ""
         if rec.get("fd_kind") == "iommufd":
-            # iommufd's own numbers, else the VFIO container's (its Type1 emulation)
-            name = iu.ioctl_name(cmd) or uapi.ioctl_name_for(cmd, "vfio-container") or f"{cmd:#x}"
-            if "/" in name:
-                name = next((n for n in name.split("/") if "SPAPR" not in n), name)
-        else:
-            name = uapi.ioctl_name_for(cmd, rec.get("fd_kind", "")) or f"{cmd:#x}"
-        if "/" in name:
-            parts = name.split("/")
-            spapr = [n for n in parts if "SPAPR" in n]
-            other = [n for n in parts if "SPAPR" not in n]
+            iommu = "type1"                                           # iommufd emulates Type1 only
+        elif rec.get("fd_kind") == "vfio-container":
             container = None
             try:
                 container = task.files.get(rec["fd"]).container      # type: ignore[attr-defined]
             except Exception:
                 pass
             drv = getattr(getattr(container, "iommu_driver", None), "name", "") or ""
-            type1 = "type1" in drv or (not drv and self.platform == "x86")
-            name = other[0] if (type1 and other) or not spapr else spapr[0]
+            iommu = "type1" if "type1" in drv or (not drv and self.platform == "x86") else "spapr"
+        name = ioctls.ioctl_label(cmd, rec.get("fd_kind", ""), iommu)
         rec["cmd"] = name
+        if name not in ioctls.LAYOUTS:
+            rec["request"] = cmd
         rec["_arg"] = arg
         if name in _VALUE_ARG:
             rec["args"] = {_VALUE_ARG[name]: arg}
@@ -177,25 +165,28 @@ class Tracer:
         elif name == "VFIO_GROUP_GET_DEVICE_FD":
             rec["args"] = self._read_str(task, arg)
         elif name in _STRUCTS:
-            rec["args"] = self._read_struct(task, _STRUCTS[name], arg)
-            if name == "VFIO_DEVICE_SET_IRQS" and isinstance(rec["args"], dict):
-                s = rec["args"]
-                if s.get("flags", 0) & uapi.VFIO_IRQ_SET_DATA_EVENTFD and 0 < s.get("count", 0) <= 64:
-                    try:
-                        raw = task.mm.read(arg + ctypes.sizeof(uapi.vfio_irq_set), 4 * s["count"])
-                        s["data"] = list(struct.unpack(f"<{s['count']}i", raw))
-                    except Exception:
-                        s["data"] = "<fault>"
-            elif name == "VFIO_DEVICE_PCI_HOT_RESET" and isinstance(rec["args"], dict):
-                s = rec["args"]
-                if 0 < s.get("count", 0) <= 64:
-                    try:
-                        raw = task.mm.read(arg + ctypes.sizeof(uapi.vfio_pci_hot_reset), 4 * s["count"])
-                        s["group_fds"] = list(struct.unpack(f"<{s['count']}i", raw))
-                    except Exception:
-                        s["group_fds"] = "<fault>"
+            raw = self._read_arg(task, name, arg)
+            if raw is None:
+                rec["args"] = {"ptr": arg, "fault": True}
+            else:
+                rec["args"] = ioctls.decode(name, raw)
+                rec["_raw"] = len(raw)
+                for key in ioctls.ADDRESS_FIELDS.get(name, ()):
+                    rec.setdefault("mem", {})[key] = self._where(task, rec["args"].get(key, 0))
         elif arg and name not in _NO_ARG:
             rec["args"] = {"arg": arg}
+
+    @staticmethod
+    def _where(task: "Task", addr: int) -> dict[str, Any]:
+        """The mapping ``addr`` lies in (``vma`` None when it lies in none)."""
+        try:
+            vma = task.mm.find_vma(addr)
+        except Exception:
+            vma = None
+        if vma is None or not vma.start <= addr < vma.end:
+            return {"vma": None, "offset": 0}
+        return {"vma": [vma.start, vma.end, _perms(vma.prot, getattr(vma, "shared", False))],
+                "offset": addr - vma.start}
 
     @staticmethod
     def _read_s32(task: "Task", arg: int) -> Any:
@@ -216,36 +207,55 @@ class Tracer:
         return {"name": raw.split(b"\0", 1)[0].decode("utf-8", "replace")}
 
     @staticmethod
-    def _read_struct(task: "Task", cls: Any, arg: int) -> Any:
-        size = ctypes.sizeof(cls)
+    def _read_arg(task: "Task", name: str, arg: int, size: int | None = None) -> bytes | None:
+        """The argument's bytes: argsz of them (at least the struct, at most MAX_ARG),
+        fewer if the program's memory ends first; None if not even argsz can be read."""
+        cls = _STRUCTS[name]
         try:
             argsz = struct.unpack("<I", task.mm.read(arg, 4))[0]
         except Exception:
-            return {"ptr": arg, "fault": True}
-        n = max(4, min(argsz, size))
-        try:
-            raw = task.mm.read(arg, n)
-        except Exception:
-            raw = task.mm.read(arg, 4)
-        return _fields(cls.from_buffer_copy(raw.ljust(size, b"\0")))
+            return None
+        n = size if size is not None else min(max(argsz, ctypes.sizeof(cls)), ioctls.MAX_ARG)
+        for length in (n, ctypes.sizeof(cls), 4):
+            try:
+                return task.mm.read(arg, length)
+            except Exception:
+                continue
+        return None
 
     def end(self, rec: dict[str, Any], task: "Task", ret: int, err: int) -> None:
         arg = rec.pop("_arg", None)
+        size = rec.pop("_raw", None)
         cmd = rec.get("cmd")
-        if arg is not None and cmd in _STRUCTS and isinstance(rec.get("args"), dict) \
-                and not rec["args"].get("fault"):
-            try:
-                after = self._read_struct(task, _STRUCTS[cmd], arg)
-                before = rec["args"]
-                changed = {k: v for k, v in after.items() if before.get(k) != v}
+        if arg is not None and size is not None and cmd in _STRUCTS:
+            after_raw = self._read_arg(task, cmd, arg, size)
+            if after_raw is not None:
+                bitmap = self._bitmap(task, cmd, rec["args"])
+                after = ioctls.decode(cmd, after_raw, after=True, bitmap=bitmap)
+                changed = ioctls.changed(rec["args"], after)
                 if changed:
                     rec["out"] = changed
-            except Exception:
-                pass
+        if rec.get("call") == "read" and ret > 0:
+            self._data(task, rec, rec.get("buf", 0), ret)
         rec["ret"] = ret
         rec["errno"] = err
         rec["err"] = E.errorcode.get(err, "") if err else ""
+        try:
+            kb = task.mm.page_size // 1024
+            rec["vmlck_kb"], rec["vmpin_kb"] = task.mm.locked_vm * kb, task.mm.pinned_vm * kb
+        except Exception:
+            pass
         self._write(rec)
+
+    @staticmethod
+    def _bitmap(task: "Task", cmd: str, args: dict[str, Any]) -> bytes | None:
+        bm = args.get("bitmap")
+        if cmd not in ioctls.BITMAP_CMDS or not isinstance(bm, dict) or not bm.get("data"):
+            return None
+        try:
+            return task.mm.read(bm["data"], min((bm.get("size", 0) + 7) // 8 * 8, ioctls.MAX_ARG))
+        except Exception:
+            return None
 
 
 # -- `vfiosim trace show` ---------------------------------------------------------------------------
@@ -270,8 +280,11 @@ def format_record(rec: dict[str, Any]) -> str:
     pid = rec.get("pid", "?")
     call = rec.get("call", "?")
     head = f"[pid {pid:>6}] "
-    if call in ("exit", "hello") and "ret" not in rec:
+    if call in ("exit", "hello") and "ret" not in rec or call == "exec":
         return head + f"+++ {rec.get('detail') or call} +++"
+    if call == "note":
+        text = rec.get("detail") or rec.get("case") or "note"
+        return head + f"--- {text}{' (skipped)' if rec.get('skipped') and not rec.get('detail') else ''} ---"
     fd = rec.get("fd")
     fdtxt = f"{fd}<{rec['fd_kind']}>" if fd is not None and rec.get("fd_kind") else str(fd)
     if call == "open":
@@ -282,7 +295,8 @@ def format_record(rec: dict[str, Any]) -> str:
             parts.append(_fmt_value("", rec["args"]))
         args = ", ".join(parts)
     elif call in ("read", "write"):
-        args = f"{fdtxt}, {_fmt_value('buf', rec.get('buf', 0))}, {rec.get('count')}"
+        args = f"{fdtxt}, {_fmt_value('buf', rec['buf'])}, {rec.get('count')}" if "buf" in rec else \
+            f"{fdtxt}, {rec.get('count')}"
         if "offset" in rec:
             call = "p" + call
             args += f", {_fmt_value('offset', rec['offset'])}"
@@ -298,9 +312,14 @@ def format_record(rec: dict[str, Any]) -> str:
     elif call == "dup":
         args = f"{fdtxt}, {rec.get('newfd')}"
     elif call == "munmap":
-        args = f"mapping {rec.get('mapping')}"
+        args = f"mapping {rec.get('mapping')}" if "mapping" in rec else \
+            f"{_fmt_value('addr', rec.get('addr', 0))}, {_fmt_value('length', rec.get('length', 0))}"
+    elif call == "setuid":
+        args = f"{rec.get('detail', '')} => {_fmt_value('', rec.get('now') or {})}"
     elif call == "fork":
         args = f"child={rec.get('child')}"
+    elif call == "setrlimit":
+        args = f"RLIMIT_MEMLOCK, {{cur={rec.get('cur')}, max={rec.get('max')}}}"
     else:
         args = fdtxt if fd is not None else ""
     ret = rec.get("ret")
@@ -308,10 +327,14 @@ def format_record(rec: dict[str, Any]) -> str:
         res = f"-1 {rec.get('err') or rec['errno']} ({os.strerror(rec['errno'])}"
         res += f": {rec['reason']})" if rec.get("reason") else ")"
     else:
-        res = _fmt_value("value", rec.get("value", ret)) if call == "mmio_read" else str(ret)
+        res = _fmt_value("value", rec.get("value", ret)) if call == "mmio_read" else \
+            hex(ret) if call == "mmap" and isinstance(ret, int) and ret > 0xFFFF else str(ret)
     line = f"{head}{call}({args}) = {res}"
     if rec.get("out"):
         line += f"  => {_fmt_value('', rec['out'])}"
+    if call in ("read", "pread", "write", "pwrite") and rec.get("data"):
+        data = rec["data"]
+        line += f"  [{data[:64]}{'...' if len(data) > 64 else ''}]"
     return line
 
 
@@ -324,14 +347,11 @@ def _open_flags(flags: int) -> str:
     return "|".join(names)
 
 
-def read_trace(path: str) -> Iterable[dict[str, Any]]:
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
-
-
 def show(path: str, out: TextIO) -> int:
-    for rec in read_trace(path):
-        print(format_record(rec), file=out)
+    """Print a trace of any shape (format of record, older --trace files, reference
+    traces) strace-style, streaming."""
+    with open_trace(path) as t:
+        print(f"# {describe_header(t.header)}", file=out)
+        for rec in t:
+            print(format_record(rec), file=out)
     return 0

@@ -1114,7 +1114,8 @@ def ioctl_name_for(cmd: int, fd_kind: str) -> str | None:
 def _member(cls: type, name: str) -> tuple[int, type] | None:
     # Search _fields_ rather than getattr(): ctypes field descriptors expose
     # offset and size but not the type, which dotted paths need to descend.
-    for field_name, field_type, *_ in cls._fields_:
+    fields: list[tuple[str, type]] = getattr(cls, "_fields_")
+    for field_name, field_type, *_ in fields:
         if field_name == name:
             return getattr(cls, field_name).offset, field_type
         if field_name in getattr(cls, "_anonymous_", ()):

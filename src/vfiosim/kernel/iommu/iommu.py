@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from errno import EBUSY, EINVAL, ENODEV, EOPNOTSUPP, EPERM
 from typing import TYPE_CHECKING
 
-from ..errors import KernelBug, fail
+from ..errors import KernelBug, KernelError, fail
 
 if TYPE_CHECKING:
     from ..pci.device import PciDevice
@@ -320,7 +320,7 @@ class IommuGroup:
                 if dev_iommu_ops(dev) is not None:
                     new.attach_dev(dev)
                     done.append(dev)
-        except Exception:
+        except KernelError:
             if old is not None:
                 for dev in done:
                     old.attach_dev(dev)

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..deviations import deviation
 from ..errors import KernelError, fail
-from ..mm import MM, account_locked_vm, pin_with_faults
+from ..mm import AddressSpace, PinResult, account_locked_vm, pin_with_faults
 
 if TYPE_CHECKING:
     from ..task import Task
@@ -43,17 +44,9 @@ class MmIommuMem:
         return f"<MmIommuMem ua={self.ua:#x} entries={self.entries} used={self.used} mapped={self.mapped - 1}>"
 
 
-def _mem_list(mm: MM) -> list[MmIommuMem]:
-    """mm->context.iommu_group_mem_list, newest first (list_add_rcu)."""
-    lst = getattr(mm, "iommu_group_mem_list", None)
-    if lst is None:
-        lst = mm.iommu_group_mem_list = []  # type: ignore[attr-defined]
-    return lst
-
-
-def mm_iommu_get(mm: MM, ua: int, entries: int) -> MmIommuMem | None:
+def mm_iommu_get(mm: AddressSpace, ua: int, entries: int) -> MmIommuMem | None:
     """The region registered with exactly (ua, entries); takes a reference."""
-    for mem in _mem_list(mm):
+    for mem in mm.iommu_group_mem_list:
         if mem.ua == ua and mem.entries == entries:
             mem.used += 1
             return mem
@@ -66,7 +59,7 @@ def mm_iommu_get(mm: MM, ua: int, entries: int) -> MmIommuMem | None:
 _PIN_CHUNK = {12: (1 << (12 + 12)) // 8, 16: (1 << (16 + 8)) // 8}
 
 
-def mm_iommu_new(mm: MM, ua: int, entries: int, current: "Task") -> "MmIommuMem | int":
+def mm_iommu_new(mm: AddressSpace, ua: int, entries: int, current: "Task") -> "MmIommuMem | int":
     """mm_iommu_do_alloc(): charge, pin every page for write, check overlap.
 
     Order matters for the errno: the charge (ENOMEM) comes first, then the
@@ -79,7 +72,7 @@ def mm_iommu_new(mm: MM, ua: int, entries: int, current: "Task") -> "MmIommuMem 
     is undone and the count, not an error, reaches userspace.  That count is
     returned here as an int (docs/deviations.md).
     """
-    faults = _faults(mm)
+    faults = mm.phys.faults
     account_locked_vm(mm, entries, True, current, site="account_locked_vm:mm_iommu_do_alloc")
     pinned = None
     try:
@@ -94,7 +87,7 @@ def mm_iommu_new(mm: MM, ua: int, entries: int, current: "Task") -> "MmIommuMem 
         # Natural alignment of the start and size bounds the IOMMU page size.
         pageshift = _ffs(ua | (entries << shift))
         chunk = _PIN_CHUNK.get(shift, entries)
-        parts: list = []
+        parts: list[PinResult] = []
         done = 0
         ret = 0
         while done < entries:
@@ -113,10 +106,8 @@ def mm_iommu_new(mm: MM, ua: int, entries: int, current: "Task") -> "MmIommuMem 
             for r in parts:
                 mm.phys.unpin(r.hpa_values())
             if ret > 0:
-                _log(mm, f"vfiosim: VFIO_IOMMU_SPAPR_REGISTER_MEMORY {ua:#x}+{entries << shift:#x}: pin_user_pages() "
-                         f"pinned {ret} of {n} pages and stopped at {ua + (done << shift):#x}; mm_iommu_do_alloc() "
-                         f"undoes everything but returns that count, so the ioctl returns {ret} as Linux 6.12 "
-                         f"does (docs/deviations.md)")
+                _log(mm, deviation("3e", ua=ua, size=entries << shift, pinned=ret, asked=n,
+                                   stop=ua + (done << shift)))
                 pinned = ret
                 raise _PositiveReturn()
             errno = -ret
@@ -137,7 +128,7 @@ def mm_iommu_new(mm: MM, ua: int, entries: int, current: "Task") -> "MmIommuMem 
             pageshift = min(pageshift, int(cshifts[huge].min()))
         mem = MmIommuMem(ua, entries, pageshift, hpas.copy(), cshifts.copy())
         end = ua + (entries << shift)
-        for other in _mem_list(mm):
+        for other in mm.iommu_group_mem_list:
             if other.ua < end and ua < other.end(shift):
                 mm.phys.unpin(mem.hpas)
                 raise fail(EINVAL, f"the region {ua:#x}+{entries << shift:#x} overlaps the registered region "
@@ -147,7 +138,7 @@ def mm_iommu_new(mm: MM, ua: int, entries: int, current: "Task") -> "MmIommuMem 
         if pinned is not None:
             return pinned
         raise
-    _mem_list(mm).insert(0, mem)
+    mm.iommu_group_mem_list.insert(0, mem)    # list_add_rcu(): newest first
     return mem
 
 
@@ -155,17 +146,12 @@ class _PositiveReturn(Exception):
     """mm_iommu_do_alloc() leaving through free_exit with a positive ret."""
 
 
-def _faults(mm: MM):
-    return getattr(mm.phys, "faults", None)
+def _log(mm: AddressSpace, text: str) -> None:
+    if mm.phys.log is not None:
+        mm.phys.log(text)
 
 
-def _log(mm: MM, text: str) -> None:
-    log = getattr(mm.phys, "log", None)
-    if log is not None:
-        log(text)
-
-
-def mm_iommu_put(mm: MM, mem: MmIommuMem) -> None:
+def mm_iommu_put(mm: AddressSpace, mem: MmIommuMem) -> None:
     """Drop a reference; the last one frees the region unless TCEs still use it."""
     if mem.used == 0:
         raise fail(ENOENT, "region already released")
@@ -176,20 +162,20 @@ def mm_iommu_put(mm: MM, mem: MmIommuMem) -> None:
         mem.used += 1
         raise fail(EBUSY, f"{mem.mapped - 1} TCE(s) still map the region")
     mem.mapped = 0
-    _mem_list(mm).remove(mem)
+    mm.iommu_group_mem_list.remove(mem)
     mm.phys.unpin(mem.hpas)
     account_locked_vm(mm, mem.entries, False, None)
 
 
-def mm_iommu_lookup(mm: MM, ua: int, size: int) -> MmIommuMem | None:
+def mm_iommu_lookup(mm: AddressSpace, ua: int, size: int) -> MmIommuMem | None:
     """The region containing [ua, ua+size)."""
-    for mem in _mem_list(mm):
+    for mem in mm.iommu_group_mem_list:
         if mem.ua <= ua and ua + size <= mem.end(mm.page_shift):
             return mem
     return None
 
 
-def mm_iommu_ua_to_hpa(mm: MM, mem: MmIommuMem, ua: int, pageshift: int) -> int | None:
+def mm_iommu_ua_to_hpa(mm: AddressSpace, mem: MmIommuMem, ua: int, pageshift: int) -> int | None:
     """Host physical address of ``ua``, or None (upstream's -EFAULT)."""
     entry = (ua - mem.ua) >> mm.page_shift
     if entry >= mem.entries or pageshift > mem.pageshift:
@@ -197,31 +183,8 @@ def mm_iommu_ua_to_hpa(mm: MM, mem: MmIommuMem, ua: int, pageshift: int) -> int 
     return int(mem.hpas[entry]) | (ua & (mm.page_size - 1))
 
 
-def regions(mm: MM) -> list[MmIommuMem]:
-    return list(_mem_list(mm))
-
-
-def mmgrab(mm: MM) -> None:
-    """A container keeps the mm it first saw (tce_iommu_mm_set: mmgrab)."""
-    mm.mm_count = getattr(mm, "mm_count", 0) + 1  # type: ignore[attr-defined]
-
-
-def mmdrop(mm: MM, user: bool = False) -> None:
-    """Drop a reference to ``mm`` (``user``: the task's own, at exit).  Once the
-    task has exited and no container holds the mm it is freed, and
-    mm_iommu_cleanup() unpins the regions still registered in it (those a
-    container forgot, docs/deviations.md 3b)."""
-    if not user:
-        mm.mm_count = getattr(mm, "mm_count", 0) - 1  # type: ignore[attr-defined]
-    if getattr(mm, "mm_count", 0) == 0 and mm.dead:
-        release_all(mm)
-
-
-def release_all(mm: MM) -> None:
-    """At mm teardown: regions nobody released (mm_iommu_cleanup)."""
-    for mem in list(_mem_list(mm)):
-        mm.phys.unpin(mem.hpas)
-        _mem_list(mm).remove(mem)
+def regions(mm: AddressSpace) -> list[MmIommuMem]:
+    return list(mm.iommu_group_mem_list)
 
 
 def _ffs(x: int) -> int:

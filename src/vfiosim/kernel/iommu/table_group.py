@@ -13,7 +13,7 @@ default domain is the *platform* domain, where the host kernel's own windows
 are programmed, and its blocking domain hands the PE to the user.  Claiming
 DMA ownership therefore is ``take_ownership()`` of the table group, and
 giving it back ``release_ownership()``.  The 3.10 kernel had none of this
-(the seed driver takes the PE's table itself); its PEs are probed by no
+(its sPAPR driver takes the PE's table itself); its PEs are probed by no
 IOMMU driver.
 """
 

@@ -14,7 +14,8 @@ a time rather than an entry at a time.  The kernel's own table geometry
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -92,7 +93,7 @@ class TceStorage:
                 chunk.fill(0)
             self._pool.append(chunk)
 
-    def _spans(self, start: int, n: int):
+    def _spans(self, start: int, n: int) -> Iterator[tuple[int, int, int, int]]:
         """Yield (chunk number, offset in chunk, offset in range, length)."""
         pos = 0
         while pos < n:
@@ -225,6 +226,14 @@ class TceStorage:
     def count_used(self) -> int:
         return int(sum(np.count_nonzero(c) for c in self._chunks.values()))
 
+    def items(self, size: int) -> tuple[tuple[int, int], ...]:
+        """(index, value) of every non-zero entry below ``size``, in order."""
+        idx = self.used_indices(0, size)
+        if not idx.size:
+            return ()
+        vals = self.get_range(0, size)[idx] if size <= 1 << 22 else np.array([self.get(int(i)) for i in idx])
+        return tuple(zip(idx.tolist(), np.asarray(vals, dtype=np.uint64).tolist()))
+
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self._chunks.values())
 
@@ -242,7 +251,7 @@ class XchgResult:
         self.old = old          # their old TCE values
 
 
-class TableOps(Protocol):
+class TableOps(ABC):
     """``struct iommu_table_ops``: how a platform reads and writes entries.
 
     Entry numbers are absolute (bus address >> page shift), as the kernel's.
@@ -252,32 +261,42 @@ class TableOps(Protocol):
     # table the kernel owns) rather than fail (a table behind a hypervisor).
     overrun_corrupts: bool
 
+    @abstractmethod
     def xchg_range(self, tbl: "IommuTable", entry: int, tces: U64Values) -> XchgResult:
         """Exchange entries entry.. with ``tces`` in order, stopping at the first failure."""
-        ...
 
+    @abstractmethod
     def used(self, tbl: "IommuTable", entry: int, n: int) -> np.ndarray:
         """Entries in [entry, entry+n) that exist and hold a mapping."""
-        ...
 
+    @abstractmethod
     def clear_range(self, tbl: "IommuTable", entry: int, n: int) -> list[np.ndarray]:
         """Empty the entries of [entry, entry+n) the table has (those past its
         end are skipped); return the old non-zero TCEs in order, in pieces."""
-        ...
 
+    @abstractmethod
     def perm(self, direction: int) -> int:
         """The TCE permission bits the platform writes for a DMA direction."""
-        ...
 
+    @abstractmethod
     def clear(self, tbl: "IommuTable", entries: np.ndarray) -> np.ndarray:
         """Empty the given (existing) entries; return their old TCEs."""
-        ...
 
-    def count_used(self, tbl: "IommuTable") -> int:
-        ...
+    @abstractmethod
+    def count_used(self, tbl: "IommuTable") -> int: ...
 
-    def get(self, tbl: "IommuTable", entry: int) -> int:
-        ...
+    @abstractmethod
+    def get(self, tbl: "IommuTable", entry: int) -> int: ...
+
+    @abstractmethod
+    def missing_levels(self, tbl: "IommuTable", user: bool, entry: int, n: int) -> list[tuple[int, int, int]]:
+        """The indirect levels of the TCE table (``user``: of its userspace
+        copy) that writing entries [entry, entry+n) in order would allocate
+        first: (offset of the entry that needs it, level, block)."""
+
+    @abstractmethod
+    def mark_levels(self, tbl: "IommuTable", user: bool, levels: list[tuple[int, int, int]]) -> None:
+        """Those levels now exist."""
 
 
 class IommuTable:
@@ -302,6 +321,12 @@ class IommuTable:
         # it_userspace: the userspace address each entry was mapped from (v2).
         self.it_userspace: TceStorage | None = TceStorage(it_size) if userspace else None
         self.groups: list["TableGroup"] = []    # it_group_list
+        # Indirect levels allocated so far, as (level, block), of the TCE
+        # table and of its userspace copy (multi-level PowerNV tables fill
+        # them on first use: pnv_tce(..., alloc=true)); None until then, so
+        # a table costs nothing for them.
+        self.levels_present: set[tuple[int, int]] | None = None
+        self.userspace_levels_present: set[tuple[int, int]] | None = None
         self._refs = 1
 
     @property
@@ -334,6 +359,12 @@ class IommuTable:
 
     def mapped_count(self) -> int:
         return self.it_ops.count_used(self)
+
+    def state(self) -> tuple[Any, ...]:
+        """Geometry, accounting, entries and userspace addresses, comparable."""
+        uas = self.it_userspace.items(self.it_size) if self.it_userspace is not None else None
+        return (self.bus_start, self.it_size, self.it_page_shift, self.it_indirect_levels, self.it_allocated_size,
+                self.entries.items(self.it_size), uas)
 
     def __repr__(self) -> str:
         return (f"<IommuTable bus={self.bus_start:#x}+{self.bus_size:#x} page={self.page_size:#x} "

@@ -33,6 +33,7 @@ import numpy as np
 
 from ...uapi import vfio as uapi
 from ..cred import CAP_IPC_LOCK
+from ..deviations import deviation
 from ..errors import KernelBug, KernelError, fail
 from ..mm import PinResult, account_locked_vm_task
 from ..vfio.info_cap import info_cap_add, info_cap_shift
@@ -45,7 +46,7 @@ from .iommu import (IOMMU_CACHE, IOMMU_READ, IOMMU_RESV_DIRECT_RELAXABLE, IOMMU_
 
 if TYPE_CHECKING:
     from ..kernel import Kernel
-    from ..mm import MM
+    from ..mm import AddressSpace
     from ..task import Task
 
 U64 = (1 << 64) - 1
@@ -162,7 +163,7 @@ class VfioDma:
     vaddr: int
     prot: int
     task: "Task"
-    mm: "MM"
+    mm: "AddressSpace"
     lock_cap: bool
     size: int = 0
     iommu_mapped: bool = False
@@ -570,7 +571,7 @@ class Type1IommuDriver(VfioIommuDriver):
         """
         if not npage:
             return 0
-        if async_ and getattr(dma.mm, "dead", False):
+        if async_ and dma.mm.dead:
             return -ESRCH
         account_locked_vm_task(dma.mm, abs(npage), npage > 0, dma.task, dma.lock_cap)
         dma.locked_vm += npage
@@ -584,7 +585,7 @@ class Type1IommuDriver(VfioIommuDriver):
             return
         lock_cap = current.capable(CAP_IPC_LOCK)
         account_locked_vm_task(mm, dma.locked_vm, True, current, lock_cap)
-        if not getattr(dma.mm, "dead", False):
+        if not dma.mm.dead:
             account_locked_vm_task(dma.mm, dma.locked_vm, False, dma.task, dma.lock_cap)
         dma.task = current
         dma.mm = mm
@@ -748,13 +749,6 @@ class Type1IommuDriver(VfioIommuDriver):
                 raise
         return 0
 
-    def _pin(self, mm: "MM", vaddr: int, npages: int, write: bool) -> PinResult:
-        """vaddr_get_pfns(): a long-term pin of consecutive pages."""
-        pin = getattr(mm, "pin_pages_longterm", None)
-        if pin is not None:
-            return pin(vaddr, npages, write)
-        addrs = np.uint64(vaddr) + (np.arange(npages, dtype=np.uint64) << np.uint64(self.page_shift))
-        return mm.pin_pages(addrs, write)
 
     def _pin_map_dma(self, iommu: VfioIommu, dma: VfioDma, size: int, current: "Task") -> None:
         """vfio_pin_map_dma() + vfio_pin_pages_remote().
@@ -784,7 +778,8 @@ class Type1IommuDriver(VfioIommuDriver):
         err: int | None = None
         faults = self.kernel.faults
         while pos < want:
-            res = self._pin(mm, dma.vaddr + pos * psz, min(BATCH, want - pos), write)
+            # vaddr_get_pfns(): a long-term pin of consecutive pages.
+            res = mm.pin_pages_longterm(dma.vaddr + pos * psz, min(BATCH, want - pos), write)
             passed = faults.take("pin_user_pages:vaddr_get_pfns", res.count)
             if passed < res.count and (pos + passed) % VFIO_BATCH_MAX_CAPACITY == 0:
                 # The first page of a vaddr_get_pfns() call failed: -ENOMEM.
@@ -842,15 +837,14 @@ class Type1IommuDriver(VfioIommuDriver):
         dma.size = size
         dma.iommu_mapped = True
 
-    def _note_charged_again(self, mm: "MM", dma: VfioDma, size: int, run_hpa: np.ndarray,
+    def _note_charged_again(self, mm: "AddressSpace", dma: VfioDma, size: int, run_hpa: np.ndarray,
                             run_pages: np.ndarray) -> None:
         """Announce pages this mapping charged although locked_vm already
         counts them: mlock'ed ones, and ones another mapping had pinned.
         vfio_pin_pages_remote() charges every page it pins (only reserved
         pages and pages in the mapping's own external pin list are
         skipped), so Linux counts them twice (docs/deviations.md)."""
-        count_mlocked = getattr(mm, "count_mlocked_pages", None)
-        mlocked = count_mlocked(dma.vaddr, size) if count_mlocked is not None else 0
+        mlocked = mm.count_mlocked_pages(dma.vaddr, size)
         pinned = 0
         for hpa, pages in zip(run_hpa.tolist(), run_pages.tolist()):
             found = self.kernel.phys.lookup(hpa)
@@ -859,9 +853,7 @@ class Type1IommuDriver(VfioIommuDriver):
                 first = off >> obj.page_shift
                 pinned += int(np.count_nonzero(obj.pincount[first:first + pages] > 1))
         if mlocked or pinned:
-            self.log.info(f"vfiosim: VFIO_IOMMU_MAP_DMA {dma.iova:#x}+{size:#x}: {mlocked} page(s) already "
-                          f"mlock'ed and {pinned} already pinned by another mapping are charged to locked_vm "
-                          f"again, as Linux 6.12 does (vfio_pin_pages_remote; docs/deviations.md)")
+            self.log.info(deviation("9", iova=dma.iova, size=size, mlocked=mlocked, pinned=pinned))
 
     # -- unmapping -------------------------------------------------------------------------------------------
 
@@ -1037,9 +1029,7 @@ class Type1IommuDriver(VfioIommuDriver):
         copy_to_user(current, user + copy_offset * 8, words.astype("<u8").tobytes())
         stale = _bits_from(words, nbits + shift)
         if stale:
-            self.log.info(f"vfiosim: update_user_bitmap: {stale} bit(s) past the mapping {dma.iova:#x}+{dma.size:#x} "
-                          f"were reported dirty: bits an earlier unaligned copy shifted past its end were never "
-                          f"cleared; Linux 6.12 reports them too (docs/deviations.md)")
+            self.log.info(deviation("8", stale=stale, iova=dma.iova, size=dma.size))
 
     def _iova_dirty_bitmap(self, user: int, iommu: VfioIommu, iova: int, size: int, pgsize: int,
                            current: "Task") -> None:
@@ -1170,7 +1160,7 @@ def _runs(chunks: list[np.ndarray], iova: int, psz: int) -> tuple[np.ndarray, np
     """Physically contiguous runs of the pinned pages, in IOVA order."""
     hpas = np.concatenate(chunks) if len(chunks) != 1 else chunks[0]
     if hpas.size == 0:
-        return (np.zeros(0, dtype=np.uint64),) * 2 + (np.zeros(0, dtype=np.int64),)  # type: ignore[return-value]
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
     breaks = np.flatnonzero(hpas[1:] != hpas[:-1] + np.uint64(psz)) + 1
     starts = np.concatenate(([0], breaks)).astype(np.int64)
     ends = np.concatenate((breaks, [hpas.size])).astype(np.int64)
@@ -1185,4 +1175,5 @@ def _expand(run_hpa: np.ndarray, run_pages: np.ndarray, psz: int) -> np.ndarray:
         return np.zeros(0, dtype=np.uint64)
     first = np.repeat(np.cumsum(run_pages) - run_pages, run_pages)
     within = np.arange(total, dtype=np.int64) - first
-    return np.repeat(run_hpa, run_pages) + within.astype(np.uint64) * np.uint64(psz)
+    hpas: np.ndarray = np.repeat(run_hpa, run_pages) + within.astype(np.uint64) * np.uint64(psz)
+    return hpas

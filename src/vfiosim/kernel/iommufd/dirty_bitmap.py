@@ -8,7 +8,7 @@ iova_bitmap_set() reaches the bitmap through pinned pages
 (pin_user_pages_fast(FOLL_WRITE)), a window at a time.  When a window cannot
 be pinned it returns without recording and without an error: the ioctl
 succeeds and the bits are lost (Linux 6.12; reproduced and logged here,
-docs/deviations.md 10).  A dirty PTE that reaches past the range asked for (a
+docs/deviations.md 11).  A dirty PTE that reaches past the range asked for (a
 super page the range starts or ends inside) fails the ioctl with EPROTO.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 from errno import EPROTO
 from typing import TYPE_CHECKING
 
+from ..deviations import deviation
 from ..errors import fail
 
 if TYPE_CHECKING:
@@ -63,9 +64,7 @@ class IovaBitmap:
     def finish(self) -> None:
         """iova_bitmap_for_each()'s return: the first recording error."""
         if self.lost:
-            self.current_log(f"vfiosim: IOMMU_HWPT_GET_DIRTY_BITMAP: {self.lost} dirty bit(s) were not recorded: "
-                             f"the bitmap at {self.data:#x} could not be pinned for writing; Linux 6.12's "
-                             f"iova_bitmap_set() drops them and the ioctl succeeds (docs/deviations.md 10)")
+            self.current_log(deviation("11", lost=self.lost, data=self.data))
         if self.err is not None:
             raise fail(self.err, "a dirty IOPTE reaches outside the range asked for (the range starts or ends inside "
                                  "a super page): ask for whole IOPTEs")

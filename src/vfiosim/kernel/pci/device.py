@@ -55,7 +55,7 @@ class BusMaster(Protocol):
         or a uint8 NumPy array): the bulk path, no allocation."""
         ...
 
-    def dma_write(self, iova: int, data: bytes | bytearray | memoryview) -> None: ...
+    def dma_write(self, iova: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None: ...
 
 
 class NoBusMaster:
@@ -67,7 +67,7 @@ class NoBusMaster:
     def dma_read_into(self, iova: int, out: "bytearray | memoryview | np.ndarray") -> None:
         raise DmaError(iova, len(out), False, "device is not attached to a bus")
 
-    def dma_write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
+    def dma_write(self, iova: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
         raise DmaError(iova, len(data), True, "device is not attached to a bus")
 
 
@@ -347,6 +347,12 @@ class PciDevice:
         m = self.msix
         if m is not None and offset < m.cap + PCI_MSIX_FLAGS + 2 and m.cap + PCI_MSIX_FLAGS < offset + size:
             self._msix_unmasked()
+
+    def host_config_write(self, offset: int, size: int, value: int) -> None:
+        """pci_write_config_*() by the host kernel's PCI core: the value lands
+        in the register as written (Command, MSI Enable), with no user access
+        control in between."""
+        self.config.data[offset:offset + size] = value.to_bytes(size, "little")
 
     def reset(self) -> None:
         """Function-level reset: config space and device state to power-on."""

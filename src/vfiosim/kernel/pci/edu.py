@@ -20,9 +20,15 @@ BAR0 (1 MiB MMIO) holds the registers:
 The DMA engine moves data between bus addresses and a 4 KiB buffer that
 DMA commands address as 0x40000..0x40fff (it is not visible through BAR0),
 through the bus master, so through the IOMMU.
-Registers below 0x80 accept only 4-byte accesses, the DMA registers 4 or
-8; other sizes read all-ones and writes are ignored.  Bus addresses are
-masked with ``dma_mask`` (28 bits by default, QEMU's default).
+Access sizes, as QEMU's memory core and edu_mmio_read/write treat them
+(hw/misc/edu.c: ``valid`` and ``impl`` 4..8 bytes, no unaligned access): a
+1- or 2-byte access, or one not aligned to its size, is invalid -- QEMU
+answers it as unassigned memory, so a read returns 0 and a write is dropped
+(through a mapping and through vfio-pci's pread/pwrite, which split a range
+into aligned 1/2/4/8-byte accesses alike).  An 8-byte access below 0x80
+reaches edu, which reads it as all-ones and ignores it as a write; the DMA
+registers take 4 or 8.  Bus addresses are masked with ``dma_mask`` (28 bits
+by default, QEMU's default).
 
 Timing: QEMU computes factorials on a thread and runs a DMA 100 ms of
 virtual time after the command; this model is deterministic and completes
@@ -98,10 +104,18 @@ class EduDevice(PciDevice):
     # -- registers ------------------------------------------------------------------
 
     @staticmethod
+    def _accepted(offset: int, size: int) -> bool:
+        """memory_region_access_valid() for edu_mmio_ops: 4 or 8 bytes, aligned."""
+        return size in (4, 8) and offset % size == 0
+
+    @staticmethod
     def _valid(offset: int, size: int) -> bool:
+        """What edu_mmio_read/write then act on: 4 bytes below 0x80, 4 or 8 above."""
         return size == 4 if offset < 0x80 else size in (4, 8)
 
     def mmio_read(self, bar: int, offset: int, size: int) -> int:
+        if not self._accepted(offset, size):
+            return 0                # unassigned_mem_read()
         ones = (1 << (8 * size)) - 1
         if bar != 0 or not self._valid(offset, size):
             return ones
@@ -112,7 +126,7 @@ class EduDevice(PciDevice):
         return ones if value is None else value & ones
 
     def mmio_write(self, bar: int, offset: int, size: int, value: int) -> None:
-        if bar != 0 or not self._valid(offset, size):
+        if bar != 0 or not self._accepted(offset, size) or not self._valid(offset, size):
             return
         value &= (1 << (8 * size)) - 1
         if offset == 0x04:

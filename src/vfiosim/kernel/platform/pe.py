@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import weakref
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from ..iommu.tce import TCE_PCI_READ, TCE_PCI_WRITE, TceStorage
 from ..mm import PhysicalMemory
 from ..pci.device import PciDevice
 from ..progression import as_progression
+from .base import IommuMapping
 from .eeh import EehPe
 
 if TYPE_CHECKING:
@@ -142,6 +143,7 @@ class Pe(ABC):
         self.devices: list[PciDevice] = []
         self.iommu_group: "IommuGroup | None" = None
         self.dma_faults = 0
+        self.tce_cache = TceCache()
 
     def add_device(self, dev: PciDevice) -> None:
         self.devices.append(dev)
@@ -174,3 +176,41 @@ class Pe(ABC):
     @abstractmethod
     def windows(self) -> list[dict[str, Any]]:
         """The DMA windows currently programmed in hardware, for topology."""
+
+    @abstractmethod
+    def describe_phb(self) -> dict[str, Any]:
+        """The PHB the PE sits behind, for topology."""
+
+    @abstractmethod
+    def mappings(self, limit: int | None = None) -> Iterator[IommuMapping]:
+        """The TCEs live in the hardware's windows (at most ``limit`` per window)."""
+
+    @abstractmethod
+    def state(self) -> Any:
+        """Everything of the PE's windows, as comparable plain data."""
+
+    def describe(self) -> dict[str, Any]:
+        tg = self.table_group
+        return {
+            "name": self.name,
+            "iommu_group": self.iommu_group.id if self.iommu_group else None,
+            "devices": [d.bdf for d in self.devices],
+            "dma32_window": {"start": tg.tce32_start, "size": tg.tce32_size},
+            "ddw": {"page_sizes": tg.pgsizes, "max_windows": tg.max_dynamic_windows_supported,
+                    "max_levels": tg.max_levels},
+            "windows": self.windows(),
+            "eeh": None if self.eeh is None else {"state": self.eeh.get_state(), "frozen": self.eeh.frozen,
+                                                 "freezes": self.eeh.freeze_count},
+            "phb": self.describe_phb(),
+        }
+
+
+def tce_mappings(where: str, storage: TceStorage, first_entry: int, size: int, page_shift: int,
+                 limit: int | None) -> Iterator[IommuMapping]:
+    """The valid TCEs of ``size`` entries of storage (the first ``limit``),
+    entry 0 being bus page ``first_entry``."""
+    mask = (1 << page_shift) - 1
+    for i in storage.used_indices(0, size)[:limit].tolist():
+        tce = storage.get(i)
+        if tce & (TCE_PCI_READ | TCE_PCI_WRITE):
+            yield IommuMapping(where, (first_entry + i) << page_shift, tce & ~mask, 1 << page_shift)

@@ -14,7 +14,7 @@ needs, makes the PHB freeze the PE (EEH).
 from __future__ import annotations
 
 from errno import EINVAL, ENOMEM
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -22,10 +22,14 @@ from ..errors import KernelBug, fail
 from ..faults import OPAL_HARDWARE
 from ..dma import DmaFault
 from ..iommu.table_group import TableGroup
-from ..iommu.tce import TCE_PCI_READ, TCE_PCI_WRITE, IommuTable, XchgResult, direction_to_perm
+from ..iommu.tce import TCE_PCI_READ, TCE_PCI_WRITE, IommuTable, TableOps, XchgResult, direction_to_perm
 from ..mm import PhysicalMemory
 from ..progression import U64Values
-from .pe import Pe, TceCache, TceLookup, Translation
+from .base import IommuMapping, Platform
+from .pe import Pe, TceLookup, Translation, tce_mappings
+
+if TYPE_CHECKING:
+    from ..iommu.iommu import IommuGroup
 from .eeh import EehPe
 
 POWERNV_IOMMU_MAX_LEVELS = 5
@@ -45,7 +49,7 @@ def _align(x: int, a: int) -> int:
     return (x + a - 1) & ~(a - 1)
 
 
-class PnvTableOps:
+class PnvTableOps(TableOps):
     """pnv_ioda2_iommu_ops on a table held in host memory."""
 
     overrun_corrupts = True
@@ -91,12 +95,13 @@ class PnvTableOps:
 
     @staticmethod
     def _levels(tbl: IommuTable, user: bool) -> set[tuple[int, int]]:
-        attr = "_pnv_uas_levels" if user else "_pnv_levels"
-        got = getattr(tbl, attr, None)
-        if got is None:
-            got = set()
-            setattr(tbl, attr, got)
-        return got
+        if user:
+            if tbl.userspace_levels_present is None:
+                tbl.userspace_levels_present = set()
+            return tbl.userspace_levels_present
+        if tbl.levels_present is None:
+            tbl.levels_present = set()
+        return tbl.levels_present
 
     def missing_levels(self, tbl: IommuTable, user: bool, entry: int, n: int) -> list[tuple[int, int, int]]:
         """The indirect levels pnv_tce() would allocate walking entries
@@ -264,13 +269,16 @@ class PnvTableGroup(TableGroup):
 
 
 class PnvPe(Pe):
+    """A PE of a PowerNV PHB: its TVEs select the tables the host kernel programmed."""
+
+    table_group: PnvTableGroup
+
     def __init__(self, phb: PnvPhb, pe_number: int, phys: PhysicalMemory, log: Callable[[str], None],
                  ram_size: int) -> None:
         name = f"PHB#{phb.index:x}-PE#{pe_number:x}"
         self.phb = phb
         self.pe_number = pe_number
         self.tve: list[IommuTable | None] = [None, None]
-        self.tce_cache = TceCache()
         self.bypass = False
         self.ram_size = ram_size
         eeh = EehPe(name, log) if phb.eeh else None
@@ -340,4 +348,35 @@ class PnvPe(Pe):
                         self.ram_size else 0, "page_size": None, "levels": 0, "owner": "host kernel (bypass)",
                         "mapped": None})
         return out
+
+    def describe_phb(self) -> dict[str, Any]:
+        return {"index": self.phb.index, "model": self.phb.model}
+
+    def mappings(self, limit: int | None = None) -> Iterator[IommuMapping]:
+        for num, tbl in enumerate(self.tve):
+            if tbl is not None:
+                yield from tce_mappings(f"{self.name} TVE#{num}", tbl.entries, tbl.it_offset, tbl.it_size,
+                                        tbl.it_page_shift, limit)
+
+    def state(self) -> Any:
+        return ("pnv", self.bypass, tuple(None if t is None else t.state() for t in self.tve))
+
+
+class PowerNVPlatform(Platform):
+    """Bare-metal POWER: PHBs in IODA2 mode, their PEs, EEH where the PHBs have it."""
+
+    name = "powernv"
+
+    def __init__(self, phbs: list[PnvPhb], eeh: bool) -> None:
+        super().__init__()
+        self.phbs = phbs
+        self.eeh = eeh
+
+    @property
+    def eeh_enabled(self) -> bool:
+        return self.eeh
+
+    def eeh_pe(self, group: "IommuGroup") -> EehPe | None:
+        pe = next((p for p in self.pes if p.iommu_group is group), None)
+        return pe.eeh if pe is not None else None
 

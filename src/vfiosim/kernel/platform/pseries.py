@@ -44,18 +44,23 @@ with the 6.13 kmemleak fix's ``.free`` op, whose create path is the same):
 from __future__ import annotations
 
 from errno import EINVAL, ENODEV, ENOMEM, EPERM
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
+from ..deviations import deviation
 from ..errors import fail
 from ..faults import H_HARDWARE, RTAS_HARDWARE_ERROR
 from ..dma import DmaFault
 from ..iommu.table_group import TableGroup
-from ..iommu.tce import IOMMU_PAGE_SHIFT_4K, IommuTable, TceStorage, XchgResult, direction_to_perm
+from ..iommu.tce import IOMMU_PAGE_SHIFT_4K, IommuTable, TableOps, TceStorage, XchgResult, direction_to_perm
 from ..mm import PhysicalMemory
 from ..progression import U64Values
-from .pe import Pe, TceCache, TceLookup, Translation
+from .base import IommuMapping, Platform
+from .pe import Pe, TceLookup, Translation, tce_mappings
+
+if TYPE_CHECKING:
+    from ..faults import FaultInjector
 
 H_SUCCESS = 0
 H_PARAMETER = -4
@@ -211,12 +216,12 @@ class SpaprPhb:
         return None
 
 
-class PseriesTableOps:
+class PseriesTableOps(TableOps):
     """iommu_table_lpar_multi_ops: every entry change is an hcall."""
 
     overrun_corrupts = False        # the hypervisor answers H_PARAMETER instead
 
-    def __init__(self, hv: SpaprPhb, faults: Any = None) -> None:
+    def __init__(self, hv: SpaprPhb, faults: "FaultInjector | None" = None) -> None:
         self.hv = hv
         self.faults = faults
 
@@ -280,11 +285,18 @@ class PseriesTableOps:
         rc, tce = self.hv.h_get_tce(tbl.it_index, entry << tbl.it_page_shift)
         return tce if rc == H_SUCCESS else 0
 
+    def missing_levels(self, tbl: IommuTable, user: bool, entry: int, n: int) -> list[tuple[int, int, int]]:
+        """The hypervisor's tables have no levels the guest allocates."""
+        return []
+
+    def mark_levels(self, tbl: IommuTable, user: bool, levels: list[tuple[int, int, int]]) -> None:
+        pass
+
 
 class PseriesTableGroup(TableGroup):
     """The guest kernel's view of one PE (a PHB here) and its DMA windows."""
 
-    def __init__(self, hv: SpaprPhb, log: Callable[[str], None], faults: Any = None) -> None:
+    def __init__(self, hv: SpaprPhb, log: Callable[[str], None], faults: "FaultInjector | None" = None) -> None:
         windows_available = hv.query()[0]
         super().__init__(tce32_start=hv.dma32_start, tce32_size=hv.dma32_size,
                          pgsizes=(1 << IOMMU_PAGE_SHIFT_4K) | hv.pgsizes,
@@ -318,11 +330,7 @@ class PseriesTableGroup(TableGroup):
         if faults:
             for _ in ("property", "name", "value"):
                 if self._fails("kmalloc:copy_property"):
-                    self.log('vfiosim: restore_default_dma_window: copy_property() could not allocate the '
-                             '"ibm,dma-window" property and returned quietly; spapr_tce_create_table() then passes '
-                             'the missing property to of_parse_dma_window(), which dereferences NULL: a kernel oops '
-                             'in Linux 6.12; refused with ENOMEM instead, as a failed create_table(), before the '
-                             'reset (docs/deviations.md)')
+                    self.log(deviation("6f"))
                     raise fail(ENOMEM, 'the default window\'s "ibm,dma-window" property could not be restored '
                                        '(fault injection); Linux oopses here')
         if reset_failed:
@@ -519,11 +527,12 @@ class PseriesTableGroup(TableGroup):
 class PseriesPe(Pe):
     """A PE of the pseries machine: DMA is translated by the hypervisor."""
 
+    table_group: PseriesTableGroup
+
     def __init__(self, hv: SpaprPhb, phys: PhysicalMemory, log: Callable[[str], None]) -> None:
         name = f"PHB#{hv.index:x}"
         super().__init__(name, PseriesTableGroup(hv, log, phys.faults), phys, log, eeh=None)
         self.hv = hv
-        self.tce_cache = TceCache()
 
     def translate(self, iova: int, length: int, write: bool) -> Translation:
         """As on PowerNV, the last translation is reused while its table is unchanged."""
@@ -556,3 +565,33 @@ class PseriesPe(Pe):
                 out.append({"window": n, "liobn": t.liobn, "start": t.bus_offset, "size": t.nb_table << t.page_shift,
                             "page_size": 1 << t.page_shift, "mapped": t.entries.count_used()})
         return out
+
+    def describe_phb(self) -> dict[str, Any]:
+        return {"index": self.hv.index, "model": "sPAPR", "liobns": [t.liobn for t in self.hv.tables]}
+
+    def mappings(self, limit: int | None = None) -> Iterator[IommuMapping]:
+        for t in self.hv.tables:
+            if t.enabled:
+                yield from tce_mappings(f"{self.name} LIOBN {t.liobn:#x}", t.entries, t.bus_offset >> t.page_shift,
+                                        t.nb_table, t.page_shift, limit)
+
+    def state(self) -> Any:
+        tg = self.table_group
+        # The hypervisor's windows (a disabled one keeps its old geometry, which
+        # nothing can see), the guest kernel's tables with their userspace
+        # views, its device-tree windows, and whether the PE is on
+        # failed_ddw_pdn_list.
+        return ("hv", tuple((t.liobn, t.enabled, t.bus_offset, t.page_shift, t.nb_table, t.entries.items(t.nb_table))
+                            if t.enabled else (t.liobn, False) for t in self.hv.tables),
+                tuple(None if t is None else t.state() for t in tg.tables),
+                tg.default_window_prop, tg.ddw, tg.ddw_failed)
+
+
+class PseriesPlatform(Platform):
+    """A PAPR guest: one PE per PHB, tables in the hypervisor, no EEH (as in the reference traces)."""
+
+    name = "pseries"
+
+    def __init__(self, phbs: list[SpaprPhb]) -> None:
+        super().__init__()
+        self.phbs = phbs

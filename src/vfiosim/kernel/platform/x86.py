@@ -30,10 +30,11 @@ run by run (kernel/dma.py), never page by page.
 from __future__ import annotations
 
 import bisect
+import itertools
 from dataclasses import dataclass
 from errno import EFAULT, EINVAL, ENOMEM, EOPNOTSUPP
 from itertools import count
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..dma import DmaFault, IommuBusMaster, Run
 from ..errors import KernelBug, fail
@@ -42,8 +43,10 @@ from ..iommu.iommu import (IOMMU_CAP_CACHE_COHERENCY, IOMMU_CAP_DEFERRED_FLUSH, 
                            IOMMU_DOMAIN_IDENTITY, IOMMU_DOMAIN_PAGING, IOMMU_READ, IOMMU_WRITE, DirtyRange,
                            IommuDomain, IommuOps, ResvRegion)
 from ..mm import PhysicalMemory
+from .base import IommuMapping, Platform
 
 if TYPE_CHECKING:
+    from ..iommu.iommu import IommuGroup
     from ..pci.device import PciDevice
 
 # Fault reasons of second-level translation (dma_remap_fault_reasons[] in
@@ -527,3 +530,39 @@ class VtdContext:
         if not isinstance(fault, VtdFault):
             fault = VtdFault(fault.iova, fault.reason, DMAR_FR_WRITE if write else DMAR_FR_READ)
         self.unit.report_fault(self.dev, fault, write)
+
+
+class X86Platform(Platform):
+    """An x86 host: its VT-d units translate every device; no PEs, no EEH."""
+
+    name = "x86"
+
+    def __init__(self, units: list[IntelIommu]) -> None:
+        super().__init__()
+        self.units = units
+
+    @property
+    def iommu_units(self) -> list[IntelIommu]:
+        return self.units
+
+    def describe(self) -> dict[str, Any]:
+        return {"pes": [], "iommu_units": [u.describe() for u in self.units]}
+
+    def describe_group(self, group: "IommuGroup") -> dict[str, Any]:
+        """The IOMMU domain the group's DMA goes through now."""
+        d = group.domain
+        return {} if d is None else {"domain": {"type": d.type, "id": d.id}}
+
+    def mappings(self, limit: int | None = None) -> Iterator[IommuMapping]:
+        for unit in self.units:
+            for d in unit.domains:
+                where = f"{unit.name} domain {d.id}"
+                pages = (IommuMapping(where, iova + off, hpa + off, 4096)
+                         for iova, length, hpa, _ in d.extents() for off in range(0, length, 4096))
+                yield from itertools.islice(pages, limit)
+
+    def state(self) -> Any:
+        return [[(d.type, tuple(d.extents())) for d in unit.domains] for unit in self.units]
+
+    def paging_domains(self) -> list[IommuDomain]:
+        return [d for unit in self.units for d in unit.domains]

@@ -130,7 +130,7 @@ class VfioContainer:
             self.iommu_data = None
         self.put()
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "groups": [g.iommu_group.id for g in self.group_list],
                                "iommu": self.iommu_driver.name if self.iommu_driver else None}
         if self.iommu_driver is not None:

@@ -35,10 +35,13 @@ class VfioDeviceOps:
     """``struct vfio_device_ops``: what a VFIO bus driver implements."""
 
     name = "vfio-device"
-    #: the physical device (vfio_iommufd_physical_bind binds it to an iommufd)
-    pdev: "PciDevice | None" = None
     #: the VfioDevice registered for these ops (set at registration)
     vdev: "VfioDevice | None" = None
+
+    def physical_device(self) -> "PciDevice | None":
+        """The device an iommufd binds (vfio_iommufd_physical_bind()); None
+        for a driver without one (an emulated device)."""
+        return None
 
     def open_device(self, current: "Task") -> None:
         """First open of the device: enable it."""
@@ -68,9 +71,9 @@ class VfioDeviceOps:
 class VfioDevice:
     """``struct vfio_device``: a device registered with VFIO in a group.
 
-    ``index`` is its number among VFIO devices (``vfio<index>``: the cdev
-    /dev/vfio/devices/vfioN and /sys/.../vfio-dev/vfioN).
-    """
+    ``index`` is the number vfio_init_device() allocates from vfio's device
+    ida: the ``N`` of sysfs's ``vfio-dev/vfioN`` (and of the cdev
+    ``/dev/vfio/devices/vfioN`` where one is configured)."""
 
     def __init__(self, name: str, group: "VfioGroup", ops: VfioDeviceOps, index: int = 0) -> None:
         self.name = name
@@ -101,7 +104,9 @@ class DeviceFile(File):
         super().__init__(name or f"vfio-device:{device.name}")
         self.device = device
         self.group = group
-        self.access_granted = False
+        # A group-opened fd exists only once the device is open; a cdev fd
+        # gets access at VFIO_DEVICE_BIND_IOMMUFD.
+        self.access_granted = group is not None
         self.iommufd: "IommufdCtx | None" = None
         self.devid = 0
 
@@ -153,20 +158,12 @@ class DeviceFile(File):
                 self.group.unuse_container(current)
         device.open_count -= 1
 
-    @staticmethod
-    def open(device: VfioDevice, group: "VfioGroup", current: "Task") -> "DeviceFile":
+    @classmethod
+    def open(cls, device: VfioDevice, group: "VfioGroup", current: "Task") -> "DeviceFile":
         """vfio_device_open_file() -> vfio_df_group_open()"""
-        if group.vfio.legacy:
-            # 3.10: every open calls the bus driver's open; each fd is a container user.
-            device.ops.open_device(current)
-            device.open_count += 1
-            group.container_users += 1
-            df = DeviceFile(device, group)
-            df.access_granted = True
-            return df
         if not group.has_iommu():
             raise fail(EINVAL, f"group {group.id} is not in a container or an iommufd")
-        df = DeviceFile(device, group)
+        df = cls(device, group)
         df.iommufd = group.iommufd
         df.df_open(current)
         if df.iommufd is not None and device.open_count == 1:
@@ -176,21 +173,14 @@ class DeviceFile(File):
             except KernelError:
                 df.df_close(current)
                 raise
-        df.access_granted = True
         return df
 
     def release(self, current: "Task") -> None:
         """vfio_device_fops_release()"""
-        dev, group = self.device, self.group
+        group = self.group
         if group is None:
             from .device_cdev import vfio_df_unbind_iommufd
             vfio_df_unbind_iommufd(self, current)
-            return
-        if group.vfio.legacy:
-            dev.open_count -= 1
-            if dev.open_count == 0:
-                dev.ops.close_device(current)
-            group.unuse_container(current)
             return
         self.df_close(current)
         self.iommufd = None
@@ -219,7 +209,7 @@ class DeviceFile(File):
                 return vfio_df_ioctl_attach_pt(self, current, arg)
             if cmd == uapi.VFIO_DEVICE_DETACH_IOMMUFD_PT:
                 return vfio_df_ioctl_detach_pt(self, current, arg)
-        if cmd == uapi.VFIO_DEVICE_FEATURE and not self.device.group.vfio.legacy:
+        if cmd == uapi.VFIO_DEVICE_FEATURE:
             return self._device_feature(current, arg)
         return self.device.ops.ioctl(current, cmd, arg)
 

@@ -1,10 +1,10 @@
-"""VFIO groups, ``/dev/vfio/<N>`` (drivers/vfio/group.c; vfio.c in 3.10).
+"""VFIO groups, ``/dev/vfio/<N>`` (drivers/vfio/group.c, Linux 6.12).
 
 A group file is the user's handle on an IOMMU group: it joins a container,
 and hands out device fds once the container has an IOMMU.  One open file
-per group at a time.  Device fds keep the group file alive (6.x), so the
-group leaves its container only when the group file and all its devices
-are closed.
+per group at a time.  Device fds keep the group file alive, so the group
+leaves its container only when the group file and all its devices are
+closed.  The 3.10 core counted differently: vfio_310.py.
 
 Linux 6.2+ with CONFIG_IOMMUFD also takes an iommufd where a container fd
 goes (VFIO_GROUP_SET_CONTAINER): the group then has an iommufd context
@@ -12,11 +12,6 @@ instead of a container, its devices are bound to the context when they are
 opened and attached to its compat IOAS, and they do not keep the group file
 alive.  While any device of the group is bound through its cdev the group
 cannot be opened (EBUSY), and while the group is open no cdev can be bound.
-
-The 3.10 core (``kernel="3.10"``) differs in how it counts users: device
-fds do not pin the group file but count as container users, a group whose
-container is still set cannot be reopened, and GET_DEVICE_FD checks the
-container before the device name.
 """
 
 from __future__ import annotations
@@ -75,21 +70,17 @@ class VfioGroup:
     # -- container use by devices (vfio_group_use_container / unuse) ---------------
 
     def use_container(self) -> None:
+        """vfio_group_use_container(): an open device pins the group file."""
         if self.container is None or self.container.iommu_driver is None:
             raise fail(EINVAL, f"group {self.id}: the container has no IOMMU driver (VFIO_SET_IOMMU first)")
         self.container_users += 1
-        if not self.vfio.legacy:
-            assert self.opened_file is not None
-            self.opened_file.get()
+        assert self.opened_file is not None
+        self.opened_file.get()
 
     def unuse_container(self, current: "Task") -> None:
         self.container_users -= 1
-        if not self.vfio.legacy:
-            assert self.opened_file is not None
-            self.opened_file.put(current)
-        elif self.container_users == 0:
-            # 3.10: vfio_group_try_dissolve_container() from the device release.
-            self.detach(current)
+        assert self.opened_file is not None
+        self.opened_file.put(current)
 
     def detach(self, current: "Task") -> None:
         assert self.container is not None
@@ -105,8 +96,8 @@ class GroupFile(File):
         super().__init__(f"/dev/vfio/{group.id}", f_flags)
         self.group = group
 
-    @staticmethod
-    def open(group: VfioGroup, f_flags: int) -> "GroupFile":
+    @classmethod
+    def open(cls, group: VfioGroup, f_flags: int) -> "GroupFile":
         """vfio_group_fops_open(): one open file per group."""
         if group.cdev_device_open_cnt:
             raise fail(EBUSY, f"/dev/vfio/{group.id}: {group.cdev_device_open_cnt} of its device(s) are bound to an "
@@ -114,22 +105,13 @@ class GroupFile(File):
                               f"or its cdev, not both")
         if group.opened_file is not None:
             raise fail(EBUSY, f"/dev/vfio/{group.id} is already open (one open file per group)")
-        if group.vfio.legacy and group.container is not None:
-            raise fail(EBUSY, f"/dev/vfio/{group.id}: devices of the previous open still use the container")
-        file = GroupFile(group, f_flags)
+        file = cls(group, f_flags)
         group.opened_file = file
         return file
 
     def release(self, current: "Task") -> None:
         """vfio_group_fops_release()"""
         g = self.group
-        if g.vfio.legacy:
-            g.opened_file = None
-            if g.container is not None:
-                g.container_users -= 1
-                if g.container_users == 0:
-                    g.detach(current)
-            return
         if g.container is not None:
             g.detach(current)
         if g.iommufd is not None:
@@ -157,56 +139,43 @@ class GroupFile(File):
         status = copy_struct_from_user(current, arg, uapi.vfio_group_status, minsz)
         if status.argsz < minsz:
             raise fail(EINVAL, f"VFIO_GROUP_GET_STATUS: argsz {status.argsz} < {minsz}")
-        g = self.group
-        status.flags = 0
-        if g.vfio.legacy:
-            if g.viable():
-                status.flags |= uapi.VFIO_GROUP_FLAGS_VIABLE
-            if g.container is not None:
-                status.flags |= uapi.VFIO_GROUP_FLAGS_CONTAINER_SET
-        elif g.has_iommu():
-            # With an iommufd, DMA ownership is claimed when a device is
-            # opened: VIABLE here, yet GET_DEVICE_FD can still fail (EPERM).
-            status.flags |= uapi.VFIO_GROUP_FLAGS_CONTAINER_SET | uapi.VFIO_GROUP_FLAGS_VIABLE
-        elif not g.iommu_group.dma_owner_claimed():
-            status.flags |= uapi.VFIO_GROUP_FLAGS_VIABLE
+        status.flags = self._status_flags()
         copy_struct_to_user(current, arg, status, minsz)
         return 0
+
+    def _status_flags(self) -> int:
+        g = self.group
+        if g.has_iommu():
+            # With an iommufd, DMA ownership is claimed when a device is
+            # opened: VIABLE here, yet GET_DEVICE_FD can still fail (EPERM).
+            return uapi.VFIO_GROUP_FLAGS_CONTAINER_SET | uapi.VFIO_GROUP_FLAGS_VIABLE
+        return 0 if g.iommu_group.dma_owner_claimed() else uapi.VFIO_GROUP_FLAGS_VIABLE
 
     # -- VFIO_GROUP_SET_CONTAINER / UNSET_CONTAINER -------------------------------------
 
     def _set_container(self, current: "Task", arg: int) -> int:
+        """vfio_group_ioctl_set_container()"""
         g = self.group
         fd = get_user_s32(current, arg)
-        if g.vfio.legacy:
-            # 3.10 vfio_group_set_container()
-            if g.container_users:
-                raise fail(EINVAL, f"group {g.id} is already in a container")
-            if fd < 0:
-                raise fail(EINVAL, f"VFIO_GROUP_SET_CONTAINER: fd {fd} is negative")
-            file = current.files.get(fd)
-            if not isinstance(file, ContainerFile):
-                raise fail(EINVAL, f"VFIO_GROUP_SET_CONTAINER: fd {fd} is a {file.kind}, not a VFIO container")
-        else:
-            file = current.files.get(fd)
-            if g.has_iommu():
-                raise fail(EINVAL, f"group {g.id} is already in a container or an iommufd "
-                                   f"(VFIO_GROUP_UNSET_CONTAINER first)")
-            if not isinstance(file, ContainerFile):
-                # iommufd_ctx_from_file(): an iommufd takes the container's place.
-                from ..iommufd.main import IommufdFile, iommufd_ctx_from_file, iommufd_ctx_put
-                from ..iommufd.vfio_compat import compat_ioas_create
-                if isinstance(file, IommufdFile):
-                    ictx = iommufd_ctx_from_file(file)
-                    try:
-                        compat_ioas_create(ictx)
-                    except KernelError:
-                        iommufd_ctx_put(ictx, current)
-                        raise
-                    g.iommufd = ictx
-                    return 0
-                raise fail(EBADFD, f"VFIO_GROUP_SET_CONTAINER: fd {fd} is a {file.kind}, not a VFIO container or "
-                                   f"an iommufd")
+        file = current.files.get(fd)
+        if g.has_iommu():
+            raise fail(EINVAL, f"group {g.id} is already in a container or an iommufd "
+                               f"(VFIO_GROUP_UNSET_CONTAINER first)")
+        if not isinstance(file, ContainerFile):
+            # iommufd_ctx_from_file(): an iommufd takes the container's place.
+            from ..iommufd.main import IommufdFile, iommufd_ctx_from_file, iommufd_ctx_put
+            from ..iommufd.vfio_compat import compat_ioas_create
+            if isinstance(file, IommufdFile):
+                ictx = iommufd_ctx_from_file(file)
+                try:
+                    compat_ioas_create(ictx)
+                except KernelError:
+                    iommufd_ctx_put(ictx, current)
+                    raise
+                g.iommufd = ictx
+                return 0
+            raise fail(EBADFD, f"VFIO_GROUP_SET_CONTAINER: fd {fd} is a {file.kind}, not a VFIO container or "
+                               f"an iommufd")
         file.container.attach_group(g, current)
         return 0
 
@@ -229,18 +198,17 @@ class GroupFile(File):
     # -- VFIO_GROUP_GET_DEVICE_FD -------------------------------------------------------
 
     def _get_device_fd(self, current: "Task", arg: int) -> int:
-        from .device import DeviceFile
+        """vfio_group_ioctl_get_device_fd()"""
         g = self.group
         name = strndup_user(current, arg, current.mm.page_size)
-        if g.vfio.legacy:
-            # 3.10 checked the container and its IOMMU before the name.
-            if g.container_users == 0 or g.container is None or g.container.iommu_driver is None or not g.viable():
-                raise fail(EINVAL, f"group {g.id}: set a container and its IOMMU before asking for devices")
-            device = g.device_by_name(name)
-        else:
-            device = g.device_by_name(name)
-            current.files.check_free()
-            if not g.has_iommu():
-                raise fail(EINVAL, f"group {g.id} is not in a container (VFIO_GROUP_SET_CONTAINER first)")
-        file = DeviceFile.open(device, g, current)
+        device = self._device_for_fd(current, name)
+        file = g.vfio.rules.device_file.open(device, g, current)
         return current.files.install(file, cloexec=True)
+
+    def _device_for_fd(self, current: "Task", name: str) -> "VfioDevice":
+        g = self.group
+        device = g.device_by_name(name)
+        current.files.check_free()
+        if not g.has_iommu():
+            raise fail(EINVAL, f"group {g.id} is not in a container (VFIO_GROUP_SET_CONTAINER first)")
+        return device

@@ -12,7 +12,7 @@ iommu data, as in the kernel.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
     from ..iommu.iommu import IommuGroup
@@ -43,7 +43,7 @@ class VfioIommuDriver:
     def detach_group(self, data: Any, group: "IommuGroup", current: "Task") -> None:
         raise NotImplementedError
 
-    def describe(self, data: Any) -> dict:
+    def describe(self, data: Any) -> dict[str, Any]:
         """State for `vfiosim topology` (not part of the kernel interface)."""
         return {}
 
@@ -62,7 +62,7 @@ class IommuDriverRegistry:
     def unregister(self, driver: VfioIommuDriver) -> None:
         self._drivers = [d for d in self._drivers if d is not driver]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[VfioIommuDriver]:
         return iter(list(self._drivers))
 
     def names(self) -> list[str]:

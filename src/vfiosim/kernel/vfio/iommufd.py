@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 def _pdev(vdev: "VfioDevice"):  # type: ignore[no-untyped-def]
-    pdev = vdev.ops.pdev
+    pdev = vdev.ops.physical_device()
     if pdev is None:
         raise KernelBug(f"{vdev.name}: a VFIO driver without a physical device cannot bind to an iommufd")
     return pdev

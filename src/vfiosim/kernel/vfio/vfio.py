@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from errno import ENODEV
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import fail
 from ..fs import DeviceNode, File
 from .container import ContainerFile
-from .device import VfioDevice, VfioDeviceOps
+from .device import DeviceFile, VfioDevice, VfioDeviceOps
 from .group import GroupFile, VfioGroup
+from .vfio_310 import DeviceFile310, GroupFile310, VfioGroup310
 from .iommu_driver import IommuDriverRegistry
 
 if TYPE_CHECKING:
@@ -18,18 +20,30 @@ if TYPE_CHECKING:
     from ..task import Task
 
 
+@dataclass(frozen=True)
+class VfioCoreRules:
+    """How one kernel version's VFIO core behaves: the classes of its group
+    and device objects (6.12: group.py and device.py; 3.10: vfio_310.py)."""
+
+    version: str
+    group: type[VfioGroup]
+    group_file: type[GroupFile]
+    device_file: type[DeviceFile]
+
+
+VFIO_CORE_6_12 = VfioCoreRules("6.12", VfioGroup, GroupFile, DeviceFile)
+VFIO_CORE_3_10 = VfioCoreRules("3.10", VfioGroup310, GroupFile310, DeviceFile310)
+
+
 class Vfio:
-    """State of drivers/vfio: one instance per simulated kernel.
+    """State of drivers/vfio: one instance per simulated kernel."""
 
-    ``legacy`` selects the 3.10 core rules (see group.py).
-    """
-
-    def __init__(self, kernel: "Kernel", legacy: bool) -> None:
+    def __init__(self, kernel: "Kernel", rules: VfioCoreRules) -> None:
         self.kernel = kernel
-        self.legacy = legacy
+        self.rules = rules
         self.iommu_drivers = IommuDriverRegistry()
         self.groups: dict[int, VfioGroup] = {}
-        # vfio.device_ida: vfio<N>, in the order devices register.
+        # vfio.device_ida: vfio<N>, in the order devices register (never unregistered here).
         self.devices: list[VfioDevice] = []
 
     def container_node(self) -> DeviceNode:
@@ -45,7 +59,7 @@ class Vfio:
         config = self.kernel.config
         group = self.groups.get(iommu_group.id)
         if group is None:
-            group = self.groups[iommu_group.id] = VfioGroup(self, iommu_group)
+            group = self.groups[iommu_group.id] = self.rules.group(self, iommu_group)
             if config.vfio_group:
                 path = f"/dev/vfio/{iommu_group.id}"
                 self.kernel.dev_nodes[path] = DeviceNode(path, self._group_opener(group), mode=mode, uid=uid,
@@ -55,13 +69,15 @@ class Vfio:
         if config.vfio_device_cdev:
             from .device_cdev import vfio_device_fops_cdev_open
             path = f"/dev/vfio/devices/{device.cdev_name}"
-            self.kernel.dev_nodes[path] = DeviceNode(path, lambda current, flags, d=device:
-                                                     vfio_device_fops_cdev_open(d), mode=mode, uid=uid, gid=gid)
+
+            def cdev_opener(current: "Task", flags: int, d: VfioDevice = device) -> File:
+                return vfio_device_fops_cdev_open(d)
+            self.kernel.dev_nodes[path] = DeviceNode(path, cdev_opener, mode=mode, uid=uid, gid=gid)
         return device
 
-    def _group_opener(self, group: VfioGroup):
+    def _group_opener(self, group: VfioGroup) -> Callable[["Task", int], File]:
         def opener(current: "Task", flags: int) -> File:
             if not group.devices:
                 raise fail(ENODEV, f"group {group.id} has no devices any more")
-            return GroupFile.open(group, flags)
+            return self.rules.group_file.open(group, flags)
         return opener

@@ -31,6 +31,7 @@ import numpy as np
 
 from ...uapi import vfio as uapi
 from ..cred import CAP_IPC_LOCK
+from ..deviations import deviation
 from ..errors import fail
 from ..uaccess import copy_struct_from_user, copy_struct_to_user
 from ..vfio.iommu_driver import VfioIommuDriver
@@ -48,13 +49,13 @@ IOMMU_PAGE_MASK = ~(IOMMU_PAGE_SIZE - 1) & ((1 << 64) - 1)
 
 
 @dataclass
-class SeedTceContainer:
+class Tce310Container:
     tbl: IommuTable | None = None
     group: "IommuGroup | None" = None
     enabled: bool = False
 
 
-class SeedSpaprTceIommuDriver(VfioIommuDriver):
+class SpaprTce310IommuDriver(VfioIommuDriver):
     name = "iommu-vfio-powerpc"
 
     def __init__(self, kernel: "Kernel") -> None:
@@ -63,21 +64,21 @@ class SeedSpaprTceIommuDriver(VfioIommuDriver):
 
     # -- ops ------------------------------------------------------------------------------
 
-    def open(self, arg: int, current: "Task") -> SeedTceContainer:
+    def open(self, arg: int, current: "Task") -> Tce310Container:
         """tce_iommu_open() of the seed"""
         if arg != uapi.VFIO_SPAPR_TCE_IOMMU:
             self.log.err("tce_vfio: Wrong IOMMU type")
             raise fail(EINVAL, f"IOMMU type {arg} is not VFIO_SPAPR_TCE_IOMMU (2)")
         if self.kernel.faults.should_fail("kmalloc:tce_iommu_open"):
             raise fail(ENOMEM, "kzalloc of the container failed (fault injection)")
-        return SeedTceContainer()
+        return Tce310Container()
 
-    def release(self, c: SeedTceContainer, current: "Task") -> None:
+    def release(self, c: Tce310Container, current: "Task") -> None:
         self._disable(c, current)
         if c.tbl is not None and c.group is not None:
             self.detach_group(c, c.group, current)
 
-    def attach_group(self, c: SeedTceContainer, group: "IommuGroup", current: "Task") -> None:
+    def attach_group(self, c: Tce310Container, group: "IommuGroup", current: "Task") -> None:
         tbl = self._group_table(group)
         if c.tbl is not None:
             assert c.group is not None
@@ -88,15 +89,14 @@ class SeedSpaprTceIommuDriver(VfioIommuDriver):
         c.tbl = tbl
         c.group = group
 
-    def detach_group(self, c: SeedTceContainer, group: "IommuGroup", current: "Task") -> None:
+    def detach_group(self, c: Tce310Container, group: "IommuGroup", current: "Task") -> None:
         tbl = self._group_table(group)
         if tbl is not c.tbl:
             expected = c.group.id if c.group is not None else -1
             self.log.warn(f"tce_vfio: detaching group #{group.id}, expected group is #{expected}")
         elif c.enabled:
             self.log.err(f"tce_vfio: detaching group #{group.id} from enabled container")
-            self.log.warn("vfiosim: the seed patch leaves the group attached here; the review asked for a "
-                          "forced disable, which 3.10 merged")
+            self.log.warn(deviation("4"))
         else:
             c.tbl = None
             c.group = None
@@ -122,7 +122,7 @@ class SeedSpaprTceIommuDriver(VfioIommuDriver):
 
     # -- ioctl ------------------------------------------------------------------------------
 
-    def ioctl(self, c: SeedTceContainer | None, cmd: int, arg: int, current: "Task") -> int:
+    def ioctl(self, c: Tce310Container | None, cmd: int, arg: int, current: "Task") -> int:
         if cmd == uapi.VFIO_CHECK_EXTENSION:
             return 1 if arg == uapi.VFIO_SPAPR_TCE_IOMMU else 0
         assert c is not None
@@ -139,13 +139,13 @@ class SeedSpaprTceIommuDriver(VfioIommuDriver):
             return 0
         raise fail(ENOTTY, f"{uapi.ioctl_name_for(cmd, 'vfio-container') or hex(cmd)}: unknown to the 3.10 sPAPR TCE driver")
 
-    def _table(self, c: SeedTceContainer) -> IommuTable:
+    def _table(self, c: Tce310Container) -> IommuTable:
         if c.tbl is None:
             self.log.warn("WARNING: tce_iommu_ioctl: container has no table")
             raise fail(ENXIO, "the container has no table")
         return c.tbl
 
-    def _get_info(self, c: SeedTceContainer, arg: int, current: "Task") -> int:
+    def _get_info(self, c: Tce310Container, arg: int, current: "Task") -> int:
         tbl = self._table(c)
         cls = uapi.vfio_iommu_spapr_tce_info
         minsz = uapi.offsetofend(cls, "dma32_window_size")
@@ -158,7 +158,7 @@ class SeedSpaprTceIommuDriver(VfioIommuDriver):
         copy_struct_to_user(current, arg, info, minsz)
         return 0
 
-    def _enable(self, c: SeedTceContainer, current: "Task") -> int:
+    def _enable(self, c: Tce310Container, current: "Task") -> int:
         """tce_iommu_enable() of the seed: an open-coded RLIMIT_MEMLOCK check
         (no account_locked_vm() in 2013); its only error path changes nothing."""
         tbl = self._table(c)
@@ -177,7 +177,7 @@ class SeedSpaprTceIommuDriver(VfioIommuDriver):
         c.enabled = True
         return 0
 
-    def _disable(self, c: SeedTceContainer, current: "Task") -> None:
+    def _disable(self, c: Tce310Container, current: "Task") -> None:
         """Refunds the *current* process, as the seed did (no mm reference)."""
         if c.enabled and c.tbl is not None:
             mm = current.mm
@@ -185,7 +185,7 @@ class SeedSpaprTceIommuDriver(VfioIommuDriver):
                 mm.locked_vm -= (c.tbl.it_size << IOMMU_PAGE_SHIFT) >> mm.page_shift
             c.enabled = False
 
-    def _map(self, c: SeedTceContainer, arg: int, current: "Task") -> int:
+    def _map(self, c: Tce310Container, arg: int, current: "Task") -> int:
         tbl = self._table(c)
         cls = uapi.vfio_iommu_type1_dma_map
         minsz = uapi.offsetofend(cls, "size")
@@ -223,7 +223,7 @@ class SeedSpaprTceIommuDriver(VfioIommuDriver):
             raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: iova {ioba:#x} is outside the window "
                                f"{tbl.bus_start:#x}..{tbl.bus_end - 1:#x}")
 
-    def _put_tce_user_mode(self, c: SeedTceContainer, tbl: IommuTable, entry: int, tce: int,
+    def _put_tce_user_mode(self, c: Tce310Container, tbl: IommuTable, entry: int, tce: int,
                            current: "Task") -> None:
         """iommu_put_tce_user_mode() + iommu_tce_build() of 3.10.
 
@@ -250,7 +250,7 @@ class SeedSpaprTceIommuDriver(VfioIommuDriver):
         perm = tbl.it_ops.perm(perm_to_direction(tce))
         tbl.it_ops.xchg_range(tbl, entry, np.array([hpa | perm], dtype=np.uint64))
 
-    def _unmap(self, c: SeedTceContainer, arg: int, current: "Task") -> int:
+    def _unmap(self, c: Tce310Container, arg: int, current: "Task") -> int:
         tbl = self._table(c)
         cls = uapi.vfio_iommu_type1_dma_unmap
         minsz = uapi.offsetofend(cls, "size")
@@ -279,7 +279,7 @@ class SeedSpaprTceIommuDriver(VfioIommuDriver):
             if old.size:
                 self.kernel.phys.unpin(old & ~np.uint64(TCE_PERM_MASK))
 
-    def describe(self, c: SeedTceContainer) -> dict[str, Any]:
+    def describe(self, c: Tce310Container) -> dict[str, Any]:
         tbl = c.tbl
         return {"profile": "3.10 (seed patch)", "enabled": c.enabled,
                 "windows": [] if tbl is None else [{"start": tbl.bus_start, "size": tbl.bus_size,

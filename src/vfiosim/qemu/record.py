@@ -1,0 +1,553 @@
+"""``vfiosim qemu-record``: real kernels to record against, in QEMU guests, for CI.
+
+Two guests, each a Debian kernel (6.12 from bookworm-backports, as ``image.py`` picks
+it) booted in QEMU under TCG with QEMU's own emulated ``edu`` devices bound to
+vfio-pci, so that the guest's VFIO is the real thing:
+
+* **pseries** (``qemu-system-ppc64 -M pseries``, ppc64le): two edu devices on two
+  sPAPR PHBs, the real sPAPR TCE IOMMU driver; the machine of the pseries preset.
+* **x86** (``qemu-system-x86_64 -M q35``): an emulated Intel VT-d IOMMU
+  (``intel-iommu``, caching mode; ``intel_iommu=on iommu=pt``) and two edu devices,
+  each behind its own PCIe root port: Type1; the machine of the x86 preset.
+
+Inside, ``/init`` (``guest/record-init.sh``) runs the project's scenario programs,
+each under the recording shim (``LD_PRELOAD=libvfiosim_record.so``, exactly what
+``vfiosim record`` does): the reference walker over the steps of the reference
+traces, ``vfio_families`` (each device ioctl family and its error paths), the
+examples, and on pseries the demo's guest program.  The programs and the shim are
+built here for the guest (a cross compiler for ppc64le) and linked dynamically
+against the toolchain's glibc, which the initramfs carries.  The traces come out on
+a second serial line (a gzipped tar, base64) and are replayed on the matching
+simulated machine (docs/conformance.md).
+
+Nothing here runs the guest under vfiosim: the recordings are of QEMU and Linux only.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from .image import (Cpio, QemuDemoUnavailable, _can_install, _extract, _run, cache_dir,
+                    fetch_debs, module_bytes, module_load_order, module_name)
+
+HERE = Path(__file__).resolve().parent
+GUEST_DIR = HERE / "guest"
+INIT = GUEST_DIR / "record-init.sh"
+RECORDER = HERE.parent / "tracing" / "vfiosim_record.c"
+REFERENCE_TRACES = HERE.parent.parent.parent / "tests" / "data" / "reference_traces"
+MARK = "vfiosim-guest:"
+BEGIN, END = "=== vfiosim-traces begin ===", "=== vfiosim-traces end ==="
+IMAGE_FORMAT = 1
+Log = Callable[[str], None]
+
+APPLETS = ["sh", "mount", "insmod", "poweroff", "cat", "echo", "ls", "dmesg", "sleep", "uname", "tar", "gzip",
+           "base64", "mkdir", "sync", "cd", "rm", "head", "tail", "wc", "readlink", "basename", "stty"]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    command: str                 # a shell command line in the guest
+    sources: tuple[str, ...] = ()  # programs it needs (C files in guest/ or examples/)
+    walker: str = ""             # the reference trace whose steps it walks
+
+
+@dataclass(frozen=True)
+class GuestPlatform:
+    name: str                    # the vfiosim preset it corresponds to
+    deb_arch: str
+    kernel_meta: str
+    kernel_glob: str             # in the kernel .deb's /boot
+    qemu: str
+    qemu_package: str
+    cc: str
+    cc_packages: tuple[str, ...]
+    libc_dir: str                # the toolchain's runtime glibc
+    loader: str                  # PT_INTERP of its programs
+    modules: tuple[str, ...]
+    console: str                 # the guest's console and the line the traces leave on
+    out_tty: str
+    append: str
+    scenarios: tuple[Scenario, ...]
+    memory: str = "1G"
+
+    def qemu_args(self) -> list[str]:
+        if self.name == "pseries":
+            # The default PHB (domain 0) and a second one (domain 1), an edu on each:
+            # the machine of the reference traces and of the pseries preset.
+            return ["-M", "pseries,cap-cfpc=broken,cap-sbbc=broken,cap-ibs=broken,cap-ccf-assist=off",
+                    "-device", "edu",
+                    "-device", "spapr-pci-host-bridge,index=1,id=phb1", "-device", "edu,bus=phb1.0"]
+        return ["-M", "q35", "-device", "intel-iommu,caching-mode=on",
+                "-device", "pcie-root-port,id=rp1,chassis=1,slot=1", "-device", "edu,bus=rp1",
+                "-device", "pcie-root-port,id=rp2,chassis=2,slot=2", "-device", "edu,bus=rp2"]
+
+    def serial_args(self, console: str, traces: str) -> list[str]:
+        if self.name == "pseries":
+            return ["-serial", f"file:{console}", "-chardev", f"file,id=traces,path={traces}",
+                    "-device", "spapr-vty,chardev=traces"]
+        return ["-serial", f"file:{console}", "-serial", f"file:{traces}"]
+
+
+_WALK = "reference_walker < /etc/walker-{0}.txt"
+PLATFORMS: dict[str, GuestPlatform] = {
+    "pseries": GuestPlatform(
+        name="pseries", deb_arch="ppc64el", kernel_meta="linux-image-powerpc64le", kernel_glob="vmlinux-*",
+        qemu="qemu-system-ppc64", qemu_package="qemu-system-ppc", cc="powerpc64le-linux-gnu-gcc",
+        cc_packages=("gcc-powerpc64le-linux-gnu", "libc6-dev-ppc64el-cross"),
+        libc_dir="/usr/powerpc64le-linux-gnu/lib", loader="/lib64/ld64.so.2",
+        modules=("vfio_iommu_spapr_tce", "vfio_pci"), console="hvc0", out_tty="/dev/hvc1",
+        append="console=hvc0 quiet panic=-1 nowatchdog",
+        scenarios=(
+            Scenario("walker-v1", _WALK.format("v1"), ("reference_walker.c",), "v1.jsonl"),
+            Scenario("walker-v2", _WALK.format("v2"), ("reference_walker.c",), "v2.jsonl"),
+            Scenario("families", "vfio_families 0000:00:00.0", ("vfio_families.c",)),
+            Scenario("spapr_edu_dma", "spapr_edu_dma 0001:00:00.0 2048", ("spapr_edu_dma.c",)),
+            Scenario("edu-guest-v2", "edu_vfio_guest v2", ("edu_vfio_guest.c",)),
+            Scenario("edu-guest-v1", "edu_vfio_guest v1", ("edu_vfio_guest.c",)),
+        )),
+    "x86": GuestPlatform(
+        name="x86", deb_arch="amd64", kernel_meta="linux-image-amd64", kernel_glob="vmlinuz-*",
+        qemu="qemu-system-x86_64", qemu_package="qemu-system-x86", cc="gcc", cc_packages=("gcc", "libc6-dev"),
+        libc_dir="/lib/x86_64-linux-gnu", loader="/lib64/ld-linux-x86-64.so.2",
+        modules=("vfio_iommu_type1", "vfio_pci"), console="ttyS0", out_tty="/dev/ttyS1",
+        append="console=ttyS0 quiet panic=-1 intel_iommu=on iommu=pt",
+        scenarios=(
+            Scenario("walker-type1v2", _WALK.format("type1v2-x86"), ("reference_walker.c",), "type1v2-x86.jsonl"),
+            Scenario("families", "vfio_families 0000:01:00.0", ("vfio_families.c",)),
+            Scenario("type1_edu_dma", "type1_edu_dma 0000:02:00.0 2048", ("type1_edu_dma.c",)),
+        )),
+}
+
+
+def walker_input(trace: list[dict[str, Any]]) -> str:
+    """A reference trace's steps as reference_walker.c reads them (one step a line)."""
+    meta = trace[0]
+    lines = [f"0 meta buf_size={meta['buf_size']} memlock_cur={meta['rlimit_memlock_cur']} "
+             f"memlock_max={meta['rlimit_memlock_max']} bdf={meta['bdf']}"]
+    for step in trace[1:]:
+        if "seq" not in step:
+            continue
+        op = step["op"]
+        if step.get("skipped"):
+            op = "skip"
+        elif op in ("note", "meta"):
+            op = "note"
+        kv = []
+        args = step.get("args") or {}
+        for key, value in args.items():
+            if key.endswith("_sym"):
+                continue
+            if key == "vaddr" and "vaddr_sym" in args:
+                value = "@" + args["vaddr_sym"]
+            kv.append(f"{key}={value}")
+        if "vaddr_sym" in args and "vaddr" not in args:
+            kv.append("vaddr=@" + args["vaddr_sym"])
+        lines.append(f"{step['seq']} {op} {' '.join(kv)}".rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def _reference_dir() -> Path | None:
+    env = os.environ.get("VFIOSIM_REFERENCE_TRACES")
+    for d in ([Path(env)] if env else []) + [REFERENCE_TRACES]:
+        if d.is_dir():
+            return d
+    return None
+
+
+def _source(name: str) -> Path:
+    for d in (GUEST_DIR, HERE.parent.parent.parent / "examples"):
+        if (d / name).exists():
+            return d / name
+    raise QemuDemoUnavailable(f"the guest program {name} is not here (examples/ comes with a source checkout)")
+
+
+# -- host tools ---------------------------------------------------------------------------------------------
+
+
+def check_tools(p: GuestPlatform, *, install: bool, log: Log) -> None:
+    def missing() -> list[str]:
+        out = []
+        if shutil.which(p.qemu) is None:
+            out.append(p.qemu_package)
+        if shutil.which(p.cc) is None or not Path(p.libc_dir, "libc.so.6").exists():
+            out.extend(p.cc_packages)
+        if shutil.which("dpkg-deb") is None:
+            out.append("dpkg")
+        return out
+    pkgs = missing()
+    if not pkgs:
+        return
+    if not install or not _can_install():
+        raise QemuDemoUnavailable(f"the {p.name} guest needs {' '.join(pkgs)} (apt-get install {' '.join(pkgs)}; "
+                                  f"this run may not install them)")
+    log(f"installing {' '.join(pkgs)}")
+    _run(["apt-get", "update", "-q"], log=log, check=False)
+    _run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *pkgs], log=log)
+    if missing():
+        raise QemuDemoUnavailable(f"apt-get installed {' '.join(pkgs)}, but {' '.join(missing())} still missing")
+
+
+# -- the image --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RecordImage:
+    kernel: Path
+    initrd: Path
+    kernel_package: str
+    scenarios: list[str]
+
+
+def build_record_image(p: GuestPlatform, *, log: Log) -> RecordImage:
+    debs = fetch_debs(log=log, arch=p.deb_arch, kernel_meta=p.kernel_meta)
+    refs = _reference_dir()
+    scenarios = [s for s in p.scenarios if not s.walker or (refs is not None and (refs / s.walker).exists())]
+    for s in p.scenarios:
+        if s not in scenarios:
+            log(f"{p.name}: no reference trace {s.walker} (a source checkout's tests/data/reference_traces, or "
+                f"$VFIOSIM_REFERENCE_TRACES): scenario {s.name} left out")
+    sources = sorted({src for s in scenarios for src in s.sources})
+    h = hashlib.sha256()
+    for part in (str(IMAGE_FORMAT), p.name, debs["kernel"].name, debs["busybox"].name, INIT.read_text(),
+                 RECORDER.read_text(), *(_source(src).read_text() for src in sources),
+                 *(s.command for s in scenarios), *((refs / s.walker).read_text() for s in scenarios if s.walker and refs is not None)):
+        h.update(part.encode() + b"\0")
+    root = cache_dir() / "record-images"
+    out = root / f"{p.name}-{h.hexdigest()[:16]}"
+    meta = out / "image.json"
+    if meta.exists():
+        m = json.loads(meta.read_text())
+        img = RecordImage(out / "kernel", out / "initrd.cpio.gz", m["kernel_package"], m["scenarios"])
+        if img.kernel.exists() and img.initrd.exists():
+            return img
+    log(f"building the {p.name} recording image in {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        t = Path(tmp)
+        _extract(debs["kernel"], t / "k", log)
+        _extract(debs["busybox"], t / "bb", log)
+        kernels = sorted((t / "k" / "boot").glob(p.kernel_glob))
+        moddirs = sorted((t / "k" / "lib" / "modules").iterdir())
+        if len(kernels) != 1 or len(moddirs) != 1:
+            raise QemuDemoUnavailable(f"{debs['kernel'].name}: expected one kernel and one module tree")
+        index = {module_name(m): m for m in moddirs[0].rglob("*.ko*") if m.name.endswith((".ko", ".ko.xz", ".ko.gz"))}
+        builtin_file = moddirs[0] / "modules.builtin"
+        builtin = {module_name(Path(line.strip())) for line in builtin_file.read_text().splitlines()
+                   if line.strip().endswith(".ko")} if builtin_file.exists() else set()
+        modules = module_load_order(index, builtin, list(p.modules))
+        cpio = Cpio()
+        for d in ("bin", "dev", "proc", "sys", "tmp", "lib", "lib64", "lib/modules", "etc", "traces"):
+            cpio.dir(d)
+        cpio.chardev("dev/console", 5, 1)
+        cpio.chardev("dev/null", 1, 3, 0o666)
+        cpio.file("bin/busybox", (t / "bb" / "bin" / "busybox").read_bytes(), 0o755)
+        for applet in APPLETS:
+            cpio.symlink(f"bin/{applet}", "busybox")
+        cpio.file("init", INIT.read_bytes(), 0o755)
+        # The toolchain's glibc, for the dynamically linked programs and the shim.
+        libc = Path(p.libc_dir)
+        for lib in ("libc.so.6", "libdl.so.2", "libpthread.so.0", Path(p.loader).name):
+            src = (libc / lib).resolve()
+            if not src.exists():
+                raise QemuDemoUnavailable(f"{libc / lib} is missing (the {p.name} toolchain's glibc)")
+            cpio.file(f"lib64/{lib}", src.read_bytes(), 0o755)
+        if p.loader != f"/lib64/{Path(p.loader).name}":
+            raise QemuDemoUnavailable(f"unexpected loader {p.loader}")
+        shim = t / "libvfiosim_record.so"
+        _run([p.cc, "-shared", "-fPIC", "-O2", "-fvisibility=hidden", "-Wall", "-o", str(shim), str(RECORDER),
+              "-ldl", "-lpthread"], log=log)
+        cpio.file("lib/libvfiosim_record.so", shim.read_bytes(), 0o755)
+        for source in sources:
+            exe = t / Path(source).stem
+            _run([p.cc, "-O2", "-Wall", "-o", str(exe), str(_source(source))], log=log)
+            cpio.file(f"bin/{exe.name}", exe.read_bytes(), 0o755)
+        for s in scenarios:
+            if s.walker:
+                assert refs is not None
+                steps = [json.loads(line) for line in (refs / s.walker).read_text().splitlines() if line.strip()]
+                cpio.file(f"etc/walker-{s.walker.removesuffix('.jsonl')}.txt", walker_input(steps).encode())
+        cpio.file("etc/scenarios", "".join(f"{s.name}|{s.command}\n" for s in scenarios).encode())
+        names = []
+        for ko in modules:
+            name = module_name(ko) + ".ko"
+            cpio.file(f"lib/modules/{name}", module_bytes(ko))
+            names.append(name)
+        cpio.file("lib/modules/load-order", ("\n".join(names) + "\n").encode())
+        cpio.file("etc/out-tty", (p.out_tty + "\n").encode())
+        (out / "initrd.cpio.gz").write_bytes(gzip.compress(cpio.finish(), compresslevel=6))
+        os.replace(kernels[0], out / "kernel")
+    meta.write_text(json.dumps({"kernel_package": debs["kernel"].name, "scenarios": [s.name for s in scenarios],
+                                "modules": names}, indent=2) + "\n")
+    for old in root.iterdir():                     # this platform's images of older inputs
+        if old != out and old.name.startswith(f"{p.name}-") and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    return RecordImage(out / "kernel", out / "initrd.cpio.gz", debs["kernel"].name, [s.name for s in scenarios])
+
+
+# -- the run -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RecordRun:
+    platform: str
+    ok: bool
+    reason: str
+    seconds: float
+    traces: list[Path] = field(default_factory=list)
+    guest: list[str] = field(default_factory=list)
+    console: str = ""
+    kernel_package: str = ""
+
+
+def qemu_argv(p: GuestPlatform, img: RecordImage, console: str, traces: str) -> list[str]:
+    return [p.qemu, *p.qemu_args(), "-accel", "tcg", "-smp", "1", "-m", p.memory, "-display", "none",
+            "-nodefaults", "-monitor", "none", "-no-reboot", *p.serial_args(console, traces),
+            "-kernel", str(img.kernel), "-initrd", str(img.initrd), "-append", p.append]
+
+
+def extract_traces(raw: str, dest: Path) -> list[Path]:
+    """The traces the guest wrote between the markers (base64 of a gzipped tar)."""
+    text = raw.replace("\r", "")
+    if BEGIN not in text or END not in text:
+        return []
+    body = text.split(BEGIN, 1)[1].split(END, 1)[0]
+    data = base64.b64decode("".join(body.split()))
+    out = []
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(data))) as tar:
+        for member in tar.getmembers():
+            name = Path(member.name).name
+            if not member.isfile() or not name.endswith(".jsonl"):
+                continue
+            f = tar.extractfile(member)
+            assert f is not None
+            (dest / name).write_bytes(f.read())
+            out.append(dest / name)
+    return sorted(out)
+
+
+def record_platform(name: str, out_dir: Path, *, workdir: Path, install: bool = True, timeout: float = 900,
+                    log: Log = lambda text: None) -> RecordRun:
+    """Boot the platform's guest, record its scenarios, put the traces in ``out_dir``."""
+    p = PLATFORMS[name]
+    check_tools(p, install=install, log=log)
+    img = build_record_image(p, log=log)
+    workdir.mkdir(parents=True, exist_ok=True)
+    console, traces = workdir / f"{name}-console.log", workdir / f"{name}-traces.out"
+    for f in (console, traces):
+        if f.exists():
+            f.unlink()
+    argv = qemu_argv(p, img, str(console), str(traces))
+    log("$ " + " ".join(argv))
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        rc, qemu_out = proc.returncode, (proc.stdout + proc.stderr).strip()
+    except subprocess.TimeoutExpired:
+        rc, qemu_out = -1, f"QEMU did not finish within {timeout:.0f} s"
+    seconds = time.monotonic() - t0
+    guest = [line[line.index(MARK):].rstrip() for line in _read(console).splitlines() if MARK in line]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.jsonl"):
+        old.unlink()
+    got = extract_traces(_read(traces), out_dir)
+    run = RecordRun(name, False, "", seconds, got, guest, str(console), img.kernel_package)
+    expected = set(img.scenarios)
+    have = {t.stem for t in got}
+    failed = [line for line in guest if re.search(r"scenario \S+ exit [1-9]", line)]
+    if rc != 0:
+        run.reason = f"QEMU exited with status {rc}: {qemu_out[-400:]}"
+    elif have != expected:
+        run.reason = f"traces missing for {', '.join(sorted(expected - have)) or '-'} (console: {console})"
+    elif failed:
+        run.reason = f"a scenario program failed: {failed[0]} (console: {console})"
+    else:
+        run.ok = True
+        run.reason = f"{len(got)} scenarios recorded on {img.kernel_package}"
+    return run
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+# -- conformance -----------------------------------------------------------------------------------------------
+
+FAMILY_ORDER = ["container", "group", "IOMMU (sPAPR)", "IOMMU (Type1)", "EEH", "device info", "region access",
+                "interrupts", "ioeventfd", "device features", "reset", "device (other)", "files", "process"]
+
+
+@dataclass
+class Conformance:
+    """Per platform, per family: matching steps / total; and every divergence."""
+    cells: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    divergences: dict[str, list[Any]] = field(default_factory=dict)
+    totals: dict[str, list[int]] = field(default_factory=dict)
+    labels: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def table(self) -> str:
+        platforms = sorted(self.cells)
+        fams = [f for f in FAMILY_ORDER if any(f in self.cells[p] for p in platforms)]
+        fams += sorted({f for p in platforms for f in self.cells[p]} - set(fams))
+        lines = ["| family | " + " | ".join(platforms) + " |", "|---|" + "---:|" * len(platforms)]
+        for f in fams:
+            row = []
+            for p in platforms:
+                c = self.cells[p].get(f)
+                row.append(f"{c[0]}/{c[1]}" if c else "-")
+            lines.append(f"| {f} | " + " | ".join(row) + " |")
+        lines.append("| **all** | " + " | ".join(f"**{self.totals[p][0]}/{self.totals[p][1]}**" for p in platforms)
+                     + " |")
+        return "\n".join(lines) + "\n"
+
+
+def conformance(traces: Mapping[str, Iterable[Path]], *, log: Log = lambda text: None) -> Conformance:
+    """Replay each platform's traces on its preset and count, per ioctl family."""
+    from ..machine import Machine
+    from ..tracing import open_trace
+    from ..tracing.replay import replay
+    c = Conformance()
+    for platform, paths in traces.items():
+        cells = c.cells.setdefault(platform, {})
+        divs = c.divergences.setdefault(platform, [])
+        tot = c.totals.setdefault(platform, [0, 0])
+        labels = c.labels.setdefault(platform, {"kernel": 0, "environment": 0, "machine": 0})
+        for path in sorted(paths):
+            with open_trace(path) as t:
+                r = replay(Machine.preset(platform), t)
+            log(f"{platform}/{path.stem}: {r.matched}/{r.steps} steps match")
+            for fam, fc in r.families.items():
+                cell = cells.setdefault(fam, [0, 0])
+                cell[0] += fc.matched
+                cell[1] += fc.steps
+            tot[0] += r.matched
+            tot[1] += r.steps
+            for k, v in r.counts.items():
+                labels[k] += v
+            divs.extend((path.stem, d) for d in r.divergences)
+    return c
+
+
+def report_conformance(c: Conformance, out: Any, *, details: bool = True) -> None:
+    """The table, then every difference: kernel ones (failures) and labelled ones."""
+    out.write(c.table())
+    for platform in sorted(c.cells):
+        labels = c.labels[platform]
+        out.write(f"\n{platform}: {c.totals[platform][0]}/{c.totals[platform][1]} steps match; divergences: kernel "
+                  f"{labels['kernel']}, environment {labels['environment']}, machine {labels['machine']}\n")
+        if not details:
+            continue
+        for scenario, d in c.divergences[platform]:
+            out.write(f"  [{scenario}] {d}\n")
+
+
+def default_traces_dir() -> Path:
+    """The conformance traces of a source checkout (tests/data/conformance)."""
+    return HERE.parent.parent.parent / "tests" / "data" / "conformance"
+
+
+def traces_in(root: Path) -> dict[str, list[Path]]:
+    found = {}
+    for platform in PLATFORMS:
+        paths = sorted((root / platform).glob("*.jsonl"))
+        if paths:
+            found[platform] = paths
+    return found
+
+
+# -- the command line ------------------------------------------------------------------------------------------
+
+
+def cmd_qemu_record(args: Any) -> int:
+    import sys
+    def say(text: str) -> None:
+        if args.verbose or text.startswith(("building", "cached", "installing", "pseries", "x86")):
+            print(text, file=sys.stderr, flush=True)
+    platforms = list(PLATFORMS) if args.platform == "all" else [args.platform]
+    out = Path(args.out)
+    work = Path(args.workdir) if args.workdir else cache_dir() / "record-run"
+    recorded: dict[str, list[Path]] = {}
+    status = 0
+    for name in platforms:
+        print(f"vfiosim qemu-record: booting the {name} guest (QEMU, TCG) ...", file=sys.stderr, flush=True)
+        try:
+            run = record_platform(name, out / name, workdir=work, install=not args.no_install, timeout=args.timeout,
+                                  log=say)
+        except QemuDemoUnavailable as exc:
+            print(f"vfiosim qemu-record: {name}: cannot run here: {exc}", file=sys.stderr)
+            return 3
+        verdict = "recorded" if run.ok else "FAILED"
+        print(f"vfiosim qemu-record: {name}: {verdict} in {run.seconds:.0f} s: {run.reason}", file=sys.stderr)
+        for line in run.guest:
+            say(line)
+        if not run.ok:
+            status = 1
+            for line in run.guest[-15:]:
+                print(f"  {line}", file=sys.stderr)
+        recorded[name] = run.traces
+        for t in run.traces:
+            print(f"  {t}", file=sys.stderr)
+    if args.no_replay or not any(recorded.values()):
+        return status
+    c = conformance({k: v for k, v in recorded.items() if v}, log=say)
+    print()
+    report_conformance(c, sys.stdout)
+    return 1 if status or any(c.labels[p]["kernel"] for p in c.labels) else 0
+
+
+def cmd_conformance(args: Any) -> int:
+    import json as _json
+    import sys
+    root = Path(args.traces) if args.traces else default_traces_dir()
+    found = traces_in(root)
+    if not found:
+        print(f"vfiosim conformance: no traces in {root}/<platform>/*.jsonl (vfiosim qemu-record --out {root} "
+              f"records them)", file=sys.stderr)
+        return 2
+    c = conformance(found)
+    if args.json:
+        doc = {"traces": str(root), "cells": c.cells, "totals": c.totals, "labels": c.labels,
+               "divergences": {p: [dict(d.as_json(), trace=s) for s, d in divs] for p, divs in c.divergences.items()}}
+        _json.dump(doc, sys.stdout, indent=1)
+        print()
+    else:
+        report_conformance(c, sys.stdout, details=not args.table_only)
+    return 1 if any(c.labels[p]["kernel"] for p in c.labels) else 0
+
+
+def add_parsers(sub: Any) -> None:
+    q = sub.add_parser("qemu-record", help="record the scenario programs against real Linux VFIO in QEMU guests "
+                                           "(pseries, x86 q35) and replay them (see docs/conformance.md)")
+    q.add_argument("--platform", choices=[*PLATFORMS, "all"], default="all")
+    q.add_argument("--out", default="conformance-traces", metavar="DIR",
+                   help="where the traces go, one directory per platform (default ./conformance-traces; "
+                        "tests/data/conformance holds the project's)")
+    q.add_argument("--workdir", metavar="DIR", help="the guests' consoles (default ~/.cache/vfiosim/qemu/record-run)")
+    q.add_argument("--no-install", action="store_true", help="do not apt-get install missing host tools")
+    q.add_argument("--timeout", type=float, default=1200.0, help="give up on a guest after this many seconds")
+    q.add_argument("--no-replay", action="store_true", help="record only")
+    q.add_argument("-v", "--verbose", action="store_true", help="show every command and the guests' output")
+    q.set_defaults(func=cmd_qemu_record)
+    c = sub.add_parser("conformance", help="replay recorded real-kernel traces (DIR/<platform>/*.jsonl) on the "
+                                           "matching simulated machines: matching steps per ioctl family")
+    c.add_argument("traces", nargs="?", help="default: tests/data/conformance of a source checkout")
+    c.add_argument("--json", action="store_true", help="machine-readable")
+    c.add_argument("--table-only", action="store_true", help="the table and totals, not every difference")
+    c.set_defaults(func=cmd_conformance)
