@@ -5,8 +5,9 @@ platform's IOMMU state (``Platform.state()``: every TCE of the PowerNV tables
 programmed in the PEs, the pseries hypervisor's tables with the guest kernel's
 window state, every userspace-address cache entry; VT-d domain extents);
 every page pin; each process's locked_vm and preregistered
-regions (with their use and mapping counts); each group's container and the
-IOMMU driver's view of it.  Two snapshots are equal when nothing a program
+regions (with their use and mapping counts); each user's locked_vm; each
+group's container and the IOMMU driver's view of it; every iommufd context's
+object table.  Two snapshots are equal when nothing a program
 or a device could observe differs.
 """
 
@@ -36,6 +37,21 @@ def snapshot(m) -> dict[str, Any]:
         tasks[pid] = {"locked_vm": t.mm.locked_vm, "pinned_vm": t.mm.pinned_vm, "regions": regions,
                       "fds": tuple((fd, f.kind) for fd, f in t.files.items())}
     out["tasks"] = tasks
+    # per-user charges (iommufd's default accounting) and every iommufd context:
+    # its objects (with their users counts), ids reserved but never finalized,
+    # and each IOAS's areas and allowed ranges
+    out["users"] = {u.uid: u.locked_vm for u in k.users.all() if u.locked_vm}
+    ictxs: dict[int, Any] = {}
+    for pid, t in sorted(k.tasks.items()):
+        for fd, f in sorted(t.files.items()):
+            ictx = getattr(f, "ictx", None)
+            if ictx is not None and id(ictx) not in ictxs:
+                desc = ictx.describe()
+                for obj in desc["objects"]:
+                    obj.pop("domain", None)          # the IOMMU's internal domain number
+                ictxs[id(ictx)] = (pid, fd, desc,
+                                   tuple(oid for oid, o in sorted(ictx.objects.items()) if o is None))
+    out["iommufd"] = sorted(ictxs.values(), key=lambda v: (v[0], v[1]))
     groups = {}
     for gid, g in sorted(k.vfio.groups.items()):
         c = g.container

@@ -192,6 +192,54 @@ def test_topology_json_lists_pes_groups_and_devices(capsys):
     assert all(d["vendor"] == 0x1234 and d["device"] == 0x11E8 for d in topo["devices"])
 
 
+@pytest.mark.parametrize("config", ["iommufd", "iommufd-compat", "IOMMUFD"])
+def test_demo_on_x86_kernels_with_iommufd(capsys, config):
+    """The Type1 flow of the demo, on /dev/vfio/vfio served by VFIO or by
+    iommufd's emulation (iommufd-compat)."""
+    rc, out, err = run(capsys, "demo", "--machine", "x86", "--kernel-config", config)
+    assert rc == 0, out + err
+    assert "OK" in out and "after exit, 0 pages pinned" in out
+
+
+def test_kernel_config_shows_in_the_topology(capsys):
+    rc, out, _ = run(capsys, "topology", "--machine", "x86", "--kernel-config", "IOMMUFD,VFIO_DEVICE_CDEV")
+    assert rc == 0
+    assert "kernel config: CONFIG_VFIO_GROUP=y, CONFIG_VFIO_CONTAINER=y, CONFIG_IOMMUFD=y, " \
+           "CONFIG_VFIO_DEVICE_CDEV=y, # CONFIG_IOMMUFD_VFIO_CONTAINER is not set" in out
+    assert "nodes: /dev/iommu, /dev/vfio/vfio, /dev/vfio/devices/" in out
+    assert "vfio0: 0000:01:00.0, group 4, cdev /dev/vfio/devices/vfio0" in out
+    rc, out, _ = run(capsys, "topology", "--machine", "x86")             # Debian's: no iommufd, no cdev
+    assert "# CONFIG_IOMMUFD is not set" in out and "nodes: /dev/vfio/vfio\n" in out
+    assert "vfio0: 0000:01:00.0, group 4, cdev none" in out
+    rc, out, err = run(capsys, "topology", "--machine", "pseries", "--kernel-config", "iommufd")
+    assert rc == 2 and "no device cdev on POWER" in err
+    rc, out, err = run(capsys, "topology", "--kernel-config", "IOMMUFD=maybe")
+    assert rc == 2 and "IOMMUFD is a bool option" in err
+
+
+def test_topology_shows_iommufd_contexts():
+    import iommufdutil
+    m = vfiosim.Machine.preset("x86", kernel_config="iommufd")
+    p = m.spawn()
+    fd, ioas, dfd, devid = iommufdutil.cdev_setup(p)
+    iommufdutil.attach(p, dfd, ioas)
+    buf = p.mmap(1 << 16)
+    iommufdutil.ioas_map(p, fd, ioas, buf, 1 << 16, 0x100000)
+    topo = m.topology()
+    (ctx,) = topo["iommufd"]
+    assert ctx["path"] == "/dev/iommu" and ctx["fds"] == [{"pid": p.pid, "fd": fd}]
+    assert ctx["account_mode"] == "user"           # (root's pages are not charged: CAP_IPC_LOCK)
+    assert [(o["id"], o["type"]) for o in ctx["objects"]] == [(1, "ioas"), (2, "device"), (3, "hwpt_paging")]
+    assert ctx["objects"][0]["areas"] == [{"iova": 0x100000, "length": 1 << 16, "prot": 7, "user_va": buf,
+                                          "pinned": True}]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        from vfiosim import cli
+        cli._print_iommufd(topo)
+    assert f"iommufd /dev/iommu (pid {p.pid} fd {fd}): accounting user" in out.getvalue()
+    assert f"IOVA 0x100000+0x10000 <- {buf:#x}, pinned" in out.getvalue()
+
+
 def test_topology_json_matches_machine_topology(capsys):
     rc, out, _ = run(capsys, "topology", "--json", "--machine", "pseries", "--page-size", "65536")
     assert rc == 0

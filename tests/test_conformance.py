@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 import vfiosim
-from vfiosim.qemu.record import PLATFORMS, conformance, default_traces_dir, record_platform, traces_in
+from vfiosim.qemu.record import PLATFORMS, conformance, record_platform, traces_in
 from vfiosim.qemu import QemuDemoUnavailable
 from vfiosim.tracing import open_trace
 from vfiosim.tracing.replay import replay
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = default_traces_dir()
+DATA = ROOT / "tests" / "data" / "conformance"          # this checkout's, whether vfiosim is installed or not
 
 
 @pytest.fixture(scope="module")

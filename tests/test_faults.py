@@ -38,7 +38,9 @@ import vfiosim
 from vfiosim import uapi
 from vfiosim.kernel import faults as F
 from machinestate import diff, snapshot
-from vfioutil import dma_map, dma_unmap
+import iommufdutil as iu_util
+from vfiosim.uapi import iommufd as iu
+from vfioutil import dma_map, dma_unmap, open_device
 
 KiB, MiB = 1 << 10, 1 << 20
 SPAPR_DMA64 = 0x800000000000000          # the pseries 64-bit window address (QEMU)
@@ -147,6 +149,67 @@ def x86_groups_ready(mappings=0):
             dma_map(p, c, ctx.buf + i * MiB, 0x10000000 + i * MiB, 256 * KiB)
         return ctx
     return setup
+
+
+def iommufd_setup(attached=True, mappings=0, compat=False, huge_pages=True, type1=uapi.VFIO_TYPE1v2_IOMMU):
+    """iommufd on x86 (iommufdutil.machine()): an IOAS with vfio0 bound and
+    (``attached``) attached through its cdev, ``mappings`` mappings in it; or
+    (``compat``) /dev/vfio/vfio served by iommufd with group 1 in it, Type1v2."""
+    def setup() -> Ctx:
+        m = iu_util.machine(config='["IOMMUFD", "VFIO_DEVICE_CDEV", "IOMMUFD_VFIO_CONTAINER"]')
+        p = m.spawn(uid=1000, gid=1000, rlimit_memlock=(64 * MiB, 64 * MiB))
+        ctx = Ctx(m, p, buf=mkbuf(p, 8 * MiB))
+        if compat:
+            ctx.c, ctx.g = open_groups(p, [1], type1)
+            # the device joins the compat IOAS when it is opened (vfio_df_group_open())
+            ctx.extra["dev"] = open_device(p, ctx.g[0], "0000:01:00.0")
+            for i in range(mappings):
+                dma_map(p, ctx.c, ctx.buf + i * MiB, 0x10000000 + i * MiB, 256 * KiB)
+            return ctx
+        ctx.c, ioas, dfd, devid = iu_util.cdev_setup(p)
+        ctx.extra.update(ioas=ioas, dfd=dfd, devid=devid)
+        if not huge_pages:
+            iu_util.option(p, ctx.c, iu.IOMMU_OPTION_HUGE_PAGES, iu.IOMMU_OPTION_OP_SET, 0, ioas)
+        if attached:
+            iu_util.attach(p, dfd, ioas)
+        for i in range(mappings):
+            iu_util.ioas_map(p, ctx.c, ioas, ctx.buf + i * MiB, 256 * KiB, 0x10000000 + i * MiB)
+        return ctx
+    return setup
+
+
+def iommufd_pin_expect(call_pages=8192):
+    """Each area is pinned by its own pfn_reader, in pin_user_pages_fast()
+    calls of up to 8192 pages (``call_pages``: the pages of one call here)."""
+    def expect(site: str, n: int, ctx: Ctx, count: int) -> tuple[int, int]:
+        if site == "pin_user_pages:pfn_reader_user_pin" and (n - 1) % call_pages:
+            return 0, 0                       # a short pin: the next pin_user_pages_fast() call pins the rest
+        return -1, errno_of(site)
+    return expect
+
+
+def compat_cut_leaks(before: dict, site: str, ctx: Ctx) -> None:
+    """iommufd_vfio_unmap_dma() cuts at the end of the range first, then at
+    its start: when the second iopt_area_split() fails the first cut stays
+    (two areas where there was one, mapping the same pages)."""
+    if ctx.m.faults.count("kmalloc:iopt_area_split") == 2:
+        (_pid, _fd, desc, _reserved), = before["iommufd"]
+        ioas = next(o for o in desc["objects"] if o["type"] == "ioas")
+        area = ioas["areas"][0]
+        cut = 0x10000000 + 128 * KiB - area["iova"]
+        ioas["areas"][0:1] = [dict(area, length=cut),
+                              dict(area, iova=area["iova"] + cut, length=area["length"] - cut,
+                                   user_va=area["user_va"] + cut)]
+
+
+def iommufd_map_op(x: Ctx) -> int:
+    iu_util.ioas_map(x.p, x.c, x.extra["ioas"], x.buf + 2 * MiB, 520 * 4 * KiB, 0x40000000)
+    return 0
+
+
+def iommufd_hwpt_alloc_op(x: Ctx) -> int:
+    x.extra["hwpt"] = iu_util.hwpt_alloc(x.p, x.c, x.extra["devid"], x.extra["ioas"])
+    return 0
 
 
 def seed_setup(iommu=True, mapped=False):
@@ -376,6 +439,27 @@ WALKS = [
          ("kmalloc", "pin_user_pages", "account_locked_vm", "iommu_map"), expect=type1_pin_expect,
          undo=lambda x: dma_unmap(x.p, x.c, 0x40000000, 520 * 4 * KiB)),
     Walk("Type1 DIRTY_PAGES start", x86_groups_ready(mappings=3), lambda x: dirty_start(x.p, x.c), ("kmalloc",)),
+    Walk("iommufd IOAS_ALLOC", iommufd_setup(attached=False),
+         lambda x: iu_util.ioas_alloc(x.p, x.c) and 0, ("kmalloc",)),
+    Walk("iommufd IOAS_MAP into an attached HWPT", iommufd_setup(mappings=1), iommufd_map_op,
+         ("kmalloc", "pin_user_pages", "account_locked_vm", "iommu_map"), expect=iommufd_pin_expect(),
+         undo=lambda x: iu_util.ioas_unmap(x.p, x.c, x.extra["ioas"], 0x40000000, 520 * 4 * KiB)),
+    Walk("iommufd IOAS_MAP with no domain (nothing pinned)", iommufd_setup(attached=False), iommufd_map_op,
+         ("kmalloc",), undo=lambda x: iu_util.ioas_unmap(x.p, x.c, x.extra["ioas"], 0x40000000, 520 * 4 * KiB)),
+    Walk("iommufd ATTACH_IOMMUFD_PT filling the auto domain", iommufd_setup(attached=False, mappings=3),
+         lambda x: iu_util.attach(x.p, x.extra["dfd"], x.extra["ioas"]) and 0,
+         ("kmalloc", "pin_user_pages", "account_locked_vm", "iommu_map"), expect=iommufd_pin_expect(64),
+         undo=lambda x: iu_util.detach(x.p, x.extra["dfd"])),
+    Walk("iommufd HWPT_ALLOC filled from the IOAS", iommufd_setup(attached=False, mappings=2), iommufd_hwpt_alloc_op,
+         ("kmalloc", "pin_user_pages", "account_locked_vm", "iommu_map"), expect=iommufd_pin_expect(64),
+         undo=lambda x: iu_util.destroy(x.p, x.c, x.extra["hwpt"])),
+    Walk("iommufd compat Type1 (v1) UNMAP_DMA inside a mapping", iommufd_setup(compat=True, mappings=1,
+                                                                                type1=uapi.VFIO_TYPE1_IOMMU),
+         lambda x: dma_unmap(x.p, x.c, 0x10000000 + 64 * KiB, 64 * KiB), ("kmalloc",), leak=compat_cut_leaks),
+    Walk("iommufd compat Type1 MAP_DMA", iommufd_setup(compat=True, mappings=1),
+         lambda x: dma_map(x.p, x.c, x.buf + 2 * MiB, 0x40000000, 520 * 4 * KiB),
+         ("kmalloc", "pin_user_pages", "account_locked_vm", "iommu_map"), expect=iommufd_pin_expect(),
+         undo=lambda x: dma_unmap(x.p, x.c, 0x40000000, 520 * 4 * KiB)),
 ]
 
 

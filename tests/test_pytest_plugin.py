@@ -132,3 +132,65 @@ def test_the_entry_point_is_declared():
 @pytest.mark.vfio_machine("pseries")
 def test_this_suite_has_the_plugin(vfio_machine, vfio_process):
     assert vfio_machine.platform == "pseries" and vfio_process.machine is vfio_machine
+
+
+def test_a_test_runs_in_every_iommu_mode(pytester):
+    pytester.makepyfile("""
+        import numpy as np
+        import pytest
+        from vfiosim import client
+
+        seen = {}
+
+        def test_edu_dma(vfio_iommu_mode, vfio_machine, vfio_process):
+            with client.open_device("1234:11e8") as dev:
+                c = dev.container
+                seen[vfio_iommu_mode.name] = (c.iommufd, client.iommu_name(c.iommu_type),
+                                              vfio_machine.kernel.dev_nodes.get("/dev/iommu") is not None,
+                                              dev.cdev)
+                bar = dev.bar(0)
+                dev.enable_bus_master()
+                src = c.dma_alloc(4096, max_iova=(1 << 28) - 1)
+                dst = c.dma_alloc(4096, max_iova=(1 << 28) - 1)
+                src.array()[:] = np.arange(4096) % 251
+                for reg, value in ((0x80, src.iova), (0x88, 0x40000), (0x90, 4096), (0x98, 1),
+                                   (0x80, 0x40000), (0x88, dst.iova), (0x90, 4096), (0x98, 3)):
+                    bar.write64(reg, value)
+                assert np.array_equal(dst.array(), src.array())
+            assert vfio_machine.pinned_pages() == 0
+
+        @pytest.mark.vfio_iommu_modes("type1v2", "iommufd")
+        def test_some(vfio_iommu_mode):
+            seen.setdefault("some", []).append(vfio_iommu_mode.name)
+
+        def test_after():
+            assert seen["type1"] == (False, "type1", False, None)
+            assert seen["type1v2"] == (False, "type1v2", False, None)
+            assert seen["iommufd_compat_type1"] == (False, "type1", True, None)
+            assert seen["iommufd_compat_type1v2"] == (False, "type1v2", True, None)
+            assert seen["iommufd"] == (True, "iommufd", True, "/dev/vfio/devices/vfio0")
+            assert seen["some"] == ["type1v2", "iommufd"]
+            assert client.default_iommu() is None             # restored after each test
+    """)
+    result = pytester.runpytest(*PLUGIN, "-v")
+    result.assert_outcomes(passed=8)
+    result.stdout.fnmatch_lines(["*test_edu_dma?iommufd_compat_type1v2? PASSED*"])
+    # The option narrows every test's modes.
+    only = pytester.runpytest(*PLUGIN, "--vfio-iommu-mode=iommufd", "-k", "test_some or test_edu")
+    only.assert_outcomes(passed=2)
+    bad = pytester.runpytest(*PLUGIN, "--vfio-iommu-mode=type3")
+    assert bad.ret != 0 and "unknown IOMMU mode 'type3'" in str(bad.stderr) + str(bad.stdout)
+
+
+def test_iommu_modes_need_an_x86_machine(pytester):
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.vfio_machine("powernv")
+        @pytest.mark.vfio_iommu_modes("iommufd")
+        def test_it(vfio_iommu_mode, vfio_machine):
+            pass
+    """)
+    result = pytester.runpytest(*PLUGIN, "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*IOMMU mode iommufd needs an x86 machine: VFIO_DEVICE_CDEV depends on*"])

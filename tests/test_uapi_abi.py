@@ -1,19 +1,23 @@
-"""Check vfiosim.uapi.vfio against the system's <linux/vfio.h>.
+"""Check vfiosim.uapi (vfio.py, iommufd.py) against Linux 6.12's headers.
 
 The ctypes declarations are only trustworthy if they are compared with what a
-C compiler makes of the real header, so this module:
+C compiler makes of the real headers, so this module:
 
 1. generates a C program *from the Python registries* (STRUCTS, IOCTLS,
    CONSTANTS, ...) that prints sizeof/_Alignof/offsetof/member sizes and
    signedness, every ioctl number and every constant, compiles it with gcc
-   against /usr/include/linux/vfio.h, runs it and compares each number with
-   the Python value;
+   against <linux/vfio.h> and <linux/iommufd.h> as Debian's linux-libc-dev
+   6.12 ships them (tests/uapi_headers.py finds, caches or downloads them),
+   runs it and compares each number with the Python value;
 2. parses the header text itself and asserts that every struct (with every
    member, in order), every #define and every enum constant is declared in
    Python, so the registries cannot silently miss something.
 
 gcc is a stated requirement of the project: without it these tests fail
-rather than skip, because a skipped ABI check looks like a passing one.
+rather than skip, because a skipped ABI check looks like a passing one.  The
+6.12 headers are skipped for, with the reason, only when they cannot be had
+(no network and nothing cached): the host's own linux-libc-dev is 6.1, which
+has no iommufd.h.
 """
 
 from __future__ import annotations
@@ -29,20 +33,44 @@ from pathlib import Path
 
 import pytest
 
-from vfiosim.uapi import ioctl, vfio
+from types import ModuleType
 
-VFIO_HEADER = Path("/usr/include/linux/vfio.h")
-# vfio.h only names the s390 zPCI capability ids; their layouts live here and
-# are declared in vfio.py as well.
-ZDEV_HEADER = Path("/usr/include/linux/vfio_zdev.h")
-HEADERS = (VFIO_HEADER, ZDEV_HEADER)
+from uapi_headers import Headers, HeadersUnavailable, find_headers
+from vfiosim.uapi import iommufd, ioctl, vfio
 
-# The only macros allowed to have no Python counterpart: include guards carry
-# no ABI.  (String macros are not excluded; they are checked as strings.)
-EXCLUDED_MACROS = {
-    "VFIO_H",  # include guard of linux/vfio.h
-    "_VFIO_ZDEV_H_",  # include guard of linux/vfio_zdev.h
-}
+
+@dataclass(frozen=True)
+class Uapi:
+    """One Python uAPI module and the headers it declares."""
+
+    module: ModuleType
+    headers: tuple[str, ...]          # under <linux/>
+    guards: frozenset[str]            # include guards: the only macros with no Python counterpart
+    nr_base: str | None = None        # a base the ioctl numbers are offsets from (VFIO_BASE)
+    min_structs: int = 1
+    min_defines: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.module.__name__.rsplit(".", 1)[-1]
+
+
+UAPIS = (
+    # vfio.h only names the s390 zPCI capability ids; their layouts live in
+    # vfio_zdev.h and are declared in vfio.py as well.
+    Uapi(vfio, ("vfio.h", "vfio_zdev.h"), frozenset({"VFIO_H", "_VFIO_ZDEV_H_"}), "VFIO_BASE",
+         min_structs=40, min_defines=150),
+    Uapi(iommufd, ("iommufd.h",), frozenset({"_IOMMUFD_H"}), min_structs=20, min_defines=5),
+)
+UAPI_IDS = [u.name for u in UAPIS]
+
+
+@pytest.fixture(scope="module")
+def headers() -> Headers:
+    try:
+        return find_headers()
+    except HeadersUnavailable as exc:
+        pytest.skip(f"Linux 6.12 uAPI headers unavailable: {exc}")
 
 # Arguments fed to the function-like macros (VFIO_DEVICE_STATE_VALID & co.):
 # all combinations of the three v1 state bits plus some high-bit noise.
@@ -105,7 +133,7 @@ def _members(cls: type, prefix: str = "", base: int = 0) -> Iterator[Member]:
 
 def _struct_probes() -> list[Probe]:
     probes: list[Probe] = []
-    for c_name, cls in vfio.STRUCTS.items():
+    for c_name, cls in ((n, c) for u in UAPIS for n, c in u.module.STRUCTS.items()):
         c_type = _c_type_name(cls)
         assert c_name == cls.__name__, f"STRUCTS key {c_name!r} names class {cls.__name__}"
         probes.append(Probe(f"{c_type}: sizeof", f"sizeof({c_type})", ctypes.sizeof(cls)))
@@ -155,11 +183,13 @@ def _struct_probes() -> list[Probe]:
 
 def _ioctl_probes() -> list[Probe]:
     probes = []
-    for name, cmd in vfio.IOCTLS.items():
-        probes.append(Probe(name, name, cmd))
-        probes.append(
-            Probe(f"{name}: offset from VFIO_BASE", f"_IOC_NR({name}) - VFIO_BASE", vfio.IOCTL_BASE_OFFSETS[name])
-        )
+    for u in UAPIS:
+        for name, cmd in u.module.IOCTLS.items():
+            probes.append(Probe(name, name, cmd))
+            if u.nr_base is not None:
+                base = getattr(u.module, u.nr_base)
+                probes.append(Probe(f"{name}: offset from {u.nr_base}", f"_IOC_NR({name}) - {u.nr_base}",
+                                    ioctl._IOC_NR(cmd) - base))
     return probes
 
 
@@ -169,7 +199,7 @@ def _constant_probes() -> dict[str, tuple[Probe, Probe]]:
     # bit patterns at the C type's width: print the width and the value
     # masked to it.
     probes = {}
-    for name, value in vfio.CONSTANTS.items():
+    for name, value in ((n, v) for u in UAPIS for n, v in u.module.CONSTANTS.items()):
         width = Probe(f"{name}: sizeof", f"sizeof({name})", None)
         masked = Probe(name, f"(unsigned long long)({name}) & (~0ULL >> (64 - 8 * sizeof({name})))", value)
         probes[name] = (width, masked)
@@ -177,18 +207,23 @@ def _constant_probes() -> dict[str, tuple[Probe, Probe]]:
 
 
 def _string_probes() -> list[Probe]:
-    return [Probe(name, name, value, is_string=True) for name, value in vfio.STRING_CONSTANTS.items()]
+    return [Probe(name, name, value, is_string=True)
+            for u in UAPIS for name, value in u.module.STRING_CONSTANTS.items()]
 
 
-def _macro_function_probes() -> list[Probe]:
+def _macro_function_probes(headers: Headers) -> list[Probe]:
     probes = []
-    for name, params in sorted(_header_function_macros().items()):
-        assert len(params) == 1, f"{name}{params}: extend MACRO_FUNCTION_ARGS handling for multi-argument macros"
-        function = getattr(vfio, name)
-        for arg in MACRO_FUNCTION_ARGS:
-            # Pass a __u32, as the callers (device_state fields) do.
-            probes.append(Probe(f"{name}({arg:#x})", f"{name}((__u32){arg:#x}U)", int(function(arg))))
+    for u in UAPIS:
+        for name, params in sorted(_header_function_macros(headers, u).items()):
+            probes += _function_probes(u, name, params)
     return probes
+
+
+def _function_probes(u: Uapi, name: str, params: list[str]) -> list[Probe]:
+    assert len(params) == 1, f"{name}{params}: extend MACRO_FUNCTION_ARGS handling for multi-argument macros"
+    function = getattr(u.module, name)
+    # Pass a __u32, as the callers (device_state fields) do.
+    return [Probe(f"{name}({arg:#x})", f"{name}((__u32){arg:#x}U)", int(function(arg))) for arg in MACRO_FUNCTION_ARGS]
 
 
 def _host_encoding_probes() -> list[Probe]:
@@ -254,7 +289,7 @@ def _c_program(probes: list[Probe]) -> str:
         "#include <stddef.h>",
         "#include <stdio.h>",
         "#include <linux/ioctl.h>",
-        *(f"#include <linux/{header.name}>" for header in HEADERS),
+        *(f"#include <linux/{header}>" for u in UAPIS for header in u.headers),
         "",
         "int main(void)",
         "{",
@@ -269,31 +304,28 @@ def _c_program(probes: list[Probe]) -> str:
 
 
 @pytest.fixture(scope="module")
-def abi(tmp_path_factory: pytest.TempPathFactory) -> AbiProbes:
+def abi(tmp_path_factory: pytest.TempPathFactory, headers: Headers) -> AbiProbes:
     gcc = shutil.which("gcc")
     if gcc is None:
         pytest.fail("gcc not found on PATH: gcc is required to check the VFIO ABI against <linux/vfio.h>")
-    for header in HEADERS:
-        if not header.is_file():
-            pytest.fail(f"{header} not found: install the kernel uapi headers (linux-libc-dev)")
 
     probes = AbiProbes(
         structs=_struct_probes(),
         ioctls=_ioctl_probes(),
         constants=_constant_probes(),
         strings=_string_probes(),
-        macro_functions=_macro_function_probes(),
+        macro_functions=_macro_function_probes(headers),
         host_encoding=_host_encoding_probes(),
     )
     every_probe = probes.all()
 
     workdir = tmp_path_factory.mktemp("uapi_abi")
-    source, binary = workdir / "vfio_abi.c", workdir / "vfio_abi"
+    source, binary = workdir / "uapi_abi.c", workdir / "uapi_abi"
     source.write_text(_c_program(every_probe))
     compiled = subprocess.run(
-        [gcc, "-std=gnu11", "-Wall", "-o", str(binary), str(source)], capture_output=True, text=True
+        [gcc, "-std=gnu11", "-Wall", *headers.cflags(), "-o", str(binary), str(source)], capture_output=True, text=True
     )
-    assert compiled.returncode == 0, f"gcc failed on generated {source}:\n{compiled.stderr}"
+    assert compiled.returncode == 0, f"gcc failed on generated {source} ({headers.origin}):\n{compiled.stderr}"
     ran = subprocess.run([str(binary)], capture_output=True, text=True, check=True)
 
     for line in ran.stdout.splitlines():
@@ -337,7 +369,7 @@ def test_constants_match_c(abi: AbiProbes) -> None:
     wrong = []
     for name, (width_probe, value_probe) in abi.constants.items():
         bits = 8 * int(width_probe.actual)
-        value = vfio.CONSTANTS[name]
+        value = next(u.module.CONSTANTS[name] for u in UAPIS if name in u.module.CONSTANTS)
         if not -(1 << (bits - 1)) <= value < (1 << bits):
             wrong.append(f"{name}: Python value {value:#x} does not fit the C type ({bits} bits)")
         elif value & ((1 << bits) - 1) != int(value_probe.actual):
@@ -365,40 +397,44 @@ def test_host_ioctl_encoding_matches_c(abi: AbiProbes) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _header_text(header: Path) -> str:
-    text = header.read_text()
+def _header_text(path: Path) -> str:
+    text = path.read_text()
     text = re.sub(r"/\*.*?\*/", " ", text, flags=re.DOTALL)
     text = re.sub(r"//[^\n]*", " ", text)
     return text.replace("\\\n", " ")
 
 
+def _texts(headers: Headers, u: Uapi) -> list[str]:
+    return [_header_text(headers.include / "linux" / name) for name in u.headers]
+
+
 _DEFINE = re.compile(r"^[ \t]*#[ \t]*define[ \t]+(\w+)(\([^)]*\))?(.*)$", re.MULTILINE)
 
 
-def _header_defines() -> dict[str, str]:
+def _header_defines(headers: Headers, u: Uapi) -> dict[str, str]:
     """Object-like macros: name -> replacement text."""
     return {
         name: value.strip()
-        for header in HEADERS
-        for name, params, value in _DEFINE.findall(_header_text(header))
+        for text in _texts(headers, u)
+        for name, params, value in _DEFINE.findall(text)
         if not params
     }
 
 
-def _header_function_macros() -> dict[str, list[str]]:
+def _header_function_macros(headers: Headers, u: Uapi) -> dict[str, list[str]]:
     """Function-like macros: name -> parameter names."""
     return {
         name: [p.strip() for p in params.strip("()").split(",")]
-        for header in HEADERS
-        for name, params, _ in _DEFINE.findall(_header_text(header))
+        for text in _texts(headers, u)
+        for name, params, _ in _DEFINE.findall(text)
         if params
     }
 
 
-def _header_enumerators() -> list[str]:
+def _header_enumerators(headers: Headers, u: Uapi) -> list[str]:
     names = []
-    for header in HEADERS:
-        for body in re.findall(r"\benum\b\s*\w*\s*\{(.*?)\}", _header_text(header), flags=re.DOTALL):
+    for text in _texts(headers, u):
+        for body in re.findall(r"\benum\b\s*\w*\s*\{(.*?)\}", text, flags=re.DOTALL):
             names += [m.group(1) for item in body.split(",") if (m := re.match(r"\s*(\w+)", item))]
     return names
 
@@ -434,11 +470,10 @@ def _split_members(body: str) -> list[str]:
     return names
 
 
-def _header_structs() -> dict[str, list[str]]:
+def _header_structs(headers: Headers, u: Uapi) -> dict[str, list[str]]:
     """Struct name -> C-visible member names, for every struct definition."""
     structs = {}
-    for header in HEADERS:
-        text = _header_text(header)
+    for text in _texts(headers, u):
         for match in re.finditer(r"\bstruct\s+(\w+)\s*\{", text):
             depth, end = 1, match.end()
             while depth:
@@ -448,57 +483,62 @@ def _header_structs() -> dict[str, list[str]]:
     return structs
 
 
-def test_every_header_struct_is_declared_with_all_members() -> None:
-    header_structs = _header_structs()
-    assert len(header_structs) > 40, "header parsing found suspiciously few structs"
-    missing = sorted(set(header_structs) - set(vfio.STRUCTS))
-    assert not missing, f"structs in the header but not in vfio.STRUCTS: {missing}"
-    extra = sorted(set(vfio.STRUCTS) - set(header_structs))
-    assert not extra, f"vfio.STRUCTS entries with no struct in the header: {extra}"
+@pytest.mark.parametrize("u", UAPIS, ids=UAPI_IDS)
+def test_every_header_struct_is_declared_with_all_members(headers: Headers, u: Uapi) -> None:
+    header_structs = _header_structs(headers, u)
+    assert len(header_structs) >= u.min_structs, "header parsing found suspiciously few structs"
+    missing = sorted(set(header_structs) - set(u.module.STRUCTS))
+    assert not missing, f"structs in the header but not in {u.name}.STRUCTS: {missing}"
+    extra = sorted(set(u.module.STRUCTS) - set(header_structs))
+    assert not extra, f"{u.name}.STRUCTS entries with no struct in the header: {extra}"
 
     wrong = []
     for name, c_members in header_structs.items():
         # Top-level C-visible names only (no dots): nested structs are
         # checked as structs of their own.
-        py_members = [m.c_path for m in _members(vfio.STRUCTS[name]) if "." not in m.c_path]
+        py_members = [m.c_path for m in _members(u.module.STRUCTS[name]) if "." not in m.c_path]
         if py_members != c_members:
             wrong.append(f"struct {name}: header has {c_members}, Python has {py_members}")
     assert not wrong, "struct member lists differ:\n" + "\n".join(wrong)
 
 
-def test_every_header_define_is_declared() -> None:
-    defines = _header_defines()
-    assert len(defines) > 150, "header parsing found suspiciously few #defines"
+@pytest.mark.parametrize("u", UAPIS, ids=UAPI_IDS)
+def test_every_header_define_is_declared(headers: Headers, u: Uapi) -> None:
+    defines = _header_defines(headers, u)
+    assert len(defines) >= u.min_defines, "header parsing found suspiciously few #defines"
+    m = u.module
     wrong = []
     for name, value in defines.items():
-        if name in EXCLUDED_MACROS:
+        if name in u.guards:
             continue
         if value.startswith('"'):
-            if name not in vfio.STRING_CONSTANTS:
-                wrong.append(f"{name}: string macro missing from vfio.STRING_CONSTANTS")
+            if name not in m.STRING_CONSTANTS:
+                wrong.append(f"{name}: string macro missing from {u.name}.STRING_CONSTANTS")
         elif value.startswith("_IO"):
-            if name not in vfio.IOCTLS:
-                wrong.append(f"{name}: ioctl missing from vfio.IOCTLS")
+            if name not in m.IOCTLS:
+                wrong.append(f"{name}: ioctl missing from {u.name}.IOCTLS")
         elif not value:
-            wrong.append(f"{name}: empty macro; if it is an include guard add it to EXCLUDED_MACROS")
-        elif name not in vfio.CONSTANTS:
-            wrong.append(f"{name} = {value}: integer macro missing from vfio.CONSTANTS")
-    for name in _header_enumerators():
-        if name not in vfio.CONSTANTS:
-            wrong.append(f"{name}: enum constant missing from vfio.CONSTANTS")
-    for name in _header_function_macros():
-        if not callable(getattr(vfio, name, None)):
+            wrong.append(f"{name}: empty macro; if it is an include guard add it to the Uapi's guards")
+        elif name not in m.CONSTANTS:
+            wrong.append(f"{name} = {value}: integer macro missing from {u.name}.CONSTANTS")
+    for name in _header_enumerators(headers, u):
+        if name not in m.CONSTANTS:
+            wrong.append(f"{name}: enum constant missing from {u.name}.CONSTANTS")
+    for name in _header_function_macros(headers, u):
+        if not callable(getattr(m, name, None)):
             wrong.append(f"{name}: function-like macro has no Python function")
-    assert not wrong, "header definitions not declared in vfio.py:\n" + "\n".join(wrong)
+    assert not wrong, f"header definitions not declared in {u.name}.py:\n" + "\n".join(wrong)
 
 
-def test_registries_hold_nothing_unknown_to_the_header() -> None:
-    # The reverse direction: a typo'd or invented name in vfio.py would
-    # otherwise only surface as a C compile error.
-    known = set(_header_defines()) | set(_header_enumerators())
-    invented = sorted((set(vfio.CONSTANTS) | set(vfio.IOCTLS) | set(vfio.STRING_CONSTANTS)) - known)
-    assert not invented, f"names declared in vfio.py that the header does not define: {invented}"
-    assert not set(vfio.IOCTLS) & set(vfio.CONSTANTS), "an ioctl is also listed as a plain constant"
+@pytest.mark.parametrize("u", UAPIS, ids=UAPI_IDS)
+def test_registries_hold_nothing_unknown_to_the_header(headers: Headers, u: Uapi) -> None:
+    # The reverse direction: a typo'd or invented name would otherwise only
+    # surface as a C compile error.
+    m = u.module
+    known = set(_header_defines(headers, u)) | set(_header_enumerators(headers, u))
+    invented = sorted((set(m.CONSTANTS) | set(m.IOCTLS) | set(m.STRING_CONSTANTS)) - known)
+    assert not invented, f"names declared in {u.name}.py that the header does not define: {invented}"
+    assert not set(m.IOCTLS) & set(m.CONSTANTS), "an ioctl is also listed as a plain constant"
 
 
 # ---------------------------------------------------------------------------
@@ -561,7 +601,13 @@ def test_shared_ioctl_numbers() -> None:
     assert vfio.ioctl_name(vfio.VFIO_IOMMU_GET_INFO) == (
         "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO/VFIO_IOMMU_GET_INFO/VFIO_IOMMU_SPAPR_TCE_GET_INFO"
     )
-    assert vfio.ioctl_name(vfio.VFIO_EEH_PE_OP) == "VFIO_EEH_PE_OP"
+    # 6.12 gave base+21 to the migration data fd's VFIO_MIG_GET_PRECOPY_INFO too.
+    assert vfio.ioctl_name(vfio.VFIO_EEH_PE_OP) == "VFIO_MIG_GET_PRECOPY_INFO/VFIO_EEH_PE_OP"
+    assert vfio.ioctl_name_for(vfio.VFIO_EEH_PE_OP, "vfio-container") == "VFIO_EEH_PE_OP"
+    # ... and base+18..20 to the device cdev's iommufd ioctls, sPAPR's on a container.
+    assert vfio.ioctl_name_for(vfio.VFIO_DEVICE_BIND_IOMMUFD, "vfio-device") == "VFIO_DEVICE_BIND_IOMMUFD"
+    assert vfio.ioctl_name_for(vfio.VFIO_DEVICE_BIND_IOMMUFD, "vfio-container") == \
+        "VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY"
     assert vfio.ioctl_name(0xDEADBEEF) is None
 
 
@@ -579,3 +625,13 @@ def test_offsetofend_and_anonymous_members() -> None:
     plane = vfio.vfio_device_gfx_plane_info()
     plane.dmabuf_id = 7
     assert plane.region_index == 7  # same storage: it is a union
+
+
+def test_iommufd_numbers_do_not_collide_with_vfio() -> None:
+    # /dev/vfio/vfio served by iommufd (IOMMUFD_VFIO_CONTAINER) dispatches on
+    # _IOC_NR: 0x80.. is iommufd's, VFIO_BASE + n below it is VFIO's.
+    assert iommufd.IOMMU_DESTROY == ioctl._IO(";", 0x80)
+    assert set(iommufd.IOCTLS.values()).isdisjoint(vfio.IOCTLS.values())
+    assert max(ioctl._IOC_NR(c) for c in vfio.IOCTLS.values()) < iommufd.IOMMUFD_CMD_BASE
+    assert iommufd.ioctl_name(iommufd.IOMMU_IOAS_MAP) == "IOMMU_IOAS_MAP"
+    assert vfio.minsz(iommufd.iommu_hw_info, "__reserved") == 32

@@ -23,6 +23,11 @@ def _machine_args(ap: argparse.ArgumentParser) -> None:
                     help=f"kernel behaviour to simulate (default: ${KERNEL_ENV}, else 6.12; 3.10 is the seed patch)")
     ap.add_argument("--page-size", type=int, choices=PAGE_SIZES,
                     help=f"the host kernel's PAGE_SIZE (default: ${PAGE_SIZE_ENV}, else 4096)")
+    ap.add_argument("--kernel-config", metavar="OPTIONS", default=None,
+                    help="kernel options that differ from Debian's 6.12 build (which has no iommufd): 'iommufd' "
+                         "(IOMMUFD, VFIO_DEVICE_CDEV), 'iommufd-compat' (and IOMMUFD_VFIO_CONTAINER), or a "
+                         "comma-separated list such as IOMMUFD,VFIO_DEVICE_CDEV,VFIO_CONTAINER=n; added to the "
+                         "machine file's [kernel] config")
     ap.add_argument("--device-module", metavar="MODULE", action="append", default=[],
                     help="import MODULE (a dotted name, or a .py file) first: it registers device models "
                          "with vfiosim.devices.register_model (repeatable)")
@@ -60,7 +65,8 @@ def _load(args: argparse.Namespace) -> Machine:
     for spec in args.device_module:
         _import_device_module(spec)
     try:
-        return Machine.load(args.machine, page_size=args.page_size, kernel=args.kernel)
+        return Machine.load(args.machine, page_size=args.page_size, kernel=args.kernel,
+                            kernel_config=getattr(args, "kernel_config", None))
     except ValueError as exc:
         if args.machine_from_env:               # say where the name came from
             exc.args = (f"${MACHINE_ENV}: {exc}",)
@@ -112,7 +118,12 @@ def cmd_topology(args: argparse.Namespace) -> int:
 def _print_topology(topo: dict[str, Any]) -> None:
     print(f"{topo['machine']}: {topo['description']}")
     print(f"platform {topo['platform']}, Linux {topo['kernel']} profile, {topo['page_size'] // 1024} KiB pages, "
-          f"EEH {'available' if topo['eeh'] else 'not available'}, IOMMU drivers: {', '.join(topo['iommu_drivers'])}")
+          f"EEH {'available' if topo['eeh'] else 'not available'}, IOMMU drivers: "
+          f"{', '.join(topo['iommu_drivers']) or 'none'}")
+    print("kernel config: " + ", ".join(topo["kernel_config"]))
+    nodes = [n for n in topo["dev_nodes"] if n in ("/dev/vfio/vfio", "/dev/iommu")]
+    print("nodes: " + (", ".join(nodes) or "none") + (", /dev/vfio/devices/" if any(
+        n.startswith("/dev/vfio/devices/") for n in topo["dev_nodes"]) else ""))
     last_phb = None
     for pe in topo["pes"]:
         phb = pe["phb"]
@@ -147,11 +158,31 @@ def _print_topology(topo: dict[str, Any]) -> None:
                 d["type"], f", paging domain #{d['id']}")
         print(f"  group {g['id']}: {node}, {'viable' if g['viable'] else 'not viable'}{domain}, "
               f"devices {', '.join(g['devices'])}")
+    if topo["vfio_devices"]:
+        print("\nVFIO devices (sysfs vfio-dev)")
+        for v in topo["vfio_devices"]:
+            print(f"  {v['name']}: {v['device']}, group {v['iommu_group']}, cdev {v['cdev'] or 'none'}")
+    _print_iommufd(topo)
     print("\nPCI devices")
     for d in topo["devices"]:
         bars = "".join(f", BAR{i} {_hex(b['address'])}+{b['size']:#x}" for i, b in d["bars"].items())
         print(f"  {d['bdf']} {d['vendor']:04x}:{d['device']:04x} class {d['class']:06x} ({d['model']}), driver "
               f"{d['driver'] or 'none'}, group {d['iommu_group']}{bars}, reset {d['reset'] or 'none'}")
+
+
+def _print_iommufd(topo: dict[str, Any]) -> None:
+    """Every open iommufd and its objects (an IOAS with its mappings)."""
+    for ctx in topo["iommufd"]:
+        users = ", ".join(f"pid {u['pid']} fd {u['fd']}" for u in ctx["fds"])
+        print(f"\niommufd {ctx['path']} ({users}): accounting {ctx['account_mode']}"
+              + (f", compat IOAS {ctx['vfio_ioas']}" if ctx["vfio_ioas"] is not None else ""))
+        for obj in ctx["objects"]:
+            detail = ", ".join(f"{k} {v}" for k, v in obj.items() if k not in ("id", "type", "areas", "iova_ranges",
+                                                                                 "allowed"))
+            print(f"  {obj['type']} {obj['id']}: {detail}")
+            for a in obj.get("areas", []):
+                print(f"    IOVA {a['iova']:#x}+{a['length']:#x} <- {_hex(a['user_va'])}"
+                      f"{', pinned' if a['pinned'] else ''}")
 
 
 def _sizes(bitmap: int) -> str:

@@ -3,18 +3,23 @@
 Three targets, each a function of one ``bytes`` input:
 
 ``ioctl``
-    A fresh machine (PowerNV 4 KiB / 64 KiB / 3.10, pseries, x86), one to
+    A fresh machine (PowerNV 4 KiB / 64 KiB / 3.10, pseries, x86; the 6.12
+    ones with Debian's kernel configuration or with iommufd: x86 with the
+    device cdev and the iommufd-served /dev/vfio/vfio, or with the cdev
+    only, POWER with IOMMUFD), one to
     four simulated processes, and a sequence of system calls decoded from
     the input: opens of every node (and of paths that are not nodes),
-    ioctls with every request number on every fd type (container, group,
-    device, eventfd, /dev/null) whose arguments are integers, pointers to
+    ioctls with every request number -- VFIO's and iommufd's -- on every fd
+    type (container, group, device and its cdev, /dev/iommu, eventfd,
+    /dev/null) whose arguments are integers, pointers to
     structures filled from the input (with plausible field values mixed
     in), raw bytes, or pointers into unmapped and read-only memory;
     pread/pwrite of device regions, edu DMA, mmap/munmap/mprotect/mlock,
     fork, exit, setrlimit, setuid, dup, BAR mmap and MMIO, and armed fault
     injection (kernel/faults.py).  Every call must return a value or raise
     ``OSError``; afterwards every process exits and the machine must be
-    back where it started (no pins, no tasks, every group free) with its
+    back where it started (no pins, no tasks, every group free, no user's
+    locked memory charged) with its
     invariants intact along the way (every TCE and VT-d extent points at a
     pinned page) and no internal error (``machine.oopses``).
 
@@ -133,6 +138,12 @@ def _check_errno(exc: OSError, what: str) -> None:
 
 CONFIGS = (("powernv", 4096, "6.12"), ("powernv", 65536, "6.12"), ("powernv", 4096, "3.10"),
            ("pseries", 4096, "6.12"), ("x86", 4096, "6.12"))
+# The kernel configuration, from the same first byte: half Debian's, half with
+# iommufd (x86: with the cdev and the compat container, or with the cdev; POWER
+# has no cdev: IOMMUFD alone).  The 3.10 profile predates iommufd.
+KCONFIGS = ((), (), ("IOMMUFD", "VFIO_DEVICE_CDEV", "IOMMUFD_VFIO_CONTAINER"), ("IOMMUFD", "VFIO_DEVICE_CDEV"))
+_IOMMUFD_IDS = ("ioas_id", "id", "pt_id", "dev_id", "hwpt_id", "object_id", "src_ioas_id", "dst_ioas_id", "fault_id",
+                "out_ioas_id", "out_hwpt_id", "out_devid", "out_fault_id", "out_fault_fd")
 MEMLOCKS = ((0, 0), (64 << 10, 64 << 10), (8 << 20, 8 << 20), (1 << 40, 1 << 40),
             (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
 BUF = 1 << 20               # each process's read-write buffer
@@ -156,13 +167,20 @@ class IoctlWorld:
         from .machine import Machine
         self.uapi = uapi
         self.d = d
-        plat, ps, kern = d.choice(CONFIGS)
-        self.m = Machine.preset(plat, page_size=ps, kernel=kern)
+        first = d.u8()
+        plat, ps, kern = CONFIGS[first % len(CONFIGS)]
+        kconfig: tuple[str, ...] = KCONFIGS[(first // len(CONFIGS)) % len(KCONFIGS)] if kern != "3.10" else ()
+        if plat != "x86" and kconfig:
+            kconfig = ("IOMMUFD",)
+        self.m = Machine.preset(plat, page_size=ps, kernel=kern, kernel_config=list(kconfig))
         k = self.m.kernel
         self.paths = sorted(k.dev_nodes) + ["/dev/vfio/99", "/dev/vfio", "/dev/vfio/", "/", "/dev/null", "",
                                             "/dev/vfio/../vfio/vfio", "/dev/vfio/0x0"]
         self.bdfs = sorted(k.devices) + ["0000:00:00.9", "", "x" * 300]
-        self.cmds = sorted(set(uapi.IOCTLS.values()))
+        from .uapi import iommufd as iu
+        self.iu = iu
+        self.cmds = sorted(set(uapi.IOCTLS.values()) | set(iu.IOCTLS.values()))
+        self.iommufd_cmds = sorted(iu.IOCTLS.values())
         self.templates = _templates(uapi)
         self.procs: list[_Proc] = []
         self.page = self.m.page_size
@@ -288,6 +306,8 @@ class IoctlWorld:
             from .kernel.faults import KINDS, SITES
             sites = d.choice((None,) + KINDS + tuple(SITES))
             self.m.inject_fault(1 + d.u8() % 64, sites)
+        elif op == 15 and "/dev/iommu" in self.m.kernel.dev_nodes and d.flag():
+            self.iommufd_session(pr)
         else:
             self.ioctl(pr, plausible=True)
 
@@ -299,7 +319,9 @@ class IoctlWorld:
         p = pr.p
         fd = self.fd(pr)
         mode = d.u8() % 10
-        if mode < 8:
+        if mode < 4 and self._kind(p, fd) == "iommufd":
+            cmd = d.choice(self.iommufd_cmds)           # mostly its own calls on /dev/iommu
+        elif mode < 8:
             cmd = d.choice(self.cmds)
         elif mode == 8:
             cmd = d.choice((0x5401, 0x5421, 0x5450, 0x5451, (u.VFIO_BASE + d.u8()) | (ord(";") << 8)))
@@ -329,6 +351,13 @@ class IoctlWorld:
         if isinstance(ret, int) and ret > 2 and cmd == u.VFIO_GROUP_GET_DEVICE_FD:
             pr.fds.append(ret)
 
+    @staticmethod
+    def _kind(p: Any, fd: int) -> str:
+        try:
+            return str(p.task.files.get(fd).kind)
+        except Exception:       # noqa: BLE001 -- a bad fd
+            return ""
+
     def struct_arg(self, pr: _Proc, cls: type) -> Any:
         d = self.d
         s = cls()
@@ -355,6 +384,30 @@ class IoctlWorld:
         page = self.page
         if d.u8() % 8 == 0:
             return d.value64()
+        if cls.__name__.startswith("iommu_"):
+            # iommufd: a size-first struct, object ids, user pointers
+            if name == "size":
+                return d.choice((ctypes.sizeof(cls), ctypes.sizeof(cls), ctypes.sizeof(cls) + 8, 8, 4, 0, 16, 24))
+            if name in _IOMMUFD_IDS:
+                return d.choice((0, 1, 1, 2, 2, 3, 4, 5, 6, 0xFFFFFFFF))
+            if name == "dev_fd" or name == "iommufd":
+                return self.fd(pr)
+            if name in ("user_va", "allowed_iovas", "data_uptr", "uptr"):
+                return pr.buf + d.below(BUF // page) * page + d.choice((0, 0, 0, 8, page // 2))
+            if name in ("length", "data_len", "entry_len", "page_size"):
+                return d.choice((page, 16 * page, 1 << 20, 1 << 21, 0, 8, 1, MASK64, BUF))
+            if name in ("num_iovas", "entry_num", "num_ranges"):
+                return d.choice((0, 1, 2, 3, 16, 0xFFFFFFFF))
+            if name in ("dst_iova", "src_iova"):
+                name = "iova"
+            if name in ("option_id", "op", "data_type", "out_data_type", "enable"):
+                return d.choice((0, 1, 2, 3, 0xFFFF))
+            if name == "flags":
+                return d.choice((0, 0, 0, 0, 1, 2, 4, 6, 7, 8, 0xFFFFFFFF))
+        if name == "iommufd":
+            return self.fd(pr)
+        if name == "pt_id":
+            return d.choice((0, 1, 2, 3, 4))
         if name == "argsz":
             return d.choice((ctypes.sizeof(cls), ctypes.sizeof(cls), ctypes.sizeof(cls) + 256, 8, 0, 16, 24, 32))
         if name == "flags":
@@ -374,6 +427,88 @@ class IoctlWorld:
         if name in ("index", "start", "count", "op", "type", "func"):
             return d.choice((0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0xFFFFFFFF))
         return d.value64()
+
+    def iommufd_session(self, pr: _Proc) -> None:
+        """A plausible iommufd set-up, each step's arguments from the input:
+        /dev/iommu, an IOAS, a device cdev bound and attached (to the IOAS or
+        an HWPT allocated with input flags), mappings, and one of the
+        calls that need all that (dirty tracking, copy, a partial unmap,
+        options, detach, destroy)."""
+        d = self.d
+        p = pr.p
+        iu, u = self.iu, self.uapi
+        page = self.page
+
+        def io(cmd: int, s: Any) -> Any:
+            return self.call(f"ioctl({iu.ioctl_name(cmd) or u.ioctl_name(cmd)})", p.ioctl, fd, cmd, s)
+        fd = next((f for f in pr.fds if self._kind(p, f) == "iommufd"), None) if d.flag() else None
+        if fd is None:
+            fd = self.call("open", p.open, d.choice(("/dev/iommu", "/dev/vfio/vfio")), os.O_RDWR)
+            if fd is None:
+                return
+            pr.fds.append(fd)
+        alloc = iu.iommu_ioas_alloc(size=ctypes.sizeof(iu.iommu_ioas_alloc))
+        if io(iu.IOMMU_IOAS_ALLOC, alloc) is None:
+            return
+        ioas = int(alloc.out_ioas_id)
+        if d.u8() % 4 == 0:
+            io(iu.IOMMU_OPTION, iu.iommu_option(size=24, option_id=d.choice((0, 1)), op=0, object_id=ioas,
+                                                val64=d.choice((0, 1))))
+        cdevs = [n for n in sorted(self.m.kernel.dev_nodes) if n.startswith("/dev/vfio/devices/")]
+        pt = ioas
+        dfd = None
+        if cdevs and d.u8() % 4:
+            dfd = self.call("open", p.open, d.choice(cdevs), os.O_RDWR)
+            if dfd is not None:
+                pr.fds.append(dfd)
+                bind = u.vfio_device_bind_iommufd(argsz=16, iommufd=fd)
+                if self.call("BIND", p.ioctl, dfd, u.VFIO_DEVICE_BIND_IOMMUFD, bind) is not None:
+                    if d.flag():
+                        h = iu.iommu_hwpt_alloc(size=ctypes.sizeof(iu.iommu_hwpt_alloc), dev_id=bind.out_devid,
+                                                pt_id=ioas, flags=d.choice((0, 0, 1, 2, 3)))
+                        if io(iu.IOMMU_HWPT_ALLOC, h) is not None:
+                            pt = int(h.out_hwpt_id)
+                    at = u.vfio_device_attach_iommufd_pt(argsz=12, pt_id=pt)
+                    self.call("ATTACH", p.ioctl, dfd, u.VFIO_DEVICE_ATTACH_IOMMUFD_PT, at)
+        iovas = []
+        for _ in range(1 + d.below(3)):
+            length = d.choice((page, 4 * page, 64 * page, 1 << 21, BUF))
+            va = pr.buf + d.below(BUF // page) * page if d.u8() % 4 else self.addr(pr, length)
+            mp = iu.iommu_ioas_map(size=ctypes.sizeof(iu.iommu_ioas_map), ioas_id=ioas, user_va=va, length=length,
+                                   flags=d.choice((7, 7, 6, 3, 5, 0)),
+                                   iova=d.choice((0x100000, 0x200000, 0x40000000, 0xfee00000, d.u32() * page)))
+            if io(iu.IOMMU_IOAS_MAP, mp) is not None:
+                iovas.append((int(mp.iova), length))
+        what = d.u8() % 8
+        if what == 0 and iovas:
+            iova, length = d.choice(iovas)
+            io(iu.IOMMU_IOAS_UNMAP, iu.iommu_ioas_unmap(size=24, ioas_id=ioas, iova=iova + d.choice((0, page)),
+                                                        length=d.choice((length, page, length - page, 0))))
+        elif what == 1:
+            io(iu.IOMMU_HWPT_SET_DIRTY_TRACKING, iu.iommu_hwpt_set_dirty_tracking(size=16, hwpt_id=pt,
+                                                                                 flags=d.choice((1, 0))))
+            if iovas:
+                iova, length = d.choice(iovas)
+                bm = pr.buf + BUF - 4096
+                io(iu.IOMMU_HWPT_GET_DIRTY_BITMAP, iu.iommu_hwpt_get_dirty_bitmap(
+                    size=48, hwpt_id=pt, iova=iova, length=length, page_size=d.choice((page, 2 * page, 1 << 21)),
+                    data=bm, flags=d.choice((0, 1))))
+        elif what == 2 and iovas:
+            iova, length = d.choice(iovas)
+            dst = iu.iommu_ioas_alloc(size=12)
+            if io(iu.IOMMU_IOAS_ALLOC, dst) is not None:
+                io(iu.IOMMU_IOAS_COPY, iu.iommu_ioas_copy(size=40, flags=d.choice((7, 6, 3)), dst_ioas_id=dst.out_ioas_id,
+                                                          src_ioas_id=ioas, length=length, dst_iova=0x80000000,
+                                                          src_iova=iova))
+        elif what == 3 and dfd is not None:
+            self.call("DETACH", p.ioctl, dfd, u.VFIO_DEVICE_DETACH_IOMMUFD_PT, u.vfio_device_detach_iommufd_pt(argsz=8))
+        elif what == 4:
+            io(iu.IOMMU_DESTROY, iu.iommu_destroy(size=8, id=d.choice((ioas, pt, pt + 1, 1))))
+        elif what == 5 and dfd is not None:
+            self.call("pwrite", p.pwrite, dfd, (0x6).to_bytes(2, "little"), (7 << 40) + 4)
+            src = iovas[0][0] if iovas else 0x100000
+            for reg, val in ((0x80, src), (0x88, 0x40000), (0x90, 4096), (0x98, 1)):
+                self.call("pwrite", p.pwrite, dfd, val.to_bytes(8, "little"), reg)
 
     def region_io(self, pr: _Proc) -> None:
         d = self.d
@@ -466,9 +601,10 @@ class IoctlWorld:
 
 def _templates(uapi: Any) -> dict[int, type]:
     from .transport.trace import _STRUCTS
+    from .uapi import iommufd as iu
     out: dict[int, type] = {}
     for name, cls in _STRUCTS.items():
-        out.setdefault(uapi.IOCTLS[name], cls)
+        out.setdefault(uapi.IOCTLS[name] if name in uapi.IOCTLS else iu.IOCTLS[name], cls)
     out[uapi.VFIO_DEVICE_GET_IRQ_INFO] = uapi.vfio_irq_info
     return out
 
@@ -521,6 +657,11 @@ def check_clean(m: Any) -> None:
             raise FuzzFailure(f"group {g.id} is still open or in a container after every exit")
         if g.iommu_group.dma_owner_claimed():
             raise FuzzFailure(f"IOMMU group {g.id} still has a DMA owner")
+        if g.iommufd is not None or g.cdev_device_open_cnt:
+            raise FuzzFailure(f"group {g.id} still has an iommufd or an open cdev device after every exit")
+    for user in k.users.all():
+        if user.locked_vm:
+            raise FuzzFailure(f"user {user.uid} still has {user.locked_vm} pages of locked memory charged")
     paging = k.platform.paging_domains()
     if paging:
         raise FuzzFailure(f"IOMMU paging domains remain: {paging}")
@@ -675,11 +816,13 @@ _KEY_POOL = ("name", "platform", "description", "ram", "phb", "device", "iommu",
              "ddw_windows", "dma64_address", "ddw_largest_block", "bdf", "pe", "iommu_group", "behind_bridge",
              "driver", "dma_mask", "group_uid", "group_gid", "group_mode", "address_width", "page_sizes",
              "reserved_regions", "start", "size", "type", "snoop_control", "interrupt_remapping", "caching_mode",
-             "dma_entry_limit", "allow_unsafe_interrupts", "bogus")
+             "dma_entry_limit", "allow_unsafe_interrupts", "kernel", "config", "iommufd", "dirty_tracking", "bogus")
 _STR_POOL = ("powernv", "pseries", "x86", "edu", "pcie-root-port", "q35-host-bridge", "ich9-lpc", "ich9-ahci",
              "ich9-smbus", "vfio-pci", "", "0000:00:00.0", "0000:01:00.0", "0001:00:00.0", "ffff:ff:1f.7",
              "0000:00:00.8", "PHB4", "PHB3", "intel-iommu", "msi", "sw-msi", "direct", "reserved",
-             "direct-relaxable", "4K", "64KiB", "2M", "1G", "16 MiB", "-1", "x" * 70, "\u00e9", "\0")
+             "direct-relaxable", "4K", "64KiB", "2M", "1G", "16 MiB", "-1", "x" * 70, "\u00e9", "\0",
+             "IOMMUFD", "VFIO_DEVICE_CDEV", "IOMMUFD_VFIO_CONTAINER", "VFIO_CONTAINER=n", "VFIO_GROUP=n",
+             "CONFIG_IOMMUFD=y")
 
 
 def _toml_value(v: Any) -> str:
@@ -832,8 +975,8 @@ def smoke(m: Any) -> None:
             _check_errno(exc, getattr(fn, "__name__", "call"))
             return None
     for path in sorted(m.kernel.dev_nodes):
-        if path == "/dev/vfio/vfio":
-            continue
+        if not path.startswith("/dev/vfio/") or not path.rsplit("/", 1)[1].isdigit():
+            continue                # groups only: the cdevs are below
         c = call(p.open, "/dev/vfio/vfio")
         g = call(p.open, path)
         if c is None or g is None:
@@ -859,8 +1002,39 @@ def smoke(m: Any) -> None:
                 for reg, val in ((0x80, 0x40000), (0x88, iova), (0x90, 64), (0x98, 1)):
                     call(p.pwrite, fd, val.to_bytes(8, "little"), reg)
         check_invariants(m)
+    if "/dev/iommu" in m.kernel.dev_nodes:
+        _smoke_iommufd(m, p, buf, call)
     p.exit()
     check_clean(m)
+
+
+def _smoke_iommufd(m: Any, p: Any, buf: int, call: Callable[..., Any]) -> None:
+    """Each device cdev bound to an iommufd, attached to an IOAS, an edu DMA."""
+    from . import uapi
+    from .uapi import iommufd as iu
+    fd = call(p.open, "/dev/iommu")
+    if fd is None:
+        return
+    alloc = iu.iommu_ioas_alloc(size=ctypes.sizeof(iu.iommu_ioas_alloc))
+    if call(p.ioctl, fd, iu.IOMMU_IOAS_ALLOC, alloc) is None:
+        return
+    mp = iu.iommu_ioas_map(size=ctypes.sizeof(iu.iommu_ioas_map), flags=7, ioas_id=alloc.out_ioas_id, user_va=buf,
+                           length=1 << 16, iova=0x100000)
+    call(p.ioctl, fd, iu.IOMMU_IOAS_MAP, mp)
+    for path in sorted(n for n in m.kernel.dev_nodes if n.startswith("/dev/vfio/devices/")):
+        dfd = call(p.open, path)
+        if dfd is None:
+            continue
+        bind = uapi.vfio_device_bind_iommufd(argsz=16, iommufd=fd)
+        if call(p.ioctl, dfd, uapi.VFIO_DEVICE_BIND_IOMMUFD, bind) is None:
+            continue
+        attach = uapi.vfio_device_attach_iommufd_pt(argsz=12, pt_id=alloc.out_ioas_id)
+        if call(p.ioctl, dfd, uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, attach) is None:
+            continue
+        call(p.pwrite, dfd, (6).to_bytes(2, "little"), (uapi.VFIO_PCI_CONFIG_REGION_INDEX << 40) + 4)
+        for reg, val in ((0x80, 0x40000), (0x88, 0x100000), (0x90, 64), (0x98, 1)):
+            call(p.pwrite, dfd, val.to_bytes(8, "little"), reg)
+        check_invariants(m)
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
@@ -1012,6 +1186,8 @@ def atheris_engine(target: str, runs: int, seed: int, extra_dirs: Sequence[Path]
     from . import machine, uapi  # noqa: F401
     from .transport import daemon, protocol, trace  # noqa: F401
     from .kernel.iommu import prereg, spapr_tce, spapr_tce_310, type1  # noqa: F401
+    from .kernel.iommufd import device, hw_pagetable, io_pagetable, ioas, main, pages, vfio_compat  # noqa: F401
+    from .kernel.vfio import device_cdev, iommufd  # noqa: F401
     from .kernel.platform import powernv, pseries, x86  # noqa: F401
     atheris.instrument_all()
     work.mkdir(parents=True, exist_ok=True)

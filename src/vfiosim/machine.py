@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar, cast
 
+from .kernel.config import KernelConfig
 from .kernel.errors import KernelError
 from .kernel.faults import FaultInjector
 from .kernel.iommu.iommu import IommuOps
@@ -67,16 +68,37 @@ def machine_settings(name: str | None = None, kernel: str | None = None,
     return name or env.get(MACHINE_ENV) or "powernv", kernel or "6.12", page_size or 4096
 
 
+#: shorthands for kernel_config: what a distribution kernel with iommufd builds
+#: (IOMMUFD with the VFIO device cdev; groups and containers kept).
+KERNEL_CONFIG_ALIASES = {"iommufd": ("IOMMUFD", "VFIO_DEVICE_CDEV"),
+                         "iommufd-compat": ("IOMMUFD", "VFIO_DEVICE_CDEV", "IOMMUFD_VFIO_CONTAINER")}
+
+def _config_items(kernel_config: "list[str] | tuple[str, ...] | str | None") -> list[str]:
+    """kernel_config as a list: a list of options, a comma-separated string
+    of them, or one of KERNEL_CONFIG_ALIASES ("iommufd")."""
+    if kernel_config is None:
+        return []
+    if isinstance(kernel_config, str):
+        if kernel_config in KERNEL_CONFIG_ALIASES:
+            return list(KERNEL_CONFIG_ALIASES[kernel_config])
+        return [i.strip() for i in kernel_config.split(",") if i.strip()]
+    return list(kernel_config)
+
+
 class Machine:
     """A simulated machine (POWER or x86): platform, PCI devices, and a kernel."""
 
-    def __init__(self, spec: MachineSpec, *, page_size: int = 4096, kernel: str = "6.12") -> None:
+    def __init__(self, spec: MachineSpec, *, page_size: int = 4096, kernel: str = "6.12",
+                 kernel_config: "list[str] | tuple[str, ...] | str | None" = None) -> None:
         profile = KernelProfile.get(kernel)
         builder = BUILDERS[spec.platform]
         builder.check(profile, page_size)
         self.spec = spec
         self.name = spec.name
-        self.kernel = Kernel(page_size, profile)
+        config = KernelConfig.parse([*spec.kernel_config, *_config_items(kernel_config)], platform=spec.platform,
+                                    legacy=not profile.iommufd)
+        self.kernel = Kernel(page_size, profile, config)
+        self.kernel.iommufd_allow_unsafe_interrupts = spec.iommufd_allow_unsafe_interrupts
         # The big kernel lock and the internal errors recorded, both the syscall gate's.
         self._lock = self.kernel.gate.lock
         self.oopses: list[str] = self.kernel.gate.oopses
@@ -85,26 +107,34 @@ class Machine:
     # -- constructors ------------------------------------------------------------------------
 
     @classmethod
-    def default(cls, *, page_size: int = 4096, kernel: str = "6.12") -> "Machine":
+    def default(cls, *, page_size: int = 4096, kernel: str = "6.12",
+                kernel_config: "list[str] | tuple[str, ...] | str | None" = None) -> "Machine":
         """The PowerNV POWER9 host of the seed patch's platform."""
-        return cls.preset("powernv", page_size=page_size, kernel=kernel)
+        return cls.preset("powernv", page_size=page_size, kernel=kernel, kernel_config=kernel_config)
 
     @classmethod
-    def preset(cls, name: str, *, page_size: int = 4096, kernel: str = "6.12") -> "Machine":
+    def preset(cls, name: str, *, page_size: int = 4096, kernel: str = "6.12",
+               kernel_config: "list[str] | tuple[str, ...] | str | None" = None) -> "Machine":
+        """A preset machine.  ``kernel_config`` lists kernel options that differ
+        from Debian's build, e.g. ``["IOMMUFD", "VFIO_DEVICE_CDEV"]``
+        (kernel/config.py, docs/iommufd.md); ``"iommufd"`` is short for that
+        pair."""
         key = PRESET_ALIASES.get(name, name)
         if key not in PRESETS:
             raise ValueError(f"unknown machine preset {name!r}; presets: {', '.join(preset_names())}")
         text = resources.files("vfiosim.presets").joinpath(PRESETS[key]).read_text()
-        return cls(load_spec_text(text, f"preset {key} ({PRESETS[key]})"), page_size=page_size, kernel=kernel)
+        return cls(load_spec_text(text, f"preset {key} ({PRESETS[key]})"), page_size=page_size, kernel=kernel,
+                   kernel_config=kernel_config)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str], *, page_size: int = 4096, kernel: str = "6.12") -> "Machine":
-        return cls(load_spec_file(str(path)), page_size=page_size, kernel=kernel)
+    def from_file(cls, path: str | os.PathLike[str], *, page_size: int = 4096, kernel: str = "6.12",
+                  kernel_config: "list[str] | tuple[str, ...] | str | None" = None) -> "Machine":
+        return cls(load_spec_file(str(path)), page_size=page_size, kernel=kernel, kernel_config=kernel_config)
 
     @classmethod
     def from_toml(cls, text: str, *, source: str = "<string>", page_size: int = 4096,
-                  kernel: str = "6.12") -> "Machine":
-        return cls(load_spec_text(text, source), page_size=page_size, kernel=kernel)
+                  kernel: str = "6.12", kernel_config: "list[str] | tuple[str, ...] | str | None" = None) -> "Machine":
+        return cls(load_spec_text(text, source), page_size=page_size, kernel=kernel, kernel_config=kernel_config)
 
     @classmethod
     def load(cls, name_or_path: str, **kwargs: Any) -> "Machine":
@@ -135,6 +165,18 @@ class Machine:
     def iommu_groups(self) -> dict[int, list[str]]:
         with self._lock:
             return {gid: [d.bdf for d in g.devices] for gid, g in sorted(self.kernel.iommu_groups.items())}
+
+    def vfio_dev(self, bdf: str) -> str | None:
+        """The VFIO device name of ``bdf`` (``vfio0``): sysfs's
+        /sys/bus/pci/devices/BDF/vfio-dev/vfioN, which Linux 6.1+ creates for
+        every VFIO device whatever its configuration, and the name of its cdev
+        /dev/vfio/devices/vfioN where CONFIG_VFIO_DEVICE_CDEV made one.  None
+        when VFIO does not have the device, or on the 3.10 kernel."""
+        vfio = self.kernel.vfio
+        if not self.kernel.profile.iommufd:
+            return None
+        with self._lock:
+            return next((d.cdev_name for d in vfio.devices if d.name == bdf.lower()), None)
 
     def device(self, bdf: str) -> PciDevice:
         try:
@@ -167,6 +209,13 @@ class Machine:
         """Page pins held anywhere on the machine (0 when nothing is mapped)."""
         with self._lock:
             return self.kernel.phys.pinned_pages()
+
+    def user_locked_vm(self, uid: int) -> int:
+        """Bytes charged to user ``uid``'s locked memory (``user->locked_vm``):
+        iommufd's default accounting adds every process of the uid there, and
+        nothing in /proc shows it."""
+        with self._lock:
+            return self.kernel.users.locked_vm(uid) * self.page_size
 
     def processes(self) -> list[int]:
         with self._lock:
@@ -416,10 +465,14 @@ def _own_mm(task: Task) -> MM:
 
 def _ioctl_label(request: int, task: Task, fd: int) -> str:
     """The ioctl's name as the fd it is made on knows it."""
-    from .uapi import vfio as uapi
+    from .uapi import iommufd, vfio as uapi
     file = task.files._fds.get(fd) if isinstance(fd, int) else None
     cmd = request & 0xFFFFFFFF
-    name = uapi.ioctl_name_for(cmd, file.kind) if file is not None else uapi.ioctl_name(cmd)
+    if file is not None and file.kind == "iommufd":
+        name = iommufd.ioctl_name(cmd) or uapi.ioctl_name_for(cmd, "vfio-container")
+    else:
+        name = uapi.ioctl_name_for(cmd, file.kind) if file is not None else uapi.ioctl_name(cmd) or \
+            iommufd.ioctl_name(cmd)
     return name or f"ioctl({request:#x})"
 
 

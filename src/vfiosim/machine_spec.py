@@ -96,6 +96,7 @@ class IommuSpec:
     snoop_control: bool = False
     interrupt_remapping: bool = True
     caching_mode: bool = True
+    dirty_tracking: bool = False
 
 
 @dataclass
@@ -117,6 +118,10 @@ class MachineSpec:
     source: str = "<machine>"
     iommu: IommuSpec | None = None
     type1: Type1Spec = field(default_factory=Type1Spec)
+    # [kernel] config: options that differ from Debian's build (kernel/config.py)
+    kernel_config: list[str] = field(default_factory=list)
+    # [iommufd]: the module's parameters
+    iommufd_allow_unsafe_interrupts: bool = False
 
 
 class _Reader:
@@ -211,14 +216,16 @@ def _parse_x86(data: dict[str, Any], spec: MachineSpec, source: str) -> None:
         raise MachineFileError(source, "phb", "no [[phb]] tables on platform x86 (its devices sit in PCI domain 0000 "
                                               "behind the [iommu])", "a [[phb]] table")
     r = _Reader(source, "iommu", data.get("iommu", {}), {"model", "address_width", "page_sizes", "reserved_regions",
-                                                        "snoop_control", "interrupt_remapping", "caching_mode"})
+                                                        "snoop_control", "interrupt_remapping", "caching_mode",
+                                                        "dirty_tracking"})
     d = IommuSpec()
     iommu = IommuSpec(model=r.str("model", d.model, choices=("intel-iommu",)),
                       address_width=r.int("address_width", d.address_width, lo=32, hi=64),
                       page_sizes=r.page_sizes("page_sizes", d.page_sizes),
                       snoop_control=r.bool("snoop_control", d.snoop_control),
                       interrupt_remapping=r.bool("interrupt_remapping", d.interrupt_remapping),
-                      caching_mode=r.bool("caching_mode", d.caching_mode), reserved_regions=[])
+                      caching_mode=r.bool("caching_mode", d.caching_mode),
+                      dirty_tracking=r.bool("dirty_tracking", d.dirty_tracking), reserved_regions=[])
     if not iommu.page_sizes & (1 << 12):
         raise MachineFileError(source, "iommu.page_sizes", "a list that includes 4K")
     regions = r.table.get("reserved_regions", None)
@@ -242,8 +249,26 @@ def _parse_x86(data: dict[str, Any], spec: MachineSpec, source: str) -> None:
                            allow_unsafe_interrupts=t.bool("allow_unsafe_interrupts", False))
 
 
+def _parse_kernel(data: dict[str, Any], spec: MachineSpec, source: str) -> None:
+    """[kernel] config and [iommufd]: the kernel's VFIO/iommufd options and
+    iommufd's module parameters (docs/machine-files.md)."""
+    from .kernel.config import KernelConfig, KernelConfigError
+    r = _Reader(source, "kernel", data.get("kernel", {}), {"config"})
+    items = r.table.get("config", [])
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise MachineFileError(source, "kernel.config", 'a list of kernel options like ["IOMMUFD", '
+                                                        '"VFIO_DEVICE_CDEV"]', items)
+    try:
+        KernelConfig.parse(items, platform=spec.platform)
+    except KernelConfigError as exc:
+        raise MachineFileError(source, "kernel.config", f"a configuration Kconfig allows: {exc}", items) from None
+    spec.kernel_config = list(items)
+    i = _Reader(source, "iommufd", data.get("iommufd", {}), {"allow_unsafe_interrupts"})
+    spec.iommufd_allow_unsafe_interrupts = i.bool("allow_unsafe_interrupts", False)
+
+
 def parse_spec(data: dict[str, Any], source: str) -> MachineSpec:
-    top = _Reader(source, "", data, {"machine", "phb", "device", "iommu", "vfio_iommu_type1"})
+    top = _Reader(source, "", data, {"machine", "phb", "device", "iommu", "vfio_iommu_type1", "kernel", "iommufd"})
     if "machine" not in data:
         raise MachineFileError(source, "machine", "a [machine] table")
     m = _Reader(source, "machine", data["machine"], {"name", "description", "platform", "ram"})
@@ -254,6 +279,7 @@ def parse_spec(data: dict[str, Any], source: str) -> MachineSpec:
         # few pages there is no window (and no kernel) to build.
         raise MachineFileError(source, "machine.ram", "a size of at least 16M", data["machine"].get("ram"))
     x86 = spec.platform == "x86"
+    _parse_kernel(data, spec, source)
     if x86:
         _parse_x86(data, spec, source)
     else:

@@ -153,7 +153,8 @@ class PowerNVBuilder(PowerBuilder):
                      for ps in self.spec.phbs}
         eeh = any(p.eeh for p in self.phbs.values()) and k.profile.vfio_eeh
         self.platform = PowerNVPlatform(list(self.phbs.values()), eeh)
-        k.vfio.iommu_drivers.register(k.profile.spapr_driver(k))
+        if k.config.vfio_container:            # VFIO_IOMMU_SPAPR_TCE depends on VFIO_CONTAINER
+            k.vfio.iommu_drivers.register(k.profile.spapr_driver(k))
         return self.platform
 
     def new_pe(self, ds: DeviceSpec) -> Pe:
@@ -185,7 +186,8 @@ class PseriesBuilder(PowerBuilder):
                                        log=k.log.info)
                     for ps in self.spec.phbs}
         self.platform = PseriesPlatform(list(self.hvs.values()))
-        k.vfio.iommu_drivers.register(SpaprTceIommuDriver(k))
+        if k.config.vfio_container:            # VFIO_IOMMU_SPAPR_TCE depends on VFIO_CONTAINER
+            k.vfio.iommu_drivers.register(SpaprTceIommuDriver(k))
         return self.platform
 
     def new_pe(self, ds: DeviceSpec) -> Pe:
@@ -194,7 +196,9 @@ class PseriesBuilder(PowerBuilder):
 
 class X86Builder(PlatformBuilder):
     """An x86 host with one VT-d unit: every device is behind it; only the
-    Type1 IOMMU driver is registered (no sPAPR, no EEH, no no-IOMMU)."""
+    Type1 IOMMU driver is registered (no sPAPR, no EEH, no no-IOMMU) -- when
+    the kernel configuration has the VFIO container -- and iommufd when it has
+    IOMMUFD."""
 
     @classmethod
     def check(cls, profile: "KernelProfile", page_size: int) -> None:
@@ -213,9 +217,12 @@ class X86Builder(PlatformBuilder):
                                resv_regions=[ResvRegion(r.start, r.size, RESV_TYPE_NAMES[r.type])
                                              for r in io.reserved_regions],
                                snoop_control=io.snoop_control, interrupt_remapping=io.interrupt_remapping,
-                               caching_mode=io.caching_mode, phys=k.phys, log_err=k.log.err)
-        k.vfio.iommu_drivers.register(Type1IommuDriver(k, dma_entry_limit=spec.type1.dma_entry_limit,
-                                                       allow_unsafe_interrupts=spec.type1.allow_unsafe_interrupts))
+                               caching_mode=io.caching_mode, phys=k.phys, log_err=k.log.err,
+                               dirty_tracking=io.dirty_tracking)
+        if k.config.vfio_container:            # VFIO_IOMMU_TYPE1 is selected by VFIO_CONTAINER
+            k.vfio.iommu_drivers.register(Type1IommuDriver(
+                k, dma_entry_limit=spec.type1.dma_entry_limit,
+                allow_unsafe_interrupts=spec.type1.allow_unsafe_interrupts))
         k.log.info(f"DMAR: Intel(R) Virtualization Technology for Directed I/O ({io.model}, "
                    f"{io.address_width}-bit, caching mode {'on' if io.caching_mode else 'off'})")
         return X86Platform([self.unit])

@@ -2,7 +2,10 @@
 
 The same code runs on a simulated machine (CI, laptops) and on the host's
 real ``/dev/vfio`` (production); the backend is one argument or the
-``VFIOSIM_BACKEND`` environment variable (``sim`` or ``real``)::
+``VFIOSIM_BACKEND`` environment variable (``sim`` or ``real``).  The IOMMU
+interface is chosen the same way: automatically (iommufd's ``/dev/iommu``
+where the kernel has it, else ``/dev/vfio/vfio``), or ``iommu=`` /
+:func:`use_iommu` / ``VFIOSIM_IOMMU`` (``iommufd``, ``type1v2``, ...)::
 
     from vfiosim import client
 
@@ -30,7 +33,8 @@ from .backend import (BACKEND_ENV, MACHINE_ENV, Backend, HostMemory, HostOs, Rea
                       set_default_backend, use_backend)
 from .caps import (Capability, DmaAvailCap, IovaRangeCap, MigrationCap, MsixMappableCap, RegionTypeCap,
                    SparseMmapCap, parse_caps)
-from .container import AUTO_ORDER, IOMMU_TYPES, Container, DdwInfo, Group, IommuInfo, iommu_name
+from .container import (AUTO_ORDER, IOMMU_ENV, IOMMU_TYPES, IOMMUFD, Container, DdwInfo, Group, IommuInfo,
+                        default_iommu, iommu_name, set_default_iommu, use_iommu)
 from .device import IRQ_KINDS, Device, IoEventFd, Irq, IrqInfo, Region
 from .dma import DmaBuffer, DmaMapping
 from .errors import VfioError, VfioUsageError
@@ -47,7 +51,8 @@ __all__ = [
     "DdwInfo",
     "IovaRange", "IovaAllocator", "PciDeviceInfo", "VfioError", "VfioUsageError",
     "Capability", "SparseMmapCap", "RegionTypeCap", "MsixMappableCap", "IovaRangeCap", "MigrationCap", "DmaAvailCap",
-    "parse_caps", "IOMMU_TYPES", "AUTO_ORDER", "IRQ_KINDS", "iommu_name",
+    "parse_caps", "IOMMU_TYPES", "AUTO_ORDER", "IRQ_KINDS", "iommu_name", "IOMMUFD", "IOMMU_ENV", "use_iommu",
+    "set_default_iommu", "default_iommu",
     "pci_devices", "find_devices", "find_device", "open_device", "uapi",
 ]
 

@@ -237,7 +237,7 @@ class SimBackend:
             for bdf in bdfs:
                 d = self.machine.device(bdf)
                 out.append(PciDeviceInfo(bdf=d.bdf, vendor=d.vendor, device=d.device_id, class_code=d.class_code,
-                                         iommu_group=gid, driver=d.driver))
+                                         iommu_group=gid, driver=d.driver, vfio_dev=self.machine.vfio_dev(bdf)))
         return sorted(out, key=lambda d: d.bdf)
 
     def memlock_limit(self) -> int | None:

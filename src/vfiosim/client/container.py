@@ -15,9 +15,26 @@ client does the IOMMU-specific set-up as needed:
   before the first mapping, which charges the whole 32-bit window to
   RLIMIT_MEMLOCK.
 
-The automatic choice, from VFIO_CHECK_EXTENSION, is Type1v2, Type1,
-sPAPR v2, sPAPR v1, in that order, falling back to the next when
-VFIO_SET_IOMMU refuses.  sPAPR v2 comes before v1 because it locks only the
+* iommufd (Linux 6.2+ built with CONFIG_IOMMUFD): the container is an open
+  ``/dev/iommu`` with one IOAS (IOMMU_IOAS_ALLOC); a device is opened through
+  its cdev ``/dev/vfio/devices/vfioN`` (VFIO_DEVICE_BIND_IOMMUFD, then
+  VFIO_DEVICE_ATTACH_IOMMUFD_PT to the IOAS), or, without the cdev, through
+  its group, which takes the iommufd as its container (the IOAS is made the
+  context's compat IOAS with IOMMU_VFIO_IOAS first).  Mappings are
+  IOMMU_IOAS_MAP at the IOVA the client chose; the usable ranges come from
+  IOMMU_IOAS_IOVA_RANGES and narrow as devices attach.  Pinned pages are
+  charged to the *user* (every process of the uid together), not the process.
+
+The automatic choice is iommufd when ``/dev/iommu`` can be opened (the
+first device still falls back to ``/dev/vfio/vfio`` when iommufd refuses it
+with EPERM, EOPNOTSUPP or EINVAL -- POWER, or an IOMMU without interrupt
+remapping -- as long as nothing is mapped yet); otherwise, from
+VFIO_CHECK_EXTENSION, Type1v2, Type1, sPAPR v2, sPAPR v1, in that order,
+falling back to the next when VFIO_SET_IOMMU refuses.  ``iommu=`` (or
+:func:`use_iommu`, or ``$VFIOSIM_IOMMU``) names one instead: ``"iommufd"``,
+``"type1v2"``, ``"type1"``, ``"spapr-v2"``, ``"spapr"``; the VFIO types use
+``/dev/vfio/vfio`` whether VFIO or iommufd's emulation
+(CONFIG_IOMMUFD_VFIO_CONTAINER) serves it.  sPAPR v2 comes before v1 because it locks only the
 memory that is mapped, not the whole window (2 GiB on a PowerNV host), so
 it works without raising RLIMIT_MEMLOCK for ordinary buffers.  ``iommu=``
 overrides the choice; ``auto=False`` leaves the set-up to the caller (the
@@ -34,9 +51,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
+from ..uapi import iommufd as iu
 from ..uapi import vfio as uapi
 from ._util import as_buffer, from_buffer, hexrange, syscall, wrap
 from .backend import Backend, get_backend
@@ -50,10 +69,17 @@ if TYPE_CHECKING:
     from ..machine import Machine, Process
     from .device import Device
 
-__all__ = ["Container", "Group", "IommuInfo", "DdwInfo", "IOMMU_TYPES", "AUTO_ORDER", "iommu_name"]
+__all__ = ["Container", "Group", "IommuInfo", "DdwInfo", "IOMMU_TYPES", "AUTO_ORDER", "IOMMUFD", "IOMMU_ENV",
+           "iommu_name", "use_iommu", "set_default_iommu", "default_iommu"]
+
+#: the client's code for iommufd (not a VFIO IOMMU type: /dev/iommu and an IOAS)
+IOMMUFD = -1
+#: the environment variable naming the IOMMU interface of ``iommu=None``
+IOMMU_ENV = "VFIOSIM_IOMMU"
 
 #: names accepted by ``iommu=``
 IOMMU_TYPES: dict[str, int] = {
+    "iommufd": IOMMUFD,
     "type1v2": uapi.VFIO_TYPE1v2_IOMMU,
     "type1": uapi.VFIO_TYPE1_IOMMU,
     "spapr-v2": uapi.VFIO_SPAPR_TCE_v2_IOMMU,
@@ -64,7 +90,7 @@ IOMMU_TYPES: dict[str, int] = {
 AUTO_ORDER = (uapi.VFIO_TYPE1v2_IOMMU, uapi.VFIO_TYPE1_IOMMU, uapi.VFIO_SPAPR_TCE_v2_IOMMU,
               uapi.VFIO_SPAPR_TCE_IOMMU)
 _NAMES = {uapi.VFIO_TYPE1v2_IOMMU: "type1v2", uapi.VFIO_TYPE1_IOMMU: "type1",
-          uapi.VFIO_SPAPR_TCE_v2_IOMMU: "spapr-v2", uapi.VFIO_SPAPR_TCE_IOMMU: "spapr"}
+          uapi.VFIO_SPAPR_TCE_v2_IOMMU: "spapr-v2", uapi.VFIO_SPAPR_TCE_IOMMU: "spapr", IOMMUFD: "iommufd"}
 _TYPE1 = (uapi.VFIO_TYPE1v2_IOMMU, uapi.VFIO_TYPE1_IOMMU)
 _SPAPR = (uapi.VFIO_SPAPR_TCE_v2_IOMMU, uapi.VFIO_SPAPR_TCE_IOMMU)
 _SEED_PAGE = 4096       # the 3.10 sPAPR driver maps one 4 KiB IOMMU page per MAP_DMA
@@ -74,14 +100,45 @@ def iommu_name(iommu_type: int) -> str:
     return _NAMES.get(iommu_type, f"type {iommu_type}")
 
 
-def _iommu_code(iommu: str | int | None) -> int | None:
+def _iommu_code(iommu: str | int | None, where: str = "Container(iommu=...)") -> int | None:
     if iommu is None or isinstance(iommu, int):
         return iommu
-    key = iommu.lower().replace("_", "-")
+    key = iommu.strip().lower().replace("_", "-")
+    if key in ("", "auto"):
+        return None
     if key not in IOMMU_TYPES:
-        raise VfioUsageError(errno.EINVAL, "Container", "Container(iommu=...)", detail=f"unknown IOMMU type {iommu!r}",
-                             fix=f"use one of {', '.join(IOMMU_TYPES)} or None (automatic)")
+        raise VfioUsageError(errno.EINVAL, "Container", where, detail=f"unknown IOMMU type {iommu!r}",
+                             fix=f"use one of {', '.join(IOMMU_TYPES)} or None / 'auto' (automatic)")
     return IOMMU_TYPES[key]
+
+
+_default_iommu: str | int | None = None
+
+
+def set_default_iommu(iommu: str | int | None) -> str | int | None:
+    """What ``iommu=None`` means from now on (None: ``$VFIOSIM_IOMMU``, else
+    automatic); returns the previous setting."""
+    global _default_iommu
+    _iommu_code(iommu, "set_default_iommu()")
+    previous, _default_iommu = _default_iommu, iommu
+    return previous
+
+
+@contextmanager
+def use_iommu(iommu: str | int | None) -> Iterator[None]:
+    """``with use_iommu("iommufd"):`` -- containers made without ``iommu=`` use it."""
+    previous = set_default_iommu(iommu)
+    try:
+        yield
+    finally:
+        set_default_iommu(previous)
+
+
+def default_iommu() -> str | int | None:
+    """The IOMMU interface ``iommu=None`` asks for (None: automatic)."""
+    if _default_iommu is not None:
+        return _default_iommu
+    return os.environ.get(IOMMU_ENV) or None
 
 
 @dataclass(frozen=True)
@@ -111,7 +168,7 @@ class IommuInfo:
 
 
 class Container:
-    """An open ``/dev/vfio/vfio``.
+    """An open ``/dev/vfio/vfio``, or ``/dev/iommu`` with one IOAS (iommufd).
 
     ``backend`` is a Backend, ``"sim"``/``"real"``, a vfiosim Process or
     Machine, or None (``$VFIOSIM_BACKEND``, see :func:`get_backend`).
@@ -120,7 +177,8 @@ class Container:
     def __init__(self, backend: "Backend | str | Process | Machine | None" = None, *,
                  iommu: str | int | None = None, auto: bool = True, machine: "Machine | str | None" = None) -> None:
         self.closed = True
-        self._iommu_request = _iommu_code(iommu)
+        self._iommu_request = _iommu_code(iommu if iommu is not None else default_iommu(),
+                                          "Container(iommu=...)" if iommu is not None else f"${IOMMU_ENV}")
         self.backend: Backend = get_backend(backend, machine=machine)
         self.auto = auto
         self.iommu_type: int | None = None
@@ -132,6 +190,27 @@ class Container:
         self.windows_created: list[IovaRange] = []
         self._prereg: dict[int, list[Any]] = {}         # id(buffer) -> [buffer, mapping count]
         self._iova = IovaAllocator()
+        #: iommufd: the IOAS every device attaches to, devices opened through their cdev
+        self.iommufd = False
+        self.ioas_id = 0
+        self.devices: dict[str, "Device"] = {}
+        #: why the automatic choice left iommufd for /dev/vfio/vfio (None: it did not)
+        self.fallback: VfioError | None = None
+        self._auto_iommufd = False
+        want = self._iommu_request
+        if want is None or want == IOMMUFD:
+            try:
+                fd = self.backend.open("/dev/iommu", os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                if want == IOMMUFD:
+                    raise wrap(exc, "Container(/dev/iommu)", 'open("/dev/iommu")', key="open iommufd") from None
+            else:
+                self._auto_iommufd = want is None
+                self._init_iommufd(fd)
+                return
+        self._open_container()
+
+    def _open_container(self) -> None:
         self.fd = syscall("Container(/dev/vfio/vfio)", 'open("/dev/vfio/vfio")',
                           lambda: self.backend.open("/dev/vfio/vfio", os.O_RDWR | os.O_CLOEXEC), key="open container")
         self.closed = False
@@ -144,11 +223,51 @@ class Container:
             self.close()
             raise
 
+    def _init_iommufd(self, fd: int) -> None:
+        """/dev/iommu is open: IOMMU_IOAS_ALLOC, and the IOAS becomes the one a
+        group given this iommufd attaches its devices to (IOMMU_VFIO_IOAS)."""
+        self.fd = fd
+        self.iommufd = True
+        self.closed = False
+        try:
+            alloc = iu.iommu_ioas_alloc(size=ctypes.sizeof(iu.iommu_ioas_alloc))
+            self.ioctl(iu.IOMMU_IOAS_ALLOC, alloc)
+            self.ioas_id = int(alloc.out_ioas_id)
+            compat = iu.iommu_vfio_ioas(size=ctypes.sizeof(iu.iommu_vfio_ioas), ioas_id=self.ioas_id,
+                                        op=iu.IOMMU_VFIO_IOAS_SET)
+            self.ioctl(iu.IOMMU_VFIO_IOAS, compat)
+            self.iommu_type = IOMMUFD
+            self._read_info()
+        except BaseException:
+            self.close()
+            raise
+
+    def _fall_back(self, reason: VfioError) -> bool:
+        """The automatic choice took iommufd and the first device was refused:
+        use /dev/vfio/vfio instead, if nothing depends on the IOAS yet."""
+        if not (self._auto_iommufd and self.iommufd) or self.mappings or self.devices or self.groups \
+                or reason.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EINVAL):
+            return False
+        try:
+            fd = self.backend.open("/dev/vfio/vfio", os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return False
+        self.backend.close(fd)
+        self.backend.close(self.fd)
+        self.iommufd = False
+        self._auto_iommufd = False
+        self.ioas_id = 0
+        self._iommu_released()
+        self.fallback = reason
+        self._open_container()
+        return True
+
     # -- naming, raw access ------------------------------------------------------------------------
 
     @property
     def name(self) -> str:
-        return f"Container(/dev/vfio/vfio fd {self.fd})" if hasattr(self, "fd") else "Container(/dev/vfio/vfio)"
+        path = "/dev/iommu" if self.iommufd else "/dev/vfio/vfio"
+        return f"Container({path} fd {self.fd})" if hasattr(self, "fd") else f"Container({path})"
 
     def _check_open(self, call: str) -> None:
         if self.closed:
@@ -159,9 +278,11 @@ class Container:
               ctx: Mapping[str, Any] | None = None) -> int:
         """A raw ioctl on the container fd (the low-level path).  A ctypes
         struct is passed by copy and updated from what the kernel wrote."""
-        self._check_open(uapi.ioctl_name(request) or hex(request))
-        call = (uapi.ioctl_name(request) or hex(request)).split("/")[-1] if request != uapi.VFIO_IOMMU_GET_INFO \
-            else ("VFIO_IOMMU_GET_INFO" if self.iommu_type in _TYPE1 else "VFIO_IOMMU_SPAPR_TCE_GET_INFO")
+        label = (iu.ioctl_name(request) if self.iommufd else None) or uapi.ioctl_name(request) or hex(request)
+        self._check_open(label)
+        call = label.split("/")[-1] if request != uapi.VFIO_IOMMU_GET_INFO \
+            else ("VFIO_IOMMU_GET_INFO" if self.iommu_type in _TYPE1 or self.iommufd else
+                  "VFIO_IOMMU_SPAPR_TCE_GET_INFO")
         if isinstance(arg, ctypes.Structure):
             buf = as_buffer(arg)
             ret = syscall(self.name, call, lambda: self.backend.ioctl(self.fd, request, buf), ctx)
@@ -211,14 +332,63 @@ class Container:
                             fix=f"echo vfio-pci > /sys/bus/pci/devices/{info.bdf}/driver_override; echo {info.bdf} > "
                                 f"/sys/bus/pci/devices/{info.bdf}/driver/unbind; echo {info.bdf} > "
                                 f"/sys/bus/pci/drivers_probe")
-        fresh = info.iommu_group not in self.groups
-        g = self.group(info.iommu_group)
         try:
-            return g.device(info.bdf)
-        except BaseException:
-            if fresh and not g.devices:
-                g.close()
+            if self.iommufd and info.iommu_group not in self.groups:
+                dev = self._open_cdev(info)
+                if dev is not None:
+                    return dev
+            fresh = info.iommu_group not in self.groups
+            g = self.group(info.iommu_group)
+            try:
+                return g.device(info.bdf)
+            except BaseException:
+                if fresh and not g.devices:
+                    g.close()
+                raise
+        except VfioError as exc:
+            if self._fall_back(exc):
+                return self.open_device(name)
             raise
+
+    def _open_cdev(self, info: PciDeviceInfo) -> "Device | None":
+        """iommufd: open the device's cdev, VFIO_DEVICE_BIND_IOMMUFD, then
+        VFIO_DEVICE_ATTACH_IOMMUFD_PT to the IOAS.  None when the device has
+        no cdev this process can open (the group path is tried next)."""
+        from .device import Device
+        if info.vfio_dev is None:
+            return None
+        path = f"/dev/vfio/devices/{info.vfio_dev}"
+        backend = self.backend
+        try:
+            fd = backend.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENXIO, errno.ENODEV):
+                return None
+            raise wrap(exc, f"Device({info.bdf})", f'open("{path}")') from None
+        obj = f"Device({info.bdf})"
+        try:
+            bind = uapi.vfio_device_bind_iommufd(argsz=ctypes.sizeof(uapi.vfio_device_bind_iommufd), iommufd=self.fd)
+            buf = as_buffer(bind)
+            syscall(obj, "VFIO_DEVICE_BIND_IOMMUFD", lambda: backend.ioctl(fd, uapi.VFIO_DEVICE_BIND_IOMMUFD, buf),
+                    {"bdf": info.bdf, "group": info.iommu_group})
+            devid = int(from_buffer(uapi.vfio_device_bind_iommufd, buf).out_devid)
+            attach = uapi.vfio_device_attach_iommufd_pt(argsz=ctypes.sizeof(uapi.vfio_device_attach_iommufd_pt),
+                                                        pt_id=self.ioas_id)
+            abuf = as_buffer(attach)
+            syscall(obj, "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
+                    lambda: backend.ioctl(fd, uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, abuf),
+                    {"bdf": info.bdf, "ioas": self.ioas_id})
+            dev = Device(None, info.bdf, fd, container=self, devid=devid, cdev=path)
+        except BaseException:
+            backend.close(fd)
+            raise
+        self.devices[info.bdf] = dev
+        self._read_info()                   # the device's IOMMU narrowed the IOAS's ranges
+        return dev
+
+    def _forget_device(self, dev: "Device") -> None:
+        if self.devices.get(dev.name_in_group) is dev:
+            del self.devices[dev.name_in_group]
 
     # -- the IOMMU -------------------------------------------------------------------------------------
 
@@ -227,6 +397,10 @@ class Container:
         constructor's ``iommu=`` names one); returns the type."""
         self._check_open("set_iommu()")
         want = _iommu_code(iommu) if iommu is not None else self._iommu_request
+        if want == IOMMUFD and not self.iommufd:
+            raise VfioUsageError(errno.EINVAL, self.name, "set_iommu()",
+                                 detail="this container is /dev/vfio/vfio; iommufd is /dev/iommu",
+                                 fix="make the container with Container(iommu='iommufd')")
         if self.iommu_type is not None:
             if want is not None and want != self.iommu_type:
                 raise VfioUsageError(errno.EBUSY, self.name, "set_iommu()",
@@ -265,7 +439,10 @@ class Container:
     def _read_info(self) -> None:
         t = self.iommu_type
         assert t is not None
-        if t in _TYPE1:
+        if t == IOMMUFD:
+            ioas_ranges, alignment = self.iova_ranges()
+            self.info = IommuInfo(t, iommu_name(t), alignment, tuple(ioas_ranges))
+        elif t in _TYPE1:
             buf = query_with_caps(lambda b: self.ioctl(uapi.VFIO_IOMMU_GET_INFO, b), uapi.vfio_iommu_type1_info)
             s = from_buffer(uapi.vfio_iommu_type1_info, buf)
             pgsizes = int(s.iova_pgsizes) if s.flags & uapi.VFIO_IOMMU_INFO_PGSIZES else self.backend.page_size
@@ -285,6 +462,40 @@ class Container:
                                int(info.dma32_window_start) + int(info.dma32_window_size) - 1, 4096)
             self.info = IommuInfo(t, iommu_name(t), 4096, (window,), ddw)
         self._iova.set_ranges(list(self.info.ranges))
+
+    def iova_ranges(self) -> tuple[list[IovaRange], int]:
+        """iommufd: IOMMU_IOAS_IOVA_RANGES of the IOAS, and the IOVA alignment
+        (the largest IOMMU page size of the attached devices, at least the
+        CPU page) -- what every attached device's IOMMU can map."""
+        self._check_open("iova_ranges()")
+        if not self.iommufd:
+            raise VfioUsageError(errno.ENOTTY, self.name, "iova_ranges()", detail="not an iommufd container",
+                                 fix="use iommu_info().ranges")
+        cmd = iu.iommu_ioas_iova_ranges(size=ctypes.sizeof(iu.iommu_ioas_iova_ranges), ioas_id=self.ioas_id)
+        # First with no room: EMSGSIZE, with the number of ranges written back.
+        buf = as_buffer(cmd)
+        try:
+            self.backend.ioctl(self.fd, iu.IOMMU_IOAS_IOVA_RANGES, buf)
+        except OSError as exc:
+            if exc.errno != errno.EMSGSIZE:
+                raise wrap(exc, self.name, "IOMMU_IOAS_IOVA_RANGES") from None
+        cmd = from_buffer(iu.iommu_ioas_iova_ranges, buf)
+        n = int(cmd.num_iovas)
+        ranges: list[tuple[int, int]] = []
+        if n:
+            width = ctypes.sizeof(iu.iommu_iova_range)
+            mem = self.backend.alloc(n * width)
+            try:
+                cmd.allowed_iovas = mem.addr
+                self.ioctl(iu.IOMMU_IOAS_IOVA_RANGES, cmd)
+                raw = bytes(mem.view[:int(cmd.num_iovas) * width])
+            finally:
+                mem.release()
+            for i in range(int(cmd.num_iovas)):
+                r = iu.iommu_iova_range.from_buffer_copy(raw, i * width)
+                ranges.append((int(r.start), int(r.last)))
+        align = int(cmd.out_iova_alignment) or self.backend.page_size
+        return [IovaRange(lo, hi, align) for lo, hi in ranges], align
 
     def iommu_info(self) -> IommuInfo:
         """The IOMMU's page sizes and IOVA ranges (sets the IOMMU up if needed)."""
@@ -492,6 +703,10 @@ class Container:
             raise
 
     def _map_ioctl(self, vaddr: int, iova: int, size: int, flags: int) -> None:
+        if self.iommufd:
+            self._ioas_map(vaddr, iova, size, flags)
+            return
+
         def one(va: int, io: int, n: int) -> None:
             s = uapi.vfio_iommu_type1_dma_map(argsz=ctypes.sizeof(uapi.vfio_iommu_type1_dma_map), flags=flags,
                                               vaddr=va, iova=io, size=n)
@@ -528,7 +743,32 @@ class Container:
                     self._unmap_ioctl(iova, done)
                 raise exc from None
 
+    def _ioas_map(self, vaddr: int, iova: int, size: int, flags: int) -> None:
+        """IOMMU_IOAS_MAP at the IOVA the client chose (FIXED_IOVA)."""
+        iflags = iu.IOMMU_IOAS_MAP_FIXED_IOVA
+        if flags & uapi.VFIO_DMA_MAP_FLAG_READ:
+            iflags |= iu.IOMMU_IOAS_MAP_READABLE
+        if flags & uapi.VFIO_DMA_MAP_FLAG_WRITE:
+            iflags |= iu.IOMMU_IOAS_MAP_WRITEABLE
+        cmd = iu.iommu_ioas_map(size=ctypes.sizeof(iu.iommu_ioas_map), flags=iflags, ioas_id=self.ioas_id,
+                                user_va=vaddr, length=size, iova=iova)
+        ctx: dict[str, Any] = {"iova": f"{iova:#x}", "size": f"{size:#x}",
+                               "windows": ", ".join(str(r) for r in self._iova.ranges)}
+        ctx.update(self._memlock_ctx(size))
+        ctx["locked_bytes"] = None
+        ctx["memlock_note"] = ("iommufd charges the pages it pins to the user, every process of the uid together "
+                               "(user->locked_vm), which /proc does not show")
+        self.ioctl(iu.IOMMU_IOAS_MAP, cmd, ctx=ctx)
+
     def _unmap_ioctl(self, iova: int, size: int) -> None:
+        if self.iommufd:
+            cmd = iu.iommu_ioas_unmap(size=ctypes.sizeof(iu.iommu_ioas_unmap), ioas_id=self.ioas_id, iova=iova,
+                                      length=size)
+            self.ioctl(iu.IOMMU_IOAS_UNMAP, cmd)
+            if cmd.length != size:
+                raise VfioError(errno.EINVAL, self.name, "IOMMU_IOAS_UNMAP",
+                                detail=f"unmapping {hexrange(iova, size)} unmapped {int(cmd.length):#x} bytes")
+            return
         s = uapi.vfio_iommu_type1_dma_unmap(argsz=ctypes.sizeof(uapi.vfio_iommu_type1_dma_unmap), iova=iova, size=size)
         ret = self.ioctl(uapi.VFIO_IOMMU_UNMAP_DMA, s)
         if ret != 0 or (self.iommu_type in _TYPE1 and s.size != size):
@@ -609,7 +849,10 @@ class Container:
         return errors
 
     def _iommu_released(self) -> None:
-        """The last group left: the kernel released the IOMMU backend."""
+        """The last group left: the kernel released the IOMMU backend (an
+        iommufd's IOAS stays, with its mappings)."""
+        if self.iommufd:
+            return
         self.iommu_type = None
         self.info = None
         self.enabled = False
@@ -628,6 +871,8 @@ class Container:
             except BaseException as exc:
                 errors.append(exc)
 
+        for d in list(self.devices.values()):
+            attempt(d.close)
         for g in list(self.groups.values()):
             for d in list(g.devices.values()):
                 attempt(d.close)
@@ -654,7 +899,11 @@ class Container:
 
     def __repr__(self) -> str:
         iommu = iommu_name(self.iommu_type) if self.iommu_type is not None else "no IOMMU yet"
+        if self.iommufd:
+            iommu += f" IOAS {self.ioas_id}"
         state = "closed" if self.closed else f"groups {sorted(self.groups)}, {len(self.mappings)} mapping(s)"
+        if self.devices and not self.closed:
+            state += f", cdevs {sorted(self.devices)}"
         return f"<{self.name} {iommu}, {state}>"
 
 
@@ -758,6 +1007,8 @@ class Group:
             backend.close(fd)
             raise
         self.devices[name] = dev
+        if self.container.iommufd:
+            self.container._read_info()     # the device attached to the IOAS, narrowing its ranges
         return dev
 
     def _forget_device(self, dev: "Device") -> None:
@@ -776,7 +1027,7 @@ class Group:
                 errors.append(exc)
         c = self.container
         last = list(c.groups.values()) == [self]
-        if last and not c.closed:
+        if last and not c.closed and not c.iommufd:
             errors.extend(c._release_dma())     # the kernel would drop them with the IOMMU anyway
         backend = c.backend
         try:

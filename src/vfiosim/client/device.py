@@ -42,12 +42,25 @@ _FMT: dict[int, Literal["B", "H", "I", "Q"]] = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 
 class Device:
-    """An open VFIO device fd (``Group.device()`` or ``Container.open_device()``)."""
+    """An open VFIO device fd (``Group.device()`` or ``Container.open_device()``).
 
-    def __init__(self, group: "Group", name: str, fd: int, *, mmap: bool = True) -> None:
+    A device opened through its group has ``group``; one opened through its
+    cdev (iommufd) has ``group`` None, ``cdev`` (``/dev/vfio/devices/vfioN``)
+    and ``devid``, its id in the container's iommufd.
+    """
+
+    def __init__(self, group: "Group | None", name: str, fd: int, *, mmap: bool = True,
+                 container: "Container | None" = None, devid: int | None = None, cdev: str | None = None) -> None:
         self.group = group
-        self.container: "Container" = group.container
+        if group is not None:
+            container = group.container
+        if container is None:
+            raise VfioUsageError(errno.EINVAL, f"Device({name})", "Device()", detail="a device needs a group or a "
+                                 "container", fix="open it with Container.open_device() or Group.device()")
+        self.container: "Container" = container
         self.name_in_group = name
+        self.devid = devid
+        self.cdev = cdev
         self.fd = fd
         self.closed = False
         #: whether regions may use mmap where the kernel allows it
@@ -254,7 +267,10 @@ class Device:
         except BaseException as exc:
             errors.append(exc)
         self.closed = True
-        self.group._forget_device(self)
+        if self.group is not None:
+            self.group._forget_device(self)
+        else:
+            self.container._forget_device(self)
         if self._owned_container is not None:
             try:
                 self._owned_container.close()

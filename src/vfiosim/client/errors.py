@@ -175,6 +175,38 @@ _TABLE: dict[tuple[str, int], _Explainer] = {
         "map fewer, larger buffers, or raise the module parameter dma_entry_limit"),
     ("VFIO_IOMMU_MAP_DMA", _errno.EFAULT): _static(
         "the buffer is not mapped (or not writable) in this process", "map memory the process owns"),
+    ("open iommufd", _errno.ENOENT): _static(
+        "there is no /dev/iommu: the kernel is built without CONFIG_IOMMUFD (Debian's 6.12 is), or the iommufd "
+        "module is not loaded",
+        "`modprobe iommufd`, or use the VFIO container: iommu=None (automatic) or a VFIO type ('type1v2')"),
+    ("open iommufd", _errno.EACCES): _static(
+        "/dev/iommu is not accessible to this user (root's, mode 0660, by default)",
+        "a udev rule giving the user /dev/iommu (and /dev/vfio/devices/vfioN), or run as root"),
+    ("VFIO_DEVICE_BIND_IOMMUFD", _errno.EPERM): _static(
+        "the IOMMU cannot isolate the device's MSIs (no interrupt remapping), so iommufd refuses to bind it",
+        "enable interrupt remapping (firmware, intremap=on), or accept the risk with `modprobe iommufd "
+        "allow_unsafe_interrupts=1`"),
+    ("VFIO_DEVICE_BIND_IOMMUFD", _errno.EBUSY): _static(
+        "group {group} is open through /dev/vfio/{group} (by this program or another): a device is used through "
+        "its group or through its cdev, not both", "close the group (or open the device through it)"),
+    ("VFIO_DEVICE_BIND_IOMMUFD", _errno.EOPNOTSUPP): _static(
+        "the device's IOMMU driver gives iommufd no paging domain (POWER's sPAPR TCE IOMMU in Linux 6.12)",
+        "use /dev/vfio/vfio with the sPAPR IOMMU (iommu=None or 'spapr-v2')"),
+    ("VFIO_DEVICE_BIND_IOMMUFD", _errno.EINVAL): _static(
+        "the device's IOMMU cannot do cache-coherent DMA, which iommufd requires",
+        "use /dev/vfio/vfio (iommu='type1v2')"),
+    ("VFIO_DEVICE_ATTACH_IOMMUFD_PT", _errno.EADDRINUSE): _static(
+        "a mapping of the IOAS lies in a region the device's IOMMU reserves (the MSI window 0xfee00000-0xfeefffff "
+        "on x86)", "unmap it and map elsewhere (leave iova=None), or attach devices before mapping"),
+    ("IOMMU_IOAS_MAP", _errno.ENOMEM): _memlock("IOMMU_IOAS_MAP pins the buffer for the attached devices and"),
+    ("IOMMU_IOAS_MAP", _errno.EEXIST): _static(
+        "IOVA range {iova}+{size} overlaps an existing mapping of the IOAS", "unmap it first or choose another IOVA"),
+    ("IOMMU_IOAS_MAP", _errno.EINVAL): _static(
+        "IOVA {iova}+{size} is not usable in the IOAS: not aligned to its IOVA alignment, or in a region an "
+        "attached device's IOMMU reserves (usable: {windows})",
+        "map inside a range, aligned (leave iova=None so the client allocates one)"),
+    ("IOMMU_IOAS_MAP", _errno.EFAULT): _static(
+        "the buffer is not mapped (or not writable) in this process", "map memory the process owns"),
     ("VFIO_GROUP_GET_DEVICE_FD", _errno.ENODEV): _static(
         "group {group} has no device {name!r}; it has: {devices}", "use one of those names (the PCI address)"),
     ("VFIO_GROUP_GET_DEVICE_FD", _errno.EBUSY): _static(

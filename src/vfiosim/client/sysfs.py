@@ -1,7 +1,7 @@
 """Device discovery: the PCI devices of sysfs, as the client sees them.
 
 On a real host the :class:`~vfiosim.client.backend.RealBackend` reads
-``/sys/bus/pci/devices/*/{vendor,device,class,iommu_group,driver}``; the
+``/sys/bus/pci/devices/*/{vendor,device,class,iommu_group,driver,vfio-dev}``; the
 :class:`~vfiosim.client.backend.SimBackend` builds the same records from its
 simulated machine.  Either way the user gets :class:`PciDeviceInfo` values
 and filters them with :func:`select_devices`.
@@ -32,6 +32,9 @@ class PciDeviceInfo:
     class_code: int             #: ``class``: base, sub-class and prog-if (0x00ff00)
     iommu_group: int | None     #: the ``iommu_group`` link's number, None without an IOMMU
     driver: str | None          #: the bound driver (``vfio-pci``), None when unbound
+    #: the VFIO device's name (``vfio-dev/vfioN``: its cdev is /dev/vfio/devices/vfioN
+    #: when the kernel has CONFIG_VFIO_DEVICE_CDEV), None when VFIO has not got it
+    vfio_dev: str | None = None
 
     @property
     def ids(self) -> str:
@@ -114,8 +117,19 @@ def read_sysfs_devices(root: str, listdir: Callable[[str], list[str]], read_text
             continue
         out.append(PciDeviceInfo(bdf=normalize_bdf(name), vendor=vendor, device=device, class_code=class_code,
                                  iommu_group=_link_number(readlink, f"{path}/iommu_group"),
-                                 driver=_link_name(readlink, f"{path}/driver")))
+                                 driver=_link_name(readlink, f"{path}/driver"),
+                                 vfio_dev=_vfio_dev(listdir, path)))
     return out
+
+
+def _vfio_dev(listdir: Callable[[str], list[str]], path: str) -> str | None:
+    """``vfio-dev/vfioN`` (Linux 6.1+: vfio_device_add() registers every VFIO
+    device in the vfio-dev class, cdev or not)."""
+    try:
+        names = [n for n in listdir(f"{path}/vfio-dev") if n.startswith("vfio")]
+    except OSError:
+        return None
+    return sorted(names)[0] if names else None
 
 
 def _link_name(readlink: Callable[[str], str], path: str) -> str | None:

@@ -33,6 +33,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..uapi import iommufd as iu
 from ..uapi import vfio as uapi
 from .backend import HostOs, _Buffer
 
@@ -79,7 +80,8 @@ class SimulatedHost(HostOs):
         self.process.close(fd)
 
     def ioctl(self, fd: int, request: int, arg: int | bytearray) -> int:
-        self._record("ioctl", fd, uapi.ioctl_name(request & 0xFFFFFFFF) or hex(request),
+        self._record("ioctl", fd, uapi.ioctl_name(request & 0xFFFFFFFF) or iu.ioctl_name(request & 0xFFFFFFFF)
+                     or hex(request),
                      arg if isinstance(arg, int) else bytes(arg))
         ret = self.process.ioctl(fd, request, arg)
         if request == uapi.VFIO_DEVICE_GET_REGION_INFO and isinstance(arg, bytearray):
@@ -196,6 +198,9 @@ class SimulatedHost(HostOs):
                          "@iommu_group": f"../../../../kernel/iommu_groups/{gid}"}
                 if d.driver:
                     entry["@driver"] = f"../../../../bus/pci/drivers/{d.driver}"
+                vfio_dev = self.machine.vfio_dev(d.bdf)
+                if vfio_dev is not None:
+                    entry["/vfio-dev"] = vfio_dev
                 out[d.bdf] = entry
         return out
 
@@ -203,6 +208,11 @@ class SimulatedHost(HostOs):
         self._record("listdir", path)
         if path.rstrip("/") == "/sys/bus/pci/devices":
             return sorted(self._sysfs())
+        prefix = "/sys/bus/pci/devices/"
+        if path.startswith(prefix) and path.rstrip("/").endswith("/vfio-dev"):
+            entry = self._sysfs().get(path[len(prefix):].split("/")[0], {})
+            if "/vfio-dev" in entry:
+                return [entry["/vfio-dev"]]
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
 
     def _lookup(self, path: str, link: bool) -> str:

@@ -65,6 +65,9 @@ DEVIATIONS: dict[str, str] = {
          "by another mapping are charged to locked_vm again, as Linux 6.12 does (vfio_pin_pages_remote)",
     # -- simplified --------------------------------------------------------------------------------
     "10": "vfio-pci {bdf}: low power entry; the device stays in D0 (Linux would let it suspend)",
+    # -- iommufd -----------------------------------------------------------------------------------
+    "11": "IOMMU_HWPT_GET_DIRTY_BITMAP: {lost} dirty bit(s) were not recorded: the bitmap at {data:#x} could not be "
+          "pinned for writing; Linux 6.12's iova_bitmap_set() drops them and the ioctl succeeds",
 }
 
 

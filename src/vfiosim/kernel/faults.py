@@ -101,6 +101,20 @@ SITES: dict[str, str] = {
     "account_locked_vm:vfio_lock_acct": "MAP_DMA charges a contiguous run of pinned pages",
     "iommu_map:vfio_iommu_map": "mapping a contiguous run into a domain",
     "kmalloc:vfio_dma_bitmap_alloc": "kvzalloc() of a mapping's dirty bitmap (DIRTY_PAGES start)",
+    # iommufd (drivers/iommu/iommufd/) on VT-d
+    "kmalloc:_iommufd_object_alloc": "kzalloc of any iommufd object (IOAS, HWPT, device, fault) before its id",
+    "kmalloc:iopt_alloc_pages": "kzalloc(struct iopt_pages) for the user memory of IOAS_MAP",
+    "kmalloc:iopt_area_alloc": "kzalloc(struct iopt_area) for each new mapping (IOAS_MAP, IOAS_COPY)",
+    "kmalloc:iopt_get_pages": "kzalloc of the iopt_pages_list element IOAS_COPY takes from its source",
+    "kmalloc:iopt_reserve_iova": "kzalloc(struct iopt_reserved) for a device's reserved region",
+    "kmalloc:iommufd_ioas_load_iovas": "kzalloc(struct iopt_allowed) for each range of IOAS_ALLOW_IOVAS",
+    "kmalloc:iopt_area_split": "kzalloc(struct iopt_area) of the halves when the Type1-compat UNMAP_DMA "
+                               "cuts an area (iopt_cut_iova(), with huge pages off)",
+    "kmalloc:paging_domain_alloc": "kzalloc(struct dmar_domain) in intel_iommu_domain_alloc_user() (HWPT_ALLOC)",
+    "pin_user_pages:pfn_reader_user_pin": "pin_user_pages_fast(FOLL_LONGTERM) of a batch of an iopt_pages",
+    "account_locked_vm:incr_user_locked_vm": "the per-user charge (IOPT_PAGES_ACCOUNT_USER) of newly pinned pages",
+    "account_locked_vm:update_mm_locked_vm": "the per-mm charge (IOPT_PAGES_ACCOUNT_MM) of newly pinned pages",
+    "iommu_map:batch_to_domain": "iommu_map() of a run of an area's pages into a domain (one call a run)",
 }
 
 OPAL_HARDWARE = -6

@@ -16,6 +16,7 @@ from errno import EBADF, EINVAL, EIO, EISDIR, ENODEV, ENOENT, ENOTDIR, ESPIPE
 from typing import TYPE_CHECKING, Callable
 
 from ..uapi import vfio as uapi
+from .config import DEBIAN, KernelConfig
 from .cred import Cred
 from .errors import KernelError, fail
 from .eventfd import EFD_CLOEXEC, EFD_NONBLOCK, EFD_SEMAPHORE, EventFd
@@ -27,6 +28,7 @@ from .syscall import SyscallGate
 from .platform.base import Platform
 from .task import Task
 from .uaccess import get_user_s32
+from .user import UserTable
 from .iommu.spapr_tce import SpaprTceIommuDriver
 from .iommu.spapr_tce_310 import SpaprTce310IommuDriver
 from .vfio.iommu_driver import VfioIommuDriver
@@ -60,6 +62,9 @@ class KernelProfile:
     pnv_ioda2_default_window: bool
     # VFIO_EEH and VFIO_EEH_PE_OP exist.
     vfio_eeh: bool
+    # CONFIG_IOMMUFD and CONFIG_VFIO_DEVICE_CDEV exist (Linux 6.2 and 6.6), and
+    # so do sysfs's vfio-dev/vfioN (6.1): the kernel configuration may ask for them.
+    iommufd: bool
 
     @staticmethod
     def get(version: str) -> "KernelProfile":
@@ -73,9 +78,9 @@ class KernelProfile:
 # ("vfio powerpc: implement IOMMU driver for VFIO").
 _PROFILES = {
     "6.12": KernelProfile("6.12", VFIO_CORE_6_12, SpaprTceIommuDriver, platforms=("powernv", "pseries", "x86"),
-                          power_iommu_api=True, pnv_ioda2_default_window=True, vfio_eeh=True),
+                          power_iommu_api=True, pnv_ioda2_default_window=True, vfio_eeh=True, iommufd=True),
     "3.10": KernelProfile("3.10", VFIO_CORE_3_10, SpaprTce310IommuDriver, platforms=("powernv",),
-                          power_iommu_api=False, pnv_ioda2_default_window=False, vfio_eeh=False),
+                          power_iommu_api=False, pnv_ioda2_default_window=False, vfio_eeh=False, iommufd=False),
 }
 KERNEL_PROFILES = tuple(_PROFILES)
 
@@ -83,7 +88,7 @@ KERNEL_PROFILES = tuple(_PROFILES)
 class Kernel:
     """One simulated machine's kernel."""
 
-    def __init__(self, page_size: int, profile: KernelProfile) -> None:
+    def __init__(self, page_size: int, profile: KernelProfile, config: KernelConfig = DEBIAN) -> None:
         if page_size not in (4096, 65536):
             raise ValueError(f"page_size must be 4096 or 65536, not {page_size}")
         self.page_size = page_size
@@ -95,8 +100,20 @@ class Kernel:
         self.phys = PhysicalMemory(page_size)
         self.phys.faults = self.faults
         self.phys.log = self.log.warn
+        self.config = config
+        self.users = UserTable()
+        # iommufd's module parameter allow_unsafe_interrupts; pr_info_once state.
+        self.iommufd_allow_unsafe_interrupts = False
+        self.iommufd_compat_announced = False
         self.vfio = Vfio(self, profile.vfio)
-        self.dev_nodes: dict[str, DeviceNode] = {"/dev/vfio/vfio": self.vfio.container_node()}
+        self.dev_nodes: dict[str, DeviceNode] = {}
+        if config.vfio_container:
+            self.dev_nodes["/dev/vfio/vfio"] = self.vfio.container_node()
+        if config.iommufd:
+            from .iommufd import iommu_node, vfio_container_node
+            self.dev_nodes["/dev/iommu"] = iommu_node(self)
+            if config.iommufd_vfio_container:
+                self.dev_nodes["/dev/vfio/vfio"] = vfio_container_node(self)
         self.devices: dict[str, "PciDevice"] = {}
         self.iommu_groups: dict[int, "IommuGroup"] = {}
         # The machine's IOMMU hardware; the platform builder (vfiosim/platforms.py) sets it.
@@ -185,7 +202,7 @@ class Kernel:
         norm = os.path.normpath(path) if path else path
         node = self.dev_nodes.get(norm)
         if node is None:
-            if norm in ("/", "/dev", "/dev/vfio"):
+            if norm in ("/", "/dev", "/dev/vfio") or (norm == "/dev/vfio/devices" and self.config.vfio_device_cdev):
                 if flags & O_ACCMODE != os.O_RDONLY:
                     raise fail(EISDIR, f"{path} is a directory")
                 task.files.check_free()

@@ -8,7 +8,7 @@ that is not mapped with the needed access.
 from __future__ import annotations
 
 import ctypes
-from errno import EFAULT, EINVAL
+from errno import E2BIG, EFAULT, EINVAL
 from typing import TYPE_CHECKING, TypeVar
 
 from .errors import fail
@@ -25,6 +25,10 @@ def copy_from_user(current: "Task", addr: int, n: int) -> bytes:
 
 def copy_to_user(current: "Task", addr: int, data: bytes) -> None:
     current.mm.write(addr, data)
+
+
+def clear_user(current: "Task", addr: int, n: int) -> None:
+    current.mm.write(addr, bytes(n))
 
 
 def copy_struct_from_user(current: "Task", addr: int, cls: type[S], minsz: int) -> S:
@@ -68,3 +72,53 @@ def strndup_user(current: "Task", addr: int, n: int) -> str:
         out += data
         pos += chunk
     raise fail(EINVAL, f"string at {addr:#x} is longer than {n} bytes")
+
+
+def get_user_u32(current: "Task", addr: int) -> int:
+    return int.from_bytes(current.mm.read(addr, 4), "little")
+
+
+# x86-64 with 4-level paging: access_ok() accepts [ptr, ptr+size) when it ends
+# in user space without wrapping (USER_PTR_MAX = TASK_SIZE_MAX - 1).
+USER_PTR_MAX = (1 << 47) - 4096 - 1
+
+
+def user_access_ok(addr: int, size: int) -> bool:
+    return addr + size <= USER_PTR_MAX
+
+
+def check_zeroed_user(current: "Task", addr: int, size: int) -> bool:
+    """check_zeroed_user() (lib/usercopy.c): True when all ``size`` bytes are
+    zero.  It reads word by word from the start and stops at the first
+    non-zero word, so a fault past a non-zero byte is never reached: that
+    is "not zeroed", and a fault before any non-zero byte is EFAULT."""
+    if size == 0:
+        return True
+    if not user_access_ok(addr, size):
+        raise fail(EFAULT, f"{addr:#x}+{size:#x} is not user memory")
+    mm = current.mm
+    pos, end = addr, addr + size
+    chunk = 1 << 20
+    while pos < end:
+        vma = mm.find_vma(pos)
+        if vma is None or not vma.readable():
+            raise fail(EFAULT, f"address {pos:#x} is not mapped")
+        stop = min(end, vma.end, pos + chunk)
+        if any(mm.read(pos, stop - pos)):
+            return False
+        pos = stop
+    return True
+
+
+def copy_struct_from_user_sized(current: "Task", addr: int, cls: type[S], usize: int, call: str = "") -> S:
+    """copy_struct_from_user(dst, ksize, src, usize) (include/linux/uaccess.h):
+    the extensible-struct rule.  A shorter user struct is zero-extended; a
+    longer one is accepted only if the bytes past the kernel's struct are
+    zero (E2BIG otherwise, EFAULT if they cannot be read first)."""
+    ksize = ctypes.sizeof(cls)
+    size = min(ksize, usize)
+    if usize > ksize and not check_zeroed_user(current, addr + ksize, usize - ksize):
+        raise fail(E2BIG, f"{call}: size {usize} is larger than this kernel's struct ({ksize} bytes) and the extra "
+                          f"bytes are not zero")
+    raw = current.mm.read(addr, size)
+    return cls.from_buffer_copy(raw.ljust(ksize, b"\0"))

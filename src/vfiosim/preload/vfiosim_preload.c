@@ -151,9 +151,13 @@ static void resolve(void)
 /* ---------------------------------------------------------------- state */
 
 #define VFD_MAX 65536
-enum { K_NONE = 0, K_CONTAINER, K_GROUP, K_DEVICE };
+enum { K_NONE = 0, K_CONTAINER, K_GROUP, K_DEVICE, K_IOMMUFD, K_CDEV };
 static unsigned char vfd[VFD_MAX];      /* kind of each simulated fd */
-static int vminor[VFD_MAX];             /* group number of group fds */
+static int vminor[VFD_MAX];             /* group number of group fds, N of a /dev/vfio/devices/vfioN fd */
+/* The simulated kernel's /dev/iommu (a misc device) and the vfio-dev cdev major;
+ * transport/sysfs.py writes the same numbers into the fake /dev. */
+#define IOMMUFD_MISC_MINOR 123
+#define VFIO_CDEV_MAJOR 511
 
 static int active;                      /* $VFIOSIM_SOCKET is set */
 static int sock_fd = -1;
@@ -615,7 +619,9 @@ static int classify(int dirfd, const char *path, char *buf, size_t bufsz)
     char n[PATH_MAX];
     if (normalize(path, n, sizeof n) < 0)
         return P_NONE;
-    if (strncmp(n, "/dev/vfio/", 10) == 0 && n[10]) {
+    /* /dev/iommu is the simulated kernel's too: it exists exactly when the
+     * machine's kernel has CONFIG_IOMMUFD, whatever the host has. */
+    if ((strncmp(n, "/dev/vfio/", 10) == 0 && n[10]) || strcmp(n, "/dev/iommu") == 0) {
         snprintf(buf, bufsz, "%s", n);
         return P_NODE;
     }
@@ -717,13 +723,23 @@ static int status_open(const char *path, int flags)
 static int vfio_open(const char *path, int flags, mode_t mode)
 {
     const char *name = path + 10;     /* after "/dev/vfio/" */
-    int kind = strcmp(name, "vfio") == 0 ? K_CONTAINER : K_GROUP;
-    int minor = kind == K_GROUP ? atoi(name) : 0;
+    int kind, minor = 0;
     char label[64];
-    if (kind == K_CONTAINER)
+    if (strcmp(path, "/dev/iommu") == 0) {
+        kind = K_IOMMUFD;
+        snprintf(label, sizeof label, "vfiosim:iommufd");
+    } else if (strncmp(name, "devices/vfio", 12) == 0) {
+        kind = K_CDEV;                /* a device cdev: the device fd itself */
+        minor = atoi(name + 12);
+        snprintf(label, sizeof label, "vfiosim:device:cdev:%d", minor);
+    } else if (strcmp(name, "vfio") == 0) {
+        kind = K_CONTAINER;
         snprintf(label, sizeof label, "vfiosim:container");
-    else
+    } else {
+        kind = K_GROUP;
+        minor = atoi(name);
         snprintf(label, sizeof label, "vfiosim:group:%d", minor);
+    }
     int ph = memfd_create(label, (flags & O_CLOEXEC) ? MFD_CLOEXEC : 0);
     if (ph < 0)
         return -1;
@@ -1174,6 +1190,14 @@ static void patch_fd_stat(int fd, struct stat *st)
     case K_DEVICE:
         st->st_mode = 0600;            /* an anonymous inode */
         st->st_rdev = 0;
+        break;
+    case K_CDEV:
+        st->st_mode = S_IFCHR | 0600;
+        st->st_rdev = makedev(VFIO_CDEV_MAJOR, vminor[fd]);
+        break;
+    case K_IOMMUFD:
+        st->st_mode = S_IFCHR | 0660;
+        st->st_rdev = makedev(10, IOMMUFD_MISC_MINOR);
         break;
     }
     st->st_size = 0;
@@ -2050,6 +2074,10 @@ __attribute__((constructor)) static void vfiosim_init(void)
                 set_vfio(fd, K_CONTAINER, 0);
             else if (strncmp(kind, "group:", 6) == 0)
                 set_vfio(fd, K_GROUP, atoi(kind + 6));
+            else if (strncmp(kind, "iommufd", 7) == 0)
+                set_vfio(fd, K_IOMMUFD, 0);
+            else if (strncmp(kind, "device:cdev:", 12) == 0)
+                set_vfio(fd, K_CDEV, atoi(kind + 12));
             else
                 set_vfio(fd, K_DEVICE, 0);
             found = 1;

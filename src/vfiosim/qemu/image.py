@@ -213,7 +213,8 @@ def system_archives(codename: str, etc_apt: str = "/etc/apt") -> list[tuple[str,
 
 
 class GuestApt:
-    """apt-get/apt-cache with a private state for the guest architecture."""
+    """apt-get/apt-cache with a private state for one architecture (the guest's,
+    ppc64el, unless told otherwise): no root, nothing of the host's apt changed."""
 
     def __init__(self, root: Path, log: Log = _quiet, arch: str = GUEST_ARCH) -> None:
         self.root = root

@@ -459,7 +459,12 @@ def report_conformance(c: Conformance, out: Any, *, details: bool = True) -> Non
 
 
 def default_traces_dir() -> Path:
-    """The conformance traces of a source checkout (tests/data/conformance)."""
+    """The conformance traces of a source checkout (tests/data/conformance): the one
+    vfiosim runs from, else the one in the current directory (an installed vfiosim)."""
+    for top in (HERE.parent.parent.parent, Path.cwd()):
+        candidate = top / "tests" / "data" / "conformance"
+        if candidate.is_dir():
+            return candidate
     return HERE.parent.parent.parent / "tests" / "data" / "conformance"
 
 

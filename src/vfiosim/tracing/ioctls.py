@@ -18,6 +18,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from ..uapi import iommufd as iu
 from ..uapi import vfio as uapi
 
 # -- kinds of argument ------------------------------------------------------------------------------
@@ -65,7 +66,16 @@ LAYOUTS: dict[str, Layout] = {
     "VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY": Layout(STRUCT, uapi.vfio_iommu_spapr_register_memory),
     "VFIO_IOMMU_SPAPR_TCE_CREATE": Layout(STRUCT, uapi.vfio_iommu_spapr_tce_create),
     "VFIO_IOMMU_SPAPR_TCE_REMOVE": Layout(STRUCT, uapi.vfio_iommu_spapr_tce_remove),
+    # the device cdev (drivers/vfio/device_cdev.c)
+    "VFIO_DEVICE_BIND_IOMMUFD": Layout(STRUCT, uapi.vfio_device_bind_iommufd),
+    "VFIO_DEVICE_ATTACH_IOMMUFD_PT": Layout(STRUCT, uapi.vfio_device_attach_iommufd_pt),
+    "VFIO_DEVICE_DETACH_IOMMUFD_PT": Layout(STRUCT, uapi.vfio_device_detach_iommufd_pt),
 }
+# /dev/iommu: struct iommu_<name> of IOMMU_<NAME> (two are named otherwise); each
+# starts with its size, which the reader takes as it takes VFIO's argsz.
+_IOMMUFD_STRUCTS = {"IOMMU_GET_HW_INFO": "iommu_hw_info", "IOMMU_FAULT_QUEUE_ALLOC": "iommu_fault_alloc"}
+LAYOUTS.update({name: Layout(STRUCT, iu.STRUCTS[_IOMMUFD_STRUCTS.get(name, name.lower())]) for name in iu.IOCTLS})
+_IOMMUFD_BY_NR = {cmd & 0xFF: name for name, cmd in iu.IOCTLS.items()}
 
 #: Fields that hold an address in the program's memory: a replay substitutes its own
 #: memory (matched by mapping), and a comparison never compares them as numbers.
@@ -73,6 +83,7 @@ ADDRESS_FIELDS = {
     "VFIO_IOMMU_MAP_DMA": ("vaddr",),
     "VFIO_IOMMU_SPAPR_REGISTER_MEMORY": ("vaddr",),
     "VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY": ("vaddr",),
+    "IOMMU_IOAS_MAP": ("user_va",),
 }
 #: The dirty bitmap's buffer: the replay's own, always (its contents are compared).
 BITMAP_CMDS = ("VFIO_IOMMU_DIRTY_PAGES", "VFIO_IOMMU_UNMAP_DMA")
@@ -103,10 +114,15 @@ def base_offset(request: int) -> int | None:
 
 def ioctl_name(request: int, fd_kind: str, iommu: str = "") -> str | None:
     """The name of ``request`` on an fd of ``fd_kind``; ``iommu`` ("type1"/"spapr")
-    settles the container numbers the two IOMMU families share."""
+    settles the container numbers the two IOMMU families share.  An iommufd
+    ("iommufd") answers its own numbers (0x80 and up) and the container's."""
     off = base_offset(request)
     if off is None:
         return None
+    if fd_kind == "iommufd":
+        if (request & 0xFF) in _IOMMUFD_BY_NR:
+            return _IOMMUFD_BY_NR[request & 0xFF]
+        fd_kind = "vfio-container"
     key = (off, fd_kind, iommu == "spapr")
     if key not in _NAME_CACHE:
         names = [n for n, o in uapi.IOCTL_BASE_OFFSETS.items() if o == off]
@@ -144,11 +160,12 @@ def request_number(name: str) -> int:
 
 def struct_fields(obj: Any) -> dict[str, Any]:
     """A ctypes struct as a dict of its named fields (nested structs as dicts,
-    flexible arrays left out, reserved ``__`` fields skipped)."""
+    flexible arrays left out, reserved ``__`` fields and the 6.12 headers'
+    explicit tail ``pad`` skipped: they carry nothing)."""
     out: dict[str, Any] = {}
     for name, _ftype, *_ in obj._fields_:
         anonymous = name in getattr(obj, "_anonymous_", ())
-        if name.startswith("_") and not anonymous:
+        if (name.startswith("_") or name == "pad") and not anonymous:
             continue
         value = getattr(obj, name)
         if anonymous:

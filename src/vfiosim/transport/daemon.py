@@ -1040,7 +1040,7 @@ class Daemon:
         """Pages of an image that is gone and that DMA mappings still pin (in a
         container the new image, or another process, still holds): say what a
         device sees there."""
-        pages = mm.pinned_pages()
+        pages = mm.pinned_pages() if isinstance(mm, HostMM) else 0
         if pages:
             self.kernel.log.warn(f"vfiosim: pid {st.pid} {why} with {pages} of its pages still pinned by DMA "
                                  f"mappings: Linux keeps those pages; vfiosim can no longer read them, so a "

@@ -13,6 +13,7 @@ Linux has them, so the usual ways of finding a device work::
     /sys/devices/.../<bdf>/vfio-dev/vfio<M>/{uevent,subsystem,device,power/}
     /sys/class/vfio-dev/vfio<M> -> ../../devices/pci<dom>:<bus>/<bdf>/vfio-dev/vfio<M>
     /dev/vfio/vfio, /dev/vfio/<N>
+    /dev/iommu, /dev/vfio/devices/vfio<N>      (kernels with IOMMUFD, VFIO_DEVICE_CDEV)
 
 ``vfio-dev/vfio<M>`` is the struct device vfio_main.c registers for every
 VFIO device (__vfio_register_dev(): "vfio%d" of the vfio-dev class, parent
@@ -40,6 +41,10 @@ if TYPE_CHECKING:
 VFIO_GROUP_MAJOR = 243          # a dynamic char major, as /proc/devices shows "vfio"
 MISC_MAJOR = 10
 VFIO_MINOR = 196
+# /dev/iommu is a misc device with a dynamic minor, /dev/vfio/devices/vfioN the
+# "vfio-dev" region's dynamic major; the preload shim uses the same numbers.
+IOMMUFD_MISC_MINOR = 123
+VFIO_CDEV_MAJOR = 511
 
 # IORESOURCE_MEM | IORESOURCE_SIZEALIGN, plus PREFETCH / MEM_64 (include/linux/ioport.h)
 _IORESOURCE_MEM = 0x00000200
@@ -88,6 +93,8 @@ class FakeSysfs:
         m = self.machine
         k = m.kernel
         self._mkdir("/dev/vfio")
+        if k.config.vfio_device_cdev:
+            self._mkdir("/dev/vfio/devices")
         for path in k.dev_nodes:
             self.update_node(path)
         self._mkdir("/sys/bus/pci/devices")
@@ -170,10 +177,17 @@ class FakeSysfs:
         """(Re)write what stat() reports for a /dev/vfio node: its owner and mode
         (after a chown or chmod), replaced in one rename."""
         node = self.machine.kernel.dev_nodes.get(path)
-        if node is None or not path.startswith("/dev/vfio/"):
+        if node is None:
             return
-        name = path.rsplit("/", 1)[1]
-        major, minor = (MISC_MAJOR, VFIO_MINOR) if name == "vfio" else (VFIO_GROUP_MAJOR, int(name))
+        if path == "/dev/iommu":
+            major, minor = MISC_MAJOR, IOMMUFD_MISC_MINOR
+        elif path.startswith("/dev/vfio/devices/vfio"):
+            major, minor = VFIO_CDEV_MAJOR, int(path[len("/dev/vfio/devices/vfio"):])
+        elif path.startswith("/dev/vfio/"):
+            name = path.rsplit("/", 1)[1]
+            major, minor = (MISC_MAJOR, VFIO_MINOR) if name == "vfio" else (VFIO_GROUP_MAJOR, int(name))
+        else:
+            return
         tmp = self.path(path) + ".new"
         _write(tmp, f"{major} {minor} {node.mode:o} {node.uid} {node.gid}\n")
         os.replace(tmp, self.path(path))

@@ -13,6 +13,10 @@ per call, written when the call returns::
 ``args`` are the ioctl's struct fields as the program passed them (read from
 its memory before the call), ``out`` the fields the kernel changed, ``mem`` the
 mapping a user address lies in (so that a replay can match buffers by mapping).
+The iommufd ioctls of /dev/iommu (``fd_kind`` "iommufd", also /dev/vfio/vfio
+when iommufd serves it, whose VFIO numbers are then the Type1 container's)
+are decoded the same way, from their ``size``-first structs; so are the
+cdev's VFIO_DEVICE_BIND_IOMMUFD and ATTACH/DETACH_IOMMUFD_PT.
 Other calls: open (path, flags), close, read/pread/write/pwrite (count, offset,
 the bytes), dup, mmap (offset, length, prot), mmio (offset, size, value),
 munmap, fork, and ``exit`` events.  docs/trace-format.md is the schema;
@@ -191,7 +195,9 @@ class Tracer:
 
     def _ioctl_args(self, task: "Task", rec: dict[str, Any], cmd: int, arg: int) -> None:
         iommu = ""
-        if rec.get("fd_kind") == "vfio-container":
+        if rec.get("fd_kind") == "iommufd":
+            iommu = "type1"                                           # iommufd emulates Type1 only
+        elif rec.get("fd_kind") == "vfio-container":
             container = None
             try:
                 container = task.files.get(rec["fd"]).container      # type: ignore[attr-defined]
@@ -314,7 +320,8 @@ def _fmt_value(key: str, v: Any) -> str:
         return "[" + ", ".join(_fmt_value(key, x) for x in v) + "]"
     if isinstance(v, int) and not isinstance(v, bool) and v > 0:
         if key in ("vaddr", "iova", "offset", "start_addr", "buf", "dma32_window_start", "flags", "ptr", "value",
-                   "mask", "addr", "arg", "iova_pgsizes", "pgsizes"):
+                   "mask", "addr", "arg", "iova_pgsizes", "pgsizes", "user_va", "dst_iova", "src_iova",
+                   "allowed_iovas", "data_uptr", "out_iova_alignment", "page_size", "out_capabilities"):
             return hex(v)
         if key in ("size", "window_size", "dma32_window_size", "length") and v > 9:
             return hex(v)

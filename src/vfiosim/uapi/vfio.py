@@ -1,14 +1,16 @@
 """The Linux VFIO userspace ABI (``<linux/vfio.h>``) in ctypes.
 
 This module is the single source of truth for the VFIO ABI inside vfiosim:
-every ``#define``, enum constant, struct/union and ioctl number of the
-system's ``/usr/include/linux/vfio.h`` (linux-libc-dev 6.1), plus the s390
-zPCI capability structs of ``<linux/vfio_zdev.h>`` that vfio.h refers to.
+every ``#define``, enum constant, struct/union and ioctl number of
+``<linux/vfio.h>`` as Linux 6.12 defines it (Debian's linux-libc-dev 6.12),
+plus the s390 zPCI capability structs of ``<linux/vfio_zdev.h>`` that vfio.h
+refers to.  The iommufd uAPI (``<linux/iommufd.h>``) is in
+:mod:`vfiosim.uapi.iommufd`.
 Everything else (the simulated kernel, the user-side helpers, tools) must
 import from here instead of repeating numbers or layouts.
 
 ``tests/test_uapi_abi.py`` generates a C program from the registries below,
-compiles it against the system header and checks every ``sizeof``,
+compiles it against Debian's 6.12 headers and checks every ``sizeof``,
 ``_Alignof``, ``offsetof``, field size and signedness, every constant and every
 ioctl number; it also parses the header to make sure nothing is missing here.
 
@@ -112,6 +114,9 @@ class vfio_device_info(Structure):
         ("num_regions", c_uint32),
         ("num_irqs", c_uint32),
         ("cap_offset", c_uint32),
+        # Linux 6.6 made the struct a multiple of 8 bytes ("vfio: align
+        # capability structures"): capabilities start at offset 24.
+        ("pad", c_uint32),
     ]
 
 
@@ -123,6 +128,7 @@ VFIO_DEVICE_FLAGS_CCW = 1 << 4
 VFIO_DEVICE_FLAGS_AP = 1 << 5
 VFIO_DEVICE_FLAGS_FSL_MC = 1 << 6
 VFIO_DEVICE_FLAGS_CAPS = 1 << 7
+VFIO_DEVICE_FLAGS_CDX = 1 << 8
 
 VFIO_DEVICE_GET_INFO = _IO(VFIO_TYPE, VFIO_BASE + 7)
 
@@ -140,12 +146,29 @@ VFIO_DEVICE_INFO_CAP_ZPCI_GROUP = 2
 VFIO_DEVICE_INFO_CAP_ZPCI_UTIL = 3
 VFIO_DEVICE_INFO_CAP_ZPCI_PFIP = 4
 
+# PCIe AtomicOp completion to the root bus (vfio-pci, since Linux 6.2).
+VFIO_DEVICE_INFO_CAP_PCI_ATOMIC_COMP = 5
+
+
+class vfio_device_info_cap_pci_atomic_comp(Structure):
+    _fields_ = [
+        ("header", vfio_info_cap_header),
+        ("flags", c_uint32),
+        ("reserved", c_uint32),
+    ]
+
+
+VFIO_PCI_ATOMIC_COMP32 = 1 << 0
+VFIO_PCI_ATOMIC_COMP64 = 1 << 1
+VFIO_PCI_ATOMIC_COMP128 = 1 << 2
+
 # ---------------------------------------------------------------------------
 # Device fd: region info and region capabilities
 # ---------------------------------------------------------------------------
 
 
 class vfio_region_info(Structure):
+    _align_ = 8  # __aligned_u64, see the note at the top
     _fields_ = [
         ("argsz", c_uint32),
         ("flags", c_uint32),
@@ -167,6 +190,7 @@ VFIO_REGION_INFO_CAP_SPARSE_MMAP = 1
 
 
 class vfio_region_sparse_mmap_area(Structure):
+    _align_ = 8  # __aligned_u64, see the note at the top
     _fields_ = [
         ("offset", c_uint64),
         ("size", c_uint64),
@@ -241,6 +265,7 @@ VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED = 1
 
 
 class vfio_device_migration_info(Structure):
+    _align_ = 8  # __aligned_u64, see the note at the top
     _fields_ = [
         ("device_state", c_uint32),
         ("reserved", c_uint32),
@@ -280,6 +305,7 @@ VFIO_REGION_INFO_CAP_NVLINK2_SSATGT = 4
 
 
 class vfio_region_info_cap_nvlink2_ssatgt(Structure):
+    _align_ = 8  # __aligned_u64, see the note at the top
     _fields_ = [
         ("header", vfio_info_cap_header),
         ("tgt", c_uint64),
@@ -376,14 +402,31 @@ VFIO_CCW_CRW_IRQ_INDEX = 1
 VFIO_CCW_REQ_IRQ_INDEX = 2
 VFIO_CCW_NUM_IRQS = 3
 
+# vfio-ap IRQ indexes (anonymous enum)
+VFIO_AP_REQ_IRQ_INDEX = 0
+VFIO_AP_NUM_IRQS = 1
+
 # ---------------------------------------------------------------------------
 # Device fd: PCI hot reset
 # ---------------------------------------------------------------------------
 
 
-class vfio_pci_dependent_device(Structure):
+class _vfio_pci_dependent_device_anon(Union):
+    # group_id for a device opened through its group, devid for a cdev.
     _fields_ = [
         ("group_id", c_uint32),
+        ("devid", c_uint32),
+    ]
+
+
+VFIO_PCI_DEVID_OWNED = 0
+VFIO_PCI_DEVID_NOT_OWNED = -1       # stored in the __u32 devid as 0xffffffff
+
+
+class vfio_pci_dependent_device(Structure):
+    _anonymous_ = ("_anon",)
+    _fields_ = [
+        ("_anon", _vfio_pci_dependent_device_anon),
         ("segment", c_uint16),
         ("bus", c_uint8),
         ("devfn", c_uint8),
@@ -398,6 +441,9 @@ class vfio_pci_hot_reset_info(Structure):
         ("devices", vfio_pci_dependent_device * 0),
     ]
 
+
+VFIO_PCI_HOT_RESET_FLAG_DEV_ID = 1 << 0
+VFIO_PCI_HOT_RESET_FLAG_DEV_ID_OWNED = 1 << 1
 
 VFIO_DEVICE_GET_PCI_HOT_RESET_INFO = _IO(VFIO_TYPE, VFIO_BASE + 12)
 
@@ -427,6 +473,7 @@ class _vfio_device_gfx_plane_info_anon(Union):
 
 
 class vfio_device_gfx_plane_info(Structure):
+    _align_ = 8  # __aligned_u64, see the note at the top
     _anonymous_ = ("_anon",)
     _fields_ = [
         ("argsz", c_uint32),
@@ -443,6 +490,7 @@ class vfio_device_gfx_plane_info(Structure):
         ("x_hot", c_uint32),
         ("y_hot", c_uint32),
         ("_anon", _vfio_device_gfx_plane_info_anon),
+        ("reserved", c_uint32),
     ]
 
 
@@ -455,12 +503,14 @@ VFIO_DEVICE_GET_GFX_DMABUF = _IO(VFIO_TYPE, VFIO_BASE + 15)
 
 
 class vfio_device_ioeventfd(Structure):
+    _align_ = 8  # __aligned_u64, see the note at the top
     _fields_ = [
         ("argsz", c_uint32),
         ("flags", c_uint32),
         ("offset", c_uint64),
         ("data", c_uint64),
         ("fd", c_int32),
+        ("reserved", c_uint32),
     ]
 
 
@@ -471,6 +521,43 @@ VFIO_DEVICE_IOEVENTFD_64 = 1 << 3
 VFIO_DEVICE_IOEVENTFD_SIZE_MASK = 0xF
 
 VFIO_DEVICE_IOEVENTFD = _IO(VFIO_TYPE, VFIO_BASE + 16)
+
+# ---------------------------------------------------------------------------
+# Device fd: the VFIO device cdev (/dev/vfio/devices/vfioN) and iommufd
+# ---------------------------------------------------------------------------
+
+
+class vfio_device_bind_iommufd(Structure):
+    _fields_ = [
+        ("argsz", c_uint32),
+        ("flags", c_uint32),
+        ("iommufd", c_int32),
+        ("out_devid", c_uint32),
+    ]
+
+
+VFIO_DEVICE_BIND_IOMMUFD = _IO(VFIO_TYPE, VFIO_BASE + 18)
+
+
+class vfio_device_attach_iommufd_pt(Structure):
+    _fields_ = [
+        ("argsz", c_uint32),
+        ("flags", c_uint32),
+        ("pt_id", c_uint32),
+    ]
+
+
+VFIO_DEVICE_ATTACH_IOMMUFD_PT = _IO(VFIO_TYPE, VFIO_BASE + 19)
+
+
+class vfio_device_detach_iommufd_pt(Structure):
+    _fields_ = [
+        ("argsz", c_uint32),
+        ("flags", c_uint32),
+    ]
+
+
+VFIO_DEVICE_DETACH_IOMMUFD_PT = _IO(VFIO_TYPE, VFIO_BASE + 20)
 
 # ---------------------------------------------------------------------------
 # Device fd: VFIO_DEVICE_FEATURE and its payloads
@@ -505,6 +592,7 @@ class vfio_device_feature_migration(Structure):
 
 VFIO_MIGRATION_STOP_COPY = 1 << 0
 VFIO_MIGRATION_P2P = 1 << 1
+VFIO_MIGRATION_PRE_COPY = 1 << 2
 VFIO_DEVICE_FEATURE_MIGRATION = 1
 
 
@@ -524,6 +612,23 @@ VFIO_DEVICE_STATE_RUNNING = 2
 VFIO_DEVICE_STATE_STOP_COPY = 3
 VFIO_DEVICE_STATE_RESUMING = 4
 VFIO_DEVICE_STATE_RUNNING_P2P = 5
+VFIO_DEVICE_STATE_PRE_COPY = 6
+VFIO_DEVICE_STATE_PRE_COPY_P2P = 7
+VFIO_DEVICE_STATE_NR = 8
+
+
+class vfio_precopy_info(Structure):
+    _align_ = 8  # __aligned_u64, see the note at the top
+    _fields_ = [
+        ("argsz", c_uint32),
+        ("flags", c_uint32),
+        ("initial_bytes", c_uint64),
+        ("dirty_bytes", c_uint64),
+    ]
+
+
+# An ioctl of the migration data fd (same number as VFIO_EEH_PE_OP).
+VFIO_MIG_GET_PRECOPY_INFO = _IO(VFIO_TYPE, VFIO_BASE + 21)
 
 VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY = 3
 
@@ -575,17 +680,40 @@ class vfio_device_feature_dma_logging_report(Structure):
 
 VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT = 8
 
+
+class vfio_device_feature_mig_data_size(Structure):
+    _align_ = 8  # __aligned_u64, see the note at the top
+    _fields_ = [
+        ("stop_copy_length", c_uint64),
+    ]
+
+
+VFIO_DEVICE_FEATURE_MIG_DATA_SIZE = 9
+
+
+class vfio_device_feature_bus_master(Structure):
+    _fields_ = [
+        ("op", c_uint32),
+    ]
+
+
+VFIO_DEVICE_FEATURE_CLEAR_MASTER = 0
+VFIO_DEVICE_FEATURE_SET_MASTER = 1
+VFIO_DEVICE_FEATURE_BUS_MASTER = 10
+
 # ---------------------------------------------------------------------------
 # Type1 IOMMU (container fd)
 # ---------------------------------------------------------------------------
 
 
 class vfio_iommu_type1_info(Structure):
+    _align_ = 8  # __aligned_u64, see the note at the top
     _fields_ = [
         ("argsz", c_uint32),
         ("flags", c_uint32),
         ("iova_pgsizes", c_uint64),
         ("cap_offset", c_uint32),
+        ("pad", c_uint32),
     ]
 
 
@@ -903,6 +1031,10 @@ _IOCTL_NAMES = (
     "VFIO_DEVICE_GET_GFX_DMABUF",
     "VFIO_DEVICE_IOEVENTFD",
     "VFIO_DEVICE_FEATURE",
+    "VFIO_DEVICE_BIND_IOMMUFD",
+    "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
+    "VFIO_DEVICE_DETACH_IOMMUFD_PT",
+    "VFIO_MIG_GET_PRECOPY_INFO",
     "VFIO_IOMMU_GET_INFO",
     "VFIO_IOMMU_MAP_DMA",
     "VFIO_IOMMU_UNMAP_DMA",
@@ -964,6 +1096,7 @@ _FD_KIND_PREFIXES = {
     "vfio-container": ("VFIO_GET_API_VERSION", "VFIO_CHECK_EXTENSION", "VFIO_SET_IOMMU", "VFIO_IOMMU_", "VFIO_EEH_"),
     "vfio-group": ("VFIO_GROUP_",),
     "vfio-device": ("VFIO_DEVICE_",),
+    "vfio-migration": ("VFIO_MIG_",),
 }
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from errno import EBUSY, EINVAL, ENODEV, EOPNOTSUPP
+from errno import EBUSY, EINVAL, ENODEV, EOPNOTSUPP, EPERM
 from typing import TYPE_CHECKING
 
 from ..errors import KernelBug, KernelError, fail
@@ -37,6 +37,17 @@ if TYPE_CHECKING:
 IOMMU_READ = 1 << 0
 IOMMU_WRITE = 1 << 1
 IOMMU_CACHE = 1 << 2
+
+# enum iommu_cap (include/linux/iommu.h)
+IOMMU_CAP_CACHE_COHERENCY = 0
+IOMMU_CAP_NOEXEC = 1
+IOMMU_CAP_PRE_BOOT_PROTECTION = 2
+IOMMU_CAP_ENFORCE_CACHE_COHERENCY = 3
+IOMMU_CAP_DEFERRED_FLUSH = 4
+IOMMU_CAP_DIRTY_TRACKING = 5
+
+# read_and_clear_dirty() flags (include/linux/iommu.h)
+IOMMU_DIRTY_NO_CLEAR = 1 << 0
 
 # Domain types (include/linux/iommu.h: IOMMU_DOMAIN_*), by name.
 IOMMU_DOMAIN_BLOCKED = "blocked"
@@ -74,7 +85,8 @@ class ResvRegion:
 
 @dataclass(frozen=True)
 class DirtyRange:
-    """Pages a device wrote while dirty tracking was on: [iova, iova+length)."""
+    """A dirty IOPTE as the driver records it (iommu_dirty_bitmap_record()):
+    [iova, iova+length), length the PTE's size."""
 
     iova: int
     length: int
@@ -146,7 +158,9 @@ class IommuDomain(ABC):
     def set_dirty_tracking(self, enabled: bool) -> None:
         raise fail(EOPNOTSUPP, f"{self!r} cannot track dirty pages")
 
-    def read_and_clear_dirty(self, iova: int, size: int) -> list[DirtyRange]:
+    def read_and_clear_dirty(self, iova: int, size: int, flags: int = 0, bitmap: bool = True) -> list[DirtyRange]:
+        """The dirty IOPTEs of [iova, iova+size), cleared unless
+        IOMMU_DIRTY_NO_CLEAR; ``bitmap`` False only clears (nothing recorded)."""
         raise fail(EOPNOTSUPP, f"{self!r} cannot track dirty pages")
 
     def free(self) -> None:
@@ -184,6 +198,22 @@ class IommuOps(ABC):
         """Whether the device's MSI parent domain isolates MSIs
         (IRQ_DOMAIN_FLAG_ISOLATED_MSI: interrupt remapping on x86)."""
         return False
+
+    def capable(self, dev: "PciDevice", cap: int) -> bool:
+        """``ops->capable`` (IOMMU_CAP_*); none by default."""
+        return False
+
+    #: whether the driver has ``ops->domain_alloc_user`` (iommufd's allocations)
+    has_domain_alloc_user = False
+
+    def domain_alloc_user(self, dev: "PciDevice", *, nest_parent: bool, dirty_tracking: bool) -> IommuDomain:
+        """``ops->domain_alloc_user`` without a parent or user data."""
+        raise fail(EOPNOTSUPP, f"{self.name} has no domain_alloc_user")
+
+    def hw_info(self, dev: "PciDevice") -> tuple[bytes, int] | None:
+        """``ops->hw_info``: the driver's struct and its IOMMU_HW_INFO_TYPE_*;
+        None for a driver without one."""
+        return None
 
 
 def dev_iommu_ops(dev: "PciDevice") -> IommuOps | None:
@@ -258,6 +288,24 @@ class IommuGroup:
         self.owner = None
         self.owner_cnt = 0
 
+    def claim_device_dma_owner(self, owner: object) -> None:
+        """iommu_device_claim_dma_owner(): per device, as iommufd binds them.
+        Devices of one group may share an owner (owner_cnt counts them); any
+        other owner, or a host driver using the default domain, is EPERM."""
+        if self.owner_cnt or self.host_driver_owned():
+            if self.host_driver_owned() or self.owner is not owner:
+                raise fail(EPERM, f"IOMMU group {self.id} is owned by another user or a host driver")
+            self.owner_cnt += 1
+            return
+        self.claim_dma_owner(owner)
+
+    def release_device_dma_owner(self) -> None:
+        """iommu_device_release_dma_owner()"""
+        if self.owner_cnt > 1:
+            self.owner_cnt -= 1
+            return
+        self.release_dma_owner()
+
     # -- attaching domains -------------------------------------------------------------------
 
     def _set_domain(self, new: IommuDomain) -> None:
@@ -329,6 +377,15 @@ def iommu_attach_group(domain: IommuDomain, group: IommuGroup) -> None:
     group._set_domain(domain)
 
 
+def iommu_replace_group(group: IommuGroup, domain: IommuDomain) -> None:
+    """iommu_replace_group_handle() -> __iommu_group_set_domain(): from the
+    attached domain straight to the next, with no blocked DMA in between."""
+    ops = dev_iommu_ops(_first_dev(group))
+    if ops is None or type(ops) is not type(domain.owner):
+        raise fail(EINVAL, f"{domain!r} is not a domain of IOMMU group {group.id}'s IOMMU driver")
+    group._set_domain(domain)
+
+
 def iommu_detach_group(domain: IommuDomain, group: IommuGroup) -> None:
     """iommu_detach_group() -> __iommu_group_set_core_domain(): the blocking
     domain while a user owns the group, else the default one."""
@@ -381,6 +438,18 @@ def iommu_get_group_resv_regions(group: IommuGroup) -> list[ResvRegion]:
     return out
 
 
+def iommu_get_resv_regions(dev: "PciDevice") -> list[ResvRegion]:
+    """iommu_get_resv_regions(): one device's reserved regions."""
+    ops = dev_iommu_ops(dev)
+    return ops.get_resv_regions(dev) if ops is not None else []
+
+
+def device_iommu_capable(dev: "PciDevice", cap: int) -> bool:
+    """device_iommu_capable()"""
+    ops = dev_iommu_ops(dev)
+    return ops is not None and ops.capable(dev, cap)
+
+
 def iommu_group_has_isolated_msi(group: IommuGroup) -> bool:
     """iommu_group_has_isolated_msi(): every device's MSIs are isolated."""
     return all((ops := dev_iommu_ops(dev)) is not None and ops.isolated_msi(dev) for dev in group.devices)
@@ -393,8 +462,10 @@ def iommu_set_dirty_tracking(domain: IommuDomain, enabled: bool) -> None:
     domain.set_dirty_tracking(enabled)
 
 
-def iommu_read_and_clear_dirty(domain: IommuDomain, iova: int, size: int) -> list[DirtyRange]:
-    """``domain->dirty_ops->read_and_clear_dirty``: what was written since the last read."""
+def iommu_read_and_clear_dirty(domain: IommuDomain, iova: int, size: int, flags: int = 0,
+                               bitmap: bool = True) -> list[DirtyRange]:
+    """``domain->dirty_ops->read_and_clear_dirty``: the IOPTEs written since the
+    last read, as the driver records them."""
     if not domain.dirty_tracking_supported:
         raise fail(EOPNOTSUPP, f"{domain!r} cannot track dirty pages")
-    return domain.read_and_clear_dirty(iova, size)
+    return domain.read_and_clear_dirty(iova, size, flags, bitmap)

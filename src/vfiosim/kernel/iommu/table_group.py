@@ -24,7 +24,8 @@ from errno import ENODEV
 from typing import TYPE_CHECKING
 
 from ..errors import fail
-from .iommu import IOMMU_DOMAIN_BLOCKED, IOMMU_DOMAIN_PLATFORM, IommuDomain, IommuOps, iommu_group_get_iommudata
+from .iommu import (IOMMU_CAP_CACHE_COHERENCY, IOMMU_DOMAIN_BLOCKED, IOMMU_DOMAIN_PLATFORM, IommuDomain, IommuOps,
+                    iommu_group_get_iommudata)
 from .tce import IOMMU_TABLE_GROUP_MAX_TABLES, IommuTable
 
 if TYPE_CHECKING:
@@ -110,3 +111,7 @@ class SpaprTceIommuOps(IommuOps):
 
     def default_domain(self, dev: "PciDevice") -> IommuDomain:
         return self.platform_domain
+
+    def capable(self, dev: "PciDevice", cap: int) -> bool:
+        """spapr_tce_iommu_capable(): DMA is cache coherent, nothing else."""
+        return cap == IOMMU_CAP_CACHE_COHERENCY

@@ -32,14 +32,16 @@ from __future__ import annotations
 import bisect
 import itertools
 from dataclasses import dataclass
-from errno import EFAULT, EINVAL, ENOMEM
+from errno import EFAULT, EINVAL, ENOMEM, EOPNOTSUPP
 from itertools import count
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..dma import DmaFault, IommuBusMaster, Run, TranslationCache
 from ..errors import KernelBug, fail
-from ..iommu.iommu import (IOMMU_DOMAIN_BLOCKED, IOMMU_DOMAIN_IDENTITY, IOMMU_DOMAIN_PAGING, IOMMU_READ,
-                           IOMMU_WRITE, DirtyRange, IommuDomain, IommuOps, ResvRegion)
+from ..iommu.iommu import (IOMMU_CAP_CACHE_COHERENCY, IOMMU_CAP_DEFERRED_FLUSH, IOMMU_CAP_DIRTY_TRACKING,
+                           IOMMU_CAP_ENFORCE_CACHE_COHERENCY, IOMMU_DIRTY_NO_CLEAR, IOMMU_DOMAIN_BLOCKED,
+                           IOMMU_DOMAIN_IDENTITY, IOMMU_DOMAIN_PAGING, IOMMU_READ, IOMMU_WRITE, DirtyRange,
+                           IommuDomain, IommuOps, ResvRegion)
 from ..mm import PhysicalMemory
 from .base import IommuMapping, Platform
 
@@ -86,9 +88,14 @@ class VtdDomain(IommuDomain):
         self.unit = unit
         self._starts: list[int] = []
         self._ext: list[tuple[int, int, int, int]] = []     # (iova, length, hpa, prot)
-        # Second-stage dirty tracking (SSADS): the IOVA pages devices wrote.
+        # Second-stage A/D bits (ecap SSADS, scalable mode): only a domain
+        # allocated for dirty tracking has intel_dirty_ops
+        # (intel_iommu_domain_alloc_user(IOMMU_HWPT_ALLOC_DIRTY_TRACKING));
+        # while tracking is on, a DMA write sets the D bit of every leaf PTE
+        # it touches.  D bits are kept per 4 KiB, as [start, end) intervals.
+        self.dirty_ops = False
         self.dirty_tracking = False
-        self._dirty: set[int] = set()
+        self._dirty: list[tuple[int, int]] = []
         # Bumped by every change of the page table: a unit's IOTLB (VtdContext.iotlb)
         # serves a cached translation only while it is unchanged.
         self.generation = 0
@@ -188,29 +195,97 @@ class VtdDomain(IommuDomain):
 
     @property
     def dirty_tracking_supported(self) -> bool:
-        """Only on a unit with second-stage access/dirty support (ECAP.SSADS),
-        which QEMU's intel-iommu does not offer by default."""
-        return self.type == IOMMU_DOMAIN_PAGING and self.unit.dirty_tracking
+        """domain->dirty_ops: set only for a domain allocated for dirty
+        tracking, on a unit with second-stage A/D bits."""
+        return self.dirty_ops
 
     def set_dirty_tracking(self, enabled: bool) -> None:
-        """intel_iommu_set_dirty_tracking(): turning it off forgets what was recorded."""
+        """intel_iommu_set_dirty_tracking(): the PASID entries' SSADE bit.
+        The D bits already set stay (iommufd clears them before enabling)."""
         self.dirty_tracking = enabled
-        if not enabled:
-            self._dirty.clear()
 
-    def read_and_clear_dirty(self, iova: int, size: int) -> list[DirtyRange]:
-        """intel_iommu_read_and_clear_dirty(): the 4 KiB pages written in
-        [iova, iova+size), as ranges; their dirty bits are cleared."""
-        first, last = iova >> 12, (iova + size - 1) >> 12
-        pages = sorted(p for p in self._dirty if first <= p <= last)
-        self._dirty.difference_update(pages)
-        out: list[DirtyRange] = []
-        for p in pages:
-            if out and out[-1].iova + out[-1].length == p << 12:
-                out[-1] = DirtyRange(out[-1].iova, out[-1].length + 4096)
+    def _leaf(self, iova: int) -> tuple[int, int] | None:
+        """The leaf PTE that maps ``iova``: (its first IOVA, its size), or None.
+
+        __domain_mapping() picks, at each position, the largest page size the
+        unit supports to which both the IOVA and the physical address are
+        aligned and that fits in what is left of the iommu_map() call (an
+        extent here)."""
+        i = bisect.bisect_right(self._starts, iova) - 1
+        if i < 0:
+            return None
+        e_iova, e_len, e_hpa, _prot = self._ext[i]
+        end = e_iova + e_len
+        if iova >= end:
+            return None
+        sizes = [sz for sz in (1 << 30, 1 << 21) if self.pgsize_bitmap & sz]
+        delta = e_hpa - e_iova
+        pos = e_iova
+        while True:
+            size = next((sz for sz in sizes if not (pos | (pos + delta)) & (sz - 1) and end - pos >= sz), 0x1000)
+            if pos + size > iova:
+                return pos, size
+            if size != 0x1000:
+                pos += size
+                continue
+            # A run of 4 KiB PTEs lasts until the next boundary where a super
+            # page could start: jump there, or to the page of iova.
+            nxt = min([(pos + sz) & ~(sz - 1) for sz in sizes if not delta & (sz - 1)] + [end])
+            pos = max(min(nxt, iova & ~0xFFF), pos + 0x1000)
+
+    def _mark_dirty(self, iova: int, length: int) -> None:
+        start, end = iova & ~0xFFF, (iova + length + 0xFFF) & ~0xFFF
+        out = []
+        for s, e in self._dirty:
+            if e < start or s > end:
+                out.append((s, e))
             else:
-                out.append(DirtyRange(p << 12, 4096))
-        return out
+                start, end = min(s, start), max(e, end)
+        out.append((start, end))
+        self._dirty = sorted(out)
+
+    def _dirty_in(self, start: int, end: int) -> bool:
+        return any(s < end and e > start for s, e in self._dirty)
+
+    def _clear_dirty(self, start: int, end: int) -> None:
+        out = []
+        for s, e in self._dirty:
+            if e <= start or s >= end:
+                out.append((s, e))
+                continue
+            if s < start:
+                out.append((s, start))
+            if e > end:
+                out.append((end, e))
+        self._dirty = out
+
+    def read_and_clear_dirty(self, iova: int, size: int, flags: int = 0, bitmap: bool = True) -> list[DirtyRange]:
+        """intel_iommu_read_and_clear_dirty(): walk the leaf PTEs from ``iova``
+        in steps of each one's size -- from ``iova`` itself, so a walk that
+        starts inside a super page records it from there -- and record each
+        dirty one as (the walk's IOVA, the PTE's size), clearing its D bit
+        unless IOMMU_DIRTY_NO_CLEAR.  EINVAL while tracking is off, unless
+        there is no bitmap (``bitmap`` False: iommufd clearing the D bits
+        before it enables tracking)."""
+        if not self.dirty_tracking and bitmap:
+            raise fail(EINVAL, f"{self!r} is not tracking dirty pages")
+        out: list[DirtyRange] = []
+        end = iova + size - 1
+        while True:
+            leaf = self._leaf(iova)
+            if leaf is None:
+                nxt = bisect.bisect_right(self._starts, iova)
+                pgsize = 0x1000 if nxt >= len(self._starts) else max(self._starts[nxt] - iova, 0x1000)
+            else:
+                first, pgsize = leaf
+                if self._dirty_in(first, first + pgsize):
+                    if not flags & IOMMU_DIRTY_NO_CLEAR:
+                        self._clear_dirty(first, first + pgsize)
+                    if bitmap:
+                        out.append(DirtyRange(iova, pgsize))
+            iova += pgsize
+            if iova >= end or iova >= 1 << 64:
+                return out
 
     def mapped_bytes(self) -> int:
         return sum(e[1] for e in self._ext)
@@ -230,7 +305,7 @@ class VtdDomain(IommuDomain):
 
     def mark_dirty(self, iova: int, length: int) -> None:
         """The second-stage dirty bits of the pages a device wrote."""
-        self._dirty.update(range(iova >> 12, ((iova + length - 1) >> 12) + 1))
+        self._mark_dirty(iova, length)
 
     def walk(self, iova: int, length: int, write: bool, phys: PhysicalMemory) -> list[Run] | VtdFault:
         """The page walk of [iova, iova+length): the runs of memory, or the fault."""
@@ -336,6 +411,82 @@ class IntelIommu(IommuOps):
         self.domains.append(domain)
         return domain
 
+    def domain_alloc_user(self, dev: "PciDevice", *, nest_parent: bool, dirty_tracking: bool) -> VtdDomain:
+        """intel_iommu_domain_alloc_user() without a parent or user data (what
+        iommufd's IOMMU_HWPT_ALLOC and automatic domains ask for):
+        EOPNOTSUPP for a nesting parent without nesting (ecap NEST in
+        scalable mode; QEMU 7.2 has none) and for dirty tracking without
+        SSADS, else paging_domain_alloc(dev, first_stage=false) -- the same
+        geometry and page sizes as a Type1 domain -- with intel_dirty_ops
+        when dirty tracking was asked for."""
+        if nest_parent:
+            raise fail(EOPNOTSUPP, f"{self.name} cannot nest translation (no scalable-mode nesting, ecap NEST)")
+        if dirty_tracking and not self.dirty_tracking:
+            raise fail(EOPNOTSUPP, f"{self.name} has no second-stage dirty bits (ecap SLADS in scalable mode)")
+        faults = self.phys.faults
+        if faults is not None and faults.should_fail("kmalloc:paging_domain_alloc"):
+            raise fail(ENOMEM, "kzalloc of the dmar_domain failed (fault injection)")
+        domain = VtdDomain(self, IOMMU_DOMAIN_PAGING, next(self._ids))
+        domain.dirty_ops = dirty_tracking
+        self.domains.append(domain)
+        return domain
+
+    has_domain_alloc_user = True
+
+    def capable(self, dev: "PciDevice", cap: int) -> bool:
+        """intel_iommu_capable()"""
+        if cap in (IOMMU_CAP_CACHE_COHERENCY, IOMMU_CAP_DEFERRED_FLUSH):
+            return True
+        if cap == IOMMU_CAP_ENFORCE_CACHE_COHERENCY:
+            return self.snoop_control
+        if cap == IOMMU_CAP_DIRTY_TRACKING:
+            return self.dirty_tracking
+        return False
+
+    def hw_info(self, dev: "PciDevice") -> tuple[bytes, int] | None:
+        """intel_iommu_hw_info(): struct iommu_hw_info_vtd."""
+        from ...uapi import iommufd as iu
+        vtd = iu.iommu_hw_info_vtd(flags=iu.IOMMU_HW_INFO_VTD_ERRATA_772415_SPR17, cap_reg=self.cap_reg,
+                                   ecap_reg=self.ecap_reg)
+        return bytes(vtd), iu.IOMMU_HW_INFO_TYPE_INTEL_VTD
+
+    # -- the capability registers (what IOMMU_GET_HW_INFO reports) ---------------------------
+
+    @property
+    def cap_reg(self) -> int:
+        """CAP_REG as QEMU 7.2's vtd_init() builds it (hw/i386/intel_iommu.c):
+        FRO at 0x220, one fault register, 16-bit domain ids, MAMV 18, page
+        selective invalidation, the second-level super pages, SAGAW for
+        39/48 bits, MGAW, DMA draining (dma-drain=on) and caching mode."""
+        cap = (0x220 << 20) | 6 | (18 << 48) | (1 << 39) | (((self.aw_bits - 1) & 0x3F) << 16) | (3 << 54)
+        if self.pgsize_bitmap & (1 << 21):
+            cap |= 1 << 34
+        if self.pgsize_bitmap & (1 << 30):
+            cap |= 1 << 35
+        if self.aw_bits >= 39:
+            cap |= 0x2 << 8
+        if self.aw_bits >= 48:
+            cap |= 0x4 << 8
+        if self.caching_mode:
+            cap |= 1 << 7
+        return cap
+
+    @property
+    def ecap_reg(self) -> int:
+        """ECAP_REG: queued invalidation, the IOTLB register offset (0xf0), pass-
+        through; interrupt remapping with EIM (QEMU enables EIM when KVM's
+        split irqchip is in use, which intremap requires) and MHMV; snoop
+        control; for dirty tracking, scalable mode (SMTS, SRS, SLTS) with
+        second-level A/D bits (SLADS)."""
+        ecap = (1 << 1) | (0xF0 << 4) | (1 << 6)
+        if self.interrupt_remapping:
+            ecap |= (1 << 3) | (1 << 4) | (15 << 20)
+        if self.snoop_control:
+            ecap |= 1 << 7
+        if self.dirty_tracking:
+            ecap |= (1 << 43) | (1 << 31) | (1 << 46) | (1 << 45)
+        return ecap
+
     def get_resv_regions(self, dev: "PciDevice") -> list[ResvRegion]:
         """intel_iommu_get_resv_regions(): every device behind this unit has the
         interrupt (IOAPIC/MSI) range."""
@@ -363,6 +514,7 @@ class IntelIommu(IommuOps):
             "name": self.name, "model": self.model, "address_width": self.aw_bits,
             "page_sizes": self.pgsize_bitmap, "snoop_control": self.snoop_control,
             "interrupt_remapping": self.interrupt_remapping, "caching_mode": self.caching_mode,
+            "dirty_tracking": self.dirty_tracking,
             "reserved_regions": [{"start": r.start, "end": r.end, "type": r.type_name} for r in self.resv_regions],
             "domains": [{"id": d.id, "groups": [g.id for g in d.groups], "mapped_bytes": d.mapped_bytes(),
                          "extents": len(d.extents())} for d in self.domains],

@@ -1,22 +1,33 @@
 """VFIO device fds (drivers/vfio/vfio_main.c) and the bus driver interface.
 
 A bus driver (vfio-pci) implements :class:`VfioDeviceOps` for each device
-it binds; the core turns GROUP_GET_DEVICE_FD into a :class:`DeviceFile`
+it binds; the core turns GROUP_GET_DEVICE_FD -- or an open of the device's
+cdev, /dev/vfio/devices/vfioN (device_cdev.py) -- into a :class:`DeviceFile`
 and forwards ioctl, read and write to the ops.
+
+A device is opened (the driver's open_device) with its IOMMU set up one of
+three ways: through its group's VFIO container (the group's container user
+count), through its group's iommufd (bound to it and attached to the
+context's compat IOAS), or through its cdev (bound with
+VFIO_DEVICE_BIND_IOMMUFD; until then the fd refuses everything else with
+EINVAL, and VFIO_DEVICE_ATTACH_IOMMUFD_PT picks the address space).
 """
 
 from __future__ import annotations
 
 from errno import EINVAL, ENOTTY
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ...uapi import vfio as uapi
-from ..errors import fail
+from ..errors import KernelError, fail
 from ..fs import File
 from ..uaccess import copy_struct_from_user
 
 if TYPE_CHECKING:
     from ..eventfd import EventFd
+    from ..iommufd.device import IommufdDevice
+    from ..iommufd.main import IommufdCtx
+    from ..pci.device import PciDevice
     from ..task import Task
     from .group import VfioGroup
 
@@ -25,6 +36,13 @@ class VfioDeviceOps:
     """``struct vfio_device_ops``: what a VFIO bus driver implements."""
 
     name = "vfio-device"
+    #: the VfioDevice registered for these ops (set at registration)
+    vdev: "VfioDevice | None" = None
+
+    def physical_device(self) -> "PciDevice | None":
+        """The device an iommufd binds (vfio_iommufd_physical_bind()); None
+        for a driver without one (an emulated device)."""
+        return None
 
     def open_device(self, current: "Task") -> None:
         """First open of the device: enable it."""
@@ -78,46 +96,134 @@ class VfioDevice:
         self.ops = ops
         self.index = index
         self.open_count = 0
+        # The iommufd side (drivers/vfio/iommufd.c): the bound iommufd_device
+        # and whether it is attached; cdev_opened while a cdev fd has it bound.
+        self.iommufd_device: "IommufdDevice | None" = None
+        self.iommufd_attached = False
+        self.cdev_opened = False
+        ops.vdev = self
         group.devices.append(self)
+
+    @property
+    def cdev_name(self) -> str:
+        return f"vfio{self.index}"
 
 
 class DeviceFile(File):
-    """An open VFIO device fd."""
+    """An open VFIO device fd (``struct vfio_device_file``): ``group`` is the
+    group it was opened through, None for a cdev fd."""
 
     kind = "vfio-device"
 
-    def __init__(self, device: VfioDevice, group: "VfioGroup") -> None:
-        super().__init__(f"vfio-device:{device.name}")
+    def __init__(self, device: VfioDevice, group: "VfioGroup | None", name: str | None = None) -> None:
+        super().__init__(name or f"vfio-device:{device.name}")
         self.device = device
         self.group = group
+        # A group-opened fd exists only once the device is open; a cdev fd
+        # gets access at VFIO_DEVICE_BIND_IOMMUFD.
+        self.access_granted = group is not None
+        self.iommufd: "IommufdCtx | None" = None
+        self.devid = 0
+
+    # -- opening and closing (vfio_df_open, vfio_df_close) --------------------------------------------
+
+    def df_open(self, current: "Task") -> None:
+        """vfio_df_open(): only the group path may open a device twice."""
+        device = self.device
+        if device.open_count != 0 and self.group is None:
+            raise fail(EINVAL, f"{device.name} is already open (the cdev cannot share a device)")
+        device.open_count += 1
+        if device.open_count == 1:
+            try:
+                self._first_open(current)
+            except KernelError:
+                device.open_count -= 1
+                raise
+
+    def _first_open(self, current: "Task") -> None:
+        """vfio_df_device_first_open(): bind to the iommufd, or use the group's
+        container; then the driver's open_device."""
+        from .iommufd import vfio_df_iommufd_bind, vfio_df_iommufd_unbind
+        device = self.device
+        if self.iommufd is not None:
+            vfio_df_iommufd_bind(self, current)
+        else:
+            assert self.group is not None
+            self.group.use_container()
+        try:
+            device.ops.open_device(current)
+        except Exception:
+            if self.iommufd is not None:
+                vfio_df_iommufd_unbind(self, current)
+            else:
+                assert self.group is not None
+                self.group.unuse_container(current)
+            raise
+
+    def df_close(self, current: "Task") -> None:
+        """vfio_df_close(); the last close is vfio_df_device_last_close()."""
+        from .iommufd import vfio_df_iommufd_unbind
+        device = self.device
+        if device.open_count == 1:
+            device.ops.close_device(current)
+            if self.iommufd is not None:
+                vfio_df_iommufd_unbind(self, current)
+            else:
+                assert self.group is not None
+                self.group.unuse_container(current)
+        device.open_count -= 1
 
     @classmethod
     def open(cls, device: VfioDevice, group: "VfioGroup", current: "Task") -> "DeviceFile":
-        """vfio_df_group_open() + vfio_df_open()"""
-        if group.container is None:
-            raise fail(EINVAL, f"group {group.id} is not in a container")
-        if device.open_count == 0:
-            group.use_container()
+        """vfio_device_open_file() -> vfio_df_group_open()"""
+        if not group.has_iommu():
+            raise fail(EINVAL, f"group {group.id} is not in a container or an iommufd")
+        df = cls(device, group)
+        df.iommufd = group.iommufd
+        df.df_open(current)
+        if df.iommufd is not None and device.open_count == 1:
+            from .iommufd import vfio_iommufd_compat_attach_ioas
             try:
-                device.ops.open_device(current)
-            except Exception:
-                group.unuse_container(current)
+                vfio_iommufd_compat_attach_ioas(device, df.iommufd, current)
+            except KernelError:
+                df.df_close(current)
                 raise
-        device.open_count += 1
-        return cls(device, group)
+        return df
 
     def release(self, current: "Task") -> None:
         """vfio_device_fops_release()"""
-        dev, group = self.device, self.group
-        if dev.open_count == 1:
-            dev.ops.close_device(current)
-            dev.open_count = 0
-            group.unuse_container(current)
-        else:
-            dev.open_count -= 1
+        group = self.group
+        if group is None:
+            from .device_cdev import vfio_df_unbind_iommufd
+            vfio_df_unbind_iommufd(self, current)
+            return
+        self.df_close(current)
+        self.iommufd = None
+
+    # -- file operations -------------------------------------------------------------------------------
+
+    def _check_access(self) -> None:
+        if not self.access_granted:
+            raise fail(EINVAL, f"{self.name}: the device is not bound to an iommufd yet (VFIO_DEVICE_BIND_IOMMUFD "
+                               f"first)")
 
     def ioctl(self, current: "Task", cmd: int, arg: int) -> int:
-        """vfio_device_fops_unl_ioctl(): features are the core's, the rest the driver's."""
+        """vfio_device_fops_unl_ioctl(): BIND_IOMMUFD first, then nothing until
+        access is granted; the cdev-only attach/detach, features, the driver."""
+        config = self.device.group.vfio.kernel.config
+        if cmd == uapi.VFIO_DEVICE_BIND_IOMMUFD:
+            if not config.vfio_device_cdev:
+                raise fail(ENOTTY, "VFIO_DEVICE_BIND_IOMMUFD: this kernel has no VFIO device cdev "
+                                   "(# CONFIG_VFIO_DEVICE_CDEV is not set)")
+            from .device_cdev import vfio_df_ioctl_bind_iommufd
+            return vfio_df_ioctl_bind_iommufd(self, current, arg)
+        self._check_access()
+        if config.vfio_device_cdev and self.group is None:
+            from .device_cdev import vfio_df_ioctl_attach_pt, vfio_df_ioctl_detach_pt
+            if cmd == uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT:
+                return vfio_df_ioctl_attach_pt(self, current, arg)
+            if cmd == uapi.VFIO_DEVICE_DETACH_IOMMUFD_PT:
+                return vfio_df_ioctl_detach_pt(self, current, arg)
         if cmd == uapi.VFIO_DEVICE_FEATURE:
             return self._device_feature(current, arg)
         return self.device.ops.ioctl(current, cmd, arg)
@@ -144,6 +250,7 @@ class DeviceFile(File):
         return self.device.ops.device_feature(current, feature.flags, arg + minsz, feature.argsz - minsz)
 
     def mmap_check(self, current: "Task", offset: int, length: int, prot: int, shared: bool) -> None:
+        self._check_access()
         self.device.ops.mmap_check(current, offset, length, prot, shared)
 
     def mmio(self, current: "Task", offset: int, size: int, value: int | None) -> int:
@@ -156,7 +263,13 @@ class DeviceFile(File):
         return self.device.ops.mmap_live()
 
     def read(self, current: "Task", count: int, pos: int) -> bytes:
+        self._check_access()
         return self.device.ops.read(current, count, pos)
 
     def write(self, current: "Task", data: bytes, pos: int) -> int:
+        self._check_access()
         return self.device.ops.write(current, data, pos)
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": self.device.name, "via": "group" if self.group is not None else "cdev",
+                "bound": self.access_granted, "devid": self.devid or None}

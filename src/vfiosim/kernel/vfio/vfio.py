@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from errno import ENODEV
 from typing import TYPE_CHECKING, Callable
@@ -44,7 +43,8 @@ class Vfio:
         self.rules = rules
         self.iommu_drivers = IommuDriverRegistry()
         self.groups: dict[int, VfioGroup] = {}
-        self._device_indexes = itertools.count()     # vfio.device_ida: devices are never unregistered here
+        # vfio.device_ida: vfio<N>, in the order devices register (never unregistered here).
+        self.devices: list[VfioDevice] = []
 
     def container_node(self) -> DeviceNode:
         """/dev/vfio/vfio: mode 0666, anybody may open a container."""
@@ -52,13 +52,28 @@ class Vfio:
 
     def register_device(self, name: str, iommu_group: "IommuGroup", ops: VfioDeviceOps,
                         mode: int = 0o600, uid: int = 0, gid: int = 0) -> VfioDevice:
-        """vfio_register_group_dev(): the group and its /dev/vfio/<N> node appear."""
+        """vfio_register_group_dev(): the group and its /dev/vfio/<N> node
+        appear (CONFIG_VFIO_GROUP), and the device's cdev
+        /dev/vfio/devices/vfio<index> (CONFIG_VFIO_DEVICE_CDEV); both get the
+        machine file's owner and mode."""
+        config = self.kernel.config
         group = self.groups.get(iommu_group.id)
         if group is None:
             group = self.groups[iommu_group.id] = self.rules.group(self, iommu_group)
-            path = f"/dev/vfio/{iommu_group.id}"
-            self.kernel.dev_nodes[path] = DeviceNode(path, self._group_opener(group), mode=mode, uid=uid, gid=gid)
-        return VfioDevice(name, group, ops, index=next(self._device_indexes))
+            if config.vfio_group:
+                path = f"/dev/vfio/{iommu_group.id}"
+                self.kernel.dev_nodes[path] = DeviceNode(path, self._group_opener(group), mode=mode, uid=uid,
+                                                         gid=gid)
+        device = VfioDevice(name, group, ops, index=len(self.devices))
+        self.devices.append(device)
+        if config.vfio_device_cdev:
+            from .device_cdev import vfio_device_fops_cdev_open
+            path = f"/dev/vfio/devices/{device.cdev_name}"
+
+            def cdev_opener(current: "Task", flags: int, d: VfioDevice = device) -> File:
+                return vfio_device_fops_cdev_open(d)
+            self.kernel.dev_nodes[path] = DeviceNode(path, cdev_opener, mode=mode, uid=uid, gid=gid)
+        return device
 
     def _group_opener(self, group: VfioGroup) -> Callable[["Task", int], File]:
         def opener(current: "Task", flags: int) -> File:

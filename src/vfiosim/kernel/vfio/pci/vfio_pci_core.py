@@ -10,7 +10,7 @@ config space, VGA.
 from __future__ import annotations
 
 import ctypes
-from errno import EBADF, EFAULT, EINVAL, EIO, ENODEV, ENOSPC, ENOTTY, EPERM
+from errno import EBADF, EFAULT, EINVAL, EIO, ENODEV, ENOENT, ENOSPC, ENOTTY, EPERM
 from typing import TYPE_CHECKING
 
 from ....uapi import vfio as uapi
@@ -92,6 +92,9 @@ class VfioPciDevice(VfioDeviceOps):
 
     def eventfds(self) -> list[EventFd]:
         return [e for e in (self.intx_trigger, self.req_trigger, *self.msi_ctx.values()) if e is not None]
+
+    def physical_device(self) -> PciDevice:
+        return self.pdev
 
     def open_device(self, current: "Task") -> None:
         p = self.pdev
@@ -403,29 +406,71 @@ class VfioPciDevice(VfioDeviceOps):
             copy_struct_to_user(current, arg, hdr, minsz)
             raise fail(ENOSPC, f"VFIO_DEVICE_GET_PCI_HOT_RESET_INFO: {count} device(s) do not fit in argsz "
                                f"{hdr.argsz}; count set to {count}")
+        # A cdev-opened device reports devids (vfio_pci_fill_devs()).
+        flags = 0
+        if self.vdev is not None and self.vdev.cdev_opened:
+            flags = uapi.VFIO_PCI_HOT_RESET_FLAG_DEV_ID | uapi.VFIO_PCI_HOT_RESET_FLAG_DEV_ID_OWNED
         out = bytearray()
         for dev in devices:
-            if dev.iommu_group is None:
-                raise fail(EPERM, f"{dev.bdf} is in no IOMMU group: it cannot be reset from userspace")
-            out += bytes(uapi.vfio_pci_dependent_device(group_id=dev.iommu_group.id, segment=dev.domain,
-                                                        bus=dev.bus, devfn=(dev.slot << 3) | dev.function))
+            info = uapi.vfio_pci_dependent_device(segment=dev.domain, bus=dev.bus,
+                                                  devfn=(dev.slot << 3) | dev.function)
+            if flags:
+                info.devid = self._devid_of(dev)
+                if info.devid == uapi.VFIO_PCI_DEVID_NOT_OWNED & 0xFFFFFFFF:
+                    flags &= ~uapi.VFIO_PCI_HOT_RESET_FLAG_DEV_ID_OWNED
+            else:
+                if dev.iommu_group is None:
+                    raise fail(EPERM, f"{dev.bdf} is in no IOMMU group: it cannot be reset from userspace")
+                info.group_id = dev.iommu_group.id
+            out += bytes(info)
         copy_to_user(current, arg + ctypes.sizeof(cls), bytes(out))
         hdr.count = count
+        hdr.flags = flags
         copy_struct_to_user(current, arg, hdr, minsz)
         return 0
 
+    def _devid_of(self, dev: PciDevice) -> int:
+        """vfio_pci_fill_devs() with VFIO_PCI_HOT_RESET_FLAG_DEV_ID: the devid in
+        this device's iommufd, VFIO_PCI_DEVID_OWNED for a device bound to it
+        without an id of its own, VFIO_PCI_DEVID_NOT_OWNED otherwise (also for
+        a device the dev_set does not hold: one VFIO does not drive)."""
+        from ..iommufd import vfio_iommufd_device_ictx, vfio_iommufd_get_dev_id
+        assert self.vdev is not None
+        ictx = vfio_iommufd_device_ictx(self.vdev)
+        other = next((d for d in self.vdev.group.vfio.devices if d.ops.physical_device() is dev), None)
+        if other is None or ictx is None:
+            return uapi.VFIO_PCI_DEVID_NOT_OWNED & 0xFFFFFFFF
+        devid = vfio_iommufd_get_dev_id(other, ictx)
+        if devid > 0:
+            return devid
+        if devid == -ENOENT:
+            return uapi.VFIO_PCI_DEVID_OWNED
+        return uapi.VFIO_PCI_DEVID_NOT_OWNED & 0xFFFFFFFF
+
     def _pci_hot_reset(self, current: "Task", arg: int) -> int:
-        """vfio_pci_ioctl_pci_hot_reset() with a group fd array (the group interface;
-        a zero count is for cdev-opened devices, which vfiosim does not have)."""
+        """vfio_pci_ioctl_pci_hot_reset(): a group fd array for a device opened
+        through its group, an empty one for a cdev-opened device (ownership
+        is then its iommufd's)."""
         from ..group import GroupFile
         cls = uapi.vfio_pci_hot_reset
         minsz = uapi.offsetofend(cls, "count")
         hdr = copy_struct_from_user(current, arg, cls, minsz)
         if hdr.argsz < minsz or hdr.flags:
             raise fail(EINVAL, f"VFIO_DEVICE_PCI_HOT_RESET: argsz {hdr.argsz} (need {minsz}) or flags {hdr.flags:#x}")
-        if not hdr.count:
-            raise fail(EINVAL, "VFIO_DEVICE_PCI_HOT_RESET: a device opened through its group needs a group fd array")
+        cdev = self.vdev is not None and self.vdev.cdev_opened
+        if bool(hdr.count) == cdev:
+            raise fail(EINVAL, "VFIO_DEVICE_PCI_HOT_RESET: a device opened through its group needs a group fd array"
+                       if not cdev else "VFIO_DEVICE_PCI_HOT_RESET: a cdev-opened device takes no group fds (count 0)")
         devices = self._reset_domain()
+        if cdev:
+            # vfio_pci_dev_set_hot_reset() with the device's iommufd_ctx.
+            for dev in devices:
+                devid = self._devid_of(dev)
+                if devid == uapi.VFIO_PCI_DEVID_NOT_OWNED & 0xFFFFFFFF:
+                    raise fail(EINVAL, f"VFIO_DEVICE_PCI_HOT_RESET: {dev.bdf} is not owned by this iommufd")
+            self._reset_device()
+            vfio_config_init(self)
+            return 0
         # vfio_pci_ioctl_pci_hot_reset_groups(): one group per affected device at most.
         if hdr.count > len(devices):
             raise fail(EINVAL, f"VFIO_DEVICE_PCI_HOT_RESET: {hdr.count} group fds for {len(devices)} device(s)")
