@@ -65,6 +65,8 @@ DEVIATIONS: dict[str, str] = {
          "by another mapping are charged to locked_vm again, as Linux 6.12 does (vfio_pin_pages_remote)",
     # -- simplified --------------------------------------------------------------------------------
     "10": "vfio-pci {bdf}: low power entry; the device stays in D0 (Linux would let it suspend)",
+    "11": "{what}: no free page of RAM ({used} of {total} pages in use); the fault fails without the OOM killer "
+          "(Linux's page allocator would first kill the task with the most memory, perhaps this one)",
 }
 
 

@@ -648,9 +648,10 @@ class SpaprTceIommuDriver(VfioIommuDriver):
                 error = fail(EPERM, f"VFIO_IOMMU_MAP_DMA: a user page at {vaddr + (done + ok << tbl.it_page_shift):#x} "
                                     f"is smaller than the {tbl.page_size:#x}-byte IOMMU page (needs huge pages)")
             elif res.errno is not None:
-                # tce_iommu_use_page(): any pin failure is -EFAULT.
-                error = fail(EFAULT, f"VFIO_IOMMU_MAP_DMA: cannot pin user page {failed_at:#x} "
-                                     f"({'unmapped, or not writable' if write else 'unmapped, or never populated and read-only'})")
+                # tce_iommu_use_page(): any pin failure is -EFAULT, out of memory included.
+                why = "no free page of RAM: pin_user_pages_fast() failed with ENOMEM" if res.errno == ENOMEM else \
+                    "unmapped, or not writable" if write else "unmapped, or never populated and read-only"
+                error = fail(EFAULT, f"VFIO_IOMMU_MAP_DMA: cannot pin user page {failed_at:#x} ({why})")
             values: np.ndarray | Progression
             if consecutive:
                 values = res.hpa_values()[:ok]

@@ -800,7 +800,7 @@ class Type1IommuDriver(VfioIommuDriver):
 
         if err is not None:
             unpin_all()
-            why = "out of memory (fault injection)" if err == ENOMEM else \
+            why = "out of memory: no free page of RAM, or fault injection" if err == ENOMEM else \
                 "unmapped, or not writable" if write else "unmapped or PROT_NONE"
             raise fail(err, f"VFIO_IOMMU_MAP_DMA: cannot pin user page {dma.vaddr + pos * psz:#x} ({why}; "
                             f"vaddr_get_pfns)")

@@ -16,6 +16,7 @@ from ..fs import File
 from ..uaccess import copy_struct_from_user
 
 if TYPE_CHECKING:
+    from ..mm import PhysicalPages
     from ..task import Task
     from .group import VfioGroup
 
@@ -48,6 +49,9 @@ class VfioDeviceOps:
 
     def mmio(self, current: "Task", offset: int, size: int, value: int | None) -> int:
         raise fail(EINVAL, "the device has no mmapped region")
+
+    def mmap_pages(self, offset: int) -> "tuple[PhysicalPages, int]":
+        raise fail(EINVAL, "the device cannot be mmapped")
 
 
 class VfioDevice:
@@ -133,6 +137,9 @@ class DeviceFile(File):
 
     def mmio(self, current: "Task", offset: int, size: int, value: int | None) -> int:
         return self.device.ops.mmio(current, offset, size, value)
+
+    def mmap_pages(self, offset: int) -> "tuple[PhysicalPages, int]":
+        return self.device.ops.mmap_pages(offset)
 
     def read(self, current: "Task", count: int, pos: int) -> bytes:
         return self.device.ops.read(current, count, pos)

@@ -33,6 +33,7 @@ from .vfio_pci_priv import VFIO_PCI_OFFSET_MASK, VFIO_PCI_OFFSET_SHIFT, region_o
 from .vfio_pci_rdwr import IoEventFd, vfio_pci_bar_rw, vfio_pci_ioeventfd
 
 if TYPE_CHECKING:
+    from ...mm import PhysicalPages
     from ...task import Task
 
 
@@ -155,6 +156,12 @@ class VfioPciDevice(VfioDeviceOps):
         req_start = offset & VFIO_PCI_OFFSET_MASK
         if req_start + length > phys_len:
             raise fail(EINVAL, f"{req_start:#x}+{length:#x} runs past BAR{index} ({phys_len:#x} bytes)")
+
+    def mmap_pages(self, offset: int) -> "tuple[PhysicalPages, int]":
+        """What vfio_pci_core_mmap()'s mapping points at: the BAR's own pages
+        (vma->vm_pgoff becomes the BAR's pfn plus the offset; the fault
+        handler inserts those pfns: VM_IO | VM_PFNMAP)."""
+        return self.pdev.bar_memory(offset >> VFIO_PCI_OFFSET_SHIFT), offset & VFIO_PCI_OFFSET_MASK
 
     def mmio(self, current: "Task", offset: int, size: int, value: int | None) -> int:
         """A CPU load or store through a BAR mapping: straight to the device."""
