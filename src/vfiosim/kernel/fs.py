@@ -87,6 +87,10 @@ class File:
         and the byte offset in it: what its page table entries point at."""
         raise fail(ENODEV, f"{self.name} ({self.kind}) cannot be mmapped")
 
+    def mmap_fault(self, current: "Task", offset: int, write: bool) -> None:
+        """The mapping's fault handler for the page at ``offset``: raises
+        EFAULT where it answers VM_FAULT_SIGBUS."""
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} refs={self._refs}>"
 

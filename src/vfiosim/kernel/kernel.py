@@ -78,6 +78,22 @@ _PROFILES = {
 KERNEL_PROFILES = tuple(_PROFILES)
 
 
+class _FileMapping:
+    """The vm_ops of a mapping of a device file: the file's own mmio() and
+    mmap_fault() at the offset of the mapped region."""
+
+    __slots__ = ("file", "task", "region")
+
+    def __init__(self, file: File, task: Task, region: int) -> None:
+        self.file, self.task, self.region = file, task, region
+
+    def access(self, off: int, size: int, value: int | None) -> int:
+        return self.file.mmio(self.task, self.region + off, size, value)
+
+    def fault(self, off: int, write: bool) -> None:
+        self.file.mmap_fault(self.task, self.region + off, write)
+
+
 class Kernel:
     """One simulated machine's kernel."""
 
@@ -275,11 +291,7 @@ class Kernel:
             raise fail(EACCES, f"mapping fd {fd} needs it open for reading")
         file.mmap_check(task, offset, length, prot, shared)
         obj, pgoff = file.mmap_pages(offset)
-        region = offset - pgoff
-
-        def mmio(off: int, size: int, value: int | None) -> int:
-            return file.mmio(task, region + off, size, value)
-        return mm.mmap_pfn(length, prot, obj, pgoff, mmio)
+        return mm.mmap_pfn(length, prot, obj, pgoff, _FileMapping(file, task, offset - pgoff))
 
     def sys_mmio(self, task: Task, fd: int, offset: int, size: int, value: int | None = None) -> int:
         """A load (value None) or store through an mmap of a device region."""

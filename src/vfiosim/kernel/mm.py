@@ -452,6 +452,20 @@ class PhysicalMemory:
             self.release_if_unused(obj)
 
 
+class DeviceMapping(Protocol):
+    """``vm_ops`` of a device mapping (vfio-pci's vfio_pci_mmap_ops);
+    offsets are in the device memory the mapping's ``obj`` stands for."""
+
+    def access(self, off: int, size: int, value: int | None) -> int:
+        """A CPU load (``value`` None) or store of ``size`` bytes."""
+        ...
+
+    def fault(self, off: int, write: bool) -> None:
+        """The fault handler inserting the page's pfn: raises (EFAULT, what
+        VM_FAULT_SIGBUS becomes for fixup_user_fault()) where it would refuse."""
+        ...
+
+
 @dataclass
 class Vma:
     start: int
@@ -465,8 +479,8 @@ class Vma:
     locked: bool = False       # VM_LOCKED
     accounted: bool = False    # VM_ACCOUNT: charged by the overcommit check
     noreserve: bool = False    # VM_NORESERVE (MAP_NORESERVE)
-    # A device mapping's loads and stores: (offset in ``obj``, size, value or None for a load).
-    mmio: Callable[[int, int, int | None], int] | None = None
+    # A device mapping's vm_ops (its driver's loads, stores and faults).
+    ops: "DeviceMapping | None" = None
 
     @property
     def length(self) -> int:
@@ -485,13 +499,22 @@ class PinResult:
     ``hpas`` describe the first ``count`` pages, which are pinned.
     ``errno`` is why page ``count`` could not be pinned (None when all were).
     ``compound_shifts`` gives, per pinned page, the size (log2) of the page
-    backing it; it is built on demand from per-mapping runs.
+    backing it; it is built on demand from per-mapping runs.  ``extents()``
+    gives the pinned pages as runs of consecutive pages: a pin that knows
+    them (``parts``) never builds a per-page array at all.
     """
 
-    __slots__ = ("_hpas", "_hpa_run", "count", "errno", "_shifts", "_runs")
+    __slots__ = ("_hpas", "_hpa_run", "count", "errno", "_shifts", "_runs", "_parts")
 
-    def __init__(self, hpas: np.ndarray | Progression, compound_shifts: np.ndarray | None, count: int,
-                 errno: int | None, runs: list[tuple[int, int]] | None = None) -> None:
+    def __init__(self, hpas: np.ndarray | Progression | None, compound_shifts: np.ndarray | None, count: int,
+                 errno: int | None, runs: list[tuple[int, int]] | None = None,
+                 parts: list[tuple[int, int]] | None = None, step: int = 0) -> None:
+        if hpas is None:
+            # Built from parts: (first address, pages) of consecutive pages ``step`` apart.
+            assert parts is not None
+            hpas = Progression(parts[0][0], step, parts[0][1]) if len(parts) == 1 else \
+                np.concatenate([np.asarray(Progression(a, step, n)) for a, n in parts]) if parts else \
+                np.zeros(0, dtype=np.uint64)
         # Consecutive physical pages stay a Progression until an array is asked for.
         self._hpa_run = hpas if isinstance(hpas, Progression) else None
         self._hpas = None if isinstance(hpas, Progression) else hpas
@@ -499,6 +522,7 @@ class PinResult:
         self.errno = errno
         self._shifts = compound_shifts
         self._runs = runs or []
+        self._parts = parts
 
     @property
     def hpas(self) -> np.ndarray:
@@ -508,11 +532,26 @@ class PinResult:
 
     @hpas.setter
     def hpas(self, value: np.ndarray) -> None:
-        self._hpas, self._hpa_run = value, None
+        self._hpas, self._hpa_run, self._parts = value, None, None
 
     def hpa_values(self) -> "np.ndarray | Progression":
         """The addresses, as a Progression when they are consecutive pages."""
         return self._hpa_run if self._hpa_run is not None else self.hpas
+
+    def extents(self, step: int) -> list[tuple[int, int]]:
+        """(first address, pages) of each run of pinned pages that follow each
+        other ``step`` apart, in order."""
+        if self._parts is not None:
+            return self._parts
+        if self._hpa_run is not None:
+            run = self._hpa_run
+            return [(run.first, run.size)] if run.size else []
+        arr = self.hpas[:self.count]
+        if not arr.size:
+            return []
+        cuts = (np.flatnonzero(arr[1:] != arr[:-1] + np.uint64(step)) + 1).tolist()
+        starts, ends = [0, *cuts], [*cuts, int(arr.size)]
+        return [(int(arr[a]), b - a) for a, b in zip(starts, ends)]
 
     @property
     def compound_shifts(self) -> np.ndarray:
@@ -693,7 +732,7 @@ class MM(AddressSpace):
             raise fail(ENOMEM, f"splitting the mapping {vma.start:#x}-{vma.end:#x} at {addr:#x} would make more "
                                f"than vm.max_map_count ({self.phys.vm.max_map_count}) mappings")
         upper = Vma(addr, vma.end, vma.prot, vma.obj, vma.pgoff + (addr - vma.start), vma.kind, vma.locked,
-                    vma.accounted, vma.noreserve, vma.mmio)
+                    vma.accounted, vma.noreserve, vma.ops)
         vma.end = addr
         self._insert(upper)
         return upper
@@ -760,15 +799,14 @@ class MM(AddressSpace):
         obj = self.phys.allocate(length, compound_shift)
         return self._map(Vma(addr, addr + length, prot, obj, 0, accounted=accountable, noreserve=noreserve))
 
-    def mmap_pfn(self, length: int, prot: int, obj: PhysicalPages, pgoff: int,
-                 mmio: Callable[[int, int, int | None], int]) -> int:
+    def mmap_pfn(self, length: int, prot: int, obj: PhysicalPages, pgoff: int, ops: DeviceMapping) -> int:
         """A shared mapping of device memory (a vfio-pci BAR: VM_IO |
-        VM_PFNMAP): its pages are the device's, never RAM; loads and stores
-        through it are ``mmio(offset in the mapping's region, size, value)``."""
+        VM_PFNMAP) from byte ``pgoff`` of ``obj``: its pages are the
+        device's, never RAM; loads and stores through it are ``ops``'s."""
         length = self._page_align(length)
         self.check_map_count()
         addr = self._unmapped_area(length, self.page_size)
-        return self._map(Vma(addr, addr + length, prot, obj, pgoff, kind="pfnmap", mmio=mmio))
+        return self._map(Vma(addr, addr + length, prot, obj, pgoff, kind="pfnmap", ops=ops))
 
     def check_map_count(self) -> None:
         """do_mmap(): ``if (mm->map_count > sysctl_max_map_count) return -ENOMEM``."""
@@ -862,7 +900,7 @@ class MM(AddressSpace):
                 if vma.kind == "arg":
                     continue             # the in-process ioctl argument buffer is not memory of the task
                 if vma.kind == "pfnmap":
-                    child._insert(Vma(vma.start, vma.end, vma.prot, vma.obj, vma.pgoff, vma.kind, mmio=vma.mmio))
+                    child._insert(Vma(vma.start, vma.end, vma.prot, vma.obj, vma.pgoff, vma.kind, ops=vma.ops))
                     continue
                 obj = copies.get(id(vma.obj))
                 if obj is None:
@@ -1261,36 +1299,41 @@ class MM(AddressSpace):
         (FAULT_FLAG_UNSHARE, mm/gup.c since Linux 6.2), so the page is
         populated and charged like any other -- the x86 reference trace maps
         untouched PROT_READ memory READ-only and VmLck grows by its size.
-        Work is one NumPy slice per VMA, never per page.
+        Work is one slice per VMA, never per page, and the result is its
+        extents: no per-page array is built unless one is asked for.
         """
         shift = self.page_shift
-        hpas = np.empty(npages, dtype=np.uint64)
-        shifts = np.empty(npages, dtype=np.int64)
+        parts: list[tuple[int, int]] = []
+        runs: list[tuple[int, int]] = []
         done = 0
         err: int | None = None
         addr = start
+        need = PROT_WRITE if write else PROT_READ | PROT_WRITE
         while done < npages:
             vma = self.find_vma(addr)
-            if vma is None or not vma.obj.pinnable or not vma.readable() or (write and not vma.writable()):
+            if vma is None or not vma.obj.pinnable or not vma.prot & need:
                 err = EFAULT
                 break
             n = min(npages - done, (vma.end - addr) >> shift)
             obj = cast(MemoryObject, vma.obj)
-            first = (vma.pgoff + (addr - vma.start)) >> obj.page_shift
+            first = (vma.pgoff + (addr - vma.start)) >> shift
             got = obj.fault_in(first, n)
             if got < n:
                 n, err = got, ENOMEM
                 self._out_of_memory(f"pin_user_pages_remote(FOLL_LONGTERM) of {addr + (n << shift):#x}")
-            obj.pincount[first:first + n] += 1
-            obj.pins += n
-            hpas[done:done + n] = np.uint64(obj.phys_base) + (np.arange(first, first + n, dtype=np.uint64)
-                                                              << np.uint64(obj.page_shift))
-            shifts[done:done + n] = obj.compound_shift
+            if n == 1:
+                obj.pincount[first] += 1
+            elif n:
+                obj.pincount[first:first + n] += 1
+            if n:
+                obj.pins += n
+                parts.append((obj.phys_base + (first << shift), n))
+                runs.append((n, obj.compound_shift))
             done += n
             addr += n << shift
             if err is not None:
                 break
-        return PinResult(hpas[:done], shifts[:done], done, err)
+        return PinResult(None, None, done, err, runs, parts, 1 << shift)
 
 
 def _copy_present(src: MemoryObject, dst: MemoryObject) -> None:
@@ -1320,16 +1363,17 @@ def mmio_accesses(off: int, n: int) -> Iterator[tuple[int, int]]:
 
 def _mmio_read(vma: Vma, off: int, n: int) -> bytes:
     """Loads through a device mapping (``off``: the offset in the device memory)."""
-    assert vma.mmio is not None
-    return b"".join(vma.mmio(o, size, None).to_bytes(size, "little") for o, size in mmio_accesses(off, n))
+    assert vma.ops is not None
+    access = vma.ops.access
+    return b"".join(access(o, size, None).to_bytes(size, "little") for o, size in mmio_accesses(off, n))
 
 
 def _mmio_write(vma: Vma, off: int, data: np.ndarray) -> None:
     """Stores through a device mapping."""
-    assert vma.mmio is not None
+    assert vma.ops is not None
     raw = data.tobytes()
     for o, size in mmio_accesses(off, len(raw)):
-        vma.mmio(o, size, int.from_bytes(raw[o - off:o - off + size], "little"))
+        vma.ops.access(o, size, int.from_bytes(raw[o - off:o - off + size], "little"))
 
 
 def account_locked_vm(mm: AddressSpace | None, pages: int, inc: bool, current: "Task | None",

@@ -53,6 +53,9 @@ class VfioDeviceOps:
     def mmap_pages(self, offset: int) -> "tuple[PhysicalPages, int]":
         raise fail(EINVAL, "the device cannot be mmapped")
 
+    def mmap_fault(self, current: "Task", offset: int, write: bool) -> None:
+        """The fault handler of a mapping of the device."""
+
 
 class VfioDevice:
     """``struct vfio_device``: a device registered with VFIO in a group.
@@ -140,6 +143,9 @@ class DeviceFile(File):
 
     def mmap_pages(self, offset: int) -> "tuple[PhysicalPages, int]":
         return self.device.ops.mmap_pages(offset)
+
+    def mmap_fault(self, current: "Task", offset: int, write: bool) -> None:
+        self.device.ops.mmap_fault(current, offset, write)
 
     def read(self, current: "Task", count: int, pos: int) -> bytes:
         return self.device.ops.read(current, count, pos)

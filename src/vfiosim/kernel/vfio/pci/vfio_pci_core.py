@@ -163,6 +163,13 @@ class VfioPciDevice(VfioDeviceOps):
         handler inserts those pfns: VM_IO | VM_PFNMAP)."""
         return self.pdev.bar_memory(offset >> VFIO_PCI_OFFSET_SHIFT), offset & VFIO_PCI_OFFSET_MASK
 
+    def mmap_fault(self, current: "Task", offset: int, write: bool) -> None:
+        """vfio_pci_mmap_huge_fault(): VM_FAULT_SIGBUS while the device is in
+        low power or its memory decoding is off (the BAR mappings were zapped)."""
+        if self.pm_runtime_engaged or not vfio_pci_memory_enabled(self):
+            raise fail(EFAULT, f"{self.pdev.bdf}: the BAR mapping faults (memory decoding is off or the device "
+                               f"is in low power): vfio_pci_mmap_huge_fault() answers VM_FAULT_SIGBUS")
+
     def mmio(self, current: "Task", offset: int, size: int, value: int | None) -> int:
         """A CPU load or store through a BAR mapping: straight to the device."""
         index = offset >> VFIO_PCI_OFFSET_SHIFT
