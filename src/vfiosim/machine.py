@@ -25,7 +25,7 @@ from .kernel.errors import KernelError
 from .kernel.faults import FaultInjector
 from .kernel.iommu.iommu import IommuOps
 from .kernel.kernel import KERNEL_PROFILES, Kernel, KernelProfile
-from .kernel.mm import MM, PROT_READ, PROT_WRITE, MemoryObject
+from .kernel.mm import ARG_BASE, MM, PROT_READ, PROT_WRITE, MemoryObject
 from .kernel.pci.device import PciDevice
 from .kernel.platform.pe import Pe
 from .kernel.task import Task
@@ -306,11 +306,21 @@ class Process:
             return self._call(name, k.sys_ioctl, fd, request, arg)
         if isinstance(arg, ctypes.Structure | ctypes.Union | ctypes.Array):
             arg = memoryview(arg).cast("B")
-
-        def with_buffer(task: Task) -> int:
-            with _own_mm(task).borrowed(arg) as addr:
-                return k.sys_ioctl(task, fd, request, addr)
-        return self._call(name, with_buffer)
+        m = self.machine
+        with m._lock:                       # _call(), with the buffer mapped around it
+            task = self.task
+            if not task.alive:
+                raise ProcessLookupError(errno.ESRCH, f"process {self.pid} has exited")
+            mm = _own_mm(task)
+            vma = mm.borrow(arg)
+            try:
+                return k.sys_ioctl(task, fd, request, ARG_BASE)
+            except KernelError as exc:
+                raise exc.to_oserror(name()) from None
+            except Exception as exc:          # a bug in the simulator: never a traceback to the program
+                raise m._oops(name(), exc) from None
+            finally:
+                mm.unborrow(vma)
 
     def pread(self, fd: int, n: int, offset: int) -> bytes:
         return self._call(f"pread({fd})", self.machine.kernel.sys_pread, fd, n, offset)

@@ -405,15 +405,26 @@ class PhysicalMemory:
         if run.step != 1 << obj.page_shift or off + (run.size - 1) * run.step >= obj.length:
             return False
         p0 = off >> obj.page_shift
-        seg = obj.pincount[p0:p0 + run.size]
-        if seg.min(initial=1) <= 0:
-            raise KernelBug(f"page pin count below zero in {obj!r}")
-        seg -= 1
+        if run.size == 1:
+            count = obj.pincount[p0]
+            if count <= 0:
+                raise KernelBug(f"page pin count below zero in {obj!r}")
+            obj.pincount[p0] = count - 1
+        else:
+            seg = obj.pincount[p0:p0 + run.size]
+            if seg.min(initial=1) <= 0:
+                raise KernelBug(f"page pin count below zero in {obj!r}")
+            seg -= 1
         obj.pins -= run.size
         if isinstance(obj, MemoryObject) and obj.unmapped is not None:
             obj.unpinned(p0, run.size)
         self.release_if_unused(obj)
         return True
+
+    def unpin_range(self, hpa: int, pages: int) -> None:
+        """Drop one pin on each of ``pages`` consecutive pages from ``hpa``."""
+        if not self._unpin_run(Progression(hpa, self.page_size, pages)):
+            self.unpin(Progression(hpa, self.page_size, pages))
 
     def unpin(self, hpas: "np.ndarray | list[int] | Progression") -> None:
         """Drop one pin on the page holding each physical address."""
@@ -466,7 +477,7 @@ class DeviceMapping(Protocol):
         ...
 
 
-@dataclass
+@dataclass(slots=True)
 class Vma:
     start: int
     end: int
@@ -504,18 +515,13 @@ class PinResult:
     them (``parts``) never builds a per-page array at all.
     """
 
-    __slots__ = ("_hpas", "_hpa_run", "count", "errno", "_shifts", "_runs", "_parts")
+    __slots__ = ("_hpas", "_hpa_run", "count", "errno", "_shifts", "_runs", "_parts", "_step")
 
     def __init__(self, hpas: np.ndarray | Progression | None, compound_shifts: np.ndarray | None, count: int,
                  errno: int | None, runs: list[tuple[int, int]] | None = None,
                  parts: list[tuple[int, int]] | None = None, step: int = 0) -> None:
-        if hpas is None:
-            # Built from parts: (first address, pages) of consecutive pages ``step`` apart.
-            assert parts is not None
-            hpas = Progression(parts[0][0], step, parts[0][1]) if len(parts) == 1 else \
-                np.concatenate([np.asarray(Progression(a, step, n)) for a, n in parts]) if parts else \
-                np.zeros(0, dtype=np.uint64)
-        # Consecutive physical pages stay a Progression until an array is asked for.
+        # Consecutive physical pages stay a Progression (or the parts: first
+        # address, pages, ``step`` apart) until an array is asked for.
         self._hpa_run = hpas if isinstance(hpas, Progression) else None
         self._hpas = None if isinstance(hpas, Progression) else hpas
         self.count = count
@@ -523,20 +529,33 @@ class PinResult:
         self._shifts = compound_shifts
         self._runs = runs or []
         self._parts = parts
+        self._step = step
 
     @property
     def hpas(self) -> np.ndarray:
         if self._hpas is None:
-            self._hpas = np.asarray(self._hpa_run)
+            run = self._progression()
+            if run is not None:
+                self._hpas = np.asarray(run)
+            else:
+                self._hpas = np.concatenate([np.asarray(Progression(a, self._step, n)) for a, n in self._parts or []])
         return self._hpas
 
     @hpas.setter
     def hpas(self, value: np.ndarray) -> None:
         self._hpas, self._hpa_run, self._parts = value, None, None
 
+    def _progression(self) -> Progression | None:
+        """The addresses as one Progression, when they are one run."""
+        if self._hpa_run is None and self._hpas is None and self._parts is not None and len(self._parts) <= 1:
+            first, n = self._parts[0] if self._parts else (0, 0)
+            self._hpa_run = Progression(first, self._step, n)
+        return self._hpa_run
+
     def hpa_values(self) -> "np.ndarray | Progression":
         """The addresses, as a Progression when they are consecutive pages."""
-        return self._hpa_run if self._hpa_run is not None else self.hpas
+        run = self._progression()
+        return run if run is not None else self.hpas
 
     def extents(self, step: int) -> list[tuple[int, int]]:
         """(first address, pages) of each run of pinned pages that follow each
@@ -567,6 +586,9 @@ class PinResult:
         if self._shifts is None:
             return min((s for n, s in self._runs if n), default=64)
         return int(self._shifts.min()) if self._shifts.size else 64
+
+
+_NO_BYTES = np.zeros(0, dtype=np.uint8)
 
 
 def _data(vma: Vma) -> np.ndarray:
@@ -671,6 +693,7 @@ class MM(AddressSpace):
         self._starts: list[int] = []
         self._next = MMAP_BASE
         self._args = 0            # ioctl argument buffers mapped now (not VMAs of the program)
+        self._arg_vma: Vma | None = None
 
     # -- VMA bookkeeping -----------------------------------------------------
 
@@ -714,13 +737,16 @@ class MM(AddressSpace):
         self.phys.release_if_unused(obj)
 
     def _overlapping(self, start: int, end: int) -> list[Vma]:
+        vmas = self._vmas
         i = max(bisect.bisect_right(self._starts, start) - 1, 0)
         out = []
-        for vma in self._vmas[i:]:
+        while i < len(vmas):
+            vma = vmas[i]
             if vma.start >= end:
                 break
             if vma.end > start:
                 out.append(vma)
+            i += 1
         return out
 
     def _split_at(self, vma: Vma, addr: int, check_limit: bool = True) -> Vma:
@@ -996,6 +1022,10 @@ class MM(AddressSpace):
         if n == 0:
             return
         segs = self._span(addr, n, write=True)
+        if len(segs) == 1 and segs[0][0].kind == "arg":         # an ioctl's write-back in-process
+            vma, off, _ = segs[0]
+            _data(vma)[off:off + n] = src
+            return
         for vma, off, ln in segs:          # every page present first
             if vma.kind == "anon":
                 self._fault_in(vma, off, ln, current)
@@ -1035,30 +1065,48 @@ class MM(AddressSpace):
 
     # -- the ioctl argument buffer of the in-process API -----------------------
 
-    @contextmanager
-    def borrowed(self, buf: bytearray | memoryview | bytes) -> Iterator[int]:
-        """Map a Python buffer at ARG_BASE for the duration of one syscall.
+    def borrow(self, buf: bytearray | memoryview | bytes) -> Vma | None:
+        """Map a Python buffer at ARG_BASE for the duration of one syscall
+        (give it back with unborrow()); None for an empty buffer.
 
         The kernel then reads and writes it through the same copy_from_user /
         copy_to_user path as any user pointer: past its end is unmapped
         (EFAULT), and a read-only ``bytes`` argument cannot be written.
+        Calls never nest, so one mapping object is reused: a call costs no
+        allocation but the buffer's view.
         """
         mv = memoryview(buf).cast("B")
-        if mv.nbytes == 0:
-            yield ARG_BASE
-            return
-        arr = np.frombuffer(mv, dtype=np.uint8)
-        prot = PROT_READ if mv.readonly else PROT_READ | PROT_WRITE
-        obj = MemoryObject(0, arr, self.page_shift, self.page_shift, pinnable=False)
-        obj.populated[:] = True
-        vma = Vma(ARG_BASE, ARG_BASE + mv.nbytes, prot, obj, 0, kind="arg")
+        n = mv.nbytes
+        if n == 0:
+            return None
+        vma = self._arg_vma
+        if vma is None:
+            obj = MemoryObject(0, np.frombuffer(mv, dtype=np.uint8), self.page_shift, self.page_shift,
+                               pinnable=False)
+            vma = self._arg_vma = Vma(ARG_BASE, ARG_BASE + n, PROT_READ, obj, 0, kind="arg")
+        obj = cast(MemoryObject, vma.obj)
+        obj.data = np.frombuffer(mv, dtype=np.uint8)
+        obj.length = n
+        vma.end = ARG_BASE + n
+        vma.prot = PROT_READ if mv.readonly else PROT_READ | PROT_WRITE
         self._insert(vma)
         self._args += 1
+        return vma
+
+    def unborrow(self, vma: Vma | None) -> None:
+        if vma is not None and not self.dead:          # (exit during the call took every mapping)
+            self._unlink(vma)
+            self._args -= 1
+            cast(MemoryObject, vma.obj).data = _NO_BYTES        # let go of the caller's buffer
+
+    @contextmanager
+    def borrowed(self, buf: bytearray | memoryview | bytes) -> Iterator[int]:
+        """borrow() for the length of a ``with`` block; yields ARG_BASE."""
+        vma = self.borrow(buf)
         try:
             yield ARG_BASE
         finally:
-            self._unlink(vma)
-            self._args -= 1
+            self.unborrow(vma)
 
     # -- pinning (pin_user_pages_fast) -----------------------------------------
 
@@ -1211,10 +1259,14 @@ class MM(AddressSpace):
     def count_mlocked_pages(self, start: int, length: int) -> int:
         """count_mm_mlocked_page_nr(): pages of VM_LOCKED VMAs inside the range."""
         end = min(start + length, (1 << 64) - 1)
+        vmas = self._vmas
+        i = max(bisect.bisect_right(self._starts, start) - 1, 0)
         count = 0
-        for vma in self._overlapping(start, end):
-            if vma.locked:
+        while i < len(vmas) and vmas[i].start < end:
+            vma = vmas[i]
+            if vma.locked and vma.end > start:
                 count += min(end, vma.end) - max(start, vma.start)
+            i += 1
         return count >> self.page_shift
 
     @staticmethod

@@ -156,7 +156,7 @@ def bitmap_shift_left(words: np.ndarray, shift: int, nbits: int) -> None:
 # -- state ---------------------------------------------------------------------------------
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class VfioDma:
     """``struct vfio_dma``: one user mapping."""
 
@@ -507,7 +507,12 @@ class Type1IommuDriver(VfioIommuDriver):
     @staticmethod
     def _iova_dma_valid(iommu: VfioIommu, start: int, end: int) -> bool:
         """vfio_iommu_iova_dma_valid(); an empty list allows anything."""
-        return any(start >= n[0] and end <= n[1] for n in iommu.iova_list) or not iommu.iova_list
+        if not iommu.iova_list:
+            return True
+        for lo, hi in iommu.iova_list:
+            if start >= lo and end <= hi:
+                return True
+        return False
 
     def _update_pgsize_bitmap(self, iommu: VfioIommu) -> None:
         """vfio_update_pgsize_bitmap(): the intersection of the domains' sizes,
@@ -771,7 +776,7 @@ class Type1IommuDriver(VfioIommuDriver):
         psz = 1 << shift
         npages = size >> shift
         write = bool(dma.prot & IOMMU_WRITE)
-        limit = current.rlimit_memlock_soft() >> shift
+        limit = 0 if dma.lock_cap else current.rlimit_memlock_soft() >> shift
         room = None if dma.lock_cap else max(limit - mm.locked_vm, 0)
         faults = self.kernel.faults
         phys = self.kernel.phys
@@ -795,7 +800,7 @@ class Type1IommuDriver(VfioIommuDriver):
                 # it again, the injected failure spent.)
                 extents, tail = _split_extents(extents, passed, psz)
                 for hpa, n in tail:
-                    phys.unpin(Progression(hpa, psz, n))
+                    phys.unpin_range(hpa, n)
                 count, res_err = passed, ENOMEM
             iova = dma.iova + (pos << shift)
             for hpa, n in extents:
@@ -826,7 +831,7 @@ class Type1IommuDriver(VfioIommuDriver):
         def unpin_all() -> None:
             for _, hpa, n, reserved in runs:
                 if not reserved:
-                    phys.unpin(Progression(hpa, psz, n))
+                    phys.unpin_range(hpa, n)
 
         if err is not None:
             unpin_all()
@@ -842,7 +847,7 @@ class Type1IommuDriver(VfioIommuDriver):
                                f"{current.rlimit_memlock_soft()} bytes (mlock'ed pages and pages pinned by other "
                                f"mappings count again); raise the limit or run with CAP_IPC_LOCK")
         # vfio_pin_pages_remote() charges each contiguous run of pinned pages it returns.
-        pinned_runs = sum(1 for r in runs if not r[3])
+        pinned_runs = len(runs) - sum(r[3] for r in runs)
         if faults.take("account_locked_vm:vfio_lock_acct", pinned_runs) < pinned_runs:
             unpin_all()
             raise fail(ENOMEM, "VFIO_IOMMU_MAP_DMA: charging the pinned pages to locked_vm failed (fault injection)")
@@ -921,7 +926,7 @@ class Type1IommuDriver(VfioIommuDriver):
         unlocked = 0
         for _, hpa, pages, reserved in dma.runs:
             if not reserved:
-                self.kernel.phys.unpin(Progression(hpa, psz, pages))
+                self.kernel.phys.unpin_range(hpa, pages)
                 unlocked += pages
         dma.runs = []
         dma.iommu_mapped = False
