@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
 # Pages pinned per step of a bulk map: bounds memory for huge requests.
 BATCH = 1 << 18
+_NO_HPAS = np.zeros(0, dtype=np.uint64)
+_NO_HPAS.flags.writeable = False
 
 
 @dataclass
@@ -691,8 +693,12 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         """Entries a map replaced: their pages lose the pin the old TCE held."""
         if not old.size:
             return
-        # The usual case: the entries of one earlier map of consecutive pages.
         first = int(old[0])
+        if old.size == 1:
+            if first & TCE_PERM_MASK:
+                mm.phys.unpin_range(first & ~TCE_PERM_MASK, 1)
+            return
+        # The usual case: the entries of one earlier map of consecutive pages.
         if first & TCE_PERM_MASK and old.size > 1:
             step = int(old[1]) - first
             # (a step with no permission bits: every entry has the first's)
@@ -704,8 +710,20 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         if used.size:
             mm.phys.unpin(used & ~np.uint64(TCE_PERM_MASK))
 
+    @staticmethod
+    def _prereg_translate_one(mm: AddressSpace, ua: int,
+                              shift: int) -> tuple["np.ndarray | Progression", list[RegionUse], int, int | None]:
+        """_prereg_translate() of one IOMMU page, in scalar operations."""
+        mem = mm_iommu_lookup(mm, ua, 1 << shift)
+        hpa = None if mem is None else mm_iommu_ua_to_hpa(mm, mem, ua, shift)
+        if mem is None or hpa is None:
+            return _NO_HPAS, [], 0, EINVAL
+        if mem.cshifts[(ua - mem.ua) >> mm.page_shift] < shift:          # tce_page_is_contained()
+            return _NO_HPAS, [(mem, 0, 0)], 0, EPERM
+        return Progression(hpa, 1 << shift, 1), [(mem, 0, 1)], 1, None
+
     def _prereg_translate(self, c: TceContainer, tbl: IommuTable, vaddr: int, first: int,
-                          count: int) -> tuple[np.ndarray, list[RegionUse], int, int | None]:
+                          count: int) -> tuple["np.ndarray | Progression", list[RegionUse], int, int | None]:
         """tce_iommu_prereg_ua_to_hpa() for IOMMU pages [first, first+count).
 
         Returns (hpas, compound shifts, regions, ok, errno): the first ``ok``
@@ -717,6 +735,8 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         assert mm is not None
         shift = tbl.it_page_shift
         psize = 1 << shift
+        if count == 1:
+            return self._prereg_translate_one(mm, vaddr + (first << shift), shift)
         uas = np.uint64(vaddr) + (np.arange(first, first + count, dtype=np.uint64) << np.uint64(shift))
         hpas = np.zeros(count, dtype=np.uint64)
         regions: list[tuple[MmIommuMem, int, int]] = []
@@ -765,7 +785,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
                 raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: {npages} pages from bus address "
                                    f"{entry << tbl.it_page_shift:#x} run past the end of the window "
                                    f"{tbl.bus_start:#x}..{tbl.bus_end - 1:#x}")
-        perm = np.uint64(direction_to_perm(direction))
+        perm = direction_to_perm(direction)
         shift = np.uint64(tbl.it_page_shift)
         done = 0
         error: KernelError | None = None
@@ -804,9 +824,10 @@ class SpaprTceIommuDriver(VfioIommuDriver):
                     raise AssertionError("a v2 TCE exchange inside the window failed")
                 error = self._hcall_failed_v2(c, tbl, entry, vaddr, done, xr.done, ok, xr.rc, regions)
                 ok = xr.done
-            old_valid = xr.old_pos[(xr.old & np.uint64(TCE_PERM_MASK)) != 0]
-            if old_valid.size:
-                self._unuse_pages_v2(c, tbl, entry + done + old_valid)
+            if xr.old.size:
+                old_valid = xr.old_pos[(xr.old & np.uint64(TCE_PERM_MASK)) != 0]
+                if old_valid.size:
+                    self._unuse_pages_v2(c, tbl, entry + done + old_valid)
             if ok:
                 assert tbl.it_userspace is not None
                 uas = Progression(vaddr + (done << int(shift)), 1 << int(shift), ok)
@@ -979,6 +1000,12 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         assert c.mm is not None
         mm = c.mm
         psize = tbl.page_size
+        if uas.size == 1:
+            ua = int(uas[0])
+            for mem in mm.iommu_group_mem_list:
+                if mem.ua <= ua and ua + psize <= mem.end(mm.page_shift) and mem.pageshift >= tbl.it_page_shift:
+                    mem.mapped = max(1, mem.mapped - 1)
+            return
         for mem in prereg.regions(mm):
             inside = int(np.count_nonzero((uas >= np.uint64(mem.ua)) &
                                           (uas + np.uint64(psize) <= np.uint64(mem.end(mm.page_shift)))))
