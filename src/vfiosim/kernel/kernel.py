@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from .pci.device import PciDevice
 
 O_ACCMODE = os.O_ACCMODE
+# The ioctls ksys_ioctl() answers for every fd (do_vfs_ioctl).
+_GENERIC_IOCTLS = frozenset((termios.FIOCLEX, termios.FIONCLEX, termios.FIONBIO))
 
 
 @dataclass(frozen=True)
@@ -301,6 +303,8 @@ class Kernel:
         """ksys_ioctl(): generic fd ioctls, then the file's own."""
         file = task.files.get(fd)
         cmd &= 0xFFFFFFFF
+        if cmd not in _GENERIC_IOCTLS:
+            return file.ioctl(task, cmd, arg)
         if cmd == termios.FIOCLEX:
             task.files.cloexec.add(fd)
             return 0

@@ -515,7 +515,7 @@ class PinResult:
     them (``parts``) never builds a per-page array at all.
     """
 
-    __slots__ = ("_hpas", "_hpa_run", "count", "errno", "_shifts", "_runs", "_parts", "_step")
+    __slots__ = ("_hpas", "_hpa_run", "count", "errno", "_shifts", "_runs", "_parts", "_step", "repinned")
 
     def __init__(self, hpas: np.ndarray | Progression | None, compound_shifts: np.ndarray | None, count: int,
                  errno: int | None, runs: list[tuple[int, int]] | None = None,
@@ -530,6 +530,9 @@ class PinResult:
         self._runs = runs or []
         self._parts = parts
         self._step = step
+        # How many of the pages were pinned already (by another pin), where
+        # the pin counted them: None when it did not.
+        self.repinned: int | None = None
 
     @property
     def hpas(self) -> np.ndarray:
@@ -996,8 +999,16 @@ class MM(AddressSpace):
 
     def read(self, addr: int, n: int) -> bytes:
         """Read user memory; EFAULT if any byte is unmapped or unreadable."""
-        if n == 0:
-            return b""
+        if n <= 0 or addr < 0:
+            if n == 0:
+                return b""
+            raise fail(EFAULT, f"bad address range {addr:#x}+{n:#x}")
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0:                       # the usual case: inside one memory mapping
+            vma = self._vmas[i]
+            if addr + n <= vma.end and vma.prot & (PROT_READ | PROT_WRITE) and vma.kind != "pfnmap":
+                off = vma.pgoff + (addr - vma.start)
+                return cast(MemoryObject, vma.obj).data[off:off + n].tobytes()
         segs = self._span(addr, n, write=False)
         if len(segs) == 1 and segs[0][0].kind != "pfnmap":
             vma, off, ln = segs[0]
@@ -1357,7 +1368,7 @@ class MM(AddressSpace):
         shift = self.page_shift
         parts: list[tuple[int, int]] = []
         runs: list[tuple[int, int]] = []
-        done = 0
+        done = repinned = 0
         err: int | None = None
         addr = start
         need = PROT_WRITE if write else PROT_READ | PROT_WRITE
@@ -1374,9 +1385,14 @@ class MM(AddressSpace):
                 n, err = got, ENOMEM
                 self._out_of_memory(f"pin_user_pages_remote(FOLL_LONGTERM) of {addr + (n << shift):#x}")
             if n == 1:
-                obj.pincount[first] += 1
+                count = obj.pincount[first]
+                repinned += count > 0
+                obj.pincount[first] = count + 1
             elif n:
-                obj.pincount[first:first + n] += 1
+                seg = obj.pincount[first:first + n]
+                if obj.pins:
+                    repinned += int(np.count_nonzero(seg))
+                seg += 1
             if n:
                 obj.pins += n
                 parts.append((obj.phys_base + (first << shift), n))
@@ -1385,7 +1401,9 @@ class MM(AddressSpace):
             addr += n << shift
             if err is not None:
                 break
-        return PinResult(None, None, done, err, runs, parts, 1 << shift)
+        res = PinResult(None, None, done, err, runs, parts, 1 << shift)
+        res.repinned = int(repinned)
+        return res
 
 
 def _copy_present(src: MemoryObject, dst: MemoryObject) -> None:

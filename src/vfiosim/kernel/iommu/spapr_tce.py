@@ -30,7 +30,7 @@ from ..mm import AddressSpace, account_locked_vm
 from ..platform.eeh import (EEH_OPT_DISABLE, EEH_OPT_ENABLE, EEH_OPT_THAW_DMA, EEH_OPT_THAW_MMIO,
                             EEH_RESET_DEACTIVATE, EEH_RESET_FUNDAMENTAL, EEH_RESET_HOT, EehPe)
 from ..progression import Progression, as_progression
-from ..uaccess import copy_struct_from_user, copy_struct_to_user
+from ..uaccess import copy_from_user_unpack, copy_struct_from_user, copy_struct_to_user, struct_layout
 from ..vfio.iommu_driver import VfioIommuDriver
 from . import prereg
 from .prereg import (MmIommuMem, mm_iommu_get, mm_iommu_lookup, mm_iommu_new, mm_iommu_put,
@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 
 # Pages pinned per step of a bulk map: bounds memory for huge requests.
 BATCH = 1 << 18
+# MAP_DMA and UNMAP_DMA's arguments up to ``size`` (minsz), unpacked without ctypes objects.
+_DMA_MAP = struct_layout(uapi.vfio_iommu_type1_dma_map, "size")
+_DMA_UNMAP = struct_layout(uapi.vfio_iommu_type1_dma_unmap, "size")
 _NO_HPAS = np.zeros(0, dtype=np.uint64)
 _NO_HPAS.flags.writeable = False
 
@@ -538,35 +541,34 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         if not c.enabled:
             raise fail(EPERM, "the container is not enabled (VFIO_IOMMU_ENABLE for v1, "
                               "VFIO_IOMMU_SPAPR_REGISTER_MEMORY for v2)")
-        cls = uapi.vfio_iommu_type1_dma_map
-        minsz = uapi.offsetofend(cls, "size")
-        param = copy_struct_from_user(current, arg, cls, minsz)
-        if param.argsz < minsz:
-            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: argsz {param.argsz} < {minsz}")
+        argsz, flags, vaddr, iova, size = copy_from_user_unpack(current, arg, _DMA_MAP)
+        minsz = _DMA_MAP.size
+        if argsz < minsz:
+            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: argsz {argsz} < {minsz}")
         rw = uapi.VFIO_DMA_MAP_FLAG_READ | uapi.VFIO_DMA_MAP_FLAG_WRITE
-        if param.flags & ~rw:
-            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: flags {param.flags:#x} has bits other than READ|WRITE")
+        if flags & ~rw:
+            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: flags {flags:#x} has bits other than READ|WRITE")
         self._create_default_window(c, current)
-        _, tbl = self._find_table(c, param.iova)
+        _, tbl = self._find_table(c, iova)
         mask = tbl.page_size - 1
-        if param.size & mask or param.vaddr & mask:
-            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: vaddr {param.vaddr:#x} and size {param.size:#x} must be "
+        if size & mask or vaddr & mask:
+            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: vaddr {vaddr:#x} and size {size:#x} must be "
                                f"multiples of the window's IOMMU page size {tbl.page_size:#x}")
-        if param.flags & uapi.VFIO_DMA_MAP_FLAG_READ:
-            direction = DMA_BIDIRECTIONAL if param.flags & uapi.VFIO_DMA_MAP_FLAG_WRITE else DMA_TO_DEVICE
-        elif param.flags & uapi.VFIO_DMA_MAP_FLAG_WRITE:
+        if flags & uapi.VFIO_DMA_MAP_FLAG_READ:
+            direction = DMA_BIDIRECTIONAL if flags & uapi.VFIO_DMA_MAP_FLAG_WRITE else DMA_TO_DEVICE
+        elif flags & uapi.VFIO_DMA_MAP_FLAG_WRITE:
             direction = DMA_FROM_DEVICE
         else:
             raise fail(EINVAL, "VFIO_IOMMU_MAP_DMA: flags must include READ and/or WRITE")
-        if iommu_tce_put_param_check(tbl, param.iova, param.vaddr):
-            self._log_return_1("VFIO_IOMMU_MAP_DMA", param.iova, tbl)
+        if iommu_tce_put_param_check(tbl, iova, vaddr):
+            self._log_return_1("VFIO_IOMMU_MAP_DMA", iova, tbl)
             return 1
-        entry = param.iova >> tbl.it_page_shift
-        npages = param.size >> tbl.it_page_shift
+        entry = iova >> tbl.it_page_shift
+        npages = size >> tbl.it_page_shift
         if c.v2:
-            self._build_v2(c, tbl, entry, param.vaddr, npages, direction, current)
+            self._build_v2(c, tbl, entry, vaddr, npages, direction, current)
         else:
-            self._build(c, tbl, entry, param.vaddr, npages, direction, current)
+            self._build(c, tbl, entry, vaddr, npages, direction, current)
         return 0
 
     def _pin_addresses(self, tbl: IommuTable, vaddr: int, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -940,23 +942,22 @@ class SpaprTceIommuDriver(VfioIommuDriver):
     def _unmap_dma(self, c: TceContainer, arg: int, current: "Task") -> int:
         if not c.enabled:
             raise fail(EPERM, "the container is not enabled")
-        cls = uapi.vfio_iommu_type1_dma_unmap
-        minsz = uapi.offsetofend(cls, "size")
-        param = copy_struct_from_user(current, arg, cls, minsz)
-        if param.argsz < minsz:
-            raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: argsz {param.argsz} < {minsz}")
-        if param.flags:
-            raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: flags {param.flags:#x}: the sPAPR IOMMU supports none")
+        argsz, flags, iova, size = copy_from_user_unpack(current, arg, _DMA_UNMAP)
+        minsz = _DMA_UNMAP.size
+        if argsz < minsz:
+            raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: argsz {argsz} < {minsz}")
+        if flags:
+            raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: flags {flags:#x}: the sPAPR IOMMU supports none")
         self._create_default_window(c, current)
-        _, tbl = self._find_table(c, param.iova)
-        if param.size & (tbl.page_size - 1):
-            raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: size {param.size:#x} is not a multiple of the window's "
+        _, tbl = self._find_table(c, iova)
+        if size & (tbl.page_size - 1):
+            raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: size {size:#x} is not a multiple of the window's "
                                f"IOMMU page size {tbl.page_size:#x}")
-        npages = param.size >> tbl.it_page_shift
-        if iommu_tce_clear_param_check(tbl, param.iova, 0, npages):
-            self._log_return_1("VFIO_IOMMU_UNMAP_DMA", param.iova, tbl)
+        npages = size >> tbl.it_page_shift
+        if iommu_tce_clear_param_check(tbl, iova, 0, npages):
+            self._log_return_1("VFIO_IOMMU_UNMAP_DMA", iova, tbl)
             return 1
-        entry = param.iova >> tbl.it_page_shift
+        entry = iova >> tbl.it_page_shift
         room = tbl.it_offset + tbl.it_size - entry
         if npages > room and tbl.it_ops.overrun_corrupts:
             self._log_overrun("VFIO_IOMMU_UNMAP_DMA", tbl, entry, npages)

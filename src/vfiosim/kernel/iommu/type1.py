@@ -38,7 +38,8 @@ from ..errors import KernelBug, KernelError, fail
 from ..mm import account_locked_vm_task
 from ..progression import Progression
 from ..vfio.info_cap import info_cap_add, info_cap_shift
-from ..uaccess import copy_from_user, copy_struct_from_user, copy_struct_to_user, copy_to_user
+from ..uaccess import (copy_from_user, copy_from_user_unpack, copy_struct_from_user, copy_struct_to_user,
+                       copy_to_user, struct_layout)
 from ..vfio.iommu_driver import VfioIommuDriver
 from .iommu import (IOMMU_CACHE, IOMMU_READ, IOMMU_RESV_DIRECT_RELAXABLE, IOMMU_WRITE, IommuDomain, IommuGroup,
                     ResvRegion, iommu_attach_group, iommu_detach_group, iommu_domain_free,
@@ -686,15 +687,13 @@ class Type1IommuDriver(VfioIommuDriver):
 
     def _map_dma(self, iommu: VfioIommu, arg: int, current: "Task") -> int:
         """vfio_iommu_type1_map_dma()"""
-        cls = uapi.vfio_iommu_type1_dma_map
-        minsz = uapi.offsetofend(cls, "size")
-        m = copy_struct_from_user(current, arg, cls, minsz)
-        mask = uapi.VFIO_DMA_MAP_FLAG_READ | uapi.VFIO_DMA_MAP_FLAG_WRITE | uapi.VFIO_DMA_MAP_FLAG_VADDR
-        if m.argsz < minsz:
-            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: argsz {m.argsz} < {minsz}")
-        if m.flags & ~mask:
-            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: flags {m.flags:#x} has bits other than READ|WRITE|VADDR")
-        return self._do_map(iommu, m.flags, m.vaddr, m.iova, m.size, current)
+        argsz, flags, vaddr, iova, size = copy_from_user_unpack(current, arg, _DMA_MAP)
+        minsz = _DMA_MAP.size
+        if argsz < minsz:
+            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: argsz {argsz} < {minsz}")
+        if flags & ~_DMA_MAP_FLAGS:
+            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: flags {flags:#x} has bits other than READ|WRITE|VADDR")
+        return self._do_map(iommu, flags, vaddr, iova, size, current)
 
     def _do_map(self, iommu: VfioIommu, flags: int, vaddr: int, iova: int, size: int, current: "Task") -> int:
         """vfio_dma_do_map()"""
@@ -782,6 +781,7 @@ class Type1IommuDriver(VfioIommuDriver):
         phys = self.kernel.phys
         runs: list[tuple[int, int, int, bool]] = []      # (iova, hpa, pages, reserved)
         charged = 0                  # pages pinned (not reserved)
+        repinned: int | None = 0     # of those, pages another pin held already (None: not known)
         pos = 0
         batch = 0                    # where the current run of vaddr_get_pfns() calls began
         err: int | None = None
@@ -793,6 +793,7 @@ class Type1IommuDriver(VfioIommuDriver):
             res = mm.pin_pages_longterm(vaddr, want, write)
             extents = res.extents(psz)
             count, res_err = res.count, res.errno
+            repinned = None if repinned is None or res.repinned is None else repinned + res.repinned
             passed = faults.take("pin_user_pages:vaddr_get_pfns", count)
             if passed < count and (pos + passed - batch) % VFIO_BATCH_MAX_CAPACITY == 0:
                 # The first page of a vaddr_get_pfns() call failed: -ENOMEM.
@@ -828,19 +829,14 @@ class Type1IommuDriver(VfioIommuDriver):
                 err = res_err
                 break
 
-        def unpin_all() -> None:
-            for _, hpa, n, reserved in runs:
-                if not reserved:
-                    phys.unpin_range(hpa, n)
-
         if err is not None:
-            unpin_all()
+            self._unpin_runs(runs)
             why = "out of memory: no free page of RAM, or fault injection" if err == ENOMEM else \
                 "unmapped, or not writable" if write else "unmapped or PROT_NONE"
             raise fail(err, f"VFIO_IOMMU_MAP_DMA: cannot pin user page {dma.vaddr + (pos << shift):#x} ({why}; "
                             f"vaddr_get_pfns)")
         if room is not None and charged > room:
-            unpin_all()
+            self._unpin_runs(runs)
             self.log.warn(f"vfio_pin_pages_remote: RLIMIT_MEMLOCK ({limit << shift}) exceeded")
             raise fail(ENOMEM, f"VFIO_IOMMU_MAP_DMA: pinning {npages} pages would make locked memory "
                                f"{(mm.locked_vm + npages) << shift} bytes, over RLIMIT_MEMLOCK "
@@ -849,10 +845,10 @@ class Type1IommuDriver(VfioIommuDriver):
         # vfio_pin_pages_remote() charges each contiguous run of pinned pages it returns.
         pinned_runs = len(runs) - sum(r[3] for r in runs)
         if faults.take("account_locked_vm:vfio_lock_acct", pinned_runs) < pinned_runs:
-            unpin_all()
+            self._unpin_runs(runs)
             raise fail(ENOMEM, "VFIO_IOMMU_MAP_DMA: charging the pinned pages to locked_vm failed (fault injection)")
         self._lock_acct(dma, charged, False)
-        self._note_charged_again(mm, dma, size, runs)
+        self._note_charged_again(mm, dma, size, runs, repinned)
         mapped: list[tuple[IommuDomain, int, int]] = []
         try:
             for d in iommu.domain_list:
@@ -865,7 +861,7 @@ class Type1IommuDriver(VfioIommuDriver):
         except KernelError:
             for dom, iova, length in mapped:
                 iommu_unmap(dom, iova, length)
-            unpin_all()
+            self._unpin_runs(runs)
             self._lock_acct(dma, -charged, True)
             raise
         dma.runs = runs
@@ -892,14 +888,25 @@ class Type1IommuDriver(VfioIommuDriver):
         n = min(npages, (vma.end - vaddr) >> mm.page_shift)
         return vma.obj.phys_base + off, n
 
+    def _unpin_runs(self, runs: list[tuple[int, int, int, bool]]) -> None:
+        """Unpin what a failed map pinned (reserved runs hold no pin)."""
+        for _, hpa, n, reserved in runs:
+            if not reserved:
+                self.kernel.phys.unpin_range(hpa, n)
+
     def _note_charged_again(self, mm: "AddressSpace", dma: VfioDma, size: int,
-                            runs: list[tuple[int, int, int, bool]]) -> None:
+                            runs: list[tuple[int, int, int, bool]], repinned: int | None) -> None:
         """Announce pages this mapping charged although locked_vm already
-        counts them: mlock'ed ones, and ones another mapping had pinned.
-        vfio_pin_pages_remote() charges every page it pins (only reserved
-        pages and pages in the mapping's own external pin list are
-        skipped), so Linux counts them twice (docs/deviations.md)."""
+        counts them: mlock'ed ones, and ones another mapping had pinned
+        (``repinned``, when the pin counted them).  vfio_pin_pages_remote()
+        charges every page it pins (only reserved pages and pages in the
+        mapping's own external pin list are skipped), so Linux counts them
+        twice (docs/deviations.md)."""
         mlocked = mm.count_mlocked_pages(dma.vaddr, size)
+        if repinned is not None:
+            if mlocked or repinned:
+                self.log.info(deviation("9", iova=dma.iova, size=size, mlocked=mlocked, pinned=repinned))
+            return
         pinned = 0
         for _, hpa, pages, reserved in runs:
             found = None if reserved else self.kernel.phys.lookup(hpa)
@@ -952,32 +959,28 @@ class Type1IommuDriver(VfioIommuDriver):
     def _unmap_dma(self, iommu: VfioIommu, arg: int, current: "Task") -> int:
         """vfio_iommu_type1_unmap_dma(): the struct is written back (with the
         size actually unmapped) only on success."""
-        cls = uapi.vfio_iommu_type1_dma_unmap
-        minsz = uapi.offsetofend(cls, "size")
-        unmap = copy_struct_from_user(current, arg, cls, minsz)
-        mask = (uapi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP | uapi.VFIO_DMA_UNMAP_FLAG_VADDR |
-                uapi.VFIO_DMA_UNMAP_FLAG_ALL)
-        if unmap.argsz < minsz:
-            raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: argsz {unmap.argsz} < {minsz}")
-        if unmap.flags & ~mask:
-            raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: flags {unmap.flags:#x} has unknown bits")
-        get_bitmap = bool(unmap.flags & uapi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP)
-        if get_bitmap and unmap.flags & (uapi.VFIO_DMA_UNMAP_FLAG_ALL | uapi.VFIO_DMA_UNMAP_FLAG_VADDR):
+        argsz, flags, iova, size = copy_from_user_unpack(current, arg, _DMA_UNMAP)
+        minsz = _DMA_UNMAP.size
+        if argsz < minsz:
+            raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: argsz {argsz} < {minsz}")
+        if flags & ~_DMA_UNMAP_FLAGS:
+            raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: flags {flags:#x} has unknown bits")
+        get_bitmap = bool(flags & uapi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP)
+        if get_bitmap and flags & (uapi.VFIO_DMA_UNMAP_FLAG_ALL | uapi.VFIO_DMA_UNMAP_FLAG_VADDR):
             raise fail(EINVAL, "VFIO_IOMMU_UNMAP_DMA: GET_DIRTY_BITMAP cannot be combined with ALL or VADDR")
         bitmap = (0, 0, 0)
         if get_bitmap:
             bsz = _VFIO_BITMAP.size
-            if unmap.argsz < minsz + bsz:
-                raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: argsz {unmap.argsz} leaves no room for the "
+            if argsz < minsz + bsz:
+                raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: argsz {argsz} leaves no room for the "
                                    f"struct vfio_bitmap ({minsz + bsz} needed)")
             bitmap = _VFIO_BITMAP.unpack(copy_from_user(current, arg + minsz, bsz))
             pgsize_b, size_b, data = bitmap
             if not access_ok(data, size_b):
                 raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: bitmap {data:#x}+{size_b:#x} is not in user space")
-            _verify_bitmap_size(_shr(unmap.size, _ffs(pgsize_b)), size_b, "VFIO_IOMMU_UNMAP_DMA")
-        unmapped = self._do_unmap(iommu, unmap.flags, unmap.iova, unmap.size, bitmap, current)
-        unmap.size = unmapped
-        copy_struct_to_user(current, arg, unmap, minsz)
+            _verify_bitmap_size(_shr(size, _ffs(pgsize_b)), size_b, "VFIO_IOMMU_UNMAP_DMA")
+        unmapped = self._do_unmap(iommu, flags, iova, size, bitmap, current)
+        copy_to_user(current, arg, _DMA_UNMAP.pack(argsz, flags, iova, unmapped & U64))
         return 0
 
     def _do_unmap(self, iommu: VfioIommu, flags: int, iova: int, size: int, bitmap: tuple[int, int, int],
@@ -1191,6 +1194,12 @@ class Type1IommuDriver(VfioIommuDriver):
 
 # -- helpers -----------------------------------------------------------------------------------------------------
 
+# MAP_DMA and UNMAP_DMA's arguments up to ``size`` (minsz), unpacked without ctypes objects.
+_DMA_MAP = struct_layout(uapi.vfio_iommu_type1_dma_map, "size")
+_DMA_UNMAP = struct_layout(uapi.vfio_iommu_type1_dma_unmap, "size")
+_DMA_MAP_FLAGS = uapi.VFIO_DMA_MAP_FLAG_READ | uapi.VFIO_DMA_MAP_FLAG_WRITE | uapi.VFIO_DMA_MAP_FLAG_VADDR
+_DMA_UNMAP_FLAGS = (uapi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP | uapi.VFIO_DMA_UNMAP_FLAG_VADDR |
+                    uapi.VFIO_DMA_UNMAP_FLAG_ALL)
 # struct vfio_bitmap as a 64-bit program passes it: pgsize, size, data pointer.
 _VFIO_BITMAP = struct.Struct("<QQQ")
 # struct vfio_iommu_type1_dirty_bitmap_get: iova, size, then struct vfio_bitmap.
