@@ -224,10 +224,13 @@ def _real_ioctl_time(repeat: int, number: int) -> float:
         os.close(w)
 
 
-def bench_map_pair(backend: str, repeat: int = 15, number: int = 300, goal: float = 20) -> Figure:
+def bench_map_pair(backend: str, repeat: int = 15, number: int = 300, goal: float = 40) -> Figure:
     """One in-process MAP_DMA + UNMAP_DMA of a 4 KiB page vs fcntl.ioctl on a
-    real fd: what a small map costs inside the simulated kernel (the
-    transport's share under ``vfiosim run`` comes on top)."""
+    real fd: what a small map costs inside the simulated kernel.  The detail
+    also has the kernel's own share (``kernel_us``: sys_ioctl on arguments
+    in the process's memory, without the in-process API's buffer mapping),
+    which is what a transport adds its own cost to under ``vfiosim run``.
+    The goal is issue 13's for the whole pair under ``vfiosim run``."""
     machine, iommu_type, label = _PAIR_BACKENDS[backend]
     m = Machine.preset(machine)
     p = m.spawn(uid=0, rlimit_memlock=(1 << 62, 1 << 62))
@@ -250,16 +253,30 @@ def bench_map_pair(backend: str, repeat: int = 15, number: int = 300, goal: floa
     def pair() -> None:
         p.ioctl(c, uapi.VFIO_IOMMU_MAP_DMA, map_arg)
         p.ioctl(c, uapi.VFIO_IOMMU_UNMAP_DMA, unmap_arg)
+    # The same pair straight into the kernel, its arguments in the process's memory.
+    args = p.mmap(4096)
+    p.write_memory(args, bytes(map_arg))
+    p.write_memory(args + 64, bytes(unmap_arg))
+    k, task = m.kernel, p.task
+
+    def kernel_pair() -> None:
+        with m._lock:
+            k.sys_ioctl(task, c, uapi.VFIO_IOMMU_MAP_DMA, args)
+            k.sys_ioctl(task, c, uapi.VFIO_IOMMU_UNMAP_DMA, args + 64)
     pair()
-    # Alternate the two measurements so that both see the same machine load.
-    t_pair = t_real = math.inf
+    kernel_pair()
+    # Alternate the measurements so that all see the same machine load.
+    t_pair = t_kernel = t_real = math.inf
     for _ in range(repeat):
         t_pair = min(t_pair, best_of(pair, 1, number))
+        t_kernel = min(t_kernel, best_of(kernel_pair, 1, number))
         t_real = min(t_real, _real_ioctl_time(1, number * 4))
     assert unmap_arg.size == 4096 and m.pinned_pages() == (1 if iommu_type == uapi.VFIO_SPAPR_TCE_v2_IOMMU else 0)
     ratio = t_pair / t_real
     return Figure(f"in-process 4 KiB MAP_DMA+UNMAP_DMA pair, {label}, vs fcntl.ioctl on a real fd", ratio,
-                  "x slower", f"<= {goal:g}", ratio <= goal, {"pair_us": t_pair * 1e6, "real_us": t_real * 1e6})
+                  "x slower", f"<= {goal:g}", ratio <= goal,
+                  {"pair_us": t_pair * 1e6, "kernel_us": t_kernel * 1e6, "kernel_ratio": t_kernel / t_real,
+                   "real_us": t_real * 1e6})
 
 
 def bench_empty_window(window: int = TiB) -> Figure:

@@ -423,6 +423,20 @@ class PhysicalMemory:
 
     def unpin_range(self, hpa: int, pages: int) -> None:
         """Drop one pin on each of ``pages`` consecutive pages from ``hpa``."""
+        if pages == 1:                   # one page: scalar operations
+            found = self.lookup(hpa)
+            if found is not None:
+                obj, off = found
+                p0 = off >> obj.page_shift
+                count = obj.pincount[p0]
+                if count <= 0:
+                    raise KernelBug(f"page pin count below zero in {obj!r}")
+                obj.pincount[p0] = count - 1
+                obj.pins -= 1
+                if isinstance(obj, MemoryObject) and obj.unmapped is not None:
+                    obj.unpinned(p0, 1)
+                self.release_if_unused(obj)
+                return
         if not self._unpin_run(Progression(hpa, self.page_size, pages)):
             self.unpin(Progression(hpa, self.page_size, pages))
 
@@ -1151,7 +1165,10 @@ class MM(AddressSpace):
                     if not dry_run:
                         self._out_of_memory(f"pin_user_pages_fast() of {cur + (n << shift):#x}")
             if not dry_run and n:
-                obj.pincount[p0:p0 + n] += 1
+                if n == 1:
+                    obj.pincount[p0] += 1
+                else:
+                    obj.pincount[p0:p0 + n] += 1
                 obj.pins += n
             parts.append((obj.phys_base + (p0 << shift), n))
             runs.append((n, obj.compound_shift))

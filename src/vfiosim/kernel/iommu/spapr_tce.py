@@ -613,7 +613,6 @@ class SpaprTceIommuDriver(VfioIommuDriver):
                                    f"{entry << tbl.it_page_shift:#x} run past the end of the window "
                                    f"{tbl.bus_start:#x}..{tbl.bus_end - 1:#x}")
         perm = tbl.it_ops.perm(direction)
-        sub_mask = np.uint64(((1 << self.page_shift) - 1) & ~((1 << tbl.it_page_shift) - 1))
         # When IOMMU pages are kernel pages, the pages pinned are consecutive:
         # pin them as a range and build the TCEs (hpa | perm) in one pass.
         consecutive = tbl.it_page_shift == self.page_shift
@@ -660,6 +659,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
             if consecutive:
                 values = res.hpa_values()[:ok]
             else:
+                sub_mask = np.uint64(((1 << self.page_shift) - 1) & ~((1 << tbl.it_page_shift) - 1))
                 values = res.hpas[:ok] | (tces[:ok] & sub_mask) | np.uint64(perm)
             xr = tbl.it_ops.xchg_range(tbl, entry + done, values)
             if xr.done < ok:
