@@ -156,18 +156,11 @@ class MemoryObject:
         out[:] = self.data[off:off + out.size]
 
     def write_at(self, off: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
-        """A device writes this memory (a DMA run); the pages become populated
-        (a DMA reaches pinned pages, which are present already: a page that
-        is not is charged all the same, as hardware does not ask)."""
+        """A device writes this memory (a DMA run).  Through an IOMMU a DMA
+        reaches only pinned pages, which are present: a write changes no
+        page's presence (nor the RAM in use)."""
         src = data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
-        n = src.size
-        self.data[off:off + n] = src
-        p0 = off >> self.page_shift
-        p1 = ((off + n - 1) >> self.page_shift) + 1
-        seg = self.populated[p0:p1]
-        if self.owner is not None and not seg.all():
-            self.owner.used_pages += int(seg.size - np.count_nonzero(seg))
-        seg[:] = True
+        self.data[off:off + src.size] = src
 
     # -- RAM ---------------------------------------------------------------------------------
 
