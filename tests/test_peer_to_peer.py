@@ -63,6 +63,23 @@ def test_mapping_a_device_region_checks_as_do_mmap_and_vfio_pci_do(x86):
     assert p.mm.map_count == 0
 
 
+def test_a_mapping_keeps_the_device_open_after_its_fd_is_closed(x86):
+    """Each VMA holds a reference to the file (vma->vm_file): closing the fd
+    closes nothing while the BAR is mapped, as on Linux, where the group
+    cannot leave its container until the mapping goes too."""
+    m, p, c, g, dev = x86
+    bar = p.mmap(1 << 20, fd=dev, offset=BAR0)
+    p.mprotect(bar + PAGE, PAGE, PROT_READ)                            # a split: two VMAs, two references
+    p.close(dev)
+    assert int.from_bytes(p.read_memory(bar, 4), "little") == 0x010000ED
+    expect_errno(errno.EBUSY, p.ioctl, g, uapi.VFIO_GROUP_UNSET_CONTAINER)
+    child = p.fork()                                                   # the child's copy holds one more
+    p.munmap(bar, 1 << 20)
+    expect_errno(errno.EBUSY, p.ioctl, g, uapi.VFIO_GROUP_UNSET_CONTAINER)
+    child.exit()
+    assert p.ioctl(g, uapi.VFIO_GROUP_UNSET_CONTAINER) == 0
+
+
 def test_a_bar_mapping_faults_while_memory_decoding_is_off(x86):
     m, p, c, g, dev = x86
     bar = p.mmap(PAGE, fd=dev, offset=BAR0)

@@ -82,12 +82,19 @@ KERNEL_PROFILES = tuple(_PROFILES)
 
 class _FileMapping:
     """The vm_ops of a mapping of a device file: the file's own mmio() and
-    mmap_fault() at the offset of the mapped region."""
+    mmap_fault() at the offset of the mapped region; each VMA of it holds a
+    reference to the file, so the device stays open while it is mapped."""
 
     __slots__ = ("file", "task", "region")
 
     def __init__(self, file: File, task: Task, region: int) -> None:
         self.file, self.task, self.region = file, task, region
+
+    def open(self) -> None:
+        self.file.get()
+
+    def close(self) -> None:
+        self.file.put(self.task)
 
     def access(self, off: int, size: int, value: int | None) -> int:
         return self.file.mmio(self.task, self.region + off, size, value)
@@ -293,7 +300,10 @@ class Kernel:
             raise fail(EACCES, f"mapping fd {fd} needs it open for reading")
         file.mmap_check(task, offset, length, prot, shared)
         obj, pgoff = file.mmap_pages(offset)
-        return mm.mmap_pfn(length, prot, obj, pgoff, _FileMapping(file, task, offset - pgoff))
+        ops = _FileMapping(file, task, offset - pgoff)
+        addr = mm.mmap_pfn(length, prot, obj, pgoff, ops)
+        ops.open()                            # vma->vm_file = get_file(file)
+        return addr
 
     def sys_mmio(self, task: Task, fd: int, offset: int, size: int, value: int | None = None) -> int:
         """A load (value None) or store through an mmap of a device region."""

@@ -471,8 +471,14 @@ class PhysicalMemory:
 
 
 class DeviceMapping(Protocol):
-    """``vm_ops`` of a device mapping (vfio-pci's vfio_pci_mmap_ops);
-    offsets are in the device memory the mapping's ``obj`` stands for."""
+    """``vm_ops`` of a device mapping (vfio-pci's vfio_pci_mmap_ops) and its
+    ``vm_file``; offsets are in the device memory the mapping's ``obj``
+    stands for.  Each VMA holds a reference to the file: ``open()`` when a
+    VMA is split off or copied by fork, ``close()`` when one goes."""
+
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
 
     def access(self, off: int, size: int, value: int | None) -> int:
         """A CPU load (``value`` None) or store of ``size`` bytes."""
@@ -738,8 +744,11 @@ class MM(AddressSpace):
         vma.obj.users -= 1
 
     def _remove(self, vma: Vma) -> None:
-        """The VMA goes: its pages no pin holds go back to RAM."""
+        """The VMA goes: its pages no pin holds go back to RAM, its file
+        reference is dropped."""
         self._unlink(vma)
+        if vma.ops is not None:
+            vma.ops.close()
         obj = vma.obj
         if isinstance(obj, MemoryObject):
             shift = obj.page_shift
@@ -771,6 +780,8 @@ class MM(AddressSpace):
                     vma.accounted, vma.noreserve, vma.ops)
         vma.end = addr
         self._insert(upper)
+        if upper.ops is not None:
+            upper.ops.open()                 # __split_vma(): get_file(), vm_ops->open()
         return upper
 
     def _modify(self, start: int, end: int, changes: Callable[[Vma], bool], apply: Callable[[Vma], None]) -> None:
@@ -937,6 +948,8 @@ class MM(AddressSpace):
                     continue             # the in-process ioctl argument buffer is not memory of the task
                 if vma.kind == "pfnmap":
                     child._insert(Vma(vma.start, vma.end, vma.prot, vma.obj, vma.pgoff, vma.kind, ops=vma.ops))
+                    if vma.ops is not None:
+                        vma.ops.open()
                     continue
                 obj = copies.get(id(vma.obj))
                 if obj is None:
