@@ -26,7 +26,6 @@ import bisect
 import mmap
 from platform import machine as _host_arch
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
 from dataclasses import dataclass
 from errno import EAGAIN, EFAULT, EINVAL, ENOMEM, EPERM, ESRCH
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol, cast
@@ -270,17 +269,17 @@ class MemoryObject:
 class PhysicalMemory:
     """Host physical address space: allocates objects, resolves addresses."""
 
-    def __init__(self, page_size: int, ram: int | None = None) -> None:
+    def __init__(self, page_size: int) -> None:
         self.page_size = page_size
         self.page_shift = page_size.bit_length() - 1
         self._bases: list[int] = []
         self._objs: list[PhysicalPages] = []
         self._mmio: list[PhysicalPages] = []      # device memory (register_mmio), looked up last
         self._next = PHYS_BASE
-        # RAM: totalram_pages() (None: unbounded), and the pages present in
-        # some process's memory or held by a pin.  The kernel's own memory
-        # (page tables, TCE tables, slab) is not counted.
-        self.ram_pages: int | None = None if ram is None else ram >> self.page_shift
+        # RAM: totalram_pages() (None, unbounded, until the platform says),
+        # and the pages present in some process's memory or held by a pin.
+        # The kernel's own memory (page tables, TCE tables, slab) is not counted.
+        self.ram_pages: int | None = None
         self.used_pages = 0
         self.vm = VmSysctl()
         # Set by the kernel: its fault injector (kernel/faults.py) and printk,
@@ -386,9 +385,27 @@ class PhysicalMemory:
     # -- pin bookkeeping on physical addresses (unpin is by hpa, as the
     #    kernel's put_page(pfn_to_page(hpa >> PAGE_SHIFT)) is) -------------
 
+    def _unpin_pages(self, obj: PhysicalPages, p0: int, n: int) -> None:
+        """Drop one pin on each of pages [p0, p0+n) of ``obj`` (one page in
+        scalar operations, more with slice operations)."""
+        if n == 1:
+            count = obj.pincount[p0]
+            if count <= 0:
+                raise KernelBug(f"page pin count below zero in {obj!r}")
+            obj.pincount[p0] = count - 1
+        else:
+            seg = obj.pincount[p0:p0 + n]
+            if seg.min(initial=1) <= 0:
+                raise KernelBug(f"page pin count below zero in {obj!r}")
+            seg -= 1
+        obj.pins -= n
+        if isinstance(obj, MemoryObject) and obj.unmapped is not None:
+            obj.unpinned(p0, n)
+        self.release_if_unused(obj)
+
     def _unpin_run(self, run: Progression) -> bool:
-        """Unpin consecutive kernel pages of one object with slice operations;
-        False (nothing done) if ``run`` is not that."""
+        """Unpin consecutive kernel pages of one object; False (nothing done)
+        if ``run`` is not that."""
         if run.size == 0:
             return True
         found = self.lookup(run.first)
@@ -397,40 +414,16 @@ class PhysicalMemory:
         obj, off = found
         if run.step != 1 << obj.page_shift or off + (run.size - 1) * run.step >= obj.length:
             return False
-        p0 = off >> obj.page_shift
-        if run.size == 1:
-            count = obj.pincount[p0]
-            if count <= 0:
-                raise KernelBug(f"page pin count below zero in {obj!r}")
-            obj.pincount[p0] = count - 1
-        else:
-            seg = obj.pincount[p0:p0 + run.size]
-            if seg.min(initial=1) <= 0:
-                raise KernelBug(f"page pin count below zero in {obj!r}")
-            seg -= 1
-        obj.pins -= run.size
-        if isinstance(obj, MemoryObject) and obj.unmapped is not None:
-            obj.unpinned(p0, run.size)
-        self.release_if_unused(obj)
+        self._unpin_pages(obj, off >> obj.page_shift, run.size)
         return True
 
     def unpin_range(self, hpa: int, pages: int) -> None:
         """Drop one pin on each of ``pages`` consecutive pages from ``hpa``."""
-        if pages == 1:                   # one page: scalar operations
-            found = self.lookup(hpa)
-            if found is not None:
-                obj, off = found
-                p0 = off >> obj.page_shift
-                count = obj.pincount[p0]
-                if count <= 0:
-                    raise KernelBug(f"page pin count below zero in {obj!r}")
-                obj.pincount[p0] = count - 1
-                obj.pins -= 1
-                if isinstance(obj, MemoryObject) and obj.unmapped is not None:
-                    obj.unpinned(p0, 1)
-                self.release_if_unused(obj)
-                return
-        if not self._unpin_run(Progression(hpa, self.page_size, pages)):
+        found = self.lookup(hpa)
+        if found is not None and found[0].page_shift == self.page_shift and \
+                found[1] + ((pages - 1) << self.page_shift) < found[0].length:
+            self._unpin_pages(found[0], found[1] >> self.page_shift, pages)
+        else:
             self.unpin(Progression(hpa, self.page_size, pages))
 
     def unpin(self, hpas: "np.ndarray | list[int] | Progression") -> None:
@@ -798,12 +791,6 @@ class MM(AddressSpace):
                 self._split_at(vma, end)
             apply(vma)
 
-    def _split(self, start: int, end: int) -> list[Vma]:
-        """Split VMAs so [start, end) is covered by whole VMAs; return them."""
-        out: list[Vma] = []
-        self._modify(start, end, lambda v: True, out.append)
-        return out
-
     # -- mmap(2), munmap(2), mprotect(2) ---------------------------------------
 
     def _page_align(self, length: int) -> int:
@@ -1029,12 +1016,8 @@ class MM(AddressSpace):
             if addr + n <= vma.end and vma.prot & (PROT_READ | PROT_WRITE) and vma.kind != "pfnmap":
                 off = vma.pgoff + (addr - vma.start)
                 return cast(MemoryObject, vma.obj).data[off:off + n].tobytes()
-        segs = self._span(addr, n, write=False)
-        if len(segs) == 1 and segs[0][0].kind != "pfnmap":
-            vma, off, ln = segs[0]
-            return _data(vma)[off:off + ln].tobytes()
         return b"".join(_mmio_read(v, o, ln) if v.kind == "pfnmap" else _data(v)[o:o + ln].tobytes()
-                        for v, o, ln in segs)
+                        for v, o, ln in self._segments(addr, n, write=False))
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """copy_to_user(): EFAULT (writing nothing) if any byte is not
@@ -1129,15 +1112,6 @@ class MM(AddressSpace):
             self._unlink(vma)
             self._args -= 1
             cast(MemoryObject, vma.obj).data = _NO_BYTES        # let go of the caller's buffer
-
-    @contextmanager
-    def borrowed(self, buf: bytearray | memoryview | bytes) -> Iterator[int]:
-        """borrow() for the length of a ``with`` block; yields ARG_BASE."""
-        vma = self.borrow(buf)
-        try:
-            yield ARG_BASE
-        finally:
-            self.unborrow(vma)
 
     # -- pinning (pin_user_pages_fast) -----------------------------------------
 

@@ -36,7 +36,6 @@ from ..cred import CAP_IPC_LOCK
 from ..deviations import deviation
 from ..errors import KernelBug, KernelError, fail
 from ..mm import account_locked_vm_task
-from ..progression import Progression
 from ..vfio.info_cap import info_cap_add, info_cap_shift
 from ..uaccess import (copy_from_user, copy_from_user_unpack, copy_struct_from_user, copy_struct_to_user,
                        copy_to_user, struct_layout)
@@ -929,7 +928,6 @@ class Type1IommuDriver(VfioIommuDriver):
             return 0
         for d in iommu.domain_list:
             iommu_unmap(d.domain, dma.iova, dma.size)
-        psz = self.page_size
         unlocked = 0
         for _, hpa, pages, reserved in dma.runs:
             if not reserved:
