@@ -19,7 +19,7 @@ def test_quick_bench_runs_every_figure_and_writes_json_and_charts(tmp_path, caps
     printed = capsys.readouterr().out
     data = json.loads(out_json.read_text())
     names = [f["name"] for f in data["figures"]]
-    assert len(names) == len(bench.suite(quick=True)) == 10
+    assert len(names) == len(bench.suite(quick=True)) == 13
     for name in names:
         assert name in printed
     for f in data["figures"]:

@@ -38,6 +38,12 @@ def test_progression_matches_arange(first, step, size, lo, hi):
     assert np.array_equal(dest, ref[lo:hi])
 
 
+@given(st.integers(0, (1 << 64) - 1), st.integers(0, 1 << 20), st.integers(0, 1 << 12), st.integers(0, 200))
+def test_progression_counts_its_nonzero_values(first, step, start, n):
+    p = Progression(first, step, start + n)
+    assert p.count_nonzero_in(start, n) == int(np.count_nonzero(np.asarray(p)[start:start + n]))
+
+
 def test_progression_or_refuses_bits_it_would_corrupt():
     p = Progression(0x10000, 0x1000, 4)
     assert np.array_equal(np.asarray(p | 3), np.asarray(p) | np.uint64(3))
@@ -51,10 +57,10 @@ def test_progression_or_refuses_bits_it_would_corrupt():
 
 SIZE = 3 * TceStorage.CHUNK + 100
 
+lengths = st.one_of(st.just(1), st.integers(0, 2 * TceStorage.CHUNK))       # one entry has its own path
 ops = st.one_of(
-    st.tuples(st.just("xchg"), st.integers(0, SIZE - 1), st.integers(0, 2 * TceStorage.CHUNK),
-              st.booleans(), st.integers(0, 3)),
-    st.tuples(st.just("clear"), st.integers(0, SIZE - 1), st.integers(0, 2 * TceStorage.CHUNK)),
+    st.tuples(st.just("xchg"), st.integers(0, SIZE - 1), lengths, st.booleans(), st.integers(0, 3)),
+    st.tuples(st.just("clear"), st.integers(0, SIZE - 1), lengths),
     st.tuples(st.just("clear_idx"), st.lists(st.integers(0, SIZE - 1), max_size=50, unique=True)),
 )
 
@@ -69,7 +75,9 @@ def test_storage_behaves_like_a_dense_array(steps):
         if op[0] == "xchg":
             _, start, n, as_prog, kind = op
             n = min(n, SIZE - start)
-            if kind == 0:
+            if kind == 0 and as_prog:
+                values = Progression(0, 0x1000, n)               # a zero first, then mappings
+            elif kind == 0:
                 values = np.zeros(n, dtype=np.uint64)            # an exchange that empties entries
             elif as_prog:
                 values = Progression(0x1000 * (start + 1) | kind, 0x1000, n)

@@ -610,8 +610,10 @@ def _templates(uapi: Any) -> dict[int, type]:
 
 
 def check_invariants(m: Any) -> None:
-    """What holds at every moment: every IOMMU entry points at a pinned page,
-    a group is in at most one container, and no internal error happened."""
+    """What holds at every moment: every IOMMU entry points at a pinned page
+    (or at device memory, which is never pinned), a group is in at most one
+    container, RAM in use is what the present pages add up to, and no
+    internal error happened."""
     k = m.kernel
     if m.oopses:
         raise FuzzFailure("internal error:\n" + m.oopses[0])
@@ -622,12 +624,15 @@ def check_invariants(m: Any) -> None:
         if found is None:
             return False
         obj, off = found
-        return bool(obj.pincount[off >> obj.page_shift] > 0)
+        return not obj.pinnable or bool(obj.pincount[off >> obj.page_shift] > 0)
 
     # (the first 4096 pages of each table or domain: tables can be huge)
     for mp in k.platform.mappings(limit=4096):
         if not pinned(mp.hpa):
             raise FuzzFailure(f"{mp.where}: {mp.iova:#x} -> {mp.hpa:#x} points at a page nobody pinned")
+    present = sum(int(o.populated.sum()) for o in phys.objects() if getattr(o, "owner", None) is phys)
+    if present != phys.used_pages:
+        raise FuzzFailure(f"{phys.used_pages} pages of RAM are counted in use, but {present} pages are present")
     for g in k.vfio.groups.values():
         c = g.container
         if c is not None and g not in c.group_list:

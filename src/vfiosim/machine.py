@@ -24,7 +24,7 @@ from .kernel.errors import KernelError
 from .kernel.faults import FaultInjector
 from .kernel.iommu.iommu import IommuOps
 from .kernel.kernel import KERNEL_PROFILES, Kernel, KernelProfile
-from .kernel.mm import MM, PROT_READ, PROT_WRITE, MemoryObject
+from .kernel.mm import ARG_BASE, MM, PROT_READ, PROT_WRITE, MemoryObject
 from .kernel.pci.device import PciDevice
 from .kernel.platform.pe import Pe
 from .kernel.task import Task
@@ -205,6 +205,36 @@ class Machine:
         with self._lock:
             return self.kernel.log.lines(include_debug)
 
+    def sysctl(self, name: str, value: int | None = None) -> int:
+        """Read, or set, a sysctl of the simulated kernel (as /proc/sys does):
+        ``vm.max_map_count`` (65530), ``vm.overcommit_memory`` (0: heuristic,
+        1: always; 2, strict accounting, is not modelled)."""
+        with self._lock:
+            vm = self.kernel.phys.vm
+            if name == "vm.max_map_count":
+                if value is not None:
+                    if value < 0:
+                        raise ValueError(f"vm.max_map_count must be >= 0, not {value}")
+                    vm.max_map_count = value
+                return vm.max_map_count
+            if name == "vm.overcommit_memory":
+                if value is not None:
+                    if value not in (0, 1):
+                        raise ValueError(f"vm.overcommit_memory {value}: 0 (heuristic) and 1 (always) are "
+                                         f"modelled, 2 (strict commit accounting) is not")
+                    vm.overcommit_memory = value
+                return vm.overcommit_memory
+            raise ValueError(f"unknown sysctl {name!r}: vm.max_map_count and vm.overcommit_memory are modelled")
+
+    def meminfo(self) -> dict[str, int]:
+        """/proc/meminfo's MemTotal and MemFree (kB): the machine's RAM and what
+        no process's present pages nor pins use."""
+        with self._lock:
+            phys = self.kernel.phys
+            kb = phys.page_size // 1024
+            total = phys.ram_pages or 0
+            return {"MemTotal": total * kb, "MemFree": max(total - phys.used_pages, 0) * kb}
+
     def pinned_pages(self) -> int:
         """Page pins held anywhere on the machine (0 when nothing is mapped)."""
         with self._lock:
@@ -312,11 +342,21 @@ class Process:
             return self._call(name, k.sys_ioctl, fd, request, arg)
         if isinstance(arg, ctypes.Structure | ctypes.Union | ctypes.Array):
             arg = memoryview(arg).cast("B")
-
-        def with_buffer(task: Task) -> int:
-            with _own_mm(task).borrowed(arg) as addr:
-                return k.sys_ioctl(task, fd, request, addr)
-        return self._call(name, with_buffer)
+        m = self.machine
+        with m._lock:                       # _call(), with the buffer mapped around it
+            task = self.task
+            if not task.alive:
+                raise ProcessLookupError(errno.ESRCH, f"process {self.pid} has exited")
+            mm = _own_mm(task)
+            vma = mm.borrow(arg)
+            try:
+                return k.sys_ioctl(task, fd, request, ARG_BASE)
+            except KernelError as exc:
+                raise exc.to_oserror(name()) from None
+            except Exception as exc:          # a bug in the simulator: never a traceback to the program
+                raise k.gate.oops(name(), exc) from None
+            finally:
+                mm.unborrow(vma)
 
     def pread(self, fd: int, n: int, offset: int) -> bytes:
         return self._call(f"pread({fd})", self.machine.kernel.sys_pread, fd, n, offset)
@@ -335,21 +375,34 @@ class Process:
 
     # -- memory ------------------------------------------------------------------------------------------
 
-    def mmap(self, length: int, prot: int = PROT_READ | PROT_WRITE, *, page_size: int | None = None) -> int:
-        """Anonymous private memory.  ``page_size`` asks for huge pages (e.g.
-        2 MiB, 16 MiB), which IOMMU pages larger than the base page need."""
+    def mmap(self, length: int, prot: int = PROT_READ | PROT_WRITE, *, page_size: int | None = None,
+             noreserve: bool = False, fd: int | None = None, offset: int = 0) -> int:
+        """mmap(2).  Without ``fd``: anonymous private memory, which uses RAM
+        only where it is touched.  ``page_size`` asks for huge pages (e.g.
+        2 MiB, 16 MiB), which IOMMU pages larger than the base page need;
+        ``noreserve`` is MAP_NORESERVE (no overcommit check: with the default
+        vm.overcommit_memory=0 a single writable mapping larger than the
+        machine's RAM needs it).  With ``fd``: a shared mapping of a device
+        region at ``offset`` (a BAR: ``index << 40``); loads and stores
+        through it (read_memory, write_memory) reach the device, and
+        VFIO_IOMMU_MAP_DMA of it maps the BAR for peer-to-peer DMA."""
         shift = None
         if page_size is not None:
             if page_size & (page_size - 1) or page_size < self.machine.page_size:
                 raise ValueError(f"page_size {page_size} must be a power of two >= {self.machine.page_size}")
             shift = page_size.bit_length() - 1
-        return self._in_task("mmap", lambda t: _own_mm(t).mmap(length, prot, shift))
+        k = self.machine.kernel
+        if fd is not None:
+            return self._call(f"mmap(fd {fd})", lambda t: k.sys_mmap(t, length, prot, fd=fd, offset=offset,
+                                                                      shared=True))
+        return self._in_task("mmap", lambda t: k.sys_mmap(t, length, prot, compound_shift=shift,
+                                                          noreserve=noreserve))
 
     def munmap(self, addr: int, length: int) -> None:
         self._in_task("munmap", lambda t: _own_mm(t).munmap(addr, length))
 
     def mprotect(self, addr: int, length: int, prot: int) -> None:
-        self._in_task("mprotect", lambda t: _own_mm(t).mprotect(addr, length, prot))
+        self._in_task("mprotect", lambda t: _own_mm(t).mprotect(addr, length, prot, t))
 
     def mlock(self, addr: int, length: int) -> None:
         """mlock(2): lock the pages of [addr, addr+length) (VM_LOCKED), charged
@@ -361,7 +414,10 @@ class Process:
         self._in_task("munlock", lambda t: _own_mm(t).munlock(addr, length))
 
     def write_memory(self, addr: int, data: bytes | bytearray | memoryview) -> None:
-        self._in_task("write_memory", lambda t: t.mm.write(addr, data))
+        """The process's own stores.  A page touched for the first time takes a
+        page of the machine's RAM; when none is free the OOM killer ends the
+        process with the most memory (ProcessLookupError if that is this one)."""
+        self._in_task("write_memory", lambda t: _own_mm(t).store(addr, data, t))
 
     def read_memory(self, addr: int, n: int) -> bytes:
         return self._in_task("read_memory", lambda t: t.mm.read(addr, n))

@@ -20,7 +20,7 @@ from .kernel.iommu.iommu import (RESV_TYPE_NAMES, IommuGroup, ResvRegion, iommu_
 from .kernel.iommu.spapr_tce import SpaprTceIommuDriver
 from .kernel.iommu.table_group import SpaprTceIommuOps
 from .kernel.iommu.type1 import Type1IommuDriver
-from .kernel.pci.device import PciDevice
+from .kernel.pci.device import BarMemory, PciDevice
 from .kernel.pci.models import create_device, is_endpoint_model
 from .kernel.platform.base import Platform
 from .kernel.platform.pe import Pe
@@ -64,9 +64,14 @@ class PlatformBuilder(ABC):
     def init_group(self, group: IommuGroup, ds: DeviceSpec) -> None:
         """A new IOMMU group, before its first device joins."""
 
+    def bar_memory(self, mem: BarMemory) -> None:
+        """A device's BAR, as memory: where the platform's bus addresses are
+        host physical addresses, make it reachable by peer-to-peer DMA."""
+
     def build(self) -> None:
         k = self.kernel
         spec = self.spec
+        k.phys.ram_pages = spec.ram >> k.page_shift         # what firmware tells the kernel it has
         k.platform = self.setup()
         cursors: dict[int, int] = {}
         for ds in spec.devices:
@@ -80,6 +85,7 @@ class PlatformBuilder(ABC):
                 cursor = (cursor + bar.size - 1) & ~(bar.size - 1)
                 dev.assign_bar_address(index, cursor)
                 cursor += bar.size
+                self.bar_memory(dev.bar_memory(index, k.page_shift))
             cursors[window] = cursor
             self.attach_device(dev, ds)
             group = k.iommu_groups.get(ds.iommu_group)
@@ -229,6 +235,12 @@ class X86Builder(PlatformBuilder):
 
     def bar_window(self, ds: DeviceSpec) -> tuple[int, int]:
         return 0, 0xFE000000           # SeaBIOS places BARs below the IOAPIC
+
+    def bar_memory(self, mem: BarMemory) -> None:
+        """One PCI segment whose bus addresses are host physical addresses: a
+        device's DMA to another's BAR (peer to peer) reaches it through
+        the IOMMU like any memory."""
+        self.kernel.phys.register_mmio(mem)
 
     def attach_device(self, dev: PciDevice, ds: DeviceSpec) -> None:
         # pci_msix_can_alloc_dyn(): x86's MSI parent domains (the vector domain,

@@ -199,13 +199,13 @@ class Device:
 
     def ioeventfd(self, bar: int, offset: int, data: int, size: int = 4) -> "IoEventFd":
         """VFIO_DEVICE_IOEVENTFD: an eventfd whose every :meth:`IoEventFd.kick`
-        makes the kernel write ``data`` (``size`` bytes: 1, 2 or 4) at
+        makes the kernel write ``data`` (``size`` bytes: 1, 2, 4 or 8) at
         ``offset`` of BAR ``bar`` -- a doorbell without an ioctl per write."""
         call = f"ioeventfd(bar={bar}, offset={offset:#x}, data={data:#x}, size={size})"
         self._check_open(call)
         if size not in (1, 2, 4, 8):
             raise VfioUsageError(errno.EINVAL, self.name, call, detail=f"size {size} is not a write width",
-                                 fix="use 1, 2 or 4 (Linux refuses 8-byte ioeventfds)")
+                                 fix="use 1, 2, 4 or 8 (Linux refuses 8 only on a 32-bit host without iowrite64)")
         backend = self.container.backend
         fd = syscall(self.name, "eventfd()", backend.eventfd)
         e = IoEventFd(self, (bar << 40) + offset, data, size, fd)

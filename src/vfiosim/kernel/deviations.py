@@ -68,6 +68,8 @@ DEVIATIONS: dict[str, str] = {
     # -- iommufd -----------------------------------------------------------------------------------
     "11": "IOMMU_HWPT_GET_DIRTY_BITMAP: {lost} dirty bit(s) were not recorded: the bitmap at {data:#x} could not be "
           "pinned for writing; Linux 6.12's iova_bitmap_set() drops them and the ioctl succeeds",
+    "12": "{what}: no free page of RAM ({used} of {total} pages in use); the fault fails without the OOM killer "
+          "(Linux's page allocator would first kill the task with the most memory, perhaps this one)",
 }
 
 

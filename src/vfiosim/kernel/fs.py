@@ -11,6 +11,7 @@ from .cred import CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_FSETID
 from .errors import KernelBug, fail
 
 if TYPE_CHECKING:
+    from .mm import PhysicalPages
     from .task import Task
 
 O_ACCMODE = os.O_ACCMODE
@@ -80,6 +81,15 @@ class File:
     def mmio(self, current: "Task", offset: int, size: int, value: int | None) -> int:
         """A CPU load (value None) or store through an mmap of this file."""
         raise fail(ENODEV, f"{self.name} ({self.kind}) has no mmapped region")
+
+    def mmap_pages(self, offset: int) -> "tuple[PhysicalPages, int]":
+        """The memory a mapping at ``offset`` (checked by mmap_check) maps,
+        and the byte offset in it: what its page table entries point at."""
+        raise fail(ENODEV, f"{self.name} ({self.kind}) cannot be mmapped")
+
+    def mmap_fault(self, current: "Task", offset: int, write: bool) -> None:
+        """The mapping's fault handler for the page at ``offset``: raises
+        EFAULT where it answers VM_FAULT_SIGBUS."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} refs={self._refs}>"

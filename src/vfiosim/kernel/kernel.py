@@ -12,7 +12,7 @@ import os
 import resource
 import termios
 from dataclasses import dataclass
-from errno import EBADF, EINVAL, EIO, EISDIR, ENODEV, ENOENT, ENOTDIR, ESPIPE
+from errno import EACCES, EBADF, EINVAL, EIO, EISDIR, ENODEV, ENOENT, ENOTDIR, ESPIPE
 from typing import TYPE_CHECKING, Callable
 
 from ..uapi import vfio as uapi
@@ -23,7 +23,7 @@ from .eventfd import EFD_CLOEXEC, EFD_NONBLOCK, EFD_SEMAPHORE, EventFd
 from .faults import FaultInjector
 from .fs import DeviceNode, DirectoryFile, File, NullFile
 from .log import KernelLog
-from .mm import MM, AddressSpace, PhysicalMemory
+from .mm import MM, PROT_WRITE, AddressSpace, PhysicalMemory
 from .syscall import SyscallGate
 from .platform.base import Platform
 from .task import Task
@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from .pci.device import PciDevice
 
 O_ACCMODE = os.O_ACCMODE
+# The ioctls ksys_ioctl() answers for every fd (do_vfs_ioctl).
+_GENERIC_IOCTLS = frozenset((termios.FIOCLEX, termios.FIONCLEX, termios.FIONBIO))
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,29 @@ _PROFILES = {
 KERNEL_PROFILES = tuple(_PROFILES)
 
 
+class _FileMapping:
+    """The vm_ops of a mapping of a device file: the file's own mmio() and
+    mmap_fault() at the offset of the mapped region; each VMA of it holds a
+    reference to the file, so the device stays open while it is mapped."""
+
+    __slots__ = ("file", "task", "region")
+
+    def __init__(self, file: File, task: Task, region: int) -> None:
+        self.file, self.task, self.region = file, task, region
+
+    def open(self) -> None:
+        self.file.get()
+
+    def close(self) -> None:
+        self.file.put(self.task)
+
+    def access(self, off: int, size: int, value: int | None) -> int:
+        return self.file.mmio(self.task, self.region + off, size, value)
+
+    def fault(self, off: int, write: bool) -> None:
+        self.file.mmap_fault(self.task, self.region + off, write)
+
+
 class Kernel:
     """One simulated machine's kernel."""
 
@@ -105,6 +130,7 @@ class Kernel:
         # iommufd's module parameter allow_unsafe_interrupts; pr_info_once state.
         self.iommufd_allow_unsafe_interrupts = False
         self.iommufd_compat_announced = False
+        self.phys.oom_killer = self._oom_kill
         self.vfio = Vfio(self, profile.vfio)
         self.dev_nodes: dict[str, DeviceNode] = {}
         if config.vfio_container:
@@ -173,6 +199,26 @@ class Kernel:
         for fd in sorted(task.files.cloexec):
             task.files.remove(fd).put(task)
         self._drop_mm(task, old, "exec()ed")
+
+    def _oom_kill(self, current: Task) -> bool:
+        """out_of_memory() for a page a process's store needs: kill the task
+        with the most memory (oom_badness(): its resident pages; the later
+        task wins a tie), whatever it is doing, so that its pages go back.
+        Only simulated processes hold simulated RAM; the victim may be
+        ``current``.  Returns whether a task was killed."""
+        victims = [t for t in self.tasks.values() if t.alive and isinstance(t.mm, MM)]
+        if not victims:
+            return False
+        rss = {t.pid: t.mm.resident_bytes() >> 10 for t in victims}
+        victim = max(victims, key=lambda t: (rss[t.pid], t.pid))
+        kb = rss[victim.pid]
+        self.log.warn(f"{current.comm} invoked oom-killer: gfp_mask=0x140cca(GFP_HIGHUSER_MOVABLE|__GFP_COMP), "
+                      f"order=0, oom_score_adj=0")
+        self.log.err(f"Out of memory: Killed process {victim.pid} ({victim.comm}) "
+                     f"total-vm:{victim.mm.mapped_bytes() >> 10}kB, anon-rss:{kb}kB, file-rss:0kB, shmem-rss:0kB, "
+                     f"UID:{victim.cred.uid} pgtables:{(kb + 2047) // 2048 * 4}kB oom_score_adj:0")
+        self.exit(victim)
+        return True
 
     def attach(self, pid: int, comm: str, cred: Cred, mm: AddressSpace, rlimit_memlock: tuple[int, int]) -> Task:
         """A task for an outside process (``vfiosim run``): its fd numbers are
@@ -271,6 +317,33 @@ class Kernel:
         """mmap(2) of a device fd: the driver's checks (vfio_pci_core_mmap)."""
         task.files.get(fd).mmap_check(task, offset, length, prot, shared)
 
+    def sys_mmap(self, task: Task, length: int, prot: int, *, fd: int | None = None, offset: int = 0,
+                 shared: bool = False, compound_shift: int | None = None, noreserve: bool = False) -> int:
+        """mmap(2) in a simulated process: anonymous private memory, or (with
+        ``fd``) a shared mapping of a device region.  As do_mmap(): the
+        mapping count first, then the file's access mode (EACCES: a shared
+        writable mapping needs the file open for writing, any mapping needs
+        it open for reading), then the driver's mmap."""
+        mm = task.mm
+        if not isinstance(mm, MM):
+            raise fail(ENODEV, "this task's memory is a real process's: mmap(2) is the host's")
+        if fd is None:
+            return mm.mmap(length, prot, compound_shift, noreserve=noreserve, current=task)
+        file = task.files.get(fd)
+        if length <= 0:
+            raise fail(EINVAL, f"mmap length {length} must be positive")
+        mm.check_map_count()
+        if shared and prot & PROT_WRITE and not file.can_write:
+            raise fail(EACCES, f"a shared writable mapping of fd {fd} needs it open for writing")
+        if not file.can_read:
+            raise fail(EACCES, f"mapping fd {fd} needs it open for reading")
+        file.mmap_check(task, offset, length, prot, shared)
+        obj, pgoff = file.mmap_pages(offset)
+        ops = _FileMapping(file, task, offset - pgoff)
+        addr = mm.mmap_pfn(length, prot, obj, pgoff, ops)
+        ops.open()                            # vma->vm_file = get_file(file)
+        return addr
+
     def sys_mmio(self, task: Task, fd: int, offset: int, size: int, value: int | None = None) -> int:
         """A load (value None) or store through an mmap of a device region."""
         return task.files.get(fd).mmio(task, offset, size, value)
@@ -279,6 +352,8 @@ class Kernel:
         """ksys_ioctl(): generic fd ioctls, then the file's own."""
         file = task.files.get(fd)
         cmd &= 0xFFFFFFFF
+        if cmd not in _GENERIC_IOCTLS:
+            return file.ioctl(task, cmd, arg)
         if cmd == termios.FIOCLEX:
             task.files.cloexec.add(fd)
             return 0
@@ -391,9 +466,10 @@ class Kernel:
         data = task.mm.read(buf, count)
         return self.sys_write(task, fd, data) if offset is None else self.sys_pwrite(task, fd, data, offset)
 
-    def sys_mmap(self, task: Task, fd: int, offset: int, length: int, prot: int, shared: bool) -> File:
-        """mmap(2) of a device fd: the driver's checks; returns the mapping's
-        reference on the file (vm_file), dropped by :meth:`munmap_file`."""
+    def sys_mmap_host(self, task: Task, fd: int, offset: int, length: int, prot: int, shared: bool) -> File:
+        """mmap(2) of a device fd by a real process, whose memory is the host's
+        (the transport maps the range itself): the driver's checks; returns the
+        mapping's reference on the file (vm_file), dropped by :meth:`munmap_file`."""
         self.sys_mmap_check(task, fd, offset, length, prot, shared)
         return task.files.get(fd).get()
 

@@ -64,6 +64,22 @@ class Progression:
         return (n > 1 and self.step & ((1 << 64) - 1) != 0) or \
             (self.first + start * self.step) & ((1 << 64) - 1) != 0
 
+    def count_nonzero_in(self, start: int, n: int) -> int:
+        """How many of values[start:start+n] are non-zero (a progression of
+        distinct values has at most one zero)."""
+        if n <= 0:
+            return 0
+        mask = (1 << 64) - 1
+        step = self.step & mask
+        first = (self.first + start * self.step) & mask
+        if step == 0:
+            return n if first else 0
+        if n * step <= mask + 1:
+            # Distinct values: value k is zero for k = -first / step, if that is whole and in range.
+            k, r = divmod((mask + 1 - first) & mask, step)
+            return n - 1 if r == 0 and k < n else n
+        return int(np.count_nonzero(np.asarray(Progression(first, step, n))))
+
     def write_to(self, dest: np.ndarray, start: int = 0) -> None:
         """dest[:] = values[start:start+len(dest)], without a temporary array."""
         ramp = _ramp(self.step)

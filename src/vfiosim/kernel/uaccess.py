@@ -8,6 +8,7 @@ that is not mapped with the needed access.
 from __future__ import annotations
 
 import ctypes
+import struct
 from errno import E2BIG, EFAULT, EINVAL
 from typing import TYPE_CHECKING, TypeVar
 
@@ -39,6 +40,38 @@ def copy_struct_from_user(current: "Task", addr: int, cls: type[S], minsz: int) 
     """
     raw = current.mm.read(addr, minsz)
     return cls.from_buffer_copy(raw.ljust(ctypes.sizeof(cls), b"\0"))
+
+
+_INT_CODES = {(1, False): "B", (2, False): "H", (4, False): "I", (8, False): "Q",
+              (1, True): "b", (2, True): "h", (4, True): "i", (8, True): "q"}
+
+
+def struct_layout(cls: type[ctypes.Structure], end: str) -> struct.Struct:
+    """The leading integer fields of ``cls``, up to and including field
+    ``end``, as a precompiled little-endian struct.Struct: what a hot ioctl
+    unpacks without building a ctypes object.  Derived from the ctypes
+    declaration (the one source of the ABI), padding included."""
+    fmt, pos = "<", 0
+    for name, ctype, *_ in cls._fields_:
+        field = getattr(cls, name)
+        size = ctypes.sizeof(ctype)
+        code = None
+        if issubclass(ctype, ctypes._SimpleCData) and getattr(ctype, "_type_", "") in tuple("bBhHiIlLqQ"):
+            code = _INT_CODES.get((size, ctype(-1).value == -1))
+        if code is None:
+            raise TypeError(f"{cls.__name__}.{name} is not an integer field")
+        fmt += "x" * (field.offset - pos) + code
+        pos = field.offset + size
+        if name == end:
+            layout = struct.Struct(fmt)
+            assert layout.size == pos
+            return layout
+    raise AttributeError(f"{cls.__name__} has no field {end!r}")
+
+
+def copy_from_user_unpack(current: "Task", addr: int, layout: struct.Struct) -> tuple[int, ...]:
+    """``copy_from_user(&s, arg, minsz)`` of a struct_layout(): its fields as a tuple."""
+    return layout.unpack(current.mm.read(addr, layout.size))
 
 
 def copy_struct_to_user(current: "Task", addr: int, obj: ctypes.Structure, n: int) -> None:

@@ -740,7 +740,7 @@ class Daemon:
             # do_mmap(): "Too many mappings?"
             raise fail(errno.ENOMEM, f"{len(st.mappings)} device mappings already (vm.max_map_count)")
         k = self.kernel
-        file = k.sys_mmap(st.task, fd, a[0], a[1], a[2] & 0xFFFFFFFF, bool(a[3]))
+        file = k.sys_mmap_host(st.task, fd, a[0], a[1], a[2] & 0xFFFFFFFF, bool(a[3]))
         handle = self._next_handle
         self._next_handle += 1
         m = st.mappings[handle] = Mapping(file, a[0], a[1])

@@ -32,6 +32,7 @@ Conventions:
 from __future__ import annotations
 
 import ctypes
+import functools
 from ctypes import POINTER, Structure, Union, c_int32, c_uint8, c_uint16, c_uint32, c_uint64
 
 from vfiosim.uapi.ioctl import _IO, _IOC_NR
@@ -1125,6 +1126,7 @@ def _member(cls: type, name: str) -> tuple[int, type] | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def offsetofend(struct_cls: type, field: str) -> int:
     """Byte offset just past ``field`` -- the kernel's ``offsetofend()``.
 

@@ -30,7 +30,7 @@ from ..mm import AddressSpace, account_locked_vm
 from ..platform.eeh import (EEH_OPT_DISABLE, EEH_OPT_ENABLE, EEH_OPT_THAW_DMA, EEH_OPT_THAW_MMIO,
                             EEH_RESET_DEACTIVATE, EEH_RESET_FUNDAMENTAL, EEH_RESET_HOT, EehPe)
 from ..progression import Progression, as_progression
-from ..uaccess import copy_struct_from_user, copy_struct_to_user
+from ..uaccess import copy_from_user_unpack, copy_struct_from_user, copy_struct_to_user, struct_layout
 from ..vfio.iommu_driver import VfioIommuDriver
 from . import prereg
 from .prereg import (MmIommuMem, mm_iommu_get, mm_iommu_lookup, mm_iommu_new, mm_iommu_put,
@@ -46,6 +46,11 @@ if TYPE_CHECKING:
 
 # Pages pinned per step of a bulk map: bounds memory for huge requests.
 BATCH = 1 << 18
+# MAP_DMA and UNMAP_DMA's arguments up to ``size`` (minsz), unpacked without ctypes objects.
+_DMA_MAP = struct_layout(uapi.vfio_iommu_type1_dma_map, "size")
+_DMA_UNMAP = struct_layout(uapi.vfio_iommu_type1_dma_unmap, "size")
+_NO_HPAS = np.zeros(0, dtype=np.uint64)
+_NO_HPAS.flags.writeable = False
 
 
 @dataclass
@@ -536,35 +541,34 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         if not c.enabled:
             raise fail(EPERM, "the container is not enabled (VFIO_IOMMU_ENABLE for v1, "
                               "VFIO_IOMMU_SPAPR_REGISTER_MEMORY for v2)")
-        cls = uapi.vfio_iommu_type1_dma_map
-        minsz = uapi.offsetofend(cls, "size")
-        param = copy_struct_from_user(current, arg, cls, minsz)
-        if param.argsz < minsz:
-            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: argsz {param.argsz} < {minsz}")
+        argsz, flags, vaddr, iova, size = copy_from_user_unpack(current, arg, _DMA_MAP)
+        minsz = _DMA_MAP.size
+        if argsz < minsz:
+            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: argsz {argsz} < {minsz}")
         rw = uapi.VFIO_DMA_MAP_FLAG_READ | uapi.VFIO_DMA_MAP_FLAG_WRITE
-        if param.flags & ~rw:
-            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: flags {param.flags:#x} has bits other than READ|WRITE")
+        if flags & ~rw:
+            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: flags {flags:#x} has bits other than READ|WRITE")
         self._create_default_window(c, current)
-        _, tbl = self._find_table(c, param.iova)
+        _, tbl = self._find_table(c, iova)
         mask = tbl.page_size - 1
-        if param.size & mask or param.vaddr & mask:
-            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: vaddr {param.vaddr:#x} and size {param.size:#x} must be "
+        if size & mask or vaddr & mask:
+            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: vaddr {vaddr:#x} and size {size:#x} must be "
                                f"multiples of the window's IOMMU page size {tbl.page_size:#x}")
-        if param.flags & uapi.VFIO_DMA_MAP_FLAG_READ:
-            direction = DMA_BIDIRECTIONAL if param.flags & uapi.VFIO_DMA_MAP_FLAG_WRITE else DMA_TO_DEVICE
-        elif param.flags & uapi.VFIO_DMA_MAP_FLAG_WRITE:
+        if flags & uapi.VFIO_DMA_MAP_FLAG_READ:
+            direction = DMA_BIDIRECTIONAL if flags & uapi.VFIO_DMA_MAP_FLAG_WRITE else DMA_TO_DEVICE
+        elif flags & uapi.VFIO_DMA_MAP_FLAG_WRITE:
             direction = DMA_FROM_DEVICE
         else:
             raise fail(EINVAL, "VFIO_IOMMU_MAP_DMA: flags must include READ and/or WRITE")
-        if iommu_tce_put_param_check(tbl, param.iova, param.vaddr):
-            self._log_return_1("VFIO_IOMMU_MAP_DMA", param.iova, tbl)
+        if iommu_tce_put_param_check(tbl, iova, vaddr):
+            self._log_return_1("VFIO_IOMMU_MAP_DMA", iova, tbl)
             return 1
-        entry = param.iova >> tbl.it_page_shift
-        npages = param.size >> tbl.it_page_shift
+        entry = iova >> tbl.it_page_shift
+        npages = size >> tbl.it_page_shift
         if c.v2:
-            self._build_v2(c, tbl, entry, param.vaddr, npages, direction, current)
+            self._build_v2(c, tbl, entry, vaddr, npages, direction, current)
         else:
-            self._build(c, tbl, entry, param.vaddr, npages, direction, current)
+            self._build(c, tbl, entry, vaddr, npages, direction, current)
         return 0
 
     def _pin_addresses(self, tbl: IommuTable, vaddr: int, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -609,7 +613,6 @@ class SpaprTceIommuDriver(VfioIommuDriver):
                                    f"{entry << tbl.it_page_shift:#x} run past the end of the window "
                                    f"{tbl.bus_start:#x}..{tbl.bus_end - 1:#x}")
         perm = tbl.it_ops.perm(direction)
-        sub_mask = np.uint64(((1 << self.page_shift) - 1) & ~((1 << tbl.it_page_shift) - 1))
         # When IOMMU pages are kernel pages, the pages pinned are consecutive:
         # pin them as a range and build the TCEs (hpa | perm) in one pass.
         consecutive = tbl.it_page_shift == self.page_shift
@@ -648,13 +651,15 @@ class SpaprTceIommuDriver(VfioIommuDriver):
                 error = fail(EPERM, f"VFIO_IOMMU_MAP_DMA: a user page at {vaddr + (done + ok << tbl.it_page_shift):#x} "
                                     f"is smaller than the {tbl.page_size:#x}-byte IOMMU page (needs huge pages)")
             elif res.errno is not None:
-                # tce_iommu_use_page(): any pin failure is -EFAULT.
-                error = fail(EFAULT, f"VFIO_IOMMU_MAP_DMA: cannot pin user page {failed_at:#x} "
-                                     f"({'unmapped, or not writable' if write else 'unmapped, or never populated and read-only'})")
+                # tce_iommu_use_page(): any pin failure is -EFAULT, out of memory included.
+                why = "no free page of RAM: pin_user_pages_fast() failed with ENOMEM" if res.errno == ENOMEM else \
+                    "unmapped, or not writable" if write else "unmapped, or never populated and read-only"
+                error = fail(EFAULT, f"VFIO_IOMMU_MAP_DMA: cannot pin user page {failed_at:#x} ({why})")
             values: np.ndarray | Progression
             if consecutive:
                 values = res.hpa_values()[:ok]
             else:
+                sub_mask = np.uint64(((1 << self.page_shift) - 1) & ~((1 << tbl.it_page_shift) - 1))
                 values = res.hpas[:ok] | (tces[:ok] & sub_mask) | np.uint64(perm)
             xr = tbl.it_ops.xchg_range(tbl, entry + done, values)
             if xr.done < ok:
@@ -690,8 +695,12 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         """Entries a map replaced: their pages lose the pin the old TCE held."""
         if not old.size:
             return
-        # The usual case: the entries of one earlier map of consecutive pages.
         first = int(old[0])
+        if old.size == 1:
+            if first & TCE_PERM_MASK:
+                mm.phys.unpin_range(first & ~TCE_PERM_MASK, 1)
+            return
+        # The usual case: the entries of one earlier map of consecutive pages.
         if first & TCE_PERM_MASK and old.size > 1:
             step = int(old[1]) - first
             # (a step with no permission bits: every entry has the first's)
@@ -703,8 +712,20 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         if used.size:
             mm.phys.unpin(used & ~np.uint64(TCE_PERM_MASK))
 
+    @staticmethod
+    def _prereg_translate_one(mm: AddressSpace, ua: int,
+                              shift: int) -> tuple["np.ndarray | Progression", list[RegionUse], int, int | None]:
+        """_prereg_translate() of one IOMMU page, in scalar operations."""
+        mem = mm_iommu_lookup(mm, ua, 1 << shift)
+        hpa = None if mem is None else mm_iommu_ua_to_hpa(mm, mem, ua, shift)
+        if mem is None or hpa is None:
+            return _NO_HPAS, [], 0, EINVAL
+        if mem.cshifts[(ua - mem.ua) >> mm.page_shift] < shift:          # tce_page_is_contained()
+            return _NO_HPAS, [(mem, 0, 0)], 0, EPERM
+        return Progression(hpa, 1 << shift, 1), [(mem, 0, 1)], 1, None
+
     def _prereg_translate(self, c: TceContainer, tbl: IommuTable, vaddr: int, first: int,
-                          count: int) -> tuple[np.ndarray, list[RegionUse], int, int | None]:
+                          count: int) -> tuple["np.ndarray | Progression", list[RegionUse], int, int | None]:
         """tce_iommu_prereg_ua_to_hpa() for IOMMU pages [first, first+count).
 
         Returns (hpas, compound shifts, regions, ok, errno): the first ``ok``
@@ -716,6 +737,8 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         assert mm is not None
         shift = tbl.it_page_shift
         psize = 1 << shift
+        if count == 1:
+            return self._prereg_translate_one(mm, vaddr + (first << shift), shift)
         uas = np.uint64(vaddr) + (np.arange(first, first + count, dtype=np.uint64) << np.uint64(shift))
         hpas = np.zeros(count, dtype=np.uint64)
         regions: list[tuple[MmIommuMem, int, int]] = []
@@ -764,7 +787,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
                 raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: {npages} pages from bus address "
                                    f"{entry << tbl.it_page_shift:#x} run past the end of the window "
                                    f"{tbl.bus_start:#x}..{tbl.bus_end - 1:#x}")
-        perm = np.uint64(direction_to_perm(direction))
+        perm = direction_to_perm(direction)
         shift = np.uint64(tbl.it_page_shift)
         done = 0
         error: KernelError | None = None
@@ -803,9 +826,10 @@ class SpaprTceIommuDriver(VfioIommuDriver):
                     raise AssertionError("a v2 TCE exchange inside the window failed")
                 error = self._hcall_failed_v2(c, tbl, entry, vaddr, done, xr.done, ok, xr.rc, regions)
                 ok = xr.done
-            old_valid = xr.old_pos[(xr.old & np.uint64(TCE_PERM_MASK)) != 0]
-            if old_valid.size:
-                self._unuse_pages_v2(c, tbl, entry + done + old_valid)
+            if xr.old.size:
+                old_valid = xr.old_pos[(xr.old & np.uint64(TCE_PERM_MASK)) != 0]
+                if old_valid.size:
+                    self._unuse_pages_v2(c, tbl, entry + done + old_valid)
             if ok:
                 assert tbl.it_userspace is not None
                 uas = Progression(vaddr + (done << int(shift)), 1 << int(shift), ok)
@@ -918,23 +942,22 @@ class SpaprTceIommuDriver(VfioIommuDriver):
     def _unmap_dma(self, c: TceContainer, arg: int, current: "Task") -> int:
         if not c.enabled:
             raise fail(EPERM, "the container is not enabled")
-        cls = uapi.vfio_iommu_type1_dma_unmap
-        minsz = uapi.offsetofend(cls, "size")
-        param = copy_struct_from_user(current, arg, cls, minsz)
-        if param.argsz < minsz:
-            raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: argsz {param.argsz} < {minsz}")
-        if param.flags:
-            raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: flags {param.flags:#x}: the sPAPR IOMMU supports none")
+        argsz, flags, iova, size = copy_from_user_unpack(current, arg, _DMA_UNMAP)
+        minsz = _DMA_UNMAP.size
+        if argsz < minsz:
+            raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: argsz {argsz} < {minsz}")
+        if flags:
+            raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: flags {flags:#x}: the sPAPR IOMMU supports none")
         self._create_default_window(c, current)
-        _, tbl = self._find_table(c, param.iova)
-        if param.size & (tbl.page_size - 1):
-            raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: size {param.size:#x} is not a multiple of the window's "
+        _, tbl = self._find_table(c, iova)
+        if size & (tbl.page_size - 1):
+            raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: size {size:#x} is not a multiple of the window's "
                                f"IOMMU page size {tbl.page_size:#x}")
-        npages = param.size >> tbl.it_page_shift
-        if iommu_tce_clear_param_check(tbl, param.iova, 0, npages):
-            self._log_return_1("VFIO_IOMMU_UNMAP_DMA", param.iova, tbl)
+        npages = size >> tbl.it_page_shift
+        if iommu_tce_clear_param_check(tbl, iova, 0, npages):
+            self._log_return_1("VFIO_IOMMU_UNMAP_DMA", iova, tbl)
             return 1
-        entry = param.iova >> tbl.it_page_shift
+        entry = iova >> tbl.it_page_shift
         room = tbl.it_offset + tbl.it_size - entry
         if npages > room and tbl.it_ops.overrun_corrupts:
             self._log_overrun("VFIO_IOMMU_UNMAP_DMA", tbl, entry, npages)
@@ -978,6 +1001,12 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         assert c.mm is not None
         mm = c.mm
         psize = tbl.page_size
+        if uas.size == 1:
+            ua = int(uas[0])
+            for mem in mm.iommu_group_mem_list:
+                if mem.ua <= ua and ua + psize <= mem.end(mm.page_shift) and mem.pageshift >= tbl.it_page_shift:
+                    mem.mapped = max(1, mem.mapped - 1)
+            return
         for mem in prereg.regions(mm):
             inside = int(np.count_nonzero((uas >= np.uint64(mem.ua)) &
                                           (uas + np.uint64(psize) <= np.uint64(mem.end(mm.page_shift)))))

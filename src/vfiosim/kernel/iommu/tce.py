@@ -15,7 +15,7 @@ a time rather than an entry at a time.  The kernel's own table geometry
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, cast
 
 import numpy as np
 
@@ -44,10 +44,13 @@ _EMPTY_POS.flags.writeable = False
 _EMPTY_U64.flags.writeable = False
 
 
+_DIRECTION_PERMS = {DMA_BIDIRECTIONAL: TCE_PCI_READ | TCE_PCI_WRITE, DMA_TO_DEVICE: TCE_PCI_READ,
+                    DMA_FROM_DEVICE: TCE_PCI_WRITE}
+
+
 def direction_to_perm(direction: int) -> int:
     """iommu_direction_to_tce_perm()"""
-    return {DMA_BIDIRECTIONAL: TCE_PCI_READ | TCE_PCI_WRITE, DMA_TO_DEVICE: TCE_PCI_READ,
-            DMA_FROM_DEVICE: TCE_PCI_WRITE}.get(direction, 0)
+    return _DIRECTION_PERMS.get(direction, 0)
 
 
 def perm_to_direction(tce: int) -> int:
@@ -63,7 +66,11 @@ def perm_to_direction(tce: int) -> int:
 
 
 class TceStorage:
-    """A sparse array of ``size`` 64-bit entries, zero where never written."""
+    """A sparse array of ``size`` 64-bit entries, zero where never written.
+
+    Each chunk knows how many of its entries are non-zero, so an emptied
+    chunk is freed without a scan, and one entry is read or written without
+    NumPy range operations (the usual small map and unmap)."""
 
     CHUNK_SHIFT = 14          # 16384 entries (128 KiB) per chunk
     CHUNK = 1 << CHUNK_SHIFT
@@ -75,6 +82,7 @@ class TceStorage:
     def __init__(self, size: int) -> None:
         self.size = size
         self._chunks: dict[int, np.ndarray] = {}
+        self._used: dict[int, int] = {}         # chunk number -> its non-zero entries
         # Bumped by every change: translation caches (the PHB's TCE cache)
         # keyed on it can never serve a stale entry.
         self.generation = 0
@@ -88,6 +96,7 @@ class TceStorage:
 
     def _free_chunk(self, c: int, zeroed: bool) -> None:
         chunk = self._chunks.pop(c)
+        del self._used[c]
         if len(self._pool) < self.POOL_MAX:
             if not zeroed:
                 chunk.fill(0)
@@ -120,15 +129,38 @@ class TceStorage:
                 out[pos:pos + ln] = chunk[off:off + ln]
         return out
 
+    def _xchg_one(self, index: int, new: int) -> tuple[np.ndarray, np.ndarray]:
+        """xchg_range() of one entry, in scalar operations."""
+        c, off = index >> self.CHUNK_SHIFT, index & (self.CHUNK - 1)
+        chunk = self._chunks.get(c)
+        if chunk is None:
+            if new:
+                chunk = self._chunks[c] = self._new_chunk()
+                chunk[off] = new
+                self._used[c] = 1
+            return _EMPTY_POS, _EMPTY_U64
+        old = int(chunk[off])
+        chunk[off] = new
+        used = self._used[c] + (new != 0) - (old != 0)
+        if used:
+            self._used[c] = used
+        else:
+            self._free_chunk(c, zeroed=True)
+        if not old:
+            return _EMPTY_POS, _EMPTY_U64
+        return np.zeros(1, dtype=np.int64), np.array([old], dtype=np.uint64)
+
     def xchg_range(self, start: int, values: U64Values) -> tuple[np.ndarray, np.ndarray]:
         """Store ``values`` at [start, start+len); return the entries that held
         something before: (their offsets from ``start``, their old values)."""
         n = len(values)
         self.generation += 1
+        prog = values if isinstance(values, Progression) else None
+        if n == 1:
+            return self._xchg_one(start, prog.first if prog is not None else int(cast(np.ndarray, values)[0]))
         positions: list[np.ndarray] = []
         olds: list[np.ndarray] = []
         chunks, size, shift = self._chunks, self.CHUNK, self.CHUNK_SHIFT
-        prog = values if isinstance(values, Progression) else None
         pos = 0
         while pos < n:
             idx = start + pos
@@ -136,28 +168,34 @@ class TceStorage:
             ln = min(size - off, n - pos)
             if prog is not None:
                 new = None
-                new_any = prog.any_in(pos, ln)
+                new_used = prog.count_nonzero_in(pos, ln)
             else:
                 new = values[pos:pos + ln]
-                new_any = bool(new.any())
+                new_used = int(np.count_nonzero(new))
             chunk = chunks.get(c)
+            old_used = 0
             if chunk is None:
-                if not new_any:
+                if not new_used:
                     pos += ln
                     continue
                 chunk = chunks[c] = self._new_chunk()
+                self._used[c] = 0
                 seg = chunk[off:off + ln]
             else:
                 seg = chunk[off:off + ln]
-                if seg.any():
-                    nz = np.flatnonzero(seg)
+                nz = np.flatnonzero(seg)
+                if nz.size:
+                    old_used = int(nz.size)
                     positions.append(nz + pos)
                     olds.append(seg[nz])          # fancy indexing copies
             if prog is not None:
                 prog.write_to(seg, pos)
             else:
                 seg[:] = new
-            if not new_any and not chunk.any():
+            used = self._used[c] + new_used - old_used
+            if used:
+                self._used[c] = used
+            else:
                 self._free_chunk(c, zeroed=True)
             pos += ln
         if not positions:
@@ -169,10 +207,26 @@ class TceStorage:
     def clear_range(self, start: int, n: int) -> list[np.ndarray]:
         """Zero [start, start+n); return the non-zero old entries, in order,
         as one array per storage chunk that held any."""
-        end = start + n
-        first, last = start >> self.CHUNK_SHIFT, (end - 1) >> self.CHUNK_SHIFT
         if n <= 0 or not self._chunks:
             return []
+        if n == 1:
+            c, off = start >> self.CHUNK_SHIFT, start & (self.CHUNK - 1)
+            chunk = self._chunks.get(c)
+            self.generation += 1
+            if chunk is None:
+                return []
+            old = int(chunk[off])
+            if not old:
+                return []
+            chunk[off] = 0
+            used = self._used[c] - 1
+            if used:
+                self._used[c] = used
+            else:
+                self._free_chunk(c, zeroed=True)
+            return [np.array([old], dtype=np.uint64)]
+        end = start + n
+        first, last = start >> self.CHUNK_SHIFT, (end - 1) >> self.CHUNK_SHIFT
         if last - first + 1 <= len(self._chunks):
             keys = [c for c in range(first, last + 1) if c in self._chunks]
         else:
@@ -188,7 +242,8 @@ class TceStorage:
             if used:
                 parts.append(seg.copy() if used == seg.size else seg[seg != 0])
                 seg.fill(0)
-            if (lo == 0 and hi == self.CHUNK) or (used and not chunk.any()):
+                self._used[c] -= used
+            if (lo == 0 and hi == self.CHUNK) or not self._used[c]:
                 self._free_chunk(c, zeroed=True)
         return parts
 
@@ -204,10 +259,14 @@ class TceStorage:
             chunk = self._chunks.get(int(c))
             if chunk is None:
                 continue
-            offs = indices[sel] & (self.CHUNK - 1)
-            old[sel] = chunk[offs]
+            offs = np.unique(indices[sel] & (self.CHUNK - 1))
+            vals = chunk[offs]
+            old[sel] = chunk[indices[sel] & (self.CHUNK - 1)]
             chunk[offs] = 0
-            if not chunk.any():
+            used = self._used[int(c)] - int(np.count_nonzero(vals))
+            if used:
+                self._used[int(c)] = used
+            else:
                 self._free_chunk(int(c), zeroed=True)
         return old
 
@@ -224,7 +283,7 @@ class TceStorage:
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
     def count_used(self) -> int:
-        return int(sum(np.count_nonzero(c) for c in self._chunks.values()))
+        return sum(self._used.values())
 
     def items(self, size: int) -> tuple[tuple[int, int], ...]:
         """(index, value) of every non-zero entry below ``size``, in order."""

@@ -26,7 +26,7 @@ import bisect
 import ctypes
 import struct
 from dataclasses import dataclass, field
-from errno import EACCES, EBUSY, EEXIST, EINVAL, ENOENT, ENOMEM, ENOSPC, ENOTTY, EPERM, ESRCH
+from errno import EACCES, EBUSY, EEXIST, EFAULT, EINVAL, ENOENT, ENOMEM, ENOSPC, ENOTTY, EPERM, ESRCH
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,9 +35,10 @@ from ...uapi import vfio as uapi
 from ..cred import CAP_IPC_LOCK
 from ..deviations import deviation
 from ..errors import KernelBug, KernelError, fail
-from ..mm import PinResult, account_locked_vm_task
+from ..mm import account_locked_vm_task
 from ..vfio.info_cap import info_cap_add, info_cap_shift
-from ..uaccess import copy_from_user, copy_struct_from_user, copy_struct_to_user, copy_to_user
+from ..uaccess import (copy_from_user, copy_from_user_unpack, copy_struct_from_user, copy_struct_to_user,
+                       copy_to_user, struct_layout)
 from ..vfio.iommu_driver import VfioIommuDriver
 from .iommu import (IOMMU_CACHE, IOMMU_READ, IOMMU_RESV_DIRECT_RELAXABLE, IOMMU_WRITE, IommuDomain, IommuGroup,
                     ResvRegion, iommu_attach_group, iommu_detach_group, iommu_domain_free,
@@ -155,7 +156,7 @@ def bitmap_shift_left(words: np.ndarray, shift: int, nbits: int) -> None:
 # -- state ---------------------------------------------------------------------------------
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class VfioDma:
     """``struct vfio_dma``: one user mapping."""
 
@@ -170,12 +171,11 @@ class VfioDma:
     vaddr_invalid: bool = False
     locked_vm: int = 0
     bitmap: np.ndarray | None = None
-    # What is pinned and mapped, as physically contiguous runs: IOVA,
-    # host physical address, pages.  Upstream reads the same back from the
-    # first domain with iommu_iova_to_phys().
-    run_iova: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
-    run_hpa: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
-    run_pages: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # What is mapped, as physically contiguous runs: (IOVA, host physical
+    # address, pages, reserved).  Reserved runs are device memory (a BAR
+    # mapped through VM_PFNMAP), neither pinned nor charged.  Upstream reads
+    # the same back from the first domain with iommu_iova_to_phys().
+    runs: list[tuple[int, int, int, bool]] = field(default_factory=list)
 
     @property
     def end(self) -> int:
@@ -368,7 +368,7 @@ class Type1IommuDriver(VfioIommuDriver):
             for dma in iommu.dmas:
                 if not dma.iommu_mapped:
                     raise KernelBug("a Type1 mapping without a domain (only emulated groups make those)")
-                for iova, hpa, pages in zip(dma.run_iova.tolist(), dma.run_hpa.tolist(), dma.run_pages.tolist()):
+                for iova, hpa, pages, _ in dma.runs:
                     iommu_map(vdomain.domain, iova, hpa, pages << self.page_shift, dma.prot | IOMMU_CACHE)
                     done.append((iova, pages << self.page_shift))
         except KernelError:
@@ -507,7 +507,12 @@ class Type1IommuDriver(VfioIommuDriver):
     @staticmethod
     def _iova_dma_valid(iommu: VfioIommu, start: int, end: int) -> bool:
         """vfio_iommu_iova_dma_valid(); an empty list allows anything."""
-        return any(start >= n[0] and end <= n[1] for n in iommu.iova_list) or not iommu.iova_list
+        if not iommu.iova_list:
+            return True
+        for lo, hi in iommu.iova_list:
+            if start >= lo and end <= hi:
+                return True
+        return False
 
     def _update_pgsize_bitmap(self, iommu: VfioIommu) -> None:
         """vfio_update_pgsize_bitmap(): the intersection of the domains' sizes,
@@ -681,15 +686,13 @@ class Type1IommuDriver(VfioIommuDriver):
 
     def _map_dma(self, iommu: VfioIommu, arg: int, current: "Task") -> int:
         """vfio_iommu_type1_map_dma()"""
-        cls = uapi.vfio_iommu_type1_dma_map
-        minsz = uapi.offsetofend(cls, "size")
-        m = copy_struct_from_user(current, arg, cls, minsz)
-        mask = uapi.VFIO_DMA_MAP_FLAG_READ | uapi.VFIO_DMA_MAP_FLAG_WRITE | uapi.VFIO_DMA_MAP_FLAG_VADDR
-        if m.argsz < minsz:
-            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: argsz {m.argsz} < {minsz}")
-        if m.flags & ~mask:
-            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: flags {m.flags:#x} has bits other than READ|WRITE|VADDR")
-        return self._do_map(iommu, m.flags, m.vaddr, m.iova, m.size, current)
+        argsz, flags, vaddr, iova, size = copy_from_user_unpack(current, arg, _DMA_MAP)
+        minsz = _DMA_MAP.size
+        if argsz < minsz:
+            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: argsz {argsz} < {minsz}")
+        if flags & ~_DMA_MAP_FLAGS:
+            raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: flags {flags:#x} has bits other than READ|WRITE|VADDR")
+        return self._do_map(iommu, flags, vaddr, iova, size, current)
 
     def _do_map(self, iommu: VfioIommu, flags: int, vaddr: int, iova: int, size: int, current: "Task") -> int:
         """vfio_dma_do_map()"""
@@ -751,125 +754,186 @@ class Type1IommuDriver(VfioIommuDriver):
 
 
     def _pin_map_dma(self, iommu: VfioIommu, dma: VfioDma, size: int, current: "Task") -> None:
-        """vfio_pin_map_dma() + vfio_pin_pages_remote().
+        """vfio_pin_map_dma() + vfio_pin_pages_remote() + vaddr_get_pfns().
 
         Pages are pinned in order.  Unless the mapping process had
         CAP_IPC_LOCK, page k fails with ENOMEM when ``locked_vm + k + 1``
         exceeds RLIMIT_MEMLOCK -- pages already mlock'ed or pinned by another
         mapping count again.  A page that cannot be pinned fails with EFAULT
-        if it comes first.  On failure everything this call pinned is
-        unpinned and nothing stays charged; on success the pages are charged
-        (vfio_lock_acct) and mapped into every domain as physically
-        contiguous runs (vfio_iommu_map).
+        (ENOMEM when RAM is out) if it comes first.  A page GUP refuses in a
+        VM_PFNMAP mapping (a device's BAR) is taken as follow_fault_pfn()
+        takes it: the BAR's own page, a reserved pfn, neither pinned nor
+        charged (EFAULT for a write mapping of a read-only one, or where the
+        mapping's fault handler refuses).  On failure everything this call
+        pinned is unpinned and nothing stays charged; on success the pages
+        are charged (vfio_lock_acct) and mapped into every domain as
+        physically contiguous runs (vfio_iommu_map).
         """
         mm = current.mm
-        psz = self.page_size
-        npages = size >> self.page_shift
+        shift = self.page_shift
+        psz = 1 << shift
+        npages = size >> shift
         write = bool(dma.prot & IOMMU_WRITE)
-        limit = current.rlimit_memlock_soft() >> self.page_shift
-        limit_at: int | None = None
-        want = npages
-        if not dma.lock_cap:
-            room = max(limit - mm.locked_vm, 0)
-            if room < npages:
-                limit_at, want = room, room + 1
-        chunks: list[np.ndarray] = []
-        pos = 0
-        err: int | None = None
+        limit = 0 if dma.lock_cap else current.rlimit_memlock_soft() >> shift
+        room = None if dma.lock_cap else max(limit - mm.locked_vm, 0)
         faults = self.kernel.faults
-        while pos < want:
-            # vaddr_get_pfns(): a long-term pin of consecutive pages.
-            res = mm.pin_pages_longterm(dma.vaddr + pos * psz, min(BATCH, want - pos), write)
-            passed = faults.take("pin_user_pages:vaddr_get_pfns", res.count)
-            if passed < res.count and (pos + passed) % VFIO_BATCH_MAX_CAPACITY == 0:
+        phys = self.kernel.phys
+        runs: list[tuple[int, int, int, bool]] = []      # (iova, hpa, pages, reserved)
+        charged = 0                  # pages pinned (not reserved)
+        repinned: int | None = 0     # of those, pages another pin held already (None: not known)
+        pos = 0
+        batch = 0                    # where the current run of vaddr_get_pfns() calls began
+        err: int | None = None
+        while pos < npages:
+            want = min(BATCH, npages - pos)
+            if room is not None:
+                want = min(want, room + 1 - charged)     # the page over the limit is the last one tried
+            vaddr = dma.vaddr + (pos << shift)
+            res = mm.pin_pages_longterm(vaddr, want, write)
+            extents = res.extents(psz)
+            count, res_err = res.count, res.errno
+            repinned = None if repinned is None or res.repinned is None else repinned + res.repinned
+            passed = faults.take("pin_user_pages:vaddr_get_pfns", count)
+            if passed < count and (pos + passed - batch) % VFIO_BATCH_MAX_CAPACITY == 0:
                 # The first page of a vaddr_get_pfns() call failed: -ENOMEM.
                 # (A later page only shortens the call; the next call pins
                 # it again, the injected failure spent.)
-                self.kernel.phys.unpin(res.hpas[passed:res.count])
-                res = PinResult(res.hpas[:passed], res.compound_shifts[:passed], passed, ENOMEM)
-            chunks.append(res.hpas[:res.count])
-            pos += res.count
-            if res.errno is not None:
-                err = res.errno
+                extents, tail = _split_extents(extents, passed, psz)
+                for hpa, n in tail:
+                    phys.unpin_range(hpa, n)
+                count, res_err = passed, ENOMEM
+            iova = dma.iova + (pos << shift)
+            for hpa, n in extents:
+                if runs and not runs[-1][3] and runs[-1][1] + (runs[-1][2] << shift) == hpa:
+                    runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + n, False)
+                else:
+                    runs.append((iova, hpa, n, False))
+                iova += n << shift
+            pos += count
+            charged += count
+            if room is not None and charged > room:
+                break
+            if res_err == EFAULT:
+                pfn = self._follow_pfnmap(mm, dma.vaddr + (pos << shift), npages - pos, write)
+                if pfn is not None:
+                    hpa, n = pfn
+                    if runs and runs[-1][3] and runs[-1][1] + (runs[-1][2] << shift) == hpa:
+                        runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + n, True)
+                    else:
+                        runs.append((dma.iova + (pos << shift), hpa, n, True))
+                    pos += n
+                    batch = pos
+                    continue
+            if res_err is not None:
+                err = res_err
                 break
 
-        def unpin_all() -> None:
-            for c in chunks:
-                if c.size:
-                    self.kernel.phys.unpin(c)
-
         if err is not None:
-            unpin_all()
-            why = "out of memory (fault injection)" if err == ENOMEM else \
+            self._unpin_runs(runs)
+            why = "out of memory: no free page of RAM, or fault injection" if err == ENOMEM else \
                 "unmapped, or not writable" if write else "unmapped or PROT_NONE"
-            raise fail(err, f"VFIO_IOMMU_MAP_DMA: cannot pin user page {dma.vaddr + pos * psz:#x} ({why}; "
+            raise fail(err, f"VFIO_IOMMU_MAP_DMA: cannot pin user page {dma.vaddr + (pos << shift):#x} ({why}; "
                             f"vaddr_get_pfns)")
-        if limit_at is not None:
-            unpin_all()
-            self.log.warn(f"vfio_pin_pages_remote: RLIMIT_MEMLOCK ({limit << self.page_shift}) exceeded")
+        if room is not None and charged > room:
+            self._unpin_runs(runs)
+            self.log.warn(f"vfio_pin_pages_remote: RLIMIT_MEMLOCK ({limit << shift}) exceeded")
             raise fail(ENOMEM, f"VFIO_IOMMU_MAP_DMA: pinning {npages} pages would make locked memory "
-                           f"{(mm.locked_vm + npages) << self.page_shift} bytes, over RLIMIT_MEMLOCK "
-                           f"{current.rlimit_memlock_soft()} bytes (mlock'ed pages and pages pinned by other "
-                           f"mappings count again); raise the limit or run with CAP_IPC_LOCK")
-        run_iova, run_hpa, run_pages = _runs(chunks, dma.iova, psz)
-        # vfio_pin_pages_remote() charges each contiguous run it returns.
-        if faults.take("account_locked_vm:vfio_lock_acct", len(run_pages)) < len(run_pages):
-            unpin_all()
+                               f"{(mm.locked_vm + npages) << shift} bytes, over RLIMIT_MEMLOCK "
+                               f"{current.rlimit_memlock_soft()} bytes (mlock'ed pages and pages pinned by other "
+                               f"mappings count again); raise the limit or run with CAP_IPC_LOCK")
+        # vfio_pin_pages_remote() charges each contiguous run of pinned pages it returns.
+        pinned_runs = len(runs) - sum(r[3] for r in runs)
+        if faults.take("account_locked_vm:vfio_lock_acct", pinned_runs) < pinned_runs:
+            self._unpin_runs(runs)
             raise fail(ENOMEM, "VFIO_IOMMU_MAP_DMA: charging the pinned pages to locked_vm failed (fault injection)")
-        self._lock_acct(dma, npages, False)
-        self._note_charged_again(mm, dma, size, run_hpa, run_pages)
+        self._lock_acct(dma, charged, False)
+        self._note_charged_again(mm, dma, size, runs, repinned)
         mapped: list[tuple[IommuDomain, int, int]] = []
         try:
             for d in iommu.domain_list:
-                for iova, hpa, pages in zip(run_iova.tolist(), run_hpa.tolist(), run_pages.tolist()):
+                for iova, hpa, pages, _ in runs:
                     if faults.should_fail("iommu_map:vfio_iommu_map"):
-                        raise fail(ENOMEM, f"VFIO_IOMMU_MAP_DMA: iommu_map() of {iova:#x}+{pages * psz:#x} could not "
-                                           f"allocate an IO page table page (fault injection)")
-                    iommu_map(d.domain, iova, hpa, pages * psz, dma.prot | IOMMU_CACHE)
-                    mapped.append((d.domain, iova, pages * psz))
+                        raise fail(ENOMEM, f"VFIO_IOMMU_MAP_DMA: iommu_map() of {iova:#x}+{pages << shift:#x} could "
+                                           f"not allocate an IO page table page (fault injection)")
+                    iommu_map(d.domain, iova, hpa, pages << shift, dma.prot | IOMMU_CACHE)
+                    mapped.append((d.domain, iova, pages << shift))
         except KernelError:
             for dom, iova, length in mapped:
                 iommu_unmap(dom, iova, length)
-            unpin_all()
-            self._lock_acct(dma, -npages, True)
+            self._unpin_runs(runs)
+            self._lock_acct(dma, -charged, True)
             raise
-        dma.run_iova, dma.run_hpa, dma.run_pages = run_iova, run_hpa, run_pages
+        dma.runs = runs
         dma.size = size
         dma.iommu_mapped = True
 
-    def _note_charged_again(self, mm: "AddressSpace", dma: VfioDma, size: int, run_hpa: np.ndarray,
-                            run_pages: np.ndarray) -> None:
+    @staticmethod
+    def _follow_pfnmap(mm: "AddressSpace", vaddr: int, npages: int, write: bool) -> tuple[int, int] | None:
+        """vaddr_get_pfns() after GUP refused ``vaddr``: a VM_PFNMAP mapping
+        (a BAR mapped from a vfio-pci device fd) gives its pfn through
+        follow_fault_pfn() -- the fault handler inserts it first, a write
+        mapping needs a writable PTE -- and, the pfn being no RAM
+        (is_invalid_reserved_pfn()), the run of the mapping's following
+        pages: (host physical address, pages).  None for any other mapping
+        (GUP's EFAULT stands); EFAULT where follow_fault_pfn() fails."""
+        vma = mm.find_vma(vaddr)
+        if vma is None or vma.kind != "pfnmap" or vma.ops is None:
+            return None
+        off = vma.pgoff + (vaddr - vma.start)
+        if write and not vma.writable():
+            raise fail(EFAULT, f"VFIO_IOMMU_MAP_DMA: {vaddr:#x} is a read-only device mapping; a device-writable "
+                               f"map needs a writable PTE (follow_fault_pfn)")
+        vma.ops.fault(off, write)
+        n = min(npages, (vma.end - vaddr) >> mm.page_shift)
+        return vma.obj.phys_base + off, n
+
+    def _unpin_runs(self, runs: list[tuple[int, int, int, bool]]) -> None:
+        """Unpin what a failed map pinned (reserved runs hold no pin)."""
+        for _, hpa, n, reserved in runs:
+            if not reserved:
+                self.kernel.phys.unpin_range(hpa, n)
+
+    def _note_charged_again(self, mm: "AddressSpace", dma: VfioDma, size: int,
+                            runs: list[tuple[int, int, int, bool]], repinned: int | None) -> None:
         """Announce pages this mapping charged although locked_vm already
-        counts them: mlock'ed ones, and ones another mapping had pinned.
-        vfio_pin_pages_remote() charges every page it pins (only reserved
-        pages and pages in the mapping's own external pin list are
-        skipped), so Linux counts them twice (docs/deviations.md)."""
+        counts them: mlock'ed ones, and ones another mapping had pinned
+        (``repinned``, when the pin counted them).  vfio_pin_pages_remote()
+        charges every page it pins (only reserved pages and pages in the
+        mapping's own external pin list are skipped), so Linux counts them
+        twice (docs/deviations.md)."""
         mlocked = mm.count_mlocked_pages(dma.vaddr, size)
+        if repinned is not None:
+            if mlocked or repinned:
+                self.log.info(deviation("9", iova=dma.iova, size=size, mlocked=mlocked, pinned=repinned))
+            return
         pinned = 0
-        for hpa, pages in zip(run_hpa.tolist(), run_pages.tolist()):
-            found = self.kernel.phys.lookup(hpa)
+        for _, hpa, pages, reserved in runs:
+            found = None if reserved else self.kernel.phys.lookup(hpa)
             if found is not None:
                 obj, off = found
                 first = off >> obj.page_shift
-                pinned += int(np.count_nonzero(obj.pincount[first:first + pages] > 1))
+                if pages == 1:
+                    pinned += int(obj.pincount[first] > 1)
+                else:
+                    pinned += int(np.count_nonzero(obj.pincount[first:first + pages] > 1))
         if mlocked or pinned:
             self.log.info(deviation("9", iova=dma.iova, size=size, mlocked=mlocked, pinned=pinned))
 
     # -- unmapping -------------------------------------------------------------------------------------------
 
     def _unmap_unpin(self, iommu: VfioIommu, dma: VfioDma, do_accounting: bool) -> int:
-        """vfio_unmap_unpin(): out of every domain, then unpin and refund."""
+        """vfio_unmap_unpin(): out of every domain, then unpin and refund
+        (put_pfn() neither unpins nor counts a reserved pfn)."""
         if not dma.size or not iommu.domain_list:
             return 0
         for d in iommu.domain_list:
             iommu_unmap(d.domain, dma.iova, dma.size)
-        hpas = _expand(dma.run_hpa, dma.run_pages, self.page_size)
-        if hpas.size:
-            self.kernel.phys.unpin(hpas)
-        unlocked = int(hpas.size)
-        dma.run_iova = np.zeros(0, dtype=np.uint64)
-        dma.run_hpa = np.zeros(0, dtype=np.uint64)
-        dma.run_pages = np.zeros(0, dtype=np.int64)
+        unlocked = 0
+        for _, hpa, pages, reserved in dma.runs:
+            if not reserved:
+                self.kernel.phys.unpin_range(hpa, pages)
+                unlocked += pages
+        dma.runs = []
         dma.iommu_mapped = False
         if do_accounting:
             self._lock_acct(dma, -unlocked, True)
@@ -893,32 +957,28 @@ class Type1IommuDriver(VfioIommuDriver):
     def _unmap_dma(self, iommu: VfioIommu, arg: int, current: "Task") -> int:
         """vfio_iommu_type1_unmap_dma(): the struct is written back (with the
         size actually unmapped) only on success."""
-        cls = uapi.vfio_iommu_type1_dma_unmap
-        minsz = uapi.offsetofend(cls, "size")
-        unmap = copy_struct_from_user(current, arg, cls, minsz)
-        mask = (uapi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP | uapi.VFIO_DMA_UNMAP_FLAG_VADDR |
-                uapi.VFIO_DMA_UNMAP_FLAG_ALL)
-        if unmap.argsz < minsz:
-            raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: argsz {unmap.argsz} < {minsz}")
-        if unmap.flags & ~mask:
-            raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: flags {unmap.flags:#x} has unknown bits")
-        get_bitmap = bool(unmap.flags & uapi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP)
-        if get_bitmap and unmap.flags & (uapi.VFIO_DMA_UNMAP_FLAG_ALL | uapi.VFIO_DMA_UNMAP_FLAG_VADDR):
+        argsz, flags, iova, size = copy_from_user_unpack(current, arg, _DMA_UNMAP)
+        minsz = _DMA_UNMAP.size
+        if argsz < minsz:
+            raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: argsz {argsz} < {minsz}")
+        if flags & ~_DMA_UNMAP_FLAGS:
+            raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: flags {flags:#x} has unknown bits")
+        get_bitmap = bool(flags & uapi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP)
+        if get_bitmap and flags & (uapi.VFIO_DMA_UNMAP_FLAG_ALL | uapi.VFIO_DMA_UNMAP_FLAG_VADDR):
             raise fail(EINVAL, "VFIO_IOMMU_UNMAP_DMA: GET_DIRTY_BITMAP cannot be combined with ALL or VADDR")
         bitmap = (0, 0, 0)
         if get_bitmap:
             bsz = _VFIO_BITMAP.size
-            if unmap.argsz < minsz + bsz:
-                raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: argsz {unmap.argsz} leaves no room for the "
+            if argsz < minsz + bsz:
+                raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: argsz {argsz} leaves no room for the "
                                    f"struct vfio_bitmap ({minsz + bsz} needed)")
             bitmap = _VFIO_BITMAP.unpack(copy_from_user(current, arg + minsz, bsz))
             pgsize_b, size_b, data = bitmap
             if not access_ok(data, size_b):
                 raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: bitmap {data:#x}+{size_b:#x} is not in user space")
-            _verify_bitmap_size(_shr(unmap.size, _ffs(pgsize_b)), size_b, "VFIO_IOMMU_UNMAP_DMA")
-        unmapped = self._do_unmap(iommu, unmap.flags, unmap.iova, unmap.size, bitmap, current)
-        unmap.size = unmapped
-        copy_struct_to_user(current, arg, unmap, minsz)
+            _verify_bitmap_size(_shr(size, _ffs(pgsize_b)), size_b, "VFIO_IOMMU_UNMAP_DMA")
+        unmapped = self._do_unmap(iommu, flags, iova, size, bitmap, current)
+        copy_to_user(current, arg, _DMA_UNMAP.pack(argsz, flags, iova, unmapped & U64))
         return 0
 
     def _do_unmap(self, iommu: VfioIommu, flags: int, iova: int, size: int, bitmap: tuple[int, int, int],
@@ -1132,6 +1192,12 @@ class Type1IommuDriver(VfioIommuDriver):
 
 # -- helpers -----------------------------------------------------------------------------------------------------
 
+# MAP_DMA and UNMAP_DMA's arguments up to ``size`` (minsz), unpacked without ctypes objects.
+_DMA_MAP = struct_layout(uapi.vfio_iommu_type1_dma_map, "size")
+_DMA_UNMAP = struct_layout(uapi.vfio_iommu_type1_dma_unmap, "size")
+_DMA_MAP_FLAGS = uapi.VFIO_DMA_MAP_FLAG_READ | uapi.VFIO_DMA_MAP_FLAG_WRITE | uapi.VFIO_DMA_MAP_FLAG_VADDR
+_DMA_UNMAP_FLAGS = (uapi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP | uapi.VFIO_DMA_UNMAP_FLAG_VADDR |
+                    uapi.VFIO_DMA_UNMAP_FLAG_ALL)
 # struct vfio_bitmap as a 64-bit program passes it: pgsize, size, data pointer.
 _VFIO_BITMAP = struct.Struct("<QQQ")
 # struct vfio_iommu_type1_dirty_bitmap_get: iova, size, then struct vfio_bitmap.
@@ -1156,24 +1222,16 @@ def _verify_bitmap_size(npages: int, bitmap_size: int, call: str) -> None:
                            f"({dirty_bitmap_bytes(npages)} bytes needed, {DIRTY_BITMAP_SIZE_MAX} at most)")
 
 
-def _runs(chunks: list[np.ndarray], iova: int, psz: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Physically contiguous runs of the pinned pages, in IOVA order."""
-    hpas = np.concatenate(chunks) if len(chunks) != 1 else chunks[0]
-    if hpas.size == 0:
-        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
-    breaks = np.flatnonzero(hpas[1:] != hpas[:-1] + np.uint64(psz)) + 1
-    starts = np.concatenate(([0], breaks)).astype(np.int64)
-    ends = np.concatenate((breaks, [hpas.size])).astype(np.int64)
-    run_iova = np.uint64(iova) + starts.astype(np.uint64) * np.uint64(psz)
-    return run_iova, hpas[starts], ends - starts
-
-
-def _expand(run_hpa: np.ndarray, run_pages: np.ndarray, psz: int) -> np.ndarray:
-    """Every page's host physical address, from runs (for unpinning)."""
-    total = int(run_pages.sum()) if run_pages.size else 0
-    if not total:
-        return np.zeros(0, dtype=np.uint64)
-    first = np.repeat(np.cumsum(run_pages) - run_pages, run_pages)
-    within = np.arange(total, dtype=np.int64) - first
-    hpas: np.ndarray = np.repeat(run_hpa, run_pages) + within.astype(np.uint64) * np.uint64(psz)
-    return hpas
+def _split_extents(extents: list[tuple[int, int]], k: int,
+                   step: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Extents (first address, pages ``step`` apart) cut after their first ``k`` pages."""
+    head: list[tuple[int, int]] = []
+    for i, (first, n) in enumerate(extents):
+        if k >= n:
+            head.append((first, n))
+            k -= n
+            continue
+        if k:
+            head.append((first, k))
+        return head, [(first + k * step, n - k), *extents[i + 1:]]
+    return head, []

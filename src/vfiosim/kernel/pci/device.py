@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
+import numpy as np
+
 from .config import (PCI_BASE_ADDRESS_0, PCI_BASE_ADDRESS_MEM_PREFETCH, PCI_BASE_ADDRESS_MEM_TYPE_64,
                      PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX, PCI_CAP_MSIX_SIZEOF, PCI_CLASS_DEVICE, PCI_CLASS_PROG,
                      PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, PCI_DEVICE_ID,
@@ -24,8 +26,6 @@ from .config import (PCI_BASE_ADDRESS_0, PCI_BASE_ADDRESS_MEM_PREFETCH, PCI_BASE
                      PCI_STATUS_INTERRUPT, PCI_SUBSYSTEM_ID, PCI_SUBSYSTEM_VENDOR_ID, PCI_VENDOR_ID, ConfigSpace)
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from ..iommu.iommu import IommuGroup, IommuOps
 
 
@@ -115,6 +115,57 @@ class Bar:
     is_64bit: bool = False
     prefetchable: bool = False
     mmap_ok: bool = True
+
+
+class BarMemory:
+    """A memory BAR seen as physical memory (a ``PhysicalPages``): what a
+    VM_PFNMAP mapping of it points at, and what a peer device's DMA reaches
+    where the platform's bus and host physical addresses are one (x86).
+    It is never RAM: nothing pins it or charges it.  Reads and writes are
+    the device's MMIO, in naturally aligned accesses of at most 8 bytes, as
+    they reach it from the PCIe fabric (all-ones and dropped while memory
+    decoding is off)."""
+
+    __slots__ = ("dev", "index", "phys_base", "length", "page_shift", "compound_shift", "populated",
+                 "pincount", "pins", "users", "pinnable")
+
+    def __init__(self, dev: "PciDevice", index: int, phys_base: int, page_shift: int) -> None:
+        self.dev = dev
+        self.index = index
+        self.phys_base = phys_base
+        self.length = dev.bars[index].size
+        self.page_shift = page_shift
+        self.compound_shift = page_shift
+        npages = max(1, (self.length + (1 << page_shift) - 1) >> page_shift)
+        self.populated = np.ones(npages, dtype=np.bool_)
+        self.pincount = np.zeros(npages, dtype=np.int32)
+        self.pins = 0
+        self.users = 1           # the device's own: it stays in the physical address space
+        self.pinnable = False    # VM_PFNMAP: GUP refuses it
+
+    def read_at(self, off: int, n: int) -> bytes:
+        from ..mm import mmio_accesses
+        dev, bar = self.dev, self.index
+        return b"".join(dev.host_mmio_read(bar, o, size).to_bytes(size, "little") for o, size in mmio_accesses(off, n))
+
+    def read_into(self, off: int, out: np.ndarray) -> None:
+        out[:] = np.frombuffer(self.read_at(off, int(out.size)), dtype=np.uint8)
+
+    def write_at(self, off: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
+        from ..mm import mmio_accesses
+        raw = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
+        for o, size in mmio_accesses(off, len(raw)):
+            self.dev.host_mmio_write(self.index, o, size, int.from_bytes(raw[o - off:o - off + size], "little"))
+
+    def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        return [self.read_at(off, n) for off, n in ranges]
+
+    def write_many(self, pieces: list[tuple[int, memoryview]]) -> None:
+        for off, data in pieces:
+            self.write_at(off, data)
+
+    def __repr__(self) -> str:
+        return f"<BarMemory {self.dev.bdf} BAR{self.index} phys={self.phys_base:#x} len={self.length:#x}>"
 
 
 @dataclass
@@ -226,6 +277,7 @@ class PciDevice:
         self.intx_level = 0
         self.reset_method: str | None = None     # "flr", "pm", "bus" or None
         self.bar_addresses: dict[int, int] = {}
+        self._bar_memory: dict[int, BarMemory] = {}
         self.log: Callable[[str], None] = lambda text: None
         self.registers: dict[int, list[Register]] = {}     # per BAR, what declare_registers() said
         c = self.config
@@ -288,6 +340,14 @@ class PciDevice:
         self.config.data[reg:reg + 4] = ((addr & 0xFFFFFFF0) | low).to_bytes(4, "little")
         if bar.is_64bit:
             self.config.data[reg + 4:reg + 8] = (addr >> 32).to_bytes(4, "little")
+
+    def bar_memory(self, index: int, page_shift: int = 12) -> BarMemory:
+        """The BAR as physical memory, at its assigned address (the platform
+        makes it at boot, with the kernel's page size)."""
+        mem = self._bar_memory.get(index)
+        if mem is None:
+            mem = self._bar_memory[index] = BarMemory(self, index, self.bar_addresses[index], page_shift)
+        return mem
 
     def add_msi_capability(self, vectors: int = 1, is_64bit: bool = True) -> int:
         """An MSI capability (no per-vector masking), as QEMU's msi_init()."""

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from ..iommufd.device import IommufdDevice
     from ..iommufd.main import IommufdCtx
     from ..pci.device import PciDevice
+    from ..mm import PhysicalPages
     from ..task import Task
     from .group import VfioGroup
 
@@ -81,6 +82,12 @@ class VfioDeviceOps:
         """The eventfds the driver signals (interrupt triggers): a transport
         keeps its handles on them open while they are here."""
         return []
+
+    def mmap_pages(self, offset: int) -> "tuple[PhysicalPages, int]":
+        raise fail(EINVAL, "the device cannot be mmapped")
+
+    def mmap_fault(self, current: "Task", offset: int, write: bool) -> None:
+        """The fault handler of a mapping of the device."""
 
 
 class VfioDevice:
@@ -261,6 +268,12 @@ class DeviceFile(File):
 
     def mmap_live(self) -> bool:
         return self.device.ops.mmap_live()
+
+    def mmap_pages(self, offset: int) -> "tuple[PhysicalPages, int]":
+        return self.device.ops.mmap_pages(offset)
+
+    def mmap_fault(self, current: "Task", offset: int, write: bool) -> None:
+        self.device.ops.mmap_fault(current, offset, write)
 
     def read(self, current: "Task", count: int, pos: int) -> bytes:
         self._check_access()

@@ -33,6 +33,7 @@ from .vfio_pci_priv import VFIO_PCI_OFFSET_MASK, VFIO_PCI_OFFSET_SHIFT, region_o
 from .vfio_pci_rdwr import IoEventFd, vfio_pci_bar_rw, vfio_pci_ioeventfd
 
 if TYPE_CHECKING:
+    from ...mm import PhysicalPages
     from ...task import Task
 
 
@@ -161,6 +162,19 @@ class VfioPciDevice(VfioDeviceOps):
         req_start = offset & VFIO_PCI_OFFSET_MASK
         if req_start + length > phys_len:
             raise fail(EINVAL, f"{req_start:#x}+{length:#x} runs past BAR{index} ({phys_len:#x} bytes)")
+
+    def mmap_pages(self, offset: int) -> "tuple[PhysicalPages, int]":
+        """What vfio_pci_core_mmap()'s mapping points at: the BAR's own pages
+        (vma->vm_pgoff becomes the BAR's pfn plus the offset; the fault
+        handler inserts those pfns: VM_IO | VM_PFNMAP)."""
+        return self.pdev.bar_memory(offset >> VFIO_PCI_OFFSET_SHIFT), offset & VFIO_PCI_OFFSET_MASK
+
+    def mmap_fault(self, current: "Task", offset: int, write: bool) -> None:
+        """vfio_pci_mmap_huge_fault(): VM_FAULT_SIGBUS while the device is in
+        low power or its memory decoding is off (the BAR mappings were zapped)."""
+        if self.pm_runtime_engaged or not vfio_pci_memory_enabled(self):
+            raise fail(EFAULT, f"{self.pdev.bdf}: the BAR mapping faults (memory decoding is off or the device "
+                               f"is in low power): vfio_pci_mmap_huge_fault() answers VM_FAULT_SIGBUS")
 
     def mmio(self, current: "Task", offset: int, size: int, value: int | None) -> int:
         """A CPU load or store through a BAR mapping: straight to the device."""
