@@ -15,6 +15,7 @@ import ctypes
 import re
 import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -92,5 +93,6 @@ def test_the_shim_and_the_daemon_helper_build_against_the_header(tmp_path, sourc
     text = (PRELOAD / source).read_text()
     assert '#include "vfiosim_protocol.h"' in text
     assert not re.search(r"\bOP_HELLO\s*=", text), f"{source} declares the operations again"
-    subprocess.run([_cc(), "-shared", "-fPIC", "-Wall", "-Werror", "-I", str(PRELOAD), "-o",
+    python = ["-I", sysconfig.get_paths()["include"]] if source == "vfiosim_daemon.c" else []   # an extension module
+    subprocess.run([_cc(), "-shared", "-fPIC", "-Wall", "-Werror", "-I", str(PRELOAD), *python, "-o",
                     str(tmp_path / "lib.so"), str(PRELOAD / source), "-ldl", "-lpthread"], check=True)

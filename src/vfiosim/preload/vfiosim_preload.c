@@ -36,6 +36,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -406,37 +407,80 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* How long to spin before sleeping: twice what the daemon took to answer
- * lately when spinning caught the reply, halved whenever it did not (on a
- * busy machine the program then sleeps at once instead of taking a CPU the
- * daemon needs).  Guarded by lk. */
-#define SPIN_MIN_NS 2000u
-#define SPIN_MAX_NS 100000u
-static uint64_t spin_budget = 20000;
+/*
+ * Waiting for a reply.  Waking a thread that sleeps costs a futex wake-up
+ * and, on an idle virtual CPU, an interrupt and a halt exit: tens of
+ * microseconds on a VM, ten times a call.  So the program spins for the
+ * reply (as its serving thread in the daemon spins for the next request,
+ * vfiosim_daemon.c), but only while that is likely to pay:
+ *  - for up to twice what the daemon took lately (learnt: a long call, a
+ *    large map, makes it sleep at once);
+ *  - while the daemon is seen working on the request (it copied it out:
+ *    taken_seq), or briefly until it is -- a serving thread that does not
+ *    take it at once is asleep or has no CPU, and spinning would take the CPU
+ *    it needs;
+ *  - until this thread is preempted (a gap between two looks at the clock):
+ *    the CPU is wanted by others.
+ * Guarded by lk.
+ */
+#define SPIN_MIN_NS 20000u
+#define SPIN_MAX_NS 500000u
+#define SPIN_UNTAKEN_NS 15000u
+#define SPIN_WOKEN_NS 100000u           /* as long for a serving thread that this call woke */
+#define PREEMPTED_NS 30000u
+static uint64_t spin_budget = 50000;
 
-static void spin_caught(uint64_t took)
+static void learn(uint64_t took, int caught)
 {
-    uint64_t want = 2 * took + SPIN_MIN_NS;
-    spin_budget = (7 * spin_budget + (want > SPIN_MAX_NS ? SPIN_MAX_NS : want)) / 8;
-    if (spin_budget < SPIN_MIN_NS)
-        spin_budget = SPIN_MIN_NS;
+    uint64_t b = spin_budget;
+    if (caught || took < SPIN_MAX_NS) {
+        uint64_t want = 2 * took + SPIN_MIN_NS;
+        b = want > b ? want : (7 * b + want) / 8;
+    } else {
+        b /= 2;
+    }
+    spin_budget = b < SPIN_MIN_NS ? SPIN_MIN_NS : b > SPIN_MAX_NS ? SPIN_MAX_NS : b;
+}
+
+static inline int replied(uint32_t seq)
+{
+    if (__atomic_load_n(&chan->daemon.rep_seq, __ATOMIC_ACQUIRE) != seq)
+        return 0;
+    __atomic_store_n(&chan->prog.cpu, (uint32_t)sched_getcpu(), __ATOMIC_RELAXED);
+    __atomic_store_n(&chan->prog.ack_seq, seq, __ATOMIC_RELEASE);
+    return 1;
 }
 
 /* Wait for the reply to request `seq`: spin, then sleep on the daemon's word,
  * checking now and then that the daemon still lives.  0, or -1 if it is gone. */
-static int await_reply(uint32_t seq)
+static int await_reply(uint32_t seq, int woke)
 {
-    uint64_t start = now_ns(), spin = spin_budget;
-    for (unsigned i = 0;; i++) {
-        if (__atomic_load_n(&chan->daemon.rep_seq, __ATOMIC_ACQUIRE) == seq) {
-            spin_caught(now_ns() - start);
+    uint64_t start = now_ns(), prev = start, budget = spin_budget;
+    uint32_t cpu = (uint32_t)sched_getcpu();
+    __atomic_store_n(&chan->prog.cpu, cpu, __ATOMIC_RELAXED);
+    int contended = 0;
+    for (unsigned i = 0; __atomic_load_n(&chan->daemon.spin, __ATOMIC_RELAXED); i++) {
+        if (replied(seq)) {
+            learn(now_ns() - start, 1);
             return 0;
         }
-        if ((i & 15) == 15 && now_ns() - start >= spin)
-            break;
+        if ((i & 31) == 31) {
+            uint64_t t = now_ns();
+            if (t - start >= budget)
+                break;
+            if (__atomic_load_n(&chan->daemon.taken_seq, __ATOMIC_RELAXED) == seq)
+                /* the daemon works on it: not on our CPU */
+                contended = __atomic_load_n(&chan->daemon.cpu, __ATOMIC_RELAXED) == cpu;
+            else                      /* not taken: the serving thread is asleep, or without a CPU */
+                contended = t - start >= (woke ? SPIN_WOKEN_NS : SPIN_UNTAKEN_NS);
+            if (contended || (contended = t - prev >= PREEMPTED_NS))
+                break;
+            prev = t;
+        }
         __builtin_ia32_pause();
     }
-    spin_budget = spin_budget / 2 < SPIN_MIN_NS ? SPIN_MIN_NS : spin_budget / 2;
+    if (contended)
+        __atomic_store_n(&chan->prog.spin_fails, chan->prog.spin_fails + 1, __ATOMIC_RELAXED);
     for (;;) {
         if (daemon_gone())
             return -1;
@@ -447,8 +491,10 @@ static int await_reply(uint32_t seq)
             syscall(SYS_futex, &chan->daemon.rep_seq, FUTEX_WAIT, cur, &ts, NULL, 0);
         }
         __atomic_store_n(&chan->prog.prog_waiting, 0, __ATOMIC_RELAXED);
-        if (__atomic_load_n(&chan->daemon.rep_seq, __ATOMIC_ACQUIRE) == seq)
+        if (replied(seq)) {
+            learn(now_ns() - start, 0);
             return 0;
+        }
     }
 }
 
@@ -503,9 +549,10 @@ static int64_t rpc(uint32_t op, uint32_t flags, int fd, int fd2, const uint64_t 
         memcpy(chan->req_payload, payload, plen);
     uint32_t seq = chan->prog.req_seq + 1;
     __atomic_store_n(&chan->prog.req_seq, seq, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&chan->daemon.daemon_waiting, __ATOMIC_SEQ_CST))
+    int woke = __atomic_load_n(&chan->daemon.daemon_waiting, __ATOMIC_SEQ_CST);
+    if (woke)
         syscall(SYS_futex, &chan->prog.req_seq, FUTEX_WAKE, 1, NULL, NULL, 0);
-    if (await_reply(seq) < 0) {
+    if (await_reply(seq, woke) < 0) {
         lose_connection();
         pthread_mutex_unlock(&lk);
         *err = EIO;

@@ -18,7 +18,7 @@
 
 #include <stdint.h>
 
-#define VFIOSIM_MAGIC_VERSION 0x56460002u /* "VF", protocol version 2 */
+#define VFIOSIM_MAGIC_VERSION 0x56460003u /* "VF", protocol version 3 */
 
 /* Operations (struct vreq.op). */
 #define VOP_HELLO 1  /* socket; a[0] = magic, flags = HELLO_*, SCM_CREDENTIALS; reply: root, SCM_RIGHTS channel */
@@ -89,18 +89,32 @@ struct vpost {
 #define VRING 256                  /* posted stores the channel holds */
 #define VLIVE 64                   /* mapping slots */
 
+/* Each side spins for the other only while the other is seen running, on
+ * another CPU: the program for a reply while its request was taken
+ * (taken_seq), the daemon for the next request while the program picked up
+ * the last reply (ack_seq); neither while the other was last seen on its own
+ * CPU (cpu: sched_getcpu() when it last looked).  Spins that end so -- the
+ * CPUs are contended -- are counted (spin_fails), and the daemon then turns
+ * spinning off for the connection (spin = 0: both sides sleep at once) for a
+ * while, and tries again. */
 struct vchan_prog {                /* written by the program */
     uint32_t req_seq;              /* futex: the daemon sleeps on it */
     uint32_t prog_waiting;         /* the program sleeps on rep_seq: wake it */
     uint32_t ring_head;            /* posted stores written */
-    uint32_t pad[13];
+    uint32_t ack_seq;              /* the last reply the program picked up */
+    uint32_t cpu;                  /* where the program last ran */
+    uint32_t spin_fails;           /* spins for a reply that the CPUs' contention ended */
+    uint32_t pad[10];
 };
 
 struct vchan_daemon {              /* written by the daemon */
     uint32_t rep_seq;              /* futex: the program sleeps on it */
     uint32_t daemon_waiting;       /* the daemon sleeps on req_seq: wake it */
     uint32_t ring_tail;            /* posted stores performed */
-    uint32_t pad[13];
+    uint32_t taken_seq;            /* the last request the daemon copied out */
+    uint32_t cpu;                  /* where the serving thread last ran */
+    uint32_t spin;                 /* 1: the program may spin for replies */
+    uint32_t pad[10];
 };
 
 struct vchan {

@@ -29,7 +29,6 @@ page).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import select
@@ -109,35 +108,36 @@ class HostProcess:
             return b""
         if not self.bound or self.gone:
             raise fail(EFAULT, f"the memory of process {self.pid} is out of reach")
-        buf = ctypes.create_string_buffer(n)
         if self._query:
-            r = native.lib().vd_uread(self.maps_fd, self.mem, addr, n, buf)
-            if r == 0:
-                return buf.raw
-            if r != -errno.ENOTTY:
-                raise fail(EFAULT, f"cannot read {n} bytes at {addr:#x} in process {self.pid}")
+            try:
+                return native.uread(self.maps_fd, self.mem, addr, n)  # type: ignore[no-any-return]
+            except OSError as exc:
+                if exc.errno != errno.ENOTTY:
+                    raise fail(EFAULT, f"cannot read {n} bytes at {addr:#x} in process {self.pid}") from None
             self._query = False
         self._check(addr, n, write=False)
-        self._mem_rw(addr, n, buf, write=False)
-        return buf.raw
+        return self._mem_read(addr, n)
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """EFAULT unless all of it is mapped writable (no FOLL_FORCE)."""
-        data = bytes(data)
         n = len(data)
         if n == 0:
             return
         if not self.bound or self.gone:
             raise fail(EFAULT, f"the memory of process {self.pid} is out of reach")
         if self._query:
-            r = native.lib().vd_uwrite(self.maps_fd, self.mem, addr, n, data)
-            if r == 0:
+            try:
+                native.uwrite(self.maps_fd, self.mem, addr, data)
                 return
-            if r != -errno.ENOTTY:
-                raise fail(EFAULT, f"cannot write {n} bytes at {addr:#x} in process {self.pid}")
+            except OSError as exc:
+                if exc.errno != errno.ENOTTY:
+                    raise fail(EFAULT, f"cannot write {n} bytes at {addr:#x} in process {self.pid}") from None
             self._query = False
         self._check(addr, n, write=True)
-        self._mem_rw(addr, n, ctypes.create_string_buffer(data, n), write=True)
+        try:
+            native.dma_write(self.mem, addr, data)
+        except OSError:
+            raise fail(EFAULT, f"write of {n} bytes at {addr:#x} in process {self.pid} failed") from None
 
     def _check(self, addr: int, n: int, write: bool) -> None:
         """Without PROCMAP_QUERY: the mappings from /proc/<pid>/maps."""
@@ -152,56 +152,62 @@ class HostProcess:
                 return
         raise fail(EFAULT, f"cannot {'write' if write else 'read'} {n} bytes at {addr:#x} in process {self.pid}")
 
-    def _mem_rw(self, addr: int, n: int, buf: "ctypes.Array[ctypes.c_char]", write: bool) -> None:
-        if native.lib().vd_dma(self.mem, addr, n, buf, 1 if write else 0) < 0:
-            raise fail(EFAULT, f"{'write' if write else 'read'} of {n} bytes at {addr:#x} in process {self.pid} failed")
+    def _mem_read(self, addr: int, n: int) -> bytes:
+        try:
+            return native.dma_read(self.mem, addr, n)  # type: ignore[no-any-return]
+        except OSError:
+            raise fail(EFAULT, f"read of {n} bytes at {addr:#x} in process {self.pid} failed") from None
 
     # -- a device's DMA: the pages, whatever the CPU's protection is now ---------------------------
 
     def device_read(self, addr: int, n: int) -> bytes:
-        buf = ctypes.create_string_buffer(n)
-        if not self.bound or native.lib().vd_dma(self.mem, addr, n, buf, 0) < 0:
+        if not self.bound:
             raise fail(EFAULT, f"DMA read of {n} bytes at {addr:#x} in process {self.pid} failed")
-        return buf.raw
+        try:
+            return native.dma_read(self.mem, addr, n)  # type: ignore[no-any-return]
+        except OSError:
+            raise fail(EFAULT, f"DMA read of {n} bytes at {addr:#x} in process {self.pid} failed") from None
 
     def device_read_into(self, addr: int, out: np.ndarray) -> None:
-        if not self.bound or native.lib().vd_dma(self.mem, addr, out.size, out.ctypes.data, 0) < 0:
-            raise fail(EFAULT, f"DMA read of {out.size} bytes at {addr:#x} in process {self.pid} failed")
+        try:
+            if not self.bound:
+                raise OSError(EFAULT, "unbound")
+            native.dma_read_into(self.mem, addr, out)
+        except OSError:
+            raise fail(EFAULT, f"DMA read of {out.size} bytes at {addr:#x} in process {self.pid} failed") from None
 
     def readv(self, ranges: list[tuple[int, int]]) -> list[bytes]:
         """Several DMA reads (a NIC's burst of descriptors and frames) in one
         foreign call: EFAULT unless every byte was read."""
-        total = sum(n for _a, n in ranges)
-        buf = ctypes.create_string_buffer(total)
-        addrs = (ctypes.c_uint64 * len(ranges))(*[a for a, _n in ranges])
-        lens = (ctypes.c_uint64 * len(ranges))(*[n for _a, n in ranges])
-        if not self.bound or native.lib().vd_dma_many(self.mem, len(ranges), addrs, lens, buf, 0) < 0:
-            raise fail(EFAULT, f"DMA read of {total} bytes in {len(ranges)} ranges in process {self.pid} failed")
-        raw = buf.raw
-        out, pos = [], 0
-        for _a, n in ranges:
-            out.append(raw[pos:pos + n])
-            pos += n
-        return out
+        try:
+            if not self.bound:
+                raise OSError(EFAULT, "unbound")
+            return native.dma_readv(self.mem, ranges)  # type: ignore[no-any-return]
+        except OSError:
+            total = sum(n for _a, n in ranges)
+            raise fail(EFAULT, f"DMA read of {total} bytes in {len(ranges)} ranges in process {self.pid} "
+                               f"failed") from None
 
     def device_writev(self, pieces: list[tuple[int, memoryview]]) -> None:
         """Several DMA writes in one foreign call."""
-        data = b"".join(bytes(d) for _a, d in pieces)
-        addrs = (ctypes.c_uint64 * len(pieces))(*[a for a, _d in pieces])
-        lens = (ctypes.c_uint64 * len(pieces))(*[len(d) for _a, d in pieces])
-        if not self.bound or native.lib().vd_dma_many(self.mem, len(pieces), addrs, lens, data, 1) < 0:
-            raise fail(EFAULT, f"DMA write of {len(data)} bytes in {len(pieces)} ranges in process {self.pid} failed")
+        try:
+            if not self.bound:
+                raise OSError(EFAULT, "unbound")
+            native.dma_writev(self.mem, pieces)
+        except OSError:
+            total = sum(len(d) for _a, d in pieces)
+            raise fail(EFAULT, f"DMA write of {total} bytes in {len(pieces)} ranges in process {self.pid} "
+                               f"failed") from None
 
     def device_write(self, addr: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
-        ptr: int | bytes
         if isinstance(data, np.ndarray):
-            src = np.ascontiguousarray(data, dtype=np.uint8)
-            ptr, n = src.ctypes.data, src.size
-        else:
-            ptr = bytes(data)
-            n = len(ptr)
-        if not self.bound or native.lib().vd_dma(self.mem, addr, n, ptr, 1) < 0:
-            raise fail(EFAULT, f"DMA write of {n} bytes at {addr:#x} in process {self.pid} failed")
+            data = np.ascontiguousarray(data, dtype=np.uint8)
+        try:
+            if not self.bound:
+                raise OSError(EFAULT, "unbound")
+            native.dma_write(self.mem, addr, data)
+        except OSError:
+            raise fail(EFAULT, f"DMA write of {len(data)} bytes at {addr:#x} in process {self.pid} failed") from None
 
     # -- mappings ----------------------------------------------------------------------------------
 
@@ -221,7 +227,7 @@ class HostProcess:
             else:
                 if found is None:
                     return None
-                start, end, flags = found
+                start, end, flags, _inode = found
                 prot = sum(prot for bit, prot in _PROCMAP_PROT if flags & bit)
                 return start, end, prot, not flags & native.PROCMAP_SHARED, ""
         for entry in self.maps():

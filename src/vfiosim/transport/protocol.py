@@ -27,7 +27,7 @@ from __future__ import annotations
 import ctypes
 import struct
 
-MAGIC_VERSION = 0x5646_0002          # "VF", protocol version 2
+MAGIC_VERSION = 0x5646_0003          # "VF", protocol version 3
 
 REQ = struct.Struct("<IIii5QII")
 REP = struct.Struct("<qiI")
@@ -103,12 +103,14 @@ VLIVE = 64
 
 class vchan_prog(ctypes.Structure):
     _fields_ = [("req_seq", ctypes.c_uint32), ("prog_waiting", ctypes.c_uint32), ("ring_head", ctypes.c_uint32),
-                ("pad", ctypes.c_uint32 * 13)]
+                ("ack_seq", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("spin_fails", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32 * 10)]
 
 
 class vchan_daemon(ctypes.Structure):
     _fields_ = [("rep_seq", ctypes.c_uint32), ("daemon_waiting", ctypes.c_uint32), ("ring_tail", ctypes.c_uint32),
-                ("pad", ctypes.c_uint32 * 13)]
+                ("taken_seq", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("spin", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32 * 10)]
 
 
 class vchan(ctypes.Structure):
