@@ -178,6 +178,32 @@ def test_garbage_gets_the_kernels_errno_and_never_a_crash(bins, daemon):
     assert daemon.machine.pinned_pages() == 0
 
 
+@pytest.mark.parametrize("daemon", ["pseries", "x86"], indirect=True)
+def test_an_ioctl_struct_sent_along_faults_where_the_kernel_would(bins, daemon):
+    """The shim sends a copy of the memory an ioctl's pointer names (the
+    window), read as the program can read it: a struct that runs into a
+    PROT_NONE page, a read-only one the kernel writes its answer to, one in a
+    file mapping past the file's end (SIGBUS for the program, EFAULT for the
+    kernel) still give EFAULT; one across two pages is read and written whole;
+    the program's own SIGBUS handler still runs."""
+    proc = daemon.run([str(bins["probe"]), "argwindow", "4" if daemon.machine.platform == "x86" else "0"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = fields(proc.stdout)
+    x86 = daemon.machine.platform == "x86"
+    assert got["info_straddles_guard"] == "-1,14"
+    assert got["info_readonly"] == "-1,14"
+    assert got["info_past_eof"] == "-1,14"
+    assert got["info_across_pages"] == "0,0" and got["info_filled"] == "1"
+    assert got["map"] == "0,0"
+    # Type1 unmaps, then fails to write the size back; sPAPR writes nothing back.
+    assert got["unmap_readonly"] == ("-1,14" if x86 else "0,0")
+    assert got["unmap_again"] == "0,0"
+    assert got["unmap_again_size"] == ("0" if x86 else "4096")
+    assert got["own_sigbus"] == "1"
+    assert daemon.wait_idle()
+    assert daemon.machine.pinned_pages() == 0
+
+
 def test_a_malformed_message_drops_only_its_connection(bins, daemon):
     holder = daemon.popen([str(bins["probe"]), "hold", "0"], stdin=subprocess.PIPE)
     try:

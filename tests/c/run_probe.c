@@ -78,6 +78,13 @@ static void setup(int group_id, int enable_and_map)
     }
 }
 
+static volatile int sigbus_seen;
+
+static void on_sigbus(int sig)
+{
+    sigbus_seen = sig == SIGBUS;
+}
+
 static void result(const char *name, long ret)
 {
     printf("%s=%ld,%d\n", name, ret, ret < 0 ? errno : 0);
@@ -254,6 +261,52 @@ int main(int argc, char **argv)
         result("close_twice_1", close(group));
         result("close_twice_2", close(group));
         printf("VmLck=%ld\n", vm("VmLck"));
+        return 0;
+    }
+    if (!strcmp(cmd, "argwindow")) {
+        /* The shim sends a copy of an ioctl's struct with the call: the kernel's
+         * faults must stay where they were. */
+        setup(gid, 0);
+        if (spapr)
+            ioctl(container, VFIO_IOMMU_ENABLE);
+        long pg = sysconf(_SC_PAGESIZE);
+        uint8_t *two = mmap(NULL, 2 * pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        mprotect(two + pg, pg, PROT_NONE);
+        uint32_t *edge = (uint32_t *)(two + pg - 8);      /* argsz and flags readable, the rest not */
+        edge[0] = 64;
+        edge[1] = 0;
+        result("info_straddles_guard", ioctl(container, VFIO_IOMMU_GET_INFO, edge));
+        uint8_t *ro = mmap(NULL, pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        *(uint32_t *)ro = 64;
+        mprotect(ro, pg, PROT_READ);                       /* read, checked, then no room for the answer */
+        result("info_readonly", ioctl(container, VFIO_IOMMU_GET_INFO, ro));
+        char tmpl[] = "/tmp/vfiosim-argwindow-XXXXXX";
+        int f = mkstemp(tmpl);
+        unlink(tmpl);
+        uint8_t *past = mmap(NULL, pg, PROT_READ | PROT_WRITE, MAP_SHARED, f, 0);   /* past EOF: SIGBUS */
+        result("info_past_eof", ioctl(container, VFIO_IOMMU_GET_INFO, past));
+        uint8_t *across = mmap(NULL, 2 * pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        uint8_t *info = across + pg - 8;                   /* readable and writable on both pages */
+        memset(info, 0xff, 64);
+        *(uint32_t *)info = 64;
+        result("info_across_pages", ioctl(container, VFIO_IOMMU_GET_INFO, info));
+        printf("info_filled=%d\n", *(uint32_t *)(info + 12) != 0xffffffffu);
+        struct vfio_iommu_type1_dma_map map = {.argsz = sizeof map, .flags = 3, .vaddr = (uintptr_t)across,
+                                               .iova = 0, .size = pg};
+        result("map", ioctl(container, VFIO_IOMMU_MAP_DMA, &map));
+        struct vfio_iommu_type1_dma_unmap unmap = {.argsz = sizeof unmap, .iova = 0, .size = pg};
+        uint8_t *unmap_ro = mmap(NULL, pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        memcpy(unmap_ro, &unmap, sizeof unmap);
+        mprotect(unmap_ro, pg, PROT_READ);                 /* Type1 writes the size back, sPAPR does not */
+        result("unmap_readonly", ioctl(container, VFIO_IOMMU_UNMAP_DMA, unmap_ro));
+        result("unmap_again", ioctl(container, VFIO_IOMMU_UNMAP_DMA, &unmap));
+        printf("unmap_again_size=%llu\n", (unsigned long long)unmap.size);
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = on_sigbus;
+        sigaction(SIGBUS, &sa, NULL);
+        raise(SIGBUS);
+        printf("own_sigbus=%d\n", sigbus_seen);
         return 0;
     }
     if (!strcmp(cmd, "fork")) {

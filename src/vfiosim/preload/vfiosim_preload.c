@@ -187,6 +187,92 @@ static void set_vfio(int fd, int kind, int minor)
     }
 }
 
+/* ---------------------------------------------------------------- faults */
+
+/*
+ * The shim takes SIGSEGV (BAR accesses, below) and SIGBUS, and keeps the
+ * program's own dispositions to chain to (its sigaction() and signal() see
+ * and set those).  Both also recover the probes: loads and stores of the
+ * program's memory that may fault, whose faulting instruction the handler
+ * steps to a fixup instead, as the kernel's exception tables do for uaccess.
+ */
+static struct sigaction prog_segv;      /* the program's own SIGSEGV disposition */
+static struct sigaction prog_bus;       /* and SIGBUS */
+static int faults_installed;
+
+static void fault_handler(int sig, siginfo_t *si, void *ucv);
+
+static void install_fault_handlers(void)
+{
+    if (faults_installed)
+        return;
+    struct sigaction sa, old_segv, old_bus;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = fault_handler;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    if (real_sigaction(SIGSEGV, &sa, &old_segv) == 0) {
+        if (real_sigaction(SIGBUS, &sa, &old_bus) == 0) {
+            prog_segv = old_segv;
+            prog_bus = old_bus;
+            faults_installed = 1;
+        } else {
+            real_sigaction(SIGSEGV, &old_segv, NULL);
+        }
+    }
+}
+
+/*
+ * probe_copy(dst, src, n): copy n bytes, either side possibly the program's
+ * memory; returns how many were NOT copied (0: all), stopping at the first
+ * byte that faults.  probe_writable(addr): 0 if the byte at addr can be
+ * written (an atomic OR of 0: nothing changes), 1 if that faults.
+ */
+size_t vfiosim_probe_copy(void *dst, const void *src, size_t n) __attribute__((visibility("hidden")));
+int vfiosim_probe_writable(void *addr) __attribute__((visibility("hidden")));
+extern const char vfiosim_probe_movs[] __attribute__((visibility("hidden")));
+extern const char vfiosim_probe_movs_done[] __attribute__((visibility("hidden")));
+extern const char vfiosim_probe_lock[] __attribute__((visibility("hidden")));
+extern const char vfiosim_probe_lock_done[] __attribute__((visibility("hidden")));
+__asm__(".text\n"
+        ".globl vfiosim_probe_copy, vfiosim_probe_writable, vfiosim_probe_movs, vfiosim_probe_movs_done\n"
+        ".globl vfiosim_probe_lock, vfiosim_probe_lock_done\n"
+        ".hidden vfiosim_probe_copy, vfiosim_probe_writable, vfiosim_probe_movs, vfiosim_probe_movs_done\n"
+        ".hidden vfiosim_probe_lock, vfiosim_probe_lock_done\n"
+        ".type vfiosim_probe_copy, @function\n"
+        "vfiosim_probe_copy:\n"
+        "    mov %rdx, %rcx\n"
+        "vfiosim_probe_movs:\n"
+        "    rep movsb\n"                /* a fault leaves rcx = the bytes left */
+        "vfiosim_probe_movs_done:\n"
+        "    mov %rcx, %rax\n"
+        "    ret\n"
+        ".size vfiosim_probe_copy, .-vfiosim_probe_copy\n"
+        ".type vfiosim_probe_writable, @function\n"
+        "vfiosim_probe_writable:\n"
+        "    xor %eax, %eax\n"
+        "vfiosim_probe_lock:\n"
+        "    lock orb $0, (%rdi)\n"
+        "vfiosim_probe_lock_done:\n"
+        "    ret\n"
+        ".size vfiosim_probe_writable, .-vfiosim_probe_writable\n");
+
+/* A fault inside a probe: resume at its fixup.  1 if it was one. */
+static int probe_fixup(greg_t *gr)
+{
+    const char *ip = (const char *)gr[REG_RIP];
+    if (ip == vfiosim_probe_movs) {
+        gr[REG_RIP] = (greg_t)vfiosim_probe_movs_done;
+        return 1;
+    }
+    if (ip == vfiosim_probe_lock) {
+        gr[REG_RAX] = 1;
+        gr[REG_RIP] = (greg_t)vfiosim_probe_lock_done;
+        return 1;
+    }
+    return 0;
+}
+
 /* ---------------------------------------------------------------- the connection */
 
 static struct vchan *chan;              /* the shared-memory channel the hello reply gave us */
@@ -390,6 +476,7 @@ static int do_connect(uint32_t hello_flags)
     chan = ch;
     sock_fd = s;
     sock_pid = getpid();
+    install_fault_handlers();
     return 0;
 }
 
@@ -520,8 +607,8 @@ static int connected(void)
 }
 
 /* One request, one reply.  Returns the reply's ret; on failure -1 with *err set. */
-static int64_t rpc(uint32_t op, uint32_t flags, int fd, int fd2, const uint64_t a[5], const void *payload,
-                   uint32_t plen, void *out, uint32_t outmax, int *err)
+static int64_t rpc_len(uint32_t op, uint32_t flags, int fd, int fd2, const uint64_t a[5], const void *payload,
+                       uint32_t plen, void *out, uint32_t outmax, uint32_t *outlen, int *err)
 {
     pthread_mutex_lock(&lk);
     int e = connected();
@@ -561,8 +648,12 @@ static int64_t rpc(uint32_t op, uint32_t flags, int fd, int fd2, const uint64_t 
     int64_t ret = chan->rep.ret;
     int32_t rerr = chan->rep.err;
     uint32_t len = chan->rep.len;
-    if (out && outmax)
-        memcpy(out, chan->rep_payload, len < outmax ? len : outmax);
+    if (len > outmax)
+        len = outmax;
+    if (out && len)
+        memcpy(out, chan->rep_payload, len);
+    if (outlen)
+        *outlen = len;
     pthread_mutex_unlock(&lk);
     if (ret < 0) {
         *err = rerr ? rerr : EIO;
@@ -570,6 +661,61 @@ static int64_t rpc(uint32_t op, uint32_t flags, int fd, int fd2, const uint64_t 
     }
     *err = 0;
     return ret;
+}
+
+static int64_t rpc(uint32_t op, uint32_t flags, int fd, int fd2, const uint64_t a[5], const void *payload,
+                   uint32_t plen, void *out, uint32_t outmax, int *err)
+{
+    return rpc_len(op, flags, fd, fd2, a, payload, plen, out, outmax, NULL, err);
+}
+
+/*
+ * A call with a pointer argument `ptr` to `want` bytes (or an unknown number:
+ * an ioctl's struct) sends along a copy of up to VWIN_MAX of them, not past
+ * ptr's page, as the program itself can read them, and says whether it could
+ * write them: the daemon's copy_from_user and copy_to_user of those bytes use
+ * the copy, instead of two system calls each on the program's
+ * /proc/<pid>/mem, and the reply says what to store back.  A byte the
+ * program cannot read ends the copy there (the daemon then reads the rest,
+ * and faults, as the kernel would).
+ */
+static int64_t call_window(uint32_t op, uint32_t flags, int fd, int fd2, uint64_t a0, uint64_t a1, uint64_t a2,
+                           uint64_t a3, uint64_t ptr, size_t want)
+{
+    uint8_t win[VWIN_MAX];
+    uint64_t a[5] = {a0, a1, a2, a3, 0};
+    size_t n = 0;
+    if (faults_installed && ptr >= 65536 && ptr < (1ull << 47) && want) {
+        size_t room = 4096 - (ptr & 4095);
+        n = want < room ? want : room;
+        if (n > VWIN_MAX)
+            n = VWIN_MAX;
+        n -= vfiosim_probe_copy(win, (const void *)(uintptr_t)ptr, n);
+        if (n) {
+            flags |= VF_WINDOW;
+            if (!vfiosim_probe_writable((void *)(uintptr_t)ptr))
+                flags |= VF_WINDOW_WRITABLE;
+            a[4] = ptr;
+        }
+    }
+    struct {
+        uint32_t offset;
+        uint8_t data[VWIN_MAX];
+    } back;
+    uint32_t blen = 0;
+    int err;
+    int64_t r = rpc_len(op, flags, fd, fd2, a, win, (uint32_t)n, &back, sizeof back, &blen, &err);
+    if (blen > sizeof back.offset) {
+        size_t dlen = blen - sizeof back.offset;
+        if ((flags & VF_WINDOW_WRITABLE) && back.offset <= n && dlen <= n - back.offset &&
+            vfiosim_probe_copy((void *)(uintptr_t)(ptr + back.offset), back.data, dlen)) {
+            errno = EFAULT;          /* it stopped being writable meanwhile: copy_to_user failed */
+            return -1;
+        }
+    }
+    if (r < 0)
+        errno = err;
+    return r;
 }
 
 static int64_t call(uint32_t op, uint32_t flags, int fd, int fd2, uint64_t a0, uint64_t a1, uint64_t a2,
@@ -1101,7 +1247,8 @@ EXPORT int ioctl(int fd, unsigned long request, ...)
             return -1;
         }
     }
-    int64_t r = call(VOP_IOCTL, 0, fd, ph, cmd, (uint64_t)(uintptr_t)arg, 0, 0);
+    int64_t r = call_window(VOP_IOCTL, 0, fd, ph, cmd, (uint64_t)(uintptr_t)arg, 0, 0, (uint64_t)(uintptr_t)arg,
+                            VWIN_MAX);
     if (ph >= 0) {
         if (r == ph) {
             set_vfio(ph, K_DEVICE, 0);
@@ -1116,8 +1263,8 @@ EXPORT int ioctl(int fd, unsigned long request, ...)
 
 static ssize_t rw(uint32_t op, int fd, const void *buf, size_t count, off_t off, int positional)
 {
-    return (ssize_t)call(op, positional ? VRW_POSITIONAL : 0, fd, -1, (uint64_t)(uintptr_t)buf, count,
-                         (uint64_t)off, 0);
+    return (ssize_t)call_window(op, positional ? VRW_POSITIONAL : 0, fd, -1, (uint64_t)(uintptr_t)buf, count,
+                                (uint64_t)off, 0, (uint64_t)(uintptr_t)buf, count);
 }
 
 EXPORT ssize_t read(int fd, void *buf, size_t count)
@@ -1625,25 +1772,6 @@ struct region {
 #define MAX_REGIONS 64
 static struct region regions[MAX_REGIONS];
 static volatile int nregions;
-static struct sigaction prog_segv;      /* the program's own SIGSEGV disposition */
-static int segv_installed;
-
-static void segv_handler(int sig, siginfo_t *si, void *ucv);
-
-static void install_segv(void)
-{
-    if (segv_installed)
-        return;
-    struct sigaction sa, old;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_sigaction = segv_handler;
-    sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
-    sigemptyset(&sa.sa_mask);
-    if (real_sigaction(SIGSEGV, &sa, &old) == 0) {
-        prog_segv = old;
-        segv_installed = 1;
-    }
-}
 
 EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 {
@@ -1681,7 +1809,7 @@ EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off
         return MAP_FAILED;
     }
     pthread_mutex_lock(&lk);
-    install_segv();
+    install_fault_handlers();
     struct region *g = &regions[nregions];
     g->start = g->base = (uintptr_t)p;
     g->end = (uintptr_t)p + rlen;
@@ -1891,13 +2019,16 @@ static int post_store(const struct region *g, uint64_t off, uint32_t size, uint6
     return ok;
 }
 
-static void segv_handler(int sig, siginfo_t *si, void *ucv)
+static void fault_handler(int sig, siginfo_t *si, void *ucv)
 {
     int saved_errno = errno;
     ucontext_t *uc = ucv;
+    greg_t *gr = uc->uc_mcontext.gregs;
+    if (probe_fixup(gr))
+        return;
     uintptr_t addr = (uintptr_t)si->si_addr;
     struct region *g = NULL;
-    int n = __atomic_load_n(&nregions, __ATOMIC_ACQUIRE);
+    int n = sig == SIGSEGV ? __atomic_load_n(&nregions, __ATOMIC_ACQUIRE) : 0;
     for (int i = 0; i < n; i++) {
         if (regions[i].start <= addr && addr < regions[i].end) {
             g = &regions[i];
@@ -1906,25 +2037,25 @@ static void segv_handler(int sig, siginfo_t *si, void *ucv)
     }
     if (!g) {
         /* Not ours: the program's handler, or the default action. */
-        if (prog_segv.sa_flags & SA_SIGINFO) {
-            if (prog_segv.sa_sigaction) {
-                prog_segv.sa_sigaction(sig, si, ucv);
+        const struct sigaction *prog = sig == SIGSEGV ? &prog_segv : &prog_bus;
+        if (prog->sa_flags & SA_SIGINFO) {
+            if (prog->sa_sigaction) {
+                prog->sa_sigaction(sig, si, ucv);
                 errno = saved_errno;
                 return;
             }
-        } else if (prog_segv.sa_handler != SIG_DFL && prog_segv.sa_handler != SIG_IGN) {
-            prog_segv.sa_handler(sig);
+        } else if (prog->sa_handler != SIG_DFL && prog->sa_handler != SIG_IGN) {
+            prog->sa_handler(sig);
             errno = saved_errno;
             return;
         }
         struct sigaction dfl;
         memset(&dfl, 0, sizeof dfl);
         dfl.sa_handler = SIG_DFL;
-        real_sigaction(SIGSEGV, &dfl, NULL);
+        real_sigaction(sig, &dfl, NULL);
         errno = saved_errno;
         return;                       /* the access faults again, with the default action */
     }
-    greg_t *gr = uc->uc_mcontext.gregs;
     struct insn in;
     if (decode((const uint8_t *)gr[REG_RIP], &in) < 0) {
         fault_fatal(SIGSEGV, "unsupported instruction (only MOV/MOVZX/MOVSX of 1-8 bytes are emulated)", addr);
@@ -1990,16 +2121,17 @@ static void segv_handler(int sig, siginfo_t *si, void *ucv)
     errno = saved_errno;
 }
 
-/* The program's own SIGSEGV handler is kept and chained to. */
+/* The program's own SIGSEGV and SIGBUS handlers are kept and chained to. */
 EXPORT int sigaction(int sig, const struct sigaction *act, struct sigaction *old)
 {
     resolve();
-    if (sig != SIGSEGV || !segv_installed)
+    if ((sig != SIGSEGV && sig != SIGBUS) || !faults_installed)
         return real_sigaction(sig, act, old);
+    struct sigaction *prog = sig == SIGSEGV ? &prog_segv : &prog_bus;
     if (old)
-        *old = prog_segv;
+        *old = *prog;
     if (act)
-        prog_segv = *act;
+        *prog = *act;
     return 0;
 }
 

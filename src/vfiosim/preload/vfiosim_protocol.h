@@ -24,9 +24,9 @@
 #define VOP_HELLO 1  /* socket; a[0] = magic, flags = HELLO_*, SCM_CREDENTIALS; reply: root, SCM_RIGHTS channel */
 #define VOP_OPEN 2   /* fd = placeholder, a[0] = flags, a[1] = mode, payload = path */
 #define VOP_CLOSE 3  /* fd */
-#define VOP_IOCTL 4  /* fd, a[0] = cmd, a[1] = arg, fd2 = placeholder for a new fd or -1 */
-#define VOP_READ 5   /* fd, a[0] = buffer, a[1] = count, a[2] = offset (flags & RW_POSITIONAL) */
-#define VOP_WRITE 6  /* fd, a[0] = buffer, a[1] = count, a[2] = offset (flags & RW_POSITIONAL) */
+#define VOP_IOCTL 4  /* fd, a[0] = cmd, a[1] = arg, fd2 = placeholder for a new fd or -1; window (below) */
+#define VOP_READ 5   /* fd, a[0] = buffer, a[1] = count, a[2] = offset (flags & RW_POSITIONAL); window */
+#define VOP_WRITE 6  /* fd, a[0] = buffer, a[1] = count, a[2] = offset (flags & RW_POSITIONAL); window */
 #define VOP_DUP 7    /* fd = old, fd2 = new, a[0] = cloexec */
 #define VOP_SETFD 8  /* fd, a[0] = cloexec */
 #define VOP_MMAP 9   /* fd, a[0] = offset, a[1] = length, a[2] = prot, a[3] = shared; ret = handle; reply: vmap */
@@ -41,6 +41,14 @@
 
 /* Flags. */
 #define VF_REFRESH_CREDS (1u << 8) /* the program called a libc function that changes ids, caps or limits */
+/* The window: with VF_WINDOW, the payload is a copy of the program's memory
+ * at a[4] (a pointer argument), made as the program can read it; with
+ * VF_WINDOW_WRITABLE the program can write it too.  The daemon reads and
+ * writes those bytes in the copy; the reply's payload is then what the
+ * program stores back: u32 offset from a[4], then the bytes. */
+#define VF_WINDOW (1u << 9)
+#define VF_WINDOW_WRITABLE (1u << 10)
+#define VWIN_MAX 512
 #define VRW_POSITIONAL 1u
 #define VMMIO_WRITE 1u
 #define VHELLO_FORK 1u             /* sent by a fork child (its parent sends VOP_FORK) */

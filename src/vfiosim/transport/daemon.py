@@ -89,6 +89,8 @@ _UNTRACED = frozenset({P.OP_STATUS, P.OP_FLUSH, P.OP_MMIO})     # MMIO has its o
 # PCI command register is written through config space: OP_WRITE).
 _DECODING_UNCHANGED = frozenset({P.OP_MMIO, P.OP_FLUSH, P.OP_STATUS, P.OP_READ, P.OP_MMAP, P.OP_MUNMAP})
 _U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+_WINDOWED = frozenset({P.OP_IOCTL, P.OP_READ, P.OP_WRITE})     # operations that may carry a window
 
 
 def _max_map_count() -> int:
@@ -679,25 +681,38 @@ class Daemon:
                 task.creds_stale = True         # taken when the call first consults them
             if st.revoked:
                 return self._revoke(sess, st)
-            tracer = st.tracer
-            rec = tracer.begin(task, op, flags, fd, fd2, a, payload) \
-                if tracer is not None and op not in _UNTRACED else None
-            reason = ""
+            host = None
+            if flags & P.F_WINDOW and op in _WINDOWED:
+                # The program sent a copy of the memory its pointer argument names.
+                host = getattr(task.mm, "host", None)
+                if host is not None:
+                    host.open_window(a[4], payload, bool(flags & P.F_WINDOW_WRITABLE))
+                payload = b""
             try:
-                ret, out = self.gate.call(task, P.OP_NAMES[op], handler, st, flags, fd, fd2, a, payload)
-                err = 0
-            except KernelError as exc:
-                ret, err, out, reason = -1, exc.errno, b"", exc.reason
+                tracer = st.tracer
+                rec = tracer.begin(task, op, flags, fd, fd2, a, payload) \
+                    if tracer is not None and op not in _UNTRACED else None
+                reason = ""
+                try:
+                    ret, out = self.gate.call(task, P.OP_NAMES[op], handler, st, flags, fd, fd2, a, payload)
+                    err = 0
+                except KernelError as exc:
+                    ret, err, out, reason = -1, exc.errno, b"", exc.reason
+                    if rec is not None:
+                        rec["reason"] = reason
                 if rec is not None:
-                    rec["reason"] = reason
+                    tracer.end(rec, task, ret, err)   # type: ignore[union-attr]
+                elif tracer is not None and op == P.OP_MMIO:
+                    written = bool(flags & P.MMIO_WRITE)
+                    value = a[3] if written else (struct.unpack("<Q", out)[0] if len(out) == 8 else None)
+                    tracer.mmio(st.pid, a[0], a[1], a[2], value, written, ret, err, reason)
+            finally:
+                if host is not None:
+                    back = host.close_window()
+                    if back is not None:             # what copy_to_user wrote: the program stores it
+                        out = _U32.pack(back[0]) + back[1]
             if st.revoked:
                 return self._revoke(sess, st)
-            if rec is not None:
-                tracer.end(rec, task, ret, err)   # type: ignore[union-attr]
-            elif tracer is not None and op == P.OP_MMIO:
-                written = bool(flags & P.MMIO_WRITE)
-                value = a[3] if written else (struct.unpack("<Q", out)[0] if len(out) == 8 else None)
-                tracer.mmio(st.pid, a[0], a[1], a[2], value, written, ret, err, reason)
             if st.mappings and op not in _DECODING_UNCHANGED:
                 self._update_live(sess, st)
         return ret, err, out

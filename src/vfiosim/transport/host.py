@@ -52,6 +52,19 @@ _PROCMAP_PROT = ((native.PROCMAP_READ, PROT_READ), (native.PROCMAP_WRITE, PROT_W
                  (native.PROCMAP_EXEC, PROT_EXEC))
 
 
+class ArgWindow:
+    """A copy of the program's memory at a call's pointer argument, sent with
+    the call (protocol.F_WINDOW), and what the call wrote in it ([lo, hi))."""
+
+    __slots__ = ("addr", "data", "writable", "lo", "hi")
+
+    def __init__(self, addr: int, data: bytearray, writable: bool) -> None:
+        self.addr = addr
+        self.data = data
+        self.writable = writable
+        self.lo, self.hi = len(data), 0
+
+
 class HostProcess:
     """Memory and /proc views of one real process (one exec image of it).
 
@@ -69,6 +82,7 @@ class HostProcess:
         # Set when the image this stands for is gone (exit, exec): the pid
         # may now name a new image, or another process.
         self.gone = False
+        self.window: ArgWindow | None = None    # the current call's copy of its pointer argument
 
     @classmethod
     def open(cls, pid: int) -> "HostProcess":
@@ -102,10 +116,46 @@ class HostProcess:
 
     # -- copy_from_user / copy_to_user: the CPU's view, protection honoured -------------------
 
+    # -- the window: the current call's copy of the memory its pointer argument names ----------
+
+    def open_window(self, addr: int, data: bytes, writable: bool) -> None:
+        """The program sent the ``data`` at ``addr`` along with its call (read
+        as it can read them; ``writable``: it can write them too): the call's
+        copy_from_user and copy_to_user of those bytes use the copy."""
+        self.window = ArgWindow(addr, bytearray(data), writable)
+
+    def close_window(self) -> tuple[int, bytes] | None:
+        """End the call's window: (offset, bytes) that the program stores back
+        (what copy_to_user wrote in it), or None."""
+        w, self.window = self.window, None
+        if w is None or w.lo >= w.hi:
+            return None
+        return w.lo, bytes(w.data[w.lo:w.hi])
+
+    def _flush_window(self, keep: bool) -> None:
+        """Write what the window holds for the program through /proc/<pid>/mem
+        (another path is about to read or write those bytes), and keep it
+        (clean) or drop it."""
+        w = self.window
+        if w is None:
+            return
+        self.window = w if keep else None
+        if w.lo < w.hi:
+            lo, hi = w.lo, w.hi
+            w.lo, w.hi = len(w.data), 0
+            self._write(w.addr + lo, w.data[lo:hi])
+
     def read(self, addr: int, n: int) -> bytes:
         """EFAULT unless all ``n`` bytes are mapped readable."""
         if n == 0:
             return b""
+        w = self.window
+        if w is not None:
+            off = addr - w.addr
+            if 0 <= off and off + n <= len(w.data):
+                return bytes(w.data[off:off + n])
+            if addr < w.addr + len(w.data) and w.addr < addr + n:
+                self._flush_window(False)
         if not self.bound or self.gone:
             raise fail(EFAULT, f"the memory of process {self.pid} is out of reach")
         if self._query:
@@ -123,6 +173,19 @@ class HostProcess:
         n = len(data)
         if n == 0:
             return
+        w = self.window
+        if w is not None:
+            off = addr - w.addr
+            if w.writable and 0 <= off and off + n <= len(w.data):
+                w.data[off:off + n] = data
+                w.lo, w.hi = min(w.lo, off), max(w.hi, off + n)
+                return
+            if addr < w.addr + len(w.data) and w.addr < addr + n:
+                self._flush_window(False)
+        self._write(addr, data)
+
+    def _write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
         if not self.bound or self.gone:
             raise fail(EFAULT, f"the memory of process {self.pid} is out of reach")
         if self._query:
@@ -161,6 +224,8 @@ class HostProcess:
     # -- a device's DMA: the pages, whatever the CPU's protection is now ---------------------------
 
     def device_read(self, addr: int, n: int) -> bytes:
+        if self.window is not None:
+            self._flush_window(True)
         if not self.bound:
             raise fail(EFAULT, f"DMA read of {n} bytes at {addr:#x} in process {self.pid} failed")
         try:
@@ -169,6 +234,8 @@ class HostProcess:
             raise fail(EFAULT, f"DMA read of {n} bytes at {addr:#x} in process {self.pid} failed") from None
 
     def device_read_into(self, addr: int, out: np.ndarray) -> None:
+        if self.window is not None:
+            self._flush_window(True)
         try:
             if not self.bound:
                 raise OSError(EFAULT, "unbound")
@@ -179,6 +246,8 @@ class HostProcess:
     def readv(self, ranges: list[tuple[int, int]]) -> list[bytes]:
         """Several DMA reads (a NIC's burst of descriptors and frames) in one
         foreign call: EFAULT unless every byte was read."""
+        if self.window is not None:
+            self._flush_window(True)
         try:
             if not self.bound:
                 raise OSError(EFAULT, "unbound")
@@ -190,6 +259,8 @@ class HostProcess:
 
     def device_writev(self, pieces: list[tuple[int, memoryview]]) -> None:
         """Several DMA writes in one foreign call."""
+        if self.window is not None:
+            self._flush_window(False)
         try:
             if not self.bound:
                 raise OSError(EFAULT, "unbound")
@@ -200,6 +271,8 @@ class HostProcess:
                                f"failed") from None
 
     def device_write(self, addr: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
+        if self.window is not None:
+            self._flush_window(False)
         if isinstance(data, np.ndarray):
             data = np.ascontiguousarray(data, dtype=np.uint8)
         try:

@@ -39,9 +39,9 @@ MAX_PAYLOAD = 4096                  # VMAX_PAYLOAD: a path (PATH_MAX), or a repl
 OP_HELLO = 1        # socket: a[0] = MAGIC_VERSION, flags = HELLO_*; reply: the fake root, SCM_RIGHTS channel
 OP_OPEN = 2         # fd = placeholder, a[0] = flags, a[1] = mode, payload = path
 OP_CLOSE = 3        # fd
-OP_IOCTL = 4        # fd, a[0] = cmd, a[1] = arg, fd2 = placeholder for a new fd or -1
-OP_READ = 5         # fd, a[0] = buffer, a[1] = count, a[2] = offset (flags & RW_POSITIONAL)
-OP_WRITE = 6        # fd, a[0] = buffer, a[1] = count, a[2] = offset (flags & RW_POSITIONAL)
+OP_IOCTL = 4        # fd, a[0] = cmd, a[1] = arg, fd2 = placeholder for a new fd or -1; window
+OP_READ = 5         # fd, a[0] = buffer, a[1] = count, a[2] = offset (flags & RW_POSITIONAL); window
+OP_WRITE = 6        # fd, a[0] = buffer, a[1] = count, a[2] = offset (flags & RW_POSITIONAL); window
 OP_DUP = 7          # fd = old, fd2 = new, a[0] = cloexec
 OP_SETFD = 8        # fd, a[0] = cloexec
 OP_MMAP = 9         # fd, a[0] = offset, a[1] = length, a[2] = prot, a[3] = shared; ret = handle; payload: VMAP
@@ -57,6 +57,12 @@ OP_NAMES = {v: k[3:].lower() for k, v in dict(globals()).items() if k.startswith
 
 # -- flags -----------------------------------------------------------------------------------
 F_REFRESH_CREDS = 1 << 8            # the program called a libc function that changes ids, caps or limits
+# With F_WINDOW the payload is a copy of the program's memory at a[4] (a pointer
+# argument), as the program can read it; F_WINDOW_WRITABLE: it can write it too.
+# The reply's payload is then what the program stores back: u32 offset, bytes.
+F_WINDOW = 1 << 9
+F_WINDOW_WRITABLE = 1 << 10
+WIN_MAX = 512                       # VWIN_MAX: bytes of a window
 RW_POSITIONAL = 1 << 0
 MMIO_WRITE = 1 << 0
 HELLO_FORK = 1 << 0                 # sent by a fork child (its parent sends OP_FORK)
