@@ -263,6 +263,95 @@ int main(int argc, char **argv)
         printf("VmLck=%ld\n", vm("VmLck"));
         return 0;
     }
+    if (!strcmp(cmd, "rampin") && argc >= 5) {
+        /* rampin GROUP KIND MIB: pin MIB of memory, then MIB more, through one pin
+         * path (KIND 1: Type1v2 MAP_DMA, 2: sPAPR v1 MAP_DMA, 3: sPAPR v2
+         * REGISTER_MEMORY); then give the first back and pin the second again. */
+        int kind = atoi(argv[3]);
+        size_t size = (size_t)atol(argv[4]) << 20;
+        char path[64];
+        container = open("/dev/vfio/vfio", O_RDWR);
+        snprintf(path, sizeof path, "/dev/vfio/%d", gid);
+        group = open(path, O_RDWR);
+        ioctl(group, VFIO_GROUP_SET_CONTAINER, &container);
+        result("set_iommu", ioctl(container, VFIO_SET_IOMMU, kind == 1 ? VFIO_TYPE1v2_IOMMU :
+                                  kind == 2 ? VFIO_SPAPR_TCE_IOMMU : VFIO_SPAPR_TCE_v2_IOMMU));
+        if (kind == 2)
+            result("enable", ioctl(container, VFIO_IOMMU_ENABLE));
+        uint8_t *mem = mmap(NULL, 2 * size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        memset(mem, 1, 2 * size);
+        for (int i = 0; i < 3; i++) {
+            const char *name = i == 0 ? "first" : i == 1 ? "second" : "again";
+            if (i == 2) {                              /* give the first back */
+                if (kind == 3) {
+                    struct vfio_iommu_spapr_register_memory reg = {.argsz = sizeof reg, .vaddr = (uintptr_t)mem,
+                                                                   .size = size};
+                    result("release", ioctl(container, VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY, &reg));
+                } else {
+                    struct vfio_iommu_type1_dma_unmap u = {.argsz = sizeof u, .iova = 0, .size = size};
+                    result("release", ioctl(container, VFIO_IOMMU_UNMAP_DMA, &u));
+                }
+            }
+            uint8_t *at = mem + (i ? size : 0);
+            if (kind == 3) {
+                struct vfio_iommu_spapr_register_memory reg = {.argsz = sizeof reg, .vaddr = (uintptr_t)at,
+                                                               .size = size};
+                result(name, ioctl(container, VFIO_IOMMU_SPAPR_REGISTER_MEMORY, &reg));
+            } else {
+                struct vfio_iommu_type1_dma_map m = {.argsz = sizeof m, .flags = 3, .vaddr = (uintptr_t)at,
+                                                     .iova = i ? size : 0, .size = size};
+                result(name, ioctl(container, VFIO_IOMMU_MAP_DMA, &m));
+            }
+        }
+        printf("VmLck=%ld\n", vm("VmLck"));
+        return 0;
+    }
+    if (!strcmp(cmd, "p2p")) {
+        /* x86: edu A (group 4) and edu B (group 5) in one Type1v2 container.  A's
+         * BAR, mapped, is MAP_DMAed at IOVA 16 MiB (the VM_PFNMAP path: not
+         * pinned, not charged); B's DMA engine then writes A's DMA source
+         * register and reads A's identification through that IOVA. */
+        container = open("/dev/vfio/vfio", O_RDWR);
+        int ga = open("/dev/vfio/4", O_RDWR), gb = open("/dev/vfio/5", O_RDWR);
+        ioctl(ga, VFIO_GROUP_SET_CONTAINER, &container);
+        ioctl(gb, VFIO_GROUP_SET_CONTAINER, &container);
+        result("set_iommu", ioctl(container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU));
+        int da = ioctl(ga, VFIO_GROUP_GET_DEVICE_FD, "0000:01:00.0");
+        int db = ioctl(gb, VFIO_GROUP_GET_DEVICE_FD, "0000:02:00.0");
+        uint16_t on = 0x6;                               /* memory decoding, bus master */
+        pwrite(da, &on, 2, (off_t)VFIO_PCI_CONFIG_REGION_INDEX << 40 | 4);
+        pwrite(db, &on, 2, (off_t)VFIO_PCI_CONFIG_REGION_INDEX << 40 | 4);
+        volatile uint8_t *bara = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, da, 0);
+        volatile uint8_t *barb = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, db, 0);
+        long before = vm("VmLck");
+        struct vfio_iommu_type1_dma_map m = {.argsz = sizeof m, .flags = 3, .vaddr = (uintptr_t)bara,
+                                             .iova = 1 << 24, .size = 1 << 20};
+        result("map_bar", ioctl(container, VFIO_IOMMU_MAP_DMA, &m));
+        printf("bar_charged_kb=%ld\n", vm("VmLck") - before);
+        uint64_t *ram = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        m.vaddr = (uintptr_t)ram;
+        m.iova = 2 << 24;
+        m.size = 4096;
+        result("map_ram", ioctl(container, VFIO_IOMMU_MAP_DMA, &m));
+        ram[0] = 0x1122334455ull;
+        uint64_t steps[4][3] = {{2 << 24, 0x40000, 1},             /* RAM -> B's buffer */
+                                {0x40000, (1 << 24) + 0x80, 3},    /* B's buffer -> A's DMA source register */
+                                {1 << 24, 0x40000, 1},             /* A's identification -> B's buffer */
+                                {0x40000, (2 << 24) + 8, 3}};      /* -> RAM */
+        for (int i = 0; i < 4; i++) {
+            *(volatile uint64_t *)(barb + 0x80) = steps[i][0];
+            *(volatile uint64_t *)(barb + 0x88) = steps[i][1];
+            *(volatile uint64_t *)(barb + 0x90) = i < 2 ? 8 : 4;
+            *(volatile uint64_t *)(barb + 0x98) = steps[i][2];
+            while (*(volatile uint64_t *)(barb + 0x98) & 1)
+                ;
+        }
+        printf("a_dma_src=%#llx\n", (unsigned long long)*(volatile uint64_t *)(bara + 0x80));
+        printf("a_ident_via_b=%#x\n", (unsigned)(ram[1] & 0xffffffff));
+        struct vfio_iommu_type1_dma_unmap u = {.argsz = sizeof u, .iova = 1 << 24, .size = 1 << 20};
+        result("unmap_bar", ioctl(container, VFIO_IOMMU_UNMAP_DMA, &u));
+        return 0;
+    }
     if (!strcmp(cmd, "argwindow")) {
         /* The shim sends a copy of an ioctl's struct with the call: the kernel's
          * faults must stay where they were. */

@@ -1785,28 +1785,41 @@ EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off
         return MAP_FAILED;
     }
     int shared = (flags & MAP_TYPE) == MAP_SHARED || (flags & MAP_TYPE) == MAP_SHARED_VALIDATE;
+    /* The placeholder: inaccessible private memory, whose accesses the SIGSEGV
+     * handler emulates.  The daemon learns where it is (the kernel sees a
+     * device mapping there: peer-to-peer DMA maps it).  Unless the program
+     * chose the place, the place is taken first; a fixed one only once the
+     * driver has accepted the mapping, as mmap(2) replaces nothing on failure. */
+    int fixed = flags & (MAP_FIXED | MAP_FIXED_NOREPLACE);
+    void *p = addr;
+    if (!fixed) {
+        p = real_mmap(addr, rlen, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED)
+            return MAP_FAILED;
+    }
     struct vmap vm;
     memset(&vm, 0, sizeof vm);
-    uint64_t a[5] = {(uint64_t)off, rlen, (uint64_t)(unsigned)prot, (uint64_t)shared, 0};
+    uint64_t a[5] = {(uint64_t)off, rlen, (uint64_t)(unsigned)prot, (uint64_t)shared, (uint64_t)(uintptr_t)p};
     int err;
     int64_t h = rpc(VOP_MMAP, 0, fd, -1, a, NULL, 0, &vm, sizeof vm, &err);
-    if (h < 0) {
+    if (h < 0 || nregions >= MAX_REGIONS) {
+        if (h >= 0) {
+            call(VOP_MUNMAP, 0, -1, -1, (uint64_t)h, 0, 0, 0);
+            err = ENOMEM;
+        }
+        if (!fixed)
+            real_munmap(p, rlen);
         errno = err;
         return MAP_FAILED;
     }
-    if (nregions >= MAX_REGIONS) {
-        call(VOP_MUNMAP, 0, -1, -1, (uint64_t)h, 0, 0, 0);
-        errno = ENOMEM;
-        return MAP_FAILED;
-    }
-    void *p = real_mmap(addr, rlen, PROT_NONE,
-                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | (flags & (MAP_FIXED | MAP_FIXED_NOREPLACE)),
-                        -1, 0);
-    if (p == MAP_FAILED) {
-        int saved = errno;
-        call(VOP_MUNMAP, 0, -1, -1, (uint64_t)h, 0, 0, 0);
-        errno = saved;
-        return MAP_FAILED;
+    if (fixed) {
+        p = real_mmap(addr, rlen, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | fixed, -1, 0);
+        if (p == MAP_FAILED) {
+            int saved = errno;
+            call(VOP_MUNMAP, 0, -1, -1, (uint64_t)h, 0, 0, 0);
+            errno = saved;
+            return MAP_FAILED;
+        }
     }
     pthread_mutex_lock(&lk);
     install_fault_handlers();

@@ -29,7 +29,8 @@
 #define VOP_WRITE 6  /* fd, a[0] = buffer, a[1] = count, a[2] = offset (flags & RW_POSITIONAL); window */
 #define VOP_DUP 7    /* fd = old, fd2 = new, a[0] = cloexec */
 #define VOP_SETFD 8  /* fd, a[0] = cloexec */
-#define VOP_MMAP 9   /* fd, a[0] = offset, a[1] = length, a[2] = prot, a[3] = shared; ret = handle; reply: vmap */
+#define VOP_MMAP 9   /* fd, a[0] = offset, a[1] = length, a[2] = prot, a[3] = shared, a[4] = address;
+                        ret = handle; reply: vmap */
 #define VOP_MMIO 10  /* a[0] = handle, a[1] = offset in the mapping, a[2] = size, a[3] = value (MMIO_WRITE) */
 #define VOP_MUNMAP 11 /* a[0] = handle */
 #define VOP_STATUS 12 /* reply payload: u64 VmLck kB, u64 VmPin kB */

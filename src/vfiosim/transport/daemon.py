@@ -119,6 +119,8 @@ class Mapping:
     offset: int                        # in the file's mmap space
     length: int
     slot: int = -1                     # its posted-store flag in the channel, or -1
+    vaddr: int = 0                     # where the program mapped it (0: not said)
+    prot: int = 0
 
 
 @dataclass
@@ -779,6 +781,8 @@ class Daemon:
         m = st.mappings.pop(a[0], None)
         if m is not None:
             self.kernel.munmap_file(task, m.file)
+            if isinstance(task.mm, HostMM):
+                task.mm.device_vmas.pop(a[0], None)
         return 0, b""
 
     def _op_status(self, task: "Task", st: TaskState, flags: int, fd: int, fd2: int, a: tuple[int, ...],
@@ -815,7 +819,8 @@ class Daemon:
         file = k.sys_mmap_host(st.task, fd, a[0], a[1], a[2] & 0xFFFFFFFF, bool(a[3]))
         handle = self._next_handle
         self._next_handle += 1
-        m = st.mappings[handle] = Mapping(file, a[0], a[1])
+        m = Mapping(file, a[0], a[1], vaddr=a[4], prot=a[2] & 0xFFFFFFFF)
+        self._add_mapping(st, handle, m)
         # Where the program may post its stores: the device model's registers
         # without side effects, while decoding is on (a flag in the channel).
         layout = P.vmap(slot=0xFFFFFFFF)
@@ -830,6 +835,24 @@ class Daemon:
                 layout.posted[i].offset, layout.posted[i].length = off, n
             sess.channel.set_live(m.slot, k.mmap_live(file))
         return handle, bytes(layout)
+
+    def _add_mapping(self, st: TaskState, handle: int, m: Mapping) -> None:
+        """The task maps a device: its address space shows the kernel a
+        VM_PFNMAP mapping there (peer-to-peer DMA maps it)."""
+        st.mappings[handle] = m
+        mm = st.task.mm
+        if m.vaddr and isinstance(mm, HostMM):
+            mm.device_vmas[handle] = self.kernel.host_device_vma(st.task, m.file, m.offset, m.vaddr, m.length,
+                                                                 m.prot)
+
+    def _drop_mappings(self, st: TaskState) -> None:
+        """The task's device mappings go (exit_mm(), exec_mmap())."""
+        for m in st.mappings.values():
+            self.kernel.munmap_file(st.task, m.file)
+        st.mappings.clear()
+        mm = st.task.mm
+        if isinstance(mm, HostMM):
+            mm.device_vmas.clear()
 
     def _flush_posts(self, sess: Session) -> None:
         """Perform the stores the program posted, in order (machine lock held)."""
@@ -909,7 +932,7 @@ class Daemon:
 
     def _copy_mappings(self, parent: TaskState, child: TaskState) -> None:
         for handle, m in parent.mappings.items():
-            child.mappings[handle] = Mapping(m.file.get(), m.offset, m.length)
+            self._add_mapping(child, handle, Mapping(m.file.get(), m.offset, m.length, vaddr=m.vaddr, prot=m.prot))
 
     def _fork(self, st: TaskState, child_pid: int) -> None:
         """OP_FORK: the parent's fork() made ``child_pid``; it shares every file."""
@@ -942,9 +965,7 @@ class Daemon:
         if not st.exec_done:
             # exec_mmap(): the old image's mappings (BARs included) go with its
             # mm, before the close-on-exec files do.
-            for m in st.mappings.values():
-                self.kernel.munmap_file(st.task, m.file)
-            st.mappings.clear()
+            self._drop_mappings(st)
             old = st.task.mm
             self.kernel.exec(st.task, HostMM(st.pid, self.kernel.phys, host))
             self._note_orphaned(st, old, "exec()ed")
@@ -1101,9 +1122,7 @@ class Daemon:
 
     def _exit_task(self, st: TaskState) -> None:
         # exit_mm() before exit_files(): the device mappings go first.
-        for m in st.mappings.values():
-            self.kernel.munmap_file(st.task, m.file)
-        st.mappings.clear()
+        self._drop_mappings(st)
         self.kernel.exit(st.task)
         self._note_orphaned(st, st.task.mm, "exited")
         for n in list(st.eventfds):

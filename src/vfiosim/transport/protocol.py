@@ -44,7 +44,8 @@ OP_READ = 5         # fd, a[0] = buffer, a[1] = count, a[2] = offset (flags & RW
 OP_WRITE = 6        # fd, a[0] = buffer, a[1] = count, a[2] = offset (flags & RW_POSITIONAL); window
 OP_DUP = 7          # fd = old, fd2 = new, a[0] = cloexec
 OP_SETFD = 8        # fd, a[0] = cloexec
-OP_MMAP = 9         # fd, a[0] = offset, a[1] = length, a[2] = prot, a[3] = shared; ret = handle; payload: VMAP
+OP_MMAP = 9         # fd, a[0] = offset, a[1] = length, a[2] = prot, a[3] = shared, a[4] = address; ret = handle;
+                    # payload: VMAP
 OP_MMIO = 10        # a[0] = handle, a[1] = offset in the mapping, a[2] = size, a[3] = value (flags & MMIO_WRITE)
 OP_MUNMAP = 11      # a[0] = handle
 OP_STATUS = 12      # reply payload: u64 VmLck kB, u64 VmPin kB

@@ -143,6 +143,11 @@ class BarMemory:
         self.users = 1           # the device's own: it stays in the physical address space
         self.pinnable = False    # VM_PFNMAP: GUP refuses it
 
+    unmapped: "np.ndarray | None" = None    # never pinned, never RAM
+
+    def unpinned(self, p0: int, n: int) -> None:
+        pass
+
     def read_at(self, off: int, n: int) -> bytes:
         from ..mm import mmio_accesses
         dev, bar = self.dev, self.index
