@@ -32,10 +32,10 @@ CONSTANTS = {
     "F_WINDOW": "VF_WINDOW", "F_WINDOW_WRITABLE": "VF_WINDOW_WRITABLE", "WIN_MAX": "VWIN_MAX",
     "RW_POSITIONAL": "VRW_POSITIONAL", "MMIO_WRITE": "VMMIO_WRITE", "HELLO_FORK": "VHELLO_FORK",
     "SETATTR_OWNER": "VSETATTR_OWNER", "SETATTR_MODE": "VSETATTR_MODE", "VRING": "VRING", "VLIVE": "VLIVE",
-    "VMAP_MAX_POSTED": "VMAP_MAX_POSTED", "VMAP_MAX_RAM": "VMAP_MAX_RAM", "VCHAN_SIZE": "VCHAN_SIZE",
+    "VMAP_MAX_POSTED": "VMAP_MAX_POSTED", "VPOST_KICK": "VPOST_KICK", "VMAP_MAX_RAM": "VMAP_MAX_RAM", "VCHAN_SIZE": "VCHAN_SIZE",
     **{name: "V" + name for name in dir(P) if name.startswith("OP_") and name != "OP_NAMES"},
 }
-STRUCTS = {"vreq": P.vreq, "vrep": P.vrep, "vmap_range": P.vmap_range, "vmap": P.vmap, "vpost": P.vpost,
+STRUCTS = {"vreq": P.vreq, "vrep": P.vrep, "vmap_post": P.vmap_post, "vmap_range": P.vmap_range, "vmap": P.vmap, "vpost": P.vpost,
            "vchan_prog": P.vchan_prog, "vchan_daemon": P.vchan_daemon, "vchan": P.vchan}
 
 

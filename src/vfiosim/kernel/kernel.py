@@ -494,9 +494,10 @@ class Kernel:
     def munmap_file(self, task: Task, file: File) -> None:
         file.put(task)
 
-    def mmap_posted_writes(self, file: File, offset: int, length: int) -> list[tuple[int, int]]:
+    def mmap_posted_writes(self, file: File, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """Where a store through a mapping of ``file`` may be posted (from the
-        mapping's start), as the device model declares its registers."""
+        mapping's start), and whether it has side effects (to be performed at
+        once), as the device model declares its registers."""
         ranges = getattr(file, "mmap_posted_writes", None)
         return ranges(offset, length) if ranges is not None else []
 

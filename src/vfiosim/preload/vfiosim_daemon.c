@@ -505,10 +505,9 @@ static long futex(uint32_t *addr, int op, uint32_t val, const struct timespec *t
  *  - for at most `budget` ns after each reply, learnt from the program's pace:
  *    grown when a request came just after the thread gave up, halved when
  *    the program stayed away long;
- *  - while the program is seen running, on another CPU: it picked up the
- *    reply (ack_seq) -- or else for a short while (longer if the reply had to
- *    wake it): a program that does not is asleep or has no CPU, which
- *    spinning here might be taking from it;
+ *  - while the program is up (it did not sleep, or it picked up the reply:
+ *    ack_seq) and not on this CPU (it would need the CPU this spins on), or
+ *    for a while if the reply woke it;
  *  - not after being preempted: a gap between two looks at the clock means
  *    another thread needed this CPU;
  *  - by at most max(1, CPUs - 1) serving threads at once, daemon-wide;
@@ -519,8 +518,7 @@ static long futex(uint32_t *addr, int op, uint32_t val, const struct timespec *t
  */
 #define SPIN_MIN_NS 5000u
 #define SPIN_MAX_NS 200000u
-#define SPIN_UNACKED_NS 15000u          /* spin this long for a program that has not picked up its reply */
-#define SPIN_WOKEN_NS 100000u           /* as long for a program that the reply woke */
+#define SPIN_WOKEN_NS 100000u           /* how long a program the reply woke may take to pick it up */
 #define PREEMPTED_NS 30000u             /* a gap between two looks at the clock this long: preempted */
 
 static int spinners, max_spinners = 1;
@@ -574,6 +572,7 @@ typedef struct {
     uint32_t stop;                      /* set by another thread to end the wait */
     uint32_t budget;                    /* ns to spin before sleeping (learnt) */
     uint32_t seq;                       /* the last request taken */
+    uint32_t wake;                      /* prog.wake_seq when the thread last looked */
     /* Whether spinning works for this connection (see control()). */
     uint32_t spin;                      /* 1: both sides spin (published as ch->daemon.spin) */
     uint32_t fails;                     /* our spins that contention ended, since control() last looked */
@@ -697,14 +696,17 @@ static void control(Channel *c)
     __atomic_store_n(&ch->daemon.spin, c->spin, __ATOMIC_RELAXED);
 }
 
-static inline int pending(struct vchan *ch, uint32_t last)
+/* Work arrived since the thread last looked: a request or a kicked post. */
+static inline int kicked(Channel *c)
 {
-    return load_acq(&ch->prog.req_seq) != last;
+    return load_acq(&c->ch->prog.wake_seq) != c->wake;
 }
 
-/* Wait until the program has posted a request after `last`, `stop` is set or
- * `timeout_ms` passed (GIL released).  1 (a request), 0 (timeout), -1 (stop). */
-static int wait_request(Channel *c, uint32_t last, int woke, int timeout_ms)
+/* Wait until the program has kicked (a request, or a store with side effects
+ * posted), `stop` is set or `timeout_ms` passed (GIL released).  1 (work),
+ * 0 (timeout), -1 (stop).  `woke`: the reply to the last request woke the
+ * program. */
+static int wait_work(Channel *c, uint32_t last, int woke, int timeout_ms)
 {
     struct vchan *ch = c->ch;
     uint64_t start = now_ns();
@@ -717,7 +719,7 @@ static int wait_request(Channel *c, uint32_t last, int woke, int timeout_ms)
                 put_spinner();
                 return -1;
             }
-            if (pending(ch, last)) {
+            if (kicked(c)) {
                 put_spinner();
                 learn(&c->budget, now_ns() - start, 1);
                 return 1;
@@ -727,11 +729,11 @@ static int wait_request(Channel *c, uint32_t last, int woke, int timeout_ms)
                 if (t - start >= budget)
                     break;
                 int contended;
-                if (load_acq(&ch->prog.ack_seq) == last)
-                    /* the program took the reply: it runs, and not on our CPU */
+                if (!woke || load_acq(&ch->prog.ack_seq) == last)
+                    /* the program is up (it was, or it took the reply): not on our CPU */
                     contended = __atomic_load_n(&ch->prog.cpu, __ATOMIC_RELAXED) == cpu;
-                else                  /* asleep, or without a CPU */
-                    contended = t - start >= (woke ? SPIN_WOKEN_NS : SPIN_UNACKED_NS);
+                else                  /* woken, not there yet: asleep still, or without a CPU */
+                    contended = t - start >= SPIN_WOKEN_NS;
                 if (contended || t - prev >= PREEMPTED_NS) {
                     c->fails++;
                     break;
@@ -744,9 +746,10 @@ static int wait_request(Channel *c, uint32_t last, int woke, int timeout_ms)
     }
     uint64_t end = start + (uint64_t)timeout_ms * 1000000u;
     for (;;) {
+        uint32_t seen = c->wake;
         __atomic_store_n(&ch->daemon.daemon_waiting, 1, __ATOMIC_SEQ_CST);
         int stop = __atomic_load_n(&c->stop, __ATOMIC_RELAXED);
-        if (stop || pending(ch, last)) {
+        if (stop || __atomic_load_n(&ch->prog.wake_seq, __ATOMIC_SEQ_CST) != seen) {
             __atomic_store_n(&ch->daemon.daemon_waiting, 0, __ATOMIC_RELAXED);
             if (stop)
                 return -1;
@@ -760,7 +763,7 @@ static int wait_request(Channel *c, uint32_t last, int woke, int timeout_ms)
         }
         uint64_t left = end - t;
         struct timespec ts = {(time_t)(left / 1000000000u), (long)(left % 1000000000u)};
-        futex(&ch->prog.req_seq, FUTEX_WAIT, last, &ts);
+        futex(&ch->prog.wake_seq, FUTEX_WAIT, seen, &ts);
     }
 }
 
@@ -831,22 +834,28 @@ static PyObject *channel_next(Channel *c, PyObject *const *args, Py_ssize_t narg
     uint8_t payload[VMAX_PAYLOAD];
     uint32_t seen = 0;
     Py_BEGIN_ALLOW_THREADS
-    r = wait_request(c, c->seq, woke, (int)timeout_ms);
+    r = wait_work(c, c->seq, woke, (int)timeout_ms);
+    if (r == 1) {
+        c->wake = load_acq(&ch->prog.wake_seq);
+        __atomic_store_n(&ch->daemon.cpu, (uint32_t)sched_getcpu(), __ATOMIC_RELAXED);
+        uint32_t seq = load_acq(&ch->prog.req_seq);
+        if (seq == c->seq) {
+            r = 2;                     /* a kick: posts with side effects wait */
+        } else {
+            c->seq = seq;
+            __atomic_store_n(&ch->daemon.taken_seq, seq, __ATOMIC_RELEASE);
+            memcpy(&rq, (const void *)&ch->req, sizeof rq);
+            if (rq.len > VMAX_PAYLOAD || rq.reserved) {
+                seen |= VD_MALFORMED;
+                rq.len = 0;
+            }
+            if (rq.len)
+                memcpy(payload, (const void *)ch->req_payload, rq.len);
+            control(c);
+        }
+    }
     if (load_acq(&ch->prog.ring_head) != ch->daemon.ring_tail)
         seen |= VD_POSTS;
-    if (r == 1) {
-        c->seq = load_acq(&ch->prog.req_seq);
-        __atomic_store_n(&ch->daemon.cpu, (uint32_t)sched_getcpu(), __ATOMIC_RELAXED);
-        __atomic_store_n(&ch->daemon.taken_seq, c->seq, __ATOMIC_RELEASE);
-        control(c);
-        memcpy(&rq, (const void *)&ch->req, sizeof rq);
-        if (rq.len > VMAX_PAYLOAD || rq.reserved) {
-            seen |= VD_MALFORMED;
-            rq.len = 0;
-        }
-        if (rq.len)
-            memcpy(payload, (const void *)ch->req_payload, rq.len);
-    }
     Py_END_ALLOW_THREADS
     if (r == 1)
         return request_tuple(&rq, payload, seen);
@@ -855,7 +864,7 @@ static PyObject *channel_next(Channel *c, PyObject *const *args, Py_ssize_t narg
     return Py_NewRef(PyTuple_GET_ITEM(no_request, seen & (VD_POSTS | VD_STOPPED)));
 }
 
-/* take_posts() -> [(handle, offset, size, value), ...], oldest first, consumed;
+/* take_posts() -> [(handle, offset, size, value, kick), ...], oldest first, consumed;
  * None if the program's ring head is impossible. */
 static PyObject *channel_take_posts(Channel *c, PyObject *unused)
 {
@@ -875,8 +884,9 @@ static PyObject *channel_take_posts(Channel *c, PyObject *unused)
     if (!out)
         return NULL;
     for (uint32_t i = 0; i < n; i++) {
-        PyObject *t = Py_BuildValue("(KKIK)", (unsigned long long)posts[i].handle, (unsigned long long)posts[i].offset,
-                                    posts[i].size, (unsigned long long)posts[i].value);
+        PyObject *t = Py_BuildValue("(KKIKI)", (unsigned long long)posts[i].handle,
+                                    (unsigned long long)posts[i].offset, posts[i].size,
+                                    (unsigned long long)posts[i].value, posts[i].flags & VPOST_KICK);
         if (!t) {
             Py_DECREF(out);
             return NULL;
@@ -919,7 +929,7 @@ static PyObject *channel_wake(Channel *c, PyObject *unused)
 {
     __atomic_store_n(&c->stop, 1, __ATOMIC_SEQ_CST);
     if (c->ch)
-        futex(&c->ch->prog.req_seq, FUTEX_WAKE, 1, NULL);
+        futex(&c->ch->prog.wake_seq, FUTEX_WAKE, 1, NULL);     /* the word it sleeps on */
     Py_RETURN_NONE;
 }
 

@@ -502,18 +502,16 @@ static uint64_t now_ns(void)
  * vfiosim_daemon.c), but only while that is likely to pay:
  *  - for up to twice what the daemon took lately (learnt: a long call, a
  *    large map, makes it sleep at once);
- *  - while the daemon is seen working on the request (it copied it out:
- *    taken_seq), or briefly until it is -- a serving thread that does not
- *    take it at once is asleep or has no CPU, and spinning would take the CPU
- *    it needs;
+ *  - while the serving thread is up (it was not asleep, or it took the
+ *    request: taken_seq) and not on this CPU (it would need the CPU this
+ *    spins on), or for a while if the call woke it;
  *  - until this thread is preempted (a gap between two looks at the clock):
  *    the CPU is wanted by others.
  * Guarded by lk.
  */
 #define SPIN_MIN_NS 20000u
 #define SPIN_MAX_NS 500000u
-#define SPIN_UNTAKEN_NS 15000u
-#define SPIN_WOKEN_NS 100000u           /* as long for a serving thread that this call woke */
+#define SPIN_WOKEN_NS 100000u           /* how long a serving thread this call woke may take to appear */
 #define PREEMPTED_NS 30000u
 static uint64_t spin_budget = 50000;
 
@@ -555,11 +553,11 @@ static int await_reply(uint32_t seq, int woke)
             uint64_t t = now_ns();
             if (t - start >= budget)
                 break;
-            if (__atomic_load_n(&chan->daemon.taken_seq, __ATOMIC_RELAXED) == seq)
-                /* the daemon works on it: not on our CPU */
+            if (!woke || __atomic_load_n(&chan->daemon.taken_seq, __ATOMIC_RELAXED) == seq)
+                /* the serving thread is up (it was, or it took the request): not on our CPU */
                 contended = __atomic_load_n(&chan->daemon.cpu, __ATOMIC_RELAXED) == cpu;
-            else                      /* not taken: the serving thread is asleep, or without a CPU */
-                contended = t - start >= (woke ? SPIN_WOKEN_NS : SPIN_UNTAKEN_NS);
+            else                      /* woken, not there yet: asleep still, or without a CPU */
+                contended = t - start >= SPIN_WOKEN_NS;
             if (contended || (contended = t - prev >= PREEMPTED_NS))
                 break;
             prev = t;
@@ -583,6 +581,17 @@ static int await_reply(uint32_t seq, int woke)
             return 0;
         }
     }
+}
+
+/* Tell the daemon there is work (a request, or a store with side effects);
+ * called with lk held.  1 if its thread slept and was woken. */
+static int kick_daemon(void)
+{
+    __atomic_store_n(&chan->prog.wake_seq, chan->prog.wake_seq + 1, __ATOMIC_SEQ_CST);
+    if (!__atomic_load_n(&chan->daemon.daemon_waiting, __ATOMIC_SEQ_CST))
+        return 0;
+    syscall(SYS_futex, &chan->prog.wake_seq, FUTEX_WAKE, 1, NULL, NULL, 0);
+    return 1;
 }
 
 /* Make sure we have a connection of our own; called with lk held.  0 or errno. */
@@ -635,10 +644,8 @@ static int64_t rpc_len(uint32_t op, uint32_t flags, int fd, int fd2, const uint6
     if (plen)
         memcpy(chan->req_payload, payload, plen);
     uint32_t seq = chan->prog.req_seq + 1;
-    __atomic_store_n(&chan->prog.req_seq, seq, __ATOMIC_SEQ_CST);
-    int woke = __atomic_load_n(&chan->daemon.daemon_waiting, __ATOMIC_SEQ_CST);
-    if (woke)
-        syscall(SYS_futex, &chan->prog.req_seq, FUTEX_WAKE, 1, NULL, NULL, 0);
+    __atomic_store_n(&chan->prog.req_seq, seq, __ATOMIC_RELEASE);
+    int woke = kick_daemon();
     if (await_reply(seq, woke) < 0) {
         lose_connection();
         pthread_mutex_unlock(&lk);
@@ -1767,7 +1774,7 @@ struct region {
     uint64_t handle;
     int slot;                         /* the channel's live flag for it, or -1: no posting */
     int nposted;
-    struct vmap_range posted[VMAP_MAX_POSTED];   /* stores here have no side effect */
+    struct vmap_post posted[VMAP_MAX_POSTED];    /* stores here may be posted */
 };
 #define MAX_REGIONS 64
 static struct region regions[MAX_REGIONS];
@@ -1994,17 +2001,20 @@ static void fault_fatal(int sig, const char *why, uintptr_t addr)
         raise(sig);
 }
 
-/* A store without side effects (the device model says so, and decoding is on):
- * into the channel's ring, performed by the daemon before anything the program
- * asks for next -- a posted write.  1 if it was posted. */
+/* A store the device model declared (and decoding is on): into the channel's
+ * ring, performed by the daemon, in order, before anything the program asks
+ * for next -- a posted write, as PCIe's.  A store with side effects (a
+ * doorbell, a command) also wakes the daemon, which performs it at once;
+ * one without waits for the next call.  1 if it was posted. */
 static int post_store(const struct region *g, uint64_t off, uint32_t size, uint64_t value)
 {
     if (g->slot < 0)
         return 0;
-    int ok = 0;
+    int ok = 0, kick = 0;
     for (int i = 0; i < g->nposted; i++)
         if (g->posted[i].offset <= off && off + size <= g->posted[i].offset + g->posted[i].length) {
             ok = 1;
+            kick = g->posted[i].flags & VPOST_KICK;
             break;
         }
     if (!ok)
@@ -2024,8 +2034,10 @@ static int post_store(const struct region *g, uint64_t off, uint32_t size, uint6
             e->offset = off;
             e->value = value;
             e->size = size;
-            e->reserved = 0;
+            e->flags = kick ? VPOST_KICK : 0;
             __atomic_store_n(&chan->prog.ring_head, head + 1, __ATOMIC_RELEASE);
+            if (kick)
+                kick_daemon();
         }
     }
     pthread_mutex_unlock(&lk);

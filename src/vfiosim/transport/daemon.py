@@ -831,8 +831,9 @@ class Daemon:
             sess.next_slot += 1
             layout.slot = m.slot
             layout.nposted = len(posted)
-            for i, (off, n) in enumerate(posted):
-                layout.posted[i].offset, layout.posted[i].length = off, n
+            for i, (off, n, effect) in enumerate(posted):
+                entry = layout.posted[i]
+                entry.offset, entry.length, entry.flags = off, n, P.VPOST_KICK if effect else 0
             sess.channel.set_live(m.slot, k.mmap_live(file))
         return handle, bytes(layout)
 
@@ -866,7 +867,7 @@ class Daemon:
             return
         if len(posts) > 1:
             posts = _coalesce(posts)
-        for handle, offset, size, value in posts:
+        for handle, offset, size, value, _kick in posts:
             self._posted_store(st, handle, offset, size, value)
 
     def _posted_store(self, st: TaskState, handle: int, offset: int, size: int, value: int) -> None:
@@ -1148,15 +1149,20 @@ class Daemon:
 # -- helpers ----------------------------------------------------------------------------------------------
 
 
-def _coalesce(posts: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
-    """Of stores to the same bytes, keep the last, in order.  Every byte ends
-    with the value of the last store to it either way, and a store without
-    side effects shows nothing until the next load or side-effecting store,
-    which comes after the whole batch: nobody can tell the difference, and a
-    driver filling a register in a loop costs the device one store."""
+def _coalesce(posts: list[tuple[int, int, int, int, int]]) -> list[tuple[int, int, int, int, int]]:
+    """Of stores to the same bytes with no side-effecting store between them,
+    keep the last, in order.  Every byte ends with the value of the last store
+    to it either way, and a store without side effects shows nothing until
+    the next load or side-effecting store: nobody can tell the difference, and
+    a driver filling a register in a loop costs the device one store.  A
+    side-effecting store (kick) is never dropped, nor moved across."""
+    kept: list[tuple[int, int, int, int, int]] = []
     seen: set[tuple[int, int, int]] = set()
-    kept = []
     for post in reversed(posts):
+        if post[4]:
+            seen.clear()                   # what the command saw stays as it was
+            kept.append(post)
+            continue
         key = post[:3]
         if key not in seen:
             seen.add(key)

@@ -26,7 +26,7 @@ request (unless ``ret`` is None) and waits for the next: a tuple ``(op,
 flags, fd, fd2, a0, a1, a2, a3, a4, payload, seen)``, op 0 when there is
 none (a timeout; ``seen`` says VD_POSTS when only posted stores wait,
 VD_STOPPED after :meth:`wake`).  ``take_posts()`` returns the posted stores
-oldest first, ``(handle, offset, size, value)``, or None when the program's
+oldest first, ``(handle, offset, size, value, kick)``, or None when the program's
 ring head is impossible."""
 
 VD_POSTS: int = _mod.VD_POSTS

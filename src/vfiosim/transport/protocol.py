@@ -27,7 +27,7 @@ from __future__ import annotations
 import ctypes
 import struct
 
-MAGIC_VERSION = 0x5646_0003          # "VF", protocol version 3
+MAGIC_VERSION = 0x5646_0004          # "VF", protocol version 4
 
 REQ = struct.Struct("<IIii5QII")
 REP = struct.Struct("<qiI")
@@ -83,8 +83,13 @@ class vrep(ctypes.Structure):
     _fields_ = [("ret", ctypes.c_int64), ("err", ctypes.c_int32), ("len", ctypes.c_uint32)]
 
 
-VMAP_MAX_POSTED = 32
+VMAP_MAX_POSTED = 64
 VMAP_MAX_RAM = 8
+VPOST_KICK = 1                      # a store there has side effects: the daemon is woken to perform it
+
+
+class vmap_post(ctypes.Structure):
+    _fields_ = [("offset", ctypes.c_uint64), ("length", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
 class vmap_range(ctypes.Structure):
@@ -94,14 +99,14 @@ class vmap_range(ctypes.Structure):
 class vmap(ctypes.Structure):
     """OP_MMAP's reply payload: how the program reaches the mapping without a round trip."""
     _fields_ = [("slot", ctypes.c_uint32), ("nposted", ctypes.c_uint32), ("nram", ctypes.c_uint32),
-                ("reserved", ctypes.c_uint32), ("posted", vmap_range * VMAP_MAX_POSTED),
+                ("reserved", ctypes.c_uint32), ("posted", vmap_post * VMAP_MAX_POSTED),
                 ("ram", vmap_range * VMAP_MAX_RAM)]
 
 
 class vpost(ctypes.Structure):
     """A posted store in the channel's ring."""
     _fields_ = [("handle", ctypes.c_uint64), ("offset", ctypes.c_uint64), ("value", ctypes.c_uint64),
-                ("size", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
+                ("size", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
 VRING = 256
@@ -111,7 +116,7 @@ VLIVE = 64
 class vchan_prog(ctypes.Structure):
     _fields_ = [("req_seq", ctypes.c_uint32), ("prog_waiting", ctypes.c_uint32), ("ring_head", ctypes.c_uint32),
                 ("ack_seq", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("spin_fails", ctypes.c_uint32),
-                ("pad", ctypes.c_uint32 * 10)]
+                ("wake_seq", ctypes.c_uint32), ("pad", ctypes.c_uint32 * 9)]
 
 
 class vchan_daemon(ctypes.Structure):
