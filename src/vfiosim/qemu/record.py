@@ -390,8 +390,9 @@ def _read(path: Path) -> str:
 
 # -- conformance -----------------------------------------------------------------------------------------------
 
-FAMILY_ORDER = ["container", "group", "IOMMU (sPAPR)", "IOMMU (Type1)", "EEH", "device info", "region access",
-                "interrupts", "ioeventfd", "device features", "reset", "device (other)", "files", "process"]
+FAMILY_ORDER = ["container", "group", "IOMMU (sPAPR)", "IOMMU (Type1)", "iommufd", "EEH", "device cdev",
+                "device info", "region access", "interrupts", "ioeventfd", "device features", "reset",
+                "device (other)", "files", "process"]
 
 
 @dataclass
@@ -420,9 +421,8 @@ class Conformance:
 
 def conformance(traces: Mapping[str, Iterable[Path]], *, log: Log = lambda text: None) -> Conformance:
     """Replay each platform's traces on its preset and count, per ioctl family."""
-    from ..machine import Machine
     from ..tracing import open_trace
-    from ..tracing.replay import replay
+    from ..tracing.replay import machine_for, replay
     c = Conformance()
     for platform, paths in traces.items():
         cells = c.cells.setdefault(platform, {})
@@ -431,7 +431,8 @@ def conformance(traces: Mapping[str, Iterable[Path]], *, log: Log = lambda text:
         labels = c.labels.setdefault(platform, {"kernel": 0, "environment": 0, "machine": 0})
         for path in sorted(paths):
             with open_trace(path) as t:
-                r = replay(Machine.preset(platform), t)
+                machine, _why = machine_for(t.header, machine=platform)
+                r = replay(machine, t)
             log(f"{platform}/{path.stem}: {r.matched}/{r.steps} steps match")
             for fam, fc in r.families.items():
                 cell = cells.setdefault(fam, [0, 0])

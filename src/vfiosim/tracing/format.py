@@ -52,6 +52,14 @@ def make_header(source: str, recorder: str, **fields: Any) -> dict[str, Any]:
     return head
 
 
+def kernel_config_items(config: Any) -> list[str]:
+    """A kernel configuration (kernel/config.py's KernelConfig) as a trace header has it:
+    every option vfiosim models, ``NAME=y`` or ``NAME=n`` (what
+    ``Machine.preset(..., kernel_config=...)`` takes)."""
+    from ..kernel.config import SYMBOLS
+    return [f"{name}={'y' if getattr(config, name.lower()) else 'n'}" for name in SYMBOLS]
+
+
 def simulator_header(machine: Any, recorder: str) -> dict[str, Any]:
     """The header of a trace whose answers come from a simulated machine: its
     description in the same terms ``vfiosim record`` uses for a real one."""
@@ -68,8 +76,9 @@ def simulator_header(machine: Any, recorder: str) -> dict[str, Any]:
     if topo.get("iommu_units"):
         u = topo["iommu_units"][0]
         iommu["vtd"] = {"address_width": u["address_width"], "caching_mode": u["caching_mode"]}
-    return make_header("simulator", recorder, system=system, iommu=iommu, groups=groups, devices=devices,
-                       windows=windows, simulator={"machine": topo["machine"], "kernel": topo["kernel"]})
+    return make_header("simulator", recorder, system=system, kernel_config=kernel_config_items(machine.kernel.config),
+                       iommu=iommu, groups=groups, devices=devices, windows=windows,
+                       simulator={"machine": topo["machine"], "kernel": topo["kernel"]})
 
 
 def describe_header(head: dict[str, Any]) -> str:
@@ -262,10 +271,16 @@ def normalize(rec: dict[str, Any]) -> dict[str, Any]:
             rec["args"] = {"name": bytes.fromhex(raw["in"]).split(b"\0", 1)[0].decode("utf-8", "replace")}
         elif layout.kind == ioctls.STRUCT and "in" in raw:
             before = bytes.fromhex(raw["in"])
-            rec["args"] = ioctls.decode(name, before)
+            user = raw.get("user")
+            buf = ioctls.USER_BUFFERS.get(name)
+            kept = user.get(buf.field) if buf is not None and isinstance(user, dict) else None
+            user_in = bytes.fromhex(kept["in"]) if isinstance(kept, dict) and "in" in kept else None
+            user_out = bytes.fromhex(kept["out"]) if isinstance(kept, dict) and "out" in kept and \
+                ioctls.wrote_user(name, int(rec.get("errno") or 0)) else None
+            rec["args"] = ioctls.decode(name, before, user=user_in)
             if "out" in raw:
                 bitmap = bytes.fromhex(raw["bitmap"]) if raw.get("bitmap") else None
-                after = ioctls.decode(name, bytes.fromhex(raw["out"]), after=True, bitmap=bitmap)
+                after = ioctls.decode(name, bytes.fromhex(raw["out"]), after=True, bitmap=bitmap, user=user_out)
                 rec["out"] = ioctls.changed(rec["args"], after)
     if "errno" in rec and "err" not in rec:
         rec["err"] = E.errorcode.get(rec["errno"], "") if rec["errno"] else ""
