@@ -43,6 +43,7 @@ def bins(tmp_path_factory):
         pytest.skip(f"no Linux 6.12 uAPI headers for the iommufd programs: {exc}")
     built["example"] = cc(EXAMPLES / "iommufd_edu_dma.c", out, *flags)
     built["families"] = cc(C_DIR / "iommufd_families.c", out, *flags)
+    built["pages"] = cc(C_DIR / "iommufd_pages.c", out, *flags)
     return built
 
 
@@ -183,6 +184,17 @@ def test_the_iommufd_vfio_container_is_recorded_and_replayed_on_its_configuratio
                          text=True, timeout=120)
     assert cli.returncode == 1 and "kernel configuration: VFIO_CONTAINER=n in the trace, VFIO_CONTAINER=y here" \
         in cli.stdout
+
+
+def test_trace_summary_condenses_ioas_map_and_unmap_runs(bins, tmp_path):
+    trace, out = record(tmp_path, "x86", "iommufd", str(bins["pages"]), "/dev/vfio/devices/vfio0", "64")
+    summary = subprocess.run([*CLI, "trace", "summary", str(trace)], capture_output=True, text=True, timeout=60)
+    assert summary.returncode == 0, summary.stderr
+    text = summary.stdout
+    assert "64 x IOMMU_IOAS_MAP of one 4 KiB page each, iova 0x100000..0x140000" in text
+    assert "64 x IOMMU_IOAS_UNMAP of one 4 KiB page each, iova 0x100000..0x140000" in text
+    assert "64 maps, 64 unmaps" in text and "IOAS_MAP: 64 calls, 0x40000 bytes" in text
+    assert len(text.splitlines()) < 30
 
 
 def test_record_refuses_a_kernel_configuration_for_a_real_kernel(tmp_path):
