@@ -224,6 +224,10 @@ class Trace:
                 yield from reference_records(self.header, (obj for _, obj in lines))
                 return
             seq = 0
+            # A container whose VFIO_SET_IOMMU the recorder did not see (an exec'd image's)
+            # has the platform's IOMMU: sPAPR on POWER, Type1 elsewhere.
+            platform = (self.header.get("system") or {}).get("platform")
+            iommu = "spapr" if platform in ("pseries", "powernv") else ""
             for lineno, rec in lines:
                 if "call" not in rec:
                     if rec.get("format") == FORMAT:
@@ -235,7 +239,7 @@ class Trace:
                         rec["seq"] = seq
                     seq = rec["seq"] + 1 if isinstance(rec["seq"], int) else seq + 1
                 try:
-                    normalize(rec)
+                    normalize(rec, iommu)
                 except (ValueError, KeyError, TypeError) as exc:
                     raise TraceError(f"{self.path}:{lineno}: cannot decode this record: {exc}") from None
                 yield rec
@@ -248,10 +252,11 @@ def open_trace(path: str | os.PathLike[str]) -> Trace:
 # -- raw records ----------------------------------------------------------------------------------------
 
 
-def normalize(rec: dict[str, Any]) -> dict[str, Any]:
-    """Fill in the decoded fields of a ``raw`` ioctl record (in place)."""
+def normalize(rec: dict[str, Any], platform_iommu: str = "") -> dict[str, Any]:
+    """Fill in the decoded fields of a ``raw`` ioctl record (in place);
+    ``platform_iommu``: the IOMMU family of a container of unknown type."""
     if rec.get("call") == "ioctl" and "cmd" not in rec and "request" in rec:
-        iommu = ioctls.iommu_family(rec.get("iommu_type"))
+        iommu = ioctls.iommu_family(rec.get("iommu_type")) or platform_iommu
         rec["cmd"] = ioctls.ioctl_label(int(rec["request"]), rec.get("fd_kind", ""), iommu)
     raw = rec.get("raw")
     if rec.get("call") == "ioctl" and isinstance(raw, dict) and "args" not in rec:

@@ -103,10 +103,14 @@ class ReplayError(RuntimeError):
 class _Memory:
     """The recording program's mappings, as simulated mappings of the replay's process."""
 
+    #: room left around a recorded mapping for the mappings that grow it later
+    RESERVE = 64 << 20
+
     def __init__(self, proc: Any, declared: list[dict[str, Any]]) -> None:
         self.p = proc
         self.named: dict[str, int] = {}
         self.vmas: dict[tuple[int, int, str], int] = {}
+        self.areas: list[tuple[int, int, int]] = []        # (recorded start, end, replay start)
         self.holes: dict[int, int] = {}
         self.learned: list[tuple[int, int, int]] = []      # (recorded start, end, replay start)
         for m in declared:
@@ -123,7 +127,7 @@ class _Memory:
         new = _Memory.__new__(_Memory)
         new.p = child
         new.named, new.vmas, new.holes = dict(self.named), dict(self.vmas), dict(self.holes)
-        new.learned = list(self.learned)
+        new.areas, new.learned = list(self.areas), list(self.learned)
         return new
 
     def resolve(self, ref: dict[str, Any] | None, recorded: int, size: int) -> int:
@@ -159,13 +163,27 @@ class _Memory:
         return any(v.start < end and addr < v.end for v in mm.vmas())
 
     def _map_span(self, span: list[tuple[Any, ...]]) -> None:
-        """Mappings for recorded VMAs that lie next to each other (a range that crossed
-        from one into the next), placed next to each other here too."""
+        """Memory for recorded VMAs that lie next to each other (a range that crossed
+        from one into the next), placed next to each other here too.
+
+        Each is placed in an area reserved around it (PROT_NONE, no memory): the
+        program's later mappings next to it merge with it into a larger VMA (mmap
+        places anonymous mappings next to the last one), and an address the program
+        got before must keep its meaning in the larger one."""
         start, end = span[0][0], span[-1][1]
-        base = self.p.mmap(end - start)
+        base = None
+        for s0, e0, r0 in self.areas:
+            if s0 <= start and end <= e0:
+                base = r0 + start - s0
+                break
+        if base is None:
+            lo = max(start - self.RESERVE, 0) & ~0xFFF
+            hi = end + self.RESERVE
+            r0 = self.p.mmap(hi - lo, 0)
+            self.areas.append((lo, hi, r0))
+            base = r0 + start - lo
         for s, e, perms in span:                      # the recorder lists them without gaps
-            if _prot(perms) != _prot("rw"):
-                self.p.mprotect(base + s - start, e - s, _prot(perms))
+            self.p.mprotect(base + s - start, e - s, _prot(perms))
             self.vmas.setdefault((s, e, perms), base + s - start)
 
     def _learn(self, recorded: int, size: int) -> int:
