@@ -283,7 +283,8 @@ def add_parsers(sub: Any) -> None:
     from ..machine import preset_names
     r = sub.add_parser("replay", help="re-issue a recorded trace's calls on a simulated machine and compare "
                                       "every step with the recording",
-                       usage="vfiosim replay TRACE [--machine NAME|FILE] [--output FILE] [--json] [-v]")
+                       usage="vfiosim replay TRACE [--machine NAME|FILE] [--kernel-config OPTIONS] [--output FILE] "
+                             "[--json] [-v]")
     r.add_argument("trace")
     r.add_argument("--machine", metavar="NAME|FILE",
                    help=f"a preset ({', '.join(preset_names())}) or a machine file (default: the preset of the "
