@@ -517,10 +517,11 @@ static void header_kernel_config(struct sb *s, const struct utsname *u)
     } else {
         snprintf(from, sizeof from, "/boot/config-%s", u->release);
         if (slurp(from, text, sizeof text) > 0) {
-            for (int i = 0; config_symbols[i]; i++) {
-                char want[80];
-                snprintf(want, sizeof want, "\nCONFIG_%s=y\n", config_symbols[i]);
-                on[i] = strstr(text, want) != NULL;
+            for (int i = 0; config_symbols[i]; i++) {       /* built in, or a module */
+                char y[80], m[80];
+                snprintf(y, sizeof y, "\nCONFIG_%s=y\n", config_symbols[i]);
+                snprintf(m, sizeof m, "\nCONFIG_%s=m\n", config_symbols[i]);
+                on[i] = strstr(text, y) || strstr(text, m);
             }
         } else {
             /* What the kernel shows.  VFIO's own container needs its IOMMU driver
