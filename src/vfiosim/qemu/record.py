@@ -529,7 +529,7 @@ def traces_in(root: Path) -> dict[str, list[Path]]:
 def cmd_qemu_record(args: Any) -> int:
     import sys
     def say(text: str) -> None:
-        if args.verbose or text.startswith(("building", "cached", "installing", "pseries", "x86")):
+        if args.verbose or text.startswith(("building", "cached", "installing", *PLATFORMS)):
             print(text, file=sys.stderr, flush=True)
     platforms = list(PLATFORMS) if args.platform == "all" else [args.platform]
     out = Path(args.out)
