@@ -703,9 +703,10 @@ class AddressSpace(ABC):
             self.destroy_context()
 
     def destroy_context(self) -> None:
-        """The architecture's mm state goes.  On powerpc that is
-        mm_iommu_cleanup(): regions still preregistered (those a container
-        forgot, docs/deviations.md 3b) are unpinned."""
+        """The architecture's mm state goes.  Regions still preregistered (those a
+        container forgot, docs/deviations.md 3b) are unpinned, as
+        mm_iommu_cleanup() once did; Linux 6.12 only warns here and leaves them
+        pinned (docs/deviations.md, "Differences ... programs cannot observe")."""
         for mem in self.iommu_group_mem_list:
             self.phys.unpin(mem.hpas)
         self.iommu_group_mem_list.clear()
