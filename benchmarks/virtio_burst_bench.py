@@ -43,12 +43,14 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
 
 import vfiosim  # noqa: E402
 from vfiosim import client  # noqa: E402
 from vfiosim.kernel.pci import virtio as V  # noqa: E402
 from vfiosim.kernel.pci.virtio_net import VIRTIO_NET_HDR_LEN, VirtioNet  # noqa: E402
 from virtio_driver import DEFAULT_FEATURES, VirtioNetDriver  # noqa: E402
+from dpdk_bench import by_category  # noqa: E402
 
 MACHINES = {"powernv": "powernv-virtio", "x86": "x86-virtio", "pseries": "pseries"}
 BURST = 32
@@ -57,13 +59,6 @@ MBUF_STRIDE = 2368          # mempool header 64 + struct rte_mbuf 128 + RTE_MBUF
 MBUF_DATA = 64 + 128 + 128  # the data of an mbuf: after its header, the mbuf and RTE_PKTMBUF_HEADROOM
 NMBUF = 2048
 FRAME_LEN = 64
-
-CATEGORIES = [
-    ("virtqueues and backend (kernel/pci)", ("kernel/pci/",)),
-    ("IOMMU translation (kernel/dma.py, kernel/platform, kernel/iommu)",
-     ("kernel/dma.py", "kernel/platform/", "kernel/iommu/", "kernel/mm.py")),
-    ("host memory (transport/host.py)", ("transport/host.py", "ctypes", "vd_dma", "pread", "pwrite")),
-]
 
 
 class Ring:
@@ -202,6 +197,10 @@ def host_memory(m: vfiosim.Machine) -> Any:
             proxies[id(obj)] = proxy
         return proxy, off
     phys.lookup = lookup  # type: ignore[method-assign]
+    for pe_or_ctx in [getattr(d.bus_master, "translator", None) for d in m.kernel.devices.values()]:
+        for cache in ("tce_cache", "iotlb"):          # translations made before: to the objects themselves
+            if hasattr(pe_or_ctx, cache):
+                getattr(pe_or_ctx, cache).clear()
 
     def restore() -> None:
         del phys.lookup
@@ -265,21 +264,8 @@ def run(machine: str, bursts: int, with_profile: bool, host: bool) -> dict[str, 
         "us_per_frame": round(1e6 * statistics.median(times) / BURST, 2),
     }
     if with_profile:
-        by_cat = {name: 0.0 for name, _ in CATEGORIES}
-        other = 0.0
+        out["profile_share"] = by_category(prof)
         st = pstats.Stats(prof)
-        for (file, _line, func), (_cc, _nc, tt, _ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
-            where = f"{file}:{func}"
-            for name, keys in CATEGORIES:
-                if any(k in where for k in keys):
-                    by_cat[name] += tt
-                    break
-            else:
-                other += tt
-        total = sum(by_cat.values()) + other or 1.0
-        out["profile_share"] = {**{k: round(v / total, 3) for k, v in by_cat.items()},
-                                "other (builtins, struct, NumPy)": round(other / total, 3)}
-        st.sort_stats("tottime")
         rows = []
         for (file, line, func), (cc, nc, tt, ct, _c) in sorted(st.stats.items(),  # type: ignore[attr-defined]
                                                                  key=lambda kv: -kv[1][2])[:25]:
