@@ -180,12 +180,9 @@ class IommuBusMaster:
         write_runs(self._runs(iova, len(data), True), data)
 
     def _runs_many(self, segments: Sequence[tuple[int, int]], write: bool) -> list[list[Run]]:
-        """_runs() of each range, the device's and the platform's checks done once."""
-        if not segments:
-            return []
+        """_runs() of each range, in order; bus mastering and the platform's
+        state already checked (by _pieces())."""
         t = self.translator
-        if not self.dev.bus_master_enabled() or not t.dma_enabled():
-            self._runs(*segments[0], write)                 # raises the DmaError saying why
         out: list[list[Run]] = []
         for iova, length in segments:
             if length <= 0 or iova < 0 or iova + length > 1 << 64:
@@ -258,7 +255,7 @@ class IommuBusMaster:
         refusal moves nothing), then the data moves."""
         if segments:
             views = [memoryview(d).cast("B") for _, d in segments]
-            self.dma_write_burst([a for a, _ in segments], [v.nbytes for v in views], b"".join(views))
+            self.dma_write_burst([a for a, _ in segments], [v.nbytes for v in views], bytearray().join(views))
 
 
 class Versioned(Protocol):

@@ -261,7 +261,10 @@ class SplitQueue:
 
     def pending(self) -> int:
         """How many entries the driver has made available that the device has not taken."""
-        _flags, idx = self.avail_flags_idx()
+        return self._new_entries(self.avail_flags_idx()[1])
+
+    def _new_entries(self, idx: int) -> int:
+        """The entries before the available ring's index ``idx`` not taken yet."""
         n = (idx - self.last_avail) & 0xFFFF
         if n > self.num:
             # QEMU virtqueue_num_heads(): "Guest moved used index from %u to %u".
@@ -288,16 +291,7 @@ class SplitQueue:
         ring_len = 4 + 2 * num
         bm = self.dev.bus_master
         raw = bm.dma_prefetch([self.avail, self.desc], [ring_len, DESC_SIZE * num])
-        if raw is not None:
-            idx = raw[2] | raw[3] << 8
-        else:
-            _flags, idx = self.avail_flags_idx()
-        n = (idx - self.last_avail) & 0xFFFF
-        if n > num:
-            # QEMU virtqueue_num_heads(): "Guest moved used index from %u to %u".
-            raise VirtioError(f"queue {self.index}: the driver moved the available index from "
-                              f"{self.last_avail} to {idx}, more than the queue size {num} ahead")
-        n = min(n, limit)
+        n = min(self._new_entries(raw[2] | raw[3] << 8) if raw is not None else self.pending(), limit)
         if n == 0:
             return None
         start = self.last_avail % num

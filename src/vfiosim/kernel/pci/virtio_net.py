@@ -31,8 +31,7 @@ import struct
 
 from .device import DmaError
 from .net_backends import Frames, Loopback, NetBackend, backend_from_spec, receive_frames, transmit_frames
-from .virtio import (VIRTIO_F_INDIRECT_DESC, Burst, Chain, SplitQueue, VirtioError,
-                     VirtioPciDevice)
+from .virtio import VIRTIO_F_INDIRECT_DESC, Burst, Chain, SplitQueue, VirtioError, VirtioPciDevice
 
 VIRTIO_ID_NET = 1
 PCI_CLASS_NETWORK_ETHERNET = 0x020000
@@ -261,15 +260,16 @@ class VirtioNet(VirtioPciDevice):
                 except DmaError as exc:
                     raise VirtioError(f"queue {q.index}: {exc}") from None
                 self._delivered(q, burst.heads[:n], written)
+                delivered += n
             else:
-                self._receive_one_by_one(q, burst.chains(), frames.tolist())
-            delivered += n
+                delivered += self._receive_one_by_one(q, burst.chains(), frames.tolist())
         q.set_notify(False)
         return delivered
 
-    def _receive_one_by_one(self, q: SplitQueue, chains: list[Chain], frames: list[bytes]) -> None:
+    def _receive_one_by_one(self, q: SplitQueue, chains: list[Chain], frames: list[bytes]) -> int:
         """Each frame in turn into the next chain: a frame the filter refuses, or
-        too large for the chain, is dropped and the chain keeps for the next one."""
+        too large for the chain, is dropped and the chain keeps for the next one.
+        Returns the frames delivered."""
         stats = self.stats
         done: list[tuple[int, int]] = []
         writes: list[tuple[Chain, bytes]] = []
@@ -296,6 +296,7 @@ class VirtioNet(VirtioPciDevice):
         if done:
             heads, written = zip(*done)
             self._delivered(q, list(heads), list(written))
+        return len(done)
 
     def _delivered(self, q: SplitQueue, heads: list[int], written: list[int]) -> None:
         self.stats["rx_frames"] += len(heads)
