@@ -227,3 +227,31 @@ def test_a_burst_write_under_dirty_tracking_marks_the_pages_dirty():
     iommu_unmap(d, 0x100000, 1 << 20)
     iommu_domain_free(d)
     g.release_dma_owner()
+
+
+def test_host_memory_reads_and_writes_ranges_and_never_reaches_a_gone_image():
+    """HostMemoryObject.read_ranges()/write_ranges(): the ranges of the
+    process's memory in order; once the image is gone (exit, exec) the pages
+    a pin still holds read as zeros and take writes without reaching the pid."""
+    from vfiosim.transport.host import HostMemoryObject
+    hp = HostProcess.open(os.getpid())
+    buf = mmap.mmap(-1, 8192)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    try:
+        buf[0:8192] = bytes(range(256)) * 32
+        obj = HostMemoryObject(hp, base, 8192, 12)
+        out = bytearray(7)
+        obj.read_ranges([10, 5000], [3, 4], memoryview(out))
+        assert out == buf[10:13] + buf[5000:5004]
+        obj.write_ranges([100, 4095, 101], [2, 2, 1], memoryview(b"abcdZ"))
+        assert buf[100:102] == b"aZ" and buf[4095:4097] == b"cd"
+        hp.gone = True
+        obj.read_ranges([100, 4095], [2, 2], memoryview(out)[:4])
+        assert out[:4] == b"\0\0\0\0"
+        obj.write_ranges([0], [4], memoryview(b"gone"))
+        obj.read_ranges([0], [4], memoryview(out)[:4])
+        assert out[:4] == b"gone" and buf[0:4] == bytes(range(4)), "the process's memory is untouched"
+    finally:
+        hp.close()
+        del base
+        buf.close()
