@@ -315,7 +315,7 @@ def test_type1_maps_and_edu_dmas_through_the_toy_iommu(toy):
     domain = unit.domains[0]
     assert m.kernel.iommu_groups[7].domain is domain
 
-    # The IOMMU info: the toy's page size and its aperture less the MSI window.
+    # The IOMMU info: the toy's one page size.
     info = uapi.vfio_iommu_type1_info(argsz=ctypes.sizeof(uapi.vfio_iommu_type1_info))
     p.ioctl(c, uapi.VFIO_IOMMU_GET_INFO, info)
     assert info.iova_pgsizes == PAGE
