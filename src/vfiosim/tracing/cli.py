@@ -150,7 +150,7 @@ def machine_check(header: dict[str, Any], machine: Any) -> list[str]:
         if differ:
             notes.append("kernel configuration: " + "; ".join(differ))
     units = [u for u in (header.get("iommu") or {}).get("units") or [] if u.get("address_width")]
-    mine = topo.get("iommu_units") or []
+    mine = [u for u in topo.get("iommu_units") or [] if "address_width" in u]
     if units and mine and units[0]["address_width"] != mine[0]["address_width"]:
         notes.append(f"the IOMMU's address width is {units[0]['address_width']} bits in the trace, "
                      f"{mine[0]['address_width']} here")

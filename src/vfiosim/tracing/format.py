@@ -73,8 +73,8 @@ def simulator_header(machine: Any, recorder: str) -> dict[str, Any]:
     windows = [{"pe": pe["name"], "iommu_group": pe["iommu_group"], "start": pe["dma32_window"]["start"],
                 "size": pe["dma32_window"]["size"]} for pe in topo["pes"]]
     iommu: dict[str, Any] = {"drivers": topo["iommu_drivers"]}
-    if topo.get("iommu_units"):
-        u = topo["iommu_units"][0]
+    u = (topo.get("iommu_units") or [{}])[0]
+    if u.get("model") == "intel-iommu":
         iommu["vtd"] = {"address_width": u["address_width"], "caching_mode": u["caching_mode"]}
     return make_header("simulator", recorder, system=system, kernel_config=kernel_config_items(machine.kernel.config),
                        iommu=iommu, groups=groups, devices=devices, windows=windows,

@@ -223,13 +223,10 @@ class FakeSysfs:
         config = m.kernel.config
         if config.iommufd:
             params["iommufd"] = {}                 # a module (=m, as distributions build it); no parameters
-        if config.vfio_container:                  # the IOMMU backends sit under "if VFIO_CONTAINER" in Kconfig
-            if m.platform == "x86":
-                t1 = m.spec.type1
-                params["vfio_iommu_type1"] = {"allow_unsafe_interrupts": "Y" if t1.allow_unsafe_interrupts else "N",
-                                              "disable_hugepages": "N", "dma_entry_limit": str(t1.dma_entry_limit)}
-            else:
-                params["vfio_iommu_spapr_tce"] = {}
+        # The IOMMU backends the platform registered (under "if VFIO_CONTAINER" in Kconfig).
+        for driver in m.kernel.vfio.iommu_drivers:
+            if driver.module:
+                params[driver.module] = driver.module_parameters()
         for name, values in params.items():
             self._mkdir(f"/sys/module/{name}/parameters" if values else f"/sys/module/{name}")
             _write(self.path(f"/sys/module/{name}/initstate"), "live\n")
