@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Sequence
 
+from ..kernel.config import POWER_PLATFORMS
 from ..kernel.mm import AddressSpace
 from ..transport.summary import HostConversation, iommu_type_name, summarize_trace
 
@@ -433,7 +434,7 @@ def run_demo(*, machine: str = "powernv", seconds: float = SECONDS, install: boo
     """Run the demo; raises DpdkDemoUnavailable when it cannot run here."""
     check_memory(memory_mb)
     m, bdf = load_machine(machine)
-    check_memlock(memory_mb, spapr=m.platform != "x86")
+    check_memlock(memory_mb, spapr=m.platform in POWER_PLATFORMS)
     prereq = check_prerequisites(install=install, log=log)
     work = Path(workdir) if workdir else cache_dir() / "last-run"
     work.mkdir(parents=True, exist_ok=True)
