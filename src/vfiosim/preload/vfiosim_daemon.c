@@ -398,81 +398,72 @@ static PyObject *py_dma_write(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* Several DMA reads (a NIC's burst): dma_readv(mem_fd, [(addr, n), ...]) -> [bytes, ...]. */
-static PyObject *py_dma_readv(PyObject *self, PyObject *args)
+/* Several DMA transfers (a NIC's burst), the ranges' bytes one after the other
+ * in one buffer: dma_read_ranges(mem_fd, addrs, lens, writable buffer) and
+ * dma_write_ranges(mem_fd, addrs, lens, buffer).  The GIL is released once for
+ * the whole burst; OSError at the first range that fails (the ranges before it
+ * were moved, as a device's burst stops at its first fault). */
+static PyObject *dma_ranges(PyObject *args, int write)
 {
     int mem_fd;
-    PyObject *ranges;
-    if (!PyArg_ParseTuple(args, "iO", &mem_fd, &ranges))
+    PyObject *addrs, *lens, *fa = NULL, *fl = NULL, *result = NULL;
+    uint64_t *v = NULL;
+    Py_buffer b;
+    if (!PyArg_ParseTuple(args, write ? "iOOy*" : "iOOw*", &mem_fd, &addrs, &lens, &b))
         return NULL;
-    PyObject *fast = PySequence_Fast(ranges, "ranges must be a sequence");
-    if (!fast)
-        return NULL;
-    Py_ssize_t k = PySequence_Fast_GET_SIZE(fast);
-    PyObject *out = PyList_New(k);
-    if (!out)
-        goto fail;
+    if (!(fa = PySequence_Fast(addrs, "addrs must be a sequence")) ||
+        !(fl = PySequence_Fast(lens, "lens must be a sequence")))
+        goto out;
+    Py_ssize_t k = PySequence_Fast_GET_SIZE(fa);
+    if (PySequence_Fast_GET_SIZE(fl) != k) {
+        PyErr_SetString(PyExc_ValueError, "addrs and lens differ in length");
+        goto out;
+    }
+    if (k && !(v = PyMem_Malloc(2 * (size_t)k * sizeof *v))) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    uint64_t total = 0;
     for (Py_ssize_t i = 0; i < k; i++) {
-        unsigned long long addr;
-        Py_ssize_t n;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "Kn", &addr, &n))
-            goto fail;
-        if (n < 0) {
-            raise_errno(EFAULT);
-            goto fail;
-        }
-        PyObject *piece = PyBytes_FromStringAndSize(NULL, n);
-        if (!piece)
-            goto fail;
-        PyList_SET_ITEM(out, i, piece);
-        int r;
-        char *buf = PyBytes_AS_STRING(piece);
-        Py_BEGIN_ALLOW_THREADS
-        r = mem_rw(mem_fd, addr, (uint64_t)n, buf, 0);
-        Py_END_ALLOW_THREADS
-        if (r < 0) {
-            raise_errno(-r);
-            goto fail;
+        v[2 * i] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(fa, i));
+        v[2 * i + 1] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(fl, i));
+        if (PyErr_Occurred())
+            goto out;
+        total += v[2 * i + 1];
+        if (v[2 * i + 1] > (uint64_t)b.len || total > (uint64_t)b.len) {
+            PyErr_SetString(PyExc_ValueError, "the ranges are longer than the buffer");
+            goto out;
         }
     }
-    Py_DECREF(fast);
-    return out;
-fail:
-    Py_XDECREF(out);
-    Py_DECREF(fast);
-    return NULL;
+    int r = 0;
+    Py_BEGIN_ALLOW_THREADS
+    uint8_t *at = b.buf;
+    for (Py_ssize_t i = 0; i < k && r >= 0; i++) {
+        if (v[2 * i + 1])
+            r = mem_rw(mem_fd, v[2 * i], v[2 * i + 1], at, write);
+        at += v[2 * i + 1];
+    }
+    Py_END_ALLOW_THREADS
+    if (r < 0)
+        raise_errno(-r);
+    else
+        result = Py_NewRef(Py_None);
+out:
+    PyMem_Free(v);
+    Py_XDECREF(fa);
+    Py_XDECREF(fl);
+    PyBuffer_Release(&b);
+    return result;
 }
 
-/* Several DMA writes: dma_writev(mem_fd, [(addr, buffer), ...]). */
-static PyObject *py_dma_writev(PyObject *self, PyObject *args)
+static PyObject *py_dma_read_ranges(PyObject *self, PyObject *args)
 {
-    int mem_fd;
-    PyObject *pieces;
-    if (!PyArg_ParseTuple(args, "iO", &mem_fd, &pieces))
-        return NULL;
-    PyObject *fast = PySequence_Fast(pieces, "pieces must be a sequence");
-    if (!fast)
-        return NULL;
-    Py_ssize_t k = PySequence_Fast_GET_SIZE(fast);
-    for (Py_ssize_t i = 0; i < k; i++) {
-        unsigned long long addr;
-        Py_buffer b;
-        int r;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "Ky*", &addr, &b)) {
-            Py_DECREF(fast);
-            return NULL;
-        }
-        Py_BEGIN_ALLOW_THREADS
-        r = mem_rw(mem_fd, addr, (uint64_t)b.len, b.buf, 1);
-        Py_END_ALLOW_THREADS
-        PyBuffer_Release(&b);
-        if (r < 0) {
-            Py_DECREF(fast);
-            return raise_errno(-r);
-        }
-    }
-    Py_DECREF(fast);
-    Py_RETURN_NONE;
+    return dma_ranges(args, 0);
+}
+
+static PyObject *py_dma_write_ranges(PyObject *self, PyObject *args)
+{
+    return dma_ranges(args, 1);
 }
 
 /* ---------------------------------------------------------------- waiting */
@@ -978,8 +969,10 @@ static PyMethodDef module_methods[] = {
     {"dma_read", py_dma_read, METH_VARARGS, "dma_read(mem_fd, addr, n): a device's read"},
     {"dma_read_into", py_dma_read_into, METH_VARARGS, "dma_read_into(mem_fd, addr, buffer)"},
     {"dma_write", py_dma_write, METH_VARARGS, "dma_write(mem_fd, addr, data): a device's write"},
-    {"dma_readv", py_dma_readv, METH_VARARGS, "dma_readv(mem_fd, [(addr, n), ...]) -> [bytes, ...]"},
-    {"dma_writev", py_dma_writev, METH_VARARGS, "dma_writev(mem_fd, [(addr, data), ...])"},
+    {"dma_read_ranges", py_dma_read_ranges, METH_VARARGS,
+     "dma_read_ranges(mem_fd, addrs, lens, buffer): the ranges' bytes one after the other into buffer"},
+    {"dma_write_ranges", py_dma_write_ranges, METH_VARARGS,
+     "dma_write_ranges(mem_fd, addrs, lens, data): data's bytes to the ranges, in order"},
     {NULL},
 };
 

@@ -243,31 +243,30 @@ class HostProcess:
         except OSError:
             raise fail(EFAULT, f"DMA read of {out.size} bytes at {addr:#x} in process {self.pid} failed") from None
 
-    def readv(self, ranges: list[tuple[int, int]]) -> list[bytes]:
-        """Several DMA reads (a NIC's burst of descriptors and frames) in one
-        foreign call: EFAULT unless every byte was read."""
+    def device_read_ranges(self, addrs: list[int], lens: list[int], out: memoryview) -> None:
+        """Several DMA reads (a NIC's burst of descriptors and frames) into
+        ``out``, one after the other, in one foreign call: EFAULT unless every
+        byte was read."""
         if self.window is not None:
             self._flush_window(True)
         try:
             if not self.bound:
                 raise OSError(EFAULT, "unbound")
-            return native.dma_readv(self.mem, ranges)  # type: ignore[no-any-return]
+            native.dma_read_ranges(self.mem, addrs, lens, out)
         except OSError:
-            total = sum(n for _a, n in ranges)
-            raise fail(EFAULT, f"DMA read of {total} bytes in {len(ranges)} ranges in process {self.pid} "
+            raise fail(EFAULT, f"DMA read of {len(out)} bytes in {len(addrs)} ranges in process {self.pid} "
                                f"failed") from None
 
-    def device_writev(self, pieces: list[tuple[int, memoryview]]) -> None:
-        """Several DMA writes in one foreign call."""
+    def device_write_ranges(self, addrs: list[int], lens: list[int], data: memoryview) -> None:
+        """Several DMA writes, in order, in one foreign call."""
         if self.window is not None:
             self._flush_window(False)
         try:
             if not self.bound:
                 raise OSError(EFAULT, "unbound")
-            native.dma_writev(self.mem, pieces)
+            native.dma_write_ranges(self.mem, addrs, lens, data)
         except OSError:
-            total = sum(len(d) for _a, d in pieces)
-            raise fail(EFAULT, f"DMA write of {total} bytes in {len(pieces)} ranges in process {self.pid} "
+            raise fail(EFAULT, f"DMA write of {len(data)} bytes in {len(addrs)} ranges in process {self.pid} "
                                f"failed") from None
 
     def device_write(self, addr: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
@@ -509,20 +508,28 @@ class HostMemoryObject:
         else:
             out[:] = np.frombuffer(self.host.device_read(self.vaddr + off, out.size), dtype=np.uint8)
 
-    def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
-        """Several (offset, length) ranges at once: one foreign call."""
+    def read_ranges(self, offs: list[int], lens: list[int], out: memoryview) -> None:
+        """Several ranges at once: one foreign call."""
         mem = self._orphaned()
         if mem is not None:
-            return [mem[off:off + n].tobytes() for off, n in ranges]
-        return self.host.readv([(self.vaddr + off, n) for off, n in ranges])
-
-    def write_many(self, pieces: list[tuple[int, memoryview]]) -> None:
-        mem = self._orphaned()
-        if mem is not None:
-            for off, data in pieces:
-                mem[off:off + len(data)] = np.frombuffer(data, dtype=np.uint8)
+            pos = 0
+            for off, n in zip(offs, lens):
+                out[pos:pos + n] = mem[off:off + n].data
+                pos += n
             return
-        self.host.device_writev([(self.vaddr + off, data) for off, data in pieces])
+        base = self.vaddr
+        self.host.device_read_ranges([base + off for off in offs], lens, out)
+
+    def write_ranges(self, offs: list[int], lens: list[int], data: memoryview) -> None:
+        mem = self._orphaned()
+        if mem is not None:
+            pos = 0
+            for off, n in zip(offs, lens):
+                mem[off:off + n] = np.frombuffer(data[pos:pos + n], dtype=np.uint8)
+                pos += n
+            return
+        base = self.vaddr
+        self.host.device_write_ranges([base + off for off in offs], lens, data)
 
     def write_at(self, off: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
         mem = self._orphaned()

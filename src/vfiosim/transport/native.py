@@ -42,8 +42,8 @@ uwrite = _mod.uwrite                # (maps_fd, mem_fd, addr, data); OSError(EFA
 dma_read = _mod.dma_read            # (mem_fd, addr, n) -> bytes: a device's read, whatever the CPU's protection
 dma_read_into = _mod.dma_read_into  # (mem_fd, addr, writable buffer)
 dma_write = _mod.dma_write          # (mem_fd, addr, data)
-dma_readv = _mod.dma_readv          # (mem_fd, [(addr, n), ...]) -> [bytes, ...]
-dma_writev = _mod.dma_writev        # (mem_fd, [(addr, data), ...])
+dma_read_ranges = _mod.dma_read_ranges    # (mem_fd, addrs, lens, writable buffer): the ranges one after the other
+dma_write_ranges = _mod.dma_write_ranges  # (mem_fd, addrs, lens, data)
 kcmp_file = _mod.kcmp_file          # (pid1, pid2, fd1, fd2) -> 0 if both are the very same open file
 pidfd_getfd = _mod.pidfd_getfd      # (pidfd, fd) -> our duplicate of the process's fd
 

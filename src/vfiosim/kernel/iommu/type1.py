@@ -220,6 +220,7 @@ class Type1IommuDriver(VfioIommuDriver):
     """vfio_iommu_driver_ops_type1 ("vfio-iommu-type1")."""
 
     name = "vfio-iommu-type1"
+    module = "vfio_iommu_type1"
 
     def __init__(self, kernel: "Kernel", *, dma_entry_limit: int = DMA_ENTRY_LIMIT_DEFAULT,
                  allow_unsafe_interrupts: bool = False) -> None:
@@ -227,6 +228,10 @@ class Type1IommuDriver(VfioIommuDriver):
         self.log = kernel.log
         self.dma_entry_limit = dma_entry_limit
         self.allow_unsafe_interrupts = allow_unsafe_interrupts
+
+    def module_parameters(self) -> dict[str, str]:
+        return {"allow_unsafe_interrupts": "Y" if self.allow_unsafe_interrupts else "N", "disable_hugepages": "N",
+                "dma_entry_limit": str(self.dma_entry_limit)}
 
     @property
     def page_shift(self) -> int:
