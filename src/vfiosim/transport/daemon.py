@@ -821,8 +821,9 @@ class Daemon:
         self._next_handle += 1
         m = Mapping(file, a[0], a[1], vaddr=a[4], prot=a[2] & 0xFFFFFFFF)
         self._add_mapping(st, handle, m)
-        # Where the program may post its stores: the device model's registers
-        # without side effects, while decoding is on (a flag in the channel).
+        # Where the program may post its stores: the device model's declared
+        # registers (those with side effects kick the daemon), while decoding
+        # is on (a flag in the channel).
         layout = P.vmap(slot=0xFFFFFFFF)
         sess = st.session
         posted = k.mmap_posted_writes(file, a[0], a[1])[:P.VMAP_MAX_POSTED]
