@@ -99,7 +99,8 @@ class Channel:
         ctypes.memmove(ctypes.addressof(v.req_payload), payload, len(payload))
         seq = (v.prog.req_seq + 1) & 0xFFFFFFFF
         v.prog.req_seq = seq
-        word = ctypes.addressof(v.prog) + P.vchan_prog.req_seq.offset
+        v.prog.wake_seq = (v.prog.wake_seq + 1) & 0xFFFFFFFF          # the daemon's wake-up word
+        word = ctypes.addressof(v.prog) + P.vchan_prog.wake_seq.offset
         libc.syscall(SYS_futex, ctypes.c_void_p(word), FUTEX_WAKE, 1, None, None, 0)
         end = time.monotonic() + timeout
         while v.daemon.rep_seq != seq:

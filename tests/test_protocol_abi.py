@@ -15,6 +15,7 @@ import ctypes
 import re
 import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -28,12 +29,13 @@ HEADER = PRELOAD / "vfiosim_protocol.h"
 # Python name -> C name, for every number on the wire.
 CONSTANTS = {
     "MAGIC_VERSION": "VFIOSIM_MAGIC_VERSION", "MAX_PAYLOAD": "VMAX_PAYLOAD", "F_REFRESH_CREDS": "VF_REFRESH_CREDS",
+    "F_WINDOW": "VF_WINDOW", "F_WINDOW_WRITABLE": "VF_WINDOW_WRITABLE", "WIN_MAX": "VWIN_MAX",
     "RW_POSITIONAL": "VRW_POSITIONAL", "MMIO_WRITE": "VMMIO_WRITE", "HELLO_FORK": "VHELLO_FORK",
     "SETATTR_OWNER": "VSETATTR_OWNER", "SETATTR_MODE": "VSETATTR_MODE", "VRING": "VRING", "VLIVE": "VLIVE",
-    "VMAP_MAX_POSTED": "VMAP_MAX_POSTED", "VMAP_MAX_RAM": "VMAP_MAX_RAM", "VCHAN_SIZE": "VCHAN_SIZE",
+    "VMAP_MAX_POSTED": "VMAP_MAX_POSTED", "VPOST_KICK": "VPOST_KICK", "VMAP_MAX_RAM": "VMAP_MAX_RAM", "VCHAN_SIZE": "VCHAN_SIZE",
     **{name: "V" + name for name in dir(P) if name.startswith("OP_") and name != "OP_NAMES"},
 }
-STRUCTS = {"vreq": P.vreq, "vrep": P.vrep, "vmap_range": P.vmap_range, "vmap": P.vmap, "vpost": P.vpost,
+STRUCTS = {"vreq": P.vreq, "vrep": P.vrep, "vmap_post": P.vmap_post, "vmap_range": P.vmap_range, "vmap": P.vmap, "vpost": P.vpost,
            "vchan_prog": P.vchan_prog, "vchan_daemon": P.vchan_daemon, "vchan": P.vchan}
 
 
@@ -92,5 +94,6 @@ def test_the_shim_and_the_daemon_helper_build_against_the_header(tmp_path, sourc
     text = (PRELOAD / source).read_text()
     assert '#include "vfiosim_protocol.h"' in text
     assert not re.search(r"\bOP_HELLO\s*=", text), f"{source} declares the operations again"
-    subprocess.run([_cc(), "-shared", "-fPIC", "-Wall", "-Werror", "-I", str(PRELOAD), "-o",
+    python = ["-I", sysconfig.get_paths()["include"]] if source == "vfiosim_daemon.c" else []   # an extension module
+    subprocess.run([_cc(), "-shared", "-fPIC", "-Wall", "-Werror", "-I", str(PRELOAD), *python, "-o",
                     str(tmp_path / "lib.so"), str(PRELOAD / source), "-ldl", "-lpthread"], check=True)

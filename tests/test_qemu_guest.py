@@ -35,6 +35,9 @@ def test_a_pseries_guest_dmas_through_its_vfio_qemu_and_vfiosim(tmp_path, capsys
         print("\n" + buf.getvalue())
     assert r.ok, f"{r.reason}\nguest:\n" + "\n".join(r.guest) + "\nvfiosim dmesg:\n" + "\n".join(r.dmesg)
     assert not r.oopses
+    # The summary says how fast the host side went (issue 13: the demo's time is its ioctls).
+    n = sum(r.host.ioctls.values())
+    assert f"host ioctls: {n:,} in {r.seconds:.1f} s, {n / r.seconds:,.0f} per second" in buf.getvalue()
 
     # The guest's verdict: its own VFIO, v2 (pseries has DDW ops in this kernel) or v1,
     # moved the whole buffer through edu and saw both interrupts.

@@ -178,6 +178,88 @@ def test_garbage_gets_the_kernels_errno_and_never_a_crash(bins, daemon):
     assert daemon.machine.pinned_pages() == 0
 
 
+@pytest.mark.parametrize("daemon", ["pseries", "x86"], indirect=True)
+def test_an_ioctl_struct_sent_along_faults_where_the_kernel_would(bins, daemon):
+    """The shim sends a copy of the memory an ioctl's pointer names (the
+    window), read as the program can read it: a struct that runs into a
+    PROT_NONE page, a read-only one the kernel writes its answer to, one in a
+    file mapping past the file's end (SIGBUS for the program, EFAULT for the
+    kernel) still give EFAULT; one across two pages is read and written whole;
+    the program's own SIGBUS handler still runs."""
+    proc = daemon.run([str(bins["probe"]), "argwindow", "4" if daemon.machine.platform == "x86" else "0"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = fields(proc.stdout)
+    x86 = daemon.machine.platform == "x86"
+    assert got["info_straddles_guard"] == "-1,14"
+    assert got["info_readonly"] == "-1,14"
+    assert got["info_past_eof"] == "-1,14"
+    assert got["info_across_pages"] == "0,0" and got["info_filled"] == "1"
+    assert got["map"] == "0,0"
+    # Type1 unmaps, then fails to write the size back; sPAPR writes nothing back.
+    assert got["unmap_readonly"] == ("-1,14" if x86 else "0,0")
+    assert got["unmap_again"] == "0,0"
+    assert got["unmap_again_size"] == ("0" if x86 else "4096")
+    assert got["own_sigbus"] == "1"
+    assert daemon.wait_idle()
+    assert daemon.machine.pinned_pages() == 0
+
+
+@pytest.mark.parametrize("preset,group,kind,second", [
+    ("x86", 4, 1, "-1,12"),            # Type1: vaddr_get_pfns() -> ENOMEM
+    ("pseries", 0, 2, "-1,14"),        # sPAPR v1: tce_iommu_use_page() -> EFAULT
+    ("pseries", 0, 3, "4096,0"),       # sPAPR v2: mm_iommu_do_alloc() -> the pages it pinned (deviations.md 3e)
+])
+def test_a_real_program_pinning_past_the_machines_ram_fails_as_in_process(bins, tmp_path, preset, group, kind,
+                                                                          second):
+    """Pins by a real process cost the machine's RAM from their first pin to
+    their last (what the simulation can charge: the host gave the pages), so a
+    program that pins 2 x 48 MiB on a 64 MiB machine fails at the second as
+    the in-process API does (tests/test_ram.py), and gets it once the first
+    is given back."""
+    import dataclasses
+    from importlib import resources
+
+    from vfiosim.machine import PRESETS
+    from vfiosim.machine_spec import load_spec_text
+    text = resources.files("vfiosim.presets").joinpath(PRESETS[preset]).read_text()
+    m = vfiosim.Machine(dataclasses.replace(load_spec_text(text, preset), ram=64 << 20))
+    d = ThreadedDaemon(m, tmp_path)
+    try:
+        proc = d.run([str(bins["probe"]), "rampin", str(group), str(kind), "48"])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        got = fields(proc.stdout)
+        assert got["first"] == "0,0"
+        assert got["second"] == second
+        assert got["release"] == "0,0"
+        if kind != 3:                  # (a v2 region that registered short stays as upstream leaves it)
+            assert got["again"] == "0,0"
+        assert any("deviations.md 12" in line for line in m.dmesg()), m.dmesg()
+        assert d.wait_idle()
+        assert m.pinned_pages() == 0 and m.kernel.phys.used_pages == 0
+        assert m.meminfo()["MemFree"] == 64 << 10
+    finally:
+        d.close()
+
+
+@pytest.mark.parametrize("daemon", ["x86"], indirect=True)
+def test_a_real_program_maps_a_bar_for_peer_to_peer_dma(bins, daemon):
+    """QEMU maps every BAR for peer-to-peer DMA on x86.  Under run the shim's
+    placeholder for a BAR mapping is, to the kernel, the device's VM_PFNMAP
+    mapping (as in-process: tests/test_peer_to_peer.py): MAP_DMA of it takes
+    the follow_fault_pfn() path, nothing pinned or charged, and another
+    device's DMA to that IOVA reaches the BAR."""
+    proc = daemon.run([str(bins["probe"]), "p2p"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = fields(proc.stdout)
+    assert got["map_bar"] == "0,0" and got["map_ram"] == "0,0"
+    assert got["bar_charged_kb"] == "0"
+    assert got["a_dma_src"] == "0x1122334455"
+    assert got["a_ident_via_b"] == "0x10000ed"
+    assert got["unmap_bar"] == "0,0"
+    assert daemon.wait_idle()
+    assert daemon.machine.pinned_pages() == 0
+
+
 def test_a_malformed_message_drops_only_its_connection(bins, daemon):
     holder = daemon.popen([str(bins["probe"]), "hold", "0"], stdin=subprocess.PIPE)
     try:

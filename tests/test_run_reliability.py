@@ -234,3 +234,28 @@ def test_chown_and_chmod_of_dev_vfio_nodes_work_as_on_linux_and_the_tree_stays_r
     assert out["chmod1"] == "ok" and out["fchmod1"] == "ok"     # the owner may chmod
     assert out["chown1_to_root"] == "EPERM"
     assert out["mode1"] == "0o640"
+
+
+def test_closing_the_daemon_wakes_a_sleeping_serving_thread(tmp_path, monkeypatch):
+    """close() ends each connection by waking its serving thread on the word it
+    sleeps on (wake_seq), not by waiting for the thread's idle wake-up: with
+    that made ten minutes long, every serving thread is gone once close()
+    returns (it joins them for 5 s)."""
+    from vfiosim.transport import daemon as D
+    monkeypatch.setattr(D, "WAIT_MS", 600_000)
+    d = ThreadedDaemon(vfiosim.Machine.preset("pseries"), tmp_path)
+    # A shell that opens the container through the shim, then blocks on stdin.
+    proc = d.popen(["sh", "-c", "exec 3</dev/vfio/vfio && echo opened && read x"], stdin=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == "opened", proc.stderr.read()
+        end = time.monotonic() + 10
+        while not any(s.thread is not None and s.channel is not None for s in d.daemon.sessions):
+            assert time.monotonic() < end, "the shell's connection never got its channel"
+            time.sleep(0.02)
+        time.sleep(0.2)                         # its serving thread goes to sleep, after spinning
+        threads = [s.thread for s in d.daemon.sessions if s.thread is not None]
+        d.close()
+        assert threads and not any(t.is_alive() for t in threads)
+    finally:
+        proc.kill()
+        proc.wait()

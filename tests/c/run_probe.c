@@ -78,6 +78,13 @@ static void setup(int group_id, int enable_and_map)
     }
 }
 
+static volatile int sigbus_seen;
+
+static void on_sigbus(int sig)
+{
+    sigbus_seen = sig == SIGBUS;
+}
+
 static void result(const char *name, long ret)
 {
     printf("%s=%ld,%d\n", name, ret, ret < 0 ? errno : 0);
@@ -254,6 +261,141 @@ int main(int argc, char **argv)
         result("close_twice_1", close(group));
         result("close_twice_2", close(group));
         printf("VmLck=%ld\n", vm("VmLck"));
+        return 0;
+    }
+    if (!strcmp(cmd, "rampin") && argc >= 5) {
+        /* rampin GROUP KIND MIB: pin MIB of memory, then MIB more, through one pin
+         * path (KIND 1: Type1v2 MAP_DMA, 2: sPAPR v1 MAP_DMA, 3: sPAPR v2
+         * REGISTER_MEMORY); then give the first back and pin the second again. */
+        int kind = atoi(argv[3]);
+        size_t size = (size_t)atol(argv[4]) << 20;
+        char path[64];
+        container = open("/dev/vfio/vfio", O_RDWR);
+        snprintf(path, sizeof path, "/dev/vfio/%d", gid);
+        group = open(path, O_RDWR);
+        ioctl(group, VFIO_GROUP_SET_CONTAINER, &container);
+        result("set_iommu", ioctl(container, VFIO_SET_IOMMU, kind == 1 ? VFIO_TYPE1v2_IOMMU :
+                                  kind == 2 ? VFIO_SPAPR_TCE_IOMMU : VFIO_SPAPR_TCE_v2_IOMMU));
+        if (kind == 2)
+            result("enable", ioctl(container, VFIO_IOMMU_ENABLE));
+        uint8_t *mem = mmap(NULL, 2 * size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        memset(mem, 1, 2 * size);
+        for (int i = 0; i < 3; i++) {
+            const char *name = i == 0 ? "first" : i == 1 ? "second" : "again";
+            if (i == 2) {                              /* give the first back */
+                if (kind == 3) {
+                    struct vfio_iommu_spapr_register_memory reg = {.argsz = sizeof reg, .vaddr = (uintptr_t)mem,
+                                                                   .size = size};
+                    result("release", ioctl(container, VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY, &reg));
+                } else {
+                    struct vfio_iommu_type1_dma_unmap u = {.argsz = sizeof u, .iova = 0, .size = size};
+                    result("release", ioctl(container, VFIO_IOMMU_UNMAP_DMA, &u));
+                }
+            }
+            uint8_t *at = mem + (i ? size : 0);
+            if (kind == 3) {
+                struct vfio_iommu_spapr_register_memory reg = {.argsz = sizeof reg, .vaddr = (uintptr_t)at,
+                                                               .size = size};
+                result(name, ioctl(container, VFIO_IOMMU_SPAPR_REGISTER_MEMORY, &reg));
+            } else {
+                struct vfio_iommu_type1_dma_map m = {.argsz = sizeof m, .flags = 3, .vaddr = (uintptr_t)at,
+                                                     .iova = i ? size : 0, .size = size};
+                result(name, ioctl(container, VFIO_IOMMU_MAP_DMA, &m));
+            }
+        }
+        printf("VmLck=%ld\n", vm("VmLck"));
+        return 0;
+    }
+    if (!strcmp(cmd, "p2p")) {
+        /* x86: edu A (group 4) and edu B (group 5) in one Type1v2 container.  A's
+         * BAR, mapped, is MAP_DMAed at IOVA 16 MiB (the VM_PFNMAP path: not
+         * pinned, not charged); B's DMA engine then writes A's DMA source
+         * register and reads A's identification through that IOVA. */
+        container = open("/dev/vfio/vfio", O_RDWR);
+        int ga = open("/dev/vfio/4", O_RDWR), gb = open("/dev/vfio/5", O_RDWR);
+        ioctl(ga, VFIO_GROUP_SET_CONTAINER, &container);
+        ioctl(gb, VFIO_GROUP_SET_CONTAINER, &container);
+        result("set_iommu", ioctl(container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU));
+        int da = ioctl(ga, VFIO_GROUP_GET_DEVICE_FD, "0000:01:00.0");
+        int db = ioctl(gb, VFIO_GROUP_GET_DEVICE_FD, "0000:02:00.0");
+        uint16_t on = 0x6;                               /* memory decoding, bus master */
+        pwrite(da, &on, 2, (off_t)VFIO_PCI_CONFIG_REGION_INDEX << 40 | 4);
+        pwrite(db, &on, 2, (off_t)VFIO_PCI_CONFIG_REGION_INDEX << 40 | 4);
+        volatile uint8_t *bara = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, da, 0);
+        volatile uint8_t *barb = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, db, 0);
+        long before = vm("VmLck");
+        struct vfio_iommu_type1_dma_map m = {.argsz = sizeof m, .flags = 3, .vaddr = (uintptr_t)bara,
+                                             .iova = 1 << 24, .size = 1 << 20};
+        result("map_bar", ioctl(container, VFIO_IOMMU_MAP_DMA, &m));
+        printf("bar_charged_kb=%ld\n", vm("VmLck") - before);
+        uint64_t *ram = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        m.vaddr = (uintptr_t)ram;
+        m.iova = 2 << 24;
+        m.size = 4096;
+        result("map_ram", ioctl(container, VFIO_IOMMU_MAP_DMA, &m));
+        ram[0] = 0x1122334455ull;
+        uint64_t steps[4][3] = {{2 << 24, 0x40000, 1},             /* RAM -> B's buffer */
+                                {0x40000, (1 << 24) + 0x80, 3},    /* B's buffer -> A's DMA source register */
+                                {1 << 24, 0x40000, 1},             /* A's identification -> B's buffer */
+                                {0x40000, (2 << 24) + 8, 3}};      /* -> RAM */
+        for (int i = 0; i < 4; i++) {
+            *(volatile uint64_t *)(barb + 0x80) = steps[i][0];
+            *(volatile uint64_t *)(barb + 0x88) = steps[i][1];
+            *(volatile uint64_t *)(barb + 0x90) = i < 2 ? 8 : 4;
+            *(volatile uint64_t *)(barb + 0x98) = steps[i][2];
+            while (*(volatile uint64_t *)(barb + 0x98) & 1)
+                ;
+        }
+        printf("a_dma_src=%#llx\n", (unsigned long long)*(volatile uint64_t *)(bara + 0x80));
+        printf("a_ident_via_b=%#x\n", (unsigned)(ram[1] & 0xffffffff));
+        struct vfio_iommu_type1_dma_unmap u = {.argsz = sizeof u, .iova = 1 << 24, .size = 1 << 20};
+        result("unmap_bar", ioctl(container, VFIO_IOMMU_UNMAP_DMA, &u));
+        return 0;
+    }
+    if (!strcmp(cmd, "argwindow")) {
+        /* The shim sends a copy of an ioctl's struct with the call: the kernel's
+         * faults must stay where they were. */
+        setup(gid, 0);
+        if (spapr)
+            ioctl(container, VFIO_IOMMU_ENABLE);
+        long pg = sysconf(_SC_PAGESIZE);
+        uint8_t *two = mmap(NULL, 2 * pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        mprotect(two + pg, pg, PROT_NONE);
+        uint32_t *edge = (uint32_t *)(two + pg - 8);      /* argsz and flags readable, the rest not */
+        edge[0] = 64;
+        edge[1] = 0;
+        result("info_straddles_guard", ioctl(container, VFIO_IOMMU_GET_INFO, edge));
+        uint8_t *ro = mmap(NULL, pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        *(uint32_t *)ro = 64;
+        mprotect(ro, pg, PROT_READ);                       /* read, checked, then no room for the answer */
+        result("info_readonly", ioctl(container, VFIO_IOMMU_GET_INFO, ro));
+        char tmpl[] = "/tmp/vfiosim-argwindow-XXXXXX";
+        int f = mkstemp(tmpl);
+        unlink(tmpl);
+        uint8_t *past = mmap(NULL, pg, PROT_READ | PROT_WRITE, MAP_SHARED, f, 0);   /* past EOF: SIGBUS */
+        result("info_past_eof", ioctl(container, VFIO_IOMMU_GET_INFO, past));
+        uint8_t *across = mmap(NULL, 2 * pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        uint8_t *info = across + pg - 8;                   /* readable and writable on both pages */
+        memset(info, 0xff, 64);
+        *(uint32_t *)info = 64;
+        result("info_across_pages", ioctl(container, VFIO_IOMMU_GET_INFO, info));
+        printf("info_filled=%d\n", *(uint32_t *)(info + 12) != 0xffffffffu);
+        struct vfio_iommu_type1_dma_map map = {.argsz = sizeof map, .flags = 3, .vaddr = (uintptr_t)across,
+                                               .iova = 0, .size = pg};
+        result("map", ioctl(container, VFIO_IOMMU_MAP_DMA, &map));
+        struct vfio_iommu_type1_dma_unmap unmap = {.argsz = sizeof unmap, .iova = 0, .size = pg};
+        uint8_t *unmap_ro = mmap(NULL, pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        memcpy(unmap_ro, &unmap, sizeof unmap);
+        mprotect(unmap_ro, pg, PROT_READ);                 /* Type1 writes the size back, sPAPR does not */
+        result("unmap_readonly", ioctl(container, VFIO_IOMMU_UNMAP_DMA, unmap_ro));
+        result("unmap_again", ioctl(container, VFIO_IOMMU_UNMAP_DMA, &unmap));
+        printf("unmap_again_size=%llu\n", (unsigned long long)unmap.size);
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = on_sigbus;
+        sigaction(SIGBUS, &sa, NULL);
+        raise(SIGBUS);
+        printf("own_sigbus=%d\n", sigbus_seen);
         return 0;
     }
     if (!strcmp(cmd, "fork")) {

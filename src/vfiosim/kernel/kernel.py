@@ -23,7 +23,7 @@ from .eventfd import EFD_CLOEXEC, EFD_NONBLOCK, EFD_SEMAPHORE, EventFd
 from .faults import FaultInjector
 from .fs import DeviceNode, DirectoryFile, File, NullFile
 from .log import KernelLog
-from .mm import MM, PROT_WRITE, AddressSpace, PhysicalMemory
+from .mm import MM, PROT_WRITE, AddressSpace, PhysicalMemory, Vma
 from .syscall import SyscallGate
 from .platform.base import Platform
 from .task import Task
@@ -473,6 +473,14 @@ class Kernel:
         self.sys_mmap_check(task, fd, offset, length, prot, shared)
         return task.files.get(fd).get()
 
+    def host_device_vma(self, task: Task, file: File, offset: int, start: int, length: int, prot: int) -> Vma:
+        """The VMA a real process's mapping of a device file (sys_mmap_host) is,
+        at ``start``: a VM_PFNMAP mapping of the device's pages, as
+        :meth:`sys_mmap` makes in-process; what its address space's find_vma()
+        gives for it (the transport holds the vm_file reference)."""
+        obj, pgoff = file.mmap_pages(offset)
+        return Vma(start, start + length, prot, obj, pgoff, kind="pfnmap", ops=_FileMapping(file, task, offset - pgoff))
+
     def mmap_access(self, task: Task, file: File, offset: int, size: int, value: int | None) -> int:
         """A load (``value`` None) or store of ``size`` bytes at ``offset`` of a
         mapping of ``file`` (offset in the file's mmap space)."""
@@ -486,9 +494,10 @@ class Kernel:
     def munmap_file(self, task: Task, file: File) -> None:
         file.put(task)
 
-    def mmap_posted_writes(self, file: File, offset: int, length: int) -> list[tuple[int, int]]:
+    def mmap_posted_writes(self, file: File, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """Where a store through a mapping of ``file`` may be posted (from the
-        mapping's start), as the device model declares its registers."""
+        mapping's start), and whether it has side effects (to be performed at
+        once), as the device model declares its registers."""
         ranges = getattr(file, "mmap_posted_writes", None)
         return ranges(offset, length) if ranges is not None else []
 

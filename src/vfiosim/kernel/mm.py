@@ -107,6 +107,11 @@ class PhysicalPages(Protocol):
     pins: int
     users: int
     pinnable: bool
+    # Pages whose RAM goes back with their last pin (None: none), and what
+    # dropping pins does to them.
+    unmapped: np.ndarray | None
+
+    def unpinned(self, p0: int, n: int) -> None: ...
 
     def read_at(self, off: int, n: int) -> bytes: ...
 
@@ -423,7 +428,7 @@ class PhysicalMemory:
                 raise KernelBug(f"page pin count below zero in {obj!r}")
             seg -= 1
         obj.pins -= n
-        if isinstance(obj, MemoryObject) and obj.unmapped is not None:
+        if obj.unmapped is not None:
             obj.unpinned(p0, n)
         self.release_if_unused(obj)
 
@@ -481,7 +486,7 @@ class PhysicalMemory:
             if obj.pincount.min(initial=0) < 0:
                 raise KernelBug(f"page pin count below zero in {obj!r}")
             obj.pins -= int(pages.size)
-            if isinstance(obj, MemoryObject) and obj.unmapped is not None:
+            if obj.unmapped is not None:
                 lo, hi = int(pages.min()), int(pages.max()) + 1
                 obj.unpinned(lo, hi - lo)
             self.release_if_unused(obj)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 from errno import EINVAL, EPERM
+from typing import Callable
 
 from .cred import CAP_SETUID, CAP_SYS_RESOURCE, Cred
 from .errors import fail
@@ -14,18 +15,52 @@ RLIM_INFINITY = resource.RLIM_INFINITY
 
 
 class Task:
-    """One simulated process: an mm, an fd table, credentials and rlimits."""
+    """One simulated process: an mm, an fd table, credentials and rlimits.
+
+    Where the task stands for a real process (``vfiosim run``), the
+    credentials and RLIMIT_MEMLOCK are the real process's: the transport
+    sets ``creds_stale`` when a call begins and ``refresh_creds`` takes them
+    again the first time the call consults them -- at every privileged
+    decision, and only then."""
 
     def __init__(self, pid: int, comm: str, cred: Cred, mm: AddressSpace,
                  rlimit_memlock: tuple[int, int]) -> None:
         self.pid = pid
         self.comm = comm
-        self.cred = cred
+        self._cred = cred
         self.mm = mm
         self.files = FdTable()
         self.files.owner = self
-        self.rlimits: dict[int, tuple[int, int]] = {resource.RLIMIT_MEMLOCK: rlimit_memlock}
+        self._rlimits: dict[int, tuple[int, int]] = {resource.RLIMIT_MEMLOCK: rlimit_memlock}
         self.alive = True
+        self.creds_stale = False
+        self.refresh_creds: Callable[[], None] | None = None
+
+    def _refresh(self) -> None:
+        self.creds_stale = False
+        if self.refresh_creds is not None:
+            self.refresh_creds()
+
+    def take_creds(self) -> None:
+        """Take the real process's credentials now, if a call began since they were last taken."""
+        if self.creds_stale:
+            self._refresh()
+
+    @property
+    def cred(self) -> Cred:
+        if self.creds_stale:
+            self._refresh()
+        return self._cred
+
+    @cred.setter
+    def cred(self, cred: Cred) -> None:
+        self._cred = cred
+
+    @property
+    def rlimits(self) -> dict[int, tuple[int, int]]:
+        if self.creds_stale:
+            self._refresh()
+        return self._rlimits
 
     def capable(self, cap: int) -> bool:
         return self.cred.capable(cap)
@@ -54,8 +89,8 @@ class Task:
     def set_creds(self, cred: Cred, rlimit_memlock: tuple[int, int]) -> None:
         """Take credentials and RLIMIT_MEMLOCK from outside (a real process's
         /proc/<pid>, read by the transport before a call)."""
-        self.cred = cred
-        self.rlimits[resource.RLIMIT_MEMLOCK] = rlimit_memlock
+        self._cred = cred
+        self._rlimits[resource.RLIMIT_MEMLOCK] = rlimit_memlock
 
     def setuid(self, uid: int) -> None:
         """setuid(2): privileged sets all ids; otherwise only to ruid/suid.

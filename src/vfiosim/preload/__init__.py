@@ -1,10 +1,11 @@
 """The C parts of ``vfiosim run``: the LD_PRELOAD shim (vfiosim_preload.c)
-and the daemon's helper library (vfiosim_daemon.c), which share the wire
-declarations of vfiosim_protocol.h.
+and the daemon's side of the channel (vfiosim_daemon.c, a CPython extension
+module), which share the wire declarations of vfiosim_protocol.h.
 
 ``pip install`` builds both next to this file (setup.py); a source checkout
 used in place (``PYTHONPATH=src``) builds them on first use into a cache
-directory, keyed by the sources' hash.  Needs only a C compiler and libc.
+directory, keyed by the sources' hash.  Needs only a C compiler, libc and
+Python's headers.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sysconfig
 import tempfile
 from pathlib import Path
+from types import ModuleType
 
 SOURCE = "vfiosim_preload.c"
 DAEMON_SOURCE = "vfiosim_daemon.c"
@@ -32,8 +35,9 @@ def _cache_dir() -> Path:
     return Path(base) / "vfiosim"
 
 
-def compile_shim(source: str | os.PathLike[str], output: str | os.PathLike[str]) -> None:
-    """Compile the shim with the system C compiler."""
+def compile_shim(source: str | os.PathLike[str], output: str | os.PathLike[str], python: bool = False) -> None:
+    """Compile the shim with the system C compiler (``python``: a CPython
+    extension module, against this interpreter's headers)."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise ShimBuildError("no C compiler (cc or gcc) to build the vfiosim preload library")
@@ -42,7 +46,10 @@ def compile_shim(source: str | os.PathLike[str], output: str | os.PathLike[str])
     fd, tmp = tempfile.mkstemp(prefix=out.name, suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *CFLAGS, "-I", str(Path(source).parent), "-o", tmp, str(source), *LIBS],
+        includes = ["-I", str(Path(source).parent)]
+        if python:
+            includes += ["-I", sysconfig.get_paths()["include"]]
+        proc = subprocess.run([cc, *CFLAGS, *includes, "-o", tmp, str(source), *LIBS],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise ShimBuildError(f"building the vfiosim preload library failed:\n{proc.stderr}")
@@ -59,15 +66,35 @@ def library_path() -> str:
 
 
 def daemon_library_path() -> str:
-    """Absolute path of the daemon's helper library, building it if needed."""
-    return _built(DAEMON_SOURCE, "_vfiosim_daemon", "libvfiosim_daemon")
+    """Absolute path of the daemon's extension module, building it if needed."""
+    return _built(DAEMON_SOURCE, "_vfiosim_daemon", f"libvfiosim_daemon-{sysconfig.get_config_var('SOABI')}",
+                  python=True)
 
 
-def _built(source: str, ext_name: str, lib_name: str) -> str:
+def daemon_module() -> ModuleType:
+    """The daemon's extension module (vfiosim_daemon.c), loaded from
+    :func:`daemon_library_path`."""
+    import importlib.machinery
+    import importlib.util
+    name = f"{__name__}._vfiosim_daemon"
+    loader = importlib.machinery.ExtensionFileLoader(name, daemon_library_path())
+    spec = importlib.util.spec_from_file_location(name, loader.path, loader=loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def _built(source: str, ext_name: str, lib_name: str, python: bool = False) -> str:
     here = Path(__file__).resolve().parent
     src = here / source
     header = here / HEADER
-    built = sorted(here.glob(f"{ext_name}*.so")) + sorted(here.glob(f"{lib_name}.so"))
+    if python:                          # an extension module: built for this interpreter only
+        import importlib.machinery
+        built = [here / f"{ext_name}{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES
+                 if (here / f"{ext_name}{suffix}").exists()]
+    else:
+        built = sorted(here.glob(f"{ext_name}*.so")) + sorted(here.glob(f"{lib_name}.so"))
     installed = any(part in ("site-packages", "dist-packages") for part in here.parts)
     newest = max((p.stat().st_mtime for p in (src, header) if p.exists()), default=0.0)
     if built and (installed or not src.exists() or built[0].stat().st_mtime >= newest):
@@ -81,7 +108,7 @@ def _built(source: str, ext_name: str, lib_name: str) -> str:
         if out.exists():
             return str(out)
         try:
-            compile_shim(src, out)
+            compile_shim(src, out, python)
         except OSError:
             continue                    # not writable: the next place
         return str(out)

@@ -1,41 +1,46 @@
 /*
- * vfiosim_daemon.c -- the daemon's side of the shared-memory channel, in C.
+ * vfiosim_daemon.c -- the daemon's side of the shared-memory channel, in C:
+ * the CPython extension module vfiosim.preload._vfiosim_daemon, used by
+ * src/vfiosim/transport/native.py.  What is here is what Python cannot do
+ * cheaply or at all:
  *
- * Loaded by src/vfiosim/transport/native.py with ctypes (which releases the
- * GIL around every call, so a thread waiting here for its program's next
- * request does not hold up the others).  What is here is what Python cannot
- * do cheaply or at all:
- *
- *  - waiting on a channel: spin briefly, then sleep with futex(2); publishing
- *    a reply and waking the program (vfiosim_protocol.h describes the channel);
- *    copying a request out of shared memory before anything looks at it, so a
- *    program cannot change it under the daemon's feet;
+ *  - serving a channel (vfiosim_protocol.h describes it): publishing a reply,
+ *    waking the program, waiting for the next request -- spinning while the
+ *    program is calling back to back, sleeping with futex(2) otherwise -- and
+ *    copying the request out of shared memory before anything looks at it, so
+ *    a program cannot change it under the daemon's feet.  One call per
+ *    request, the GIL released while waiting: the hot path of the daemon;
  *  - a program's credentials in three system calls (PIDFD_GET_INFO, capget,
- *    prlimit), cheap enough to check before every call;
+ *    prlimit), cheap enough to take at every privileged decision;
  *  - copy_from_user/copy_to_user through a /proc/<pid>/mem fd bound to the
  *    program's address space, honouring the protection PROCMAP_QUERY reports
- *    for each mapping, as the kernel's uaccess does;
+ *    for each mapping, as the kernel's uaccess does; a device's DMA through
+ *    the same fd;
  *  - acting with a program's credentials: raw setresuid/setresgid/setgroups
  *    change this thread's credentials only (glibc's would change every
  *    thread's), so the host kernel itself checks what the daemon opens for
  *    the program.
  *
- * Written for x86-64 Linux.  Depends only on libc.
+ * Written for x86-64 Linux.  Depends on libc and the Python C API only.
  */
-#define _GNU_SOURCE
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
 #include <errno.h>
+#include <sched.h>
+#include <fcntl.h>
+#include <sched.h>
 #include <linux/futex.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "vfiosim_protocol.h"
-
-#define EXPORT __attribute__((visibility("default")))
 
 /* ---------------------------------------------------------------- credentials */
 
@@ -46,11 +51,6 @@ struct pidfd_info {                  /* <linux/pidfd.h>, Linux 6.13 (PIDFD_INFO_
 #define PIDFD_INFO_CREDS (1ull << 1)
 #define PIDFD_GET_INFO _IOWR(0xFF, 11, struct pidfd_info)
 
-struct vd_creds {
-    uint32_t ruid, euid, suid, fsuid, rgid, egid, sgid, fsgid;
-    uint64_t cap_eff, cap_prm, memlock_cur, memlock_max;
-};
-
 struct cap_header {
     uint32_t version;
     int pid;
@@ -59,277 +59,152 @@ struct cap_data {
     uint32_t effective, permitted, inheritable;
 };
 
+/* (ruid, euid, suid, fsuid, rgid, egid, sgid, fsgid, cap_eff, cap_prm, memlock_cur, memlock_max) */
+#define NCREDS 12
+
 /*
  * The credentials of process `pid` (whose pidfd is `pidfd`), in three system
  * calls.  0, or -errno: -ESRCH if it is gone, -ENOTTY if the kernel has no
  * PIDFD_GET_INFO (before 6.13: read /proc/<pid>/status instead).  The pidfd
  * is asked last: if it still answers, the pid was not reused in between.
  */
-EXPORT int vd_creds(int pidfd, int pid, struct vd_creds *out)
+static int read_creds(int pidfd, int pid, uint64_t *out)
 {
     struct cap_header h = {0x20080522, pid}; /* _LINUX_CAPABILITY_VERSION_3 */
     struct cap_data d[2];
     if (syscall(SYS_capget, &h, d) < 0)
         return -errno;
-    out->cap_eff = d[0].effective | (uint64_t)d[1].effective << 32;
-    out->cap_prm = d[0].permitted | (uint64_t)d[1].permitted << 32;
+    out[8] = d[0].effective | (uint64_t)d[1].effective << 32;
+    out[9] = d[0].permitted | (uint64_t)d[1].permitted << 32;
     struct rlimit rl;
     if (syscall(SYS_prlimit64, pid, RLIMIT_MEMLOCK, NULL, &rl) < 0)
         return -errno;
-    out->memlock_cur = rl.rlim_cur;
-    out->memlock_max = rl.rlim_max;
+    out[10] = rl.rlim_cur;
+    out[11] = rl.rlim_max;
     struct pidfd_info info;
     memset(&info, 0, sizeof info);
     info.mask = PIDFD_INFO_CREDS;
     if (ioctl(pidfd, PIDFD_GET_INFO, &info) < 0)
         return errno == EINVAL || errno == ENOTTY ? -ENOTTY : -errno;
-    out->ruid = info.ruid;
-    out->euid = info.euid;
-    out->suid = info.suid;
-    out->fsuid = info.fsuid;
-    out->rgid = info.rgid;
-    out->egid = info.egid;
-    out->sgid = info.sgid;
-    out->fsgid = info.fsgid;
+    uint32_t ids[8] = {info.ruid, info.euid, info.suid, info.fsuid, info.rgid, info.egid, info.sgid, info.fsgid};
+    for (int i = 0; i < 8; i++)
+        out[i] = ids[i];
     return 0;
 }
 
-/* ---------------------------------------------------------------- the channel */
-
-static inline uint32_t load_acq(const uint32_t *p)
+static PyObject *raise_errno(int err)
 {
-    return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+    errno = err;
+    return PyErr_SetFromErrno(PyExc_OSError);
 }
 
-static uint64_t now_ns(void)
+static PyObject *py_creds(PyObject *self, PyObject *args)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static long futex(uint32_t *addr, int op, uint32_t val, const struct timespec *ts)
-{
-    return syscall(SYS_futex, addr, op, val, ts, NULL, 0);
-}
-
-/* A new request.  Posted stores alone wake nobody: they are performed, in a
- * batch, before the next request or when the wait times out, instead of
- * costing the daemon a Python call while the program goes on posting. */
-static inline int pending(struct vchan *ch, uint32_t last)
-{
-    return load_acq(&ch->prog.req_seq) != last;
-}
-
-/* How long to spin before sleeping: twice what the program took to come back
- * lately when spinning caught it, halved whenever it did not (on a busy
- * machine, where the program is seldom back in time, the thread sleeps at
- * once instead of taking a CPU the program needs). */
-#define SPIN_MIN_NS 2000u
-#define SPIN_MAX_NS 100000u
-
-static void spin_caught(uint32_t *budget, uint64_t took_ns)
-{
-    uint64_t want = 2 * took_ns + SPIN_MIN_NS, b = *budget;
-    b = (7 * b + (want > SPIN_MAX_NS ? SPIN_MAX_NS : want)) / 8;
-    *budget = (uint32_t)(b < SPIN_MIN_NS ? SPIN_MIN_NS : b);
-}
-
-static void spin_missed(uint32_t *budget)
-{
-    *budget = *budget / 2 < SPIN_MIN_NS ? SPIN_MIN_NS : *budget / 2;
-}
-
-/*
- * Wait until the program has posted a request after `last`, `*stop` is set,
- * or `timeout_ms` passed.  Spins for up to
- * `*budget` ns first (and adapts it).  Returns 1 (something to do), 0
- * (timeout) or -1 (stop).  The request itself is copied out by
- * vd_take_request().
- */
-EXPORT int vd_wait(struct vchan *ch, uint32_t last, const volatile uint32_t *stop, uint32_t *budget,
-                   int timeout_ms)
-{
-    uint64_t start = now_ns(), spin = *budget;
-    for (unsigned i = 0;; i++) {
-        if (*stop)
-            return -1;
-        if (pending(ch, last)) {
-            spin_caught(budget, now_ns() - start);
-            return 1;
+    int pidfd, pid, r;
+    uint64_t c[NCREDS];
+    if (!PyArg_ParseTuple(args, "ii", &pidfd, &pid))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    r = read_creds(pidfd, pid, c);
+    Py_END_ALLOW_THREADS
+    if (r < 0)
+        return raise_errno(-r);
+    PyObject *t = PyTuple_New(NCREDS);
+    if (!t)
+        return NULL;
+    for (int i = 0; i < NCREDS; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(c[i]);
+        if (!v) {
+            Py_DECREF(t);
+            return NULL;
         }
-        if ((i & 15) == 15 && now_ns() - start >= spin)
-            break;
-        __builtin_ia32_pause();
+        PyTuple_SET_ITEM(t, i, v);
     }
-    spin_missed(budget);
-    uint64_t end = start + (uint64_t)timeout_ms * 1000000u;
-    for (;;) {
-        __atomic_store_n(&ch->daemon.daemon_waiting, 1, __ATOMIC_SEQ_CST);
-        if (*stop || pending(ch, last)) {
-            __atomic_store_n(&ch->daemon.daemon_waiting, 0, __ATOMIC_RELAXED);
-            return *stop ? -1 : 1;
-        }
-        uint64_t t = now_ns();
-        if (t >= end) {
-            __atomic_store_n(&ch->daemon.daemon_waiting, 0, __ATOMIC_RELAXED);
-            return 0;
-        }
-        uint64_t left = end - t;
-        struct timespec ts = {(time_t)(left / 1000000000u), (long)(left % 1000000000u)};
-        futex(&ch->prog.req_seq, FUTEX_WAIT, last, &ts);
-        __atomic_store_n(&ch->daemon.daemon_waiting, 0, __ATOMIC_RELAXED);
-        if (*stop)
-            return -1;
-        if (pending(ch, last))
-            return 1;
-    }
-}
-
-/* Copy the request (header, then `len` bytes of payload, clamped) out of the
- * channel into `out` (sizeof(struct vreq) + VMAX_PAYLOAD bytes); returns the
- * request's sequence number. */
-EXPORT uint32_t vd_take_request(struct vchan *ch, uint8_t *out)
-{
-    uint32_t seq = load_acq(&ch->prog.req_seq);
-    struct vreq rq;
-    memcpy(&rq, (const void *)&ch->req, sizeof rq);
-    uint32_t len = rq.len;
-    memcpy(out, &rq, sizeof rq);
-    memcpy(out + sizeof rq, (const void *)ch->req_payload, len > VMAX_PAYLOAD ? VMAX_PAYLOAD : len);
-    return seq;
-}
-
-/* Publish a reply (header and payload, `len` bytes in all) for request `seq`, and wake the program. */
-EXPORT void vd_reply(struct vchan *ch, uint32_t seq, const uint8_t *rep, uint32_t len)
-{
-    if (len > sizeof(struct vrep) + sizeof ch->rep_payload)
-        len = sizeof(struct vrep) + sizeof ch->rep_payload;
-    memcpy((void *)&ch->rep, rep, len < sizeof(struct vrep) ? len : sizeof(struct vrep));
-    if (len > sizeof(struct vrep))
-        memcpy((void *)ch->rep_payload, rep + sizeof(struct vrep), len - sizeof(struct vrep));
-    __atomic_store_n(&ch->daemon.rep_seq, seq, __ATOMIC_SEQ_CST);
-    if (load_acq(&ch->prog.prog_waiting))
-        futex(&ch->daemon.rep_seq, FUTEX_WAKE, 1, NULL);
-}
-
-/* Wake the daemon thread that waits on this channel (its stop flag is set). */
-EXPORT void vd_wake(struct vchan *ch)
-{
-    futex(&ch->prog.req_seq, FUTEX_WAKE, 1, NULL);
-}
-
-/* Copy out up to `max` posted stores, oldest first, and consume them.
- * Returns how many, or -1 if the program's ring head is impossible. */
-EXPORT int vd_take_posts(struct vchan *ch, struct vpost *out, int max)
-{
-    uint32_t head = load_acq(&ch->prog.ring_head);
-    uint32_t tail = ch->daemon.ring_tail;
-    uint32_t n = head - tail;
-    if (n > VRING)
-        return -1;
-    if (n > (uint32_t)max)
-        n = (uint32_t)max;
-    for (uint32_t i = 0; i < n; i++)
-        memcpy(&out[i], (const void *)&ch->ring[(tail + i) % VRING], sizeof *out);
-    __atomic_store_n(&ch->daemon.ring_tail, tail + n, __ATOMIC_RELEASE);
-    return (int)n;
-}
-
-/* One connection's serving state, owned by its thread (transport/native.py). */
-struct vd_session {
-    struct vchan *ch;
-    uint32_t stop;                   /* set by another thread to end the wait */
-    uint32_t budget;                 /* ns to spin before sleeping (learnt) */
-    uint32_t seq;                    /* the last request taken */
-    int32_t pidfd, pid;              /* whose credentials to check before each request (pidfd < 0: none) */
-    uint32_t flags;                  /* out: VD_* */
-    int32_t creds_errno;             /* out, with VD_CREDS_ERROR */
-    uint32_t pad;
-    struct vd_creds creds;           /* the last credentials seen */
-    uint8_t req[sizeof(struct vreq) + VMAX_PAYLOAD];   /* out: the request, copied out of the channel */
-};
-#define VD_CREDS_CHANGED 1u
-#define VD_CREDS_ERROR 2u
-#define VD_POSTS 4u
-
-/*
- * Publish the reply to the last request (if `replen`), then wait for the next
- * one: 1 when a request was copied into s->req (with s->flags saying whether
- * the program's credentials changed and whether stores were posted before it),
- * 2 when only posted stores wait, 0 on timeout, -1 when stopped.  One foreign
- * call per request: the hot path of the daemon.
- */
-EXPORT int vd_next(struct vd_session *s, const uint8_t *rep, uint32_t replen, int timeout_ms)
-{
-    struct vchan *ch = s->ch;
-    if (replen)
-        vd_reply(ch, s->seq, rep, replen);
-    int r = vd_wait(ch, s->seq, &s->stop, &s->budget, timeout_ms);
-    if (r != 1)
-        return r;
-    uint32_t flags = 0;
-    if (load_acq(&ch->prog.ring_head) != ch->daemon.ring_tail)
-        flags |= VD_POSTS;
-    if (load_acq(&ch->prog.req_seq) == s->seq) {
-        s->flags = flags;
-        return 2;
-    }
-    s->seq = vd_take_request(ch, s->req);
-    if (s->pidfd >= 0) {
-        struct vd_creds c;
-        int e = vd_creds(s->pidfd, s->pid, &c);
-        if (e < 0) {
-            flags |= VD_CREDS_ERROR;
-            s->creds_errno = -e;
-        } else if (memcmp(&c, &s->creds, sizeof c)) {
-            s->creds = c;
-            flags |= VD_CREDS_CHANGED;
-        }
-    }
-    s->flags = flags;
-    return 1;
+    return t;
 }
 
 /* ---------------------------------------------------------------- acting as the program */
 
+static int gid_list(PyObject *seq, gid_t *out, int max)
+{
+    PyObject *fast = PySequence_Fast(seq, "groups must be a sequence");
+    if (!fast)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    if (n > max) {
+        Py_DECREF(fast);
+        PyErr_SetString(PyExc_ValueError, "too many groups");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long v = PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(fast, i));
+        if (v == (unsigned long)-1 && PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return -1;
+        }
+        out[i] = (gid_t)v;
+    }
+    Py_DECREF(fast);
+    return (int)n;
+}
+
 /* This thread takes uid/gid (real, effective, saved-for-gid, filesystem) and
- * supplementary groups; the saved uid stays 0 so that vd_as_root() can come
+ * supplementary groups; the saved uid stays 0 so that as_root() can come
  * back.  Leaving euid 0 clears the effective capabilities, so the kernel checks
  * what the thread does as it would for the program.  Needs CAP_SETUID/SETGID. */
-EXPORT int vd_as_user(uint32_t uid, uint32_t gid, int ngroups, const uint32_t *groups)
+static PyObject *py_as_user(PyObject *self, PyObject *args)
 {
-    if (syscall(SYS_setgroups, (size_t)ngroups, groups) < 0)
-        return -errno;
-    if (syscall(SYS_setresgid, gid, gid, gid) < 0)
-        return -errno;
-    if (syscall(SYS_setresuid, uid, uid, 0) < 0)
-        return -errno;
-    return 0;
+    unsigned int uid, gid;
+    PyObject *groups;
+    gid_t g[256];
+    if (!PyArg_ParseTuple(args, "IIO", &uid, &gid, &groups))
+        return NULL;
+    int n = gid_list(groups, g, 256);
+    if (n < 0)
+        return NULL;
+    if (syscall(SYS_setgroups, (size_t)n, g) < 0 || syscall(SYS_setresgid, gid, gid, gid) < 0 ||
+        syscall(SYS_setresuid, uid, uid, 0) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
 }
 
-/* Back to root, with these supplementary groups. */
-EXPORT int vd_as_root(uint32_t gid, int ngroups, const uint32_t *groups)
+/* Back to root, with this gid and these supplementary groups. */
+static PyObject *py_as_root(PyObject *self, PyObject *args)
 {
-    if (syscall(SYS_setresuid, 0, 0, 0) < 0)
-        return -errno;
-    if (syscall(SYS_setresgid, gid, gid, gid) < 0)
-        return -errno;
-    if (syscall(SYS_setgroups, (size_t)ngroups, groups) < 0)
-        return -errno;
-    return 0;
+    unsigned int gid;
+    PyObject *groups;
+    gid_t g[65536 / sizeof(gid_t)];
+    if (!PyArg_ParseTuple(args, "IO", &gid, &groups))
+        return NULL;
+    int n = gid_list(groups, g, (int)(sizeof g / sizeof g[0]));
+    if (n < 0)
+        return NULL;
+    if (syscall(SYS_setresuid, 0, 0, 0) < 0 || syscall(SYS_setresgid, gid, gid, gid) < 0 ||
+        syscall(SYS_setgroups, (size_t)n, g) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
 }
 
-EXPORT int vd_kcmp_file(int pid1, int pid2, int fd1, int fd2)
+static PyObject *py_kcmp_file(PyObject *self, PyObject *args)
 {
+    int pid1, pid2, fd1, fd2;
+    if (!PyArg_ParseTuple(args, "iiii", &pid1, &pid2, &fd1, &fd2))
+        return NULL;
     long r = syscall(SYS_kcmp, pid1, pid2, 0 /* KCMP_FILE */, fd1, fd2);
-    return r < 0 ? -errno : (int)r;
+    if (r < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(r);
 }
 
-EXPORT int vd_pidfd_getfd(int pidfd, int fd)
+static PyObject *py_pidfd_getfd(PyObject *self, PyObject *args)
 {
+    int pidfd, fd;
+    if (!PyArg_ParseTuple(args, "ii", &pidfd, &fd))
+        return NULL;
     long r = syscall(438 /* SYS_pidfd_getfd */, pidfd, fd, 0);
-    return r < 0 ? -errno : (int)r;
+    if (r < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(r);
 }
 
 /* ---------------------------------------------------------------- a program's memory */
@@ -347,9 +222,9 @@ struct procmap_query {               /* <linux/fs.h>, Linux 6.11 */
 #define PROCMAP_QUERY_COVERING_OR_NEXT_VMA 0x10
 
 /* The mapping holding `addr` (or, with `or_next`, the first one after it):
- * out = {start, end, flags (PROCMAP_QUERY_VMA_*)}.  0, -ENOENT (none), -ENOTTY
- * (no PROCMAP_QUERY: before Linux 6.11), -ESRCH (the address space is gone). */
-EXPORT int vd_vma(int maps_fd, uint64_t addr, int or_next, uint64_t *out)
+ * out = {start, end, flags (PROCMAP_QUERY_VMA_*), inode}.  0, -ENOENT (none),
+ * -ENOTTY (no PROCMAP_QUERY: before Linux 6.11), -ESRCH (the address space is gone). */
+static int vma_at(int maps_fd, uint64_t addr, int or_next, uint64_t *out)
 {
     struct procmap_query q;
     memset(&q, 0, sizeof q);
@@ -361,6 +236,7 @@ EXPORT int vd_vma(int maps_fd, uint64_t addr, int or_next, uint64_t *out)
     out[0] = q.vma_start;
     out[1] = q.vma_end;
     out[2] = q.vma_flags;
+    out[3] = q.inode;
     return 0;
 }
 
@@ -368,11 +244,11 @@ EXPORT int vd_vma(int maps_fd, uint64_t addr, int or_next, uint64_t *out)
  * (the kernel's uaccess reads any accessible x86 mapping: write implies read). */
 static int check_access(int maps_fd, uint64_t addr, uint64_t n, uint64_t need)
 {
-    uint64_t end = addr + n, vma[3];
+    uint64_t end = addr + n, vma[4];
     if (end < addr)
         return -EFAULT;
     while (addr < end) {
-        int r = vd_vma(maps_fd, addr, 0, vma);
+        int r = vma_at(maps_fd, addr, 0, vma);
         if (r == -ENOENT || r == -ESRCH)
             return -EFAULT;
         if (r < 0)
@@ -401,40 +277,738 @@ static int mem_rw(int mem_fd, uint64_t addr, uint64_t n, void *buf, int write)
     return 0;
 }
 
-/* copy_from_user(): -EFAULT unless all of it is mapped readable. */
-EXPORT int vd_uread(int maps_fd, int mem_fd, uint64_t addr, uint64_t n, void *buf)
+static PyObject *py_vma(PyObject *self, PyObject *args)
 {
-    if (n == 0)
-        return 0;
-    int r = check_access(maps_fd, addr, n, PROCMAP_QUERY_VMA_READABLE | PROCMAP_QUERY_VMA_WRITABLE);
-    return r < 0 ? r : mem_rw(mem_fd, addr, n, buf, 0);
+    int maps_fd, or_next, r;
+    unsigned long long addr;
+    uint64_t v[4];
+    if (!PyArg_ParseTuple(args, "iKp", &maps_fd, &addr, &or_next))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    r = vma_at(maps_fd, addr, or_next, v);
+    Py_END_ALLOW_THREADS
+    if (r == -ENOENT)
+        Py_RETURN_NONE;
+    if (r < 0)
+        return raise_errno(-r);
+    return Py_BuildValue("KKKK", (unsigned long long)v[0], (unsigned long long)v[1], (unsigned long long)v[2],
+                         (unsigned long long)v[3]);
 }
 
-/* copy_to_user(): -EFAULT unless all of it is mapped writable. */
-EXPORT int vd_uwrite(int maps_fd, int mem_fd, uint64_t addr, uint64_t n, const void *buf)
+/* copy_from_user(): bytes, or OSError(EFAULT) unless all of it is mapped
+ * readable (OSError(ENOTTY) without PROCMAP_QUERY). */
+static PyObject *py_uread(PyObject *self, PyObject *args)
 {
-    if (n == 0)
-        return 0;
-    int r = check_access(maps_fd, addr, n, PROCMAP_QUERY_VMA_WRITABLE);
-    return r < 0 ? r : mem_rw(mem_fd, addr, n, (void *)buf, 1);
+    int maps_fd, mem_fd, r;
+    unsigned long long addr;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "iiKn", &maps_fd, &mem_fd, &addr, &n))
+        return NULL;
+    if (n < 0)
+        return raise_errno(EFAULT);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n);
+    if (!out || n == 0)
+        return out;
+    char *buf = PyBytes_AS_STRING(out);
+    Py_BEGIN_ALLOW_THREADS
+    r = check_access(maps_fd, addr, (uint64_t)n, PROCMAP_QUERY_VMA_READABLE | PROCMAP_QUERY_VMA_WRITABLE);
+    if (r == 0)
+        r = mem_rw(mem_fd, addr, (uint64_t)n, buf, 0);
+    Py_END_ALLOW_THREADS
+    if (r < 0) {
+        Py_DECREF(out);
+        return raise_errno(-r);
+    }
+    return out;
+}
+
+/* copy_to_user(): OSError(EFAULT) unless all of it is mapped writable. */
+static PyObject *py_uwrite(PyObject *self, PyObject *args)
+{
+    int maps_fd, mem_fd, r;
+    unsigned long long addr;
+    Py_buffer b;
+    if (!PyArg_ParseTuple(args, "iiKy*", &maps_fd, &mem_fd, &addr, &b))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    r = b.len == 0 ? 0 : check_access(maps_fd, addr, (uint64_t)b.len, PROCMAP_QUERY_VMA_WRITABLE);
+    if (r == 0 && b.len)
+        r = mem_rw(mem_fd, addr, (uint64_t)b.len, b.buf, 1);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&b);
+    if (r < 0)
+        return raise_errno(-r);
+    Py_RETURN_NONE;
 }
 
 /* A device's DMA: reaches the pages whatever the CPU's protection is now. */
-EXPORT int vd_dma(int mem_fd, uint64_t addr, uint64_t n, void *buf, int write)
+static PyObject *py_dma_read(PyObject *self, PyObject *args)
 {
-    return mem_rw(mem_fd, addr, n, buf, write);
+    int mem_fd, r;
+    unsigned long long addr;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "iKn", &mem_fd, &addr, &n))
+        return NULL;
+    if (n < 0)
+        return raise_errno(EFAULT);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n);
+    if (!out || n == 0)
+        return out;
+    char *buf = PyBytes_AS_STRING(out);
+    Py_BEGIN_ALLOW_THREADS
+    r = mem_rw(mem_fd, addr, (uint64_t)n, buf, 0);
+    Py_END_ALLOW_THREADS
+    if (r < 0) {
+        Py_DECREF(out);
+        return raise_errno(-r);
+    }
+    return out;
 }
 
-/* Several DMA transfers (a NIC's burst): `n` ranges, their data one after the
- * other in `buf`. */
-EXPORT int vd_dma_many(int mem_fd, int n, const uint64_t *addrs, const uint64_t *lens, uint8_t *buf, int write)
+/* dma_read_into(mem_fd, addr, writable buffer) */
+static PyObject *py_dma_read_into(PyObject *self, PyObject *args)
 {
-    uint64_t at = 0;
-    for (int i = 0; i < n; i++) {
-        int r = mem_rw(mem_fd, addrs[i], lens[i], buf + at, write);
-        if (r < 0)
-            return r;
-        at += lens[i];
+    int mem_fd, r;
+    unsigned long long addr;
+    Py_buffer b;
+    if (!PyArg_ParseTuple(args, "iKw*", &mem_fd, &addr, &b))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    r = mem_rw(mem_fd, addr, (uint64_t)b.len, b.buf, 0);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&b);
+    if (r < 0)
+        return raise_errno(-r);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_dma_write(PyObject *self, PyObject *args)
+{
+    int mem_fd, r;
+    unsigned long long addr;
+    Py_buffer b;
+    if (!PyArg_ParseTuple(args, "iKy*", &mem_fd, &addr, &b))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    r = mem_rw(mem_fd, addr, (uint64_t)b.len, b.buf, 1);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&b);
+    if (r < 0)
+        return raise_errno(-r);
+    Py_RETURN_NONE;
+}
+
+/* Several DMA transfers (a NIC's burst), the ranges' bytes one after the other
+ * in one buffer: dma_read_ranges(mem_fd, addrs, lens, writable buffer) and
+ * dma_write_ranges(mem_fd, addrs, lens, buffer).  The GIL is released once for
+ * the whole burst; OSError at the first range that fails (the ranges before it
+ * were moved, as a device's burst stops at its first fault). */
+static PyObject *dma_ranges(PyObject *args, int write)
+{
+    int mem_fd;
+    PyObject *addrs, *lens, *fa = NULL, *fl = NULL, *result = NULL;
+    uint64_t *v = NULL;
+    Py_buffer b;
+    if (!PyArg_ParseTuple(args, write ? "iOOy*" : "iOOw*", &mem_fd, &addrs, &lens, &b))
+        return NULL;
+    if (!(fa = PySequence_Fast(addrs, "addrs must be a sequence")) ||
+        !(fl = PySequence_Fast(lens, "lens must be a sequence")))
+        goto out;
+    Py_ssize_t k = PySequence_Fast_GET_SIZE(fa);
+    if (PySequence_Fast_GET_SIZE(fl) != k) {
+        PyErr_SetString(PyExc_ValueError, "addrs and lens differ in length");
+        goto out;
+    }
+    if (k && !(v = PyMem_Malloc(2 * (size_t)k * sizeof *v))) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    uint64_t total = 0;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        v[2 * i] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(fa, i));
+        v[2 * i + 1] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(fl, i));
+        if (PyErr_Occurred())
+            goto out;
+        total += v[2 * i + 1];
+        if (v[2 * i + 1] > (uint64_t)b.len || total > (uint64_t)b.len) {
+            PyErr_SetString(PyExc_ValueError, "the ranges are longer than the buffer");
+            goto out;
+        }
+    }
+    int r = 0;
+    Py_BEGIN_ALLOW_THREADS
+    uint8_t *at = b.buf;
+    for (Py_ssize_t i = 0; i < k && r >= 0; i++) {
+        if (v[2 * i + 1])
+            r = mem_rw(mem_fd, v[2 * i], v[2 * i + 1], at, write);
+        at += v[2 * i + 1];
+    }
+    Py_END_ALLOW_THREADS
+    if (r < 0)
+        raise_errno(-r);
+    else
+        result = Py_NewRef(Py_None);
+out:
+    PyMem_Free(v);
+    Py_XDECREF(fa);
+    Py_XDECREF(fl);
+    PyBuffer_Release(&b);
+    return result;
+}
+
+static PyObject *py_dma_read_ranges(PyObject *self, PyObject *args)
+{
+    return dma_ranges(args, 0);
+}
+
+static PyObject *py_dma_write_ranges(PyObject *self, PyObject *args)
+{
+    return dma_ranges(args, 1);
+}
+
+/* ---------------------------------------------------------------- waiting */
+
+static inline uint32_t load_acq(const uint32_t *p)
+{
+    return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static long futex(uint32_t *addr, int op, uint32_t val, const struct timespec *ts)
+{
+    return syscall(SYS_futex, addr, op, val, ts, NULL, 0);
+}
+
+/*
+ * Spinning.  Waking a thread that sleeps costs a futex wake-up and, on an idle
+ * virtual CPU, an interrupt and a halt exit: tens of microseconds on this
+ * kind of VM, ten times the call itself.  So while a program calls back to
+ * back, its serving thread spins (the GIL released) for the next request,
+ * and the program spins for the reply.  Bounded, so that idle clients cost
+ * nothing and busy ones do not starve others:
+ *
+ *  - for at most `budget` ns after each reply, learnt from the program's pace:
+ *    grown when a request came just after the thread gave up, halved when
+ *    the program stayed away long;
+ *  - while the program is up (it did not sleep, or it picked up the reply:
+ *    ack_seq) and not on this CPU (it would need the CPU this spins on), or
+ *    for a while if the reply woke it;
+ *  - not after being preempted: a gap between two looks at the clock means
+ *    another thread needed this CPU;
+ *  - by at most max(1, CPUs - 1) serving threads at once, daemon-wide;
+ *  - not at all while the CPUs are contended: spins ended by contention turn
+ *    spinning off for the connection, on both sides, for a while (control()).
+ *    A call then costs two wake-ups, which on busy CPUs are cheaper than on
+ *    idle ones, and much cheaper than spinning against the thread one waits for.
+ */
+#define SPIN_MIN_NS 5000u
+#define SPIN_MAX_NS 200000u
+#define SPIN_WOKEN_NS 100000u           /* how long a program the reply woke may take to pick it up */
+#define PREEMPTED_NS 30000u             /* a gap between two looks at the clock this long: preempted */
+
+static int spinners, max_spinners = 1;
+
+static int take_spinner(void)
+{
+    int n = __atomic_load_n(&spinners, __ATOMIC_RELAXED);
+    while (n < max_spinners)
+        if (__atomic_compare_exchange_n(&spinners, &n, n + 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+            return 1;
+    return 0;
+}
+
+static void put_spinner(void)
+{
+    __atomic_fetch_sub(&spinners, 1, __ATOMIC_RELEASE);
+}
+
+static void learn(uint32_t *budget, uint64_t gap, int caught)
+{
+    uint64_t b = *budget;
+    if (caught || gap < SPIN_MAX_NS) {
+        uint64_t want = 2 * gap + SPIN_MIN_NS;        /* would have caught it, with room */
+        b = want > b ? want : (7 * b + want) / 8;
+    } else {
+        b /= 2;                                       /* the program was away: spinning did not pay */
+    }
+    *budget = (uint32_t)(b < SPIN_MIN_NS ? SPIN_MIN_NS : b > SPIN_MAX_NS ? SPIN_MAX_NS : b);
+}
+
+/* ---------------------------------------------------------------- the channel */
+
+/* Spinning is turned off for a connection when, of WINDOW requests, spins of
+ * FAILS_TO_SLEEP ended by contention (preempted, the other side on the same
+ * CPU or not running); it is tried again after `backoff` requests, a number
+ * that doubles each time it fails again and halves with each clean window. */
+#define WINDOW 32
+#define FAILS_TO_SLEEP 4
+#define BACKOFF_MIN 32
+#define BACKOFF_MAX 4096
+
+/* Out flags of Channel.next() (what came with or instead of a request). */
+#define VD_POSTS 1u                     /* posted stores wait in the ring */
+#define VD_STOPPED 2u                   /* wake() was called: the thread ends */
+#define VD_MALFORMED 4u                 /* the request's header is impossible: drop the connection */
+
+typedef struct {
+    PyObject_HEAD
+    struct vchan *ch;
+    int fd;                             /* the memfd, until handed over (close_fd) */
+    uint32_t stop;                      /* set by another thread to end the wait */
+    uint32_t budget;                    /* ns to spin before sleeping (learnt) */
+    uint32_t seq;                       /* the last request taken */
+    uint32_t wake;                      /* prog.wake_seq when the thread last looked */
+    /* Whether spinning works for this connection (see control()). */
+    uint32_t spin;                      /* 1: both sides spin (published as ch->daemon.spin) */
+    uint32_t fails;                     /* our spins that contention ended, since control() last looked */
+    uint32_t prog_fails;                /* the program's count, when control() last looked */
+    uint32_t window, window_fails;      /* requests and failed spins in this window (spin on) */
+    uint32_t sleep_left, backoff;       /* requests before spinning is tried again (spin off) */
+} Channel;
+
+static PyObject *empty_bytes;
+
+static void channel_unmap(Channel *c)
+{
+    if (c->ch) {
+        munmap(c->ch, VCHAN_SIZE);
+        c->ch = NULL;
+    }
+}
+
+static void channel_dealloc(Channel *c)
+{
+    channel_unmap(c);
+    if (c->fd >= 0)
+        close(c->fd);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+/* Channel(): a new channel in a sealed memfd (a program cannot shrink it
+ * under the daemon, whose accesses would then fault). */
+static PyObject *channel_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    Channel *c = (Channel *)type->tp_alloc(type, 0);
+    if (!c)
+        return NULL;
+    c->fd = -1;
+    c->budget = 20000;
+    c->spin = 1;
+    c->backoff = BACKOFF_MIN;
+    int fd = memfd_create("vfiosim:channel", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0)
+        goto fail;
+    c->fd = fd;
+    if (ftruncate(fd, VCHAN_SIZE) < 0 || fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0)
+        goto fail;
+    void *p = mmap(NULL, VCHAN_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED)
+        goto fail;
+    c->ch = p;
+    c->ch->daemon.spin = 1;
+    c->ch->magic = VFIOSIM_MAGIC_VERSION;
+    c->ch->size = VCHAN_SIZE;
+    return (PyObject *)c;
+fail:
+    PyErr_SetFromErrno(PyExc_OSError);
+    Py_DECREF(c);
+    return NULL;
+}
+
+static int check_open(Channel *c)
+{
+    if (!c->ch) {
+        PyErr_SetString(PyExc_ValueError, "the channel is closed");
+        return -1;
     }
     return 0;
+}
+
+/* The memfd, to hand to the program; -1 once closed. */
+static PyObject *channel_get_fd(Channel *c, void *closure)
+{
+    return PyLong_FromLong(c->fd);
+}
+
+static PyObject *channel_get_budget(Channel *c, void *closure)
+{
+    return PyLong_FromUnsignedLong(c->budget);
+}
+
+static PyObject *channel_get_spinning(Channel *c, void *closure)
+{
+    return PyBool_FromLong(c->spin);
+}
+
+static PyObject *channel_close_fd(Channel *c, PyObject *unused)
+{
+    if (c->fd >= 0) {
+        close(c->fd);
+        c->fd = -1;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *channel_close(Channel *c, PyObject *unused)
+{
+    channel_close_fd(c, NULL);
+    channel_unmap(c);
+    Py_RETURN_NONE;
+}
+
+static void control(Channel *c)
+{
+    struct vchan *ch = c->ch;
+    uint32_t pf = __atomic_load_n(&ch->prog.spin_fails, __ATOMIC_RELAXED);
+    uint32_t fails = c->fails + (pf - c->prog_fails);
+    c->prog_fails = pf;
+    c->fails = 0;
+    if (c->spin) {
+        c->window_fails += fails;
+        if (c->window_fails >= FAILS_TO_SLEEP) {
+            c->spin = 0;
+            c->sleep_left = c->backoff;
+            c->backoff = c->backoff * 2 > BACKOFF_MAX ? BACKOFF_MAX : c->backoff * 2;
+            c->window = c->window_fails = 0;
+        } else if (++c->window >= WINDOW) {
+            c->window = c->window_fails = 0;
+            if (c->backoff > BACKOFF_MIN)
+                c->backoff /= 2;
+        }
+    } else if (--c->sleep_left == 0) {
+        c->spin = 1;
+    }
+    __atomic_store_n(&ch->daemon.spin, c->spin, __ATOMIC_RELAXED);
+}
+
+/* Work arrived since the thread last looked: a request or a kicked post. */
+static inline int kicked(Channel *c)
+{
+    return load_acq(&c->ch->prog.wake_seq) != c->wake;
+}
+
+/* Wait until the program has kicked (a request, or a store with side effects
+ * posted), `stop` is set or `timeout_ms` passed (GIL released).  1 (work),
+ * 0 (timeout), -1 (stop).  `woke`: the reply to the last request woke the
+ * program. */
+static int wait_work(Channel *c, uint32_t last, int woke, int timeout_ms)
+{
+    struct vchan *ch = c->ch;
+    uint64_t start = now_ns();
+    if (c->spin && take_spinner()) {
+        uint64_t budget = c->budget, prev = start;
+        uint32_t cpu = (uint32_t)sched_getcpu();
+        __atomic_store_n(&ch->daemon.cpu, cpu, __ATOMIC_RELAXED);
+        for (unsigned i = 0;; i++) {
+            if (__atomic_load_n(&c->stop, __ATOMIC_RELAXED)) {
+                put_spinner();
+                return -1;
+            }
+            if (kicked(c)) {
+                put_spinner();
+                learn(&c->budget, now_ns() - start, 1);
+                return 1;
+            }
+            if ((i & 31) == 31) {
+                uint64_t t = now_ns();
+                if (t - start >= budget)
+                    break;
+                int contended;
+                if (!woke || load_acq(&ch->prog.ack_seq) == last)
+                    /* the program is up (it was, or it took the reply): not on our CPU */
+                    contended = __atomic_load_n(&ch->prog.cpu, __ATOMIC_RELAXED) == cpu;
+                else                  /* woken, not there yet: asleep still, or without a CPU */
+                    contended = t - start >= SPIN_WOKEN_NS;
+                if (contended || t - prev >= PREEMPTED_NS) {
+                    c->fails++;
+                    break;
+                }
+                prev = t;
+            }
+            __builtin_ia32_pause();
+        }
+        put_spinner();
+    }
+    uint64_t end = start + (uint64_t)timeout_ms * 1000000u;
+    for (;;) {
+        uint32_t seen = c->wake;
+        __atomic_store_n(&ch->daemon.daemon_waiting, 1, __ATOMIC_SEQ_CST);
+        int stop = __atomic_load_n(&c->stop, __ATOMIC_RELAXED);
+        if (stop || __atomic_load_n(&ch->prog.wake_seq, __ATOMIC_SEQ_CST) != seen) {
+            __atomic_store_n(&ch->daemon.daemon_waiting, 0, __ATOMIC_RELAXED);
+            if (stop)
+                return -1;
+            learn(&c->budget, now_ns() - start, 0);
+            return 1;
+        }
+        uint64_t t = now_ns();
+        if (t >= end) {
+            __atomic_store_n(&ch->daemon.daemon_waiting, 0, __ATOMIC_RELAXED);
+            return 0;
+        }
+        uint64_t left = end - t;
+        struct timespec ts = {(time_t)(left / 1000000000u), (long)(left % 1000000000u)};
+        futex(&ch->prog.wake_seq, FUTEX_WAIT, seen, &ts);
+    }
+}
+
+/* Publish the reply (ret, errno, payload) to request `seq`; 1 if the program
+ * slept and was woken. */
+static int reply(struct vchan *ch, uint32_t seq, int64_t ret, int32_t err, const void *payload, uint32_t len)
+{
+    if (len > sizeof ch->rep_payload)
+        len = sizeof ch->rep_payload;
+    ch->rep.ret = ret;
+    ch->rep.err = err;
+    ch->rep.len = len;
+    if (len)
+        memcpy((void *)ch->rep_payload, payload, len);
+    __atomic_store_n(&ch->daemon.rep_seq, seq, __ATOMIC_SEQ_CST);
+    if (!load_acq(&ch->prog.prog_waiting))
+        return 0;
+    futex(&ch->daemon.rep_seq, FUTEX_WAKE, 1, NULL);
+    return 1;
+}
+
+static PyObject *request_tuple(const struct vreq *rq, const uint8_t *payload, uint32_t seen)
+{
+    PyObject *p = rq->len ? PyBytes_FromStringAndSize((const char *)payload, rq->len) : Py_NewRef(empty_bytes);
+    if (!p)
+        return NULL;
+    return Py_BuildValue("(IIiiKKKKKNI)", rq->op, rq->flags, rq->fd, rq->fd2, (unsigned long long)rq->a[0],
+                         (unsigned long long)rq->a[1], (unsigned long long)rq->a[2], (unsigned long long)rq->a[3],
+                         (unsigned long long)rq->a[4], p, seen);
+}
+
+static PyObject *no_request;           /* (0, ..., b"", seen) tuples for the common outcomes */
+
+/*
+ * next(ret, err, payload, timeout_ms) -> (op, flags, fd, fd2, a0, a1, a2, a3, a4, payload, seen)
+ *
+ * Publish the reply to the last request (unless `ret` is None), then wait for
+ * the next one and copy it out of the channel.  op is 0 when there is no
+ * request: a timeout, or only posted stores (seen & VD_POSTS), or a stop
+ * (VD_STOPPED).  seen & VD_MALFORMED: the header is impossible.
+ */
+static PyObject *channel_next(Channel *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "next(ret, err, payload, timeout_ms)");
+        return NULL;
+    }
+    if (check_open(c) < 0)
+        return NULL;
+    struct vchan *ch = c->ch;
+    int woke = 0;
+    if (args[0] != Py_None) {
+        int64_t ret = PyLong_AsLongLong(args[0]);
+        long err = PyLong_AsLong(args[1]);
+        if (PyErr_Occurred())
+            return NULL;
+        const char *data = "";
+        Py_ssize_t len = 0;
+        if (args[2] != Py_None && PyBytes_AsStringAndSize(args[2], (char **)&data, &len) < 0)
+            return NULL;
+        woke = reply(ch, c->seq, ret, (int32_t)err, data, (uint32_t)len);
+    }
+    long timeout_ms = PyLong_AsLong(args[3]);
+    if (timeout_ms == -1 && PyErr_Occurred())
+        return NULL;
+    int r;
+    struct vreq rq;
+    uint8_t payload[VMAX_PAYLOAD];
+    uint32_t seen = 0;
+    Py_BEGIN_ALLOW_THREADS
+    r = wait_work(c, c->seq, woke, (int)timeout_ms);
+    if (r == 1) {
+        c->wake = load_acq(&ch->prog.wake_seq);
+        __atomic_store_n(&ch->daemon.cpu, (uint32_t)sched_getcpu(), __ATOMIC_RELAXED);
+        uint32_t seq = load_acq(&ch->prog.req_seq);
+        if (seq == c->seq) {
+            r = 2;                     /* a kick: posts with side effects wait */
+        } else {
+            c->seq = seq;
+            __atomic_store_n(&ch->daemon.taken_seq, seq, __ATOMIC_RELEASE);
+            memcpy(&rq, (const void *)&ch->req, sizeof rq);
+            if (rq.len > VMAX_PAYLOAD || rq.reserved) {
+                seen |= VD_MALFORMED;
+                rq.len = 0;
+            }
+            if (rq.len)
+                memcpy(payload, (const void *)ch->req_payload, rq.len);
+            control(c);
+        }
+    }
+    if (load_acq(&ch->prog.ring_head) != ch->daemon.ring_tail)
+        seen |= VD_POSTS;
+    Py_END_ALLOW_THREADS
+    if (r == 1)
+        return request_tuple(&rq, payload, seen);
+    if (r < 0)
+        seen |= VD_STOPPED;
+    return Py_NewRef(PyTuple_GET_ITEM(no_request, seen & (VD_POSTS | VD_STOPPED)));
+}
+
+/* take_posts() -> [(handle, offset, size, value, kick), ...], oldest first, consumed;
+ * None if the program's ring head is impossible. */
+static PyObject *channel_take_posts(Channel *c, PyObject *unused)
+{
+    if (check_open(c) < 0)
+        return NULL;
+    struct vchan *ch = c->ch;
+    uint32_t head = load_acq(&ch->prog.ring_head);
+    uint32_t tail = ch->daemon.ring_tail;
+    uint32_t n = head - tail;
+    if (n > VRING)
+        Py_RETURN_NONE;
+    struct vpost posts[VRING];
+    for (uint32_t i = 0; i < n; i++)
+        memcpy(&posts[i], (const void *)&ch->ring[(tail + i) % VRING], sizeof posts[i]);
+    __atomic_store_n(&ch->daemon.ring_tail, tail + n, __ATOMIC_RELEASE);
+    PyObject *out = PyList_New(n);
+    if (!out)
+        return NULL;
+    for (uint32_t i = 0; i < n; i++) {
+        PyObject *t = Py_BuildValue("(KKIKI)", (unsigned long long)posts[i].handle,
+                                    (unsigned long long)posts[i].offset, posts[i].size,
+                                    (unsigned long long)posts[i].value, posts[i].flags & VPOST_KICK);
+        if (!t) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, t);
+    }
+    return out;
+}
+
+static PyObject *channel_has_posts(Channel *c, PyObject *unused)
+{
+    if (check_open(c) < 0)
+        return NULL;
+    return PyBool_FromLong(load_acq(&c->ch->prog.ring_head) != c->ch->daemon.ring_tail);
+}
+
+/* set_live(slot, live): whether stores through that mapping may be posted now. */
+static PyObject *channel_set_live(Channel *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "set_live(slot, live)");
+        return NULL;
+    }
+    if (check_open(c) < 0)
+        return NULL;
+    long slot = PyLong_AsLong(args[0]);
+    int live = PyObject_IsTrue(args[1]);
+    if ((slot == -1 && PyErr_Occurred()) || live < 0)
+        return NULL;
+    if (slot < 0 || slot >= VLIVE) {
+        PyErr_SetString(PyExc_IndexError, "mapping slot out of range");
+        return NULL;
+    }
+    __atomic_store_n(&c->ch->live[slot], (uint32_t)live, __ATOMIC_RELEASE);
+    Py_RETURN_NONE;
+}
+
+/* wake(): stop the thread serving this channel (from another thread). */
+static PyObject *channel_wake(Channel *c, PyObject *unused)
+{
+    __atomic_store_n(&c->stop, 1, __ATOMIC_SEQ_CST);
+    if (c->ch)
+        futex(&c->ch->prog.wake_seq, FUTEX_WAKE, 1, NULL);     /* the word it sleeps on */
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef channel_methods[] = {
+    {"next", (PyCFunction)(void (*)(void))channel_next, METH_FASTCALL,
+     "next(ret, err, payload, timeout_ms): publish the reply, wait for and copy out the next request"},
+    {"take_posts", (PyCFunction)channel_take_posts, METH_NOARGS, "the posted stores, oldest first, consumed"},
+    {"has_posts", (PyCFunction)channel_has_posts, METH_NOARGS, "whether posted stores wait"},
+    {"set_live", (PyCFunction)(void (*)(void))channel_set_live, METH_FASTCALL, "set_live(slot, live)"},
+    {"wake", (PyCFunction)channel_wake, METH_NOARGS, "stop the thread serving this channel"},
+    {"close_fd", (PyCFunction)channel_close_fd, METH_NOARGS, "close the memfd (handed over)"},
+    {"close", (PyCFunction)channel_close, METH_NOARGS, "close the memfd and unmap the channel"},
+    {NULL},
+};
+
+static PyGetSetDef channel_getset[] = {
+    {"fd", (getter)channel_get_fd, NULL, "the channel's memfd, -1 once handed over", NULL},
+    {"budget", (getter)channel_get_budget, NULL, "ns the serving thread spins before it sleeps", NULL},
+    {"spinning", (getter)channel_get_spinning, NULL, "whether both sides spin for each other now", NULL},
+    {NULL},
+};
+
+static PyTypeObject ChannelType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "vfiosim.preload._vfiosim_daemon.Channel",
+    .tp_doc = "One connection's shared-memory channel (struct vchan), served by one thread.",
+    .tp_basicsize = sizeof(Channel),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = channel_new,
+    .tp_dealloc = (destructor)channel_dealloc,
+    .tp_methods = channel_methods,
+    .tp_getset = channel_getset,
+};
+
+/* ---------------------------------------------------------------- the module */
+
+static PyMethodDef module_methods[] = {
+    {"creds", py_creds, METH_VARARGS, "creds(pidfd, pid): the process's ids, capabilities and RLIMIT_MEMLOCK"},
+    {"as_user", py_as_user, METH_VARARGS, "as_user(uid, gid, groups): this thread takes the program's ids"},
+    {"as_root", py_as_root, METH_VARARGS, "as_root(gid, groups): this thread returns to root"},
+    {"kcmp_file", py_kcmp_file, METH_VARARGS, "kcmp(KCMP_FILE): 0 if both fds are the same open file"},
+    {"pidfd_getfd", py_pidfd_getfd, METH_VARARGS, "pidfd_getfd(pidfd, fd)"},
+    {"vma", py_vma, METH_VARARGS, "vma(maps_fd, addr, or_next): (start, end, PROCMAP flags, inode) or None"},
+    {"uread", py_uread, METH_VARARGS, "uread(maps_fd, mem_fd, addr, n): copy_from_user"},
+    {"uwrite", py_uwrite, METH_VARARGS, "uwrite(maps_fd, mem_fd, addr, data): copy_to_user"},
+    {"dma_read", py_dma_read, METH_VARARGS, "dma_read(mem_fd, addr, n): a device's read"},
+    {"dma_read_into", py_dma_read_into, METH_VARARGS, "dma_read_into(mem_fd, addr, buffer)"},
+    {"dma_write", py_dma_write, METH_VARARGS, "dma_write(mem_fd, addr, data): a device's write"},
+    {"dma_read_ranges", py_dma_read_ranges, METH_VARARGS,
+     "dma_read_ranges(mem_fd, addrs, lens, buffer): the ranges' bytes one after the other into buffer"},
+    {"dma_write_ranges", py_dma_write_ranges, METH_VARARGS,
+     "dma_write_ranges(mem_fd, addrs, lens, data): data's bytes to the ranges, in order"},
+    {NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "_vfiosim_daemon", "The daemon's side of the vfiosim run channel (vfiosim_daemon.c).",
+    -1, module_methods,
+};
+
+PyMODINIT_FUNC PyInit__vfiosim_daemon(void)
+{
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    max_spinners = cpus > 2 ? (int)cpus - 1 : 1;
+    if (PyType_Ready(&ChannelType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m)
+        return NULL;
+    empty_bytes = PyBytes_FromStringAndSize(NULL, 0);
+    no_request = PyTuple_New(4);
+    if (!empty_bytes || !no_request)
+        return NULL;
+    for (uint32_t seen = 0; seen < 4; seen++) {
+        PyObject *t = Py_BuildValue("(IIiiKKKKKOI)", 0u, 0u, -1, -1, 0ull, 0ull, 0ull, 0ull, 0ull, empty_bytes, seen);
+        if (!t)
+            return NULL;
+        PyTuple_SET_ITEM(no_request, seen, t);
+    }
+    Py_INCREF(&ChannelType);
+    if (PyModule_AddObject(m, "Channel", (PyObject *)&ChannelType) < 0)
+        return NULL;
+    PyModule_AddIntConstant(m, "VD_POSTS", VD_POSTS);
+    PyModule_AddIntConstant(m, "VD_STOPPED", VD_STOPPED);
+    PyModule_AddIntConstant(m, "VD_MALFORMED", VD_MALFORMED);
+    PyModule_AddIntConstant(m, "PROCMAP_READ", PROCMAP_QUERY_VMA_READABLE);
+    PyModule_AddIntConstant(m, "PROCMAP_WRITE", PROCMAP_QUERY_VMA_WRITABLE);
+    PyModule_AddIntConstant(m, "PROCMAP_EXEC", PROCMAP_QUERY_VMA_EXECUTABLE);
+    PyModule_AddIntConstant(m, "PROCMAP_SHARED", PROCMAP_QUERY_VMA_SHARED);
+    return m;
 }

@@ -36,6 +36,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -184,6 +185,92 @@ static void set_vfio(int fd, int kind, int minor)
         vfd[fd] = (unsigned char)kind;
         vminor[fd] = minor;
     }
+}
+
+/* ---------------------------------------------------------------- faults */
+
+/*
+ * The shim takes SIGSEGV (BAR accesses, below) and SIGBUS, and keeps the
+ * program's own dispositions to chain to (its sigaction() and signal() see
+ * and set those).  Both also recover the probes: loads and stores of the
+ * program's memory that may fault, whose faulting instruction the handler
+ * steps to a fixup instead, as the kernel's exception tables do for uaccess.
+ */
+static struct sigaction prog_segv;      /* the program's own SIGSEGV disposition */
+static struct sigaction prog_bus;       /* and SIGBUS */
+static int faults_installed;
+
+static void fault_handler(int sig, siginfo_t *si, void *ucv);
+
+static void install_fault_handlers(void)
+{
+    if (faults_installed)
+        return;
+    struct sigaction sa, old_segv, old_bus;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = fault_handler;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    if (real_sigaction(SIGSEGV, &sa, &old_segv) == 0) {
+        if (real_sigaction(SIGBUS, &sa, &old_bus) == 0) {
+            prog_segv = old_segv;
+            prog_bus = old_bus;
+            faults_installed = 1;
+        } else {
+            real_sigaction(SIGSEGV, &old_segv, NULL);
+        }
+    }
+}
+
+/*
+ * probe_copy(dst, src, n): copy n bytes, either side possibly the program's
+ * memory; returns how many were NOT copied (0: all), stopping at the first
+ * byte that faults.  probe_writable(addr): 0 if the byte at addr can be
+ * written (an atomic OR of 0: nothing changes), 1 if that faults.
+ */
+size_t vfiosim_probe_copy(void *dst, const void *src, size_t n) __attribute__((visibility("hidden")));
+int vfiosim_probe_writable(void *addr) __attribute__((visibility("hidden")));
+extern const char vfiosim_probe_movs[] __attribute__((visibility("hidden")));
+extern const char vfiosim_probe_movs_done[] __attribute__((visibility("hidden")));
+extern const char vfiosim_probe_lock[] __attribute__((visibility("hidden")));
+extern const char vfiosim_probe_lock_done[] __attribute__((visibility("hidden")));
+__asm__(".text\n"
+        ".globl vfiosim_probe_copy, vfiosim_probe_writable, vfiosim_probe_movs, vfiosim_probe_movs_done\n"
+        ".globl vfiosim_probe_lock, vfiosim_probe_lock_done\n"
+        ".hidden vfiosim_probe_copy, vfiosim_probe_writable, vfiosim_probe_movs, vfiosim_probe_movs_done\n"
+        ".hidden vfiosim_probe_lock, vfiosim_probe_lock_done\n"
+        ".type vfiosim_probe_copy, @function\n"
+        "vfiosim_probe_copy:\n"
+        "    mov %rdx, %rcx\n"
+        "vfiosim_probe_movs:\n"
+        "    rep movsb\n"                /* a fault leaves rcx = the bytes left */
+        "vfiosim_probe_movs_done:\n"
+        "    mov %rcx, %rax\n"
+        "    ret\n"
+        ".size vfiosim_probe_copy, .-vfiosim_probe_copy\n"
+        ".type vfiosim_probe_writable, @function\n"
+        "vfiosim_probe_writable:\n"
+        "    xor %eax, %eax\n"
+        "vfiosim_probe_lock:\n"
+        "    lock orb $0, (%rdi)\n"
+        "vfiosim_probe_lock_done:\n"
+        "    ret\n"
+        ".size vfiosim_probe_writable, .-vfiosim_probe_writable\n");
+
+/* A fault inside a probe: resume at its fixup.  1 if it was one. */
+static int probe_fixup(greg_t *gr)
+{
+    const char *ip = (const char *)gr[REG_RIP];
+    if (ip == vfiosim_probe_movs) {
+        gr[REG_RIP] = (greg_t)vfiosim_probe_movs_done;
+        return 1;
+    }
+    if (ip == vfiosim_probe_lock) {
+        gr[REG_RAX] = 1;
+        gr[REG_RIP] = (greg_t)vfiosim_probe_lock_done;
+        return 1;
+    }
+    return 0;
 }
 
 /* ---------------------------------------------------------------- the connection */
@@ -389,6 +476,7 @@ static int do_connect(uint32_t hello_flags)
     chan = ch;
     sock_fd = s;
     sock_pid = getpid();
+    install_fault_handlers();
     return 0;
 }
 
@@ -406,37 +494,78 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* How long to spin before sleeping: twice what the daemon took to answer
- * lately when spinning caught the reply, halved whenever it did not (on a
- * busy machine the program then sleeps at once instead of taking a CPU the
- * daemon needs).  Guarded by lk. */
-#define SPIN_MIN_NS 2000u
-#define SPIN_MAX_NS 100000u
-static uint64_t spin_budget = 20000;
+/*
+ * Waiting for a reply.  Waking a thread that sleeps costs a futex wake-up
+ * and, on an idle virtual CPU, an interrupt and a halt exit: tens of
+ * microseconds on a VM, ten times a call.  So the program spins for the
+ * reply (as its serving thread in the daemon spins for the next request,
+ * vfiosim_daemon.c), but only while that is likely to pay:
+ *  - for up to twice what the daemon took lately (learnt: a long call, a
+ *    large map, makes it sleep at once);
+ *  - while the serving thread is up (it was not asleep, or it took the
+ *    request: taken_seq) and not on this CPU (it would need the CPU this
+ *    spins on), or for a while if the call woke it;
+ *  - until this thread is preempted (a gap between two looks at the clock):
+ *    the CPU is wanted by others.
+ * Guarded by lk.
+ */
+#define SPIN_MIN_NS 20000u
+#define SPIN_MAX_NS 500000u
+#define SPIN_WOKEN_NS 100000u           /* how long a serving thread this call woke may take to appear */
+#define PREEMPTED_NS 30000u
+static uint64_t spin_budget = 50000;
 
-static void spin_caught(uint64_t took)
+static void learn(uint64_t took, int caught)
 {
-    uint64_t want = 2 * took + SPIN_MIN_NS;
-    spin_budget = (7 * spin_budget + (want > SPIN_MAX_NS ? SPIN_MAX_NS : want)) / 8;
-    if (spin_budget < SPIN_MIN_NS)
-        spin_budget = SPIN_MIN_NS;
+    uint64_t b = spin_budget;
+    if (caught || took < SPIN_MAX_NS) {
+        uint64_t want = 2 * took + SPIN_MIN_NS;
+        b = want > b ? want : (7 * b + want) / 8;
+    } else {
+        b /= 2;
+    }
+    spin_budget = b < SPIN_MIN_NS ? SPIN_MIN_NS : b > SPIN_MAX_NS ? SPIN_MAX_NS : b;
+}
+
+static inline int replied(uint32_t seq)
+{
+    if (__atomic_load_n(&chan->daemon.rep_seq, __ATOMIC_ACQUIRE) != seq)
+        return 0;
+    __atomic_store_n(&chan->prog.cpu, (uint32_t)sched_getcpu(), __ATOMIC_RELAXED);
+    __atomic_store_n(&chan->prog.ack_seq, seq, __ATOMIC_RELEASE);
+    return 1;
 }
 
 /* Wait for the reply to request `seq`: spin, then sleep on the daemon's word,
  * checking now and then that the daemon still lives.  0, or -1 if it is gone. */
-static int await_reply(uint32_t seq)
+static int await_reply(uint32_t seq, int woke)
 {
-    uint64_t start = now_ns(), spin = spin_budget;
-    for (unsigned i = 0;; i++) {
-        if (__atomic_load_n(&chan->daemon.rep_seq, __ATOMIC_ACQUIRE) == seq) {
-            spin_caught(now_ns() - start);
+    uint64_t start = now_ns(), prev = start, budget = spin_budget;
+    uint32_t cpu = (uint32_t)sched_getcpu();
+    __atomic_store_n(&chan->prog.cpu, cpu, __ATOMIC_RELAXED);
+    int contended = 0;
+    for (unsigned i = 0; __atomic_load_n(&chan->daemon.spin, __ATOMIC_RELAXED); i++) {
+        if (replied(seq)) {
+            learn(now_ns() - start, 1);
             return 0;
         }
-        if ((i & 15) == 15 && now_ns() - start >= spin)
-            break;
+        if ((i & 31) == 31) {
+            uint64_t t = now_ns();
+            if (t - start >= budget)
+                break;
+            if (!woke || __atomic_load_n(&chan->daemon.taken_seq, __ATOMIC_RELAXED) == seq)
+                /* the serving thread is up (it was, or it took the request): not on our CPU */
+                contended = __atomic_load_n(&chan->daemon.cpu, __ATOMIC_RELAXED) == cpu;
+            else                      /* woken, not there yet: asleep still, or without a CPU */
+                contended = t - start >= SPIN_WOKEN_NS;
+            if (contended || (contended = t - prev >= PREEMPTED_NS))
+                break;
+            prev = t;
+        }
         __builtin_ia32_pause();
     }
-    spin_budget = spin_budget / 2 < SPIN_MIN_NS ? SPIN_MIN_NS : spin_budget / 2;
+    if (contended)
+        __atomic_store_n(&chan->prog.spin_fails, chan->prog.spin_fails + 1, __ATOMIC_RELAXED);
     for (;;) {
         if (daemon_gone())
             return -1;
@@ -447,9 +576,22 @@ static int await_reply(uint32_t seq)
             syscall(SYS_futex, &chan->daemon.rep_seq, FUTEX_WAIT, cur, &ts, NULL, 0);
         }
         __atomic_store_n(&chan->prog.prog_waiting, 0, __ATOMIC_RELAXED);
-        if (__atomic_load_n(&chan->daemon.rep_seq, __ATOMIC_ACQUIRE) == seq)
+        if (replied(seq)) {
+            learn(now_ns() - start, 0);
             return 0;
+        }
     }
+}
+
+/* Tell the daemon there is work (a request, or a store with side effects);
+ * called with lk held.  1 if its thread slept and was woken. */
+static int kick_daemon(void)
+{
+    __atomic_store_n(&chan->prog.wake_seq, chan->prog.wake_seq + 1, __ATOMIC_SEQ_CST);
+    if (!__atomic_load_n(&chan->daemon.daemon_waiting, __ATOMIC_SEQ_CST))
+        return 0;
+    syscall(SYS_futex, &chan->prog.wake_seq, FUTEX_WAKE, 1, NULL, NULL, 0);
+    return 1;
 }
 
 /* Make sure we have a connection of our own; called with lk held.  0 or errno. */
@@ -474,8 +616,8 @@ static int connected(void)
 }
 
 /* One request, one reply.  Returns the reply's ret; on failure -1 with *err set. */
-static int64_t rpc(uint32_t op, uint32_t flags, int fd, int fd2, const uint64_t a[5], const void *payload,
-                   uint32_t plen, void *out, uint32_t outmax, int *err)
+static int64_t rpc_len(uint32_t op, uint32_t flags, int fd, int fd2, const uint64_t a[5], const void *payload,
+                       uint32_t plen, void *out, uint32_t outmax, uint32_t *outlen, int *err)
 {
     pthread_mutex_lock(&lk);
     int e = connected();
@@ -502,10 +644,9 @@ static int64_t rpc(uint32_t op, uint32_t flags, int fd, int fd2, const uint64_t 
     if (plen)
         memcpy(chan->req_payload, payload, plen);
     uint32_t seq = chan->prog.req_seq + 1;
-    __atomic_store_n(&chan->prog.req_seq, seq, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&chan->daemon.daemon_waiting, __ATOMIC_SEQ_CST))
-        syscall(SYS_futex, &chan->prog.req_seq, FUTEX_WAKE, 1, NULL, NULL, 0);
-    if (await_reply(seq) < 0) {
+    __atomic_store_n(&chan->prog.req_seq, seq, __ATOMIC_RELEASE);
+    int woke = kick_daemon();
+    if (await_reply(seq, woke) < 0) {
         lose_connection();
         pthread_mutex_unlock(&lk);
         *err = EIO;
@@ -514,8 +655,12 @@ static int64_t rpc(uint32_t op, uint32_t flags, int fd, int fd2, const uint64_t 
     int64_t ret = chan->rep.ret;
     int32_t rerr = chan->rep.err;
     uint32_t len = chan->rep.len;
-    if (out && outmax)
-        memcpy(out, chan->rep_payload, len < outmax ? len : outmax);
+    if (len > outmax)
+        len = outmax;
+    if (out && len)
+        memcpy(out, chan->rep_payload, len);
+    if (outlen)
+        *outlen = len;
     pthread_mutex_unlock(&lk);
     if (ret < 0) {
         *err = rerr ? rerr : EIO;
@@ -523,6 +668,61 @@ static int64_t rpc(uint32_t op, uint32_t flags, int fd, int fd2, const uint64_t 
     }
     *err = 0;
     return ret;
+}
+
+static int64_t rpc(uint32_t op, uint32_t flags, int fd, int fd2, const uint64_t a[5], const void *payload,
+                   uint32_t plen, void *out, uint32_t outmax, int *err)
+{
+    return rpc_len(op, flags, fd, fd2, a, payload, plen, out, outmax, NULL, err);
+}
+
+/*
+ * A call with a pointer argument `ptr` to `want` bytes (or an unknown number:
+ * an ioctl's struct) sends along a copy of up to VWIN_MAX of them, not past
+ * ptr's page, as the program itself can read them, and says whether it could
+ * write them: the daemon's copy_from_user and copy_to_user of those bytes use
+ * the copy, instead of two system calls each on the program's
+ * /proc/<pid>/mem, and the reply says what to store back.  A byte the
+ * program cannot read ends the copy there (the daemon then reads the rest,
+ * and faults, as the kernel would).
+ */
+static int64_t call_window(uint32_t op, uint32_t flags, int fd, int fd2, uint64_t a0, uint64_t a1, uint64_t a2,
+                           uint64_t a3, uint64_t ptr, size_t want)
+{
+    uint8_t win[VWIN_MAX];
+    uint64_t a[5] = {a0, a1, a2, a3, 0};
+    size_t n = 0;
+    if (faults_installed && ptr >= 65536 && ptr < (1ull << 47) && want) {
+        size_t room = 4096 - (ptr & 4095);
+        n = want < room ? want : room;
+        if (n > VWIN_MAX)
+            n = VWIN_MAX;
+        n -= vfiosim_probe_copy(win, (const void *)(uintptr_t)ptr, n);
+        if (n) {
+            flags |= VF_WINDOW;
+            if (!vfiosim_probe_writable((void *)(uintptr_t)ptr))
+                flags |= VF_WINDOW_WRITABLE;
+            a[4] = ptr;
+        }
+    }
+    struct {
+        uint32_t offset;
+        uint8_t data[VWIN_MAX];
+    } back;
+    uint32_t blen = 0;
+    int err;
+    int64_t r = rpc_len(op, flags, fd, fd2, a, win, (uint32_t)n, &back, sizeof back, &blen, &err);
+    if (blen > sizeof back.offset) {
+        size_t dlen = blen - sizeof back.offset;
+        if ((flags & VF_WINDOW_WRITABLE) && back.offset <= n && dlen <= n - back.offset &&
+            vfiosim_probe_copy((void *)(uintptr_t)(ptr + back.offset), back.data, dlen)) {
+            errno = EFAULT;          /* it stopped being writable meanwhile: copy_to_user failed */
+            return -1;
+        }
+    }
+    if (r < 0)
+        errno = err;
+    return r;
 }
 
 static int64_t call(uint32_t op, uint32_t flags, int fd, int fd2, uint64_t a0, uint64_t a1, uint64_t a2,
@@ -1054,7 +1254,8 @@ EXPORT int ioctl(int fd, unsigned long request, ...)
             return -1;
         }
     }
-    int64_t r = call(VOP_IOCTL, 0, fd, ph, cmd, (uint64_t)(uintptr_t)arg, 0, 0);
+    int64_t r = call_window(VOP_IOCTL, 0, fd, ph, cmd, (uint64_t)(uintptr_t)arg, 0, 0, (uint64_t)(uintptr_t)arg,
+                            VWIN_MAX);
     if (ph >= 0) {
         if (r == ph) {
             set_vfio(ph, K_DEVICE, 0);
@@ -1069,8 +1270,8 @@ EXPORT int ioctl(int fd, unsigned long request, ...)
 
 static ssize_t rw(uint32_t op, int fd, const void *buf, size_t count, off_t off, int positional)
 {
-    return (ssize_t)call(op, positional ? VRW_POSITIONAL : 0, fd, -1, (uint64_t)(uintptr_t)buf, count,
-                         (uint64_t)off, 0);
+    return (ssize_t)call_window(op, positional ? VRW_POSITIONAL : 0, fd, -1, (uint64_t)(uintptr_t)buf, count,
+                                (uint64_t)off, 0, (uint64_t)(uintptr_t)buf, count);
 }
 
 EXPORT ssize_t read(int fd, void *buf, size_t count)
@@ -1573,30 +1774,11 @@ struct region {
     uint64_t handle;
     int slot;                         /* the channel's live flag for it, or -1: no posting */
     int nposted;
-    struct vmap_range posted[VMAP_MAX_POSTED];   /* stores here have no side effect */
+    struct vmap_post posted[VMAP_MAX_POSTED];    /* stores here may be posted */
 };
 #define MAX_REGIONS 64
 static struct region regions[MAX_REGIONS];
 static volatile int nregions;
-static struct sigaction prog_segv;      /* the program's own SIGSEGV disposition */
-static int segv_installed;
-
-static void segv_handler(int sig, siginfo_t *si, void *ucv);
-
-static void install_segv(void)
-{
-    if (segv_installed)
-        return;
-    struct sigaction sa, old;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_sigaction = segv_handler;
-    sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
-    sigemptyset(&sa.sa_mask);
-    if (real_sigaction(SIGSEGV, &sa, &old) == 0) {
-        prog_segv = old;
-        segv_installed = 1;
-    }
-}
 
 EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 {
@@ -1610,31 +1792,44 @@ EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off
         return MAP_FAILED;
     }
     int shared = (flags & MAP_TYPE) == MAP_SHARED || (flags & MAP_TYPE) == MAP_SHARED_VALIDATE;
+    /* The placeholder: inaccessible private memory, whose accesses the SIGSEGV
+     * handler emulates.  The daemon learns where it is (the kernel sees a
+     * device mapping there: peer-to-peer DMA maps it).  Unless the program
+     * chose the place, the place is taken first; a fixed one only once the
+     * driver has accepted the mapping, as mmap(2) replaces nothing on failure. */
+    int fixed = flags & (MAP_FIXED | MAP_FIXED_NOREPLACE);
+    void *p = addr;
+    if (!fixed) {
+        p = real_mmap(addr, rlen, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED)
+            return MAP_FAILED;
+    }
     struct vmap vm;
     memset(&vm, 0, sizeof vm);
-    uint64_t a[5] = {(uint64_t)off, rlen, (uint64_t)(unsigned)prot, (uint64_t)shared, 0};
+    uint64_t a[5] = {(uint64_t)off, rlen, (uint64_t)(unsigned)prot, (uint64_t)shared, (uint64_t)(uintptr_t)p};
     int err;
     int64_t h = rpc(VOP_MMAP, 0, fd, -1, a, NULL, 0, &vm, sizeof vm, &err);
-    if (h < 0) {
+    if (h < 0 || nregions >= MAX_REGIONS) {
+        if (h >= 0) {
+            call(VOP_MUNMAP, 0, -1, -1, (uint64_t)h, 0, 0, 0);
+            err = ENOMEM;
+        }
+        if (!fixed)
+            real_munmap(p, rlen);
         errno = err;
         return MAP_FAILED;
     }
-    if (nregions >= MAX_REGIONS) {
-        call(VOP_MUNMAP, 0, -1, -1, (uint64_t)h, 0, 0, 0);
-        errno = ENOMEM;
-        return MAP_FAILED;
-    }
-    void *p = real_mmap(addr, rlen, PROT_NONE,
-                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | (flags & (MAP_FIXED | MAP_FIXED_NOREPLACE)),
-                        -1, 0);
-    if (p == MAP_FAILED) {
-        int saved = errno;
-        call(VOP_MUNMAP, 0, -1, -1, (uint64_t)h, 0, 0, 0);
-        errno = saved;
-        return MAP_FAILED;
+    if (fixed) {
+        p = real_mmap(addr, rlen, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | fixed, -1, 0);
+        if (p == MAP_FAILED) {
+            int saved = errno;
+            call(VOP_MUNMAP, 0, -1, -1, (uint64_t)h, 0, 0, 0);
+            errno = saved;
+            return MAP_FAILED;
+        }
     }
     pthread_mutex_lock(&lk);
-    install_segv();
+    install_fault_handlers();
     struct region *g = &regions[nregions];
     g->start = g->base = (uintptr_t)p;
     g->end = (uintptr_t)p + rlen;
@@ -1806,17 +2001,20 @@ static void fault_fatal(int sig, const char *why, uintptr_t addr)
         raise(sig);
 }
 
-/* A store without side effects (the device model says so, and decoding is on):
- * into the channel's ring, performed by the daemon before anything the program
- * asks for next -- a posted write.  1 if it was posted. */
+/* A store the device model declared (and decoding is on): into the channel's
+ * ring, performed by the daemon, in order, before anything the program asks
+ * for next -- a posted write, as PCIe's.  A store with side effects (a
+ * doorbell, a command) also wakes the daemon, which performs it at once;
+ * one without waits for the next call.  1 if it was posted. */
 static int post_store(const struct region *g, uint64_t off, uint32_t size, uint64_t value)
 {
     if (g->slot < 0)
         return 0;
-    int ok = 0;
+    int ok = 0, kick = 0;
     for (int i = 0; i < g->nposted; i++)
         if (g->posted[i].offset <= off && off + size <= g->posted[i].offset + g->posted[i].length) {
             ok = 1;
+            kick = g->posted[i].flags & VPOST_KICK;
             break;
         }
     if (!ok)
@@ -1836,21 +2034,26 @@ static int post_store(const struct region *g, uint64_t off, uint32_t size, uint6
             e->offset = off;
             e->value = value;
             e->size = size;
-            e->reserved = 0;
+            e->flags = kick ? VPOST_KICK : 0;
             __atomic_store_n(&chan->prog.ring_head, head + 1, __ATOMIC_RELEASE);
+            if (kick)
+                kick_daemon();
         }
     }
     pthread_mutex_unlock(&lk);
     return ok;
 }
 
-static void segv_handler(int sig, siginfo_t *si, void *ucv)
+static void fault_handler(int sig, siginfo_t *si, void *ucv)
 {
     int saved_errno = errno;
     ucontext_t *uc = ucv;
+    greg_t *gr = uc->uc_mcontext.gregs;
+    if (probe_fixup(gr))
+        return;
     uintptr_t addr = (uintptr_t)si->si_addr;
     struct region *g = NULL;
-    int n = __atomic_load_n(&nregions, __ATOMIC_ACQUIRE);
+    int n = sig == SIGSEGV ? __atomic_load_n(&nregions, __ATOMIC_ACQUIRE) : 0;
     for (int i = 0; i < n; i++) {
         if (regions[i].start <= addr && addr < regions[i].end) {
             g = &regions[i];
@@ -1859,25 +2062,25 @@ static void segv_handler(int sig, siginfo_t *si, void *ucv)
     }
     if (!g) {
         /* Not ours: the program's handler, or the default action. */
-        if (prog_segv.sa_flags & SA_SIGINFO) {
-            if (prog_segv.sa_sigaction) {
-                prog_segv.sa_sigaction(sig, si, ucv);
+        const struct sigaction *prog = sig == SIGSEGV ? &prog_segv : &prog_bus;
+        if (prog->sa_flags & SA_SIGINFO) {
+            if (prog->sa_sigaction) {
+                prog->sa_sigaction(sig, si, ucv);
                 errno = saved_errno;
                 return;
             }
-        } else if (prog_segv.sa_handler != SIG_DFL && prog_segv.sa_handler != SIG_IGN) {
-            prog_segv.sa_handler(sig);
+        } else if (prog->sa_handler != SIG_DFL && prog->sa_handler != SIG_IGN) {
+            prog->sa_handler(sig);
             errno = saved_errno;
             return;
         }
         struct sigaction dfl;
         memset(&dfl, 0, sizeof dfl);
         dfl.sa_handler = SIG_DFL;
-        real_sigaction(SIGSEGV, &dfl, NULL);
+        real_sigaction(sig, &dfl, NULL);
         errno = saved_errno;
         return;                       /* the access faults again, with the default action */
     }
-    greg_t *gr = uc->uc_mcontext.gregs;
     struct insn in;
     if (decode((const uint8_t *)gr[REG_RIP], &in) < 0) {
         fault_fatal(SIGSEGV, "unsupported instruction (only MOV/MOVZX/MOVSX of 1-8 bytes are emulated)", addr);
@@ -1943,16 +2146,17 @@ static void segv_handler(int sig, siginfo_t *si, void *ucv)
     errno = saved_errno;
 }
 
-/* The program's own SIGSEGV handler is kept and chained to. */
+/* The program's own SIGSEGV and SIGBUS handlers are kept and chained to. */
 EXPORT int sigaction(int sig, const struct sigaction *act, struct sigaction *old)
 {
     resolve();
-    if (sig != SIGSEGV || !segv_installed)
+    if ((sig != SIGSEGV && sig != SIGBUS) || !faults_installed)
         return real_sigaction(sig, act, old);
+    struct sigaction *prog = sig == SIGSEGV ? &prog_segv : &prog_bus;
     if (old)
-        *old = prog_segv;
+        *old = *prog;
     if (act)
-        prog_segv = *act;
+        *prog = *act;
     return 0;
 }
 

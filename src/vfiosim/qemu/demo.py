@@ -385,6 +385,14 @@ def _ratio(a: int, b: int) -> str:
     return f"{a / b:.2f}" if b else "-"
 
 
+def host_ioctl_rate(r: DemoResult) -> str:
+    """How fast the host side went: QEMU's ioctls per second of the whole run
+    (boot and guest included), what the demo's time is mostly made of."""
+    n = sum(r.host.ioctls.values())
+    rate = n / r.seconds if r.seconds > 0 else 0.0
+    return f"{n:,} in {r.seconds:.1f} s, {rate:,.0f} per second"
+
+
 def report(r: DemoResult, out: IO[str], *, brief: bool = False) -> None:
     """The demo's summary; ``brief`` leaves out the condensed host conversation."""
     p = out.write
@@ -410,6 +418,7 @@ def report(r: DemoResult, out: IO[str], *, brief: bool = False) -> None:
         p(f"  {n:9d}  {cmd}\n")
     p(f"  {h.config_rw:9d}  config space pread/pwrite\n  {h.bar_rw:9d}  BAR pread/pwrite\n"
       f"  {h.mmio:9d}  BAR loads/stores (mmio)\n")
+    p(f"  host ioctls: {host_ioctl_rate(r)}\n")
     if h.windows:
         p(f"  DMA windows created: {'; '.join(h.windows)}\n")
     if h.registered:

@@ -14,8 +14,9 @@ for them, so it acts with the rights of whoever connected and no more
 * a connection belongs to the process that connected, proven by the kernel
   (peer.py); the daemon opens that process's memory with that process's
   credentials, bound to the address space it had then;
-* its credentials are checked before every call; if its ids leave what it
-  connected with (a set-uid exec), the connection ends;
+* its credentials are taken again at every privileged decision (the task's
+  ``refresh_creds``); if its ids leave what it connected with (a set-uid
+  exec), the connection ends;
 * a thread per connection serves it through a shared-memory channel (a
   request and a reply, futex wake-ups), so a client that stalls stalls only
   itself; connections per uid, eventfd handles per task and mappings per
@@ -83,6 +84,13 @@ MAX_EVENTFDS = 256                     # a task's eventfds the daemon holds hand
 DEFAULT_MAX_MAP_COUNT = 65530          # vm.max_map_count's default
 PID_MAX_LIMIT = 1 << 22                # include/linux/threads.h on 64-bit
 LOG_BURST = 10                         # log lines a second per kind of message
+_UNTRACED = frozenset({P.OP_STATUS, P.OP_FLUSH, P.OP_MMIO})     # MMIO has its own, smaller records
+# Operations after which no mapping's memory decoding can have changed (the
+# PCI command register is written through config space: OP_WRITE).
+_DECODING_UNCHANGED = frozenset({P.OP_MMIO, P.OP_FLUSH, P.OP_STATUS, P.OP_READ, P.OP_MMAP, P.OP_MUNMAP})
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+_WINDOWED = frozenset({P.OP_IOCTL, P.OP_READ, P.OP_WRITE})     # operations that may carry a window
 
 
 def _max_map_count() -> int:
@@ -111,6 +119,8 @@ class Mapping:
     offset: int                        # in the file's mmap space
     length: int
     slot: int = -1                     # its posted-store flag in the channel, or -1
+    vaddr: int = 0                     # where the program mapped it (0: not said)
+    prot: int = 0
 
 
 @dataclass
@@ -125,8 +135,9 @@ class TaskState:
     exec_deadline: float | None = None
     exec_done: bool = False
     tracer: Tracer | None = None
-    creds_key: bytes = b""
+    creds: native.Creds | None = None          # the credentials last taken (and adopted)
     acting: tuple[int, int] | None = None      # (uid, gid) the daemon takes to act for it; None: no switch
+    revoked: str = ""                          # why it is no longer the process that connected
 
 
 class Session:
@@ -200,6 +211,13 @@ class Daemon:
         self._retired: list[tuple["Task", HostEventFd]] = []
         self._logged: dict[str, tuple[float, int, int]] = {}
         self.max_map_count = _max_map_count()
+        self._handlers: dict[int, Callable[..., tuple[int, bytes]]] = {
+            P.OP_OPEN: self._op_open, P.OP_CLOSE: self._op_close, P.OP_IOCTL: self._op_ioctl,
+            P.OP_READ: self._op_read, P.OP_WRITE: self._op_write, P.OP_DUP: self._op_dup,
+            P.OP_SETFD: self._op_setfd, P.OP_MMAP: self._op_mmap, P.OP_MMIO: self._op_mmio,
+            P.OP_MUNMAP: self._op_munmap, P.OP_STATUS: self._op_status, P.OP_FORK: self._op_fork,
+            P.OP_FLUSH: self._op_flush, P.OP_SETATTR: self._op_setattr,
+        }
         _raise_fd_limit()
 
     @property
@@ -463,7 +481,6 @@ class Daemon:
                 raise
             _send(sess.sock, P.pack_reply(-1, exc.errno))
             return False
-        channel.watch_creds(st.pidfd, st.pid, creds)
         with sess.lock:
             sess.channel = channel
         ok = _send(sess.sock, P.pack_reply(0, 0, self.root.encode()), fds=[channel.fd])
@@ -525,7 +542,7 @@ class Daemon:
         except OSError:
             host.close()
             raise Refused(errno.ESRCH, "the process that connected is gone") from None
-        if after.key() != before.key() or not _alive(peer.pidfd):
+        if after != before or not _alive(peer.pidfd):
             host.close()
             raise Refused(errno.EPERM, "the process changed while its hello was checked")
         return host, after
@@ -613,29 +630,39 @@ class Daemon:
     def _serve_channel(self, sess: Session) -> None:
         channel = sess.channel
         assert channel is not None
-        reply = b""
+        serve = self._serve_request
+        ret = err = out = None
         while not self._stopped:
-            r = channel.next(reply, WAIT_MS)
-            reply = b""
-            if r < 0:
+            op, flags, fd, fd2, a0, a1, a2, a3, a4, payload, seen = channel.next(ret, err, out, WAIT_MS)
+            if op:
+                ret, err, out = serve(sess, op, flags, fd, fd2, (a0, a1, a2, a3, a4), payload, seen)
+                continue
+            ret = None
+            if seen & native.VD_STOPPED:
                 return
-            if r == 0:
-                if not channel.has_posts():
-                    continue
-                r = 2
-            if r == 2:
+            if seen & native.VD_MALFORMED:
+                raise P.ProtocolError("impossible request header")
+            if seen & native.VD_POSTS or channel.has_posts():
                 with self.gate.lock:
                     self._flush_posts(sess)
-                continue
-            reply = self.handle(sess, channel.request, channel.flags)
 
     def handle(self, sess: Session, raw: Any, seen: int = 0) -> bytes:
-        """One request (a private copy of it) from ``sess``; returns the reply.
-        ``seen`` is what the helper noticed before it (native.VD_*).  A
-        malformed request raises ProtocolError: its connection is dropped."""
+        """One request (a private copy of it, as bytes) from ``sess``; returns
+        the reply.  ``seen`` is what the channel noticed before it
+        (native.VD_*).  A malformed request raises ProtocolError: its
+        connection is dropped."""
         op, flags, fd, fd2, a, payload = P.unpack_request(raw)
-        if op in (P.OP_HELLO, P.OP_INFO):
-            raise P.ProtocolError(f"{P.OP_NAMES[op]} on the channel")
+        ret, err, out = self._serve_request(sess, op, flags, fd, fd2, a, payload, seen)
+        return P.pack_reply(ret, err, out)
+
+    def _serve_request(self, sess: Session, op: int, flags: int, fd: int, fd2: int, a: tuple[int, ...],
+                       payload: bytes, seen: int) -> tuple[int, int, bytes]:
+        """One request: (ret, errno, reply payload)."""
+        handler = self._handlers.get(op)
+        if handler is None or seen & native.VD_MALFORMED:
+            if op in (P.OP_HELLO, P.OP_INFO):
+                raise P.ProtocolError(f"{P.OP_NAMES[op]} on the channel")
+            raise P.ProtocolError(f"unknown operation {op}" if handler is None else "impossible request header")
         with self.gate.lock:
             if seen & native.VD_POSTS:
                 self._flush_posts(sess)
@@ -643,97 +670,146 @@ class Daemon:
                 self._reap_exits()
             st = sess.state
             if st is None or st.session is not sess or not st.task.alive:
-                return P.pack_reply(-1, errno.EIO)
+                return -1, errno.EIO, b""
             if self._host_eventfds:
                 # A program that wrote an ioeventfd or unmask eventfd and then makes a
                 # call sees the write's effect, as the kernel acts inside the write.
                 self._run_virqfds_locked()
-            if seen & (native.VD_CREDS_CHANGED | native.VD_CREDS_ERROR) or flags & P.F_REFRESH_CREDS \
-                    or op == P.OP_OPEN or op == P.OP_SETATTR:
-                why = self._check_creds(sess, st, seen)
-                if why:
-                    self._post(lambda: self._end_session(sess, f"it is no longer the process that connected: {why}"))
-                    sess.state = None
-                    return P.pack_reply(-1, errno.EIO)
             task = st.task
-            tracer = st.tracer
-            rec = tracer.begin(task, op, flags, fd, fd2, a, payload) \
-                if tracer is not None and op != P.OP_STATUS and op != P.OP_FLUSH and op != P.OP_MMIO else None
-            reason = ""
+            if flags & P.F_REFRESH_CREDS or op == P.OP_OPEN or op == P.OP_SETATTR:
+                task.creds_stale = False
+                self._fresh_creds(st)           # these decide with the credentials: take them first
+            else:
+                task.creds_stale = True         # taken when the call first consults them
+            if st.revoked:
+                return self._revoke(sess, st)
+            host = None
+            if flags & P.F_WINDOW and op in _WINDOWED:
+                # The program sent a copy of the memory its pointer argument names.
+                host = getattr(task.mm, "host", None)
+                if host is not None:
+                    host.open_window(a[4], payload, bool(flags & P.F_WINDOW_WRITABLE))
+                payload = b""
             try:
-                ret, out = self.gate.call(task, P.OP_NAMES.get(op, "request"), self._call, st, op, flags, fd, fd2,
-                                          a, payload)
-                err = 0
-            except KernelError as exc:
-                ret, err, out, reason = -1, exc.errno, b"", exc.reason
+                tracer = st.tracer
+                rec = tracer.begin(task, op, flags, fd, fd2, a, payload) \
+                    if tracer is not None and op not in _UNTRACED else None
+                reason = ""
+                try:
+                    ret, out = self.gate.call(task, P.OP_NAMES[op], handler, st, flags, fd, fd2, a, payload)
+                    err = 0
+                except KernelError as exc:
+                    ret, err, out, reason = -1, exc.errno, b"", exc.reason
+                    if rec is not None:
+                        rec["reason"] = reason
                 if rec is not None:
-                    rec["reason"] = reason
-            if rec is not None:
-                tracer.end(rec, task, ret, err)   # type: ignore[union-attr]
-            elif tracer is not None and op == P.OP_MMIO:
-                written = bool(flags & P.MMIO_WRITE)
-                value = a[3] if written else (struct.unpack("<Q", out)[0] if len(out) == 8 else None)
-                tracer.mmio(st.pid, a[0], a[1], a[2], value, written, ret, err, reason)
-            if st.mappings:
+                    tracer.end(rec, task, ret, err)   # type: ignore[union-attr]
+                elif tracer is not None and op == P.OP_MMIO:
+                    written = bool(flags & P.MMIO_WRITE)
+                    value = a[3] if written else (struct.unpack("<Q", out)[0] if len(out) == 8 else None)
+                    tracer.mmio(st.pid, a[0], a[1], a[2], value, written, ret, err, reason)
+            finally:
+                if host is not None:
+                    back = host.close_window()
+                    if back is not None:             # what copy_to_user wrote: the program stores it
+                        out = _U32.pack(back[0]) + back[1]
+            if st.revoked:
+                return self._revoke(sess, st)
+            if st.mappings and op not in _DECODING_UNCHANGED:
                 self._update_live(sess, st)
-        return P.REP.pack(ret, err, len(out)) + out if out else P.REP.pack(ret, err, 0)
+        return ret, err, out
 
-    def _call(self, task: "Task", st: TaskState, op: int, flags: int, fd: int, fd2: int, a: tuple[int, ...],
-              payload: bytes) -> tuple[int, bytes]:
+    def _revoke(self, sess: Session, st: TaskState) -> tuple[int, int, bytes]:
+        """The process is no longer the one that connected: EIO, and the connection goes."""
+        why = st.revoked
+        self._post(lambda: self._end_session(sess, f"it is no longer the process that connected: {why}"))
+        sess.state = None
+        return -1, errno.EIO, b""
+
+    # -- the operations (each: (task, state, flags, fd, fd2, a, payload) -> (ret, reply payload)) ------
+
+    def _op_open(self, task: "Task", st: TaskState, flags: int, fd: int, fd2: int, a: tuple[int, ...],
+                 payload: bytes) -> tuple[int, bytes]:
+        path = payload.decode("utf-8", "surrogateescape")
+        return self.kernel.sys_open(task, path, _s32(a[0]), a[1] & 0xFFFF, at_fd=fd), b""
+
+    def _op_close(self, task: "Task", st: TaskState, flags: int, fd: int, fd2: int, a: tuple[int, ...],
+                  payload: bytes) -> tuple[int, bytes]:
+        self.kernel.sys_close(task, fd)
+        return 0, b""
+
+    def _op_ioctl(self, task: "Task", st: TaskState, flags: int, fd: int, fd2: int, a: tuple[int, ...],
+                  payload: bytes) -> tuple[int, bytes]:
+        return self.kernel.sys_ioctl_at(task, fd, a[0] & 0xFFFFFFFF, a[1], fd2), b""
+
+    def _op_read(self, task: "Task", st: TaskState, flags: int, fd: int, fd2: int, a: tuple[int, ...],
+                 payload: bytes) -> tuple[int, bytes]:
+        return self.kernel.sys_read_user(task, fd, a[0], min(a[1], MAX_RW),
+                                         _s64(a[2]) if flags & P.RW_POSITIONAL else None), b""
+
+    def _op_write(self, task: "Task", st: TaskState, flags: int, fd: int, fd2: int, a: tuple[int, ...],
+                  payload: bytes) -> tuple[int, bytes]:
+        return self.kernel.sys_write_user(task, fd, a[0], min(a[1], MAX_RW),
+                                          _s64(a[2]) if flags & P.RW_POSITIONAL else None), b""
+
+    def _op_dup(self, task: "Task", st: TaskState, flags: int, fd: int, fd2: int, a: tuple[int, ...],
+                payload: bytes) -> tuple[int, bytes]:
+        if fd2 < 0:
+            raise fail(errno.EBADF, f"bad new fd {fd2}")
+        return self.kernel.sys_dup2(task, fd, fd2, cloexec=bool(a[0])), b""
+
+    def _op_setfd(self, task: "Task", st: TaskState, flags: int, fd: int, fd2: int, a: tuple[int, ...],
+                  payload: bytes) -> tuple[int, bytes]:
+        self.kernel.sys_fcntl_setfd(task, fd, bool(a[0]))
+        return 0, b""
+
+    def _op_mmap(self, task: "Task", st: TaskState, flags: int, fd: int, fd2: int, a: tuple[int, ...],
+                 payload: bytes) -> tuple[int, bytes]:
+        return self._mmap(st, fd, a)
+
+    def _op_mmio(self, task: "Task", st: TaskState, flags: int, fd: int, fd2: int, a: tuple[int, ...],
+                 payload: bytes) -> tuple[int, bytes]:
+        m = st.mappings.get(a[0])
+        if m is None:
+            raise fail(errno.EFAULT, f"no device mapping {a[0]}")
+        value = a[3] if flags & P.MMIO_WRITE else None
+        ret = self.kernel.mmap_access(task, m.file, m.offset + a[1], a[2], value)
+        return 0, _U64.pack(ret & 0xFFFFFFFFFFFFFFFF)
+
+    def _op_munmap(self, task: "Task", st: TaskState, flags: int, fd: int, fd2: int, a: tuple[int, ...],
+                   payload: bytes) -> tuple[int, bytes]:
+        m = st.mappings.pop(a[0], None)
+        if m is not None:
+            self.kernel.munmap_file(task, m.file)
+            if isinstance(task.mm, HostMM):
+                task.mm.device_vmas.pop(a[0], None)
+        return 0, b""
+
+    def _op_status(self, task: "Task", st: TaskState, flags: int, fd: int, fd2: int, a: tuple[int, ...],
+                   payload: bytes) -> tuple[int, bytes]:
+        mm = task.mm
+        kb = mm.page_size // 1024
+        return 0, struct.pack("<QQ", mm.locked_vm * kb, mm.pinned_vm * kb)
+
+    def _op_fork(self, task: "Task", st: TaskState, flags: int, fd: int, fd2: int, a: tuple[int, ...],
+                 payload: bytes) -> tuple[int, bytes]:
+        self._fork(st, a[0])
+        return 0, b""
+
+    def _op_flush(self, task: "Task", st: TaskState, flags: int, fd: int, fd2: int, a: tuple[int, ...],
+                  payload: bytes) -> tuple[int, bytes]:
+        return 0, b""
+
+    def _op_setattr(self, task: "Task", st: TaskState, flags: int, fd: int, fd2: int, a: tuple[int, ...],
+                    payload: bytes) -> tuple[int, bytes]:
         k = self.kernel
-        if op == P.OP_OPEN:
-            path = payload.decode("utf-8", "surrogateescape")
-            return k.sys_open(task, path, _s32(a[0]), a[1] & 0xFFFF, at_fd=fd), b""
-        if op == P.OP_CLOSE:
-            k.sys_close(task, fd)
-            return 0, b""
-        if op == P.OP_IOCTL:
-            return k.sys_ioctl_at(task, fd, a[0] & 0xFFFFFFFF, a[1], fd2), b""
-        if op == P.OP_READ:
-            return k.sys_read_user(task, fd, a[0], min(a[1], MAX_RW),
-                                   _s64(a[2]) if flags & P.RW_POSITIONAL else None), b""
-        if op == P.OP_WRITE:
-            return k.sys_write_user(task, fd, a[0], min(a[1], MAX_RW),
-                                    _s64(a[2]) if flags & P.RW_POSITIONAL else None), b""
-        if op == P.OP_DUP:
-            if fd2 < 0:
-                raise fail(errno.EBADF, f"bad new fd {fd2}")
-            return k.sys_dup2(task, fd, fd2, cloexec=bool(a[0])), b""
-        if op == P.OP_SETFD:
-            k.sys_fcntl_setfd(task, fd, bool(a[0]))
-            return 0, b""
-        if op == P.OP_MMAP:
-            return self._mmap(st, fd, a)
-        if op == P.OP_MMIO:
-            m = st.mappings.get(a[0])
-            if m is None:
-                raise fail(errno.EFAULT, f"no device mapping {a[0]}")
-            value = a[3] if flags & P.MMIO_WRITE else None
-            ret = k.mmap_access(task, m.file, m.offset + a[1], a[2], value)
-            return 0, struct.pack("<Q", ret & 0xFFFFFFFFFFFFFFFF)
-        if op == P.OP_MUNMAP:
-            m = st.mappings.pop(a[0], None)
-            if m is not None:
-                k.munmap_file(task, m.file)
-            return 0, b""
-        if op == P.OP_STATUS:
-            mm = task.mm
-            kb = mm.page_size // 1024
-            return 0, struct.pack("<QQ", mm.locked_vm * kb, mm.pinned_vm * kb)
-        if op == P.OP_FORK:
-            self._fork(st, a[0])
-            return 0, b""
-        if op == P.OP_FLUSH:
-            return 0, b""
-        if op == P.OP_SETATTR:
-            path = payload.decode("utf-8", "surrogateescape")
-            if flags & P.SETATTR_OWNER:
-                k.sys_chown(task, path, _s32(a[0]), _s32(a[1]))
-            if flags & P.SETATTR_MODE:
-                k.sys_chmod(task, path, a[2] & 0o7777)
-            self.sysfs.update_node(os.path.normpath(path))
-            return 0, b""
-        raise fail(errno.EINVAL, f"operation {op} after hello")
+        path = payload.decode("utf-8", "surrogateescape")
+        if flags & P.SETATTR_OWNER:
+            k.sys_chown(task, path, _s32(a[0]), _s32(a[1]))
+        if flags & P.SETATTR_MODE:
+            k.sys_chmod(task, path, a[2] & 0o7777)
+        self.sysfs.update_node(os.path.normpath(path))
+        return 0, b""
 
     def _mmap(self, st: TaskState, fd: int, a: tuple[int, ...]) -> tuple[int, bytes]:
         if len(st.mappings) >= self.max_map_count:
@@ -743,9 +819,11 @@ class Daemon:
         file = k.sys_mmap_host(st.task, fd, a[0], a[1], a[2] & 0xFFFFFFFF, bool(a[3]))
         handle = self._next_handle
         self._next_handle += 1
-        m = st.mappings[handle] = Mapping(file, a[0], a[1])
-        # Where the program may post its stores: the device model's registers
-        # without side effects, while decoding is on (a flag in the channel).
+        m = Mapping(file, a[0], a[1], vaddr=a[4], prot=a[2] & 0xFFFFFFFF)
+        self._add_mapping(st, handle, m)
+        # Where the program may post its stores: the device model's declared
+        # registers (those with side effects kick the daemon), while decoding
+        # is on (a flag in the channel).
         layout = P.vmap(slot=0xFFFFFFFF)
         sess = st.session
         posted = k.mmap_posted_writes(file, a[0], a[1])[:P.VMAP_MAX_POSTED]
@@ -754,24 +832,43 @@ class Daemon:
             sess.next_slot += 1
             layout.slot = m.slot
             layout.nposted = len(posted)
-            for i, (off, n) in enumerate(posted):
-                layout.posted[i].offset, layout.posted[i].length = off, n
+            for i, (off, n, effect) in enumerate(posted):
+                entry = layout.posted[i]
+                entry.offset, entry.length, entry.flags = off, n, P.VPOST_KICK if effect else 0
             sess.channel.set_live(m.slot, k.mmap_live(file))
         return handle, bytes(layout)
+
+    def _add_mapping(self, st: TaskState, handle: int, m: Mapping) -> None:
+        """The task maps a device: its address space shows the kernel a
+        VM_PFNMAP mapping there (peer-to-peer DMA maps it)."""
+        st.mappings[handle] = m
+        mm = st.task.mm
+        if m.vaddr and isinstance(mm, HostMM):
+            mm.device_vmas[handle] = self.kernel.host_device_vma(st.task, m.file, m.offset, m.vaddr, m.length,
+                                                                 m.prot)
+
+    def _drop_mappings(self, st: TaskState) -> None:
+        """The task's device mappings go (exit_mm(), exec_mmap())."""
+        for m in st.mappings.values():
+            self.kernel.munmap_file(st.task, m.file)
+        st.mappings.clear()
+        mm = st.task.mm
+        if isinstance(mm, HostMM):
+            mm.device_vmas.clear()
 
     def _flush_posts(self, sess: Session) -> None:
         """Perform the stores the program posted, in order (machine lock held)."""
         channel, st = sess.channel, sess.state
         if channel is None or st is None:
             return
-        try:
-            posts = channel.take_posts()
-        except P.ProtocolError as exc:
-            self._post(lambda: self._end_session(sess, f"malformed message: {exc}"))
+        posts = channel.take_posts()
+        if posts is None:
+            self._post(lambda: self._end_session(sess, "malformed message: the posted-store ring's head is "
+                                                       "out of range"))
             return
         if len(posts) > 1:
             posts = _coalesce(posts)
-        for handle, offset, size, value in posts:
+        for handle, offset, size, value, _kick in posts:
             self._posted_store(st, handle, offset, size, value)
 
     def _posted_store(self, st: TaskState, handle: int, offset: int, size: int, value: int) -> None:
@@ -798,23 +895,23 @@ class Daemon:
             if m.slot >= 0:
                 channel.set_live(m.slot, self.kernel.mmap_live(m.file))
 
-    def _check_creds(self, sess: Session, st: TaskState, seen: int) -> str:
-        """The process's credentials, taken again: '' if it is still the
-        process that connected (its simulated credentials now follow its real
-        ones), or what makes it another."""
-        channel = sess.channel
-        if channel is not None and seen & native.VD_CREDS_CHANGED:
-            c = native.Creds.from_buffer_copy(channel.state.creds)
-        else:
-            try:
-                c = self._read_creds(st.pidfd, st.pid, st.procdir)
-            except OSError:
-                return ""               # it is exiting: its pidfd will say so
-        why = sess.bounds.admits(c)
+    def _fresh_creds(self, st: TaskState) -> None:
+        """The process's credentials, taken again (the task's refresh_creds):
+        its simulated credentials follow its real ones, unless it left what it
+        connected with -- then it keeps those it had, and ``st.revoked`` says
+        why its call fails and its connection goes."""
+        try:
+            c = self._read_creds(st.pidfd, st.pid, st.procdir)
+        except OSError:
+            return                      # it is exiting: its pidfd will say so
+        if c == st.creds:
+            return
+        sess = st.session
+        why = sess.bounds.admits(c) if sess is not None else ""
         if why:
-            return why
+            st.revoked = why
+            return
         self._set_creds(st, c)
-        return ""
 
     def _set_creds(self, st: TaskState, c: native.Creds) -> None:
         try:
@@ -823,7 +920,7 @@ class Daemon:
             return
         st.task.set_creds(Cred(full.uid, full.euid, full.suid, full.gid, full.egid, full.groups, full.caps),
                           full.memlock)
-        st.creds_key = c.key()
+        st.creds = c
         st.acting = _acting_ids(c)
 
     # -- tasks ----------------------------------------------------------------------------------------------
@@ -831,12 +928,13 @@ class Daemon:
     def _new_state(self, pid: int, task: "Task", pidfd: int, procdir: int) -> TaskState:
         st = TaskState(pid, task, pidfd, procdir, tracer=self.tracer)
         task.files.foreign = lambda n, st=st: self._foreign(st, n)
+        task.refresh_creds = lambda st=st: self._fresh_creds(st)
         self.states[pid] = st
         return st
 
     def _copy_mappings(self, parent: TaskState, child: TaskState) -> None:
         for handle, m in parent.mappings.items():
-            child.mappings[handle] = Mapping(m.file.get(), m.offset, m.length)
+            self._add_mapping(child, handle, Mapping(m.file.get(), m.offset, m.length, vaddr=m.vaddr, prot=m.prot))
 
     def _fork(self, st: TaskState, child_pid: int) -> None:
         """OP_FORK: the parent's fork() made ``child_pid``; it shares every file."""
@@ -861,7 +959,7 @@ class Daemon:
         # Its memory is out of reach until it says hello itself.
         task = k.fork(st.task, child_pid, HostMM(child_pid, k.phys))
         child = self._new_state(child_pid, task, pidfd, procdir)
-        child.creds_key = st.creds_key
+        child.creds = st.creds
         self._copy_mappings(st, child)
         self._watch_task(child)
 
@@ -869,9 +967,7 @@ class Daemon:
         if not st.exec_done:
             # exec_mmap(): the old image's mappings (BARs included) go with its
             # mm, before the close-on-exec files do.
-            for m in st.mappings.values():
-                self.kernel.munmap_file(st.task, m.file)
-            st.mappings.clear()
+            self._drop_mappings(st)
             old = st.task.mm
             self.kernel.exec(st.task, HostMM(st.pid, self.kernel.phys, host))
             self._note_orphaned(st, old, "exec()ed")
@@ -915,6 +1011,7 @@ class Daemon:
             if len(st.eventfds) + len(self._retired) >= MAX_EVENTFDS:
                 raise fail(errno.EMFILE, f"the daemon holds {MAX_EVENTFDS} eventfds of pid {st.pid} "
                                          f"that devices still use")
+        st.task.take_creds()                     # act with the rights the program has now
         try:
             if st.acting is None:
                 dup = native.pidfd_getfd(st.pidfd, n)
@@ -1027,9 +1124,7 @@ class Daemon:
 
     def _exit_task(self, st: TaskState) -> None:
         # exit_mm() before exit_files(): the device mappings go first.
-        for m in st.mappings.values():
-            self.kernel.munmap_file(st.task, m.file)
-        st.mappings.clear()
+        self._drop_mappings(st)
         self.kernel.exit(st.task)
         self._note_orphaned(st, st.task.mm, "exited")
         for n in list(st.eventfds):
@@ -1055,15 +1150,20 @@ class Daemon:
 # -- helpers ----------------------------------------------------------------------------------------------
 
 
-def _coalesce(posts: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
-    """Of stores to the same bytes, keep the last, in order.  Every byte ends
-    with the value of the last store to it either way, and a store without
-    side effects shows nothing until the next load or side-effecting store,
-    which comes after the whole batch: nobody can tell the difference, and a
-    driver filling a register in a loop costs the device one store."""
+def _coalesce(posts: list[tuple[int, int, int, int, int]]) -> list[tuple[int, int, int, int, int]]:
+    """Of stores to the same bytes with no side-effecting store between them,
+    keep the last, in order.  Every byte ends with the value of the last store
+    to it either way, and a store without side effects shows nothing until
+    the next load or side-effecting store: nobody can tell the difference, and
+    a driver filling a register in a loop costs the device one store.  A
+    side-effecting store (kick) is never dropped, nor moved across."""
+    kept: list[tuple[int, int, int, int, int]] = []
     seen: set[tuple[int, int, int]] = set()
-    kept = []
     for post in reversed(posts):
+        if post[4]:
+            seen.clear()                   # what the command saw stays as it was
+            kept.append(post)
+            continue
         key = post[:3]
         if key not in seen:
             seen.add(key)

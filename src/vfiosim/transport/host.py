@@ -29,13 +29,11 @@ page).
 
 from __future__ import annotations
 
-import array
-import ctypes
 import errno
 import os
 import select
 from dataclasses import dataclass
-from errno import EFAULT
+from errno import EFAULT, ENOMEM
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -52,6 +50,19 @@ if TYPE_CHECKING:
 WINDOW_SHIFT = 30                   # pins are counted per 1 GiB of address space
 _PROCMAP_PROT = ((native.PROCMAP_READ, PROT_READ), (native.PROCMAP_WRITE, PROT_WRITE),
                  (native.PROCMAP_EXEC, PROT_EXEC))
+
+
+class ArgWindow:
+    """A copy of the program's memory at a call's pointer argument, sent with
+    the call (protocol.F_WINDOW), and what the call wrote in it ([lo, hi))."""
+
+    __slots__ = ("addr", "data", "writable", "lo", "hi")
+
+    def __init__(self, addr: int, data: bytearray, writable: bool) -> None:
+        self.addr = addr
+        self.data = data
+        self.writable = writable
+        self.lo, self.hi = len(data), 0
 
 
 class HostProcess:
@@ -71,6 +82,7 @@ class HostProcess:
         # Set when the image this stands for is gone (exit, exec): the pid
         # may now name a new image, or another process.
         self.gone = False
+        self.window: ArgWindow | None = None    # the current call's copy of its pointer argument
 
     @classmethod
     def open(cls, pid: int) -> "HostProcess":
@@ -104,41 +116,91 @@ class HostProcess:
 
     # -- copy_from_user / copy_to_user: the CPU's view, protection honoured -------------------
 
+    # -- the window: the current call's copy of the memory its pointer argument names ----------
+
+    def open_window(self, addr: int, data: bytes, writable: bool) -> None:
+        """The program sent the ``data`` at ``addr`` along with its call (read
+        as it can read them; ``writable``: it can write them too): the call's
+        copy_from_user and copy_to_user of those bytes use the copy."""
+        self.window = ArgWindow(addr, bytearray(data), writable)
+
+    def close_window(self) -> tuple[int, bytes] | None:
+        """End the call's window: (offset, bytes) that the program stores back
+        (what copy_to_user wrote in it), or None."""
+        w, self.window = self.window, None
+        if w is None or w.lo >= w.hi:
+            return None
+        return w.lo, bytes(w.data[w.lo:w.hi])
+
+    def _flush_window(self, keep: bool) -> None:
+        """Write what the window holds for the program through /proc/<pid>/mem
+        (another path is about to read or write those bytes), and keep it
+        (clean) or drop it."""
+        w = self.window
+        if w is None:
+            return
+        self.window = w if keep else None
+        if w.lo < w.hi:
+            lo, hi = w.lo, w.hi
+            w.lo, w.hi = len(w.data), 0
+            self._write(w.addr + lo, w.data[lo:hi])
+
     def read(self, addr: int, n: int) -> bytes:
         """EFAULT unless all ``n`` bytes are mapped readable."""
         if n == 0:
             return b""
+        w = self.window
+        if w is not None:
+            off = addr - w.addr
+            if 0 <= off and off + n <= len(w.data):
+                return bytes(w.data[off:off + n])
+            if addr < w.addr + len(w.data) and w.addr < addr + n:
+                self._flush_window(False)
         if not self.bound or self.gone:
             raise fail(EFAULT, f"the memory of process {self.pid} is out of reach")
-        buf = ctypes.create_string_buffer(n)
         if self._query:
-            r = native.lib().vd_uread(self.maps_fd, self.mem, addr, n, buf)
-            if r == 0:
-                return buf.raw
-            if r != -errno.ENOTTY:
-                raise fail(EFAULT, f"cannot read {n} bytes at {addr:#x} in process {self.pid}")
+            try:
+                return native.uread(self.maps_fd, self.mem, addr, n)  # type: ignore[no-any-return]
+            except OSError as exc:
+                if exc.errno != errno.ENOTTY:
+                    raise fail(EFAULT, f"cannot read {n} bytes at {addr:#x} in process {self.pid}") from None
             self._query = False
         self._check(addr, n, write=False)
-        self._mem_rw(addr, n, buf, write=False)
-        return buf.raw
+        return self._mem_read(addr, n)
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """EFAULT unless all of it is mapped writable (no FOLL_FORCE)."""
-        data = bytes(data)
         n = len(data)
         if n == 0:
             return
+        w = self.window
+        if w is not None:
+            off = addr - w.addr
+            if w.writable and 0 <= off and off + n <= len(w.data):
+                w.data[off:off + n] = data
+                w.lo, w.hi = min(w.lo, off), max(w.hi, off + n)
+                return
+            if addr < w.addr + len(w.data) and w.addr < addr + n:
+                self._flush_window(False)
+        self._write(addr, data)
+
+    def _write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
         if not self.bound or self.gone:
             raise fail(EFAULT, f"the memory of process {self.pid} is out of reach")
         if self._query:
-            r = native.lib().vd_uwrite(self.maps_fd, self.mem, addr, n, data)
-            if r == 0:
+            try:
+                native.uwrite(self.maps_fd, self.mem, addr, data)
                 return
-            if r != -errno.ENOTTY:
-                raise fail(EFAULT, f"cannot write {n} bytes at {addr:#x} in process {self.pid}")
+            except OSError as exc:
+                if exc.errno != errno.ENOTTY:
+                    raise fail(EFAULT, f"cannot write {n} bytes at {addr:#x} in process {self.pid}") from None
             self._query = False
         self._check(addr, n, write=True)
-        self._mem_rw(addr, n, ctypes.create_string_buffer(data, n), write=True)
+        try:
+            native.dma_write(self.mem, addr, data)
+        except OSError:
+            raise fail(EFAULT, f"write of {n} bytes at {addr:#x} in process {self.pid} failed") from None
 
     def _check(self, addr: int, n: int, write: bool) -> None:
         """Without PROCMAP_QUERY: the mappings from /proc/<pid>/maps."""
@@ -153,53 +215,71 @@ class HostProcess:
                 return
         raise fail(EFAULT, f"cannot {'write' if write else 'read'} {n} bytes at {addr:#x} in process {self.pid}")
 
-    def _mem_rw(self, addr: int, n: int, buf: "ctypes.Array[ctypes.c_char]", write: bool) -> None:
-        if native.lib().vd_dma(self.mem, addr, n, buf, 1 if write else 0) < 0:
-            raise fail(EFAULT, f"{'write' if write else 'read'} of {n} bytes at {addr:#x} in process {self.pid} failed")
+    def _mem_read(self, addr: int, n: int) -> bytes:
+        try:
+            return native.dma_read(self.mem, addr, n)  # type: ignore[no-any-return]
+        except OSError:
+            raise fail(EFAULT, f"read of {n} bytes at {addr:#x} in process {self.pid} failed") from None
 
     # -- a device's DMA: the pages, whatever the CPU's protection is now ---------------------------
 
     def device_read(self, addr: int, n: int) -> bytes:
-        buf = ctypes.create_string_buffer(n)
-        if not self.bound or native.lib().vd_dma(self.mem, addr, n, buf, 0) < 0:
+        if self.window is not None:
+            self._flush_window(True)
+        if not self.bound:
             raise fail(EFAULT, f"DMA read of {n} bytes at {addr:#x} in process {self.pid} failed")
-        return buf.raw
+        try:
+            return native.dma_read(self.mem, addr, n)  # type: ignore[no-any-return]
+        except OSError:
+            raise fail(EFAULT, f"DMA read of {n} bytes at {addr:#x} in process {self.pid} failed") from None
 
     def device_read_into(self, addr: int, out: np.ndarray) -> None:
-        if not self.bound or native.lib().vd_dma(self.mem, addr, out.size, out.ctypes.data, 0) < 0:
-            raise fail(EFAULT, f"DMA read of {out.size} bytes at {addr:#x} in process {self.pid} failed")
+        if self.window is not None:
+            self._flush_window(True)
+        try:
+            if not self.bound:
+                raise OSError(EFAULT, "unbound")
+            native.dma_read_into(self.mem, addr, out)
+        except OSError:
+            raise fail(EFAULT, f"DMA read of {out.size} bytes at {addr:#x} in process {self.pid} failed") from None
 
     def device_read_ranges(self, addrs: list[int], lens: list[int], out: memoryview) -> None:
         """Several DMA reads (a NIC's burst of descriptors and frames) into
         ``out``, one after the other, in one foreign call: EFAULT unless every
         byte was read."""
-        n = len(addrs)
-        a, ln = array.array("Q", addrs), array.array("Q", lens)
-        buf = (ctypes.c_char * len(out)).from_buffer(out)
-        if not self.bound or native.lib().vd_dma_many(self.mem, n, a.buffer_info()[0], ln.buffer_info()[0], buf,
-                                                       0) < 0:
-            raise fail(EFAULT, f"DMA read of {len(out)} bytes in {n} ranges in process {self.pid} failed")
+        if self.window is not None:
+            self._flush_window(True)
+        try:
+            if not self.bound:
+                raise OSError(EFAULT, "unbound")
+            native.dma_read_ranges(self.mem, addrs, lens, out)
+        except OSError:
+            raise fail(EFAULT, f"DMA read of {len(out)} bytes in {len(addrs)} ranges in process {self.pid} "
+                               f"failed") from None
 
     def device_write_ranges(self, addrs: list[int], lens: list[int], data: memoryview) -> None:
         """Several DMA writes, in order, in one foreign call."""
-        n = len(addrs)
-        a, ln = array.array("Q", addrs), array.array("Q", lens)
-        src = data if not data.readonly else memoryview(bytearray(data))
-        buf = (ctypes.c_char * len(src)).from_buffer(src)
-        if not self.bound or native.lib().vd_dma_many(self.mem, n, a.buffer_info()[0], ln.buffer_info()[0], buf,
-                                                       1) < 0:
-            raise fail(EFAULT, f"DMA write of {len(src)} bytes in {n} ranges in process {self.pid} failed")
+        if self.window is not None:
+            self._flush_window(False)
+        try:
+            if not self.bound:
+                raise OSError(EFAULT, "unbound")
+            native.dma_write_ranges(self.mem, addrs, lens, data)
+        except OSError:
+            raise fail(EFAULT, f"DMA write of {len(data)} bytes in {len(addrs)} ranges in process {self.pid} "
+                               f"failed") from None
 
     def device_write(self, addr: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
-        ptr: int | bytes
+        if self.window is not None:
+            self._flush_window(False)
         if isinstance(data, np.ndarray):
-            src = np.ascontiguousarray(data, dtype=np.uint8)
-            ptr, n = src.ctypes.data, src.size
-        else:
-            ptr = bytes(data)
-            n = len(ptr)
-        if not self.bound or native.lib().vd_dma(self.mem, addr, n, ptr, 1) < 0:
-            raise fail(EFAULT, f"DMA write of {n} bytes at {addr:#x} in process {self.pid} failed")
+            data = np.ascontiguousarray(data, dtype=np.uint8)
+        try:
+            if not self.bound:
+                raise OSError(EFAULT, "unbound")
+            native.dma_write(self.mem, addr, data)
+        except OSError:
+            raise fail(EFAULT, f"DMA write of {len(data)} bytes at {addr:#x} in process {self.pid} failed") from None
 
     # -- mappings ----------------------------------------------------------------------------------
 
@@ -219,7 +299,7 @@ class HostProcess:
             else:
                 if found is None:
                     return None
-                start, end, flags = found
+                start, end, flags, _inode = found
                 prot = sum(prot for bit, prot in _PROCMAP_PROT if flags & bit)
                 return start, end, prot, not flags & native.PROCMAP_SHARED, ""
         for entry in self.maps():
@@ -308,10 +388,15 @@ class HostProcess:
 class HostMemoryObject:
     """Physical memory standing for one 1 GiB window of a real process's
     address space: DMA reads and writes reach the process at the same
-    offset.  Pin counts are a lazily touched array: memory follows the pins."""
+    offset.  Pin counts are a lazily touched array: memory follows the pins.
+
+    The machine's RAM: the host, not the simulation, gives the program its
+    pages, so what the simulation can charge is what it pins -- a page costs
+    RAM from its first pin to its last (``unmapped``: the pages whose RAM
+    goes with their last pin, here every page a pin holds)."""
 
     __slots__ = ("phys_base", "length", "page_shift", "compound_shift", "pincount", "pins", "users",
-                 "pinnable", "host", "vaddr", "orphan", "populated")
+                 "pinnable", "host", "vaddr", "orphan", "populated", "unmapped", "ram")
 
     def __init__(self, host: HostProcess, vaddr: int, length: int, page_shift: int) -> None:
         self.host = host
@@ -329,6 +414,72 @@ class HostMemoryObject:
         self.users = 0
         self.pinnable = True
         self.orphan: np.ndarray | None = None
+        # Pages charged to the machine's RAM (calloc'd, like the counts).
+        self.unmapped: np.ndarray | None = np.zeros(length >> page_shift, dtype=np.bool_)
+        self.ram: PhysicalMemory | None = None          # whose RAM they are charged to
+
+    def charge(self, p0: int, n: int, dry_run: bool) -> int:
+        """Charge the machine's RAM for the pages of [p0, p0+n) that no pin
+        holds yet: how many of the n can be pinned (n, or fewer when RAM ran
+        out at page p0 + the result: the pages before it keep their charge)."""
+        ram, charged = self.ram, self.unmapped
+        assert ram is not None and charged is not None
+        if n == 1:                     # the usual small case: no NumPy reductions
+            if charged[p0]:
+                return 1
+            if ram.ram_pages is not None and ram.used_pages >= ram.ram_pages:
+                return 0
+            if not dry_run:
+                ram.used_pages += 1
+                charged[p0] = True
+            return 1
+        new = ~charged[p0:p0 + n]
+        missing = int(np.count_nonzero(new))
+        if not missing:
+            return n
+        room = min(missing, ram.free_pages())
+        got = n if room == missing else int(np.flatnonzero(new)[room])
+        if not dry_run:
+            ram.used_pages += room
+            charged[p0:p0 + got] = True
+        return got
+
+    def charge_pages(self, pages: np.ndarray, dry_run: bool) -> int:
+        """charge() for a list of page numbers (in order, repeats allowed): how
+        many leading entries can be pinned."""
+        ram, charged = self.ram, self.unmapped
+        assert ram is not None and charged is not None
+        missing = ~charged[pages]
+        if not missing.any():
+            return int(pages.size)
+        want, first = np.unique(pages[missing], return_index=True)
+        room = min(int(want.size), ram.free_pages())
+        if room == want.size:
+            got, new = int(pages.size), want
+        else:
+            got = int(np.flatnonzero(missing)[np.sort(first)[room]])
+            new = np.unique(pages[:got][missing[:got]])
+        if not dry_run:
+            ram.used_pages += int(new.size)
+            charged[new] = True
+        return got
+
+    def unpinned(self, p0: int, n: int) -> None:
+        """Pins on pages [p0, p0+n) were dropped: those no pin holds now give
+        their RAM back."""
+        charged = self.unmapped
+        if charged is None or self.ram is None:
+            return
+        if n == 1:
+            if charged[p0] and self.pincount[p0] == 0:
+                charged[p0] = False
+                self.ram.used_pages -= 1
+            return
+        gone = charged[p0:p0 + n] & (self.pincount[p0:p0 + n] == 0)
+        count = int(np.count_nonzero(gone))
+        if count:
+            charged[p0:p0 + n] &= ~gone
+            self.ram.used_pages -= count
 
     def _orphaned(self) -> np.ndarray | None:
         """Once the image is gone, pages a pin still holds are private memory:
@@ -405,6 +556,10 @@ class HostMM(AddressSpace):
         # through it (pins go to the windows).
         self._unpinned = HostMemoryObject(self.host, 0, 0, self.page_shift)
         self._unpinned.pinnable = False
+        # The program's mappings of device files, by the daemon's handle: what
+        # the shim maps there is an inaccessible placeholder, the kernel sees a
+        # VM_PFNMAP mapping of the device (Kernel.host_device_vma).
+        self.device_vmas: dict[int, Vma] = {}
 
     def bind(self, host: HostProcess) -> None:
         """The process said hello: its memory is reachable from now on."""
@@ -434,6 +589,7 @@ class HostMM(AddressSpace):
         obj = self._windows.get(index)
         if obj is None:
             obj = HostMemoryObject(self.host, index << WINDOW_SHIFT, 1 << WINDOW_SHIFT, self.page_shift)
+            obj.ram = self.phys
             self._windows[index] = obj
         return obj
 
@@ -448,18 +604,25 @@ class HostMM(AddressSpace):
 
     def find_vma(self, addr: int) -> Vma | None:
         """The mapping holding ``addr`` (its pages are reached through pin_pages,
-        not through the Vma's object)."""
+        not through the Vma's object); where the program mapped a device, the
+        device's VM_PFNMAP mapping, as far as the shim's placeholder (private,
+        inaccessible) is still there."""
         found = self.host.vma_at(addr)
         if found is None:
             return None
         start, end, prot, private, _path = found
+        if self.device_vmas and not prot and private:
+            for dev in self.device_vmas.values():
+                if dev.start <= addr < dev.end:
+                    lo, hi = max(start, dev.start), min(end, dev.end)
+                    return Vma(lo, hi, dev.prot, dev.obj, dev.pgoff + (lo - dev.start), kind="pfnmap", ops=dev.ops)
         return Vma(start, end, prot, self._unpinned, 0, kind="anon" if private else "shared")
 
     def pin_pages_longterm(self, start: int, npages: int, write: bool) -> PinResult:
         """As MM.pin_pages_longterm (Type1's FOLL_LONGTERM pin): a read pin of a
         never-written page of a read-only private mapping unshares the zero
         page and succeeds, where pin_pages() faults."""
-        return self._pin_run(start, npages, write, False, True, 0)
+        return self._pin_run(start, npages, write, False, True, 0, "pin_user_pages_remote(FOLL_LONGTERM)")
 
     def pin_pages(self, addrs: np.ndarray, write: bool, dry_run: bool = False, unshare: bool = False) -> PinResult:
         """As MM.pin_pages, against the process's real mappings: one lookup
@@ -482,7 +645,12 @@ class HostMM(AddressSpace):
                 if missing.any():
                     cut = int(np.argmax(missing))
                     seg, stop, err = seg[:cut], done + cut, EFAULT
-            parts.extend(self._pin_segment(seg, dry_run))
+            got, pinned = self._pin_segment(seg, dry_run)
+            parts.extend(pinned)
+            if got < seg.size:
+                stop, err = done + got, ENOMEM
+                if not dry_run:
+                    self._out_of_memory(f"pin_user_pages() of {int(seg[got]):#x}")
             done = stop
             if err is not None:
                 break
@@ -492,8 +660,10 @@ class HostMM(AddressSpace):
         hpas = np.concatenate([np.asarray(p) for p in parts]) if parts else np.zeros(0, dtype=np.uint64)
         return PinResult(hpas, shifts, done, err)
 
-    def _pin_segment(self, seg: np.ndarray, dry_run: bool) -> list[np.ndarray | Progression]:
-        """Pin the pages of ``seg`` (addresses inside one mapping), window by window."""
+    def _pin_segment(self, seg: np.ndarray, dry_run: bool) -> tuple[int, list[np.ndarray | Progression]]:
+        """Pin the pages of ``seg`` (addresses inside one mapping), window by
+        window: how many were pinned (fewer than all when the machine's RAM
+        ran out) and their physical addresses."""
         out: list[np.ndarray | Progression] = []
         i = 0
         page = 1 << self.page_shift
@@ -502,7 +672,9 @@ class HostMM(AddressSpace):
             j = i + int(np.searchsorted(seg[i:], np.uint64((index + 1) << WINDOW_SHIFT), side="left"))
             obj = self._window(index)
             pages = ((seg[i:j] - np.uint64(obj.vaddr)) >> np.uint64(self.page_shift)).astype(np.int64)
-            consecutive = pages.size == 1 or (int(pages[-1]) - int(pages[0]) == pages.size - 1
+            got = obj.charge_pages(pages, dry_run)
+            pages = pages[:got]
+            consecutive = pages.size <= 1 or (int(pages[-1]) - int(pages[0]) == pages.size - 1
                                               and bool((np.diff(pages) == 1).all()))
             if not dry_run and pages.size:
                 if obj.pins == 0 and not self._registered(obj):
@@ -512,18 +684,23 @@ class HostMM(AddressSpace):
                 else:
                     np.add.at(obj.pincount, pages, 1)
                 obj.pins += int(pages.size)
-            if consecutive:
+            if not pages.size:
+                pass
+            elif consecutive:
                 out.append(Progression(obj.phys_base + (int(pages[0]) << self.page_shift), page, int(pages.size)))
             else:
                 out.append(np.uint64(obj.phys_base) + (pages.astype(np.uint64) << np.uint64(self.page_shift)))
+            if got < j - i:
+                return i + got, out
             i = j
-        return out
+        return i, out
 
     def pin_range(self, addr: int, npages: int, write: bool, dry_run: bool = False, tag: int = 0) -> PinResult:
         """Consecutive pages: as pin_pages over their addresses."""
-        return self._pin_run(addr, npages, write, dry_run, False, tag)
+        return self._pin_run(addr, npages, write, dry_run, False, tag, "pin_user_pages_fast()")
 
-    def _pin_run(self, addr: int, npages: int, write: bool, dry_run: bool, unshare: bool, tag: int) -> PinResult:
+    def _pin_run(self, addr: int, npages: int, write: bool, dry_run: bool, unshare: bool, tag: int,
+                 gup: str) -> PinResult:
         """Pin ``npages`` consecutive pages from ``addr``: one lookup per mapping
         crossed and one slice per 1 GiB window, in plain integers (a small map
         pays for no array)."""
@@ -546,10 +723,21 @@ class HostMM(AddressSpace):
                 obj = self._window(index)
                 k = min(n, (((index + 1) << WINDOW_SHIFT) - cur) >> shift)
                 p0 = (cur - obj.vaddr) >> shift
+                got = obj.charge(p0, k, dry_run)
+                if got < k:                             # the machine's RAM ran out at page p0 + got
+                    n, err = got, ENOMEM
+                    if not dry_run:
+                        self._out_of_memory(f"{gup} of {cur + (got << shift):#x}")
+                    if not got:
+                        break
+                    k = got
                 if not dry_run:
                     if obj.pins == 0 and not self._registered(obj):
                         self.phys.register(obj, obj.length)
-                    obj.pincount[p0:p0 + k] += 1
+                    if k == 1:
+                        obj.pincount[p0] += 1
+                    else:
+                        obj.pincount[p0:p0 + k] += 1
                     obj.pins += k
                 parts.append(Progression((obj.phys_base + (p0 << shift)) | tag, page, k))
                 cur += k << shift
@@ -562,6 +750,12 @@ class HostMM(AddressSpace):
             return PinResult(parts[0], None, done, err, runs)
         hpas = np.concatenate([np.asarray(p) for p in parts]) if parts else np.zeros(0, dtype=np.uint64)
         return PinResult(hpas, None, done, err, runs)
+
+    def _out_of_memory(self, what: str) -> None:
+        """A pin found no free page of the machine's RAM (docs/deviations.md 12)."""
+        if self.phys.log is not None:
+            from ..kernel.deviations import deviation
+            self.phys.log(deviation("12", what=what, used=self.phys.used_pages, total=self.phys.ram_pages))
 
     def count_mlocked_pages(self, start: int, length: int) -> int:
         """None that this locked_vm counts: the program's own mlock() is charged

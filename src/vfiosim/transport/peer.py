@@ -159,22 +159,22 @@ class Bounds:
 
 def creds_from_status(status: str, limits: str) -> native.Creds:
     """native.Creds from /proc/<pid>/status and limits (kernels without PIDFD_GET_INFO)."""
-    c = native.Creds()
+    v: dict[str, int] = {}
     for line in status.splitlines():
         key, _, value = line.partition(":")
         fields = value.split()
         if key == "Uid" and len(fields) == 4:
-            c.ruid, c.euid, c.suid, c.fsuid = (int(x) for x in fields)
+            v["ruid"], v["euid"], v["suid"], v["fsuid"] = (int(x) for x in fields)
         elif key == "Gid" and len(fields) == 4:
-            c.rgid, c.egid, c.sgid, c.fsgid = (int(x) for x in fields)
+            v["rgid"], v["egid"], v["sgid"], v["fsgid"] = (int(x) for x in fields)
         elif key == "CapEff":
-            c.cap_eff = int(value.strip(), 16)
+            v["cap_eff"] = int(value.strip(), 16)
         elif key == "CapPrm":
-            c.cap_prm = int(value.strip(), 16)
+            v["cap_prm"] = int(value.strip(), 16)
     for line in limits.splitlines():
         if line.startswith("Max locked memory"):
             soft, hard = line.split()[3:5]
             inf = (1 << 64) - 1
-            c.memlock_cur = inf if soft == "unlimited" else int(soft)
-            c.memlock_max = inf if hard == "unlimited" else int(hard)
-    return c
+            v["memlock_cur"] = inf if soft == "unlimited" else int(soft)
+            v["memlock_max"] = inf if hard == "unlimited" else int(hard)
+    return native.Creds(**v)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import ctypes
 import struct
 
-MAGIC_VERSION = 0x5646_0002          # "VF", protocol version 2
+MAGIC_VERSION = 0x5646_0004          # "VF", protocol version 4
 
 REQ = struct.Struct("<IIii5QII")
 REP = struct.Struct("<qiI")
@@ -39,12 +39,13 @@ MAX_PAYLOAD = 4096                  # VMAX_PAYLOAD: a path (PATH_MAX), or a repl
 OP_HELLO = 1        # socket: a[0] = MAGIC_VERSION, flags = HELLO_*; reply: the fake root, SCM_RIGHTS channel
 OP_OPEN = 2         # fd = placeholder, a[0] = flags, a[1] = mode, payload = path
 OP_CLOSE = 3        # fd
-OP_IOCTL = 4        # fd, a[0] = cmd, a[1] = arg, fd2 = placeholder for a new fd or -1
-OP_READ = 5         # fd, a[0] = buffer, a[1] = count, a[2] = offset (flags & RW_POSITIONAL)
-OP_WRITE = 6        # fd, a[0] = buffer, a[1] = count, a[2] = offset (flags & RW_POSITIONAL)
+OP_IOCTL = 4        # fd, a[0] = cmd, a[1] = arg, fd2 = placeholder for a new fd or -1; window
+OP_READ = 5         # fd, a[0] = buffer, a[1] = count, a[2] = offset (flags & RW_POSITIONAL); window
+OP_WRITE = 6        # fd, a[0] = buffer, a[1] = count, a[2] = offset (flags & RW_POSITIONAL); window
 OP_DUP = 7          # fd = old, fd2 = new, a[0] = cloexec
 OP_SETFD = 8        # fd, a[0] = cloexec
-OP_MMAP = 9         # fd, a[0] = offset, a[1] = length, a[2] = prot, a[3] = shared; ret = handle; payload: VMAP
+OP_MMAP = 9         # fd, a[0] = offset, a[1] = length, a[2] = prot, a[3] = shared, a[4] = address; ret = handle;
+                    # payload: VMAP
 OP_MMIO = 10        # a[0] = handle, a[1] = offset in the mapping, a[2] = size, a[3] = value (flags & MMIO_WRITE)
 OP_MUNMAP = 11      # a[0] = handle
 OP_STATUS = 12      # reply payload: u64 VmLck kB, u64 VmPin kB
@@ -57,6 +58,12 @@ OP_NAMES = {v: k[3:].lower() for k, v in dict(globals()).items() if k.startswith
 
 # -- flags -----------------------------------------------------------------------------------
 F_REFRESH_CREDS = 1 << 8            # the program called a libc function that changes ids, caps or limits
+# With F_WINDOW the payload is a copy of the program's memory at a[4] (a pointer
+# argument), as the program can read it; F_WINDOW_WRITABLE: it can write it too.
+# The reply's payload is then what the program stores back: u32 offset, bytes.
+F_WINDOW = 1 << 9
+F_WINDOW_WRITABLE = 1 << 10
+WIN_MAX = 512                       # VWIN_MAX: bytes of a window
 RW_POSITIONAL = 1 << 0
 MMIO_WRITE = 1 << 0
 HELLO_FORK = 1 << 0                 # sent by a fork child (its parent sends OP_FORK)
@@ -76,8 +83,13 @@ class vrep(ctypes.Structure):
     _fields_ = [("ret", ctypes.c_int64), ("err", ctypes.c_int32), ("len", ctypes.c_uint32)]
 
 
-VMAP_MAX_POSTED = 32
+VMAP_MAX_POSTED = 64
 VMAP_MAX_RAM = 8
+VPOST_KICK = 1                      # a store there has side effects: the daemon is woken to perform it
+
+
+class vmap_post(ctypes.Structure):
+    _fields_ = [("offset", ctypes.c_uint64), ("length", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
 class vmap_range(ctypes.Structure):
@@ -87,14 +99,14 @@ class vmap_range(ctypes.Structure):
 class vmap(ctypes.Structure):
     """OP_MMAP's reply payload: how the program reaches the mapping without a round trip."""
     _fields_ = [("slot", ctypes.c_uint32), ("nposted", ctypes.c_uint32), ("nram", ctypes.c_uint32),
-                ("reserved", ctypes.c_uint32), ("posted", vmap_range * VMAP_MAX_POSTED),
+                ("reserved", ctypes.c_uint32), ("posted", vmap_post * VMAP_MAX_POSTED),
                 ("ram", vmap_range * VMAP_MAX_RAM)]
 
 
 class vpost(ctypes.Structure):
     """A posted store in the channel's ring."""
     _fields_ = [("handle", ctypes.c_uint64), ("offset", ctypes.c_uint64), ("value", ctypes.c_uint64),
-                ("size", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
+                ("size", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
 VRING = 256
@@ -103,12 +115,14 @@ VLIVE = 64
 
 class vchan_prog(ctypes.Structure):
     _fields_ = [("req_seq", ctypes.c_uint32), ("prog_waiting", ctypes.c_uint32), ("ring_head", ctypes.c_uint32),
-                ("pad", ctypes.c_uint32 * 13)]
+                ("ack_seq", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("spin_fails", ctypes.c_uint32),
+                ("wake_seq", ctypes.c_uint32), ("pad", ctypes.c_uint32 * 9)]
 
 
 class vchan_daemon(ctypes.Structure):
     _fields_ = [("rep_seq", ctypes.c_uint32), ("daemon_waiting", ctypes.c_uint32), ("ring_tail", ctypes.c_uint32),
-                ("pad", ctypes.c_uint32 * 13)]
+                ("taken_seq", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("spin", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32 * 10)]
 
 
 class vchan(ctypes.Structure):

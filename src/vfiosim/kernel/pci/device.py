@@ -169,6 +169,11 @@ class BarMemory:
         self.users = 1           # the device's own: it stays in the physical address space
         self.pinnable = False    # VM_PFNMAP: GUP refuses it
 
+    unmapped: "np.ndarray | None" = None    # never pinned, never RAM
+
+    def unpinned(self, p0: int, n: int) -> None:
+        pass
+
     def read_at(self, off: int, n: int) -> bytes:
         from ..mm import mmio_accesses
         dev, bar = self.dev, self.index
@@ -360,6 +365,21 @@ class PciDevice:
             out += [(m.table_offset + v * PCI_MSIX_ENTRY_SIZE, PCI_MSIX_ENTRY_VECTOR_CTRL) for v in range(m.vectors)]
         if m is not None and bar == m.pba_bar:
             out.append((m.pba_offset, m.pba_size))          # read-only: a store is dropped
+        return sorted(out)
+
+    def doorbell_ranges(self, bar: int) -> list[tuple[int, int]]:
+        """(offset, length) of the declared registers of ``bar`` whose stores
+        have side effects (a doorbell, a command, an interrupt acknowledge),
+        and the MSI-X vectors' control words: PCIe posts those writes too --
+        the CPU does not wait for the device -- so a transport may as well,
+        performing them at once and in order with the others (a later load or
+        side-effecting store observes every earlier store; an interrupt the
+        work raises comes after its data).  Undeclared bytes are neither."""
+        out = [(r.offset, r.size) for r in self.registers.get(bar, ()) if r.write_effect]
+        m = self.msix
+        if m is not None and bar == m.table_bar:
+            out += [(m.table_offset + v * PCI_MSIX_ENTRY_SIZE + PCI_MSIX_ENTRY_VECTOR_CTRL, 4)
+                    for v in range(m.vectors)]
         return sorted(out)
 
     def assign_bar_address(self, index: int, addr: int) -> None:

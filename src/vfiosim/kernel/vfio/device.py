@@ -69,9 +69,10 @@ class VfioDeviceOps:
     def mmio(self, current: "Task", offset: int, size: int, value: int | None) -> int:
         raise fail(EINVAL, "the device has no mmapped region")
 
-    def mmap_posted_writes(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """(offset, length), from the start of a mapping at ``offset``, of what
-        a CPU may store to without waiting for the device (posted writes)."""
+    def mmap_posted_writes(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """(offset, length, side effect), from the start of a mapping at
+        ``offset``, of what a CPU may store to without waiting for the device
+        (posted writes); a store with a side effect is to be performed at once."""
         return []
 
     def mmap_live(self) -> bool:
@@ -263,7 +264,7 @@ class DeviceFile(File):
     def mmio(self, current: "Task", offset: int, size: int, value: int | None) -> int:
         return self.device.ops.mmio(current, offset, size, value)
 
-    def mmap_posted_writes(self, offset: int, length: int) -> list[tuple[int, int]]:
+    def mmap_posted_writes(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         return self.device.ops.mmap_posted_writes(offset, length)
 
     def mmap_live(self) -> bool:

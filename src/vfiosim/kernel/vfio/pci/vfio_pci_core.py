@@ -191,15 +191,17 @@ class VfioPciDevice(VfioDeviceOps):
         self.pdev.host_mmio_write(index, off, size, value)
         return 0
 
-    def mmap_posted_writes(self, offset: int, length: int) -> list[tuple[int, int]]:
+    def mmap_posted_writes(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         index = offset >> VFIO_PCI_OFFSET_SHIFT
         base = offset & VFIO_PCI_OFFSET_MASK
         out = []
-        for off, n in self.pdev.posted_write_ranges(index):
-            lo, hi = max(off, base), min(off + n, base + length)
-            if lo < hi:
-                out.append((lo - base, hi - lo))
-        return out
+        for ranges, effect in ((self.pdev.posted_write_ranges(index), False),
+                               (self.pdev.doorbell_ranges(index), True)):
+            for off, n in ranges:
+                lo, hi = max(off, base), min(off + n, base + length)
+                if lo < hi:
+                    out.append((lo - base, hi - lo, effect))
+        return sorted(out)
 
     def mmap_live(self) -> bool:
         return vfio_pci_memory_enabled(self) and self.pdev.mmio_enabled_by_platform()
