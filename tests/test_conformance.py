@@ -3,10 +3,12 @@
 tests/data/conformance/<platform>/*.jsonl were recorded by `vfiosim qemu-record`:
 the project's scenario programs run under the recording shim in QEMU guests whose
 Linux 6.12 drives QEMU's emulated edu devices through its own VFIO (pseries: the sPAPR
-TCE driver; x86 q35: Type1 over an emulated VT-d).  Every CI run replays them on the
-matching simulated machine: every step must answer as the real kernel did, and
-docs/conformance.md's table must be what the replay counts.  Re-recording them needs
-the guests: `python3 -m pytest -m qemu_record` (left out of the default run).
+TCE driver over the hypervisor's tables; powernv9: the same driver over Linux's own
+PHB4 IODA2 tables, with EEH; x86 q35: Type1 over an emulated VT-d).  Every CI run
+replays them on the matching simulated machine: every step must answer as the real
+kernel did, and docs/conformance.md's table must be what the replay counts.
+Re-recording them needs the guests: `python3 -m pytest -m qemu_record` (left out of
+the default run).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def result():
 
 def test_the_traces_are_real_kernels_on_the_machines_of_the_presets():
     found = traces_in(DATA)
-    assert set(found) == {"pseries", "x86"}
+    assert set(found) == {"pseries", "powernv", "x86"}
     for platform, paths in found.items():
         assert {p.stem for p in paths} == {s.name for s in PLATFORMS[platform].scenarios}
         for path in paths:
@@ -42,18 +44,26 @@ def test_the_traces_are_real_kernels_on_the_machines_of_the_presets():
             assert h["source"] == "kernel" and h["recorder"].startswith("vfiosim record")
             assert h["system"]["kernel"].startswith("6.12") and h["system"]["platform"] == platform
             assert "vfio_pci" in h["iommu"]["modules"]
+            # Debian's build, read from the kernel's own .config: no iommufd.
+            assert h["kernel_config"] == ["VFIO_GROUP=y", "VFIO_CONTAINER=y", "IOMMUFD=n", "VFIO_DEVICE_CDEV=n",
+                                          "IOMMUFD_VFIO_CONTAINER=n"]
+            assert h["kernel_config_from"] == f"/boot/config-{h['system']['kernel']}"
             edus = {d["bdf"]: d["iommu_group"] for d in h["devices"] if d["device"] == "0x11e8"}
             if platform == "pseries":
                 assert edus == {"0000:00:00.0": 0, "0001:00:00.0": 1}
                 assert {(w["start"], w["size"], w["iommu_group"]) for w in h["windows"]} == \
                     {(0, 1 << 30, 0), (0, 1 << 30, 1)}
+            elif platform == "powernv":
+                assert edus == {"0000:01:00.0": 0, "0001:01:00.0": 1}      # behind the PHB4s' root ports
+                assert h["windows"] == []                  # no ibm,dma-window: Linux makes its own tables
+                assert {u["name"] for u in h["iommu"]["units"]} >= {"iommu-phb0000", "iommu-phb0001"}
             else:
                 assert edus == {"0000:01:00.0": 4, "0000:02:00.0": 5}
                 assert h["iommu"]["units"][0]["address_width"] == 39
 
 
 def test_every_step_recorded_on_real_kernels_replays_as_recorded(result):
-    for platform in ("pseries", "x86"):
+    for platform in ("pseries", "powernv", "x86"):
         kernel = [f"[{s}] {d}" for s, d in result.divergences[platform] if d.label == "kernel"]
         assert not kernel, "\n".join(kernel)
         assert result.labels[platform]["environment"] == 0
@@ -61,12 +71,14 @@ def test_every_step_recorded_on_real_kernels_replays_as_recorded(result):
         assert matched == total > 350
     cells = result.cells
     # Every family the scenarios exercise is there, with enough steps to mean something.
-    for fam in ("container", "group", "IOMMU (sPAPR)", "EEH", "device info", "region access", "interrupts",
-                "ioeventfd", "device features", "reset"):
-        assert cells["pseries"][fam][1] >= 8, fam
+    for platform in ("pseries", "powernv"):
+        for fam in ("container", "group", "IOMMU (sPAPR)", "EEH", "device info", "region access", "interrupts",
+                    "ioeventfd", "device features", "reset"):
+            assert cells[platform][fam][1] >= 8, (platform, fam)
     for fam in ("container", "group", "IOMMU (Type1)", "device info", "region access", "interrupts",
                 "ioeventfd", "device features", "reset"):
         assert cells["x86"][fam][1] >= 8, fam
+    assert all(cells[p]["process"][1] >= 7 for p in cells)      # forks, an exec, limits, credentials
 
 
 def test_what_differs_is_the_device_model_and_the_firmware(result):
@@ -85,6 +97,49 @@ def test_the_same_traces_on_another_machine_diverge_where_the_machines_differ():
         r = replay(vfiosim.Machine.default(), t)           # PowerNV: a 2 GiB default window, other groups
     assert r.counts["kernel"] > 10
     assert any(d.what == "out.dma32_window_size" for d in r.divergences)
+    # And the other way round: PowerNV's real EEH answers where pseries' guest has none.
+    with open_trace(DATA / "powernv" / "walker-v1.jsonl") as t:
+        r = replay(vfiosim.Machine.preset("pseries"), t, keep=100000)
+    assert any(d.what == "out.dma32_window_size" and d.expected == 1 << 31 for d in r.divergences)
+    assert any("VFIO_EEH_PE_OP" in d.step and d.expected == "0" and d.got == "-1 ENODEV" for d in r.divergences)
+
+
+def test_powernv_is_bare_metal_eeh_and_its_own_tce_tables():
+    """What the PowerNV guest showed that the pseries one could not: EEH works
+    (pseries guests get ENODEV), the default window is the PHB's 2 GiB below its
+    32-bit MMIO window, a DMA window's TCE table is charged to locked_vm."""
+    with open_trace(DATA / "powernv" / "walker-v1.jsonl") as t:
+        eeh = [r for r in t if r.get("cmd") == "VFIO_EEH_PE_OP"]
+    assert eeh and sum(r["ret"] == 0 for r in eeh) >= 5
+    with open_trace(DATA / "pseries" / "walker-v1.jsonl") as t:
+        assert all(r["err"] == "ENODEV" for r in t if r.get("cmd") == "VFIO_EEH_PE_OP")
+    with open_trace(DATA / "powernv" / "walker-v2.jsonl") as t:
+        info = [r for r in t if r.get("cmd") == "VFIO_IOMMU_SPAPR_TCE_GET_INFO" and not r["errno"]
+                and "ddw" in r["out"]]
+    assert info[0]["out"]["dma32_window_size"] == 1 << 31 and info[0]["out"]["ddw"]["pgsizes"] == 0x40211000
+
+
+def test_fork_and_exec_on_real_kernels_replay_as_recorded(result):
+    """vfio_processes.c: a child of the process that preregistered memory is refused
+    by sPAPR (the container belongs to the mm that bound it: EPERM), an exec'd image
+    too; Type1 lets either map, charging its own mm.  The replay forks and execs
+    where the recording did."""
+    for platform in ("pseries", "powernv", "x86"):
+        with open_trace(DATA / platform / "processes.jsonl") as t:
+            recs = list(t)
+        pids = list(dict.fromkeys(r["pid"] for r in recs if r["call"] != "exit"))
+        assert len(pids) == 3, platform                      # the parent, a child, an exec'd child
+        assert sum(r["call"] == "fork" for r in recs) == 2 and sum(r["call"] == "exec" for r in recs) == 1
+        child = [r for r in recs if r["pid"] == pids[1] and r["call"] == "ioctl"]
+        mapping = [r for r in child if r["cmd"] in ("VFIO_IOMMU_MAP_DMA", "VFIO_IOMMU_SPAPR_REGISTER_MEMORY")]
+        if platform == "x86":
+            assert all(r["errno"] == 0 for r in mapping)
+        else:
+            assert mapping and all(r["err"] == "EPERM" for r in mapping)
+        assert any(r["call"] == "setuid" for r in recs) and any(r.get("errno") == 12 for r in recs)
+    kernel = [d for p in ("pseries", "powernv", "x86") for s, d in result.divergences[p]
+              if s == "processes" and d.label == "kernel"]
+    assert not kernel
 
 
 def test_docs_conformance_table_is_what_the_replay_counts(result):
@@ -96,7 +151,7 @@ def test_docs_conformance_table_is_what_the_replay_counts(result):
 
 
 @pytest.mark.qemu_record
-@pytest.mark.parametrize("platform", ["pseries", "x86"])
+@pytest.mark.parametrize("platform", ["pseries", "powernv", "x86"])
 def test_recording_again_in_the_guests_gives_traces_that_replay_as_recorded(tmp_path, platform):
     try:
         run = record_platform(platform, tmp_path / platform, workdir=tmp_path / "work", install=False, timeout=1200)

@@ -115,6 +115,34 @@ def test_the_demo_says_what_to_install_when_testpmd_is_missing(monkeypatch):
         D.check_prerequisites(install=True)
 
 
+def test_a_user_without_root_is_told_what_dpdk_will_lock_on_each_machine(monkeypatch, capsys):
+    """Not root: DPDK locks its memory for DMA, and on sPAPR its window's TCE
+    table (32 MiB for 8 GiB) too; a hard RLIMIT_MEMLOCK below that is refused up
+    front with the figure, before anything starts (as the simulated kernel would
+    refuse the MAP_DMA or REGISTER_MEMORY).  Checked by hand as nobody with
+    Debian's default 8 MiB: x86 wants 64 MiB, PowerNV 112 MiB (docs/dpdk.md)."""
+    import resource
+
+    from vfiosim import cli
+    monkeypatch.setattr(D.os, "geteuid", lambda: 4242)
+    monkeypatch.setattr(resource, "getrlimit", lambda _r: (8 << 20, 8 << 20))
+    assert cli.main(["dpdk-demo", "--no-install", "--machine", "x86"]) == 3
+    assert "RLIMIT_MEMLOCK allows 8192 KiB (needed: 65536 KiB)" in capsys.readouterr().err
+    assert cli.main(["dpdk-demo", "--no-install", "--machine", "powernv", "--memory", "32"]) == 3
+    err = capsys.readouterr().err
+    assert "its 32 MiB and its window's TCE table" in err and "(needed: 81920 KiB)" in err
+    monkeypatch.setattr(resource, "getrlimit", lambda _r: (8 << 20, 64 << 20))
+    D.check_memlock(64, spapr=False)                      # Type1: the memory alone
+    with pytest.raises(D.DpdkDemoUnavailable):
+        D.check_memlock(64, spapr=True)
+
+
+def test_too_little_memory_for_testpmd_is_refused_with_the_floor(capsys):
+    from vfiosim import cli
+    assert cli.main(["dpdk-demo", "--no-install", "--memory", "16"]) == 3
+    assert "--memory 16: testpmd needs at least 20 MiB" in capsys.readouterr().err
+
+
 def test_dpdk_demo_exits_3_when_it_cannot_run(monkeypatch):
     from vfiosim import cli
 

@@ -65,8 +65,11 @@ def _caches(m: vfiosim.Machine) -> list[Any]:
         cache = getattr(t, "tce_cache", None) or getattr(t, "iotlb", None)
         if cache is None:
             continue
+        # _entries: (IOVA, length, write) -> (table, generation, runs);
+        # _pages: write -> (table, generation, {page: (memory, offset)}).
         out.append((t.name, sorted((key, v[1]) for key, v in cache._entries.items()),
-                    sorted((key, v[1], v[3]) for key, v in cache._pages.items())))
+                    sorted((write, v[1], sorted((page, mem.phys_base + off) for page, (mem, off) in v[2].items()))
+                           for write, v in cache._pages.items())))
     return out
 
 

@@ -95,3 +95,33 @@ def test_the_type1_example_runs_on_the_container_iommufd_serves(bins):
     proc = vfiosim_run("--machine", "x86", "--kernel-config", "iommufd-compat", "--", str(bins["type1"]))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "DMA round trip of 4096 bytes: verified" in proc.stdout
+
+
+@pytest.mark.parametrize("preset,config,modules", [
+    ("x86", None, ["vfio", "vfio_iommu_type1", "vfio_pci", "vfio_pci_core"]),
+    ("x86", "iommufd", ["iommufd", "vfio", "vfio_iommu_type1", "vfio_pci", "vfio_pci_core"]),
+    # IOMMUFD_VFIO_CONTAINER turns VFIO_CONTAINER off, and Type1 is built only under it.
+    ("x86", "iommufd-compat", ["iommufd", "vfio", "vfio_pci", "vfio_pci_core"]),
+    ("powernv", None, ["vfio", "vfio_iommu_spapr_tce", "vfio_pci", "vfio_pci_core"]),
+])
+def test_sys_module_lists_the_modules_the_kernel_configuration_builds(tmp_path, preset, config, modules):
+    """A program probing for iommufd by /sys/module/iommufd (as vfiosim's own
+    recorder does) sees it exactly when the machine's kernel has it; the
+    container's IOMMU backends only when VFIO_CONTAINER is built."""
+    import vfiosim
+    from runutil import ThreadedDaemon
+
+    d = ThreadedDaemon(vfiosim.Machine.preset(preset, kernel_config=config), tmp_path)
+    try:
+        prog = ("import os\n"
+                "names = ('iommufd', 'vfio', 'vfio_pci', 'vfio_pci_core', 'vfio_iommu_type1', 'vfio_iommu_spapr_tce')\n"
+                "print(sorted(m for m in names if os.access('/sys/module/' + m, os.F_OK)))\n"
+                "print(os.access('/sys/module/iommufd/parameters', os.F_OK),"
+                " open('/sys/module/vfio/parameters/enable_unsafe_noiommu_mode').read().strip())\n")
+        out = d.run([sys.executable, "-c", prog])
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0] == repr(modules)
+        assert lines[1] == "False N"        # iommufd has no module parameters
+    finally:
+        d.close()

@@ -147,7 +147,10 @@ def _print_topology(topo: dict[str, Any]) -> None:
             mapped = "" if w["mapped"] is None else f", {w['mapped']} TCEs in use"
             print(f"    {label}: {w['start']:#x}+{w['size']:#x}, {page}{owner}{mapped}")
     for unit in topo.get("iommu_units", []):
-        _print_vtd_unit(unit)
+        if unit["model"] == "intel-iommu":
+            _print_vtd_unit(unit)
+        else:
+            _print_iommu_unit(unit)
     print("\nIOMMU groups")
     for g in topo["iommu_groups"]:
         node = g["node"] or "(no VFIO node: bound to host drivers)"
@@ -193,6 +196,17 @@ def _sizes(bitmap: int) -> str:
             unit = next((u for u, s in (("G", 30), ("M", 20), ("K", 10)) if size >= 1 << s and not size % (1 << s)), "")
             names.append(f"{size >> {'G': 30, 'M': 20, 'K': 10}.get(unit, 0)}{unit}")
     return "|".join(names)
+
+
+def _print_iommu_unit(u: dict[str, Any]) -> None:
+    """Another platform's IOMMU unit: the keys every unit's description has
+    (kernel/platform/base.py: Platform.describe)."""
+    print(f"\nIOMMU unit {u['name']} ({u['model']}), page sizes {_sizes(u['page_sizes'])}")
+    for d in u["domains"]:
+        print(f"  paging domain #{d['id']}: groups {', '.join(map(str, d['groups'])) or '-'}, "
+              f"{d['mapped_bytes']:#x} bytes mapped")
+    if u["faults"]:
+        print(f"  {u['faults']} DMA fault(s) recorded")
 
 
 def _print_vtd_unit(u: dict[str, Any]) -> None:

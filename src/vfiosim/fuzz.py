@@ -136,6 +136,7 @@ def _check_errno(exc: OSError, what: str) -> None:
 # target "ioctl": the simulated kernel through the in-process API
 # =============================================================================================
 
+# (a preset, each named after its platform; its page size and kernel profile)
 CONFIGS = (("powernv", 4096, "6.12"), ("powernv", 65536, "6.12"), ("powernv", 4096, "3.10"),
            ("pseries", 4096, "6.12"), ("x86", 4096, "6.12"))
 # The kernel configuration, from the same first byte: half Debian's, half with
@@ -164,13 +165,14 @@ class IoctlWorld:
 
     def __init__(self, d: Data) -> None:
         from . import uapi
+        from .kernel.config import POWER_PLATFORMS
         from .machine import Machine
         self.uapi = uapi
         self.d = d
         first = d.u8()
         plat, ps, kern = CONFIGS[first % len(CONFIGS)]
         kconfig: tuple[str, ...] = KCONFIGS[(first // len(CONFIGS)) % len(KCONFIGS)] if kern != "3.10" else ()
-        if plat != "x86" and kconfig:
+        if plat in POWER_PLATFORMS and kconfig:          # no VFIO device cdev on POWER
             kconfig = ("IOMMUFD",)
         self.m = Machine.preset(plat, page_size=ps, kernel=kern, kernel_config=list(kconfig))
         k = self.m.kernel

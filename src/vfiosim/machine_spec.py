@@ -12,9 +12,13 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+from .kernel.config import POWER_PLATFORMS
 
 PLATFORMS = ("powernv", "pseries", "x86")
+# On POWER (POWER_PLATFORMS) devices sit behind [[phb]] tables, grouped by
+# PE; on any other platform in PCI domain 0000, grouped by iommu_group only.
 MIN_RAM = 16 << 20
 
 # Host devices an x86 machine file may list besides edu: (vendor, device,
@@ -122,6 +126,9 @@ class MachineSpec:
     kernel_config: list[str] = field(default_factory=list)
     # [iommufd]: the module's parameters
     iommufd_allow_unsafe_interrupts: bool = False
+    # What a platform's own tables say, for a platform without fields of its
+    # own here (its PLATFORM_TABLES parser sets it; its builder reads it).
+    platform_spec: Any = None
 
 
 class _Reader:
@@ -212,9 +219,6 @@ def parse_size(value: Any, source: str, key: str) -> int:
 
 def _parse_x86(data: dict[str, Any], spec: MachineSpec, source: str) -> None:
     """[iommu] and [vfio_iommu_type1]: the x86 machine's VT-d unit and Type1 parameters."""
-    if "phb" in data:
-        raise MachineFileError(source, "phb", "no [[phb]] tables on platform x86 (its devices sit in PCI domain 0000 "
-                                              "behind the [iommu])", "a [[phb]] table")
     r = _Reader(source, "iommu", data.get("iommu", {}), {"model", "address_width", "page_sizes", "reserved_regions",
                                                         "snoop_control", "interrupt_remapping", "caching_mode",
                                                         "dirty_tracking"})
@@ -249,6 +253,13 @@ def _parse_x86(data: dict[str, Any], spec: MachineSpec, source: str) -> None:
                            allow_unsafe_interrupts=t.bool("allow_unsafe_interrupts", False))
 
 
+# A platform's own top-level tables: their names and the function that reads
+# them into the spec (parse(data, spec, source)).  Another platform's machine
+# file may not have them.
+PlatformTables = tuple[tuple[str, ...], Callable[[dict[str, Any], "MachineSpec", str], None]]
+PLATFORM_TABLES: dict[str, PlatformTables] = {"x86": (("iommu", "vfio_iommu_type1"), _parse_x86)}
+
+
 def _parse_kernel(data: dict[str, Any], spec: MachineSpec, source: str) -> None:
     """[kernel] config and [iommufd]: the kernel's VFIO/iommufd options and
     iommufd's module parameters (docs/machine-files.md)."""
@@ -268,7 +279,8 @@ def _parse_kernel(data: dict[str, Any], spec: MachineSpec, source: str) -> None:
 
 
 def parse_spec(data: dict[str, Any], source: str) -> MachineSpec:
-    top = _Reader(source, "", data, {"machine", "phb", "device", "iommu", "vfio_iommu_type1", "kernel", "iommufd"})
+    platform_keys = {key for keys, _ in PLATFORM_TABLES.values() for key in keys}
+    top = _Reader(source, "", data, {"machine", "phb", "device", "kernel", "iommufd", *platform_keys})
     if "machine" not in data:
         raise MachineFileError(source, "machine", "a [machine] table")
     m = _Reader(source, "machine", data["machine"], {"name", "description", "platform", "ram"})
@@ -278,15 +290,20 @@ def parse_spec(data: dict[str, Any], source: str) -> MachineSpec:
         # The PowerNV host's default DMA window is sized from RAM; below a
         # few pages there is no window (and no kernel) to build.
         raise MachineFileError(source, "machine.ram", "a size of at least 16M", data["machine"].get("ram"))
-    x86 = spec.platform == "x86"
+    # (every platform but POWER's is laid out as x86 is: no PHBs, PCI domain 0000)
+    x86 = spec.platform not in POWER_PLATFORMS
     _parse_kernel(data, spec, source)
-    if x86:
-        _parse_x86(data, spec, source)
-    else:
-        for key in ("iommu", "vfio_iommu_type1"):
+    if x86 and "phb" in data:
+        raise MachineFileError(source, "phb", f"no [[phb]] tables on platform {spec.platform} (its devices sit in "
+                                              f"PCI domain 0000)", "a [[phb]] table")
+    for platform, (keys, parse) in PLATFORM_TABLES.items():
+        if platform == spec.platform:
+            parse(data, spec, source)
+            continue
+        for key in keys:
             if key in data:
-                raise MachineFileError(source, key, f"no [{key}] table on platform {spec.platform} "
-                                                    f"(it describes an x86 machine)", f"a [{key}] table")
+                raise MachineFileError(source, key, f"no [{key}] table on platform {spec.platform} (it describes "
+                                                    f"a machine of platform {platform})", f"a [{key}] table")
     phbs = [] if x86 else data.get("phb", [])
     if not x86 and (not isinstance(phbs, list) or not phbs):
         raise MachineFileError(source, "phb", "at least one [[phb]] table")
@@ -343,7 +360,8 @@ def parse_spec(data: dict[str, Any], source: str) -> MachineSpec:
         if x86:
             if r.has("phb") or r.has("pe"):
                 raise MachineFileError(source, f"device[{i}].{'phb' if r.has('phb') else 'pe'}",
-                                       "no phb or pe key on platform x86 (devices are grouped by iommu_group only)",
+                                       f"no phb or pe key on platform {spec.platform} (devices are grouped by "
+                                       f"iommu_group only)",
                                        "a key")
             if domain != 0:
                 raise MachineFileError(source, f"device[{i}].bdf", "PCI domain 0000 (the only one of an x86 machine)",

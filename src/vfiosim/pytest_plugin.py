@@ -58,7 +58,7 @@ import pytest
 
 from .client.backend import MACHINE_ENV, SimBackend, use_backend
 from .client.container import use_iommu
-from .kernel.config import KernelConfigError
+from .kernel.config import POWER_PLATFORMS, KernelConfigError
 from .machine import Machine, Process
 
 __all__ = ["vfio_machine", "vfio_process", "vfio_backend", "vfio_iommu_mode", "IommuMode", "IOMMU_MODES"]
@@ -205,7 +205,7 @@ def vfio_machine(request: pytest.FixtureRequest) -> Machine:
         if source is not None:                  # say where the name came from
             exc.args = (f"{source}: {exc}",)
         raise
-    if mode is not None and m.platform != "x86":
+    if mode is not None and m.platform in POWER_PLATFORMS:
         pytest.skip(f"IOMMU mode {mode.name} needs an x86 machine; {name} is {m.platform}")
     return m
 

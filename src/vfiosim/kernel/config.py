@@ -39,6 +39,8 @@ from dataclasses import dataclass, fields
 from typing import Iterable
 
 SYMBOLS = ("VFIO_GROUP", "VFIO_CONTAINER", "IOMMUFD", "VFIO_DEVICE_CDEV", "IOMMUFD_VFIO_CONTAINER")
+# The POWER platforms: their kernels always build SPAPR_TCE_IOMMU (arch/powerpc).
+POWER_PLATFORMS = ("powernv", "pseries")
 
 
 class KernelConfigError(ValueError):
@@ -72,7 +74,7 @@ class KernelConfig:
                 raise KernelConfigError(f"{item!r}: {name} is a bool option: y or n, not {value!r}")
             explicit[name] = value == "y"
         values.update(explicit)
-        spapr = platform != "x86"
+        spapr = platform in POWER_PLATFORMS
         # Selects and defaults that follow from what was asked for.
         if values["IOMMUFD_VFIO_CONTAINER"] and values["IOMMUFD"] and "VFIO_CONTAINER" not in explicit:
             values["VFIO_CONTAINER"] = False

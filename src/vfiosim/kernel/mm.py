@@ -115,12 +115,14 @@ class PhysicalPages(Protocol):
 
     def write_at(self, off: int, data: bytes | bytearray | memoryview | np.ndarray) -> None: ...
 
-    def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
-        """read_at() of several (offset, length) ranges, in as few host operations as it can."""
+    def read_ranges(self, offs: list[int], lens: list[int], out: memoryview) -> None:
+        """read_at() of several ranges into ``out`` (bytes, one range after the
+        other), in as few host operations as it can."""
         ...
 
-    def write_many(self, pieces: list[tuple[int, memoryview]]) -> None:
-        """write_at() of several (offset, data) pieces, in as few host operations as it can."""
+    def write_ranges(self, offs: list[int], lens: list[int], data: memoryview) -> None:
+        """write_at() of several ranges, in order, from ``data`` (bytes, one
+        range after the other), in as few host operations as it can."""
         ...
 
 
@@ -272,13 +274,19 @@ class MemoryObject:
             if length >= mmap.PAGESIZE and not start % mmap.PAGESIZE:
                 base.madvise(mmap.MADV_DONTNEED, start, length - length % mmap.PAGESIZE)
 
-    def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
-        data = self.data
-        return [data[off:off + n].tobytes() for off, n in ranges]
+    def read_ranges(self, offs: list[int], lens: list[int], out: memoryview) -> None:
+        mem = self.data.data
+        pos = 0
+        for off, n in zip(offs, lens):
+            out[pos:pos + n] = mem[off:off + n]
+            pos += n
 
-    def write_many(self, pieces: list[tuple[int, memoryview]]) -> None:
-        for off, piece in pieces:
-            self.write_at(off, piece)
+    def write_ranges(self, offs: list[int], lens: list[int], data: memoryview) -> None:
+        mem = self.data.data
+        pos = 0
+        for off, n in zip(offs, lens):
+            mem[off:off + n] = data[pos:pos + n]
+            pos += n
 
     def __repr__(self) -> str:
         return f"<MemoryObject phys={self.phys_base:#x} len={self.length:#x} pins={self.pins}>"
@@ -724,9 +732,10 @@ class AddressSpace(ABC):
             self.destroy_context()
 
     def destroy_context(self) -> None:
-        """The architecture's mm state goes.  On powerpc that is
-        mm_iommu_cleanup(): regions still preregistered (those a container
-        forgot, docs/deviations.md 3b) are unpinned."""
+        """The architecture's mm state goes.  Regions still preregistered (those a
+        container forgot, docs/deviations.md 3b) are unpinned, as
+        mm_iommu_cleanup() once did; Linux 6.12 only warns here and leaves them
+        pinned (docs/deviations.md, "Differences ... programs cannot observe")."""
         for mem in self.iommu_group_mem_list:
             self.phys.unpin(mem.hpas)
         self.iommu_group_mem_list.clear()

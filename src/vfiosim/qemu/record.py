@@ -1,11 +1,15 @@
 """``vfiosim qemu-record``: real kernels to record against, in QEMU guests, for CI.
 
-Two guests, each a Debian kernel (6.12 from bookworm-backports, as ``image.py`` picks
+Three guests, each a Debian kernel (6.12 from bookworm-backports, as ``image.py`` picks
 it) booted in QEMU under TCG with QEMU's own emulated ``edu`` devices bound to
 vfio-pci, so that the guest's VFIO is the real thing:
 
 * **pseries** (``qemu-system-ppc64 -M pseries``, ppc64le): two edu devices on two
-  sPAPR PHBs, the real sPAPR TCE IOMMU driver; the machine of the pseries preset.
+  sPAPR PHBs, the real sPAPR TCE IOMMU driver over the hypervisor's TCE tables; the
+  machine of the pseries preset.
+* **powernv** (``qemu-system-ppc64 -M powernv9``, ppc64le, under skiboot): two edu
+  devices behind the root ports of two PHB4s; the sPAPR TCE driver over Linux's own
+  IODA2 TCE tables, with EEH; the machine of the powernv preset.
 * **x86** (``qemu-system-x86_64 -M q35``): an emulated Intel VT-d IOMMU
   (``intel-iommu``, caching mode; ``intel_iommu=on iommu=pt``) and two edu devices,
   each behind its own PCIe root port: Type1; the machine of the x86 preset.
@@ -13,12 +17,14 @@ vfio-pci, so that the guest's VFIO is the real thing:
 Inside, ``/init`` (``guest/record-init.sh``) runs the project's scenario programs,
 each under the recording shim (``LD_PRELOAD=libvfiosim_record.so``, exactly what
 ``vfiosim record`` does): the reference walker over the steps of the reference
-traces, ``vfio_families`` (each device ioctl family and its error paths), the
-examples, and on pseries the demo's guest program.  The programs and the shim are
-built here for the guest (a cross compiler for ppc64le) and linked dynamically
-against the toolchain's glibc, which the initramfs carries.  The traces come out on
-a second serial line (a gzipped tar, base64) and are replayed on the matching
-simulated machine (docs/conformance.md).
+traces, ``vfio_families`` (each device ioctl family and its error paths),
+``vfio_processes`` (fork, exec, limits and credentials), the examples, and on POWER
+the demo's guest program.  The programs and the shim are built here for the guest (a
+cross compiler for ppc64le) and linked dynamically against the toolchain's glibc,
+which the initramfs carries, with the kernel's .config (the trace header's
+``kernel_config``).  The traces come out on a second serial line (powernv: on the
+only one, the console, silenced) as a gzipped tar in base64, and are replayed on the
+matching simulated machine (docs/conformance.md).
 
 Nothing here runs the guest under vfiosim: the recordings are of QEMU and Linux only.
 """
@@ -51,11 +57,11 @@ RECORDER = HERE.parent / "tracing" / "vfiosim_record.c"
 REFERENCE_TRACES = HERE.parent.parent.parent / "tests" / "data" / "reference_traces"
 MARK = "vfiosim-guest:"
 BEGIN, END = "=== vfiosim-traces begin ===", "=== vfiosim-traces end ==="
-IMAGE_FORMAT = 1
+IMAGE_FORMAT = 2
 Log = Callable[[str], None]
 
 APPLETS = ["sh", "mount", "insmod", "poweroff", "cat", "echo", "ls", "dmesg", "sleep", "uname", "tar", "gzip",
-           "base64", "mkdir", "sync", "cd", "rm", "head", "tail", "wc", "readlink", "basename", "stty"]
+           "base64", "mkdir", "sync", "cd", "rm", "head", "tail", "wc", "readlink", "basename", "stty", "grep"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,7 @@ class Scenario:
     command: str                 # a shell command line in the guest
     sources: tuple[str, ...] = ()  # programs it needs (C files in guest/ or examples/)
     walker: str = ""             # the reference trace whose steps it walks
+    bdf: str = ""                # the device the walker opens, when not the reference trace's
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,8 @@ class GuestPlatform:
     append: str
     scenarios: tuple[Scenario, ...]
     memory: str = "1G"
+    # The machine's own devices: powernv's PHB4s and root ports come only with them.
+    defaults: bool = False
 
     def qemu_args(self) -> list[str]:
         if self.name == "pseries":
@@ -92,6 +101,10 @@ class GuestPlatform:
             return ["-M", "pseries,cap-cfpc=broken,cap-sbbc=broken,cap-ibs=broken,cap-ccf-assist=off",
                     "-device", "edu",
                     "-device", "spapr-pci-host-bridge,index=1,id=phb1", "-device", "edu,bus=phb1.0"]
+        if self.name == "powernv":
+            # POWER9 bare metal under skiboot: six PHB4s, each with its root port
+            # (pcie.N); an edu behind the first two, as the powernv preset has them.
+            return ["-M", "powernv9", "-device", "edu,bus=pcie.0", "-device", "edu,bus=pcie.1"]
         return ["-M", "q35", "-device", "intel-iommu,caching-mode=on",
                 "-device", "pcie-root-port,id=rp1,chassis=1,slot=1", "-device", "edu,bus=rp1",
                 "-device", "pcie-root-port,id=rp2,chassis=2,slot=2", "-device", "edu,bus=rp2"]
@@ -100,6 +113,10 @@ class GuestPlatform:
         if self.name == "pseries":
             return ["-serial", f"file:{console}", "-chardev", f"file,id=traces,path={traces}",
                     "-device", "spapr-vty,chardev=traces"]
+        if self.name == "powernv":
+            # One line: skiboot's UART, Linux's OPAL console hvc0.  The traces leave on it
+            # too, with the kernel's console messages silenced (record-init.sh).
+            return ["-serial", f"file:{console}"]
         return ["-serial", f"file:{console}", "-serial", f"file:{traces}"]
 
 
@@ -119,6 +136,27 @@ PLATFORMS: dict[str, GuestPlatform] = {
             Scenario("spapr_edu_dma", "spapr_edu_dma 0001:00:00.0 2048", ("spapr_edu_dma.c",)),
             Scenario("edu-guest-v2", "edu_vfio_guest v2", ("edu_vfio_guest.c",)),
             Scenario("edu-guest-v1", "edu_vfio_guest v1", ("edu_vfio_guest.c",)),
+            Scenario("processes", "vfio_processes 0000:00:00.0", ("vfio_processes.c",)),
+        )),
+    # The same kernel on bare metal: Linux's powernv platform drives the PHB4s' IODA2
+    # TCE tables itself (pnv_pci_ioda2_*), with EEH, and VFIO's sPAPR TCE driver sits on
+    # that.  2 GiB of RAM: the default DMA window is RAM rounded up to a power of two,
+    # at most the 32-bit MMIO base (2 GiB), as on the preset's 4 GiB host.
+    "powernv": GuestPlatform(
+        name="powernv", deb_arch="ppc64el", kernel_meta="linux-image-powerpc64le", kernel_glob="vmlinux-*",
+        qemu="qemu-system-ppc64", qemu_package="qemu-system-ppc", cc="powerpc64le-linux-gnu-gcc",
+        cc_packages=("gcc-powerpc64le-linux-gnu", "libc6-dev-ppc64el-cross"),
+        libc_dir="/usr/powerpc64le-linux-gnu/lib", loader="/lib64/ld64.so.2",
+        modules=("vfio_iommu_spapr_tce", "vfio_pci"), console="hvc0", out_tty="/dev/hvc0",
+        append="console=hvc0 quiet panic=-1 nowatchdog", memory="2G", defaults=True,
+        scenarios=(
+            Scenario("walker-v1", _WALK.format("v1"), ("reference_walker.c",), "v1.jsonl", bdf="0000:01:00.0"),
+            Scenario("walker-v2", _WALK.format("v2"), ("reference_walker.c",), "v2.jsonl", bdf="0000:01:00.0"),
+            Scenario("families", "vfio_families 0000:01:00.0", ("vfio_families.c",)),
+            Scenario("spapr_edu_dma", "spapr_edu_dma 0001:01:00.0 2048", ("spapr_edu_dma.c",)),
+            Scenario("edu-guest-v2", "edu_vfio_guest v2", ("edu_vfio_guest.c",)),
+            Scenario("edu-guest-v1", "edu_vfio_guest v1", ("edu_vfio_guest.c",)),
+            Scenario("processes", "vfio_processes 0000:01:00.0", ("vfio_processes.c",)),
         )),
     "x86": GuestPlatform(
         name="x86", deb_arch="amd64", kernel_meta="linux-image-amd64", kernel_glob="vmlinuz-*",
@@ -130,15 +168,17 @@ PLATFORMS: dict[str, GuestPlatform] = {
             Scenario("walker-type1v2", _WALK.format("type1v2-x86"), ("reference_walker.c",), "type1v2-x86.jsonl"),
             Scenario("families", "vfio_families 0000:01:00.0", ("vfio_families.c",)),
             Scenario("type1_edu_dma", "type1_edu_dma 0000:02:00.0 2048", ("type1_edu_dma.c",)),
+            Scenario("processes", "vfio_processes 0000:01:00.0", ("vfio_processes.c",)),
         )),
 }
 
 
-def walker_input(trace: list[dict[str, Any]]) -> str:
-    """A reference trace's steps as reference_walker.c reads them (one step a line)."""
+def walker_input(trace: list[dict[str, Any]], bdf: str = "") -> str:
+    """A reference trace's steps as reference_walker.c reads them (one step a line);
+    ``bdf``: the device to open instead of the one the trace was recorded with."""
     meta = trace[0]
     lines = [f"0 meta buf_size={meta['buf_size']} memlock_cur={meta['rlimit_memlock_cur']} "
-             f"memlock_max={meta['rlimit_memlock_max']} bdf={meta['bdf']}"]
+             f"memlock_max={meta['rlimit_memlock_max']} bdf={bdf or meta['bdf']}"]
     for step in trace[1:]:
         if "seq" not in step:
             continue
@@ -225,7 +265,8 @@ def build_record_image(p: GuestPlatform, *, log: Log) -> RecordImage:
     h = hashlib.sha256()
     for part in (str(IMAGE_FORMAT), p.name, debs["kernel"].name, debs["busybox"].name, INIT.read_text(),
                  RECORDER.read_text(), *(_source(src).read_text() for src in sources),
-                 *(s.command for s in scenarios), *((refs / s.walker).read_text() for s in scenarios if s.walker and refs is not None)):
+                 *(s.command + s.bdf for s in scenarios),
+                 *((refs / s.walker).read_text() for s in scenarios if s.walker and refs is not None)):
         h.update(part.encode() + b"\0")
     root = cache_dir() / "record-images"
     out = root / f"{p.name}-{h.hexdigest()[:16]}"
@@ -251,8 +292,11 @@ def build_record_image(p: GuestPlatform, *, log: Log) -> RecordImage:
                    if line.strip().endswith(".ko")} if builtin_file.exists() else set()
         modules = module_load_order(index, builtin, list(p.modules))
         cpio = Cpio()
-        for d in ("bin", "dev", "proc", "sys", "tmp", "lib", "lib64", "lib/modules", "etc", "traces"):
+        for d in ("bin", "dev", "proc", "sys", "tmp", "lib", "lib64", "lib/modules", "etc", "traces", "boot"):
             cpio.dir(d)
+        # The kernel's .config, where the recorder reads the kernel's configuration.
+        for config in sorted((t / "k" / "boot").glob("config-*")):
+            cpio.file(f"boot/{config.name}", config.read_bytes())
         cpio.chardev("dev/console", 5, 1)
         cpio.chardev("dev/null", 1, 3, 0o666)
         cpio.file("bin/busybox", (t / "bb" / "bin" / "busybox").read_bytes(), 0o755)
@@ -280,7 +324,7 @@ def build_record_image(p: GuestPlatform, *, log: Log) -> RecordImage:
             if s.walker:
                 assert refs is not None
                 steps = [json.loads(line) for line in (refs / s.walker).read_text().splitlines() if line.strip()]
-                cpio.file(f"etc/walker-{s.walker.removesuffix('.jsonl')}.txt", walker_input(steps).encode())
+                cpio.file(f"etc/walker-{s.walker.removesuffix('.jsonl')}.txt", walker_input(steps, s.bdf).encode())
         cpio.file("etc/scenarios", "".join(f"{s.name}|{s.command}\n" for s in scenarios).encode())
         names = []
         for ko in modules:
@@ -316,7 +360,8 @@ class RecordRun:
 
 def qemu_argv(p: GuestPlatform, img: RecordImage, console: str, traces: str) -> list[str]:
     return [p.qemu, *p.qemu_args(), "-accel", "tcg", "-smp", "1", "-m", p.memory, "-display", "none",
-            "-nodefaults", "-monitor", "none", "-no-reboot", *p.serial_args(console, traces),
+            *([] if p.defaults else ["-nodefaults"]), "-monitor", "none", "-no-reboot",
+            *p.serial_args(console, traces),
             "-kernel", str(img.kernel), "-initrd", str(img.initrd), "-append", p.append]
 
 
@@ -364,7 +409,7 @@ def record_platform(name: str, out_dir: Path, *, workdir: Path, install: bool = 
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("*.jsonl"):
         old.unlink()
-    got = extract_traces(_read(traces), out_dir)
+    got = extract_traces(_read(traces) if p.out_tty != f"/dev/{p.console}" else _read(console), out_dir)
     run = RecordRun(name, False, "", seconds, got, guest, str(console), img.kernel_package)
     expected = set(img.scenarios)
     have = {t.stem for t in got}
@@ -390,8 +435,9 @@ def _read(path: Path) -> str:
 
 # -- conformance -----------------------------------------------------------------------------------------------
 
-FAMILY_ORDER = ["container", "group", "IOMMU (sPAPR)", "IOMMU (Type1)", "EEH", "device info", "region access",
-                "interrupts", "ioeventfd", "device features", "reset", "device (other)", "files", "process"]
+FAMILY_ORDER = ["container", "group", "IOMMU (sPAPR)", "IOMMU (Type1)", "iommufd", "EEH", "device cdev",
+                "device info", "region access", "interrupts", "ioeventfd", "device features", "reset",
+                "device (other)", "files", "process"]
 
 
 @dataclass
@@ -420,9 +466,8 @@ class Conformance:
 
 def conformance(traces: Mapping[str, Iterable[Path]], *, log: Log = lambda text: None) -> Conformance:
     """Replay each platform's traces on its preset and count, per ioctl family."""
-    from ..machine import Machine
     from ..tracing import open_trace
-    from ..tracing.replay import replay
+    from ..tracing.replay import machine_for, replay
     c = Conformance()
     for platform, paths in traces.items():
         cells = c.cells.setdefault(platform, {})
@@ -431,7 +476,8 @@ def conformance(traces: Mapping[str, Iterable[Path]], *, log: Log = lambda text:
         labels = c.labels.setdefault(platform, {"kernel": 0, "environment": 0, "machine": 0})
         for path in sorted(paths):
             with open_trace(path) as t:
-                r = replay(Machine.preset(platform), t)
+                machine, _why = machine_for(t.header, machine=platform)
+                r = replay(machine, t)
             log(f"{platform}/{path.stem}: {r.matched}/{r.steps} steps match")
             for fam, fc in r.families.items():
                 cell = cells.setdefault(fam, [0, 0])
@@ -483,7 +529,7 @@ def traces_in(root: Path) -> dict[str, list[Path]]:
 def cmd_qemu_record(args: Any) -> int:
     import sys
     def say(text: str) -> None:
-        if args.verbose or text.startswith(("building", "cached", "installing", "pseries", "x86")):
+        if args.verbose or text.startswith(("building", "cached", "installing", *PLATFORMS)):
             print(text, file=sys.stderr, flush=True)
     platforms = list(PLATFORMS) if args.platform == "all" else [args.platform]
     out = Path(args.out)
@@ -539,7 +585,7 @@ def cmd_conformance(args: Any) -> int:
 
 def add_parsers(sub: Any) -> None:
     q = sub.add_parser("qemu-record", help="record the scenario programs against real Linux VFIO in QEMU guests "
-                                           "(pseries, x86 q35) and replay them (see docs/conformance.md)")
+                                           "(pseries, powernv9, x86 q35) and replay them (see docs/conformance.md)")
     q.add_argument("--platform", choices=[*PLATFORMS, "all"], default="all")
     q.add_argument("--out", default="conformance-traces", metavar="DIR",
                    help="where the traces go, one directory per platform (default ./conformance-traces; "

@@ -111,19 +111,12 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def choose_machine(header: dict[str, Any], args: argparse.Namespace) -> tuple[Any, str]:
-    """The machine to replay on: --machine, else the preset of the trace's platform; the
-    page size the trace's unless --page-size says otherwise."""
-    from ..machine import Machine, preset_names
-    system = header.get("system") or {}
-    page = args.page_size or (system.get("page_size") if system.get("page_size") in (4096, 65536) else 4096)
-    kw = {"kernel": args.kernel, "page_size": page}
-    if args.machine:
-        return Machine.load(args.machine, **kw), f"{args.machine} (--machine)"
-    platform = system.get("platform") or ""
-    if platform in preset_names():
-        return Machine.preset(platform, **kw), f"{platform} (the preset of the trace's platform)"
-    raise ValueError(f"the trace does not say which platform it was recorded on (system.platform is "
-                     f"{platform!r}): choose one with --machine {'|'.join(preset_names())}|FILE")
+    """The machine to replay on (replay.machine_for): --machine, else the preset of the
+    trace's platform; the trace's page size and kernel configuration unless
+    --page-size and --kernel-config say otherwise."""
+    from .replay import machine_for
+    return machine_for(header, machine=args.machine, kernel=args.kernel, page_size=args.page_size,
+                       kernel_config=args.kernel_config)
 
 
 def machine_check(header: dict[str, Any], machine: Any) -> list[str]:
@@ -148,8 +141,16 @@ def machine_check(header: dict[str, Any], machine: Any) -> list[str]:
         if w is not None and (w.get("start"), w.get("size")) != (pe["dma32_window"]["start"], pe["dma32_window"]["size"]):
             notes.append(f"group {pe['iommu_group']}: 32-bit DMA window {w.get('start', 0):#x}+{w.get('size', 0):#x} "
                          f"in the trace, {pe['dma32_window']['start']:#x}+{pe['dma32_window']['size']:#x} here")
+    from .format import kernel_config_items
+    recorded = header.get("kernel_config")
+    if isinstance(recorded, list):
+        theirs = dict(str(item).partition("=")[::2] for item in recorded)
+        ours = dict(item.partition("=")[::2] for item in kernel_config_items(machine.kernel.config))
+        differ = [f"{k}={theirs[k]} in the trace, {k}={v} here" for k, v in ours.items() if theirs.get(k, v) != v]
+        if differ:
+            notes.append("kernel configuration: " + "; ".join(differ))
     units = [u for u in (header.get("iommu") or {}).get("units") or [] if u.get("address_width")]
-    mine = topo.get("iommu_units") or []
+    mine = [u for u in topo.get("iommu_units") or [] if "address_width" in u]
     if units and mine and units[0]["address_width"] != mine[0]["address_width"]:
         notes.append(f"the IOMMU's address width is {units[0]['address_width']} bits in the trace, "
                      f"{mine[0]['address_width']} here")
@@ -247,10 +248,13 @@ def cmd_record(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         status, summary = record(argv, args.output, scenario=args.scenario, simulated=args.simulated,
-                                 append=args.append)
+                                 append=args.append, kernel_config=args.kernel_config)
     except RecordUnavailable as exc:
         _err("record", str(exc))
         return EXIT_UNAVAILABLE
+    except ValueError as exc:                   # no such machine, a configuration Kconfig forbids
+        _err("record", str(exc))
+        return EXIT_USAGE
     print(f"vfiosim record: {summary}", file=sys.stderr)
     return status
 
@@ -279,12 +283,16 @@ def add_parsers(sub: Any) -> None:
     from ..machine import preset_names
     r = sub.add_parser("replay", help="re-issue a recorded trace's calls on a simulated machine and compare "
                                       "every step with the recording",
-                       usage="vfiosim replay TRACE [--machine NAME|FILE] [--output FILE] [--json] [-v]")
+                       usage="vfiosim replay TRACE [--machine NAME|FILE] [--kernel-config OPTIONS] [--output FILE] "
+                             "[--json] [-v]")
     r.add_argument("trace")
     r.add_argument("--machine", metavar="NAME|FILE",
                    help=f"a preset ({', '.join(preset_names())}) or a machine file (default: the preset of the "
                         f"trace's platform)")
     r.add_argument("--kernel", default="6.12", choices=KERNEL_PROFILES, help="kernel behaviour to simulate")
+    r.add_argument("--kernel-config", metavar="OPTIONS",
+                   help="the simulated kernel's options (as for vfiosim run: 'iommufd', 'iommufd-compat', or "
+                        "IOMMUFD,VFIO_DEVICE_CDEV,...; default: the trace's kernel_config, else Debian's build)")
     r.add_argument("--page-size", type=int, choices=(4096, 65536),
                    help="the simulated kernel's PAGE_SIZE (default: the trace's, else 4096)")
     r.add_argument("--device-module", metavar="MODULE", action="append", default=[],
@@ -300,12 +308,16 @@ def add_parsers(sub: Any) -> None:
 
     rec = sub.add_parser("record", help="run a program against this host's real /dev/vfio and record every VFIO "
                                         "call it makes (it changes nothing)",
-                         usage="vfiosim record [-o FILE] [--scenario NAME] -- PROGRAM ARGS...")
+                         usage="vfiosim record [-o FILE] [--scenario NAME] [--simulated MACHINE "
+                               "[--kernel-config OPTIONS]] -- PROGRAM ARGS...")
     rec.add_argument("-o", "--output", default="vfiosim-record.jsonl", help="the trace (default vfiosim-record.jsonl)")
     rec.add_argument("--scenario", help="a name for what the program does (default: the program's name)")
     rec.add_argument("--append", action="store_true", help="add to an existing trace of the same machine")
     rec.add_argument("--simulated", metavar="NAME|FILE",
                      help="record a simulated machine instead (vfiosim run's shim under the recording shim): "
                           "how the recorder is tested on a host without /dev/vfio")
+    rec.add_argument("--kernel-config", metavar="OPTIONS",
+                     help="with --simulated: the simulated kernel's options, as for vfiosim run ('iommufd', "
+                          "'iommufd-compat', IOMMUFD,VFIO_DEVICE_CDEV,...)")
     rec.add_argument("program", nargs=argparse.REMAINDER, help="the program and its arguments, after --")
     rec.set_defaults(func=cmd_record)

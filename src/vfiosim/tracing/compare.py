@@ -121,8 +121,12 @@ def family(rec: dict[str, Any], iommu: str = "") -> str:
         return "device features"
     if cmd == "VFIO_DEVICE_IOEVENTFD":
         return "ioeventfd"
+    if cmd in ("VFIO_DEVICE_BIND_IOMMUFD", "VFIO_DEVICE_ATTACH_IOMMUFD_PT", "VFIO_DEVICE_DETACH_IOMMUFD_PT"):
+        return "device cdev"
     if cmd.startswith("VFIO_DEVICE_"):
         return "device (other)"
+    if cmd.startswith("IOMMU_"):
+        return "iommufd"
     if "SPAPR" in cmd or iommu == "spapr" and cmd.startswith("VFIO_IOMMU_"):
         return "IOMMU (sPAPR)"
     if cmd.startswith("VFIO_IOMMU_"):
@@ -177,11 +181,17 @@ def compare(a: dict[str, Any], b: dict[str, Any], ctx: Context | None = None) ->
     # -- what the kernel wrote back ---------------------------------------------------------------------
     if call_a == "ioctl" and "out" in a and "out" in b and ea == eb:
         after_a, after_b = after_state(a), after_state(b)
-        skip = set(ioctls.ADDRESS_FIELDS.get(a.get("cmd", ""), ()))
+        cmd = a.get("cmd", "")
+        skip = set(ioctls.ADDRESS_FIELDS.get(cmd, ()))
+        fds = set(ioctls.FD_OUT_FIELDS.get(cmd, ()))
         for key in sorted(set(a["out"]) | set(b["out"])):
             if key in skip:
                 continue
+            if key in ioctls.USER_KEYS and (key not in after_a or key not in after_b):
+                continue                # one side did not look at the buffer
             va, vb = after_a.get(key), after_b.get(key)
+            if key in fds and isinstance(va, int) and isinstance(vb, int) and va >= 0 and vb >= 0:
+                continue                # a new fd either side
             if va != vb:
                 diverge(f"out.{key}", va, vb)
     if call_a in ("read", "mmio") and not ea and "data" in a and "data" in b and a["data"] != b["data"]:

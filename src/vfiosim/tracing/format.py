@@ -52,6 +52,14 @@ def make_header(source: str, recorder: str, **fields: Any) -> dict[str, Any]:
     return head
 
 
+def kernel_config_items(config: Any) -> list[str]:
+    """A kernel configuration (kernel/config.py's KernelConfig) as a trace header has it:
+    every option vfiosim models, ``NAME=y`` or ``NAME=n`` (what
+    ``Machine.preset(..., kernel_config=...)`` takes)."""
+    from ..kernel.config import SYMBOLS
+    return [f"{name}={'y' if getattr(config, name.lower()) else 'n'}" for name in SYMBOLS]
+
+
 def simulator_header(machine: Any, recorder: str) -> dict[str, Any]:
     """The header of a trace whose answers come from a simulated machine: its
     description in the same terms ``vfiosim record`` uses for a real one."""
@@ -65,11 +73,12 @@ def simulator_header(machine: Any, recorder: str) -> dict[str, Any]:
     windows = [{"pe": pe["name"], "iommu_group": pe["iommu_group"], "start": pe["dma32_window"]["start"],
                 "size": pe["dma32_window"]["size"]} for pe in topo["pes"]]
     iommu: dict[str, Any] = {"drivers": topo["iommu_drivers"]}
-    if topo.get("iommu_units"):
-        u = topo["iommu_units"][0]
+    u = (topo.get("iommu_units") or [{}])[0]
+    if u.get("model") == "intel-iommu":
         iommu["vtd"] = {"address_width": u["address_width"], "caching_mode": u["caching_mode"]}
-    return make_header("simulator", recorder, system=system, iommu=iommu, groups=groups, devices=devices,
-                       windows=windows, simulator={"machine": topo["machine"], "kernel": topo["kernel"]})
+    return make_header("simulator", recorder, system=system, kernel_config=kernel_config_items(machine.kernel.config),
+                       iommu=iommu, groups=groups, devices=devices, windows=windows,
+                       simulator={"machine": topo["machine"], "kernel": topo["kernel"]})
 
 
 def describe_header(head: dict[str, Any]) -> str:
@@ -215,6 +224,10 @@ class Trace:
                 yield from reference_records(self.header, (obj for _, obj in lines))
                 return
             seq = 0
+            # A container whose VFIO_SET_IOMMU the recorder did not see (an exec'd image's)
+            # has the platform's IOMMU: sPAPR on POWER, Type1 elsewhere.
+            platform = (self.header.get("system") or {}).get("platform")
+            iommu = "spapr" if platform in ("pseries", "powernv") else ""
             for lineno, rec in lines:
                 if "call" not in rec:
                     if rec.get("format") == FORMAT:
@@ -226,7 +239,7 @@ class Trace:
                         rec["seq"] = seq
                     seq = rec["seq"] + 1 if isinstance(rec["seq"], int) else seq + 1
                 try:
-                    normalize(rec)
+                    normalize(rec, iommu)
                 except (ValueError, KeyError, TypeError) as exc:
                     raise TraceError(f"{self.path}:{lineno}: cannot decode this record: {exc}") from None
                 yield rec
@@ -239,10 +252,11 @@ def open_trace(path: str | os.PathLike[str]) -> Trace:
 # -- raw records ----------------------------------------------------------------------------------------
 
 
-def normalize(rec: dict[str, Any]) -> dict[str, Any]:
-    """Fill in the decoded fields of a ``raw`` ioctl record (in place)."""
+def normalize(rec: dict[str, Any], platform_iommu: str = "") -> dict[str, Any]:
+    """Fill in the decoded fields of a ``raw`` ioctl record (in place);
+    ``platform_iommu``: the IOMMU family of a container of unknown type."""
     if rec.get("call") == "ioctl" and "cmd" not in rec and "request" in rec:
-        iommu = ioctls.iommu_family(rec.get("iommu_type"))
+        iommu = ioctls.iommu_family(rec.get("iommu_type")) or platform_iommu
         rec["cmd"] = ioctls.ioctl_label(int(rec["request"]), rec.get("fd_kind", ""), iommu)
     raw = rec.get("raw")
     if rec.get("call") == "ioctl" and isinstance(raw, dict) and "args" not in rec:
@@ -262,10 +276,16 @@ def normalize(rec: dict[str, Any]) -> dict[str, Any]:
             rec["args"] = {"name": bytes.fromhex(raw["in"]).split(b"\0", 1)[0].decode("utf-8", "replace")}
         elif layout.kind == ioctls.STRUCT and "in" in raw:
             before = bytes.fromhex(raw["in"])
-            rec["args"] = ioctls.decode(name, before)
+            user = raw.get("user")
+            buf = ioctls.USER_BUFFERS.get(name)
+            kept = user.get(buf.field) if buf is not None and isinstance(user, dict) else None
+            user_in = bytes.fromhex(kept["in"]) if isinstance(kept, dict) and "in" in kept else None
+            user_out = bytes.fromhex(kept["out"]) if isinstance(kept, dict) and "out" in kept and \
+                ioctls.wrote_user(name, int(rec.get("errno") or 0)) else None
+            rec["args"] = ioctls.decode(name, before, user=user_in)
             if "out" in raw:
                 bitmap = bytes.fromhex(raw["bitmap"]) if raw.get("bitmap") else None
-                after = ioctls.decode(name, bytes.fromhex(raw["out"]), after=True, bitmap=bitmap)
+                after = ioctls.decode(name, bytes.fromhex(raw["out"]), after=True, bitmap=bitmap, user=user_out)
                 rec["out"] = ioctls.changed(rec["args"], after)
     if "errno" in rec and "err" not in rec:
         rec["err"] = E.errorcode.get(rec["errno"], "") if rec["errno"] else ""

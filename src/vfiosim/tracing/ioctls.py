@@ -14,6 +14,7 @@ sets one that x86 does not), so a trace recorded on POWER names the same ioctls.
 from __future__ import annotations
 
 import ctypes
+import errno
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -77,14 +78,80 @@ _IOMMUFD_STRUCTS = {"IOMMU_GET_HW_INFO": "iommu_hw_info", "IOMMU_FAULT_QUEUE_ALL
 LAYOUTS.update({name: Layout(STRUCT, iu.STRUCTS[_IOMMUFD_STRUCTS.get(name, name.lower())]) for name in iu.IOCTLS})
 _IOMMUFD_BY_NR = {cmd & 0xFF: name for name, cmd in iu.IOCTLS.items()}
 
+@dataclass(frozen=True)
+class UserBuffer:
+    """A buffer an ioctl's argument points to (``field``), which the kernel reads
+    (``out`` False) or writes.  ``vfiosim record`` keeps its bytes (``raw.user``);
+    readers decode them into ``key`` (in ``args``, or in ``out``), a replay gives
+    the call a buffer of the same length and contents."""
+    field: str
+    out: bool
+    key: str
+    count: str = ""          # its length: ``count`` elements of ``unit`` bytes,
+    unit: int = 1            # or ``count`` times ``unit_field``,
+    unit_field: str = ""
+    bitmap: bool = False     # or one bit per page_size of length, in __u64 words
+
+    def length(self, fields: dict[str, Any]) -> int:
+        if self.bitmap:          # iova_bitmap_alloc(): a bit per 1 << __ffs(page_size) bytes
+            page = int(fields.get("page_size", 0) or 0)
+            pages = int(fields.get("length", 0) or 0) >> ((page & -page).bit_length() - 1) if page else 0
+            return min((pages + 63) // 64 * 8, MAX_ARG)
+        n = int(fields.get(self.count, 0) or 0)
+        n *= int(fields.get(self.unit_field, 0) or 0) if self.unit_field else self.unit
+        return min(n, MAX_ARG)
+
+    def reaches(self, name: str, fields: dict[str, Any]) -> bool:
+        """Whether the struct, by its own size, has the pointer (the kernel ignores it otherwise)."""
+        return int(fields.get("size", 0) or 0) >= field_offset(name, self.field) + 8
+
+
+#: The buffers of <linux/iommufd.h>'s ioctls (the same table is in vfiosim_record.c).
+USER_BUFFERS: dict[str, UserBuffer] = {
+    "IOMMU_IOAS_ALLOW_IOVAS": UserBuffer("allowed_iovas", False, "iovas", "num_iovas", 16),
+    "IOMMU_IOAS_IOVA_RANGES": UserBuffer("allowed_iovas", True, "iovas", "num_iovas", 16),
+    "IOMMU_HWPT_ALLOC": UserBuffer("data_uptr", False, "data_in", "data_len"),
+    "IOMMU_GET_HW_INFO": UserBuffer("data_uptr", True, "hw_info", "data_len"),
+    "IOMMU_HWPT_GET_DIRTY_BITMAP": UserBuffer("data", True, "dirty_pages", bitmap=True),
+    "IOMMU_HWPT_INVALIDATE": UserBuffer("data_uptr", False, "data_in", "entry_num", unit_field="entry_len"),
+}
+#: What readers decode from those buffers: compared only when both sides kept them
+#: (a trace of ``vfiosim run`` keeps the argument, not what it points to).
+USER_KEYS = frozenset({"iovas", "data_in", "hw_info", "dirty_pages", "bitmap_head"})
+
 #: Fields that hold an address in the program's memory: a replay substitutes its own
 #: memory (matched by mapping), and a comparison never compares them as numbers.
-ADDRESS_FIELDS = {
+ADDRESS_FIELDS: dict[str, tuple[str, ...]] = {
     "VFIO_IOMMU_MAP_DMA": ("vaddr",),
     "VFIO_IOMMU_SPAPR_REGISTER_MEMORY": ("vaddr",),
     "VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY": ("vaddr",),
     "IOMMU_IOAS_MAP": ("user_va",),
+    **{name: (buf.field,) for name, buf in USER_BUFFERS.items()},
 }
+#: Fields that hold an fd the kernel made: compared as "an fd", not by number.
+FD_OUT_FIELDS = {"IOMMU_FAULT_QUEUE_ALLOC": ("out_fault_fd",)}
+
+
+def wrote_user(name: str, err: int) -> bool:
+    """Whether the kernel wrote the buffer of a call that answered ``err``: on success;
+    IOMMU_IOAS_IOVA_RANGES fills what fits before its EMSGSIZE (iommufd_ioas_iova_ranges()).
+    A failed call leaves the buffer as it was, which says nothing of the kernel."""
+    return not err or (name == "IOMMU_IOAS_IOVA_RANGES" and err == errno.EMSGSIZE)
+
+
+def address_span(name: str, key: str, fields: dict[str, Any]) -> int:
+    """How many bytes at address field ``key`` the call uses."""
+    buf = USER_BUFFERS.get(name)
+    if buf is not None and buf.field == key:
+        return buf.length(fields)
+    return int(fields.get("length" if name.startswith("IOMMU_") else "size", 0) or 0)
+
+
+def field_offset(name: str, key: str) -> int:
+    """The offset of field ``key`` in ``name``'s argument struct."""
+    cls = LAYOUTS[name].struct
+    assert cls is not None
+    return int(getattr(cls, key).offset)
 #: The dirty bitmap's buffer: the replay's own, always (its contents are compared).
 BITMAP_CMDS = ("VFIO_IOMMU_DIRTY_PAGES", "VFIO_IOMMU_UNMAP_DMA")
 
@@ -151,8 +218,8 @@ def ioctl_label(request: int, fd_kind: str, iommu: str = "") -> str:
 
 
 def request_number(name: str) -> int:
-    """The host's number for an ioctl name."""
-    return uapi.IOCTLS[name]
+    """The host's number for an ioctl name (<linux/vfio.h>'s or <linux/iommufd.h>'s)."""
+    return uapi.IOCTLS[name] if name in uapi.IOCTLS else iu.IOCTLS[name]
 
 
 # -- decoding -----------------------------------------------------------------------------------------
@@ -187,10 +254,13 @@ def _struct(cls: type[ctypes.Structure], raw: bytes) -> dict[str, Any]:
     return struct_fields(cls.from_buffer_copy(bytes(raw[:size]).ljust(size, b"\0")))
 
 
-def decode(name: str, raw: bytes, *, after: bool = False, bitmap: bytes | None = None) -> dict[str, Any]:
+def decode(name: str, raw: bytes, *, after: bool = False, bitmap: bytes | None = None,
+           user: bytes | None = None) -> dict[str, Any]:
     """An argument buffer's fields: what the program passed (``after`` False) or
     what the kernel left (``after`` True: also capability chains, the dependent
-    devices of a hot-reset query and the dirty bitmap's words)."""
+    devices of a hot-reset query and the dirty bitmap's words).  ``user``: the
+    bytes of the buffer the argument points to (USER_BUFFERS), as the kernel read
+    them (before) or left them (after)."""
     layout = LAYOUTS.get(name)
     if layout is None or layout.kind != STRUCT or layout.struct is None:
         return {}
@@ -231,10 +301,32 @@ def decode(name: str, raw: bytes, *, after: bool = False, bitmap: bytes | None =
             n = min(fields.get("count", 0), (len(raw) - base) // 8, 1024)
             fields["devices"] = [list(struct.unpack_from("<IHBB", raw, base + 8 * i)) for i in range(n)]
         if bitmap is not None:
-            words = struct.unpack(f"<{len(bitmap) // 8}Q", bitmap[:len(bitmap) // 8 * 8])
-            fields["dirty_pages"] = sum(bin(w).count("1") for w in words)
-            fields["bitmap_head"] = [hex(w) for w in words]
+            fields.update(bitmap_fields(bitmap))
+    buf = USER_BUFFERS.get(name)
+    if buf is not None and user is not None and buf.out == after:
+        fields.update(decode_user(name, fields, user))
     return fields
+
+
+def bitmap_fields(bitmap: bytes) -> dict[str, Any]:
+    """A dirty bitmap: how many pages are dirty, and its words."""
+    words = struct.unpack(f"<{len(bitmap) // 8}Q", bitmap[:len(bitmap) // 8 * 8])
+    return {"dirty_pages": sum(bin(w).count("1") for w in words), "bitmap_head": [hex(w) for w in words]}
+
+
+def decode_user(name: str, fields: dict[str, Any], data: bytes) -> dict[str, Any]:
+    """A USER_BUFFERS buffer's bytes, decoded (``fields``: the struct's, on the same side of the call)."""
+    if name in ("IOMMU_IOAS_ALLOW_IOVAS", "IOMMU_IOAS_IOVA_RANGES"):
+        n = len(data) // 16
+        if name == "IOMMU_IOAS_IOVA_RANGES":          # the kernel filled the first num_iovas of them
+            n = min(n, int(fields.get("num_iovas", 0) or 0))
+        return {"iovas": [list(struct.unpack_from("<QQ", data, 16 * i)) for i in range(n)]}
+    if name == "IOMMU_HWPT_GET_DIRTY_BITMAP":
+        return bitmap_fields(data)
+    if name == "IOMMU_GET_HW_INFO" and fields.get("out_data_type") == iu.IOMMU_HW_INFO_TYPE_INTEL_VTD:
+        return {"hw_info": _struct(iu.iommu_hw_info_vtd, data)}
+    key = USER_BUFFERS[name].key
+    return {key: data.hex()}
 
 
 def changed(args: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -334,7 +426,8 @@ def encode(name: str, args: dict[str, Any], *, fill: int = 0) -> bytearray:
         bm = uapi.vfio_bitmap()
         _assign(bm, args["bitmap"])
         tail = bytes(bm)
-    size = max(base + len(tail), min(int(args.get("argsz", 0) or 0), MAX_ARG))
+    declared = args.get("size", 0) if name.startswith("IOMMU_") else args.get("argsz", 0)
+    size = max(base + len(tail), min(int(declared or 0), MAX_ARG))
     buf = bytearray([fill & 0xFF]) * size
     buf[:base] = head
     buf[base:base + len(tail)] = tail

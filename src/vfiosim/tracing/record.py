@@ -76,22 +76,29 @@ def recording_env(output: str, scenario: str, *, append: bool = False,
 
 
 def record(argv: Sequence[str], output: str, *, scenario: str | None = None, simulated: str | None = None,
-           append: bool = False) -> tuple[int, str]:
-    """Run ``argv`` recorded into ``output``; returns (its exit status, a summary line)."""
+           append: bool = False, kernel_config: str | None = None) -> tuple[int, str]:
+    """Run ``argv`` recorded into ``output``; returns (its exit status, a summary line).
+    ``kernel_config``: the simulated machine's kernel options (``simulated`` only)."""
     lib = library_path()
     scenario = scenario or os.path.basename(argv[0])
-    if simulated is None and not os.path.exists("/dev/vfio/vfio"):
-        raise RecordUnavailable("this host has no /dev/vfio/vfio: nothing to record (load vfio-pci and bind a "
-                                "device to it; or record a simulated machine with --simulated NAME)")
+    if simulated is None and kernel_config is not None:
+        raise ValueError("--kernel-config describes a simulated machine (--simulated NAME): a real "
+                                "kernel's configuration is what it was built with")
+    if simulated is None and not os.path.exists("/dev/vfio/vfio") and not os.path.exists("/dev/iommu"):
+        raise RecordUnavailable("this host has no /dev/vfio/vfio and no /dev/iommu: nothing to record (load "
+                                "vfio-pci and bind a device to it; or record a simulated machine with "
+                                "--simulated NAME)")
     if os.path.exists(output) and not append:
         os.unlink(output)                   # a new trace: the first process writes its header
     env = recording_env(output, scenario, append=append)
     if simulated is not None:
         from ..machine import Machine
         from ..transport.run import run
-        machine = Machine.load(simulated)
+        from .format import kernel_config_items
+        machine = Machine.load(simulated, kernel_config=kernel_config)
         env_extra = {k: v for k, v in env.items() if k.startswith("VFIOSIM_RECORD")}
         env_extra["VFIOSIM_RECORD_PLATFORM"] = machine.platform
+        env_extra["VFIOSIM_RECORD_KERNEL_CONFIG"] = ",".join(kernel_config_items(machine.kernel.config))
         env_extra["VFIOSIM_RECORD_SOURCE"] = "simulator"
         status = run(machine, list(argv), env_extra=env_extra, preload_first=[lib])
     else:

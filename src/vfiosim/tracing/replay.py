@@ -40,7 +40,7 @@ from ..uapi import vfio as uapi
 from ..uapi.ioctl import _IO
 from . import ioctls
 from .compare import KERNEL, LABELS, Context, Divergence, compare, family, header_notes, record_note
-from .format import Trace, TraceWriter, make_header
+from .format import Trace, TraceWriter, kernel_config_items, make_header
 
 PROT = {"r": 1, "w": 2, "x": 4}
 _SCRATCH = 1 << 20                       # a dirty bitmap's buffer (the largest the traces keep)
@@ -103,10 +103,14 @@ class ReplayError(RuntimeError):
 class _Memory:
     """The recording program's mappings, as simulated mappings of the replay's process."""
 
+    #: room left around a recorded mapping for the mappings that grow it later
+    RESERVE = 64 << 20
+
     def __init__(self, proc: Any, declared: list[dict[str, Any]]) -> None:
         self.p = proc
         self.named: dict[str, int] = {}
         self.vmas: dict[tuple[int, int, str], int] = {}
+        self.areas: list[tuple[int, int, int]] = []        # (recorded start, end, replay start)
         self.holes: dict[int, int] = {}
         self.learned: list[tuple[int, int, int]] = []      # (recorded start, end, replay start)
         for m in declared:
@@ -123,7 +127,7 @@ class _Memory:
         new = _Memory.__new__(_Memory)
         new.p = child
         new.named, new.vmas, new.holes = dict(self.named), dict(self.vmas), dict(self.holes)
-        new.learned = list(self.learned)
+        new.areas, new.learned = list(self.areas), list(self.learned)
         return new
 
     def resolve(self, ref: dict[str, Any] | None, recorded: int, size: int) -> int:
@@ -159,13 +163,27 @@ class _Memory:
         return any(v.start < end and addr < v.end for v in mm.vmas())
 
     def _map_span(self, span: list[tuple[Any, ...]]) -> None:
-        """Mappings for recorded VMAs that lie next to each other (a range that crossed
-        from one into the next), placed next to each other here too."""
+        """Memory for recorded VMAs that lie next to each other (a range that crossed
+        from one into the next), placed next to each other here too.
+
+        Each is placed in an area reserved around it (PROT_NONE, no memory): the
+        program's later mappings next to it merge with it into a larger VMA (mmap
+        places anonymous mappings next to the last one), and an address the program
+        got before must keep its meaning in the larger one."""
         start, end = span[0][0], span[-1][1]
-        base = self.p.mmap(end - start)
+        base = None
+        for s0, e0, r0 in self.areas:
+            if s0 <= start and end <= e0:
+                base = r0 + start - s0
+                break
+        if base is None:
+            lo = max(start - self.RESERVE, 0) & ~0xFFF
+            hi = end + self.RESERVE
+            r0 = self.p.mmap(hi - lo, 0)
+            self.areas.append((lo, hi, r0))
+            base = r0 + start - lo
         for s, e, perms in span:                      # the recorder lists them without gaps
-            if _prot(perms) != _prot("rw"):
-                self.p.mprotect(base + s - start, e - s, _prot(perms))
+            self.p.mprotect(base + s - start, e - s, _prot(perms))
             self.vmas.setdefault((s, e, perms), base + s - start)
 
     def _learn(self, recorded: int, size: int) -> int:
@@ -178,6 +196,15 @@ class _Memory:
         addr = self.p.mmap(end - page)
         self.learned.append((page, end, addr))
         return int(addr + recorded - page)
+
+
+def _node_kind(sim: Any, fd: int, path: str) -> str:
+    """What an open VFIO node is here (/dev/vfio/vfio is an iommufd when
+    IOMMUFD_VFIO_CONTAINER serves it)."""
+    try:
+        return str(sim._call("fstat", lambda task: task.files.get(fd).kind))
+    except OSError:
+        return "vfio-container" if path == "/dev/vfio/vfio" else "vfio-group"
 
 
 def _open_in(sim: Any, fd: int) -> bool:
@@ -314,7 +341,7 @@ class Replayer:
             fd = sim.open(rec["path"], flags)
             if rec.get("ret", -1) >= 0:
                 p.fds[rec["ret"]] = fd
-            return fd, {"fd": fd, "fd_kind": "vfio-container" if rec["path"] == "/dev/vfio/vfio" else "vfio-group"}
+            return fd, {"fd": fd, "fd_kind": _node_kind(sim, fd, rec["path"])}
         if call == "close":
             fd = self._fd(p, rec.get("fd"))
             sim.close(fd)
@@ -444,11 +471,25 @@ class Replayer:
         # A trace of format 1 says where every address lies (mem); one it does not
         # annotate is a literal the program passed (0, or an address past the end).
         # Older traces never say: their mappings are learned from the ranges passed.
+        resolved: dict[str, int] = {}
         for key in ioctls.ADDRESS_FIELDS.get(name, ()):
             recorded = fields.get(key, 0)
             if key in mem or (self.learn and recorded):
-                addr = p.mem.resolve(mem.get(key), recorded, fields.get("size", 0))
+                addr = p.mem.resolve(mem.get(key), recorded, ioctls.address_span(name, key, fields))
                 self._patch(name, buf, key, addr)
+                resolved[key] = addr
+        # A buffer the argument points to (IOMMU_IOAS_IOVA_RANGES' array, ...): in our memory,
+        # with the bytes the recording's kernel read there.
+        ubuf = ioctls.USER_BUFFERS.get(name)
+        user_len = 0
+        kept = (raw.get("user") or {}).get(ubuf.field) if ubuf is not None else None
+        if ubuf is not None and ubuf.field in resolved and isinstance(kept, dict) and ubuf.reaches(name, fields):
+            user_len = ubuf.length(fields)
+            if "in" in kept:
+                vma = (mem.get(ubuf.field) or {}).get("vma")
+                self._write_user(p, resolved[ubuf.field], bytes.fromhex(kept["in"]), vma[2] if vma else "rw")
+            elif "out" not in kept:
+                user_len = 0
         # The dirty bitmap's buffer: our own, zeroed, read back as the recorder read its own
         # (a recorder that kept the bitmap's words of a call with a NULL buffer read zeros).
         bitmap_size = 0
@@ -475,16 +516,44 @@ class Replayer:
         elif name == "VFIO_DEVICE_PCI_HOT_RESET":
             for i, gfd in enumerate(fields.get("group_fds", [])):
                 struct.pack_into("<i", buf, 12 + 4 * i, self._fd(p, gfd))
+        elif name == "VFIO_DEVICE_BIND_IOMMUFD":
+            ifd = fields.get("iommufd", -1)
+            if ifd in p.fds or seen is None or str(ifd) not in seen:
+                ours = self._fd(p, ifd)
+            else:                                       # not an iommufd (an error path): what it was
+                ours = self._foreign_fd(p, ifd, seen[str(ifd)])
+            struct.pack_into("<i", buf, ioctls.field_offset(name, "iommufd"), ours)
         sent = ioctls.decode(name, bytes(buf))
+        user_at = resolved.get(ubuf.field, 0) if ubuf is not None and user_len else 0
         try:
             ret = sim.ioctl(fd, request, buf)
         except OSError as exc:
-            exc.replay_extra = self._struct_out(p, name, rec, sent, buf, bitmap_size)   # type: ignore[attr-defined]
+            if not ioctls.wrote_user(name, exc.errno or 0):
+                user_len = 0
+            exc.replay_extra = self._struct_out(p, name, rec, sent, buf, bitmap_size,   # type: ignore[attr-defined]
+                                                user_at, user_len)
             raise
-        return ret, self._struct_out(p, name, rec, sent, buf, bitmap_size)
+        return ret, self._struct_out(p, name, rec, sent, buf, bitmap_size, user_at, user_len)
+
+    @staticmethod
+    def _write_user(p: _Proc, addr: int, data: bytes, perms: str) -> None:
+        """What the recording's program had in a buffer, put in ours (a read-only one
+        made writable for the moment: the loader wrote the program's constants)."""
+        if not data:
+            return
+        page = addr & ~0xFFF
+        length = (addr + len(data) - page + 0xFFF) & ~0xFFF
+        try:
+            if _prot(perms) != _prot("rw"):
+                p.sim.mprotect(page, length, _prot("rw"))
+            p.sim.write_memory(addr, data)
+            if _prot(perms) != _prot("rw"):
+                p.sim.mprotect(page, length, _prot(perms))
+        except OSError:
+            pass                     # not mapped here either: the call faults as it did there
 
     def _struct_out(self, p: _Proc, name: str, rec: dict[str, Any], sent: dict[str, Any], buf: bytearray,
-                    bitmap_size: int) -> dict[str, Any]:
+                    bitmap_size: int, user_at: int = 0, user_len: int = 0) -> dict[str, Any]:
         """The argument as the recording shows it (its own addresses and fds) and what
         the kernel changed in it here."""
         got = rec.get("args")
@@ -493,7 +562,14 @@ class Replayer:
         if p.scratch is not None and name in ioctls.BITMAP_CMDS and isinstance(sent.get("bitmap"), dict) and \
                 (sent["bitmap"].get("data") and bitmap_size or "bitmap_head" in (rec.get("out") or {})):
             bitmap = p.sim.read_memory(p.scratch, bitmap_size)
-        after = ioctls.decode(name, bytes(buf), after=True, bitmap=bitmap)
+        user = None
+        ubuf = ioctls.USER_BUFFERS.get(name)
+        if user_at and user_len and ubuf is not None and ubuf.out:
+            try:
+                user = p.sim.read_memory(user_at, user_len)
+            except OSError:
+                user = None          # unmapped: the recorder could not read it either
+        after = ioctls.decode(name, bytes(buf), after=True, bitmap=bitmap, user=user)
         # What the replay substituted (its addresses and fds) is not a change the kernel made.
         for key, value in sent.items():
             if key in args and after.get(key) == value:
@@ -502,11 +578,11 @@ class Replayer:
 
     @staticmethod
     def _patch(name: str, buf: bytearray, key: str, value: int) -> None:
-        offsets = {("VFIO_IOMMU_MAP_DMA", "vaddr"): 8, ("VFIO_IOMMU_SPAPR_REGISTER_MEMORY", "vaddr"): 8,
-                   ("VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY", "vaddr"): 8,
-                   ("VFIO_IOMMU_DIRTY_PAGES", "bitmap.data"): 8 + 16 + 16,
-                   ("VFIO_IOMMU_UNMAP_DMA", "bitmap.data"): 24 + 16}
-        off = offsets[(name, key)]
+        # The dirty bitmap's pointer lies in the variable part after the struct.
+        tails = {("VFIO_IOMMU_DIRTY_PAGES", "bitmap.data"): 8 + 16 + 16, ("VFIO_IOMMU_UNMAP_DMA", "bitmap.data"): 24 + 16}
+        off = tails.get((name, key))
+        if off is None:
+            off = ioctls.field_offset(name, key)
         if len(buf) < off + 8:
             buf.extend(bytes(off + 8 - len(buf)))
         struct.pack_into("<Q", buf, off, value & 0xFFFFFFFFFFFFFFFF)
@@ -558,6 +634,40 @@ class Replayer:
         return 0, ({} if rec.get("write") else {"value": got})
 
 
+# -- the machine -------------------------------------------------------------------------------------------
+
+
+def machine_for(header: dict[str, Any], *, machine: str | None = None, kernel: str = "6.12",
+                page_size: int | None = None, kernel_config: Any = None) -> tuple[Any, str]:
+    """The simulated machine to replay a trace on, and why that one: ``machine`` (a preset
+    or a machine file), else the preset of the trace's platform; the trace's page size
+    and kernel configuration (its ``kernel_config``: a kernel built with iommufd, say)
+    unless ``page_size`` and ``kernel_config`` are given."""
+    from ..kernel.config import KernelConfigError
+    from ..machine import Machine, preset_names
+    system = header.get("system") or {}
+    page = page_size or (system.get("page_size") if system.get("page_size") in (4096, 65536) else 4096)
+    platform = system.get("platform") or ""
+    if machine is None and platform not in preset_names():
+        raise ValueError(f"the trace does not say which platform it was recorded on (system.platform is "
+                         f"{platform!r}): choose one with --machine {'|'.join(preset_names())}|FILE")
+    name = machine or platform
+    why = f"{machine} (--machine)" if machine else f"{platform} (the preset of the trace's platform)"
+    config = kernel_config
+    recorded = header.get("kernel_config")
+    if config is None and isinstance(recorded, list) and recorded:
+        config = [str(item) for item in recorded]
+        if any(item.endswith("=y") for item in config if not item.startswith(("VFIO_GROUP", "VFIO_CONTAINER"))):
+            why += f", with the trace's kernel configuration ({', '.join(i for i in config if i.endswith('=y'))})"
+    try:
+        return Machine.load(name, kernel=kernel, page_size=page, kernel_config=config), why
+    except KernelConfigError as exc:
+        if kernel_config is not None:
+            raise
+        return (Machine.load(name, kernel=kernel, page_size=page),
+                f"{why}; not the trace's kernel configuration, which vfiosim cannot build ({exc}): Debian's")
+
+
 # -- a whole trace ---------------------------------------------------------------------------------------
 
 
@@ -595,6 +705,7 @@ def replay(machine: Any, trace: Trace, *, keep: int = 1000, context: int = 3,
                                                  system={"kernel": f"vfiosim (Linux {machine.kernel_version} profile)",
                                                          "platform": machine.platform,
                                                          "page_size": machine.page_size},
+                                                 kernel_config=kernel_config_items(machine.kernel.config),
                                                  process=head.get("process"), memory=head.get("memory")))
     # The last steps, formatted only when a divergence needs them as its context.
     recent: collections.deque[tuple[dict[str, Any], dict[str, Any]]] = collections.deque(maxlen=context)

@@ -54,8 +54,8 @@
 #define MAX_DATA 4096
 #define TRACE_FD_MIN 900
 
-enum kind { K_NONE = 0, K_CONTAINER = 1, K_GROUP = 2, K_DEVICE = 3 };
-static const char *kind_names[] = {"", "vfio-container", "vfio-group", "vfio-device"};
+enum kind { K_NONE = 0, K_CONTAINER = 1, K_GROUP = 2, K_DEVICE = 3, K_IOMMUFD = 4 };
+static const char *kind_names[] = {"", "vfio-container", "vfio-group", "vfio-device", "iommufd"};
 
 struct fdinfo {
     unsigned char kind;
@@ -455,6 +455,101 @@ static void header_iommu(struct sb *s)
     sb_add(s, "]");
 }
 
+/* The kernel's VFIO and iommufd options (kernel/config.py's symbols), as "NAME=y"
+ * or "NAME=n": from the kernel's .config in /boot when it is there, else from what
+ * the kernel shows (device nodes, sysfs, the modules loaded).  Under --simulated,
+ * $VFIOSIM_RECORD_KERNEL_CONFIG says what the simulated machine has. */
+static const char *config_symbols[] = {"VFIO_GROUP", "VFIO_CONTAINER", "IOMMUFD", "VFIO_DEVICE_CDEV",
+                                       "IOMMUFD_VFIO_CONTAINER", NULL};
+
+static int path_exists(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
+/* Whether an entry of dir named prefix* has the file inside. */
+static int any_entry(const char *dir, const char *prefix, const char *inside)
+{
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    int found = 0;
+    while (d && !found && (e = readdir(d))) {
+        if (e->d_name[0] == '.' || strncmp(e->d_name, prefix, strlen(prefix)))
+            continue;
+        char path[512];
+        snprintf(path, sizeof path, "%s/%s/%s", dir, e->d_name, inside);
+        found = path_exists(path);
+    }
+    if (d)
+        closedir(d);
+    return found;
+}
+
+/* /dev/vfio/<N> (or noiommu-<N>): the group interface. */
+static int has_group_node(void)
+{
+    DIR *d = opendir("/dev/vfio");
+    struct dirent *e;
+    int found = 0;
+    while (d && !found && (e = readdir(d)))
+        found = (e->d_name[0] >= '0' && e->d_name[0] <= '9') || !strncmp(e->d_name, "noiommu-", 8);
+    if (d)
+        closedir(d);
+    return found;
+}
+
+static void header_kernel_config(struct sb *s, const struct utsname *u)
+{
+    const char *given = getenv("VFIOSIM_RECORD_KERNEL_CONFIG");
+    int on[5] = {0};
+    char from[512];
+    static char text[1 << 18];
+    if (given && *given) {
+        for (int i = 0; config_symbols[i]; i++) {
+            char want[64];
+            snprintf(want, sizeof want, "%s=y", config_symbols[i]);
+            size_t l = strlen(want);
+            for (const char *p = strstr(given, want); p && !on[i]; p = strstr(p + 1, want))
+                on[i] = (p == given || p[-1] == ',') && (p[l] == ',' || !p[l]);
+        }
+        snprintf(from, sizeof from, "the simulated machine");
+    } else {
+        snprintf(from, sizeof from, "/boot/config-%s", u->release);
+        if (slurp(from, text, sizeof text) > 0) {
+            for (int i = 0; config_symbols[i]; i++) {       /* built in, or a module */
+                char y[80], m[80];
+                snprintf(y, sizeof y, "\nCONFIG_%s=y\n", config_symbols[i]);
+                snprintf(m, sizeof m, "\nCONFIG_%s=m\n", config_symbols[i]);
+                on[i] = strstr(text, y) || strstr(text, m);
+            }
+        } else {
+            /* What the kernel shows.  VFIO's own container needs its IOMMU driver
+             * (vfio_iommu_type1 or vfio_iommu_spapr_tce, loaded with vfio); without
+             * one, iommufd serves /dev/vfio/vfio.  A cdev has a dev_t, so its
+             * vfio-dev device has a "dev" attribute (6.1+ registers the device
+             * whatever the configuration). */
+            snprintf(from, sizeof from, "/dev and sysfs (no /boot/config-%s)", u->release);
+            int iommufd = path_exists("/dev/iommu") || path_exists("/sys/module/iommufd");
+            int type_driver = path_exists("/sys/module/vfio_iommu_type1") ||
+                              path_exists("/sys/module/vfio_iommu_spapr_tce");
+            int cdev = path_exists("/dev/vfio/devices") || any_entry("/sys/class/vfio-dev", "vfio", "dev");
+            int container_node = path_exists("/dev/vfio/vfio");
+            int groups = has_group_node();
+            on[2] = iommufd;
+            on[3] = cdev;
+            on[4] = iommufd && container_node && !type_driver;
+            on[1] = container_node && !on[4];
+            on[0] = groups || !cdev;
+        }
+    }
+    sb_add(s, ", \"kernel_config\": [");
+    for (int i = 0; config_symbols[i]; i++)
+        sb_printf(s, "%s\"%s=%c\"", i ? ", " : "", config_symbols[i], on[i] ? 'y' : 'n');
+    sb_add(s, "], \"kernel_config_from\": ");
+    sb_str(s, from);
+}
+
 static const char *platform_name(const struct utsname *u)
 {
     static char buf[64];
@@ -511,6 +606,7 @@ static void write_header(void)
     sb_str(&s, u.version);
     sb_printf(&s, ", \"machine\": \"%s\", \"page_size\": %ld, \"platform\": \"%s\"}", u.machine,
               sysconf(_SC_PAGESIZE), platform_name(&u));
+    header_kernel_config(&s, &u);
     sb_printf(&s, ", \"iommu\": {%s}", iommu.p ? iommu.p : "");
     sb_printf(&s, ", \"groups\": [%s], \"devices\": [%s]", groups.p ? groups.p : "", devices.p ? devices.p : "");
     sb_printf(&s, ", \"windows\": [%s]", windows.p ? windows.p : "");
@@ -533,6 +629,21 @@ static void write_header(void)
     put_line(&s);
 }
 
+/* What an open of a VFIO node gives (a real kernel's path, or the name of vfiosim
+ * run's placeholder memfd under --simulated): /dev/vfio/vfio a container (an
+ * iommufd when IOMMUFD_VFIO_CONTAINER serves it: its ioctls are told apart by
+ * number), /dev/vfio/devices/vfioN a device (the cdev), /dev/vfio/N a group. */
+static int node_kind(const char *path)
+{
+    if (!strcmp(path, "/dev/iommu") || !strncmp(path, "/memfd:vfiosim:iommufd", 22))
+        return K_IOMMUFD;
+    if (!strcmp(path, "/dev/vfio/vfio") || !strncmp(path, "/memfd:vfiosim:container", 24))
+        return K_CONTAINER;
+    if (!strncmp(path, "/dev/vfio/devices/", 18) || !strncmp(path, "/memfd:vfiosim:device", 21))
+        return K_DEVICE;
+    return K_GROUP;
+}
+
 /* Fds the program holds when this image starts (after an exec): VFIO files keep
  * their kind, as /proc/self/fd names them. */
 static void adopt_inherited(void)
@@ -551,11 +662,11 @@ static void adopt_inherited(void)
             continue;
         link[l] = 0;
         /* A real kernel's nodes, or the placeholders of vfiosim run's shim (--simulated). */
-        if (!strcmp(link, "/dev/vfio/vfio") || !strncmp(link, "/memfd:vfiosim:container", 24))
-            fds[fd].kind = K_CONTAINER;
-        else if (!strncmp(link, "/dev/vfio/", 10) || !strncmp(link, "/memfd:vfiosim:group:", 21))
-            fds[fd].kind = K_GROUP;
-        else if (!strcmp(link, "anon_inode:[vfio-device]") || !strncmp(link, "/memfd:vfiosim:device", 21))
+        if (!strcmp(link, "/dev/iommu") || !strncmp(link, "/memfd:vfiosim:iommufd", 22))
+            fds[fd].kind = K_IOMMUFD;
+        else if (!strncmp(link, "/dev/vfio/", 10) || !strncmp(link, "/memfd:vfiosim:", 15))
+            fds[fd].kind = node_kind(link);
+        else if (!strcmp(link, "anon_inode:[vfio-device]"))
             fds[fd].kind = K_DEVICE;
         adopted += fds[fd].kind != K_NONE;
     }
@@ -618,7 +729,7 @@ static inline int tracked(int fd)
 
 static int vfio_path(const char *path)
 {
-    return trace_fd >= 0 && path && !strncmp(path, "/dev/vfio/", 10);
+    return trace_fd >= 0 && path && (!strncmp(path, "/dev/vfio/", 10) || !strcmp(path, "/dev/iommu"));
 }
 
 /* -- open, close, dup ----------------------------------------------------------------------------- */
@@ -626,7 +737,7 @@ static int vfio_path(const char *path)
 static int record_open(const char *path, int flags, int ret, int err)
 {
     if (ret >= 0 && ret < MAX_FD) {
-        fds[ret].kind = strcmp(path, "/dev/vfio/vfio") ? K_GROUP : K_CONTAINER;
+        fds[ret].kind = (unsigned char)node_kind(path);
         fds[ret].iommu_type = 0;
     }
     struct sb s = {0};
@@ -645,7 +756,8 @@ static int do_open(int dirfd, const char *path, int flags, mode_t mode, int at)
 {
     resolve();
     int ret = at ? real_openat(dirfd, path, flags, mode) : real_open(path, flags, mode);
-    if (!vfio_path(path) || (at && dirfd != AT_FDCWD))
+    /* (opendir("/dev/vfio/devices") is no VFIO file) */
+    if (!vfio_path(path) || (at && dirfd != AT_FDCWD) || (flags & O_DIRECTORY))
         return ret;
     return record_open(path, flags, ret, errno);
 }
@@ -838,10 +950,113 @@ static enum argkind arg_kind(int kind, int type1, int nr, size_t *minsz)
         case 15: return A_FDPTR;
         case 16: *minsz = sizeof(struct vfio_device_ioeventfd); return A_STRUCT;
         case 17: *minsz = sizeof(struct vfio_device_feature); return A_STRUCT;
+        /* the cdev (6.6): VFIO_DEVICE_BIND_IOMMUFD, ATTACH_ and DETACH_IOMMUFD_PT */
+        case 18: *minsz = 16; return A_STRUCT;
+        case 19: *minsz = 12; return A_STRUCT;
+        case 20: *minsz = 8; return A_STRUCT;
         }
         return A_UNKNOWN;
     }
     return A_UNKNOWN;
+}
+
+/* -- iommufd (<linux/iommufd.h> of Linux 6.12) ------------------------------------------------------
+ * The host's headers may predate iommufd (6.2) and the cdev (6.6), so the recorder
+ * carries what it needs: each struct's size, where its user addresses lie and how
+ * long the buffers they point to are.  Every iommufd ioctl is _IO(';', 0x80 + n) and
+ * its struct starts with its size, as VFIO's start with argsz.  /dev/iommu answers
+ * them, and so does /dev/vfio/vfio when IOMMUFD_VFIO_CONTAINER serves it. */
+#define IOMMUFD_NR_BASE 0x80
+static const size_t iommufd_sizes[] = {
+    8,  /* 0x80 IOMMU_DESTROY */           12, /* 0x81 IOMMU_IOAS_ALLOC */
+    24, /* 0x82 IOMMU_IOAS_ALLOW_IOVAS */  40, /* 0x83 IOMMU_IOAS_COPY */
+    32, /* 0x84 IOMMU_IOAS_IOVA_RANGES */  40, /* 0x85 IOMMU_IOAS_MAP */
+    24, /* 0x86 IOMMU_IOAS_UNMAP */        24, /* 0x87 IOMMU_OPTION */
+    12, /* 0x88 IOMMU_VFIO_IOAS */         48, /* 0x89 IOMMU_HWPT_ALLOC */
+    40, /* 0x8a IOMMU_GET_HW_INFO */       16, /* 0x8b IOMMU_HWPT_SET_DIRTY_TRACKING */
+    48, /* 0x8c IOMMU_HWPT_GET_DIRTY_BITMAP */ 32, /* 0x8d IOMMU_HWPT_INVALIDATE */
+    16, /* 0x8e IOMMU_FAULT_QUEUE_ALLOC */
+};
+#define N_IOMMUFD (sizeof iommufd_sizes / sizeof iommufd_sizes[0])
+
+static int is_iommufd_nr(int kind, int nr)
+{
+    return (kind == K_IOMMUFD || kind == K_CONTAINER) && nr >= IOMMUFD_NR_BASE &&
+           (size_t)(nr - IOMMUFD_NR_BASE) < N_IOMMUFD;
+}
+
+/* A buffer an argument points to, kept in the trace ("user": its bytes, read before
+ * the call for what the kernel reads, after it for what the kernel writes). */
+enum lenkind { L_COUNT, L_PRODUCT, L_LEN32, L_BITMAP };
+struct userbuf {
+    int nr;
+    const char *field;
+    size_t at;            /* the pointer's offset in the struct */
+    int out;              /* the kernel writes it (else reads it) */
+    enum lenkind how;     /* its length: */
+    size_t a, b;          /* L_COUNT: u32 count at a of b-byte elements; L_PRODUCT: u32 at a times u32 at b;
+                             L_LEN32: u32 at a; L_BITMAP: one bit per page, u64 length at a, u64 page size at b */
+};
+static const struct userbuf userbufs[] = {
+    {0x82, "allowed_iovas", 16, 0, L_COUNT, 8, 16},     /* IOMMU_IOAS_ALLOW_IOVAS: iommu_iova_range[num_iovas] */
+    {0x84, "allowed_iovas", 16, 1, L_COUNT, 8, 16},     /* IOMMU_IOAS_IOVA_RANGES */
+    {0x89, "data_uptr", 32, 0, L_LEN32, 28, 0},          /* IOMMU_HWPT_ALLOC: data_len bytes */
+    {0x8a, "data_uptr", 16, 1, L_LEN32, 12, 0},          /* IOMMU_GET_HW_INFO: data_len bytes */
+    {0x8c, "data", 40, 1, L_BITMAP, 24, 32},             /* IOMMU_HWPT_GET_DIRTY_BITMAP: __u64 words */
+    {0x8d, "data_uptr", 8, 0, L_PRODUCT, 20, 24},        /* IOMMU_HWPT_INVALIDATE: entry_len * entry_num */
+};
+#define N_USERBUFS (sizeof userbufs / sizeof userbufs[0])
+
+static uint64_t field_u32(const uint8_t *buf, size_t n, size_t at)
+{
+    uint32_t v = 0;
+    if (at + 4 <= n)
+        memcpy(&v, buf + at, 4);
+    return v;
+}
+
+static uint64_t field_u64(const uint8_t *buf, size_t n, size_t at)
+{
+    uint64_t v = 0;
+    if (at + 8 <= n)
+        memcpy(&v, buf + at, 8);
+    return v;
+}
+
+/* Where a user buffer of this call lies and how long it is (0: none; the struct the
+ * program passed, by its own size, does not reach the pointer). */
+static size_t userbuf_len(const struct userbuf *u, const uint8_t *buf, size_t n, uint64_t *addr)
+{
+    *addr = 0;
+    if (field_u32(buf, n, 0) < u->at + 8 || n < u->at + 8)
+        return 0;
+    *addr = field_u64(buf, n, u->at);
+    uint64_t len = 0;
+    switch (u->how) {
+    case L_COUNT: len = field_u32(buf, n, u->a) * u->b; break;
+    case L_PRODUCT: len = field_u32(buf, n, u->a) * field_u32(buf, n, u->b); break;
+    case L_LEN32: len = field_u32(buf, n, u->a); break;
+    case L_BITMAP: {              /* iova_bitmap_alloc(): a bit per 1 << __ffs(page_size) bytes */
+        uint64_t pgsize = field_u64(buf, n, u->b);
+        uint64_t pages = pgsize ? field_u64(buf, n, u->a) >> __builtin_ctzll(pgsize) : 0;
+        len = (pages + 63) / 64 * 8;
+        break;
+    }
+    }
+    return len > MAX_ARG ? MAX_ARG : (size_t)len;
+}
+
+static void add_userbuf(struct sb *s, const char *field, const char *dir, uint64_t addr, size_t len, int *first)
+{
+    uint8_t *copy = len ? malloc(len) : NULL;
+    size_t m = copy ? peek((uintptr_t)addr, copy, len) : 0;
+    if (m) {
+        sb_printf(s, "%s\"%s\": {\"%s\": \"", *first ? "" : ", ", field, dir);
+        sb_hex(s, copy, m);
+        sb_add(s, "\"}");
+        *first = 0;
+    }
+    free(copy);
 }
 
 static int is_type1(int iommu_type)
@@ -897,15 +1112,19 @@ EXPORT int ioctl(int fd, unsigned long request, ...)
     void *argp = va_arg(ap, void *);
     va_end(ap);
     resolve();
-    if (!tracked(fd) || ((request >> 8) & 0xff) != VFIO_TYPE)
+    if (!tracked(fd) || ((request >> 8) & 0xff) != VFIO_TYPE)      /* VFIO's ';', iommufd's too */
         return real_ioctl(fd, request, argp);
 
     int kind = fds[fd].kind;
     int iommu_type = fds[fd].iommu_type;
     int nr = (int)(request & 0xff);
     int off = nr - VFIO_BASE;
-    size_t minsz;
-    enum argkind ak = arg_kind(kind, is_type1(iommu_type), nr, &minsz);
+    /* An iommufd answers VFIO's container ioctls below its own numbers (vfio_compat.c). */
+    int container = kind == K_CONTAINER || kind == K_IOMMUFD;
+    int iommufd_nr = is_iommufd_nr(kind, nr);
+    size_t minsz = 4;
+    enum argkind ak = iommufd_nr ? (minsz = iommufd_sizes[nr - IOMMUFD_NR_BASE], A_STRUCT)
+                                 : arg_kind(container ? K_CONTAINER : kind, is_type1(iommu_type), nr, &minsz);
     uintptr_t arg = (uintptr_t)argp;
     uint8_t *before = NULL;
     size_t n = 0;
@@ -936,8 +1155,21 @@ EXPORT int ioctl(int fd, unsigned long request, ...)
     }
     uint64_t bm_data = 0;
     size_t bm_len = 0;
-    if (kind == K_CONTAINER && is_type1(iommu_type) && before)
+    if (container && !iommufd_nr && is_type1(iommu_type) && before)
         bitmap_of(before, n, off, &bm_data, &bm_len);
+    /* The buffers the argument points to: what the kernel will read, now. */
+    const struct userbuf *ub = NULL;
+    uint64_t ub_addr = 0;
+    size_t ub_len = 0;
+    struct sb users = {0};
+    int users_first = 1;
+    for (size_t i = 0; iommufd_nr && before && i < N_USERBUFS; i++)
+        if (userbufs[i].nr == nr) {
+            ub = &userbufs[i];
+            ub_len = userbuf_len(ub, before, n, &ub_addr);
+            if (!ub->out)
+                add_userbuf(&users, ub->field, "in", ub_addr, ub_len, &users_first);
+        }
 
     long ret = real_ioctl(fd, request, argp);
     int err = errno;
@@ -946,14 +1178,16 @@ EXPORT int ioctl(int fd, unsigned long request, ...)
         fds[ret].kind = K_DEVICE;
         fds[ret].iommu_type = 0;
     }
-    if (kind == K_CONTAINER && off == 2 && ret == 0)
+    if (container && off == 2 && ret == 0)
         fds[fd].iommu_type = (int)arg;
+    if (ub && ub->out)
+        add_userbuf(&users, ub->field, "out", ub_addr, ub_len, &users_first);
 
     struct sb s = {0};
     begin(&s, "ioctl");
     add_fd(&s, fd);
     sb_printf(&s, ", \"request\": %lu", request);
-    if (kind == K_CONTAINER && iommu_type)
+    if (container && iommu_type)
         sb_printf(&s, ", \"iommu_type\": %d", iommu_type);
     sb_printf(&s, ", \"raw\": {\"arg\": %llu", (unsigned long long)arg);
     if (fault) {
@@ -982,10 +1216,12 @@ EXPORT int ioctl(int fd, unsigned long request, ...)
             }
             free(bits);
         }
+        if (users.p)
+            sb_printf(&s, ", \"user\": {%s}", users.p);
     }
     sb_add(&s, "}");
-    /* Where the user addresses lie: MAP_DMA, (UN)REGISTER_MEMORY. */
-    if (kind == K_CONTAINER && before && n >= 24 && !fault &&
+    /* Where the user addresses lie: MAP_DMA, (UN)REGISTER_MEMORY, IOAS_MAP, the buffers above. */
+    if (container && !iommufd_nr && before && n >= 24 && !fault &&
         (off == 13 || (!is_type1(iommu_type) && (off == 17 || off == 18)))) {
         uint64_t vaddr, size;
         memcpy(&vaddr, before + 8, 8);
@@ -995,6 +1231,14 @@ EXPORT int ioctl(int fd, unsigned long request, ...)
             add_vma(&s, "vaddr", vaddr, size);
             sb_add(&s, "}");
         }
+    } else if (iommufd_nr && nr == 0x85 && before && n >= 32 && !fault) {        /* IOMMU_IOAS_MAP */
+        sb_add(&s, ", \"mem\": {");
+        add_vma(&s, "user_va", field_u64(before, n, 16), field_u64(before, n, 24));
+        sb_add(&s, "}");
+    } else if (ub && ub_addr) {
+        sb_add(&s, ", \"mem\": {");
+        add_vma(&s, ub->field, ub_addr, ub_len);
+        sb_add(&s, "}");
     }
     /* The other fds inside the argument: what they are. */
     if (kind == K_DEVICE && before && !fault) {
@@ -1013,10 +1257,15 @@ EXPORT int ioctl(int fd, unsigned long request, ...)
             int32_t efd;
             memcpy(&efd, before + offsetof(struct vfio_device_ioeventfd, fd), 4);
             add_fdinfo(&s, &efd, 1, &first);
+        } else if (off == 18 && n >= 12) {             /* VFIO_DEVICE_BIND_IOMMUFD's iommufd */
+            int32_t ifd;
+            memcpy(&ifd, before + 8, 4);
+            add_fdinfo(&s, &ifd, 1, &first);
         }
         sb_add(&s, "}");
     }
     free(before);
+    free(users.p);
     end(&s, ret, err);
     errno = err;
     return (int)ret;

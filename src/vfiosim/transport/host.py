@@ -29,6 +29,7 @@ page).
 
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
 import os
@@ -168,29 +169,26 @@ class HostProcess:
         if not self.bound or native.lib().vd_dma(self.mem, addr, out.size, out.ctypes.data, 0) < 0:
             raise fail(EFAULT, f"DMA read of {out.size} bytes at {addr:#x} in process {self.pid} failed")
 
-    def readv(self, ranges: list[tuple[int, int]]) -> list[bytes]:
-        """Several DMA reads (a NIC's burst of descriptors and frames) in one
-        foreign call: EFAULT unless every byte was read."""
-        total = sum(n for _a, n in ranges)
-        buf = ctypes.create_string_buffer(total)
-        addrs = (ctypes.c_uint64 * len(ranges))(*[a for a, _n in ranges])
-        lens = (ctypes.c_uint64 * len(ranges))(*[n for _a, n in ranges])
-        if not self.bound or native.lib().vd_dma_many(self.mem, len(ranges), addrs, lens, buf, 0) < 0:
-            raise fail(EFAULT, f"DMA read of {total} bytes in {len(ranges)} ranges in process {self.pid} failed")
-        raw = buf.raw
-        out, pos = [], 0
-        for _a, n in ranges:
-            out.append(raw[pos:pos + n])
-            pos += n
-        return out
+    def device_read_ranges(self, addrs: list[int], lens: list[int], out: memoryview) -> None:
+        """Several DMA reads (a NIC's burst of descriptors and frames) into
+        ``out``, one after the other, in one foreign call: EFAULT unless every
+        byte was read."""
+        n = len(addrs)
+        a, ln = array.array("Q", addrs), array.array("Q", lens)
+        buf = (ctypes.c_char * len(out)).from_buffer(out)
+        if not self.bound or native.lib().vd_dma_many(self.mem, n, a.buffer_info()[0], ln.buffer_info()[0], buf,
+                                                       0) < 0:
+            raise fail(EFAULT, f"DMA read of {len(out)} bytes in {n} ranges in process {self.pid} failed")
 
-    def device_writev(self, pieces: list[tuple[int, memoryview]]) -> None:
-        """Several DMA writes in one foreign call."""
-        data = b"".join(bytes(d) for _a, d in pieces)
-        addrs = (ctypes.c_uint64 * len(pieces))(*[a for a, _d in pieces])
-        lens = (ctypes.c_uint64 * len(pieces))(*[len(d) for _a, d in pieces])
-        if not self.bound or native.lib().vd_dma_many(self.mem, len(pieces), addrs, lens, data, 1) < 0:
-            raise fail(EFAULT, f"DMA write of {len(data)} bytes in {len(pieces)} ranges in process {self.pid} failed")
+    def device_write_ranges(self, addrs: list[int], lens: list[int], data: memoryview) -> None:
+        """Several DMA writes, in order, in one foreign call."""
+        n = len(addrs)
+        a, ln = array.array("Q", addrs), array.array("Q", lens)
+        src = data if not data.readonly else memoryview(bytearray(data))
+        buf = (ctypes.c_char * len(src)).from_buffer(src)
+        if not self.bound or native.lib().vd_dma_many(self.mem, n, a.buffer_info()[0], ln.buffer_info()[0], buf,
+                                                       1) < 0:
+            raise fail(EFAULT, f"DMA write of {len(src)} bytes in {n} ranges in process {self.pid} failed")
 
     def device_write(self, addr: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
         ptr: int | bytes
@@ -359,20 +357,28 @@ class HostMemoryObject:
         else:
             out[:] = np.frombuffer(self.host.device_read(self.vaddr + off, out.size), dtype=np.uint8)
 
-    def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
-        """Several (offset, length) ranges at once: one foreign call."""
+    def read_ranges(self, offs: list[int], lens: list[int], out: memoryview) -> None:
+        """Several ranges at once: one foreign call."""
         mem = self._orphaned()
         if mem is not None:
-            return [mem[off:off + n].tobytes() for off, n in ranges]
-        return self.host.readv([(self.vaddr + off, n) for off, n in ranges])
-
-    def write_many(self, pieces: list[tuple[int, memoryview]]) -> None:
-        mem = self._orphaned()
-        if mem is not None:
-            for off, data in pieces:
-                mem[off:off + len(data)] = np.frombuffer(data, dtype=np.uint8)
+            pos = 0
+            for off, n in zip(offs, lens):
+                out[pos:pos + n] = mem[off:off + n].data
+                pos += n
             return
-        self.host.device_writev([(self.vaddr + off, data) for off, data in pieces])
+        base = self.vaddr
+        self.host.device_read_ranges([base + off for off in offs], lens, out)
+
+    def write_ranges(self, offs: list[int], lens: list[int], data: memoryview) -> None:
+        mem = self._orphaned()
+        if mem is not None:
+            pos = 0
+            for off, n in zip(offs, lens):
+                mem[off:off + n] = np.frombuffer(data[pos:pos + n], dtype=np.uint8)
+                pos += n
+            return
+        base = self.vaddr
+        self.host.device_write_ranges([base + off for off in offs], lens, data)
 
     def write_at(self, off: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
         mem = self._orphaned()

@@ -1,9 +1,10 @@
 """``vfiosim trace summary FILE``: a ``--trace`` file condensed.
 
 A run like QEMU's makes hundreds of thousands of calls, nearly all of them the same
-per-page VFIO_IOMMU_MAP_DMA / UNMAP_DMA over consecutive IOVAs, or config space and
-BAR accesses.  The summary keeps every other call as one line and turns each run of
-those into one line with its count and range, and counts everything.
+per-page VFIO_IOMMU_MAP_DMA / UNMAP_DMA (or iommufd's IOMMU_IOAS_MAP / UNMAP) over
+consecutive IOVAs, or config space and BAR accesses.  The summary keeps every other
+call as one line and turns each run of those into one line with its count and
+range, and counts everything.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ..tracing.format import open_trace
 class HostConversation:
     """vfiosim's trace, condensed."""
     ioctls: collections.Counter[str] = field(default_factory=collections.Counter)
-    page_maps: int = 0                 # MAP_DMA / UNMAP_DMA of one 4 KiB IOMMU page
+    page_maps: int = 0                 # MAP_DMA / UNMAP_DMA (IOAS_MAP / UNMAP) of one 4 KiB IOMMU page
     page_unmaps: int = 0
     window_unmaps: int = 0             # UNMAP_DMA of more than a page (a whole window going away)
     mmio: int = 0
@@ -35,6 +36,7 @@ class HostConversation:
     registered_runs: list[list[int]] = field(default_factory=list)
     iommu_type: int | None = None      # the type VFIO_SET_IOMMU accepted
     map_bytes: int = 0                 # bytes mapped by successful VFIO_IOMMU_MAP_DMA
+    ioas_map_bytes: int = 0            # and by IOMMU_IOAS_MAP
     removed_windows: list[str] = field(default_factory=list)
     default_window: tuple[int, int] | None = None   # (start, size) VFIO_IOMMU_SPAPR_TCE_GET_INFO reported
 
@@ -86,6 +88,11 @@ def _fmt(d: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+#: the per-page calls a run condenses, and the field that holds their length
+_PAGE_CALLS = {"VFIO_IOMMU_MAP_DMA": "size", "VFIO_IOMMU_UNMAP_DMA": "size",
+               "IOMMU_IOAS_MAP": "length", "IOMMU_IOAS_UNMAP": "length"}
+
+
 def summarize_trace(path: str, page_size: int = 4096) -> HostConversation:
     """Count and condense a ``--trace`` file: runs of the same per-page MAP/UNMAP
     become one line, as do config-space and BAR accesses."""
@@ -100,14 +107,16 @@ def summarize_trace(path: str, page_size: int = 4096) -> HostConversation:
         if run_key is None:
             return
         kind = run_key[0]
-        if kind in ("VFIO_IOMMU_MAP_DMA", "VFIO_IOMMU_UNMAP_DMA"):
-            a0 = run_first.get("args") or {}
-            a1 = run_last.get("args") or {}
-            lo, hi = a0.get("iova", 0), a1.get("iova", 0) + a1.get("size", 0)
+        if kind in _PAGE_CALLS:
+            # IOAS_MAP without FIXED_IOVA: the kernel chose the IOVA (out).
+            a0 = {**(run_first.get("args") or {}), **(run_first.get("out") or {})}
+            a1 = {**(run_last.get("args") or {}), **(run_last.get("out") or {})}
+            size = _PAGE_CALLS[kind]
+            lo, hi = a0.get("iova", 0), a1.get("iova", 0) + a1.get(size, 0)
             if run_n == 1:
                 h.steps.append(_step(run_first))
             else:
-                h.steps.append(f"{run_n} x {kind} of one {a0.get('size', 0) // 1024} KiB page each, "
+                h.steps.append(f"{run_n} x {kind} of one {a0.get(size, 0) // 1024} KiB page each, "
                                f"iova {lo:#x}..{hi:#x}")
         elif kind in ("config", "bar", "mmio"):
             what = {"config": "config space read/write", "bar": "BAR read/write",
@@ -133,20 +142,22 @@ def summarize_trace(path: str, page_size: int = 4096) -> HostConversation:
                     h.iommu_type = a.get("arg", a.get("type"))
                 if cmd == "VFIO_IOMMU_MAP_DMA" and ok:
                     h.map_bytes += a.get("size", 0)
+                if cmd == "IOMMU_IOAS_MAP" and ok:
+                    h.ioas_map_bytes += a.get("length", 0)
                 if cmd == "VFIO_IOMMU_SPAPR_TCE_GET_INFO" and ok and h.default_window is None:
                     o = rec.get("out") or {}
                     h.default_window = (o.get("dma32_window_start", a.get("dma32_window_start", 0)),
                                         o.get("dma32_window_size", a.get("dma32_window_size", 0)))
                 if cmd == "VFIO_IOMMU_SPAPR_TCE_REMOVE" and ok:
                     h.removed_windows.append(f"{a.get('start_addr', 0):#x}")
-                if cmd in ("VFIO_IOMMU_MAP_DMA", "VFIO_IOMMU_UNMAP_DMA") and a.get("size") == page_size:
-                    if cmd == "VFIO_IOMMU_MAP_DMA":
+                if cmd in _PAGE_CALLS and a.get(_PAGE_CALLS[cmd]) == page_size:
+                    if cmd in ("VFIO_IOMMU_MAP_DMA", "IOMMU_IOAS_MAP"):
                         h.page_maps += 1
                     else:
                         h.page_unmaps += 1
-                    key = (cmd, "page")
+                    key = (cmd, "page", str(a.get("ioas_id", "")))
                 else:
-                    if cmd == "VFIO_IOMMU_UNMAP_DMA":
+                    if cmd in ("VFIO_IOMMU_UNMAP_DMA", "IOMMU_IOAS_UNMAP"):
                         h.window_unmaps += 1
                     if cmd == "VFIO_IOMMU_SPAPR_TCE_CREATE" and not rec.get("errno"):
                         o = rec.get("out") or {}
@@ -195,11 +206,13 @@ def print_summary(h: HostConversation, out: IO[str]) -> None:
         out.write(f"  {n:9d}  {cmd}\n")
     out.write(f"  {h.config_rw:9d}  config space read/write\n  {h.bar_rw:9d}  BAR read/write\n"
               f"  {h.mmio:9d}  BAR loads/stores (mmio)\n")
-    out.write(f"  MAP_DMA/UNMAP_DMA of one page: {h.page_maps} maps, {h.page_unmaps} unmaps; "
-              f"larger UNMAP_DMA: {h.window_unmaps}\n")
+    out.write(f"  MAP_DMA/UNMAP_DMA (IOAS_MAP/UNMAP) of one page: {h.page_maps} maps, {h.page_unmaps} unmaps; "
+              f"larger unmaps: {h.window_unmaps}\n")
     if h.iommu_type is not None:
         out.write(f"  IOMMU type: {iommu_type_name(h.iommu_type)}; MAP_DMA: {h.ioctls['VFIO_IOMMU_MAP_DMA']} calls, "
                   f"{h.map_bytes:#x} bytes\n")
+    if h.ioctls["IOMMU_IOAS_MAP"]:
+        out.write(f"  iommufd: IOAS_MAP: {h.ioctls['IOMMU_IOAS_MAP']} calls, {h.ioas_map_bytes:#x} bytes\n")
     if h.windows:
         out.write(f"  DMA windows created: {'; '.join(h.windows)}\n")
     if h.registered:

@@ -45,6 +45,8 @@ VFIO_MINOR = 196
 # "vfio-dev" region's dynamic major; the preload shim uses the same numbers.
 IOMMUFD_MISC_MINOR = 123
 VFIO_CDEV_MAJOR = 511
+#: the modules whose /sys/module entries are the simulated kernel's (see _modules)
+MODULES = ("iommufd", "vfio", "vfio_pci", "vfio_pci_core", "vfio_iommu_type1", "vfio_iommu_spapr_tce")
 
 # IORESOURCE_MEM | IORESOURCE_SIZEALIGN, plus PREFETCH / MEM_64 (include/linux/ioport.h)
 _IORESOURCE_MEM = 0x00000200
@@ -205,9 +207,12 @@ class FakeSysfs:
         self._link(os.path.relpath(vdir, "/sys/class/vfio-dev"), f"/sys/class/vfio-dev/vfio{index}")
 
     def _modules(self) -> None:
-        """/sys/module/<name> of the VFIO modules the machine's kernel has loaded:
-        DPDK's EAL checks them (rte_eal_check_module("vfio"), "vfio_pci") before it
-        uses VFIO at all, and reads vfio's enable_unsafe_noiommu_mode."""
+        """/sys/module/<name> of the VFIO modules the machine's kernel has loaded,
+        as its configuration builds them: DPDK's EAL checks them
+        (rte_eal_check_module("vfio"), "vfio_pci") before it uses VFIO at all, and
+        reads vfio's enable_unsafe_noiommu_mode; programs probing for iommufd look
+        for /sys/module/iommufd.  A module without parameters has no parameters/
+        directory (vfio_pci_core's knobs are set by vfio_pci, not module_param)."""
         m = self.machine
         params: dict[str, dict[str, str]] = {
             "vfio": {"enable_unsafe_noiommu_mode": "N"},
@@ -215,18 +220,21 @@ class FakeSysfs:
                          "disable_denylist": "N"},
             "vfio_pci_core": {},
         }
-        if m.platform == "x86":
-            t1 = m.spec.type1
-            params["vfio_iommu_type1"] = {"allow_unsafe_interrupts": "Y" if t1.allow_unsafe_interrupts else "N",
-                                          "disable_hugepages": "N", "dma_entry_limit": str(t1.dma_entry_limit)}
-        else:
-            params["vfio_iommu_spapr_tce"] = {}
+        config = m.kernel.config
+        if config.iommufd:
+            params["iommufd"] = {}                 # a module (=m, as distributions build it); no parameters
+        # The IOMMU backends the platform registered (under "if VFIO_CONTAINER" in Kconfig).
+        for driver in m.kernel.vfio.iommu_drivers:
+            if driver.module:
+                params[driver.module] = driver.module_parameters()
         for name, values in params.items():
-            self._mkdir(f"/sys/module/{name}/parameters")
+            self._mkdir(f"/sys/module/{name}/parameters" if values else f"/sys/module/{name}")
             _write(self.path(f"/sys/module/{name}/initstate"), "live\n")
             for key, value in values.items():
                 _write(self.path(f"/sys/module/{name}/parameters/{key}"), value + "\n")
-            self.prefixes.append(f"/sys/module/{name}")
+        # Every module vfiosim models is the simulated kernel's, present or not:
+        # a host's own vfio_iommu_type1 or iommufd must not show through.
+        self.prefixes += [f"/sys/module/{name}" for name in MODULES]
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

@@ -35,6 +35,7 @@ import struct
 import time
 from typing import IO, TYPE_CHECKING, Any, Callable, TextIO
 
+from ..kernel.config import POWER_PLATFORMS
 from ..tracing import ioctls
 from ..tracing.format import describe_header, make_header, open_trace, simulator_header
 from . import protocol as P
@@ -204,7 +205,7 @@ class Tracer:
             except Exception:
                 pass
             drv = getattr(getattr(container, "iommu_driver", None), "name", "") or ""
-            iommu = "type1" if "type1" in drv or (not drv and self.platform == "x86") else "spapr"
+            iommu = "type1" if "type1" in drv or (not drv and self.platform not in POWER_PLATFORMS) else "spapr"
         name = ioctls.ioctl_label(cmd, rec.get("fd_kind", ""), iommu)
         rec["cmd"] = name
         if name not in ioctls.LAYOUTS:

@@ -111,6 +111,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
     """tce_iommu_driver_ops ("iommu-vfio-powerpc")."""
 
     name = "iommu-vfio-powerpc"
+    module = "vfio_iommu_spapr_tce"
 
     def __init__(self, kernel: "Kernel") -> None:
         self.kernel = kernel

@@ -57,6 +57,7 @@ class Tce310Container:
 
 class SpaprTce310IommuDriver(VfioIommuDriver):
     name = "iommu-vfio-powerpc"
+    module = "vfio_iommu_spapr_tce"
 
     def __init__(self, kernel: "Kernel") -> None:
         self.kernel = kernel

@@ -222,6 +222,7 @@ class Type1IommuDriver(VfioIommuDriver):
     """vfio_iommu_driver_ops_type1 ("vfio-iommu-type1")."""
 
     name = "vfio-iommu-type1"
+    module = "vfio_iommu_type1"
 
     def __init__(self, kernel: "Kernel", *, dma_entry_limit: int = DMA_ENTRY_LIMIT_DEFAULT,
                  allow_unsafe_interrupts: bool = False) -> None:
@@ -237,6 +238,9 @@ class Type1IommuDriver(VfioIommuDriver):
                                                 ("account_locked_vm:vfio_lock_acct", 1),
                                                 ("iommu_map:vfio_iommu_map", 1))
 
+    def module_parameters(self) -> dict[str, str]:
+        return {"allow_unsafe_interrupts": "Y" if self.allow_unsafe_interrupts else "N", "disable_hugepages": "N",
+                "dma_entry_limit": str(self.dma_entry_limit)}
 
     # -- vfio_iommu_driver_ops: open / release ------------------------------------------------
 

@@ -85,6 +85,20 @@ class BusMaster(Protocol):
         checked first (a refusal moves nothing), then the data moves."""
         ...
 
+    def dma_read_burst(self, iovas: Sequence[int], lens: Sequence[int]) -> bytearray:
+        """dma_read_many() into one buffer: the ranges' bytes one after the
+        other, without a Python object per range (a NIC's burst of frames)."""
+        ...
+
+    def dma_write_burst(self, iovas: Sequence[int], lens: Sequence[int], data: bytes | bytearray | memoryview) -> None:
+        """dma_write_many() from one buffer holding the ranges' bytes one after the other."""
+        ...
+
+    def dma_prefetch(self, iovas: Sequence[int], lens: Sequence[int]) -> bytearray | None:
+        """dma_read_burst() if the IOMMU lets every byte through, else None
+        and no fault (nor any other effect): reading ahead."""
+        ...
+
 
 class NoBusMaster:
     """Before a device sits on a platform bus it cannot DMA at all."""
@@ -106,6 +120,18 @@ class NoBusMaster:
     def dma_write_many(self, segments: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
         if segments:
             raise DmaError(segments[0][0], len(segments[0][1]), True, "device is not attached to a bus")
+
+    def dma_read_burst(self, iovas: Sequence[int], lens: Sequence[int]) -> bytearray:
+        if not iovas:
+            return bytearray()
+        raise DmaError(iovas[0], lens[0], False, "device is not attached to a bus")
+
+    def dma_write_burst(self, iovas: Sequence[int], lens: Sequence[int], data: bytes | bytearray | memoryview) -> None:
+        if iovas:
+            raise DmaError(iovas[0], lens[0], True, "device is not attached to a bus")
+
+    def dma_prefetch(self, iovas: Sequence[int], lens: Sequence[int]) -> bytearray | None:
+        return None
 
 
 @dataclass
@@ -157,12 +183,17 @@ class BarMemory:
         for o, size in mmio_accesses(off, len(raw)):
             self.dev.host_mmio_write(self.index, o, size, int.from_bytes(raw[o - off:o - off + size], "little"))
 
-    def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
-        return [self.read_at(off, n) for off, n in ranges]
+    def read_ranges(self, offs: list[int], lens: list[int], out: memoryview) -> None:
+        pos = 0
+        for off, n in zip(offs, lens):
+            out[pos:pos + n] = self.read_at(off, n)
+            pos += n
 
-    def write_many(self, pieces: list[tuple[int, memoryview]]) -> None:
-        for off, data in pieces:
-            self.write_at(off, data)
+    def write_ranges(self, offs: list[int], lens: list[int], data: memoryview) -> None:
+        pos = 0
+        for off, n in zip(offs, lens):
+            self.write_at(off, data[pos:pos + n])
+            pos += n
 
     def __repr__(self) -> str:
         return f"<BarMemory {self.dev.bdf} BAR{self.index} phys={self.phys_base:#x} len={self.length:#x}>"

@@ -29,7 +29,10 @@ has already done its part (an EEH freeze on PowerNV, a DMAR fault on x86).
 
 from __future__ import annotations
 
+import array
+import functools
 import struct
+import sys
 from typing import Callable, Sequence
 
 import numpy as np
@@ -109,6 +112,19 @@ VRING_USED_F_NO_NOTIFY = 1
 DESC_SIZE = 16
 USED_ELEM_SIZE = 8
 DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
+_LITTLE = sys.byteorder == "little"            # the rings are little-endian (VERSION_1)
+_DESC = struct.Struct("<QIHH")
+
+
+@functools.lru_cache(maxsize=None)
+def _descs(n: int) -> struct.Struct:
+    """``n`` consecutive descriptors."""
+    return struct.Struct("<" + "QIHH" * n)
+
+
+@functools.lru_cache(maxsize=None)
+def _u16s(n: int) -> struct.Struct:
+    return struct.Struct(f"<{n}H")
 
 
 class VirtioError(Exception):
@@ -132,6 +148,45 @@ class Chain:
 
     def writable_len(self) -> int:
         return sum(n for _, n in self.writable)
+
+
+class Burst:
+    """The chains the device took from the available ring in one pass.
+
+    When every chain is one descriptor (a NIC's usual case) ``addr``,
+    ``lens`` and ``flags`` are those descriptors' fields, and ``writable``
+    how many are device-writable: the device can move the whole burst in
+    one scatter-gather DMA.  Otherwise ``addr`` is None and :meth:`chains`
+    are the chains walked."""
+
+    __slots__ = ("heads", "addr", "lens", "flags", "writable", "_chains")
+
+    def __init__(self, heads: list[int], addr: list[int] | None = None, lens: list[int] | None = None,
+                 flags: list[int] | None = None, writable: int = 0, chains: list[Chain] | None = None) -> None:
+        self.heads = heads
+        self.addr = addr
+        self.lens = lens if lens is not None else []
+        self.flags = flags if flags is not None else []
+        self.writable = writable
+        self._chains = chains
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def chains(self) -> list[Chain]:
+        if self._chains is None:
+            assert self.addr is not None
+            self._chains = [Chain(h, [], [(a, n)]) if f & VRING_DESC_F_WRITE else Chain(h, [(a, n)], [])
+                            for h, a, n, f in zip(self.heads, self.addr, self.lens, self.flags)]
+        return self._chains
+
+
+def _one_block(ranges: list[tuple[int, int]]) -> bool:
+    """All the ranges are in one naturally aligned 4 KiB block, so inside one
+    IOMMU page (the smallest is 4 KiB): the IOMMU accepts or refuses them
+    all alike, and one scatter-gather DMA is the same as one DMA each."""
+    block = ranges[0][0] >> 12
+    return all(a >> 12 == block and (a + n - 1) >> 12 == block for a, n in ranges)
 
 
 class SplitQueue:
@@ -206,7 +261,10 @@ class SplitQueue:
 
     def pending(self) -> int:
         """How many entries the driver has made available that the device has not taken."""
-        _flags, idx = self.avail_flags_idx()
+        return self._new_entries(self.avail_flags_idx()[1])
+
+    def _new_entries(self, idx: int) -> int:
+        """The entries before the available ring's index ``idx`` not taken yet."""
         n = (idx - self.last_avail) & 0xFFFF
         if n > self.num:
             # QEMU virtqueue_num_heads(): "Guest moved used index from %u to %u".
@@ -217,37 +275,78 @@ class SplitQueue:
     def take(self, limit: int) -> list[Chain]:
         """Take up to ``limit`` available descriptor chains (§2.7.13.2 in
         reverse: what the device does with what the driver made available)."""
-        n = min(self.pending(), limit)
-        if n == 0:
-            return []
+        burst = self.take_burst(limit)
+        return [] if burst is None else burst.chains()
+
+    def take_burst(self, limit: int) -> Burst | None:
+        """take(), as a :class:`Burst`; None when nothing is available.
+
+        The available ring's index, then its new entries and the whole
+        descriptor table (the driver made it available to the device:
+        queue_desc, 16 * queue_size bytes), in that order (§2.7.13.3).
+        Where the IOMMU lets all of the ring and the table through, one
+        scatter-gather DMA reads them ahead; otherwise each read happens
+        as needed, so a bad address faults exactly when that read is made."""
         num = self.num
+        ring_len = 4 + 2 * num
+        bm = self.dev.bus_master
+        raw = bm.dma_prefetch([self.avail, self.desc], [ring_len, DESC_SIZE * num])
+        n = min(self._new_entries(raw[2] | raw[3] << 8) if raw is not None else self.pending(), limit)
+        if n == 0:
+            return None
         start = self.last_avail % num
         first = min(n, num - start)
-        raw = self._read(self.avail + 4 + 2 * start, 2 * first)
+        if raw is None:
+            iovas = [self.avail + 4 + 2 * start, self.desc]
+            lens = [2 * first, DESC_SIZE * num]
+            if first < n:
+                iovas.insert(1, self.avail + 4)
+                lens.insert(1, 2 * (n - first))
+            try:
+                got = bm.dma_read_burst(iovas, lens)
+            except DmaError as exc:
+                raise VirtioError(f"queue {self.index}: {exc}") from None
+            # Laid out as the prefetch is: the ring (only the new entries filled in), then the table.
+            raw = bytearray(ring_len) + got[2 * n:]
+            raw[4 + 2 * start:4 + 2 * (start + first)] = got[:2 * first]
+            raw[4:4 + 2 * (n - first)] = got[2 * first:2 * n]
+        heads = list(_u16s(first).unpack_from(raw, 4 + 2 * start))
         if first < n:
-            raw += self._read(self.avail + 4, 2 * (n - first))
-        heads = struct.unpack(f"<{n}H", raw)
-        # The whole descriptor table in one DMA: the driver made it available
-        # to the device (queue_desc, 16 * queue_size bytes).
-        table = np.frombuffer(self._read(self.desc, DESC_SIZE * num), dtype=DESC_DTYPE)
-        chains: list[Chain] = []
-        if max(heads) < num:
-            mine = table[list(heads)]
-            if not (mine["flags"] & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT)).any():
-                # Every chain is one descriptor (a NIC's usual case): no walk.
-                writable = (mine["flags"] & VRING_DESC_F_WRITE).tolist()
-                for head, addr, length, w in zip(heads, mine["addr"].tolist(), mine["len"].tolist(), writable):
-                    chains.append(Chain(head, [], [(addr, length)]) if w else Chain(head, [(addr, length)], []))
-        if not chains:
+            heads += _u16s(n - first).unpack_from(raw, 4)
+        burst = self._single_descriptors(raw, ring_len, heads)
+        if burst is None:
+            table = np.frombuffer(raw, dtype=DESC_DTYPE, count=num, offset=ring_len)
             addrs = table["addr"].tolist()
             lens = table["len"].tolist()
             flags = table["flags"].tolist()
             nexts = table["next"].tolist()
-            for head in heads:
-                chains.append(self._walk(head, addrs, lens, flags, nexts))
+            burst = Burst(heads, chains=[self._walk(h, addrs, lens, flags, nexts) for h in heads])
         self.last_avail = (self.last_avail + n) & 0xFFFF
         self.chains_taken += n
-        return chains
+        return burst
+
+    def _single_descriptors(self, raw: bytearray, at: int, heads: list[int]) -> Burst | None:
+        """The burst when every chain is one descriptor (a NIC's usual case, no
+        walk), from the descriptor table at ``raw[at:]``; else None."""
+        n = len(heads)
+        h0 = heads[0]
+        if h0 + n <= self.num and heads[-1] == h0 + n - 1 and heads == list(range(h0, h0 + n)):
+            # Consecutive descriptors (a driver that uses its ring in order): one unpack.
+            fields = _descs(n).unpack_from(raw, at + DESC_SIZE * h0)
+            addr, lens, flags = list(fields[0::4]), list(fields[1::4]), list(fields[2::4])
+        else:
+            if max(heads) >= self.num:
+                return None
+            found = [_DESC.unpack_from(raw, at + DESC_SIZE * h) for h in heads]
+            addr, lens, flags = [d[0] for d in found], [d[1] for d in found], [d[2] for d in found]
+        kinds = set(flags)
+        if any(f & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT) for f in kinds):
+            return None
+        writable = 0
+        if any(f & VRING_DESC_F_WRITE for f in kinds):
+            writable = n if all(f & VRING_DESC_F_WRITE for f in kinds) else \
+                sum(1 for f in flags if f & VRING_DESC_F_WRITE)
+        return Burst(heads, addr, lens, flags, writable)
 
     def _walk(self, head: int, addrs: list[int], lens: list[int], flags: list[int], nexts: list[int]) -> Chain:
         """Follow one chain, as QEMU's virtqueue_split_pop(): indices in range,
@@ -360,17 +459,41 @@ class SplitQueue:
     def publish(self, elems: list[tuple[int, int]]) -> None:
         """Put (descriptor head, bytes written) entries in the used ring, then
         advance its ``idx`` (§2.7.8: the entries before the index)."""
-        if not elems:
+        if elems:
+            heads, lens = zip(*elems)
+            self.publish_burst(list(heads), list(lens))
+
+    def publish_burst(self, heads: list[int], lens: list[int]) -> None:
+        """publish() of a burst: the entries, then the index, in one DMA when
+        they share an IOMMU page, else one DMA each, in that order."""
+        n = len(heads)
+        if not n:
             return
         num = self.num
         start = self.used_idx % num
-        packed = struct.pack(f"<{2 * len(elems)}I", *[v for e in elems for v in e])
-        first = min(len(elems), num - start)
-        self._write(self.used + 4 + USED_ELEM_SIZE * start, packed[:USED_ELEM_SIZE * first])
-        if first < len(elems):
-            self._write(self.used + 4, packed[USED_ELEM_SIZE * first:])
-        self.used_idx = (self.used_idx + len(elems)) & 0xFFFF
-        self._write(self.used + 2, struct.pack("<H", self.used_idx))
+        first = min(n, num - start)
+        elems = array.array("I", bytes(USED_ELEM_SIZE * n))
+        elems[0::2] = array.array("I", heads)
+        elems[1::2] = array.array("I", lens)
+        if not _LITTLE:
+            elems.byteswap()
+        used_idx = (self.used_idx + n) & 0xFFFF
+        data = elems.tobytes() + used_idx.to_bytes(2, "little")
+        ranges = [(self.used + 4 + USED_ELEM_SIZE * start, USED_ELEM_SIZE * first)]
+        if first < n:
+            ranges.append((self.used + 4, USED_ELEM_SIZE * (n - first)))
+        ranges.append((self.used + 2, 2))
+        self.used_idx = used_idx
+        if _one_block(ranges):
+            try:
+                self.dev.bus_master.dma_write_burst([a for a, _ in ranges], [ln for _, ln in ranges], data)
+            except DmaError as exc:
+                raise VirtioError(f"queue {self.index}: {exc}") from None
+            return
+        pos = 0
+        for addr, ln in ranges:
+            self._write(addr, data[pos:pos + ln])
+            pos += ln
 
     def set_notify(self, enabled: bool) -> None:
         """VRING_USED_F_NO_NOTIFY (§2.7.10): whether the driver should notify

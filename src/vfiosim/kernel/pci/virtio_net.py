@@ -26,10 +26,12 @@ never has to notify it.
 
 from __future__ import annotations
 
+import operator
 import struct
 
-from .net_backends import Loopback, NetBackend, backend_from_spec
-from .virtio import VIRTIO_F_INDIRECT_DESC, Chain, SplitQueue, VirtioError, VirtioPciDevice
+from .device import DmaError
+from .net_backends import Frames, Loopback, NetBackend, backend_from_spec, receive_frames, transmit_frames
+from .virtio import VIRTIO_F_INDIRECT_DESC, Burst, Chain, SplitQueue, VirtioError, VirtioPciDevice
 
 VIRTIO_ID_NET = 1
 PCI_CLASS_NETWORK_ETHERNET = 0x020000
@@ -168,30 +170,52 @@ class VirtioNet(VirtioPciDevice):
             return False
         stats = self.stats
         while True:
-            chains = q.take(BURST)
-            if not chains:
+            burst = q.take_burst(BURST)
+            if burst is None:
                 return False
-            stalled = False
+            frames = self._tx_frames(q, burst)
+            taken = transmit_frames(self.backend, frames)
+            if taken < len(burst):
+                q.unget(len(burst) - taken)
+            stats["tx_frames"] += taken
+            stats["tx_bytes"] += sum(frames.lens[:taken])
+            if taken:
+                q.publish_burst(burst.heads[:taken], [0] * taken)
+                self.notify_queue(q)
+            if taken < len(burst):
+                return True
+            if len(burst) < BURST:
+                # All the driver had made available when it notified: anything it adds
+                # later it notifies again (VRING_USED_F_NO_NOTIFY is never set here).
+                return False
+
+    def _tx_frames(self, q: SplitQueue, burst: Burst) -> Frames:
+        """The frames of a transmit burst, each after room for the header it
+        will have when received (so a loopback can hand them on as they are)."""
+        if burst.addr is not None:
+            if burst.writable:
+                raise VirtioError("virtio-net header not in first element")
+            try:
+                data = self.bus_master.dma_read_burst(burst.addr, burst.lens)
+            except DmaError as exc:
+                raise VirtioError(f"queue {q.index}: {exc}") from None
+            if min(burst.lens) < VIRTIO_NET_HDR_LEN:
+                short = next(n for n in burst.lens if n < VIRTIO_NET_HDR_LEN)
+                raise VirtioError(f"virtio-net header incorrect: {short} bytes")
+            frames = Frames(data, [n - VIRTIO_NET_HDR_LEN for n in burst.lens], VIRTIO_NET_HDR_LEN)
+        else:
+            chains = burst.chains()
             for chain in chains:
                 if not chain.readable:
                     raise VirtioError("virtio-net header not in first element")
-            frames = []
-            for data in q.gather_many(chains):
-                if len(data) < VIRTIO_NET_HDR_LEN:
-                    raise VirtioError(f"virtio-net header incorrect: {len(data)} bytes")
-                frames.append(data[VIRTIO_NET_HDR_LEN:])
-            taken = self.backend.transmit_many(frames)
-            if taken < len(chains):
-                q.unget(len(chains) - taken)
-                stalled = True
-            stats["tx_frames"] += taken
-            stats["tx_bytes"] += sum(map(len, frames[:taken]))
-            done = [(c.head, 0) for c in chains[:taken]]
-            q.publish(done)
-            if done:
-                self.notify_queue(q)
-            if stalled:
-                return True
+            parts = []
+            for chain_data in q.gather_many(chains):
+                if len(chain_data) < VIRTIO_NET_HDR_LEN:
+                    raise VirtioError(f"virtio-net header incorrect: {len(chain_data)} bytes")
+                parts.append(chain_data[VIRTIO_NET_HDR_LEN:])
+            frames = Frames.pack(parts, VIRTIO_NET_HDR_LEN)
+        frames.fill_room(RX_HEADER)
+        return frames
 
     def _accepts(self, frame: bytes) -> bool:
         """receive_filter(): promiscuous, broadcast, (all-)multicast, our address, the MAC table."""
@@ -211,49 +235,74 @@ class VirtioNet(VirtioPciDevice):
         if not q.ready or not self.driver_ok:
             return 0
         backend = self.backend
-        stats = self.stats
         delivered = 0
         while backend.pending():
-            chains = q.take(min(backend.pending(), BURST))
-            if not chains:
+            burst = q.take_burst(min(backend.pending(), BURST))
+            if burst is None:
                 # No buffers: ask the driver to notify when it posts some, then look
                 # again, as it may have posted them before it saw the flag.
                 q.set_notify(True)
-                chains = q.take(min(backend.pending(), BURST))
-                if not chains:
+                burst = q.take_burst(min(backend.pending(), BURST))
+                if burst is None:
                     return delivered
-            done: list[tuple[int, int]] = []
-            writes: list[tuple[Chain, bytes]] = []
-            for i, chain in enumerate(chains):
-                if not backend.pending():
-                    q.unget(len(chains) - i)
-                    break
-                if not chain.writable:
-                    raise VirtioError("virtio-net receive queue contains no in buffers")
-                frame = backend.pop()
-                if not self._accepts(frame):
-                    stats["rx_filtered"] += 1
-                    q.unget(len(chains) - i)
-                    break
-                if chain.writable_len() < VIRTIO_NET_HDR_LEN + len(frame):
-                    # Without mergeable buffers a frame must fit one chain: QEMU gives the
-                    # buffer back and drops the frame.
-                    stats["rx_dropped"] += 1
-                    self.log(f"virtio-net {self.bdf}: dropped a {len(frame)}-byte frame: receive buffer of "
-                             f"{chain.writable_len()} bytes is too small")
-                    q.unget(len(chains) - i)
-                    break
-                writes.append((chain, RX_HEADER + frame))
-                done.append((chain.head, VIRTIO_NET_HDR_LEN + len(frame)))
-            q.scatter_many(writes)
-            stats["rx_frames"] += len(writes)
-            stats["rx_bytes"] += sum(n for _, n in done) - VIRTIO_NET_HDR_LEN * len(done)
-            q.publish(done)
-            delivered += len(done)
-            if done:
-                self.notify_queue(q)
+            frames = receive_frames(backend, len(burst), VIRTIO_NET_HDR_LEN)
+            n = len(frames)
+            written = [f + VIRTIO_NET_HDR_LEN for f in frames.lens]
+            if burst.addr is not None and self.promisc and burst.writable == len(burst) \
+                    and all(map(operator.le, written, burst.lens)):
+                # Every frame fits its buffer: all of them, each after its header, in
+                # one scatter-gather DMA.
+                if n < len(burst):
+                    q.unget(len(burst) - n)
+                frames.fill_room(RX_HEADER)
+                try:
+                    self.bus_master.dma_write_burst(burst.addr[:n], written, frames.data)
+                except DmaError as exc:
+                    raise VirtioError(f"queue {q.index}: {exc}") from None
+                self._delivered(q, burst.heads[:n], written)
+                delivered += n
+            else:
+                delivered += self._receive_one_by_one(q, burst.chains(), frames.tolist())
         q.set_notify(False)
         return delivered
+
+    def _receive_one_by_one(self, q: SplitQueue, chains: list[Chain], frames: list[bytes]) -> int:
+        """Each frame in turn into the next chain: a frame the filter refuses, or
+        too large for the chain, is dropped and the chain keeps for the next one.
+        Returns the frames delivered."""
+        stats = self.stats
+        done: list[tuple[int, int]] = []
+        writes: list[tuple[Chain, bytes]] = []
+        i = 0
+        for frame in frames:
+            chain = chains[i]
+            if not chain.writable:
+                raise VirtioError("virtio-net receive queue contains no in buffers")
+            if not self._accepts(frame):
+                stats["rx_filtered"] += 1
+                continue
+            if chain.writable_len() < VIRTIO_NET_HDR_LEN + len(frame):
+                # Without mergeable buffers a frame must fit one chain: QEMU gives the
+                # buffer back and drops the frame.
+                stats["rx_dropped"] += 1
+                self.log(f"virtio-net {self.bdf}: dropped a {len(frame)}-byte frame: receive buffer of "
+                         f"{chain.writable_len()} bytes is too small")
+                continue
+            writes.append((chain, RX_HEADER + frame))
+            done.append((chain.head, VIRTIO_NET_HDR_LEN + len(frame)))
+            i += 1
+        q.unget(len(chains) - i)
+        q.scatter_many(writes)
+        if done:
+            heads, written = zip(*done)
+            self._delivered(q, list(heads), list(written))
+        return len(done)
+
+    def _delivered(self, q: SplitQueue, heads: list[int], written: list[int]) -> None:
+        self.stats["rx_frames"] += len(heads)
+        self.stats["rx_bytes"] += sum(written) - VIRTIO_NET_HDR_LEN * len(heads)
+        q.publish_burst(heads, written)
+        self.notify_queue(q)
 
     def _control(self) -> None:
         """virtio_net_handle_ctrl(): a class/command header and its data, one ack byte back."""

@@ -56,7 +56,11 @@ class Platform:
 
     def describe(self) -> dict[str, Any]:
         """The platform's part of the topology: ``pes`` and, where it has
-        them, ``iommu_units`` (plain data)."""
+        them, ``iommu_units`` (plain data).  Each unit has at least ``name``,
+        ``model``, ``page_sizes`` (a bitmap), ``domains`` (each with ``id``,
+        ``groups`` and ``mapped_bytes``) and ``faults`` (a count): what
+        `vfiosim topology` prints of a unit it does not know (VT-d, model
+        ``intel-iommu``, says more)."""
         return {"pes": [pe.describe() for pe in self.pes]}
 
     def describe_group(self, group: "IommuGroup") -> dict[str, Any]:

@@ -13,11 +13,11 @@ an EEH freeze).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..dma import DmaFault, IommuBusMaster, Run, Translation, TranslationCache
+from ..dma import DmaFault, IommuBusMaster, Pieces, Run, Translation, TranslationCache
 from ..iommu.table_group import TableGroup
 from ..iommu.tce import TCE_PCI_READ, TCE_PCI_WRITE, TceStorage
 from ..mm import PhysicalMemory
@@ -132,6 +132,15 @@ class Pe(ABC):
     def dma_fault(self, fault: DmaFault, write: bool) -> None:
         """The IOMMU refused a transfer; platforms decide what that does."""
         self.dma_faults += 1
+
+    def translate_in_window(self, storage: TceStorage, bus_start: int, bus_end: int, page_shift: int,
+                            iovas: Sequence[int], lens: Sequence[int], write: bool) -> Pieces | None:
+        """translate_burst() of ranges of one window, through the TCE cache."""
+        def window_page(iova: int, length: int, write: bool) -> Translation:
+            if bus_start <= iova and iova + length <= bus_end:
+                return Pe.translate(self, iova, length, write)
+            return DmaFault(iova, "outside the window")
+        return self.tce_cache.translate_burst(storage, iovas, lens, write, window_page, page_shift)
 
     def translate(self, iova: int, length: int, write: bool) -> Translation:
         found = self.lookup_tces(iova, length)

@@ -14,13 +14,13 @@ needs, makes the PHB freeze the PE (EEH).
 from __future__ import annotations
 
 from errno import EINVAL, ENOMEM
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from ..errors import KernelBug, fail
 from ..faults import OPAL_HARDWARE
-from ..dma import DmaFault, Translation
+from ..dma import DmaFault, Pieces, Translation
 from ..iommu.table_group import TableGroup
 from ..iommu.tce import TCE_PCI_READ, TCE_PCI_WRITE, IommuTable, TableOps, XchgResult, direction_to_perm
 from ..mm import PhysicalMemory
@@ -321,6 +321,14 @@ class PnvPe(Pe):
         if tbl is None:
             return super().translate(iova, length, write)
         return self.tce_cache.translate(tbl.entries, iova, length, write, super().translate, tbl.it_page_shift)
+
+    def translate_burst(self, iovas: Sequence[int], lens: Sequence[int], write: bool) -> Pieces | None:
+        """translate() of a burst, through the PHB's TCE cache."""
+        tbl = self.tve[1 if iovas[0] & TCE_BYPASS_BASE else 0]
+        if tbl is None:
+            return None
+        return self.translate_in_window(tbl.entries, tbl.bus_start, tbl.bus_end, tbl.it_page_shift, iovas, lens,
+                                        write)
 
     def lookup_tces(self, iova: int, length: int) -> TceLookup | DmaFault:
         num = 1 if iova & TCE_BYPASS_BASE else 0

@@ -44,14 +44,14 @@ with the 6.13 kmemleak fix's ``.free`` op, whose create path is the same):
 from __future__ import annotations
 
 from errno import EINVAL, ENODEV, ENOMEM, EPERM
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from ..deviations import deviation
 from ..errors import fail
 from ..faults import H_HARDWARE, RTAS_HARDWARE_ERROR
-from ..dma import DmaFault, Translation
+from ..dma import DmaFault, Pieces, Translation
 from ..iommu.table_group import TableGroup
 from ..iommu.tce import IOMMU_PAGE_SHIFT_4K, IommuTable, TableOps, TceStorage, XchgResult, direction_to_perm
 from ..mm import PhysicalMemory
@@ -566,6 +566,14 @@ class PseriesPe(Pe):
         if t is None:
             return super().translate(iova, length, write)
         return self.tce_cache.translate(t.entries, iova, length, write, super().translate, t.page_shift)
+
+    def translate_burst(self, iovas: Sequence[int], lens: Sequence[int], write: bool) -> Pieces | None:
+        """translate() of a burst, through the TCE cache."""
+        t = self.hv.lookup(iovas[0])
+        if t is None:
+            return None
+        return self.translate_in_window(t.entries, t.bus_offset, t.bus_offset + (t.nb_table << t.page_shift),
+                                        t.page_shift, iovas, lens, write)
 
     def lookup_tces(self, iova: int, length: int) -> TceLookup | DmaFault:
         t = self.hv.lookup(iova)

@@ -34,9 +34,9 @@ import itertools
 from dataclasses import dataclass
 from errno import EFAULT, EINVAL, ENOMEM, EOPNOTSUPP
 from itertools import count
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from ..dma import DmaFault, IommuBusMaster, Run, TranslationCache
+from ..dma import DmaFault, IommuBusMaster, Pieces, Run, TranslationCache
 from ..errors import KernelBug, fail
 from ..iommu.iommu import (IOMMU_CAP_CACHE_COHERENCY, IOMMU_CAP_DEFERRED_FLUSH, IOMMU_CAP_DIRTY_TRACKING,
                            IOMMU_CAP_ENFORCE_CACHE_COHERENCY, IOMMU_DIRTY_NO_CLEAR, IOMMU_DOMAIN_BLOCKED,
@@ -555,6 +555,14 @@ class VtdContext:
         if write and domain.dirty_tracking and isinstance(runs, list):
             domain.mark_dirty(iova, length)
         return runs
+
+    def translate_burst(self, iovas: Sequence[int], lens: Sequence[int], write: bool) -> Pieces | None:
+        """translate() of a burst, through the IOTLB.  A write while dirty
+        tracking is on goes range by range, which sets the dirty bits."""
+        domain = self.domain
+        if domain.type != IOMMU_DOMAIN_PAGING or (write and domain.dirty_tracking):
+            return None
+        return self.iotlb.translate_burst(domain, iovas, lens, write, self._walk, 12)
 
     def _walk(self, iova: int, length: int, write: bool) -> list[Run] | DmaFault:
         return self.domain.walk(iova, length, write, self.unit.phys)

@@ -23,6 +23,12 @@ class VfioIommuDriver:
     """Base class of IOMMU backends (vfio_iommu_driver_ops)."""
 
     name = "vfio-iommu"
+    # The module that registers it: /sys/module/<module> (not part of the kernel interface).
+    module = ""
+
+    def module_parameters(self) -> dict[str, str]:
+        """Its module's parameters as /sys/module/<module>/parameters shows them."""
+        return {}
 
     def open(self, arg: int, current: "Task") -> Any:
         """Create the backend's per-container data for IOMMU type ``arg``."""

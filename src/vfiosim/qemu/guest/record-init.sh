@@ -29,7 +29,14 @@ while IFS='|' read -r name cmd; do
     echo "vfiosim-guest: scenario $name exit $status"
 done < /etc/scenarios
 
+# What the kernel said of it (its warnings too), for the console log.
+dmesg | grep -E "WARNING|Call Trace|vfio|iommu|PE#|TCE|EEH" | tail -n 60 | while read -r line; do
+    echo "vfiosim-guest: dmesg: $line"
+done
+
 out=$(cat /etc/out-tty)
+# Where the console is the only line out (powernv), nothing else may write to it now.
+dmesg -n 1
 stty -F $out raw -echo 2>/dev/null
 cd /traces
 {
