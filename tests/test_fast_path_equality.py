@@ -850,3 +850,24 @@ def test_read_only_memory(config):
     t.fast_taken(map_at(start, buf(1, k=2), size=page, flags=1))
     t.fast_taken(unmap_at(start, size=page))
     assert t.general_only(map_at(start, buf(1, k=2), size=page, flags=2))[1] == "EFAULT"
+
+
+def test_type1_unmap_after_the_mapping_process_exited():
+    """A forked child unmaps what its parent mapped after the parent exited:
+    the pages are unpinned, and the refund goes with the dead mm (the
+    child's locked_vm is untouched), on the fast path as on the general."""
+    t = Twins("type1v2")
+    t.step(lambda s: s.spawn(0, 1 << 30))
+    t.fast_taken(map_at(0x100000, buf(0), size=2 * 4096))
+
+    def fork_and_exit(s: Side) -> None:
+        parent = s.procs[0]
+        child = parent["p"].fork()
+        s.procs.append({"p": child, "bufs": list(parent["bufs"]), "container": parent["container"],
+                        "group": parent["group"]})
+        parent["p"].exit()
+    t.step(fork_and_exit)
+    assert t.fast.m.pinned_pages() == 2
+    assert t.fast_taken(unmap_at(0x100000, size=2 * 4096, proc=1)) == ("ok", (0, 2 * 4096))
+    assert t.fast.m.pinned_pages() == 0
+    assert t.fast.procs[1]["p"].status()["VmLck"] == 0
