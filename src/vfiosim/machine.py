@@ -42,6 +42,8 @@ PRESET_ALIASES = {"default": "powernv", "powernv9": "powernv", "q35": "x86"}
 MACHINE_ENV = "VFIOSIM_MACHINE"
 KERNEL_ENV = "VFIOSIM_KERNEL"
 PAGE_SIZE_ENV = "VFIOSIM_PAGE_SIZE"
+# "0" turns the kernel's fast paths for small maps off (to compare, or to rule them out).
+FAST_PATHS_ENV = "VFIOSIM_FAST_PATHS"
 PAGE_SIZES = (4096, 65536)
 
 
@@ -99,6 +101,7 @@ class Machine:
                                     legacy=not profile.iommufd)
         self.kernel = Kernel(page_size, profile, config)
         self.kernel.iommufd_allow_unsafe_interrupts = spec.iommufd_allow_unsafe_interrupts
+        self.kernel.fast_paths = os.environ.get(FAST_PATHS_ENV, "1") != "0"
         # The big kernel lock and the internal errors recorded, both the syscall gate's.
         self._lock = self.kernel.gate.lock
         self.oopses: list[str] = self.kernel.gate.oopses
@@ -153,6 +156,17 @@ class Machine:
     @property
     def page_size(self) -> int:
         return self.kernel.page_size
+
+    @property
+    def fast_paths(self) -> bool:
+        """Whether the IOMMU drivers take their fast paths for small maps
+        (MAP_DMA/UNMAP_DMA of a page or a few), which behave exactly as the
+        general path does; on unless ``$VFIOSIM_FAST_PATHS`` is 0."""
+        return self.kernel.fast_paths
+
+    @fast_paths.setter
+    def fast_paths(self, on: bool) -> None:
+        self.kernel.fast_paths = on
 
     @property
     def kernel_version(self) -> str:

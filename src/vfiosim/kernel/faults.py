@@ -122,6 +122,19 @@ H_HARDWARE = -1            # PAPR hcall status (arch/powerpc/include/asm/hvcall.
 RTAS_HARDWARE_ERROR = -1  # RTAS status word
 
 
+class EventBundle:
+    """Events a fast path consults together each time it runs, when nothing is
+    armed (so that consulting them is only counting): (site, events) pairs,
+    counted with one increment of ``times``.  FaultInjector.counts adds them
+    in when it is read, so the counts are what consulting each would give."""
+
+    __slots__ = ("events", "times")
+
+    def __init__(self, events: tuple[tuple[str, int], ...]) -> None:
+        self.events = events
+        self.times = 0
+
+
 class FaultInjector:
     """``fail_nth`` for the simulated kernel (``kernel.faults``, ``machine.faults``)."""
 
@@ -129,8 +142,26 @@ class FaultInjector:
         self._log = log
         self._left: int | None = None         # events to let pass, plus one (the failing one)
         self._filter: tuple[str, ...] | None = None
-        self.counts: Counter[str] = Counter()  # events consulted per site, since reset_counts()
+        self.armed = False                     # a failure is pending (_left is set)
+        self._counts: Counter[str] = Counter()  # events consulted per site, since reset_counts()
+        self._bundles: list[EventBundle] = []
         self.fired: list[str] = []             # sites that failed, in order
+
+    @property
+    def counts(self) -> Counter[str]:
+        """Events consulted per site, since reset_counts()."""
+        for b in self._bundles:
+            if b.times:
+                for site, events in b.events:
+                    self._counts[site] += events * b.times
+                b.times = 0
+        return self._counts
+
+    def bundle(self, *events: tuple[str, int]) -> EventBundle:
+        """An EventBundle of (site, events) pairs, for a fast path of this kernel."""
+        b = EventBundle(events)
+        self._bundles.append(b)
+        return b
 
     # -- arming ------------------------------------------------------------------------
 
@@ -148,17 +179,17 @@ class FaultInjector:
                                      f"sites: vfiosim.kernel.faults.SITES")
         self._left = n
         self._filter = names
+        self.armed = True
 
     def disarm(self) -> None:
         self._left = None
         self._filter = None
-
-    @property
-    def armed(self) -> bool:
-        return self._left is not None
+        self.armed = False
 
     def reset_counts(self) -> None:
-        self.counts.clear()
+        self._counts.clear()
+        for b in self._bundles:
+            b.times = 0
 
     def count(self, sites: str | Iterable[str] | None = None) -> int:
         """Events consulted (since reset_counts()) at sites matching ``sites``."""
@@ -178,15 +209,16 @@ class FaultInjector:
             return 0
         left = self._left
         if left is None or not self._match(site, self._filter):
-            self.counts[site] += events
+            self._counts[site] += events
             return events
         if left > events:
             self._left = left - events
-            self.counts[site] += events
+            self._counts[site] += events
             return events
-        self.counts[site] += left
+        self._counts[site] += left
         self._left = None
         self._filter = None
+        self.armed = False
         self.fired.append(site)
         if self._log is not None:
             self._log(f"FAULT_INJECTION: forcing a failure. ({site}: {SITES.get(site, '')})")

@@ -130,6 +130,11 @@ class Kernel:
         # iommufd's module parameter allow_unsafe_interrupts; pr_info_once state.
         self.iommufd_allow_unsafe_interrupts = False
         self.iommufd_compat_announced = False
+        # Whether the IOMMU drivers may take their fast paths for small maps:
+        # straight-line code for the common case, observably identical to the
+        # general path (tests/test_fast_path_equality.py).  Off, every call
+        # takes the general path (VFIOSIM_FAST_PATHS=0, Machine.fast_paths).
+        self.fast_paths = True
         self.phys.oom_killer = self._oom_kill
         self.vfio = Vfio(self, profile.vfio)
         self.dev_nodes: dict[str, DeviceNode] = {}

@@ -46,6 +46,7 @@ PROT_READ = 1
 PROT_WRITE = 2
 PROT_EXEC = 4
 _PROT_ALL = PROT_READ | PROT_WRITE | PROT_EXEC
+_PROT_RW = PROT_READ | PROT_WRITE
 
 # Where anonymous mmaps start (grows upwards) and where the in-process ioctl
 # argument buffer is mapped while a call runs.  Both are far from 0 so that
@@ -138,7 +139,7 @@ class MemoryObject:
     pinned; None for memory that is not RAM (the in-process API's ioctl
     argument buffers)."""
 
-    __slots__ = ("phys_base", "length", "data", "page_shift", "compound_shift",
+    __slots__ = ("phys_base", "length", "data", "view", "page_shift", "compound_shift",
                  "populated", "pincount", "pins", "users", "pinnable", "owner", "unmapped")
 
     def __init__(self, phys_base: int, data: np.ndarray, page_shift: int,
@@ -146,6 +147,7 @@ class MemoryObject:
         self.phys_base = phys_base
         self.length = int(data.shape[0])
         self.data = data
+        self.view = data.data      # the same bytes: small copies through it cost less
         self.page_shift = page_shift
         # The size of the (compound) page backing this memory: what
         # tce_page_is_contained() compares the IOMMU page size against.
@@ -418,7 +420,7 @@ class PhysicalMemory:
         """Drop one pin on each of pages [p0, p0+n) of ``obj`` (one page in
         scalar operations, more with slice operations)."""
         if n == 1:
-            count = obj.pincount[p0]
+            count = obj.pincount.item(p0)
             if count <= 0:
                 raise KernelBug(f"page pin count below zero in {obj!r}")
             obj.pincount[p0] = count - 1
@@ -430,7 +432,8 @@ class PhysicalMemory:
         obj.pins -= n
         if obj.unmapped is not None:
             obj.unpinned(p0, n)
-        self.release_if_unused(obj)
+        if not obj.pins and not obj.users:
+            self.release_if_unused(obj)
 
     def _unpin_run(self, run: Progression) -> bool:
         """Unpin consecutive kernel pages of one object; False (nothing done)
@@ -448,12 +451,15 @@ class PhysicalMemory:
 
     def unpin_range(self, hpa: int, pages: int) -> None:
         """Drop one pin on each of ``pages`` consecutive pages from ``hpa``."""
-        found = self.lookup(hpa)
-        if found is not None and found[0].page_shift == self.page_shift and \
-                found[1] + ((pages - 1) << self.page_shift) < found[0].length:
-            self._unpin_pages(found[0], found[1] >> self.page_shift, pages)
-        else:
-            self.unpin(Progression(hpa, self.page_size, pages))
+        i = bisect.bisect_right(self._bases, hpa) - 1      # lookup(), for RAM
+        if i >= 0:
+            obj = self._objs[i]
+            off = hpa - obj.phys_base
+            shift = self.page_shift
+            if obj.page_shift == shift and off + ((pages - 1) << shift) < obj.length:
+                self._unpin_pages(obj, off >> shift, pages)
+                return
+        self.unpin(Progression(hpa, self.page_size, pages))
 
     def unpin(self, hpas: "np.ndarray | list[int] | Progression") -> None:
         """Drop one pin on the page holding each physical address."""
@@ -627,6 +633,7 @@ class PinResult:
 
 
 _NO_BYTES = np.zeros(0, dtype=np.uint8)
+_NO_VIEW = _NO_BYTES.data
 
 
 def _data(vma: Vma) -> np.ndarray:
@@ -687,6 +694,20 @@ class AddressSpace(ABC):
     @abstractmethod
     def pin_pages_longterm(self, start: int, npages: int, write: bool) -> "PinResult":
         """pin_user_pages_remote(FOLL_LONGTERM) of consecutive pages (Type1)."""
+
+    def pin_fast(self, start: int, npages: int, write: bool,
+                 longterm: bool) -> "tuple[int, int | None, int | None] | None":
+        """The usual case of pin_pages_longterm() (``longterm``) or of
+        pin_range() (not): ``npages`` consecutive pages inside one mapping,
+        physically contiguous, every one of which pins without a fault that
+        could fail.  Pins them exactly as those do and returns (host physical
+        address of the first page, how many of them another pin held
+        already, how many are mlock'ed as count_mlocked_pages() counts them;
+        either count None where it is not known); for anything else returns
+        None having changed nothing, and the caller takes the general pin,
+        which says what is wrong.  The drivers' fast paths for small maps use
+        it.  This default has no fast pin."""
+        return None
 
     @abstractmethod
     def count_mlocked_pages(self, start: int, length: int) -> int:
@@ -1039,16 +1060,17 @@ class MM(AddressSpace):
 
     def read(self, addr: int, n: int) -> bytes:
         """Read user memory; EFAULT if any byte is unmapped or unreadable."""
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0 and n > 0:             # the usual case: inside one memory mapping
+            vma = self._vmas[i]
+            if addr + n <= vma.end and vma.prot & _PROT_RW and vma.kind != "pfnmap":
+                off = vma.pgoff + (addr - vma.start)
+                obj: MemoryObject = vma.obj      # type: ignore[assignment]  # an MM maps MemoryObjects
+                return obj.view[off:off + n].tobytes()
         if n <= 0 or addr < 0:
             if n == 0:
                 return b""
             raise fail(EFAULT, f"bad address range {addr:#x}+{n:#x}")
-        i = bisect.bisect_right(self._starts, addr) - 1
-        if i >= 0:                       # the usual case: inside one memory mapping
-            vma = self._vmas[i]
-            if addr + n <= vma.end and vma.prot & (PROT_READ | PROT_WRITE) and vma.kind != "pfnmap":
-                off = vma.pgoff + (addr - vma.start)
-                return cast(MemoryObject, vma.obj).data[off:off + n].tobytes()
         return b"".join(_mmio_read(v, o, ln) if v.kind == "pfnmap" else _data(v)[o:o + ln].tobytes()
                         for v, o, ln in self._segments(addr, n, write=False))
 
@@ -1056,6 +1078,23 @@ class MM(AddressSpace):
         """copy_to_user(): EFAULT (writing nothing) if any byte is not
         writable, or if a page it needs finds no free RAM (the kernel's fault
         fails: VM_FAULT_OOM, fixed up as a short copy)."""
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0 and type(data) is bytes and data:
+            # The usual case (an ioctl's write-back): bytes inside one writable
+            # memory mapping whose pages are present; nothing to fault in.
+            vma = self._vmas[i]
+            n = len(data)
+            if addr + n <= vma.end and vma.prot & PROT_WRITE and vma.kind != "pfnmap":
+                obj: MemoryObject = vma.obj      # type: ignore[assignment]  # an MM maps MemoryObjects
+                off = vma.pgoff + (addr - vma.start)
+                if vma.kind == "anon":
+                    p0, p1 = off >> obj.page_shift, (off + n - 1) >> obj.page_shift
+                    present = obj.populated[p0] if p0 == p1 else obj.populated[p0:p1 + 1].all()
+                else:
+                    present = True
+                if present:
+                    obj.view[off:off + n] = data
+                    return
         self._store(addr, data, None)
 
     def store(self, addr: int, data: bytes | bytearray | memoryview, current: "Task") -> None:
@@ -1133,6 +1172,7 @@ class MM(AddressSpace):
             vma = self._arg_vma = Vma(ARG_BASE, ARG_BASE + n, PROT_READ, obj, 0, kind="arg")
         obj = cast(MemoryObject, vma.obj)
         obj.data = np.frombuffer(mv, dtype=np.uint8)
+        obj.view = mv
         obj.length = n
         vma.end = ARG_BASE + n
         vma.prot = PROT_READ if mv.readonly else PROT_READ | PROT_WRITE
@@ -1144,7 +1184,9 @@ class MM(AddressSpace):
         if vma is not None and not self.dead:          # (exit during the call took every mapping)
             self._unlink(vma)
             self._args -= 1
-            cast(MemoryObject, vma.obj).data = _NO_BYTES        # let go of the caller's buffer
+            obj = cast(MemoryObject, vma.obj)
+            obj.data = _NO_BYTES                                 # let go of the caller's buffer
+            obj.view = _NO_VIEW
 
     # -- pinning (pin_user_pages_fast) -----------------------------------------
 
@@ -1435,6 +1477,49 @@ class MM(AddressSpace):
         res.repinned = int(repinned)
         return res
 
+    def pin_fast(self, start: int, npages: int, write: bool,
+                 longterm: bool) -> tuple[int, int | None, int | None] | None:
+        """AddressSpace.pin_fast(): the pages of one VMA that pin_pages_longterm()
+        or pin_range() would pin all of.  The checks are theirs: a pinnable
+        VMA with the access (GUP's EFAULT otherwise); pages faulted in for a
+        write pin, and for a long-term read pin, which unshares the zero page
+        (ENOMEM when RAM runs out, which is the general pin's to report); a
+        short-term read pin of a read-only VMA only of present pages.  What
+        is skipped is only the PinResult and the walk over several VMAs."""
+        vma = self.find_vma(start)
+        if vma is None or not vma.obj.pinnable:
+            return None
+        prot = vma.prot
+        if not (prot & PROT_WRITE if write else prot & (PROT_READ | PROT_WRITE)):
+            return None
+        shift = self.page_shift
+        if start + (npages << shift) > vma.end:
+            return None
+        obj = cast(MemoryObject, vma.obj)
+        first = (vma.pgoff + (start - vma.start)) >> shift
+        if write or longterm:
+            if npages == 1:
+                if not obj.populated[first]:
+                    if not obj.fault_in(first, 1):
+                        return None
+            elif obj.fault_in(first, npages, dry_run=True) < npages:
+                return None
+            else:
+                obj.fault_in(first, npages)
+        elif not prot & PROT_WRITE and not obj.populated[first:first + npages].all():
+            return None
+        pincount = obj.pincount
+        if npages == 1:
+            count = pincount.item(first)
+            repinned = int(count > 0)
+            pincount[first] = count + 1
+        else:
+            seg = pincount[first:first + npages]
+            repinned = int(np.count_nonzero(seg)) if obj.pins else 0
+            seg += 1
+        obj.pins += npages
+        return obj.phys_base + (first << shift), repinned, npages if vma.locked else 0
+
 
 def _copy_present(src: MemoryObject, dst: MemoryObject) -> None:
     """Copy the present pages of ``src`` into ``dst`` (the rest reads as zeros
@@ -1499,10 +1584,11 @@ def account_locked_vm(mm: AddressSpace | None, pages: int, inc: bool, current: "
                                    f"over RLIMIT_MEMLOCK {current.rlimit_memlock_soft()} bytes")
         mm.locked_vm += pages
     else:
-        _refund(mm, pages)
+        refund_locked_vm(mm, pages)
 
 
-def _refund(mm: AddressSpace, pages: int) -> None:
+def refund_locked_vm(mm: AddressSpace, pages: int) -> None:
+    """Give ``pages`` back to mm->locked_vm (the refund half of account_locked_vm)."""
     if pages > mm.locked_vm:
         if mm.dead:
             # exit() dropped what the dead mm still had charged (nobody can
@@ -1537,7 +1623,7 @@ def account_locked_vm_task(mm: AddressSpace | None, pages: int, inc: bool, task:
                                    f"over RLIMIT_MEMLOCK {task.rlimit_memlock_soft()} bytes")
         mm.locked_vm += pages
     else:
-        _refund(mm, pages)
+        refund_locked_vm(mm, pages)
 
 
 def pin_with_faults(faults: "FaultInjector | None", site: str, phys: PhysicalMemory, res: PinResult) -> PinResult:

@@ -222,9 +222,12 @@ def mm_iommu_put(mm: AddressSpace, mem: MmIommuMem) -> None:
 
 def mm_iommu_lookup(mm: AddressSpace, ua: int, size: int) -> MmIommuMem | None:
     """The region containing [ua, ua+size)."""
-    mem = _index(mm).at(ua)
-    if mem is not None and ua + size <= mem.end(mm.page_shift):
-        return mem
+    idx = mm.iommu_group_mem_index or _index(mm)
+    i = bisect.bisect_right(idx.starts, ua) - 1          # idx.at(ua)
+    if i >= 0:
+        mem = idx.mems[i]
+        if ua + size <= mem.ua + (mem.entries << mm.page_shift):
+            return mem
     return None
 
 
@@ -233,7 +236,8 @@ def mm_iommu_ua_to_hpa(mm: AddressSpace, mem: MmIommuMem, ua: int, pageshift: in
     entry = (ua - mem.ua) >> mm.page_shift
     if entry >= mem.entries or pageshift > mem.pageshift:
         return None
-    return int(mem.hpas[entry]) | (ua & (mm.page_size - 1))
+    hpa: int = mem.hpas.item(entry)
+    return hpa | (ua & (mm.page_size - 1))
 
 
 def regions(mm: AddressSpace) -> list[MmIommuMem]:

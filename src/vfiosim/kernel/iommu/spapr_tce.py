@@ -49,6 +49,7 @@ BATCH = 1 << 18
 # MAP_DMA and UNMAP_DMA's arguments up to ``size`` (minsz), unpacked without ctypes objects.
 _DMA_MAP = struct_layout(uapi.vfio_iommu_type1_dma_map, "size")
 _DMA_UNMAP = struct_layout(uapi.vfio_iommu_type1_dma_unmap, "size")
+_DMA_MAP_RW = uapi.VFIO_DMA_MAP_FLAG_READ | uapi.VFIO_DMA_MAP_FLAG_WRITE
 _NO_HPAS = np.zeros(0, dtype=np.uint64)
 _NO_HPAS.flags.writeable = False
 
@@ -115,10 +116,17 @@ class SpaprTceIommuDriver(VfioIommuDriver):
     def __init__(self, kernel: "Kernel") -> None:
         self.kernel = kernel
         self.log = kernel.log
-
-    @property
-    def page_shift(self) -> int:
-        return self.kernel.page_shift
+        self.page_shift = kernel.page_shift
+        self._handlers: dict[int, Callable[[TceContainer, int, "Task"], int]] = {
+            uapi.VFIO_IOMMU_MAP_DMA: self._map_dma,
+            uapi.VFIO_IOMMU_UNMAP_DMA: self._unmap_dma,
+            uapi.VFIO_IOMMU_SPAPR_TCE_GET_INFO: self._get_info,
+            uapi.VFIO_IOMMU_ENABLE: self._enable_ioctl,
+            uapi.VFIO_IOMMU_DISABLE: self._disable_ioctl,
+            uapi.VFIO_EEH_PE_OP: self._eeh_pe_op,
+        }
+        # What the v1 fast path consults of fault injection: the page's pin.
+        self._use_page_event = kernel.faults.bundle(("pin_user_pages:tce_iommu_use_page", 1))
 
     # -- vfio_iommu_driver_ops ------------------------------------------------------------
 
@@ -221,14 +229,7 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         if c.mm is not None and c.mm is not current.mm:
             raise fail(EPERM, "this container belongs to another address space (another process's, or this "
                               "process's before exec())")
-        handler = {
-            uapi.VFIO_IOMMU_SPAPR_TCE_GET_INFO: self._get_info,
-            uapi.VFIO_IOMMU_MAP_DMA: self._map_dma,
-            uapi.VFIO_IOMMU_UNMAP_DMA: self._unmap_dma,
-            uapi.VFIO_IOMMU_ENABLE: self._enable_ioctl,
-            uapi.VFIO_IOMMU_DISABLE: self._disable_ioctl,
-            uapi.VFIO_EEH_PE_OP: self._eeh_pe_op,
-        }.get(cmd)
+        handler = self._handlers.get(cmd)
         if handler is not None:
             return handler(c, arg, current)
         if cmd in (uapi.VFIO_IOMMU_SPAPR_REGISTER_MEMORY, uapi.VFIO_IOMMU_SPAPR_UNREGISTER_MEMORY,
@@ -546,9 +547,10 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         minsz = _DMA_MAP.size
         if argsz < minsz:
             raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: argsz {argsz} < {minsz}")
-        rw = uapi.VFIO_DMA_MAP_FLAG_READ | uapi.VFIO_DMA_MAP_FLAG_WRITE
-        if flags & ~rw:
+        if flags & ~_DMA_MAP_RW:
             raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: flags {flags:#x} has bits other than READ|WRITE")
+        if self.kernel.fast_paths and self._map_fast(c, flags, vaddr, iova, size):
+            return 0
         self._create_default_window(c, current)
         _, tbl = self._find_table(c, iova)
         mask = tbl.page_size - 1
@@ -571,6 +573,91 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         else:
             self._build(c, tbl, entry, vaddr, npages, direction, current)
         return 0
+
+    def _map_fast(self, c: TceContainer, flags: int, vaddr: int, iova: int, size: int) -> bool:
+        """The rest of _map_dma() for one IOMMU page, in straight-line code;
+        True when done, False (nothing changed) for the general path to run.
+
+        It takes a READ and/or WRITE map of exactly one IOMMU page, aligned,
+        in a window of the container that exists (no default window still
+        to create), with no fault injection armed; then _map_dma()'s checks
+        pass and tce_iommu_build() or tce_iommu_build_v2() is one entry
+        (_build_fast(), _build_v2_fast()).  Everything else -- errors, the
+        return of 1, several pages, the deviations -- is the general path's."""
+        if c.def_window_pending or self.kernel.faults.armed or not flags & _DMA_MAP_RW:
+            return False
+        for tbl in c.tables:                            # tce_iommu_find_table()
+            if tbl is not None and tbl.it_offset <= iova >> tbl.it_page_shift < tbl.it_offset + tbl.it_size:
+                break
+        else:
+            return False
+        mask = (1 << tbl.it_page_shift) - 1
+        if size != mask + 1 or (vaddr | iova) & mask:
+            return False
+        if flags & uapi.VFIO_DMA_MAP_FLAG_READ:
+            direction = DMA_BIDIRECTIONAL if flags & uapi.VFIO_DMA_MAP_FLAG_WRITE else DMA_TO_DEVICE
+        else:
+            direction = DMA_FROM_DEVICE
+        entry = iova >> tbl.it_page_shift
+        if c.v2:
+            return self._build_v2_fast(c, tbl, entry, vaddr, direction)
+        return self._build_fast(c, tbl, entry, vaddr, direction)
+
+    def _build_fast(self, c: TceContainer, tbl: IommuTable, entry: int, vaddr: int, direction: int) -> bool:
+        """tce_iommu_build() of one entry whose IOMMU page is (inside) a kernel
+        page pinned without a fault that could fail (AddressSpace.pin_fast),
+        that the platform exchanges: the pin counted for fault injection, the
+        TCE exchanged, the page of the TCE it replaced unpinned.  A kernel
+        page is never too small for such an IOMMU page, and no batch,
+        unwinding or deviation is needed.  If the platform refuses the
+        exchange the pin is dropped again (the page's presence is what the
+        general path's own pin gives it) and the general path reports it."""
+        mm = c.mm
+        if tbl.it_page_shift > self.page_shift or mm is None:
+            return False
+        page_mask = (1 << self.page_shift) - 1
+        pinned = mm.pin_fast(vaddr & ~page_mask, 1, direction != DMA_TO_DEVICE, False)
+        if pinned is None:
+            return False
+        hpa = pinned[0]
+        old = tbl.it_ops.xchg_one(tbl, entry, hpa | (vaddr & page_mask) | tbl.it_ops.perm(direction))
+        if old is None:
+            mm.phys.unpin_range(hpa, 1)
+            return False
+        self._use_page_event.times += 1
+        if old & TCE_PERM_MASK:                         # _unpin_old()
+            mm.phys.unpin_range(old & ~TCE_PERM_MASK, 1)
+        return True
+
+    def _build_v2_fast(self, c: TceContainer, tbl: IommuTable, entry: int, vaddr: int, direction: int) -> bool:
+        """tce_iommu_build_v2() of one entry that translates through a
+        preregistered region (the region's page large enough), in a table
+        with a userspace view and every indirect level it needs present:
+        the region counts one more mapping, the TCE and its userspace
+        address are exchanged, the entry's old region (if it mapped
+        something) counts one fewer, in that order, as the general path
+        does.  Nothing is pinned."""
+        mm = c.mm
+        if tbl.it_userspace is None or mm is None:
+            return False
+        shift = tbl.it_page_shift
+        mem = mm_iommu_lookup(mm, vaddr, 1 << shift)
+        hpa = None if mem is None else mm_iommu_ua_to_hpa(mm, mem, vaddr, shift)
+        if mem is None or hpa is None or mem.cshifts[(vaddr - mem.ua) >> mm.page_shift] < shift:
+            return False
+        ops = tbl.it_ops
+        if tbl.it_indirect_levels and (ops.missing_levels(tbl, True, entry, 1) or
+                                       ops.missing_levels(tbl, False, entry, 1)):
+            return False
+        mem.mapped += 1                                 # mm_iommu_mapped_inc()
+        old = ops.xchg_one(tbl, entry, hpa | direction_to_perm(direction))
+        if old is None:
+            mem.mapped -= 1
+            return False
+        if old & TCE_PERM_MASK:
+            self._unuse_pages_v2(c, tbl, np.array([entry], dtype=np.int64))
+        tbl.it_userspace.xchg_one(entry - tbl.it_offset, vaddr)
+        return True
 
     def _pin_addresses(self, tbl: IommuTable, vaddr: int, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """User addresses of IOMMU pages [first, first+count) and of the kernel pages holding them."""
@@ -949,6 +1036,8 @@ class SpaprTceIommuDriver(VfioIommuDriver):
             raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: argsz {argsz} < {minsz}")
         if flags:
             raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: flags {flags:#x}: the sPAPR IOMMU supports none")
+        if self.kernel.fast_paths and self._unmap_fast(c, iova, size):
+            return 0
         self._create_default_window(c, current)
         _, tbl = self._find_table(c, iova)
         if size & (tbl.page_size - 1):
@@ -966,6 +1055,37 @@ class SpaprTceIommuDriver(VfioIommuDriver):
                                f"{tbl.bus_start:#x}..{tbl.bus_end - 1:#x}")
         self._clear(c, tbl, entry, npages)
         return 0
+
+    def _unmap_fast(self, c: TceContainer, iova: int, size: int) -> bool:
+        """The rest of _unmap_dma() for one IOMMU page, aligned, in a window
+        of the container that exists: _unmap_dma()'s checks pass, and
+        tce_iommu_clear() is one entry, emptied in scalar operations, with
+        what it held dropped as _clear() drops it (v1: the page's pin; v2:
+        the mapping its region counted, found from the entry's userspace
+        address).  Anything else is the general path's (False: nothing
+        changed)."""
+        if c.def_window_pending:
+            return False
+        for tbl in c.tables:                            # tce_iommu_find_table()
+            if tbl is not None and tbl.it_offset <= iova >> tbl.it_page_shift < tbl.it_offset + tbl.it_size:
+                break
+        else:
+            return False
+        mask = (1 << tbl.it_page_shift) - 1
+        if size != mask + 1 or iova & mask:
+            return False
+        entry = iova >> tbl.it_page_shift
+        old = tbl.it_ops.clear_one(tbl, entry)
+        if not old:
+            return True
+        if c.v2:
+            if tbl.it_userspace is not None:
+                ua = tbl.it_userspace.clear_one(entry - tbl.it_offset)
+                if ua:
+                    self._unuse_ua_v2(c, tbl, ua)
+        elif c.mm is not None and old & TCE_PERM_MASK:     # _unpin_old()
+            c.mm.phys.unpin_range(old & ~TCE_PERM_MASK, 1)
+        return True
 
     def _clear(self, c: TceContainer, tbl: IommuTable, entry: int, pages: int) -> None:
         """tce_iommu_clear(): empty entries, unpinning what they held.
@@ -1003,16 +1123,23 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         mm = c.mm
         psize = tbl.page_size
         if uas.size == 1:
-            ua = int(uas[0])
-            for mem in mm.iommu_group_mem_list:
-                if mem.ua <= ua and ua + psize <= mem.end(mm.page_shift) and mem.pageshift >= tbl.it_page_shift:
-                    mem.mapped = max(1, mem.mapped - 1)
+            self._unuse_ua_v2(c, tbl, int(uas[0]))
             return
         for mem in prereg.regions(mm):
             inside = int(np.count_nonzero((uas >= np.uint64(mem.ua)) &
                                           (uas + np.uint64(psize) <= np.uint64(mem.end(mm.page_shift)))))
             if inside and mem.pageshift >= tbl.it_page_shift:
                 mem.mapped = max(1, mem.mapped - inside)
+
+    @staticmethod
+    def _unuse_ua_v2(c: TceContainer, tbl: IommuTable, ua: int) -> None:
+        """_unuse_uas_v2() of one address: upstream walks every region for the
+        one that holds the IOMMU page; regions never overlap, so the address
+        index finds the same one."""
+        assert c.mm is not None
+        mem = mm_iommu_lookup(c.mm, ua, tbl.page_size)
+        if mem is not None and mem.pageshift >= tbl.it_page_shift:
+            mem.mapped = max(1, mem.mapped - 1)
 
     # -- VFIO_EEH_PE_OP ---------------------------------------------------------------------------
 

@@ -65,6 +65,10 @@ def perm_to_direction(tce: int) -> int:
     return DMA_NONE
 
 
+_CHUNK_SHIFT = 14          # TceStorage.CHUNK_SHIFT, for the scalar operations
+_CHUNK_MASK = (1 << _CHUNK_SHIFT) - 1
+
+
 class TceStorage:
     """A sparse array of ``size`` 64-bit entries, zero where never written.
 
@@ -72,7 +76,7 @@ class TceStorage:
     chunk is freed without a scan, and one entry is read or written without
     NumPy range operations (the usual small map and unmap)."""
 
-    CHUNK_SHIFT = 14          # 16384 entries (128 KiB) per chunk
+    CHUNK_SHIFT = _CHUNK_SHIFT    # 16384 entries (128 KiB) per chunk
     CHUNK = 1 << CHUNK_SHIFT
     # Emptied chunks, zeroed, kept for reuse (shared by all tables): a fresh
     # chunk costs page faults on first write, a reused one does not.
@@ -129,35 +133,40 @@ class TceStorage:
                 out[pos:pos + ln] = chunk[off:off + ln]
         return out
 
-    def _xchg_one(self, index: int, new: int) -> tuple[np.ndarray, np.ndarray]:
-        """xchg_range() of one entry, in scalar operations."""
-        c, off = index >> self.CHUNK_SHIFT, index & (self.CHUNK - 1)
+    def xchg_one(self, index: int, new: int) -> int:
+        """xchg_range() of one entry, in scalar operations: its old value."""
+        self.generation += 1
+        c, off = index >> _CHUNK_SHIFT, index & _CHUNK_MASK
         chunk = self._chunks.get(c)
         if chunk is None:
             if new:
                 chunk = self._chunks[c] = self._new_chunk()
                 chunk[off] = new
                 self._used[c] = 1
-            return _EMPTY_POS, _EMPTY_U64
-        old = int(chunk[off])
+            return 0
+        old: int = chunk.item(off)
         chunk[off] = new
-        used = self._used[c] + (new != 0) - (old != 0)
-        if used:
-            self._used[c] = used
-        else:
-            self._free_chunk(c, zeroed=True)
         if not old:
-            return _EMPTY_POS, _EMPTY_U64
-        return np.zeros(1, dtype=np.int64), np.array([old], dtype=np.uint64)
+            if new:
+                self._used[c] += 1
+        elif not new:
+            if self._used[c] == 1:
+                self._free_chunk(c, zeroed=True)
+            else:
+                self._used[c] -= 1
+        return old
 
     def xchg_range(self, start: int, values: U64Values) -> tuple[np.ndarray, np.ndarray]:
         """Store ``values`` at [start, start+len); return the entries that held
         something before: (their offsets from ``start``, their old values)."""
         n = len(values)
-        self.generation += 1
         prog = values if isinstance(values, Progression) else None
         if n == 1:
-            return self._xchg_one(start, prog.first if prog is not None else int(cast(np.ndarray, values)[0]))
+            old = self.xchg_one(start, prog.first if prog is not None else int(cast(np.ndarray, values)[0]))
+            if not old:
+                return _EMPTY_POS, _EMPTY_U64
+            return np.zeros(1, dtype=np.int64), np.array([old], dtype=np.uint64)
+        self.generation += 1
         positions: list[np.ndarray] = []
         olds: list[np.ndarray] = []
         chunks, size, shift = self._chunks, self.CHUNK, self.CHUNK_SHIFT
@@ -210,21 +219,8 @@ class TceStorage:
         if n <= 0 or not self._chunks:
             return []
         if n == 1:
-            c, off = start >> self.CHUNK_SHIFT, start & (self.CHUNK - 1)
-            chunk = self._chunks.get(c)
-            self.generation += 1
-            if chunk is None:
-                return []
-            old = int(chunk[off])
-            if not old:
-                return []
-            chunk[off] = 0
-            used = self._used[c] - 1
-            if used:
-                self._used[c] = used
-            else:
-                self._free_chunk(c, zeroed=True)
-            return [np.array([old], dtype=np.uint64)]
+            old = self.clear_one(start)
+            return [np.array([old], dtype=np.uint64)] if old else []
         end = start + n
         first, last = start >> self.CHUNK_SHIFT, (end - 1) >> self.CHUNK_SHIFT
         if last - first + 1 <= len(self._chunks):
@@ -246,6 +242,26 @@ class TceStorage:
             if (lo == 0 and hi == self.CHUNK) or not self._used[c]:
                 self._free_chunk(c, zeroed=True)
         return parts
+
+    def clear_one(self, index: int) -> int:
+        """clear_range() of one entry, in scalar operations: its old value (0
+        when it held nothing)."""
+        if not self._chunks:
+            return 0
+        c, off = index >> _CHUNK_SHIFT, index & _CHUNK_MASK
+        chunk = self._chunks.get(c)
+        self.generation += 1
+        if chunk is None:
+            return 0
+        old: int = chunk.item(off)
+        if not old:
+            return 0
+        chunk[off] = 0
+        if self._used[c] == 1:
+            self._free_chunk(c, zeroed=True)
+        else:
+            self._used[c] -= 1
+        return old
 
     def clear_indices(self, indices: np.ndarray) -> np.ndarray:
         """Zero the given entries; return their old values."""
@@ -329,9 +345,21 @@ class TableOps(ABC):
         """Entries in [entry, entry+n) that exist and hold a mapping."""
 
     @abstractmethod
+    def xchg_one(self, tbl: "IommuTable", entry: int, tce: int) -> int | None:
+        """xchg_range() of one entry of the table, in scalar operations (the
+        small map's fast path): its old TCE; None, with nothing changed,
+        where xchg_range() would not simply succeed (an hcall refused, fault
+        injection armed), and the caller takes xchg_range()."""
+
+    @abstractmethod
     def clear_range(self, tbl: "IommuTable", entry: int, n: int) -> list[np.ndarray]:
         """Empty the entries of [entry, entry+n) the table has (those past its
         end are skipped); return the old non-zero TCEs in order, in pieces."""
+
+    @abstractmethod
+    def clear_one(self, tbl: "IommuTable", entry: int) -> int:
+        """clear_range() of one entry, in scalar operations: its old TCE (0
+        when it held nothing or the table does not have it)."""
 
     @abstractmethod
     def perm(self, direction: int) -> int:

@@ -35,7 +35,7 @@ from ...uapi import vfio as uapi
 from ..cred import CAP_IPC_LOCK
 from ..deviations import deviation
 from ..errors import KernelBug, KernelError, fail
-from ..mm import account_locked_vm_task
+from ..mm import account_locked_vm_task, refund_locked_vm
 from ..vfio.info_cap import info_cap_add, info_cap_shift
 from ..uaccess import (copy_from_user, copy_from_user_unpack, copy_struct_from_user, copy_struct_to_user,
                        copy_to_user, struct_layout)
@@ -72,6 +72,8 @@ USER_PTR_MAX = TASK_SIZE_MAX - 1
 
 # Pages pinned per step of a large map (bounds the temporary arrays).
 BATCH = 1 << 18
+# The largest map the fast path takes (_do_map_fast): the pages of one mapping.
+FAST_MAP_PAGES = 64
 # Pages one vaddr_get_pfns() call pins at most (VFIO_BATCH_MAX_CAPACITY:
 # a page of struct page pointers).
 VFIO_BATCH_MAX_CAPACITY = 4096 // 8
@@ -226,20 +228,19 @@ class Type1IommuDriver(VfioIommuDriver):
                  allow_unsafe_interrupts: bool = False) -> None:
         self.kernel = kernel
         self.log = kernel.log
+        self.page_shift = kernel.page_shift
+        self.page_size = kernel.page_size
         self.dma_entry_limit = dma_entry_limit
         self.allow_unsafe_interrupts = allow_unsafe_interrupts
+        # What _do_map_fast() consults of fault injection for a map into one
+        # domain: its kmalloc, the pin of its first page, its charge, its iommu_map.
+        self._map_events = kernel.faults.bundle(("kmalloc:vfio_dma_do_map", 1), ("pin_user_pages:vaddr_get_pfns", 1),
+                                                ("account_locked_vm:vfio_lock_acct", 1),
+                                                ("iommu_map:vfio_iommu_map", 1))
 
     def module_parameters(self) -> dict[str, str]:
         return {"allow_unsafe_interrupts": "Y" if self.allow_unsafe_interrupts else "N", "disable_hugepages": "N",
                 "dma_entry_limit": str(self.dma_entry_limit)}
-
-    @property
-    def page_shift(self) -> int:
-        return self.kernel.page_shift
-
-    @property
-    def page_size(self) -> int:
-        return self.kernel.page_size
 
     # -- vfio_iommu_driver_ops: open / release ------------------------------------------------
 
@@ -697,7 +698,79 @@ class Type1IommuDriver(VfioIommuDriver):
             raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: argsz {argsz} < {minsz}")
         if flags & ~_DMA_MAP_FLAGS:
             raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: flags {flags:#x} has bits other than READ|WRITE|VADDR")
+        if self.kernel.fast_paths and self._do_map_fast(iommu, flags, vaddr, iova, size, current):
+            return 0
         return self._do_map(iommu, flags, vaddr, iova, size, current)
+
+    def _do_map_fast(self, iommu: VfioIommu, flags: int, vaddr: int, iova: int, size: int, current: "Task") -> bool:
+        """vfio_dma_do_map() of the usual small map, in straight-line code; True
+        when done, False (nothing changed) for the general path to run.
+
+        It takes a READ and/or WRITE map (no VADDR) of at most FAST_MAP_PAGES
+        pages that pass _do_map()'s checks, in a container with one domain,
+        pages that lie in one mapping of the process and pin without a fault
+        that could fail (AddressSpace.pin_fast), within RLIMIT_MEMLOCK (or
+        the caller has CAP_IPC_LOCK); no fault injection may be armed, dirty
+        tracking must be off.  It changes what _do_map() and _pin_map_dma()
+        change, in their order: the fault injection counts (with nothing
+        armed, counting is all that consulting a site does), dma_avail, the
+        pins, locked_vm, the deviation 9 line, the domain's page table (a
+        failure there unwinds as _pin_map_dma() does), the mapping tree.  What
+        it skips is only what those need for the cases it leaves to them:
+        batches of pins, pins cut short or refused, PFNMAP pages,
+        RLIMIT_MEMLOCK refusals, several domains."""
+        if self.kernel.faults.armed or iommu.dirty_page_tracking or len(iommu.domain_list) != 1:
+            return False
+        if flags & uapi.VFIO_DMA_MAP_FLAG_VADDR or not flags & _DMA_MAP_RW:
+            return False
+        # 1 << __ffs(pgsize_bitmap), only PAGE_SIZE here: then the domain's
+        # smallest page divides the IOVA, the size and the pages' addresses,
+        # and iommu_map()'s checks hold (Type1's domains are paging domains).
+        pgsize = self.page_size
+        if iommu.pgsize_bitmap & (2 * pgsize - 1) != pgsize:
+            return False
+        if not size or (size | iova | vaddr) & (pgsize - 1) or iova + size - 1 > U64 or vaddr + size - 1 > U64:
+            return False
+        npages = size >> self.page_shift
+        if npages > FAST_MAP_PAGES:
+            return False
+        starts = iommu.dma_starts
+        i = bisect.bisect_left(starts, iova + size)     # vfio_find_dma(): nothing may overlap
+        if i and iova < iommu.dmas[i - 1].end:
+            return False
+        if not iommu.dma_avail or not self._iova_dma_valid(iommu, iova, iova + size - 1):
+            return False
+        mm = current.mm
+        lock_cap = current.capable(CAP_IPC_LOCK)
+        if not lock_cap and mm.locked_vm + npages > current.rlimit_memlock_soft() >> self.page_shift:
+            return False
+        write = flags & uapi.VFIO_DMA_MAP_FLAG_WRITE
+        pinned = mm.pin_fast(vaddr, npages, bool(write), True)
+        if pinned is None:
+            return False
+        hpa, repinned, mlocked = pinned
+        self._map_events.times += 1                     # kmalloc, pin (first page), charge, iommu_map
+        if npages > 1:
+            self.kernel.faults.counts["pin_user_pages:vaddr_get_pfns"] += npages - 1
+        iommu.dma_avail -= 1
+        prot = (IOMMU_WRITE if write else 0) | (IOMMU_READ if flags & uapi.VFIO_DMA_MAP_FLAG_READ else 0)
+        runs = [(iova, hpa, npages, False)]
+        dma = VfioDma(iova, vaddr, prot, current, mm, lock_cap, size, True, False, npages, None, runs)
+        mm.locked_vm += npages                          # _lock_acct(): within the limit, checked above
+        if repinned is None or mlocked is None:
+            self._note_charged_again(mm, dma, size, runs, repinned)
+        elif repinned or mlocked:
+            self.log.info(deviation("9", iova=iova, size=size, mlocked=mlocked, pinned=repinned))
+        try:
+            iommu.domain_list[0].domain.map_pages(iova, hpa, size, prot | IOMMU_CACHE)     # iommu_map()
+        except KernelError:
+            self._unpin_runs(runs)
+            self._lock_acct(dma, -npages, True)
+            iommu.dma_avail += 1
+            raise
+        starts.insert(i, iova)                          # _link_dma()
+        iommu.dmas.insert(i, dma)
+        return True
 
     def _do_map(self, iommu: VfioIommu, flags: int, vaddr: int, iova: int, size: int, current: "Task") -> int:
         """vfio_dma_do_map()"""
@@ -971,6 +1044,11 @@ class Type1IommuDriver(VfioIommuDriver):
         get_bitmap = bool(flags & uapi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP)
         if get_bitmap and flags & (uapi.VFIO_DMA_UNMAP_FLAG_ALL | uapi.VFIO_DMA_UNMAP_FLAG_VADDR):
             raise fail(EINVAL, "VFIO_IOMMU_UNMAP_DMA: GET_DIRTY_BITMAP cannot be combined with ALL or VADDR")
+        if not flags and self.kernel.fast_paths:
+            unmapped_fast = self._do_unmap_fast(iommu, iova, size)
+            if unmapped_fast is not None:
+                copy_to_user(current, arg, _DMA_UNMAP.pack(argsz, flags, iova, unmapped_fast))
+                return 0
         bitmap = (0, 0, 0)
         if get_bitmap:
             bsz = _VFIO_BITMAP.size
@@ -985,6 +1063,49 @@ class Type1IommuDriver(VfioIommuDriver):
         unmapped = self._do_unmap(iommu, flags, iova, size, bitmap, current)
         copy_to_user(current, arg, _DMA_UNMAP.pack(argsz, flags, iova, unmapped & U64))
         return 0
+
+    def _do_unmap_fast(self, iommu: VfioIommu, iova: int, size: int) -> int | None:
+        """vfio_dma_do_unmap() without flags of exactly one whole mapping, in
+        straight-line code: the bytes unmapped, or None (nothing changed) for
+        the general path to run.
+
+        The range must pass _do_unmap()'s alignment checks and be one
+        mapping (with a valid vaddr, in a container with a domain); then
+        Type1v2's bisection checks pass and the walk over the tree meets that
+        mapping only, for v1 as for v2.  It is removed as _remove_dma()
+        removes it: out of every domain, unpinned, refunded (not to an mm
+        that has exited), unlinked.  What it skips is the walk's generality:
+        several mappings, partial ranges, dirty bitmaps, VADDR."""
+        pgsize = self.page_size                         # 1 << __ffs(pgsize_bitmap), as above
+        if iommu.pgsize_bitmap & (2 * pgsize - 1) != pgsize:
+            return None
+        if iova & (pgsize - 1) or not size or size & (pgsize - 1) or iova + size - 1 > U64:
+            return None
+        starts = iommu.dma_starts
+        i = bisect.bisect_left(starts, iova)
+        if i == len(starts) or starts[i] != iova:
+            return None
+        dma = iommu.dmas[i]
+        if dma.size != size or dma.vaddr_invalid or not iommu.domain_list:
+            return None
+        for d in iommu.domain_list:
+            d.domain.unmap_pages(iova, size)            # iommu_unmap() of a paging domain
+        unlocked = 0
+        unpin_range = self.kernel.phys.unpin_range
+        for _, hpa, pages, reserved in dma.runs:
+            if not reserved:
+                unpin_range(hpa, pages)
+                unlocked += pages
+        dma.runs = []
+        dma.iommu_mapped = False
+        if unlocked and not dma.mm.dead:                # _lock_acct(): an mm that has exited keeps it
+            refund_locked_vm(dma.mm, unlocked)
+            dma.locked_vm -= unlocked
+        del starts[i]                                   # _unlink_dma()
+        del iommu.dmas[i]
+        dma.bitmap = None
+        iommu.dma_avail += 1
+        return size
 
     def _do_unmap(self, iommu: VfioIommu, flags: int, iova: int, size: int, bitmap: tuple[int, int, int],
                   current: "Task") -> int:
@@ -1200,7 +1321,8 @@ class Type1IommuDriver(VfioIommuDriver):
 # MAP_DMA and UNMAP_DMA's arguments up to ``size`` (minsz), unpacked without ctypes objects.
 _DMA_MAP = struct_layout(uapi.vfio_iommu_type1_dma_map, "size")
 _DMA_UNMAP = struct_layout(uapi.vfio_iommu_type1_dma_unmap, "size")
-_DMA_MAP_FLAGS = uapi.VFIO_DMA_MAP_FLAG_READ | uapi.VFIO_DMA_MAP_FLAG_WRITE | uapi.VFIO_DMA_MAP_FLAG_VADDR
+_DMA_MAP_RW = uapi.VFIO_DMA_MAP_FLAG_READ | uapi.VFIO_DMA_MAP_FLAG_WRITE
+_DMA_MAP_FLAGS = _DMA_MAP_RW | uapi.VFIO_DMA_MAP_FLAG_VADDR
 _DMA_UNMAP_FLAGS = (uapi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP | uapi.VFIO_DMA_UNMAP_FLAG_VADDR |
                     uapi.VFIO_DMA_UNMAP_FLAG_ALL)
 # struct vfio_bitmap as a 64-bit program passes it: pgsize, size, data pointer.

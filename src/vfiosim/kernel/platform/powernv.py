@@ -70,10 +70,20 @@ class PnvTableOps(TableOps):
         pos, old = tbl.entries.xchg_range(idx, tces)
         return XchgResult(n, 0, pos, old)
 
+    def xchg_one(self, tbl: IommuTable, entry: int, tce: int) -> int | None:
+        idx = entry - tbl.it_offset
+        if not 0 <= idx < tbl.it_size:
+            raise KernelBug(f"TCE exchange at {idx} outside table of {tbl.it_size}")
+        return tbl.entries.xchg_one(idx, tce)
+
     def clear_range(self, tbl: IommuTable, entry: int, n: int) -> list[np.ndarray]:
         lo = max(entry, tbl.it_offset)
         hi = min(entry + n, tbl.it_offset + tbl.it_size)
         return tbl.entries.clear_range(lo - tbl.it_offset, hi - lo) if hi > lo else []
+
+    def clear_one(self, tbl: IommuTable, entry: int) -> int:
+        idx = entry - tbl.it_offset
+        return tbl.entries.clear_one(idx) if 0 <= idx < tbl.it_size else 0
 
     def used(self, tbl: IommuTable, entry: int, n: int) -> np.ndarray:
         lo = max(entry, tbl.it_offset)

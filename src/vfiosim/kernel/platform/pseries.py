@@ -224,6 +224,8 @@ class PseriesTableOps(TableOps):
     def __init__(self, hv: SpaprPhb, faults: "FaultInjector | None" = None) -> None:
         self.hv = hv
         self.faults = faults
+        # What xchg_one() consults of fault injection: the entry's hcall.
+        self._hcall_event = faults.bundle(("hcall:tce_exchange_pseries", 1)) if faults is not None else None
 
     def _window(self, tbl: IommuTable) -> SpaprTceTable | None:
         t = self.hv.table(tbl.it_index)
@@ -256,6 +258,15 @@ class PseriesTableOps(TableOps):
         hi = min(entry + n, tbl.it_offset + tbl.it_size, base + t.nb_table)
         return t.entries.clear_range(lo - base, hi - lo) if hi > lo else []
 
+    def clear_one(self, tbl: IommuTable, entry: int) -> int:
+        t = self._window(tbl)
+        if t is None:
+            return 0
+        base = t.bus_offset >> t.page_shift
+        if max(tbl.it_offset, base) <= entry < min(tbl.it_offset + tbl.it_size, base + t.nb_table):
+            return t.entries.clear_one(entry - base)
+        return 0
+
     def perm(self, direction: int) -> int:
         """tce_exchange_pseries(): the bits as iommu_direction_to_tce_perm() gives them."""
         return direction_to_perm(direction)
@@ -280,6 +291,21 @@ class PseriesTableOps(TableOps):
         xr = self.hv.h_put_tce_range(tbl.it_index, entry, tces[:ok])
         assert xr.rc == H_SUCCESS and xr.done == ok
         return XchgResult(ok, H_HARDWARE, xr.old_pos, xr.old)
+
+    def xchg_one(self, tbl: IommuTable, entry: int, tce: int) -> int | None:
+        """xchg_range() of one entry the hypervisor accepts, with nothing armed:
+        the hcall event counted, the entry exchanged."""
+        if self.faults is not None and self.faults.armed:
+            return None
+        t = self.hv.table(tbl.it_index)
+        if t is None or not t.enabled:
+            return None
+        rel = entry - (t.bus_offset >> t.page_shift)
+        if not 0 <= rel < t.nb_table:
+            return None
+        if self._hcall_event is not None:
+            self._hcall_event.times += 1
+        return t.entries.xchg_one(rel, tce)
 
     def get(self, tbl: IommuTable, entry: int) -> int:
         rc, tce = self.hv.h_get_tce(tbl.it_index, entry << tbl.it_page_shift)

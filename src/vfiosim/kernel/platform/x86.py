@@ -151,8 +151,15 @@ class VtdDomain(IommuDomain):
     def unmap_pages(self, iova: int, size: int) -> int:
         """intel_iommu_unmap_pages(): clear [iova, iova+size); bytes unmapped."""
         self.generation += 1
+        i = bisect.bisect_right(self._starts, iova) - 1
+        if i >= 0 and self._starts[i] == iova and self._ext[i][1] == size:
+            # The usual case, one whole extent (what Type1 mapped with one
+            # iommu_map()): the walk below would remove it and stop there.
+            del self._ext[i]
+            del self._starts[i]
+            return size
         end = iova + size
-        i = max(bisect.bisect_right(self._starts, iova) - 1, 0)
+        i = max(i, 0)
         done = 0
         while i < len(self._ext):
             e_iova, e_len, e_hpa, e_prot = self._ext[i]
