@@ -131,6 +131,57 @@ class PhysicalPages(Protocol):
         ...
 
 
+def take_ram(present: np.ndarray, ram: "PhysicalMemory | None", p0: int, n: int, dry_run: bool) -> int:
+    """Give each of pages [p0, p0+n) not yet ``present`` a page of ``ram``
+    (None: no bound) and mark it present.  Returns how many pages from ``p0``
+    have one afterwards: ``n``, or fewer when RAM ran out at page ``p0`` + the
+    result (the pages before it keep theirs).  ``dry_run`` changes nothing.
+    A page faulted in (MemoryObject) and a host page charged for its first pin
+    (the run transport's HostMemoryObject) cost RAM alike."""
+    if n == 1:                         # the usual small case: no NumPy reductions
+        if present[p0]:
+            return 1
+        if ram is not None:
+            if ram.ram_pages is not None and ram.used_pages >= ram.ram_pages:
+                return 0
+            if not dry_run:
+                ram.used_pages += 1
+        if not dry_run:
+            present[p0] = True
+        return 1
+    seg = present[p0:p0 + n]
+    missing = n - int(np.count_nonzero(seg))
+    if not missing:
+        return n
+    room = missing if ram is None else min(missing, ram.free_pages())
+    got = n if room == missing else int(np.flatnonzero(~seg)[room])
+    if not dry_run:
+        if ram is not None:
+            ram.used_pages += room
+        seg[:got] = True
+    return got
+
+
+def take_ram_pages(present: np.ndarray, ram: "PhysicalMemory | None", pages: np.ndarray, dry_run: bool) -> int:
+    """take_ram() for a list of page numbers (in order, repeats allowed): how
+    many leading entries name a page that has RAM afterwards."""
+    missing = ~present[pages]
+    if not missing.any():
+        return int(pages.size)
+    want, first = np.unique(pages[missing], return_index=True)
+    room = want.size if ram is None else min(int(want.size), ram.free_pages())
+    if room == want.size:
+        got, new = int(pages.size), want
+    else:
+        got = int(np.flatnonzero(missing)[np.sort(first)[room]])
+        new = np.unique(pages[:got][missing[:got]])
+    if not dry_run:
+        if ram is not None:
+            ram.used_pages += int(new.size)
+        present[new] = True
+    return got
+
+
 class MemoryObject:
     """A physically contiguous allocation: pages, their data and pin counts.
 
@@ -186,49 +237,12 @@ class MemoryObject:
         it: ``n``, or fewer when RAM ran out at page ``p0`` + the result
         (the pages before it keep what they got).  ``dry_run`` changes
         nothing and says how far it would get."""
-        pop = self.populated
-        owner = self.owner
-        if n == 1:                     # the usual small case: no NumPy reductions
-            if pop[p0]:
-                return 1
-            if owner is not None:
-                if owner.ram_pages is not None and owner.used_pages >= owner.ram_pages:
-                    return 0
-                if not dry_run:
-                    owner.used_pages += 1
-            if not dry_run:
-                pop[p0] = True
-            return 1
-        seg = pop[p0:p0 + n]
-        missing = n - int(np.count_nonzero(seg))
-        if not missing:
-            return n
-        room = missing if owner is None else min(missing, owner.free_pages())
-        got = n if room == missing else int(np.flatnonzero(~seg)[room])
-        if not dry_run:
-            if owner is not None:
-                owner.used_pages += room
-            seg[:got] = True
-        return got
+        return take_ram(self.populated, self.owner, p0, n, dry_run)
 
     def fault_in_pages(self, pages: np.ndarray, dry_run: bool = False) -> int:
         """fault_in() for a list of page numbers (in order, repeats allowed):
         how many leading entries name a page that is present afterwards."""
-        missing = ~self.populated[pages]
-        if not missing.any():
-            return int(pages.size)
-        want, first = np.unique(pages[missing], return_index=True)
-        room = want.size if self.owner is None else min(int(want.size), self.owner.free_pages())
-        if room == want.size:
-            got, new = int(pages.size), want
-        else:
-            got = int(np.flatnonzero(missing)[np.sort(first)[room]])
-            new = np.unique(pages[:got][missing[:got]])
-        if not dry_run:
-            if self.owner is not None:
-                self.owner.used_pages += int(new.size)
-            self.populated[new] = True
-        return got
+        return take_ram_pages(self.populated, self.owner, pages, dry_run)
 
     def unmap_pages(self, p0: int, n: int) -> None:
         """Pages [p0, p0+n) lost their mapping (munmap, exit): those no pin

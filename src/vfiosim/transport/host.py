@@ -40,7 +40,8 @@ import numpy as np
 
 from ..kernel.errors import fail
 from ..kernel.eventfd import EventFd
-from ..kernel.mm import PROT_EXEC, PROT_READ, PROT_WRITE, AddressSpace, PhysicalMemory, PinResult, Vma
+from ..kernel.mm import (PROT_EXEC, PROT_READ, PROT_WRITE, AddressSpace, PhysicalMemory, PinResult, Vma,
+                          take_ram, take_ram_pages)
 from ..kernel.progression import Progression
 from . import native
 
@@ -422,47 +423,14 @@ class HostMemoryObject:
         """Charge the machine's RAM for the pages of [p0, p0+n) that no pin
         holds yet: how many of the n can be pinned (n, or fewer when RAM ran
         out at page p0 + the result: the pages before it keep their charge)."""
-        ram, charged = self.ram, self.unmapped
-        assert ram is not None and charged is not None
-        if n == 1:                     # the usual small case: no NumPy reductions
-            if charged[p0]:
-                return 1
-            if ram.ram_pages is not None and ram.used_pages >= ram.ram_pages:
-                return 0
-            if not dry_run:
-                ram.used_pages += 1
-                charged[p0] = True
-            return 1
-        new = ~charged[p0:p0 + n]
-        missing = int(np.count_nonzero(new))
-        if not missing:
-            return n
-        room = min(missing, ram.free_pages())
-        got = n if room == missing else int(np.flatnonzero(new)[room])
-        if not dry_run:
-            ram.used_pages += room
-            charged[p0:p0 + got] = True
-        return got
+        assert self.ram is not None and self.unmapped is not None
+        return take_ram(self.unmapped, self.ram, p0, n, dry_run)
 
     def charge_pages(self, pages: np.ndarray, dry_run: bool) -> int:
         """charge() for a list of page numbers (in order, repeats allowed): how
         many leading entries can be pinned."""
-        ram, charged = self.ram, self.unmapped
-        assert ram is not None and charged is not None
-        missing = ~charged[pages]
-        if not missing.any():
-            return int(pages.size)
-        want, first = np.unique(pages[missing], return_index=True)
-        room = min(int(want.size), ram.free_pages())
-        if room == want.size:
-            got, new = int(pages.size), want
-        else:
-            got = int(np.flatnonzero(missing)[np.sort(first)[room]])
-            new = np.unique(pages[:got][missing[:got]])
-        if not dry_run:
-            ram.used_pages += int(new.size)
-            charged[new] = True
-        return got
+        assert self.ram is not None and self.unmapped is not None
+        return take_ram_pages(self.unmapped, self.ram, pages, dry_run)
 
     def unpinned(self, p0: int, n: int) -> None:
         """Pins on pages [p0, p0+n) were dropped: those no pin holds now give

@@ -107,6 +107,16 @@ def iommu_tce_clear_param_check(tbl: IommuTable, ioba: int, tce_value: int, npag
     return 1 if bad else 0
 
 
+def _table_at(c: TceContainer, ioba: int) -> IommuTable | None:
+    """The window of ``c`` that bus address ``ioba`` falls in, or None: the
+    lookup of tce_iommu_find_table() for the fast paths, which leave a miss
+    to the general path to report."""
+    for tbl in c.tables:
+        if tbl is not None and tbl.it_offset <= ioba >> tbl.it_page_shift < tbl.it_offset + tbl.it_size:
+            return tbl
+    return None
+
+
 class SpaprTceIommuDriver(VfioIommuDriver):
     """tce_iommu_driver_ops ("iommu-vfio-powerpc")."""
 
@@ -586,10 +596,8 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         return of 1, several pages, the deviations -- is the general path's."""
         if c.def_window_pending or self.kernel.faults.armed or not flags & _DMA_MAP_RW:
             return False
-        for tbl in c.tables:                            # tce_iommu_find_table()
-            if tbl is not None and tbl.it_offset <= iova >> tbl.it_page_shift < tbl.it_offset + tbl.it_size:
-                break
-        else:
+        tbl = _table_at(c, iova)                        # tce_iommu_find_table()
+        if tbl is None:
             return False
         mask = (1 << tbl.it_page_shift) - 1
         if size != mask + 1 or (vaddr | iova) & mask:
@@ -1066,10 +1074,8 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         changed)."""
         if c.def_window_pending:
             return False
-        for tbl in c.tables:                            # tce_iommu_find_table()
-            if tbl is not None and tbl.it_offset <= iova >> tbl.it_page_shift < tbl.it_offset + tbl.it_size:
-                break
-        else:
+        tbl = _table_at(c, iova)                        # tce_iommu_find_table()
+        if tbl is None:
             return False
         mask = (1 << tbl.it_page_shift) - 1
         if size != mask + 1 or iova & mask:
