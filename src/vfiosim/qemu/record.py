@@ -1,8 +1,9 @@
 """``vfiosim qemu-record``: real kernels to record against, in QEMU guests, for CI.
 
 Three guests, each a Debian kernel (6.12 from bookworm-backports, as ``image.py`` picks
-it; and a fourth, built from its source) booted in QEMU under TCG with QEMU's own emulated ``edu`` devices bound to
-vfio-pci, so that the guest's VFIO is the real thing:
+it), and two booting kernels built from Debian's 6.12 source, in QEMU under TCG with
+QEMU's own emulated ``edu`` devices bound to vfio-pci, so that the guest's VFIO is the
+real thing:
 
 * **pseries** (``qemu-system-ppc64 -M pseries``, ppc64le): two edu devices on two
   sPAPR PHBs, the real sPAPR TCE IOMMU driver over the hypervisor's TCE tables; the
