@@ -8,10 +8,11 @@
  * host built with CONFIG_IOMMUFD and CONFIG_VFIO_DEVICE_CDEV, with an edu
  * device bound to vfio-pci, it runs as it is; anywhere else:
  *
- *     vfiosim run --machine x86 --kernel-config iommufd -- ./iommufd_edu_dma [BDF [/dev/vfio/devices/vfioN]]
+ *     vfiosim run --machine x86 --kernel-config iommufd -- ./iommufd_edu_dma [BDF [/dev/vfio/devices/vfioN [BYTES]]]
  *
  * The cdev is found in sysfs (/sys/bus/pci/devices/BDF/vfio-dev/vfioN) unless
- * named.  Build against the 6.12 uAPI headers (<linux/iommufd.h> is 6.2+):
+ * named (an empty BDF or cdev: found as without it); BYTES per transfer, 4096 by
+ * default.  Build against the 6.12 uAPI headers (<linux/iommufd.h> is 6.2+):
  * cc -O2 -Wall -isystem /path/to/6.12/include -o iommufd_edu_dma iommufd_edu_dma.c
  * Exit status 0 when every byte made the round trip.
  */
@@ -42,7 +43,7 @@
 #define DMA_RUN 1
 #define DMA_TO_RAM 2
 #define DMA_IRQ 4
-#define CHUNK 4096
+#define CHUNK 4096                      /* edu's DMA buffer */
 #define MAP_SIZE (1024 * 1024)
 
 static void die(const char *what)
@@ -142,11 +143,16 @@ static void wait_irq(int efd, volatile uint32_t *bar)
     bar[EDU_IRQ_ACK / 4] = status;          /* acknowledge */
 }
 
+/* Bytes per transfer: QEMU 7.2's edu refuses a DMA that ends at the very end of its
+ * buffer (it aborts the whole VM: "DMA range ... out of bounds"), so in such a guest
+ * ask for less than 4096. */
+static unsigned chunk = CHUNK;
+
 static void dma(volatile uint32_t *bar, int efd, uint64_t src, uint64_t dst, uint32_t cmd)
 {
     *(volatile uint64_t *)((volatile char *)bar + EDU_DMA_SRC) = src;
     *(volatile uint64_t *)((volatile char *)bar + EDU_DMA_DST) = dst;
-    *(volatile uint64_t *)((volatile char *)bar + EDU_DMA_CNT) = CHUNK;
+    *(volatile uint64_t *)((volatile char *)bar + EDU_DMA_CNT) = chunk;
     *(volatile uint64_t *)((volatile char *)bar + EDU_DMA_CMD) = cmd | DMA_RUN | DMA_IRQ;
     wait_irq(efd, bar);
 }
@@ -155,13 +161,19 @@ int main(int argc, char **argv)
 {
     char bdf[256], cdev[512];
 
-    if (argc > 1)
+    if (argc > 3)
+        chunk = (unsigned)strtoul(argv[3], NULL, 0);
+    if (!chunk || chunk > CHUNK) {
+        fprintf(stderr, "iommufd_edu_dma: BYTES must be 1..%d\n", CHUNK);
+        return 1;
+    }
+    if (argc > 1 && argv[1][0])
         snprintf(bdf, sizeof bdf, "%s", argv[1]);
     else if (find_edu(bdf, sizeof bdf) < 0) {
         fprintf(stderr, "iommufd_edu_dma: no edu device bound to vfio-pci\n");
         return 1;
     }
-    if (argc > 2)
+    if (argc > 2 && argv[2][0])
         snprintf(cdev, sizeof cdev, "%s", argv[2]);
     else if (find_cdev(bdf, cdev, sizeof cdev) < 0) {
         fprintf(stderr, "iommufd_edu_dma: %s has no vfio-dev directory in sysfs (not bound to vfio-pci, or a "
@@ -253,14 +265,14 @@ int main(int argc, char **argv)
     if (ioctl(cdev_fd, VFIO_DEVICE_SET_IRQS, irq))
         die("VFIO_DEVICE_SET_IRQS");
 
-    /* RAM -> device -> RAM, 4 KiB at a time (edu's buffer), through the IOAS's HWPT */
-    for (int i = 0; i < CHUNK; i++)
+    /* RAM -> device -> RAM, up to 4 KiB (edu's buffer), through the IOAS's HWPT */
+    for (unsigned i = 0; i < chunk; i++)
         buf[i] = (uint8_t)(i * 7 + 3);
-    memset(buf + CHUNK, 0, CHUNK);
+    memset(buf + CHUNK, 0, chunk);
     dma(bar, efd, map.iova, EDU_BUFFER, 0);
     dma(bar, efd, EDU_BUFFER, map.iova + CHUNK, DMA_TO_RAM);
-    int ok = memcmp(buf, buf + CHUNK, CHUNK) == 0;
-    printf("DMA round trip of %d bytes: %s\n", CHUNK, ok ? "verified" : "MISMATCH");
+    int ok = memcmp(buf, buf + CHUNK, chunk) == 0;
+    printf("DMA round trip of %u bytes: %s\n", chunk, ok ? "verified" : "MISMATCH");
 
     /* Tear down: detach, unmap, unbind (closing the cdev) */
     munmap((void *)bar, reg.size);

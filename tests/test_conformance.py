@@ -4,7 +4,9 @@ tests/data/conformance/<platform>/*.jsonl were recorded by `vfiosim qemu-record`
 the project's scenario programs run under the recording shim in QEMU guests whose
 Linux 6.12 drives QEMU's emulated edu devices through its own VFIO (pseries: the sPAPR
 TCE driver over the hypervisor's tables; powernv9: the same driver over Linux's own
-PHB4 IODA2 tables, with EEH; x86 q35: Type1 over an emulated VT-d).  Every CI run
+PHB4 IODA2 tables, with EEH; x86 q35: Type1 over an emulated VT-d; x86-iommufd: the
+same q35 guest booting Debian's 6.12 source built with iommufd, /dev/iommu and the
+VFIO device cdev, which Debian's own build leaves out).  Every CI run
 replays them on the matching simulated machine: every step must answer as the real
 kernel did, and docs/conformance.md's table must be what the replay counts.
 Re-recording them needs the guests: `python3 -m pytest -m qemu_record` (left out of
@@ -35,18 +37,29 @@ def result():
 
 def test_the_traces_are_real_kernels_on_the_machines_of_the_presets():
     found = traces_in(DATA)
-    assert set(found) == {"pseries", "powernv", "x86"}
+    assert set(found) == {"pseries", "powernv", "x86", "x86-iommufd", "x86-iommufd-compat"}
     for platform, paths in found.items():
         assert {p.stem for p in paths} == {s.name for s in PLATFORMS[platform].scenarios}
         for path in paths:
             with open_trace(path) as t:
                 h = t.header
             assert h["source"] == "kernel" and h["recorder"].startswith("vfiosim record")
-            assert h["system"]["kernel"].startswith("6.12") and h["system"]["platform"] == platform
+            assert h["system"]["kernel"].startswith("6.12") and h["system"]["platform"] == PLATFORMS[platform].machine
             assert "vfio_pci" in h["iommu"]["modules"]
-            # Debian's build, read from the kernel's own .config: no iommufd.
-            assert h["kernel_config"] == ["VFIO_GROUP=y", "VFIO_CONTAINER=y", "IOMMUFD=n", "VFIO_DEVICE_CDEV=n",
-                                          "IOMMUFD_VFIO_CONTAINER=n"]
+            if platform == "x86-iommufd":
+                # Built from Debian's source with iommufd and the cdev, VFIO's own container kept.
+                assert h["system"]["kernel"] == "6.12.118" and "iommufd" in h["iommu"]["modules"]
+                assert h["kernel_config"] == ["VFIO_GROUP=y", "VFIO_CONTAINER=y", "IOMMUFD=y",
+                                              "VFIO_DEVICE_CDEV=y", "IOMMUFD_VFIO_CONTAINER=n"]
+            elif platform == "x86-iommufd-compat":
+                # ... and with iommufd's container instead of VFIO's (no vfio_iommu_type1).
+                assert h["system"]["kernel"] == "6.12.118" and "vfio_iommu_type1" not in h["iommu"]["modules"]
+                assert h["kernel_config"] == ["VFIO_GROUP=y", "VFIO_CONTAINER=n", "IOMMUFD=y",
+                                              "VFIO_DEVICE_CDEV=y", "IOMMUFD_VFIO_CONTAINER=y"]
+            else:
+                # Debian's build, read from the kernel's own .config: no iommufd.
+                assert h["kernel_config"] == ["VFIO_GROUP=y", "VFIO_CONTAINER=y", "IOMMUFD=n", "VFIO_DEVICE_CDEV=n",
+                                              "IOMMUFD_VFIO_CONTAINER=n"]
             assert h["kernel_config_from"] == f"/boot/config-{h['system']['kernel']}"
             edus = {d["bdf"]: d["iommu_group"] for d in h["devices"] if d["device"] == "0x11e8"}
             if platform == "pseries":
@@ -63,7 +76,7 @@ def test_the_traces_are_real_kernels_on_the_machines_of_the_presets():
 
 
 def test_every_step_recorded_on_real_kernels_replays_as_recorded(result):
-    for platform in ("pseries", "powernv", "x86"):
+    for platform in ("pseries", "powernv", "x86", "x86-iommufd", "x86-iommufd-compat"):
         kernel = [f"[{s}] {d}" for s, d in result.divergences[platform] if d.label == "kernel"]
         assert not kernel, "\n".join(kernel)
         assert result.labels[platform]["environment"] == 0
@@ -78,6 +91,10 @@ def test_every_step_recorded_on_real_kernels_replays_as_recorded(result):
     for fam in ("container", "group", "IOMMU (Type1)", "device info", "region access", "interrupts",
                 "ioeventfd", "device features", "reset"):
         assert cells["x86"][fam][1] >= 8, fam
+        for built in ("x86-iommufd", "x86-iommufd-compat"):
+            assert cells[built][fam][1] >= 8, (built, fam)
+    for built in ("x86-iommufd", "x86-iommufd-compat"):
+        assert cells[built]["iommufd"][1] > 150 and cells[built]["device cdev"][1] >= 20
     assert all(cells[p]["process"][1] >= 7 for p in cells)      # forks, an exec, limits, credentials
 
 
@@ -148,6 +165,41 @@ def test_docs_conformance_table_is_what_the_replay_counts(result):
     assert m, "docs/conformance.md lost its table markers"
     assert m.group(1).strip() == result.table().strip(), \
         "docs/conformance.md's table is stale; `vfiosim conformance --table-only` prints the current one"
+
+
+def test_a_kernel_with_iommufd_shows_what_the_model_was_read_from_the_source():
+    """x86-iommufd: Linux 6.12.118 with iommufd, the first real one.  What was only
+    read from the source before: IOMMU_GET_HW_INFO gives the VT-d unit's registers as
+    sysfs shows them (QEMU under TCG: no EIM), a reserved range (the MSI window) is
+    EADDRINUSE whichever comes first, the allowed range or the device, and a replace
+    onto an IOAS with a mapping there fails leaving the device where it was."""
+    with open_trace(DATA / "x86-iommufd" / "iommufd_families.jsonl") as t:
+        unit = t.header["iommu"]["units"][0]
+        hw = [r for r in t if r.get("cmd") == "IOMMU_GET_HW_INFO" and not r["errno"]][0]["out"]["hw_info"]
+    assert (hw["cap_reg"], hw["ecap_reg"]) == (int(unit["cap"], 16), int(unit["ecap"], 16)) == (0xd2008c22260286,
+                                                                                             0xf00f4a)
+    vtd = vfiosim.Machine.preset("x86", kernel_config="iommufd").iommu_units[0]
+    assert (vtd.cap_reg, vtd.ecap_reg) == (hw["cap_reg"], hw["ecap_reg"])
+    with open_trace(DATA / "x86-iommufd" / "iommufd_edges.jsonl") as t:
+        recs = [r for r in t if r.get("call") == "ioctl"]
+    attach = [r for r in recs if r["cmd"] == "VFIO_DEVICE_ATTACH_IOMMUFD_PT"]
+    assert [r["err"] for r in attach] == ["EADDRINUSE", "EADDRINUSE", "", "EADDRINUSE", "", ""]
+    automatic = [r["out"]["iova"] for r in recs if r["cmd"] == "IOMMU_IOAS_MAP" and not r["errno"]
+                 and not r["args"]["flags"] & 1]
+    # Aligned like the user address, as far as a huge page (THP, as Debian builds it).
+    assert automatic == [0x400000, 0x1000, 0x110000]
+
+
+def test_iommufds_vfio_container_on_a_real_kernel_is_not_vfios():
+    """x86-iommufd-compat: the Type1 scenarios on /dev/vfio/vfio served by iommufd
+    (IOMMUFD_VFIO_CONTAINER).  They replay as recorded on that configuration, and on
+    VFIO's own Type1 they do not: the differences upstream documents are real."""
+    path = DATA / "x86-iommufd-compat" / "walker-type1v2.jsonl"
+    with open_trace(path) as t:
+        r = replay(vfiosim.Machine.preset("x86", kernel_config="iommufd"), t, keep=100000)
+    assert r.counts["kernel"] > 10
+    with open_trace(path) as t:
+        assert replay(vfiosim.Machine.preset("x86", kernel_config="iommufd-compat"), t).counts["kernel"] == 0
 
 
 @pytest.mark.qemu_record

@@ -155,10 +155,11 @@ static void resolve(void)
 enum { K_NONE = 0, K_CONTAINER, K_GROUP, K_DEVICE, K_IOMMUFD, K_CDEV };
 static unsigned char vfd[VFD_MAX];      /* kind of each simulated fd */
 static int vminor[VFD_MAX];             /* group number of group fds, N of a /dev/vfio/devices/vfioN fd */
-/* The simulated kernel's /dev/iommu (a misc device) and the vfio-dev cdev major;
- * transport/sysfs.py writes the same numbers into the fake /dev. */
-#define IOMMUFD_MISC_MINOR 123
-#define VFIO_CDEV_MAJOR 511
+/* The simulated kernel's /dev/iommu (a misc device) and the vfio-dev cdev major,
+ * as a 6.12.118 guest has them; transport/sysfs.py writes the same numbers into the
+ * fake /dev and says why. */
+#define IOMMUFD_MISC_MINOR 257
+#define VFIO_CDEV_MAJOR 242
 
 static int active;                      /* $VFIOSIM_SOCKET is set */
 static int sock_fd = -1;

@@ -1,8 +1,9 @@
 """``vfiosim qemu-record``: real kernels to record against, in QEMU guests, for CI.
 
 Three guests, each a Debian kernel (6.12 from bookworm-backports, as ``image.py`` picks
-it) booted in QEMU under TCG with QEMU's own emulated ``edu`` devices bound to
-vfio-pci, so that the guest's VFIO is the real thing:
+it), and two booting kernels built from Debian's 6.12 source, in QEMU under TCG with
+QEMU's own emulated ``edu`` devices bound to vfio-pci, so that the guest's VFIO is the
+real thing:
 
 * **pseries** (``qemu-system-ppc64 -M pseries``, ppc64le): two edu devices on two
   sPAPR PHBs, the real sPAPR TCE IOMMU driver over the hypervisor's TCE tables; the
@@ -13,6 +14,13 @@ vfio-pci, so that the guest's VFIO is the real thing:
 * **x86** (``qemu-system-x86_64 -M q35``): an emulated Intel VT-d IOMMU
   (``intel-iommu``, caching mode; ``intel_iommu=on iommu=pt``) and two edu devices,
   each behind its own PCIe root port: Type1; the machine of the x86 preset.
+* **x86-iommufd**: the same guest booting a kernel built from Debian's 6.12 source
+  with iommufd and the VFIO device cdev (``scripts/build-iommufd-kernel.sh``, given
+  with ``--kernel-build DIR``; Debian's own has ``# CONFIG_IOMMUFD is not set``): the
+  x86 scenarios again, and the iommufd ones, compiled against that kernel's uAPI
+  headers; replayed on the x86 preset with the trace's kernel configuration.
+  **x86-iommufd-compat**: the same with iommufd's VFIO container
+  (``IOMMUFD_VFIO_CONTAINER``, VFIO's own container left out).
 
 Inside, ``/init`` (``guest/record-init.sh``) runs the project's scenario programs,
 each under the recording shim (``LD_PRELOAD=libvfiosim_record.so``, exactly what
@@ -93,6 +101,18 @@ class GuestPlatform:
     memory: str = "1G"
     # The machine's own devices: powernv's PHB4s and root ports come only with them.
     defaults: bool = False
+    # The vfiosim preset the traces replay on (with the trace's kernel configuration),
+    # when not the one named like the platform.
+    preset: str = ""
+    # The kernel is not Debian's but one built from its source with iommufd
+    # (scripts/build-iommufd-kernel.sh), given with --kernel-build, whose .config
+    # must have these options (its traces go in this platform's directory).
+    built_kernel: bool = False
+    kernel_options: tuple[str, ...] = ()
+
+    @property
+    def machine(self) -> str:
+        return self.preset or self.name
 
     def qemu_args(self) -> list[str]:
         if self.name == "pseries":
@@ -121,6 +141,33 @@ class GuestPlatform:
 
 
 _WALK = "reference_walker < /etc/walker-{0}.txt"
+_CDEV = "/dev/vfio/devices/$(ls /sys/bus/pci/devices/{0}/vfio-dev)"
+_X86_SCENARIOS = (
+    Scenario("walker-type1v2", _WALK.format("type1v2-x86"), ("reference_walker.c",), "type1v2-x86.jsonl"),
+    Scenario("families", "vfio_families 0000:01:00.0", ("vfio_families.c",)),
+    Scenario("type1_edu_dma", "type1_edu_dma 0000:02:00.0 2048", ("type1_edu_dma.c",)),
+    Scenario("processes", "vfio_processes 0000:01:00.0", ("vfio_processes.c",)),
+)
+
+
+def _x86_built(name: str, options: tuple[str, ...]) -> GuestPlatform:
+    return GuestPlatform(
+        name=name, deb_arch="amd64", kernel_meta="linux-image-amd64", kernel_glob="",
+        qemu="qemu-system-x86_64", qemu_package="qemu-system-x86", cc="gcc", cc_packages=("gcc", "libc6-dev"),
+        libc_dir="/lib/x86_64-linux-gnu", loader="/lib64/ld-linux-x86-64.so.2",
+        modules=(), console="ttyS0", out_tty="/dev/ttyS1",
+        append="console=ttyS0 quiet panic=-1 intel_iommu=on iommu=pt", preset="x86",
+        built_kernel=True, kernel_options=options,
+        # 2 KiB transfers, as type1_edu_dma: QEMU 7.2's edu aborts the VM on a DMA
+        # that ends at the last byte of its buffer.
+        scenarios=_X86_SCENARIOS + (
+            Scenario("iommufd_edu_dma", "iommufd_edu_dma 0000:02:00.0 \"\" 2048", ("iommufd_edu_dma.c",)),
+            Scenario("iommufd_families", "iommufd_families 0000:01:00.0 0000:02:00.0", ("iommufd_families.c",)),
+            Scenario("iommufd_edges", "iommufd_edges 0000:01:00.0", ("iommufd_edges.c",)),
+            Scenario("iommufd_pages", f"iommufd_pages {_CDEV.format('0000:01:00.0')} 16", ("iommufd_pages.c",)),
+        ))
+
+
 PLATFORMS: dict[str, GuestPlatform] = {
     "pseries": GuestPlatform(
         name="pseries", deb_arch="ppc64el", kernel_meta="linux-image-powerpc64le", kernel_glob="vmlinux-*",
@@ -164,12 +211,18 @@ PLATFORMS: dict[str, GuestPlatform] = {
         libc_dir="/lib/x86_64-linux-gnu", loader="/lib64/ld-linux-x86-64.so.2",
         modules=("vfio_iommu_type1", "vfio_pci"), console="ttyS0", out_tty="/dev/ttyS1",
         append="console=ttyS0 quiet panic=-1 intel_iommu=on iommu=pt",
-        scenarios=(
-            Scenario("walker-type1v2", _WALK.format("type1v2-x86"), ("reference_walker.c",), "type1v2-x86.jsonl"),
-            Scenario("families", "vfio_families 0000:01:00.0", ("vfio_families.c",)),
-            Scenario("type1_edu_dma", "type1_edu_dma 0000:02:00.0 2048", ("type1_edu_dma.c",)),
-            Scenario("processes", "vfio_processes 0000:01:00.0", ("vfio_processes.c",)),
-        )),
+        scenarios=_X86_SCENARIOS),
+    # The same guest on Debian's 6.12 source built with iommufd and the VFIO device
+    # cdev, everything built in (scripts/build-iommufd-kernel.sh; Debian's own kernel
+    # has `# CONFIG_IOMMUFD is not set`): the group/container scenarios again, on a
+    # kernel that also has /dev/iommu, then the iommufd ones.  Replayed on the x86
+    # preset with the trace's kernel configuration.  x86-iommufd keeps VFIO's own
+    # container (Type1); x86-iommufd-compat has iommufd's instead
+    # (IOMMUFD_VFIO_CONTAINER, which needs VFIO_CONTAINER=n).
+    "x86-iommufd": _x86_built("x86-iommufd", ("CONFIG_IOMMUFD=y", "CONFIG_VFIO_DEVICE_CDEV=y",
+                                              "CONFIG_VFIO_CONTAINER=y")),
+    "x86-iommufd-compat": _x86_built("x86-iommufd-compat", ("CONFIG_IOMMUFD=y", "CONFIG_VFIO_DEVICE_CDEV=y",
+                                                            "CONFIG_IOMMUFD_VFIO_CONTAINER=y")),
 }
 
 
@@ -210,10 +263,12 @@ def _reference_dir() -> Path | None:
 
 
 def _source(name: str) -> Path:
-    for d in (GUEST_DIR, HERE.parent.parent.parent / "examples"):
+    top = HERE.parent.parent.parent
+    for d in (GUEST_DIR, top / "examples", top / "tests" / "c"):
         if (d / name).exists():
             return d / name
-    raise QemuDemoUnavailable(f"the guest program {name} is not here (examples/ comes with a source checkout)")
+    raise QemuDemoUnavailable(f"the guest program {name} is not here (examples/ and tests/c/ come with a source "
+                              f"checkout)")
 
 
 # -- host tools ---------------------------------------------------------------------------------------------
@@ -253,7 +308,60 @@ class RecordImage:
     scenarios: list[str]
 
 
-def build_record_image(p: GuestPlatform, *, log: Log) -> RecordImage:
+@dataclass(frozen=True)
+class KernelBuild:
+    """A guest kernel built from source (scripts/build-iommufd-kernel.sh's output
+    directory): ``bzImage``, its ``config`` and its uAPI headers (``headers/include``,
+    from ``make headers_install``), which the scenario programs are compiled against."""
+    bzimage: Path
+    config: Path
+    headers: Path
+    release: str
+
+    @property
+    def description(self) -> str:
+        return f"Linux {self.release} built from source ({self.bzimage})"
+
+    def has(self, options: Iterable[str]) -> bool:
+        lines = set(self.config.read_text().splitlines())
+        return all(o in lines for o in options)
+
+
+def bzimage_release(data: bytes) -> str:
+    """The kernel release of an x86 bzImage: the setup header (magic "HdrS" at 0x202)
+    points at the version string with ``kernel_version`` (0x20e), relative to 0x200
+    (Documentation/arch/x86/boot.rst)."""
+    if data[0x202:0x206] != b"HdrS":
+        raise QemuDemoUnavailable("not an x86 bzImage (no HdrS setup header)")
+    at = int.from_bytes(data[0x20E:0x210], "little") + 0x200
+    end = data.find(b"\0", at, at + 256)
+    text = data[at:end if end >= 0 else at + 256].decode(errors="replace")
+    if not text.split():
+        raise QemuDemoUnavailable("the bzImage's setup header has no kernel version string")
+    return text.split()[0]
+
+
+def load_kernel_build(directory: Path) -> KernelBuild:
+    d = Path(directory)
+    bz, config, headers = d / "bzImage", d / "config", d / "headers" / "include"
+    missing = [str(f) for f in (bz, config, headers / "linux" / "iommufd.h") if not f.exists()]
+    if missing:
+        raise QemuDemoUnavailable(f"{d} is not a kernel build of scripts/build-iommufd-kernel.sh: no "
+                                  f"{', '.join(missing)}")
+    return KernelBuild(bz, config, headers, bzimage_release(bz.read_bytes()))
+
+
+def build_record_image(p: GuestPlatform, *, log: Log, kernel: KernelBuild | None = None) -> RecordImage:
+    if p.built_kernel and kernel is None:
+        raise QemuDemoUnavailable(f"the {p.name} guest boots a kernel built from source: "
+                                  f"scripts/build-iommufd-kernel.sh builds one, --kernel-build DIR gives it")
+    if not p.built_kernel and kernel is not None:
+        raise QemuDemoUnavailable(f"the {p.name} guest boots Debian's kernel; --kernel-build is for "
+                                  f"{', '.join(n for n, q in PLATFORMS.items() if q.built_kernel)}")
+    if kernel is not None and not kernel.has(p.kernel_options):
+        raise QemuDemoUnavailable(f"{kernel.config} is not a kernel for {p.name}: it needs "
+                                  f"{' '.join(p.kernel_options)} (scripts/build-iommufd-kernel.sh "
+                                  f"{'compat' if 'compat' in p.name else 'container'} builds one)")
     debs = fetch_debs(log=log, arch=p.deb_arch, kernel_meta=p.kernel_meta)
     refs = _reference_dir()
     scenarios = [s for s in p.scenarios if not s.walker or (refs is not None and (refs / s.walker).exists())]
@@ -262,12 +370,18 @@ def build_record_image(p: GuestPlatform, *, log: Log) -> RecordImage:
             log(f"{p.name}: no reference trace {s.walker} (a source checkout's tests/data/reference_traces, or "
                 f"$VFIOSIM_REFERENCE_TRACES): scenario {s.name} left out")
     sources = sorted({src for s in scenarios for src in s.sources})
+    # A kernel built here comes with its own uAPI headers (<linux/iommufd.h>).
+    cflags = [f"-isystem{kernel.headers}"] if kernel is not None else []
     h = hashlib.sha256()
-    for part in (str(IMAGE_FORMAT), p.name, debs["kernel"].name, debs["busybox"].name, INIT.read_text(),
+    kernel_parts = ([kernel.release, hashlib.sha256(kernel.bzimage.read_bytes()).hexdigest(),
+                     kernel.config.read_text(), (kernel.headers / "linux" / "iommufd.h").read_text()]
+                    if kernel is not None else [debs["kernel"].name])
+    for part in (str(IMAGE_FORMAT), p.name, *kernel_parts, debs["busybox"].name, INIT.read_text(),
                  RECORDER.read_text(), *(_source(src).read_text() for src in sources),
                  *(s.command + s.bdf for s in scenarios),
                  *((refs / s.walker).read_text() for s in scenarios if s.walker and refs is not None)):
         h.update(part.encode() + b"\0")
+    kernel_package = kernel.description if kernel is not None else debs["kernel"].name
     root = cache_dir() / "record-images"
     out = root / f"{p.name}-{h.hexdigest()[:16]}"
     meta = out / "image.json"
@@ -280,23 +394,33 @@ def build_record_image(p: GuestPlatform, *, log: Log) -> RecordImage:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         t = Path(tmp)
-        _extract(debs["kernel"], t / "k", log)
         _extract(debs["busybox"], t / "bb", log)
-        kernels = sorted((t / "k" / "boot").glob(p.kernel_glob))
-        moddirs = sorted((t / "k" / "lib" / "modules").iterdir())
-        if len(kernels) != 1 or len(moddirs) != 1:
-            raise QemuDemoUnavailable(f"{debs['kernel'].name}: expected one kernel and one module tree")
-        index = {module_name(m): m for m in moddirs[0].rglob("*.ko*") if m.name.endswith((".ko", ".ko.xz", ".ko.gz"))}
-        builtin_file = moddirs[0] / "modules.builtin"
-        builtin = {module_name(Path(line.strip())) for line in builtin_file.read_text().splitlines()
-                   if line.strip().endswith(".ko")} if builtin_file.exists() else set()
-        modules = module_load_order(index, builtin, list(p.modules))
+        # (name, bytes) of the kernel's .config in /boot, where the recorder reads it.
+        configs: list[tuple[str, bytes]]
+        if kernel is None:
+            _extract(debs["kernel"], t / "k", log)
+            kernels = sorted((t / "k" / "boot").glob(p.kernel_glob))
+            moddirs = sorted((t / "k" / "lib" / "modules").iterdir())
+            if len(kernels) != 1 or len(moddirs) != 1:
+                raise QemuDemoUnavailable(f"{debs['kernel'].name}: expected one kernel and one module tree")
+            index = {module_name(m): m for m in moddirs[0].rglob("*.ko*")
+                     if m.name.endswith((".ko", ".ko.xz", ".ko.gz"))}
+            builtin_file = moddirs[0] / "modules.builtin"
+            builtin = {module_name(Path(line.strip())) for line in builtin_file.read_text().splitlines()
+                       if line.strip().endswith(".ko")} if builtin_file.exists() else set()
+            modules = module_load_order(index, builtin, list(p.modules))
+            configs = [(c.name, c.read_bytes()) for c in sorted((t / "k" / "boot").glob("config-*"))]
+            kernel_image = kernels[0]
+        else:
+            modules = []              # everything the guest needs is built in
+            configs = [(f"config-{kernel.release}", kernel.config.read_bytes())]
+            kernel_image = t / "kernel"
+            shutil.copyfile(kernel.bzimage, kernel_image)
         cpio = Cpio()
         for d in ("bin", "dev", "proc", "sys", "tmp", "lib", "lib64", "lib/modules", "etc", "traces", "boot"):
             cpio.dir(d)
-        # The kernel's .config, where the recorder reads the kernel's configuration.
-        for config in sorted((t / "k" / "boot").glob("config-*")):
-            cpio.file(f"boot/{config.name}", config.read_bytes())
+        for name, data in configs:
+            cpio.file(f"boot/{name}", data)
         cpio.chardev("dev/console", 5, 1)
         cpio.chardev("dev/null", 1, 3, 0o666)
         cpio.file("bin/busybox", (t / "bb" / "bin" / "busybox").read_bytes(), 0o755)
@@ -318,7 +442,7 @@ def build_record_image(p: GuestPlatform, *, log: Log) -> RecordImage:
         cpio.file("lib/libvfiosim_record.so", shim.read_bytes(), 0o755)
         for source in sources:
             exe = t / Path(source).stem
-            _run([p.cc, "-O2", "-Wall", "-o", str(exe), str(_source(source))], log=log)
+            _run([p.cc, "-O2", "-Wall", *cflags, "-o", str(exe), str(_source(source))], log=log)
             cpio.file(f"bin/{exe.name}", exe.read_bytes(), 0o755)
         for s in scenarios:
             if s.walker:
@@ -334,13 +458,13 @@ def build_record_image(p: GuestPlatform, *, log: Log) -> RecordImage:
         cpio.file("lib/modules/load-order", ("\n".join(names) + "\n").encode())
         cpio.file("etc/out-tty", (p.out_tty + "\n").encode())
         (out / "initrd.cpio.gz").write_bytes(gzip.compress(cpio.finish(), compresslevel=6))
-        os.replace(kernels[0], out / "kernel")
-    meta.write_text(json.dumps({"kernel_package": debs["kernel"].name, "scenarios": [s.name for s in scenarios],
+        os.replace(kernel_image, out / "kernel")
+    meta.write_text(json.dumps({"kernel_package": kernel_package, "scenarios": [s.name for s in scenarios],
                                 "modules": names}, indent=2) + "\n")
     for old in root.iterdir():                     # this platform's images of older inputs
-        if old != out and old.name.startswith(f"{p.name}-") and old.is_dir():
+        if old != out and old.name.rsplit("-", 1)[0] == p.name and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
-    return RecordImage(out / "kernel", out / "initrd.cpio.gz", debs["kernel"].name, [s.name for s in scenarios])
+    return RecordImage(out / "kernel", out / "initrd.cpio.gz", kernel_package, [s.name for s in scenarios])
 
 
 # -- the run -------------------------------------------------------------------------------------------------
@@ -386,11 +510,14 @@ def extract_traces(raw: str, dest: Path) -> list[Path]:
 
 
 def record_platform(name: str, out_dir: Path, *, workdir: Path, install: bool = True, timeout: float = 900,
-                    log: Log = lambda text: None) -> RecordRun:
-    """Boot the platform's guest, record its scenarios, put the traces in ``out_dir``."""
+                    log: Log = lambda text: None, kernel_build: Path | None = None) -> RecordRun:
+    """Boot the platform's guest, record its scenarios, put the traces in ``out_dir``;
+    ``kernel_build``: the directory of a kernel built from source, for the platforms
+    that boot one (x86-iommufd)."""
     p = PLATFORMS[name]
+    kernel = load_kernel_build(kernel_build) if kernel_build is not None else None
     check_tools(p, install=install, log=log)
-    img = build_record_image(p, log=log)
+    img = build_record_image(p, log=log, kernel=kernel)
     workdir.mkdir(parents=True, exist_ok=True)
     console, traces = workdir / f"{name}-console.log", workdir / f"{name}-traces.out"
     for f in (console, traces):
@@ -476,7 +603,8 @@ def conformance(traces: Mapping[str, Iterable[Path]], *, log: Log = lambda text:
         labels = c.labels.setdefault(platform, {"kernel": 0, "environment": 0, "machine": 0})
         for path in sorted(paths):
             with open_trace(path) as t:
-                machine, _why = machine_for(t.header, machine=platform)
+                preset = PLATFORMS[platform].machine if platform in PLATFORMS else platform
+                machine, _why = machine_for(t.header, machine=preset)
                 r = replay(machine, t)
             log(f"{platform}/{path.stem}: {r.matched}/{r.steps} steps match")
             for fam, fc in r.families.items():
@@ -531,7 +659,14 @@ def cmd_qemu_record(args: Any) -> int:
     def say(text: str) -> None:
         if args.verbose or text.startswith(("building", "cached", "installing", *PLATFORMS)):
             print(text, file=sys.stderr, flush=True)
-    platforms = list(PLATFORMS) if args.platform == "all" else [args.platform]
+    # "all": the Debian kernels, and with --kernel-build the platform of that kernel.
+    try:
+        built = load_kernel_build(Path(args.kernel_build)) if args.kernel_build else None
+    except QemuDemoUnavailable as exc:
+        print(f"vfiosim qemu-record: --kernel-build: {exc}", file=sys.stderr)
+        return 3
+    platforms = ([n for n, p in PLATFORMS.items() if not p.built_kernel or (built and built.has(p.kernel_options))]
+                 if args.platform == "all" else [args.platform])
     out = Path(args.out)
     work = Path(args.workdir) if args.workdir else cache_dir() / "record-run"
     recorded: dict[str, list[Path]] = {}
@@ -540,7 +675,8 @@ def cmd_qemu_record(args: Any) -> int:
         print(f"vfiosim qemu-record: booting the {name} guest (QEMU, TCG) ...", file=sys.stderr, flush=True)
         try:
             run = record_platform(name, out / name, workdir=work, install=not args.no_install, timeout=args.timeout,
-                                  log=say)
+                                  log=say, kernel_build=Path(args.kernel_build) if args.kernel_build and
+                                  PLATFORMS[name].built_kernel else None)
         except QemuDemoUnavailable as exc:
             print(f"vfiosim qemu-record: {name}: cannot run here: {exc}", file=sys.stderr)
             return 3
@@ -585,12 +721,17 @@ def cmd_conformance(args: Any) -> int:
 
 def add_parsers(sub: Any) -> None:
     q = sub.add_parser("qemu-record", help="record the scenario programs against real Linux VFIO in QEMU guests "
-                                           "(pseries, powernv9, x86 q35) and replay them (see docs/conformance.md)")
+                                           "(pseries, powernv9, x86 q35; x86-iommufd: a kernel built with "
+                                           "iommufd) and replay them (see docs/conformance.md)")
     q.add_argument("--platform", choices=[*PLATFORMS, "all"], default="all")
     q.add_argument("--out", default="conformance-traces", metavar="DIR",
                    help="where the traces go, one directory per platform (default ./conformance-traces; "
                         "tests/data/conformance holds the project's)")
     q.add_argument("--workdir", metavar="DIR", help="the guests' consoles (default ~/.cache/vfiosim/qemu/record-run)")
+    q.add_argument("--kernel-build", metavar="DIR",
+                   help="the kernel x86-iommufd (or x86-iommufd-compat) boots: the output directory of "
+                        "scripts/build-iommufd-kernel.sh (bzImage, config, headers/); with --platform all, the "
+                        "platform of that kernel is recorded too")
     q.add_argument("--no-install", action="store_true", help="do not apt-get install missing host tools")
     q.add_argument("--timeout", type=float, default=1200.0, help="give up on a guest after this many seconds")
     q.add_argument("--no-replay", action="store_true", help="record only")

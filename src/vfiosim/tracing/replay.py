@@ -105,6 +105,10 @@ class _Memory:
 
     #: room left around a recorded mapping for the mappings that grow it later
     RESERVE = 64 << 20
+    #: how far a replayed address keeps the recorded one's alignment: the kernel can
+    #: act on it up to a huge page (iopt_alloc_iova() aligns an automatic IOVA like
+    #: the user address, up to HPAGE_SIZE)
+    ALIGN = 2 << 20
 
     def __init__(self, proc: Any, declared: list[dict[str, Any]]) -> None:
         self.p = proc
@@ -177,9 +181,10 @@ class _Memory:
                 base = r0 + start - s0
                 break
         if base is None:
-            lo = max(start - self.RESERVE, 0) & ~0xFFF
+            lo = max(start - self.RESERVE, 0) & ~(self.ALIGN - 1)
             hi = end + self.RESERVE
-            r0 = self.p.mmap(hi - lo, 0)
+            raw = self.p.mmap(hi - lo + self.ALIGN, 0)
+            r0 = (raw + self.ALIGN - 1) & ~(self.ALIGN - 1)    # so base and start agree modulo ALIGN
             self.areas.append((lo, hi, r0))
             base = r0 + start - lo
         for s, e, perms in span:                      # the recorder lists them without gaps

@@ -42,9 +42,13 @@ VFIO_GROUP_MAJOR = 243          # a dynamic char major, as /proc/devices shows "
 MISC_MAJOR = 10
 VFIO_MINOR = 196
 # /dev/iommu is a misc device with a dynamic minor, /dev/vfio/devices/vfioN the
-# "vfio-dev" region's dynamic major; the preload shim uses the same numbers.
-IOMMUFD_MISC_MINOR = 123
-VFIO_CDEV_MAJOR = 511
+# "vfio-dev" region's dynamic major; the preload shim uses the same numbers.  As a
+# Linux 6.12.118 guest with iommufd built in showed them (docs/conformance.md,
+# x86-iommufd): misc_minor_alloc() hands out dynamic minors from 256 up (/dev/iommu
+# got 257), and vfio_init() allocates the "vfio-dev" region right after the groups'
+# "vfio" one, so its major is the next lower (there 249 and 248; here 243 and 242).
+IOMMUFD_MISC_MINOR = 257
+VFIO_CDEV_MAJOR = VFIO_GROUP_MAJOR - 1
 #: the modules whose /sys/module entries are the simulated kernel's (see _modules)
 MODULES = ("iommufd", "vfio", "vfio_pci", "vfio_pci_core", "vfio_iommu_type1", "vfio_iommu_spapr_tce")
 

@@ -481,13 +481,15 @@ class IntelIommu(IommuOps):
     @property
     def ecap_reg(self) -> int:
         """ECAP_REG: queued invalidation, the IOTLB register offset (0xf0), pass-
-        through; interrupt remapping with EIM (QEMU enables EIM when KVM's
-        split irqchip is in use, which intremap requires) and MHMV; snoop
-        control; for dirty tracking, scalable mode (SMTS, SRS, SLTS) with
-        second-level A/D bits (SLADS)."""
+        through; interrupt remapping and MHMV; snoop control; for dirty
+        tracking, scalable mode (SMTS, SRS, SLTS) with second-level A/D bits
+        (SLADS).  No EIM: QEMU's vtd_decide_config() turns it on only with
+        KVM's in-kernel irqchip, and the machines modelled are TCG guests (the
+        x86-iommufd guest's 6.12 reads 0xf00f4a from sysfs and from
+        IOMMU_GET_HW_INFO alike)."""
         ecap = (1 << 1) | (0xF0 << 4) | (1 << 6)
         if self.interrupt_remapping:
-            ecap |= (1 << 3) | (1 << 4) | (15 << 20)
+            ecap |= (1 << 3) | (15 << 20)
         if self.snoop_control:
             ecap |= 1 << 7
         if self.dirty_tracking:

@@ -18,6 +18,11 @@ for d in /sys/bus/pci/devices/*; do
     fi
 done
 echo "vfiosim-guest: /dev/vfio:" $(ls /dev/vfio)
+# The nodes' numbers (dynamic majors and minors), for the console log.
+ls -l /dev/iommu /dev/vfio /dev/vfio/devices 2>/dev/null | grep "^c" | while read -r line; do
+    echo "vfiosim-guest: node: $line"
+done
+grep -E "vfio|iommu" /proc/devices /proc/misc | while read -r line; do echo "vfiosim-guest: $line"; done
 
 while IFS='|' read -r name cmd; do
     [ -n "$name" ] || continue
