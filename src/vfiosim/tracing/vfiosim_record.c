@@ -14,8 +14,9 @@
  *   after the call, argsz of them, at most 64 KiB; a dirty bitmap's words; the
  *   mapping a vaddr lies in, from /proc/self/maps), read/write/pread/pwrite (the
  *   bytes, at most 4 KiB), mmap/munmap of a device fd, fork, and setrlimit of
- *   RLIMIT_MEMLOCK, credential changes (setuid and friends, capset), and chown of a VFIO node (an administrator
- *   giving a user the device); after each, VmLck and VmPin from /proc/self/status.
+ *   RLIMIT_MEMLOCK, credential changes (setuid and friends, capset), and chown of
+ *   a VFIO node (an administrator giving a user the device); after each, VmLck and
+ *   VmPin from /proc/self/status.
  * It knows each ioctl's *kind* of argument (none, a value, a pointer to an fd, a
  * string, a struct with argsz, and where the bitmap pointer of the dirty-tracking
  * calls is), not the structs' fields: vfiosim decodes the bytes when it reads the
