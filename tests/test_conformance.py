@@ -202,6 +202,42 @@ def test_iommufds_vfio_container_on_a_real_kernel_is_not_vfios():
         assert replay(vfiosim.Machine.preset("x86", kernel_config="iommufd-compat"), t).counts["kernel"] == 0
 
 
+def _accounting(path: Path) -> list[tuple[str, str, int, int]]:
+    """(call or ioctl, errno name, VmLck kB, VmPin kB) of each map and unmap."""
+    with open_trace(path) as t:
+        return [(r["cmd"], r["err"], r["vmlck_kb"], r["vmpin_kb"]) for r in t
+                if r.get("cmd", "").endswith(("MAP", "UNMAP", "MAP_DMA", "UNMAP_DMA"))]
+
+
+@pytest.mark.parametrize("platform", ["x86-iommufd", "x86-iommufd-compat"])
+def test_locked_memory_as_a_user_charges_where_the_kernel_source_says(platform):
+    """iommufd_user.c with RLIMIT_MEMLOCK 1 MiB on Linux 6.12.118.  As uid 1000 without
+    capabilities: iommufd's default mode charges user->locked_vm (incr_user_locked_vm,
+    so no VmLck) and counts VmPin (do_update_pinned); up to the limit maps, a page
+    past it is ENOMEM; RLIMIT_MODE needs CAP_SYS_RESOURCE (iommufd_option_rlimit_mode
+    checks it before EBUSY).  As root without CAP_IPC_LOCK, the per-mm mode charges
+    VmLck too (update_mm_locked_vm).  Through /dev/vfio/vfio: Type1 charges VmLck only,
+    iommufd's container both.  The replay answers every step as the kernel did."""
+    d = DATA / platform
+    limited = [("IOMMU_IOAS_MAP", "", 16), ("IOMMU_IOAS_MAP", "", 1024), ("IOMMU_IOAS_MAP", "ENOMEM", 1024),
+               ("IOMMU_IOAS_UNMAP", "", 1008), ("IOMMU_IOAS_UNMAP", "", 0)]
+    assert _accounting(d / "iommufd_user.jsonl") == [(c, e, 0, kb) for c, e, kb in limited]
+    assert _accounting(d / "iommufd_mm.jsonl") == [(c, e, kb, kb) for c, e, kb in limited]
+    type1 = [(c.replace("IOMMU_IOAS", "VFIO_IOMMU") + "_DMA", e, kb) for c, e, kb in limited]
+    compat = platform.endswith("compat")
+    assert _accounting(d / "container_user.jsonl") == [(c, e, kb, kb if compat else 0) for c, e, kb in type1]
+    with open_trace(d / "iommufd_user.jsonl") as t:
+        steps = list(t)
+    assert [r["now"]["cap_eff"] for r in steps if r["call"] == "setuid"] == ["0000000000000000"]
+    assert [r["err"] for r in steps if r.get("cmd") == "IOMMU_OPTION"] == ["", "EPERM", "", "EPERM"]
+    with open_trace(d / "iommufd_mm.jsonl") as t:
+        assert [r["err"] for r in t if r.get("cmd") == "IOMMU_OPTION"] == ["", "", "", "EBUSY"]
+    for scenario in ("iommufd_user", "iommufd_mm", "container_user"):
+        with open_trace(d / f"{scenario}.jsonl") as t:
+            r = replay(vfiosim.Machine.preset("x86", kernel_config="iommufd-compat" if compat else "iommufd"), t)
+        assert r.counts == {label: 0 for label in r.counts} and r.matched == r.steps > 15, (scenario, r.counts)
+
+
 @pytest.mark.qemu_record
 @pytest.mark.parametrize("platform", ["pseries", "powernv", "x86"])
 def test_recording_again_in_the_guests_gives_traces_that_replay_as_recorded(tmp_path, platform):

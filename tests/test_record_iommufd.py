@@ -14,6 +14,7 @@ tests skip with the reason when those cannot be had.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,7 @@ def bins(tmp_path_factory):
     built["example"] = cc(EXAMPLES / "iommufd_edu_dma.c", out, *flags)
     built["families"] = cc(C_DIR / "iommufd_families.c", out, *flags)
     built["pages"] = cc(C_DIR / "iommufd_pages.c", out, *flags)
+    built["user"] = cc(C_DIR / "iommufd_user.c", out, *flags)
     return built
 
 
@@ -242,3 +244,32 @@ def test_without_a_kernel_config_file_the_shim_reads_the_configuration_off_dev_a
     from vfiosim.tracing.format import kernel_config_items
     assert head["kernel_config"] == kernel_config_items(machine.kernel.config)
     assert head["kernel_config_from"].startswith("/dev and sysfs")
+
+
+def test_a_user_given_the_nodes_by_chown_is_recorded_and_replayed_with_them(bins, tmp_path):
+    """iommufd_user.c: root chowns /dev/iommu and the cdev to uid 1000, sets
+    RLIMIT_MEMLOCK to 1 MiB and drops to 1000.  The recorder writes the chowns (and
+    the credentials after the drop), and the replay performs them: without them the
+    user could not open the nodes (EACCES).  Per-user accounting: no VmLck, VmPin to
+    the limit, ENOMEM one page past it."""
+    if os.geteuid() != 0:
+        pytest.skip("giving a node to another uid and dropping to it needs root")
+    trace, out = record(tmp_path, "x86", "iommufd", str(bins["user"]), "1000", "0x100000", "iommufd",
+                        "/dev/vfio/devices/vfio0")
+    recs = records(trace)
+    assert [(r["path"], r["uid"], r["gid"], r["ret"]) for r in recs if r["call"] == "chown"] == \
+        [("/dev/iommu", 1000, 1000, 0), ("/dev/vfio/devices/vfio0", 1000, 1000, 0)]
+    assert [r["now"]["euid"] for r in recs if r["call"] == "setuid"] == [1000]
+    maps = [(r["err"], r["vmlck_kb"], r["vmpin_kb"]) for r in recs if r.get("cmd") == "IOMMU_IOAS_MAP"]
+    assert maps == [("", 0, 16), ("", 0, 1024), ("ENOMEM", 0, 1024)]
+    with open_trace(trace) as t:
+        machine, _ = machine_for(t.header)
+        r = replay(machine, t)
+    assert r.matched == r.steps == len(recs) - 1, "\n".join(map(str, r.divergences))
+
+    without = tmp_path / "without-chown.jsonl"
+    without.write_text("".join(line for line in trace.read_text().splitlines(True) if '"call": "chown"' not in line))
+    with open_trace(without) as t:
+        machine, _ = machine_for(t.header)
+        r = replay(machine, t)
+    assert any(d.what == "result" and d.got == "-1 EACCES" for d in r.divergences)

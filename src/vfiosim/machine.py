@@ -467,6 +467,10 @@ class Process:
     def getrlimit(self, resource_id: int) -> tuple[int, int]:
         return self._in_task("getrlimit", lambda t: t.rlimit(resource_id))
 
+    def chown(self, path: str, uid: int, gid: int = -1) -> None:
+        """chown(2) of a device node (-1 keeps an id)."""
+        self._in_task("chown", lambda t: self.machine.kernel.sys_chown(t, path, uid, gid))
+
     def setuid(self, uid: int) -> None:
         self._in_task("setuid", lambda t: t.setuid(uid))
 

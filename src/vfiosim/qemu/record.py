@@ -142,6 +142,7 @@ class GuestPlatform:
 
 _WALK = "reference_walker < /etc/walker-{0}.txt"
 _CDEV = "/dev/vfio/devices/$(ls /sys/bus/pci/devices/{0}/vfio-dev)"
+_GROUP = "/dev/vfio/$(basename $(readlink /sys/bus/pci/devices/{0}/iommu_group))"
 _X86_SCENARIOS = (
     Scenario("walker-type1v2", _WALK.format("type1v2-x86"), ("reference_walker.c",), "type1v2-x86.jsonl"),
     Scenario("families", "vfio_families 0000:01:00.0", ("vfio_families.c",)),
@@ -165,6 +166,15 @@ def _x86_built(name: str, options: tuple[str, ...]) -> GuestPlatform:
             Scenario("iommufd_families", "iommufd_families 0000:01:00.0 0000:02:00.0", ("iommufd_families.c",)),
             Scenario("iommufd_edges", "iommufd_edges 0000:01:00.0", ("iommufd_edges.c",)),
             Scenario("iommufd_pages", f"iommufd_pages {_CDEV.format('0000:01:00.0')} 16", ("iommufd_pages.c",)),
+            # As uid 1000 without capabilities, RLIMIT_MEMLOCK 1 MiB: iommufd's
+            # per-user charge, then the container's per-mm one (Type1 or iommufd's);
+            # as root without CAP_IPC_LOCK, iommufd's per-mm mode.
+            Scenario("iommufd_user", f"iommufd_user 1000 0x100000 iommufd {_CDEV.format('0000:01:00.0')}",
+                     ("iommufd_user.c",)),
+            Scenario("iommufd_mm", f"iommufd_user 0 0x100000 iommufd {_CDEV.format('0000:01:00.0')}",
+                     ("iommufd_user.c",)),
+            Scenario("container_user", f"iommufd_user 1000 0x100000 container {_GROUP.format('0000:01:00.0')} "
+                                       f"0000:01:00.0", ("iommufd_user.c",)),
         ))
 
 

@@ -101,7 +101,7 @@ def family(rec: dict[str, Any], iommu: str = "") -> str:
         return "files"
     if call in ("read", "write", "mmap", "munmap", "mmio"):
         return "region access"
-    if call in ("setrlimit", "setuid", "fork", "exec"):
+    if call in ("setrlimit", "setuid", "chown", "fork", "exec"):
         return "process"
     if call != "ioctl":
         return call

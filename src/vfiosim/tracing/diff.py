@@ -51,7 +51,7 @@ def _key(step: list[dict[str, Any]]) -> tuple[tuple[Any, ...], ...]:
 
 
 #: records of what happened around the VFIO calls (a replay takes them over), not calls to pair
-CONTEXT_CALLS = ("exit", "fork", "exec", "setrlimit", "setuid")
+CONTEXT_CALLS = ("exit", "fork", "exec", "setrlimit", "setuid", "chown")
 
 
 def sees_mmio(header: dict[str, Any]) -> bool:

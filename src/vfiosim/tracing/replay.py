@@ -401,6 +401,11 @@ class Replayer:
             if rec.get("errno"):
                 raise OSError(rec["errno"], "as recorded")
             return 0, {"now": now}
+        if call == "chown":
+            # An administrator giving a user a node, as the recording did (before it
+            # dropped its privileges): who may open the node afterwards.
+            sim.chown(rec["path"], int(rec.get("uid", -1)), int(rec.get("gid", -1)))
+            return 0, {}
         if call == "exec":
             # A new image: a new address space, close-on-exec files closed (Kernel.exec).
             sim.exec()

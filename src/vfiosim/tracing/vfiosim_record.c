@@ -14,7 +14,9 @@
  *   after the call, argsz of them, at most 64 KiB; a dirty bitmap's words; the
  *   mapping a vaddr lies in, from /proc/self/maps), read/write/pread/pwrite (the
  *   bytes, at most 4 KiB), mmap/munmap of a device fd, fork, and setrlimit of
- *   RLIMIT_MEMLOCK; after each, VmLck and VmPin from /proc/self/status.
+ *   RLIMIT_MEMLOCK, credential changes (setuid and friends, capset), and chown of
+ *   a VFIO node (an administrator giving a user the device); after each, VmLck and
+ *   VmPin from /proc/self/status.
  * It knows each ioctl's *kind* of argument (none, a value, a pointer to an fd, a
  * string, a struct with argsz, and where the bitmap pointer of the dirty-tracking
  * calls is), not the structs' fields: vfiosim decodes the bytes when it reads the
@@ -94,6 +96,8 @@ static int (*real_setuid)(uid_t);
 static int (*real_seteuid)(uid_t);
 static int (*real_setreuid)(uid_t, uid_t);
 static int (*real_setresuid)(uid_t, uid_t, uid_t);
+static int (*real_chown)(const char *, uid_t, gid_t);
+static int (*real_capset)(void *, const void *);
 
 static void resolve(void)
 {
@@ -121,6 +125,8 @@ static void resolve(void)
     real_seteuid = dlsym(RTLD_NEXT, "seteuid");
     real_setreuid = dlsym(RTLD_NEXT, "setreuid");
     real_setresuid = dlsym(RTLD_NEXT, "setresuid");
+    real_chown = dlsym(RTLD_NEXT, "chown");
+    real_capset = dlsym(RTLD_NEXT, "capset");
 }
 
 /* -- a growable string: one trace line ---------------------------------------------------------- */
@@ -1551,5 +1557,33 @@ EXPORT int setresuid(uid_t r, uid_t e, uid_t sv)
     int ret = real_setresuid(r, e, sv);
     if (trace_fd >= 0)
         record_creds("setresuid", ret, errno);
+    return ret;
+}
+
+/* capset(2) (glibc's wrapper, libcap's too): the capabilities change as the uid's do. */
+EXPORT int capset(void *header, const void *data)
+{
+    resolve();
+    int ret = real_capset(header, data);
+    if (trace_fd >= 0)
+        record_creds("capset", ret, errno);
+    return ret;
+}
+
+/* chown of a VFIO node: who may open it afterwards (a replay gives its node the
+ * same owner). */
+EXPORT int chown(const char *path, uid_t uid, gid_t gid)
+{
+    resolve();
+    int ret = real_chown(path, uid, gid), err = errno;
+    if (vfio_path(path)) {
+        struct sb s = {0};
+        begin(&s, "chown");
+        sb_add(&s, ", \"path\": ");
+        sb_str(&s, path);
+        sb_printf(&s, ", \"uid\": %d, \"gid\": %d", (int)uid, (int)gid);
+        end(&s, ret, err);
+    }
+    errno = err;
     return ret;
 }

@@ -369,6 +369,8 @@ def format_record(rec: dict[str, Any]) -> str:
             f"{_fmt_value('addr', rec.get('addr', 0))}, {_fmt_value('length', rec.get('length', 0))}"
     elif call == "setuid":
         args = f"{rec.get('detail', '')} => {_fmt_value('', rec.get('now') or {})}"
+    elif call == "chown":
+        args = f"{rec.get('path')}, {rec.get('uid')}, {rec.get('gid')}"
     elif call == "fork":
         args = f"child={rec.get('child')}"
     elif call == "setrlimit":
