@@ -19,6 +19,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from ..kernel.uaccess import struct_layout
 from ..uapi import iommufd as iu
 from ..uapi import vfio as uapi
 
@@ -249,9 +250,56 @@ def struct_fields(obj: Any) -> dict[str, Any]:
     return out
 
 
+class _FlatStruct:
+    """A struct of integer fields only (most ioctl arguments): struct_fields()
+    of its bytes with one precompiled unpack, no ctypes object.  Traced calls
+    decode their argument twice (before and after), so this is on the path of
+    every traced ioctl."""
+
+    __slots__ = ("layout", "size", "names", "picks")
+
+    def __init__(self, cls: type[ctypes.Structure]) -> None:
+        fields = list(cls._fields_)
+        while fields and issubclass(fields[-1][1], ctypes.Array) and not fields[-1][1]._length_:
+            fields.pop()                # a flexible array (data[]): struct_fields() leaves it out
+        if not fields or any(len(f) > 2 for f in fields) or getattr(cls, "_anonymous_", ()):
+            raise TypeError(f"{cls.__name__} has bit fields or anonymous members")
+        self.layout = struct_layout(cls, fields[-1][0])        # TypeError unless all integers
+        self.size = ctypes.sizeof(cls)
+        kept = [(i, name) for i, (name, *_rest) in enumerate(fields)
+                if not (name.startswith("_") or name == "pad")]
+        self.names = tuple(name for _i, name in kept)
+        self.picks = tuple(i for i, _name in kept)
+
+    def decode(self, raw: bytes | bytearray) -> dict[str, Any]:
+        if len(raw) < self.size:
+            raw = bytes(raw).ljust(self.size, b"\0")
+        values = self.layout.unpack_from(raw)
+        return {name: values[i] for name, i in zip(self.names, self.picks)}
+
+
+_FLAT: dict[type, _FlatStruct | None] = {}
+
+
 def _struct(cls: type[ctypes.Structure], raw: bytes) -> dict[str, Any]:
+    flat = _FLAT.get(cls, False)
+    if flat is False:
+        try:
+            flat = _FlatStruct(cls)
+        except TypeError:
+            flat = None
+        _FLAT[cls] = flat
+    if flat is not None:
+        return flat.decode(raw)
     size = ctypes.sizeof(cls)
     return struct_fields(cls.from_buffer_copy(bytes(raw[:size]).ljust(size, b"\0")))
+
+
+#: The ioctls whose argument decodes to more fields after the call than its bytes
+#: alone give (decode()'s ``after`` branch): for the others, bytes the kernel left
+#: unchanged decode to what the program passed.
+DECODED_AFTER_ONLY = frozenset({"VFIO_IOMMU_GET_INFO", "VFIO_DEVICE_GET_INFO", "VFIO_DEVICE_GET_REGION_INFO",
+                                "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO"})
 
 
 def decode(name: str, raw: bytes, *, after: bool = False, bitmap: bytes | None = None,

@@ -46,8 +46,12 @@ if TYPE_CHECKING:
 # The ioctls whose argument is a struct (vfiosim.fuzz builds its templates from them).
 _STRUCTS: dict[str, type] = {name: layout.struct for name, layout in ioctls.LAYOUTS.items()
                              if layout.kind == ioctls.STRUCT and layout.struct is not None}
+_SIZES = {name: ctypes.sizeof(cls) for name, cls in _STRUCTS.items()}
+_U32 = struct.Struct("<I")
 _NO_ARG = {name for name, layout in ioctls.LAYOUTS.items() if layout.kind == ioctls.NONE}
 _VALUE_ARG = {name: layout.value_field for name, layout in ioctls.LAYOUTS.items() if layout.kind == ioctls.VALUE}
+#: A record holds no cycles: the encoder need not look for them.
+_encode = json.JSONEncoder(check_circular=False).encode
 #: read/write payloads kept in a trace (config space and BAR accesses are a few bytes)
 MAX_DATA = 4096
 
@@ -117,7 +121,7 @@ class Tracer:
     def _write(self, rec: dict[str, Any]) -> None:
         rec["seq"] = self.seq
         self.seq += 1
-        self.f.write(json.dumps(rec, sort_keys=False) + "\n")
+        self.f.write(_encode(rec) + "\n")
         if self.observer is not None:
             self.observer(rec)
 
@@ -223,7 +227,7 @@ class Tracer:
                 rec["args"] = {"ptr": arg, "fault": True}
             else:
                 rec["args"] = ioctls.decode(name, raw)
-                rec["_raw"] = len(raw)
+                rec["_raw"] = raw
                 for key in ioctls.ADDRESS_FIELDS.get(name, ()):
                     rec.setdefault("mem", {})[key] = self._where(task, rec["args"].get(key, 0))
         elif arg and name not in _NO_ARG:
@@ -263,13 +267,21 @@ class Tracer:
     def _read_arg(task: "Task", name: str, arg: int, size: int | None = None) -> bytes | None:
         """The argument's bytes: argsz of them (at least the struct, at most MAX_ARG),
         fewer if the program's memory ends first; None if not even argsz can be read."""
-        cls = _STRUCTS[name]
+        least = _SIZES[name]
+        if size is None:
+            try:                        # the usual case, argsz no more than the struct: one read
+                raw = task.mm.read(arg, least)
+            except Exception:
+                pass
+            else:
+                if _U32.unpack_from(raw)[0] <= least:
+                    return raw
         try:
-            argsz = struct.unpack("<I", task.mm.read(arg, 4))[0]
+            argsz = _U32.unpack(task.mm.read(arg, 4))[0]
         except Exception:
             return None
-        n = size if size is not None else min(max(argsz, ctypes.sizeof(cls)), ioctls.MAX_ARG)
-        for length in (n, ctypes.sizeof(cls), 4):
+        n = size if size is not None else min(max(argsz, least), ioctls.MAX_ARG)
+        for length in (n, least, 4):
             try:
                 return task.mm.read(arg, length)
             except Exception:
@@ -278,12 +290,14 @@ class Tracer:
 
     def end(self, rec: dict[str, Any], task: "Task", ret: int, err: int) -> None:
         arg = rec.pop("_arg", None)
-        size = rec.pop("_raw", None)
+        before = rec.pop("_raw", None)
         cmd = rec.get("cmd")
-        if arg is not None and size is not None and cmd in _STRUCTS:
-            after_raw = self._read_arg(task, cmd, arg, size)
-            if after_raw is not None:
-                bitmap = self._bitmap(task, cmd, rec["args"])
+        if arg is not None and before is not None and cmd in _STRUCTS:
+            after_raw = self._read_arg(task, cmd, arg, len(before))
+            bitmap = self._bitmap(task, cmd, rec["args"]) if after_raw is not None else None
+            # Bytes the kernel left as they were decode to what was passed: no "out".
+            unchanged = after_raw == before and bitmap is None and cmd not in ioctls.DECODED_AFTER_ONLY
+            if after_raw is not None and not unchanged:
                 after = ioctls.decode(cmd, after_raw, after=True, bitmap=bitmap)
                 changed = ioctls.changed(rec["args"], after)
                 if changed:
