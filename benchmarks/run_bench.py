@@ -12,7 +12,8 @@ A plain C program (bench_client.c, `<linux/vfio.h>` only) is timed under
   access the shim emulates (informational);
 * memcpy for edu DMA of 1 MiB in 4 KiB transfers, RAM -> device -> RAM,
   driven through the BAR mmap;
-* the same program untraced for `--trace`;
+* the same programs untraced for `--trace` (the edu DMA workload, and
+  MAP_DMA + UNMAP_DMA pairs: the cost per traced ioctl);
 * the same calls made in-process (the `Process` API) for the transport's
   share of a MAP_DMA + UNMAP_DMA pair.
 
@@ -180,6 +181,23 @@ def fig_trace(r: Runner, mib: int, tmp: str) -> Figure:
                   ratio <= 1.5, {"untraced_MBps": plain, "traced_MBps": with_trace})
 
 
+def fig_trace_ioctl(r: Runner, n: int, tmp: str) -> Figure:
+    """What --trace adds to each ioctl: what `vfiosim qemu-demo`, which always traces,
+    pays a million times (sPAPR v2 4 KiB MAP_DMA + UNMAP_DMA pairs, traced and not)."""
+    trace = os.path.join(tmp, "t-ioctl.jsonl")
+
+    def traced() -> float:
+        if os.path.exists(trace):
+            os.unlink(trace)
+        return r.under("pseries", "mapunmap", n, "spapr2", "0", trace=trace)
+    plain = r.best(lambda: r.under("pseries", "mapunmap", n, "spapr2", "0"))
+    with_trace = r.best(traced)
+    return Figure("run: --trace vs untraced (4 KiB MAP_DMA+UNMAP_DMA pairs, sPAPR v2, time ratio)",
+                  with_trace / plain, "x untraced time", "(informational)", None,
+                  {"untraced_pair_ns": plain, "traced_pair_ns": with_trace,
+                   "trace_ns_per_ioctl": (with_trace - plain) / 2})
+
+
 def suite(quick: bool) -> list[tuple[str, Callable[[Runner, dict], Figure]]]:
     n_sys, n_ioctl, n_pair, n_bar, mib, secs = ((20000, 300, 100, 300, 1, 1.0) if quick else
                                                 (500000, 20000, 2000, 20000, 4, 10.0))
@@ -202,6 +220,7 @@ def suite(quick: bool) -> list[tuple[str, Callable[[Runner, dict], Figure]]]:
         ("dma-pseries", with_memcpy(lambda r, m: fig_dma(r, mib, m, PSERIES))),
         ("stress", lambda r, ctx: fig_stress(r, secs)),
         ("trace", lambda r, ctx: fig_trace(r, mib, ctx["tmp"])),
+        ("trace-ioctl", lambda r, ctx: fig_trace_ioctl(r, n_pair * 5, ctx["tmp"])),
     ]
 
 

@@ -54,3 +54,25 @@ def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(SystemExit, match=r"vfiosim\[plot\]"):
         main(["bench", "--quick", "--plot", str(tmp_path)])
+
+
+def test_the_run_benchmarks_smoke_run_measures_every_figure(tmp_path):
+    """benchmarks/run_bench.py (issue 13's figures under `vfiosim run`) at tiny
+    sizes: a C program built, run under the daemon and timed for each figure."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler for benchmarks/bench_client.c")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "run_bench.py"
+    out_json = tmp_path / "run.json"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--json", str(out_json)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = json.loads(out_json.read_text())["figures"]
+    assert len(figures) == 12
+    for f in figures:
+        assert 0 < f["value"] < float("inf") and f["met"] is None, f
+    traced = next(f for f in figures if f["name"].startswith("run: --trace vs untraced (4 KiB MAP_DMA"))
+    assert traced["detail"]["traced_pair_ns"] > 0 and traced["detail"]["untraced_pair_ns"] > 0
