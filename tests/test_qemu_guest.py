@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 
 from vfiosim.qemu import QemuDemoUnavailable
-from vfiosim.qemu.demo import HOST_BDF, report, run_demo
+from vfiosim.qemu.demo import HOST_BDF, QEMU_DEFAULT_WINDOW, report, run_demo
 
 pytestmark = pytest.mark.qemu
 
@@ -43,6 +43,8 @@ def test_a_pseries_guest_dmas_through_its_vfio_qemu_and_vfiosim(tmp_path, capsys
     # moved the whole buffer through edu and saw both interrupts.
     v = r.verdict_fields()
     assert v["iommu"] in ("v1", "v2")
+    # QEMU's default DMA window, 1 GiB at bus address 0: the demo turns no knob on it.
+    assert v["window"] == f"0+{QEMU_DEFAULT_WINDOW:#x}"
     assert v["intx"] == "ok" and v["msi"] == "ok"
     pages, transfers = int(v["pages"]), int(v["transfers"])
     assert int(v["bytes"]) == 65536 and pages == 32
