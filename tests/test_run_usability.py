@@ -237,3 +237,17 @@ def test_a_32_bit_program_is_named(tmp_path):
     dynamic = _elf32(tmp_path / "dynamic32", PT_LOAD, PT_INTERP)
     assert "is a 32-bit i386 program and the vfiosim shim is 64-bit x86-64" in preload_obstacle(dynamic)
     assert "is statically linked" in preload_obstacle(_elf32(tmp_path / "static32", PT_LOAD))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root")
+def test_a_child_that_cannot_reach_the_daemon_says_why_at_its_first_call(tmp_path):
+    """A program that drops privileges after connecting keeps its connection; a child
+    it forks afterwards cannot reach the private daemon's socket: its VFIO calls fail
+    with EIO, and it says why once, naming the uid, instead of failing silently."""
+    exe = cc(C_DIR / "drop_then_fork.c", tmp_path)
+    proc = subprocess.run([*CLI, "run", "--machine", "x86", "--", str(exe)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == ["parent as root: ok", "parent as 1000: ok", "child: Input/output error"]
+    said = [line for line in proc.stderr.splitlines() if "cannot reach the daemon" in line]
+    assert len(said) == 1 and "(uid 1000)" in said[0] and "Permission denied" in said[0], proc.stderr

@@ -343,6 +343,25 @@ static void say(const char *text)
         real_write(2, text, strlen(text));
 }
 
+/* Why a child could not connect of its own (an errno), said at its first VFIO
+ * call: its calls, on the fds it inherited too, fail with EIO. */
+static int child_err;
+
+static void child_unconnected(int r)
+{
+    dead = 1;
+    child_err = -r;
+}
+
+static void say_child_unconnected(void)
+{
+    char msg[256];
+    snprintf(msg, sizeof msg, "vfiosim: process %d (uid %d) cannot reach the daemon: %s; its VFIO calls fail "
+             "with EIO (a process that dropped privileges before it forked: see Limits in docs/run.md)\n",
+             (int)getpid(), (int)geteuid(), strerror(child_err));
+    say(msg);
+}
+
 /* Only these paths may be rewritten into the daemon's tree, whatever its prefixes file says. */
 static int allowed_prefix(const char *p)
 {
@@ -603,8 +622,9 @@ static int connected(void)
         real_close(sock_fd);
         sock_fd = -1;
         drop_channel();               /* our view of the parent's channel: never write to it */
-        if (do_connect(VHELLO_FORK) < 0)
-            dead = 1;
+        int r = do_connect(VHELLO_FORK);
+        if (r < 0)
+            child_unconnected(r);
     }
     if (!dead && sock_fd < 0) {
         int r = do_connect(0);
@@ -613,6 +633,8 @@ static int connected(void)
             return -r;
         }
     }
+    if (dead && child_err)
+        say_child_unconnected();
     return dead ? EIO : 0;
 }
 
@@ -2187,8 +2209,9 @@ EXPORT pid_t fork(void)
             real_close(sock_fd);
             sock_fd = -1;
             drop_channel();           /* our view of the parent's channel */
-            if (do_connect(VHELLO_FORK) < 0)
-                dead = 1;
+            int r = do_connect(VHELLO_FORK);
+            if (r < 0)
+                child_unconnected(r);
         }
     } else if (pid > 0 && was_connected) {
         int saved = errno;
