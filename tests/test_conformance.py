@@ -238,6 +238,33 @@ def test_locked_memory_as_a_user_charges_where_the_kernel_source_says(platform):
         assert r.counts == {label: 0 for label in r.counts} and r.matched == r.steps > 15, (scenario, r.counts)
 
 
+@pytest.mark.parametrize("platform", ["x86-iommufd", "x86-iommufd-compat"])
+def test_the_per_user_charge_is_shared_by_processes_and_a_lowered_limit_refuses(platform):
+    """iommufd_shared.c on Linux 6.12.118, RLIMIT_MEMLOCK 1 MiB, two processes of uid
+    1000 each with its own /dev/iommu and device.  iommufd charges user->locked_vm,
+    one count for the user, against the limit of the task that maps (pages.c,
+    incr_user_locked_vm()): the child's page past 1 MiB fails while the parent holds
+    its half and maps once the parent has unmapped; VmPin stays per process.  A limit
+    lowered below what is pinned refuses the next map; after the unmap the new limit
+    holds.  The replay answers every step as the kernel did."""
+    with open_trace(DATA / platform / "iommufd_shared.jsonl") as t:
+        steps = list(t)
+    parent = steps[0]["pid"]
+    maps = [("parent" if r["pid"] == parent else "child", r["cmd"], r["err"], r["vmpin_kb"]) for r in steps
+            if r.get("cmd") in ("IOMMU_IOAS_MAP", "IOMMU_IOAS_UNMAP")]
+    assert maps == [("parent", "IOMMU_IOAS_MAP", "", 512), ("child", "IOMMU_IOAS_MAP", "", 512),
+                    ("child", "IOMMU_IOAS_MAP", "ENOMEM", 512), ("parent", "IOMMU_IOAS_UNMAP", "", 0),
+                    ("child", "IOMMU_IOAS_MAP", "", 516), ("child", "IOMMU_IOAS_UNMAP", "", 0),
+                    ("parent", "IOMMU_IOAS_MAP", "", 256), ("parent", "IOMMU_IOAS_MAP", "ENOMEM", 256),
+                    ("parent", "IOMMU_IOAS_UNMAP", "", 0), ("parent", "IOMMU_IOAS_MAP", "", 128),
+                    ("parent", "IOMMU_IOAS_MAP", "ENOMEM", 128), ("parent", "IOMMU_IOAS_UNMAP", "", 0)]
+    assert all(r["vmlck_kb"] == 0 for r in steps if "vmlck_kb" in r)
+    compat = platform.endswith("compat")
+    with open_trace(DATA / platform / "iommufd_shared.jsonl") as t:
+        r = replay(vfiosim.Machine.preset("x86", kernel_config="iommufd-compat" if compat else "iommufd"), t)
+    assert r.counts == {label: 0 for label in r.counts} and r.matched == r.steps > 25, r.counts
+
+
 @pytest.mark.qemu_record
 @pytest.mark.parametrize("platform", ["pseries", "powernv", "x86"])
 def test_recording_again_in_the_guests_gives_traces_that_replay_as_recorded(tmp_path, platform):
