@@ -15,6 +15,8 @@ When they cannot be had it is skipped with the reason, never passed.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from vfiosim.qemu import QemuDemoUnavailable
@@ -83,3 +85,33 @@ def test_a_pseries_guest_dmas_through_its_vfio_qemu_and_vfiosim(tmp_path, capsys
     assert d.host.page_maps + d.host.page_unmaps == i.tces
     assert d.host.page_maps >= i.indirect_tces                                 # each batched TCE: one MAP_DMA
     assert d.edu["dma_count"] == 0                                             # edu idle in that boot
+
+
+def test_an_x86_guest_dmas_through_its_viommu_qemus_type1_container_and_vfiosim(tmp_path, capsys):
+    """QEMU as a VFIO client on the x86 machine, at the device-assignment set-up QEMU
+    documents for a vIOMMU (q35, intel-iommu caching-mode=on): the guest's own VFIO
+    maps its buffer on the vIOMMU, QEMU relays that to the host's Type1 container,
+    and vfiosim's edu DMAs through its VT-d into QEMU's memory."""
+    from vfiosim.qemu.x86_demo import report_x86, run_x86_demo
+    try:
+        r = run_x86_demo(workdir=str(tmp_path), install=False, timeout=600)
+    except QemuDemoUnavailable as exc:
+        pytest.skip(f"the x86 QEMU guest cannot run here: {exc}")
+    with capsys.disabled():
+        import io
+        buf = io.StringIO()
+        report_x86(r, buf)
+        print("\n" + "\n".join(buf.getvalue().splitlines()[:3]))
+    assert r.ok, f"{r.reason}\nguest:\n" + "\n".join(r.guest) + "\nvfiosim dmesg:\n" + "\n".join(r.dmesg)
+    assert "vfiosim-guest:   DMA round trip of 2048 bytes: verified" in r.guest
+    assert r.edu["dma_count"] >= 2 and r.pinned_after == 0 and not r.oopses
+    h = r.host
+    assert h.iommu_type == 3                               # VFIO_TYPE1v2_IOMMU, QEMU's first choice
+    # Before the guest enables DMA remapping QEMU maps all of its RAM at IOVA 0 (1 GiB);
+    # after, what the guest's IOMMU maps, page by page, and it unmaps the RAM.
+    with open(r.trace) as f:
+        recs = [json.loads(line) for line in f]
+    maps = [rec["args"] for rec in recs if rec.get("cmd") == "VFIO_IOMMU_MAP_DMA" and not rec["errno"]]
+    assert {"iova": 0, "size": 1 << 30} in [{"iova": m["iova"], "size": m["size"]} for m in maps]
+    assert any(m["size"] == 4096 for m in maps)
+    assert h.ioctls["VFIO_IOMMU_UNMAP_DMA"] > 0 and h.ioctls["VFIO_DEVICE_RESET"] >= 1

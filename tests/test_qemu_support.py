@@ -386,3 +386,9 @@ def test_qemu_without_a_reset_method_asks_for_a_hot_reset_and_hears_enodev(tmp_p
     assert info and all(c["errno"] == errno.ENODEV for c in info)
     assert not [c for c in ioctls if c["cmd"] == "VFIO_DEVICE_RESET"]
     assert "no available reset mechanism" in r.stdout + r.stderr
+
+
+def test_qemu_demo_refuses_pseries_options_for_the_x86_guest(capsys):
+    for opt in (["--dma-api"], ["--no-mmap"], ["--guest-iommu", "v1"]):
+        assert cli_main(["qemu-demo", "--platform", "x86", "--no-install", *opt]) == 2
+        assert f"{opt[0]}: only with --platform pseries" in capsys.readouterr().err

@@ -380,10 +380,22 @@ def cmd_qemu_demo(args: argparse.Namespace) -> int:
     from .qemu.image import QemuDemoUnavailable
     if not _host_page_size_ok(args, "qemu-demo"):
         return 2
+    if args.platform == "x86":
+        pseries_only = [opt for opt, on in (("--dma-api", args.dma_api), ("--no-mmap", args.no_mmap),
+                                            ("--guest-iommu", args.guest_iommu != "auto")) if on]
+        if pseries_only:
+            print(f"vfiosim qemu-demo: {', '.join(pseries_only)}: only with --platform pseries", file=sys.stderr)
+            return 2
     log = (lambda text: print(text, file=sys.stderr, flush=True)) if args.verbose else \
         (lambda text: print(text, file=sys.stderr, flush=True) if text.startswith(("vfiosim", "building", "cached",
                                                                                   "installing", "adding")) else None)
     try:
+        if args.platform == "x86":
+            from .qemu.x86_demo import report_x86, run_x86_demo
+            x86 = run_x86_demo(trace=args.trace, workdir=args.workdir, install=not args.no_install,
+                               timeout=args.timeout, log=log)
+            report_x86(x86, sys.stdout)
+            return 0 if x86.ok else 1
         result = run_demo(trace=args.trace, workdir=args.workdir, install=not args.no_install,
                           timeout=args.timeout, log=log, dma_api=args.dma_api, no_mmap=args.no_mmap,
                           guest_iommu=args.guest_iommu)
@@ -395,8 +407,12 @@ def cmd_qemu_demo(args: argparse.Namespace) -> int:
 
 
 def _qemu_demo_parser(sub: Any) -> None:
-    q = sub.add_parser("qemu-demo", help="boot an unmodified QEMU pseries guest whose vfio-pci device is vfiosim's "
-                                         "edu, and DMA through the guest's own VFIO (see docs/qemu.md)")
+    q = sub.add_parser("qemu-demo", help="boot an unmodified QEMU pseries (or x86) guest whose vfio-pci device is "
+                                         "vfiosim's edu, and DMA through the guest's own VFIO (see docs/qemu.md)")
+    q.add_argument("--platform", choices=("pseries", "x86"), default="pseries",
+                   help="pseries: a POWER guest on the PowerNV machine, its TCE hypercalls relayed to sPAPR v2 "
+                        "(default); x86: a q35 guest with a VT-d vIOMMU on the x86 machine, its IOMMU mappings "
+                        "relayed to Type1")
     q.add_argument("--trace", metavar="FILE", help="where to write vfiosim's trace (default: in the work directory)")
     q.add_argument("--workdir", metavar="DIR", help="where to keep the console, QEMU's and vfiosim's traces "
                                                     "(default: ~/.cache/vfiosim/qemu/last-run, replaced by each run)")

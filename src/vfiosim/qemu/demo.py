@@ -111,17 +111,23 @@ def _raise_memlock() -> None:
 
 
 def demo_machine() -> "Any":
-    """The PowerNV machine.  For a user other than root, /dev/vfio/0 belongs to that user,
-    as an administrator (or libvirt) would chown it for the user that runs QEMU."""
+    """The PowerNV machine (see preset_machine)."""
+    return preset_machine("powernv", HOST_BDF)
+
+
+def preset_machine(preset: str, bdf: str) -> "Any":
+    """A preset machine.  For a user other than root, the group of ``bdf`` belongs to
+    that user, as an administrator (or libvirt) would chown it for the user that runs
+    QEMU."""
     from ..machine import Machine
     if os.geteuid() == 0:
-        return Machine.default()
+        return Machine.preset(preset)
     import tempfile
     from importlib import resources
-    text = resources.files("vfiosim").joinpath("presets/powernv.toml").read_text()
-    line = f'bdf = "{HOST_BDF}"'
+    text = resources.files("vfiosim").joinpath(f"presets/{preset}.toml").read_text()
+    line = f'bdf = "{bdf}"'
     if line not in text:
-        return Machine.default()
+        return Machine.preset(preset)
     text = text.replace(line, f"{line}\ngroup_uid = {os.geteuid()}\ngroup_gid = {os.getegid()}", 1)
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
         f.write(text)
@@ -133,13 +139,13 @@ def demo_machine() -> "Any":
 
 def run_under_vfiosim(argv: list[str], trace: str, *, timeout: float = TIMEOUT,
                       on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
-                      stderr: IO[str] | None = None) -> tuple[int, "Any"]:
-    """Run ``argv`` as ``vfiosim run --trace TRACE`` does, on the PowerNV machine,
-    with a time limit.  Returns (exit status, machine)."""
+                      stderr: IO[str] | None = None, machine: "Any" = None) -> tuple[int, "Any"]:
+    """Run ``argv`` as ``vfiosim run --trace TRACE`` does, on ``machine`` (default:
+    the PowerNV machine), with a time limit.  Returns (exit status, machine)."""
     from ..transport.run import private_daemon
 
     err = stderr or sys.stderr
-    machine = demo_machine()
+    machine = machine if machine is not None else demo_machine()
     timed_out: list[bool] = []
     with private_daemon(machine, trace, err) as (daemon, env):
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -382,7 +388,7 @@ def _ratio(a: int, b: int) -> str:
     return f"{a / b:.2f}" if b else "-"
 
 
-def host_ioctl_rate(r: DemoResult) -> str:
+def host_ioctl_rate(r: Any) -> str:
     """How fast the host side went: QEMU's ioctls per second of the whole run
     (boot and guest included), what the demo's time is mostly made of."""
     n = sum(r.host.ioctls.values())
