@@ -7,7 +7,9 @@
   daemon_library_path() and vfiosim.tracing.record find them at run time;
 * the fuzzers' seed corpus and regression inputs (fuzz/corpus, fuzz/regressions
   of the repository), copied into the package as vfiosim/fuzz_inputs/ so that
-  `vfiosim fuzz` installed from a wheel starts from them too (vfiosim.fuzz.fuzz_root).
+  `vfiosim fuzz` installed from a wheel starts from them too (vfiosim.fuzz.fuzz_root);
+* the C examples (examples/*.c), copied into vfiosim/qemu/guest/examples/: the
+  guests of `vfiosim qemu-demo --platform x86` and `vfiosim qemu-record` run them.
 """
 
 import os
@@ -26,7 +28,7 @@ class BuildShim(build_ext):
         return []
 
 
-class BuildPyWithFuzzInputs(build_py):
+class BuildPyWithCopies(build_py):
     def run(self):
         super().run()
         target = os.path.join(self.build_lib, "vfiosim", "fuzz_inputs")
@@ -34,6 +36,13 @@ class BuildPyWithFuzzInputs(build_py):
             source = os.path.join(HERE, "fuzz", name)
             if os.path.isdir(source):
                 shutil.copytree(source, os.path.join(target, name), dirs_exist_ok=True)
+        examples = os.path.join(HERE, "examples")
+        if os.path.isdir(examples):
+            target = os.path.join(self.build_lib, "vfiosim", "qemu", "guest", "examples")
+            os.makedirs(target, exist_ok=True)
+            for name in sorted(os.listdir(examples)):
+                if name.endswith(".c"):
+                    shutil.copy2(os.path.join(examples, name), target)
 
 
 setup(
@@ -61,5 +70,5 @@ setup(
             libraries=["dl", "pthread"],
         ),
     ],
-    cmdclass={"build_ext": BuildShim, "build_py": BuildPyWithFuzzInputs},
+    cmdclass={"build_ext": BuildShim, "build_py": BuildPyWithCopies},
 )

@@ -278,7 +278,8 @@ def _reference_dir() -> Path | None:
 
 def _source(name: str) -> Path:
     top = HERE.parent.parent.parent
-    for d in (GUEST_DIR, top / "examples", top / "tests" / "c"):
+    # examples/ of a checkout, or the copy an installed package has (setup.py).
+    for d in (GUEST_DIR, top / "examples", GUEST_DIR / "examples", top / "tests" / "c"):
         if (d / name).exists():
             return d / name
     raise QemuDemoUnavailable(f"the guest program {name} is not here (examples/ and tests/c/ come with a source "
