@@ -259,10 +259,11 @@ class _FlatStruct:
     __slots__ = ("layout", "size", "names", "picks")
 
     def __init__(self, cls: type[ctypes.Structure]) -> None:
-        fields = list(cls._fields_)
-        while fields and issubclass(fields[-1][1], ctypes.Array) and not fields[-1][1]._length_:
+        fields: list[Any] = list(cls._fields_)
+        while fields and issubclass(fields[-1][1], ctypes.Array) and getattr(fields[-1][1], "_length_", 1) == 0:
             fields.pop()                # a flexible array (data[]): struct_fields() leaves it out
-        if not fields or any(len(f) > 2 for f in fields) or getattr(cls, "_anonymous_", ()):
+        anonymous: tuple[str, ...] = tuple(getattr(cls, "_anonymous_", ()))
+        if not fields or any(len(f) > 2 for f in fields) or anonymous:
             raise TypeError(f"{cls.__name__} has bit fields or anonymous members")
         self.layout = struct_layout(cls, fields[-1][0])        # TypeError unless all integers
         self.size = ctypes.sizeof(cls)
@@ -282,8 +283,9 @@ _FLAT: dict[type, _FlatStruct | None] = {}
 
 
 def _struct(cls: type[ctypes.Structure], raw: bytes) -> dict[str, Any]:
-    flat = _FLAT.get(cls, False)
-    if flat is False:
+    if cls in _FLAT:
+        flat = _FLAT[cls]
+    else:
         try:
             flat = _FlatStruct(cls)
         except TypeError:
