@@ -465,6 +465,44 @@ def _dpdk_demo_parser(sub: Any) -> None:
     d.set_defaults(func=cmd_dpdk_demo)
 
 
+def cmd_selftests(args: argparse.Namespace) -> int:
+    from pathlib import Path
+    from .selftests import SelftestsUnavailable, print_report, run_selftests
+    log = (lambda text: print(text, file=sys.stderr, flush=True)) if args.verbose else \
+        (lambda text: print(text, file=sys.stderr, flush=True) if not text.startswith("$ ") else None)
+    with _json_target(args.json) as out:
+        try:
+            report = run_selftests(args.package, runs=args.run, only=args.only, download=not args.no_download,
+                                   log=log, output=Path(args.logs) if args.logs else None)
+        except SelftestsUnavailable as exc:
+            print(f"vfiosim selftests: cannot run here: {exc}", file=sys.stderr)
+            return 3
+        if out is not None:
+            json.dump(report.to_json(), out, indent=2)
+            out.write("\n")
+        if out is not sys.stdout:
+            print_report(report, sys.stdout)
+    return 0 if report.ok else 1
+
+
+def _selftests_parser(sub: Any) -> None:
+    from .selftests import RUNS, SOURCE_PACKAGE
+    s = sub.add_parser("selftests", help="build the Linux kernel's own VFIO selftests (Debian's linux-source, "
+                                         "unmodified) and run them under `vfiosim run` (see docs/selftests.md)")
+    s.add_argument("--run", action="append", choices=[r.name for r in RUNS],
+                   help="run only on this machine configuration (repeatable; default: all)")
+    s.add_argument("--only", metavar="PROGRAM", action="append",
+                   help="run only this selftest program (a glob, repeatable), e.g. vfio_dma_mapping_test")
+    s.add_argument("--package", default=SOURCE_PACKAGE,
+                   help=f"the Debian source package to take them from (default {SOURCE_PACKAGE}, the one the "
+                        f"expected results were written for)")
+    s.add_argument("--no-download", action="store_true", help="use the cached package only")
+    s.add_argument("--logs", metavar="DIR", help="write each program's output to DIR/<run>.<program>.log")
+    _json_option(s, "the results")
+    s.add_argument("-v", "--verbose", action="store_true", help="show every command")
+    s.set_defaults(func=cmd_selftests)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="vfiosim", description="A simulated Linux VFIO kernel with the POWER sPAPR "
                                  "TCE IOMMU and the x86 Type1 IOMMU: run VFIO userspace code without hardware or root.")
@@ -484,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     add_fuzz_parser(sub)
     _qemu_demo_parser(sub)
     _dpdk_demo_parser(sub)
+    _selftests_parser(sub)
     from .tracing.cli import add_parsers as _tracing_parsers
     _tracing_parsers(sub)
     from .qemu.record import add_parsers as _qemu_record_parsers

@@ -214,12 +214,16 @@ def system_archives(codename: str, etc_apt: str = "/etc/apt") -> list[tuple[str,
 
 class GuestApt:
     """apt-get/apt-cache with a private state for one architecture (the guest's,
-    ppc64el, unless told otherwise): no root, nothing of the host's apt changed."""
+    ppc64el, unless told otherwise): no root, nothing of the host's apt changed.
+    ``suites``: the host's release and its backports unless told otherwise (the
+    kernel selftests take their sources from ``sid``)."""
 
-    def __init__(self, root: Path, log: Log = _quiet, arch: str = GUEST_ARCH) -> None:
+    def __init__(self, root: Path, log: Log = _quiet, arch: str = GUEST_ARCH,
+                 suites: list[str] | None = None) -> None:
         self.root = root
         self.log = log
         self.arch = arch
+        self.suites = suites
         self.sources = root / "sources.list"
 
     def options(self) -> list[str]:
@@ -244,7 +248,7 @@ class GuestApt:
         lines = []
         for uri, signed_by in archives:
             opt = f"arch={self.arch}" + (f" signed-by={signed_by}" if signed_by else "")
-            for suite in (codename, f"{codename}-backports"):
+            for suite in self.suites or (codename, f"{codename}-backports"):
                 lines.append(f"deb [{opt}] {uri} {suite} main")
         for d in ("state/lists/partial", "cache/archives/partial", "sources.list.d", "preferences.d"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
