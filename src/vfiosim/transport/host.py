@@ -719,6 +719,55 @@ class HostMM(AddressSpace):
         hpas = np.concatenate([np.asarray(p) for p in parts]) if parts else np.zeros(0, dtype=np.uint64)
         return PinResult(hpas, None, done, err, runs)
 
+    def pin_fast(self, start: int, npages: int, write: bool,
+                 longterm: bool) -> tuple[int, int | None, int | None] | None:
+        """AddressSpace.pin_fast(): the pages that _pin_run() would pin all of
+        with one mapping and one window (pin_pages_longterm(): ``longterm``,
+        which unshares; pin_range() otherwise), pinned as it pins them.  Its
+        checks, in its order: one PROCMAP_QUERY for the mapping, its
+        protection (EFAULT: the general pin reports it; a device's
+        placeholder is PROT_NONE), a short-term read pin of a read-only
+        mapping needing pagemap (left to the general pin), the RAM charge
+        (all of it or, as RAM would run out, nothing: the general pin logs
+        deviation 12).  A window needing registration is registered as it
+        would be.  Pages mlock'ed by the program are not counted here
+        (count_mlocked_pages() is 0)."""
+        vma = self.host.vma_at(start)
+        if vma is None:
+            return None
+        prot = vma[2]
+        if not (prot & PROT_WRITE if write else prot & (PROT_READ | PROT_WRITE)):
+            return None
+        shift = self.page_shift
+        end = start + (npages << shift)
+        index = start >> WINDOW_SHIFT
+        if end > vma[1] or (end - 1) >> WINDOW_SHIFT != index:
+            return None
+        if not write and not longterm and not prot & PROT_WRITE:
+            return None
+        obj = self._window(index)
+        p0 = (start - obj.vaddr) >> shift
+        if npages == 1:
+            if not obj.charge(p0, 1, False):
+                return None
+        elif obj.charge(p0, npages, True) < npages:
+            return None
+        else:
+            obj.charge(p0, npages, False)
+        if obj.pins == 0 and not self._registered(obj):
+            self.phys.register(obj, obj.length)
+        pincount = obj.pincount
+        if npages == 1:
+            count = pincount.item(p0)
+            repinned = int(count > 0)
+            pincount[p0] = count + 1
+        else:
+            seg = pincount[p0:p0 + npages]
+            repinned = int(np.count_nonzero(seg)) if obj.pins else 0
+            seg += 1
+        obj.pins += npages
+        return obj.phys_base + (p0 << shift), repinned, 0
+
     def _out_of_memory(self, what: str) -> None:
         """A pin found no free page of the machine's RAM (docs/deviations.md 12)."""
         if self.phys.log is not None:
