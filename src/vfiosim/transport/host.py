@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 WINDOW_SHIFT = 30                   # pins are counted per 1 GiB of address space
 _PROCMAP_PROT = ((native.PROCMAP_READ, PROT_READ), (native.PROCMAP_WRITE, PROT_WRITE),
                  (native.PROCMAP_EXEC, PROT_EXEC))
+# PROT_* of each combination of PROCMAP_QUERY's flags (a look-up per MAP_DMA, not a loop).
+_PROCMAP_MASK = native.PROCMAP_READ | native.PROCMAP_WRITE | native.PROCMAP_EXEC | native.PROCMAP_SHARED
+_PROT_OF = tuple(sum(prot for bit, prot in _PROCMAP_PROT if flags & bit) for flags in range(_PROCMAP_MASK + 1))
 
 
 class ArgWindow:
@@ -301,8 +304,7 @@ class HostProcess:
                 if found is None:
                     return None
                 start, end, flags, _inode = found
-                prot = sum(prot for bit, prot in _PROCMAP_PROT if flags & bit)
-                return start, end, prot, not flags & native.PROCMAP_SHARED, ""
+                return start, end, _PROT_OF[flags & _PROCMAP_MASK], not flags & native.PROCMAP_SHARED, ""
         for entry in self.maps():
             if entry[0] <= addr < entry[1]:
                 return entry
@@ -551,9 +553,8 @@ class HostMM(AddressSpace):
     # -- mappings ---------------------------------------------------------------------------------
 
     def _window(self, index: int) -> HostMemoryObject:
-        """The object counting pins in 1 GiB window ``index``.  Once its last pin
-        went, physical memory forgot it; the next pin registers it again (at a
-        new physical address) rather than allocating its counts anew."""
+        """The object counting pins in 1 GiB window ``index`` (made once, at
+        its first pin, and kept: a window's counts are not allocated anew)."""
         obj = self._windows.get(index)
         if obj is None:
             obj = HostMemoryObject(self.host, index << WINDOW_SHIFT, 1 << WINDOW_SHIFT, self.page_shift)
@@ -561,9 +562,13 @@ class HostMM(AddressSpace):
             self._windows[index] = obj
         return obj
 
-    def _registered(self, obj: HostMemoryObject) -> bool:
-        found = self.phys.lookup(obj.phys_base) if obj.phys_base else None
-        return found is not None and found[0] is obj
+    def _register(self, obj: HostMemoryObject) -> None:
+        """A window's first pin gives it physical addresses, which it keeps
+        while the image lives (``users``: this address space holds it), so a
+        map/unmap loop does not register and forget it at every pair; once the
+        image is gone it goes with its last pin (teardown)."""
+        self.phys.register(obj, obj.length)
+        obj.users = 1
 
     def vmas(self) -> list[Vma]:
         """Every mapping (for /proc-style summaries; the kernel looks up one address at a time)."""
@@ -645,8 +650,8 @@ class HostMM(AddressSpace):
             consecutive = pages.size <= 1 or (int(pages[-1]) - int(pages[0]) == pages.size - 1
                                               and bool((np.diff(pages) == 1).all()))
             if not dry_run and pages.size:
-                if obj.pins == 0 and not self._registered(obj):
-                    self.phys.register(obj, obj.length)
+                if not obj.users:
+                    self._register(obj)
                 if consecutive:
                     obj.pincount[int(pages[0]):int(pages[-1]) + 1] += 1
                 else:
@@ -700,8 +705,8 @@ class HostMM(AddressSpace):
                         break
                     k = got
                 if not dry_run:
-                    if obj.pins == 0 and not self._registered(obj):
-                        self.phys.register(obj, obj.length)
+                    if not obj.users:
+                        self._register(obj)
                     if k == 1:
                         obj.pincount[p0] += 1
                     else:
@@ -719,6 +724,55 @@ class HostMM(AddressSpace):
         hpas = np.concatenate([np.asarray(p) for p in parts]) if parts else np.zeros(0, dtype=np.uint64)
         return PinResult(hpas, None, done, err, runs)
 
+    def pin_fast(self, start: int, npages: int, write: bool,
+                 longterm: bool) -> tuple[int, int | None, int | None] | None:
+        """AddressSpace.pin_fast(): the pages that _pin_run() would pin all of
+        with one mapping and one window (pin_pages_longterm(): ``longterm``,
+        which unshares; pin_range() otherwise), pinned as it pins them.  Its
+        checks, in its order: one PROCMAP_QUERY for the mapping, its
+        protection (EFAULT: the general pin reports it; a device's
+        placeholder is PROT_NONE), a short-term read pin of a read-only
+        mapping needing pagemap (left to the general pin), the RAM charge
+        (all of it or, as RAM would run out, nothing: the general pin logs
+        deviation 12).  A window needing registration is registered as it
+        would be.  Pages mlock'ed by the program are not counted here
+        (count_mlocked_pages() is 0)."""
+        vma = self.host.vma_at(start)
+        if vma is None:
+            return None
+        prot = vma[2]
+        if not (prot & PROT_WRITE if write else prot & (PROT_READ | PROT_WRITE)):
+            return None
+        shift = self.page_shift
+        end = start + (npages << shift)
+        index = start >> WINDOW_SHIFT
+        if end > vma[1] or (end - 1) >> WINDOW_SHIFT != index:
+            return None
+        if not write and not longterm and not prot & PROT_WRITE:
+            return None
+        obj = self._window(index)
+        p0 = (start - obj.vaddr) >> shift
+        if npages == 1:
+            if not obj.charge(p0, 1, False):
+                return None
+        elif obj.charge(p0, npages, True) < npages:
+            return None
+        else:
+            obj.charge(p0, npages, False)
+        if not obj.users:
+            self._register(obj)
+        pincount = obj.pincount
+        if npages == 1:
+            count = pincount.item(p0)
+            repinned = int(count > 0)
+            pincount[p0] = count + 1
+        else:
+            seg = pincount[p0:p0 + npages]
+            repinned = int(np.count_nonzero(seg)) if obj.pins else 0
+            seg += 1
+        obj.pins += npages
+        return obj.phys_base + (p0 << shift), repinned, 0
+
     def _out_of_memory(self, what: str) -> None:
         """A pin found no free page of the machine's RAM (docs/deviations.md 12)."""
         if self.phys.log is not None:
@@ -735,6 +789,10 @@ class HostMM(AddressSpace):
         self.dead = True
         self.host.gone = True
         self.host.close()
+        for obj in self._windows.values():
+            if obj.users:
+                obj.users = 0
+                self.phys.release_if_unused(obj)
 
     def pinned_pages(self) -> int:
         """Pins held on this image's memory."""
