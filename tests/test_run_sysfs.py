@@ -99,3 +99,28 @@ def test_lspci_shows_vfio_pci_and_the_iommu_group(tmp_path, machine, bdf, group)
     assert "\tKernel driver in use: vfio-pci" in k.stdout.splitlines()
     fields = dict(line.split(":\t", 1) for line in vmm.stdout.splitlines() if ":\t" in line)
     assert fields["Slot"] == bdf and fields["Driver"] == "vfio-pci" and fields["IOMMUGroup"] == group
+
+
+def test_debugfs_of_the_iommu_and_vfio_is_the_simulated_kernels_not_the_hosts(tmp_path):
+    """/sys/kernel/debug/iommu and /sys/kernel/debug/vfio are rewritten into the
+    daemon's tree like the rest of the simulated kernel's files (the kernel's
+    vfio_dma_mapping_test reads /sys/kernel/debug/iommu/intel/<bdf>/...: a VT-d
+    host's directory there knows no simulated device).  The tree has none, so
+    they are absent; a file put there is what the program sees."""
+    code = r"""
+import os
+for p in ("/sys/kernel/debug/iommu/marker", "/sys/kernel/debug/vfio/marker", "/sys/kernel/debug/other"):
+    print(p, os.path.exists(p))
+"""
+    d = ThreadedDaemon(vfiosim.Machine.preset("x86"), tmp_path)
+    try:
+        for sub in ("iommu", "vfio"):
+            os.makedirs(os.path.join(d.root, "sys/kernel/debug", sub), exist_ok=True)
+        for f in ("sys/kernel/debug/iommu/marker", "sys/kernel/debug/vfio/marker", "sys/kernel/debug/other"):
+            open(os.path.join(d.root, f), "w").close()
+        proc = d.run([sys.executable, "-c", code])
+    finally:
+        d.close()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:3] == ["/sys/kernel/debug/iommu/marker True", "/sys/kernel/debug/vfio/marker True",
+                                           "/sys/kernel/debug/other False"]

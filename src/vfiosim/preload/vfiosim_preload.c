@@ -367,7 +367,8 @@ static int allowed_prefix(const char *p)
 {
     static const char *const ok[] = {"/dev/vfio", "/sys/bus/pci/devices", "/sys/bus/pci/drivers/",
                                      "/sys/kernel/iommu_groups", "/sys/devices/pci", "/sys/class/vfio-dev",
-                                     "/sys/module/vfio", "/sys/module/iommufd"};
+                                     "/sys/module/vfio", "/sys/module/iommufd", "/sys/kernel/debug/iommu",
+                                     "/sys/kernel/debug/vfio"};
     for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++)
         if (strncmp(p, ok[i], strlen(ok[i])) == 0 && !strstr(p, "/.."))
             return 1;

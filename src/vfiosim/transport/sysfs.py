@@ -115,8 +115,11 @@ class FakeSysfs:
             if bdf not in sim:
                 self._link(os.path.realpath(f"/sys/bus/pci/devices/{bdf}"), f"/sys/bus/pci/devices/{bdf}")
         self._mkdir("/sys/class/vfio-dev")
+        # The IOMMU's and VFIO's debugfs are the simulated kernel's too: none here, never
+        # the host's (a VT-d host's /sys/kernel/debug/iommu/intel knows no simulated BDF).
         self.prefixes = ["/dev/vfio", "/sys/bus/pci/devices", "/sys/bus/pci/drivers/vfio-pci",
-                         "/sys/kernel/iommu_groups", "/sys/class/vfio-dev"]
+                         "/sys/kernel/iommu_groups", "/sys/class/vfio-dev", "/sys/kernel/debug/iommu",
+                         "/sys/kernel/debug/vfio"]
         vfio_index = {d.name: d.index for g in k.vfio.groups.values() for d in g.devices}
         for gid, group in sorted(k.iommu_groups.items()):
             self._mkdir(f"/sys/kernel/iommu_groups/{gid}/devices")
