@@ -404,6 +404,12 @@ class Daemon:
         sess.ended = True
         if why:
             self.log(f"dropping the connection of pid {sess.peer.pid}: {why}")
+        with self.gate.lock:
+            # Stores the program posted just before it exited (or exec()ed) reach the
+            # device, whether its socket's end or its exit is seen first: below, the
+            # task lets go of the session, and the session's thread of the channel.
+            if sess.channel is not None and sess.state is not None and sess.state.session is sess:
+                self._flush_posts(sess)
         sess.stop()
         try:
             self.sel.unregister(sess.sock)
