@@ -115,6 +115,16 @@ def test_a_run_of_stores_of_every_form_costs_one_trap(probe, tmp_path):
     assert mmio == [(off, size, value) for _, off, size, value in expected]
 
 
+def test_no_run_ahead_while_single_stepping(probe, tmp_path):
+    """With EFLAGS.TF set (a debugger stepping), each access traps on its own,
+    and the accesses are the same."""
+    f, dev = run(probe, tmp_path, "stepped")
+    assert f["stepped"] == "1"                          # SIGTRAPs came: the CPU was stepping
+    assert [e[1] for e in dev.accesses] == [0x00, 0x08, 0x10, 0x12, 0x18, 0x20, 0x24, 0x25, 0x28, 0x2C, 0x2E, 0x30,
+                                            0x200]
+    assert counts(f) == (13, 0)
+
+
 def test_a_run_of_loads_fills_each_register_as_the_cpu_would(probe, tmp_path):
     f, dev = run(probe, tmp_path, "loads")
     mem = bytes(pattern(k) for k in range(0x100))

@@ -211,6 +211,27 @@ static void own_segv(void *page, int prot)
     fixup_prot = prot;
 }
 
+/* Single-stepping (EFLAGS.TF, as a debugger's PTRACE_SINGLESTEP sets it):
+ * every instruction traps on its own, so the handler does not run ahead. */
+static volatile int steps;
+
+static void on_step(int sig)
+{
+    (void)sig;
+    steps++;
+}
+
+static void stepped(volatile void *bar)
+{
+    signal(SIGTRAP, on_step);
+    count_from_here();
+    __asm__ volatile("pushfq\n\torq $0x100, (%%rsp)\n\tpopfq" ::: "memory", "cc");
+    stores(bar);
+    __asm__ volatile("pushfq\n\tandq $~0x100, (%%rsp)\n\tpopfq" ::: "memory", "cc");
+    counts();
+    printf("stepped=%d\n", steps > 13);
+}
+
 /* Code on two pages, a store straddling them: the handler reads only the
  * page the CPU executed from, so it stops there; the straddling store is
  * fetched by the CPU (a fault on the second page, if it is not executable,
@@ -301,6 +322,8 @@ int main(int argc, char **argv)
         count_from_here();
         bound(bar);
         counts();
+    } else if (!strcmp(s, "stepped")) {
+        stepped(bar);
     } else if (!strcmp(s, "straddle-exec")) {
         straddle(bar, PROT_READ | PROT_EXEC);
     } else if (!strcmp(s, "straddle-noexec")) {
