@@ -16,7 +16,6 @@
 #include <fcntl.h>
 #include <linux/vfio.h>
 #include <asm/prctl.h>
-#include <setjmp.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
