@@ -173,3 +173,43 @@ def test_stores_to_the_same_bytes_coalesce_only_between_side_effecting_stores():
     assert _coalesce([src1, src1, dst, cmd1, src2, cmd2, src3]) == [src1, dst, cmd1, src2, cmd2, src3]
     assert _coalesce([src1, dst, src2, cmd1]) == [dst, src2, cmd1]
     assert _coalesce([cmd1, cmd1]) == [cmd1, cmd1]                      # a command is never dropped
+
+
+def test_stores_posted_right_before_exit_reach_the_device(tmp_path):
+    """A program that posts stores and exits makes no call after them: the
+    daemon performs them when it sees the program go, whether the end of its
+    socket or its exit comes first (the socket's end used to detach the task
+    first, dropping them)."""
+    src = tmp_path / "last.c"
+    src.write_text(r"""
+#include <fcntl.h>
+#include <linux/vfio.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+int main(int argc, char **argv)
+{
+    int c = open("/dev/vfio/vfio", O_RDWR), g = open("/dev/vfio/4", O_RDWR);
+    ioctl(g, VFIO_GROUP_SET_CONTAINER, &c);
+    ioctl(c, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU);
+    int d = ioctl(g, VFIO_GROUP_GET_DEVICE_FD, argv[1]);
+    volatile uint64_t *bar = mmap(0, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, d, 0);
+    bar[0x80 / 8] = strtoull(argv[2], 0, 0);      /* posted: no side effect */
+    bar[0x90 / 8] = 0x123;
+    return 0;
+}
+""")
+    exe = cc(src, tmp_path)
+    m = vfiosim.Machine.preset("x86")
+    bdf = m.iommu_groups()[4][0]
+    d = ThreadedDaemon(m, tmp_path)
+    try:
+        for i in range(5):
+            proc = d.run([str(exe), bdf, str(0x1000 + i)])
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            assert d.wait_idle()
+            regs = m.device(bdf).snapshot()
+            assert (regs["dma_src"], regs["dma_cnt"]) == (0x1000 + i, 0x123), i
+    finally:
+        d.close()

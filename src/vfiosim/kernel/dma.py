@@ -280,6 +280,7 @@ class TranslationCache:
 
     SIZE = 16
     PAGES = 4096
+    FILL = 16                  # pages a miss walks at once (a power of 2)
 
     def __init__(self) -> None:
         self._entries: dict[tuple[int, int, bool], tuple[weakref.ref[Versioned], int, list[Run]]] = {}
@@ -351,11 +352,29 @@ class TranslationCache:
 
     def _fill(self, pages: dict[int, tuple["PhysicalPages", int]], page: int, write: bool,
               slow: Callable[[int, int, bool], Translation], page_shift: int) -> tuple["PhysicalPages", int] | None:
+        """Translate ``page`` and cache it.  A miss walks the aligned block of
+        FILL pages around it, and caches every page of it that lies wholly in
+        one run of memory, when the whole block translates (``slow`` then
+        vouches that it lies in ``table``: a translator's walk of a range never
+        crosses into another table): a device streaming through a buffer, one
+        transfer per page, walks once a block instead of once a page.
+        Otherwise the page alone, as a single walk gives it."""
+        if len(pages) + self.FILL > self.PAGES:
+            pages.clear()
+        first = page & -self.FILL
+        runs = slow(first << page_shift, self.FILL << page_shift, write)
+        if isinstance(runs, list):
+            pos = first << page_shift
+            for obj, off, ln in runs:
+                for pg in range((pos + (1 << page_shift) - 1) >> page_shift, (pos + ln) >> page_shift):
+                    pages[pg] = (obj, off + (pg << page_shift) - pos)
+                pos += ln
+            hit = pages.get(page)
+            if hit is not None:
+                return hit
         runs = slow(page << page_shift, 1 << page_shift, write)
         if not isinstance(runs, list) or len(runs) != 1:
             return None
-        if len(pages) >= self.PAGES:
-            pages.clear()
         hit = pages[page] = (runs[0][0], runs[0][1])
         return hit
 

@@ -1907,46 +1907,64 @@ EXPORT int munmap(void *addr, size_t len)
     return r;
 }
 
-/* x86-64 MOV decoding for the loads and stores a driver makes to a BAR. */
+/* x86-64 decoding of the loads and stores a driver makes to a BAR: MOV,
+ * MOVZX, MOVSX, MOVSXD.  Run-ahead (below) also steps over NOPs and LEAs,
+ * which touch no memory and no flags, as compilers put them between a
+ * doorbell store and the polling loop after it. */
+enum { INSN_MOV, INSN_NOP, INSN_LEA };
+
 struct insn {
     int len;                          /* bytes */
+    int kind;                         /* INSN_* */
     int store;                        /* 1: store to memory */
     int size;                         /* memory operand bytes */
-    int dsize;                        /* destination register bytes (loads) */
+    int dsize;                        /* destination register bytes (loads, LEA) */
     int sext;                         /* sign-extend the loaded value */
     int reg;                          /* register number 0-15 */
     int high8;                        /* AH/CH/DH/BH */
     int has_imm;
     uint64_t imm;
+    /* The memory operand, for computing its address (run-ahead): */
+    int base, index;                  /* register numbers 0-15, or -1: none */
+    int scale;                        /* index * (1 << scale) */
+    int riprel;                       /* relative to the next instruction */
+    int64_t disp;
+    int unaddressable;                /* fs/gs override or 32-bit addressing: not computed */
 };
 
 static const int gregmap[16] = {REG_RAX, REG_RCX, REG_RDX, REG_RBX, REG_RSP, REG_RBP, REG_RSI, REG_RDI,
                                 REG_R8,  REG_R9,  REG_R10, REG_R11, REG_R12, REG_R13, REG_R14, REG_R15};
 
-static int decode(const uint8_t *p, struct insn *in)
+/* Decode the instruction at p, of which only `avail` bytes may be read;
+ * 0, or -1 if it is none of the forms above (or longer than avail). */
+static int decode(const uint8_t *p, size_t avail, struct insn *in)
 {
-    int i = 0, opsize16 = 0, rex = 0;
+    size_t i = 0;
+    int opsize16 = 0, rex = 0;
+#define NEED(n) do { if (i + (n) > avail) return -1; } while (0)
     memset(in, 0, sizeof *in);
     for (;;) {
+        NEED(1);
         uint8_t b = p[i];
         if (b == 0x66) {
             opsize16 = 1;
-            i++;
-        } else if (b == 0x2e || b == 0x3e || b == 0x26 || b == 0x36 || b == 0x64 || b == 0x65 || b == 0x67) {
-            i++;
-        } else {
-            break;
+        } else if (b == 0x64 || b == 0x65 || b == 0x67) {
+            in->unaddressable = 1;    /* fs/gs base, or a 32-bit address: the handler is told the address */
+        } else if (b != 0x2e && b != 0x3e && b != 0x26 && b != 0x36) {
+            break;                    /* (cs/ds/es/ss overrides are void in 64-bit mode) */
         }
-        if (i > 8)
+        if (++i > 8)
             return -1;
     }
     if ((p[i] & 0xf0) == 0x40)
         rex = p[i++];
     int W = rex & 8;
     int opsz = W ? 8 : opsize16 ? 2 : 4;
+    NEED(1);
     uint8_t op = p[i++];
     int imm_bytes = 0;
     if (op == 0x0f) {
+        NEED(1);
         op = p[i++];
         in->store = 0;
         in->dsize = opsz;
@@ -1955,6 +1973,7 @@ static int decode(const uint8_t *p, struct insn *in)
         case 0xb7: in->size = 2; break;
         case 0xbe: in->size = 1; in->sext = 1; break;
         case 0xbf: in->size = 2; in->sext = 1; break;
+        case 0x1f: in->kind = INSN_NOP; in->dsize = 0; break;     /* nopw/nopl with a ModRM */
         default: return -1;
         }
     } else {
@@ -1970,40 +1989,90 @@ static int decode(const uint8_t *p, struct insn *in)
             break;
         case 0xc6: in->store = 1; in->size = 1; in->has_imm = 1; imm_bytes = 1; break;
         case 0xc7: in->store = 1; in->size = opsz; in->has_imm = 1; imm_bytes = opsz == 2 ? 2 : 4; break;
+        case 0x8d: in->kind = INSN_LEA; in->dsize = opsz; break;
+        case 0x90:
+            if (rex & 1)
+                return -1;            /* xchg %r8, %rax */
+            in->kind = INSN_NOP;
+            in->len = (int)i;
+            return 0;
         default: return -1;
         }
     }
+    NEED(1);
     uint8_t modrm = p[i++];
     int mod = modrm >> 6, reg = (modrm >> 3) & 7, rm = modrm & 7;
-    if (mod == 3)
-        return -1;
+    if (in->kind == INSN_NOP && reg != 0)
+        return -1;                    /* (0f 1f /1-7: reserved hints) */
+    if (mod == 3) {
+        if (in->kind != INSN_NOP)
+            return -1;
+        in->len = (int)i;
+        return 0;
+    }
     if (in->has_imm && reg != 0)
         return -1;
+    in->base = in->index = -1;
+    int disp_bytes = mod == 1 ? 1 : mod == 2 ? 4 : 0;
     if (rm == 4) {
+        NEED(1);
         uint8_t sib = p[i++];
+        int index = ((sib >> 3) & 7) | ((rex & 2) ? 8 : 0);
+        if (index != 4)
+            in->index = index;        /* (100 without REX.X: no index) */
+        in->scale = sib >> 6;
         if (mod == 0 && (sib & 7) == 5)
-            i += 4;
+            disp_bytes = 4;           /* no base */
+        else
+            in->base = (sib & 7) | ((rex & 1) ? 8 : 0);
     } else if (mod == 0 && rm == 5) {
-        i += 4;                       /* RIP-relative */
+        in->riprel = 1;
+        disp_bytes = 4;
+    } else {
+        in->base = rm | ((rex & 1) ? 8 : 0);
     }
-    if (mod == 1)
-        i += 1;
-    else if (mod == 2)
-        i += 4;
+    NEED((size_t)disp_bytes);
+    if (disp_bytes == 1) {
+        in->disp = (int8_t)p[i];
+    } else if (disp_bytes == 4) {
+        int32_t d;
+        memcpy(&d, p + i, 4);
+        in->disp = d;
+    }
+    i += (size_t)disp_bytes;
     in->reg = reg | ((rex & 4) ? 8 : 0);
     in->high8 = (in->size == 1 && !in->has_imm && !rex && reg >= 4 && (op == 0x88 || op == 0x8a));
     if (in->high8)
         in->reg = reg - 4;
     if (imm_bytes) {
+        NEED((size_t)imm_bytes);
         uint64_t v = 0;
         memcpy(&v, p + i, (size_t)imm_bytes);
         if (imm_bytes == 4 && opsz == 8)
             v = (uint64_t)(int64_t)(int32_t)v;
         in->imm = v;
-        i += imm_bytes;
+        i += (size_t)imm_bytes;
     }
-    in->len = i;
+    in->len = (int)i;
     return 0;
+#undef NEED
+}
+
+/* The address of the memory operand of `in` (ending at next_rip), from the
+ * registers; 0 if it cannot be computed here. */
+static int effective_address(const struct insn *in, const greg_t *gr, uintptr_t next_rip, uintptr_t *ea)
+{
+    if (in->unaddressable)
+        return 0;
+    uint64_t a = (uint64_t)in->disp;
+    if (in->riprel)
+        a += next_rip;
+    if (in->base >= 0)
+        a += (uint64_t)gr[gregmap[in->base]];
+    if (in->index >= 0)
+        a += (uint64_t)gr[gregmap[in->index]] << in->scale;
+    *ea = (uintptr_t)a;
+    return 1;
 }
 
 static uint64_t mask_of(int size)
@@ -2068,6 +2137,134 @@ static int post_store(const struct region *g, uint64_t off, uint32_t size, uint6
     return ok;
 }
 
+/* One MOV of decoded `in` on device memory at addr, in region g: a store
+ * posted or made as a call, a load as a call whose value goes into the
+ * destination register.  0, or the errno of the failed access. */
+static int emulate_access(const struct region *g, uintptr_t addr, const struct insn *in, greg_t *gr)
+{
+    uint64_t off = addr - g->base;
+    uint64_t a[5] = {g->handle, off, (uint64_t)in->size, 0, 0};
+    int err;
+    if (in->store) {
+        uint64_t v;
+        if (in->has_imm) {
+            v = in->imm;
+        } else {
+            v = (uint64_t)gr[gregmap[in->reg]];
+            if (in->high8)
+                v >>= 8;
+        }
+        a[3] = v & mask_of(in->size);
+        if (post_store(g, off, (uint32_t)in->size, a[3]))
+            return 0;
+        return rpc(VOP_MMIO, VMMIO_WRITE, -1, -1, a, NULL, 0, NULL, 0, &err) < 0 ? err : 0;
+    }
+    uint64_t v = 0;
+    if (rpc(VOP_MMIO, 0, -1, -1, a, NULL, 0, &v, sizeof v, &err) < 0)
+        return err;
+    v &= mask_of(in->size);
+    if (in->sext && in->size < 8) {
+        int shift = 64 - 8 * in->size;
+        v = (uint64_t)(((int64_t)(v << shift)) >> shift);
+    }
+    greg_t *dst = &gr[gregmap[in->reg]];
+    uint64_t cur = (uint64_t)*dst;
+    switch (in->dsize) {
+    case 1:
+        if (in->high8)
+            cur = (cur & ~0xff00ull) | ((v & 0xff) << 8);
+        else
+            cur = (cur & ~0xffull) | (v & 0xff);
+        break;
+    case 2:
+        cur = (cur & ~0xffffull) | (v & 0xffff);
+        break;
+    case 4:
+        cur = v & 0xffffffffull;      /* a 32-bit destination zero-extends */
+        break;
+    default:
+        cur = v;
+    }
+    *dst = (greg_t)cur;
+    return 0;
+}
+
+static struct region *region_at(uintptr_t addr, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (regions[i].start <= addr && addr < regions[i].end)
+            return &regions[i];
+    return NULL;
+}
+
+/*
+ * Traps and accesses performed without one, for tests and benchmarks:
+ * BAR accesses that trapped, and those the handler ran ahead to.
+ */
+EXPORT unsigned long vfiosim_bar_traps, vfiosim_bar_run_ahead;
+
+#define RUN_AHEAD_MAX 16
+
+/*
+ * Run-ahead: a driver's BAR accesses come in runs (the address, count and
+ * command registers of a DMA, then a load polling its status), and each
+ * trap costs more than the access.  After the faulting instruction, the
+ * handler emulates the instructions that follow it too, in program order
+ * with the same semantics, as long as each is a MOV whose memory operand
+ * lies in a device mapping (or a NOP or LEA, which touch neither memory nor
+ * flags), up to RUN_AHEAD_MAX; it stops at anything else, which then runs
+ * natively (a later BAR access traps anew).  It reads code only from the
+ * page(s) the faulting instruction came from, below code_end: those the CPU
+ * just executed, so an instruction it could not fetch (unmapped, not
+ * executable) is never emulated; and not while single-stepping (EFLAGS.TF),
+ * where every instruction must trap on its own.  A failed access stops the
+ * program as one that faulted itself would, with RIP at it.
+ */
+static void run_ahead(greg_t *gr, uintptr_t code_end)
+{
+    if (gr[REG_EFL] & 0x100)
+        return;
+    int n = __atomic_load_n(&nregions, __ATOMIC_ACQUIRE);
+    for (int k = 0; k < RUN_AHEAD_MAX; k++) {
+        uintptr_t rip = (uintptr_t)gr[REG_RIP];
+        if (rip >= code_end)
+            return;
+        uint8_t code[15];
+        size_t avail = code_end - rip < sizeof code ? code_end - rip : sizeof code;
+        if (vfiosim_probe_copy(code, (const void *)rip, avail))
+            return;                   /* (another thread unmapped it) */
+        struct insn in;
+        if (decode(code, avail, &in) < 0)
+            return;
+        uintptr_t next = rip + (uintptr_t)in.len, ea;
+        if (in.kind == INSN_NOP) {
+            gr[REG_RIP] = (greg_t)next;
+            continue;
+        }
+        if (!effective_address(&in, gr, next, &ea))
+            return;
+        if (in.kind == INSN_LEA) {
+            greg_t *dst = &gr[gregmap[in.reg]];
+            if (in.dsize == 2)
+                *dst = (greg_t)(((uint64_t)*dst & ~0xffffull) | (ea & 0xffff));
+            else
+                *dst = (greg_t)(in.dsize == 4 ? ea & 0xffffffffull : ea);
+            gr[REG_RIP] = (greg_t)next;
+            continue;
+        }
+        const struct region *g = region_at(ea, n);
+        if (!g || ea + (uintptr_t)in.size > g->end || ea + (uintptr_t)in.size < ea)
+            return;
+        int err = emulate_access(g, ea, &in, gr);
+        if (err) {
+            fault_fatal(SIGBUS, strerror(err), ea);
+            return;
+        }
+        __atomic_fetch_add(&vfiosim_bar_run_ahead, 1, __ATOMIC_RELAXED);
+        gr[REG_RIP] = (greg_t)next;
+    }
+}
+
 static void fault_handler(int sig, siginfo_t *si, void *ucv)
 {
     int saved_errno = errno;
@@ -2076,14 +2273,7 @@ static void fault_handler(int sig, siginfo_t *si, void *ucv)
     if (probe_fixup(gr))
         return;
     uintptr_t addr = (uintptr_t)si->si_addr;
-    struct region *g = NULL;
-    int n = sig == SIGSEGV ? __atomic_load_n(&nregions, __ATOMIC_ACQUIRE) : 0;
-    for (int i = 0; i < n; i++) {
-        if (regions[i].start <= addr && addr < regions[i].end) {
-            g = &regions[i];
-            break;
-        }
-    }
+    const struct region *g = region_at(addr, sig == SIGSEGV ? __atomic_load_n(&nregions, __ATOMIC_ACQUIRE) : 0);
     if (!g) {
         /* Not ours: the program's handler, or the default action. */
         const struct sigaction *prog = sig == SIGSEGV ? &prog_segv : &prog_bus;
@@ -2105,68 +2295,22 @@ static void fault_handler(int sig, siginfo_t *si, void *ucv)
         errno = saved_errno;
         return;                       /* the access faults again, with the default action */
     }
+    __atomic_fetch_add(&vfiosim_bar_traps, 1, __ATOMIC_RELAXED);
+    uintptr_t rip = (uintptr_t)gr[REG_RIP];
     struct insn in;
-    if (decode((const uint8_t *)gr[REG_RIP], &in) < 0) {
+    if (decode((const uint8_t *)rip, 15, &in) < 0 || in.kind != INSN_MOV) {
         fault_fatal(SIGSEGV, "unsupported instruction (only MOV/MOVZX/MOVSX of 1-8 bytes are emulated)", addr);
         errno = saved_errno;
         return;
     }
-    uint64_t off = addr - g->base;
-    uint64_t a[5] = {g->handle, off, (uint64_t)in.size, 0, 0};
-    int err;
-    if (in.store) {
-        uint64_t v;
-        if (in.has_imm) {
-            v = in.imm;
-        } else {
-            v = (uint64_t)gr[gregmap[in.reg]];
-            if (in.high8)
-                v >>= 8;
-        }
-        a[3] = v & mask_of(in.size);
-        if (post_store(g, off, (uint32_t)in.size, a[3])) {
-            gr[REG_RIP] += in.len;
-            errno = saved_errno;
-            return;
-        }
-        if (rpc(VOP_MMIO, VMMIO_WRITE, -1, -1, a, NULL, 0, NULL, 0, &err) < 0) {
-            fault_fatal(SIGBUS, strerror(err), addr);
-            errno = saved_errno;
-            return;
-        }
-    } else {
-        uint64_t v = 0;
-        if (rpc(VOP_MMIO, 0, -1, -1, a, NULL, 0, &v, sizeof v, &err) < 0) {
-            fault_fatal(SIGBUS, strerror(err), addr);
-            errno = saved_errno;
-            return;
-        }
-        v &= mask_of(in.size);
-        if (in.sext && in.size < 8) {
-            int shift = 64 - 8 * in.size;
-            v = (uint64_t)(((int64_t)(v << shift)) >> shift);
-        }
-        greg_t *dst = &gr[gregmap[in.reg]];
-        uint64_t cur = (uint64_t)*dst;
-        switch (in.dsize) {
-        case 1:
-            if (in.high8)
-                cur = (cur & ~0xff00ull) | ((v & 0xff) << 8);
-            else
-                cur = (cur & ~0xffull) | (v & 0xff);
-            break;
-        case 2:
-            cur = (cur & ~0xffffull) | (v & 0xffff);
-            break;
-        case 4:
-            cur = v & 0xffffffffull;  /* a 32-bit destination zero-extends */
-            break;
-        default:
-            cur = v;
-        }
-        *dst = (greg_t)cur;
+    int err = emulate_access(g, addr, &in, gr);
+    if (err) {
+        fault_fatal(SIGBUS, strerror(err), addr);
+        errno = saved_errno;
+        return;
     }
-    gr[REG_RIP] += in.len;
+    gr[REG_RIP] = (greg_t)(rip + (uintptr_t)in.len);
+    run_ahead(gr, ((rip + (uintptr_t)in.len - 1) | 4095) + 1);
     errno = saved_errno;
 }
 

@@ -404,6 +404,12 @@ class Daemon:
         sess.ended = True
         if why:
             self.log(f"dropping the connection of pid {sess.peer.pid}: {why}")
+        with self.gate.lock:
+            # Stores the program posted just before it exited (or exec()ed) reach the
+            # device, whether its socket's end or its exit is seen first: below, the
+            # task lets go of the session, and the session's thread of the channel.
+            if sess.channel is not None and sess.state is not None and sess.state.session is sess:
+                self._flush_posts(sess)
         sess.stop()
         try:
             self.sel.unregister(sess.sock)
@@ -868,23 +874,36 @@ class Daemon:
             return
         if len(posts) > 1:
             posts = _coalesce(posts)
-        for handle, offset, size, value, _kick in posts:
-            self._posted_store(st, handle, offset, size, value)
-
-    def _posted_store(self, st: TaskState, handle: int, offset: int, size: int, value: int) -> None:
-        m = st.mappings.get(handle)
-        task = st.task
-        reason = ""
+        if not posts:
+            return
         try:
-            if m is None:
-                raise fail(errno.EFAULT, f"no device mapping {handle}")
-            self.gate.call(task, "posted store", self.kernel.mmap_access, m.file, m.offset + offset, size, value)
-            ret, err = 0, 0
-        except KernelError as exc:
-            # A posted write has no completion: a failed one is dropped, as a bus drops it.
-            ret, err, reason = -1, exc.errno, exc.reason
-        if st.tracer is not None:
-            st.tracer.mmio(st.pid, handle, offset, size, value, True, ret, err, reason, posted=True)
+            self.gate.call(st.task, "posted stores", self._posted_stores, st, posts)
+        except KernelError as exc:             # the process is gone: its stores with it
+            if st.tracer is not None:
+                for handle, offset, size, value, _kick in posts:
+                    st.tracer.mmio(st.pid, handle, offset, size, value, True, -1, exc.errno, exc.reason, posted=True)
+
+    def _posted_stores(self, task: "Task", st: TaskState, posts: list[tuple[int, int, int, int, int]]) -> None:
+        """Perform posted stores, in order, as one system call of the task (the
+        gate's checks once for the batch, not once a store)."""
+        access = self.kernel.mmap_access
+        mappings = st.mappings
+        tracer = st.tracer
+        for handle, offset, size, value, _kick in posts:
+            m = mappings.get(handle)
+            ret, err, reason = 0, 0, ""
+            try:
+                if m is None:
+                    raise fail(errno.EFAULT, f"no device mapping {handle}")
+                access(task, m.file, m.offset + offset, size, value)
+            except KernelError as exc:
+                # A posted write has no completion: a failed one is dropped, as a bus drops it.
+                ret, err, reason = -1, exc.errno, exc.reason
+            except Exception as exc:           # a bug in the simulator: recorded; the store is dropped
+                oops = self.gate.oops("posted store", exc)
+                ret, err, reason = -1, oops.errno, oops.reason
+            if tracer is not None:
+                tracer.mmio(st.pid, handle, offset, size, value, True, ret, err, reason, posted=True)
 
     def _update_live(self, sess: Session, st: TaskState) -> None:
         """Which of the program's mappings may post stores now (decoding on)."""
@@ -1157,6 +1176,8 @@ def _coalesce(posts: list[tuple[int, int, int, int, int]]) -> list[tuple[int, in
     the next load or side-effecting store: nobody can tell the difference, and
     a driver filling a register in a loop costs the device one store.  A
     side-effecting store (kick) is never dropped, nor moved across."""
+    if len({post[:3] for post in posts}) == len(posts):
+        return posts                       # no two to the same bytes (a driver's usual batch)
     kept: list[tuple[int, int, int, int, int]] = []
     seen: set[tuple[int, int, int]] = set()
     for post in reversed(posts):

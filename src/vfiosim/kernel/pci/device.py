@@ -502,11 +502,13 @@ class PciDevice:
                 return                      # the PBA is read-only
         self.mmio_write(bar, offset, size, value)
 
+    # (Both bits are in the command register's low byte; read on every BAR
+    # access and every DMA.)
     def memory_decode_enabled(self) -> bool:
-        return bool(self.config.read(PCI_COMMAND, 2) & PCI_COMMAND_MEMORY)
+        return bool(self.config.data[PCI_COMMAND] & PCI_COMMAND_MEMORY)
 
     def bus_master_enabled(self) -> bool:
-        return bool(self.config.read(PCI_COMMAND, 2) & PCI_COMMAND_MASTER)
+        return bool(self.config.data[PCI_COMMAND] & PCI_COMMAND_MASTER)
 
     def config_read(self, offset: int, size: int) -> int:
         if not self.mmio_enabled_by_platform():

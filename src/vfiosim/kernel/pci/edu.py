@@ -64,6 +64,9 @@ IDENT = 0x010000ED
 _M32 = 0xFFFFFFFF
 _M64 = (1 << 64) - 1
 
+# Registers below 0x80 a load reads: the attribute holding each ("": the identification).
+_READ_REGS = {0x00: "", 0x04: "addr4", 0x08: "fact", 0x20: "status", 0x24: "irq_status"}
+
 
 class EduDevice(PciDevice):
     model = "edu"
@@ -111,56 +114,63 @@ class EduDevice(PciDevice):
 
     # -- registers ------------------------------------------------------------------
 
-    @staticmethod
-    def _accepted(offset: int, size: int) -> bool:
-        """memory_region_access_valid() for edu_mmio_ops: 4 or 8 bytes, aligned."""
-        return size in (4, 8) and offset % size == 0
-
-    @staticmethod
-    def _valid(offset: int, size: int) -> bool:
-        """What edu_mmio_read/write then act on: 4 bytes below 0x80, 4 or 8 above."""
-        return size == 4 if offset < 0x80 else size in (4, 8)
+    # Access sizes: memory_region_access_valid() for edu_mmio_ops accepts 4 or 8
+    # bytes, aligned; edu_mmio_read/write then act on 4 bytes below 0x80, 4 or 8
+    # above.  (Checked inline: these run for every BAR access a driver makes.)
 
     def mmio_read(self, bar: int, offset: int, size: int) -> int:
-        if not self._accepted(offset, size):
+        if (size != 4 and size != 8) or offset % size:
             return 0                # unassigned_mem_read()
-        ones = (1 << (8 * size)) - 1
-        if bar != 0 or not self._valid(offset, size):
+        ones = _M32 if size == 4 else _M64
+        if bar != 0 or (offset < 0x80 and size != 4):
             return ones
-        value = {
-            0x00: IDENT, 0x04: self.addr4, 0x08: self.fact, 0x20: self.status, 0x24: self.irq_status,
-            0x80: self.dma_src, 0x88: self.dma_dst, 0x90: self.dma_cnt, 0x98: self.dma_cmd,
-        }.get(offset)
-        return ones if value is None else value & ones
+        if offset >= 0x80:
+            if offset == 0x80:
+                return self.dma_src & ones
+            if offset == 0x88:
+                return self.dma_dst & ones
+            if offset == 0x90:
+                return self.dma_cnt & ones
+            if offset == 0x98:
+                return self.dma_cmd & ones
+            return ones
+        name = _READ_REGS.get(offset)
+        if name is None:
+            return ones
+        return getattr(self, name) & ones if name else IDENT
 
     def mmio_write(self, bar: int, offset: int, size: int, value: int) -> None:
-        if bar != 0 or not self._accepted(offset, size) or not self._valid(offset, size):
+        if bar != 0 or (size != 4 and size != 8) or offset % size or (offset < 0x80 and size != 4):
             return
-        value &= (1 << (8 * size)) - 1
-        if offset == 0x04:
+        value &= _M32 if size == 4 else _M64
+        if offset >= 0x80:
+            if offset == 0x98:
+                if not value & DMA_RUN or self.dma_cmd & DMA_RUN:
+                    return
+                self.dma_cmd = value
+                self._run_dma()
+            elif self.dma_cmd & DMA_RUN:
+                return          # registers are locked while a transfer runs
+            elif offset == 0x80:
+                self.dma_src = value
+            elif offset == 0x88:
+                self.dma_dst = value
+            elif offset == 0x90:
+                self.dma_cnt = value
+        elif offset == 0x04:
             self.addr4 = ~value & _M32
         elif offset == 0x08:
             if not self.status & STATUS_COMPUTING:
-                self._compute_factorial(value & _M32)
+                self._compute_factorial(value)
         elif offset == 0x20:
             if value & STATUS_IRQFACT:
                 self.status |= STATUS_IRQFACT
             else:
                 self.status &= ~STATUS_IRQFACT
         elif offset == 0x60:
-            self.raise_irq(value & _M32)
+            self.raise_irq(value)
         elif offset == 0x64:
-            self.lower_irq(value & _M32)
-        elif offset in (0x80, 0x88, 0x90):
-            if self.dma_cmd & DMA_RUN:
-                return          # registers are locked while a transfer runs
-            attr = {0x80: "dma_src", 0x88: "dma_dst", 0x90: "dma_cnt"}[offset]
-            setattr(self, attr, value)
-        elif offset == 0x98:
-            if not value & DMA_RUN or self.dma_cmd & DMA_RUN:
-                return
-            self.dma_cmd = value
-            self._run_dma()
+            self.lower_irq(value)
 
     def _compute_factorial(self, n: int) -> None:
         result = 1
