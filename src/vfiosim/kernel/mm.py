@@ -182,6 +182,29 @@ def take_ram_pages(present: np.ndarray, ram: "PhysicalMemory | None", pages: np.
     return got
 
 
+class PinCounted(Protocol):
+    """What counts pins per page: a MemoryObject, the run transport's HostMemoryObject."""
+    pincount: np.ndarray
+    pins: int
+
+
+def add_pins(obj: PinCounted, first: int, npages: int) -> int:
+    """One more pin on each of pages [first, first+npages) of ``obj`` (a memory
+    object's ``pincount`` and ``pins``): how many of them another pin held
+    already (what pin_fast() reports for deviation 9)."""
+    pincount = obj.pincount
+    if npages == 1:
+        count = pincount.item(first)
+        pincount[first] = count + 1
+        repinned = int(count > 0)
+    else:
+        seg = pincount[first:first + npages]
+        repinned = int(np.count_nonzero(seg)) if obj.pins else 0
+        seg += 1
+    obj.pins += npages
+    return repinned
+
+
 class MemoryObject:
     """A physically contiguous allocation: pages, their data and pin counts.
 
@@ -1522,16 +1545,7 @@ class MM(AddressSpace):
                 obj.fault_in(first, npages)
         elif not prot & PROT_WRITE and not obj.populated[first:first + npages].all():
             return None
-        pincount = obj.pincount
-        if npages == 1:
-            count = pincount.item(first)
-            repinned = int(count > 0)
-            pincount[first] = count + 1
-        else:
-            seg = pincount[first:first + npages]
-            repinned = int(np.count_nonzero(seg)) if obj.pins else 0
-            seg += 1
-        obj.pins += npages
+        repinned = add_pins(obj, first, npages)
         return obj.phys_base + (first << shift), repinned, npages if vma.locked else 0
 
 

@@ -396,6 +396,17 @@ def host_ioctl_rate(r: Any) -> str:
     return f"{n:,} in {r.seconds:.1f} s, {rate:,.0f} per second"
 
 
+def report_counts(r: Any, out: IO[str]) -> None:
+    """The host calls by kind, and their rate (``r``: a demo's result, either platform's)."""
+    p, h = out.write, r.host
+    p("\nCounts:\n")
+    for cmd, n in sorted(h.ioctls.items(), key=lambda kv: -kv[1]):
+        p(f"  {n:9d}  {cmd}\n")
+    p(f"  {h.config_rw:9d}  config space pread/pwrite\n  {h.bar_rw:9d}  BAR pread/pwrite\n"
+      f"  {h.mmio:9d}  BAR loads/stores (mmio)\n")
+    p(f"  host ioctls: {host_ioctl_rate(r)}\n")
+
+
 def report(r: DemoResult, out: IO[str], *, brief: bool = False) -> None:
     """The demo's summary; ``brief`` leaves out the condensed host conversation."""
     p = out.write
@@ -416,12 +427,7 @@ def report(r: DemoResult, out: IO[str], *, brief: bool = False) -> None:
         p("\nThe host-side VFIO conversation QEMU had (vfiosim's trace, condensed):\n")
         for step in h.steps:
             p(f"  {step}\n")
-    p("\nCounts:\n")
-    for cmd, n in sorted(h.ioctls.items(), key=lambda kv: -kv[1]):
-        p(f"  {n:9d}  {cmd}\n")
-    p(f"  {h.config_rw:9d}  config space pread/pwrite\n  {h.bar_rw:9d}  BAR pread/pwrite\n"
-      f"  {h.mmio:9d}  BAR loads/stores (mmio)\n")
-    p(f"  host ioctls: {host_ioctl_rate(r)}\n")
+    report_counts(r, out)
     if h.windows:
         p(f"  DMA windows created: {'; '.join(h.windows)}\n")
     if h.registered:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any, Callable
 
 from ..transport.summary import HostConversation, summarize_trace
-from .demo import TIMEOUT, check_memlock, host_ioctl_rate, preset_machine, run_under_vfiosim
+from .demo import TIMEOUT, check_memlock, preset_machine, report_counts, run_under_vfiosim
 from .image import cache_dir
 from .record import PLATFORMS, RecordImage, build_record_image, check_tools
 
@@ -138,12 +138,7 @@ def report_x86(r: X86DemoResult, out: IO[str]) -> None:
     h = r.host
     p(f"\nOn the host, vfiosim's edu {HOST_BDF} completed {r.edu.get('dma_count', 0)} DMA transfers "
       f"(each crossed vfiosim's VT-d into QEMU's memory); pages pinned after QEMU exited: {r.pinned_after}.\n")
-    p("\nCounts:\n")
-    for cmd, n in sorted(h.ioctls.items(), key=lambda kv: -kv[1]):
-        p(f"  {n:9d}  {cmd}\n")
-    p(f"  {h.config_rw:9d}  config space pread/pwrite\n  {h.bar_rw:9d}  BAR pread/pwrite\n"
-      f"  {h.mmio:9d}  BAR loads/stores (mmio)\n")
-    p(f"  host ioctls: {host_ioctl_rate(r)}\n")
+    report_counts(r, out)
     p(f"  bytes mapped by VFIO_IOMMU_MAP_DMA: {h.map_bytes:,}\n")
     if h.failures:
         p("\nHost calls that failed (as they would on Linux):\n")

@@ -41,7 +41,7 @@ import numpy as np
 from ..kernel.errors import fail
 from ..kernel.eventfd import EventFd
 from ..kernel.mm import (PROT_EXEC, PROT_READ, PROT_WRITE, AddressSpace, PhysicalMemory, PinResult, Vma,
-                          take_ram, take_ram_pages)
+                          add_pins, take_ram, take_ram_pages)
 from ..kernel.progression import Progression
 from . import native
 
@@ -761,16 +761,7 @@ class HostMM(AddressSpace):
             obj.charge(p0, npages, False)
         if not obj.users:
             self._register(obj)
-        pincount = obj.pincount
-        if npages == 1:
-            count = pincount.item(p0)
-            repinned = int(count > 0)
-            pincount[p0] = count + 1
-        else:
-            seg = pincount[p0:p0 + npages]
-            repinned = int(np.count_nonzero(seg)) if obj.pins else 0
-            seg += 1
-        obj.pins += npages
+        repinned = add_pins(obj, p0, npages)
         return obj.phys_base + (p0 << shift), repinned, 0
 
     def _out_of_memory(self, what: str) -> None:
