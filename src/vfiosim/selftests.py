@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
 
+from .cachedir import user_cache
+
 SOURCE_PACKAGE = "linux-source-7.2"      # the selftests EXPECTED was written against
 SUITE = "sid"
 SELFTESTS = "tools/testing/selftests"
@@ -62,11 +64,7 @@ class SelftestsUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("VFIOSIM_SELFTESTS_CACHE")
-    if base:
-        return Path(base)
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "vfiosim" / "selftests"
+    return user_cache("selftests", override="VFIOSIM_SELFTESTS_CACHE")
 
 
 def _run(argv: list[str], *, log: Log = _quiet, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

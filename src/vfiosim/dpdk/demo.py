@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Sequence
 
+from ..cachedir import user_cache
 from ..kernel.config import POWER_PLATFORMS
 from ..kernel.mm import AddressSpace
 from ..transport.summary import HostConversation, iommu_type_name, summarize_trace
@@ -424,8 +425,7 @@ class DemoResult:
 
 
 def cache_dir() -> Path:
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "vfiosim" / "dpdk"
+    return user_cache("dpdk")
 
 
 def run_demo(*, machine: str = "powernv", seconds: float = SECONDS, install: bool = True, trace: str | None = None,

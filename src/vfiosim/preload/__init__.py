@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
+from ..cachedir import user_cache
+
 SOURCE = "vfiosim_preload.c"
 DAEMON_SOURCE = "vfiosim_daemon.c"
 HEADER = "vfiosim_protocol.h"
@@ -31,8 +33,7 @@ class ShimBuildError(RuntimeError):
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "vfiosim"
+    return user_cache()
 
 
 def compile_shim(source: str | os.PathLike[str], output: str | os.PathLike[str], python: bool = False) -> None:

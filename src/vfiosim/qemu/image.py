@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..cachedir import user_cache
+
 GUEST_ARCH = "ppc64el"
 KERNEL_META = "linux-image-powerpc64le"
 BUSYBOX = "busybox-static"
@@ -67,11 +69,7 @@ class QemuDemoUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("VFIOSIM_QEMU_CACHE")
-    if base:
-        return Path(base)
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "vfiosim" / "qemu"
+    return user_cache("qemu", override="VFIOSIM_QEMU_CACHE")
 
 
 def _quiet(text: str) -> None:

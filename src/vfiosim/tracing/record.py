@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from ..cachedir import user_cache
 from ..preload import ShimBuildError, compile_shim
 
 SOURCE = Path(__file__).resolve().parent / "vfiosim_record.c"
@@ -33,8 +34,7 @@ class RecordUnavailable(RuntimeError):
 
 
 def _cache_dirs() -> list[Path]:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return [Path(base) / "vfiosim", Path(tempfile.gettempdir()) / f"vfiosim-{os.getuid()}"]
+    return [user_cache(), Path(tempfile.gettempdir()) / f"vfiosim-{os.getuid()}"]
 
 
 def library_path() -> str:
