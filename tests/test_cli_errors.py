@@ -95,8 +95,8 @@ def test_as_a_program_the_errors_are_messages_not_tracebacks(tmp_path):
 def test_a_mistyped_machine_lists_the_presets(capsys):
     rc, out, err = run(capsys, "demo", "--machine", "powrenv")
     assert rc == 2 and out == ""
-    assert "unknown machine 'powrenv'" in err and "presets: powernv, powernv-virtio, pseries, x86, x86-virtio" in err
-    with pytest.raises(ValueError, match="presets: powernv, powernv-virtio, pseries, x86, x86-virtio"):
+    assert "unknown machine 'powrenv'" in err and "presets: powernv, powernv-virtio, pseries, x86, x86-ioat, x86-virtio" in err
+    with pytest.raises(ValueError, match="presets: powernv, powernv-virtio, pseries, x86, x86-ioat, x86-virtio"):
         vfiosim.Machine.load("powrenv")
 
 

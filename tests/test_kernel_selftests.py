@@ -3,7 +3,7 @@
 `vfiosim selftests` end to end: Debian's linux-source package (fetched once into
 ~/.cache/vfiosim/selftests; about 160 MB), its tools/testing/selftests/vfio built
 with its own Makefile, every program run on each machine of selftests.RUNS.  About
-20 seconds once the package is cached.  When the package cannot be had (no network
+two minutes once the package is cached.  When the package cannot be had (no network
 to the Debian archive, no apt-get) or built (no make, no uuid-dev), the test is
 skipped with the reason (.ci/run installs uuid-dev as root).
 """
@@ -43,7 +43,8 @@ def test_every_selftest_result_is_the_expected_one(report):
     assert all(r.why for r in report.results if r.status != "PASS")
 
 
-@pytest.mark.parametrize("run,passes", [("x86-iommufd", 48), ("x86-iommufd-compat", 44), ("x86-virtio-iommufd", 48)])
+@pytest.mark.parametrize("run,passes", [("x86-iommufd", 48), ("x86-iommufd-compat", 44), ("x86-virtio-iommufd", 48),
+                                       ("x86-ioat-iommufd", 82)])
 def test_the_expected_number_pass(report, run, passes):
     got = sorted(r.name for r in report.results if r.run == run and r.status == "PASS")
     assert len(got) == passes + _hugetlb_passes(), got
@@ -73,6 +74,22 @@ def test_what_passes_covers_every_iommu_mode_and_both_interrupt_kinds(report):
     # MSI on edu, MSI-X on virtio-net: each vector's eventfd fires on VFIO_DEVICE_SET_IRQS' trigger.
     assert ("x86-iommufd", "vfio_pci_device_test.vfio_pci_irq_test.msi.enable_trigger_disable") in passed
     assert ("x86-virtio-iommufd", "vfio_pci_device_test.vfio_pci_irq_test.msix.enable_trigger_disable") in passed
+
+
+def test_the_driver_test_drives_the_ioat_dma_engine_in_every_iommu_mode(report):
+    """vfio_pci_driver_test's ioat driver probes 8086:2021 and has the device memcpy between
+    IOVAs (once, 65535 times, from and to an unmapped IOVA) and raise its MSI-X vector, in all
+    five IOMMU modes; where no such device is, the program skips itself."""
+    modes = ["vfio_type1_iommu", "vfio_type1v2_iommu", "iommufd_compat_type1", "iommufd_compat_type1v2", "iommufd"]
+    cases = ["init_remove", "memcpy_success", "memcpy_from_unmapped_iova", "memcpy_to_unmapped_iova", "send_msi",
+             "mix_and_match", "memcpy_storm"]
+    got = {r.name: r.status for r in report.results if r.run == "x86-ioat-iommufd"
+           and r.name.startswith("vfio_pci_driver_test.")}
+    assert got == {f"vfio_pci_driver_test.vfio_pci_driver_test.{mode}.{case}": "PASS" for mode in modes
+                   for case in cases}
+    for run in ("x86-iommufd", "x86-iommufd-compat", "x86-virtio-iommufd"):
+        assert [(r.name, r.status) for r in report.results if r.run == run
+                and r.name.startswith("vfio_pci_driver_test")] == [("vfio_pci_driver_test", "SKIP")]
 
 
 def test_tap_parsing_names_what_did_not_report():

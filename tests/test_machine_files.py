@@ -84,7 +84,7 @@ def assert_names(exc: MachineFileError, path: Path, key: str, *expected: str) ->
 
 
 def test_preset_names_are_powernv_pseries_and_x86_and_the_dpdk_demo_hosts():
-    assert vfiosim.preset_names() == ["powernv", "powernv-virtio", "pseries", "x86", "x86-virtio"]
+    assert vfiosim.preset_names() == ["powernv", "powernv-virtio", "pseries", "x86", "x86-ioat", "x86-virtio"]
 
 
 def test_the_dpdk_demo_presets_hold_one_virtio_net_nic_and_the_default_machine_keeps_its_edus():

@@ -63,10 +63,10 @@ def test_a_mistyped_machine_is_named_with_where_it_came_from_and_the_presets(pyt
     monkeypatch.setenv("VFIOSIM_MACHINE", "powrenv")
     result = pytester.runpytest(*PLUGIN)
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*$VFIOSIM_MACHINE: unknown machine 'powrenv'*presets: powernv, powernv-virtio, pseries, x86, x86-virtio*"])
+    result.stdout.fnmatch_lines(["*$VFIOSIM_MACHINE: unknown machine 'powrenv'*presets: powernv, powernv-virtio, pseries, x86, x86-ioat, x86-virtio*"])
     result = pytester.runpytest(*PLUGIN, "--vfio-machine", "pseriess")
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*--vfio-machine: unknown machine 'pseriess'*presets: powernv, powernv-virtio, pseries, x86, x86-virtio*"])
+    result.stdout.fnmatch_lines(["*--vfio-machine: unknown machine 'pseriess'*presets: powernv, powernv-virtio, pseries, x86, x86-ioat, x86-virtio*"])
 
 
 def test_process_is_the_default_backend_and_exits(pytester):

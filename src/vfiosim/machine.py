@@ -34,7 +34,8 @@ from .platforms import BUILDERS
 T = TypeVar("T")
 
 PRESETS = {"powernv": "powernv.toml", "pseries": "pseries.toml", "x86": "x86.toml",
-           "powernv-virtio": "powernv-virtio.toml", "x86-virtio": "x86-virtio.toml"}
+           "powernv-virtio": "powernv-virtio.toml", "x86-virtio": "x86-virtio.toml",
+           "x86-ioat": "x86-ioat.toml"}
 PRESET_ALIASES = {"default": "powernv", "powernv9": "powernv", "q35": "x86"}
 
 # The environment that chooses the simulated machine where the caller does not:

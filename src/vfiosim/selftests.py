@@ -239,6 +239,9 @@ RUNS = [
         "the same with IOMMUFD_VFIO_CONTAINER: /dev/vfio/vfio is iommufd's Type1 emulation"),
     Run("x86-virtio-iommufd", "x86-virtio", "iommufd",
         "q35 + VT-d with a virtio-net NIC (MSI-X, no MSI) instead of edu (MSI, no MSI-X)"),
+    Run("x86-ioat-iommufd", "x86-ioat", "iommufd",
+        "q35 + VT-d with an Intel I/OAT DMA engine (8086:2021, MSI-X, no MSI), which the selftests' "
+        "ioat driver drives: vfio_pci_driver_test runs"),
 ]
 
 # (run, test pattern, status, why).  The first rule that matches a test's name
@@ -252,7 +255,7 @@ COMPAT_PFNMAP = ("the test takes mode vfio_type1* to mean VFIO's own Type1, whic
                  "emulation, which pins user pages and cannot (pin_user_pages() -> EFAULT); the test "
                  "itself notes iommufd compat support 'once it lands'")
 NO_DRIVER = ("the test needs a device with a selftests driver (lib/drivers: Intel IOAT or DSA, which can "
-             "memcpy and raise an MSI on command); vfiosim models neither")
+             "memcpy and raise an MSI on command); this machine has neither (x86-ioat-iommufd has an IOAT)")
 NO_SRIOV = ("needs an SR-IOV physical function (sriov_totalvfs, sriov_numvfs, virtfn links, VF tokens); "
             "vfiosim models no SR-IOV")
 EXPECTED: list[tuple[str, str, str, str]] = [
@@ -261,11 +264,19 @@ EXPECTED: list[tuple[str, str, str, str]] = [
     ("x86-iommufd", "vfio_dma_mapping_test.vfio_dma_map_limit_test.vfio_type1*_iommu.overflow", "FAIL", NEWER_TYPE1),
     ("x86-virtio-iommufd", "vfio_dma_mapping_test.vfio_dma_map_limit_test.vfio_type1*_iommu.overflow", "FAIL",
      NEWER_TYPE1),
+    ("x86-ioat-iommufd", "vfio_dma_mapping_test.vfio_dma_map_limit_test.vfio_type1*_iommu.overflow", "FAIL",
+     NEWER_TYPE1),
     ("x86-iommufd-compat", "vfio_dma_mapping_mmio_test.*.vfio_type1*_iommu.*", "FAIL", COMPAT_PFNMAP),
     ("x86-iommufd*", "vfio_pci_device_test.vfio_pci_irq_test.msix.*", "SKIP", "edu has no MSI-X capability"),
     ("x86-virtio-iommufd", "vfio_pci_device_test.vfio_pci_irq_test.msi.*", "SKIP",
      "virtio-net (virtio 1.x) has MSI-X, no MSI capability"),
-    ("*", "vfio_pci_driver_test", "SKIP", NO_DRIVER),
+    ("x86-ioat-iommufd", "vfio_pci_device_test.vfio_pci_irq_test.msi.*", "SKIP",
+     "the IOAT channel signals through MSI-X; it has no MSI capability"),
+    ("x86-ioat-iommufd", "vfio_pci_device_test.vfio_pci_device_test.reset", "SKIP",
+     "the IOAT is a root-complex integrated endpoint on bus 0 with no FLR: no reset method, so "
+     "VFIO_DEVICE_INFO has no VFIO_DEVICE_FLAGS_RESET and the test skips itself"),
+    ("x86-iommufd*", "vfio_pci_driver_test", "SKIP", NO_DRIVER),
+    ("x86-virtio-iommufd", "vfio_pci_driver_test", "SKIP", NO_DRIVER),
     ("*", "vfio_pci_sriov_uapi_test", "SKIP", NO_SRIOV),
 ]
 

@@ -35,6 +35,7 @@ PCI_BASE_ADDRESS_MEM_PREFETCH = 0x8
 
 PCI_CAP_ID_MSI = 0x05
 PCI_CAP_ID_VNDR = 0x09              # vendor specific (virtio's capabilities)
+PCI_CAP_ID_EXP = 0x10               # PCI Express
 PCI_MSI_FLAGS = 2
 PCI_MSI_FLAGS_ENABLE = 0x0001
 PCI_MSI_FLAGS_QMASK = 0x000E
@@ -65,6 +66,7 @@ PCI_MSIX_MAX_VECTORS = 2048         # an 11-bit Table Size field
 
 PCI_STD_HEADER_SIZEOF = 64
 PCI_CFG_SPACE_SIZE = 256
+PCI_CFG_SPACE_EXP_SIZE = 4096       # a PCI Express function's, with extended config space
 
 
 class ConfigSpace:

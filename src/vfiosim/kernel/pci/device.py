@@ -23,7 +23,8 @@ from .config import (PCI_BASE_ADDRESS_0, PCI_BASE_ADDRESS_MEM_PREFETCH, PCI_BASE
                      PCI_MSIX_ENTRY_LOWER_ADDR, PCI_MSIX_ENTRY_SIZE, PCI_MSIX_ENTRY_UPPER_ADDR,
                      PCI_MSIX_ENTRY_VECTOR_CTRL, PCI_MSIX_FLAGS, PCI_MSIX_FLAGS_ENABLE, PCI_MSIX_FLAGS_MASKALL,
                      PCI_MSIX_MAX_VECTORS, PCI_MSIX_PBA, PCI_MSIX_TABLE, PCI_REVISION_ID, PCI_STATUS,
-                     PCI_STATUS_INTERRUPT, PCI_SUBSYSTEM_ID, PCI_SUBSYSTEM_VENDOR_ID, PCI_VENDOR_ID, ConfigSpace)
+                     PCI_STATUS_INTERRUPT, PCI_SUBSYSTEM_ID, PCI_SUBSYSTEM_VENDOR_ID, PCI_VENDOR_ID, ConfigSpace,
+                     PCI_CFG_SPACE_SIZE, PCI_CFG_SPACE_EXP_SIZE)
 
 if TYPE_CHECKING:
     from ..iommu.iommu import IommuGroup, IommuOps
@@ -281,13 +282,17 @@ class PciDevice:
     model = "generic"
 
     def __init__(self, bdf: str, *, vendor: int, device: int, class_code: int, revision: int = 0,
-                 subsystem_vendor: int = 0x1AF4, subsystem: int = 0x1100, interrupt_pin: int = 1) -> None:
+                 subsystem_vendor: int = 0x1AF4, subsystem: int = 0x1100, interrupt_pin: int = 1,
+                 config_size: int = PCI_CFG_SPACE_SIZE) -> None:
         self.domain, self.bus, self.slot, self.function = parse_bdf(bdf)
         self.bdf = f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function}"
         self.vendor = vendor
         self.device_id = device
         self.class_code = class_code
-        self.config = ConfigSpace()
+        if config_size not in (PCI_CFG_SPACE_SIZE, PCI_CFG_SPACE_EXP_SIZE):
+            raise ValueError(f"config space size {config_size} must be {PCI_CFG_SPACE_SIZE} (PCI) or "
+                             f"{PCI_CFG_SPACE_EXP_SIZE} (PCI Express)")
+        self.config = ConfigSpace(config_size)
         self.bars: dict[int, Bar] = {}
         self.iommu_group: "IommuGroup | None" = None
         # The IOMMU driver that probed the device (dev->iommu), None behind no IOMMU.

@@ -12,6 +12,7 @@ from typing import Callable, Protocol
 
 from .device import PciDevice, parse_bdf
 from .edu import EduDevice
+from .ioat import IoatDevice
 from .virtio_net import VirtioNet
 
 
@@ -23,11 +24,12 @@ class DeviceFactory(Protocol):
 
 
 _NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
-BUILTIN: dict[str, Callable[..., PciDevice]] = {"edu": EduDevice, "virtio-net": VirtioNet.from_options}
+BUILTIN: dict[str, Callable[..., PciDevice]] = {"edu": EduDevice, "virtio-net": VirtioNet.from_options,
+                                                "ioat": IoatDevice}
 # A machine file's dma_mask when it gives none: edu drives 28 address bits
-# (QEMU's default); a virtio device drives all 64.
+# (QEMU's default); a virtio device and IOAT drive all 64.
 DEFAULT_DMA_MASK = (1 << 28) - 1
-_MODEL_DMA_MASK = {"virtio-net": (1 << 64) - 1}
+_MODEL_DMA_MASK = {"virtio-net": (1 << 64) - 1, "ioat": (1 << 64) - 1}
 # Machine-file keys a built-in model takes besides the common ones.
 MODEL_OPTIONS = {"virtio-net": ("backend", "pcap_rx", "pcap_tx", "mac")}
 

@@ -17,7 +17,7 @@ from ...pci.config import (PCI_BASE_ADDRESS_0, PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX, 
                            PCI_COMMAND,
                            PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_MEMORY, PCI_DEVICE_ID, PCI_INTERRUPT_LINE,
                            PCI_INTERRUPT_PIN, PCI_MSI_FLAGS, PCI_MSI_FLAGS_64BIT, PCI_MSI_FLAGS_ENABLE,
-                           PCI_ROM_ADDRESS, PCI_STATUS, PCI_STATUS_CAP_LIST, PCI_VENDOR_ID)
+                           PCI_ROM_ADDRESS, PCI_STATUS, PCI_STATUS_CAP_LIST, PCI_STD_HEADER_SIZEOF, PCI_VENDOR_ID)
 
 if TYPE_CHECKING:
     from .vfio_pci_core import VfioPciDevice
@@ -88,6 +88,17 @@ def vfio_config_init(vdev: "VfioPciDevice") -> None:
             for off in range(cap + 2, min(cap + length, len(vdev.vwrite))):
                 vdev.vwrite[off] = 0xFF
         cap, seen = p.config.data[cap + 1] & ~3, seen + 1
+    # Bytes past the header that no capability covers are unassigned_perms: raw reads and
+    # writes ("some devices hide registers between the gaps in config space", as IOAT's
+    # CHANERR_INT at 0x180 of its extended space).  vfio_config_init() marks them
+    # PCI_CAP_ID_INVALID up to pdev->cfg_size; a write reaches the device, whose own write
+    # masks decide what sticks.
+    covered = bytearray(len(vdev.vwrite))
+    for off, length in p.config.cap_lengths.items():
+        covered[off:off + length] = b"\x01" * length
+    for off in range(PCI_STD_HEADER_SIZEOF, len(vdev.vwrite)):
+        if not covered[off]:
+            vdev.vwrite[off] = 0xFF
     # BARs: sizes come from the device; unimplemented BARs read 0.
     for bar in range(6):
         reg = PCI_BASE_ADDRESS_0 + 4 * bar
