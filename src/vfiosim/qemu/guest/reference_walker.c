@@ -167,7 +167,17 @@ int main(void)
             struct rlimit rl = {num("memlock_cur", 8 << 20), num("memlock_max", 8 << 20)};
             setrlimit(RLIMIT_MEMLOCK, &rl);
             snprintf(bdf, sizeof bdf, "%s", get("bdf") ? get("bdf") : "");
-            sym_buf = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            /* A PROT_NONE page after buf: the steps that run past its end
+             * (map_partly_unmapped_vaddr) must find no memory there, whatever
+             * the program maps later (under vfiosim run, the shim's channel could
+             * otherwise land right after it).  The mapping stays a multiple of
+             * 2 MiB, so that Linux aligns it as it aligns buf alone (the THP
+             * alignment of large anonymous mappings), which the steps on
+             * preregistered memory depend on. */
+            size_t page = (size_t)sysconf(_SC_PAGESIZE), slack = 2 << 20;
+            sym_buf = mmap(NULL, size + slack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            mprotect(sym_buf + size, page, PROT_NONE);
+            munmap(sym_buf + size + page, slack - page);
             memset(sym_buf, 0x5a, size);
             sym_robuf = mmap(NULL, 1 << 20, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
             sym_unmapped = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
