@@ -61,6 +61,8 @@ WINDOW_SHIFT = 30                   # pins are counted per 1 GiB of address spac
 TMPFS_MAGIC = 0x01021994            # memfd and tmpfs (<linux/magic.h>)
 HUGETLBFS_MAGIC = 0x958458F6
 MAX_FILE_MAPS = 256                 # file mappings the daemon makes for one address space
+FILE_MAP_CHUNK = 2 << 20            # at least this much of a file is mapped at once (pins come page by page)
+FILE_MAP_SLACK = 32 << 20           # what the daemon may map beyond twice what is pinned through its mappings
 _PROCMAP_PROT = ((native.PROCMAP_READ, PROT_READ), (native.PROCMAP_WRITE, PROT_WRITE),
                  (native.PROCMAP_EXEC, PROT_EXEC))
 # PROT_* of each combination of PROCMAP_QUERY's flags (a look-up per MAP_DMA, not a loop).
@@ -442,11 +444,19 @@ class FileMap:
     for the program's address ``vaddr`` (as it was mapped when the pin was
     taken), ``refs`` pinned pages are bound to it."""
 
-    __slots__ = ("base", "size", "vaddr", "refs", "slot")
+    __slots__ = ("base", "size", "vaddr", "span", "key", "foff", "refs", "slot")
 
-    def __init__(self, base: int, size: int, vaddr: int, slot: int) -> None:
-        self.base, self.size, self.vaddr, self.slot = base, size, vaddr, slot   # the daemon's mmap()
+    def __init__(self, base: int, size: int, vaddr: int, span: int, key: tuple[int, int], foff: int,
+                 slot: int) -> None:
+        self.base, self.size = base, size           # the daemon's mmap()
+        self.vaddr, self.span = vaddr, span         # the program's addresses it stands for, at the pin
+        self.key, self.foff = key, foff             # the file (dev, inode) and the offset of vaddr in it
+        self.slot = slot
         self.refs = 0
+
+    def covers(self, key: tuple[int, int], vaddr: int, length: int, foff: int) -> bool:
+        return key == self.key and self.vaddr <= vaddr and vaddr + length <= self.vaddr + self.span and \
+            self.foff + (vaddr - self.vaddr) == foff
 
 
 class SharedFiles:
@@ -461,10 +471,13 @@ class SharedFiles:
     number there, or None; the file is mapped only if the
     duplicate is the same file the mapping shows (device, inode), a regular
     file of a memory file system, opened for writing, and the range lies
-    within it.  Anything else keeps the /proc/<pid>/mem path.  What it maps is
-    bounded by what is pinned through it: at most twice the bytes of the pages
-    bound to files, and MAX_FILE_MAPS mappings; a mapping goes with the last
-    pin bound to it, and all of them with the image (exit, exec)."""
+    within it.  Anything else keeps the /proc/<pid>/mem path.  A mapping
+    covers at least FILE_MAP_CHUNK (cut at the program's mapping and the
+    file's end) so that pins taken page by page (sPAPR v2 registration) share
+    it.  What it maps is bounded by what is pinned through it: at most twice
+    the bytes of the pages bound to files plus FILE_MAP_SLACK, and
+    MAX_FILE_MAPS mappings; a mapping goes with the last pin bound to it, and
+    all of them with the image (exit, exec)."""
 
     def __init__(self, host: HostProcess) -> None:
         self.host = host
@@ -474,6 +487,7 @@ class SharedFiles:
         self.mapped = 0                                       # bytes mapped
         self.bound = 0                                        # pinned pages bound to a mapping
         self.refused: set[tuple[int, int]] = set()            # files that could not be had
+        self.last: FileMap | None = None                      # the mapping a pin last used
         self.hints: dict[tuple[int, int], int] = {}           # the program's fd last found on a file
 
     def bind(self, obj: "HostMemoryObject", p0: int, n: int, which: np.ndarray | None = None) -> None:
@@ -507,43 +521,61 @@ class SharedFiles:
         if not flags & native.PROCMAP_SHARED or not ino or vaddr + length > end:
             return
         key = (os.makedev(major, minor), ino)
+        foff = offset + (vaddr - start)
+        fm = self.last
+        if fm is None or self.maps[fm.slot] is not fm or not fm.covers(key, vaddr, length, foff):
+            fm = next((m for m in self.maps if m is not None and m.covers(key, vaddr, length, foff)), None)
+        if fm is None:
+            fm = self._new_map(key, vaddr, length, min(max(length, FILE_MAP_CHUNK), end - vaddr), foff, shift)
+            if fm is None:
+                return
+        self.last = fm
+        if obj.slots is None:
+            obj.slots = np.zeros(obj.length >> shift, dtype=np.int32)    # calloc'd: touched where bound
+        count = int(np.count_nonzero(new))
+        obj.slots[p0:p0 + n][new] = fm.slot
+        fm.refs += count
+        self.bound += count
+
+    def _new_map(self, key: tuple[int, int], vaddr: int, length: int, span: int, foff: int,
+                 shift: int) -> FileMap | None:
+        """Map ``span`` bytes of the file from ``foff`` (standing for the
+        program's ``vaddr``; ``length`` of them are being pinned), if the
+        budget allows and the program's fd on the file can be had."""
         if key in self.refused or self.count() >= MAX_FILE_MAPS or \
-                self.mapped + length > 2 * ((self.bound << shift) + length):
-            return
-        got = self.opener(key[0], key[1], self.hints.get(key, -1))
+                self.mapped + span > 2 * ((self.bound << shift) + length) + FILE_MAP_SLACK:
+            return None
+        got = self.opener(key[0], key[1], self.hints.get(key, -1)) if self.opener is not None else None
         if got is None:
             self.refused.add(key)
-            return
+            return None
         fd, number = got
         try:
-            got_map = self._map(fd, key, offset + (vaddr - start), length)
+            got_map = self._map(fd, key, foff, length, span)
         finally:
             os.close(fd)
         if got_map is None:
             self.refused.add(key)
-            return
-        base, size, addr = got_map
+            return None
+        base, size, addr, span = got_map
         self.hints[key] = number
         slot = next((i for i, m in enumerate(self.maps) if i and m is None), len(self.maps))
-        fm = FileMap(base, size, vaddr, slot)
+        fm = FileMap(base, size, vaddr, span, key, foff, slot)
         if slot == len(self.maps):
             self.maps.append(fm)
             self.bases = np.append(self.bases, np.uint64(0))
         else:
             self.maps[slot] = fm
         self.bases[slot] = (addr - vaddr) % (1 << 64)
-        if obj.slots is None:
-            obj.slots = np.zeros(obj.length >> shift, dtype=np.int32)    # calloc'd: touched where bound
-        count = int(np.count_nonzero(new))
-        obj.slots[p0:p0 + n][new] = slot
-        fm.refs = count
-        self.bound += count
+        return fm
 
-    def _map(self, fd: int, key: tuple[int, int], offset: int, length: int) -> tuple[int, int, int] | None:
-        """Our mapping of [offset, offset+length) of the file at ``fd`` (its
-        address and size, and the address standing for ``offset``), or None if
-        it is not the file the program's mapping shows, not a memory file, or
-        cannot be mapped."""
+    def _map(self, fd: int, key: tuple[int, int], offset: int, length: int,
+             span: int) -> tuple[int, int, int, int] | None:
+        """Our mapping of [offset, offset+span) of the file at ``fd``, cut at
+        its end (its address and size, the address standing for ``offset``,
+        the span mapped), or None if it is not the file the program's mapping
+        shows, not a memory file, its first ``length`` bytes are not all in
+        it, or it cannot be mapped."""
         try:
             st = os.fstat(fd)
             kind = native.fs_type(fd)
@@ -552,15 +584,16 @@ class SharedFiles:
         if (st.st_dev, st.st_ino) != key or not stat.S_ISREG(st.st_mode) or \
                 kind not in (TMPFS_MAGIC, HUGETLBFS_MAGIC) or offset + length > st.st_size:
             return None
+        span = max(length, min(span, st.st_size - offset))
         align = max(st.st_blksize if kind == HUGETLBFS_MAGIC else 0, os.sysconf("SC_PAGE_SIZE"))
         lo = offset & ~(align - 1)
-        hi = (offset + length + align - 1) & ~(align - 1)
+        hi = (offset + span + align - 1) & ~(align - 1)
         try:
             addr = native.file_map(fd, lo, hi - lo)   # EACCES: not open for writing; EPERM: sealed
         except OSError:
             return None
         self.mapped += hi - lo
-        return int(addr), hi - lo, int(addr) + (offset - lo)
+        return int(addr), hi - lo, int(addr) + (offset - lo), span
 
     def unbind(self, obj: "HostMemoryObject", p0: int, n: int) -> None:
         """Pins on pages [p0, p0+n) were dropped: those no pin holds now leave
@@ -597,6 +630,7 @@ class SharedFiles:
         for obj in windows:
             obj.slots = None
         self.bound = 0
+        self.last = None
 
     def count(self) -> int:
         """Mappings held."""
