@@ -16,12 +16,14 @@ work on a shared machine does not count); with ``--profile``, the same run under
 cProfile split by module.  ``--host-memory`` puts the driver's memory
 behind the same path ``vfiosim run`` uses (transport/host.py's
 HostMemoryObject: reads and writes of this process's /proc/self/mem), so the
-host copies are measured as under testpmd.
+host copies are measured as under testpmd; ``--host-memory file`` through the
+path it uses for a program's shared memory file such as DPDK's (copies from
+the daemon's own mapping of it).
 
 Deterministic: no second process, no socket, no shim; the figure depends on
 the CPU only.  Compare trees by running both on the same machine.
 
-    python3 benchmarks/virtio_burst_bench.py [--bursts 2000] [--machine powernv,x86] [--profile] [--host-memory]
+    python3 benchmarks/virtio_burst_bench.py [--bursts 2000] [--machine powernv,x86] [--profile] [--host-memory [proc|file]]
 """
 
 from __future__ import annotations
@@ -174,10 +176,13 @@ class PmdLikeDriver:
         return mbufs, lens
 
 
-def host_memory(m: vfiosim.Machine) -> Any:
+def host_memory(m: vfiosim.Machine, mode: str = "proc") -> Any:
     """Reach the machine's memory objects through /proc/self/mem, as
     ``vfiosim run`` reaches a real program's: the same bytes (a MemoryObject's
-    array is memory of this process), read and written by HostMemoryObject."""
+    array is memory of this process), read and written by HostMemoryObject.
+    ``mode`` "file": every page bound as the daemon binds a pinned page of a
+    program's shared memory file (SharedFiles), its mapping being the array
+    itself: the copies are those the daemon makes from its own mapping."""
     from vfiosim.kernel.mm import MemoryObject
     from vfiosim.transport.host import HostMemoryObject, HostProcess
 
@@ -194,6 +199,11 @@ def host_memory(m: vfiosim.Machine) -> Any:
         proxy = proxies.get(id(obj))
         if proxy is None:
             proxy = HostMemoryObject(me, obj.data.ctypes.data, obj.length, obj.page_shift)
+            if mode == "file":
+                from vfiosim.transport.host import SharedFiles
+                proxy.files = SharedFiles(me)
+                proxy.files.bases = np.zeros(2, dtype=np.uint64)      # slot 1: the program's address itself
+                proxy.slots = np.ones(obj.length >> obj.page_shift, dtype=np.int32)
             proxies[id(obj)] = proxy
         return proxy, off
     phys.lookup = lookup  # type: ignore[method-assign]
@@ -208,7 +218,7 @@ def host_memory(m: vfiosim.Machine) -> Any:
     return restore
 
 
-def run(machine: str, bursts: int, with_profile: bool, host: bool) -> dict[str, Any]:
+def run(machine: str, bursts: int, with_profile: bool, host: str) -> dict[str, Any]:
     m = vfiosim.Machine.load(MACHINES.get(machine, machine))
     p = m.spawn(uid=0, rlimit_memlock=(1 << 30, 1 << 30))
     dev = client.open_device("1af4:1041", p)
@@ -217,7 +227,7 @@ def run(machine: str, bursts: int, with_profile: bool, host: bool) -> dict[str, 
     assert isinstance(nic, VirtioNet)
     pmd = PmdLikeDriver(VirtioNetDriver(dev))
     # Only the device's DMA goes through /proc/self/mem (pins stay as they are).
-    restore = host_memory(m) if host else None
+    restore = host_memory(m, host) if host else None
     times: list[float] = []
     prof = cProfile.Profile()
     kicks0 = frames0 = 0
@@ -281,7 +291,9 @@ def main() -> int:
     ap.add_argument("--bursts", type=int, default=2000)
     ap.add_argument("--machine", default="powernv,x86", help="comma-separated: powernv, x86, pseries or presets")
     ap.add_argument("--profile", action="store_true", help="also a run under cProfile, split by module")
-    ap.add_argument("--host-memory", action="store_true", help="reach memory through /proc/self/mem (as `vfiosim run`)")
+    ap.add_argument("--host-memory", nargs="?", const="proc", default="", choices=("proc", "file"),
+                    help="reach memory as `vfiosim run` does: through /proc/self/mem (proc, the default), or "
+                         "through the daemon's mapping of a shared memory file (file)")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     results = []
@@ -291,7 +303,8 @@ def main() -> int:
             pr = run(machine, max(args.bursts // 4, 100), True, args.host_memory)
             r["profile_share"], r["top"] = pr["profile_share"], pr["top"]
         results.append(r)
-        print(f"{machine}{' (host memory)' if args.host_memory else ''}: {r['us_per_burst_median']} us per "
+        print(f"{machine}{f' (host memory: {args.host_memory})' if args.host_memory else ''}: "
+              f"{r['us_per_burst_median']} us per "
               f"{BURST}-frame burst in the device (median; 10th percentile {r['us_per_burst_p10']}, "
               f"mean {r['us_per_burst_mean']}), "
               f"{r['us_per_frame']} us a frame, {r['frames_per_notification']} frames per notification")

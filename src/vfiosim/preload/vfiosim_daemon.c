@@ -16,6 +16,8 @@
  *    program's address space, honouring the protection PROCMAP_QUERY reports
  *    for each mapping, as the kernel's uaccess does; a device's DMA through
  *    the same fd;
+ *  - a program's shared memory file, mapped into the daemon where a pin was
+ *    taken, and a device's DMA copied to and from it (file mappings below);
  *  - acting with a program's credentials: raw setresuid/setresgid/setgroups
  *    change this thread's credentials only (glibc's would change every
  *    thread's), so the host kernel itself checks what the daemon opens for
@@ -29,13 +31,14 @@
 #include <errno.h>
 #include <sched.h>
 #include <fcntl.h>
-#include <sched.h>
+#include <signal.h>
 #include <linux/futex.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -237,6 +240,9 @@ static int vma_at(int maps_fd, uint64_t addr, int or_next, uint64_t *out)
     out[1] = q.vma_end;
     out[2] = q.vma_flags;
     out[3] = q.inode;
+    out[4] = q.vma_offset;
+    out[5] = q.dev_major;
+    out[6] = q.dev_minor;
     return 0;
 }
 
@@ -244,7 +250,7 @@ static int vma_at(int maps_fd, uint64_t addr, int or_next, uint64_t *out)
  * (the kernel's uaccess reads any accessible x86 mapping: write implies read). */
 static int check_access(int maps_fd, uint64_t addr, uint64_t n, uint64_t need)
 {
-    uint64_t end = addr + n, vma[4];
+    uint64_t end = addr + n, vma[7];
     if (end < addr)
         return -EFAULT;
     while (addr < end) {
@@ -281,7 +287,7 @@ static PyObject *py_vma(PyObject *self, PyObject *args)
 {
     int maps_fd, or_next, r;
     unsigned long long addr;
-    uint64_t v[4];
+    uint64_t v[7];
     if (!PyArg_ParseTuple(args, "iKp", &maps_fd, &addr, &or_next))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
@@ -293,6 +299,25 @@ static PyObject *py_vma(PyObject *self, PyObject *args)
         return raise_errno(-r);
     return Py_BuildValue("KKKK", (unsigned long long)v[0], (unsigned long long)v[1], (unsigned long long)v[2],
                          (unsigned long long)v[3]);
+}
+
+/* vma_file(maps_fd, addr): (start, end, flags, inode, file offset in bytes,
+ * dev major, dev minor) of the mapping holding addr, or None. */
+static PyObject *py_vma_file(PyObject *self, PyObject *args)
+{
+    int maps_fd, r;
+    unsigned long long addr;
+    uint64_t v[7];
+    if (!PyArg_ParseTuple(args, "iK", &maps_fd, &addr))
+        return NULL;
+    r = vma_at(maps_fd, addr, 0, v);
+    if (r == -ENOENT)
+        Py_RETURN_NONE;
+    if (r < 0)
+        return raise_errno(-r);
+    return Py_BuildValue("KKKKKKK", (unsigned long long)v[0], (unsigned long long)v[1], (unsigned long long)v[2],
+                         (unsigned long long)v[3], (unsigned long long)v[4], (unsigned long long)v[5],
+                         (unsigned long long)v[6]);
 }
 
 /* copy_from_user(): bytes, or OSError(EFAULT) unless all of it is mapped
@@ -464,6 +489,198 @@ static PyObject *py_dma_read_ranges(PyObject *self, PyObject *args)
 static PyObject *py_dma_write_ranges(PyObject *self, PyObject *args)
 {
     return dma_ranges(args, 1);
+}
+
+/* ---------------------------------------------------------------- file mappings
+ *
+ * A program's MAP_SHARED memory file (memfd, tmpfs, hugetlbfs), mapped into
+ * the daemon where a pin was taken (transport/host.py), so a device's DMA is
+ * a memcpy instead of a pread/pwrite of /proc/<pid>/mem.  The program may
+ * truncate the file under the mapping: an access past its end would kill the
+ * daemon with SIGBUS.  The handler below replaces the page of such a fault,
+ * when it lies in one of these mappings, with a private zero page (what a
+ * device reaches there is then what it reaches in a pinned page of an exited
+ * program: zeros, seen by nobody) and lets the copy go on; any other SIGBUS
+ * goes to the handler that was there before. */
+
+#define MAX_FILE_MAPS 4096
+static struct { volatile uintptr_t start, end; } file_maps[MAX_FILE_MAPS];
+static struct sigaction bus_before;
+static volatile sig_atomic_t bus_replaced;
+
+static void on_sigbus(int sig, siginfo_t *si, void *ctx)
+{
+    uintptr_t a = (uintptr_t)si->si_addr;
+    long page = sysconf(_SC_PAGESIZE);
+    for (int i = 0; si->si_code > 0 && i < MAX_FILE_MAPS; i++) {
+        if (file_maps[i].start <= a && a < file_maps[i].end) {
+            uintptr_t p = a & ~(uintptr_t)(page - 1);
+            if (mmap((void *)p, (size_t)page, PROT_READ | PROT_WRITE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS,
+                     -1, 0) != MAP_FAILED) {
+                bus_replaced++;
+                return;
+            }
+        }
+    }
+    if (bus_before.sa_flags & SA_SIGINFO) {
+        bus_before.sa_sigaction(sig, si, ctx);
+    } else if (bus_before.sa_handler != SIG_DFL && bus_before.sa_handler != SIG_IGN) {
+        bus_before.sa_handler(sig);
+    } else {
+        signal(SIGBUS, SIG_DFL);     /* the fault repeats, and kills as it would have */
+    }
+}
+
+/* file_map(fd, offset, length) -> address: a MAP_SHARED, read-write mapping
+ * of the file, registered with the SIGBUS handler (OSError as mmap gives,
+ * ENOSPC when the daemon holds MAX_FILE_MAPS of them). */
+static PyObject *py_file_map(PyObject *self, PyObject *args)
+{
+    int fd, slot = -1;
+    unsigned long long off, len;
+    if (!PyArg_ParseTuple(args, "iKK", &fd, &off, &len))
+        return NULL;
+    for (int i = 0; i < MAX_FILE_MAPS && slot < 0; i++)
+        if (!file_maps[i].end)
+            slot = i;
+    if (slot < 0 || !len)
+        return raise_errno(slot < 0 ? ENOSPC : EINVAL);
+    /* Installed (again) unless it is the handler now: whoever replaced it
+     * (faulthandler.disable() restores what it found) is chained to. */
+    struct sigaction cur;
+    if (sigaction(SIGBUS, NULL, &cur) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    if (!(cur.sa_flags & SA_SIGINFO) || cur.sa_sigaction != on_sigbus) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = on_sigbus;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+        sigemptyset(&sa.sa_mask);
+        bus_before = cur;
+        if (sigaction(SIGBUS, &sa, NULL) < 0)
+            return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    void *p = mmap(NULL, (size_t)len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)off);
+    if (p == MAP_FAILED)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    file_maps[slot].start = (uintptr_t)p;
+    file_maps[slot].end = (uintptr_t)p + len;
+    return PyLong_FromUnsignedLongLong((uintptr_t)p);
+}
+
+/* file_unmap(address, length): the mapping goes (first out of the handler's list). */
+static PyObject *py_file_unmap(PyObject *self, PyObject *args)
+{
+    unsigned long long addr, len;
+    if (!PyArg_ParseTuple(args, "KK", &addr, &len))
+        return NULL;
+    for (int i = 0; i < MAX_FILE_MAPS; i++)
+        if (file_maps[i].start == addr && file_maps[i].end) {
+            file_maps[i].end = 0;
+            file_maps[i].start = 0;
+            if (munmap((void *)(uintptr_t)addr, (size_t)len) < 0)
+                return PyErr_SetFromErrno(PyExc_OSError);
+            Py_RETURN_NONE;
+        }
+    return raise_errno(EINVAL);
+}
+
+/* fs_type(fd): statfs's f_type of the file (TMPFS_MAGIC, HUGETLBFS_MAGIC, ...). */
+static PyObject *py_fs_type(PyObject *self, PyObject *args)
+{
+    int fd;
+    struct statfs sf;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    if (fstatfs(fd, &sf) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromUnsignedLongLong((unsigned long long)(unsigned long)sf.f_type);
+}
+
+/* Several DMA transfers within one window of a program's address space
+ * whose pages are each reached either through a file mapping of the daemon or
+ * through /proc/<pid>/mem: window_ranges(mem_fd, vaddr, page_shift, slots,
+ * bases, offs, lens, buffer, write).  slots: int32 per page of the window (0:
+ * /proc/<pid>/mem at vaddr + offset; s: the daemon's address bases[s] + vaddr
+ * + offset, uint64 arithmetic); the ranges' bytes one after the other in the
+ * buffer, as dma_read_ranges.  OSError(EFAULT) at the first range that fails. */
+static PyObject *py_window_ranges(PyObject *self, PyObject *args)
+{
+    int mem_fd, shift, write;
+    unsigned long long vaddr;
+    PyObject *offs, *lens, *buf, *fa = NULL, *fl = NULL, *result = NULL;
+    Py_buffer sb = {0}, bb = {0}, b = {0};
+    uint64_t *v = NULL;
+    if (!PyArg_ParseTuple(args, "iKiy*y*OOOp", &mem_fd, &vaddr, &shift, &sb, &bb, &offs, &lens, &buf, &write))
+        return NULL;
+    if (PyObject_GetBuffer(buf, &b, write ? PyBUF_SIMPLE : PyBUF_WRITABLE) < 0)
+        goto out;
+    const int32_t *slots = sb.buf;
+    const uint64_t *bases = bb.buf;
+    uint64_t npages = (uint64_t)sb.len / sizeof *slots, nbases = (uint64_t)bb.len / sizeof *bases;
+    if (!(fa = PySequence_Fast(offs, "offs must be a sequence")) || !(fl = PySequence_Fast(lens, "lens must be a sequence")))
+        goto out;
+    Py_ssize_t k = PySequence_Fast_GET_SIZE(fa);
+    if (PySequence_Fast_GET_SIZE(fl) != k) {
+        PyErr_SetString(PyExc_ValueError, "offs and lens differ in length");
+        goto out;
+    }
+    if (k && !(v = PyMem_Malloc(2 * (size_t)k * sizeof *v))) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    uint64_t total = 0;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        v[2 * i] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(fa, i));
+        v[2 * i + 1] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(fl, i));
+        if (PyErr_Occurred())
+            goto out;
+        total += v[2 * i + 1];
+        if (v[2 * i + 1] > (uint64_t)b.len || total > (uint64_t)b.len ||
+            v[2 * i] > (npages << shift) || v[2 * i + 1] > (npages << shift) - v[2 * i]) {
+            PyErr_SetString(PyExc_ValueError, "the ranges are longer than the buffer or the window");
+            goto out;
+        }
+    }
+    int r = 0;
+    Py_BEGIN_ALLOW_THREADS
+    uint8_t *at = b.buf;
+    for (Py_ssize_t i = 0; i < k && r >= 0; i++) {
+        uint64_t off = v[2 * i], left = v[2 * i + 1];
+        while (left && r >= 0) {
+            uint64_t page = off >> shift;
+            int32_t s = slots[page];
+            uint64_t n = ((page + 1) << shift) - off;
+            while (!s && n < left && !slots[++page])        /* /proc/<pid>/mem: one call for the run */
+                n += (uint64_t)1 << shift;
+            if (n > left)
+                n = left;
+            if (!s) {
+                r = mem_rw(mem_fd, vaddr + off, n, at, write);
+            } else if (s < 0 || (uint64_t)s >= nbases) {
+                r = -EFAULT;
+            } else {
+                uint8_t *p = (uint8_t *)(uintptr_t)(bases[s] + vaddr + off);
+                memcpy(write ? p : at, write ? at : p, n);
+            }
+            at += n;
+            off += n;
+            left -= n;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (r < 0)
+        raise_errno(-r);
+    else
+        result = Py_NewRef(Py_None);
+out:
+    PyMem_Free(v);
+    Py_XDECREF(fa);
+    Py_XDECREF(fl);
+    if (sb.obj) PyBuffer_Release(&sb);
+    if (bb.obj) PyBuffer_Release(&bb);
+    if (b.obj) PyBuffer_Release(&b);
+    return result;
 }
 
 /* ---------------------------------------------------------------- waiting */
@@ -964,6 +1181,13 @@ static PyMethodDef module_methods[] = {
     {"kcmp_file", py_kcmp_file, METH_VARARGS, "kcmp(KCMP_FILE): 0 if both fds are the same open file"},
     {"pidfd_getfd", py_pidfd_getfd, METH_VARARGS, "pidfd_getfd(pidfd, fd)"},
     {"vma", py_vma, METH_VARARGS, "vma(maps_fd, addr, or_next): (start, end, PROCMAP flags, inode) or None"},
+    {"vma_file", py_vma_file, METH_VARARGS,
+     "vma_file(maps_fd, addr): (start, end, flags, inode, offset, dev major, dev minor) or None"},
+    {"file_map", py_file_map, METH_VARARGS, "file_map(fd, offset, length): a shared mapping's address"},
+    {"file_unmap", py_file_unmap, METH_VARARGS, "file_unmap(address, length)"},
+    {"fs_type", py_fs_type, METH_VARARGS, "fs_type(fd): statfs f_type"},
+    {"window_ranges", py_window_ranges, METH_VARARGS,
+     "window_ranges(mem_fd, vaddr, page_shift, slots, bases, offs, lens, buffer, write)"},
     {"uread", py_uread, METH_VARARGS, "uread(maps_fd, mem_fd, addr, n): copy_from_user"},
     {"uwrite", py_uwrite, METH_VARARGS, "uwrite(maps_fd, mem_fd, addr, data): copy_to_user"},
     {"dma_read", py_dma_read, METH_VARARGS, "dma_read(mem_fd, addr, n): a device's read"},

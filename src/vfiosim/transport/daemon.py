@@ -948,8 +948,32 @@ class Daemon:
         st = TaskState(pid, task, pidfd, procdir, tracer=self.tracer)
         task.files.foreign = lambda n, st=st: self._foreign(st, n)
         task.refresh_creds = lambda st=st: self._fresh_creds(st)
+        self._take_files(st)
         self.states[pid] = st
         return st
+
+    def _take_files(self, st: TaskState) -> None:
+        """Let the task's address space map the program's shared memory files
+        where it pins them (transport/host.py's SharedFiles), taking them as
+        the program: what the host kernel lets the program's credentials
+        stat through /proc/<pid>/fd and take with pidfd_getfd, and no more."""
+        mm = st.task.mm
+        if isinstance(mm, HostMM):
+            mm.files.opener = lambda dev, ino, hint, st=st: self._shared_file(st, dev, ino, hint)
+
+    def _shared_file(self, st: TaskState, dev: int, ino: int, hint: int) -> tuple[int, int] | None:
+        mm = st.task.mm
+        if not isinstance(mm, HostMM):
+            return None
+        st.task.take_creds()                     # act with the rights the program has now
+        try:
+            if st.acting is None:
+                return mm.host.file_fd(dev, ino, lambda n: native.pidfd_getfd(st.pidfd, n), hint)
+            with native.acting_as(st.acting[0], st.acting[1], ()):
+                return mm.host.file_fd(dev, ino, lambda n: native.pidfd_getfd(st.pidfd, n), hint)
+        except OSError as exc:
+            self._log_limited("getfile", f"cannot take the memory file {dev:#x}:{ino} of pid {st.pid}: {exc}")
+            return None
 
     def _copy_mappings(self, parent: TaskState, child: TaskState) -> None:
         for handle, m in parent.mappings.items():
@@ -989,6 +1013,7 @@ class Daemon:
             self._drop_mappings(st)
             old = st.task.mm
             self.kernel.exec(st.task, HostMM(st.pid, self.kernel.phys, host))
+            self._take_files(st)
             self._note_orphaned(st, old, "exec()ed")
             st.exec_done = True
             st.task.comm = _comm(st.procdir)

@@ -21,10 +21,18 @@ address (``PROCMAP_QUERY``, Linux 6.11; /proc/<pid>/maps before that), and
 pins are counted per 1 GiB window of the address space that holds one, so a
 program that reserves terabytes and maps a page costs the daemon a page.
 
-Limitation: a pin does not hold a real page in place.  If the program
-unmaps a buffer that is still DMA-mapped and maps something else there, a
-DMA reaches the new mapping (on Linux it would reach the old, still pinned,
-page).
+Pages of a ``MAP_SHARED`` mapping of a memory file (memfd, tmpfs,
+hugetlbfs: DPDK's memory) are bound, when they are first pinned, to the file
+page the program had there: the daemon takes the file acting as the program
+(:class:`SharedFiles`), maps that part of it once, and a device's DMA is a
+copy to or from that mapping -- no system call per buffer -- and reaches the
+pinned file page even after the program unmaps or remaps the address, as on
+Linux.
+
+Limitation: elsewhere (private memory, a file that cannot be had) a pin does
+not hold a real page in place.  If the program unmaps a buffer that is still
+DMA-mapped and maps something else there, a DMA reaches the new mapping (on
+Linux it would reach the old, still pinned, page).
 """
 
 from __future__ import annotations
@@ -32,9 +40,10 @@ from __future__ import annotations
 import errno
 import os
 import select
+import stat
 from dataclasses import dataclass
 from errno import EFAULT, ENOMEM
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
@@ -49,6 +58,11 @@ if TYPE_CHECKING:
     from ..kernel.task import Task
 
 WINDOW_SHIFT = 30                   # pins are counted per 1 GiB of address space
+TMPFS_MAGIC = 0x01021994            # memfd and tmpfs (<linux/magic.h>)
+HUGETLBFS_MAGIC = 0x958458F6
+MAX_FILE_MAPS = 256                 # file mappings the daemon makes for one address space
+FILE_MAP_CHUNK = 2 << 20            # at least this much of a file is mapped at once (pins come page by page)
+FILE_MAP_SLACK = 32 << 20           # what the daemon may map beyond twice what is pinned through its mappings
 _PROCMAP_PROT = ((native.PROCMAP_READ, PROT_READ), (native.PROCMAP_WRITE, PROT_WRITE),
                  (native.PROCMAP_EXEC, PROT_EXEC))
 # PROT_* of each combination of PROCMAP_QUERY's flags (a look-up per MAP_DMA, not a loop).
@@ -273,6 +287,21 @@ class HostProcess:
             raise fail(EFAULT, f"DMA write of {len(data)} bytes in {len(addrs)} ranges in process {self.pid} "
                                f"failed") from None
 
+    def device_window_ranges(self, obj: "HostMemoryObject", offs: list[int], lens: list[int], buf: object,
+                             write: bool) -> None:
+        """DMA of several ranges of window ``obj`` whose pages are bound to
+        file mappings of the daemon (the rest through /proc/<pid>/mem)."""
+        if self.window is not None:
+            self._flush_window(not write)
+        try:
+            if not self.bound or obj.files is None:
+                raise OSError(EFAULT, "unbound")
+            native.window_ranges(self.mem, obj.vaddr, obj.page_shift, obj.slots, obj.files.bases, offs, lens,
+                                 buf, write)
+        except OSError:
+            raise fail(EFAULT, f"DMA {'write' if write else 'read'} in {len(offs)} ranges at {obj.vaddr:#x} in "
+                               f"process {self.pid} failed") from None
+
     def device_write(self, addr: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
         if self.window is not None:
             self._flush_window(False)
@@ -387,6 +416,226 @@ class HostProcess:
         finally:
             os.close(fd)
 
+    def file_fd(self, dev: int, ino: int, getfd: Callable[[int], int], hint: int = -1) -> tuple[int, int] | None:
+        """(our duplicate, its number in the process) of an fd of the process
+        open on the file (dev, ino): ``hint`` first, then every fd (a stat
+        through /proc/<pid>/fd, which the host kernel allows only to whoever
+        may ptrace the process: call it acting as the program), taken with
+        ``getfd`` (pidfd_getfd)."""
+        if self.procdir < 0 or self.gone:
+            return None
+        for n in self._fd_candidates(hint):
+            try:
+                st = os.stat(f"fd/{n}", dir_fd=self.procdir)
+            except OSError:
+                continue
+            if st.st_dev == dev and st.st_ino == ino:
+                return getfd(n), n
+        return None
+
+    def _fd_candidates(self, hint: int) -> Iterator[int]:
+        if hint >= 0:
+            yield hint
+        yield from (n for n in self.fd_numbers() if n != hint)
+
+
+class FileMap:
+    """One mapping of a program's memory file in the daemon: ``addr`` stands
+    for the program's address ``vaddr`` (as it was mapped when the pin was
+    taken), ``refs`` pinned pages are bound to it."""
+
+    __slots__ = ("base", "size", "vaddr", "span", "key", "foff", "refs", "slot")
+
+    def __init__(self, base: int, size: int, vaddr: int, span: int, key: tuple[int, int], foff: int,
+                 slot: int) -> None:
+        self.base, self.size = base, size           # the daemon's mmap()
+        self.vaddr, self.span = vaddr, span         # the program's addresses it stands for, at the pin
+        self.key, self.foff = key, foff             # the file (dev, inode) and the offset of vaddr in it
+        self.slot = slot
+        self.refs = 0
+
+    def covers(self, key: tuple[int, int], vaddr: int, length: int, foff: int) -> bool:
+        return key == self.key and self.vaddr <= vaddr and vaddr + length <= self.vaddr + self.span and \
+            self.foff + (vaddr - self.vaddr) == foff
+
+
+class SharedFiles:
+    """The memory files of one address space that the daemon maps: pinned
+    pages of a ``MAP_SHARED`` mapping of a memfd, tmpfs or hugetlbfs file are
+    bound, at their first pin, to the file page the program had there, and a
+    device's DMA copies to and from the daemon's mapping of it.
+
+    What it takes, it takes as the program: ``opener(dev, ino, hint)`` (the
+    daemon's, acting with the program's credentials: HostProcess.file_fd)
+    returns a duplicate of one of the program's fds open on that file and its
+    number there, or None; the file is mapped only if the
+    duplicate is the same file the mapping shows (device, inode), a regular
+    file of a memory file system, opened for writing, and the range lies
+    within it.  Anything else keeps the /proc/<pid>/mem path.  A mapping
+    covers at least FILE_MAP_CHUNK (cut at the program's mapping and the
+    file's end) so that pins taken page by page (sPAPR v2 registration) share
+    it.  What it maps is bounded by what is pinned through it: at most twice
+    the bytes of the pages bound to files plus FILE_MAP_SLACK, and
+    MAX_FILE_MAPS mappings; a mapping goes with the last pin bound to it, and
+    all of them with the image (exit, exec)."""
+
+    def __init__(self, host: HostProcess) -> None:
+        self.host = host
+        self.opener: Callable[[int, int, int], tuple[int, int] | None] | None = None
+        self.maps: list[FileMap | None] = [None]              # by slot; slot 0 is /proc/<pid>/mem
+        self.bases = np.zeros(1, dtype=np.uint64)             # addr - vaddr, by slot (window_ranges)
+        self.mapped = 0                                       # bytes mapped
+        self.bound = 0                                        # pinned pages bound to a mapping
+        self.refused: set[tuple[int, int]] = set()            # files that could not be had
+        self.last: FileMap | None = None                      # the mapping a pin last used
+        self.hints: dict[tuple[int, int], int] = {}           # the program's fd last found on a file
+
+    def bind(self, obj: "HostMemoryObject", p0: int, n: int, which: np.ndarray | None = None) -> None:
+        """Pages [p0, p0+n) of window ``obj`` (``which`` of them, relative to
+        p0: all if None) were just pinned, all in one mapping: bind those
+        pinned for the first time to the file page behind them, if that
+        mapping is a shared memory file that can be had."""
+        if self.opener is None or self.host.gone or not self.host.bound:
+            return
+        new = obj.pincount[p0:p0 + n] == 1
+        if which is not None:
+            mask = np.zeros(n, dtype=np.bool_)
+            mask[which] = True
+            new &= mask
+        if obj.slots is not None:
+            new &= obj.slots[p0:p0 + n] == 0
+        if not new.any():
+            return
+        first = int(np.argmax(new))
+        last = n - 1 - int(np.argmax(new[::-1]))
+        shift = obj.page_shift
+        vaddr = obj.vaddr + ((p0 + first) << shift)
+        length = (last - first + 1) << shift
+        try:
+            vma = native.vma_file(self.host.maps_fd, vaddr)
+        except OSError:
+            return
+        if vma is None:
+            return
+        start, end, flags, ino, offset, major, minor = vma
+        if not flags & native.PROCMAP_SHARED or not ino or vaddr + length > end:
+            return
+        key = (os.makedev(major, minor), ino)
+        foff = offset + (vaddr - start)
+        fm = self.last
+        if fm is None or self.maps[fm.slot] is not fm or not fm.covers(key, vaddr, length, foff):
+            fm = next((m for m in self.maps if m is not None and m.covers(key, vaddr, length, foff)), None)
+        if fm is None:
+            fm = self._new_map(key, vaddr, length, min(max(length, FILE_MAP_CHUNK), end - vaddr), foff, shift)
+            if fm is None:
+                return
+        self.last = fm
+        if obj.slots is None:
+            obj.slots = np.zeros(obj.length >> shift, dtype=np.int32)    # calloc'd: touched where bound
+        count = int(np.count_nonzero(new))
+        obj.slots[p0:p0 + n][new] = fm.slot
+        fm.refs += count
+        self.bound += count
+
+    def _new_map(self, key: tuple[int, int], vaddr: int, length: int, span: int, foff: int,
+                 shift: int) -> FileMap | None:
+        """Map ``span`` bytes of the file from ``foff`` (standing for the
+        program's ``vaddr``; ``length`` of them are being pinned), if the
+        budget allows and the program's fd on the file can be had."""
+        if key in self.refused or self.count() >= MAX_FILE_MAPS or \
+                self.mapped + span > 2 * ((self.bound << shift) + length) + FILE_MAP_SLACK:
+            return None
+        got = self.opener(key[0], key[1], self.hints.get(key, -1)) if self.opener is not None else None
+        if got is None:
+            self.refused.add(key)
+            return None
+        fd, number = got
+        try:
+            got_map = self._map(fd, key, foff, length, span)
+        finally:
+            os.close(fd)
+        if got_map is None:
+            self.refused.add(key)
+            return None
+        base, size, addr, span = got_map
+        self.hints[key] = number
+        slot = next((i for i, m in enumerate(self.maps) if i and m is None), len(self.maps))
+        fm = FileMap(base, size, vaddr, span, key, foff, slot)
+        if slot == len(self.maps):
+            self.maps.append(fm)
+            self.bases = np.append(self.bases, np.uint64(0))
+        else:
+            self.maps[slot] = fm
+        self.bases[slot] = (addr - vaddr) % (1 << 64)
+        return fm
+
+    def _map(self, fd: int, key: tuple[int, int], offset: int, length: int,
+             span: int) -> tuple[int, int, int, int] | None:
+        """Our mapping of [offset, offset+span) of the file at ``fd``, cut at
+        its end (its address and size, the address standing for ``offset``,
+        the span mapped), or None if it is not the file the program's mapping
+        shows, not a memory file, its first ``length`` bytes are not all in
+        it, or it cannot be mapped."""
+        try:
+            st = os.fstat(fd)
+            kind = native.fs_type(fd)
+        except OSError:
+            return None
+        if (st.st_dev, st.st_ino) != key or not stat.S_ISREG(st.st_mode) or \
+                kind not in (TMPFS_MAGIC, HUGETLBFS_MAGIC) or offset + length > st.st_size:
+            return None
+        span = max(length, min(span, st.st_size - offset))
+        align = max(st.st_blksize if kind == HUGETLBFS_MAGIC else 0, os.sysconf("SC_PAGE_SIZE"))
+        lo = offset & ~(align - 1)
+        hi = (offset + span + align - 1) & ~(align - 1)
+        try:
+            addr = native.file_map(fd, lo, hi - lo)   # EACCES: not open for writing; EPERM: sealed
+        except OSError:
+            return None
+        self.mapped += hi - lo
+        return int(addr), hi - lo, int(addr) + (offset - lo), span
+
+    def unbind(self, obj: "HostMemoryObject", p0: int, n: int) -> None:
+        """Pins on pages [p0, p0+n) were dropped: those no pin holds now leave
+        their mapping, which goes with its last page."""
+        assert obj.slots is not None
+        slots = obj.slots[p0:p0 + n]
+        gone = (slots != 0) & (obj.pincount[p0:p0 + n] == 0)
+        if not gone.any():
+            return
+        which, counts = np.unique(slots[gone], return_counts=True)
+        slots[gone] = 0
+        for slot, count in zip(which.tolist(), counts.tolist()):
+            fm = self.maps[slot]
+            assert fm is not None
+            fm.refs -= count
+            self.bound -= count
+            if fm.refs <= 0:
+                self._unmap(fm)
+
+    def _unmap(self, fm: FileMap) -> None:
+        self.maps[fm.slot] = None
+        self.bases[fm.slot] = 0
+        try:
+            native.file_unmap(fm.base, fm.size)
+        except OSError:
+            pass
+        self.mapped -= fm.size
+
+    def release(self, windows: "list[HostMemoryObject]") -> None:
+        """The image is gone: every mapping goes (pinned pages read as zeros)."""
+        for fm in self.maps:
+            if fm is not None:
+                self._unmap(fm)
+        for obj in windows:
+            obj.slots = None
+        self.bound = 0
+        self.last = None
+
+    def count(self) -> int:
+        """Mappings held."""
+        return sum(m is not None for m in self.maps)
+
 
 class HostMemoryObject:
     """Physical memory standing for one 1 GiB window of a real process's
@@ -399,10 +648,15 @@ class HostMemoryObject:
     goes with their last pin, here every page a pin holds)."""
 
     __slots__ = ("phys_base", "length", "page_shift", "compound_shift", "pincount", "pins", "users",
-                 "pinnable", "host", "vaddr", "orphan", "populated", "unmapped", "ram")
+                 "pinnable", "host", "vaddr", "orphan", "populated", "unmapped", "ram", "files", "slots")
 
-    def __init__(self, host: HostProcess, vaddr: int, length: int, page_shift: int) -> None:
+    def __init__(self, host: HostProcess, vaddr: int, length: int, page_shift: int,
+                 files: SharedFiles | None = None) -> None:
         self.host = host
+        # Pages bound to the daemon's mappings of the program's memory files:
+        # a slot of ``files`` per page, 0 for none (None: no page is).
+        self.files = files
+        self.slots: np.ndarray | None = None
         self.vaddr = vaddr
         self.phys_base = 0
         self.length = length
@@ -437,6 +691,8 @@ class HostMemoryObject:
     def unpinned(self, p0: int, n: int) -> None:
         """Pins on pages [p0, p0+n) were dropped: those no pin holds now give
         their RAM back."""
+        if self.slots is not None and self.files is not None:
+            self.files.unbind(self, p0, n)
         charged = self.unmapped
         if charged is None or self.ram is None:
             return
@@ -466,6 +722,10 @@ class HostMemoryObject:
         mem = self._orphaned()
         if mem is not None:
             return mem[off:off + n].tobytes()
+        if self.slots is not None:
+            out = bytearray(n)
+            self.host.device_window_ranges(self, [off], [n], out, False)
+            return bytes(out)
         return self.host.device_read(self.vaddr + off, n)
 
     def read_into(self, off: int, out: np.ndarray) -> None:
@@ -473,7 +733,14 @@ class HostMemoryObject:
         if mem is not None:
             out[:] = mem[off:off + out.size]
             return
-        if out.flags.c_contiguous and out.dtype == np.uint8:
+        if self.slots is not None:
+            if out.flags.c_contiguous and out.dtype == np.uint8:
+                self.host.device_window_ranges(self, [off], [out.size], out, False)
+            else:
+                buf = bytearray(out.size)
+                self.host.device_window_ranges(self, [off], [out.size], buf, False)
+                out[:] = np.frombuffer(buf, dtype=np.uint8)
+        elif out.flags.c_contiguous and out.dtype == np.uint8:
             self.host.device_read_into(self.vaddr + off, out)
         else:
             out[:] = np.frombuffer(self.host.device_read(self.vaddr + off, out.size), dtype=np.uint8)
@@ -487,6 +754,9 @@ class HostMemoryObject:
                 out[pos:pos + n] = mem[off:off + n].data
                 pos += n
             return
+        if self.slots is not None:
+            self.host.device_window_ranges(self, offs, lens, out, False)
+            return
         base = self.vaddr
         self.host.device_read_ranges([base + off for off in offs], lens, out)
 
@@ -497,6 +767,9 @@ class HostMemoryObject:
             for off, n in zip(offs, lens):
                 mem[off:off + n] = np.frombuffer(data[pos:pos + n], dtype=np.uint8)
                 pos += n
+            return
+        if self.slots is not None:
+            self.host.device_window_ranges(self, offs, lens, data, True)
             return
         base = self.vaddr
         self.host.device_write_ranges([base + off for off in offs], lens, data)
@@ -509,6 +782,11 @@ class HostMemoryObject:
             return
         # A device writes whatever the CPU mapping's protection is now (the
         # IOMMU already checked the TCE's permission).
+        if self.slots is not None:
+            if isinstance(data, np.ndarray):
+                data = np.ascontiguousarray(data, dtype=np.uint8)
+            self.host.device_window_ranges(self, [off], [len(data)], data, True)
+            return
         self.host.device_write(self.vaddr + off, data)
 
     def __repr__(self) -> str:
@@ -522,6 +800,7 @@ class HostMM(AddressSpace):
         super().__init__(phys)
         self.host = host or HostProcess(pid)
         self._windows: dict[int, HostMemoryObject] = {}
+        self.files = SharedFiles(self.host)         # its memory files the daemon maps (opener: the daemon's)
         # What a Vma of this address space names as its memory: nothing pinnable
         # through it (pins go to the windows).
         self._unpinned = HostMemoryObject(self.host, 0, 0, self.page_shift)
@@ -534,6 +813,7 @@ class HostMM(AddressSpace):
     def bind(self, host: HostProcess) -> None:
         """The process said hello: its memory is reachable from now on."""
         old, self.host = self.host, host
+        self.files.host = host
         for obj in self._windows.values():
             obj.host = host
         old.close()
@@ -557,7 +837,7 @@ class HostMM(AddressSpace):
         its first pin, and kept: a window's counts are not allocated anew)."""
         obj = self._windows.get(index)
         if obj is None:
-            obj = HostMemoryObject(self.host, index << WINDOW_SHIFT, 1 << WINDOW_SHIFT, self.page_shift)
+            obj = HostMemoryObject(self.host, index << WINDOW_SHIFT, 1 << WINDOW_SHIFT, self.page_shift, self.files)
             obj.ram = self.phys
             self._windows[index] = obj
         return obj
@@ -618,7 +898,7 @@ class HostMM(AddressSpace):
                 if missing.any():
                     cut = int(np.argmax(missing))
                     seg, stop, err = seg[:cut], done + cut, EFAULT
-            got, pinned = self._pin_segment(seg, dry_run)
+            got, pinned = self._pin_segment(seg, dry_run, not _private)
             parts.extend(pinned)
             if got < seg.size:
                 stop, err = done + got, ENOMEM
@@ -633,7 +913,8 @@ class HostMM(AddressSpace):
         hpas = np.concatenate([np.asarray(p) for p in parts]) if parts else np.zeros(0, dtype=np.uint64)
         return PinResult(hpas, shifts, done, err)
 
-    def _pin_segment(self, seg: np.ndarray, dry_run: bool) -> tuple[int, list[np.ndarray | Progression]]:
+    def _pin_segment(self, seg: np.ndarray, dry_run: bool,
+                     shared: bool = False) -> tuple[int, list[np.ndarray | Progression]]:
         """Pin the pages of ``seg`` (addresses inside one mapping), window by
         window: how many were pinned (fewer than all when the machine's RAM
         ran out) and their physical addresses."""
@@ -657,6 +938,9 @@ class HostMM(AddressSpace):
                 else:
                     np.add.at(obj.pincount, pages, 1)
                 obj.pins += int(pages.size)
+                if shared:
+                    lo, hi = int(pages.min()), int(pages.max()) + 1
+                    self.files.bind(obj, lo, hi - lo, None if consecutive else pages - lo)
             if not pages.size:
                 pass
             elif consecutive:
@@ -712,6 +996,8 @@ class HostMM(AddressSpace):
                     else:
                         obj.pincount[p0:p0 + k] += 1
                     obj.pins += k
+                    if not vma[3]:
+                        self.files.bind(obj, p0, k)
                 parts.append(Progression((obj.phys_base + (p0 << shift)) | tag, page, k))
                 cur += k << shift
                 n -= k
@@ -762,6 +1048,8 @@ class HostMM(AddressSpace):
         if not obj.users:
             self._register(obj)
         repinned = add_pins(obj, p0, npages)
+        if not vma[3]:
+            self.files.bind(obj, p0, npages)
         return obj.phys_base + (p0 << shift), repinned, 0
 
     def _out_of_memory(self, what: str) -> None:
@@ -780,6 +1068,7 @@ class HostMM(AddressSpace):
         self.dead = True
         self.host.gone = True
         self.host.close()
+        self.files.release(list(self._windows.values()))
         for obj in self._windows.values():
             if obj.users:
                 obj.users = 0

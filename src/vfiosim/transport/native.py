@@ -46,6 +46,13 @@ dma_read_ranges = _mod.dma_read_ranges    # (mem_fd, addrs, lens, writable buffe
 dma_write_ranges = _mod.dma_write_ranges  # (mem_fd, addrs, lens, data)
 kcmp_file = _mod.kcmp_file          # (pid1, pid2, fd1, fd2) -> 0 if both are the very same open file
 pidfd_getfd = _mod.pidfd_getfd      # (pidfd, fd) -> our duplicate of the process's fd
+vma_file = _mod.vma_file            # (maps_fd, addr) -> (start, end, flags, inode, offset, major, minor) | None
+file_map = _mod.file_map            # (fd, offset, length) -> address of a MAP_SHARED read-write mapping
+file_unmap = _mod.file_unmap        # (address, length)
+fs_type = _mod.fs_type              # (fd) -> statfs f_type
+# (mem_fd, vaddr, page_shift, slots, bases, offs, lens, buffer, write): DMA in one window, page by page
+# through the daemon's file mappings (slot s: bases[s] + vaddr + off) or /proc/<pid>/mem (slot 0)
+window_ranges = _mod.window_ranges
 
 
 class Creds(NamedTuple):
