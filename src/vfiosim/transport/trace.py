@@ -50,6 +50,9 @@ _SIZES = {name: ctypes.sizeof(cls) for name, cls in _STRUCTS.items()}
 _U32 = struct.Struct("<I")
 _NO_ARG = {name for name, layout in ioctls.LAYOUTS.items() if layout.kind == ioctls.NONE}
 _VALUE_ARG = {name: layout.value_field for name, layout in ioctls.LAYOUTS.items() if layout.kind == ioctls.VALUE}
+#: A BAR access's record, the commonest, formatted in one operation.
+_MMIO_RECORD = ('{"time": %.6f, "pid": %d, "call": "mmio", "mapping": %d, "offset": %d, "size": %d, '
+                '"write": %s%s%s, "ret": %d, "errno": %d, "err": "%s", "seq": %d}\n')
 #: A record holds no cycles: the encoder need not look for them.
 _encode = json.JSONEncoder(check_circular=False).encode
 #: read/write payloads kept in a trace (config space and BAR accesses are a few bytes)
@@ -141,12 +144,12 @@ class Tracer:
         extra = ', "posted": true' if posted else ""
         if reason:
             extra += f', "reason": {json.dumps(reason)}'
-        val = f', "value": {value}' if value is not None else ""
-        self.f.write(f'{{"time": {round(time.monotonic() - self.t0, 6)}, "pid": {pid}, "call": "mmio", '
-                     f'"mapping": {mapping}, "offset": {offset}, "size": {size}, '
-                     f'"write": {"true" if written else "false"}{val}{extra}, "ret": {ret}, "errno": {err}, '
-                     f'"err": "{E.errorcode.get(err, "") if err else ""}", "seq": {self.seq}}}\n')
-        self.seq += 1
+        seq = self.seq
+        self.seq = seq + 1
+        self.f.write(_MMIO_RECORD % (time.monotonic() - self.t0, pid, mapping, offset, size,
+                                     "true" if written else "false",
+                                     "" if value is None else ', "value": %d' % value, extra, ret, err,
+                                     E.errorcode.get(err, "") if err else "", seq))
 
     def event(self, pid: int, kind: str, detail: str = "") -> None:
         self._write({"time": round(time.monotonic() - self.t0, 6), "pid": pid, "call": kind, "detail": detail})
