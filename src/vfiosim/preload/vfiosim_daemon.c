@@ -428,38 +428,61 @@ static PyObject *py_dma_write(PyObject *self, PyObject *args)
  * dma_write_ranges(mem_fd, addrs, lens, buffer).  The GIL is released once for
  * the whole burst; OSError at the first range that fails (the ranges before it
  * were moved, as a device's burst stops at its first fault). */
-static PyObject *dma_ranges(PyObject *args, int write)
+/* The (start, length) pairs of two sequences, as 2k uint64s (PyMem_Free them),
+ * their lengths adding up to at most buflen: the ranges whose bytes lie one
+ * after the other in a buffer.  NULL with an exception set otherwise (k 0:
+ * NULL without one). */
+static uint64_t *ranges_from(PyObject *starts, PyObject *lens, Py_ssize_t buflen, Py_ssize_t *k)
 {
-    int mem_fd;
-    PyObject *addrs, *lens, *fa = NULL, *fl = NULL, *result = NULL;
+    PyObject *fa = NULL, *fl = NULL;
     uint64_t *v = NULL;
-    Py_buffer b;
-    if (!PyArg_ParseTuple(args, write ? "iOOy*" : "iOOw*", &mem_fd, &addrs, &lens, &b))
-        return NULL;
-    if (!(fa = PySequence_Fast(addrs, "addrs must be a sequence")) ||
-        !(fl = PySequence_Fast(lens, "lens must be a sequence")))
-        goto out;
-    Py_ssize_t k = PySequence_Fast_GET_SIZE(fa);
-    if (PySequence_Fast_GET_SIZE(fl) != k) {
-        PyErr_SetString(PyExc_ValueError, "addrs and lens differ in length");
-        goto out;
+    *k = 0;
+    if (!(fa = PySequence_Fast(starts, "the starts must be a sequence")) ||
+        !(fl = PySequence_Fast(lens, "the lengths must be a sequence")))
+        goto fail;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fa);
+    if (PySequence_Fast_GET_SIZE(fl) != n) {
+        PyErr_SetString(PyExc_ValueError, "the starts and the lengths differ in number");
+        goto fail;
     }
-    if (k && !(v = PyMem_Malloc(2 * (size_t)k * sizeof *v))) {
+    if (n && !(v = PyMem_Malloc(2 * (size_t)n * sizeof *v))) {
         PyErr_NoMemory();
-        goto out;
+        goto fail;
     }
     uint64_t total = 0;
-    for (Py_ssize_t i = 0; i < k; i++) {
+    for (Py_ssize_t i = 0; i < n; i++) {
         v[2 * i] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(fa, i));
         v[2 * i + 1] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(fl, i));
         if (PyErr_Occurred())
-            goto out;
+            goto fail;
         total += v[2 * i + 1];
-        if (v[2 * i + 1] > (uint64_t)b.len || total > (uint64_t)b.len) {
+        if (v[2 * i + 1] > (uint64_t)buflen || total > (uint64_t)buflen) {
             PyErr_SetString(PyExc_ValueError, "the ranges are longer than the buffer");
-            goto out;
+            goto fail;
         }
     }
+    Py_DECREF(fa);
+    Py_DECREF(fl);
+    *k = n;
+    return v;
+fail:
+    PyMem_Free(v);
+    Py_XDECREF(fa);
+    Py_XDECREF(fl);
+    return NULL;
+}
+
+static PyObject *dma_ranges(PyObject *args, int write)
+{
+    int mem_fd;
+    PyObject *addrs, *lens, *result = NULL;
+    Py_buffer b;
+    if (!PyArg_ParseTuple(args, write ? "iOOy*" : "iOOw*", &mem_fd, &addrs, &lens, &b))
+        return NULL;
+    Py_ssize_t k;
+    uint64_t *v = ranges_from(addrs, lens, b.len, &k);
+    if (!v && PyErr_Occurred())
+        goto out;
     int r = 0;
     Py_BEGIN_ALLOW_THREADS
     uint8_t *at = b.buf;
@@ -475,8 +498,6 @@ static PyObject *dma_ranges(PyObject *args, int write)
         result = Py_NewRef(Py_None);
 out:
     PyMem_Free(v);
-    Py_XDECREF(fa);
-    Py_XDECREF(fl);
     PyBuffer_Release(&b);
     return result;
 }
@@ -608,7 +629,7 @@ static PyObject *py_window_ranges(PyObject *self, PyObject *args)
 {
     int mem_fd, shift, write;
     unsigned long long vaddr;
-    PyObject *offs, *lens, *buf, *fa = NULL, *fl = NULL, *result = NULL;
+    PyObject *offs, *lens, *buf, *result = NULL;
     Py_buffer sb = {0}, bb = {0}, b = {0};
     uint64_t *v = NULL;
     if (!PyArg_ParseTuple(args, "iKiy*y*OOOp", &mem_fd, &vaddr, &shift, &sb, &bb, &offs, &lens, &buf, &write))
@@ -618,27 +639,13 @@ static PyObject *py_window_ranges(PyObject *self, PyObject *args)
     const int32_t *slots = sb.buf;
     const uint64_t *bases = bb.buf;
     uint64_t npages = (uint64_t)sb.len / sizeof *slots, nbases = (uint64_t)bb.len / sizeof *bases;
-    if (!(fa = PySequence_Fast(offs, "offs must be a sequence")) || !(fl = PySequence_Fast(lens, "lens must be a sequence")))
+    Py_ssize_t k;
+    v = ranges_from(offs, lens, b.len, &k);
+    if (!v && PyErr_Occurred())
         goto out;
-    Py_ssize_t k = PySequence_Fast_GET_SIZE(fa);
-    if (PySequence_Fast_GET_SIZE(fl) != k) {
-        PyErr_SetString(PyExc_ValueError, "offs and lens differ in length");
-        goto out;
-    }
-    if (k && !(v = PyMem_Malloc(2 * (size_t)k * sizeof *v))) {
-        PyErr_NoMemory();
-        goto out;
-    }
-    uint64_t total = 0;
     for (Py_ssize_t i = 0; i < k; i++) {
-        v[2 * i] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(fa, i));
-        v[2 * i + 1] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(fl, i));
-        if (PyErr_Occurred())
-            goto out;
-        total += v[2 * i + 1];
-        if (v[2 * i + 1] > (uint64_t)b.len || total > (uint64_t)b.len ||
-            v[2 * i] > (npages << shift) || v[2 * i + 1] > (npages << shift) - v[2 * i]) {
-            PyErr_SetString(PyExc_ValueError, "the ranges are longer than the buffer or the window");
+        if (v[2 * i] > (npages << shift) || v[2 * i + 1] > (npages << shift) - v[2 * i]) {
+            PyErr_SetString(PyExc_ValueError, "the ranges run past the window");
             goto out;
         }
     }
@@ -675,8 +682,6 @@ static PyObject *py_window_ranges(PyObject *self, PyObject *args)
         result = Py_NewRef(Py_None);
 out:
     PyMem_Free(v);
-    Py_XDECREF(fa);
-    Py_XDECREF(fl);
     if (sb.obj) PyBuffer_Release(&sb);
     if (bb.obj) PyBuffer_Release(&bb);
     if (b.obj) PyBuffer_Release(&b);
