@@ -58,7 +58,12 @@ def test_one_mapping_lookup_agrees_with_reading_all_of_proc_maps(monkeypatch):
     maps = [m for m in hp.maps() if "[vsyscall]" not in m[4]]
     for start, end, prot, private, _path in maps:
         for addr in (start, end - 1):
-            assert hp.vma_at(addr) == (start, end, prot, private, ""), hex(addr)
+            found = hp.vma_at(addr)
+            if found != (start, end, prot, private, ""):
+                # This process's own mappings move while it runs (the heap grows):
+                # the scan taken again now must agree.
+                now = [m for m in hp.maps() if m[0] <= addr < m[1]]
+                assert now and found == (*now[0][:4], ""), hex(addr)
     hole = next(maps[i][1] for i in range(len(maps) - 1) if maps[i][1] < maps[i + 1][0])
     assert hp.vma_at(hole) is None
     monkeypatch.setattr(hp, "_query", False)
