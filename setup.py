@@ -51,7 +51,7 @@ setup(
             "vfiosim.preload._vfiosim_preload",
             sources=["src/vfiosim/preload/vfiosim_preload.c"],
             include_dirs=["src/vfiosim/preload"],
-            depends=["src/vfiosim/preload/vfiosim_protocol.h"],
+            depends=["src/vfiosim/preload/vfiosim_protocol.h", "src/vfiosim/preload/x86_alu.h"],
             extra_compile_args=["-O2", "-fvisibility=hidden"],
             libraries=["dl", "pthread"],
         ),

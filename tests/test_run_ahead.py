@@ -23,7 +23,7 @@ from vfiosim import devices
 from vfiosim.kernel.pci.device import Register
 
 BDF = "0000:03:00.0"
-DOORBELL, DOORBELLS = 0x100, 0x104
+DOORBELL, DOORBELLS, COUNTDOWN, ARM = 0x100, 0x104, 0x108, 0x10C
 
 
 def pattern(k: int) -> int:
@@ -33,7 +33,9 @@ def pattern(k: int) -> int:
 class RunAheadTest(devices.PciDevice):
     """BAR0 (4 KiB) is memory, each access logged: 0x000-0x0ff posted
     registers, 0x100 a doorbell (snapshots 0x40-0x4f), 0x104 how many
-    doorbells rang; the rest undeclared (every store a round trip)."""
+    doorbells rang, 0x108 a countdown (each load reads it, then decrements
+    it to 0) that a store to 0x10c sets; the rest undeclared (every store a
+    round trip)."""
 
     model = "runahead-test"
 
@@ -41,22 +43,29 @@ class RunAheadTest(devices.PciDevice):
         super().__init__(bdf, vendor=0x1B36, device=0x00F4, class_code=0xFF0000)
         self.add_bar(0, 0x1000)
         self.declare_registers(0, Register(0x000, 0x100, write_effect=False), Register(DOORBELL, 4),
-                               Register(DOORBELLS, 4, write_effect=False))
+                               Register(DOORBELLS, 4, write_effect=False),
+                               Register(COUNTDOWN, 4, read_effect=True), Register(ARM, 4))
         self.finish()
         self.mem = bytearray(pattern(k) for k in range(0x1000))
         self.accesses: list[tuple] = []
         self.snapshots: list[bytes] = []
+        self.countdown = 0
 
     def mmio_read(self, bar: int, offset: int, size: int) -> int:
         self.accesses.append(("r", offset, size))
         if offset == DOORBELLS:
             return len(self.snapshots)
+        if offset == COUNTDOWN:
+            value, self.countdown = self.countdown, max(self.countdown - 1, 0)
+            return value
         return int.from_bytes(self.mem[offset:offset + size], "little")
 
     def mmio_write(self, bar: int, offset: int, size: int, value: int) -> None:
         self.accesses.append(("w", offset, size, value))
         if offset == DOORBELL:
             self.snapshots.append(bytes(self.mem[0x40:0x50]))
+        if offset == ARM:
+            self.countdown = value
         self.mem[offset:offset + size] = value.to_bytes(size, "little")
 
 
@@ -154,10 +163,10 @@ def test_nops_and_leas_are_stepped_over_and_anything_else_ends_the_run(probe, tm
     bar = int(f["bar"], 16)
     assert [e[1:] for e in dev.accesses] == [(0x40, 4, 1), (0x48, 4, 2), (0x4C, 4, 3), (0x50, 4, 4), (0x54, 4, 5),
                                          (0x58, 4, 6)]
-    assert int(f["rdx"], 16) == bar + 0x4C                                    # LEA, then a native ADD
+    assert int(f["rdx"], 16) == bar + 0x4C                                    # LEA, then an emulated ADD
     assert int(f["rcx"], 16) == ((1 << 64) - 1) & ~0xFFFF | ((bar + 0x1234) & 0xFFFF)   # 16-bit LEA merges
     assert int(f["r8"], 16) == (bar + 0x10) & 0xFFFFFFFF                      # 32-bit LEA zero-extends
-    # Traps at 0x40 (after the ADD), 0x4c (after a store to ordinary memory), 0x54.
+    # Traps at 0x40 (after the IMUL), 0x4c (after a store to ordinary memory), 0x54.
     assert counts(f) == (3, 3)
 
 
@@ -187,10 +196,41 @@ def test_a_gs_relative_access_ends_a_run_and_traps_itself(probe, tmp_path):
     assert counts(f) == (2, 1)
 
 
-def test_a_run_is_bounded(probe, tmp_path):
-    f, dev = run(probe, tmp_path, "bound")
-    assert [e[1:] for e in dev.accesses] == [(4 * k, 4, 0x100 + k) for k in range(20)]
-    assert counts(f) == (2, 18)                   # 1 + 16, then 1 + 2
+def test_a_store_loop_is_followed_around_its_branch(probe, tmp_path):
+    """3,000 stores from `mov %eax,0x80(%rdi); add $1,%rax; cmp %rsi,%rax; jl`:
+    each trap runs ahead RUN_AHEAD_MAX (1,024) instructions, 256 iterations,
+    so 12 traps.  The stores are posted (0x80 has no side effect), and the
+    daemon keeps only the last of a batch to the same bytes: the device sees
+    them in order, ending with the last value."""
+    f, dev = run(probe, tmp_path, "store_loop")
+    values = [e[3] for e in dev.accesses]
+    assert all(e[:3] == ("w", 0x80, 4) for e in dev.accesses)
+    assert values == sorted(set(values)) and values[-1] == 2999
+    assert counts(f) == (12, 2988)
+
+
+def test_a_polling_loop_costs_one_trap_and_reads_until_done(probe, tmp_path):
+    """`mov 0x108(%rdi),%eax; pause; test %eax,%eax; jne`: each load is made
+    once (a read with side effects), and the loop ends on the 0."""
+    f, dev = run(probe, tmp_path, "poll")
+    assert dev.accesses == [("w", ARM, 4, 5)] + [("r", COUNTDOWN, 4)] * 6
+    assert dev.countdown == 0
+    assert counts(f) == (1, 6)
+
+
+def test_a_run_ends_after_instructions_without_a_device_access(probe, tmp_path):
+    """Forty ADDs between two stores: run-ahead stops after RUN_AHEAD_IDLE
+    (32) of them, the CPU does the rest, and the sum is the same."""
+    f, dev = run(probe, tmp_path, "idle")
+    assert [e[1:] for e in dev.accesses] == [(0x40, 4, 0x21), (0x44, 4, 0x22)]
+    assert int(f["rax"]) == 1000 + 3 * 40
+    assert counts(f) == (2, 0)
+
+
+def test_a_jump_to_another_page_ends_the_run_at_its_target(probe, tmp_path):
+    f, dev = run(probe, tmp_path, "jump_out")
+    assert [e[1:] for e in dev.accesses] == [(0x48, 4, 0x23), (0x4C, 4, 0x24), (0x50, 4, 0x25)]
+    assert counts(f) == (2, 1)
 
 
 @pytest.mark.parametrize("second_page", ["exec", "noexec", "unmapped"])

@@ -36,7 +36,10 @@ void doorbell(volatile void *bar, uint64_t *out);
 void ordinary(volatile void *bar, uint32_t *ro);
 extern const char ordinary_native[];
 void gs_prefix(volatile void *bar);
-void bound(volatile void *bar);
+void store_loop(volatile void *bar, uint64_t n);
+void poll_countdown(volatile void *bar);
+uint64_t idle(volatile void *bar);
+void jump_out(volatile void *bar);
 
 __asm__(".text\n"
         /* Thirteen stores, one of each form; the first traps, the handler runs ahead to the rest. */
@@ -112,7 +115,8 @@ __asm__(".text\n"
         "    lea 0x48(%rdi), %rdx\n"
         "    movl $2, (%rdx)\n"                      /* run ahead */
         "    xchg %ax, %ax\n"                        /* 66 90 */
-        "    add $4, %rdx\n"                         /* stop */
+        "    add $4, %rdx\n"                         /* run ahead (register arithmetic) */
+        "    imul $1, %rdx, %rdx\n"                  /* not emulated: stop */
         "    movl $3, (%rdx)\n"                      /* trap */
         "    movl $4, 0x50(%rdi)\n"                  /* run ahead */
         "    mov %rdx, (%rsi)\n"                     /* ordinary memory: stop */
@@ -153,14 +157,45 @@ __asm__(".text\n"
         "    movl $0x32, %gs:barwin+0x74\n"          /* gs base 0: the BAR; trap */
         "    movl $0x33, 0x78(%rdi)\n"               /* run ahead */
         "    ret\n"
-        /* Twenty stores: at most sixteen after a trap. */
-        ".globl bound\n"
-        "bound:\n"
-        "    .set k, 0\n"
-        "    .rept 20\n"
-        "    movl $(0x100 + k), (4 * k)(%rdi)\n"
-        "    .set k, k + 1\n"
+        /* A store loop: run-ahead follows it around (ADD, CMP, JL), RUN_AHEAD_MAX
+         * instructions (256 iterations) after each trap. */
+        ".globl store_loop\n"
+        "store_loop:\n"
+        "    xor %eax, %eax\n"
+        "1:  mov %eax, 0x80(%rdi)\n"
+        "    add $1, %rax\n"
+        "    cmp %rsi, %rax\n"
+        "    jl 1b\n"
+        "    ret\n"
+        /* Arm the countdown, then poll it until it reads 0: one trap. */
+        ".globl poll_countdown\n"
+        "poll_countdown:\n"
+        "    movl $5, 0x10c(%rdi)\n"
+        "2:  movl 0x108(%rdi), %eax\n"
+        "    pause\n"
+        "    test %eax, %eax\n"
+        "    jne 2b\n"
+        "    ret\n"
+        /* A store, 40 register instructions (more than RUN_AHEAD_IDLE), a store:
+         * two traps, the arithmetic done by emulation and by the CPU. */
+        ".globl idle\n"
+        "idle:\n"
+        "    mov $1000, %eax\n"
+        "    movl $0x21, 0x40(%rdi)\n"
+        "    .rept 40\n"
+        "    add $3, %rax\n"
         "    .endr\n"
+        "    movl $0x22, 0x44(%rdi)\n"
+        "    ret\n"
+        /* A jump to another page ends the run there: the CPU fetches it. */
+        ".globl jump_out\n"
+        "jump_out:\n"
+        "    movl $0x23, 0x48(%rdi)\n"
+        "    jmp far_page\n"
+        "    .balign 4096\n"
+        "far_page:\n"
+        "    movl $0x24, 0x4c(%rdi)\n"
+        "    movl $0x25, 0x50(%rdi)\n"
         "    ret\n");
 
 static unsigned long *traps, *ahead;
@@ -317,9 +352,22 @@ int main(int argc, char **argv)
         count_from_here();
         gs_prefix(bar);
         counts();
-    } else if (!strcmp(s, "bound")) {
+    } else if (!strcmp(s, "store_loop")) {
         count_from_here();
-        bound(bar);
+        store_loop(bar, 3000);
+        counts();
+    } else if (!strcmp(s, "poll")) {
+        count_from_here();
+        poll_countdown(bar);
+        counts();
+    } else if (!strcmp(s, "idle")) {
+        count_from_here();
+        uint64_t rax = idle(bar);
+        counts();
+        printf("rax=%llu\n", (unsigned long long)rax);
+    } else if (!strcmp(s, "jump_out")) {
+        count_from_here();
+        jump_out(bar);
         counts();
     } else if (!strcmp(s, "stepped")) {
         stepped(bar);

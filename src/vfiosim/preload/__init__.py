@@ -23,7 +23,7 @@ from ..cachedir import user_cache
 
 SOURCE = "vfiosim_preload.c"
 DAEMON_SOURCE = "vfiosim_daemon.c"
-HEADER = "vfiosim_protocol.h"
+HEADERS = ("vfiosim_protocol.h", "x86_alu.h")   # included by the sources: part of their hash
 CFLAGS = ["-shared", "-fPIC", "-O2", "-fvisibility=hidden", "-Wall"]
 LIBS = ["-ldl", "-lpthread"]
 
@@ -89,7 +89,7 @@ def daemon_module() -> ModuleType:
 def _built(source: str, ext_name: str, lib_name: str, python: bool = False) -> str:
     here = Path(__file__).resolve().parent
     src = here / source
-    header = here / HEADER
+    headers = [here / name for name in HEADERS]
     if python:                          # an extension module: built for this interpreter only
         import importlib.machinery
         built = [here / f"{ext_name}{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES
@@ -97,12 +97,12 @@ def _built(source: str, ext_name: str, lib_name: str, python: bool = False) -> s
     else:
         built = sorted(here.glob(f"{ext_name}*.so")) + sorted(here.glob(f"{lib_name}.so"))
     installed = any(part in ("site-packages", "dist-packages") for part in here.parts)
-    newest = max((p.stat().st_mtime for p in (src, header) if p.exists()), default=0.0)
+    newest = max((p.stat().st_mtime for p in (src, *headers) if p.exists()), default=0.0)
     if built and (installed or not src.exists() or built[0].stat().st_mtime >= newest):
         return str(built[0])
     if not src.exists():
         raise ShimBuildError(f"the vfiosim library {lib_name} is missing from {here}")
-    digest = hashlib.sha256(src.read_bytes() + (header.read_bytes() if header.exists() else b"")).hexdigest()[:16]
+    digest = hashlib.sha256(src.read_bytes() + b"".join(h.read_bytes() for h in headers if h.exists())).hexdigest()[:16]
     name = f"{lib_name}-{digest}.so"
     for cache in (_cache_dir(), Path(tempfile.gettempdir()) / f"vfiosim-{os.getuid()}"):
         out = cache / name

@@ -70,6 +70,7 @@
 /* ---------------------------------------------------------------- protocol */
 
 #include "vfiosim_protocol.h"
+#include "x86_alu.h"
 
 _Static_assert(sizeof(struct vreq) == 64, "request header");
 _Static_assert(sizeof(struct vrep) == 16, "reply header");
@@ -2203,39 +2204,66 @@ static struct region *region_at(uintptr_t addr, int n)
  */
 EXPORT unsigned long vfiosim_bar_traps, vfiosim_bar_run_ahead;
 
-#define RUN_AHEAD_MAX 16
+#define RUN_AHEAD_MAX 1024            /* instructions after one trap */
+#define RUN_AHEAD_IDLE 32             /* instructions without a device access: the run is over */
+
+/* An XK_ALU op of x86_alu.h on the interrupted registers. */
+static void run_alu(const struct x86_op *o, greg_t *gr)
+{
+    uint64_t r[16], flags = (uint64_t)gr[REG_EFL];
+    for (int i = 0; i < 16; i++)
+        r[i] = (uint64_t)gr[gregmap[i]];
+    x86_exec(o, r, &flags);
+    gr[gregmap[o->dst]] = (greg_t)r[o->dst];          /* (the only register an op writes) */
+    gr[REG_EFL] = (greg_t)flags;
+}
 
 /*
  * Run-ahead: a driver's BAR accesses come in runs (the address, count and
- * command registers of a DMA, then a load polling its status), and each
- * trap costs more than the access.  After the faulting instruction, the
- * handler emulates the instructions that follow it too, in program order
- * with the same semantics, as long as each is a MOV whose memory operand
- * lies in a device mapping (or a NOP or LEA, which touch neither memory nor
- * flags), up to RUN_AHEAD_MAX; it stops at anything else, which then runs
- * natively (a later BAR access traps anew).  It reads code only from the
- * page(s) the faulting instruction came from, below code_end: those the CPU
- * just executed, so an instruction it could not fetch (unmapped, not
- * executable) is never emulated; and not while single-stepping (EFLAGS.TF),
- * where every instruction must trap on its own.  A failed access stops the
- * program as one that faulted itself would, with RIP at it.
+ * command registers of a DMA, then a load polling its status) and loops (a
+ * register stored or polled N times), and each trap costs more than the
+ * access.  After the faulting instruction, the handler emulates the
+ * instructions that follow it too, in program order with the same
+ * semantics: a MOV whose memory operand lies in a device mapping, a NOP or
+ * LEA, and the register-only arithmetic, moves and relative jumps of
+ * x86_alu.h (with EFLAGS).  It stops at anything else (a memory access
+ * that is not a device's, a call, a system call, an instruction it does not
+ * know), after RUN_AHEAD_IDLE instructions without a device access (the
+ * program has moved on to other work), or after RUN_AHEAD_MAX; the CPU then
+ * resumes natively at that instruction (a later BAR access traps anew).  It
+ * reads code only from the page(s) the faulting instruction came from,
+ * [code_start, code_end): those the CPU just executed, so an instruction it
+ * could not fetch (unmapped, not executable) is never emulated; a jump out
+ * of them ends the run with RIP at its target.  Not while single-stepping
+ * (EFLAGS.TF), where every instruction must trap on its own.  A failed
+ * access stops the program as one that faulted itself would, with RIP at it.
  */
-static void run_ahead(greg_t *gr, uintptr_t code_end)
+static void run_ahead(greg_t *gr, uintptr_t code_start, uintptr_t code_end)
 {
     if (gr[REG_EFL] & 0x100)
         return;
     int n = __atomic_load_n(&nregions, __ATOMIC_ACQUIRE);
-    for (int k = 0; k < RUN_AHEAD_MAX; k++) {
+    for (int k = 0, idle = 0; k < RUN_AHEAD_MAX && idle < RUN_AHEAD_IDLE; k++, idle++) {
         uintptr_t rip = (uintptr_t)gr[REG_RIP];
-        if (rip >= code_end)
+        if (rip < code_start || rip >= code_end)
             return;
         uint8_t code[15];
         size_t avail = code_end - rip < sizeof code ? code_end - rip : sizeof code;
         if (vfiosim_probe_copy(code, (const void *)rip, avail))
             return;                   /* (another thread unmapped it) */
         struct insn in;
-        if (decode(code, avail, &in) < 0)
-            return;
+        if (decode(code, avail, &in) < 0) {
+            struct x86_op op;
+            if (x86_decode_op(code, avail, &op) < 0)
+                return;
+            uintptr_t next = rip + (uintptr_t)op.len;
+            if (op.kind == XK_ALU)
+                run_alu(&op, gr);
+            else if (op.kind == XK_JMP || (op.kind == XK_JCC && x86_cond(op.cc, (uint64_t)gr[REG_EFL])))
+                next += (uintptr_t)op.rel;
+            gr[REG_RIP] = (greg_t)next;
+            continue;
+        }
         uintptr_t next = rip + (uintptr_t)in.len, ea;
         if (in.kind == INSN_NOP) {
             gr[REG_RIP] = (greg_t)next;
@@ -2262,6 +2290,7 @@ static void run_ahead(greg_t *gr, uintptr_t code_end)
         }
         __atomic_fetch_add(&vfiosim_bar_run_ahead, 1, __ATOMIC_RELAXED);
         gr[REG_RIP] = (greg_t)next;
+        idle = -1;                    /* (incremented to 0 by the loop) */
     }
 }
 
@@ -2310,7 +2339,7 @@ static void fault_handler(int sig, siginfo_t *si, void *ucv)
         return;
     }
     gr[REG_RIP] = (greg_t)(rip + (uintptr_t)in.len);
-    run_ahead(gr, ((rip + (uintptr_t)in.len - 1) | 4095) + 1);
+    run_ahead(gr, rip & ~(uintptr_t)4095, ((rip + (uintptr_t)in.len - 1) | 4095) + 1);
     errno = saved_errno;
 }
 
