@@ -113,8 +113,9 @@ class Side:
 
 step = st.one_of(
     st.tuples(st.just("post"), st.integers(0, 40), st.sampled_from([BUF_SIZE, BUF_SIZE, 40])),
-    st.tuples(st.just("send"), st.one_of(st.lists(st.just(64), min_size=1, max_size=40),
-                                        st.lists(st.sampled_from([64, 0, 5, 14, 60, 200, 1514]), min_size=1, max_size=40)),
+    st.tuples(st.just("send"),
+              st.one_of(st.lists(st.just(64), min_size=1, max_size=40),
+                        st.lists(st.sampled_from([64, 0, 5, 14, 60, 200, 1514]), min_size=1, max_size=40)),
               st.sampled_from(["", "", "", "", "unmapped", "chained", "writable"]), st.integers(0, 39)),
     st.tuples(st.just("flags"), st.integers(0, 1), st.sampled_from([0, V.VRING_AVAIL_F_NO_INTERRUPT])),
     st.tuples(st.just("reap")),

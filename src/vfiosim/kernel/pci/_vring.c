@@ -348,7 +348,7 @@ static PyObject *py_loopback_burst(PyObject *self, PyObject *args)
     Py_buffer kb = {0}, rb = {0}, wb = {0}, hb = {0};
     unsigned int limit;
     queue_t tx, rx;
-    static side_t ts, rs;                            /* the GIL is held throughout */
+    side_t ts, rs;
     if (!PyArg_ParseTuple(args, "OOy*y*y*Iy*", &txo, &rxo, &kb, &rb, &wb, &limit, &hb))
         return NULL;
     if (parse_queue(txo, &tx) < 0 || parse_queue(rxo, &rx) < 0)

@@ -148,14 +148,15 @@ def _queue(q: "SplitQueue", check_irq: bool) -> tuple[int, int, int, int, int, i
 
 
 
-
-def loopback_burst(dev: "VirtioNet", rxq: "SplitQueue", txq: "SplitQueue") -> bool:
-    """The transmit notification of ``dev`` through its loopback, natively;
-    False (nothing changed) when the Python path must run it."""
+def loopback_burst(dev: "VirtioNet", rxq: "SplitQueue", txq: "SplitQueue", rx_header: bytes) -> bool:
+    """The transmit notification of ``dev`` through its loopback, natively
+    (``rx_header``: what every received frame's virtio_net_hdr is); False
+    (nothing changed) when the Python path must run it."""
     backend = dev.backend
     bm = dev.bus_master
-    if not isinstance(backend, Loopback) or backend.waiting or not dev.promisc or not rxq.used_flags & VRING_USED_F_NO_NOTIFY or \
-            not rxq.ready or not txq.ready or type(bm) is not IommuBusMaster or not dev.bus_master_enabled():
+    if not isinstance(backend, Loopback) or backend.waiting or not dev.promisc or \
+            not rxq.used_flags & VRING_USED_F_NO_NOTIFY or not rxq.ready or not txq.ready or \
+            type(bm) is not IommuBusMaster or not dev.bus_master_enabled():
         return False
     translator = bm.translator
     if not translator.dma_enabled() or not hasattr(translator, "native_tables"):
@@ -168,9 +169,8 @@ def loopback_burst(dev: "VirtioNet", rxq: "SplitQueue", txq: "SplitQueue") -> bo
     msix = dev.msix_enabled()
     tx = _queue(txq, not msix or txq.msix_vector != VIRTIO_MSI_NO_VECTOR)
     rx = _queue(rxq, not msix or rxq.msix_vector != VIRTIO_MSI_NO_VECTOR)
-    from .virtio_net import RX_HEADER
     for _ in range(MAX_ROUNDS):
-        got = _vring.loopback_burst(tx, rx, pages.keys, pages.rd, pages.wr, limit, RX_HEADER)
+        got = _vring.loopback_burst(tx, rx, pages.keys, pages.rd, pages.wr, limit, rx_header)
         if isinstance(got, tuple):
             break
         if isinstance(got, int):
@@ -196,5 +196,5 @@ def loopback_burst(dev: "VirtioNet", rxq: "SplitQueue", txq: "SplitQueue") -> bo
     stats["tx_bytes"] += nbytes
     stats["rx_frames"] += n
     stats["rx_bytes"] += nbytes
-    backend.loop_through(frames, lens, RX_HEADER)
+    backend.loop_through(frames, lens, rx_header)
     return True

@@ -161,7 +161,7 @@ class VirtioNet(VirtioPciDevice):
             self._control()
             return
         if queue.index == TXQ and type(self.backend) is Loopback and virtio_native.ENABLED and \
-                virtio_native.loopback_burst(self, self.queues[RXQ], queue):
+                virtio_native.loopback_burst(self, self.queues[RXQ], queue, RX_HEADER):
             return
         # Transmit and receive until neither moves: a transmit queue that waited for
         # receive room (loopback) goes on once the driver posted receive buffers.
