@@ -62,6 +62,14 @@ setup(
             depends=["src/vfiosim/preload/vfiosim_protocol.h"],
             extra_compile_args=["-O2", "-fvisibility=hidden"],
         ),
+        # virtio-net's native burst path (kernel/pci/virtio_native.py; optional: the
+        # device runs its Python path without it).
+        Extension(
+            "vfiosim.kernel.pci._vring",
+            sources=["src/vfiosim/kernel/pci/_vring.c"],
+            extra_compile_args=["-O2", "-fvisibility=hidden"],
+            optional=True,
+        ),
         # `vfiosim record`'s pass-through recording shim (vfiosim.tracing.record).
         Extension(
             "vfiosim.tracing._vfiosim_record",

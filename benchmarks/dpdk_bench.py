@@ -161,6 +161,8 @@ def profile_once(target: str, testpmd: str, seconds: float, with_cprofile: bool)
         "us_per_notification": round(1e6 * acc["notify"] / n, 1),
         "us_per_cycle": round(1e6 * wall / n, 1),
         "requests": acc["handled"],             # requests and batches of posted stores
+        # The native burst path (kernel/pci/virtio_native.py): notifications it ran, fall-backs by reason.
+        "native": dict(getattr(m.device(bdf), "native_stats", {})),
         "wall_split": {
             "in the device (virtqueues, IOMMU, host memory)": round(acc["notify"] / wall, 3),
             "in the daemon's request handling, outside the device": round((acc["requests"] - acc["notify"]) / wall, 3),
@@ -212,7 +214,8 @@ def main() -> int:
             timed["device_profile_share"] = prof["device_profile_share"]
             result["profile"].append(timed)
             print(f"\n{t}: {timed['pps']:,} packets/s, {timed['frames_per_notification']} frames per notification; "
-                  f"per notification {timed['us_per_cycle']} us, of which {timed['us_per_notification']} us in the device")
+                  f"per notification {timed['us_per_cycle']} us, of which {timed['us_per_notification']} us in the device"
+                  f"; native path: {timed['native'] or 'absent'}")
             for k, v in timed["wall_split"].items():
                 print(f"  {v:6.1%}  {k}")
             print("  inside the device (cProfile own time, a separate run):")

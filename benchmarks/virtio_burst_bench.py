@@ -273,6 +273,10 @@ def run(machine: str, bursts: int, with_profile: bool, host: str) -> dict[str, A
         "us_per_burst_mean": round(1e6 * statistics.fmean(times), 1),
         "us_per_frame": round(1e6 * statistics.median(times) / BURST, 2),
     }
+    native = getattr(nic, "native_stats", None)
+    if native is not None:
+        # How the native burst path (virtio_native.py) fared: bursts it ran, fall-backs by reason.
+        out["native"] = dict(native)
     if with_profile:
         out["profile_share"] = by_category(prof)
         st = pstats.Stats(prof)

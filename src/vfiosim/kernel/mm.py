@@ -316,6 +316,15 @@ class MemoryObject:
             if length >= mmap.PAGESIZE and not start % mmap.PAGESIZE:
                 base.madvise(mmap.MADV_DONTNEED, start, length - length % mmap.PAGESIZE)
 
+    def host_pointer(self, off: int, n: int) -> int | None:
+        """This process's address of bytes [off, off+n) (a native DMA path
+        copies there directly: virtio_native.py); the object keeps its array
+        for its whole life."""
+        data = self.data
+        if off < 0 or n <= 0 or off + n > self.length or not data.flags.c_contiguous:
+            return None
+        return int(data.__array_interface__["data"][0]) + off
+
     def read_ranges(self, offs: list[int], lens: list[int], out: memoryview) -> None:
         mem = self.data.data
         pos = 0

@@ -718,6 +718,28 @@ class HostMemoryObject:
             self.orphan = np.zeros(self.length, dtype=np.uint8)
         return self.orphan
 
+    def host_pointer(self, off: int, n: int) -> int | None:
+        """The daemon's address of bytes [off, off+n), when all of them are
+        pinned pages bound to one mapping of a memory file (a native DMA
+        path copies there directly: virtio_native.py); else None.  It holds
+        while the pages stay pinned and :meth:`direct_ready` says so."""
+        slots, files = self.slots, self.files
+        if slots is None or files is None or not self.direct_ready() or off < 0 or n <= 0 or off + n > self.length:
+            return None
+        p0, p1 = off >> self.page_shift, (off + n - 1) >> self.page_shift
+        slot = int(slots[p0])
+        if not slot or slot >= len(files.bases) or (p1 > p0 and not (slots[p0:p1 + 1] == slot).all()):
+            return None
+        return (int(files.bases[slot]) + self.vaddr + off) % (1 << 64)
+
+    def direct_ready(self) -> bool:
+        """Whether pointers from :meth:`host_pointer` may be used now: the
+        program's image is still there (its mappings go with it), and no
+        call's argument window is open (DMA must see what the call wrote:
+        device_window_ranges flushes it first)."""
+        host = self.host
+        return not host.gone and host.window is None and host.bound
+
     def read_at(self, off: int, n: int) -> bytes:
         mem = self._orphaned()
         if mem is not None:

@@ -26,10 +26,12 @@ never has to notify it.
 
 from __future__ import annotations
 
+import collections
 import operator
 import struct
 
 from .device import DmaError
+from . import virtio_native
 from .net_backends import Frames, Loopback, NetBackend, backend_from_spec, receive_frames, transmit_frames
 from .virtio import VIRTIO_F_INDIRECT_DESC, Burst, Chain, SplitQueue, VirtioError, VirtioPciDevice
 
@@ -97,6 +99,10 @@ class VirtioNet(VirtioPciDevice):
         self.stats = dict.fromkeys(("tx_frames", "tx_bytes", "rx_frames", "rx_bytes", "rx_dropped",
                                     "rx_filtered", "ctrl_commands"), 0)
         self.backend: NetBackend = backend if backend is not None else Loopback()
+        # The native burst path (virtio_native.py): its page table, and how often it
+        # ran a notification or left it to the Python path, by reason.
+        self.native_pages = virtio_native.NativePages()
+        self.native_stats: collections.Counter[str] = collections.Counter()
         super().__init__(bdf, virtio_id=VIRTIO_ID_NET, class_code=PCI_CLASS_NETWORK_ETHERNET, features=features,
                          queue_sizes=[QUEUE_SIZE, QUEUE_SIZE, CTRL_QUEUE_SIZE], msix_vectors=MSIX_VECTORS,
                          dma_mask=dma_mask)
@@ -137,6 +143,7 @@ class VirtioNet(VirtioPciDevice):
         self.allmulti = False
         self.mac_table: set[bytes] = set()
         self.backend.reset()
+        self.native_pages.clear()
 
     def device_start(self) -> None:
         self._guarded(self._receive)
@@ -152,6 +159,9 @@ class VirtioNet(VirtioPciDevice):
     def queue_notify(self, queue: SplitQueue) -> None:
         if queue.index == CTRLQ:
             self._control()
+            return
+        if queue.index == TXQ and type(self.backend) is Loopback and virtio_native.ENABLED and \
+                virtio_native.loopback_burst(self, self.queues[RXQ], queue, RX_HEADER):
             return
         # Transmit and receive until neither moves: a transmit queue that waited for
         # receive room (loopback) goes on once the driver posted receive buffers.

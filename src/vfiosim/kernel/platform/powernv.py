@@ -22,7 +22,7 @@ from ..errors import KernelBug, fail
 from ..faults import OPAL_HARDWARE
 from ..dma import DmaFault, Pieces, Translation
 from ..iommu.table_group import TableGroup
-from ..iommu.tce import TCE_PCI_READ, TCE_PCI_WRITE, IommuTable, TableOps, XchgResult, direction_to_perm
+from ..iommu.tce import TCE_PCI_READ, TCE_PCI_WRITE, IommuTable, TableOps, TceStorage, XchgResult, direction_to_perm
 from ..mm import PhysicalMemory
 from ..progression import U64Values
 from .base import IommuMapping, Platform
@@ -321,6 +321,17 @@ class PnvPe(Pe):
         if tbl is None:
             return super().translate(iova, length, write)
         return self.tce_cache.translate(tbl.entries, iova, length, write, super().translate, tbl.it_page_shift)
+
+    def native_tables(self) -> list[TceStorage]:
+        """The tables a native DMA path may cache translations of (virtio_native.py):
+        those of the windows programmed now; a cached translation holds while
+        its table's generation is unchanged and the table is still here."""
+        return [tbl.entries for tbl in self.tve if tbl is not None]
+
+    def native_table(self, iova: int) -> TceStorage | None:
+        """The table the device's DMA at ``iova`` goes through."""
+        tbl = self.tve[1 if iova & TCE_BYPASS_BASE else 0]
+        return None if tbl is None else tbl.entries
 
     def translate_burst(self, iovas: Sequence[int], lens: Sequence[int], write: bool) -> Pieces | None:
         """translate() of a burst, through the PHB's TCE cache."""

@@ -558,6 +558,19 @@ class VtdContext:
             domain.mark_dirty(iova, length)
         return runs
 
+    def native_tables(self) -> list[VtdDomain]:
+        """The tables a native DMA path may cache translations of
+        (virtio_native.py): the paging domain the device is attached to now,
+        unless dirty tracking wants every write seen."""
+        domain = self.domain
+        if domain.type != IOMMU_DOMAIN_PAGING or domain.dirty_tracking:
+            return []
+        return [domain]
+
+    def native_table(self, iova: int) -> VtdDomain | None:
+        tables = self.native_tables()
+        return tables[0] if tables else None
+
     def translate_burst(self, iovas: Sequence[int], lens: Sequence[int], write: bool) -> Pieces | None:
         """translate() of a burst, through the IOTLB.  A write while dirty
         tracking is on goes range by range, which sets the dirty bits."""
