@@ -72,12 +72,15 @@ _PROT_OF = tuple(sum(prot for bit, prot in _PROCMAP_PROT if flags & bit) for fla
 
 class ArgWindow:
     """A copy of the program's memory at a call's pointer argument, sent with
-    the call (protocol.F_WINDOW), and what the call wrote in it ([lo, hi))."""
+    the call (protocol.F_WINDOW), and what the call wrote in it ([lo, hi)).
+    ``data`` is the bytes as sent until the call first writes to them (most
+    calls only read their argument: no copy is made for them)."""
 
-    __slots__ = ("addr", "data", "writable", "lo", "hi")
+    __slots__ = ("addr", "end", "data", "writable", "lo", "hi")
 
-    def __init__(self, addr: int, data: bytearray, writable: bool) -> None:
+    def __init__(self, addr: int, data: bytes | bytearray, writable: bool) -> None:
         self.addr = addr
+        self.end = addr + len(data)
         self.data = data
         self.writable = writable
         self.lo, self.hi = len(data), 0
@@ -140,7 +143,7 @@ class HostProcess:
         """The program sent the ``data`` at ``addr`` along with its call (read
         as it can read them; ``writable``: it can write them too): the call's
         copy_from_user and copy_to_user of those bytes use the copy."""
-        self.window = ArgWindow(addr, bytearray(data), writable)
+        self.window = ArgWindow(addr, data, writable)
 
     def close_window(self) -> tuple[int, bytes] | None:
         """End the call's window: (offset, bytes) that the program stores back
@@ -169,10 +172,10 @@ class HostProcess:
             return b""
         w = self.window
         if w is not None:
-            off = addr - w.addr
-            if 0 <= off and off + n <= len(w.data):
+            if w.addr <= addr and addr + n <= w.end:
+                off = addr - w.addr
                 return bytes(w.data[off:off + n])
-            if addr < w.addr + len(w.data) and w.addr < addr + n:
+            if addr < w.end and w.addr < addr + n:
                 self._flush_window(False)
         if not self.bound or self.gone:
             raise fail(EFAULT, f"the memory of process {self.pid} is out of reach")
@@ -193,12 +196,14 @@ class HostProcess:
             return
         w = self.window
         if w is not None:
-            off = addr - w.addr
-            if w.writable and 0 <= off and off + n <= len(w.data):
+            if w.writable and w.addr <= addr and addr + n <= w.end:
+                off = addr - w.addr
+                if not isinstance(w.data, bytearray):
+                    w.data = bytearray(w.data)
                 w.data[off:off + n] = data
                 w.lo, w.hi = min(w.lo, off), max(w.hi, off + n)
                 return
-            if addr < w.addr + len(w.data) and w.addr < addr + n:
+            if addr < w.end and w.addr < addr + n:
                 self._flush_window(False)
         self._write(addr, data)
 

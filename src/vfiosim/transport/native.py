@@ -72,6 +72,11 @@ class Creds(NamedTuple):
     memlock_max: int = 0
 
 
+creds_tuple = _mod.creds
+"""creds() as a plain tuple, for comparing with the Creds last taken (the
+usual case: equal) without making a Creds."""
+
+
 def creds(pidfd: int, pid: int) -> Creds:
     """The process's ids, capabilities and RLIMIT_MEMLOCK, in three system calls.
     OSError(ENOTTY) where the kernel has no PIDFD_GET_INFO (before 6.13)."""
