@@ -67,6 +67,8 @@ _PROCMAP_PROT = ((native.PROCMAP_READ, PROT_READ), (native.PROCMAP_WRITE, PROT_W
                  (native.PROCMAP_EXEC, PROT_EXEC))
 # PROT_* of each combination of PROCMAP_QUERY's flags (a look-up per MAP_DMA, not a loop).
 _PROCMAP_MASK = native.PROCMAP_READ | native.PROCMAP_WRITE | native.PROCMAP_EXEC | native.PROCMAP_SHARED
+_PROCMAP_SHARED = native.PROCMAP_SHARED
+_vma = native._mod.vma              # native.vma() without its Python frame (one PROCMAP_QUERY per MAP_DMA)
 _PROT_OF = tuple(sum(prot for bit, prot in _PROCMAP_PROT if flags & bit) for flags in range(_PROCMAP_MASK + 1))
 
 
@@ -325,11 +327,11 @@ class HostProcess:
         """(start, end, PROT_*, private, path) of the mapping holding ``addr``,
         or None: one PROCMAP_QUERY (Linux 6.11; no path), else a scan of the
         bound maps file."""
-        if not self.bound or self.gone:
+        if self.mem < 0 or self.gone:           # not bound
             return None
         if self._query:
             try:
-                found = native.vma(self.maps_fd, addr)
+                found = _vma(self.maps_fd, addr, False)
             except OSError as exc:
                 if exc.errno != errno.ENOTTY:
                     return None
@@ -338,7 +340,7 @@ class HostProcess:
                 if found is None:
                     return None
                 start, end, flags, _inode = found
-                return start, end, _PROT_OF[flags & _PROCMAP_MASK], not flags & native.PROCMAP_SHARED, ""
+                return start, end, _PROT_OF[flags & _PROCMAP_MASK], not flags & _PROCMAP_SHARED, ""
         for entry in self.maps():
             if entry[0] <= addr < entry[1]:
                 return entry
@@ -826,6 +828,12 @@ class HostMM(AddressSpace):
     # -- copy_from_user / copy_to_user --------------------------------------------------------
 
     def read(self, addr: int, n: int) -> bytes:
+        w = self.host.window
+        if w is not None and n >= 0 and w.addr <= addr and addr + n <= w.end:
+            # The usual copy_from_user of an ioctl's struct: HostProcess.read()'s
+            # first case, one frame fewer (the range checks hold inside a window).
+            off = addr - w.addr
+            return bytes(w.data[off:off + n])
         if addr < 0 or n < 0 or addr + n > 1 << 64:
             raise fail(EFAULT, f"bad address range {addr:#x}+{n:#x}")
         return self.host.read(addr, n)
