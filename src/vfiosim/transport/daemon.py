@@ -97,6 +97,8 @@ _OP_NAMES = P.OP_NAMES
 _OP_OPEN, _OP_SETATTR, _OP_IOCTL = P.OP_OPEN, P.OP_SETATTR, P.OP_IOCTL
 _F_REFRESH_CREDS, _F_WINDOW, _F_WINDOW_WRITABLE = P.F_REFRESH_CREDS, P.F_WINDOW, P.F_WINDOW_WRITABLE
 _VD_POSTS, _VD_MALFORMED = native.VD_POSTS, native.VD_MALFORMED
+# Why native.creds() may fail while /proc still answers: no PIDFD_GET_INFO (before Linux 6.13), or refused.
+_CREDS_FROM_PROC = (errno.ENOTTY, errno.EPERM, errno.EACCES)
 
 
 def _max_map_count() -> int:
@@ -520,8 +522,13 @@ class Daemon:
         try:
             return native.creds(pidfd, pid)
         except OSError as exc:
-            if exc.errno not in (errno.ENOTTY, errno.EPERM, errno.EACCES):
+            if exc.errno not in _CREDS_FROM_PROC:
                 raise
+        return self._proc_creds(pid, procdir)
+
+    @staticmethod
+    def _proc_creds(pid: int, procdir: int) -> native.Creds:
+        """The credentials from /proc/<pid>/status and limits (before Linux 6.13)."""
         path = f"/proc/{pid}" if procdir < 0 else None
         if path is not None:
             with open(f"{path}/status") as f, open(f"{path}/limits") as g:
@@ -952,14 +959,16 @@ class Daemon:
             # The usual case, nothing changed since the last call, costs the
             # three system calls and a comparison (a Creds is a tuple).
             raw = native.creds_tuple(st.pidfd, st.pid)
-        except OSError:
-            raw = None
-        if raw is not None and raw == st.creds:
-            return
-        try:
-            c = native.Creds._make(raw) if raw is not None else self._read_creds(st.pidfd, st.pid, st.procdir)
-        except OSError:
-            return                      # it is exiting: its pidfd will say so
+            if raw == st.creds:
+                return
+            c = native.Creds._make(raw)
+        except OSError as exc:
+            if exc.errno not in _CREDS_FROM_PROC:
+                return                  # it is exiting: its pidfd will say so
+            try:
+                c = self._proc_creds(st.pid, st.procdir)
+            except OSError:
+                return
         if c == st.creds:
             return
         sess = st.session

@@ -68,7 +68,7 @@ _PROCMAP_PROT = ((native.PROCMAP_READ, PROT_READ), (native.PROCMAP_WRITE, PROT_W
 # PROT_* of each combination of PROCMAP_QUERY's flags (a look-up per MAP_DMA, not a loop).
 _PROCMAP_MASK = native.PROCMAP_READ | native.PROCMAP_WRITE | native.PROCMAP_EXEC | native.PROCMAP_SHARED
 _PROCMAP_SHARED = native.PROCMAP_SHARED
-_vma = native._mod.vma              # native.vma() without its Python frame (one PROCMAP_QUERY per MAP_DMA)
+_vma = native.vma_query
 _PROT_OF = tuple(sum(prot for bit, prot in _PROCMAP_PROT if flags & bit) for flags in range(_PROCMAP_MASK + 1))
 
 

@@ -104,6 +104,10 @@ def acting_as(uid: int, gid: int, groups: tuple[int, ...]) -> Iterator[None]:
             os._exit(70)
 
 
+vma_query = _mod.vma
+"""vma() without its Python frame: (maps_fd, addr, or_next); one PROCMAP_QUERY per MAP_DMA."""
+
+
 def vma(maps_fd: int, addr: int, or_next: bool = False) -> tuple[int, int, int, int] | None:
     """(start, end, PROCMAP_* flags, inode) of the mapping holding ``addr`` (or
     the next one), None if there is none.  OSError(ENOTTY) before Linux 6.11."""
