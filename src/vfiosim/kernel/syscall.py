@@ -2,7 +2,8 @@
 
 Every system call from outside -- the in-process :class:`vfiosim.Process`
 API, the ``vfiosim run`` daemon serving real programs -- passes through
-:meth:`SyscallGate.call`, which
+:meth:`SyscallGate.call` (:meth:`SyscallGate.call_locked` where the
+transport took the lock itself first, as the daemon does), which
 
 * takes the machine's lock (the big kernel lock: the simulated kernel never
   blocks, so serialising whole calls gives every interleaving a sequential
