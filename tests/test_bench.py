@@ -76,3 +76,20 @@ def test_the_run_benchmarks_smoke_run_measures_every_figure(tmp_path):
         assert 0 < f["value"] < float("inf") and f["met"] is None, f
     traced = next(f for f in figures if f["name"].startswith("run: --trace vs untraced (4 KiB MAP_DMA"))
     assert traced["detail"]["traced_pair_ns"] > 0 and traced["detail"]["untraced_pair_ns"] > 0
+
+
+def test_the_daemon_pair_smoke_run_measures_every_layer(tmp_path):
+    """benchmarks/daemon_pair.py (the daemon's share of a MAP+UNMAP pair,
+    layer by layer, in one process) at a tiny size, for every IOMMU."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "daemon_pair.py"
+    out_json = tmp_path / "daemon.json"
+    done = subprocess.run([sys.executable, str(script), "--pairs", "20", "--repeat", "1", "--json", str(out_json)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(out_json.read_text())["results"]
+    assert sorted(results) == ["spapr1", "spapr2", "type1v2"]
+    for figures in results.values():
+        assert len(figures) == 8 and all(0 < v < 1e9 for v in figures.values()), figures

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 O_ACCMODE = os.O_ACCMODE
 # The ioctls ksys_ioctl() answers for every fd (do_vfs_ioctl).
 _GENERIC_IOCTLS = frozenset((termios.FIOCLEX, termios.FIONCLEX, termios.FIONBIO))
+_GROUP_GET_DEVICE_FD = uapi.VFIO_GROUP_GET_DEVICE_FD
 
 
 @dataclass(frozen=True)
@@ -433,7 +434,7 @@ class Kernel:
     def sys_ioctl_at(self, task: Task, fd: int, cmd: int, arg: int, newfd: int) -> int:
         """ioctl(2) whose new file (VFIO_GROUP_GET_DEVICE_FD's) goes to ``newfd``,
         the number the real process already holds for it."""
-        if cmd & 0xFFFFFFFF != uapi.VFIO_GROUP_GET_DEVICE_FD:
+        if cmd & 0xFFFFFFFF != _GROUP_GET_DEVICE_FD:
             return self.sys_ioctl(task, fd, cmd, arg)              # the only one that makes a file
         before = set(task.files.fds())
         try:

@@ -2,7 +2,8 @@
 
 Every system call from outside -- the in-process :class:`vfiosim.Process`
 API, the ``vfiosim run`` daemon serving real programs -- passes through
-:meth:`SyscallGate.call`, which
+:meth:`SyscallGate.call` (:meth:`SyscallGate.call_locked` where the
+transport took the lock itself first, as the daemon does), which
 
 * takes the machine's lock (the big kernel lock: the simulated kernel never
   blocks, so serialising whole calls gives every interleaving a sequential
@@ -58,6 +59,19 @@ class SyscallGate:
                 raise
             except Exception as exc:          # a bug in the simulator
                 raise self.oops(name if isinstance(name, str) else name(), exc) from None
+
+    def call_locked(self, task: "Task", name: str | Callable[[], str], fn: Callable[..., T], *args: Any) -> T:
+        """call() for a caller that holds the lock already (a transport that
+        did its own work under it first): the same checks and handling,
+        without taking the lock again on a hot path."""
+        if not task.alive:
+            raise fail(ESRCH, f"process {task.pid} has exited")
+        try:
+            return fn(task, *args)
+        except KernelError:
+            raise
+        except Exception as exc:          # a bug in the simulator
+            raise self.oops(name if isinstance(name, str) else name(), exc) from None
 
     def run(self, name: str | Callable[[], str], fn: Callable[..., T], *args: Any) -> T:
         """Kernel work that is nobody's system call (a process's exit, an

@@ -63,7 +63,9 @@ class Task:
         return self._rlimits
 
     def capable(self, cap: int) -> bool:
-        return self.cred.capable(cap)
+        if self.creds_stale:                # self.cred, without the property's call (every MAP_DMA asks)
+            self._refresh()
+        return self._cred.capable(cap)
 
     def rlimit(self, resource_id: int) -> tuple[int, int]:
         return self.rlimits.get(resource_id, (RLIM_INFINITY, RLIM_INFINITY))

@@ -67,17 +67,22 @@ _PROCMAP_PROT = ((native.PROCMAP_READ, PROT_READ), (native.PROCMAP_WRITE, PROT_W
                  (native.PROCMAP_EXEC, PROT_EXEC))
 # PROT_* of each combination of PROCMAP_QUERY's flags (a look-up per MAP_DMA, not a loop).
 _PROCMAP_MASK = native.PROCMAP_READ | native.PROCMAP_WRITE | native.PROCMAP_EXEC | native.PROCMAP_SHARED
+_PROCMAP_SHARED = native.PROCMAP_SHARED
+_vma = native.vma_query
 _PROT_OF = tuple(sum(prot for bit, prot in _PROCMAP_PROT if flags & bit) for flags in range(_PROCMAP_MASK + 1))
 
 
 class ArgWindow:
     """A copy of the program's memory at a call's pointer argument, sent with
-    the call (protocol.F_WINDOW), and what the call wrote in it ([lo, hi))."""
+    the call (protocol.F_WINDOW), and what the call wrote in it ([lo, hi)).
+    ``data`` is the bytes as sent until the call first writes to them (most
+    calls only read their argument: no copy is made for them)."""
 
-    __slots__ = ("addr", "data", "writable", "lo", "hi")
+    __slots__ = ("addr", "end", "data", "writable", "lo", "hi")
 
-    def __init__(self, addr: int, data: bytearray, writable: bool) -> None:
+    def __init__(self, addr: int, data: bytes | bytearray, writable: bool) -> None:
         self.addr = addr
+        self.end = addr + len(data)
         self.data = data
         self.writable = writable
         self.lo, self.hi = len(data), 0
@@ -140,7 +145,7 @@ class HostProcess:
         """The program sent the ``data`` at ``addr`` along with its call (read
         as it can read them; ``writable``: it can write them too): the call's
         copy_from_user and copy_to_user of those bytes use the copy."""
-        self.window = ArgWindow(addr, bytearray(data), writable)
+        self.window = ArgWindow(addr, data, writable)
 
     def close_window(self) -> tuple[int, bytes] | None:
         """End the call's window: (offset, bytes) that the program stores back
@@ -169,10 +174,10 @@ class HostProcess:
             return b""
         w = self.window
         if w is not None:
-            off = addr - w.addr
-            if 0 <= off and off + n <= len(w.data):
+            if w.addr <= addr and addr + n <= w.end:
+                off = addr - w.addr
                 return bytes(w.data[off:off + n])
-            if addr < w.addr + len(w.data) and w.addr < addr + n:
+            if addr < w.end and w.addr < addr + n:
                 self._flush_window(False)
         if not self.bound or self.gone:
             raise fail(EFAULT, f"the memory of process {self.pid} is out of reach")
@@ -193,12 +198,14 @@ class HostProcess:
             return
         w = self.window
         if w is not None:
-            off = addr - w.addr
-            if w.writable and 0 <= off and off + n <= len(w.data):
+            if w.writable and w.addr <= addr and addr + n <= w.end:
+                off = addr - w.addr
+                if not isinstance(w.data, bytearray):
+                    w.data = bytearray(w.data)
                 w.data[off:off + n] = data
                 w.lo, w.hi = min(w.lo, off), max(w.hi, off + n)
                 return
-            if addr < w.addr + len(w.data) and w.addr < addr + n:
+            if addr < w.end and w.addr < addr + n:
                 self._flush_window(False)
         self._write(addr, data)
 
@@ -320,11 +327,11 @@ class HostProcess:
         """(start, end, PROT_*, private, path) of the mapping holding ``addr``,
         or None: one PROCMAP_QUERY (Linux 6.11; no path), else a scan of the
         bound maps file."""
-        if not self.bound or self.gone:
+        if self.mem < 0 or self.gone:           # not bound
             return None
         if self._query:
             try:
-                found = native.vma(self.maps_fd, addr)
+                found = _vma(self.maps_fd, addr, False)
             except OSError as exc:
                 if exc.errno != errno.ENOTTY:
                     return None
@@ -333,7 +340,7 @@ class HostProcess:
                 if found is None:
                     return None
                 start, end, flags, _inode = found
-                return start, end, _PROT_OF[flags & _PROCMAP_MASK], not flags & native.PROCMAP_SHARED, ""
+                return start, end, _PROT_OF[flags & _PROCMAP_MASK], not flags & _PROCMAP_SHARED, ""
         for entry in self.maps():
             if entry[0] <= addr < entry[1]:
                 return entry
@@ -843,6 +850,12 @@ class HostMM(AddressSpace):
     # -- copy_from_user / copy_to_user --------------------------------------------------------
 
     def read(self, addr: int, n: int) -> bytes:
+        w = self.host.window
+        if w is not None and n >= 0 and w.addr <= addr and addr + n <= w.end:
+            # The usual copy_from_user of an ioctl's struct: HostProcess.read()'s
+            # first case, one frame fewer (the range checks hold inside a window).
+            off = addr - w.addr
+            return bytes(w.data[off:off + n])
         if addr < 0 or n < 0 or addr + n > 1 << 64:
             raise fail(EFAULT, f"bad address range {addr:#x}+{n:#x}")
         return self.host.read(addr, n)

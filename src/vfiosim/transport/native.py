@@ -72,6 +72,11 @@ class Creds(NamedTuple):
     memlock_max: int = 0
 
 
+creds_tuple = _mod.creds
+"""creds() as a plain tuple, for comparing with the Creds last taken (the
+usual case: equal) without making a Creds."""
+
+
 def creds(pidfd: int, pid: int) -> Creds:
     """The process's ids, capabilities and RLIMIT_MEMLOCK, in three system calls.
     OSError(ENOTTY) where the kernel has no PIDFD_GET_INFO (before 6.13)."""
@@ -97,6 +102,10 @@ def acting_as(uid: int, gid: int, groups: tuple[int, ...]) -> Iterator[None]:
         except OSError:                    # never go on with another user's credentials
             os.write(2, b"vfiosim: cannot return to the daemon's credentials; stopping\n")
             os._exit(70)
+
+
+vma_query = _mod.vma
+"""vma() without its Python frame: (maps_fd, addr, or_next); one PROCMAP_QUERY per MAP_DMA."""
 
 
 def vma(maps_fd: int, addr: int, or_next: bool = False) -> tuple[int, int, int, int] | None:

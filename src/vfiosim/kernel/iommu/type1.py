@@ -606,14 +606,14 @@ class Type1IommuDriver(VfioIommuDriver):
 
     def ioctl(self, iommu: VfioIommu | None, cmd: int, arg: int, current: "Task") -> int:
         """vfio_iommu_type1_ioctl()"""
-        if cmd == uapi.VFIO_CHECK_EXTENSION:
+        if cmd == _CHECK_EXTENSION:
             return self._check_extension(iommu, arg)
         assert iommu is not None
-        if cmd == uapi.VFIO_IOMMU_GET_INFO:
+        if cmd == _GET_INFO:
             return self._get_info(iommu, arg, current)
-        if cmd == uapi.VFIO_IOMMU_MAP_DMA:
+        if cmd == _MAP_DMA_CMD:
             return self._map_dma(iommu, arg, current)
-        if cmd == uapi.VFIO_IOMMU_UNMAP_DMA:
+        if cmd == _UNMAP_DMA_CMD:
             return self._unmap_dma(iommu, arg, current)
         if cmd == uapi.VFIO_IOMMU_DIRTY_PAGES:
             return self._dirty_pages(iommu, arg, current)
@@ -721,7 +721,7 @@ class Type1IommuDriver(VfioIommuDriver):
         RLIMIT_MEMLOCK refusals, several domains."""
         if self.kernel.faults.armed or iommu.dirty_page_tracking or len(iommu.domain_list) != 1:
             return False
-        if flags & uapi.VFIO_DMA_MAP_FLAG_VADDR or not flags & _DMA_MAP_RW:
+        if flags & _FLAG_VADDR or not flags & _DMA_MAP_RW:
             return False
         # 1 << __ffs(pgsize_bitmap), only PAGE_SIZE here: then the domain's
         # smallest page divides the IOVA, the size and the pages' addresses,
@@ -738,13 +738,13 @@ class Type1IommuDriver(VfioIommuDriver):
         i = bisect.bisect_left(starts, iova + size)     # vfio_find_dma(): nothing may overlap
         if i and iova < iommu.dmas[i - 1].end:
             return False
-        if not iommu.dma_avail or not self._iova_dma_valid(iommu, iova, iova + size - 1):
+        if not iommu.dma_avail or iommu.iova_list and not self._iova_dma_valid(iommu, iova, iova + size - 1):
             return False
         mm = current.mm
         lock_cap = current.capable(CAP_IPC_LOCK)
         if not lock_cap and mm.locked_vm + npages > current.rlimit_memlock_soft() >> self.page_shift:
             return False
-        write = flags & uapi.VFIO_DMA_MAP_FLAG_WRITE
+        write = flags & _FLAG_WRITE
         pinned = mm.pin_fast(vaddr, npages, bool(write), True)
         if pinned is None:
             return False
@@ -753,7 +753,7 @@ class Type1IommuDriver(VfioIommuDriver):
         if npages > 1:
             self.kernel.faults.counts["pin_user_pages:vaddr_get_pfns"] += npages - 1
         iommu.dma_avail -= 1
-        prot = (IOMMU_WRITE if write else 0) | (IOMMU_READ if flags & uapi.VFIO_DMA_MAP_FLAG_READ else 0)
+        prot = (IOMMU_WRITE if write else 0) | (IOMMU_READ if flags & _FLAG_READ else 0)
         runs = [(iova, hpa, npages, False)]
         dma = VfioDma(iova, vaddr, prot, current, mm, lock_cap, size, True, False, npages, None, runs)
         mm.locked_vm += npages                          # _lock_acct(): within the limit, checked above
@@ -1322,6 +1322,11 @@ class Type1IommuDriver(VfioIommuDriver):
 _DMA_MAP = struct_layout(uapi.vfio_iommu_type1_dma_map, "size")
 _DMA_UNMAP = struct_layout(uapi.vfio_iommu_type1_dma_unmap, "size")
 _DMA_MAP_RW = uapi.VFIO_DMA_MAP_FLAG_READ | uapi.VFIO_DMA_MAP_FLAG_WRITE
+# What the ioctl switch and the fast paths test at every call, as module globals.
+_CHECK_EXTENSION, _GET_INFO = uapi.VFIO_CHECK_EXTENSION, uapi.VFIO_IOMMU_GET_INFO
+_MAP_DMA_CMD, _UNMAP_DMA_CMD = uapi.VFIO_IOMMU_MAP_DMA, uapi.VFIO_IOMMU_UNMAP_DMA
+_FLAG_READ, _FLAG_WRITE, _FLAG_VADDR = (uapi.VFIO_DMA_MAP_FLAG_READ, uapi.VFIO_DMA_MAP_FLAG_WRITE,
+                                        uapi.VFIO_DMA_MAP_FLAG_VADDR)
 _DMA_MAP_FLAGS = _DMA_MAP_RW | uapi.VFIO_DMA_MAP_FLAG_VADDR
 _DMA_UNMAP_FLAGS = (uapi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP | uapi.VFIO_DMA_UNMAP_FLAG_VADDR |
                     uapi.VFIO_DMA_UNMAP_FLAG_ALL)

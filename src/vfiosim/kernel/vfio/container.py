@@ -18,6 +18,9 @@ from ..errors import KernelError, fail
 from ..fs import File
 from .iommu_driver import VfioIommuDriver
 
+# What vfio_fops_unl_ioctl() answers itself; every other command goes to the driver.
+_CONTAINER_IOCTLS = frozenset((uapi.VFIO_GET_API_VERSION, uapi.VFIO_CHECK_EXTENSION, uapi.VFIO_SET_IOMMU))
+
 if TYPE_CHECKING:
     from ..task import Task
     from .group import VfioGroup
@@ -150,16 +153,17 @@ class ContainerFile(File):
     def ioctl(self, current: "Task", cmd: int, arg: int) -> int:
         """vfio_fops_unl_ioctl()"""
         c = self.container
-        if cmd == uapi.VFIO_GET_API_VERSION:
-            return uapi.VFIO_API_VERSION
-        if cmd == uapi.VFIO_CHECK_EXTENSION:
-            return c.check_extension(arg, current)
-        if cmd == uapi.VFIO_SET_IOMMU:
+        if cmd in _CONTAINER_IOCTLS:            # one test for the usual call, which is the driver's
+            if cmd == uapi.VFIO_GET_API_VERSION:
+                return uapi.VFIO_API_VERSION
+            if cmd == uapi.VFIO_CHECK_EXTENSION:
+                return c.check_extension(arg, current)
             return c.set_iommu(arg, current)
-        if c.iommu_driver is None:
+        driver = c.iommu_driver
+        if driver is None:
             name = uapi.ioctl_name_for(cmd, "vfio-container") or f"{cmd:#x}"
             raise fail(EINVAL, f"{name}: the container has no IOMMU driver (VFIO_SET_IOMMU first)")
-        return c.iommu_driver.ioctl(c.iommu_data, cmd, arg, current)
+        return driver.ioctl(c.iommu_data, cmd, arg, current)
 
     def release(self, current: "Task") -> None:
         self.container.put()

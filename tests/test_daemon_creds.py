@@ -1,0 +1,94 @@
+"""The daemon takes a program's credentials again at each privileged decision
+(Daemon._fresh_creds): the three system calls of native.creds(), compared
+as a tuple with those last taken, /proc/<pid>/status and limits where the
+kernel has no PIDFD_GET_INFO, nothing when the process is gone.  The test
+process is the program, bound as the daemon binds one."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+import pytest
+
+import vfiosim
+from vfiosim.transport import daemon as daemon_mod
+from vfiosim.transport import native
+from vfiosim.transport.daemon import Daemon, Session
+from vfiosim.transport.host import HostProcess
+from vfiosim.transport.peer import Bounds, Peer
+
+
+@pytest.fixture
+def bound(tmp_path):
+    m = vfiosim.Machine.preset("x86")
+    d = Daemon(m, str(tmp_path / "s.sock"))
+    a, b = socket.socketpair()
+    pid = os.getpid()
+    sess = Session(a, Peer(pid, os.geteuid(), os.getegid(), os.pidfd_open(pid)))
+    creds = d._read_creds(sess.peer.pidfd, pid)
+    # What _verify() and _open_process() let it act with: what it has now.
+    sess.bounds = Bounds(frozenset({os.geteuid()}), frozenset({os.getegid()}), creds.cap_prm | creds.cap_eff)
+    host = HostProcess.open(pid)
+    with d.gate.lock:
+        st = d._bind(sess, 0, host, creds)
+    yield d, st
+    b.close()
+    d.close()
+
+
+def test_unchanged_credentials_are_kept(bound, monkeypatch):
+    d, st = bound
+    before = st.creds
+    monkeypatch.setattr(Daemon, "_set_creds", lambda *a: pytest.fail("nothing changed"))
+    d._fresh_creds(st)
+    assert st.creds is before and not st.revoked
+
+
+def test_changed_credentials_are_taken(bound, monkeypatch):
+    d, st = bound
+    changed = tuple(st.creds[:10]) + (st.creds.memlock_cur - 4096, st.creds.memlock_max)
+    monkeypatch.setattr(native, "creds_tuple", lambda pidfd, pid: changed)
+    d._fresh_creds(st)
+    assert st.creds == changed and isinstance(st.creds, native.Creds) and not st.revoked
+
+
+def test_without_pidfd_get_info_proc_answers(bound, monkeypatch):
+    d, st = bound
+
+    def enotty(pidfd: int, pid: int) -> tuple[int, ...]:
+        raise OSError(errno.ENOTTY, "no PIDFD_GET_INFO")
+
+    monkeypatch.setattr(native, "creds_tuple", enotty)
+    asked = []
+    real = Daemon._proc_creds
+    monkeypatch.setattr(Daemon, "_proc_creds", staticmethod(lambda pid, procdir: asked.append(pid) or
+                                                            real(pid, procdir)))
+    d._fresh_creds(st)
+    assert asked == [st.pid] and not st.revoked
+    assert st.creds == daemon_mod.creds_from_status(open(f"/proc/{st.pid}/status").read(),
+                                                    open(f"/proc/{st.pid}/limits").read())
+
+
+def test_a_process_that_is_gone_changes_nothing(bound, monkeypatch):
+    d, st = bound
+    before = st.creds
+
+    def esrch(pidfd: int, pid: int) -> tuple[int, ...]:
+        raise OSError(errno.ESRCH, "gone")
+
+    monkeypatch.setattr(native, "creds_tuple", esrch)
+    monkeypatch.setattr(Daemon, "_proc_creds", staticmethod(lambda pid, procdir: pytest.fail("not from /proc")))
+    d._fresh_creds(st)
+    assert st.creds is before and not st.revoked
+
+
+def test_leaving_what_it_connected_with_revokes(bound, monkeypatch):
+    d, st = bound
+    st.session.bounds = Bounds(frozenset({1000}), frozenset({1000}), 0)      # as if it had connected as uid 1000
+    changed = (1000, 2000, 1000, 1000, 1000, 1000, 1000, 1000, 0, 0, 1 << 16, 1 << 16)
+    monkeypatch.setattr(native, "creds_tuple", lambda pidfd, pid: changed)
+    before = st.creds
+    d._fresh_creds(st)
+    assert "2000" in st.revoked and st.creds is before
