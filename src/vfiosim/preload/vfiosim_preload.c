@@ -2130,8 +2130,11 @@ static int post_store(const struct region *g, uint64_t off, uint32_t size, uint6
             e->size = size;
             e->flags = kick ? VPOST_KICK : 0;
             __atomic_store_n(&chan->prog.ring_head, head + 1, __ATOMIC_RELEASE);
-            if (kick)
+            if (kick) {
+                /* where we run, for the daemon's choice to spin for the next kick (not on our CPU) */
+                __atomic_store_n(&chan->prog.cpu, (uint32_t)sched_getcpu(), __ATOMIC_RELAXED);
                 kick_daemon();
+            }
         }
     }
     pthread_mutex_unlock(&lk);
