@@ -100,6 +100,28 @@ def test_identity_capabilities_and_bars_are_a_modern_virtio_net(rig):
     assert drv.dev.bar(0).size == 0
 
 
+
+def test_only_the_notification_area_may_be_posted_and_it_is_a_doorbell():
+    """A queue notification is a posted PCIe write that starts work: a
+    transport may post it (the program does not wait for the device) and
+    performs it at once.  The common configuration (queue set-up, status,
+    reset), the ISR (read-to-clear) and the device configuration stay
+    undeclared, reached at once and waited for."""
+    dev = VirtioNet("0000:01:00.0")
+    assert dev.doorbell_ranges(V.MODERN_BAR) == [(V.NOTIFY_OFFSET, V.REGION_SIZE)]
+    # Nothing of BAR4 is a store without side effects (only MSI-X's table words are, in BAR1).
+    assert dev.posted_write_ranges(V.MODERN_BAR) == []
+    assert dev.doorbell_ranges(V.MSIX_BAR) == [(16 * v + 12, 4) for v in range(4)]
+    # Through vfio-pci, a mapping of the whole BAR: the area, as a doorbell (performed at once).
+    m = vfiosim.Machine.from_toml(machine_toml("x86"))
+    p = m.spawn(uid=0)
+    d = client.open_device("1af4:1041", p)
+    file = p.task.files.get(d.fd)
+    bar4 = V.MODERN_BAR << 40
+    assert m.kernel.mmap_posted_writes(file, bar4, 0x4000) == [(0x3000, 0x1000, True)]
+    assert m.kernel.mmap_posted_writes(file, bar4, 0x3000) == []        # a mapping without it
+    d.close()
+
 def test_offered_features(rig):
     _m, drv = rig
     f = drv.device_features()
