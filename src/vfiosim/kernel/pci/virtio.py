@@ -704,6 +704,14 @@ class VirtioPciDevice(PciDevice):
             self._notify(off // NOTIFY_OFF_MULTIPLIER)
         # The ISR is read-only (virtio_pci_isr_write ignores writes).
 
+    def mmio_store_fn(self, bar: int, offset: int, size: int) -> Callable[[int], None] | None:
+        """A store to the notification area: mmio_write()'s _notify(), the
+        value unused (no VIRTIO_F_NOTIFICATION_DATA)."""
+        if bar != MODERN_BAR or size == 8 or offset & ~(REGION_SIZE - 1) != NOTIFY_OFFSET:
+            return None
+        index = (offset & (REGION_SIZE - 1)) // NOTIFY_OFF_MULTIPLIER
+        return lambda value: self._notify(index)
+
     def _queue(self) -> SplitQueue | None:
         return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
 
