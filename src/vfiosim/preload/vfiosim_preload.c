@@ -2095,6 +2095,21 @@ static void fault_fatal(int sig, const char *why, uintptr_t addr)
         raise(sig);
 }
 
+/* The daemon's serving thread may need this CPU to take a doorbell just
+ * posted: a program that goes on polling memory for the result (a polling
+ * driver) would keep it off until the scheduler preempts the program, a time
+ * slice later.  So give the CPU up until the thread has taken the posts up to
+ * `upto` -- at once if it runs elsewhere -- for at most a millisecond.
+ * Called with lk held. */
+#define YIELD_MAX_NS 1000000u
+static void yield_until_taken(uint32_t upto)
+{
+    uint64_t start = now_ns();
+    while ((int32_t)(__atomic_load_n(&chan->daemon.ring_tail, __ATOMIC_ACQUIRE) - upto) < 0 &&
+           now_ns() - start < YIELD_MAX_NS)
+        sched_yield();
+}
+
 /* A store the device model declared (and decoding is on): into the channel's
  * ring, performed by the daemon, in order, before anything the program asks
  * for next -- a posted write, as PCIe's.  A store with side effects (a
@@ -2118,6 +2133,8 @@ static int post_store(const struct region *g, uint64_t off, uint32_t size, uint6
      * clone() that stores before any other VFIO call posts into its parent's
      * ring, on the same device mapping.) */
     ok = chan && !dead && __atomic_load_n(&chan->live[g->slot], __ATOMIC_ACQUIRE);
+    uint32_t upto = 0, cpu = 0;
+    int yield = 0;
     if (ok) {
         uint32_t head = chan->prog.ring_head;
         if (head - __atomic_load_n(&chan->daemon.ring_tail, __ATOMIC_ACQUIRE) >= VRING) {
@@ -2132,11 +2149,16 @@ static int post_store(const struct region *g, uint64_t off, uint32_t size, uint6
             __atomic_store_n(&chan->prog.ring_head, head + 1, __ATOMIC_RELEASE);
             if (kick) {
                 /* where we run, for the daemon's choice to spin for the next kick (not on our CPU) */
-                __atomic_store_n(&chan->prog.cpu, (uint32_t)sched_getcpu(), __ATOMIC_RELAXED);
-                kick_daemon();
+                cpu = (uint32_t)sched_getcpu();
+                __atomic_store_n(&chan->prog.cpu, cpu, __ATOMIC_RELAXED);
+                /* Woken, its thread may well be placed on this CPU; or it last ran here. */
+                yield = kick_daemon() || __atomic_load_n(&chan->daemon.cpu, __ATOMIC_RELAXED) == cpu;
+                upto = head + 1;
             }
         }
     }
+    if (yield)
+        yield_until_taken(upto);      /* (lk held: the channel stays mapped) */
     pthread_mutex_unlock(&lk);
     return ok;
 }
