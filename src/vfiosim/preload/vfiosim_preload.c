@@ -605,6 +605,8 @@ static int await_reply(uint32_t seq, int woke)
     }
 }
 
+static int calls_since_kick = 1;       /* a request since the last posted doorbell (guarded by lk) */
+
 /* Tell the daemon there is work (a request, or a store with side effects);
  * called with lk held.  1 if its thread slept and was woken. */
 static int kick_daemon(void)
@@ -670,6 +672,7 @@ static int64_t rpc_len(uint32_t op, uint32_t flags, int fd, int fd2, const uint6
         memcpy(chan->req_payload, payload, plen);
     uint32_t seq = chan->prog.req_seq + 1;
     __atomic_store_n(&chan->prog.req_seq, seq, __ATOMIC_RELEASE);
+    calls_since_kick = 1;
     int woke = kick_daemon();
     if (await_reply(seq, woke) < 0) {
         lose_connection();
@@ -2151,8 +2154,12 @@ static int post_store(const struct region *g, uint64_t off, uint32_t size, uint6
                 /* where we run, for the daemon's choice to spin for the next kick (not on our CPU) */
                 cpu = (uint32_t)sched_getcpu();
                 __atomic_store_n(&chan->prog.cpu, cpu, __ATOMIC_RELAXED);
-                /* Woken, its thread may well be placed on this CPU; or it last ran here. */
-                yield = kick_daemon() || __atomic_load_n(&chan->daemon.cpu, __ATOMIC_RELAXED) == cpu;
+                /* Woken, its thread may well be placed on this CPU; or it last ran here.  Only
+                 * for a program that polls memory between doorbells: one that makes a call
+                 * after its doorbell (a status load) has the daemon take both in one go. */
+                int woke = kick_daemon();
+                yield = !calls_since_kick && (woke || __atomic_load_n(&chan->daemon.cpu, __ATOMIC_RELAXED) == cpu);
+                calls_since_kick = 0;
                 upto = head + 1;
             }
         }
