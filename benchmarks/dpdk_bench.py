@@ -143,8 +143,20 @@ def profile_once(target: str, testpmd: str, seconds: float, with_cprofile: bool)
         if line == "testpmd> show port stats all":
             window.append(time.perf_counter())
 
+    # How the serving thread waited for testpmd's doorbells: a spin that caught one, or asleep.
+    waits: list[tuple[int, int]] = []
+    orig_channel = Daemon._serve_channel
+
+    def serve_channel(self, sess):  # type: ignore[no-untyped-def]
+        try:
+            return orig_channel(self, sess)
+        finally:
+            if sess.channel is not None:
+                waits.append(sess.channel.waits)
+
     VirtioNet.queue_notify = notify                                                  # type: ignore[method-assign]
     Daemon._serve_request, Daemon._flush_posts = timed(orig_serve), timed(orig_flush)  # type: ignore[method-assign]
+    Daemon._serve_channel = serve_channel                                            # type: ignore[method-assign]
     try:
         m, bdf = D.load_machine(target)
         argv = D.testpmd_argv(testpmd, bdf=bdf, memory_mb=MEMORY_MB)
@@ -152,6 +164,7 @@ def profile_once(target: str, testpmd: str, seconds: float, with_cprofile: bool)
     finally:
         VirtioNet.queue_notify = orig_notify                                       # type: ignore[method-assign]
         Daemon._serve_request, Daemon._flush_posts = orig_serve, orig_flush      # type: ignore[method-assign]
+        Daemon._serve_channel = orig_channel                                     # type: ignore[method-assign]
     wall = window[1] - window[0] if len(window) >= 2 else seconds
     n = max(acc["notifications"], 1)
     out = {
@@ -163,6 +176,8 @@ def profile_once(target: str, testpmd: str, seconds: float, with_cprofile: bool)
         "requests": acc["handled"],             # requests and batches of posted stores
         # The native burst path (kernel/pci/virtio_native.py): notifications it ran, fall-backs by reason.
         "native": dict(getattr(m.device(bdf), "native_stats", {})),
+        # The whole run (set-up included): waits a spin ended, waits that slept.
+        "daemon_waits": {"spin": sum(w[0] for w in waits), "slept": sum(w[1] for w in waits)},
         "wall_split": {
             "in the device (virtqueues, IOMMU, host memory)": round(acc["notify"] / wall, 3),
             "in the daemon's request handling, outside the device": round((acc["requests"] - acc["notify"]) / wall, 3),
@@ -215,7 +230,7 @@ def main() -> int:
             result["profile"].append(timed)
             print(f"\n{t}: {timed['pps']:,} packets/s, {timed['frames_per_notification']} frames per notification; "
                   f"per notification {timed['us_per_cycle']} us, of which {timed['us_per_notification']} us in the device"
-                  f"; native path: {timed['native'] or 'absent'}")
+                  f"; native path: {timed['native'] or 'absent'}; the daemon's waits: {timed['daemon_waits']}")
             for k, v in timed["wall_split"].items():
                 print(f"  {v:6.1%}  {k}")
             print("  inside the device (cProfile own time, a separate run):")

@@ -8,6 +8,7 @@ seconds each (EAL registers and maps its memory page by page on sPAPR);
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -180,6 +181,13 @@ def test_testpmd_forwards_through_the_nic_on_powernv_over_spapr_v2(tmp_path):
     assert r.frames["new"] == 32 and r.frames["returned"] == r.frames["sent"] - 32
     assert r.run.peak_locked >= MEMORY_MB << 20
     assert D.clean(r.run.after)
+    # Every queue notification was posted (testpmd went on without waiting for the
+    # device) and each is in the trace, as the device counted them.
+    with open(r.trace) as f:
+        stores = [rec for rec in map(json.loads, f) if rec.get("call") == "mmio" and rec["write"]]
+    kicks = [rec for rec in stores if 0x3000 <= rec["offset"] < 0x4000]
+    assert kicks and all(rec.get("posted") and rec["errno"] == 0 for rec in kicks)
+    assert len(kicks) == r.run.machine.device(r.bdf).notifications
 
 
 @needs_dpdk

@@ -100,6 +100,28 @@ def test_identity_capabilities_and_bars_are_a_modern_virtio_net(rig):
     assert drv.dev.bar(0).size == 0
 
 
+
+def test_only_the_notification_area_may_be_posted_and_it_is_a_doorbell():
+    """A queue notification is a posted PCIe write that starts work: a
+    transport may post it (the program does not wait for the device) and
+    performs it at once.  The common configuration (queue set-up, status,
+    reset), the ISR (read-to-clear) and the device configuration stay
+    undeclared, reached at once and waited for."""
+    dev = VirtioNet("0000:01:00.0")
+    assert dev.doorbell_ranges(V.MODERN_BAR) == [(V.NOTIFY_OFFSET, V.REGION_SIZE)]
+    # Nothing of BAR4 is a store without side effects (only MSI-X's table words are, in BAR1).
+    assert dev.posted_write_ranges(V.MODERN_BAR) == []
+    assert dev.doorbell_ranges(V.MSIX_BAR) == [(16 * v + 12, 4) for v in range(4)]
+    # Through vfio-pci, a mapping of the whole BAR: the area, as a doorbell (performed at once).
+    m = vfiosim.Machine.from_toml(machine_toml("x86"))
+    p = m.spawn(uid=0)
+    d = client.open_device("1af4:1041", p)
+    file = p.task.files.get(d.fd)
+    bar4 = V.MODERN_BAR << 40
+    assert m.kernel.mmap_posted_writes(file, bar4, 0x4000) == [(0x3000, 0x1000, True)]
+    assert m.kernel.mmap_posted_writes(file, bar4, 0x3000) == []        # a mapping without it
+    d.close()
+
 def test_offered_features(rig):
     _m, drv = rig
     f = drv.device_features()
@@ -639,3 +661,76 @@ def test_frames_survive_a_large_burst_across_the_ring_wrap(rig):
         drv.post_rx((drv.rx.avail_idx) % 16)
     assert got == sent
     assert np.array_equal(np.frombuffer(b"".join(got), np.uint8), np.frombuffer(b"".join(sent), np.uint8))
+
+
+# -- the daemon's shortcut for a posted notification (Kernel.mmap_store_fn) ---------------------------------------
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_a_notification_stores_shortcut_does_what_the_store_does(platform):
+    """The daemon performs a posted store through the shortcut the device
+    offers (Kernel.mmap_store_fn: one function per mapping and offset) instead
+    of mmap_access()'s layers.  Against mmap_access on the same NIC: the same
+    notification, frame and count; memory decoding off (the shortcut declines
+    and mmap_access faults), the platform or the device itself not decoding
+    (both drop it); and no shortcut where the layers do more than notify."""
+    import errno
+
+    from vfiosim.kernel.errors import KernelError
+    from vfiosim.kernel.pci.config import PCI_COMMAND, PCI_COMMAND_MEMORY
+    m = vfiosim.Machine.from_toml(machine_toml(platform))
+    p = m.spawn(uid=0)
+    d = client.open_device("1af4:1041", p)
+    drv = VirtioNetDriver(d)
+    drv.start(rx_buffers=8)
+    dev, k, task = nic(m), m.kernel, p.task
+    file = task.files.get(d.fd)
+    bar4 = V.MODERN_BAR << 40
+    txq = bar4 + drv.caps.notify + drv.tx.notify_off * drv.caps.notify_mult
+    shortcut = k.mmap_store_fn(file, txq, 2)
+    assert shortcut is not None
+
+    def general(value: int) -> bool:
+        k.mmap_access(task, file, txq, 2, value)
+        return True
+
+    for i, store in enumerate([general, shortcut, general, shortcut]):
+        before = dev.notifications
+        drv.send(frame(i), notify=False)
+        assert store(1) is True
+        assert dev.notifications == before + 1 and drv.received() == [frame(i)]
+    # The platform (an EEH freeze) or the device's own decoding off: both drop the store.
+    for off in ("platform", "device"):
+        if off == "platform":
+            dev.mmio_enabled_by_platform = lambda: False
+        else:
+            dev.config.data[PCI_COMMAND] &= ~PCI_COMMAND_MEMORY
+        drv.send(frame(9), notify=False)
+        before = dev.notifications
+        assert general(1) is True and shortcut(1) is True
+        assert dev.notifications == before and drv.received() == []
+        dev.mmio_enabled_by_platform = lambda: True
+        dev.config.data[PCI_COMMAND] |= PCI_COMMAND_MEMORY
+        general(1)
+        assert drv.received() == [frame(9)]
+    # Memory decoding off as the user set it: mmap_access faults; the shortcut declines, changing nothing.
+    cmd = drv.cfg.read16(PCI_COMMAND)
+    drv.cfg.write16(PCI_COMMAND, cmd & ~PCI_COMMAND_MEMORY)
+    before = dev.notifications
+    assert shortcut(1) is False and dev.notifications == before
+    with pytest.raises(KernelError) as e:
+        general(1)
+    assert e.value.errno == errno.EIO
+    drv.cfg.write16(PCI_COMMAND, cmd)
+    # No shortcut: an 8-byte store (two notifications), the rest of BAR4, the MSI-X table, past the BAR.
+    assert k.mmap_store_fn(file, txq, 8) is None
+    assert k.mmap_store_fn(file, txq, 3) is None
+    assert k.mmap_store_fn(file, bar4 + V.COMMON_OFFSET + V.COMMON_STATUS, 1) is None
+    assert k.mmap_store_fn(file, bar4 + V.ISR_OFFSET, 4) is None
+    assert k.mmap_store_fn(file, bar4 + V.NOTIFY_OFFSET - 2, 4) is None         # starts in the device config
+    assert k.mmap_store_fn(file, (V.MSIX_BAR << 40) + 12, 4) is None
+    assert k.mmap_store_fn(file, bar4 + V.MODERN_BAR_SIZE - 2, 4) is None
+    assert k.mmap_store_fn(p.task.files.get(d.container.fd), 0, 4) is None     # not a device file
+    drv.close()
+    d.close()
+    assert not m.oopses, m.oopses

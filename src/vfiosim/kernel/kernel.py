@@ -497,6 +497,19 @@ class Kernel:
             raise fail(ENODEV, f"{file.kind} has no mapped region")
         return int(mmio(task, offset, size, value))
 
+    def mmap_store_fn(self, file: File, offset: int, size: int) -> Callable[[int], bool] | None:
+        """A shortcut the device offers for stores of ``size`` bytes at
+        ``offset`` of a mapping of ``file`` (a doorbell it declared): called
+        with the value, it performs the store as :meth:`mmap_access` would
+        and returns True, or does nothing and returns False where that would
+        fail (mmap_access then says how).  None: no shortcut here.  Every
+        check that can change is made on each call; a caller may keep it for
+        the mapping's life."""
+        if size not in (1, 2, 4, 8):
+            return None
+        store_fn = getattr(file, "mmio_store_fn", None)
+        return store_fn(offset, size) if store_fn is not None else None
+
     def munmap_file(self, task: Task, file: File) -> None:
         file.put(task)
 

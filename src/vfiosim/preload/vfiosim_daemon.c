@@ -792,6 +792,7 @@ typedef struct {
     uint32_t prog_fails;                /* the program's count, when control() last looked */
     uint32_t window, window_fails;      /* requests and failed spins in this window (spin on) */
     uint32_t sleep_left, backoff;       /* requests before spinning is tried again (spin off) */
+    uint64_t caught, slept;             /* waits a spin ended, and waits that went to sleep (for benchmarks) */
 } Channel;
 
 static PyObject *empty_bytes;
@@ -861,6 +862,11 @@ static PyObject *channel_get_fd(Channel *c, void *closure)
 static PyObject *channel_get_budget(Channel *c, void *closure)
 {
     return PyLong_FromUnsignedLong(c->budget);
+}
+
+static PyObject *channel_get_waits(Channel *c, void *closure)
+{
+    return Py_BuildValue("(KK)", (unsigned long long)c->caught, (unsigned long long)c->slept);
 }
 
 static PyObject *channel_get_spinning(Channel *c, void *closure)
@@ -934,6 +940,7 @@ static int wait_work(Channel *c, uint32_t last, int woke, int timeout_ms)
             }
             if (kicked(c)) {
                 put_spinner();
+                c->caught++;
                 learn(&c->budget, now_ns() - start, 1);
                 return 1;
             }
@@ -958,6 +965,7 @@ static int wait_work(Channel *c, uint32_t last, int woke, int timeout_ms)
         put_spinner();
     }
     uint64_t end = start + (uint64_t)timeout_ms * 1000000u;
+    c->slept++;
     for (;;) {
         uint32_t seen = c->wake;
         __atomic_store_n(&ch->daemon.daemon_waiting, 1, __ATOMIC_SEQ_CST);
@@ -1054,6 +1062,7 @@ static PyObject *channel_next(Channel *c, PyObject *const *args, Py_ssize_t narg
         uint32_t seq = load_acq(&ch->prog.req_seq);
         if (seq == c->seq) {
             r = 2;                     /* a kick: posts with side effects wait */
+            control(c);                /* a program that only posts doorbells is paced by its kicks */
         } else {
             c->seq = seq;
             __atomic_store_n(&ch->daemon.taken_seq, seq, __ATOMIC_RELEASE);
@@ -1161,6 +1170,7 @@ static PyMethodDef channel_methods[] = {
 static PyGetSetDef channel_getset[] = {
     {"fd", (getter)channel_get_fd, NULL, "the channel's memfd, -1 once handed over", NULL},
     {"budget", (getter)channel_get_budget, NULL, "ns the serving thread spins before it sleeps", NULL},
+    {"waits", (getter)channel_get_waits, NULL, "(waits a spin ended, waits that slept)", NULL},
     {"spinning", (getter)channel_get_spinning, NULL, "whether both sides spin for each other now", NULL},
     {NULL},
 };

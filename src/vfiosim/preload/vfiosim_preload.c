@@ -605,6 +605,8 @@ static int await_reply(uint32_t seq, int woke)
     }
 }
 
+static int calls_since_kick = 1;       /* a request since the last posted doorbell (guarded by lk) */
+
 /* Tell the daemon there is work (a request, or a store with side effects);
  * called with lk held.  1 if its thread slept and was woken. */
 static int kick_daemon(void)
@@ -670,6 +672,7 @@ static int64_t rpc_len(uint32_t op, uint32_t flags, int fd, int fd2, const uint6
         memcpy(chan->req_payload, payload, plen);
     uint32_t seq = chan->prog.req_seq + 1;
     __atomic_store_n(&chan->prog.req_seq, seq, __ATOMIC_RELEASE);
+    calls_since_kick = 1;
     int woke = kick_daemon();
     if (await_reply(seq, woke) < 0) {
         lose_connection();
@@ -2095,6 +2098,21 @@ static void fault_fatal(int sig, const char *why, uintptr_t addr)
         raise(sig);
 }
 
+/* The daemon's serving thread may need this CPU to take a doorbell just
+ * posted: a program that goes on polling memory for the result (a polling
+ * driver) would keep it off until the scheduler preempts the program, a time
+ * slice later.  So give the CPU up until the thread has taken the posts up to
+ * `upto` -- at once if it runs elsewhere -- for at most a millisecond.
+ * Called with lk held. */
+#define YIELD_MAX_NS 1000000u
+static void yield_until_taken(uint32_t upto)
+{
+    uint64_t start = now_ns();
+    while ((int32_t)(__atomic_load_n(&chan->daemon.ring_tail, __ATOMIC_ACQUIRE) - upto) < 0 &&
+           now_ns() - start < YIELD_MAX_NS)
+        sched_yield();
+}
+
 /* A store the device model declared (and decoding is on): into the channel's
  * ring, performed by the daemon, in order, before anything the program asks
  * for next -- a posted write, as PCIe's.  A store with side effects (a
@@ -2118,6 +2136,8 @@ static int post_store(const struct region *g, uint64_t off, uint32_t size, uint6
      * clone() that stores before any other VFIO call posts into its parent's
      * ring, on the same device mapping.) */
     ok = chan && !dead && __atomic_load_n(&chan->live[g->slot], __ATOMIC_ACQUIRE);
+    uint32_t upto = 0, cpu = 0;
+    int yield = 0;
     if (ok) {
         uint32_t head = chan->prog.ring_head;
         if (head - __atomic_load_n(&chan->daemon.ring_tail, __ATOMIC_ACQUIRE) >= VRING) {
@@ -2130,10 +2150,22 @@ static int post_store(const struct region *g, uint64_t off, uint32_t size, uint6
             e->size = size;
             e->flags = kick ? VPOST_KICK : 0;
             __atomic_store_n(&chan->prog.ring_head, head + 1, __ATOMIC_RELEASE);
-            if (kick)
-                kick_daemon();
+            if (kick) {
+                /* where we run, for the daemon's choice to spin for the next kick (not on our CPU) */
+                cpu = (uint32_t)sched_getcpu();
+                __atomic_store_n(&chan->prog.cpu, cpu, __ATOMIC_RELAXED);
+                /* Woken, its thread may well be placed on this CPU; or it last ran here.  Only
+                 * for a program that polls memory between doorbells: one that makes a call
+                 * after its doorbell (a status load) has the daemon take both in one go. */
+                int woke = kick_daemon();
+                yield = !calls_since_kick && (woke || __atomic_load_n(&chan->daemon.cpu, __ATOMIC_RELAXED) == cpu);
+                calls_since_kick = 0;
+                upto = head + 1;
+            }
         }
     }
+    if (yield)
+        yield_until_taken(upto);      /* (lk held: the channel stays mapped) */
     pthread_mutex_unlock(&lk);
     return ok;
 }

@@ -91,6 +91,7 @@ _UNTRACED = frozenset({P.OP_STATUS, P.OP_FLUSH, P.OP_MMIO})     # MMIO has its o
 _DECODING_UNCHANGED = frozenset({P.OP_MMIO, P.OP_FLUSH, P.OP_STATUS, P.OP_READ, P.OP_MMAP, P.OP_MUNMAP})
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
+_UNKNOWN: Any = object()                                        # a store_fns key not asked yet
 _WINDOWED = frozenset({P.OP_IOCTL, P.OP_READ, P.OP_WRITE})     # operations that may carry a window
 # Read by every request (a module global costs less than an attribute of a module).
 _OP_NAMES = P.OP_NAMES
@@ -129,6 +130,8 @@ class Mapping:
     slot: int = -1                     # its posted-store flag in the channel, or -1
     vaddr: int = 0                     # where the program mapped it (0: not said)
     prot: int = 0
+    # Posted stores' shortcuts by (offset, size), as the device offers them (Kernel.mmap_store_fn).
+    store_fns: dict[tuple[int, int], Callable[[int], bool] | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -931,7 +934,12 @@ class Daemon:
             try:
                 if m is None:
                     raise fail(errno.EFAULT, f"no device mapping {handle}")
-                access(task, m.file, m.offset + offset, size, value)
+                key = (offset, size)
+                store = m.store_fns.get(key, _UNKNOWN)
+                if store is _UNKNOWN:
+                    store = m.store_fns[key] = self.kernel.mmap_store_fn(m.file, m.offset + offset, size)
+                if store is None or not store(value):
+                    access(task, m.file, m.offset + offset, size, value)
             except KernelError as exc:
                 # A posted write has no completion: a failed one is dropped, as a bus drops it.
                 ret, err, reason = -1, exc.errno, exc.reason

@@ -507,6 +507,28 @@ class PciDevice:
                 return                      # the PBA is read-only
         self.mmio_write(bar, offset, size, value)
 
+    def host_store_fn(self, bar: int, offset: int, size: int) -> Callable[[int], None] | None:
+        """host_mmio_write() of a store at ``offset`` as one function, where
+        the model offers one (:meth:`mmio_store_fn`) and the store is not the
+        MSI-X table's or PBA's; None otherwise."""
+        m = self.msix
+        if m is not None and (bar == m.table_bar and m.table_offset <= offset < m.table_offset + m.table_size or
+                              bar == m.pba_bar and m.pba_offset <= offset < m.pba_offset + m.pba_size):
+            return None
+        store = self.mmio_store_fn(bar, offset, size)
+        if store is None:
+            return None
+
+        def host_store(value: int) -> None:
+            if self.mmio_enabled_by_platform() and self.memory_decode_enabled():
+                store(value)
+        return host_store
+
+    def mmio_store_fn(self, bar: int, offset: int, size: int) -> Callable[[int], None] | None:
+        """A function doing what mmio_write(bar, offset, size, value) does,
+        for a store the model wants quick (a doorbell); None by default."""
+        return None
+
     # (Both bits are in the command register's low byte; read on every BAR
     # access and every DMA.)
     def memory_decode_enabled(self) -> bool:

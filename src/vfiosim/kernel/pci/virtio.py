@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .config import PCI_CAP_ID_VNDR
-from .device import DmaError, PciDevice
+from .device import DmaError, PciDevice, Register
 
 VIRTIO_PCI_VENDOR_ID = 0x1AF4
 VIRTIO_PCI_DEVICE_ID_BASE = 0x1040          # §4.1.2.1: 0x1040 + virtio device ID
@@ -543,6 +543,12 @@ class VirtioPciDevice(PciDevice):
         self.config.wmask[c + 4] = 0xFF
         self.config.wmask[c + 8:c + 20] = b"\xff" * 12
         self.add_msix_capability(msix_vectors, table_bar=MSIX_BAR, table_offset=0, pba_offset=MSIX_PBA_OFFSET)
+        # The notification area is a doorbell: a store starts work, and the CPU
+        # does not wait for it (a posted PCIe write), so a transport may post it
+        # and let the program run on while the device takes the buffers, as
+        # real hardware does.  Everything else in the BAR stays undeclared:
+        # reached at once, in order.
+        self.declare_registers(MODERN_BAR, Register(NOTIFY_OFFSET, REGION_SIZE))
         self.finish()
         self.queues = [SplitQueue(self, i, size) for i, size in enumerate(queue_sizes)]
         self.notifications = 0            # queue notifications the driver wrote
@@ -697,6 +703,14 @@ class VirtioPciDevice(PciDevice):
         elif region == NOTIFY_OFFSET:
             self._notify(off // NOTIFY_OFF_MULTIPLIER)
         # The ISR is read-only (virtio_pci_isr_write ignores writes).
+
+    def mmio_store_fn(self, bar: int, offset: int, size: int) -> Callable[[int], None] | None:
+        """A store to the notification area: mmio_write()'s _notify(), the
+        value unused (no VIRTIO_F_NOTIFICATION_DATA)."""
+        if bar != MODERN_BAR or size == 8 or offset & ~(REGION_SIZE - 1) != NOTIFY_OFFSET:
+            return None
+        index = (offset & (REGION_SIZE - 1)) // NOTIFY_OFF_MULTIPLIER
+        return lambda value: self._notify(index)
 
     def _queue(self) -> SplitQueue | None:
         return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None

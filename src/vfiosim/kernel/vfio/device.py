@@ -16,7 +16,7 @@ EINVAL, and VFIO_DEVICE_ATTACH_IOMMUFD_PT picks the address space).
 from __future__ import annotations
 
 from errno import EINVAL, ENOTTY
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ...uapi import vfio as uapi
 from ..errors import KernelError, fail
@@ -68,6 +68,10 @@ class VfioDeviceOps:
 
     def mmio(self, current: "Task", offset: int, size: int, value: int | None) -> int:
         raise fail(EINVAL, "the device has no mmapped region")
+
+    def mmio_store_fn(self, offset: int, size: int) -> Callable[[int], bool] | None:
+        """A shortcut for stores at ``offset`` through a mapping (Kernel.mmap_store_fn); None by default."""
+        return None
 
     def mmap_posted_writes(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """(offset, length, side effect), from the start of a mapping at
@@ -263,6 +267,9 @@ class DeviceFile(File):
 
     def mmio(self, current: "Task", offset: int, size: int, value: int | None) -> int:
         return self.device.ops.mmio(current, offset, size, value)
+
+    def mmio_store_fn(self, offset: int, size: int) -> Callable[[int], bool] | None:
+        return self.device.ops.mmio_store_fn(offset, size)
 
     def mmap_posted_writes(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         return self.device.ops.mmap_posted_writes(offset, length)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 from errno import EBADF, EFAULT, EINVAL, EIO, ENODEV, ENOENT, ENOSPC, ENOTTY, EPERM
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ....uapi import vfio as uapi
 from ...deviations import deviation
@@ -190,6 +190,26 @@ class VfioPciDevice(VfioDeviceOps):
             return self.pdev.host_mmio_read(index, off, size)
         self.pdev.host_mmio_write(index, off, size, value)
         return 0
+
+    def mmio_store_fn(self, offset: int, size: int) -> Callable[[int], bool] | None:
+        """mmio()'s store where the device offers a shortcut: the BAR's bounds
+        are fixed, memory decoding is checked on each store (off: False, and
+        mmio() faults)."""
+        index = offset >> VFIO_PCI_OFFSET_SHIFT
+        off = offset & VFIO_PCI_OFFSET_MASK
+        bar = self.pdev.bars.get(index)
+        if bar is None or off + size > bar.size:
+            return None
+        store = self.pdev.host_store_fn(index, off, size)
+        if store is None:
+            return None
+
+        def mmio_store(value: int) -> bool:
+            if not vfio_pci_memory_enabled(self):
+                return False
+            store(value)
+            return True
+        return mmio_store
 
     def mmap_posted_writes(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         index = offset >> VFIO_PCI_OFFSET_SHIFT
