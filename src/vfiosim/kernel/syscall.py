@@ -51,14 +51,7 @@ class SyscallGate:
         what the call was, for an oops (a callable is asked only then, keeping
         formatting off the hot path)."""
         with self.lock:
-            if not task.alive:
-                raise fail(ESRCH, f"process {task.pid} has exited")
-            try:
-                return fn(task, *args)
-            except KernelError:
-                raise
-            except Exception as exc:          # a bug in the simulator
-                raise self.oops(name if isinstance(name, str) else name(), exc) from None
+            return self.call_locked(task, name, fn, *args)
 
     def call_locked(self, task: "Task", name: str | Callable[[], str], fn: Callable[..., T], *args: Any) -> T:
         """call() for a caller that holds the lock already (a transport that
