@@ -753,6 +753,29 @@ static int64_t call_window(uint32_t op, uint32_t flags, int fd, int fd2, uint64_
     return r;
 }
 
+/*
+ * How much of an ioctl's argument to send along: VFIO's structs (and
+ * iommufd's) begin with their size (argsz), and the kernel reads and writes
+ * no more than that of a well-formed call, so a window of argsz bytes, at
+ * least WIN_MIN (an int, a struct without argsz), is enough; a call that
+ * reads past it (argsz too small: the kernel still reads minsz, then says
+ * EINVAL) has the daemon read the rest itself.  Each 64 bytes sent is a
+ * cache line the daemon's CPU must fetch from the program's: a MAP_DMA's 32
+ * bytes are one line, where the whole VWIN_MAX was eight.
+ */
+#define WIN_MIN 64
+static size_t ioctl_window_len(const void *arg)
+{
+    uint32_t argsz;
+    uintptr_t p = (uintptr_t)arg;
+    if (!faults_installed || p < 65536 || p >= (1ull << 47) || (p & 4095) > 4096 - sizeof argsz ||
+        vfiosim_probe_copy(&argsz, arg, sizeof argsz))
+        return VWIN_MAX;                    /* call_window() decides, as before */
+    if (argsz <= WIN_MIN)
+        return WIN_MIN;
+    return argsz < VWIN_MAX ? (argsz + WIN_MIN - 1) & ~(size_t)(WIN_MIN - 1) : VWIN_MAX;
+}
+
 static int64_t call(uint32_t op, uint32_t flags, int fd, int fd2, uint64_t a0, uint64_t a1, uint64_t a2,
                     uint64_t a3)
 {
@@ -1283,7 +1306,7 @@ EXPORT int ioctl(int fd, unsigned long request, ...)
         }
     }
     int64_t r = call_window(VOP_IOCTL, 0, fd, ph, cmd, (uint64_t)(uintptr_t)arg, 0, 0, (uint64_t)(uintptr_t)arg,
-                            VWIN_MAX);
+                            ioctl_window_len(arg));
     if (ph >= 0) {
         if (r == ph) {
             set_vfio(ph, K_DEVICE, 0);
