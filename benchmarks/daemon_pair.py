@@ -43,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 import vfiosim  # noqa: E402
+from vfiosim.kernel import task as task_module  # noqa: E402
 from vfiosim.transport import native  # noqa: E402
 from vfiosim.transport import protocol as P  # noqa: E402
 from vfiosim.transport.daemon import Daemon, Session  # noqa: E402
@@ -120,16 +121,20 @@ def measure(iommu: str, pairs: int, repeat: int) -> dict[str, float]:
     read_creds = getattr(native, "creds_tuple", native.creds)
     query = getattr(native, "vma_query", native.vma)
 
+    # What the daemon sets when a call begins (a bool before the limits-only refresh).
+    stale_all = getattr(task_module, "CREDS_STALE", True)
+    fresh = getattr(task_module, "CREDS_FRESH", False)
+
     def gate() -> None:
         for a, win in ((am, mwin), (au, uwin)):
-            task.creds_stale = True
+            task.creds_stale = stale_all
             host.open_window(a[4], win, True)
             enter(task, "ioctl", k.sys_ioctl_at, c, a[0], a[1], -1)
             host.close_window()
 
     def kernel() -> None:
         for a, win in ((am, mwin), (au, uwin)):
-            task.creds_stale = True
+            task.creds_stale = stale_all
             host.open_window(a[4], win, True)
             k.sys_ioctl(task, c, a[0], a[1])
             host.close_window()
@@ -137,7 +142,7 @@ def measure(iommu: str, pairs: int, repeat: int) -> dict[str, float]:
     def driver(stale: bool) -> Callable[[], None]:
         def run() -> None:
             for a, win in ((am, mwin), (au, uwin)):
-                task.creds_stale = stale
+                task.creds_stale = stale_all if stale else fresh
                 host.open_window(a[4], win, True)
                 drv.ioctl(data, a[0], a[1], task)
                 host.close_window()

@@ -13,6 +13,8 @@ import socket
 import pytest
 
 import vfiosim
+from vfiosim.kernel import task as task_mod
+from vfiosim.kernel.cred import CAP_IPC_LOCK
 from vfiosim.transport import daemon as daemon_mod
 from vfiosim.transport import native
 from vfiosim.transport.daemon import Daemon, Session
@@ -92,3 +94,54 @@ def test_leaving_what_it_connected_with_revokes(bound, monkeypatch):
     before = st.creds
     d._fresh_creds(st)
     assert "2000" in st.revoked and st.creds is before
+
+
+# -- the capabilities and RLIMIT_MEMLOCK only (Daemon._fresh_limits, Type1's MAP_DMA) ---------------------
+
+
+def test_limits_same_reads_the_capabilities_and_memlock_of_the_process(bound):
+    d, st = bound
+    assert native.limits_same(st.pid, st.creds)
+    assert not native.limits_same(st.pid, tuple(st.creds[:10]) + (st.creds.memlock_cur - 4096, st.creds.memlock_max))
+    assert not native.limits_same(st.pid, tuple(st.creds[:8]) + (st.creds.cap_eff ^ 1,) + tuple(st.creds[9:]))
+    # The ids are not its business: a caller that needs them takes creds().
+    assert native.limits_same(st.pid, (12345,) * 8 + tuple(st.creds[8:]))
+    with pytest.raises(OSError) as e:
+        native.limits_same(2 ** 22 + 1, st.creds)          # past any pid_max: nobody
+    assert e.value.errno == errno.ESRCH
+
+
+def test_a_map_with_unchanged_limits_takes_nothing_else(bound, monkeypatch):
+    d, st = bound
+    task = st.task
+    monkeypatch.setattr(Daemon, "_fresh_creds", lambda *a: pytest.fail("everything taken"))
+    monkeypatch.setattr(task, "refresh_creds", lambda: pytest.fail("everything taken"))
+    task.creds_stale = task_mod.CREDS_STALE
+    assert task.capable(CAP_IPC_LOCK) == bool(st.creds.cap_eff >> CAP_IPC_LOCK & 1)
+    assert task.rlimit_memlock_soft() == st.creds.memlock_cur
+    assert task.creds_stale == task_mod.CREDS_IDS_STALE
+
+
+def test_the_ids_are_taken_when_something_consults_them_after_the_limits(bound, monkeypatch):
+    d, st = bound
+    task = st.task
+    taken = []
+    real = task.refresh_creds
+    monkeypatch.setattr(task, "refresh_creds", lambda: taken.append(st) or real())
+    task.creds_stale = task_mod.CREDS_STALE
+    task.capable(CAP_IPC_LOCK)
+    assert taken == []
+    assert task.cred.euid == os.geteuid()
+    assert taken == [st] and task.creds_stale == task_mod.CREDS_FRESH
+
+
+def test_changed_limits_take_everything(bound, monkeypatch):
+    d, st = bound
+    task = st.task
+    changed = tuple(st.creds[:10]) + (st.creds.memlock_cur - 4096, st.creds.memlock_max)
+    monkeypatch.setattr(native, "limits_same", lambda pid, creds: creds == changed)
+    monkeypatch.setattr(native, "creds_tuple", lambda pidfd, pid: changed)
+    task.creds_stale = task_mod.CREDS_STALE
+    task.rlimit_memlock_soft()
+    # The full take, with its checks (the task's values then come from /proc, as _set_creds() reads them).
+    assert st.creds == changed and not st.revoked and task.creds_stale == task_mod.CREDS_FRESH

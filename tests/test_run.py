@@ -328,6 +328,24 @@ def test_fork_shares_files_and_exec_closes_the_close_on_exec_ones(bins, daemon):
     assert not daemon.machine.kernel.tasks
 
 
+@pytest.mark.parametrize("daemon", ["x86"], indirect=True)
+def test_memlock_limit_and_cap_ipc_lock_changed_with_raw_syscalls_rule_the_next_map(bins, daemon):
+    """Daemon._fresh_limits(): Type1's MAP_DMA reads only CAP_IPC_LOCK and
+    RLIMIT_MEMLOCK again (not the ids), and still sees every change the shim
+    never saw (syscall(2), no libc wrapper)."""
+    proc = daemon.run([str(bins["probe"]), "rawlimit", "4"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    f = fields(proc.stdout)
+    assert f["raw_small"] == "0,0"
+    assert f["map_root_small"] == "0,0"            # CAP_IPC_LOCK: the limit does not apply
+    assert f["raw_setresuid"] == "0,0"
+    assert f["map_small"] == "-1,12"               # 8 pages over a 4-page limit, without the capability
+    assert f["raw_big"] == "0,0"
+    assert f["map_big"] == "0,0"
+    assert f["raw_small_again"] == "0,0"
+    assert f["map_small_again"] == "-1,12"
+
+
 def test_credentials_and_memlock_limit_are_the_processs_own_at_each_call(bins, daemon):
     proc = daemon.run([str(bins["probe"]), "rlimit", "0"])
     assert proc.returncode == 0, proc.stdout + proc.stderr

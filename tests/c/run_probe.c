@@ -20,6 +20,7 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -514,6 +515,36 @@ int main(int argc, char **argv)
                 printf("pid_status_VmLck=%ld\n", strtol(line + 6, NULL, 10));
         if (f)
             fclose(f);
+        return 0;
+    }
+    if (!strcmp(cmd, "rawlimit")) {
+        /* Type1's MAP_DMA consults only CAP_IPC_LOCK and RLIMIT_MEMLOCK: the
+         * daemon reads just those again at each call (two system calls).
+         * They change here with syscall(2), which the shim never sees. */
+        setup(gid, 0);
+        long pg = sysconf(_SC_PAGESIZE);
+        uint8_t *buf = mmap(NULL, 16 * pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        memset(buf, 1, 16 * pg);
+        struct vfio_iommu_type1_dma_map map = {.argsz = sizeof map, .flags = 3, .vaddr = (uintptr_t)buf,
+                                               .iova = 0, .size = 8 * pg};
+        struct vfio_iommu_type1_dma_unmap unmap = {.argsz = sizeof unmap, .iova = 0, .size = 8 * pg};
+        struct rlimit rl, small, big;
+        getrlimit(RLIMIT_MEMLOCK, &rl);
+        small.rlim_cur = 4 * pg;
+        small.rlim_max = rl.rlim_max;
+        big.rlim_cur = rl.rlim_max;
+        big.rlim_max = rl.rlim_max;
+        result("raw_small", syscall(SYS_prlimit64, 0, RLIMIT_MEMLOCK, &small, NULL));
+        result("map_root_small", ioctl(container, VFIO_IOMMU_MAP_DMA, &map));     /* CAP_IPC_LOCK */
+        result("unmap", ioctl(container, VFIO_IOMMU_UNMAP_DMA, &unmap));
+        result("raw_setresuid", syscall(SYS_setresuid, 65534, 65534, 65534));    /* the capabilities go */
+        result("map_small", ioctl(container, VFIO_IOMMU_MAP_DMA, &map));
+        result("raw_big", syscall(SYS_prlimit64, 0, RLIMIT_MEMLOCK, &big, NULL));
+        result("map_big", ioctl(container, VFIO_IOMMU_MAP_DMA, &map));
+        result("unmap", ioctl(container, VFIO_IOMMU_UNMAP_DMA, &unmap));
+        small.rlim_max = rl.rlim_max;
+        result("raw_small_again", syscall(SYS_prlimit64, 0, RLIMIT_MEMLOCK, &small, NULL));
+        result("map_small_again", ioctl(container, VFIO_IOMMU_MAP_DMA, &map));
         return 0;
     }
     if (!strcmp(cmd, "eio")) {

@@ -13,15 +13,23 @@ from .mm import AddressSpace
 
 RLIM_INFINITY = resource.RLIM_INFINITY
 
+# Task.creds_stale: how much of a real process's credentials this call has yet to take.
+CREDS_FRESH = 0             # all taken (or the task is simulated only)
+CREDS_IDS_STALE = 1         # the capabilities and RLIMIT_MEMLOCK taken; the ids not yet
+CREDS_STALE = 2             # a call began: anything may have changed
+
 
 class Task:
     """One simulated process: an mm, an fd table, credentials and rlimits.
 
     Where the task stands for a real process (``vfiosim run``), the
     credentials and RLIMIT_MEMLOCK are the real process's: the transport
-    sets ``creds_stale`` when a call begins and ``refresh_creds`` takes them
-    again the first time the call consults them -- at every privileged
-    decision, and only then."""
+    sets ``creds_stale`` (CREDS_STALE) when a call begins and ``refresh_creds``
+    takes them again the first time the call consults them -- at every
+    privileged decision, and only then.  A decision that consults only the
+    capabilities and RLIMIT_MEMLOCK (every Type1 MAP_DMA) has
+    ``refresh_limits`` take just those, when the transport can do so more
+    cheaply (CREDS_IDS_STALE after it)."""
 
     def __init__(self, pid: int, comm: str, cred: Cred, mm: AddressSpace,
                  rlimit_memlock: tuple[int, int]) -> None:
@@ -33,13 +41,21 @@ class Task:
         self.files.owner = self
         self._rlimits: dict[int, tuple[int, int]] = {resource.RLIMIT_MEMLOCK: rlimit_memlock}
         self.alive = True
-        self.creds_stale = False
+        self.creds_stale = CREDS_FRESH
         self.refresh_creds: Callable[[], None] | None = None
+        self.refresh_limits: Callable[[], None] | None = None
 
     def _refresh(self) -> None:
-        self.creds_stale = False
+        self.creds_stale = CREDS_FRESH
         if self.refresh_creds is not None:
             self.refresh_creds()
+
+    def _refresh_limits(self) -> None:
+        if self.refresh_limits is None:
+            self._refresh()
+        else:
+            self.creds_stale = CREDS_IDS_STALE
+            self.refresh_limits()
 
     def take_creds(self) -> None:
         """Take the real process's credentials now, if a call began since they were last taken."""
@@ -58,13 +74,15 @@ class Task:
 
     @property
     def rlimits(self) -> dict[int, tuple[int, int]]:
-        if self.creds_stale:
-            self._refresh()
+        if self.creds_stale == CREDS_STALE:
+            self._refresh_limits()
         return self._rlimits
 
     def capable(self, cap: int) -> bool:
-        if self.creds_stale:                # self.cred, without the property's call (every MAP_DMA asks)
-            self._refresh()
+        # Capabilities do not depend on the ids here (no user namespaces): the
+        # limits' refresh is enough (every Type1 MAP_DMA asks).
+        if self.creds_stale == CREDS_STALE:
+            self._refresh_limits()
         return self._cred.capable(cap)
 
     def rlimit(self, resource_id: int) -> tuple[int, int]:

@@ -107,9 +107,7 @@ static PyObject *py_creds(PyObject *self, PyObject *args)
     uint64_t c[NCREDS];
     if (!PyArg_ParseTuple(args, "ii", &pidfd, &pid))
         return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    r = read_creds(pidfd, pid, c);
-    Py_END_ALLOW_THREADS
+    r = read_creds(pidfd, pid, c);              /* GIL held: see py_limits_same() */
     if (r < 0)
         return raise_errno(-r);
     PyObject *t = PyTuple_New(NCREDS);
@@ -124,6 +122,48 @@ static PyObject *py_creds(PyObject *self, PyObject *args)
         PyTuple_SET_ITEM(t, i, v);
     }
     return t;
+}
+
+/*
+ * limits_same(pid, creds) -> bool: whether the process's capabilities and
+ * RLIMIT_MEMLOCK are still those of `creds` (a creds() tuple), in two system
+ * calls -- what a decision that consults nothing else (MAP_DMA's lock_cap
+ * and its limit) needs to know.  The ids are not read: a caller that finds
+ * something changed takes all of creds() again, whose pidfd check also
+ * catches a pid reused meanwhile; one that finds nothing changed keeps the
+ * process's own values.  OSError as creds() raises it.
+ */
+static PyObject *py_limits_same(PyObject *self, PyObject *args)
+{
+    int pid, r = 0;
+    PyObject *prev;
+    if (!PyArg_ParseTuple(args, "iO!", &pid, &PyTuple_Type, &prev))
+        return NULL;
+    if (PyTuple_GET_SIZE(prev) != NCREDS) {
+        PyErr_SetString(PyExc_ValueError, "creds must be a creds() tuple");
+        return NULL;
+    }
+    uint64_t want[4];
+    for (int i = 0; i < 4; i++) {
+        want[i] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(prev, 8 + i));
+        if (want[i] == (uint64_t)-1 && PyErr_Occurred())
+            return NULL;
+    }
+    struct cap_header h = {0x20080522, pid};
+    struct cap_data d[2];
+    struct rlimit rl;
+    /* The GIL stays held through these short calls, as in creds() and vma():
+     * releasing and taking it again costs a fifth of a microsecond, as much as
+     * half of one of them, and the caller holds the machine's lock, which every
+     * other thread needs before it can do anything that needs the GIL for long. */
+    if (syscall(SYS_capget, &h, d) < 0 || syscall(SYS_prlimit64, pid, RLIMIT_MEMLOCK, NULL, &rl) < 0)
+        r = -errno;
+    if (r < 0)
+        return raise_errno(-r);
+    uint64_t eff = d[0].effective | (uint64_t)d[1].effective << 32;
+    uint64_t prm = d[0].permitted | (uint64_t)d[1].permitted << 32;
+    return PyBool_FromLong(eff == want[0] && prm == want[1] && (uint64_t)rl.rlim_cur == want[2] &&
+                           (uint64_t)rl.rlim_max == want[3]);
 }
 
 /* ---------------------------------------------------------------- acting as the program */
@@ -290,9 +330,7 @@ static PyObject *py_vma(PyObject *self, PyObject *args)
     uint64_t v[7];
     if (!PyArg_ParseTuple(args, "iKp", &maps_fd, &addr, &or_next))
         return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    r = vma_at(maps_fd, addr, or_next, v);
-    Py_END_ALLOW_THREADS
+    r = vma_at(maps_fd, addr, or_next, v);      /* GIL held: see py_limits_same() */
     if (r == -ENOENT)
         Py_RETURN_NONE;
     if (r < 0)
@@ -1191,6 +1229,8 @@ static PyTypeObject ChannelType = {
 
 static PyMethodDef module_methods[] = {
     {"creds", py_creds, METH_VARARGS, "creds(pidfd, pid): the process's ids, capabilities and RLIMIT_MEMLOCK"},
+    {"limits_same", py_limits_same, METH_VARARGS,
+     "limits_same(pid, creds): its capabilities and RLIMIT_MEMLOCK are still those of creds"},
     {"as_user", py_as_user, METH_VARARGS, "as_user(uid, gid, groups): this thread takes the program's ids"},
     {"as_root", py_as_root, METH_VARARGS, "as_root(gid, groups): this thread returns to root"},
     {"kcmp_file", py_kcmp_file, METH_VARARGS, "kcmp(KCMP_FILE): 0 if both fds are the same open file"},

@@ -64,6 +64,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable
 from ..kernel.cred import Cred
 from ..kernel.errors import KernelError, fail
 from ..kernel.fs import File
+from ..kernel.task import CREDS_FRESH, CREDS_STALE
 from . import native
 from . import protocol as P
 from .host import HostEventFd, HostMM, HostProcess, parse_host_creds
@@ -705,10 +706,10 @@ class Daemon:
                 self._run_virqfds_locked()
             task = st.task
             if flags & _F_REFRESH_CREDS or op == _OP_OPEN or op == _OP_SETATTR:
-                task.creds_stale = False
+                task.creds_stale = CREDS_FRESH
                 self._fresh_creds(st)           # these decide with the credentials: take them first
             else:
-                task.creds_stale = True         # taken when the call first consults them
+                task.creds_stale = CREDS_STALE  # taken when the call first consults them
             if st.revoked:
                 return self._revoke(sess, st)
             host = None
@@ -986,6 +987,22 @@ class Daemon:
             return
         self._set_creds(st, c)
 
+    def _fresh_limits(self, st: TaskState) -> None:
+        """The task's refresh_limits: a decision that consults only the
+        capabilities and RLIMIT_MEMLOCK (Type1's MAP_DMA) needs only those
+        taken again.  Unchanged (the usual case, two system calls): the task
+        keeps what it has, ids included, until something consults those.
+        Changed, or unreadable: everything is taken again, as _fresh_creds()
+        takes it (with the pidfd's check that the pid was not reused, and the
+        session's bounds)."""
+        try:
+            if st.creds is not None and native.limits_same(st.pid, st.creds):
+                return
+        except OSError:
+            pass
+        st.task.creds_stale = CREDS_FRESH
+        self._fresh_creds(st)
+
     def _set_creds(self, st: TaskState, c: native.Creds) -> None:
         try:
             full = parse_host_creds(_read_at(st.procdir, "status"), _read_at(st.procdir, "limits"))
@@ -1002,6 +1019,7 @@ class Daemon:
         st = TaskState(pid, task, pidfd, procdir, tracer=self.tracer)
         task.files.foreign = lambda n, st=st: self._foreign(st, n)
         task.refresh_creds = functools.partial(self._fresh_creds, st)
+        task.refresh_limits = functools.partial(self._fresh_limits, st)
         self._take_files(st)
         self.states[pid] = st
         return st

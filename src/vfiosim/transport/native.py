@@ -77,6 +77,11 @@ creds_tuple = _mod.creds
 usual case: equal) without making a Creds."""
 
 
+limits_same = _mod.limits_same
+"""(pid, creds tuple) -> whether its capabilities and RLIMIT_MEMLOCK are still
+those, in two system calls (the ids are not read; nor is the pidfd asked)."""
+
+
 def creds(pidfd: int, pid: int) -> Creds:
     """The process's ids, capabilities and RLIMIT_MEMLOCK, in three system calls.
     OSError(ENOTTY) where the kernel has no PIDFD_GET_INFO (before 6.13)."""
