@@ -70,6 +70,14 @@ setup(
             extra_compile_args=["-O2", "-fvisibility=hidden"],
             optional=True,
         ),
+        # The one-entry operations of TCE tables (kernel/iommu/tce.py; optional: a
+        # Python base does the same without it).
+        Extension(
+            "vfiosim.kernel.iommu._tce",
+            sources=["src/vfiosim/kernel/iommu/_tce.c"],
+            extra_compile_args=["-O2", "-fvisibility=hidden"],
+            optional=True,
+        ),
         # `vfiosim record`'s pass-through recording shim (vfiosim.tracing.record).
         Extension(
             "vfiosim.tracing._vfiosim_record",

@@ -67,21 +67,14 @@ def perm_to_direction(tce: int) -> int:
 
 _CHUNK_SHIFT = 14          # TceStorage.CHUNK_SHIFT, for the scalar operations
 _CHUNK_MASK = (1 << _CHUNK_SHIFT) - 1
+_POOL_MAX = 64             # TceStorage.POOL_MAX
 
 
-class TceStorage:
-    """A sparse array of ``size`` 64-bit entries, zero where never written.
-
-    Each chunk knows how many of its entries are non-zero, so an emptied
-    chunk is freed without a scan, and one entry is read or written without
-    NumPy range operations (the usual small map and unmap)."""
-
-    CHUNK_SHIFT = _CHUNK_SHIFT    # 16384 entries (128 KiB) per chunk
-    CHUNK = 1 << CHUNK_SHIFT
-    # Emptied chunks, zeroed, kept for reuse (shared by all tables): a fresh
-    # chunk costs page faults on first write, a reused one does not.
-    POOL_MAX = 64             # 8 MiB
-    _pool: list[np.ndarray] = []
+class _ScalarOps:
+    """TceStorage's state and its one-entry operations, in Python: the base
+    TceStorage has where _tce.c (SparseU64, the same in C, what the usual
+    small MAP_DMA and UNMAP_DMA use) was not built, and what
+    tests/test_tce_native.py compares that with."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -91,50 +84,21 @@ class TceStorage:
         # keyed on it can never serve a stale entry.
         self.generation = 0
 
-    @classmethod
-    def _new_chunk(cls) -> np.ndarray:
-        try:
-            return cls._pool.pop()
-        except IndexError:
-            return np.zeros(cls.CHUNK, dtype=np.uint64)
+    # TceStorage's (_RangeOps'), as _tce.c has its own.
+    def _new_chunk(self) -> np.ndarray:
+        raise NotImplementedError
 
     def _free_chunk(self, c: int, zeroed: bool) -> None:
-        chunk = self._chunks.pop(c)
-        del self._used[c]
-        if len(self._pool) < self.POOL_MAX:
-            if not zeroed:
-                chunk.fill(0)
-            self._pool.append(chunk)
-
-    def _spans(self, start: int, n: int) -> Iterator[tuple[int, int, int, int]]:
-        """Yield (chunk number, offset in chunk, offset in range, length)."""
-        pos = 0
-        while pos < n:
-            idx = start + pos
-            c, off = idx >> self.CHUNK_SHIFT, idx & (self.CHUNK - 1)
-            ln = min(self.CHUNK - off, n - pos)
-            yield c, off, pos, ln
-            pos += ln
+        raise NotImplementedError
 
     def get(self, index: int) -> int:
-        chunk = self._chunks.get(index >> self.CHUNK_SHIFT)
-        return 0 if chunk is None else int(chunk[index & (self.CHUNK - 1)])
-
-    def get_range(self, start: int, n: int) -> np.ndarray:
-        """Entries [start, start+n); read-only use (may be a view of storage)."""
-        c, off = start >> self.CHUNK_SHIFT, start & (self.CHUNK - 1)
-        if off + n <= self.CHUNK:
-            chunk = self._chunks.get(c)
-            return chunk[off:off + n] if chunk is not None else np.zeros(n, dtype=np.uint64)
-        out = np.zeros(n, dtype=np.uint64)
-        for c, off, pos, ln in self._spans(start, n):
-            chunk = self._chunks.get(c)
-            if chunk is not None:
-                out[pos:pos + ln] = chunk[off:off + ln]
-        return out
+        chunk = self._chunks.get(index >> _CHUNK_SHIFT)
+        return 0 if chunk is None else int(chunk[index & _CHUNK_MASK])
 
     def xchg_one(self, index: int, new: int) -> int:
         """xchg_range() of one entry, in scalar operations: its old value."""
+        if index < 0:
+            raise IndexError("negative TCE storage index")
         self.generation += 1
         c, off = index >> _CHUNK_SHIFT, index & _CHUNK_MASK
         chunk = self._chunks.get(c)
@@ -155,6 +119,99 @@ class TceStorage:
             else:
                 self._used[c] -= 1
         return old
+
+    def clear_one(self, index: int) -> int:
+        """clear_range() of one entry, in scalar operations: its old value (0
+        when it held nothing)."""
+        if index < 0:
+            raise IndexError("negative TCE storage index")
+        if not self._chunks:
+            return 0
+        c, off = index >> _CHUNK_SHIFT, index & _CHUNK_MASK
+        chunk = self._chunks.get(c)
+        self.generation += 1
+        if chunk is None:
+            return 0
+        old: int = chunk.item(off)
+        if not old:
+            return 0
+        chunk[off] = 0
+        if self._used[c] == 1:
+            self._free_chunk(c, zeroed=True)
+        else:
+            self._used[c] -= 1
+        return old
+
+
+_Base: Any = _ScalarOps
+_shared_pool: list[np.ndarray] = []
+try:
+    from . import _tce
+except ImportError:                 # built without it (an optional extension): the Python above
+    _tce = None
+else:
+    if _tce.CHUNK_SHIFT == _CHUNK_SHIFT and _tce.POOL_MAX == _POOL_MAX:
+        _Base = _tce.SparseU64
+        _shared_pool = _tce.POOL
+
+
+class _RangeOps:
+    """TceStorage's range operations (NumPy), on either base's state.
+
+    A sparse array of ``size`` 64-bit entries, zero where never written.
+    Each chunk knows how many of its entries are non-zero, so an emptied
+    chunk is freed without a scan, and one entry is read or written without
+    NumPy range operations (the usual small map and unmap: get(),
+    xchg_one(), clear_one(), in the base)."""
+
+    CHUNK_SHIFT = _CHUNK_SHIFT    # 16384 entries (128 KiB) per chunk
+    CHUNK = 1 << CHUNK_SHIFT
+    # Emptied chunks, zeroed, kept for reuse (shared by all tables): a fresh
+    # chunk costs page faults on first write, a reused one does not.
+    POOL_MAX = _POOL_MAX          # 8 MiB
+    _pool: list[np.ndarray] = _shared_pool
+
+    size: int
+    generation: int
+    _chunks: dict[int, np.ndarray]
+    _used: dict[int, int]
+
+    def _new_chunk(self) -> np.ndarray:
+        try:
+            return self._pool.pop()
+        except IndexError:
+            return np.zeros(self.CHUNK, dtype=np.uint64)
+
+    def _free_chunk(self, c: int, zeroed: bool) -> None:
+        chunk = self._chunks.pop(c)
+        del self._used[c]
+        if len(self._pool) < self.POOL_MAX:
+            if not zeroed:
+                chunk.fill(0)
+            self._pool.append(chunk)
+
+    def _spans(self, start: int, n: int) -> Iterator[tuple[int, int, int, int]]:
+        """Yield (chunk number, offset in chunk, offset in range, length)."""
+        pos = 0
+        while pos < n:
+            idx = start + pos
+            c, off = idx >> self.CHUNK_SHIFT, idx & (self.CHUNK - 1)
+            ln = min(self.CHUNK - off, n - pos)
+            yield c, off, pos, ln
+            pos += ln
+
+    def get_range(self, start: int, n: int) -> np.ndarray:
+        """Entries [start, start+n); read-only use (may be a view of storage)."""
+        c, off = start >> self.CHUNK_SHIFT, start & (self.CHUNK - 1)
+        if off + n <= self.CHUNK:
+            chunk = self._chunks.get(c)
+            return chunk[off:off + n] if chunk is not None else np.zeros(n, dtype=np.uint64)
+        out = np.zeros(n, dtype=np.uint64)
+        for c, off, pos, ln in self._spans(start, n):
+            chunk = self._chunks.get(c)
+            if chunk is not None:
+                out[pos:pos + ln] = chunk[off:off + ln]
+        return out
 
     def xchg_range(self, start: int, values: U64Values) -> tuple[np.ndarray, np.ndarray]:
         """Store ``values`` at [start, start+len); return the entries that held
@@ -243,26 +300,6 @@ class TceStorage:
                 self._free_chunk(c, zeroed=True)
         return parts
 
-    def clear_one(self, index: int) -> int:
-        """clear_range() of one entry, in scalar operations: its old value (0
-        when it held nothing)."""
-        if not self._chunks:
-            return 0
-        c, off = index >> _CHUNK_SHIFT, index & _CHUNK_MASK
-        chunk = self._chunks.get(c)
-        self.generation += 1
-        if chunk is None:
-            return 0
-        old: int = chunk.item(off)
-        if not old:
-            return 0
-        chunk[off] = 0
-        if self._used[c] == 1:
-            self._free_chunk(c, zeroed=True)
-        else:
-            self._used[c] -= 1
-        return old
-
     def clear_indices(self, indices: np.ndarray) -> np.ndarray:
         """Zero the given entries; return their old values."""
         old = np.zeros(indices.size, dtype=np.uint64)
@@ -311,6 +348,17 @@ class TceStorage:
 
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self._chunks.values())
+
+
+class TceStorage(_RangeOps, _Base):
+    """A TCE table's entries (or its userspace view): _RangeOps on _tce.c's
+    SparseU64, or on _ScalarOps where that was not built."""
+
+    __slots__ = ()
+
+
+class PyTceStorage(_RangeOps, _ScalarOps):
+    """TceStorage all in Python (tests compare it with the native one)."""
 
 
 class XchgResult:
