@@ -80,7 +80,7 @@ class ArgWindow:
 
     __slots__ = ("addr", "end", "data", "writable", "lo", "hi")
 
-    def __init__(self, addr: int, data: bytes | bytearray, writable: bool) -> None:
+    def __init__(self, addr: int, data: bytes | bytearray, writable: int) -> None:
         self.addr = addr
         self.end = addr + len(data)
         self.data = data
@@ -141,9 +141,9 @@ class HostProcess:
 
     # -- the window: the current call's copy of the memory its pointer argument names ----------
 
-    def open_window(self, addr: int, data: bytes, writable: bool) -> None:
+    def open_window(self, addr: int, data: bytes, writable: int) -> None:
         """The program sent the ``data`` at ``addr`` along with its call (read
-        as it can read them; ``writable``: it can write them too): the call's
+        as it can read them; ``writable`` non-zero: it can write them too): the call's
         copy_from_user and copy_to_user of those bytes use the copy."""
         self.window = ArgWindow(addr, data, writable)
 
