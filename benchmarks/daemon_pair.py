@@ -118,6 +118,7 @@ def measure(iommu: str, pairs: int, repeat: int) -> dict[str, float]:
 
     # (The tree before this script measured with call(), native.creds() and native.vma().)
     enter = getattr(d.gate, "call_locked", d.gate.call)
+    ioctl_at = getattr(k, "sys_ioctl_at", k.sys_ioctl)     # (one function since the tree after 26920de)
     read_creds = getattr(native, "creds_tuple", native.creds)
     query = getattr(native, "vma_query", native.vma)
 
@@ -129,7 +130,7 @@ def measure(iommu: str, pairs: int, repeat: int) -> dict[str, float]:
         for a, win in ((am, mwin), (au, uwin)):
             task.creds_stale = stale_all
             host.open_window(a[4], win, True)
-            enter(task, "ioctl", k.sys_ioctl_at, c, a[0], a[1], -1)
+            enter(task, "ioctl", ioctl_at, c, a[0], a[1], -1)
             host.close_window()
 
     def kernel() -> None:

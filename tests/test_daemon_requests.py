@@ -1,12 +1,13 @@
 """A request as the daemon serves it (Daemon._serve_request, the channel left
 out): the kernel is entered under the lock the daemon already holds
-(SyscallGate.call_locked) and an ioctl goes straight to Kernel.sys_ioctl_at;
+(SyscallGate.call_locked) and an ioctl goes straight to Kernel.sys_ioctl;
 a kernel error's errno is the answer, a bug in the simulator is an oops
 answered with EIO, and a task that has exited is refused.  The test process
 is the program, bound as the daemon binds one."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 
 import pytest
@@ -77,3 +78,27 @@ def test_call_locked_checks_as_call_does(bound):  # noqa: F811
             assert dead.value.errno == errno.ESRCH
         finally:
             st.task.alive = True
+
+
+def test_get_device_fd_installs_the_file_at_the_programs_number_or_nowhere(bound):  # noqa: F811
+    """Kernel.sys_ioctl with ``newfd`` (the daemon's only way in): the device
+    file goes to the number the program holds for it; a request naming none
+    (-1) is EIO and leaves no file behind."""
+    d, st = bound
+    sess, files = st.session, st.task.files
+    group = 901
+    ret, err, _ = d._serve_request(sess, P.OP_OPEN, 0, group, -1, (2, 0, 0, 0, 0), b"/dev/vfio/4", 0)
+    assert (ret, err) == (group, 0)
+    open_container(d, sess)
+    cfd = ctypes.c_int32(CONTAINER)
+    assert d._serve_request(sess, P.OP_IOCTL, 0, group, -1, (uapi.VFIO_GROUP_SET_CONTAINER,
+                                                             ctypes.addressof(cfd), 0, 0, 0), b"", 0)[:2] == (0, 0)
+    assert d._serve_request(sess, P.OP_IOCTL, 0, CONTAINER, -1, (uapi.VFIO_SET_IOMMU, uapi.VFIO_TYPE1v2_IOMMU,
+                                                                 0, 0, 0), b"", 0)[:2] == (0, 0)
+    name = ctypes.create_string_buffer(b"0000:01:00.0")
+    before = sorted(files.fds())
+    get_fd = (uapi.VFIO_GROUP_GET_DEVICE_FD, ctypes.addressof(name), 0, 0, 0)
+    assert d._serve_request(sess, P.OP_IOCTL, 0, group, -1, get_fd, b"", 0)[:2] == (-1, errno.EIO)
+    assert sorted(files.fds()) == before
+    assert d._serve_request(sess, P.OP_IOCTL, 0, group, 950, get_fd, b"", 0)[:2] == (950, 0)
+    assert sorted(files.fds()) == sorted(before + [950]) and files.get(950).kind == "vfio-device"

@@ -43,6 +43,9 @@ O_ACCMODE = os.O_ACCMODE
 # The ioctls ksys_ioctl() answers for every fd (do_vfs_ioctl).
 _GENERIC_IOCTLS = frozenset((termios.FIOCLEX, termios.FIONCLEX, termios.FIONBIO))
 _GROUP_GET_DEVICE_FD = uapi.VFIO_GROUP_GET_DEVICE_FD
+# What sys_ioctl() does not hand straight to the file: the generic fd ioctls,
+# and the one that makes a file.
+_NOT_STRAIGHT = _GENERIC_IOCTLS | {_GROUP_GET_DEVICE_FD}
 
 
 @dataclass(frozen=True)
@@ -354,12 +357,19 @@ class Kernel:
         """A load (value None) or store through an mmap of a device region."""
         return task.files.get(fd).mmio(task, offset, size, value)
 
-    def sys_ioctl(self, task: Task, fd: int, cmd: int, arg: int) -> int:
-        """ksys_ioctl(): generic fd ioctls, then the file's own."""
+    def sys_ioctl(self, task: Task, fd: int, cmd: int, arg: int, newfd: int | None = None) -> int:
+        """ksys_ioctl(): generic fd ioctls, then the file's own.  A transport
+        serving a real process passes ``newfd``: the number the process
+        already holds for the file VFIO_GROUP_GET_DEVICE_FD makes (the only
+        ioctl that makes one), -1 if none (:meth:`_ioctl_at`)."""
         file = task.files.get(fd)
         cmd &= 0xFFFFFFFF
-        if cmd not in _GENERIC_IOCTLS:
+        if cmd not in _NOT_STRAIGHT:
             return file.ioctl(task, cmd, arg)
+        if cmd == _GROUP_GET_DEVICE_FD:
+            if newfd is None:
+                return file.ioctl(task, cmd, arg)
+            return self._ioctl_at(task, file, cmd, arg, newfd)
         if cmd == termios.FIOCLEX:
             task.files.cloexec.add(fd)
             return 0
@@ -431,14 +441,11 @@ class Kernel:
         else:
             task.files.cloexec.discard(fd)
 
-    def sys_ioctl_at(self, task: Task, fd: int, cmd: int, arg: int, newfd: int) -> int:
-        """ioctl(2) whose new file (VFIO_GROUP_GET_DEVICE_FD's) goes to ``newfd``,
-        the number the real process already holds for it."""
-        if cmd & 0xFFFFFFFF != _GROUP_GET_DEVICE_FD:
-            return self.sys_ioctl(task, fd, cmd, arg)              # the only one that makes a file
+    def _ioctl_at(self, task: Task, file: File, cmd: int, arg: int, newfd: int) -> int:
+        """The file's ioctl, whose new file goes to ``newfd`` (none: -1, EIO)."""
         before = set(task.files.fds())
         try:
-            ret = self.sys_ioctl(task, fd, cmd, arg)
+            ret = file.ioctl(task, cmd, arg)
         finally:
             new = [n for n in task.files.fds() if n not in before]
         if not new:

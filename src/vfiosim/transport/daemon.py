@@ -729,8 +729,7 @@ class Daemon:
                 if tracer is None:
                     try:
                         if op == _OP_IOCTL:             # _op_ioctl(), one frame fewer for the usual call
-                            ret = gate.call_locked(task, "ioctl", self.kernel.sys_ioctl_at, fd, a[0] & 0xFFFFFFFF,
-                                                   a[1], fd2)
+                            ret = gate.call_locked(task, "ioctl", self.kernel.sys_ioctl, fd, a[0], a[1], fd2)
                             out = b""
                         else:
                             ret, out = gate.call_locked(task, _OP_NAMES[op], self._handlers[op], st, flags, fd,
@@ -795,7 +794,7 @@ class Daemon:
 
     def _op_ioctl(self, task: "Task", st: TaskState, flags: int, fd: int, fd2: int, a: tuple[int, ...],
                   payload: bytes) -> tuple[int, bytes]:
-        return self.kernel.sys_ioctl_at(task, fd, a[0] & 0xFFFFFFFF, a[1], fd2), b""
+        return self.kernel.sys_ioctl(task, fd, a[0], a[1], fd2), b""
 
     def _op_read(self, task: "Task", st: TaskState, flags: int, fd: int, fd2: int, a: tuple[int, ...],
                  payload: bytes) -> tuple[int, bytes]:
