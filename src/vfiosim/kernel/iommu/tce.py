@@ -143,16 +143,17 @@ class _ScalarOps:
         return old
 
 
-_Base: Any = _ScalarOps
-_shared_pool: list[np.ndarray] = []
+_tce: Any
 try:
     from . import _tce
 except ImportError:                 # built without it (an optional extension): the Python above
     _tce = None
+_NATIVE = _tce is not None and (_tce.CHUNK_SHIFT, _tce.POOL_MAX) == (_CHUNK_SHIFT, _POOL_MAX)
+_shared_pool: list[np.ndarray] = _tce.POOL if _NATIVE else []
+if TYPE_CHECKING:
+    _Base = _ScalarOps
 else:
-    if _tce.CHUNK_SHIFT == _CHUNK_SHIFT and _tce.POOL_MAX == _POOL_MAX:
-        _Base = _tce.SparseU64
-        _shared_pool = _tce.POOL
+    _Base = _tce.SparseU64 if _NATIVE else _ScalarOps
 
 
 class _RangeOps:
@@ -175,6 +176,11 @@ class _RangeOps:
     generation: int
     _chunks: dict[int, np.ndarray]
     _used: dict[int, int]
+
+    if TYPE_CHECKING:               # the base's (defined here, they would hide SparseU64's)
+        def get(self, index: int) -> int: ...
+        def xchg_one(self, index: int, new: int) -> int: ...
+        def clear_one(self, index: int) -> int: ...
 
     def _new_chunk(self) -> np.ndarray:
         try:
