@@ -22,7 +22,13 @@ layers off one by one, for where the time goes:
 
 Also: one ``native.creds`` (the three system calls) and one PROCMAP_QUERY.
 
-    python3 benchmarks/daemon_pair.py [--pairs 3000] [--repeat 7] [--json FILE]
+``--opcodes`` also counts the bytecodes and the Python calls of a whole pair
+(``sys.settrace`` with ``f_trace_opcodes``, this script's own loop included):
+they do not move with the machine's load as its clock does, so they compare
+two trees exactly.  System calls and C (NumPy, the native modules) count
+there as the one call that enters them.
+
+    python3 benchmarks/daemon_pair.py [--pairs 3000] [--repeat 7] [--opcodes] [--json FILE]
 """
 
 from __future__ import annotations
@@ -56,7 +62,30 @@ CONFIGS = {"type1v2": ("x86", "4", uapi.VFIO_TYPE1v2_IOMMU), "spapr1": ("pseries
 WIN = P.F_WINDOW | P.F_WINDOW_WRITABLE
 
 
-def measure(iommu: str, pairs: int, repeat: int) -> dict[str, float]:
+def bytecodes(fn: Callable[[], None], n: int = 10) -> tuple[float, float]:
+    """(bytecodes, Python calls) per call of ``fn``, in its steady state."""
+    counts = [0, 0]
+
+    def tracer(frame, event, arg):  # type: ignore[no-untyped-def]
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            counts[0] += 1
+        elif event == "call":
+            counts[1] += 1
+        return tracer
+
+    for _ in range(50):                 # pools, caches and pins as a long run has them
+        fn()
+    sys.settrace(tracer)
+    try:
+        for _ in range(n):
+            fn()
+    finally:
+        sys.settrace(None)
+    return counts[0] / n, counts[1] / n
+
+
+def measure(iommu: str, pairs: int, repeat: int, opcodes: bool = False) -> dict[str, float]:
     platform, group, kind = CONFIGS[iommu]
     m = vfiosim.Machine.preset(platform)
     tmp = tempfile.mkdtemp()
@@ -174,6 +203,8 @@ def measure(iommu: str, pairs: int, repeat: int) -> dict[str, float]:
            "driver_creds_taken_pair_ns": best(driver(False), pairs),
            "get_api_version_ns": best(api_version, pairs * 4), "creds_ns": best(creds_once, pairs),
            "procmap_query_ns": best(query_once, pairs)}
+    if opcodes:
+        out["serve_pair_bytecodes"], out["serve_pair_python_calls"] = bytecodes(whole)
     theirs.close()
     d.close()
     return out
@@ -184,11 +215,14 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=3000)
     ap.add_argument("--repeat", type=int, default=7, help="runs of each figure; the best is kept")
     ap.add_argument("--only", action="append", choices=sorted(CONFIGS), help="only these IOMMUs (repeatable)")
+    ap.add_argument("--opcodes", action="store_true", help="also count a pair's bytecodes and Python calls")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
-    results = {name: measure(name, args.pairs, args.repeat) for name in CONFIGS if not args.only or name in args.only}
+    results = {name: measure(name, args.pairs, args.repeat, args.opcodes)
+               for name in CONFIGS if not args.only or name in args.only}
     for name, r in results.items():
-        print(f"{name}: " + ", ".join(f"{k.removesuffix('_ns')} {v / 1000:.2f} us" for k, v in r.items()))
+        print(f"{name}: " + ", ".join(f"{k.removesuffix('_ns')} {v / 1000:.2f} us" if k.endswith("_ns")
+                                      else f"{k} {v:.0f}" for k, v in r.items()))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"machine": {"python": sys.version.split()[0], "cpus": os.cpu_count(),

@@ -86,10 +86,12 @@ def test_the_daemon_pair_smoke_run_measures_every_layer(tmp_path):
     from pathlib import Path
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "daemon_pair.py"
     out_json = tmp_path / "daemon.json"
-    done = subprocess.run([sys.executable, str(script), "--pairs", "20", "--repeat", "1", "--json", str(out_json)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(script), "--pairs", "20", "--repeat", "1", "--opcodes",
+                           "--json", str(out_json)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads(out_json.read_text())["results"]
     assert sorted(results) == ["spapr1", "spapr2", "type1v2"]
     for figures in results.values():
-        assert len(figures) == 8 and all(0 < v < 1e9 for v in figures.values()), figures
+        assert len(figures) == 10 and all(0 < v < 1e9 for v in figures.values()), figures
+        # A pair is two requests: each at least a few Python calls and their bytecodes.
+        assert figures["serve_pair_python_calls"] >= 10 and figures["serve_pair_bytecodes"] > 20 * 10
