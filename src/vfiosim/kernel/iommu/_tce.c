@@ -171,19 +171,9 @@ static PyObject *new_chunk(Sparse *self)
     return PyObject_CallMethod((PyObject *)self, "_new_chunk", NULL);
 }
 
-/* xchg_one(index, new) -> old: xchg_range() of one entry. */
-static PyObject *sparse_xchg_one(Sparse *self, PyObject *const *args, Py_ssize_t nargs)
+/* Entry `index` becomes `new`: the entry it held (a new reference), or NULL. */
+static PyObject *exchange(Sparse *self, Py_ssize_t index, uint64_t new)
 {
-    Py_ssize_t index;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "xchg_one(index, new)");
-        return NULL;
-    }
-    if (parse_index(args[0], &index) < 0)
-        return NULL;
-    uint64_t new = PyLong_AsUnsignedLongLong(args[1]);
-    if (new == (uint64_t)-1 && PyErr_Occurred())
-        return NULL;
     self->generation++;
     Py_ssize_t off = index & (CHUNK - 1);
     PyObject *key = PyLong_FromSsize_t(index >> CHUNK_SHIFT);
@@ -239,7 +229,24 @@ out:
     return result;
 }
 
-/* clear_one(index) -> old: clear_range() of one entry (0 when it held nothing). */
+/* xchg_one(index, new) -> old: xchg_range() of one entry. */
+static PyObject *sparse_xchg_one(Sparse *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t index;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "xchg_one(index, new)");
+        return NULL;
+    }
+    if (parse_index(args[0], &index) < 0)
+        return NULL;
+    uint64_t new = PyLong_AsUnsignedLongLong(args[1]);
+    if (new == (uint64_t)-1 && PyErr_Occurred())
+        return NULL;
+    return exchange(self, index, new);
+}
+
+/* clear_one(index) -> old: clear_range() of one entry (0 when it held nothing;
+ * an empty table, as clear_range() has it, is not even changed). */
 static PyObject *sparse_clear_one(Sparse *self, PyObject *arg)
 {
     Py_ssize_t index;
@@ -247,35 +254,7 @@ static PyObject *sparse_clear_one(Sparse *self, PyObject *arg)
         return NULL;
     if (PyDict_GET_SIZE(self->chunks) == 0)
         return PyLong_FromLong(0);
-    PyObject *key = PyLong_FromSsize_t(index >> CHUNK_SHIFT);
-    if (!key)
-        return NULL;
-    PyObject *result = NULL;
-    PyObject *chunk = PyDict_GetItemWithError(self->chunks, key);     /* borrowed */
-    self->generation++;
-    if (!chunk) {
-        if (!PyErr_Occurred())
-            result = PyLong_FromLong(0);
-        goto out;
-    }
-    Py_buffer view;
-    uint64_t *e = chunk_entries(chunk, &view);
-    if (!e)
-        goto out;
-    Py_ssize_t off = index & (CHUNK - 1);
-    uint64_t old = e[off];
-    e[off] = 0;
-    if (view.obj)
-        PyBuffer_Release(&view);
-    if (old) {
-        Py_ssize_t left = add_used(self, key, -1);
-        if (left < 0 || (left == 0 && free_chunk(self, key, chunk) < 0))
-            goto out;
-    }
-    result = PyLong_FromUnsignedLongLong(old);
-out:
-    Py_DECREF(key);
-    return result;
+    return exchange(self, index, 0);
 }
 
 /* get(index) -> the entry. */
