@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from vfiosim.transport import trace as T
 from vfiosim.transport.trace import Tracer
 
-_TIME = re.compile(r'^\{"time": (-?[0-9]+\.[0-9]{6}), ')
+_TIME = re.compile(r'^\{"time": ([-+.e0-9]+), ')
 
 
 def _tracer() -> tuple[Tracer, io.StringIO]:
@@ -118,3 +118,93 @@ def test_a_failed_access_reaches_the_observer_and_a_good_one_does_not():
     t.mmio(9, 1, 0x98, 8, 1, False, 0, 0)
     assert [(r["offset"], r["errno"], r["reason"]) for r in seen] == [(0x88, E.EFAULT, "no device mapping 2")]
     assert [json.loads(x)["seq"] for x in out.getvalue().splitlines()] == [0, 1, 2]
+
+
+# -- ioctl records: decoded once, their text kept -------------------------------------------------------
+
+
+def _ioctl_rig():
+    """An x86 Type1v2 container and the calls of a map/unmap loop, on the in-process machine."""
+    import ctypes
+
+    import vfiosim
+    from vfiosim.uapi import vfio as uapi
+
+    m = vfiosim.Machine.preset("x86")
+    p = m.spawn(uid=0, rlimit_memlock=(1 << 40, 1 << 40))
+    c = p.open("/dev/vfio/vfio")
+    g = p.open("/dev/vfio/4")
+    p.ioctl(g, uapi.VFIO_GROUP_SET_CONTAINER, ctypes.c_int32(c))
+    p.ioctl(c, uapi.VFIO_SET_IOMMU, uapi.VFIO_TYPE1v2_IOMMU)
+    return m, p, c, uapi
+
+
+def _traced_call(m, task, tracers, fd, cmd, arg):
+    from vfiosim.kernel.errors import KernelError
+    from vfiosim.transport import protocol as P
+
+    recs = [t.begin(task, P.OP_IOCTL, 0, fd, 0, (cmd, arg, 0, 0, 0), b"") for t in tracers]
+    try:
+        ret, err, reason = m.kernel.gate.call(task, "ioctl", m.kernel.sys_ioctl, fd, cmd, arg), 0, None
+    except KernelError as exc:
+        ret, err, reason = -1, exc.errno, exc.reason
+    for t, rec in zip(tracers, recs):
+        if reason is not None:
+            rec["reason"] = reason
+        t.end(rec, task, ret, err)
+
+
+def test_an_ioctl_record_kept_as_text_is_what_encoding_it_writes():
+    """The same calls traced twice: once the plain way (a dict through the JSON
+    encoder: an observer turns the shortcuts off) and once with the decoded
+    arguments and the records' text kept.  Same records, byte for byte, also
+    where the same bytes meet another mapping, an error, a changed result,
+    an argument that faults."""
+    m, p, c, uapi = _ioctl_rig()
+    plain, out1 = _tracer()
+    plain.observer = lambda rec: None
+    fast, out2 = _tracer()
+    task = p.task
+    buf = p.mmap(1 << 16)
+    p.write_memory(buf, b"\1" * (1 << 16))
+    args = p.mmap(4096)
+    p.write_memory(args, bytes(uapi.vfio_iommu_type1_dma_map(argsz=32, flags=3, vaddr=buf, iova=0, size=4096)))
+    p.write_memory(args + 64, bytes(uapi.vfio_iommu_type1_dma_unmap(argsz=24, iova=0, size=8192)))
+    p.write_memory(args + 128, bytes(uapi.vfio_iommu_type1_info(argsz=16)))
+    MAP, UNMAP, INFO = uapi.VFIO_IOMMU_MAP_DMA, uapi.VFIO_IOMMU_UNMAP_DMA, uapi.VFIO_IOMMU_GET_INFO
+    tracers = [plain, fast]
+    calls = 0
+    for _ in range(5):
+        _traced_call(m, task, tracers, c, MAP, args)          # mapped
+        _traced_call(m, task, tracers, c, MAP, args)          # EEXIST, with its reason
+        _traced_call(m, task, tracers, c, INFO, args + 128)   # fields only after the call
+        _traced_call(m, task, tracers, c, UNMAP, args + 64)   # "out": the size unmapped
+        p.write_memory(args + 64, bytes(uapi.vfio_iommu_type1_dma_unmap(argsz=24, iova=0, size=8192)))
+        _traced_call(m, task, tracers, c, UNMAP, args + 64)   # the same bytes in, 0 unmapped out
+        p.write_memory(args + 64, bytes(uapi.vfio_iommu_type1_dma_unmap(argsz=24, iova=0, size=8192)))
+        calls += 5
+    _traced_call(m, task, tracers, c, MAP, args)
+    _traced_call(m, task, tracers, c, UNMAP, args + 64)
+    p.munmap(buf + (1 << 15), 1 << 15)                        # the same bytes, a mapping half as long
+    _traced_call(m, task, tracers, c, MAP, args)
+    _traced_call(m, task, tracers, c, UNMAP, args + 64)
+    calls += 4
+    p.munmap(buf, 1 << 15)                                    # the same bytes, no mapping now
+    _traced_call(m, task, tracers, c, MAP, args)
+    buf2 = p.mmap(1 << 20)                                    # and maybe another one there
+    _traced_call(m, task, tracers, c, MAP, args)
+    _traced_call(m, task, tracers, c, MAP, 16)                # the argument faults
+    _traced_call(m, task, tracers, 99, MAP, args)             # no such fd
+    calls += 4
+    a, b = out1.getvalue().splitlines(), out2.getvalue().splitlines()
+    assert len(a) == len(b) == calls
+    assert [_untimed(x) for x in b] == [_untimed(x) for x in a]
+    recs = [json.loads(x) for x in b]
+    assert [r.get("err") for r in recs[:5]] == ["", "EEXIST", "", "", ""]
+    assert recs[3]["out"] == {"size": 4096} and recs[4]["out"] == {"size": 0}
+    assert recs[-8]["mem"]["vaddr"]["vma"][1] - recs[-6]["mem"]["vaddr"]["vma"][1] == 1 << 15
+    assert recs[-8]["err"] == recs[-6]["err"] == ""
+    assert recs[1]["reason"] and "out" in recs[2]
+    assert recs[-4]["mem"]["vaddr"]["vma"] is None and recs[-4]["err"] == "EFAULT"
+    assert recs[-2]["args"] == {"ptr": 16, "fault": True}
+    assert buf2 and len(fast._texts) < calls                  # the loop's records were kept, not encoded again
