@@ -102,12 +102,14 @@ def test_records_stay_right_past_the_templates_kept():
     for i in range(n):
         t.mmio(7, 1, i * 4, 4, i, True, 0, 0)
         t.mmio(7, 1, i * 4, 4, None, False, 0, 0)
+        t.posted_stores(7, [(1, i * 4, 4, i, 0, 0, "")])
     lines = out.getvalue().splitlines()
-    assert len(t._mmio_parts) <= T._MMIO_PARTS
+    assert len(t._mmio_parts) <= T._MMIO_PARTS and len(t._posted_heads) <= T._MMIO_PARTS
     for i in range(n):
-        assert _untimed(lines[2 * i]) == json.dumps(_expected(2 * i, 7, 1, i * 4, 4, i, True, 0, 0, "", False))
-        assert _untimed(lines[2 * i + 1]) == json.dumps(_expected(2 * i + 1, 7, 1, i * 4, 4, None, False, 0, 0, "",
-                                                                  False))
+        j = 3 * i
+        assert _untimed(lines[j]) == json.dumps(_expected(j, 7, 1, i * 4, 4, i, True, 0, 0, "", False))
+        assert _untimed(lines[j + 1]) == json.dumps(_expected(j + 1, 7, 1, i * 4, 4, None, False, 0, 0, "", False))
+        assert _untimed(lines[j + 2]) == json.dumps(_expected(j + 2, 7, 1, i * 4, 4, i, True, 0, 0, "", True))
 
 
 def test_a_failed_access_reaches_the_observer_and_a_good_one_does_not():

@@ -57,6 +57,8 @@ _MMIO_RECORD = ('{"time": %.6f, "pid": %d, "call": "mmio", "mapping": %d, "offse
                 '"write": %s%s%s, "ret": %d, "errno": %d, "err": "%s", "seq": %d}\n')
 #: successful BAR access records whose constant text is kept (one per register a program uses)
 _MMIO_PARTS = 1024
+#: what follows a successful posted store's value
+_POSTED_TAIL = ', "posted": true, "ret": 0, "errno": 0, "err": "", "seq": '
 #: decoded arguments and ioctl record texts kept (a loop uses a few)
 _CACHED = 512
 #: A record holds no cycles: the encoder need not look for them.
@@ -119,6 +121,7 @@ class Tracer:
         self._labels: dict[tuple[int, str, str], str] = {}      # (request, fd kind, iommu) -> its name
         self._texts: dict[tuple[Any, ...], str] = {}
         self._mmio_parts: dict[tuple[int, int, int, int, bool, bool, bool], tuple[str, str]] = {}
+        self._posted_heads: dict[tuple[int, int, int, int], str] = {}
         #: called with each record after it is written (``vfiosim run -v`` prints failures)
         self.observer: Callable[[dict[str, Any]], None] | None = None
         if machine is not None:
@@ -173,22 +176,31 @@ class Tracer:
         offset, size, value, ret, errno, reason) each.  They were one flush
         of the program's posted-store ring, one system call of the task: they
         share its time, and reach the file in one write."""
-        for _mapping, _offset, _size, _value, ret, err, reason in done:
-            if err or ret or reason:                  # rare: one by one, as mmio() does it
-                for mapping, offset, size, value, ret, err, reason in done:
-                    self.mmio(pid, mapping, offset, size, value, True, ret, err, reason, posted=True)
-                return
         stamp = f'{{"time": {time.monotonic() - self.t0:.6f}'
-        get = self._mmio_parts.get
+        heads = self._posted_heads
         seq = self.seq
         lines = []
-        for mapping, offset, size, value, _ret, _err, _reason in done:
-            key = (pid, mapping, offset, size, True, True, False)
-            head, tail = get(key) or self._mmio_record_parts(key)
-            lines.append(f"{stamp}{head}{value}{tail}{seq}}}\n")
+        for mapping, offset, size, value, ret, err, reason in done:
+            if ret or err or reason:
+                break
+            head = heads.get((pid, mapping, offset, size))
+            if head is None:
+                head = self._posted_head(pid, mapping, offset, size)
+            lines.append(f"{stamp}{head}{value}{_POSTED_TAIL}{seq}}}\n")
             seq += 1
-        self.seq = seq
-        self.f.write("".join(lines))
+        else:
+            self.seq = seq
+            self.f.write("".join(lines))
+            return
+        for mapping, offset, size, value, ret, err, reason in done:      # rare: one by one, as mmio() does it
+            self.mmio(pid, mapping, offset, size, value, True, ret, err, reason, posted=True)
+
+    def _posted_head(self, pid: int, mapping: int, offset: int, size: int) -> str:
+        if len(self._posted_heads) >= _MMIO_PARTS:
+            self._posted_heads.clear()
+        head = self._posted_heads[(pid, mapping, offset, size)] = \
+            self._mmio_record_parts((pid, mapping, offset, size, True, True, False))[0]
+        return head
 
     def _mmio_record_parts(self, key: tuple[int, int, int, int, bool, bool, bool]) -> tuple[str, str]:
         """The text of a successful access's record around its time, value and seq."""
