@@ -210,3 +210,85 @@ def test_an_ioctl_record_kept_as_text_is_what_encoding_it_writes():
     assert recs[-4]["mem"]["vaddr"]["vma"] is None and recs[-4]["err"] == "EFAULT"
     assert recs[-2]["args"] == {"ptr": 16, "fault": True}
     assert buf2 and len(fast._texts) < calls                  # the loop's records were kept, not encoded again
+
+
+# -- a trace is whole: after the program is killed, after the daemon stops ----------------------------
+
+
+def _check_whole(path, pid: int) -> list[dict]:
+    lines = path.read_text().splitlines()
+    assert lines and lines[-1]                                # (no torn last line)
+    recs = [json.loads(x) for x in lines[1:]]                 # (the first line is the header)
+    assert [r["seq"] for r in recs] == list(range(len(recs)))
+    return recs
+
+
+def test_a_trace_is_whole_after_the_program_is_killed_and_after_the_daemon_stops(tmp_path):
+    """The edu DMA loop of the benchmarks, killed (SIGKILL) while it makes its
+    posted stores and loads: once the daemon has seen it go, the trace holds
+    every record up to its exit, in order, ending with the exit; stopping the
+    daemon leaves it so."""
+    import time
+
+    import vfiosim
+    from runutil import ROOT, ThreadedDaemon, cc
+
+    exe = cc(ROOT / "benchmarks" / "bench_client.c", tmp_path, "-pthread")
+    m = vfiosim.Machine.preset("pseries")
+    trace = tmp_path / "t.jsonl"
+    d = ThreadedDaemon(m, tmp_path, trace=str(trace))
+    try:
+        proc = d.popen([str(exe), "dma", "256", "spapr2", "0", "0000:00:00.0"])
+        end = time.monotonic() + 30
+        while trace.read_text().count('"posted": true') < 2000 and proc.poll() is None:
+            assert time.monotonic() < end, "the DMA loop made no stores"
+            time.sleep(0.02)
+        proc.kill()
+        proc.wait()
+        assert proc.returncode == -9                          # killed in its loop, not finished
+        assert d.wait_idle()
+        end = time.monotonic() + 10
+        while '"call": "exit"' not in trace.read_text():      # the daemon's loop flushes now and then
+            assert time.monotonic() < end, "the exit never reached the trace"
+            time.sleep(0.02)
+        recs = _check_whole(trace, proc.pid)
+        assert recs[-1]["call"] == "exit" and recs[-1]["pid"] == proc.pid
+        mmio = [r for r in recs if r["call"] == "mmio"]
+        # Stores and loads succeed, up to the kill; the DMA command the daemon
+        # performed as the process died may fail (its memory went first).
+        failed = [r for r in mmio if r["errno"]]
+        assert len(mmio) > 2000 and len(failed) <= 1
+        assert all(r["offset"] == 0x98 and r["err"] == "EFAULT" and "DMA" in r["reason"] for r in failed)
+        # Each transfer's registers, stored in order, before its command is polled.
+        stores = [r["offset"] for r in mmio if r.get("posted")]
+        assert stores[:8] == [0x80, 0x88, 0x90, 0x98] * 2
+        before_stop = trace.read_text()
+    finally:
+        d.close()
+    assert trace.read_text() == before_stop                   # nothing torn or added by the shutdown
+
+
+def test_a_trace_is_whole_when_the_daemon_stops_under_a_running_program(tmp_path):
+    import time
+
+    import vfiosim
+    from runutil import ROOT, ThreadedDaemon, cc
+
+    exe = cc(ROOT / "benchmarks" / "bench_client.c", tmp_path, "-pthread")
+    m = vfiosim.Machine.preset("pseries")
+    trace = tmp_path / "t.jsonl"
+    d = ThreadedDaemon(m, tmp_path, trace=str(trace))
+    proc = d.popen([str(exe), "dma", "256", "spapr2", "0", "0000:00:00.0"])
+    try:
+        end = time.monotonic() + 30
+        while trace.read_text().count('"posted": true') < 2000 and proc.poll() is None:
+            assert time.monotonic() < end, "the DMA loop made no stores"
+            time.sleep(0.02)
+        assert proc.poll() is None
+        d.close()
+        recs = _check_whole(trace, proc.pid)
+        assert recs[-1] == {**recs[-1], "call": "exit", "pid": proc.pid, "detail": "daemon shut down"}
+        assert sum(r["call"] == "mmio" for r in recs) > 2000
+    finally:
+        proc.kill()
+        proc.wait()
