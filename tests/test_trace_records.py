@@ -173,6 +173,7 @@ def test_an_ioctl_record_kept_as_text_is_what_encoding_it_writes():
     p.write_memory(args, bytes(uapi.vfio_iommu_type1_dma_map(argsz=32, flags=3, vaddr=buf, iova=0, size=4096)))
     p.write_memory(args + 64, bytes(uapi.vfio_iommu_type1_dma_unmap(argsz=24, iova=0, size=8192)))
     p.write_memory(args + 128, bytes(uapi.vfio_iommu_type1_info(argsz=16)))
+    p.write_memory(args + 2048, bytes(uapi.vfio_iommu_type1_info(argsz=1024)))    # too big to keep
     MAP, UNMAP, INFO = uapi.VFIO_IOMMU_MAP_DMA, uapi.VFIO_IOMMU_UNMAP_DMA, uapi.VFIO_IOMMU_GET_INFO
     tracers = [plain, fast]
     calls = 0
@@ -180,11 +181,13 @@ def test_an_ioctl_record_kept_as_text_is_what_encoding_it_writes():
         _traced_call(m, task, tracers, c, MAP, args)          # mapped
         _traced_call(m, task, tracers, c, MAP, args)          # EEXIST, with its reason
         _traced_call(m, task, tracers, c, INFO, args + 128)   # fields only after the call
+        _traced_call(m, task, tracers, c, INFO, args + 2048)
         _traced_call(m, task, tracers, c, UNMAP, args + 64)   # "out": the size unmapped
         p.write_memory(args + 64, bytes(uapi.vfio_iommu_type1_dma_unmap(argsz=24, iova=0, size=8192)))
         _traced_call(m, task, tracers, c, UNMAP, args + 64)   # the same bytes in, 0 unmapped out
         p.write_memory(args + 64, bytes(uapi.vfio_iommu_type1_dma_unmap(argsz=24, iova=0, size=8192)))
-        calls += 5
+        p.write_memory(args + 2048, bytes(uapi.vfio_iommu_type1_info(argsz=1024)))
+        calls += 6
     _traced_call(m, task, tracers, c, MAP, args)
     _traced_call(m, task, tracers, c, UNMAP, args + 64)
     p.munmap(buf + (1 << 15), 1 << 15)                        # the same bytes, a mapping half as long
@@ -202,14 +205,17 @@ def test_an_ioctl_record_kept_as_text_is_what_encoding_it_writes():
     assert len(a) == len(b) == calls
     assert [_untimed(x) for x in b] == [_untimed(x) for x in a]
     recs = [json.loads(x) for x in b]
-    assert [r.get("err") for r in recs[:5]] == ["", "EEXIST", "", "", ""]
-    assert recs[3]["out"] == {"size": 4096} and recs[4]["out"] == {"size": 0}
+    assert [r.get("err") for r in recs[:6]] == ["", "EEXIST", "", "", "", ""]
+    assert recs[4]["out"] == {"size": 4096} and recs[5]["out"] == {"size": 0}
+    assert recs[3]["args"]["argsz"] == 1024 and "out" in recs[3]
     assert recs[-8]["mem"]["vaddr"]["vma"][1] - recs[-6]["mem"]["vaddr"]["vma"][1] == 1 << 15
     assert recs[-8]["err"] == recs[-6]["err"] == ""
     assert recs[1]["reason"] and "out" in recs[2]
     assert recs[-4]["mem"]["vaddr"]["vma"] is None and recs[-4]["err"] == "EFAULT"
     assert recs[-2]["args"] == {"ptr": 16, "fault": True}
     assert buf2 and len(fast._texts) < calls                  # the loop's records were kept, not encoded again
+    assert all(len(raw) <= T._KEPT_ARG for _name, raw in fast._decoded)
+    assert all(len(key[5]) <= T._KEPT_ARG for key in fast._texts)
 
 
 # -- a trace is whole: after the program is killed, after the daemon stops ----------------------------

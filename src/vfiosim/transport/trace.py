@@ -59,8 +59,9 @@ _MMIO_RECORD = ('{"time": %.6f, "pid": %d, "call": "mmio", "mapping": %d, "offse
 _MMIO_PARTS = 1024
 #: what follows a successful posted store's value
 _POSTED_TAIL = ', "posted": true, "ret": 0, "errno": 0, "err": "", "seq": '
-#: decoded arguments and ioctl record texts kept (a loop uses a few)
+#: decoded arguments and ioctl record texts kept (a loop uses a few), for arguments up to _KEPT_ARG bytes
 _CACHED = 512
+_KEPT_ARG = 256
 #: A record holds no cycles: the encoder need not look for them.
 _encode = json.JSONEncoder(check_circular=False).encode
 #: read/write payloads kept in a trace (config space and BAR accesses are a few bytes)
@@ -321,10 +322,11 @@ class Tracer:
             else:
                 # The same bytes decode to the same fields: a loop's arguments are decoded
                 # once (the dict is shared by records, so nothing changes it after this).
-                args = self._decoded.get((name, raw)) if self.observer is None else None
+                keep = self.observer is None and len(raw) <= _KEPT_ARG
+                args = self._decoded.get((name, raw)) if keep else None
                 if args is None:
                     args = ioctls.decode(name, raw)
-                    if self.observer is None:
+                    if keep:
                         if len(self._decoded) >= _CACHED:
                             self._decoded.clear()
                         self._decoded[(name, raw)] = args
@@ -420,7 +422,7 @@ class Tracer:
             rec["vmlck_kb"], rec["vmpin_kb"] = task.mm.locked_vm * kb, task.mm.pinned_vm * kb
         except Exception:
             pass
-        if before is None or bitmap is not None or self.observer is not None:
+        if before is None or bitmap is not None or self.observer is not None or len(before) > _KEPT_ARG:
             if where is not None:
                 rec["mem"] = _mem(where)
             self._write(rec)
