@@ -95,3 +95,27 @@ def test_the_daemon_pair_smoke_run_measures_every_layer(tmp_path):
         assert len(figures) == 10 and all(0 < v < 1e9 for v in figures.values()), figures
         # A pair is two requests: each at least a few Python calls and their bytecodes.
         assert figures["serve_pair_python_calls"] >= 10 and figures["serve_pair_bytecodes"] > 20 * 10
+
+
+def test_the_paired_trace_benchmark_compares_two_trees(tmp_path):
+    """benchmarks/trace_paired.py (what --trace costs, untraced and traced
+    runs paired) for one round, this tree against itself."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler for benchmarks/bench_client.c")
+    root = Path(__file__).resolve().parent.parent
+    src = str(root / "src")
+    out_json = tmp_path / "paired.json"
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "trace_paired.py"), src, src,
+                           "--workload", "map", "--rounds", "1", "--json", str(out_json)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(out_json.read_text())["results"]
+    for tree in ("before", "after"):
+        r = results[tree]
+        assert r["untraced"][0] > 0 and r["traced"][0] > 0
+        assert r["median_paired_ratio"] == r["traced"][0] / r["untraced"][0]
+    assert "--trace costs" in done.stdout

@@ -937,6 +937,7 @@ class Daemon:
         access = self.kernel.mmap_access
         mappings = st.mappings
         tracer = st.tracer
+        done: list[tuple[int, int, int, int, int, int, str]] | None = [] if tracer is not None else None
         for handle, offset, size, value, _kick in posts:
             m = mappings.get(handle)
             ret, err, reason = 0, 0, ""
@@ -955,8 +956,10 @@ class Daemon:
             except Exception as exc:           # a bug in the simulator: recorded; the store is dropped
                 oops = self.gate.oops("posted store", exc)
                 ret, err, reason = -1, oops.errno, oops.reason
-            if tracer is not None:
-                tracer.mmio(st.pid, handle, offset, size, value, True, ret, err, reason, posted=True)
+            if done is not None:
+                done.append((handle, offset, size, value, ret, err, reason))
+        if tracer is not None and done:               # their records, in one go
+            tracer.posted_stores(st.pid, done)
 
     def _update_live(self, sess: Session, st: TaskState) -> None:
         """Which of the program's mappings may post stores now (decoding on)."""
