@@ -63,8 +63,6 @@ def test_the_run_benchmarks_smoke_run_measures_every_figure(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
-    if not (shutil.which("cc") or shutil.which("gcc")):
-        pytest.skip("no C compiler for benchmarks/bench_client.c")
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "run_bench.py"
     out_json = tmp_path / "run.json"
     done = subprocess.run([sys.executable, str(script), "--quick", "--json", str(out_json)],
@@ -100,12 +98,10 @@ def test_the_daemon_pair_smoke_run_measures_every_layer(tmp_path):
 def test_the_paired_trace_benchmark_compares_two_trees(tmp_path):
     """benchmarks/trace_paired.py (what --trace costs, untraced and traced
     runs paired) for one round, this tree against itself."""
-    import shutil
     import subprocess
     import sys
     from pathlib import Path
-    if not (shutil.which("cc") or shutil.which("gcc")):
-        pytest.skip("no C compiler for benchmarks/bench_client.c")
+    # (A C compiler is there: the package's own install built its C.)
     root = Path(__file__).resolve().parent.parent
     src = str(root / "src")
     out_json = tmp_path / "paired.json"
