@@ -58,8 +58,8 @@ def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch, tmp_path):
 
 def test_the_run_benchmarks_smoke_run_measures_every_figure(tmp_path):
     """benchmarks/run_bench.py (issue 13's figures under `vfiosim run`) at tiny
-    sizes: a C program built, run under the daemon and timed for each figure."""
-    import shutil
+    sizes: a C program built, run under the daemon and timed for each figure
+    (a C compiler is there: the package's own install built its C)."""
     import subprocess
     import sys
     from pathlib import Path
