@@ -1057,66 +1057,6 @@ static PyObject *request_tuple(const struct vreq *rq, const uint8_t *payload, ui
 static PyObject *no_request;           /* (0, ..., b"", seen) tuples for the common outcomes */
 
 /*
- * A program calling back to back sends its next request within a microsecond
- * or so of the reply.  Releasing the GIL to wait for it and taking the GIL
- * again costs a fifth of a microsecond a call, so the thread first looks for
- * it for GIL_HELD_NS with the GIL held -- only while it would spin at all,
- * and not when the program is on this very CPU.  Another thread waits at most
- * that long for the GIL.  1: work, -1: stop, 0: none yet (wait_work()).
- */
-#define GIL_HELD_NS 1500u
-
-static int held_spin(Channel *c)
-{
-    struct vchan *ch = c->ch;
-    if (!c->spin || __atomic_load_n(&ch->prog.cpu, __ATOMIC_RELAXED) == (uint32_t)sched_getcpu())
-        return 0;
-    uint64_t start = now_ns();
-    for (unsigned i = 0;; i++) {
-        if (__atomic_load_n(&c->stop, __ATOMIC_RELAXED))
-            return -1;
-        if (kicked(c)) {
-            c->caught++;
-            learn(&c->budget, now_ns() - start, 1);
-            return 1;
-        }
-        if ((i & 15) == 15 && now_ns() - start >= GIL_HELD_NS)
-            return 0;
-        __builtin_ia32_pause();
-    }
-}
-
-/* After wait_work()'s `r`: copy the request out of the channel (1), or note
- * a kick that brought only posts (2); what `seen` says besides. */
-static int take_work(Channel *c, int r, struct vreq *rq, uint8_t *payload, uint32_t *seen)
-{
-    struct vchan *ch = c->ch;
-    if (r == 1) {
-        c->wake = load_acq(&ch->prog.wake_seq);
-        __atomic_store_n(&ch->daemon.cpu, (uint32_t)sched_getcpu(), __ATOMIC_RELAXED);
-        uint32_t seq = load_acq(&ch->prog.req_seq);
-        if (seq == c->seq) {
-            r = 2;                     /* a kick: posts with side effects wait */
-            control(c);                /* a program that only posts doorbells is paced by its kicks */
-        } else {
-            c->seq = seq;
-            __atomic_store_n(&ch->daemon.taken_seq, seq, __ATOMIC_RELEASE);
-            memcpy(rq, (const void *)&ch->req, sizeof *rq);
-            if (rq->len > VMAX_PAYLOAD || rq->reserved) {
-                *seen |= VD_MALFORMED;
-                rq->len = 0;
-            }
-            if (rq->len)
-                memcpy(payload, (const void *)ch->req_payload, rq->len);
-            control(c);
-        }
-    }
-    if (load_acq(&ch->prog.ring_head) != ch->daemon.ring_tail)
-        *seen |= VD_POSTS;
-    return r;
-}
-
-/*
  * next(ret, err, payload, timeout_ms) -> (op, flags, fd, fd2, a0, a1, a2, a3, a4, payload, seen)
  *
  * Publish the reply to the last request (unless `ret` is None), then wait for
@@ -1152,14 +1092,31 @@ static PyObject *channel_next(Channel *c, PyObject *const *args, Py_ssize_t narg
     struct vreq rq;
     uint8_t payload[VMAX_PAYLOAD];
     uint32_t seen = 0;
-    r = held_spin(c);
-    if (r) {
-        r = take_work(c, r, &rq, payload, &seen);
-    } else {
-        Py_BEGIN_ALLOW_THREADS
-        r = take_work(c, wait_work(c, c->seq, woke, (int)timeout_ms), &rq, payload, &seen);
-        Py_END_ALLOW_THREADS
+    Py_BEGIN_ALLOW_THREADS
+    r = wait_work(c, c->seq, woke, (int)timeout_ms);
+    if (r == 1) {
+        c->wake = load_acq(&ch->prog.wake_seq);
+        __atomic_store_n(&ch->daemon.cpu, (uint32_t)sched_getcpu(), __ATOMIC_RELAXED);
+        uint32_t seq = load_acq(&ch->prog.req_seq);
+        if (seq == c->seq) {
+            r = 2;                     /* a kick: posts with side effects wait */
+            control(c);                /* a program that only posts doorbells is paced by its kicks */
+        } else {
+            c->seq = seq;
+            __atomic_store_n(&ch->daemon.taken_seq, seq, __ATOMIC_RELEASE);
+            memcpy(&rq, (const void *)&ch->req, sizeof rq);
+            if (rq.len > VMAX_PAYLOAD || rq.reserved) {
+                seen |= VD_MALFORMED;
+                rq.len = 0;
+            }
+            if (rq.len)
+                memcpy(payload, (const void *)ch->req_payload, rq.len);
+            control(c);
+        }
     }
+    if (load_acq(&ch->prog.ring_head) != ch->daemon.ring_tail)
+        seen |= VD_POSTS;
+    Py_END_ALLOW_THREADS
     if (r == 1)
         return request_tuple(&rq, payload, seen);
     if (r < 0)
