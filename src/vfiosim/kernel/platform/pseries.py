@@ -211,7 +211,8 @@ class SpaprPhb:
 
     def lookup(self, iova: int) -> SpaprTceTable | None:
         for t in self.tables:
-            if t.enabled and t.bus_offset <= iova < t.bus_offset + (t.nb_table << t.page_shift):
+            # (A disabled window has nb_table 0: an empty range, so no `enabled` test; every DMA asks.)
+            if t.bus_offset <= iova < t.bus_offset + (t.nb_table << t.page_shift):
                 return t
         return None
 
