@@ -241,15 +241,11 @@ class EduDevice(PciDevice):
 
     # -- the DMA engine ---------------------------------------------------------------
 
-    def _in_buffer(self, start: int, count: int) -> bool:
-        end = start + count
-        return DMA_START <= start and end <= DMA_START + DMA_SIZE and end >= start
-
     def _run_dma(self) -> None:
         count = self.dma_cnt
         to_ram = bool(self.dma_cmd & DMA_DIR_TO_RAM)
         dev_addr = self.dma_src if to_ram else self.dma_dst
-        if not self._in_buffer(dev_addr, count):
+        if not DMA_START <= dev_addr <= dev_addr + count <= DMA_START + DMA_SIZE:       # within the buffer
             # QEMU logs a guest error and goes on to overrun its own buffer;
             # the model logs and moves nothing instead.
             self.log(f"edu {self.bdf}: DMA range {dev_addr:#x}+{count:#x} outside the buffer "
