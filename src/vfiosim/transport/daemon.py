@@ -943,14 +943,14 @@ class Daemon:
         tracer = st.tracer
         for handle, offset, size, value, _kick in posts:
             m = mappings.get(handle)
-            ret = err = 0
-            reason = ""
+            ret, err, reason = 0, 0, ""
             try:
                 if m is None:
                     raise fail(errno.EFAULT, f"no device mapping {handle}")
-                store = m.store_fns.get((offset, size), _UNKNOWN)
+                key = (offset, size)
+                store = m.store_fns.get(key, _UNKNOWN)
                 if store is _UNKNOWN:
-                    store = m.store_fns[(offset, size)] = self.kernel.mmap_store_fn(m.file, m.offset + offset, size)
+                    store = m.store_fns[key] = self.kernel.mmap_store_fn(m.file, m.offset + offset, size)
                 if store is None or not store(value):
                     access(task, m.file, m.offset + offset, size, value)
             except KernelError as exc:
