@@ -108,6 +108,69 @@ int main(int argc, char **argv)
     assert proc.returncode == -7, proc.returncode                           # SIGBUS
 
 
+def test_a_polled_register_is_loaded_through_its_shortcut_and_faults_while_decoding_is_off(tmp_path):
+    """The daemon answers a load of a DMA register through the shortcut edu
+    offers (Kernel.mmap_load_fn, kept per mapping); with decoding off the
+    shortcut declines and the load faults (SIGBUS), as vfio-pci's zapped
+    mapping would, exactly as through mmap_access."""
+    src = tmp_path / "load_off.c"
+    src.write_text(r"""
+#include <fcntl.h>
+#include <linux/vfio.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+int main(int argc, char **argv)
+{
+    int c = open("/dev/vfio/vfio", O_RDWR), g = open("/dev/vfio/4", O_RDWR);
+    ioctl(g, VFIO_GROUP_SET_CONTAINER, &c);
+    ioctl(c, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU);
+    int d = ioctl(g, VFIO_GROUP_GET_DEVICE_FD, argv[1]);
+    volatile uint8_t *bar = mmap(0, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, d, 0);
+    *(volatile uint64_t *)(bar + 0x88) = 0x123456789;
+    unsigned long dst = *(volatile uint64_t *)(bar + 0x88);
+    unsigned long gap = *(volatile uint32_t *)(bar + 0x84);
+    printf("dst=%#lx gap=%#lx\n", dst, gap);
+    fflush(stdout);
+    uint16_t cmd = 0;
+    pwrite(d, &cmd, 2, ((off_t)VFIO_PCI_CONFIG_REGION_INDEX << 40) + 4);
+    printf("off=%#lx\n", (unsigned long)*(volatile uint64_t *)(bar + 0x88));
+    return 0;
+}
+""")
+    exe = cc(src, tmp_path)
+    m = vfiosim.Machine.preset("x86")
+    bdf = m.iommu_groups()[4][0]
+    k = m.kernel
+    offered, general = [], []
+    make, access = k.mmap_load_fn, k.mmap_access
+
+    def mmap_load_fn(file, offset, size):
+        fn = make(file, offset, size)
+        offered.append((offset & 0xFFFFF, size, fn is not None))
+        return fn
+
+    def mmap_access(task, file, offset, size, value):
+        if value is None:
+            general.append((offset & 0xFFFFF, size))
+        return access(task, file, offset, size, value)
+    k.mmap_load_fn, k.mmap_access = mmap_load_fn, mmap_access
+    d = ThreadedDaemon(m, tmp_path)
+    try:
+        proc = d.run([str(exe), bdf])
+        assert d.wait_idle()
+    finally:
+        d.close()
+    assert proc.stdout.splitlines() == ["dst=0x123456789 gap=0xffffffff"], proc.stdout + proc.stderr
+    assert proc.returncode == -7, proc.returncode                           # SIGBUS
+    assert m.device(bdf).snapshot()["dma_dst"] == 0x123456789
+    # Asked once per register and size; none between registers (0x84: all-ones through mmap_access).
+    assert offered == [(0x88, 8, True), (0x84, 4, False)]
+    assert general == [(0x84, 4), (0x88, 8)]                    # the declined load says how it fails
+
+
 def test_device_models_declare_which_stores_may_be_posted():
     edu = EduDevice("0000:01:00.0")
     ranges = edu.posted_write_ranges(0)

@@ -172,12 +172,23 @@ class IommuBusMaster:
     def dma_read(self, iova: int, length: int) -> bytes:
         return read_runs(self._runs(iova, length, False))
 
+    # (One run, a transfer within a page or contiguous memory, is copied here
+    # without read_runs_into()/write_runs(): a device's every transfer.)
+
     def dma_read_into(self, iova: int, out: "bytearray | memoryview | np.ndarray") -> None:
         dest = out if isinstance(out, np.ndarray) else np.frombuffer(out, dtype=np.uint8)
-        read_runs_into(self._runs(iova, dest.nbytes, False), dest)
+        runs = self._runs(iova, dest.nbytes, False)
+        if len(runs) == 1:
+            runs[0][0].read_into(runs[0][1], dest)
+        else:
+            read_runs_into(runs, dest)
 
     def dma_write(self, iova: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
-        write_runs(self._runs(iova, len(data), True), data)
+        runs = self._runs(iova, len(data), True)
+        if len(runs) == 1 and isinstance(data, np.ndarray):
+            runs[0][0].write_at(runs[0][1], data)
+        else:
+            write_runs(runs, data)
 
     def _runs_many(self, segments: Sequence[tuple[int, int]], write: bool) -> list[list[Run]]:
         """_runs() of each range, in order; bus mastering and the platform's

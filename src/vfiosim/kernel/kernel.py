@@ -517,6 +517,15 @@ class Kernel:
         store_fn = getattr(file, "mmio_store_fn", None)
         return store_fn(offset, size) if store_fn is not None else None
 
+    def mmap_load_fn(self, file: File, offset: int, size: int) -> Callable[[], int | None] | None:
+        """mmap_store_fn() for loads (a status register a driver polls):
+        called, it returns what :meth:`mmap_access` would, or None where that
+        would fail (mmap_access then says how).  None: no shortcut here."""
+        if size not in (1, 2, 4, 8):
+            return None
+        load_fn = getattr(file, "mmio_load_fn", None)
+        return load_fn(offset, size) if load_fn is not None else None
+
     def munmap_file(self, task: Task, file: File) -> None:
         file.put(task)
 

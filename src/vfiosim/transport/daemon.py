@@ -134,6 +134,8 @@ class Mapping:
     prot: int = 0
     # Posted stores' shortcuts by (offset, size), as the device offers them (Kernel.mmap_store_fn).
     store_fns: dict[tuple[int, int], Callable[[int], bool] | None] = field(default_factory=dict)
+    # Loads' shortcuts by (offset, size) (Kernel.mmap_load_fn): a status register a driver polls.
+    load_fns: dict[tuple[int, int], Callable[[], int | None] | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -826,7 +828,18 @@ class Daemon:
         m = st.mappings.get(a[0])
         if m is None:
             raise fail(errno.EFAULT, f"no device mapping {a[0]}")
-        value = a[3] if flags & P.MMIO_WRITE else None
+        if flags & P.MMIO_WRITE:
+            value = a[3]
+        else:
+            key = (a[1], a[2])
+            load = m.load_fns.get(key, _UNKNOWN)
+            if load is _UNKNOWN:
+                load = m.load_fns[key] = self.kernel.mmap_load_fn(m.file, m.offset + a[1], a[2])
+            if load is not None:
+                ret = load()
+                if ret is not None:
+                    return 0, _U64.pack(ret & 0xFFFFFFFFFFFFFFFF)
+            value = None                        # no shortcut, or it declined: mmap_access() says how
         ret = self.kernel.mmap_access(task, m.file, m.offset + a[1], a[2], value)
         return 0, _U64.pack(ret & 0xFFFFFFFFFFFFFFFF)
 
@@ -925,7 +938,7 @@ class Daemon:
         if not posts:
             return
         try:
-            self.gate.call(st.task, "posted stores", self._posted_stores, st, posts)
+            self.gate.call_locked(st.task, "posted stores", self._posted_stores, st, posts)
         except KernelError as exc:             # the process is gone: its stores with it
             if st.tracer is not None:
                 for handle, offset, size, value, _kick in posts:
@@ -1285,8 +1298,8 @@ def _coalesce(posts: list[tuple[int, int, int, int, int]]) -> list[tuple[int, in
     the next load or side-effecting store: nobody can tell the difference, and
     a driver filling a register in a loop costs the device one store.  A
     side-effecting store (kick) is never dropped, nor moved across."""
-    if len({post[:3] for post in posts}) == len(posts):
-        return posts                       # no two to the same bytes (a driver's usual batch)
+    if len({post[1] for post in posts}) == len(posts):
+        return posts                       # no two at the same offset, so none to the same bytes (the usual batch)
     kept: list[tuple[int, int, int, int, int]] = []
     seen: set[tuple[int, int, int]] = set()
     for post in reversed(posts):

@@ -758,7 +758,7 @@ class HostMemoryObject:
         return self.host.device_read(self.vaddr + off, n)
 
     def read_into(self, off: int, out: np.ndarray) -> None:
-        mem = self._orphaned()
+        mem = self._orphaned() if self.host.gone else None     # (no call on a device's every transfer)
         if mem is not None:
             out[:] = mem[off:off + out.size]
             return
@@ -804,7 +804,7 @@ class HostMemoryObject:
         self.host.device_write_ranges([base + off for off in offs], lens, data)
 
     def write_at(self, off: int, data: "bytes | bytearray | memoryview | np.ndarray") -> None:
-        mem = self._orphaned()
+        mem = self._orphaned() if self.host.gone else None
         if mem is not None:
             src = data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
             mem[off:off + src.size] = src

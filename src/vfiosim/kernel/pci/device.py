@@ -520,13 +520,38 @@ class PciDevice:
             return None
 
         def host_store(value: int) -> None:
-            if self.mmio_enabled_by_platform() and self.memory_decode_enabled():
+            # (memory_decode_enabled() inline: this runs for every posted store)
+            if self.mmio_enabled_by_platform() and self.config.data[PCI_COMMAND] & PCI_COMMAND_MEMORY:
                 store(value)
         return host_store
+
+    def host_load_fn(self, bar: int, offset: int, size: int) -> Callable[[], int] | None:
+        """host_mmio_read() of a load at ``offset`` as one function, where the
+        model offers one (:meth:`mmio_load_fn`) and the load is not the
+        MSI-X table's or PBA's; None otherwise."""
+        m = self.msix
+        if m is not None and (bar == m.table_bar and m.table_offset <= offset < m.table_offset + m.table_size or
+                              bar == m.pba_bar and m.pba_offset <= offset < m.pba_offset + m.pba_size):
+            return None
+        load = self.mmio_load_fn(bar, offset, size)
+        if load is None:
+            return None
+        ones = (1 << (8 * size)) - 1
+
+        def host_load() -> int:
+            if self.mmio_enabled_by_platform() and self.config.data[PCI_COMMAND] & PCI_COMMAND_MEMORY:
+                return load()
+            return ones
+        return host_load
 
     def mmio_store_fn(self, bar: int, offset: int, size: int) -> Callable[[int], None] | None:
         """A function doing what mmio_write(bar, offset, size, value) does,
         for a store the model wants quick (a doorbell); None by default."""
+        return None
+
+    def mmio_load_fn(self, bar: int, offset: int, size: int) -> Callable[[], int] | None:
+        """A function returning what mmio_read(bar, offset, size) does, for a
+        load the model wants quick (a status register polled); None by default."""
         return None
 
     # (Both bits are in the command register's low byte; read on every BAR

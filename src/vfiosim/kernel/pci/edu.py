@@ -37,6 +37,10 @@ both at the register write, so status and command read back as done.
 
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
+
 from .device import DmaError, PciDevice, Register
 
 EDU_VENDOR = 0x1234
@@ -68,6 +72,17 @@ _M64 = (1 << 64) - 1
 _READ_REGS = {0x00: "", 0x04: "addr4", 0x08: "fact", 0x20: "status", 0x24: "irq_status"}
 
 
+_DMA_REGS = {0x80: "dma_src", 0x88: "dma_dst", 0x90: "dma_cnt", 0x98: "dma_cmd"}
+
+
+def _dma_register(bar: int, offset: int, size: int) -> str | None:
+    """The attribute a valid access to a DMA register reaches (4 or 8 bytes,
+    aligned, at the register's start), or None."""
+    if bar != 0 or (size != 4 and size != 8) or offset % size:
+        return None
+    return _DMA_REGS.get(offset)
+
+
 class EduDevice(PciDevice):
     model = "edu"
 
@@ -95,6 +110,7 @@ class EduDevice(PciDevice):
         self.dma_cnt = 0
         self.dma_cmd = 0
         self.dma_buf = bytearray(DMA_SIZE)
+        self._dma_view = np.frombuffer(self.dma_buf, dtype=np.uint8)    # (no view made per transfer)
         self.dma_count = 0          # completed transfers, for introspection
 
     # -- interrupts ---------------------------------------------------------------
@@ -172,6 +188,48 @@ class EduDevice(PciDevice):
         elif offset == 0x64:
             self.lower_irq(value)
 
+    # Shortcuts for the daemon (the registers a driver stores and polls for
+    # every transfer): each does what mmio_write()/mmio_read() does for its
+    # one register and access size; None for any other access.
+
+    def mmio_store_fn(self, bar: int, offset: int, size: int) -> Callable[[int], None] | None:
+        """mmio_write() of a DMA register (address, count, command) as one function."""
+        name = _dma_register(bar, offset, size)
+        if name is None:
+            return None
+        mask = _M32 if size == 4 else _M64
+        if offset == 0x98:
+            def command(value: int) -> None:
+                value &= mask
+                if value & DMA_RUN and not self.dma_cmd & DMA_RUN:
+                    self.dma_cmd = value
+                    self._run_dma()
+            return command
+
+        # (One function per register: no setattr() on a driver's every store.)
+        def src(value: int) -> None:
+            if not self.dma_cmd & DMA_RUN:      # registers are locked while a transfer runs
+                self.dma_src = value & mask
+
+        def dst(value: int) -> None:
+            if not self.dma_cmd & DMA_RUN:
+                self.dma_dst = value & mask
+
+        def cnt(value: int) -> None:
+            if not self.dma_cmd & DMA_RUN:
+                self.dma_cnt = value & mask
+        return {0x80: src, 0x88: dst, 0x90: cnt}[offset]
+
+    def mmio_load_fn(self, bar: int, offset: int, size: int) -> Callable[[], int] | None:
+        """mmio_read() of a DMA register as one function (a driver polls the command's bit 0)."""
+        name = _dma_register(bar, offset, size)
+        if name is None:
+            return None
+        mask = _M32 if size == 4 else _M64
+        if offset == 0x98:
+            return lambda: self.dma_cmd & mask      # (the one a driver polls: no getattr())
+        return lambda: getattr(self, name) & mask
+
     def _compute_factorial(self, n: int) -> None:
         result = 1
         while n > 0:
@@ -183,15 +241,11 @@ class EduDevice(PciDevice):
 
     # -- the DMA engine ---------------------------------------------------------------
 
-    def _in_buffer(self, start: int, count: int) -> bool:
-        end = start + count
-        return DMA_START <= start and end <= DMA_START + DMA_SIZE and end >= start
-
     def _run_dma(self) -> None:
         count = self.dma_cnt
         to_ram = bool(self.dma_cmd & DMA_DIR_TO_RAM)
         dev_addr = self.dma_src if to_ram else self.dma_dst
-        if not self._in_buffer(dev_addr, count):
+        if not DMA_START <= dev_addr <= dev_addr + count <= DMA_START + DMA_SIZE:       # within the buffer
             # QEMU logs a guest error and goes on to overrun its own buffer;
             # the model logs and moves nothing instead.
             self.log(f"edu {self.bdf}: DMA range {dev_addr:#x}+{count:#x} outside the buffer "
@@ -204,9 +258,9 @@ class EduDevice(PciDevice):
                 self.log(f"edu {self.bdf}: clamping DMA address {bus_addr:#x} to {masked:#x} (dma_mask {self.dma_mask:#x})")
             try:
                 if to_ram:
-                    self.bus_master.dma_write(masked, self.dma_buf[buf_off:buf_off + count])
+                    self.bus_master.dma_write(masked, self._dma_view[buf_off:buf_off + count])
                 else:
-                    self.bus_master.dma_read_into(masked, memoryview(self.dma_buf)[buf_off:buf_off + count])
+                    self.bus_master.dma_read_into(masked, self._dma_view[buf_off:buf_off + count])
                 self.dma_count += 1
             except DmaError as exc:
                 # edu has no error reporting: the transfer just did not happen.

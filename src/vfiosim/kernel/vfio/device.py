@@ -73,6 +73,10 @@ class VfioDeviceOps:
         """A shortcut for stores at ``offset`` through a mapping (Kernel.mmap_store_fn); None by default."""
         return None
 
+    def mmio_load_fn(self, offset: int, size: int) -> Callable[[], int | None] | None:
+        """A shortcut for loads at ``offset`` through a mapping (Kernel.mmap_load_fn); None by default."""
+        return None
+
     def mmap_posted_writes(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """(offset, length, side effect), from the start of a mapping at
         ``offset``, of what a CPU may store to without waiting for the device
@@ -270,6 +274,9 @@ class DeviceFile(File):
 
     def mmio_store_fn(self, offset: int, size: int) -> Callable[[int], bool] | None:
         return self.device.ops.mmio_store_fn(offset, size)
+
+    def mmio_load_fn(self, offset: int, size: int) -> Callable[[], int | None] | None:
+        return self.device.ops.mmio_load_fn(offset, size)
 
     def mmap_posted_writes(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         return self.device.ops.mmap_posted_writes(offset, length)

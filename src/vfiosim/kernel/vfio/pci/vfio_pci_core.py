@@ -205,11 +205,29 @@ class VfioPciDevice(VfioDeviceOps):
             return None
 
         def mmio_store(value: int) -> bool:
-            if not vfio_pci_memory_enabled(self):
+            if not self.vconfig[PCI_COMMAND] & PCI_COMMAND_MEMORY:     # vfio_pci_memory_enabled(), inline
                 return False
             store(value)
             return True
         return mmio_store
+
+    def mmio_load_fn(self, offset: int, size: int) -> Callable[[], int | None] | None:
+        """mmio()'s load where the device offers a shortcut: the value, or
+        None while memory decoding is off (mmio() faults)."""
+        index = offset >> VFIO_PCI_OFFSET_SHIFT
+        off = offset & VFIO_PCI_OFFSET_MASK
+        bar = self.pdev.bars.get(index)
+        if bar is None or off + size > bar.size:
+            return None
+        load = self.pdev.host_load_fn(index, off, size)
+        if load is None:
+            return None
+
+        def mmio_load() -> int | None:
+            if not self.vconfig[PCI_COMMAND] & PCI_COMMAND_MEMORY:
+                return None
+            return load()
+        return mmio_load
 
     def mmap_posted_writes(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         index = offset >> VFIO_PCI_OFFSET_SHIFT
