@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import math
+import time
 
 import pytest
 
@@ -66,6 +68,12 @@ def test_identification_liveness_factorial(rig):
     assert reg_read(p, d, 0x08) == 3628800
     reg_write(p, d, 0x08, 13)                            # 13! wraps at 32 bits, as in QEMU
     assert reg_read(p, d, 0x08) == 6227020800 & 0xFFFFFFFF
+    for n in (33, 34, 35):                               # 34! is the first multiple of 2**32
+        reg_write(p, d, 0x08, n)
+        assert reg_read(p, d, 0x08) == math.factorial(n) % 2 ** 32
+    t0 = time.monotonic()
+    reg_write(p, d, 0x08, 0xFFFFFFFF)                    # QEMU's 2**32 steps would stall the machine
+    assert reg_read(p, d, 0x08) == 0 and time.monotonic() - t0 < 5
     # Registers below 0x80 take 4-byte accesses only: 8 bytes read all-ones (edu_mmio_read);
     # 1 and 2 bytes are no valid edu access at all and read 0 (see test_edu_access_sizes.py).
     assert int.from_bytes(p.pread(d, 2, 0), "little") == 0

@@ -69,6 +69,7 @@ _M32 = 0xFFFFFFFF
 _M64 = (1 << 64) - 1
 
 # Registers below 0x80 a load reads: the attribute holding each ("": the identification).
+_FACT_ZERO_FROM = 34          # the least n whose n! is a multiple of 2**32
 _READ_REGS = {0x00: "", 0x04: "addr4", 0x08: "fact", 0x20: "status", 0x24: "irq_status"}
 
 
@@ -231,8 +232,11 @@ class EduDevice(PciDevice):
         return lambda: getattr(self, name) & mask
 
     def _compute_factorial(self, n: int) -> None:
-        result = 1
-        while n > 0:
+        """n! in 32 bits, as QEMU's loop computes it -- without its up to 2**32
+        steps: from 34! on, the product holds 2**32 (34! has 32 factors of 2),
+        so it is 0 (a program storing 0xFFFFFFFF would stall the daemon)."""
+        result = 0 if n >= _FACT_ZERO_FROM else 1
+        while 0 < n < _FACT_ZERO_FROM:
             result = (result * n) & _M32
             n -= 1
         self.fact = result
