@@ -507,13 +507,17 @@ class PciDevice:
                 return                      # the PBA is read-only
         self.mmio_write(bar, offset, size, value)
 
+    def _in_msix(self, bar: int, offset: int) -> bool:
+        """Whether ``offset`` of ``bar`` is in the MSI-X table or PBA (no shortcuts there)."""
+        m = self.msix
+        return m is not None and (bar == m.table_bar and m.table_offset <= offset < m.table_offset + m.table_size or
+                                  bar == m.pba_bar and m.pba_offset <= offset < m.pba_offset + m.pba_size)
+
     def host_store_fn(self, bar: int, offset: int, size: int) -> Callable[[int], None] | None:
         """host_mmio_write() of a store at ``offset`` as one function, where
         the model offers one (:meth:`mmio_store_fn`) and the store is not the
         MSI-X table's or PBA's; None otherwise."""
-        m = self.msix
-        if m is not None and (bar == m.table_bar and m.table_offset <= offset < m.table_offset + m.table_size or
-                              bar == m.pba_bar and m.pba_offset <= offset < m.pba_offset + m.pba_size):
+        if self._in_msix(bar, offset):
             return None
         store = self.mmio_store_fn(bar, offset, size)
         if store is None:
@@ -529,9 +533,7 @@ class PciDevice:
         """host_mmio_read() of a load at ``offset`` as one function, where the
         model offers one (:meth:`mmio_load_fn`) and the load is not the
         MSI-X table's or PBA's; None otherwise."""
-        m = self.msix
-        if m is not None and (bar == m.table_bar and m.table_offset <= offset < m.table_offset + m.table_size or
-                              bar == m.pba_bar and m.pba_offset <= offset < m.pba_offset + m.pba_size):
+        if self._in_msix(bar, offset):
             return None
         load = self.mmio_load_fn(bar, offset, size)
         if load is None:

@@ -191,16 +191,20 @@ class VfioPciDevice(VfioDeviceOps):
         self.pdev.host_mmio_write(index, off, size, value)
         return 0
 
+    def _in_bar(self, offset: int, size: int) -> tuple[int, int] | None:
+        """(BAR index, offset in it) of an access of ``size`` at region offset
+        ``offset`` that lies inside a BAR; None otherwise (the shortcuts' bounds)."""
+        index = offset >> VFIO_PCI_OFFSET_SHIFT
+        off = offset & VFIO_PCI_OFFSET_MASK
+        bar = self.pdev.bars.get(index)
+        return None if bar is None or off + size > bar.size else (index, off)
+
     def mmio_store_fn(self, offset: int, size: int) -> Callable[[int], bool] | None:
         """mmio()'s store where the device offers a shortcut: the BAR's bounds
         are fixed, memory decoding is checked on each store (off: False, and
         mmio() faults)."""
-        index = offset >> VFIO_PCI_OFFSET_SHIFT
-        off = offset & VFIO_PCI_OFFSET_MASK
-        bar = self.pdev.bars.get(index)
-        if bar is None or off + size > bar.size:
-            return None
-        store = self.pdev.host_store_fn(index, off, size)
+        where = self._in_bar(offset, size)
+        store = None if where is None else self.pdev.host_store_fn(*where, size)
         if store is None:
             return None
 
@@ -214,12 +218,8 @@ class VfioPciDevice(VfioDeviceOps):
     def mmio_load_fn(self, offset: int, size: int) -> Callable[[], int | None] | None:
         """mmio()'s load where the device offers a shortcut: the value, or
         None while memory decoding is off (mmio() faults)."""
-        index = offset >> VFIO_PCI_OFFSET_SHIFT
-        off = offset & VFIO_PCI_OFFSET_MASK
-        bar = self.pdev.bars.get(index)
-        if bar is None or off + size > bar.size:
-            return None
-        load = self.pdev.host_load_fn(index, off, size)
+        where = self._in_bar(offset, size)
+        load = None if where is None else self.pdev.host_load_fn(*where, size)
         if load is None:
             return None
 
