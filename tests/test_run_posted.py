@@ -67,12 +67,9 @@ def test_posted_stores_keep_pcie_ordering_and_really_are_posted(probe, tmp_path,
     assert all(r["errno"] == 0 for r in stores)
 
 
-def test_stores_are_not_posted_while_memory_decoding_is_off(tmp_path):
-    """With decoding off a store through the mapping faults (SIGBUS), as
-    vfio-pci's zapped mapping would: the daemon tells the program not to post."""
-    src = tmp_path / "off.c"
-    src.write_text(r"""
-#include <fcntl.h>
+# The start of a C program given edu's BDF on the x86 preset: its device fd `d`
+# in a Type1v2 container (group 4).
+_X86_EDU_OPEN = r"""#include <fcntl.h>
 #include <linux/vfio.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -85,7 +82,14 @@ int main(int argc, char **argv)
     ioctl(g, VFIO_GROUP_SET_CONTAINER, &c);
     ioctl(c, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU);
     int d = ioctl(g, VFIO_GROUP_GET_DEVICE_FD, argv[1]);
-    volatile uint32_t *bar = mmap(0, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, d, 0);
+"""
+
+
+def test_stores_are_not_posted_while_memory_decoding_is_off(tmp_path):
+    """With decoding off a store through the mapping faults (SIGBUS), as
+    vfio-pci's zapped mapping would: the daemon tells the program not to post."""
+    src = tmp_path / "off.c"
+    src.write_text(_X86_EDU_OPEN + r"""    volatile uint32_t *bar = mmap(0, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, d, 0);
     bar[1] = 1;                                   /* decoding on (vfio-pci's open enabled it) */
     printf("on=%#x\n", bar[1]);
     fflush(stdout);
@@ -114,21 +118,7 @@ def test_a_polled_register_is_loaded_through_its_shortcut_and_faults_while_decod
     shortcut declines and the load faults (SIGBUS), as vfio-pci's zapped
     mapping would, exactly as through mmap_access."""
     src = tmp_path / "load_off.c"
-    src.write_text(r"""
-#include <fcntl.h>
-#include <linux/vfio.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <sys/ioctl.h>
-#include <sys/mman.h>
-#include <unistd.h>
-int main(int argc, char **argv)
-{
-    int c = open("/dev/vfio/vfio", O_RDWR), g = open("/dev/vfio/4", O_RDWR);
-    ioctl(g, VFIO_GROUP_SET_CONTAINER, &c);
-    ioctl(c, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU);
-    int d = ioctl(g, VFIO_GROUP_GET_DEVICE_FD, argv[1]);
-    volatile uint8_t *bar = mmap(0, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, d, 0);
+    src.write_text(_X86_EDU_OPEN + r"""    volatile uint8_t *bar = mmap(0, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, d, 0);
     *(volatile uint64_t *)(bar + 0x88) = 0x123456789;
     unsigned long dst = *(volatile uint64_t *)(bar + 0x88);
     unsigned long gap = *(volatile uint32_t *)(bar + 0x84);
