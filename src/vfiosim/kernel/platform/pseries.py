@@ -119,13 +119,12 @@ class SpaprPhb:
         self.largest_block = largest_block
         self.log = log
         self.tables = [SpaprTceTable(spapr_liobn(index, n)) for n in range(windows_supported)]
+        # Every hcall names its window by LIOBN: one lookup, not a scan (the set is fixed).
+        self.by_liobn = {t.liobn: t for t in self.tables}
         self.reset_dma()
 
     def table(self, liobn: int) -> SpaprTceTable | None:
-        for t in self.tables:
-            if t.liobn == liobn:
-                return t
-        return None
+        return self.by_liobn.get(liobn)
 
     # -- hcalls (hw/ppc/spapr_iommu.c: h_put_tce, h_get_tce) -------------------------
 
@@ -229,8 +228,8 @@ class PseriesTableOps(TableOps):
         self._hcall_event = faults.bundle(("hcall:tce_exchange_pseries", 1)) if faults is not None else None
 
     def _window(self, tbl: IommuTable) -> SpaprTceTable | None:
-        t = self.hv.table(tbl.it_index)
-        return t if t is not None and t.enabled else None
+        t = self.hv.by_liobn.get(tbl.it_index)
+        return t if t is not None and t.nb_table > 0 else None      # (t.enabled, without the property's frame)
 
     def used(self, tbl: IommuTable, entry: int, n: int) -> np.ndarray:
         """Entries past the window end are skipped: their hcalls fail and
@@ -298,8 +297,8 @@ class PseriesTableOps(TableOps):
         the hcall event counted, the entry exchanged."""
         if self.faults is not None and self.faults.armed:
             return None
-        t = self.hv.table(tbl.it_index)
-        if t is None or not t.enabled:
+        t = self.hv.by_liobn.get(tbl.it_index)
+        if t is None or t.nb_table <= 0:                # not t.enabled
             return None
         rel = entry - (t.bus_offset >> t.page_shift)
         if not 0 <= rel < t.nb_table:
