@@ -730,8 +730,16 @@ class Daemon:
                 tracer = st.tracer
                 if tracer is None:
                     try:
-                        if op == _OP_IOCTL:             # _op_ioctl(), one frame fewer for the usual call
-                            ret = gate.call_locked(task, "ioctl", self.kernel.sys_ioctl, fd, a[0], a[1], fd2)
+                        if op == _OP_IOCTL:
+                            # gate.call_locked(task, "ioctl", _op_ioctl, ...), two frames fewer for the usual call
+                            if not task.alive:
+                                raise fail(errno.ESRCH, f"process {task.pid} has exited")
+                            try:
+                                ret = self.kernel.sys_ioctl(task, fd, a[0], a[1], fd2)
+                            except KernelError:
+                                raise
+                            except Exception as exc:    # a bug in the simulator
+                                raise gate.oops("ioctl", exc) from None
                             out = b""
                         else:
                             ret, out = gate.call_locked(task, _OP_NAMES[op], self._handlers[op], st, flags, fd,

@@ -106,6 +106,7 @@ class HostProcess:
         # may now name a new image, or another process.
         self.gone = False
         self.window: ArgWindow | None = None    # the current call's copy of its pointer argument
+        self._arg = ArgWindow(0, b"", 0)        # what open_window() sets and makes current
 
     @classmethod
     def open(cls, pid: int) -> "HostProcess":
@@ -144,8 +145,17 @@ class HostProcess:
     def open_window(self, addr: int, data: bytes, writable: int) -> None:
         """The program sent the ``data`` at ``addr`` along with its call (read
         as it can read them; ``writable`` non-zero: it can write them too): the call's
-        copy_from_user and copy_to_user of those bytes use the copy."""
-        self.window = ArgWindow(addr, data, writable)
+        copy_from_user and copy_to_user of those bytes use the copy.  Every
+        call of the program opens one: the same object serves them all (its
+        fields set here cost less than making one)."""
+        w = self._arg
+        w.addr = addr
+        w.end = addr + len(data)
+        w.data = data
+        w.writable = writable
+        w.lo = len(data)
+        w.hi = 0
+        self.window = w
 
     def close_window(self) -> tuple[int, bytes] | None:
         """End the call's window: (offset, bytes) that the program stores back
