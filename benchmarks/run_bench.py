@@ -13,7 +13,8 @@ A plain C program (bench_client.c, `<linux/vfio.h>` only) is timed under
 * memcpy for edu DMA of 1 MiB in 4 KiB transfers, RAM -> device -> RAM,
   driven through the BAR mmap;
 * the same programs untraced for `--trace` (the edu DMA workload, and
-  MAP_DMA + UNMAP_DMA pairs: the cost per traced ioctl);
+  MAP_DMA + UNMAP_DMA pairs: the cost per traced ioctl), in rounds that run
+  each untraced and then traced, the median of the rounds' ratios kept;
 * the same calls made in-process (the `Process` API) for the transport's
   share of a MAP_DMA + UNMAP_DMA pair.
 
@@ -31,6 +32,7 @@ import ctypes
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,6 +83,19 @@ class Runner:
     def best(self, fn: Callable[[], float], higher_is_better: bool = False) -> float:
         values = [fn() for _ in range(self.repeat)]
         return max(values) if higher_is_better else min(values)
+
+    def paired(self, plain: Callable[[], float], traced: Callable[[], float],
+               ratio: Callable[[float, float], float]) -> tuple[float, list[float], list[float]]:
+        """The median of ``ratio(plain, traced)`` over rounds that each run
+        both back to back (2 * repeat + 1 rounds), and each round's values.
+        Two bests found apart come from different moments of a loaded
+        machine and their ratio swings by a third; a round's two runs share
+        their moment (benchmarks/trace_paired.py, docs/performance.md)."""
+        plains, traceds = [], []
+        for _ in range(2 * self.repeat + 1):
+            plains.append(plain())
+            traceds.append(traced())
+        return statistics.median(ratio(p, t) for p, t in zip(plains, traceds)), plains, traceds
 
 
 def syscall_ns(r: Runner, n: int) -> float:
@@ -174,11 +189,10 @@ def fig_trace(r: Runner, mib: int, tmp: str) -> Figure:
         if os.path.exists(trace):
             os.unlink(trace)
         return r.under(platform, "dma", mib, iommu, group, bdf, trace=trace)
-    plain = r.best(lambda: r.under(platform, "dma", mib, iommu, group, bdf), higher_is_better=True)
-    with_trace = r.best(traced, higher_is_better=True)
-    ratio = plain / with_trace
-    return Figure("run: --trace vs untraced (edu DMA workload, time ratio)", ratio, "x untraced time", "<= 1.5",
-                  ratio <= 1.5, {"untraced_MBps": plain, "traced_MBps": with_trace})
+    ratio, plain, with_trace = r.paired(lambda: r.under(platform, "dma", mib, iommu, group, bdf), traced,
+                                        lambda p, t: p / t)        # MB/s: the time ratio is inverted
+    return Figure("run: --trace vs untraced (edu DMA workload, time ratio, median of paired rounds)", ratio,
+                  "x untraced time", "<= 1.5", ratio <= 1.5, {"untraced_MBps": plain, "traced_MBps": with_trace})
 
 
 def fig_trace_ioctl(r: Runner, n: int, tmp: str) -> Figure:
@@ -190,12 +204,12 @@ def fig_trace_ioctl(r: Runner, n: int, tmp: str) -> Figure:
         if os.path.exists(trace):
             os.unlink(trace)
         return r.under("pseries", "mapunmap", n, "spapr2", "0", trace=trace)
-    plain = r.best(lambda: r.under("pseries", "mapunmap", n, "spapr2", "0"))
-    with_trace = r.best(traced)
-    return Figure("run: --trace vs untraced (4 KiB MAP_DMA+UNMAP_DMA pairs, sPAPR v2, time ratio)",
-                  with_trace / plain, "x untraced time", "(informational)", None,
-                  {"untraced_pair_ns": plain, "traced_pair_ns": with_trace,
-                   "trace_ns_per_ioctl": (with_trace - plain) / 2})
+    ratio, plain, with_trace = r.paired(lambda: r.under("pseries", "mapunmap", n, "spapr2", "0"), traced,
+                                        lambda p, t: t / p)
+    per_ioctl = statistics.median((t - p) / 2 for p, t in zip(plain, with_trace))
+    return Figure("run: --trace vs untraced (4 KiB MAP_DMA+UNMAP_DMA pairs, sPAPR v2, time ratio, median of "
+                  "paired rounds)", ratio, "x untraced time", "(informational)", None,
+                  {"untraced_pair_ns": plain, "traced_pair_ns": with_trace, "trace_ns_per_ioctl": per_ioctl})
 
 
 def suite(quick: bool) -> list[tuple[str, Callable[[Runner, dict], Figure]]]:

@@ -73,7 +73,10 @@ def test_the_run_benchmarks_smoke_run_measures_every_figure(tmp_path):
     for f in figures:
         assert 0 < f["value"] < float("inf") and f["met"] is None, f
     traced = next(f for f in figures if f["name"].startswith("run: --trace vs untraced (4 KiB MAP_DMA"))
-    assert traced["detail"]["traced_pair_ns"] > 0 and traced["detail"]["untraced_pair_ns"] > 0
+    # Paired rounds (3 at --quick's one repeat): each with its untraced and its traced run.
+    for f in (traced, next(f for f in figures if f["name"].startswith("run: --trace vs untraced (edu"))):
+        runs = [v for k, v in f["detail"].items() if k.startswith(("traced_", "untraced_"))]
+        assert [len(v) for v in runs] == [3, 3] and all(x > 0 for v in runs for x in v), f
 
 
 def test_the_daemon_pair_smoke_run_measures_every_layer(tmp_path):
