@@ -1044,14 +1044,33 @@ static int reply(struct vchan *ch, uint32_t seq, int64_t ret, int32_t err, const
     return 1;
 }
 
+/* (op, flags, fd, fd2, a0..a4, payload, seen), built item by item: every
+ * request pays for this, and Py_BuildValue's format parsing cost as much as
+ * the rest of it. */
 static PyObject *request_tuple(const struct vreq *rq, const uint8_t *payload, uint32_t seen)
 {
-    PyObject *p = rq->len ? PyBytes_FromStringAndSize((const char *)payload, rq->len) : Py_NewRef(empty_bytes);
-    if (!p)
+    PyObject *t = PyTuple_New(11);
+    if (!t)
         return NULL;
-    return Py_BuildValue("(IIiiKKKKKNI)", rq->op, rq->flags, rq->fd, rq->fd2, (unsigned long long)rq->a[0],
-                         (unsigned long long)rq->a[1], (unsigned long long)rq->a[2], (unsigned long long)rq->a[3],
-                         (unsigned long long)rq->a[4], p, seen);
+    PyObject *items[11] = {
+        PyLong_FromUnsignedLong(rq->op), PyLong_FromUnsignedLong(rq->flags), PyLong_FromLong(rq->fd),
+        PyLong_FromLong(rq->fd2), PyLong_FromUnsignedLongLong(rq->a[0]), PyLong_FromUnsignedLongLong(rq->a[1]),
+        PyLong_FromUnsignedLongLong(rq->a[2]), PyLong_FromUnsignedLongLong(rq->a[3]),
+        PyLong_FromUnsignedLongLong(rq->a[4]),
+        rq->len ? PyBytes_FromStringAndSize((const char *)payload, rq->len) : Py_NewRef(empty_bytes),
+        PyLong_FromUnsignedLong(seen),
+    };
+    int ok = 1;
+    for (int i = 0; i < 11; i++) {
+        if (!items[i])
+            ok = 0;
+        PyTuple_SET_ITEM(t, i, items[i] ? items[i] : Py_NewRef(Py_None));
+    }
+    if (!ok) {                         /* an allocation failed: its error is set */
+        Py_DECREF(t);
+        return NULL;
+    }
+    return t;
 }
 
 static PyObject *no_request;           /* (0, ..., b"", seen) tuples for the common outcomes */
