@@ -106,6 +106,13 @@ def test_limits_same_reads_the_capabilities_and_memlock_of_the_process(bound):
     assert not native.limits_same(st.pid, tuple(st.creds[:8]) + (st.creds.cap_eff ^ 1,) + tuple(st.creds[9:]))
     # The ids are not its business: a caller that needs them takes creds().
     assert native.limits_same(st.pid, (12345,) * 8 + tuple(st.creds[8:]))
+    # One part at a time: the capabilities alone, RLIMIT_MEMLOCK alone.
+    lower = tuple(st.creds[:10]) + (st.creds.memlock_cur - 4096, st.creds.memlock_max)
+    other_caps = tuple(st.creds[:8]) + (st.creds.cap_eff ^ 1,) + tuple(st.creds[9:])
+    assert native.limits_same(st.pid, lower, native.LIMITS_CAPS)
+    assert not native.limits_same(st.pid, other_caps, native.LIMITS_CAPS)
+    assert native.limits_same(st.pid, other_caps, native.LIMITS_MEMLOCK)
+    assert not native.limits_same(st.pid, lower, native.LIMITS_MEMLOCK)
     with pytest.raises(OSError) as e:
         native.limits_same(2 ** 22 + 1, st.creds)          # past any pid_max: nobody
     assert e.value.errno == errno.ESRCH
@@ -116,10 +123,18 @@ def test_a_map_with_unchanged_limits_takes_nothing_else(bound, monkeypatch):
     task = st.task
     monkeypatch.setattr(Daemon, "_fresh_creds", lambda *a: pytest.fail("everything taken"))
     monkeypatch.setattr(task, "refresh_creds", lambda: pytest.fail("everything taken"))
+    parts = []
+    real = task.refresh_limits
+    monkeypatch.setattr(task, "refresh_limits", lambda part: parts.append(part) or real(part))
     task.creds_stale = task_mod.CREDS_STALE
     assert task.capable(CAP_IPC_LOCK) == bool(st.creds.cap_eff >> CAP_IPC_LOCK & 1)
+    assert parts == [task_mod.CREDS_CAPS_STALE]
+    assert task.creds_stale == task_mod.CREDS_IDS_STALE | task_mod.CREDS_MEMLOCK_STALE
     assert task.rlimit_memlock_soft() == st.creds.memlock_cur
+    assert parts == [task_mod.CREDS_CAPS_STALE, task_mod.CREDS_MEMLOCK_STALE]
     assert task.creds_stale == task_mod.CREDS_IDS_STALE
+    task.capable(CAP_IPC_LOCK)                  # taken once a call
+    assert len(parts) == 2
 
 
 def test_the_ids_are_taken_when_something_consults_them_after_the_limits(bound, monkeypatch):
@@ -139,7 +154,7 @@ def test_changed_limits_take_everything(bound, monkeypatch):
     d, st = bound
     task = st.task
     changed = tuple(st.creds[:10]) + (st.creds.memlock_cur - 4096, st.creds.memlock_max)
-    monkeypatch.setattr(native, "limits_same", lambda pid, creds: creds == changed)
+    monkeypatch.setattr(native, "limits_same", lambda pid, creds, what=3: creds == changed)
     monkeypatch.setattr(native, "creds_tuple", lambda pidfd, pid: changed)
     task.creds_stale = task_mod.CREDS_STALE
     task.rlimit_memlock_soft()

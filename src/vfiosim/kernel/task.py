@@ -13,10 +13,13 @@ from .mm import AddressSpace
 
 RLIM_INFINITY = resource.RLIM_INFINITY
 
-# Task.creds_stale: how much of a real process's credentials this call has yet to take.
+# Task.creds_stale: which parts of a real process's credentials this call has
+# yet to take (bits; the parts are taken one at a time as they are consulted).
 CREDS_FRESH = 0             # all taken (or the task is simulated only)
-CREDS_IDS_STALE = 1         # the capabilities and RLIMIT_MEMLOCK taken; the ids not yet
-CREDS_STALE = 2             # a call began: anything may have changed
+CREDS_IDS_STALE = 1         # the ids (and groups)
+CREDS_CAPS_STALE = 2        # the capabilities
+CREDS_MEMLOCK_STALE = 4     # RLIMIT_MEMLOCK
+CREDS_STALE = CREDS_IDS_STALE | CREDS_CAPS_STALE | CREDS_MEMLOCK_STALE   # a call began
 
 
 class Task:
@@ -27,9 +30,11 @@ class Task:
     sets ``creds_stale`` (CREDS_STALE) when a call begins and ``refresh_creds``
     takes them again the first time the call consults them -- at every
     privileged decision, and only then.  A decision that consults only the
-    capabilities and RLIMIT_MEMLOCK (every Type1 MAP_DMA) has
-    ``refresh_limits`` take just those, when the transport can do so more
-    cheaply (CREDS_IDS_STALE after it)."""
+    capabilities, or RLIMIT_MEMLOCK (every Type1 MAP_DMA asks for
+    CAP_IPC_LOCK, and for the limit only when the process lacks it), has
+    ``refresh_limits(part)`` take just that part (CREDS_CAPS_STALE or
+    CREDS_MEMLOCK_STALE), when the transport can do so more cheaply; the ids
+    stay stale until something consults them."""
 
     def __init__(self, pid: int, comm: str, cred: Cred, mm: AddressSpace,
                  rlimit_memlock: tuple[int, int]) -> None:
@@ -43,19 +48,19 @@ class Task:
         self.alive = True
         self.creds_stale = CREDS_FRESH
         self.refresh_creds: Callable[[], None] | None = None
-        self.refresh_limits: Callable[[], None] | None = None
+        self.refresh_limits: Callable[[int], None] | None = None
 
     def _refresh(self) -> None:
         self.creds_stale = CREDS_FRESH
         if self.refresh_creds is not None:
             self.refresh_creds()
 
-    def _refresh_limits(self) -> None:
+    def _refresh_part(self, part: int) -> None:
         if self.refresh_limits is None:
             self._refresh()
         else:
-            self.creds_stale = CREDS_IDS_STALE
-            self.refresh_limits()
+            self.creds_stale &= ~part
+            self.refresh_limits(part)      # (something changed: it takes everything, CREDS_FRESH)
 
     def take_creds(self) -> None:
         """Take the real process's credentials now, if a call began since they were last taken."""
@@ -74,15 +79,15 @@ class Task:
 
     @property
     def rlimits(self) -> dict[int, tuple[int, int]]:
-        if self.creds_stale == CREDS_STALE:
-            self._refresh_limits()
+        if self.creds_stale & CREDS_MEMLOCK_STALE:
+            self._refresh_part(CREDS_MEMLOCK_STALE)
         return self._rlimits
 
     def capable(self, cap: int) -> bool:
         # Capabilities do not depend on the ids here (no user namespaces): the
-        # limits' refresh is enough (every Type1 MAP_DMA asks).
-        if self.creds_stale == CREDS_STALE:
-            self._refresh_limits()
+        # capabilities' refresh is enough (every Type1 MAP_DMA asks).
+        if self.creds_stale & CREDS_CAPS_STALE:
+            self._refresh_part(CREDS_CAPS_STALE)
         return self._cred.capable(cap)
 
     def rlimit(self, resource_id: int) -> tuple[int, int]:

@@ -125,19 +125,21 @@ static PyObject *py_creds(PyObject *self, PyObject *args)
 }
 
 /*
- * limits_same(pid, creds) -> bool: whether the process's capabilities and
- * RLIMIT_MEMLOCK are still those of `creds` (a creds() tuple), in two system
- * calls -- what a decision that consults nothing else (MAP_DMA's lock_cap
- * and its limit) needs to know.  The ids are not read: a caller that finds
- * something changed takes all of creds() again, whose pidfd check also
- * catches a pid reused meanwhile; one that finds nothing changed keeps the
- * process's own values.  OSError as creds() raises it.
+ * limits_same(pid, creds, what=3) -> bool: whether the process's capabilities
+ * (what & 1: capget) and RLIMIT_MEMLOCK (what & 2: prlimit) are still those
+ * of `creds` (a creds() tuple), one system call each -- what a decision that
+ * consults nothing else needs to know: Type1's MAP_DMA asks for CAP_IPC_LOCK,
+ * and for the limit only when the process lacks it, as the kernel reads it.
+ * The ids are not read: a caller that finds something changed takes all of
+ * creds() again, whose pidfd check also catches a pid reused meanwhile; one
+ * that finds nothing changed keeps the process's own values.  OSError as
+ * creds() raises it.
  */
 static PyObject *py_limits_same(PyObject *self, PyObject *args)
 {
-    int pid, r = 0;
+    int pid, what = 3;
     PyObject *prev;
-    if (!PyArg_ParseTuple(args, "iO!", &pid, &PyTuple_Type, &prev))
+    if (!PyArg_ParseTuple(args, "iO!|i", &pid, &PyTuple_Type, &prev, &what))
         return NULL;
     if (PyTuple_GET_SIZE(prev) != NCREDS) {
         PyErr_SetString(PyExc_ValueError, "creds must be a creds() tuple");
@@ -149,21 +151,26 @@ static PyObject *py_limits_same(PyObject *self, PyObject *args)
         if (want[i] == (uint64_t)-1 && PyErr_Occurred())
             return NULL;
     }
-    struct cap_header h = {0x20080522, pid};
-    struct cap_data d[2];
-    struct rlimit rl;
     /* The GIL stays held through these short calls, as in creds() and vma():
      * releasing and taking it again costs a fifth of a microsecond, as much as
      * half of one of them, and the caller holds the machine's lock, which every
      * other thread needs before it can do anything that needs the GIL for long. */
-    if (syscall(SYS_capget, &h, d) < 0 || syscall(SYS_prlimit64, pid, RLIMIT_MEMLOCK, NULL, &rl) < 0)
-        r = -errno;
-    if (r < 0)
-        return raise_errno(-r);
-    uint64_t eff = d[0].effective | (uint64_t)d[1].effective << 32;
-    uint64_t prm = d[0].permitted | (uint64_t)d[1].permitted << 32;
-    return PyBool_FromLong(eff == want[0] && prm == want[1] && (uint64_t)rl.rlim_cur == want[2] &&
-                           (uint64_t)rl.rlim_max == want[3]);
+    int same = 1;
+    if (what & 1) {
+        struct cap_header h = {0x20080522, pid};
+        struct cap_data d[2];
+        if (syscall(SYS_capget, &h, d) < 0)
+            return raise_errno(errno);
+        same = (d[0].effective | (uint64_t)d[1].effective << 32) == want[0] &&
+               (d[0].permitted | (uint64_t)d[1].permitted << 32) == want[1];
+    }
+    if (same && what & 2) {            /* (changed already: the caller takes everything) */
+        struct rlimit rl;
+        if (syscall(SYS_prlimit64, pid, RLIMIT_MEMLOCK, NULL, &rl) < 0)
+            return raise_errno(errno);
+        same = (uint64_t)rl.rlim_cur == want[2] && (uint64_t)rl.rlim_max == want[3];
+    }
+    return PyBool_FromLong(same);
 }
 
 /* ---------------------------------------------------------------- acting as the program */
@@ -1249,7 +1256,8 @@ static PyTypeObject ChannelType = {
 static PyMethodDef module_methods[] = {
     {"creds", py_creds, METH_VARARGS, "creds(pidfd, pid): the process's ids, capabilities and RLIMIT_MEMLOCK"},
     {"limits_same", py_limits_same, METH_VARARGS,
-     "limits_same(pid, creds): its capabilities and RLIMIT_MEMLOCK are still those of creds"},
+     "limits_same(pid, creds, what=3): its capabilities (what & 1) and RLIMIT_MEMLOCK (what & 2) are still "
+     "those of creds"},
     {"as_user", py_as_user, METH_VARARGS, "as_user(uid, gid, groups): this thread takes the program's ids"},
     {"as_root", py_as_root, METH_VARARGS, "as_root(gid, groups): this thread returns to root"},
     {"kcmp_file", py_kcmp_file, METH_VARARGS, "kcmp(KCMP_FILE): 0 if both fds are the same open file"},

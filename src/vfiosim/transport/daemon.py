@@ -64,7 +64,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable
 from ..kernel.cred import Cred
 from ..kernel.errors import KernelError, fail
 from ..kernel.fs import File
-from ..kernel.task import CREDS_FRESH, CREDS_STALE
+from ..kernel.task import CREDS_CAPS_STALE, CREDS_FRESH, CREDS_MEMLOCK_STALE, CREDS_STALE
 from . import native
 from . import protocol as P
 from .host import HostEventFd, HostMM, HostProcess, parse_host_creds
@@ -1019,16 +1019,19 @@ class Daemon:
             return
         self._set_creds(st, c)
 
-    def _fresh_limits(self, st: TaskState) -> None:
+    def _fresh_limits(self, st: TaskState, part: int) -> None:
         """The task's refresh_limits: a decision that consults only the
-        capabilities and RLIMIT_MEMLOCK (Type1's MAP_DMA) needs only those
-        taken again.  Unchanged (the usual case, two system calls): the task
-        keeps what it has, ids included, until something consults those.
-        Changed, or unreadable: everything is taken again, as _fresh_creds()
-        takes it (with the pidfd's check that the pid was not reused, and the
+        capabilities or RLIMIT_MEMLOCK (``part``: CREDS_CAPS_STALE,
+        CREDS_MEMLOCK_STALE; Type1's MAP_DMA) needs only that taken again.
+        Unchanged (the usual case, one system call): the task keeps what it
+        has, the rest included, until something consults that.  Changed, or
+        unreadable: everything is taken again, as _fresh_creds() takes it
+        (with the pidfd's check that the pid was not reused, and the
         session's bounds)."""
+        what = (native.LIMITS_CAPS if part & CREDS_CAPS_STALE else 0) | \
+            (native.LIMITS_MEMLOCK if part & CREDS_MEMLOCK_STALE else 0)
         try:
-            if st.creds is not None and native.limits_same(st.pid, st.creds):
+            if st.creds is not None and native.limits_same(st.pid, st.creds, what):
                 return
         except OSError:
             pass

@@ -78,8 +78,11 @@ usual case: equal) without making a Creds."""
 
 
 limits_same = _mod.limits_same
-"""(pid, creds tuple) -> whether its capabilities and RLIMIT_MEMLOCK are still
-those, in two system calls (the ids are not read; nor is the pidfd asked)."""
+"""(pid, creds tuple, what=3) -> whether its capabilities (what & LIMITS_CAPS)
+and RLIMIT_MEMLOCK (what & LIMITS_MEMLOCK) are still those, one system call
+each (the ids are not read; nor is the pidfd asked)."""
+LIMITS_CAPS = 1
+LIMITS_MEMLOCK = 2
 
 
 def creds(pidfd: int, pid: int) -> Creds:
