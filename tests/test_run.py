@@ -346,6 +346,20 @@ def test_memlock_limit_and_cap_ipc_lock_changed_with_raw_syscalls_rule_the_next_
     assert f["map_small_again"] == "-1,12"
 
 
+@pytest.mark.parametrize("daemon", ["x86"], indirect=True)
+def test_a_child_forked_without_libc_makes_its_own_connection(bins, daemon):
+    """The shim tells such a child from its parent by a MADV_WIPEONFORK page
+    (no getpid() on every call): the child's MAP_DMA of memory it mapped
+    after the fork reads its own memory, through a connection of its own."""
+    proc = daemon.run([str(bins["probe"]), "rawfork", "4"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    f = fields(proc.stdout)
+    assert f["parent_api"] == "0,0"                  # VFIO_API_VERSION
+    assert f["child_map"] == "0,0"
+    assert f["child_status"] == "0"
+    assert f["parent_api_after"] == "0,0"
+
+
 def test_credentials_and_memlock_limit_are_the_processs_own_at_each_call(bins, daemon):
     proc = daemon.run([str(bins["probe"]), "rlimit", "0"])
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -547,6 +547,30 @@ int main(int argc, char **argv)
         result("map_small_again", ioctl(container, VFIO_IOMMU_MAP_DMA, &map));
         return 0;
     }
+    if (!strcmp(cmd, "rawfork")) {
+        /* A child made by the fork system call itself, which the shim's fork()
+         * never sees: it must make its own connection, as its own process
+         * (its memory, not its parent's, is what the daemon reads for it). */
+        int c0 = open("/dev/vfio/vfio", O_RDWR);
+        result("parent_api", ioctl(c0, VFIO_GET_API_VERSION));
+        pid_t p = (pid_t)syscall(SYS_fork);
+        if (p == 0) {
+            setup(gid, 0);
+            long pg = sysconf(_SC_PAGESIZE);
+            /* Mapped after the fork: the parent has nothing at this address. */
+            uint8_t *buf = mmap(NULL, 4 * pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            memset(buf, 1, 4 * pg);
+            struct vfio_iommu_type1_dma_map map = {.argsz = sizeof map, .flags = 3, .vaddr = (uintptr_t)buf,
+                                                   .iova = 0, .size = 4 * pg};
+            result("child_map", ioctl(container, VFIO_IOMMU_MAP_DMA, &map));
+            _exit(0);
+        }
+        int status = 0;
+        waitpid(p, &status, 0);
+        printf("child_status=%d\n", status);
+        result("parent_api_after", ioctl(c0, VFIO_GET_API_VERSION));
+        return 0;
+    }
     if (!strcmp(cmd, "eio")) {
         /* Keep working until the daemon dies, then see EIO. */
         container = open("/dev/vfio/vfio", O_RDWR);

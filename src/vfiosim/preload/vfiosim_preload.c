@@ -165,6 +165,12 @@ static int vminor[VFD_MAX];             /* group number of group fds, N of a /de
 static int active;                      /* $VFIOSIM_SOCKET is set */
 static int sock_fd = -1;
 static pid_t sock_pid;
+/* A word in a page the kernel empties in a child (MADV_WIPEONFORK, Linux
+ * 4.14): non-zero while this is the process that connected.  It tells a child
+ * made without our fork() (a raw clone, posix_spawn) from its parent without
+ * a getpid() -- a system call on every request; NULL where the kernel
+ * refused the advice (getpid() decides then). */
+static volatile uint32_t *connected_here;
 static int dead;                        /* the daemon went away: EIO from now on */
 static volatile int creds_dirty;
 static pthread_mutex_t lk = PTHREAD_MUTEX_INITIALIZER;
@@ -409,6 +415,33 @@ static void set_root(const char *r)
     load_prefixes();
 }
 
+/* Whether the connection (sock_fd, the channel) is this process's own, not a
+ * parent's seen from a child that did not reconnect. */
+static inline int connection_is_ours(void)
+{
+    if (connected_here)
+        return *connected_here != 0;
+    return sock_pid == getpid();
+}
+
+/* The connection just made is this process's. */
+static void mark_connected_here(void)
+{
+    static int tried;
+    if (!tried) {
+        tried = 1;
+        void *page = real_mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (page != MAP_FAILED) {
+            if (madvise(page, 4096, MADV_WIPEONFORK) == 0)
+                connected_here = page;
+            else
+                real_munmap(page, 4096);
+        }
+    }
+    if (connected_here)
+        *connected_here = 1;
+}
+
 /* Connect, check who answers, say hello and map the channel; called with lk held.  0 or -errno. */
 static int do_connect(uint32_t hello_flags)
 {
@@ -498,6 +531,7 @@ static int do_connect(uint32_t hello_flags)
     chan = ch;
     sock_fd = s;
     sock_pid = getpid();
+    mark_connected_here();
     install_fault_handlers();
     return 0;
 }
@@ -621,7 +655,7 @@ static int kick_daemon(void)
 /* Make sure we have a connection of our own; called with lk held.  0 or errno. */
 static int connected(void)
 {
-    if (sock_fd >= 0 && sock_pid != getpid()) {
+    if (sock_fd >= 0 && !connection_is_ours()) {
         /* A child made without our fork() (clone, posix_spawn): the channel is the parent's. */
         real_close(sock_fd);
         sock_fd = -1;
@@ -1150,7 +1184,7 @@ static void forget(int fd)
 EXPORT int close(int fd)
 {
     resolve();
-    if (fd >= 0 && fd == sock_fd && sock_pid == getpid())
+    if (fd >= 0 && fd == sock_fd && connection_is_ours())
         return 0;                     /* our connection: a close-everything loop must not cut it */
     forget(fd);
     return real_close(fd);
@@ -1172,7 +1206,7 @@ EXPORT int close_range(unsigned int first, unsigned int last, int flags)
         return -1;
     }
     unsigned int s = (unsigned int)sock_fd;
-    if (sock_fd >= 0 && sock_pid == getpid() && first <= s && s <= last) {
+    if (sock_fd >= 0 && connection_is_ours() && first <= s && s <= last) {
         /* Keep our connection open. */
         int r = 0;
         if (s > first)
