@@ -169,7 +169,9 @@ static pid_t sock_pid;
  * 4.14): non-zero while this is the process that connected.  It tells a child
  * made without our fork() (a raw clone, posix_spawn) from its parent without
  * a getpid() -- a system call on every request; NULL where the kernel
- * refused the advice (getpid() decides then). */
+ * refused the advice (getpid() decides then).  A child that shares our
+ * memory (posix_spawn's, until its exec) shares the word too: it makes no
+ * call of ours before it execs. */
 static volatile uint32_t *connected_here;
 static int dead;                        /* the daemon went away: EIO from now on */
 static volatile int creds_dirty;
