@@ -503,7 +503,22 @@ class PhysicalMemory:
             off = hpa - obj.phys_base
             shift = self.page_shift
             if obj.page_shift == shift and off + ((pages - 1) << shift) < obj.length:
-                self._unpin_pages(obj, off >> shift, pages)
+                if pages != 1:
+                    self._unpin_pages(obj, off >> shift, pages)
+                    return
+                # _unpin_pages() of one page, inline: every small UNMAP_DMA
+                # (and sPAPR's every TCE cleared) drops one pin here.
+                p0 = off >> shift
+                pincount = obj.pincount
+                count = pincount.item(p0)
+                if count <= 0:
+                    raise KernelBug(f"page pin count below zero in {obj!r}")
+                pincount[p0] = count - 1
+                obj.pins -= 1
+                if obj.unmapped is not None:
+                    obj.unpinned(p0, 1)
+                if not obj.pins and not obj.users:
+                    self.release_if_unused(obj)
                 return
         self.unpin(Progression(hpa, self.page_size, pages))
 

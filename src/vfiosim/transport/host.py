@@ -43,7 +43,7 @@ import select
 import stat
 from dataclasses import dataclass
 from errno import EFAULT, ENOMEM
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Literal
 
 import numpy as np
 
@@ -68,6 +68,7 @@ _PROCMAP_PROT = ((native.PROCMAP_READ, PROT_READ), (native.PROCMAP_WRITE, PROT_W
 # PROT_* of each combination of PROCMAP_QUERY's flags (a look-up per MAP_DMA, not a loop).
 _PROCMAP_MASK = native.PROCMAP_READ | native.PROCMAP_WRITE | native.PROCMAP_EXEC | native.PROCMAP_SHARED
 _PROCMAP_SHARED = native.PROCMAP_SHARED
+_PROCMAP_READ, _PROCMAP_WRITE = native.PROCMAP_READ, native.PROCMAP_WRITE
 _vma = native.vma_query
 _PROT_OF = tuple(sum(prot for bit, prot in _PROCMAP_PROT if flags & bit) for flags in range(_PROCMAP_MASK + 1))
 
@@ -822,6 +823,54 @@ class HostMemoryObject:
         return f"<HostMemoryObject pid={self.host.pid} vaddr={self.vaddr:#x} len={self.length:#x} pins={self.pins}>"
 
 
+def _pin_page_py(maps_fd: int, addr: int, write: bool, longterm: bool, obj: HostMemoryObject,
+                 ram: PhysicalMemory) -> tuple[int, int, int] | None | Literal[False]:
+    """HostMM.pin_fast(addr, 1, write, longterm) where ``obj`` is the
+    registered window holding ``addr``: what _pin.c's pin_page() does, for a
+    build without it (tests/test_pin_native.py compares the two).  None: not
+    pinnable so (pin_fast() answers None); False: declined, nothing changed
+    (the query failed, or a shared mapping, whose pages files.bind() binds)."""
+    try:
+        found = _vma(maps_fd, addr, False)
+    except OSError:
+        return False
+    if found is None:
+        return None
+    flags = found[2]
+    if not (flags & _PROCMAP_WRITE if write else flags & (_PROCMAP_READ | _PROCMAP_WRITE)):
+        return None
+    shift = obj.page_shift
+    end = addr + (1 << shift)
+    if end > found[1] or (end - 1) >> WINDOW_SHIFT != addr >> WINDOW_SHIFT:
+        return None
+    if not write and not longterm and not flags & _PROCMAP_WRITE:
+        return None
+    if flags & _PROCMAP_SHARED:
+        return False
+    p0 = (addr - obj.vaddr) >> shift
+    charged = obj.unmapped
+    if charged is None or not 0 <= p0 < charged.size or not 0 <= p0 < obj.pincount.size:
+        return False
+    if not charged[p0]:                     # take_ram(): the first pin charges the machine's RAM
+        if ram.ram_pages is not None and ram.used_pages >= ram.ram_pages:
+            return None
+        ram.used_pages += 1
+        charged[p0] = True
+    count = obj.pincount.item(p0)           # add_pins()
+    obj.pins += 1
+    obj.pincount[p0] = count + 1
+    return obj.phys_base + (p0 << shift), int(count > 0), 0
+
+
+_PinPage = Callable[[int, int, bool, bool, HostMemoryObject, PhysicalMemory],
+                    "tuple[int, int, int] | None | Literal[False]"]
+_pin_page: _PinPage
+try:
+    from ._pin import pin_page as _pin_page
+except ImportError:                         # no C compiler at install: the same in Python
+    _pin_page = _pin_page_py
+
+
 class HostMM(AddressSpace):
     """The address space of a simulated task that is a real process."""
 
@@ -1057,7 +1106,15 @@ class HostMM(AddressSpace):
         (all of it or, as RAM would run out, nothing: the general pin logs
         deviation 12).  A window needing registration is registered as it
         would be.  Pages mlock'ed by the program are not counted here
-        (count_mlocked_pages() is 0)."""
+        (count_mlocked_pages() is 0).  One page of a private mapping in a
+        registered window, the usual map, is _pin_page()'s (C, _pin.c)."""
+        if npages == 1:
+            obj = self._windows.get(start >> WINDOW_SHIFT)
+            host = self.host
+            if obj is not None and obj.users and host._query and host.mem >= 0 and not host.gone:
+                done = _pin_page(host.maps_fd, start, write, longterm, obj, self.phys)
+                if done is not False:
+                    return done
         vma = self.host.vma_at(start)
         if vma is None:
             return None

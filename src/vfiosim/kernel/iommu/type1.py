@@ -606,15 +606,19 @@ class Type1IommuDriver(VfioIommuDriver):
 
     def ioctl(self, iommu: VfioIommu | None, cmd: int, arg: int, current: "Task") -> int:
         """vfio_iommu_type1_ioctl()"""
+        # MAP and UNMAP first: the calls programs make in loops (the
+        # commands are distinct, so the order of the tests changes nothing).
+        if cmd == _MAP_DMA_CMD:
+            assert iommu is not None
+            return self._map_dma(iommu, arg, current)
+        if cmd == _UNMAP_DMA_CMD:
+            assert iommu is not None
+            return self._unmap_dma(iommu, arg, current)
         if cmd == _CHECK_EXTENSION:
             return self._check_extension(iommu, arg)
         assert iommu is not None
         if cmd == _GET_INFO:
             return self._get_info(iommu, arg, current)
-        if cmd == _MAP_DMA_CMD:
-            return self._map_dma(iommu, arg, current)
-        if cmd == _UNMAP_DMA_CMD:
-            return self._unmap_dma(iommu, arg, current)
         if cmd == uapi.VFIO_IOMMU_DIRTY_PAGES:
             return self._dirty_pages(iommu, arg, current)
         name = uapi.ioctl_name(cmd)
@@ -738,8 +742,15 @@ class Type1IommuDriver(VfioIommuDriver):
         i = bisect.bisect_left(starts, iova + size)     # vfio_find_dma(): nothing may overlap
         if i and iova < iommu.dmas[i - 1].end:
             return False
-        if not iommu.dma_avail or iommu.iova_list and not self._iova_dma_valid(iommu, iova, iova + size - 1):
+        if not iommu.dma_avail:
             return False
+        if iommu.iova_list:                             # _iova_dma_valid(), inline
+            last = iova + size - 1
+            for lo, hi in iommu.iova_list:
+                if iova >= lo and last <= hi:
+                    break
+            else:
+                return False
         mm = current.mm
         lock_cap = current.capable(CAP_IPC_LOCK)
         if not lock_cap and mm.locked_vm + npages > current.rlimit_memlock_soft() >> self.page_shift:
@@ -1098,8 +1109,12 @@ class Type1IommuDriver(VfioIommuDriver):
                 unlocked += pages
         dma.runs = []
         dma.iommu_mapped = False
-        if unlocked and not dma.mm.dead:                # _lock_acct(): an mm that has exited keeps it
-            refund_locked_vm(dma.mm, unlocked)
+        mm = dma.mm
+        if unlocked and not mm.dead:                    # _lock_acct(): an mm that has exited keeps it
+            if unlocked <= mm.locked_vm:                # refund_locked_vm() without its frame
+                mm.locked_vm -= unlocked
+            else:
+                refund_locked_vm(mm, unlocked)
             dma.locked_vm -= unlocked
         del starts[i]                                   # _unlink_dma()
         del iommu.dmas[i]

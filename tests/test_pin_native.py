@@ -1,0 +1,138 @@
+"""The one-page pin of a real process's memory in C (transport/_pin.c) does
+exactly what its Python (host.py's _pin_page_py) does: the same answer
+(pinned, None, declined) and the same window and RAM state after any mix of
+pins and unpins, over private, read-only, PROT_NONE, shared and unmapped
+pages, as RAM runs out.  And HostMM.pin_fast() with the Python in its place
+still pins as the general pin does (tests/test_fast_path_equality_host.py's
+comparison)."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import test_fast_path_equality_host as eq
+from test_fast_path_equality_host import host_map, host_unmap, host_window, twins  # noqa: F401 (a fixture)
+from vfiosim.kernel.mm import PhysicalMemory
+from vfiosim.transport import _pin, host
+from vfiosim.transport.host import HostMM, HostProcess
+
+PAGE = mmap.PAGESIZE
+PROTS = {"rw": mmap.PROT_READ | mmap.PROT_WRITE, "ro": mmap.PROT_READ, "none": 0}
+
+
+def test_the_native_pin_is_built_and_used():
+    assert host._pin_page is _pin.pin_page
+    assert _pin.WINDOW_SHIFT == host.WINDOW_SHIFT
+
+
+class Pages:
+    """Mappings of this process, one per kind, a few pages each (made once)."""
+
+    def __init__(self) -> None:
+        self.maps: dict[str, mmap.mmap] = {}
+        self.addrs: dict[str, int] = {}
+        for kind, prot in PROTS.items():
+            self._map(kind, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot)
+        self._map("shared", mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, PROTS["rw"])
+        self.addrs["unmapped"] = 1 << 44                 # far below where the host maps anything
+
+    def _map(self, kind: str, flags: int, prot: int) -> None:
+        m = mmap.mmap(-1, 4 * PAGE, flags=flags, prot=PROTS["rw"])
+        m.write(b"\1" * 4 * PAGE)
+        self.maps[kind] = m
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        self.addrs[kind] = addr
+        assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(addr), 4 * PAGE, prot) == 0
+
+
+PAGES = Pages()
+
+
+def side(ram_pages: int) -> tuple[HostMM, PhysicalMemory]:
+    """An address space of this process with every window its pages lie in registered."""
+    phys = PhysicalMemory(PAGE)
+    phys.ram_pages = ram_pages
+    mm = HostMM(os.getpid(), phys, HostProcess.open(os.getpid()))
+    for addr in PAGES.addrs.values():
+        obj = mm._window(addr >> host.WINDOW_SHIFT)
+        if not obj.users:
+            mm._register(obj)
+    return mm, phys
+
+
+def state(mm: HostMM, phys: PhysicalMemory) -> tuple:
+    windows = {i: (o.pins, np.flatnonzero(o.pincount).tolist(), o.pincount[o.pincount != 0].tolist(),
+                   np.flatnonzero(o.unmapped).tolist()) for i, o in sorted(mm._windows.items())}
+    return phys.used_pages, windows
+
+
+pin = st.tuples(st.just("pin"), st.sampled_from(sorted(PAGES.addrs)), st.integers(0, 1), st.booleans(),
+                st.booleans())
+unpin = st.tuples(st.just("unpin"), st.integers(0, 50))
+
+
+@given(st.lists(st.one_of(pin, pin, unpin), max_size=30), st.integers(0, 6))
+@settings(max_examples=150, deadline=None)
+def test_native_and_python_pins_agree(steps, ram_pages):
+    (cm, cphys), (pm, pphys) = side(ram_pages), side(ram_pages)
+    pinned: list[tuple[int, int]] = []                  # (hpa in C's memory, in Python's)
+    try:
+        for op in steps:
+            if op[0] == "pin":
+                _, kind, page, write, longterm = op
+                addr = PAGES.addrs[kind] + page * PAGE
+                index = addr >> host.WINDOW_SHIFT
+                c_obj, p_obj = cm._windows[index], pm._windows[index]
+                got = _pin.pin_page(cm.host.maps_fd, addr, write, longterm, c_obj, cphys)
+                want = host._pin_page_py(pm.host.maps_fd, addr, write, longterm, p_obj, pphys)
+                if isinstance(got, tuple) and isinstance(want, tuple):
+                    assert got[0] - c_obj.phys_base == want[0] - p_obj.phys_base, op
+                    assert got[1:] == want[1:], op
+                    pinned.append((got[0], want[0]))
+                else:
+                    assert got is want, op
+                    if kind == "rw" and ram_pages >= 4:     # every page of the mapping fits
+                        pytest.fail(f"{op}: a private read-write page not pinned ({got})")
+            elif pinned:
+                c_hpa, p_hpa = pinned.pop(op[1] % len(pinned))
+                cphys.unpin_range(c_hpa, 1)
+                pphys.unpin_range(p_hpa, 1)
+            assert state(cm, cphys) == state(pm, pphys), op
+    finally:
+        cm.host.close()
+        pm.host.close()
+
+
+@pytest.mark.parametrize("config", ["type1v2", "pseries-v1"])
+def test_the_python_pin_pins_as_the_general_pin(twins, monkeypatch, config):  # noqa: F811
+    """HostMM.pin_fast() with _pin_page_py: the usual pairs, a page pinned
+    twice, RAM running out, all as the general path has them."""
+    monkeypatch.setattr(host, "_pin_page", host._pin_page_py)
+    t = twins(config, ram_pages=600)
+    iova, page = host_window(t)
+    for n in range(3):
+        t.fast_pin(host_map(iova, t.buf + n * PAGE))
+        t.step(host_unmap(iova))
+    t.fast_pin(host_map(iova, t.buf + 5 * PAGE))
+    t.fast_pin(host_map(iova + page, t.buf + 5 * PAGE))
+    t.step(host_unmap(iova + page))
+
+    def fill(s: eq.HostSide) -> None:
+        hog = s.m.spawn()
+        free = s.m.meminfo()["MemFree"] * 1024 // PAGE
+        a = hog.mmap(free * PAGE)
+        hog.write_memory(a, b"\x01" * (free * PAGE))
+    t.step(fill)
+    assert t.fast.m.meminfo()["MemFree"] == 0
+    assert t.general_pin(host_map(iova + page, t.buf + 4 * PAGE))[1] == ("ENOMEM" if config == "type1v2"
+                                                                          else "EFAULT")
+    t.fast_pin(host_map(iova + page, t.buf + 5 * PAGE))         # pinned already: no RAM needed
+    t.step(host_unmap(iova + page))
+    t.step(host_unmap(iova))
