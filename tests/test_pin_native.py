@@ -1,10 +1,11 @@
-"""The one-page pin of a real process's memory in C (transport/_pin.c) does
-exactly what its Python (host.py's _pin_page_py) does: the same answer
-(pinned, None, declined) and the same window and RAM state after any mix of
-pins and unpins, over private, read-only, PROT_NONE, shared and unmapped
-pages, as RAM runs out.  And HostMM.pin_fast() with the Python in its place
-still pins as the general pin does (tests/test_fast_path_equality_host.py's
-comparison)."""
+"""The one-page pin and unpin of a real process's memory in C
+(transport/_pin.c) do exactly what their Python (host.py's _pin_page_py,
+mm.py's unpin_page_of) does: the same answer (pinned, None, declined) and
+the same window and RAM state after any mix of pins and unpins, over
+private, read-only, PROT_NONE, shared (pinned by the general pin, their
+pages bound to file mappings) and unmapped pages, as RAM runs out.  And
+HostMM.pin_fast() with the Python in their place still pins as the general
+pin does (tests/test_fast_path_equality_host.py's comparison)."""
 
 from __future__ import annotations
 
@@ -19,16 +20,23 @@ from hypothesis import strategies as st
 
 import test_fast_path_equality_host as eq
 from test_fast_path_equality_host import host_map, host_unmap, host_window, twins  # noqa: F401 (a fixture)
-from vfiosim.kernel.mm import PhysicalMemory
+from vfiosim.kernel.mm import PhysicalMemory, unpin_page_of
 from vfiosim.transport import _pin, host
-from vfiosim.transport.host import HostMM, HostProcess
+from vfiosim.transport.host import HostMemoryObject, HostMM, HostProcess
 
 PAGE = mmap.PAGESIZE
 PROTS = {"rw": mmap.PROT_READ | mmap.PROT_WRITE, "ro": mmap.PROT_READ, "none": 0}
 
 
+class PyWindow(HostMemoryObject):
+    """A window whose unpin is the Python's."""
+    __slots__ = ()
+    unpin_one = staticmethod(unpin_page_of)
+
+
 def test_the_native_pin_is_built_and_used():
     assert host._pin_page is _pin.pin_page
+    assert HostMemoryObject.unpin_one is _pin.unpin_page
     assert _pin.WINDOW_SHIFT == host.WINDOW_SHIFT
 
 
@@ -41,10 +49,13 @@ class Pages:
         for kind, prot in PROTS.items():
             self._map(kind, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot)
         self._map("shared", mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, PROTS["rw"])
+        self.memfd = os.memfd_create("test_pin_native")     # its pinned pages are bound to the file
+        os.ftruncate(self.memfd, 4 * PAGE)
+        self._map("memfd", mmap.MAP_SHARED, PROTS["rw"], self.memfd)
         self.addrs["unmapped"] = 1 << 44                 # far below where the host maps anything
 
-    def _map(self, kind: str, flags: int, prot: int) -> None:
-        m = mmap.mmap(-1, 4 * PAGE, flags=flags, prot=PROTS["rw"])
+    def _map(self, kind: str, flags: int, prot: int, fd: int = -1) -> None:
+        m = mmap.mmap(fd, 4 * PAGE, flags=flags, prot=PROTS["rw"])
         m.write(b"\1" * 4 * PAGE)
         self.maps[kind] = m
         addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
@@ -55,13 +66,17 @@ class Pages:
 PAGES = Pages()
 
 
-def side(ram_pages: int) -> tuple[HostMM, PhysicalMemory]:
-    """An address space of this process with every window its pages lie in registered."""
+def side(ram_pages: int, python: bool) -> tuple[HostMM, PhysicalMemory]:
+    """An address space of this process with every window its pages lie in
+    registered (unpinned by the Python if ``python``)."""
     phys = PhysicalMemory(PAGE)
     phys.ram_pages = ram_pages
     mm = HostMM(os.getpid(), phys, HostProcess.open(os.getpid()))
+    mm.files.opener = lambda dev, ino, hint: (os.dup(PAGES.memfd), PAGES.memfd)
     for addr in PAGES.addrs.values():
         obj = mm._window(addr >> host.WINDOW_SHIFT)
+        if python:
+            obj.__class__ = PyWindow
         if not obj.users:
             mm._register(obj)
     return mm, phys
@@ -69,7 +84,8 @@ def side(ram_pages: int) -> tuple[HostMM, PhysicalMemory]:
 
 def state(mm: HostMM, phys: PhysicalMemory) -> tuple:
     windows = {i: (o.pins, np.flatnonzero(o.pincount).tolist(), o.pincount[o.pincount != 0].tolist(),
-                   np.flatnonzero(o.unmapped).tolist()) for i, o in sorted(mm._windows.items())}
+                   np.flatnonzero(o.unmapped).tolist(), None if o.slots is None else np.flatnonzero(o.slots).tolist())
+               for i, o in sorted(mm._windows.items())}
     return phys.used_pages, windows
 
 
@@ -81,7 +97,7 @@ unpin = st.tuples(st.just("unpin"), st.integers(0, 50))
 @given(st.lists(st.one_of(pin, pin, unpin), max_size=30), st.integers(0, 6))
 @settings(max_examples=150, deadline=None)
 def test_native_and_python_pins_agree(steps, ram_pages):
-    (cm, cphys), (pm, pphys) = side(ram_pages), side(ram_pages)
+    (cm, cphys), (pm, pphys) = side(ram_pages, False), side(ram_pages, True)
     pinned: list[tuple[int, int]] = []                  # (hpa in C's memory, in Python's)
     try:
         for op in steps:
@@ -100,14 +116,19 @@ def test_native_and_python_pins_agree(steps, ram_pages):
                     assert got is want, op
                     if kind == "rw" and ram_pages >= 4:     # every page of the mapping fits
                         pytest.fail(f"{op}: a private read-write page not pinned ({got})")
+                    if got is False:                        # the Python pin's (a shared page: bound to a file)
+                        got, want = cm.pin_fast(addr, 1, write, longterm), pm.pin_fast(addr, 1, write, longterm)
+                        assert (got is None) == (want is None), op
+                        if got is not None and want is not None:
+                            pinned.append((got[0], want[0]))
             elif pinned:
                 c_hpa, p_hpa = pinned.pop(op[1] % len(pinned))
                 cphys.unpin_range(c_hpa, 1)
                 pphys.unpin_range(p_hpa, 1)
             assert state(cm, cphys) == state(pm, pphys), op
     finally:
-        cm.host.close()
-        pm.host.close()
+        cm.teardown()
+        pm.teardown()
 
 
 @pytest.mark.parametrize("config", ["type1v2", "pseries-v1"])
@@ -115,6 +136,7 @@ def test_the_python_pin_pins_as_the_general_pin(twins, monkeypatch, config):  # 
     """HostMM.pin_fast() with _pin_page_py: the usual pairs, a page pinned
     twice, RAM running out, all as the general path has them."""
     monkeypatch.setattr(host, "_pin_page", host._pin_page_py)
+    monkeypatch.setattr(HostMemoryObject, "unpin_one", staticmethod(unpin_page_of))
     t = twins(config, ram_pages=600)
     iova, page = host_window(t)
     for n in range(3):

@@ -114,6 +114,12 @@ class PhysicalPages(Protocol):
 
     def unpinned(self, p0: int, n: int) -> None: ...
 
+    # Drop one pin on page p0 of obj: False (nothing changed) when it had
+    # none.  A function of the class (a staticmethod: C or Python), as every
+    # UNMAP_DMA of one page and sPAPR's every TCE cleared calls it.
+    @property
+    def unpin_one(self) -> "Callable[[PhysicalPages, int], bool]": ...
+
     def read_at(self, off: int, n: int) -> bytes: ...
 
     def read_into(self, off: int, out: np.ndarray) -> None: ...
@@ -182,6 +188,21 @@ def take_ram_pages(present: np.ndarray, ram: "PhysicalMemory | None", pages: np.
     return got
 
 
+def unpin_page_of(obj: PhysicalPages, p0: int) -> bool:
+    """PhysicalPages.unpin_one() of any memory: one pin less on page ``p0``,
+    what dropping it does to the page (its ``unpinned()``); False, nothing
+    changed, when no pin held it."""
+    pincount = obj.pincount
+    count = pincount.item(p0)
+    if count <= 0:
+        return False
+    pincount[p0] = count - 1
+    obj.pins -= 1
+    if obj.unmapped is not None:
+        obj.unpinned(p0, 1)
+    return True
+
+
 class PinCounted(Protocol):
     """What counts pins per page: a MemoryObject, the run transport's HostMemoryObject."""
     pincount: np.ndarray
@@ -215,6 +236,8 @@ class MemoryObject:
 
     __slots__ = ("phys_base", "length", "data", "view", "page_shift", "compound_shift",
                  "populated", "pincount", "pins", "users", "pinnable", "owner", "unmapped")
+
+    unpin_one = staticmethod(unpin_page_of)
 
     def __init__(self, phys_base: int, data: np.ndarray, page_shift: int,
                  compound_shift: int, pinnable: bool = True, owner: "PhysicalMemory | None" = None) -> None:
@@ -466,18 +489,16 @@ class PhysicalMemory:
         """Drop one pin on each of pages [p0, p0+n) of ``obj`` (one page in
         scalar operations, more with slice operations)."""
         if n == 1:
-            count = obj.pincount.item(p0)
-            if count <= 0:
+            if not obj.unpin_one(obj, p0):
                 raise KernelBug(f"page pin count below zero in {obj!r}")
-            obj.pincount[p0] = count - 1
         else:
             seg = obj.pincount[p0:p0 + n]
             if seg.min(initial=1) <= 0:
                 raise KernelBug(f"page pin count below zero in {obj!r}")
             seg -= 1
-        obj.pins -= n
-        if obj.unmapped is not None:
-            obj.unpinned(p0, n)
+            obj.pins -= n
+            if obj.unmapped is not None:
+                obj.unpinned(p0, n)
         if not obj.pins and not obj.users:
             self.release_if_unused(obj)
 
@@ -508,15 +529,8 @@ class PhysicalMemory:
                     return
                 # _unpin_pages() of one page, inline: every small UNMAP_DMA
                 # (and sPAPR's every TCE cleared) drops one pin here.
-                p0 = off >> shift
-                pincount = obj.pincount
-                count = pincount.item(p0)
-                if count <= 0:
+                if not obj.unpin_one(obj, off >> shift):
                     raise KernelBug(f"page pin count below zero in {obj!r}")
-                pincount[p0] = count - 1
-                obj.pins -= 1
-                if obj.unmapped is not None:
-                    obj.unpinned(p0, 1)
                 if not obj.pins and not obj.users:
                     self.release_if_unused(obj)
                 return

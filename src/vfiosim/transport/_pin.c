@@ -51,7 +51,7 @@ struct ndarray_head {
 
 static PyTypeObject *ndarray_type; /* numpy.ndarray */
 static PyObject *s_unmapped, *s_pincount, *s_pins, *s_vaddr, *s_page_shift, *s_phys_base, *s_ram_pages,
-    *s_used_pages;
+    *s_used_pages, *s_slots, *s_ram;
 
 /* The entries of a window's one-dimensional, contiguous, writable array of
  * `itemsize`-byte items, when `index` is one of them; else NULL. */
@@ -193,14 +193,89 @@ out:
     return result;
 }
 
+/* unpin_page(obj, p0) -> bool: mm.py's unpin_page_of(obj, p0) for a window
+ * (HostMemoryObject.unpin_one): one pin less on page p0 and, the page's last
+ * pin gone, its RAM charge with it (HostMemoryObject.unpinned(p0, 1), which
+ * runs itself where pages are bound to file mappings); False, nothing
+ * changed, when no pin held it. */
+static PyObject *unpin_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "unpin_page(obj, p0)");
+        return NULL;
+    }
+    PyObject *obj = args[0];
+    Py_ssize_t p0 = PyLong_AsSsize_t(args[1]);
+    if (p0 == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *count_arr = PyObject_GetAttr(obj, s_pincount), *charged_arr = NULL, *slots = NULL, *ram = NULL;
+    PyObject *result = NULL;
+    if (!count_arr)
+        return NULL;
+    int32_t *counts = (int32_t *)entries(count_arr, 4, p0);
+    if (!counts) {
+        PyErr_SetString(PyExc_IndexError, "unpin_page: page outside the window's pin counts");
+        goto out;
+    }
+    int32_t count = counts[p0];
+    if (count <= 0) {
+        result = Py_NewRef(Py_False);
+        goto out;
+    }
+    long long pins = int_attr(obj, s_pins);
+    if (pins == -1 && PyErr_Occurred())
+        goto out;
+    if (!(charged_arr = PyObject_GetAttr(obj, s_unmapped)) || !(slots = PyObject_GetAttr(obj, s_slots)))
+        goto out;
+    char *charged = charged_arr == Py_None ? NULL : entries(charged_arr, 1, p0);
+    if (charged_arr != Py_None && !charged) {
+        PyErr_SetString(PyExc_IndexError, "unpin_page: page outside the window's charges");
+        goto out;
+    }
+    if (set_int_attr(obj, s_pins, pins - 1) < 0)
+        goto out;
+    counts[p0] = count - 1;
+    if (!charged) {                                 /* no unpinned() hook to run */
+        result = Py_NewRef(Py_True);
+        goto out;
+    }
+    if (slots != Py_None) {                         /* pages bound to file mappings: the Python's */
+        PyObject *res = PyObject_CallMethod(obj, "unpinned", "nn", p0, (Py_ssize_t)1);
+        if (!res)
+            goto out;
+        Py_DECREF(res);
+        result = Py_NewRef(Py_True);
+        goto out;
+    }
+    if (!(ram = PyObject_GetAttr(obj, s_ram)))
+        goto out;
+    if (ram != Py_None && charged[p0] && count == 1) {     /* the last pin: the page's RAM goes back */
+        long long used = int_attr(ram, s_used_pages);
+        if (used == -1 && PyErr_Occurred())
+            goto out;
+        if (set_int_attr(ram, s_used_pages, used - 1) < 0)
+            goto out;
+        charged[p0] = 0;
+    }
+    result = Py_NewRef(Py_True);
+out:
+    Py_DECREF(count_arr);
+    Py_XDECREF(charged_arr);
+    Py_XDECREF(slots);
+    Py_XDECREF(ram);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"pin_page", (PyCFunction)(void (*)(void))pin_page, METH_FASTCALL,
      "pin_page(maps_fd, addr, write, longterm, obj, ram) -> (hpa, repinned, 0) | None | False"},
+    {"unpin_page", (PyCFunction)(void (*)(void))unpin_page, METH_FASTCALL,
+     "unpin_page(obj, p0) -> bool: one pin less on a window's page (False: it had none)"},
     {NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_pin", "HostMM.pin_fast() of one page (transport/host.py).", -1, methods,
+    PyModuleDef_HEAD_INIT, "_pin", "HostMM.pin_fast() of one page, and its unpin (transport/host.py).", -1, methods,
 };
 
 PyMODINIT_FUNC PyInit__pin(void)
@@ -218,7 +293,8 @@ PyMODINIT_FUNC PyInit__pin(void)
         !(s_page_shift = PyUnicode_InternFromString("page_shift")) ||
         !(s_phys_base = PyUnicode_InternFromString("phys_base")) ||
         !(s_ram_pages = PyUnicode_InternFromString("ram_pages")) ||
-        !(s_used_pages = PyUnicode_InternFromString("used_pages")))
+        !(s_used_pages = PyUnicode_InternFromString("used_pages")) ||
+        !(s_slots = PyUnicode_InternFromString("slots")) || !(s_ram = PyUnicode_InternFromString("ram")))
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m)

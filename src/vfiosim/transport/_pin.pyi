@@ -1,4 +1,4 @@
-"""HostMM.pin_fast() of one page (_pin.c)."""
+"""HostMM.pin_fast() of one page, and its unpin (_pin.c)."""
 
 from typing import Literal
 
@@ -9,3 +9,4 @@ WINDOW_SHIFT: int
 
 def pin_page(maps_fd: int, addr: int, write: bool, longterm: bool, obj: HostMemoryObject,
              ram: PhysicalMemory) -> tuple[int, int, int] | None | Literal[False]: ...
+def unpin_page(obj: HostMemoryObject, p0: int) -> bool: ...

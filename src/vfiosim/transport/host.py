@@ -43,14 +43,14 @@ import select
 import stat
 from dataclasses import dataclass
 from errno import EFAULT, ENOMEM
-from typing import TYPE_CHECKING, Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
 import numpy as np
 
 from ..kernel.errors import fail
 from ..kernel.eventfd import EventFd
 from ..kernel.mm import (PROT_EXEC, PROT_READ, PROT_WRITE, AddressSpace, PhysicalMemory, PinResult, Vma,
-                          add_pins, take_ram, take_ram_pages)
+                          add_pins, take_ram, take_ram_pages, unpin_page_of)
 from ..kernel.progression import Progression
 from . import native
 
@@ -70,6 +70,12 @@ _PROCMAP_MASK = native.PROCMAP_READ | native.PROCMAP_WRITE | native.PROCMAP_EXEC
 _PROCMAP_SHARED = native.PROCMAP_SHARED
 _PROCMAP_READ, _PROCMAP_WRITE = native.PROCMAP_READ, native.PROCMAP_WRITE
 _vma = native.vma_query
+# The one-page pin and unpin in C (_pin.c), or their Python where it is not built.
+_pin: Any
+try:
+    from . import _pin
+except ImportError:
+    _pin = None
 _PROT_OF = tuple(sum(prot for bit, prot in _PROCMAP_PROT if flags & bit) for flags in range(_PROCMAP_MASK + 1))
 
 
@@ -658,6 +664,8 @@ class HostMemoryObject:
     __slots__ = ("phys_base", "length", "page_shift", "compound_shift", "pincount", "pins", "users",
                  "pinnable", "host", "vaddr", "orphan", "populated", "unmapped", "ram", "files", "slots")
 
+    unpin_one = staticmethod(_pin.unpin_page if _pin is not None else unpin_page_of)
+
     def __init__(self, host: HostProcess, vaddr: int, length: int, page_shift: int,
                  files: SharedFiles | None = None) -> None:
         self.host = host
@@ -864,11 +872,7 @@ def _pin_page_py(maps_fd: int, addr: int, write: bool, longterm: bool, obj: Host
 
 _PinPage = Callable[[int, int, bool, bool, HostMemoryObject, PhysicalMemory],
                     "tuple[int, int, int] | None | Literal[False]"]
-_pin_page: _PinPage
-try:
-    from ._pin import pin_page as _pin_page
-except ImportError:                         # no C compiler at install: the same in Python
-    _pin_page = _pin_page_py
+_pin_page: _PinPage = _pin.pin_page if _pin is not None else _pin_page_py
 
 
 class HostMM(AddressSpace):
