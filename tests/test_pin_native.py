@@ -1,11 +1,12 @@
-"""The one-page pin and unpin of a real process's memory in C
-(transport/_pin.c) do exactly what their Python (host.py's _pin_page_py,
-mm.py's unpin_page_of) does: the same answer (pinned, None, declined) and
-the same window and RAM state after any mix of pins and unpins, over
-private, read-only, PROT_NONE, shared (pinned by the general pin, their
-pages bound to file mappings) and unmapped pages, as RAM runs out.  And
-HostMM.pin_fast() with the Python in their place still pins as the general
-pin does (tests/test_fast_path_equality_host.py's comparison)."""
+"""The usual pin and unpin of a real process's memory in C
+(transport/_pin.c) do exactly what their Python (host.py's _pin_run_py,
+mm.py's unpin_run_of) does: the same answer (pinned, None, declined) and
+the same window and RAM state after any mix of pins and unpins of one page
+or a few, over private, read-only, PROT_NONE, shared (pinned by the general
+pin, their pages bound to file mappings) and unmapped pages, runs past the
+end of their mapping, as RAM runs out.  And HostMM.pin_fast() with the
+Python in their place still pins as the general pin does
+(tests/test_fast_path_equality_host.py's comparison)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 import test_fast_path_equality_host as eq
 from test_fast_path_equality_host import host_map, host_unmap, host_window, twins  # noqa: F401 (a fixture)
-from vfiosim.kernel.mm import PhysicalMemory, unpin_page_of
+from vfiosim.kernel.mm import PhysicalMemory, unpin_run_of
 from vfiosim.transport import _pin, host
 from vfiosim.transport.host import HostMemoryObject, HostMM, HostProcess
 
@@ -31,12 +32,12 @@ PROTS = {"rw": mmap.PROT_READ | mmap.PROT_WRITE, "ro": mmap.PROT_READ, "none": 0
 class PyWindow(HostMemoryObject):
     """A window whose unpin is the Python's."""
     __slots__ = ()
-    unpin_one = staticmethod(unpin_page_of)
+    unpin_run = staticmethod(unpin_run_of)
 
 
 def test_the_native_pin_is_built_and_used():
-    assert host._pin_page is _pin.pin_page
-    assert HostMemoryObject.unpin_one is _pin.unpin_page
+    assert host._pin_run is _pin.pin_run
+    assert HostMemoryObject.unpin_run is _pin.unpin_run
     assert _pin.WINDOW_SHIFT == host.WINDOW_SHIFT
 
 
@@ -89,42 +90,44 @@ def state(mm: HostMM, phys: PhysicalMemory) -> tuple:
     return phys.used_pages, windows
 
 
-pin = st.tuples(st.just("pin"), st.sampled_from(sorted(PAGES.addrs)), st.integers(0, 1), st.booleans(),
-                st.booleans())
+KINDS = sorted(PAGES.addrs) + ["rw"] * 5          # mostly what pins
+pin = st.tuples(st.just("pin"), st.sampled_from(KINDS), st.integers(0, 2), st.booleans(), st.booleans(),
+                st.one_of(st.just(1), st.integers(2, 3), st.integers(2, 3), st.just(5)))
 unpin = st.tuples(st.just("unpin"), st.integers(0, 50))
 
 
-@given(st.lists(st.one_of(pin, pin, unpin), max_size=30), st.integers(0, 6))
-@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(pin, pin, unpin), max_size=30), st.one_of(st.integers(0, 6), st.just(1 << 20), st.just(1 << 20)))
+@settings(max_examples=200, deadline=None)
 def test_native_and_python_pins_agree(steps, ram_pages):
     (cm, cphys), (pm, pphys) = side(ram_pages, False), side(ram_pages, True)
     pinned: list[tuple[int, int]] = []                  # (hpa in C's memory, in Python's)
     try:
         for op in steps:
             if op[0] == "pin":
-                _, kind, page, write, longterm = op
-                addr = PAGES.addrs[kind] + page * PAGE
+                _, kind, page, write, longterm, n = op
+                addr = PAGES.addrs[kind] + page * PAGE      # (n pages from it: some run past the mapping)
                 index = addr >> host.WINDOW_SHIFT
                 c_obj, p_obj = cm._windows[index], pm._windows[index]
-                got = _pin.pin_page(cm.host.maps_fd, addr, write, longterm, c_obj, cphys)
-                want = host._pin_page_py(pm.host.maps_fd, addr, write, longterm, p_obj, pphys)
+                room = ram_pages - cphys.used_pages
+                got = _pin.pin_run(cm.host.maps_fd, addr, n, write, longterm, c_obj, cphys)
+                want = host._pin_run_py(pm.host.maps_fd, addr, n, write, longterm, p_obj, pphys)
                 if isinstance(got, tuple) and isinstance(want, tuple):
                     assert got[0] - c_obj.phys_base == want[0] - p_obj.phys_base, op
                     assert got[1:] == want[1:], op
-                    pinned.append((got[0], want[0]))
+                    pinned.append((got[0], want[0], n))
                 else:
                     assert got is want, op
-                    if kind == "rw" and ram_pages >= 4:     # every page of the mapping fits
-                        pytest.fail(f"{op}: a private read-write page not pinned ({got})")
+                    if kind == "rw" and page + n <= 4 and room >= n:          # the pages fit
+                        pytest.fail(f"{op}: private read-write pages not pinned ({got})")
                     if got is False:                        # the Python pin's (a shared page: bound to a file)
-                        got, want = cm.pin_fast(addr, 1, write, longterm), pm.pin_fast(addr, 1, write, longterm)
+                        got, want = cm.pin_fast(addr, n, write, longterm), pm.pin_fast(addr, n, write, longterm)
                         assert (got is None) == (want is None), op
                         if got is not None and want is not None:
-                            pinned.append((got[0], want[0]))
+                            pinned.append((got[0], want[0], n))
             elif pinned:
-                c_hpa, p_hpa = pinned.pop(op[1] % len(pinned))
-                cphys.unpin_range(c_hpa, 1)
-                pphys.unpin_range(p_hpa, 1)
+                c_hpa, p_hpa, n = pinned.pop(op[1] % len(pinned))
+                cphys.unpin_range(c_hpa, n)
+                pphys.unpin_range(p_hpa, n)
             assert state(cm, cphys) == state(pm, pphys), op
     finally:
         cm.teardown()
@@ -133,15 +136,19 @@ def test_native_and_python_pins_agree(steps, ram_pages):
 
 @pytest.mark.parametrize("config", ["type1v2", "pseries-v1"])
 def test_the_python_pin_pins_as_the_general_pin(twins, monkeypatch, config):  # noqa: F811
-    """HostMM.pin_fast() with _pin_page_py: the usual pairs, a page pinned
-    twice, RAM running out, all as the general path has them."""
-    monkeypatch.setattr(host, "_pin_page", host._pin_page_py)
-    monkeypatch.setattr(HostMemoryObject, "unpin_one", staticmethod(unpin_page_of))
+    """HostMM.pin_fast() with _pin_run_py: the usual pairs, of one page and
+    of a few, a page pinned twice, RAM running out, all as the general path
+    has them."""
+    monkeypatch.setattr(host, "_pin_run", host._pin_run_py)
+    monkeypatch.setattr(HostMemoryObject, "unpin_run", staticmethod(unpin_run_of))
     t = twins(config, ram_pages=600)
     iova, page = host_window(t)
     for n in range(3):
         t.fast_pin(host_map(iova, t.buf + n * PAGE))
         t.step(host_unmap(iova))
+    if config == "type1v2":
+        t.fast_pin(host_map(iova, t.buf + 2 * PAGE, pages=3))
+        t.step(host_unmap(iova, pages=3))
     t.fast_pin(host_map(iova, t.buf + 5 * PAGE))
     t.fast_pin(host_map(iova + page, t.buf + 5 * PAGE))
     t.step(host_unmap(iova + page))

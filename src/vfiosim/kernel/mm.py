@@ -114,11 +114,11 @@ class PhysicalPages(Protocol):
 
     def unpinned(self, p0: int, n: int) -> None: ...
 
-    # Drop one pin on page p0 of obj: False (nothing changed) when it had
-    # none.  A function of the class (a staticmethod: C or Python), as every
-    # UNMAP_DMA of one page and sPAPR's every TCE cleared calls it.
+    # Drop one pin on each of pages [p0, p0+n) of obj: False (nothing
+    # changed) when one had none.  A function of the class (a staticmethod: C
+    # or Python), as every small UNMAP_DMA and sPAPR's every TCE cleared calls it.
     @property
-    def unpin_one(self) -> "Callable[[PhysicalPages, int], bool]": ...
+    def unpin_run(self) -> "Callable[[PhysicalPages, int, int], bool]": ...
 
     def read_at(self, off: int, n: int) -> bytes: ...
 
@@ -188,18 +188,25 @@ def take_ram_pages(present: np.ndarray, ram: "PhysicalMemory | None", pages: np.
     return got
 
 
-def unpin_page_of(obj: PhysicalPages, p0: int) -> bool:
-    """PhysicalPages.unpin_one() of any memory: one pin less on page ``p0``,
-    what dropping it does to the page (its ``unpinned()``); False, nothing
-    changed, when no pin held it."""
+def unpin_run_of(obj: PhysicalPages, p0: int, n: int) -> bool:
+    """PhysicalPages.unpin_run() of any memory: one pin less on each of pages
+    [p0, p0+n) (one page in scalar operations, more with slice operations),
+    what dropping them does to the pages (its ``unpinned()``); False, nothing
+    changed, when one of them had no pin."""
     pincount = obj.pincount
-    count = pincount.item(p0)
-    if count <= 0:
-        return False
-    pincount[p0] = count - 1
-    obj.pins -= 1
+    if n == 1:
+        count = pincount.item(p0)
+        if count <= 0:
+            return False
+        pincount[p0] = count - 1
+    else:
+        seg = pincount[p0:p0 + n]
+        if seg.min(initial=1) <= 0:
+            return False
+        seg -= 1
+    obj.pins -= n
     if obj.unmapped is not None:
-        obj.unpinned(p0, 1)
+        obj.unpinned(p0, n)
     return True
 
 
@@ -237,7 +244,7 @@ class MemoryObject:
     __slots__ = ("phys_base", "length", "data", "view", "page_shift", "compound_shift",
                  "populated", "pincount", "pins", "users", "pinnable", "owner", "unmapped")
 
-    unpin_one = staticmethod(unpin_page_of)
+    unpin_run = staticmethod(unpin_run_of)
 
     def __init__(self, phys_base: int, data: np.ndarray, page_shift: int,
                  compound_shift: int, pinnable: bool = True, owner: "PhysicalMemory | None" = None) -> None:
@@ -486,19 +493,9 @@ class PhysicalMemory:
     #    kernel's put_page(pfn_to_page(hpa >> PAGE_SHIFT)) is) -------------
 
     def _unpin_pages(self, obj: PhysicalPages, p0: int, n: int) -> None:
-        """Drop one pin on each of pages [p0, p0+n) of ``obj`` (one page in
-        scalar operations, more with slice operations)."""
-        if n == 1:
-            if not obj.unpin_one(obj, p0):
-                raise KernelBug(f"page pin count below zero in {obj!r}")
-        else:
-            seg = obj.pincount[p0:p0 + n]
-            if seg.min(initial=1) <= 0:
-                raise KernelBug(f"page pin count below zero in {obj!r}")
-            seg -= 1
-            obj.pins -= n
-            if obj.unmapped is not None:
-                obj.unpinned(p0, n)
+        """Drop one pin on each of pages [p0, p0+n) of ``obj``."""
+        if not obj.unpin_run(obj, p0, n):
+            raise KernelBug(f"page pin count below zero in {obj!r}")
         if not obj.pins and not obj.users:
             self.release_if_unused(obj)
 
@@ -524,12 +521,9 @@ class PhysicalMemory:
             off = hpa - obj.phys_base
             shift = self.page_shift
             if obj.page_shift == shift and off + ((pages - 1) << shift) < obj.length:
-                if pages != 1:
-                    self._unpin_pages(obj, off >> shift, pages)
-                    return
-                # _unpin_pages() of one page, inline: every small UNMAP_DMA
-                # (and sPAPR's every TCE cleared) drops one pin here.
-                if not obj.unpin_one(obj, off >> shift):
+                # _unpin_pages(), inline: every small UNMAP_DMA (and sPAPR's
+                # every TCE cleared) drops its pins here.
+                if not obj.unpin_run(obj, off >> shift, pages):
                     raise KernelBug(f"page pin count below zero in {obj!r}")
                 if not obj.pins and not obj.users:
                     self.release_if_unused(obj)

@@ -1,18 +1,22 @@
 /*
- * The usual pin of a real process's memory (transport/host.py's
- * HostMM.pin_fast() of one page), in C: every small MAP_DMA under
- * `vfiosim run` pins one page, and in Python the look-up's checks and the
- * page's bookkeeping cost about a microsecond, more than the PROCMAP_QUERY
- * system call they follow.
+ * The usual pin and unpin of a real process's memory (transport/host.py's
+ * HostMM.pin_fast() and its windows' unpin), in C: every small MAP_DMA under
+ * `vfiosim run` pins a few pages, and in Python the look-up's checks and the
+ * pages' bookkeeping cost about a microsecond for one page (more than the
+ * PROCMAP_QUERY system call they follow) and ten for two or more (NumPy's
+ * slices).
  *
- * pin_page() is exactly host.py's _pin_page_py(), the Python of the same
- * steps (for a build without this module; tests/test_pin_native.py compares
- * the two): one PROCMAP_QUERY for the mapping holding the page, its checks in
- * HostMM.pin_fast()'s order, then the page's RAM charge and its pin in the
- * window's HostMemoryObject.  What is not that usual case -- the query
- * failing, a shared mapping (whose pages are bound to the daemon's file
- * mappings), arrays that are not the window's own -- it declines (False)
- * having changed nothing, and HostMM.pin_fast() takes its Python path.
+ * pin_run() is exactly host.py's _pin_run_py() and unpin_run() mm.py's
+ * unpin_run_of() for a window (the Python of the same steps, for a build
+ * without this module; tests/test_pin_native.py compares them): one
+ * PROCMAP_QUERY for the mapping holding the pages, its checks in
+ * HostMM.pin_fast()'s order, then the pages' RAM charge (all of them or
+ * none) and their pins in the window's HostMemoryObject; one pin less on
+ * each page and, the last pin gone, its RAM charge with it.  What is not
+ * that usual case -- the query failing, a shared mapping (whose pages are
+ * bound to the daemon's file mappings), arrays that are not the window's
+ * own -- pin_run() declines (False) having changed nothing, and
+ * HostMM.pin_fast() takes its Python path.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -54,11 +58,11 @@ static PyObject *s_unmapped, *s_pincount, *s_pins, *s_vaddr, *s_page_shift, *s_p
     *s_used_pages, *s_slots, *s_ram;
 
 /* The entries of a window's one-dimensional, contiguous, writable array of
- * `itemsize`-byte items, when `index` is one of them; else NULL. */
-static char *entries(PyObject *arr, Py_ssize_t itemsize, Py_ssize_t index)
+ * `itemsize`-byte items, when [index, index+n) are some of them; else NULL. */
+static char *entries(PyObject *arr, Py_ssize_t itemsize, Py_ssize_t index, Py_ssize_t n)
 {
     const struct ndarray_head *a = (const struct ndarray_head *)arr;
-    if (Py_TYPE(arr) != ndarray_type || a->nd != 1 || index < 0 || index >= a->dimensions[0] ||
+    if (Py_TYPE(arr) != ndarray_type || a->nd != 1 || index < 0 || n < 1 || index > a->dimensions[0] - n ||
         a->strides[0] != itemsize ||
         (a->flags & (NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_WRITEABLE)) != (NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_WRITEABLE))
         return NULL;
@@ -86,15 +90,14 @@ static int set_int_attr(PyObject *obj, PyObject *name, long long value)
     return r;
 }
 
-/* pin_page(maps_fd, addr, write, longterm, obj, ram) -> (hpa, repinned, 0) |
- * None | False: HostMM.pin_fast(addr, 1, write, longterm) where ``obj`` is
- * the registered window holding ``addr`` and ``ram`` the machine's memory.
- * None: not pinnable this way (pin_fast() answers None); False: declined,
- * nothing changed. */
-static PyObject *pin_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* pin_run(maps_fd, addr, npages, write, longterm, obj, ram) -> (hpa, repinned, 0) | None | False:
+ * HostMM.pin_fast(addr, npages, write, longterm) where ``obj`` is the registered
+ * window holding ``addr`` and ``ram`` the machine's memory.  None: not
+ * pinnable this way (pin_fast() answers None); False: declined, nothing changed. */
+static PyObject *pin_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "pin_page(maps_fd, addr, write, longterm, obj, ram)");
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "pin_run(maps_fd, addr, npages, write, longterm, obj, ram)");
         return NULL;
     }
     long maps_fd = PyLong_AsLong(args[0]);
@@ -103,10 +106,15 @@ static PyObject *pin_page(PyObject *self, PyObject *const *args, Py_ssize_t narg
     uint64_t addr = PyLong_AsUnsignedLongLong(args[1]);
     if (addr == (uint64_t)-1 && PyErr_Occurred())
         return NULL;
-    int write = PyObject_IsTrue(args[2]), longterm = PyObject_IsTrue(args[3]);
+    Py_ssize_t npages = PyLong_AsSsize_t(args[2]);
+    if (npages == -1 && PyErr_Occurred())
+        return NULL;
+    int write = PyObject_IsTrue(args[3]), longterm = PyObject_IsTrue(args[4]);
     if (write < 0 || longterm < 0)
         return NULL;
-    PyObject *obj = args[4], *ram = args[5];
+    PyObject *obj = args[5], *ram = args[6];
+    if (npages < 1 || npages > (1 << (WINDOW_SHIFT - 12)))
+        Py_RETURN_FALSE;
 
     struct procmap_query q;
     memset(&q, 0, sizeof q);
@@ -123,13 +131,13 @@ static PyObject *pin_page(PyObject *self, PyObject *const *args, Py_ssize_t narg
     long long shift = int_attr(obj, s_page_shift);
     if (shift < 0)
         return NULL;
-    uint64_t end = addr + ((uint64_t)1 << shift);
+    uint64_t end = addr + ((uint64_t)npages << shift);
     if (end < addr || end > q.vma_end || (end - 1) >> WINDOW_SHIFT != addr >> WINDOW_SHIFT)
         Py_RETURN_NONE;
     if (!write && !longterm && !(flags & VMA_WRITABLE))
         Py_RETURN_NONE;
     if (flags & VMA_SHARED)
-        Py_RETURN_FALSE;                    /* its page is bound to a file mapping: Python's */
+        Py_RETURN_FALSE;                    /* its pages are bound to file mappings: Python's */
     long long vaddr = int_attr(obj, s_vaddr);
     if (vaddr < 0)
         return NULL;
@@ -144,13 +152,16 @@ static PyObject *pin_page(PyObject *self, PyObject *const *args, Py_ssize_t narg
         return NULL;
     }
     PyObject *result = NULL;
-    char *charged = entries(charged_arr, 1, p0);
-    int32_t *counts = (int32_t *)entries(count_arr, 4, p0);
+    char *charged = entries(charged_arr, 1, p0, npages);
+    int32_t *counts = (int32_t *)entries(count_arr, 4, p0, npages);
     if (!charged || !counts) {
         result = Py_NewRef(Py_False);
         goto out;
     }
-    if (!charged[p0]) {                     /* take_ram(): the page's first pin charges the machine's RAM */
+    Py_ssize_t missing = 0, repinned = 0;
+    for (Py_ssize_t k = p0; k < p0 + npages; k++)
+        missing += !charged[k];
+    if (missing && ram != Py_None) {        /* take_ram(): a page's first pin charges the machine's RAM */
         PyObject *limit = PyObject_GetAttr(ram, s_ram_pages);
         if (!limit)
             goto out;
@@ -165,97 +176,104 @@ static PyObject *pin_page(PyObject *self, PyObject *const *args, Py_ssize_t narg
                 Py_DECREF(limit);
                 goto out;
             }
-            if (used >= total) {
+            if (missing > (total > used ? total - used : 0)) {     /* all of them or none */
                 Py_DECREF(limit);
                 result = Py_NewRef(Py_None);
                 goto out;
             }
         }
         Py_DECREF(limit);
-        if (set_int_attr(ram, s_used_pages, used + 1) < 0)
+        if (set_int_attr(ram, s_used_pages, used + missing) < 0)
             goto out;
-        charged[p0] = 1;
     }
-    int32_t count = counts[p0];              /* add_pins() */
-    long long pins = int_attr(obj, s_pins);
+    long long pins = int_attr(obj, s_pins);             /* add_pins() */
     if (pins == -1 && PyErr_Occurred())
         goto out;
-    if (set_int_attr(obj, s_pins, pins + 1) < 0)
+    if (set_int_attr(obj, s_pins, pins + npages) < 0)
         goto out;
-    counts[p0] = count + 1;
+    for (Py_ssize_t k = p0; k < p0 + npages; k++) {
+        charged[k] = 1;
+        repinned += counts[k] != 0;
+        counts[k]++;
+    }
     long long base = int_attr(obj, s_phys_base);
     if (base == -1 && PyErr_Occurred())
         goto out;
-    result = Py_BuildValue("(Kii)", (unsigned long long)base + ((unsigned long long)p0 << shift), count > 0, 0);
+    result = Py_BuildValue("(Kni)", (unsigned long long)base + ((unsigned long long)p0 << shift), repinned, 0);
 out:
     Py_DECREF(charged_arr);
     Py_DECREF(count_arr);
     return result;
 }
 
-/* unpin_page(obj, p0) -> bool: mm.py's unpin_page_of(obj, p0) for a window
- * (HostMemoryObject.unpin_one): one pin less on page p0 and, the page's last
- * pin gone, its RAM charge with it (HostMemoryObject.unpinned(p0, 1), which
- * runs itself where pages are bound to file mappings); False, nothing
- * changed, when no pin held it. */
-static PyObject *unpin_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* unpin_run(obj, p0, n) -> bool: mm.py's unpin_run_of(obj, p0, n) for a window
+ * (HostMemoryObject.unpin_run): one pin less on each of pages [p0, p0+n) and,
+ * a page's last pin gone, its RAM charge with it (HostMemoryObject.unpinned(),
+ * which runs itself where pages are bound to file mappings); False, nothing
+ * changed, when one of them had no pin. */
+static PyObject *unpin_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "unpin_page(obj, p0)");
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "unpin_run(obj, p0, n)");
         return NULL;
     }
     PyObject *obj = args[0];
-    Py_ssize_t p0 = PyLong_AsSsize_t(args[1]);
-    if (p0 == -1 && PyErr_Occurred())
+    Py_ssize_t p0 = PyLong_AsSsize_t(args[1]), n = PyLong_AsSsize_t(args[2]);
+    if ((p0 == -1 || n == -1) && PyErr_Occurred())
         return NULL;
     PyObject *count_arr = PyObject_GetAttr(obj, s_pincount), *charged_arr = NULL, *slots = NULL, *ram = NULL;
     PyObject *result = NULL;
     if (!count_arr)
         return NULL;
-    int32_t *counts = (int32_t *)entries(count_arr, 4, p0);
+    int32_t *counts = (int32_t *)entries(count_arr, 4, p0, n);
     if (!counts) {
-        PyErr_SetString(PyExc_IndexError, "unpin_page: page outside the window's pin counts");
+        PyErr_SetString(PyExc_IndexError, "unpin_run: pages outside the window's pin counts");
         goto out;
     }
-    int32_t count = counts[p0];
-    if (count <= 0) {
-        result = Py_NewRef(Py_False);
-        goto out;
+    for (Py_ssize_t k = p0; k < p0 + n; k++) {
+        if (counts[k] <= 0) {
+            result = Py_NewRef(Py_False);
+            goto out;
+        }
     }
     long long pins = int_attr(obj, s_pins);
     if (pins == -1 && PyErr_Occurred())
         goto out;
     if (!(charged_arr = PyObject_GetAttr(obj, s_unmapped)) || !(slots = PyObject_GetAttr(obj, s_slots)))
         goto out;
-    char *charged = charged_arr == Py_None ? NULL : entries(charged_arr, 1, p0);
+    char *charged = charged_arr == Py_None ? NULL : entries(charged_arr, 1, p0, n);
     if (charged_arr != Py_None && !charged) {
-        PyErr_SetString(PyExc_IndexError, "unpin_page: page outside the window's charges");
+        PyErr_SetString(PyExc_IndexError, "unpin_run: pages outside the window's charges");
         goto out;
     }
-    if (set_int_attr(obj, s_pins, pins - 1) < 0)
+    if (set_int_attr(obj, s_pins, pins - n) < 0)
         goto out;
-    counts[p0] = count - 1;
-    if (!charged) {                                 /* no unpinned() hook to run */
-        result = Py_NewRef(Py_True);
-        goto out;
-    }
-    if (slots != Py_None) {                         /* pages bound to file mappings: the Python's */
-        PyObject *res = PyObject_CallMethod(obj, "unpinned", "nn", p0, (Py_ssize_t)1);
+    for (Py_ssize_t k = p0; k < p0 + n; k++)
+        counts[k]--;
+    if (charged && slots != Py_None) {      /* pages bound to file mappings: the Python's */
+        PyObject *res = PyObject_CallMethod(obj, "unpinned", "nn", p0, n);
         if (!res)
             goto out;
         Py_DECREF(res);
-        result = Py_NewRef(Py_True);
-        goto out;
-    }
-    if (!(ram = PyObject_GetAttr(obj, s_ram)))
-        goto out;
-    if (ram != Py_None && charged[p0] && count == 1) {     /* the last pin: the page's RAM goes back */
-        long long used = int_attr(ram, s_used_pages);
-        if (used == -1 && PyErr_Occurred())
+    } else if (charged) {
+        if (!(ram = PyObject_GetAttr(obj, s_ram)))
             goto out;
-        if (set_int_attr(ram, s_used_pages, used - 1) < 0)
-            goto out;
-        charged[p0] = 0;
+        if (ram != Py_None) {               /* a page's last pin gone: its RAM goes back */
+            long long freed = 0;
+            for (Py_ssize_t k = p0; k < p0 + n; k++) {
+                if (charged[k] && !counts[k]) {
+                    charged[k] = 0;
+                    freed++;
+                }
+            }
+            if (freed) {
+                long long used = int_attr(ram, s_used_pages);
+                if (used == -1 && PyErr_Occurred())
+                    goto out;
+                if (set_int_attr(ram, s_used_pages, used - freed) < 0)
+                    goto out;
+            }
+        }
     }
     result = Py_NewRef(Py_True);
 out:
@@ -267,15 +285,15 @@ out:
 }
 
 static PyMethodDef methods[] = {
-    {"pin_page", (PyCFunction)(void (*)(void))pin_page, METH_FASTCALL,
-     "pin_page(maps_fd, addr, write, longterm, obj, ram) -> (hpa, repinned, 0) | None | False"},
-    {"unpin_page", (PyCFunction)(void (*)(void))unpin_page, METH_FASTCALL,
-     "unpin_page(obj, p0) -> bool: one pin less on a window's page (False: it had none)"},
+    {"pin_run", (PyCFunction)(void (*)(void))pin_run, METH_FASTCALL,
+     "pin_run(maps_fd, addr, npages, write, longterm, obj, ram) -> (hpa, repinned, 0) | None | False"},
+    {"unpin_run", (PyCFunction)(void (*)(void))unpin_run, METH_FASTCALL,
+     "unpin_run(obj, p0, n) -> bool: one pin less on each of a window's pages (False: one had none)"},
     {NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_pin", "HostMM.pin_fast() of one page, and its unpin (transport/host.py).", -1, methods,
+    PyModuleDef_HEAD_INIT, "_pin", "HostMM.pin_fast() and its windows' unpin (transport/host.py).", -1, methods,
 };
 
 PyMODINIT_FUNC PyInit__pin(void)

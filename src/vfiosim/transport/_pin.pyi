@@ -1,4 +1,4 @@
-"""HostMM.pin_fast() of one page, and its unpin (_pin.c)."""
+"""HostMM.pin_fast() and its windows' unpin (_pin.c)."""
 
 from typing import Literal
 
@@ -7,6 +7,6 @@ from vfiosim.transport.host import HostMemoryObject
 
 WINDOW_SHIFT: int
 
-def pin_page(maps_fd: int, addr: int, write: bool, longterm: bool, obj: HostMemoryObject,
-             ram: PhysicalMemory) -> tuple[int, int, int] | None | Literal[False]: ...
-def unpin_page(obj: HostMemoryObject, p0: int) -> bool: ...
+def pin_run(maps_fd: int, addr: int, npages: int, write: bool, longterm: bool, obj: HostMemoryObject,
+            ram: PhysicalMemory) -> tuple[int, int, int] | None | Literal[False]: ...
+def unpin_run(obj: HostMemoryObject, p0: int, n: int) -> bool: ...

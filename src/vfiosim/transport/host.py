@@ -50,7 +50,7 @@ import numpy as np
 from ..kernel.errors import fail
 from ..kernel.eventfd import EventFd
 from ..kernel.mm import (PROT_EXEC, PROT_READ, PROT_WRITE, AddressSpace, PhysicalMemory, PinResult, Vma,
-                          add_pins, take_ram, take_ram_pages, unpin_page_of)
+                          add_pins, take_ram, take_ram_pages, unpin_run_of)
 from ..kernel.progression import Progression
 from . import native
 
@@ -70,7 +70,7 @@ _PROCMAP_MASK = native.PROCMAP_READ | native.PROCMAP_WRITE | native.PROCMAP_EXEC
 _PROCMAP_SHARED = native.PROCMAP_SHARED
 _PROCMAP_READ, _PROCMAP_WRITE = native.PROCMAP_READ, native.PROCMAP_WRITE
 _vma = native.vma_query
-# The one-page pin and unpin in C (_pin.c), or their Python where it is not built.
+# The usual pin and unpin in C (_pin.c), or their Python where it is not built.
 _pin: Any
 try:
     from . import _pin
@@ -664,7 +664,7 @@ class HostMemoryObject:
     __slots__ = ("phys_base", "length", "page_shift", "compound_shift", "pincount", "pins", "users",
                  "pinnable", "host", "vaddr", "orphan", "populated", "unmapped", "ram", "files", "slots")
 
-    unpin_one = staticmethod(_pin.unpin_page if _pin is not None else unpin_page_of)
+    unpin_run = staticmethod(_pin.unpin_run if _pin is not None else unpin_run_of)
 
     def __init__(self, host: HostProcess, vaddr: int, length: int, page_shift: int,
                  files: SharedFiles | None = None) -> None:
@@ -831,10 +831,10 @@ class HostMemoryObject:
         return f"<HostMemoryObject pid={self.host.pid} vaddr={self.vaddr:#x} len={self.length:#x} pins={self.pins}>"
 
 
-def _pin_page_py(maps_fd: int, addr: int, write: bool, longterm: bool, obj: HostMemoryObject,
-                 ram: PhysicalMemory) -> tuple[int, int, int] | None | Literal[False]:
-    """HostMM.pin_fast(addr, 1, write, longterm) where ``obj`` is the
-    registered window holding ``addr``: what _pin.c's pin_page() does, for a
+def _pin_run_py(maps_fd: int, addr: int, npages: int, write: bool, longterm: bool, obj: HostMemoryObject,
+                ram: PhysicalMemory) -> tuple[int, int, int] | None | Literal[False]:
+    """HostMM.pin_fast(addr, npages, write, longterm) where ``obj`` is the
+    registered window holding ``addr``: what _pin.c's pin_run() does, for a
     build without it (tests/test_pin_native.py compares the two).  None: not
     pinnable so (pin_fast() answers None); False: declined, nothing changed
     (the query failed, or a shared mapping, whose pages files.bind() binds)."""
@@ -848,7 +848,7 @@ def _pin_page_py(maps_fd: int, addr: int, write: bool, longterm: bool, obj: Host
     if not (flags & _PROCMAP_WRITE if write else flags & (_PROCMAP_READ | _PROCMAP_WRITE)):
         return None
     shift = obj.page_shift
-    end = addr + (1 << shift)
+    end = addr + (npages << shift)
     if end > found[1] or (end - 1) >> WINDOW_SHIFT != addr >> WINDOW_SHIFT:
         return None
     if not write and not longterm and not flags & _PROCMAP_WRITE:
@@ -857,22 +857,17 @@ def _pin_page_py(maps_fd: int, addr: int, write: bool, longterm: bool, obj: Host
         return False
     p0 = (addr - obj.vaddr) >> shift
     charged = obj.unmapped
-    if charged is None or not 0 <= p0 < charged.size or not 0 <= p0 < obj.pincount.size:
+    if charged is None or npages < 1 or not 0 <= p0 <= min(charged.size, obj.pincount.size) - npages:
         return False
-    if not charged[p0]:                     # take_ram(): the first pin charges the machine's RAM
-        if ram.ram_pages is not None and ram.used_pages >= ram.ram_pages:
-            return None
-        ram.used_pages += 1
-        charged[p0] = True
-    count = obj.pincount.item(p0)           # add_pins()
-    obj.pins += 1
-    obj.pincount[p0] = count + 1
-    return obj.phys_base + (p0 << shift), int(count > 0), 0
+    if take_ram(charged, ram, p0, npages, True) < npages:      # all of them or none
+        return None
+    take_ram(charged, ram, p0, npages, False)
+    return obj.phys_base + (p0 << shift), add_pins(obj, p0, npages), 0
 
 
-_PinPage = Callable[[int, int, bool, bool, HostMemoryObject, PhysicalMemory],
-                    "tuple[int, int, int] | None | Literal[False]"]
-_pin_page: _PinPage = _pin.pin_page if _pin is not None else _pin_page_py
+_PinRun = Callable[[int, int, int, bool, bool, HostMemoryObject, PhysicalMemory],
+                   "tuple[int, int, int] | None | Literal[False]"]
+_pin_run: _PinRun = _pin.pin_run if _pin is not None else _pin_run_py
 
 
 class HostMM(AddressSpace):
@@ -1110,15 +1105,14 @@ class HostMM(AddressSpace):
         (all of it or, as RAM would run out, nothing: the general pin logs
         deviation 12).  A window needing registration is registered as it
         would be.  Pages mlock'ed by the program are not counted here
-        (count_mlocked_pages() is 0).  One page of a private mapping in a
-        registered window, the usual map, is _pin_page()'s (C, _pin.c)."""
-        if npages == 1:
-            obj = self._windows.get(start >> WINDOW_SHIFT)
-            host = self.host
-            if obj is not None and obj.users and host._query and host.mem >= 0 and not host.gone:
-                done = _pin_page(host.maps_fd, start, write, longterm, obj, self.phys)
-                if done is not False:
-                    return done
+        (count_mlocked_pages() is 0).  Pages of a private mapping in a
+        registered window, the usual map, are _pin_run()'s (C, _pin.c)."""
+        obj = self._windows.get(start >> WINDOW_SHIFT)
+        host = self.host
+        if obj is not None and obj.users and host._query and host.mem >= 0 and not host.gone:
+            done = _pin_run(host.maps_fd, start, npages, write, longterm, obj, self.phys)
+            if done is not False:
+                return done
         vma = self.host.vma_at(start)
         if vma is None:
             return None
