@@ -742,8 +742,10 @@ class Type1IommuDriver(VfioIommuDriver):
             return False
         starts = iommu.dma_starts
         i = bisect.bisect_left(starts, end)             # vfio_find_dma(): nothing may overlap
-        if i and iova < iommu.dmas[i - 1].end:
-            return False
+        if i:
+            prev = iommu.dmas[i - 1]                    # (its end, without the property's frame)
+            if iova < prev.iova + prev.size:
+                return False
         if not iommu.dma_avail:
             return False
         if iommu.iova_list:                             # _iova_dma_valid(), inline
