@@ -2,8 +2,8 @@
 (transport/_pin.c) do exactly what their Python (host.py's _pin_run_py,
 mm.py's unpin_run_of) does: the same answer (pinned, None, declined) and
 the same window and RAM state after any mix of pins and unpins of one page
-or a few, over private, read-only, PROT_NONE, shared (pinned by the general
-pin, their pages bound to file mappings) and unmapped pages, runs past the
+or a few, over private, read-only, PROT_NONE, shared (a memfd's pages bound
+to the daemon's mapping of it) and unmapped pages, runs past the
 end of their mapping, as RAM runs out.  And HostMM.pin_fast() with the
 Python in their place still pins as the general pin does
 (tests/test_fast_path_equality_host.py's comparison)."""
@@ -90,7 +90,7 @@ def state(mm: HostMM, phys: PhysicalMemory) -> tuple:
     return phys.used_pages, windows
 
 
-KINDS = sorted(PAGES.addrs) + ["rw"] * 5          # mostly what pins
+KINDS = sorted(PAGES.addrs) + ["rw"] * 5 + ["ro"] * 2    # mostly what pins
 pin = st.tuples(st.just("pin"), st.sampled_from(KINDS), st.integers(0, 2), st.booleans(), st.booleans(),
                 st.one_of(st.just(1), st.integers(2, 3), st.integers(2, 3), st.just(5)))
 unpin = st.tuples(st.just("unpin"), st.integers(0, 50))
@@ -165,3 +165,35 @@ def test_the_python_pin_pins_as_the_general_pin(twins, monkeypatch, config):  # 
     t.fast_pin(host_map(iova + page, t.buf + 5 * PAGE))         # pinned already: no RAM needed
     t.step(host_unmap(iova + page))
     t.step(host_unmap(iova))
+
+
+def test_shared_pages_bind_as_the_general_pin_binds(monkeypatch):
+    """A memfd's pages pinned by the C are bound to the daemon's mapping of the
+    file as pin_fast()'s Python path binds them, and unbound with their last
+    pin: the same slots, file mappings and RAM, pinned and unpinned again."""
+    (cm, cphys), (pm, pphys) = side(1 << 20, False), side(1 << 20, False)
+    general = host._pin_run
+    runs = [(0, 1), (1, 2), (0, 3), (3, 1)]
+    pinned = []
+    try:
+        for page, n in runs:
+            addr = PAGES.addrs["memfd"] + page * PAGE
+            got = cm.pin_fast(addr, n, True, True)
+            with monkeypatch.context() as mp:
+                mp.setattr(host, "_pin_run", lambda *args: False)      # the Python path
+                want = pm.pin_fast(addr, n, True, True)
+            assert got is not None and want is not None
+            assert got[1:] == want[1:]
+            pinned.append((got[0], want[0], n))
+            assert state(cm, cphys) == state(pm, pphys)
+            assert (cm.files.bound, cm.files.mapped, cm.files.count()) == \
+                (pm.files.bound, pm.files.mapped, pm.files.count()) and cm.files.bound > 0
+        assert host._pin_run is general
+        for c_hpa, p_hpa, n in pinned:
+            cphys.unpin_range(c_hpa, n)
+            pphys.unpin_range(p_hpa, n)
+            assert state(cm, cphys) == state(pm, pphys)
+        assert cm.files.bound == pm.files.bound == 0 and cphys.used_pages == 0
+    finally:
+        cm.teardown()
+        pm.teardown()

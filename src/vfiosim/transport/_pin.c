@@ -12,11 +12,13 @@
  * PROCMAP_QUERY for the mapping holding the pages, its checks in
  * HostMM.pin_fast()'s order, then the pages' RAM charge (all of them or
  * none) and their pins in the window's HostMemoryObject; one pin less on
- * each page and, the last pin gone, its RAM charge with it.  What is not
- * that usual case -- the query failing, a shared mapping (whose pages are
- * bound to the daemon's file mappings), arrays that are not the window's
- * own -- pin_run() declines (False) having changed nothing, and
- * HostMM.pin_fast() takes its Python path.
+ * each page and, the last pin gone, its RAM charge with it.  Pages of a
+ * shared mapping are then bound to the daemon's mapping of their file, as
+ * pin_fast() binds them (SharedFiles.bind(): Python), and unbound as their
+ * last pin goes (HostMemoryObject.unpinned(): Python).  What is not that
+ * usual case -- the query failing, arrays that are not the window's own --
+ * pin_run() declines (False) having changed nothing, and HostMM.pin_fast()
+ * takes its Python path.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -55,7 +57,7 @@ struct ndarray_head {
 
 static PyTypeObject *ndarray_type; /* numpy.ndarray */
 static PyObject *s_unmapped, *s_pincount, *s_pins, *s_vaddr, *s_page_shift, *s_phys_base, *s_ram_pages,
-    *s_used_pages, *s_slots, *s_ram;
+    *s_used_pages, *s_slots, *s_ram, *s_files;
 
 /* The entries of a window's one-dimensional, contiguous, writable array of
  * `itemsize`-byte items, when [index, index+n) are some of them; else NULL. */
@@ -136,22 +138,25 @@ static PyObject *pin_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         Py_RETURN_NONE;
     if (!write && !longterm && !(flags & VMA_WRITABLE))
         Py_RETURN_NONE;
-    if (flags & VMA_SHARED)
-        Py_RETURN_FALSE;                    /* its pages are bound to file mappings: Python's */
+    PyObject *files = NULL;
+    if (flags & VMA_SHARED) {               /* its pages are bound to their file once pinned */
+        if (!(files = PyObject_GetAttr(obj, s_files)))
+            return NULL;
+        if (files == Py_None) {
+            Py_DECREF(files);
+            Py_RETURN_FALSE;
+        }
+    }
     long long vaddr = int_attr(obj, s_vaddr);
-    if (vaddr < 0)
-        return NULL;
-    Py_ssize_t p0 = (Py_ssize_t)((addr - (uint64_t)vaddr) >> shift);
-
-    PyObject *charged_arr = PyObject_GetAttr(obj, s_unmapped), *count_arr = NULL;
-    if (!charged_arr)
-        return NULL;
-    count_arr = PyObject_GetAttr(obj, s_pincount);
-    if (!count_arr) {
-        Py_DECREF(charged_arr);
+    if (vaddr < 0) {
+        Py_XDECREF(files);
         return NULL;
     }
-    PyObject *result = NULL;
+    Py_ssize_t p0 = (Py_ssize_t)((addr - (uint64_t)vaddr) >> shift);
+
+    PyObject *charged_arr = PyObject_GetAttr(obj, s_unmapped), *count_arr = NULL, *result = NULL;
+    if (!charged_arr || !(count_arr = PyObject_GetAttr(obj, s_pincount)))
+        goto out;
     char *charged = entries(charged_arr, 1, p0, npages);
     int32_t *counts = (int32_t *)entries(count_arr, 4, p0, npages);
     if (!charged || !counts) {
@@ -196,13 +201,20 @@ static PyObject *pin_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         repinned += counts[k] != 0;
         counts[k]++;
     }
+    if (files) {                            /* pin_fast()'s files.bind() */
+        PyObject *res = PyObject_CallMethod(files, "bind", "Onn", obj, p0, npages);
+        if (!res)
+            goto out;
+        Py_DECREF(res);
+    }
     long long base = int_attr(obj, s_phys_base);
     if (base == -1 && PyErr_Occurred())
         goto out;
     result = Py_BuildValue("(Kni)", (unsigned long long)base + ((unsigned long long)p0 << shift), repinned, 0);
 out:
-    Py_DECREF(charged_arr);
-    Py_DECREF(count_arr);
+    Py_XDECREF(charged_arr);
+    Py_XDECREF(count_arr);
+    Py_XDECREF(files);
     return result;
 }
 
@@ -312,7 +324,8 @@ PyMODINIT_FUNC PyInit__pin(void)
         !(s_phys_base = PyUnicode_InternFromString("phys_base")) ||
         !(s_ram_pages = PyUnicode_InternFromString("ram_pages")) ||
         !(s_used_pages = PyUnicode_InternFromString("used_pages")) ||
-        !(s_slots = PyUnicode_InternFromString("slots")) || !(s_ram = PyUnicode_InternFromString("ram")))
+        !(s_slots = PyUnicode_InternFromString("slots")) || !(s_ram = PyUnicode_InternFromString("ram")) ||
+        !(s_files = PyUnicode_InternFromString("files")))
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m)

@@ -837,7 +837,8 @@ def _pin_run_py(maps_fd: int, addr: int, npages: int, write: bool, longterm: boo
     registered window holding ``addr``: what _pin.c's pin_run() does, for a
     build without it (tests/test_pin_native.py compares the two).  None: not
     pinnable so (pin_fast() answers None); False: declined, nothing changed
-    (the query failed, or a shared mapping, whose pages files.bind() binds)."""
+    (the query failed).  Pages of a shared mapping are bound to their file
+    (``obj.files``: HostMM.files), as pin_fast() binds them."""
     try:
         found = _vma(maps_fd, addr, False)
     except OSError:
@@ -853,7 +854,8 @@ def _pin_run_py(maps_fd: int, addr: int, npages: int, write: bool, longterm: boo
         return None
     if not write and not longterm and not flags & _PROCMAP_WRITE:
         return None
-    if flags & _PROCMAP_SHARED:
+    files = obj.files if flags & _PROCMAP_SHARED else None
+    if flags & _PROCMAP_SHARED and files is None:
         return False
     p0 = (addr - obj.vaddr) >> shift
     charged = obj.unmapped
@@ -862,7 +864,10 @@ def _pin_run_py(maps_fd: int, addr: int, npages: int, write: bool, longterm: boo
     if take_ram(charged, ram, p0, npages, True) < npages:      # all of them or none
         return None
     take_ram(charged, ram, p0, npages, False)
-    return obj.phys_base + (p0 << shift), add_pins(obj, p0, npages), 0
+    repinned = add_pins(obj, p0, npages)
+    if files is not None:
+        files.bind(obj, p0, npages)
+    return obj.phys_base + (p0 << shift), repinned, 0
 
 
 _PinRun = Callable[[int, int, int, bool, bool, HostMemoryObject, PhysicalMemory],
@@ -1105,8 +1110,8 @@ class HostMM(AddressSpace):
         (all of it or, as RAM would run out, nothing: the general pin logs
         deviation 12).  A window needing registration is registered as it
         would be.  Pages mlock'ed by the program are not counted here
-        (count_mlocked_pages() is 0).  Pages of a private mapping in a
-        registered window, the usual map, are _pin_run()'s (C, _pin.c)."""
+        (count_mlocked_pages() is 0).  Pages in a registered window, the
+        usual map, are _pin_run()'s (C, _pin.c)."""
         obj = self._windows.get(start >> WINDOW_SHIFT)
         host = self.host
         if obj is not None and obj.users and host._query and host.mem >= 0 and not host.gone:
