@@ -60,7 +60,9 @@ static PyObject *s_unmapped, *s_pincount, *s_pins, *s_vaddr, *s_page_shift, *s_p
     *s_used_pages, *s_slots, *s_ram, *s_files;
 
 /* The entries of a window's one-dimensional, contiguous, writable array of
- * `itemsize`-byte items, when [index, index+n) are some of them; else NULL. */
+ * `itemsize`-byte items, when [index, index+n) are some of them; else NULL.
+ * (Its item type is the window's: HostMemoryObject makes its pin counts
+ * int32 and its charges bool, never anything else of the same size.) */
 static char *entries(PyObject *arr, Py_ssize_t itemsize, Py_ssize_t index, Py_ssize_t n)
 {
     const struct ndarray_head *a = (const struct ndarray_head *)arr;
@@ -115,7 +117,7 @@ static PyObject *pin_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     if (write < 0 || longterm < 0)
         return NULL;
     PyObject *obj = args[5], *ram = args[6];
-    if (npages < 1 || npages > (1 << (WINDOW_SHIFT - 12)))
+    if (npages < 1 || npages > (1 << (WINDOW_SHIFT - 12)))     /* more than a window of 4 KiB pages: Python's */
         Py_RETURN_FALSE;
 
     struct procmap_query q;
