@@ -78,6 +78,14 @@ setup(
             extra_compile_args=["-O2", "-fvisibility=hidden"],
             optional=True,
         ),
+        # The usual one-page pin of a real process's memory (transport/host.py's
+        # HostMM.pin_fast(); optional: a Python function does the same without it).
+        Extension(
+            "vfiosim.transport._pin",
+            sources=["src/vfiosim/transport/_pin.c"],
+            extra_compile_args=["-O2", "-fvisibility=hidden"],
+            optional=True,
+        ),
         # `vfiosim record`'s pass-through recording shim (vfiosim.tracing.record).
         Extension(
             "vfiosim.tracing._vfiosim_record",

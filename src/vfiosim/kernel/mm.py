@@ -114,6 +114,12 @@ class PhysicalPages(Protocol):
 
     def unpinned(self, p0: int, n: int) -> None: ...
 
+    # Drop one pin on each of pages [p0, p0+n) of obj: False (nothing
+    # changed) when one had none.  A function of the class (a staticmethod: C
+    # or Python), as every small UNMAP_DMA and sPAPR's every TCE cleared calls it.
+    @property
+    def unpin_run(self) -> "Callable[[PhysicalPages, int, int], bool]": ...
+
     def read_at(self, off: int, n: int) -> bytes: ...
 
     def read_into(self, off: int, out: np.ndarray) -> None: ...
@@ -182,6 +188,28 @@ def take_ram_pages(present: np.ndarray, ram: "PhysicalMemory | None", pages: np.
     return got
 
 
+def unpin_run_of(obj: PhysicalPages, p0: int, n: int) -> bool:
+    """PhysicalPages.unpin_run() of any memory: one pin less on each of pages
+    [p0, p0+n) (one page in scalar operations, more with slice operations),
+    what dropping them does to the pages (its ``unpinned()``); False, nothing
+    changed, when one of them had no pin."""
+    pincount = obj.pincount
+    if n == 1:
+        count = pincount.item(p0)
+        if count <= 0:
+            return False
+        pincount[p0] = count - 1
+    else:
+        seg = pincount[p0:p0 + n]
+        if seg.min(initial=1) <= 0:
+            return False
+        seg -= 1
+    obj.pins -= n
+    if obj.unmapped is not None:
+        obj.unpinned(p0, n)
+    return True
+
+
 class PinCounted(Protocol):
     """What counts pins per page: a MemoryObject, the run transport's HostMemoryObject."""
     pincount: np.ndarray
@@ -215,6 +243,8 @@ class MemoryObject:
 
     __slots__ = ("phys_base", "length", "data", "view", "page_shift", "compound_shift",
                  "populated", "pincount", "pins", "users", "pinnable", "owner", "unmapped")
+
+    unpin_run = staticmethod(unpin_run_of)
 
     def __init__(self, phys_base: int, data: np.ndarray, page_shift: int,
                  compound_shift: int, pinnable: bool = True, owner: "PhysicalMemory | None" = None) -> None:
@@ -463,21 +493,9 @@ class PhysicalMemory:
     #    kernel's put_page(pfn_to_page(hpa >> PAGE_SHIFT)) is) -------------
 
     def _unpin_pages(self, obj: PhysicalPages, p0: int, n: int) -> None:
-        """Drop one pin on each of pages [p0, p0+n) of ``obj`` (one page in
-        scalar operations, more with slice operations)."""
-        if n == 1:
-            count = obj.pincount.item(p0)
-            if count <= 0:
-                raise KernelBug(f"page pin count below zero in {obj!r}")
-            obj.pincount[p0] = count - 1
-        else:
-            seg = obj.pincount[p0:p0 + n]
-            if seg.min(initial=1) <= 0:
-                raise KernelBug(f"page pin count below zero in {obj!r}")
-            seg -= 1
-        obj.pins -= n
-        if obj.unmapped is not None:
-            obj.unpinned(p0, n)
+        """Drop one pin on each of pages [p0, p0+n) of ``obj``."""
+        if not obj.unpin_run(obj, p0, n):
+            raise KernelBug(f"page pin count below zero in {obj!r}")
         if not obj.pins and not obj.users:
             self.release_if_unused(obj)
 
@@ -503,7 +521,12 @@ class PhysicalMemory:
             off = hpa - obj.phys_base
             shift = self.page_shift
             if obj.page_shift == shift and off + ((pages - 1) << shift) < obj.length:
-                self._unpin_pages(obj, off >> shift, pages)
+                # _unpin_pages(), inline: every small UNMAP_DMA (and sPAPR's
+                # every TCE cleared) drops its pins here.
+                if not obj.unpin_run(obj, off >> shift, pages):
+                    raise KernelBug(f"page pin count below zero in {obj!r}")
+                if not obj.pins and not obj.users:
+                    self.release_if_unused(obj)
                 return
         self.unpin(Progression(hpa, self.page_size, pages))
 

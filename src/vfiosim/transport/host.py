@@ -43,14 +43,14 @@ import select
 import stat
 from dataclasses import dataclass
 from errno import EFAULT, ENOMEM
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
 import numpy as np
 
 from ..kernel.errors import fail
 from ..kernel.eventfd import EventFd
 from ..kernel.mm import (PROT_EXEC, PROT_READ, PROT_WRITE, AddressSpace, PhysicalMemory, PinResult, Vma,
-                          add_pins, take_ram, take_ram_pages)
+                          add_pins, take_ram, take_ram_pages, unpin_run_of)
 from ..kernel.progression import Progression
 from . import native
 
@@ -68,7 +68,14 @@ _PROCMAP_PROT = ((native.PROCMAP_READ, PROT_READ), (native.PROCMAP_WRITE, PROT_W
 # PROT_* of each combination of PROCMAP_QUERY's flags (a look-up per MAP_DMA, not a loop).
 _PROCMAP_MASK = native.PROCMAP_READ | native.PROCMAP_WRITE | native.PROCMAP_EXEC | native.PROCMAP_SHARED
 _PROCMAP_SHARED = native.PROCMAP_SHARED
+_PROCMAP_READ, _PROCMAP_WRITE = native.PROCMAP_READ, native.PROCMAP_WRITE
 _vma = native.vma_query
+# The usual pin and unpin in C (_pin.c), or their Python where it is not built.
+_pin: Any
+try:
+    from . import _pin
+except ImportError:
+    _pin = None
 _PROT_OF = tuple(sum(prot for bit, prot in _PROCMAP_PROT if flags & bit) for flags in range(_PROCMAP_MASK + 1))
 
 
@@ -667,6 +674,8 @@ class HostMemoryObject:
     __slots__ = ("phys_base", "length", "page_shift", "compound_shift", "pincount", "pins", "users",
                  "pinnable", "host", "vaddr", "orphan", "populated", "unmapped", "ram", "files", "slots")
 
+    unpin_run = staticmethod(_pin.unpin_run if _pin is not None else unpin_run_of)
+
     def __init__(self, host: HostProcess, vaddr: int, length: int, page_shift: int,
                  files: SharedFiles | None = None) -> None:
         self.host = host
@@ -830,6 +839,50 @@ class HostMemoryObject:
 
     def __repr__(self) -> str:
         return f"<HostMemoryObject pid={self.host.pid} vaddr={self.vaddr:#x} len={self.length:#x} pins={self.pins}>"
+
+
+def _pin_run_py(maps_fd: int, addr: int, npages: int, write: bool, longterm: bool, obj: HostMemoryObject,
+                ram: PhysicalMemory) -> tuple[int, int, int] | None | Literal[False]:
+    """HostMM.pin_fast(addr, npages, write, longterm) where ``obj`` is the
+    registered window holding ``addr``: what _pin.c's pin_run() does, for a
+    build without it (tests/test_pin_native.py compares the two).  None: not
+    pinnable so (pin_fast() answers None); False: declined, nothing changed
+    (the query failed).  Pages of a shared mapping are bound to their file
+    (``obj.files``: HostMM.files), as pin_fast() binds them."""
+    try:
+        found = _vma(maps_fd, addr, False)
+    except OSError:
+        return False
+    if found is None:
+        return None
+    flags = found[2]
+    if not (flags & _PROCMAP_WRITE if write else flags & (_PROCMAP_READ | _PROCMAP_WRITE)):
+        return None
+    shift = obj.page_shift
+    end = addr + (npages << shift)
+    if end > found[1] or (end - 1) >> WINDOW_SHIFT != addr >> WINDOW_SHIFT:
+        return None
+    if not write and not longterm and not flags & _PROCMAP_WRITE:
+        return None
+    files = obj.files if flags & _PROCMAP_SHARED else None
+    if flags & _PROCMAP_SHARED and files is None:
+        return False
+    p0 = (addr - obj.vaddr) >> shift
+    charged = obj.unmapped
+    if charged is None or npages < 1 or not 0 <= p0 <= min(charged.size, obj.pincount.size) - npages:
+        return False
+    if take_ram(charged, ram, p0, npages, True) < npages:      # all of them or none
+        return None
+    take_ram(charged, ram, p0, npages, False)
+    repinned = add_pins(obj, p0, npages)
+    if files is not None:
+        files.bind(obj, p0, npages)
+    return obj.phys_base + (p0 << shift), repinned, 0
+
+
+_PinRun = Callable[[int, int, int, bool, bool, HostMemoryObject, PhysicalMemory],
+                   "tuple[int, int, int] | None | Literal[False]"]
+_pin_run: _PinRun = _pin.pin_run if _pin is not None else _pin_run_py
 
 
 class HostMM(AddressSpace):
@@ -1067,7 +1120,14 @@ class HostMM(AddressSpace):
         (all of it or, as RAM would run out, nothing: the general pin logs
         deviation 12).  A window needing registration is registered as it
         would be.  Pages mlock'ed by the program are not counted here
-        (count_mlocked_pages() is 0)."""
+        (count_mlocked_pages() is 0).  Pages in a registered window, the
+        usual map, are _pin_run()'s (C, _pin.c)."""
+        obj = self._windows.get(start >> WINDOW_SHIFT)
+        host = self.host
+        if obj is not None and obj.users and host._query and host.mem >= 0 and not host.gone:
+            done = _pin_run(host.maps_fd, start, npages, write, longterm, obj, self.phys)
+            if done is not False:
+                return done
         vma = self.host.vma_at(start)
         if vma is None:
             return None

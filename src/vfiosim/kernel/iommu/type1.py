@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from ..task import Task
 
 U64 = (1 << 64) - 1
+_U64_END = 1 << 64           # x + n - 1 > U64 is x + n > _U64_END, one operation less
 
 # Module parameter default (vfio_iommu_type1.dma_entry_limit = U16_MAX).
 DMA_ENTRY_LIMIT_DEFAULT = 0xFFFF
@@ -606,15 +607,19 @@ class Type1IommuDriver(VfioIommuDriver):
 
     def ioctl(self, iommu: VfioIommu | None, cmd: int, arg: int, current: "Task") -> int:
         """vfio_iommu_type1_ioctl()"""
+        # MAP and UNMAP first: the calls programs make in loops (the
+        # commands are distinct, so the order of the tests changes nothing).
+        if cmd == _MAP_DMA_CMD:
+            assert iommu is not None
+            return self._map_dma(iommu, arg, current)
+        if cmd == _UNMAP_DMA_CMD:
+            assert iommu is not None
+            return self._unmap_dma(iommu, arg, current)
         if cmd == _CHECK_EXTENSION:
             return self._check_extension(iommu, arg)
         assert iommu is not None
         if cmd == _GET_INFO:
             return self._get_info(iommu, arg, current)
-        if cmd == _MAP_DMA_CMD:
-            return self._map_dma(iommu, arg, current)
-        if cmd == _UNMAP_DMA_CMD:
-            return self._unmap_dma(iommu, arg, current)
         if cmd == uapi.VFIO_IOMMU_DIRTY_PAGES:
             return self._dirty_pages(iommu, arg, current)
         name = uapi.ioctl_name(cmd)
@@ -729,17 +734,27 @@ class Type1IommuDriver(VfioIommuDriver):
         pgsize = self.page_size
         if iommu.pgsize_bitmap & (2 * pgsize - 1) != pgsize:
             return False
-        if not size or (size | iova | vaddr) & (pgsize - 1) or iova + size - 1 > U64 or vaddr + size - 1 > U64:
+        end = iova + size
+        if not size or (size | iova | vaddr) & (pgsize - 1) or end > _U64_END or vaddr + size > _U64_END:
             return False
         npages = size >> self.page_shift
         if npages > FAST_MAP_PAGES:
             return False
         starts = iommu.dma_starts
-        i = bisect.bisect_left(starts, iova + size)     # vfio_find_dma(): nothing may overlap
-        if i and iova < iommu.dmas[i - 1].end:
+        i = bisect.bisect_left(starts, end)             # vfio_find_dma(): nothing may overlap
+        if i:
+            prev = iommu.dmas[i - 1]                    # (its end, without the property's frame)
+            if iova < prev.iova + prev.size:
+                return False
+        if not iommu.dma_avail:
             return False
-        if not iommu.dma_avail or iommu.iova_list and not self._iova_dma_valid(iommu, iova, iova + size - 1):
-            return False
+        if iommu.iova_list:                             # _iova_dma_valid(), inline
+            last = end - 1
+            for lo, hi in iommu.iova_list:
+                if iova >= lo and last <= hi:
+                    break
+            else:
+                return False
         mm = current.mm
         lock_cap = current.capable(CAP_IPC_LOCK)
         if not lock_cap and mm.locked_vm + npages > current.rlimit_memlock_soft() >> self.page_shift:
@@ -1041,14 +1056,15 @@ class Type1IommuDriver(VfioIommuDriver):
             raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: argsz {argsz} < {minsz}")
         if flags & ~_DMA_UNMAP_FLAGS:
             raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: flags {flags:#x} has unknown bits")
-        get_bitmap = bool(flags & uapi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP)
-        if get_bitmap and flags & (uapi.VFIO_DMA_UNMAP_FLAG_ALL | uapi.VFIO_DMA_UNMAP_FLAG_VADDR):
-            raise fail(EINVAL, "VFIO_IOMMU_UNMAP_DMA: GET_DIRTY_BITMAP cannot be combined with ALL or VADDR")
+        # (The fast path takes no flags, so the flags' next check cannot fail for it.)
         if not flags and self.kernel.fast_paths:
             unmapped_fast = self._do_unmap_fast(iommu, iova, size)
             if unmapped_fast is not None:
                 copy_to_user(current, arg, _DMA_UNMAP.pack(argsz, flags, iova, unmapped_fast))
                 return 0
+        get_bitmap = bool(flags & uapi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP)
+        if get_bitmap and flags & (uapi.VFIO_DMA_UNMAP_FLAG_ALL | uapi.VFIO_DMA_UNMAP_FLAG_VADDR):
+            raise fail(EINVAL, "VFIO_IOMMU_UNMAP_DMA: GET_DIRTY_BITMAP cannot be combined with ALL or VADDR")
         bitmap = (0, 0, 0)
         if get_bitmap:
             bsz = _VFIO_BITMAP.size
@@ -1098,8 +1114,12 @@ class Type1IommuDriver(VfioIommuDriver):
                 unlocked += pages
         dma.runs = []
         dma.iommu_mapped = False
-        if unlocked and not dma.mm.dead:                # _lock_acct(): an mm that has exited keeps it
-            refund_locked_vm(dma.mm, unlocked)
+        mm = dma.mm
+        if unlocked and not mm.dead:                    # _lock_acct(): an mm that has exited keeps it
+            if unlocked <= mm.locked_vm:                # refund_locked_vm() without its frame
+                mm.locked_vm -= unlocked
+            else:
+                refund_locked_vm(mm, unlocked)
             dma.locked_vm -= unlocked
         del starts[i]                                   # _unlink_dma()
         del iommu.dmas[i]

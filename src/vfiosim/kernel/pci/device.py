@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import numpy as np
 
+from ..mm import unpin_run_of
 from .config import (PCI_BASE_ADDRESS_0, PCI_BASE_ADDRESS_MEM_PREFETCH, PCI_BASE_ADDRESS_MEM_TYPE_64,
                      PCI_CAP_ID_MSI, PCI_CAP_ID_MSIX, PCI_CAP_MSIX_SIZEOF, PCI_CLASS_DEVICE, PCI_CLASS_PROG,
                      PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, PCI_DEVICE_ID,
@@ -171,6 +172,7 @@ class BarMemory:
         self.pinnable = False    # VM_PFNMAP: GUP refuses it
 
     unmapped: "np.ndarray | None" = None    # never pinned, never RAM
+    unpin_run = staticmethod(unpin_run_of)
 
     def unpinned(self, p0: int, n: int) -> None:
         pass
