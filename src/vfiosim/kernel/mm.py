@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import bisect
 import mmap
+import struct
 from platform import machine as _host_arch
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from errno import EAGAIN, EFAULT, EINVAL, ENOMEM, EPERM, ESRCH
-from typing import TYPE_CHECKING, Callable, Iterator, Protocol, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, cast
 
 import numpy as np
 
@@ -742,6 +743,11 @@ class AddressSpace(ABC):
     @abstractmethod
     def read(self, addr: int, n: int) -> bytes:
         """EFAULT if any byte is unmapped or unreadable."""
+
+    def read_unpack(self, addr: int, layout: struct.Struct) -> tuple[Any, ...]:
+        """read() of a struct, unpacked (copy_from_user into one): an address
+        space that can unpack in place overrides it."""
+        return layout.unpack(self.read(addr, layout.size))
 
     @abstractmethod
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:

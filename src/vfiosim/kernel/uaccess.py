@@ -71,7 +71,7 @@ def struct_layout(cls: type[ctypes.Structure], end: str) -> struct.Struct:
 
 def copy_from_user_unpack(current: "Task", addr: int, layout: struct.Struct) -> tuple[int, ...]:
     """``copy_from_user(&s, arg, minsz)`` of a struct_layout(): its fields as a tuple."""
-    return layout.unpack(current.mm.read(addr, layout.size))
+    return current.mm.read_unpack(addr, layout)
 
 
 def copy_struct_to_user(current: "Task", addr: int, obj: ctypes.Structure, n: int) -> None:

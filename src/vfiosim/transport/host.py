@@ -41,6 +41,7 @@ import errno
 import os
 import select
 import stat
+import struct
 from dataclasses import dataclass
 from errno import EFAULT, ENOMEM
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
@@ -164,13 +165,13 @@ class HostProcess:
         w.hi = 0
         self.window = w
 
-    def close_window(self) -> tuple[int, bytes] | None:
+    def close_window(self) -> tuple[int, bytes | bytearray] | None:
         """End the call's window: (offset, bytes) that the program stores back
         (what copy_to_user wrote in it), or None."""
         w, self.window = self.window, None
         if w is None or w.lo >= w.hi:
             return None
-        return w.lo, bytes(w.data[w.lo:w.hi])
+        return w.lo, w.data[w.lo:w.hi]
 
     def _flush_window(self, keep: bool) -> None:
         """Write what the window holds for the program through /proc/<pid>/mem
@@ -220,7 +221,10 @@ class HostProcess:
                 if not isinstance(w.data, bytearray):
                     w.data = bytearray(w.data)
                 w.data[off:off + n] = data
-                w.lo, w.hi = min(w.lo, off), max(w.hi, off + n)
+                if off < w.lo:                  # (min() and max() cost 0.2 us here)
+                    w.lo = off
+                if off + n > w.hi:
+                    w.hi = off + n
                 return
             if addr < w.end and w.addr < addr + n:
                 self._flush_window(False)
@@ -922,6 +926,12 @@ class HostMM(AddressSpace):
         if addr < 0 or n < 0 or addr + n > 1 << 64:
             raise fail(EFAULT, f"bad address range {addr:#x}+{n:#x}")
         return self.host.read(addr, n)
+
+    def read_unpack(self, addr: int, layout: struct.Struct) -> tuple[Any, ...]:
+        w = self.host.window
+        if w is not None and w.addr <= addr and addr + layout.size <= w.end:
+            return layout.unpack_from(w.data, addr - w.addr)     # an ioctl's struct: no copy of it
+        return layout.unpack(self.read(addr, layout.size))
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         if addr < 0 or addr + len(data) > 1 << 64:
