@@ -1,5 +1,5 @@
 """The usual pin and unpin of a real process's memory in C
-(transport/_pin.c) do exactly what their Python (host.py's _pin_run_py,
+(transport/_pin.c) do exactly what their Python (host.py's _pin_fast_run_py,
 mm.py's unpin_run_of) does: the same answer (pinned, None, declined) and
 the same window and RAM state after any mix of pins and unpins of one page
 or a few, over private, read-only, PROT_NONE, shared (a memfd's pages bound
@@ -36,7 +36,7 @@ class PyWindow(HostMemoryObject):
 
 
 def test_the_native_pin_is_built_and_used():
-    assert host._pin_run is _pin.pin_run
+    assert host._pin_fast_run is _pin.pin_run
     assert HostMemoryObject.unpin_run is _pin.unpin_run
     assert _pin.WINDOW_SHIFT == host.WINDOW_SHIFT
 
@@ -110,7 +110,7 @@ def test_native_and_python_pins_agree(steps, ram_pages):
                 c_obj, p_obj = cm._windows[index], pm._windows[index]
                 room = ram_pages - cphys.used_pages
                 got = _pin.pin_run(cm.host.maps_fd, addr, n, write, longterm, c_obj, cphys)
-                want = host._pin_run_py(pm.host.maps_fd, addr, n, write, longterm, p_obj, pphys)
+                want = host._pin_fast_run_py(pm.host.maps_fd, addr, n, write, longterm, p_obj, pphys)
                 if isinstance(got, tuple) and isinstance(want, tuple):
                     assert got[0] - c_obj.phys_base == want[0] - p_obj.phys_base, op
                     assert got[1:] == want[1:], op
@@ -136,10 +136,10 @@ def test_native_and_python_pins_agree(steps, ram_pages):
 
 @pytest.mark.parametrize("config", ["type1v2", "pseries-v1"])
 def test_the_python_pin_pins_as_the_general_pin(twins, monkeypatch, config):  # noqa: F811
-    """HostMM.pin_fast() with _pin_run_py: the usual pairs, of one page and
+    """HostMM.pin_fast() with _pin_fast_run_py: the usual pairs, of one page and
     of a few, a page pinned twice, RAM running out, all as the general path
     has them."""
-    monkeypatch.setattr(host, "_pin_run", host._pin_run_py)
+    monkeypatch.setattr(host, "_pin_fast_run", host._pin_fast_run_py)
     monkeypatch.setattr(HostMemoryObject, "unpin_run", staticmethod(unpin_run_of))
     t = twins(config, ram_pages=600)
     iova, page = host_window(t)
@@ -172,7 +172,7 @@ def test_shared_pages_bind_as_the_general_pin_binds(monkeypatch):
     file as pin_fast()'s Python path binds them, and unbound with their last
     pin: the same slots, file mappings and RAM, pinned and unpinned again."""
     (cm, cphys), (pm, pphys) = side(1 << 20, False), side(1 << 20, False)
-    general = host._pin_run
+    general = host._pin_fast_run
     runs = [(0, 1), (1, 2), (0, 3), (3, 1)]
     pinned = []
     try:
@@ -180,7 +180,7 @@ def test_shared_pages_bind_as_the_general_pin_binds(monkeypatch):
             addr = PAGES.addrs["memfd"] + page * PAGE
             got = cm.pin_fast(addr, n, True, True)
             with monkeypatch.context() as mp:
-                mp.setattr(host, "_pin_run", lambda *args: False)      # the Python path
+                mp.setattr(host, "_pin_fast_run", lambda *args: False)      # the Python path
                 want = pm.pin_fast(addr, n, True, True)
             assert got is not None and want is not None
             assert got[1:] == want[1:]
@@ -188,7 +188,7 @@ def test_shared_pages_bind_as_the_general_pin_binds(monkeypatch):
             assert state(cm, cphys) == state(pm, pphys)
             assert (cm.files.bound, cm.files.mapped, cm.files.count()) == \
                 (pm.files.bound, pm.files.mapped, pm.files.count()) and cm.files.bound > 0
-        assert host._pin_run is general
+        assert host._pin_fast_run is general
         for c_hpa, p_hpa, n in pinned:
             cphys.unpin_range(c_hpa, n)
             pphys.unpin_range(p_hpa, n)

@@ -6,7 +6,7 @@
  * PROCMAP_QUERY system call they follow) and ten for two or more (NumPy's
  * slices).
  *
- * pin_run() is exactly host.py's _pin_run_py() and unpin_run() mm.py's
+ * pin_run() is exactly host.py's _pin_fast_run_py() and unpin_run() mm.py's
  * unpin_run_of() for a window (the Python of the same steps, for a build
  * without this module; tests/test_pin_native.py compares them): one
  * PROCMAP_QUERY for the mapping holding the pages, its checks in

@@ -845,7 +845,7 @@ class HostMemoryObject:
         return f"<HostMemoryObject pid={self.host.pid} vaddr={self.vaddr:#x} len={self.length:#x} pins={self.pins}>"
 
 
-def _pin_run_py(maps_fd: int, addr: int, npages: int, write: bool, longterm: bool, obj: HostMemoryObject,
+def _pin_fast_run_py(maps_fd: int, addr: int, npages: int, write: bool, longterm: bool, obj: HostMemoryObject,
                 ram: PhysicalMemory) -> tuple[int, int, int] | None | Literal[False]:
     """HostMM.pin_fast(addr, npages, write, longterm) where ``obj`` is the
     registered window holding ``addr``: what _pin.c's pin_run() does, for a
@@ -884,9 +884,9 @@ def _pin_run_py(maps_fd: int, addr: int, npages: int, write: bool, longterm: boo
     return obj.phys_base + (p0 << shift), repinned, 0
 
 
-_PinRun = Callable[[int, int, int, bool, bool, HostMemoryObject, PhysicalMemory],
+_PinFastRun = Callable[[int, int, int, bool, bool, HostMemoryObject, PhysicalMemory],
                    "tuple[int, int, int] | None | Literal[False]"]
-_pin_run: _PinRun = _pin.pin_run if _pin is not None else _pin_run_py
+_pin_fast_run: _PinFastRun = _pin.pin_run if _pin is not None else _pin_fast_run_py
 
 
 class HostMM(AddressSpace):
@@ -1131,11 +1131,11 @@ class HostMM(AddressSpace):
         deviation 12).  A window needing registration is registered as it
         would be.  Pages mlock'ed by the program are not counted here
         (count_mlocked_pages() is 0).  Pages in a registered window, the
-        usual map, are _pin_run()'s (C, _pin.c)."""
+        usual map, are _pin_fast_run()'s (C, _pin.c)."""
         obj = self._windows.get(start >> WINDOW_SHIFT)
         host = self.host
         if obj is not None and obj.users and host._query and host.mem >= 0 and not host.gone:
-            done = _pin_run(host.maps_fd, start, npages, write, longterm, obj, self.phys)
+            done = _pin_fast_run(host.maps_fd, start, npages, write, longterm, obj, self.phys)
             if done is not False:
                 return done
         vma = self.host.vma_at(start)
