@@ -75,6 +75,8 @@ setup(
         Extension(
             "vfiosim.kernel.iommu._tce",
             sources=["src/vfiosim/kernel/iommu/_tce.c"],
+            include_dirs=["src/vfiosim/include"],
+            depends=["src/vfiosim/include/vfiosim_ndarray.h"],
             extra_compile_args=["-O2", "-fvisibility=hidden"],
             optional=True,
         ),
@@ -83,6 +85,8 @@ setup(
         Extension(
             "vfiosim.transport._pin",
             sources=["src/vfiosim/transport/_pin.c"],
+            include_dirs=["src/vfiosim/include"],
+            depends=["src/vfiosim/include/vfiosim_ndarray.h"],
             extra_compile_args=["-O2", "-fvisibility=hidden"],
             optional=True,
         ),

@@ -26,6 +26,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include "vfiosim_ndarray.h"
 
 struct procmap_query {               /* <linux/fs.h>, Linux 6.11 */
     uint64_t size, query_flags, query_addr, vma_start, vma_end, vma_flags, vma_page_size, vma_offset, inode;
@@ -38,22 +39,6 @@ struct procmap_query {               /* <linux/fs.h>, Linux 6.11 */
 #define VMA_SHARED 0x08
 
 #define WINDOW_SHIFT 30 /* host.py's WINDOW_SHIFT */
-
-/* NumPy's array object begins as its public C API declares it
- * (PyArrayObject_fields, the same since NumPy 1.7): reading the data pointer
- * there costs nothing, where the buffer protocol costs 100 ns a call. */
-struct ndarray_head {
-    PyObject_HEAD
-    char *data;
-    int nd;
-    Py_ssize_t *dimensions;
-    Py_ssize_t *strides;
-    PyObject *base;
-    PyObject *descr;
-    int flags;
-};
-#define NPY_ARRAY_C_CONTIGUOUS 0x0001
-#define NPY_ARRAY_WRITEABLE 0x0400
 
 static PyTypeObject *ndarray_type; /* numpy.ndarray */
 static PyObject *s_unmapped, *s_pincount, *s_pins, *s_vaddr, *s_page_shift, *s_phys_base, *s_ram_pages,

@@ -18,6 +18,7 @@
 #include <Python.h>
 #include <structmember.h>
 #include <stdint.h>
+#include "vfiosim_ndarray.h"
 
 #define CHUNK_SHIFT 14 /* TceStorage.CHUNK_SHIFT */
 #define CHUNK ((Py_ssize_t)1 << CHUNK_SHIFT)
@@ -62,25 +63,11 @@ static void sparse_dealloc(Sparse *self)
 
 /*
  * A chunk's data without the buffer protocol, which costs 100 ns a call (as
- * much as the rest of an operation): NumPy's array object begins as its
- * public C API declares it (PyArrayObject_fields in ndarraytypes.h, the same
- * since NumPy 1.7), and a chunk is what tce.py made, one-dimensional,
+ * much as the rest of an operation): vfiosim_ndarray.h's head of the array
+ * object, where a chunk is what tce.py made, one-dimensional,
  * contiguous and writable, of CHUNK 8-byte entries.  Anything else -- another
  * NumPy, a view -- takes the buffer protocol.
  */
-struct ndarray_head {
-    PyObject_HEAD
-    char *data;
-    int nd;
-    Py_ssize_t *dimensions;
-    Py_ssize_t *strides;
-    PyObject *base;
-    PyObject *descr;
-    int flags;
-};
-#define NPY_ARRAY_C_CONTIGUOUS 0x0001
-#define NPY_ARRAY_WRITEABLE 0x0400
-
 static PyTypeObject *ndarray_type; /* numpy.ndarray */
 
 static uint64_t *plain_chunk(PyObject *chunk)
