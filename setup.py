@@ -59,7 +59,7 @@ setup(
             "vfiosim.preload._vfiosim_daemon",
             sources=["src/vfiosim/preload/vfiosim_daemon.c"],
             include_dirs=["src/vfiosim/preload"],
-            depends=["src/vfiosim/preload/vfiosim_protocol.h"],
+            depends=["src/vfiosim/preload/vfiosim_protocol.h", "src/vfiosim/preload/vfiosim_procmap.h"],
             extra_compile_args=["-O2", "-fvisibility=hidden"],
         ),
         # virtio-net's native burst path (kernel/pci/virtio_native.py; optional: the
@@ -85,8 +85,8 @@ setup(
         Extension(
             "vfiosim.transport._pin",
             sources=["src/vfiosim/transport/_pin.c"],
-            include_dirs=["src/vfiosim/include"],
-            depends=["src/vfiosim/include/vfiosim_ndarray.h"],
+            include_dirs=["src/vfiosim/include", "src/vfiosim/preload"],
+            depends=["src/vfiosim/include/vfiosim_ndarray.h", "src/vfiosim/preload/vfiosim_procmap.h"],
             extra_compile_args=["-O2", "-fvisibility=hidden"],
             optional=True,
         ),

@@ -23,7 +23,7 @@ from ..cachedir import user_cache
 
 SOURCE = "vfiosim_preload.c"
 DAEMON_SOURCE = "vfiosim_daemon.c"
-HEADERS = ("vfiosim_protocol.h", "x86_alu.h")   # included by the sources: part of their hash
+HEADERS = ("vfiosim_protocol.h", "vfiosim_procmap.h", "x86_alu.h")   # included by the sources: part of their hash
 CFLAGS = ["-shared", "-fPIC", "-O2", "-fvisibility=hidden", "-Wall"]
 LIBS = ["-ldl", "-lpthread"]
 

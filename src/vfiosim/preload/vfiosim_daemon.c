@@ -44,6 +44,7 @@
 #include <unistd.h>
 
 #include "vfiosim_protocol.h"
+#include "vfiosim_procmap.h"
 
 /* ---------------------------------------------------------------- credentials */
 
@@ -259,17 +260,6 @@ static PyObject *py_pidfd_getfd(PyObject *self, PyObject *args)
 
 /* ---------------------------------------------------------------- a program's memory */
 
-struct procmap_query {               /* <linux/fs.h>, Linux 6.11 */
-    uint64_t size, query_flags, query_addr, vma_start, vma_end, vma_flags, vma_page_size, vma_offset, inode;
-    uint32_t dev_major, dev_minor, vma_name_size, build_id_size;
-    uint64_t vma_name_addr, build_id_addr;
-};
-#define PROCMAP_QUERY _IOWR('f', 17, struct procmap_query)
-#define PROCMAP_QUERY_VMA_READABLE 0x01
-#define PROCMAP_QUERY_VMA_WRITABLE 0x02
-#define PROCMAP_QUERY_VMA_EXECUTABLE 0x04
-#define PROCMAP_QUERY_VMA_SHARED 0x08
-#define PROCMAP_QUERY_COVERING_OR_NEXT_VMA 0x10
 
 /* The mapping holding `addr` (or, with `or_next`, the first one after it):
  * out = {start, end, flags (PROCMAP_QUERY_VMA_*), inode}.  0, -ENOENT (none),

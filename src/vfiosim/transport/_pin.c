@@ -27,16 +27,8 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include "vfiosim_ndarray.h"
+#include "vfiosim_procmap.h"
 
-struct procmap_query {               /* <linux/fs.h>, Linux 6.11 */
-    uint64_t size, query_flags, query_addr, vma_start, vma_end, vma_flags, vma_page_size, vma_offset, inode;
-    uint32_t dev_major, dev_minor, vma_name_size, build_id_size;
-    uint64_t vma_name_addr, build_id_addr;
-};
-#define PROCMAP_QUERY _IOWR('f', 17, struct procmap_query)
-#define VMA_READABLE 0x01
-#define VMA_WRITABLE 0x02
-#define VMA_SHARED 0x08
 
 #define WINDOW_SHIFT 30 /* host.py's WINDOW_SHIFT */
 
@@ -115,7 +107,7 @@ static PyObject *pin_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         Py_RETURN_FALSE;                    /* vma_at() answers (ENOTTY: no PROCMAP_QUERY; the image gone) */
     }
     uint64_t flags = q.vma_flags;
-    if (!(write ? flags & VMA_WRITABLE : flags & (VMA_READABLE | VMA_WRITABLE)))
+    if (!(write ? flags & PROCMAP_QUERY_VMA_WRITABLE : flags & (PROCMAP_QUERY_VMA_READABLE | PROCMAP_QUERY_VMA_WRITABLE)))
         Py_RETURN_NONE;
     long long shift = int_attr(obj, s_page_shift);
     if (shift < 0)
@@ -123,10 +115,10 @@ static PyObject *pin_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     uint64_t end = addr + ((uint64_t)npages << shift);
     if (end < addr || end > q.vma_end || (end - 1) >> WINDOW_SHIFT != addr >> WINDOW_SHIFT)
         Py_RETURN_NONE;
-    if (!write && !longterm && !(flags & VMA_WRITABLE))
+    if (!write && !longterm && !(flags & PROCMAP_QUERY_VMA_WRITABLE))
         Py_RETURN_NONE;
     PyObject *files = NULL;
-    if (flags & VMA_SHARED) {               /* its pages are bound to their file once pinned */
+    if (flags & PROCMAP_QUERY_VMA_SHARED) {               /* its pages are bound to their file once pinned */
         if (!(files = PyObject_GetAttr(obj, s_files)))
             return NULL;
         if (files == Py_None) {
