@@ -23,4 +23,16 @@ struct ndarray_head {
 #define NPY_ARRAY_C_CONTIGUOUS 0x0001
 #define NPY_ARRAY_WRITEABLE 0x0400
 
+/* numpy.ndarray, the type an object must have before its head is read (a new
+ * reference, kept for good by the caller; NULL with an exception set). */
+static inline PyTypeObject *vfiosim_ndarray_type(void)
+{
+    PyObject *np = PyImport_ImportModule("numpy");
+    if (!np)
+        return NULL;
+    PyTypeObject *t = (PyTypeObject *)PyObject_GetAttrString(np, "ndarray");
+    Py_DECREF(np);
+    return t;
+}
+
 #endif

@@ -289,11 +289,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__pin(void)
 {
-    PyObject *np = PyImport_ImportModule("numpy");
-    if (!np)
-        return NULL;
-    ndarray_type = (PyTypeObject *)PyObject_GetAttrString(np, "ndarray");     /* kept for good */
-    Py_DECREF(np);
+    ndarray_type = vfiosim_ndarray_type();
     if (!ndarray_type)
         return NULL;
     if (!(s_unmapped = PyUnicode_InternFromString("unmapped")) ||

@@ -305,11 +305,7 @@ PyMODINIT_FUNC PyInit__tce(void)
 {
     if (PyType_Ready(&SparseType) < 0)
         return NULL;
-    PyObject *np = PyImport_ImportModule("numpy");
-    if (!np)
-        return NULL;
-    ndarray_type = (PyTypeObject *)PyObject_GetAttrString(np, "ndarray");     /* kept for good */
-    Py_DECREF(np);
+    ndarray_type = vfiosim_ndarray_type();
     if (!ndarray_type)
         return NULL;
     PyObject *m = PyModule_Create(&module);
