@@ -14,6 +14,7 @@ for, so a read that took the wrong source would show it.
 from __future__ import annotations
 
 import ctypes
+import struct
 import os
 from typing import Callable
 
@@ -23,7 +24,7 @@ from hypothesis import strategies as st
 
 from vfiosim.kernel.errors import KernelError
 from vfiosim.kernel.mm import PhysicalMemory
-from vfiosim.transport.host import HostMM, HostProcess
+from vfiosim.transport.host import ArgWindow, HostMM, HostProcess
 
 SIZE = 512                                   # VWIN_MAX
 MEMORY = bytes(range(256)) * 4               # what the program's memory holds (1 KiB)
@@ -153,3 +154,84 @@ def test_a_call_that_only_reads_sends_nothing_back(mm, area):
         mm.read(base + 256, 32)
     finally:
         assert mm.host.close_window() is None
+
+
+# -- the window itself (native.ArgWindow, in C) against a model of it in Python ---------------------------
+
+
+class ModelWindow:
+    """What ArgWindow does, written plainly (the Python class it replaced)."""
+
+    def __init__(self) -> None:
+        self.addr, self.data, self.writable, self.lo, self.hi = 0, b"", 0, 0, 0
+
+    @property
+    def end(self) -> int:
+        return self.addr + len(self.data)
+
+    def open(self, addr: int, data: bytes, writable: int) -> None:
+        self.addr, self.data, self.writable = addr, data, writable
+        self.lo, self.hi = len(data), 0
+
+    def inside(self, addr: int, n: int) -> bool:
+        return 0 <= addr < 1 << 64 and n >= 0 and self.addr <= addr and addr + n <= self.end
+
+    def unpack(self, addr: int, layout: struct.Struct) -> tuple[int, ...] | None:
+        return layout.unpack_from(self.data, addr - self.addr) if self.inside(addr, layout.size) else None
+
+    def read(self, addr: int, n: int) -> bytes | None:
+        return bytes(self.data[addr - self.addr:addr - self.addr + n]) if self.inside(addr, n) else None
+
+    def write(self, addr: int, data: bytes) -> bool:
+        if not self.writable or not self.inside(addr, len(data)):
+            return False
+        off = addr - self.addr
+        self.data = bytearray(self.data)
+        self.data[off:off + len(data)] = data
+        if data:
+            self.lo, self.hi = min(self.lo, off), max(self.hi, off + len(data))
+        return True
+
+    def take_written(self) -> tuple[int, bytes] | None:
+        if self.lo >= self.hi:
+            return None
+        out = (self.addr + self.lo, bytes(self.data[self.lo:self.hi]))
+        self.lo, self.hi = len(self.data), 0
+        return out
+
+    def close(self) -> tuple[int, bytes] | None:
+        out = None if self.lo >= self.hi else (self.lo, bytes(self.data[self.lo:self.hi]))
+        self.data, self.lo, self.hi = b"", 0, 0          # (it lets go of the bytes)
+        return out
+
+
+LAYOUTS = [struct.Struct("<IIQQQ"), struct.Struct("<IIQQ"), struct.Struct("<I"), struct.Struct("<Q")]
+BASES = [0x1000, (1 << 64) - 64, 0]
+addresses = st.one_of(st.integers(-8, 600), st.sampled_from([-(1 << 64), 1 << 64, (1 << 64) + 8, 1 << 70]))
+operations = st.lists(st.one_of(
+    st.tuples(st.just("open"), st.sampled_from(BASES), st.binary(max_size=64), st.integers(0, 1)),
+    st.tuples(st.just("unpack"), addresses, st.integers(0, len(LAYOUTS) - 1)),
+    st.tuples(st.just("read"), addresses, st.integers(-2, 70)),
+    st.tuples(st.just("write"), addresses, st.binary(max_size=12)),
+    st.tuples(st.just("take_written")),
+    st.tuples(st.just("close"))), max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(operations)
+def test_the_c_window_does_what_its_model_does(ops):
+    w, model = ArgWindow(), ModelWindow()
+    for op in ops:
+        name, *args = op
+        if name == "open":
+            base, data, writable = args
+            assert w.open(base, data, writable) is w
+            model.open(base, data, writable)
+            continue
+        if args:
+            addr = args[0] + model.addr if -8 <= args[0] <= 600 else args[0]     # near the window: relative to it
+            args = [addr, LAYOUTS[args[1]] if name == "unpack" else args[1]]
+        got, want = getattr(w, name)(*args), getattr(model, name)(*args)
+        assert got == want, (op, got, want)
+        assert (w.addr, w.end, w.lo, w.hi, bytes(w.data)) == (model.addr, model.end, model.lo, model.hi,
+                                                              bytes(model.data))

@@ -96,7 +96,7 @@ def test_leaving_what_it_connected_with_revokes(bound, monkeypatch):
     assert "2000" in st.revoked and st.creds is before
 
 
-# -- the capabilities and RLIMIT_MEMLOCK only (Daemon._fresh_limits, Type1's MAP_DMA) ---------------------
+# -- the capabilities and RLIMIT_MEMLOCK only (Task.limits_same, Type1's MAP_DMA) ---------------------
 
 
 def test_limits_same_reads_the_capabilities_and_memlock_of_the_process(bound):
@@ -118,14 +118,33 @@ def test_limits_same_reads_the_capabilities_and_memlock_of_the_process(bound):
     assert e.value.errno == errno.ESRCH
 
 
+def test_a_limits_check_asks_for_the_parts_it_is_given(bound):
+    """native.LimitsCheck, the task's limits_same: the part bits say what it reads."""
+    d, st = bound
+    caps, memlock = task_mod.CREDS_CAPS_STALE, task_mod.CREDS_MEMLOCK_STALE
+    lower = tuple(st.creds[:10]) + (st.creds.memlock_cur - 4096, st.creds.memlock_max)
+    other_caps = tuple(st.creds[:8]) + (st.creds.cap_eff ^ 1,) + tuple(st.creds[9:])
+    same = native.LimitsCheck(st.pid, st.creds, caps, memlock)
+    assert same(caps) and same(memlock) and same(caps | memlock) and same(0)
+    check = native.LimitsCheck(st.pid, lower, caps, memlock)
+    assert check(caps) and not check(memlock) and not check(caps | memlock)
+    check = native.LimitsCheck(st.pid, other_caps, caps, memlock)
+    assert not check(caps) and check(memlock) and not check(caps | task_mod.CREDS_IDS_STALE)
+    # The process gone (a pid nobody has): changed, not an exception inside the kernel's decision.
+    assert not native.LimitsCheck(2 ** 22 + 1, st.creds, caps, memlock)(caps)
+    with pytest.raises(ValueError):
+        native.LimitsCheck(st.pid, st.creds[:4], caps, memlock)
+
+
 def test_a_map_with_unchanged_limits_takes_nothing_else(bound, monkeypatch):
     d, st = bound
     task = st.task
     monkeypatch.setattr(Daemon, "_fresh_creds", lambda *a: pytest.fail("everything taken"))
     monkeypatch.setattr(task, "refresh_creds", lambda: pytest.fail("everything taken"))
     parts = []
-    real = task.refresh_limits
-    monkeypatch.setattr(task, "refresh_limits", lambda part: parts.append(part) or real(part))
+    real = task.limits_same
+    assert isinstance(real, native.LimitsCheck) and real.pid == st.pid
+    monkeypatch.setattr(task, "limits_same", lambda part: parts.append(part) or real(part))
     task.creds_stale = task_mod.CREDS_STALE
     assert task.capable(CAP_IPC_LOCK) == bool(st.creds.cap_eff >> CAP_IPC_LOCK & 1)
     assert parts == [task_mod.CREDS_CAPS_STALE]
@@ -154,9 +173,11 @@ def test_changed_limits_take_everything(bound, monkeypatch):
     d, st = bound
     task = st.task
     changed = tuple(st.creds[:10]) + (st.creds.memlock_cur - 4096, st.creds.memlock_max)
-    monkeypatch.setattr(native, "limits_same", lambda pid, creds, what=3: creds == changed)
+    monkeypatch.setattr(task, "limits_same", lambda part: False)         # the limit changed
     monkeypatch.setattr(native, "creds_tuple", lambda pidfd, pid: changed)
     task.creds_stale = task_mod.CREDS_STALE
     task.rlimit_memlock_soft()
     # The full take, with its checks (the task's values then come from /proc, as _set_creds() reads them).
     assert st.creds == changed and not st.revoked and task.creds_stale == task_mod.CREDS_FRESH
+    # The next decision asks against what was taken now.
+    assert isinstance(task.__dict__["limits_same"], native.LimitsCheck)

@@ -330,7 +330,7 @@ def test_fork_shares_files_and_exec_closes_the_close_on_exec_ones(bins, daemon):
 
 @pytest.mark.parametrize("daemon", ["x86"], indirect=True)
 def test_memlock_limit_and_cap_ipc_lock_changed_with_raw_syscalls_rule_the_next_map(bins, daemon):
-    """Daemon._fresh_limits(): Type1's MAP_DMA reads only CAP_IPC_LOCK and
+    """Task.limits_same (native.LimitsCheck): Type1's MAP_DMA reads only CAP_IPC_LOCK and
     RLIMIT_MEMLOCK again (not the ids), and still sees every change the shim
     never saw (syscall(2), no libc wrapper)."""
     proc = daemon.run([str(bins["probe"]), "rawlimit", "4"])

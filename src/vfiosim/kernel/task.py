@@ -31,10 +31,11 @@ class Task:
     takes them again the first time the call consults them -- at every
     privileged decision, and only then.  A decision that consults only the
     capabilities, or RLIMIT_MEMLOCK (every Type1 MAP_DMA asks for
-    CAP_IPC_LOCK, and for the limit only when the process lacks it), has
-    ``refresh_limits(part)`` take just that part (CREDS_CAPS_STALE or
-    CREDS_MEMLOCK_STALE), when the transport can do so more cheaply; the ids
-    stay stale until something consults them."""
+    CAP_IPC_LOCK, and for the limit only when the process lacks it) asks
+    ``limits_same(part)`` whether just that part (CREDS_CAPS_STALE or
+    CREDS_MEMLOCK_STALE) is unchanged, when the transport can tell more
+    cheaply than it takes everything; the ids stay stale until something
+    consults them.  Changed (False): everything is taken again."""
 
     def __init__(self, pid: int, comm: str, cred: Cred, mm: AddressSpace,
                  rlimit_memlock: tuple[int, int]) -> None:
@@ -48,7 +49,7 @@ class Task:
         self.alive = True
         self.creds_stale = CREDS_FRESH
         self.refresh_creds: Callable[[], None] | None = None
-        self.refresh_limits: Callable[[int], None] | None = None
+        self.limits_same: Callable[[int], bool] | None = None
 
     def _refresh(self) -> None:
         self.creds_stale = CREDS_FRESH
@@ -56,11 +57,10 @@ class Task:
             self.refresh_creds()
 
     def _refresh_part(self, part: int) -> None:
-        if self.refresh_limits is None:
+        self.creds_stale &= ~part
+        same = self.limits_same
+        if same is None or not same(part):
             self._refresh()
-        else:
-            self.creds_stale &= ~part
-            self.refresh_limits(part)      # (something changed: it takes everything, CREDS_FRESH)
 
     def take_creds(self) -> None:
         """Take the real process's credentials now, if a call began since they were last taken."""

@@ -27,6 +27,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <errno.h>
 #include <sched.h>
@@ -125,6 +126,51 @@ static PyObject *py_creds(PyObject *self, PyObject *args)
     return t;
 }
 
+/* ---------------------------------------------------------------- the limits of one process */
+
+/* Whether pid's capabilities (what & 1: capget) and RLIMIT_MEMLOCK (what & 2:
+ * prlimit) are still want[0..3] (cap_eff, cap_prm, memlock cur, max): 1, 0,
+ * or -errno.  The GIL stays held through these short calls, as in creds()
+ * and vma(): releasing and taking it again costs a fifth of a microsecond, as
+ * much as half of one of them, and the caller holds the machine's lock, which
+ * every other thread needs before it can do anything that needs the GIL for
+ * long. */
+static int limits_unchanged(int pid, const uint64_t want[4], int what)
+{
+    if (what & 1) {
+        struct cap_header h = {0x20080522, pid};
+        struct cap_data d[2];
+        if (syscall(SYS_capget, &h, d) < 0)
+            return -errno;
+        if ((d[0].effective | (uint64_t)d[1].effective << 32) != want[0] ||
+            (d[0].permitted | (uint64_t)d[1].permitted << 32) != want[1])
+            return 0;                  /* (changed already: the caller takes everything) */
+    }
+    if (what & 2) {
+        struct rlimit rl;
+        if (syscall(SYS_prlimit64, pid, RLIMIT_MEMLOCK, NULL, &rl) < 0)
+            return -errno;
+        if ((uint64_t)rl.rlim_cur != want[2] || (uint64_t)rl.rlim_max != want[3])
+            return 0;
+    }
+    return 1;
+}
+
+/* The capabilities and RLIMIT_MEMLOCK of a creds() tuple. */
+static int limits_of(PyObject *creds, uint64_t want[4])
+{
+    if (!PyTuple_Check(creds) || PyTuple_GET_SIZE(creds) != NCREDS) {
+        PyErr_SetString(PyExc_ValueError, "creds must be a creds() tuple");
+        return -1;
+    }
+    for (int i = 0; i < 4; i++) {
+        want[i] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(creds, 8 + i));
+        if (want[i] == (uint64_t)-1 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
+
 /*
  * limits_same(pid, creds, what=3) -> bool: whether the process's capabilities
  * (what & 1: capget) and RLIMIT_MEMLOCK (what & 2: prlimit) are still those
@@ -140,39 +186,84 @@ static PyObject *py_limits_same(PyObject *self, PyObject *args)
 {
     int pid, what = 3;
     PyObject *prev;
-    if (!PyArg_ParseTuple(args, "iO!|i", &pid, &PyTuple_Type, &prev, &what))
-        return NULL;
-    if (PyTuple_GET_SIZE(prev) != NCREDS) {
-        PyErr_SetString(PyExc_ValueError, "creds must be a creds() tuple");
-        return NULL;
-    }
     uint64_t want[4];
-    for (int i = 0; i < 4; i++) {
-        want[i] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(prev, 8 + i));
-        if (want[i] == (uint64_t)-1 && PyErr_Occurred())
-            return NULL;
-    }
-    /* The GIL stays held through these short calls, as in creds() and vma():
-     * releasing and taking it again costs a fifth of a microsecond, as much as
-     * half of one of them, and the caller holds the machine's lock, which every
-     * other thread needs before it can do anything that needs the GIL for long. */
-    int same = 1;
-    if (what & 1) {
-        struct cap_header h = {0x20080522, pid};
-        struct cap_data d[2];
-        if (syscall(SYS_capget, &h, d) < 0)
-            return raise_errno(errno);
-        same = (d[0].effective | (uint64_t)d[1].effective << 32) == want[0] &&
-               (d[0].permitted | (uint64_t)d[1].permitted << 32) == want[1];
-    }
-    if (same && what & 2) {            /* (changed already: the caller takes everything) */
-        struct rlimit rl;
-        if (syscall(SYS_prlimit64, pid, RLIMIT_MEMLOCK, NULL, &rl) < 0)
-            return raise_errno(errno);
-        same = (uint64_t)rl.rlim_cur == want[2] && (uint64_t)rl.rlim_max == want[3];
-    }
-    return PyBool_FromLong(same);
+    if (!PyArg_ParseTuple(args, "iO|i", &pid, &prev, &what) || limits_of(prev, want) < 0)
+        return NULL;
+    int r = limits_unchanged(pid, want, what);
+    if (r < 0)
+        return raise_errno(-r);
+    return PyBool_FromLong(r);
 }
+
+/*
+ * LimitsCheck(pid, creds, caps_part, memlock_part): limits_same() of one
+ * process and the creds() tuple last taken of it, as the callable a kernel
+ * Task calls (Task.limits_same) with the parts of its credentials that a
+ * decision consults: check(part) looks at the capabilities if part &
+ * caps_part, at RLIMIT_MEMLOCK if part & memlock_part.  True: unchanged.
+ * False: changed, or unreadable (the process is gone): the caller takes
+ * everything again, which says why.  One C call where a partial, a method
+ * and the tuple's parsing were: every Type1 MAP_DMA makes it.
+ */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    int pid;
+    long caps_part, memlock_part;
+    uint64_t want[4];
+} LimitsCheck;
+
+static PyObject *limits_check_call(LimitsCheck *c, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if (PyVectorcall_NARGS(nargsf) != 1 || kwnames) {
+        PyErr_SetString(PyExc_TypeError, "check(part)");
+        return NULL;
+    }
+    long part = PyLong_AsLong(args[0]);
+    if (part == -1 && PyErr_Occurred())
+        return NULL;
+    int what = (part & c->caps_part ? 1 : 0) | (part & c->memlock_part ? 2 : 0);
+    return PyBool_FromLong(limits_unchanged(c->pid, c->want, what) == 1);
+}
+
+static PyObject *limits_check_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    int pid;
+    long caps_part, memlock_part;
+    PyObject *creds;
+    static char *kwlist[] = {"pid", "creds", "caps_part", "memlock_part", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOll", kwlist, &pid, &creds, &caps_part, &memlock_part))
+        return NULL;
+    LimitsCheck *c = (LimitsCheck *)type->tp_alloc(type, 0);
+    if (!c)
+        return NULL;
+    if (limits_of(creds, c->want) < 0) {
+        Py_DECREF(c);
+        return NULL;
+    }
+    c->vectorcall = (vectorcallfunc)limits_check_call;
+    c->pid = pid;
+    c->caps_part = caps_part;
+    c->memlock_part = memlock_part;
+    return (PyObject *)c;
+}
+
+static PyMemberDef limits_check_members[] = {
+    {"pid", T_INT, offsetof(LimitsCheck, pid), READONLY, "the process"},
+    {NULL},
+};
+
+static PyTypeObject LimitsCheckType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "vfiosim.preload._vfiosim_daemon.LimitsCheck",
+    .tp_doc = "check(part): whether a process's capabilities and/or RLIMIT_MEMLOCK are still those last taken.",
+    .tp_basicsize = sizeof(LimitsCheck),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_new = limits_check_new,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(LimitsCheck, vectorcall),
+    .tp_members = limits_check_members,
+};
 
 /* ---------------------------------------------------------------- acting as the program */
 
@@ -1241,6 +1332,267 @@ static PyTypeObject ChannelType = {
     .tp_getset = channel_getset,
 };
 
+/* ---------------------------------------------------------------- a call's argument window */
+
+/*
+ * ArgWindow: the copy of the program's memory at a call's pointer argument
+ * that the shim sends with the call (protocol F_WINDOW), and what the call
+ * wrote in it ([lo, hi)).  transport/host.py's HostProcess owns one and
+ * reuses it for every call; copy_from_user and copy_to_user of an ioctl's
+ * struct land here.  In C because every windowed call opens, reads and
+ * closes it: as Python methods those were a fifth of a MAP_DMA + UNMAP_DMA
+ * pair's frames.  What falls outside the window is the caller's (host.py):
+ * unpack(), read() and write() say "not inside" (None, None, False) and
+ * change nothing then.
+ */
+typedef struct {
+    PyObject_HEAD
+    unsigned long long addr;
+    Py_ssize_t len;
+    PyObject *data;                    /* the bytes as sent, a bytearray once written */
+    int writable;                      /* the program may write them (F_WINDOW_WRITABLE) */
+    Py_ssize_t lo, hi;                 /* what the call wrote; lo >= hi: nothing */
+    PyObject *layout;                  /* the struct.Struct last unpacked, and its size */
+    Py_ssize_t layout_size;
+} ArgWindow;
+
+static PyObject *str_size, *str_unpack_from;
+
+static PyObject *argwin_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    if (PyTuple_GET_SIZE(args) || (kwds && PyDict_GET_SIZE(kwds))) {
+        PyErr_SetString(PyExc_TypeError, "ArgWindow() takes no arguments");
+        return NULL;
+    }
+    ArgWindow *w = (ArgWindow *)type->tp_alloc(type, 0);
+    if (!w)
+        return NULL;
+    w->data = Py_NewRef(empty_bytes);
+    return (PyObject *)w;
+}
+
+static void argwin_dealloc(ArgWindow *w)
+{
+    Py_XDECREF(w->data);
+    Py_XDECREF(w->layout);
+    Py_TYPE(w)->tp_free((PyObject *)w);
+}
+
+/* The offset of [addr, addr + n) in the window, or -1 if it is not all inside
+ * (an address that is no u64 is not). */
+static Py_ssize_t argwin_offset(ArgWindow *w, PyObject *addr_obj, Py_ssize_t n)
+{
+    unsigned long long addr = PyLong_AsUnsignedLongLong(addr_obj);
+    if (addr == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    if (n < 0 || addr < w->addr)
+        return -1;
+    unsigned long long off = addr - w->addr;
+    if (off > (unsigned long long)w->len || (unsigned long long)n > (unsigned long long)w->len - off)
+        return -1;
+    return (Py_ssize_t)off;
+}
+
+/* open(addr, data, writable) -> self: the window of this call (nothing written yet). */
+static PyObject *argwin_open(ArgWindow *w, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "open(addr, data, writable)");
+        return NULL;
+    }
+    unsigned long long addr = PyLong_AsUnsignedLongLong(args[0]);
+    if (addr == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    PyObject *data = args[1];
+    if (!PyBytes_CheckExact(data) && !PyByteArray_CheckExact(data)) {
+        PyErr_SetString(PyExc_TypeError, "the window's data must be bytes or a bytearray");
+        return NULL;
+    }
+    int writable = PyObject_IsTrue(args[2]);
+    if (writable < 0)
+        return NULL;
+    Py_ssize_t len = PyBytes_CheckExact(data) ? PyBytes_GET_SIZE(data) : PyByteArray_GET_SIZE(data);
+    Py_SETREF(w->data, Py_NewRef(data));
+    w->addr = addr;
+    w->len = len;
+    w->writable = writable;
+    w->lo = len;
+    w->hi = 0;
+    return Py_NewRef(w);
+}
+
+/* The window's bytes (valid until it is next written). */
+static inline const char *argwin_bytes(ArgWindow *w)
+{
+    return PyBytes_CheckExact(w->data) ? PyBytes_AS_STRING(w->data) : PyByteArray_AS_STRING(w->data);
+}
+
+/* close() -> (offset, bytes) that the program stores back (what the call
+ * wrote), or None; the window lets go of its data. */
+static PyObject *argwin_close(ArgWindow *w, PyObject *unused)
+{
+    PyObject *out;
+    if (w->lo >= w->hi)
+        out = Py_NewRef(Py_None);
+    else
+        out = Py_BuildValue("(ny#)", w->lo, argwin_bytes(w) + w->lo, w->hi - w->lo);
+    Py_SETREF(w->data, Py_NewRef(empty_bytes));
+    w->len = w->lo = w->hi = 0;
+    return out;
+}
+
+/* unpack(addr, layout) -> layout.unpack_from(the window, its offset), or None
+ * unless all layout.size bytes at addr are inside. */
+static PyObject *argwin_unpack(ArgWindow *w, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "unpack(addr, layout)");
+        return NULL;
+    }
+    PyObject *layout = args[1];
+    if (layout != w->layout) {         /* (the same few layouts come back: their size is kept) */
+        PyObject *size = PyObject_GetAttr(layout, str_size);
+        if (!size)
+            return NULL;
+        Py_ssize_t n = PyLong_AsSsize_t(size);
+        Py_DECREF(size);
+        if (n == -1 && PyErr_Occurred())
+            return NULL;
+        Py_XSETREF(w->layout, Py_NewRef(layout));
+        w->layout_size = n;
+    }
+    Py_ssize_t off = argwin_offset(w, args[0], w->layout_size);
+    if (off < 0)
+        Py_RETURN_NONE;
+    PyObject *off_obj = PyLong_FromSsize_t(off);
+    if (!off_obj)
+        return NULL;
+    PyObject *call[3] = {layout, w->data, off_obj};
+    PyObject *out = PyObject_VectorcallMethod(str_unpack_from, call, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(off_obj);
+    return out;
+}
+
+/* read(addr, n) -> the n bytes at addr, or None unless all inside. */
+static PyObject *argwin_read(ArgWindow *w, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "read(addr, n)");
+        return NULL;
+    }
+    Py_ssize_t n = PyLong_AsSsize_t(args[1]);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t off = argwin_offset(w, args[0], n);
+    if (off < 0)
+        Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize(argwin_bytes(w) + off, n);
+}
+
+/* write(addr, data) -> True if the window took all of data (the program may
+ * write it and it is all inside), else False and nothing changed. */
+static PyObject *argwin_write(ArgWindow *w, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "write(addr, data)");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t off = w->writable ? argwin_offset(w, args[0], view.len) : -1;
+    if (off < 0) {
+        PyBuffer_Release(&view);
+        Py_RETURN_FALSE;
+    }
+    if (!PyByteArray_CheckExact(w->data)) {         /* its first write: a copy of its own */
+        PyObject *copy = PyByteArray_FromObject(w->data);
+        if (!copy) {
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+        Py_SETREF(w->data, copy);
+    }
+    memcpy(PyByteArray_AS_STRING(w->data) + off, view.buf, (size_t)view.len);
+    if (view.len) {
+        if (off < w->lo)
+            w->lo = off;
+        if (off + view.len > w->hi)
+            w->hi = off + view.len;
+    }
+    PyBuffer_Release(&view);
+    Py_RETURN_TRUE;
+}
+
+/* take_written() -> (addr, bytes) of what the call wrote, or None; the
+ * window then holds nothing written (what HostProcess._flush_window() writes
+ * through /proc/<pid>/mem before another path reads or writes those bytes). */
+static PyObject *argwin_take_written(ArgWindow *w, PyObject *unused)
+{
+    if (w->lo >= w->hi)
+        Py_RETURN_NONE;
+    PyObject *out = Py_BuildValue("(Ky#)", w->addr + (unsigned long long)w->lo, argwin_bytes(w) + w->lo,
+                                  w->hi - w->lo);
+    if (out) {
+        w->lo = w->len;
+        w->hi = 0;
+    }
+    return out;
+}
+
+static PyObject *argwin_get_end(ArgWindow *w, void *unused)
+{
+    PyObject *a = PyLong_FromUnsignedLongLong(w->addr), *n = PyLong_FromSsize_t(w->len);
+    PyObject *end = a && n ? PyNumber_Add(a, n) : NULL;
+    Py_XDECREF(a);
+    Py_XDECREF(n);
+    return end;
+}
+
+static PyMethodDef argwin_methods[] = {
+    {"open", (PyCFunction)(void (*)(void))argwin_open, METH_FASTCALL,
+     "open(addr, data, writable) -> self: this call's window"},
+    {"close", (PyCFunction)argwin_close, METH_NOARGS, "close() -> (offset, bytes written) or None"},
+    {"unpack", (PyCFunction)(void (*)(void))argwin_unpack, METH_FASTCALL,
+     "unpack(addr, layout) -> layout.unpack_from() of the window at addr, or None if not inside"},
+    {"read", (PyCFunction)(void (*)(void))argwin_read, METH_FASTCALL,
+     "read(addr, n) -> bytes, or None if not inside"},
+    {"write", (PyCFunction)(void (*)(void))argwin_write, METH_FASTCALL,
+     "write(addr, data) -> whether the window took it (writable, all inside)"},
+    {"take_written", (PyCFunction)argwin_take_written, METH_NOARGS,
+     "take_written() -> (addr, bytes) written so far, or None; then nothing is"},
+    {NULL},
+};
+
+static PyMemberDef argwin_members[] = {
+    {"addr", T_ULONGLONG, offsetof(ArgWindow, addr), READONLY, "the program's address of the first byte"},
+    {"data", T_OBJECT, offsetof(ArgWindow, data), READONLY, "the bytes (a bytearray once written)"},
+    {"writable", T_INT, offsetof(ArgWindow, writable), READONLY, "whether the program may write them"},
+    {"lo", T_PYSSIZET, offsetof(ArgWindow, lo), READONLY, "the first byte written (lo >= hi: none)"},
+    {"hi", T_PYSSIZET, offsetof(ArgWindow, hi), READONLY, "past the last byte written"},
+    {NULL},
+};
+
+static PyGetSetDef argwin_getset[] = {
+    {"end", (getter)argwin_get_end, NULL, "the program's address past the last byte", NULL},
+    {NULL},
+};
+
+static PyTypeObject ArgWindowType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "vfiosim.preload._vfiosim_daemon.ArgWindow",
+    .tp_doc = "A call's copy of the program's memory at its pointer argument, and what the call wrote in it.",
+    .tp_basicsize = sizeof(ArgWindow),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = argwin_new,
+    .tp_dealloc = (destructor)argwin_dealloc,
+    .tp_methods = argwin_methods,
+    .tp_members = argwin_members,
+    .tp_getset = argwin_getset,
+};
+
 /* ---------------------------------------------------------------- the module */
 
 static PyMethodDef module_methods[] = {
@@ -1281,7 +1633,11 @@ PyMODINIT_FUNC PyInit__vfiosim_daemon(void)
 {
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     max_spinners = cpus > 2 ? (int)cpus - 1 : 1;
-    if (PyType_Ready(&ChannelType) < 0)
+    if (PyType_Ready(&ChannelType) < 0 || PyType_Ready(&ArgWindowType) < 0 || PyType_Ready(&LimitsCheckType) < 0)
+        return NULL;
+    str_size = PyUnicode_InternFromString("size");
+    str_unpack_from = PyUnicode_InternFromString("unpack_from");
+    if (!str_size || !str_unpack_from)
         return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m)
@@ -1296,8 +1652,8 @@ PyMODINIT_FUNC PyInit__vfiosim_daemon(void)
             return NULL;
         PyTuple_SET_ITEM(no_request, seen, t);
     }
-    Py_INCREF(&ChannelType);
-    if (PyModule_AddObject(m, "Channel", (PyObject *)&ChannelType) < 0)
+    if (PyModule_AddType(m, &ChannelType) < 0 || PyModule_AddType(m, &ArgWindowType) < 0 ||
+        PyModule_AddType(m, &LimitsCheckType) < 0)
         return NULL;
     PyModule_AddIntConstant(m, "VD_POSTS", VD_POSTS);
     PyModule_AddIntConstant(m, "VD_STOPPED", VD_STOPPED);

@@ -721,10 +721,11 @@ class Daemon:
                 return self._revoke(sess, st)
             host = None
             if flags & _F_WINDOW and op in _WINDOWED:
-                # The program sent a copy of the memory its pointer argument names.
+                # The program sent a copy of the memory its pointer argument names
+                # (host.open_window(), without its frame).
                 host = getattr(task.mm, "host", None)
                 if host is not None:
-                    host.open_window(a[4], payload, flags & _F_WINDOW_WRITABLE)
+                    host.window = host.arg_window.open(a[4], payload, flags & _F_WINDOW_WRITABLE)
                 payload = b""
             try:
                 tracer = st.tracer
@@ -752,7 +753,8 @@ class Daemon:
                                                  payload)
             finally:
                 if host is not None:
-                    back = host.close_window()
+                    host.window = None              # (host.close_window(), without its frame)
+                    back = host.arg_window.close()
                     if back is not None:             # what copy_to_user wrote: the program stores it
                         out = _U32.pack(back[0]) + back[1]
             if st.revoked:
@@ -1019,25 +1021,6 @@ class Daemon:
             return
         self._set_creds(st, c)
 
-    def _fresh_limits(self, st: TaskState, part: int) -> None:
-        """The task's refresh_limits: a decision that consults only the
-        capabilities or RLIMIT_MEMLOCK (``part``: CREDS_CAPS_STALE,
-        CREDS_MEMLOCK_STALE; Type1's MAP_DMA) needs only that taken again.
-        Unchanged (the usual case, one system call): the task keeps what it
-        has, the rest included, until something consults that.  Changed, or
-        unreadable: everything is taken again, as _fresh_creds() takes it
-        (with the pidfd's check that the pid was not reused, and the
-        session's bounds)."""
-        what = (native.LIMITS_CAPS if part & CREDS_CAPS_STALE else 0) | \
-            (native.LIMITS_MEMLOCK if part & CREDS_MEMLOCK_STALE else 0)
-        try:
-            if st.creds is not None and native.limits_same(st.pid, st.creds, what):
-                return
-        except OSError:
-            pass
-        st.task.creds_stale = CREDS_FRESH
-        self._fresh_creds(st)
-
     def _set_creds(self, st: TaskState, c: native.Creds) -> None:
         try:
             full = parse_host_creds(_read_at(st.procdir, "status"), _read_at(st.procdir, "limits"))
@@ -1045,8 +1028,19 @@ class Daemon:
             return
         st.task.set_creds(Cred(full.uid, full.euid, full.suid, full.gid, full.egid, full.groups, full.caps),
                           full.memlock)
-        st.creds = c
+        self._keep_creds(st, c)
         st.acting = _acting_ids(c)
+
+    @staticmethod
+    def _keep_creds(st: TaskState, c: native.Creds) -> None:
+        """``c`` is what the task's process has now.  A decision that consults
+        only its capabilities or RLIMIT_MEMLOCK (Type1's MAP_DMA) asks
+        whether that part is still so (Task.limits_same: one system call, in
+        C); changed, or unreadable: everything is taken again, as
+        _fresh_creds() takes it (with the pidfd's check that the pid was not
+        reused, and the session's bounds)."""
+        st.creds = c
+        st.task.limits_same = native.LimitsCheck(st.pid, c, CREDS_CAPS_STALE, CREDS_MEMLOCK_STALE)
 
     # -- tasks ----------------------------------------------------------------------------------------------
 
@@ -1054,7 +1048,6 @@ class Daemon:
         st = TaskState(pid, task, pidfd, procdir, tracer=self.tracer)
         task.files.foreign = lambda n, st=st: self._foreign(st, n)
         task.refresh_creds = functools.partial(self._fresh_creds, st)
-        task.refresh_limits = functools.partial(self._fresh_limits, st)
         self._take_files(st)
         self.states[pid] = st
         return st
@@ -1109,7 +1102,8 @@ class Daemon:
         # Its memory is out of reach until it says hello itself.
         task = k.fork(st.task, child_pid, HostMM(child_pid, k.phys))
         child = self._new_state(child_pid, task, pidfd, procdir)
-        child.creds = st.creds
+        if st.creds is not None:
+            self._keep_creds(child, st.creds)
         self._copy_mappings(st, child)
         self._watch_task(child)
 

@@ -80,20 +80,14 @@ except ImportError:
 _PROT_OF = tuple(sum(prot for bit, prot in _PROCMAP_PROT if flags & bit) for flags in range(_PROCMAP_MASK + 1))
 
 
-class ArgWindow:
-    """A copy of the program's memory at a call's pointer argument, sent with
-    the call (protocol.F_WINDOW), and what the call wrote in it ([lo, hi)).
-    ``data`` is the bytes as sent until the call first writes to them (most
-    calls only read their argument: no copy is made for them)."""
-
-    __slots__ = ("addr", "end", "data", "writable", "lo", "hi")
-
-    def __init__(self, addr: int, data: bytes | bytearray, writable: int) -> None:
-        self.addr = addr
-        self.end = addr + len(data)
-        self.data = data
-        self.writable = writable
-        self.lo, self.hi = len(data), 0
+ArgWindow = native.ArgWindow
+"""A copy of the program's memory at a call's pointer argument, sent with the
+call (protocol.F_WINDOW), and what the call wrote in it: ``open(addr, data,
+writable)``, ``unpack(addr, layout)``, ``read(addr, n)``, ``write(addr, data)``
+(None, None, False: not inside), ``take_written()``, ``close()``.  In C
+(vfiosim_daemon.c): every windowed call opens, reads and closes one.  The
+bytes as sent are kept until the call first writes to them (most calls only
+read their argument: no copy is made for them)."""
 
 
 class HostProcess:
@@ -113,8 +107,8 @@ class HostProcess:
         # Set when the image this stands for is gone (exit, exec): the pid
         # may now name a new image, or another process.
         self.gone = False
-        self.window: ArgWindow | None = None    # the current call's copy of its pointer argument
-        self._arg = ArgWindow(0, b"", 0)        # what open_window() sets and makes current
+        self.window: native.Window | None = None    # the current call's copy of its pointer argument
+        self.arg_window = ArgWindow()           # what open_window() opens and makes current
 
     @classmethod
     def open(cls, pid: int) -> "HostProcess":
@@ -154,24 +148,15 @@ class HostProcess:
         """The program sent the ``data`` at ``addr`` along with its call (read
         as it can read them; ``writable`` non-zero: it can write them too): the call's
         copy_from_user and copy_to_user of those bytes use the copy.  Every
-        call of the program opens one: the same object serves them all (its
-        fields set here cost less than making one)."""
-        w = self._arg
-        w.addr = addr
-        w.end = addr + len(data)
-        w.data = data
-        w.writable = writable
-        w.lo = len(data)
-        w.hi = 0
-        self.window = w
+        call of the program opens one: the same object serves them all.  (The
+        daemon's request loop does what this does, without its frame.)"""
+        self.window = self.arg_window.open(addr, data, writable)
 
-    def close_window(self) -> tuple[int, bytes | bytearray] | None:
+    def close_window(self) -> tuple[int, bytes] | None:
         """End the call's window: (offset, bytes) that the program stores back
         (what copy_to_user wrote in it), or None."""
-        w, self.window = self.window, None
-        if w is None or w.lo >= w.hi:
-            return None
-        return w.lo, w.data[w.lo:w.hi]
+        self.window = None
+        return self.arg_window.close()     # (None if _flush_window() wrote it out meanwhile)
 
     def _flush_window(self, keep: bool) -> None:
         """Write what the window holds for the program through /proc/<pid>/mem
@@ -181,10 +166,9 @@ class HostProcess:
         if w is None:
             return
         self.window = w if keep else None
-        if w.lo < w.hi:
-            lo, hi = w.lo, w.hi
-            w.lo, w.hi = len(w.data), 0
-            self._write(w.addr + lo, w.data[lo:hi])
+        written = w.take_written()
+        if written is not None:
+            self._write(*written)
 
     def read(self, addr: int, n: int) -> bytes:
         """EFAULT unless all ``n`` bytes are mapped readable."""
@@ -192,9 +176,9 @@ class HostProcess:
             return b""
         w = self.window
         if w is not None:
-            if w.addr <= addr and addr + n <= w.end:
-                off = addr - w.addr
-                return bytes(w.data[off:off + n])
+            inside = w.read(addr, n)
+            if inside is not None:
+                return inside
             if addr < w.end and w.addr < addr + n:
                 self._flush_window(False)
         if not self.bound or self.gone:
@@ -216,15 +200,7 @@ class HostProcess:
             return
         w = self.window
         if w is not None:
-            if w.writable and w.addr <= addr and addr + n <= w.end:
-                off = addr - w.addr
-                if not isinstance(w.data, bytearray):
-                    w.data = bytearray(w.data)
-                w.data[off:off + n] = data
-                if off < w.lo:                  # (min() and max() cost 0.2 us here)
-                    w.lo = off
-                if off + n > w.hi:
-                    w.hi = off + n
+            if w.write(addr, data):
                 return
             if addr < w.end and w.addr < addr + n:
                 self._flush_window(False)
@@ -918,22 +894,28 @@ class HostMM(AddressSpace):
 
     def read(self, addr: int, n: int) -> bytes:
         w = self.host.window
-        if w is not None and n >= 0 and w.addr <= addr and addr + n <= w.end:
+        if w is not None:
             # The usual copy_from_user of an ioctl's struct: HostProcess.read()'s
             # first case, one frame fewer (the range checks hold inside a window).
-            off = addr - w.addr
-            return bytes(w.data[off:off + n])
+            inside = w.read(addr, n)
+            if inside is not None:
+                return inside
         if addr < 0 or n < 0 or addr + n > 1 << 64:
             raise fail(EFAULT, f"bad address range {addr:#x}+{n:#x}")
         return self.host.read(addr, n)
 
     def read_unpack(self, addr: int, layout: struct.Struct) -> tuple[Any, ...]:
         w = self.host.window
-        if w is not None and w.addr <= addr and addr + layout.size <= w.end:
-            return layout.unpack_from(w.data, addr - w.addr)     # an ioctl's struct: no copy of it
+        if w is not None:
+            inside = w.unpack(addr, layout)        # an ioctl's struct: no copy of it
+            if inside is not None:
+                return inside
         return layout.unpack(self.read(addr, layout.size))
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        w = self.host.window
+        if w is not None and w.write(addr, data):   # an ioctl's struct written back (the range holds inside)
+            return
         if addr < 0 or addr + len(data) > 1 << 64:
             raise fail(EFAULT, f"bad address range {addr:#x}+{len(data):#x}")
         self.host.write(addr, data)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, Protocol
 
 from ..preload import daemon_module
 
@@ -76,6 +76,35 @@ creds_tuple = _mod.creds
 """creds() as a plain tuple, for comparing with the Creds last taken (the
 usual case: equal) without making a Creds."""
 
+
+class Window(Protocol):
+    """What an ArgWindow offers (transport/host.py says how it is used)."""
+
+    addr: int
+    end: int
+    data: bytes | bytearray
+    writable: int
+    lo: int
+    hi: int
+
+    def open(self, addr: int, data: bytes | bytearray, writable: int) -> "Window": ...
+    def close(self) -> tuple[int, bytes] | None: ...
+    def unpack(self, addr: int, layout: Any) -> tuple[Any, ...] | None: ...
+    def read(self, addr: int, n: int) -> bytes | None: ...
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> bool: ...
+    def take_written(self) -> tuple[int, bytes] | None: ...
+
+
+ArgWindow: Callable[[], Window] = _mod.ArgWindow
+"""A call's argument window, in C."""
+
+LimitsCheck: Any = _mod.LimitsCheck
+"""``LimitsCheck(pid, creds, caps_part, memlock_part)``: limits_same() of one
+process against a creds() tuple, as a callable ``check(part)`` that looks at
+the capabilities if ``part & caps_part`` and at RLIMIT_MEMLOCK if ``part &
+memlock_part``; True if unchanged, False if changed or unreadable (no
+OSError: the caller then takes everything again, which reports it).  What a
+kernel Task calls as its ``limits_same``."""
 
 limits_same = _mod.limits_same
 """(pid, creds tuple, what=3) -> whether its capabilities (what & LIMITS_CAPS)
