@@ -1132,73 +1132,30 @@ static int reply(struct vchan *ch, uint32_t seq, int64_t ret, int32_t err, const
     return 1;
 }
 
-/* (op, flags, fd, fd2, a0..a4, payload, seen), built item by item: every
- * request pays for this, and Py_BuildValue's format parsing cost as much as
- * the rest of it. */
-static PyObject *request_tuple(const struct vreq *rq, const uint8_t *payload, uint32_t seen)
+/* Publish (ret, err, payload) as the reply to the request taken last;
+ * *woke: the program slept and was woken.  -1 with an exception set. */
+static int publish(Channel *c, PyObject *ret_obj, PyObject *err_obj, PyObject *payload, int *woke)
 {
-    PyObject *t = PyTuple_New(11);
-    if (!t)
-        return NULL;
-    PyObject *items[11] = {
-        PyLong_FromUnsignedLong(rq->op), PyLong_FromUnsignedLong(rq->flags), PyLong_FromLong(rq->fd),
-        PyLong_FromLong(rq->fd2), PyLong_FromUnsignedLongLong(rq->a[0]), PyLong_FromUnsignedLongLong(rq->a[1]),
-        PyLong_FromUnsignedLongLong(rq->a[2]), PyLong_FromUnsignedLongLong(rq->a[3]),
-        PyLong_FromUnsignedLongLong(rq->a[4]),
-        rq->len ? PyBytes_FromStringAndSize((const char *)payload, rq->len) : Py_NewRef(empty_bytes),
-        PyLong_FromUnsignedLong(seen),
-    };
-    int ok = 1;
-    for (int i = 0; i < 11; i++) {
-        if (!items[i])
-            ok = 0;
-        PyTuple_SET_ITEM(t, i, items[i] ? items[i] : Py_NewRef(Py_None));
-    }
-    if (!ok) {                         /* an allocation failed: its error is set */
-        Py_DECREF(t);
-        return NULL;
-    }
-    return t;
+    int64_t ret = PyLong_AsLongLong(ret_obj);
+    long err = PyLong_AsLong(err_obj);
+    if (PyErr_Occurred())
+        return -1;
+    const char *data = "";
+    Py_ssize_t len = 0;
+    if (payload != Py_None && PyBytes_AsStringAndSize(payload, (char **)&data, &len) < 0)
+        return -1;
+    *woke = reply(c->ch, c->seq, ret, (int32_t)err, data, (uint32_t)len);
+    return 0;
 }
 
-static PyObject *no_request;           /* (0, ..., b"", seen) tuples for the common outcomes */
-
-/*
- * next(ret, err, payload, timeout_ms) -> (op, flags, fd, fd2, a0, a1, a2, a3, a4, payload, seen)
- *
- * Publish the reply to the last request (unless `ret` is None), then wait for
- * the next one and copy it out of the channel.  op is 0 when there is no
- * request: a timeout, or only posted stores (seen & VD_POSTS), or a stop
- * (VD_STOPPED).  seen & VD_MALFORMED: the header is impossible.
- */
-static PyObject *channel_next(Channel *c, PyObject *const *args, Py_ssize_t nargs)
+/* Wait (GIL released) for the next request or kick, and copy the request out
+ * of the channel: 1 (a request in *rq and payload), 2 (a kick without one),
+ * 0 (timeout), -1 (stop); *seen says what else was noticed (VD_*). */
+static int take_next(Channel *c, int woke, long timeout_ms, struct vreq *rq, uint8_t *payload, uint32_t *seen)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "next(ret, err, payload, timeout_ms)");
-        return NULL;
-    }
-    if (check_open(c) < 0)
-        return NULL;
     struct vchan *ch = c->ch;
-    int woke = 0;
-    if (args[0] != Py_None) {
-        int64_t ret = PyLong_AsLongLong(args[0]);
-        long err = PyLong_AsLong(args[1]);
-        if (PyErr_Occurred())
-            return NULL;
-        const char *data = "";
-        Py_ssize_t len = 0;
-        if (args[2] != Py_None && PyBytes_AsStringAndSize(args[2], (char **)&data, &len) < 0)
-            return NULL;
-        woke = reply(ch, c->seq, ret, (int32_t)err, data, (uint32_t)len);
-    }
-    long timeout_ms = PyLong_AsLong(args[3]);
-    if (timeout_ms == -1 && PyErr_Occurred())
-        return NULL;
     int r;
-    struct vreq rq;
-    uint8_t payload[VMAX_PAYLOAD];
-    uint32_t seen = 0;
+    *seen = 0;
     Py_BEGIN_ALLOW_THREADS
     r = wait_work(c, c->seq, woke, (int)timeout_ms);
     if (r == 1) {
@@ -1211,24 +1168,108 @@ static PyObject *channel_next(Channel *c, PyObject *const *args, Py_ssize_t narg
         } else {
             c->seq = seq;
             __atomic_store_n(&ch->daemon.taken_seq, seq, __ATOMIC_RELEASE);
-            memcpy(&rq, (const void *)&ch->req, sizeof rq);
-            if (rq.len > VMAX_PAYLOAD || rq.reserved) {
-                seen |= VD_MALFORMED;
-                rq.len = 0;
+            memcpy(rq, (const void *)&ch->req, sizeof *rq);
+            if (rq->len > VMAX_PAYLOAD || rq->reserved) {
+                *seen |= VD_MALFORMED;
+                rq->len = 0;
             }
-            if (rq.len)
-                memcpy(payload, (const void *)ch->req_payload, rq.len);
+            if (rq->len)
+                memcpy(payload, (const void *)ch->req_payload, rq->len);
             control(c);
         }
     }
     if (load_acq(&ch->prog.ring_head) != ch->daemon.ring_tail)
-        seen |= VD_POSTS;
+        *seen |= VD_POSTS;
     Py_END_ALLOW_THREADS
-    if (r == 1)
-        return request_tuple(&rq, payload, seen);
-    if (r < 0)
-        seen |= VD_STOPPED;
-    return Py_NewRef(PyTuple_GET_ITEM(no_request, seen & (VD_POSTS | VD_STOPPED)));
+    return r;
+}
+
+/* (a0, a1, a2, a3, a4) of a request. */
+static PyObject *args_tuple(const struct vreq *rq)
+{
+    PyObject *t = PyTuple_New(5);
+    if (!t)
+        return NULL;
+    for (int i = 0; i < 5; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(rq->a[i]);
+        if (!v) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, v);
+    }
+    return t;
+}
+
+/* What serve() returns for a wait that brought no request: its VD_* bits. */
+static PyObject *no_request_seen(int r, uint32_t seen)
+{
+    return PyLong_FromUnsignedLong((seen & VD_POSTS) | (r < 0 ? VD_STOPPED : 0));
+}
+
+/*
+ * serve(handler, sess, timeout_ms) -> seen
+ *
+ * Wait for the program's requests and copy each out of the channel (so that
+ * the program cannot change it under the daemon's feet), hand it to
+ * handler(sess, op, flags, fd, fd2, (a0, a1, a2, a3, a4), payload, seen),
+ * and publish the (ret, err, payload) it returns as the reply, waking the
+ * program; seen & VD_MALFORMED: the header is impossible (the handler
+ * refuses it).  Returns when a wait brings no request: 0 (timeout_ms passed),
+ * VD_POSTS (only posted stores), VD_STOPPED (wake()), the last reply
+ * published.  An exception from the handler ends it, that request
+ * unanswered.  The loop is in C because a loop in Python cost every request
+ * its tuples and bytecodes.
+ */
+static PyObject *channel_serve(Channel *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "serve(handler, sess, timeout_ms)");
+        return NULL;
+    }
+    PyObject *handler = args[0], *sess = args[1];
+    long timeout_ms = PyLong_AsLong(args[2]);
+    if (timeout_ms == -1 && PyErr_Occurred())
+        return NULL;
+    struct vreq rq;
+    uint8_t payload[VMAX_PAYLOAD];
+    int woke = 0;
+    for (;;) {
+        if (check_open(c) < 0)
+            return NULL;
+        uint32_t seen;
+        int r = take_next(c, woke, timeout_ms, &rq, payload, &seen);
+        if (r != 1)
+            return no_request_seen(r, seen);
+        PyObject *argv[8] = {
+            sess, PyLong_FromUnsignedLong(rq.op), PyLong_FromUnsignedLong(rq.flags), PyLong_FromLong(rq.fd),
+            PyLong_FromLong(rq.fd2),
+            args_tuple(&rq),
+            rq.len ? PyBytes_FromStringAndSize((const char *)payload, rq.len) : Py_NewRef(empty_bytes),
+            PyLong_FromUnsignedLong(seen),
+        };
+        PyObject *out = NULL;
+        int ok = 1;
+        for (int i = 1; i < 8; i++)
+            if (!argv[i])
+                ok = 0;
+        if (ok)
+            out = PyObject_Vectorcall(handler, argv, 8, NULL);
+        for (int i = 1; i < 8; i++)
+            Py_XDECREF(argv[i]);
+        if (!out)
+            return NULL;
+        if (!PyTuple_Check(out) || PyTuple_GET_SIZE(out) != 3) {
+            Py_DECREF(out);
+            PyErr_SetString(PyExc_TypeError, "a handler returns (ret, err, payload)");
+            return NULL;
+        }
+        int r2 = check_open(c) < 0 ? -1 : publish(c, PyTuple_GET_ITEM(out, 0), PyTuple_GET_ITEM(out, 1),
+                                                  PyTuple_GET_ITEM(out, 2), &woke);
+        Py_DECREF(out);
+        if (r2 < 0)
+            return NULL;
+    }
 }
 
 /* take_posts() -> [(handle, offset, size, value, kick), ...], oldest first, consumed;
@@ -1301,8 +1342,8 @@ static PyObject *channel_wake(Channel *c, PyObject *unused)
 }
 
 static PyMethodDef channel_methods[] = {
-    {"next", (PyCFunction)(void (*)(void))channel_next, METH_FASTCALL,
-     "next(ret, err, payload, timeout_ms): publish the reply, wait for and copy out the next request"},
+    {"serve", (PyCFunction)(void (*)(void))channel_serve, METH_FASTCALL,
+     "serve(handler, sess, timeout_ms): requests handed to the handler, its replies published, until none comes"},
     {"take_posts", (PyCFunction)channel_take_posts, METH_NOARGS, "the posted stores, oldest first, consumed"},
     {"has_posts", (PyCFunction)channel_has_posts, METH_NOARGS, "whether posted stores wait"},
     {"set_live", (PyCFunction)(void (*)(void))channel_set_live, METH_FASTCALL, "set_live(slot, live)"},
@@ -1643,15 +1684,8 @@ PyMODINIT_FUNC PyInit__vfiosim_daemon(void)
     if (!m)
         return NULL;
     empty_bytes = PyBytes_FromStringAndSize(NULL, 0);
-    no_request = PyTuple_New(4);
-    if (!empty_bytes || !no_request)
+    if (!empty_bytes)
         return NULL;
-    for (uint32_t seen = 0; seen < 4; seen++) {
-        PyObject *t = Py_BuildValue("(IIiiKKKKKOI)", 0u, 0u, -1, -1, 0ull, 0ull, 0ull, 0ull, 0ull, empty_bytes, seen);
-        if (!t)
-            return NULL;
-        PyTuple_SET_ITEM(no_request, seen, t);
-    }
     if (PyModule_AddType(m, &ChannelType) < 0 || PyModule_AddType(m, &ArgWindowType) < 0 ||
         PyModule_AddType(m, &LimitsCheckType) < 0)
         return NULL;

@@ -659,17 +659,12 @@ class Daemon:
         channel = sess.channel
         assert channel is not None
         serve = self._serve_request
-        ret = err = out = None
         while not self._stopped:
-            op, flags, fd, fd2, a0, a1, a2, a3, a4, payload, seen = channel.next(ret, err, out, WAIT_MS)
-            if op:
-                ret, err, out = serve(sess, op, flags, fd, fd2, (a0, a1, a2, a3, a4), payload, seen)
-                continue
-            ret = None
+            # Requests are served inside (the channel's loop in C hands each to
+            # _serve_request and publishes its reply); what comes back brought none.
+            seen = channel.serve(serve, sess, WAIT_MS)
             if seen & native.VD_STOPPED:
                 return
-            if seen & native.VD_MALFORMED:
-                raise P.ProtocolError("impossible request header")
             if seen & native.VD_POSTS or channel.has_posts():
                 with self.gate.lock:
                     self._flush_posts(sess)

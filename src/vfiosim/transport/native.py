@@ -21,11 +21,12 @@ Channel: Any = _mod.Channel
 """One connection's shared-memory channel (struct vchan), created by the daemon
 and handed to the program with the hello reply (``fd``, then ``close_fd()``).
 
-``next(ret, err, payload, timeout_ms)`` publishes the reply to the last
-request (unless ``ret`` is None) and waits for the next: a tuple ``(op,
-flags, fd, fd2, a0, a1, a2, a3, a4, payload, seen)``, op 0 when there is
-none (a timeout; ``seen`` says VD_POSTS when only posted stores wait,
-VD_STOPPED after :meth:`wake`).  ``take_posts()`` returns the posted stores
+``serve(handler, sess, timeout_ms)`` waits for the program's requests,
+copies each out of the channel, hands it to ``handler(sess, op, flags, fd,
+fd2, (a0, ..., a4), payload, seen)`` (``seen & VD_MALFORMED``: an impossible
+header) and publishes the ``(ret, err, payload)`` it returns; it returns
+``seen`` when a wait brings no request: 0 (a timeout), VD_POSTS (only posted
+stores wait), VD_STOPPED (after :meth:`wake`).  ``take_posts()`` returns the posted stores
 oldest first, ``(handle, offset, size, value, kick)``, or None when the program's
 ring head is impossible."""
 
