@@ -112,6 +112,7 @@ class FdTable:
 
     def __init__(self, max_fds: int = NR_OPEN_DEFAULT) -> None:
         self._fds: dict[int, File] = {}
+        self.by_fd = self._fds          # (read only: the syscalls' look-up without get()'s frame)
         self.cloexec: set[int] = set()
         self.max_fds = max_fds          # RLIMIT_NOFILE
         self.slots = 64                 # fdt->max_fds: /proc/<pid>/status FDSize

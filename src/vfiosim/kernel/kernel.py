@@ -362,7 +362,10 @@ class Kernel:
         serving a real process passes ``newfd``: the number the process
         already holds for the file VFIO_GROUP_GET_DEVICE_FD makes (the only
         ioctl that makes one), -1 if none (:meth:`_ioctl_at`)."""
-        file = task.files.get(fd)
+        try:
+            file = task.files.by_fd[fd]     # FdTable.get() without its frame (every call)
+        except (KeyError, TypeError):
+            file = task.files.get(fd)       # EBADF, or a real process's file outside the kernel
         cmd &= 0xFFFFFFFF
         if cmd not in _NOT_STRAIGHT:
             return file.ioctl(task, cmd, arg)

@@ -88,7 +88,7 @@ class Task:
         # capabilities' refresh is enough (every Type1 MAP_DMA asks).
         if self.creds_stale & CREDS_CAPS_STALE:
             self._refresh_part(CREDS_CAPS_STALE)
-        return self._cred.capable(cap)
+        return cap in self._cred.caps       # Cred.capable(), without its frame (every Type1 MAP_DMA asks)
 
     def rlimit(self, resource_id: int) -> tuple[int, int]:
         return self.rlimits.get(resource_id, (RLIM_INFINITY, RLIM_INFINITY))

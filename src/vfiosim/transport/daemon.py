@@ -185,6 +185,7 @@ class Daemon:
         self.machine = machine
         self.kernel = machine.kernel
         self.gate = machine.kernel.gate
+        self._lock = self.gate.lock             # the machine's lock (every request takes it)
         self.sock_path = sock_path
         self.log = log or (lambda text: print(f"vfiosim: {text}", file=sys.stderr, flush=True))
         self.listener, self._stamp = bind_listener(sock_path)
@@ -685,18 +686,18 @@ class Daemon:
         module globals, what is rare is asked once behind one test, and the
         kernel is entered once under the lock taken here
         (SyscallGate.call_locked)."""
-        if seen or op != _OP_IOCTL:             # the usual request: a plain ioctl, nothing else to see
-            handler = self._handlers.get(op)
-            if handler is None or seen & _VD_MALFORMED:
-                if op in (P.OP_HELLO, P.OP_INFO):
-                    raise P.ProtocolError(f"{P.OP_NAMES[op]} on the channel")
-                raise P.ProtocolError(f"unknown operation {op}" if handler is None else "impossible request header")
-        gate = self.gate
-        lock = gate.lock
+        lock = self._lock
         lock.acquire()                          # (a with statement costs 70 ns more)
         try:
-            if seen & _VD_POSTS:
-                self._flush_posts(sess)
+            if seen or op != _OP_IOCTL:         # the usual request: a plain ioctl, nothing else to see
+                handler = self._handlers.get(op)
+                if handler is None or seen & _VD_MALFORMED:
+                    if op in (P.OP_HELLO, P.OP_INFO):
+                        raise P.ProtocolError(f"{P.OP_NAMES[op]} on the channel")
+                    raise P.ProtocolError(f"unknown operation {op}" if handler is None
+                                          else "impossible request header")
+                if seen & _VD_POSTS:
+                    self._flush_posts(sess)
             if len(self.states) > 1:
                 self._reap_exits()
             st = sess.state
@@ -735,11 +736,11 @@ class Daemon:
                             except KernelError:
                                 raise
                             except Exception as exc:    # a bug in the simulator
-                                raise gate.oops("ioctl", exc) from None
+                                raise self.gate.oops("ioctl", exc) from None
                             out = b""
                         else:
-                            ret, out = gate.call_locked(task, _OP_NAMES[op], self._handlers[op], st, flags, fd,
-                                                        fd2, a, payload)
+                            ret, out = self.gate.call_locked(task, _OP_NAMES[op], self._handlers[op], st, flags,
+                                                             fd, fd2, a, payload)
                         err = 0
                     except KernelError as exc:
                         ret, err, out = -1, exc.errno, b""

@@ -30,7 +30,7 @@ from ..mm import AddressSpace, account_locked_vm
 from ..platform.eeh import (EEH_OPT_DISABLE, EEH_OPT_ENABLE, EEH_OPT_THAW_DMA, EEH_OPT_THAW_MMIO,
                             EEH_RESET_DEACTIVATE, EEH_RESET_FUNDAMENTAL, EEH_RESET_HOT, EehPe)
 from ..progression import Progression, as_progression
-from ..uaccess import copy_from_user_unpack, copy_struct_from_user, copy_struct_to_user, struct_layout
+from ..uaccess import copy_struct_from_user, copy_struct_to_user, struct_layout
 from ..vfio.iommu_driver import VfioIommuDriver
 from . import prereg
 from .prereg import (MmIommuMem, mm_iommu_get, mm_iommu_lookup, mm_iommu_new, mm_iommu_put,
@@ -553,7 +553,8 @@ class SpaprTceIommuDriver(VfioIommuDriver):
         if not c.enabled:
             raise fail(EPERM, "the container is not enabled (VFIO_IOMMU_ENABLE for v1, "
                               "VFIO_IOMMU_SPAPR_REGISTER_MEMORY for v2)")
-        argsz, flags, vaddr, iova, size = copy_from_user_unpack(current, arg, _DMA_MAP)
+        # copy_from_user(&param, arg, minsz) (uaccess.copy_from_user_unpack(), without its frame)
+        argsz, flags, vaddr, iova, size = current.mm.read_unpack(arg, _DMA_MAP)
         minsz = _DMA_MAP.size
         if argsz < minsz:
             raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: argsz {argsz} < {minsz}")
@@ -1038,7 +1039,8 @@ class SpaprTceIommuDriver(VfioIommuDriver):
     def _unmap_dma(self, c: TceContainer, arg: int, current: "Task") -> int:
         if not c.enabled:
             raise fail(EPERM, "the container is not enabled")
-        argsz, flags, iova, size = copy_from_user_unpack(current, arg, _DMA_UNMAP)
+        # copy_from_user(&param, arg, minsz) (uaccess.copy_from_user_unpack(), without its frame)
+        argsz, flags, iova, size = current.mm.read_unpack(arg, _DMA_UNMAP)
         minsz = _DMA_UNMAP.size
         if argsz < minsz:
             raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: argsz {argsz} < {minsz}")

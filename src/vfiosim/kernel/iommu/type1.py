@@ -37,7 +37,7 @@ from ..deviations import deviation
 from ..errors import KernelBug, KernelError, fail
 from ..mm import account_locked_vm_task, refund_locked_vm
 from ..vfio.info_cap import info_cap_add, info_cap_shift
-from ..uaccess import (copy_from_user, copy_from_user_unpack, copy_struct_from_user, copy_struct_to_user,
+from ..uaccess import (copy_from_user, copy_struct_from_user, copy_struct_to_user,
                        copy_to_user, struct_layout)
 from ..vfio.iommu_driver import VfioIommuDriver
 from .iommu import (IOMMU_CACHE, IOMMU_READ, IOMMU_RESV_DIRECT_RELAXABLE, IOMMU_WRITE, IommuDomain, IommuGroup,
@@ -697,7 +697,8 @@ class Type1IommuDriver(VfioIommuDriver):
 
     def _map_dma(self, iommu: VfioIommu, arg: int, current: "Task") -> int:
         """vfio_iommu_type1_map_dma()"""
-        argsz, flags, vaddr, iova, size = copy_from_user_unpack(current, arg, _DMA_MAP)
+        # copy_from_user(&map, arg, minsz) (uaccess.copy_from_user_unpack(), without its frame)
+        argsz, flags, vaddr, iova, size = current.mm.read_unpack(arg, _DMA_MAP)
         minsz = _DMA_MAP.size
         if argsz < minsz:
             raise fail(EINVAL, f"VFIO_IOMMU_MAP_DMA: argsz {argsz} < {minsz}")
@@ -1050,7 +1051,8 @@ class Type1IommuDriver(VfioIommuDriver):
     def _unmap_dma(self, iommu: VfioIommu, arg: int, current: "Task") -> int:
         """vfio_iommu_type1_unmap_dma(): the struct is written back (with the
         size actually unmapped) only on success."""
-        argsz, flags, iova, size = copy_from_user_unpack(current, arg, _DMA_UNMAP)
+        # copy_from_user(&unmap, arg, minsz) (uaccess.copy_from_user_unpack(), without its frame)
+        argsz, flags, iova, size = current.mm.read_unpack(arg, _DMA_UNMAP)
         minsz = _DMA_UNMAP.size
         if argsz < minsz:
             raise fail(EINVAL, f"VFIO_IOMMU_UNMAP_DMA: argsz {argsz} < {minsz}")
