@@ -1062,7 +1062,8 @@ class Type1IommuDriver(VfioIommuDriver):
         if not flags and self.kernel.fast_paths:
             unmapped_fast = self._do_unmap_fast(iommu, iova, size)
             if unmapped_fast is not None:
-                copy_to_user(current, arg, _DMA_UNMAP.pack(argsz, flags, iova, unmapped_fast))
+                # copy_to_user(arg, &unmap, minsz), without copy_to_user()'s frame
+                current.mm.write(arg, _DMA_UNMAP.pack(argsz, flags, iova, unmapped_fast))
                 return 0
         get_bitmap = bool(flags & uapi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP)
         if get_bitmap and flags & (uapi.VFIO_DMA_UNMAP_FLAG_ALL | uapi.VFIO_DMA_UNMAP_FLAG_VADDR):
