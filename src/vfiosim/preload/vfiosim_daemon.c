@@ -1241,8 +1241,8 @@ static PyObject *channel_serve(Channel *c, PyObject *const *args, Py_ssize_t nar
         int r = take_next(c, woke, timeout_ms, &rq, payload, &seen);
         if (r != 1)
             return no_request_seen(r, seen);
-        PyObject *argv[8] = {
-            sess, PyLong_FromUnsignedLong(rq.op), PyLong_FromUnsignedLong(rq.flags), PyLong_FromLong(rq.fd),
+        PyObject *argv[9] = {           /* argv[0]: room for a bound method's self (ARGUMENTS_OFFSET) */
+            NULL, sess, PyLong_FromUnsignedLong(rq.op), PyLong_FromUnsignedLong(rq.flags), PyLong_FromLong(rq.fd),
             PyLong_FromLong(rq.fd2),
             args_tuple(&rq),
             rq.len ? PyBytes_FromStringAndSize((const char *)payload, rq.len) : Py_NewRef(empty_bytes),
@@ -1250,12 +1250,12 @@ static PyObject *channel_serve(Channel *c, PyObject *const *args, Py_ssize_t nar
         };
         PyObject *out = NULL;
         int ok = 1;
-        for (int i = 1; i < 8; i++)
+        for (int i = 2; i < 9; i++)
             if (!argv[i])
                 ok = 0;
         if (ok)
-            out = PyObject_Vectorcall(handler, argv, 8, NULL);
-        for (int i = 1; i < 8; i++)
+            out = PyObject_Vectorcall(handler, argv + 1, 8 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        for (int i = 2; i < 9; i++)
             Py_XDECREF(argv[i]);
         if (!out)
             return NULL;
