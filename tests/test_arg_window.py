@@ -204,6 +204,10 @@ class ModelWindow:
         self.data, self.lo, self.hi = b"", 0, 0          # (it lets go of the bytes)
         return out
 
+    def close_reply(self) -> bytes | None:
+        out = self.close()
+        return None if out is None else struct.pack("<I", out[0]) + out[1]
+
 
 LAYOUTS = [struct.Struct("<IIQQQ"), struct.Struct("<IIQQ"), struct.Struct("<I"), struct.Struct("<Q")]
 BASES = [0x1000, (1 << 64) - 64, 0]
@@ -214,7 +218,8 @@ operations = st.lists(st.one_of(
     st.tuples(st.just("read"), addresses, st.integers(-2, 70)),
     st.tuples(st.just("write"), addresses, st.binary(max_size=12)),
     st.tuples(st.just("take_written")),
-    st.tuples(st.just("close"))), max_size=30)
+    st.tuples(st.just("close")),
+    st.tuples(st.just("close_reply"))), max_size=30)
 
 
 @settings(max_examples=300, deadline=None)

@@ -1484,6 +1484,29 @@ static PyObject *argwin_close(ArgWindow *w, PyObject *unused)
     return out;
 }
 
+/* close_reply() -> close()'s (offset, bytes) as the reply's payload (the
+ * offset a little-endian u32, then the bytes: what the shim stores back), or
+ * None; what the daemon's request loop sends. */
+static PyObject *argwin_close_reply(ArgWindow *w, PyObject *unused)
+{
+    PyObject *out;
+    if (w->lo >= w->hi) {
+        out = Py_NewRef(Py_None);
+    } else {
+        Py_ssize_t n = w->hi - w->lo;
+        out = PyBytes_FromStringAndSize(NULL, 4 + n);
+        if (out) {
+            uint32_t off = (uint32_t)w->lo;
+            unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
+            p[0] = off & 0xff, p[1] = off >> 8 & 0xff, p[2] = off >> 16 & 0xff, p[3] = off >> 24;
+            memcpy(p + 4, argwin_bytes(w) + w->lo, (size_t)n);
+        }
+    }
+    Py_SETREF(w->data, Py_NewRef(empty_bytes));
+    w->len = w->lo = w->hi = 0;
+    return out;
+}
+
 /* unpack(addr, layout) -> layout.unpack_from(the window, its offset), or None
  * unless all layout.size bytes at addr are inside. */
 static PyObject *argwin_unpack(ArgWindow *w, PyObject *const *args, Py_ssize_t nargs)
@@ -1596,6 +1619,8 @@ static PyMethodDef argwin_methods[] = {
     {"open", (PyCFunction)(void (*)(void))argwin_open, METH_FASTCALL,
      "open(addr, data, writable) -> self: this call's window"},
     {"close", (PyCFunction)argwin_close, METH_NOARGS, "close() -> (offset, bytes written) or None"},
+    {"close_reply", (PyCFunction)argwin_close_reply, METH_NOARGS,
+     "close_reply() -> close()'s offset (u32, little-endian) and bytes as one bytes, or None"},
     {"unpack", (PyCFunction)(void (*)(void))argwin_unpack, METH_FASTCALL,
      "unpack(addr, layout) -> layout.unpack_from() of the window at addr, or None if not inside"},
     {"read", (PyCFunction)(void (*)(void))argwin_read, METH_FASTCALL,

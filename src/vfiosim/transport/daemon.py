@@ -91,7 +91,6 @@ _UNTRACED = frozenset({P.OP_STATUS, P.OP_FLUSH, P.OP_MMIO})     # MMIO has its o
 # PCI command register is written through config space: OP_WRITE).
 _DECODING_UNCHANGED = frozenset({P.OP_MMIO, P.OP_FLUSH, P.OP_STATUS, P.OP_READ, P.OP_MMAP, P.OP_MUNMAP})
 _U64 = struct.Struct("<Q")
-_U32 = struct.Struct("<I")
 _UNKNOWN: Any = object()                                        # a store_fns key not asked yet
 _WINDOWED = frozenset({P.OP_IOCTL, P.OP_READ, P.OP_WRITE})     # operations that may carry a window
 # Read by every request (a module global costs less than an attribute of a module).
@@ -750,9 +749,9 @@ class Daemon:
             finally:
                 if host is not None:
                     host.window = None              # (host.close_window(), without its frame)
-                    back = host.arg_window.close()
+                    back = host.arg_window.close_reply()
                     if back is not None:             # what copy_to_user wrote: the program stores it
-                        out = _U32.pack(back[0]) + back[1]
+                        out = back
             if st.revoked:
                 return self._revoke(sess, st)
             if st.mappings and op not in _DECODING_UNCHANGED:
