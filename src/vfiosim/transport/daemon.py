@@ -184,7 +184,6 @@ class Daemon:
         self.machine = machine
         self.kernel = machine.kernel
         self.gate = machine.kernel.gate
-        self._lock = self.gate.lock             # the machine's lock (every request takes it)
         self.sock_path = sock_path
         self.log = log or (lambda text: print(f"vfiosim: {text}", file=sys.stderr, flush=True))
         self.listener, self._stamp = bind_listener(sock_path)
@@ -685,7 +684,7 @@ class Daemon:
         module globals, what is rare is asked once behind one test, and the
         kernel is entered once under the lock taken here
         (SyscallGate.call_locked)."""
-        lock = self._lock
+        lock = self.gate.lock                   # the machine's lock
         lock.acquire()                          # (a with statement costs 70 ns more)
         try:
             if seen or op != _OP_IOCTL:         # the usual request: a plain ioctl, nothing else to see
