@@ -86,11 +86,8 @@ class Task:
     def capable(self, cap: int) -> bool:
         # Capabilities do not depend on the ids here (no user namespaces): the
         # capabilities' refresh is enough (every Type1 MAP_DMA asks).
-        if self.creds_stale & CREDS_CAPS_STALE:     # _refresh_part(CREDS_CAPS_STALE), inline
-            self.creds_stale &= ~CREDS_CAPS_STALE
-            same = self.limits_same
-            if same is None or not same(CREDS_CAPS_STALE):
-                self._refresh()
+        if self.creds_stale & CREDS_CAPS_STALE:
+            self._refresh_part(CREDS_CAPS_STALE)
         return cap in self._cred.caps       # Cred.capable(), without its frame (every Type1 MAP_DMA asks)
 
     def rlimit(self, resource_id: int) -> tuple[int, int]:

@@ -83,11 +83,12 @@ _PROT_OF = tuple(sum(prot for bit, prot in _PROCMAP_PROT if flags & bit) for fla
 ArgWindow = native.ArgWindow
 """A copy of the program's memory at a call's pointer argument, sent with the
 call (protocol.F_WINDOW), and what the call wrote in it: ``open(addr, data,
-writable)``, ``unpack(addr, layout)``, ``read(addr, n)``, ``write(addr, data)``
-(None, None, False: not inside), ``take_written()``, ``close()`` (``close_reply()``: as the reply sends it).  In C
-(vfiosim_daemon.c): every windowed call opens, reads and closes one.  The
-bytes as sent are kept until the call first writes to them (most calls only
-read their argument: no copy is made for them)."""
+writable)``, ``unpack(addr, layout)``, ``read(addr, n)``, ``write(addr,
+data)`` (None, None, False: not inside), ``take_written()``, ``close()``
+(``close_reply()``: as the reply sends it).  In C (vfiosim_daemon.c): every
+windowed call opens, reads and closes one.  The bytes as sent are kept until
+the call first writes to them (most calls only read their argument: no copy
+is made for them)."""
 
 
 class HostProcess:
