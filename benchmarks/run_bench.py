@@ -10,6 +10,9 @@ A plain C program (bench_client.c, `<linux/vfio.h>` only) is timed under
   without side effects and a load, all through the BAR mmap;
 * a bare faulting store caught by a SIGSEGV handler, the floor of any BAR
   access the shim emulates (informational);
+* the Type1v2 pair of a program with BAR0 mmapped, as QEMU and DPDK have
+  their BARs, against the same pair without (informational: what the daemon's
+  check of each mapping's decoding after every ioctl costs);
 * memcpy for edu DMA of 1 MiB in 4 KiB transfers, RAM -> device -> RAM,
   driven through the BAR mmap;
 * the same programs untraced for `--trace` (the edu DMA workload, and
@@ -150,6 +153,19 @@ def fig_map(r: Runner, n: int, sys_ns: float, platform: str, iommu: str, group: 
                    "transport_ns": ns - inproc, "transport_share": (ns - inproc) / ns})
 
 
+def fig_map_bar(r: Runner, n: int, sys_ns: float) -> Figure:
+    """The Type1v2 pair of a program with BAR0 mmapped (QEMU and DPDK have their
+    BARs mapped): after each ioctl the daemon asks again whether stores through
+    each mapping reach the device (Daemon._update_live)."""
+    platform, iommu, group, bdf = X86
+    ns = r.best(lambda: r.under(platform, "mapbar", n, iommu, group, bdf))
+    plain = r.best(lambda: r.under(platform, "mapunmap", n, iommu, group))
+    return Figure(f"run: 4 KiB MAP_DMA+UNMAP_DMA pair, {iommu} ({platform}), BAR0 mmapped, vs a syscall",
+                  ns / sys_ns, "x syscall", "(informational)", None,
+                  {"pair_ns": ns, "pair_without_mapping_ns": plain, "syscall_ns": sys_ns,
+                   "mapping_ns_per_ioctl": (ns - plain) / 2})
+
+
 def fig_bar(r: Runner, n: int, sys_ns: float, what: str, machine: tuple[str, str, str, str]) -> Figure:
     platform, iommu, group, bdf = machine
     ns = r.best(lambda: r.under(platform, what, n, iommu, group, bdf))
@@ -227,6 +243,7 @@ def suite(quick: bool) -> list[tuple[str, Callable[[Runner, dict], Figure]]]:
         ("map-type1v2", with_sys(lambda r, s: fig_map(r, n_pair, s, "x86", "type1v2", X86[2]))),
         ("map-spapr1", with_sys(lambda r, s: fig_map(r, n_pair, s, "pseries", "spapr1", "0"))),
         ("map-spapr2", with_sys(lambda r, s: fig_map(r, n_pair, s, "pseries", "spapr2", "0"))),
+        ("map-bar", with_sys(lambda r, s: fig_map_bar(r, n_pair, s))),
         ("store", with_sys(lambda r, s: fig_bar(r, n_bar, s, "store", X86))),
         ("load", with_sys(lambda r, s: fig_bar(r, n_bar, s, "load", X86))),
         ("trap", with_sys(lambda r, s: fig_trap(r, n_bar, s))),

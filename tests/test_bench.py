@@ -69,7 +69,7 @@ def test_the_run_benchmarks_smoke_run_measures_every_figure(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     figures = json.loads(out_json.read_text())["figures"]
-    assert len(figures) == 12
+    assert len(figures) == 13
     for f in figures:
         assert 0 < f["value"] < float("inf") and f["met"] is None, f
     traced = next(f for f in figures if f["name"].startswith("run: --trace vs untraced (4 KiB MAP_DMA"))
