@@ -210,10 +210,37 @@ def test_vfio_pci_gives_the_posted_ranges_of_a_mapping_and_whether_it_decodes():
     # A mapping starting at 0x1000 is clipped and shifted; one at 0 of 0x84 bytes clips 0x80.
     assert (0x80, 4, False) in k.mmap_posted_writes(file, 0, 0x84)
     assert k.mmap_live(file)
+    check = k.mmap_live_check(file)             # what the daemon keeps for a mapping: the same answer
+    assert check() is True
     cfg = uapi.VFIO_PCI_CONFIG_REGION_INDEX << 40
+    command = p.pread(dev, 2, cfg + 4)
     p.pwrite(dev, b"\0\0", cfg + 4)
-    assert not k.mmap_live(file)
+    assert not k.mmap_live(file) and check() is False
+    p.pwrite(dev, command, cfg + 4)             # decoding on again: the check kept sees it
+    assert k.mmap_live(file) and check() is True
     assert not k.mmap_live(p.task.files.get(c))                          # not a device: never
+    assert k.mmap_live_check(p.task.files.get(c))() is False
+    p.exit()
+
+
+def test_a_kept_decoding_check_follows_an_eeh_freeze():
+    """On POWER a frozen PE stops MMIO: the daemon's kept check says so, as mmap_live() does."""
+    m = vfiosim.Machine.preset("powernv")
+    p = m.spawn()
+    from vfioutil import open_device, setup_v1
+
+    from vfiosim import uapi
+    c, g = setup_v1(p)
+    dev = open_device(p, g, m.iommu_groups()[0][0])
+    k = m.kernel
+    file = p.task.files.get(dev)
+    cfg = p.pread(dev, 2, (uapi.VFIO_PCI_CONFIG_REGION_INDEX << 40) + 4)
+    p.pwrite(dev, bytes([cfg[0] | 2, cfg[1]]), (uapi.VFIO_PCI_CONFIG_REGION_INDEX << 40) + 4)
+    check = k.mmap_live_check(file)
+    assert k.mmap_live(file) and check()
+    pe = file.device.ops.pdev.mmio_enabled_by_platform.__self__       # the device's PE (platform/pe.py)
+    pe.eeh.freeze("test")
+    assert not k.mmap_live(file) and not check()
     p.exit()
 
 

@@ -114,6 +114,11 @@ class _FileMapping:
         self.file.mmap_fault(self.task, self.region + off, write)
 
 
+def _never_live() -> bool:
+    """The mmap_live_check() of a file no store through a mapping reaches."""
+    return False
+
+
 class Kernel:
     """One simulated machine's kernel."""
 
@@ -543,6 +548,12 @@ class Kernel:
         """Whether a posted store through a mapping of ``file`` reaches the device now."""
         live = getattr(file, "mmap_live", None)
         return bool(live()) if live is not None else False
+
+    def mmap_live_check(self, file: File) -> Callable[[], bool]:
+        """mmap_live(file) as a callable a transport keeps for a mapping and
+        calls after each call of its program (the file's own, fewer frames)."""
+        check = getattr(file, "mmap_live_check", None)
+        return check() if check is not None else _never_live
 
     def eventfd_in_use(self, efd: EventFd) -> bool:
         """A device signals ``efd`` (an interrupt trigger) or waits on it (a virqfd)."""

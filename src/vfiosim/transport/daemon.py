@@ -129,6 +129,7 @@ class Mapping:
     offset: int                        # in the file's mmap space
     length: int
     slot: int = -1                     # its posted-store flag in the channel, or -1
+    live: Callable[[], bool] | None = None     # with a slot: whether decoding is on (Kernel.mmap_live_check)
     vaddr: int = 0                     # where the program mapped it (0: not said)
     prot: int = 0
     # Posted stores' shortcuts by (offset, size), as the device offers them (Kernel.mmap_store_fn).
@@ -906,7 +907,8 @@ class Daemon:
             for i, (off, n, effect) in enumerate(posted):
                 entry = layout.posted[i]
                 entry.offset, entry.length, entry.flags = off, n, P.VPOST_KICK if effect else 0
-            sess.channel.set_live(m.slot, k.mmap_live(file))
+            m.live = k.mmap_live_check(file)
+            sess.channel.set_live(m.slot, m.live())
         return handle, bytes(layout)
 
     def _add_mapping(self, st: TaskState, handle: int, m: Mapping) -> None:
@@ -984,8 +986,8 @@ class Daemon:
         if channel is None:
             return
         for m in st.mappings.values():
-            if m.slot >= 0:
-                channel.set_live(m.slot, self.kernel.mmap_live(m.file))
+            if m.live is not None:
+                channel.set_live(m.slot, m.live())
 
     def _fresh_creds(self, st: TaskState) -> None:
         """The process's credentials, taken again (the task's refresh_creds):

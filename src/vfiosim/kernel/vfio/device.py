@@ -87,6 +87,12 @@ class VfioDeviceOps:
         """Stores through a mapping reach the device now (decoding is on)."""
         return False
 
+    def mmap_live_check(self) -> Callable[[], bool]:
+        """mmap_live() as a callable to keep: what a transport asks after
+        every call of a program with the device mapped (the same answer,
+        with as few frames as the device can)."""
+        return self.mmap_live
+
     def eventfds(self) -> list["EventFd"]:
         """The eventfds the driver signals (interrupt triggers): a transport
         keeps its handles on them open while they are here."""
@@ -283,6 +289,9 @@ class DeviceFile(File):
 
     def mmap_live(self) -> bool:
         return self.device.ops.mmap_live()
+
+    def mmap_live_check(self) -> Callable[[], bool]:
+        return self.device.ops.mmap_live_check()
 
     def mmap_pages(self, offset: int) -> "tuple[PhysicalPages, int]":
         return self.device.ops.mmap_pages(offset)
