@@ -170,31 +170,17 @@ int main(int argc, char **argv)
         printf("%.1f\n", (now() - t) / n * 1e9);
         return 0;
     }
-    if (!strcmp(mode, "mapunmap") && argc >= 5) {
-        long n = atol(argv[2]);
-        uint8_t *buf = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        memset(buf, 1, 1 << 20);
-        int c = container(argv[3], argv[4], buf, 1 << 20, NULL);
-        for (int i = 0; i < 20; i++) {
-            map(c, buf, 0, 4096);
-            unmap(c, 0, 4096);
-        }
-        double t = now();
-        for (long i = 0; i < n; i++) {
-            map(c, buf, 0, 4096);
-            unmap(c, 0, 4096);
-        }
-        printf("%.1f\n", (now() - t) / n * 1e9);
-        return 0;
-    }
-    if (!strcmp(mode, "mapbar") && argc >= 6) {
-        /* mapunmap with BAR0 mmapped, as QEMU and DPDK have their BARs: the daemon
-         * then checks each mapping's decoding after every ioctl */
+    if ((!strcmp(mode, "mapunmap") && argc >= 5) || (!strcmp(mode, "mapbar") && argc >= 6)) {
+        /* mapbar: with BAR0 mmapped, as QEMU and DPDK have their BARs (the daemon
+         * then checks each mapping's decoding after every ioctl) */
         long n = atol(argv[2]);
         uint8_t *buf = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         memset(buf, 1, 1 << 20);
         int c;
-        bar0(argv[3], argv[4], argv[5], buf, 1 << 20, &c);
+        if (!strcmp(mode, "mapbar"))
+            bar0(argv[3], argv[4], argv[5], buf, 1 << 20, &c);
+        else
+            c = container(argv[3], argv[4], buf, 1 << 20, NULL);
         for (int i = 0; i < 20; i++) {
             map(c, buf, 0, 4096);
             unmap(c, 0, 4096);
